@@ -1,0 +1,218 @@
+"""Site side of the BN-statistics mode: record DP class-wise statistics of the shared net's norm inputs.
+
+What a site releases (all float32, K classes, layer l with C_l channels, names from
+``common.bnnet.norm_layer_names``)::
+
+    "count"          (K,)      noisy number of records per class
+    "sum/<layer>"    (K, C_l)  noisy per-class sum over records of the record's per-channel spatial mean
+    "sumsq/<layer>"  (K, C_l)  noisy per-class sum over records of the record's per-channel spatial
+                               mean of squares
+
+and nothing else. From these the coordinator gets, per class and layer, the mean and the variance over
+(records, H, W) of each channel, i.e. the statistics a BatchNorm layer would track (seed 002), by
+dividing by the count (``server.bnsynth.pool_statistics``).
+
+DP mechanism (exact math)
+-------------------------
+For record i with label y_i and norm-layer inputs a_l (C_l, H_l, W_l), let
+    m_l = mean_{h,w} a_l          (C_l,)   and   s_l = mean_{h,w} a_l^2   (C_l,),
+    f_i = concat_l [m_l, s_l]     (D,),  D = 2 * sum_l C_l.
+Clipping is per layer with a per-coordinate-equal share of the bound C = ``clip_bound``: the block
+b_l = [m_l, s_l] (2 C_l values) is scaled by min(1, c_l / ||b_l||_2) with
+    c_l = C * sqrt(C_l / sum_j C_j),     so that   ||clip(f_i)||_2 <= sqrt(sum_l c_l^2) = C.
+(Per-layer clipping keeps one layer with large activations from eating the whole bound.)
+
+Each record contributes the vector u_i = (a * e_{y_i}, e_{y_i} (x) clip(f_i) / C) to the scaled sums,
+where a = ``count_weight`` (default 0.5) and e_y is the one-hot class vector; only class y_i's row is
+non-zero, so ||u_i||_2 <= sqrt(a^2 + 1) =: Delta. Under add/remove-one adjacency the scaled release
+    U = sum_i u_i + N(0, (sigma * Delta)^2 I)
+is therefore ONE Gaussian mechanism with L2 sensitivity Delta and noise multiplier sigma =
+``noise_multiplier``: account it as ``DPEvent(noise_multiplier, sample_rate=1.0, steps=1)``.
+The released arrays are U rescaled (post-processing, no privacy cost):
+    count = U_count / a                    -> noise std sigma * Delta / a   per class
+    sum, sumsq = U_features * C            -> noise std sigma * Delta * C   per coordinate
+(see :func:`release_noise_std`). With ``noise_multiplier=0`` and ``clip_bound=inf`` the release is
+the exact statistics (the non-private mode of seed 002).
+
+The class counts are private too (design.md): they are only released inside this mechanism.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.bnnet import capture_norm_inputs, norm_layer_channels
+
+if TYPE_CHECKING:
+    from common.data import ImageDataset
+
+COUNT_KEY = "count"
+SUM_PREFIX = "sum/"
+SUMSQ_PREFIX = "sumsq/"
+RELEASE_DTYPE = np.float32
+
+
+def expected_release_keys(model: nn.Module, num_classes: int) -> dict[str, tuple[int, ...]]:
+    """Every array of a release and its shape; the protocol checks site replies against this."""
+    keys: dict[str, tuple[int, ...]] = {COUNT_KEY: (num_classes,)}
+    for name, c in norm_layer_channels(model).items():
+        keys[SUM_PREFIX + name] = (num_classes, c)
+        keys[SUMSQ_PREFIX + name] = (num_classes, c)
+    return keys
+
+
+def release_num_bytes(model: nn.Module, num_classes: int) -> int:
+    """Exact payload size in bytes of one release (float32 arrays; transport framing not included)."""
+    itemsize = np.dtype(RELEASE_DTYPE).itemsize
+    return sum(int(np.prod(shape)) * itemsize for shape in expected_release_keys(model, num_classes).values())
+
+
+def release_sensitivity(count_weight: float = 0.5) -> float:
+    """L2 sensitivity Delta = sqrt(count_weight^2 + 1) of the scaled release (see module docstring)."""
+    return math.sqrt(count_weight**2 + 1.0)
+
+
+def release_noise_std(noise_multiplier: float, clip_bound: float, count_weight: float = 0.5) -> dict[str, float]:
+    """Noise std per coordinate of the released arrays: {"count": .., "sum": .., "sumsq": ..}.
+
+    Public (a function of the config only), so the coordinator may use it, e.g. to judge small counts.
+    """
+    delta = release_sensitivity(count_weight)
+    feat = noise_multiplier * delta * clip_bound if noise_multiplier > 0 else 0.0
+    return {"count": noise_multiplier * delta / count_weight, "sum": feat, "sumsq": feat}
+
+
+def per_record_features(inputs: dict[str, torch.Tensor], layers: list[str]) -> dict[str, torch.Tensor]:
+    """Per-record blocks [m_l, s_l] of shape (B, 2 C_l) from norm-layer inputs (B, C_l, H_l, W_l)."""
+    out = {}
+    for name in layers:
+        a = inputs[name].double()  # float64: sums over thousands of records must add exactly across sites
+        out[name] = torch.cat([a.mean(dim=(2, 3)), (a * a).mean(dim=(2, 3))], dim=1)  # (B, 2 C_l)
+    return out
+
+
+def clip_blocks(blocks: dict[str, torch.Tensor], channels: dict[str, int], clip_bound: float) -> dict[str, torch.Tensor]:
+    """Scale each record's block of layer l to L2 norm <= c_l = C sqrt(C_l / sum C_j) (total <= C)."""
+    if math.isinf(clip_bound):
+        return blocks
+    total = sum(channels.values())
+    out = {}
+    for name, b in blocks.items():
+        c_l = clip_bound * math.sqrt(channels[name] / total)
+        norms = b.norm(dim=1, keepdim=True)  # (B, 1)
+        out[name] = b * torch.clamp(c_l / norms.clamp_min(1e-12), max=1.0)
+    return out
+
+
+def _check_args(model: nn.Module, dataset: "ImageDataset", num_classes: int, clip_bound: float,
+                noise_multiplier: float, count_weight: float, batch_size: int) -> None:
+    if len(dataset) == 0:
+        raise ValueError("the site's dataset is empty: there are no statistics to record")
+    if not (noise_multiplier >= 0.0) or not math.isfinite(noise_multiplier):
+        raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier}")
+    if not (clip_bound > 0.0):
+        raise ValueError(f"clip_bound must be > 0, got {clip_bound}")
+    if noise_multiplier > 0 and math.isinf(clip_bound):
+        raise ValueError("a private release (noise_multiplier > 0) needs a finite clip_bound")
+    if not (count_weight > 0.0) or not math.isfinite(count_weight):
+        raise ValueError(f"count_weight must be finite and > 0, got {count_weight}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    labels = np.asarray(dataset.labels)
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(
+            f"labels range {labels.min()}..{labels.max()} does not fit {num_classes} classes; "
+            "check the dataset's label mapping against the run's num_classes"
+        )
+    shape = getattr(model, "shape", None)
+    if shape is not None:
+        want = (shape.in_channels, shape.image_size, shape.image_size)
+        if tuple(dataset.images.shape[1:]) != want:
+            raise ValueError(
+                f"dataset images are {tuple(dataset.images.shape[1:])} but the shared net expects {want}; "
+                "load the data with the run's image_size/channels"
+            )
+
+
+@torch.no_grad()
+def exact_class_sums(
+    model: nn.Module,
+    dataset: "ImageDataset",
+    *,
+    num_classes: int,
+    clip_bound: float = math.inf,
+    device: torch.device | str | None = None,
+    batch_size: int = 512,
+) -> dict[str, np.ndarray]:
+    """The release before noise (float64): counts and clipped per-class sums. Never send this.
+
+    Exposed for tests and site-side diagnostics; :func:`record_class_statistics` adds the noise.
+    """
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.to(dev).eval()
+    channels = norm_layer_channels(model)
+    layers = list(channels)
+    labels = np.asarray(dataset.labels, dtype=np.int64)
+    sums = {n: torch.zeros(num_classes, 2 * c, dtype=torch.float64, device=dev) for n, c in channels.items()}
+    try:
+        with capture_norm_inputs(model) as inputs:
+            for start in range(0, len(labels), batch_size):
+                xb = torch.as_tensor(dataset.images[start:start + batch_size], dtype=torch.float32, device=dev)
+                yb = torch.as_tensor(labels[start:start + batch_size], device=dev)  # (B,)
+                model(xb)
+                blocks = clip_blocks(per_record_features(inputs, layers), channels, clip_bound)
+                for name in layers:
+                    sums[name].index_add_(0, yb, blocks[name])  # (K, 2 C_l) += rows by class
+    finally:
+        model.train(was_training)
+    out: dict[str, np.ndarray] = {COUNT_KEY: np.bincount(labels, minlength=num_classes).astype(np.float64)}
+    for name, c in channels.items():
+        s = sums[name].cpu().numpy()
+        out[SUM_PREFIX + name] = s[:, :c]
+        out[SUMSQ_PREFIX + name] = s[:, c:]
+    return out
+
+
+def record_class_statistics(
+    model: nn.Module,
+    dataset: "ImageDataset",
+    *,
+    clip_bound: float,
+    noise_multiplier: float,
+    seed: int | None = None,
+    device: torch.device | str | None = None,
+    batch_size: int = 512,
+    num_classes: int | None = None,
+    count_weight: float = 0.5,
+) -> dict[str, np.ndarray]:
+    """The DP release of the site's class-wise norm-input statistics (keys and math: module docstring).
+
+    Account it as ``DPEvent(noise_multiplier, sample_rate=1.0, steps=1)`` before calling.
+    ``num_classes`` defaults to the net's. ``seed=None`` draws the noise from OS entropy (production);
+    a fixed seed makes the noise reproducible (tests, benchmarks only).
+    ``noise_multiplier=0`` with ``clip_bound=math.inf`` gives the exact, non-private statistics.
+    Returns float32 arrays, exactly the keys of :func:`expected_release_keys`.
+    """
+    if num_classes is None:
+        shape = getattr(model, "shape", None)
+        if shape is None:
+            raise ValueError("pass num_classes: the model has no .shape to take it from")
+        num_classes = shape.num_classes
+    _check_args(model, dataset, num_classes, clip_bound, noise_multiplier, count_weight, batch_size)
+    exact = exact_class_sums(model, dataset, num_classes=num_classes, clip_bound=clip_bound,
+                             device=device, batch_size=batch_size)
+    if noise_multiplier == 0:
+        return {k: v.astype(RELEASE_DTYPE) for k, v in exact.items()}
+    std = release_noise_std(noise_multiplier, clip_bound, count_weight)
+    rng = np.random.default_rng(seed)
+    release: dict[str, np.ndarray] = {}
+    for key, value in exact.items():  # dict order is fixed, so a seed fixes every coordinate's noise
+        scale = std["count"] if key == COUNT_KEY else std["sum"]
+        release[key] = (value + rng.normal(0.0, scale, size=value.shape)).astype(RELEASE_DTYPE)
+    return release

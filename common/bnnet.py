@@ -1,0 +1,168 @@
+"""The network of the BN-statistics mode, shared by every site and the coordinator.
+
+In the BN-statistics mode (seed 002 and its DP successor DP-ImgSyn) the data are summarised by the
+class-wise statistics of the inputs of a network's normalisation layers, and the coordinator turns
+those statistics back into images by optimising noise so that the synthetic batch reproduces them.
+Seed 002 uses BatchNorm; Opacus cannot privatise BatchNorm (it mixes the records of a batch), so this
+net uses GroupNorm and the *inputs* of its GroupNorm layers are what gets recorded and matched. The
+per-channel mean and variance over (batch, H, W) of a GroupNorm input are exactly what a BatchNorm
+layer in the same place would have tracked.
+
+Both sides must build the very same architecture (the coordinator loads the sites' FedAvg weights and
+matches the sites' statistics layer by layer), so everything that fixes it is in :class:`BNNetShape`,
+and the layer names used as release keys come from :func:`norm_layer_names`.
+
+Architecture for an (C, S, S) input, width w:
+    block1: conv3x3(C -> w)   -> GroupNorm -> ReLU -> avgpool2   (w,  S/2, S/2)
+    block2: conv3x3(w -> 2w)  -> GroupNorm -> ReLU -> avgpool2   (2w, S/4, S/4)
+    block3: conv3x3(2w -> 2w) -> GroupNorm -> ReLU               (2w, S/4, S/4)
+    head:   linear(2w * (S/4)^2 -> K)
+Average pooling (not max pooling) keeps the gradients of the input smooth, which helps the
+DeepInversion-style synthesis. S = 8 (digits), 28 (MNIST) and 32 (CIFAR) all work.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+MIN_IMAGE_SIZE = 8  # two 2x poolings must leave at least a 2x2 map
+
+
+@dataclass(frozen=True)
+class BNNetShape:
+    """Everything that fixes the shared net's tensor shapes (identical at every site and the coordinator)."""
+
+    in_channels: int
+    num_classes: int
+    image_size: int
+    width: int = 32
+
+    def validate(self) -> None:
+        """Raise ValueError with a fix-it hint when the shape cannot be built."""
+        if self.in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
+        if self.num_classes < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, got {self.num_classes}")
+        if self.image_size < MIN_IMAGE_SIZE:
+            raise ValueError(
+                f"the BN-statistics net needs images of at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}, "
+                f"got {self.image_size}; resize the data (image-size in the config)"
+            )
+        if self.width < 1:
+            raise ValueError(f"width must be >= 1, got {self.width}")
+
+    def build(self) -> "BNNet":
+        """A freshly initialised net of this shape (seed torch first for identical weights)."""
+        return BNNet(self.in_channels, self.num_classes, self.image_size, self.width)
+
+
+def _group_count(channels: int) -> int:
+    """Number of GroupNorm groups: up to 8, always dividing ``channels``."""
+    return math.gcd(8, channels)
+
+
+class _Block(nn.Module):
+    """conv3x3 -> GroupNorm -> ReLU -> pool. The GroupNorm input is the recorded tensor."""
+
+    def __init__(self, cin: int, cout: int, pool: nn.Module) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm = nn.GroupNorm(_group_count(cout), cout)
+        self.act = nn.ReLU()
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.act(self.norm(self.conv(x))))
+
+
+class BNNet(nn.Module):
+    """Small GroupNorm CNN classifier: (B, C, S, S) images in [0, 1] -> (B, K) logits.
+
+    Passes ``opacus.validators.ModuleValidator.validate`` (no BatchNorm, no in-place ops).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, width: int = 32) -> None:
+        super().__init__()
+        self.shape = BNNetShape(in_channels, num_classes, image_size, width)
+        self.shape.validate()
+        w = width
+        self.block1 = _Block(in_channels, w, nn.AvgPool2d(2))  # (w, S/2, S/2)
+        self.block2 = _Block(w, 2 * w, nn.AvgPool2d(2))  # (2w, S/4, S/4)
+        self.block3 = _Block(2 * w, 2 * w, nn.Identity())  # (2w, S/4, S/4)
+        # A linear head on the whole map (not global pooling) keeps where strokes are, which both the
+        # classifier and the class guidance of the synthesis need.
+        self.head = nn.Linear(2 * w * (image_size // 4) ** 2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.block3(self.block2(self.block1(x)))  # (B, 2w, S/4, S/4)
+        return self.head(h.flatten(1))  # (B, K)
+
+
+def norm_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The normalisation layers of ``model`` in forward order, keyed by their stable module names.
+
+    Names come from ``named_modules`` (e.g. ``"block1.norm"``), so they are identical for every
+    instance of the same architecture and can be used as release keys.
+    """
+    layers = {
+        name: mod
+        for name, mod in model.named_modules()
+        if isinstance(mod, (nn.GroupNorm, nn.BatchNorm2d, nn.InstanceNorm2d, nn.LayerNorm))
+    }
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no normalisation layer whose inputs could be recorded; "
+            "use common.bnnet.BNNet"
+        )
+    return layers
+
+
+def norm_layer_names(model: nn.Module) -> list[str]:
+    """Stable names of the normalisation layers (see :func:`norm_layers`)."""
+    return list(norm_layers(model))
+
+
+def norm_layer_channels(model: nn.Module) -> dict[str, int]:
+    """Number of channels C_l of each normalisation layer's input, by layer name."""
+    out: dict[str, int] = {}
+    for name, mod in norm_layers(model).items():
+        if isinstance(mod, nn.GroupNorm):
+            out[name] = mod.num_channels
+        elif isinstance(mod, nn.LayerNorm):
+            raise ValueError(f"layer {name}: LayerNorm inputs have no channel axis to record statistics on")
+        else:
+            out[name] = mod.num_features
+    return out
+
+
+@contextmanager
+def capture_norm_inputs(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the input of every normalisation layer during forward passes inside the ``with`` block.
+
+    Yields a dict that each forward pass refills: ``inputs[name]`` is the (B, C_l, H_l, W_l) tensor
+    entering layer ``name``. The tensors are *not* detached, so a loss on them back-propagates to the
+    network's input (the synthesis needs that); wrap the forward in ``torch.no_grad()`` when only
+    reading them. The hooks are removed on exit, even after an exception.
+    """
+    inputs: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def make_hook(name: str):
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            inputs[name] = args[0]
+
+        return hook
+
+    try:
+        for name, mod in norm_layers(model).items():
+            handles.append(mod.register_forward_pre_hook(make_hook(name)))
+        yield inputs
+    finally:
+        for h in handles:
+            h.remove()

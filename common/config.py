@@ -1,0 +1,163 @@
+"""Run configuration: every setting of a synthesis run, validated in one place.
+
+The Flower app reads these from ``[tool.flwr.app.config]`` in ``pyproject.toml`` (keys with dashes);
+``fedsynth simulate`` builds the same mapping from its command line. :class:`RunConfig` is the single
+definition: its field names are the keys with ``-`` replaced by ``_``, its defaults are the defaults
+(a test keeps pyproject.toml in step), and :meth:`RunConfig.from_mapping` is the only parser.
+
+The privacy settings here are the *coordinator's request*. A site never takes its budget from the
+coordinator in a deployment; it checks each request against its own configured budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+from common.learner import LearnerConfig
+from common.models import GanShape
+
+MODES = ("dpgan", "bnstats")
+
+
+class ConfigError(ValueError):
+    """A setting is missing, of the wrong type or out of range; the message names it and says what to do."""
+
+
+@dataclass
+class RunConfig:
+    # --- what to do -------------------------------------------------------------------------------
+    mode: str = "dpgan"  # dpgan: sites train DP-GANs; bnstats: sites send DP class-wise BN statistics
+    num_rounds: int = 3  # federated rounds (generator averaging rounds in dpgan mode)
+    seed: int = 0  # seeds partitioning, initialisation, sampling and the learner
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    experiment: str = ""  # id shared by all rounds of a run (sites key local state by it); "" = new id
+    progress: bool = True  # progress bars for local training, synthesis and the learner
+    # --- data (simulation: every virtual site loads its partition of `data`) ------------------------
+    data: str = "digits"  # dataset source: digits | MNIST IDX dir | .npz | image folder | .tar.gz
+    test_data: str = "digits"  # real held-out data for TSTR accuracy; "" = none (deployment)
+    image_size: int = 0  # resize images to this side (0 = keep)
+    label_from: str = ""  # "" | utkface-gender | utkface-race (labels from file names)
+    partition: str = "iid"  # iid | dirichlet:ALPHA (simulation only)
+    # --- privacy request (per site, for this run) ---------------------------------------------------
+    epsilon: float = 10.0  # epsilon this run may spend at each site (inf = no DP, marked NOT private)
+    delta: float = 0.0  # 0 = each site uses min(1e-5, 1/(10 n))
+    # --- coordinator loop -----------------------------------------------------------------------------
+    round_timeout: float = 600.0  # seconds to wait for replies in a round
+    quorum: float = 0.5  # fraction of contacted sites that must reply for a round to count
+    out_dir: str = "runs/latest"  # where the coordinator writes outputs and its checkpoint
+    state_dir: str = ""  # simulation: root of the virtual sites' private state ("" = <out-dir>/sites)
+    resume: bool = True  # continue from <out-dir>/checkpoint.pt when it exists
+    # --- DP-GAN (site-side local training) -----------------------------------------------------------
+    gan_local_steps: int = 100  # discriminator DP-SGD steps per site per round
+    gan_batch_size: int = 64  # expected Poisson batch size of real records
+    gan_max_grad_norm: float = 1.0  # per-sample clipping bound of the discriminator's gradient
+    gan_lr_d: float = 2e-4
+    gan_lr_g: float = 2e-4
+    gan_latent_dim: int = 64
+    gan_width: int = 64
+    # --- synthesis and the central learner -----------------------------------------------------------
+    synthetic_size: int = 2000  # labelled images sampled at the end (balanced over classes)
+    learner: str = "cnn"  # cnn | mlp | logreg
+    learner_epochs: int = 10
+    learner_lr: float = 2e-3
+    learner_batch_size: int = 128
+    real_baseline: bool = True  # also train the learner on the real pooled data (simulation only)
+
+    # ------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> "RunConfig":
+        """Parse a Flower run config (dashed keys) or a dict of field names; unknown keys are an error."""
+        by_name = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            name = key.replace("-", "_")
+            if name not in by_name:
+                known = ", ".join(sorted(n.replace("_", "-") for n in by_name))
+                raise ConfigError(f"unknown run setting '{key}'. Known settings: {known}")
+            values[name] = _coerce(key, value, type(getattr(cls(), name)))
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def to_flwr(self) -> dict[str, Any]:
+        """The dashed-key mapping Flower's run config uses."""
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    @property
+    def private(self) -> bool:
+        return math.isfinite(self.epsilon)
+
+    def learner_config(self) -> LearnerConfig:
+        return LearnerConfig(name=self.learner, epochs=self.learner_epochs, lr=self.learner_lr,
+                             batch_size=self.learner_batch_size, seed=self.seed)
+
+    def gan_shape(self, channels: int, image_size: int, num_classes: int) -> GanShape:
+        return GanShape(channels=channels, image_size=image_size, num_classes=num_classes,
+                        latent_dim=self.gan_latent_dim, width=self.gan_width)
+
+    def validate(self) -> None:
+        """Check every range; raise :class:`ConfigError` naming the setting and the fix."""
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got '{self.mode}'")
+        need(self.num_rounds >= 1, f"num-rounds must be >= 1, got {self.num_rounds}")
+        need(self.epsilon > 0, f"epsilon must be > 0 (or inf for a non-private run), got {self.epsilon}")
+        need(0 <= self.delta < 1, f"delta must be in [0, 1), got {self.delta} (0 = per-site default)")
+        need(self.round_timeout > 0, f"round-timeout must be > 0 seconds, got {self.round_timeout}")
+        need(0 < self.quorum <= 1, f"quorum is a fraction of sites in (0, 1], got {self.quorum}")
+        need(self.gan_local_steps >= 1, f"gan-local-steps must be >= 1, got {self.gan_local_steps}")
+        need(self.gan_batch_size >= 1, f"gan-batch-size must be >= 1, got {self.gan_batch_size}")
+        need(self.gan_max_grad_norm > 0, f"gan-max-grad-norm must be > 0, got {self.gan_max_grad_norm}")
+        need(self.gan_lr_d > 0 and self.gan_lr_g > 0, "gan-lr-d and gan-lr-g must be > 0")
+        need(self.gan_latent_dim >= 1 and self.gan_width >= 4, "gan-latent-dim >= 1 and gan-width >= 4")
+        need(self.synthetic_size >= 1, f"synthetic-size must be >= 1, got {self.synthetic_size}")
+        need(self.image_size == 0 or self.image_size >= 8, f"image-size must be 0 or >= 8, got {self.image_size}")
+        need(self.label_from in ("", "utkface-gender", "utkface-race"),
+             f"label-from must be '', 'utkface-gender' or 'utkface-race', got '{self.label_from}'")
+        try:
+            self.learner_config().validate()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        from common.partition import parse_partition  # local import: keeps config importable alone
+
+        try:
+            parse_partition(self.partition)
+        except ValueError as err:
+            raise ConfigError(f"partition: {err}") from None
+
+
+def _coerce(key: str, value: Any, want: type) -> Any:
+    """Convert a run-config value to the field's type, refusing lossy or nonsensical conversions."""
+    if want is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"setting '{key}' must be true or false, got {value!r}")
+    if want is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"setting '{key}' must be an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise ConfigError(f"setting '{key}' must be an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"setting '{key}' must be an integer, got {value!r}")
+        return int(as_float)
+    if want is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"setting '{key}' must be a number, got {value!r}")
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"setting '{key}' must be a number (or inf), got {value!r}") from None
+        if math.isnan(out):
+            raise ConfigError(f"setting '{key}' must not be NaN")
+        return out
+    if not isinstance(value, str):
+        raise ConfigError(f"setting '{key}' must be a string, got {value!r}")
+    return value

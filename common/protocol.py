@@ -1,0 +1,110 @@
+"""The message protocol: every message type, and every array and number a site may send.
+
+This module is the privacy boundary written down. A site builds its replies only through the
+``*_reply_*`` helpers here, the coordinator validates every reply with :func:`validate_reply`, and
+``tests/test_protocol.py`` runs real rounds and checks that nothing else ever leaves a site.
+
+Flower message types must be ``train|evaluate|query`` + ``.identifier`` (flower-notes §2.2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+# ---- message types --------------------------------------------------------------------------------
+TRAIN_GAN = "train.gan"  # coordinator -> site: global generator in, locally trained generator out
+QUERY_INFO = "query.info"  # coordinator -> site: the data schema (image shape, class names), no records
+
+# ---- record keys in requests (coordinator -> site) --------------------------------------------------
+REQ_CONFIG = "config"  # ConfigRecord: the request's settings (see GAN_REQUEST_KEYS)
+REQ_GENERATOR = "generator"  # ArrayRecord: the global generator's state_dict
+
+# Settings the coordinator sends with a train.gan request. The site decides its own noise; the
+# coordinator only says how much work it asks for and how much epsilon the run may use at most.
+GAN_REQUEST_KEYS = (
+    "experiment", "server-round", "num-rounds", "local-steps", "batch-size", "max-grad-norm",
+    "lr-d", "lr-g", "epsilon", "delta", "seed",
+    # GAN shape (must match the site's data and the generator sent)
+    "channels", "image-size", "num-classes", "latent-dim", "width",
+)
+
+# ---- record keys in replies (site -> coordinator) ---------------------------------------------------
+REPLY_GENERATOR = "generator"  # ArrayRecord: exactly the generator's parameters, float32, finite
+REPLY_METRICS = "metrics"  # MetricRecord: only the names below
+
+# Every number a site may send with a train.gan reply, and why it is safe to send.
+GAN_REPLY_METRICS: dict[str, str] = {
+    "num-examples": "site record count; public in DP-SGD analysis (it fixes the sampling rate), used as FedAvg weight",
+    "epsilon": "cumulative epsilon spent on this dataset, from the site's ledger",
+    "delta": "the site's delta",
+    "noise-multiplier": "the DP-SGD noise multiplier the site chose",
+    "sample-rate": "the Poisson sampling rate q",
+    "local-steps": "DP-SGD steps taken this round",
+    "d-loss": "mean discriminator loss this round (post-processing of DP training)",
+    "g-loss": "mean generator loss this round (post-processing of DP training)",
+    "train-seconds": "wall time of local training",
+}
+
+
+# query.info reply: a ConfigRecord "info" with the dataset's schema -- public by design (the run must
+# agree on it), never record-level data and never class counts.
+REPLY_INFO = "info"
+INFO_KEYS = ("site-name", "channels", "height", "width", "classes")
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def generator_spec(state_dict: Mapping[str, "object"]) -> dict[str, ArraySpec]:
+    """The arrays a generator reply must contain: one per generator parameter, float32."""
+    return {k: ArraySpec(tuple(v.shape), "float32") for k, v in state_dict.items()}
+
+
+def validate_reply(arrays: Mapping[str, np.ndarray], metrics: Mapping[str, float],
+                   expected_arrays: Mapping[str, ArraySpec], allowed_metrics: Mapping[str, str]) -> list[str]:
+    """Problems with a reply; empty when it is exactly what the protocol allows.
+
+    Checks: the array names are exactly the expected ones, each shape and dtype matches, every value is
+    finite, and every metric name is declared (and finite unless it is an epsilon).
+    """
+    problems: list[str] = []
+    extra = sorted(set(arrays) - set(expected_arrays))
+    missing = sorted(set(expected_arrays) - set(arrays))
+    if extra:
+        problems.append(f"undeclared arrays {extra}")
+    if missing:
+        problems.append(f"missing arrays {missing}")
+    for name, spec in expected_arrays.items():
+        if name not in arrays:
+            continue
+        arr = arrays[name]
+        if tuple(arr.shape) != spec.shape:
+            problems.append(f"array '{name}' has shape {tuple(arr.shape)}, expected {spec.shape}")
+        elif str(arr.dtype) != spec.dtype:
+            problems.append(f"array '{name}' has dtype {arr.dtype}, expected {spec.dtype}")
+        elif not np.all(np.isfinite(arr)):
+            problems.append(f"array '{name}' contains NaN or inf")
+    for name, value in metrics.items():
+        if name not in allowed_metrics:
+            problems.append(f"undeclared metric '{name}'")
+        elif name not in ("epsilon",) and not math.isfinite(float(value)):
+            problems.append(f"metric '{name}' is not finite")
+    return problems
+
+# ---- refusals (error replies a site sends instead of doing work) --------------------------------------
+# Flower error replies carry an int code and a reason; these codes say why a site refused, so the
+# coordinator can tell "over budget" from "bad request" from a crash.
+REFUSED_BUDGET = 4001  # the request would take the site past its privacy budget
+REFUSED_BAD_REQUEST = 4002  # malformed, inconsistent or hostile request
+REFUSED_NOT_ALLOWED = 4003  # the site's config does not allow this mode / action
+SITE_FAILURE = 4004  # the site could not do the work (bad local data, internal error)
+
+REFUSAL_NAMES = {REFUSED_BUDGET: "over budget", REFUSED_BAD_REQUEST: "bad request",
+                 REFUSED_NOT_ALLOWED: "not allowed", SITE_FAILURE: "site failure"}

@@ -1,0 +1,210 @@
+"""`fedsynth` command line: simulate, demo (and the commands later issues add).
+
+    fedsynth demo                      # digits, 3 sites, eps=10 vs no DP vs real data, < 2 min
+    fedsynth simulate --data ../shared/data/mnist --test ../shared/data/mnist --sites 3 \
+        --partition dirichlet:0.5 --mode dpgan --epsilon 10 --out runs/mnist
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common.config import ConfigError, RunConfig
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("flwr", "opacus"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _abs_source(source: str) -> str:
+    """Data sources are paths except the built-in 'digits'; make paths absolute for other processes."""
+    if not source or source == "digits":
+        return source
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ConfigError(f"data path '{source}' does not exist; give a dataset folder, .npz, .tar.gz, or 'digits'")
+    return str(path.resolve())
+
+
+def _parse_sets(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects KEY=VALUE (a run setting from pyproject.toml), got '{pair}'")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def build_run_config(args: argparse.Namespace) -> RunConfig:
+    """Turn CLI arguments into a validated RunConfig (the one place CLI settings are checked)."""
+    raw: dict[str, Any] = {
+        "mode": args.mode, "data": _abs_source(args.data), "test-data": _abs_source(args.test or ""),
+        "partition": args.partition, "epsilon": args.epsilon, "out-dir": str(Path(args.out).resolve()),
+        "seed": args.seed, "device": args.device,
+    }
+    if args.rounds is not None:
+        raw["num-rounds"] = args.rounds
+    if args.synthetic_size is not None:
+        raw["synthetic-size"] = args.synthetic_size
+    raw.update(_parse_sets(args.set or []))
+    return RunConfig.from_mapping(raw)
+
+
+def simulate(cfg: RunConfig, sites: int, engine: str = "inprocess", progress: bool = True) -> dict:
+    """Run one synthesis over ``sites`` virtual sites; returns the report."""
+    if sites < 1:
+        raise ConfigError(f"--sites must be >= 1, got {sites}")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if engine == "flower":
+        from fedsynth.flower_sim import run_flower_simulation
+
+        return run_flower_simulation(cfg.to_flwr(), sites, Path(cfg.out_dir))
+    from client.app import app as client_app
+    from fedsynth.localgrid import run_inprocess
+    from server.app import run_coordinator
+
+    nodes = [{"partition-id": i, "num-partitions": sites, "site-name": f"site-{i + 1}"} for i in range(sites)]
+    cfg.progress = progress
+    return run_inprocess(run_coordinator, client_app, cfg.to_flwr(), nodes)
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return "inf" if math.isinf(x) else f"{x:.4f}"
+    return str(x)
+
+
+def print_summary(report: dict) -> None:
+    u = report.get("utility", {})
+    print(f"\n== fedsynth {report['mode']} run ({'private' if report['private'] else 'NOT PRIVATE'}) ==")
+    print(report.get("privacy_statement", ""))
+    for s in report["sites"]:
+        print(f"  {s['name']:<10} examples={s['examples']:<6} epsilon={_fmt(s['epsilon'])} delta={s['delta']:.2g} "
+              f"bytes_sent={s['bytes_sent']}{'  DROPPED in rounds ' + ','.join(s['rounds_failed']) if s['dropped'] else ''}")
+    if "tstr_accuracy" in u:
+        print(f"  TSTR accuracy: {u['tstr_accuracy']:.4f}   MCC: {u['mcc']:.4f}")
+    if "real_accuracy" in u:
+        print(f"  same learner on real data: {u['real_accuracy']:.4f}   ratio: {u['ratio']:.3f}")
+    print(f"  outputs in {report['config']['out-dir']}  (report.json, synthetic.npz, synthetic/, grids/)")
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    cfg = build_run_config(args)
+    report = simulate(cfg, args.sites, args.engine, progress=not args.quiet)
+    print_summary(report)
+    return 0
+
+
+DEMO_DEFAULTS = {"data": "digits", "test": "digits", "sites": 3, "partition": "iid"}
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """eps=E and eps=inf on digits with 3 sites, plus the learner on real data, side by side."""
+    out = Path(args.out)
+    rows = []
+    t0 = time.perf_counter()
+    for eps in (args.epsilon, math.inf):
+        ns = argparse.Namespace(**{**vars(args), **DEMO_DEFAULTS, "epsilon": eps,
+                                   "out": str(out / ("eps_inf" if math.isinf(eps) else f"eps_{eps:g}"))})
+        cfg = build_run_config(ns)
+        if math.isfinite(eps):
+            cfg.real_baseline = True
+        else:
+            cfg.real_baseline = False  # trained once, in the private run
+        report = simulate(cfg, DEMO_DEFAULTS["sites"], args.engine, progress=not args.quiet)
+        rows.append(report)
+    real = rows[0]["utility"].get("real_accuracy", float("nan"))
+    summary = {
+        "dataset": "scikit-learn digits (8x8, 10 classes), 3 sites, IID", "mode": args.mode,
+        "tstr_private": rows[0]["utility"]["tstr_accuracy"], "epsilon": args.epsilon,
+        "epsilon_spent_per_site": [s["epsilon"] for s in rows[0]["sites"]],
+        "tstr_not_private": rows[1]["utility"]["tstr_accuracy"], "real_accuracy": real,
+        "seconds": time.perf_counter() - t0,
+        "meaning": (f"A CNN trained only on images synthesized from the sites' DP-protected models reaches "
+                    f"{rows[0]['utility']['tstr_accuracy']:.0%} on real held-out digits at epsilon={args.epsilon:g} per "
+                    f"site; without any privacy (NOT private) the same pipeline reaches "
+                    f"{rows[1]['utility']['tstr_accuracy']:.0%}, and the CNN trained on the real pooled data "
+                    f"{real:.0%}. Tiny sites (~480 images each) are where DP synthesis pays the most for privacy."),
+    }
+    (out / "demo_summary.json").write_text(json.dumps({k: (str(v) if isinstance(v, float) and math.isinf(v) else v)
+                                                       for k, v in summary.items()}, indent=2))
+    print("\n== fedsynth demo: digits, 3 sites ==")
+    print(f"{'setting':<34}{'test accuracy':>14}")
+    print(f"{'synthetic, epsilon=' + format(args.epsilon, 'g') + ' per site':<34}{summary['tstr_private']:>14.3f}")
+    print(f"{'synthetic, NO DP (not private)':<34}{summary['tstr_not_private']:>14.3f}")
+    print(f"{'real pooled data (upper bound)':<34}{real:>14.3f}")
+    print(summary["meaning"])
+    print(f"finished in {summary['seconds']:.0f} s; reports in {out}/*/report.json, summary {out / 'demo_summary.json'}")
+    return 0
+
+
+def _add_run_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
+    if not demo:
+        p.add_argument("--data", required=True, help="dataset: 'digits', an MNIST IDX folder, .npz, image folder or .tar.gz")
+        p.add_argument("--test", default="", help="real held-out data for TSTR accuracy (same forms as --data)")
+        p.add_argument("--sites", type=int, default=3, help="number of simulated sites")
+        p.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA")
+    p.add_argument("--mode", default="dpgan", choices=["dpgan", "bnstats"])
+    p.add_argument("--epsilon", type=float, default=10.0, help="epsilon per site for this run ('inf' = no DP, NOT private)")
+    p.add_argument("--out", default="runs/demo" if demo else "runs/latest", help="output directory")
+    p.add_argument("--rounds", type=int, default=None, help="federated rounds (default from pyproject.toml)")
+    p.add_argument("--synthetic-size", type=int, default=None, help="number of synthetic images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--engine", default="inprocess", choices=["inprocess", "flower"],
+                   help="inprocess: real Flower apps in one process (fast); flower: `flwr run` simulation with Ray")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any run setting of pyproject.toml, repeatable")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what every site and round does")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedsynth", description="Federated differentially private synthetic data")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("simulate", help="run a local Flower simulation of K sites over a dataset")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_simulate)
+    p = sub.add_parser("demo", help="digits, 3 sites: DP vs no DP vs real data, in under 2 minutes")
+    _add_run_args(p, demo=True)
+    p.set_defaults(func=cmd_demo)
+    try:
+        from fedsynth import evaluate as evaluate_cmd
+
+        p = sub.add_parser("evaluate", help="train the central learner on a synthetic set, test on real data, audit privacy")
+        evaluate_cmd.add_arguments(p)
+        p.set_defaults(func=lambda a: evaluate_cmd.main(a))
+    except (ImportError, AttributeError):
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(getattr(args, "verbose", False))
+    from common.data import DataError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, DataError) as err:
+        print(f"fedsynth: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        print(f"fedsynth: run failed: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""Render a run's ``report.json`` dict as one self-contained ``report.html``.
+
+Every picture is embedded as a base64 PNG data URI (plots drawn with matplotlib's Agg backend, sample
+grids read from the PNG files the report lists), so the file can be mailed or archived on its own.
+Sections appear only when their data is in the report; nothing is required except a dict.
+
+Report keys read (all optional)::
+
+    mode, private (bool), epsilon_target, delta, notes [str]
+    utility: {tstr_accuracy, real_accuracy, ratio, mcc, real_mcc, per_class_accuracy [K],
+              real_per_class_accuracy [K], classes [K], confusion [[K x K]], num_test}
+    sites: [{name, epsilon, delta, examples, bytes_sent, ...}]
+    synthetic: {count, npz, folder, grids: [PNG paths relative to out_dir]}
+    audits: {"pixel": <summary>, "feature": <summary>, "sites": [{"name", **<summary>}]}
+            where <summary> is the layout of ``common.audits.site_audit_summary``
+    sweep: [{epsilon, tstr_accuracy, real_accuracy?, ...}]
+    timings: {phase: seconds}
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display at the coordinator; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+_CSS = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{margin-bottom:.2em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.6em 0} th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+th{background:#f3f3f3} td:first-child,th:first-child{text-align:left}
+.banner{padding:.8em 1em;font-weight:bold;font-size:1.2em;border-radius:4px;margin:1em 0}
+.notdp{background:#c62828;color:#fff} .dp{background:#2e7d32;color:#fff} .unknown{background:#777;color:#fff}
+.flag{color:#c62828;font-weight:bold} .ok{color:#2e7d32} img{max-width:100%} .muted{color:#666}
+"""
+
+
+# --------------------------------------------------------------------------------------------------
+# Small HTML helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    """Numbers to short text; None/NaN to a dash."""
+    if value is None:
+        return "&ndash;"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "&ndash;"
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
+            return f"{value:.{digits - 1}e}"
+        return f"{value:.{digits}g}"
+    return _esc(value)
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, table_id: str | None = None) -> str:
+    """HTML table; cells already containing markup must be passed as ``_Raw``."""
+    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{c.html if isinstance(c, _Raw) else _fmt(c)}</td>" for c in row) + "</tr>"
+        for row in rows
+    )
+    ident = f' id="{_esc(table_id)}"' if table_id else ""
+    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+class _Raw:
+    """Pre-rendered HTML for a table cell."""
+
+    def __init__(self, markup: str) -> None:
+        self.html = markup
+
+
+def _img(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{_esc(alt)}">'
+
+
+def _fig_png(fig: plt.Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+
+def _banner(report: dict) -> str:
+    private = report.get("private")
+    eps, delta = report.get("epsilon_target"), report.get("delta")
+    if private is False:
+        return ('<div class="banner notdp">NOT differentially private: this run released data without a DP '
+                "guarantee; do not share its outputs as if they protected the sites' records.</div>")
+    if private is True:
+        budget = f" (target &epsilon; = {_fmt(eps)}, &delta; = {_fmt(delta)})" if eps is not None else ""
+        return f'<div class="banner dp">Differentially private{budget}</div>'
+    return '<div class="banner unknown">Privacy status unknown: the report does not say whether the run was DP.</div>'
+
+
+def _class_names(utility: dict, k: int) -> list[str]:
+    names = utility.get("classes")
+    return [str(n) for n in names] if names and len(names) == k else [str(i) for i in range(k)]
+
+
+def _utility_section(utility: dict) -> str:
+    rows = [
+        ("TSTR accuracy (train on synthetic, test on real)", utility.get("tstr_accuracy")),
+        ("Real-data accuracy (same learner, real training data)", utility.get("real_accuracy")),
+        ("Ratio TSTR / real", utility.get("ratio")),
+        ("Matthews correlation (TSTR)", utility.get("mcc")),
+        ("Matthews correlation (real)", utility.get("real_mcc")),
+        ("Test records", utility.get("num_test")),
+    ]
+    rows = [r for r in rows if r[1] is not None]
+    out = ["<h2>Utility</h2>", _table(("metric", "value"), rows, table_id="accuracy")]
+    per_class = utility.get("per_class_accuracy")
+    if per_class:
+        names = _class_names(utility, len(per_class))
+        real = utility.get("real_per_class_accuracy")
+        has_real = bool(real) and len(real) == len(per_class)
+        headers = ("class", "TSTR accuracy") + (("real accuracy",) if has_real else ())
+        rows = [(n, a) + ((real[i],) if has_real else ()) for i, (n, a) in enumerate(zip(names, per_class))]
+        out += ["<h3>Per-class accuracy</h3>", _table(headers, rows, table_id="per-class")]
+        out.append(_img(_per_class_plot(names, per_class, real if has_real else None), "per-class accuracy"))
+    conf = utility.get("confusion")
+    if conf:
+        out += ["<h3>Confusion matrix (TSTR; rows = true class)</h3>",
+                _img(_confusion_plot(np.asarray(conf), _class_names(utility, len(conf))), "confusion matrix")]
+    return "\n".join(out)
+
+
+def _per_class_plot(names: list[str], tstr: Sequence[float], real: Sequence[float] | None) -> bytes:
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(names) + 2), 3))
+    x = np.arange(len(names))
+    width = 0.4 if real is not None else 0.7
+    ax.bar(x - (width / 2 if real is not None else 0), np.nan_to_num(np.asarray(tstr, float)), width, label="TSTR")
+    if real is not None:
+        ax.bar(x + width / 2, np.nan_to_num(np.asarray(real, float)), width, label="real")
+        ax.legend()
+    ax.set_xticks(x, names, rotation=45 if len(names) > 12 else 0)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    return _fig_png(fig)
+
+
+def _confusion_plot(conf: np.ndarray, names: list[str]) -> bytes:
+    k = len(conf)
+    fig, ax = plt.subplots(figsize=(min(10, 1 + 0.45 * k), min(10, 1 + 0.45 * k)))
+    ax.imshow(conf, cmap="Blues")
+    if k <= 20:  # numbers in cells stay readable up to ~20 classes
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(int(conf[i, j])), ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(k), names, rotation=90 if k > 10 else 0)
+    ax.set_yticks(range(k), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    return _fig_png(fig)
+
+
+def _sites_section(sites: list[dict]) -> str:
+    rows = [(s.get("name"), s.get("epsilon"), s.get("delta"), s.get("examples"), s.get("bytes_sent")) for s in sites]
+    return "<h2>Sites</h2>" + _table(("site", "epsilon spent", "delta", "examples", "bytes sent"), rows, table_id="sites")
+
+
+def _synthetic_section(synthetic: dict, out_dir: Path) -> str:
+    out = ["<h2>Synthetic data</h2>"]
+    facts = [(k, synthetic[k]) for k in ("count", "npz", "folder") if synthetic.get(k) is not None]
+    if facts:
+        out.append(_table(("item", "value"), facts, table_id="synthetic"))
+    for rel in synthetic.get("grids") or []:
+        path = (out_dir / rel) if not Path(rel).is_absolute() else Path(rel)
+        if path.is_file():
+            out.append(f"<h3>{_esc(Path(rel).name)}</h3>" + _img(path.read_bytes(), f"sample grid {rel}"))
+        else:
+            out.append(f'<p class="muted">sample grid {_esc(rel)} not found next to the report</p>')
+    return "\n".join(out)
+
+
+def _histogram_plot(hist: dict, metric: str, title: str) -> bytes:
+    edges = np.asarray(hist["edges"], float)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    for key, color in (("train", "tab:red"), ("heldout", "tab:blue")):
+        counts = np.asarray(hist.get(key, []), float)
+        if len(counts) == len(edges) - 1:
+            ax.stairs(counts, edges, label=f"to nearest {'training' if key == 'train' else 'held-out'} record",
+                      color=color, fill=False, linewidth=1.5)
+    ax.set_xlabel(f"nearest-neighbour distance ({metric})")
+    ax.set_ylabel("synthetic records")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return _fig_png(fig)
+
+
+def _audit_block(summary: dict, title: str, key: str) -> str:
+    """One audit summary (layout of common.audits.site_audit_summary); ``key`` prefixes table ids."""
+    out = [f"<h3>{_esc(title)}</h3>"]
+    rec = summary.get("records") or {}
+    metric = summary.get("metric", "")
+    if rec:
+        out.append(f'<p class="muted">{_fmt(rec.get("synthetic"))} synthetic records vs '
+                   f'{_fmt(rec.get("reference_per_side"))} training and held-out records each '
+                   f'(near-copies searched in {_fmt(rec.get("train"))} training records); metric {_esc(metric)}.</p>')
+    mem = summary.get("memorization")
+    if mem:
+        verdict = (f'<span class="flag">flagged: {_esc(", ".join(mem.get("flags", [])))}</span>'
+                   if mem.get("flagged") else '<span class="ok">not flagged</span>')
+        out.append(f"<p>Memorization test: {verdict} (alpha = {_fmt(mem.get('alpha'))})</p>")
+        tr, ho = mem.get("train", {}), mem.get("heldout", {})
+        rows = [("to nearest training record", tr.get("mean"), tr.get("std"), tr.get("median")),
+                ("to nearest held-out record", ho.get("mean"), ho.get("std"), ho.get("median"))]
+        out.append(_table(("distance of synthetic records", "mean", "std", "median"), rows, table_id=f"{key}-memorization"))
+        tests = [(name, mem[key].get("statistic"), mem[key].get("p_value"))
+                 for key, name in (("mann_whitney", "Mann-Whitney U (train smaller, one-sided)"),
+                                   ("ks", "Kolmogorov-Smirnov (two-sided)"),
+                                   ("wilcoxon_paired", "Wilcoxon signed-rank, paired (train smaller)"))
+                 if key in mem]
+        tests.append(("fraction of synthetic records closer to train", mem.get("closer_to_train_fraction"), None))
+        out.append(_table(("test", "statistic", "p-value"), tests))
+        nc = mem.get("near_copies")
+        if nc:
+            out.append(_table(("near-copies", "value"), [
+                ("count", nc.get("count")), ("expected by chance", nc.get("expected_by_chance")),
+                ("Fisher p-value", nc.get("fisher_p_value")), ("threshold", nc.get("threshold")),
+                ("rule", nc.get("rule"))]))
+        if mem.get("histogram"):
+            out.append(_img(_histogram_plot(mem["histogram"], metric, title), f"distance histogram {title}"))
+    mia = summary.get("membership_inference")
+    if mia:
+        ci = mia.get("auc_ci95") or [None, None]
+        out.append(_table(("membership inference (score = -distance to nearest synthetic)", "value"), [
+            ("AUC", mia.get("auc")),
+            ("AUC 95% bootstrap CI", _Raw(f"[{_fmt(ci[0])}, {_fmt(ci[1])}]")),
+            (f"TPR at {_fmt(mia.get('fpr'))} FPR", mia.get("tpr_at_fpr")),
+            ("members / non-members", _Raw(f"{_fmt(mia.get('members'))} / {_fmt(mia.get('nonmembers'))}")),
+        ], table_id=f"{key}-mia"))
+    sim = summary.get("similarity")
+    if sim:
+        rows = [(name.upper(), sim[name].get("mean"), sim[name].get("std"), sim[name].get("max"))
+                for name in ("ssim", "psnr") if name in sim]
+        out.append(_table(("similarity to nearest private image", "mean", "std", "max"), rows, table_id=f"{key}-similarity"))
+        out.append(f'<p class="muted">PSNR in dB, capped at {_fmt(sim.get("psnr_cap"))} dB; '
+                   f'{_fmt(sim.get("identical"))} synthetic images are identical to a private image.</p>')
+    return "\n".join(out)
+
+
+def _audits_section(audits: dict) -> str:
+    out = ["<h2>Privacy audits (diagnostics)</h2>",
+           '<p class="muted">Audits are diagnostics computed on real data; they are not covered by the DP '
+           "guarantee and are never released by a site except as aggregates.</p>"]
+    for key, title in (("pixel", "Pixel space"), ("feature", "Feature space")):
+        if isinstance(audits.get(key), dict):
+            out.append(_audit_block(audits[key], title, key))
+    for i, site in enumerate(audits.get("sites") or []):
+        title = f"Site {site.get('name', '?')} ({site.get('space', 'pixel')} space)"
+        out.append(_audit_block(site, title, f"site{i}"))
+    return "\n".join(out)
+
+
+def _sweep_section(sweep: list[dict]) -> str:
+    pts = sorted((p for p in sweep if p.get("epsilon") is not None), key=lambda p: float(p["epsilon"]))
+    out = ["<h2>Privacy vs utility</h2>"]
+    rows = [(p.get("epsilon"), p.get("tstr_accuracy"), p.get("real_accuracy"), p.get("mia_auc")) for p in pts]
+    out.append(_table(("epsilon", "TSTR accuracy", "real accuracy", "MIA AUC"), rows, table_id="sweep"))
+    if pts:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        eps = [float(p["epsilon"]) for p in pts]
+        ax.plot(eps, [p.get("tstr_accuracy", float("nan")) for p in pts], "o-", label="TSTR accuracy")
+        real = [p["real_accuracy"] for p in pts if p.get("real_accuracy") is not None]
+        if real:
+            ax.axhline(float(np.mean(real)), color="gray", linestyle="--", label="real-data accuracy")
+        if len(eps) > 1 and min(eps) > 0 and max(eps) / min(eps) > 20:
+            ax.set_xscale("log")
+        ax.set_xlabel("epsilon")
+        ax.set_ylabel("accuracy on real test data")
+        ax.set_ylim(0, 1)
+        ax.legend()
+        out.append(_img(_fig_png(fig), "privacy-utility curve"))
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def render_report(report: dict, out_dir: Path) -> Path:
+    """Write ``out_dir/report.html`` for ``report`` (layout in the module docstring); return its path.
+
+    Missing sections are skipped; grid PNGs are read from paths relative to ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mode = report.get("mode", "unknown")
+    parts = [f"<h1>fedsynth report: {_esc(mode)}</h1>", _banner(report)]
+    if report.get("notes"):
+        parts.append("<ul>" + "".join(f"<li>{_esc(n)}</li>" for n in report["notes"]) + "</ul>")
+    if isinstance(report.get("utility"), dict):
+        parts.append(_utility_section(report["utility"]))
+    if report.get("sites"):
+        parts.append(_sites_section(report["sites"]))
+    if isinstance(report.get("synthetic"), dict):
+        parts.append(_synthetic_section(report["synthetic"], out_dir))
+    if isinstance(report.get("audits"), dict):
+        parts.append(_audits_section(report["audits"]))
+    if report.get("sweep"):
+        parts.append(_sweep_section(report["sweep"]))
+    if isinstance(report.get("timings"), dict) and report["timings"]:
+        parts.append("<h2>Timings</h2>" + _table(("phase", "seconds"), sorted(report["timings"].items()),
+                                                 table_id="timings"))
+    doc = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+           f"<title>fedsynth report: {_esc(mode)}</title><style>{_CSS}</style></head><body>\n"
+           + "\n".join(parts) + "\n</body></html>\n")
+    path = out_dir / "report.html"
+    path.write_text(doc, encoding="utf-8")
+    return path
+
+
+def save_class_grid(images: np.ndarray, labels: np.ndarray, classes: Sequence[str], path: Path,
+                    *, per_class: int = 10, seed: int = 0) -> Path:
+    """Write a PNG grid: one row per class, up to ``per_class`` random images (N, C, H, W) in [0, 1].
+
+    The images are tiled into one mosaic first (one imshow instead of K x per_class axes: ~10x faster).
+    """
+    rng = np.random.default_rng(seed)
+    k = len(classes)
+    c, h, w = images.shape[1:]
+    pad = 2
+    # (rows, cols, C) mosaic, background mid-gray so black digits stay visible at tile borders.
+    mosaic = np.full((k * (h + pad) + pad, per_class * (w + pad) + pad, c), 0.5, dtype=np.float32)
+    for row in range(k):
+        idx = np.flatnonzero(labels == row)
+        chosen = rng.choice(idx, size=min(per_class, len(idx)), replace=False) if len(idx) else []
+        for col, i in enumerate(chosen):
+            y, x = pad + row * (h + pad), pad + col * (w + pad)
+            mosaic[y:y + h, x:x + w] = np.transpose(images[i], (1, 2, 0))  # (H, W, C)
+    scale = 0.5  # inches per tile, whatever the image size
+    fig, ax = plt.subplots(figsize=(per_class * scale + 1.0, k * scale + 0.3))
+    ax.imshow(mosaic[..., 0] if c == 1 else mosaic, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([pad + r * (h + pad) + h / 2 for r in range(k)], [str(n) for n in classes], fontsize=8)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_fig_png(fig))
+    return path

@@ -1,0 +1,29 @@
+"""Small, fast run settings and an in-process runner shared by the spine tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from client.app import app as client_app
+from common.config import RunConfig
+from fedsynth.localgrid import run_inprocess
+from server.app import run_coordinator
+
+
+def fast_config(tmp: Path, **overrides: Any) -> RunConfig:
+    base = dict(out_dir=str(tmp / "out"), state_dir=str(tmp / "sites"), num_rounds=2, gan_local_steps=4,
+                gan_batch_size=32, gan_width=16, gan_latent_dim=16, synthetic_size=100, learner_epochs=1,
+                real_baseline=False, progress=False, round_timeout=30.0, experiment="")
+    base.update(overrides)
+    cfg = RunConfig(**base)
+    cfg.validate()
+    return cfg
+
+
+def nodes(k: int) -> list[dict]:
+    return [{"partition-id": i, "num-partitions": k, "site-name": f"site-{i + 1}"} for i in range(k)]
+
+
+def run(cfg: RunConfig, k: int = 3, **grid_kwargs: Any) -> dict:
+    return run_inprocess(run_coordinator, client_app, cfg.to_flwr(), nodes(k), **grid_kwargs)

@@ -1,0 +1,276 @@
+"""Tests for client.ledger: budget enforcement, persistence, crash safety and concurrent writers."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import multiprocessing
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from client.ledger import BudgetExceeded, LedgerDamaged, PrivacyLedger, Spent
+from common.accounting import DPEvent, epsilon_for
+
+DELTA = 1e-5
+EVENT = DPEvent(1.0, 0.01, 100)  # one "round" of DP-SGD
+# Forked children inherit the parent's imports (torch/opacus take seconds to import on a fresh interpreter).
+FORK = multiprocessing.get_context("fork")
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "ledger" / "0123456789abcdef.jsonl"
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_new_ledger_has_header_and_nothing_spent(path: Path):
+    ledger = PrivacyLedger(path, epsilon_budget=5.0, delta=DELTA)
+    assert path.is_file()
+    assert ledger.spent() == Spent(0.0, DELTA, 0)
+    assert ledger.remaining() == 5.0
+    assert ledger.entries() == []
+    header = _lines(path)[0]
+    assert header["type"] == "header" and header["delta"] == DELTA
+
+
+def test_refusal_happens_before_anything_is_written(path: Path):
+    budget = epsilon_for([EVENT] * 2, DELTA) + 1e-3  # room for exactly two rounds
+    ledger = PrivacyLedger(path, epsilon_budget=budget, delta=DELTA)
+    ledger.charge([EVENT], purpose="dpgan-round", run="r1", round=1)
+    spent = ledger.charge([EVENT], purpose="dpgan-round", run="r1", round=2)
+    assert spent.releases == 2 and spent.epsilon == pytest.approx(epsilon_for([EVENT] * 2, DELTA))
+    before = path.read_bytes()
+    with pytest.raises(BudgetExceeded) as info:
+        ledger.charge([EVENT], purpose="dpgan-round", run="r1", round=3)
+    assert path.read_bytes() == before
+    error = info.value
+    remaining = budget - spent.epsilon
+    assert f"{remaining:.4g}" in str(error)
+    assert "dpgan-round" in str(error) and "epsilon_budget" in str(error)
+    assert error.spent_epsilon == pytest.approx(spent.epsilon)
+    assert error.budget_epsilon == budget
+    assert error.requested_epsilon == pytest.approx(epsilon_for([EVENT], DELTA))
+    assert error.spent_epsilon < budget < error.epsilon_after
+    assert ledger.remaining() == pytest.approx(remaining)
+    assert ledger.epsilon_if([EVENT]) == pytest.approx(error.epsilon_after)
+
+
+def test_spending_persists_across_ledger_objects(path: Path):
+    first = PrivacyLedger(path, epsilon_budget=10.0, delta=DELTA)
+    first.charge([EVENT], purpose="bn-stats", run="a", round=0, details={"classes": 10})
+    second = PrivacyLedger(path, epsilon_budget=10.0, delta=DELTA)
+    assert second.spent() == first.spent()
+    assert second.entries() == first.entries()
+    assert second.entries()[0]["details"] == {"classes": 10}
+    # The budget is the site's own setting and may differ between openings; spending does not reset.
+    third = PrivacyLedger(path, epsilon_budget=1e-6, delta=DELTA)
+    assert third.remaining() == 0.0
+    with pytest.raises(BudgetExceeded):
+        third.charge([EVENT], purpose="bn-stats")
+
+
+def test_composition_across_runs_and_purposes(path: Path):
+    ledger = PrivacyLedger(path, epsilon_budget=50.0, delta=DELTA)
+    releases = [
+        ([DPEvent(0.8, 0.0128, 79)], "dpgan-round", "run-a", 1),
+        ([DPEvent(0.8, 0.0128, 79)], "dpgan-round", "run-a", 2),
+        ([DPEvent(20.0, 1.0, 1)], "class-counts", "run-b", 0),
+        ([DPEvent(3.0, 1.0, 1), DPEvent(3.0, 1.0, 1)], "bn-stats", "run-b", 0),
+    ]
+    for events, purpose, run, rnd in releases:
+        ledger.charge(events, purpose=purpose, run=run, round=rnd)
+    all_events = [e for events, *_ in releases for e in events]
+    expected = epsilon_for(all_events, DELTA)
+    assert ledger.spent() == Spent(pytest.approx(expected), DELTA, 4)
+    assert [e["epsilon_after"] for e in ledger.entries()][-1] == pytest.approx(expected)
+    summary = ledger.summary()
+    assert summary["per_purpose_releases"] == {"dpgan-round": 2, "class-counts": 1, "bn-stats": 1}
+    assert summary["per_purpose_epsilon"]["dpgan-round"] == pytest.approx(
+        epsilon_for([DPEvent(0.8, 0.0128, 158)], DELTA)
+    )
+    assert summary["spent_epsilon"] == pytest.approx(expected)
+    assert summary["remaining_epsilon"] == pytest.approx(50.0 - expected)
+    assert summary["releases"] == 4 and summary["delta"] == DELTA
+
+
+def test_partial_last_line_is_ignored_then_repaired(path: Path):
+    ledger = PrivacyLedger(path, epsilon_budget=10.0, delta=DELTA)
+    ledger.charge([EVENT], purpose="dpgan-round", round=1)
+    spent = ledger.spent()
+    with path.open("ab") as f:  # what a crash in the middle of a write leaves behind
+        f.write(b'{"type":"charge","time":"2025-01-01T00:00:00","purpose":"dpgan-ro')
+    reopened = PrivacyLedger(path, epsilon_budget=10.0, delta=DELTA)
+    assert reopened.spent() == spent
+    assert len(reopened.entries()) == 1
+    reopened.charge([EVENT], purpose="dpgan-round", round=2)
+    lines = _lines(path)  # valid JSONL again: the torn line was truncated away
+    assert [line.get("round") for line in lines[1:]] == [1, 2]
+
+
+def test_complete_last_entry_missing_its_newline_is_kept(path: Path):
+    ledger = PrivacyLedger(path, epsilon_budget=10.0, delta=DELTA)
+    ledger.charge([EVENT], purpose="dpgan-round", round=1)
+    path.write_bytes(path.read_bytes().rstrip(b"\n"))
+    # Over-counting is the safe side: a complete entry is counted even without its newline.
+    assert ledger.spent().releases == 1
+    ledger.charge([EVENT], purpose="dpgan-round", round=2)
+    assert [line.get("round") for line in _lines(path)[1:]] == [1, 2]
+
+
+def test_interrupted_header_is_rewritten(path: Path):
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b'{"type":"header","form')
+    ledger = PrivacyLedger(path, epsilon_budget=1.0, delta=DELTA)
+    assert ledger.spent().releases == 0
+    assert _lines(path)[0]["delta"] == DELTA
+
+
+def test_corrupt_middle_line_raises(path: Path):
+    ledger = PrivacyLedger(path, epsilon_budget=10.0, delta=DELTA)
+    for rnd in range(3):
+        ledger.charge([EVENT], purpose="dpgan-round", round=rnd)
+    lines = path.read_bytes().split(b"\n")
+    lines[2] = lines[2][:20] + b"#garbage#" + lines[2][20:]  # line 3 of the file: the second charge
+    path.write_bytes(b"\n".join(lines))
+    for call in (ledger.spent, lambda: ledger.charge([EVENT], purpose="x"),
+                 lambda: PrivacyLedger(path, epsilon_budget=10.0, delta=DELTA)):
+        with pytest.raises(LedgerDamaged, match="line 3") as info:
+            call()
+        assert str(path) in str(info.value) and "damaged" in str(info.value)
+
+
+def test_delta_mismatch_raises(path: Path):
+    PrivacyLedger(path, epsilon_budget=1.0, delta=1e-5)
+    with pytest.raises(ValueError, match="delta"):
+        PrivacyLedger(path, epsilon_budget=1.0, delta=1e-6)
+
+
+def test_non_private_release_needs_unlimited_budget(path: Path):
+    free = DPEvent(0.0, 1.0, 1)
+    limited = PrivacyLedger(path, epsilon_budget=100.0, delta=DELTA)
+    with pytest.raises(BudgetExceeded, match="unlimited budget"):
+        limited.charge([free], purpose="nodp-baseline")
+    unlimited = PrivacyLedger(path, epsilon_budget=math.inf, delta=DELTA)
+    spent = unlimited.charge([free], purpose="nodp-baseline")
+    assert spent.epsilon == math.inf and unlimited.remaining() == math.inf
+    assert _lines(path)[1]["epsilon_after"] == "inf"  # strict JSON: no Infinity literal
+    assert unlimited.entries()[0]["epsilon_after"] == math.inf
+
+
+def test_bad_arguments_write_nothing(path: Path):
+    ledger = PrivacyLedger(path, epsilon_budget=10.0, delta=DELTA)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="non-empty list"):
+        ledger.charge([], purpose="x")
+    with pytest.raises(ValueError, match="purpose"):
+        ledger.charge([EVENT], purpose="")
+    with pytest.raises(ValueError, match="JSON"):
+        ledger.charge([EVENT], purpose="x", details={"bad": float("nan")})
+    assert path.read_bytes() == before
+
+
+# ---------------------------------------------------------------------------- crash and concurrency
+
+
+def _charge_forever(path: Path, ack_fd: int) -> None:
+    """Child: charge one round after another, acknowledging each on a pipe once charge() returned."""
+    ledger = PrivacyLedger(path, epsilon_budget=1e6, delta=DELTA)
+    rnd = len(ledger.entries())
+    while True:
+        ledger.charge([EVENT], purpose="kill-test", round=rnd)
+        os.write(ack_fd, f"{rnd}\n".encode())
+        rnd += 1
+
+
+def test_sigkill_during_charges_never_loses_acknowledged_spending(path: Path):
+    PrivacyLedger(path, epsilon_budget=1e6, delta=DELTA)
+    rng = random.Random(1234)
+    acked: list[int] = []
+    last_epsilon = 0.0
+    for kill in range(6):
+        read_fd, write_fd = os.pipe()
+        child = FORK.Process(target=_charge_forever, args=(path, write_fd))
+        child.start()
+        os.close(write_fd)
+        time.sleep(rng.uniform(0.05, 0.3))
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        with os.fdopen(read_fd, "rb") as acks:
+            acked += [int(x) for x in acks.read().split()]
+
+        ledger = PrivacyLedger(path, epsilon_budget=1e6, delta=DELTA)
+        rounds = [entry["round"] for entry in ledger.entries()]
+        assert rounds == list(range(len(rounds))), "complete lines must be intact and in order"
+        assert set(acked) <= set(rounds), "an acknowledged charge was lost"
+        assert len(rounds) <= len(acked) + 1, "at most the one unacknowledged charge may be recorded"
+        epsilons = [entry["epsilon_after"] for entry in ledger.entries()]
+        assert epsilons == sorted(epsilons)
+        spent = ledger.spent().epsilon
+        assert spent >= last_epsilon
+        last_epsilon = spent
+        if kill % 2 == 1:  # also leave a torn line, as if killed mid-write; the next child repairs it
+            with path.open("ab") as f:
+                f.write(b'{"type":"charge","ti')
+    assert len(acked) > 6, "the children should have charged several times"
+    ledger.charge([EVENT], purpose="kill-test", round=len(ledger.entries()))
+    _lines(path)  # the whole file is valid JSONL
+
+
+def _race_for_budget(path: Path, budget: float, start) -> None:
+    ledger = PrivacyLedger(path, epsilon_budget=budget, delta=DELTA)
+    start.wait()
+    try:
+        ledger.charge([EVENT], purpose="race", run=str(os.getpid()))
+    except BudgetExceeded:
+        sys.exit(3)
+    sys.exit(0)
+
+
+def test_two_processes_racing_for_the_last_budget(path: Path):
+    budget = epsilon_for([EVENT] * 3, DELTA)  # after two charges, room for exactly one more
+    for attempt in range(3):
+        attempt_path = path.with_name(f"race{attempt}.jsonl")
+        ledger = PrivacyLedger(attempt_path, epsilon_budget=budget, delta=DELTA)
+        ledger.charge([EVENT], purpose="setup")
+        ledger.charge([EVENT], purpose="setup")
+        start = FORK.Event()
+        children = [FORK.Process(target=_race_for_budget, args=(attempt_path, budget, start)) for _ in range(2)]
+        for child in children:
+            child.start()
+        time.sleep(0.05)
+        start.set()
+        for child in children:
+            child.join(timeout=30)
+        assert sorted(child.exitcode for child in children) == [0, 3]
+        assert ledger.spent().releases == 3
+        assert ledger.spent().epsilon <= budget + 1e-9
+
+
+def _charge_once(path: Path) -> None:
+    PrivacyLedger(path, epsilon_budget=10.0, delta=DELTA).charge([EVENT], purpose="blocked")
+
+
+def test_charge_waits_for_the_exclusive_lock(path: Path):
+    ledger = PrivacyLedger(path, epsilon_budget=10.0, delta=DELTA)
+    holder = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # another process on the site is mid read-check-append
+        child = FORK.Process(target=_charge_once, args=(path,))
+        child.start()
+        child.join(timeout=0.5)
+        assert child.is_alive(), "charge() must wait while another process holds the ledger lock"
+    finally:
+        os.close(holder)
+    child.join(timeout=30)
+    assert child.exitcode == 0
+    assert ledger.spent().releases == 1
