@@ -17,10 +17,11 @@ DP mechanism (exact math)
 For record i with label y_i and norm-layer inputs a_l (C_l, H_l, W_l), let
     m_l = mean_{h,w} a_l          (C_l,)   and   s_l = mean_{h,w} a_l^2   (C_l,),
     f_i = concat_l [m_l, s_l]     (D,),  D = 2 * sum_l C_l.
-Clipping is per layer with a per-coordinate-equal share of the bound C = ``clip_bound``: the block
-b_l = [m_l, s_l] (2 C_l values) is scaled by min(1, c_l / ||b_l||_2) with
-    c_l = C * sqrt(C_l / sum_j C_j),     so that   ||clip(f_i)||_2 <= sqrt(sum_l c_l^2) = C.
-(Per-layer clipping keeps one layer with large activations from eating the whole bound.)
+Each record's whole feature vector is clipped to L2 norm C = ``clip_bound`` (flat clipping):
+    clip(f_i) = f_i * min(1, C / ||f_i||_2).
+(On trained nets these norms are tightly concentrated, e.g. 10%-99% quantiles 3.9-4.6 for the
+width-16 MNIST net, so a C just above them clips almost nothing; per-layer bounds would need a
+data-dependent split between layers.)
 
 Each record contributes the vector u_i = (a * e_{y_i}, e_{y_i} (x) clip(f_i) / C) to the scaled sums,
 where a = ``count_weight`` (default 0.5) and e_y is the one-hot class vector; only class y_i's row is
@@ -96,17 +97,13 @@ def per_record_features(inputs: dict[str, torch.Tensor], layers: list[str]) -> d
     return out
 
 
-def clip_blocks(blocks: dict[str, torch.Tensor], channels: dict[str, int], clip_bound: float) -> dict[str, torch.Tensor]:
-    """Scale each record's block of layer l to L2 norm <= c_l = C sqrt(C_l / sum C_j) (total <= C)."""
+def clip_blocks(blocks: dict[str, torch.Tensor], clip_bound: float) -> dict[str, torch.Tensor]:
+    """Scale every record's concatenated blocks (its vector f_i) to total L2 norm <= ``clip_bound``."""
     if math.isinf(clip_bound):
         return blocks
-    total = sum(channels.values())
-    out = {}
-    for name, b in blocks.items():
-        c_l = clip_bound * math.sqrt(channels[name] / total)
-        norms = b.norm(dim=1, keepdim=True)  # (B, 1)
-        out[name] = b * torch.clamp(c_l / norms.clamp_min(1e-12), max=1.0)
-    return out
+    norms = torch.sqrt(sum((b * b).sum(dim=1) for b in blocks.values()))  # (B,) = ||f_i||_2
+    factor = torch.clamp(clip_bound / norms.clamp_min(1e-12), max=1.0)[:, None]  # (B, 1)
+    return {name: b * factor for name, b in blocks.items()}
 
 
 def _check_args(model: nn.Module, dataset: "ImageDataset", num_classes: int, clip_bound: float,
@@ -166,7 +163,7 @@ def exact_class_sums(
                 xb = torch.as_tensor(dataset.images[start:start + batch_size], dtype=torch.float32, device=dev)
                 yb = torch.as_tensor(labels[start:start + batch_size], device=dev)  # (B,)
                 model(xb)
-                blocks = clip_blocks(per_record_features(inputs, layers), channels, clip_bound)
+                blocks = clip_blocks(per_record_features(inputs, layers), clip_bound)
                 for name in layers:
                     sums[name].index_add_(0, yb, blocks[name])  # (K, 2 C_l) += rows by class
     finally:

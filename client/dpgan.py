@@ -37,15 +37,27 @@ from common.models import Discriminator, GanShape, Generator
 
 @dataclass(frozen=True)
 class RoundSettings:
-    """What one train.gan round does at a site (noise chosen by the site, the rest requested)."""
+    """What one train.gan round does at a site (noise chosen by the site, the rest requested).
+
+    Only the first seven fields are privacy-relevant (and fixed by the site's plan); the rest are
+    training recipe with defaults tuned on digits and MNIST at epsilon 10 (bench_dpgan.py).
+    """
 
     noise_multiplier: float  # sigma; 0 = non-private
     sample_rate: float  # q of Poisson sampling
-    steps: int  # D steps this round
+    steps: int  # D steps this round (= accounted DP-SGD steps)
     max_grad_norm: float  # C
     lr_d: float
     lr_g: float
     seed: int
+    d_steps_per_g: int = 1  # n_D: D steps per G step (Bie et al. 2023)
+    g_steps_per_d: int = 1  # G steps after each n_D D steps (free in privacy: G never sees data)
+    g_batch_size: int = 0  # fake batch of a G step; 0 = the expected real batch size
+    ac_weight: float = 1.0  # weight of the auxiliary classifier loss (0 = pure projection cGAN)
+    ema: float = 0.0  # decay of the EMA of G's weights returned to the coordinator (0 = none)
+    d_width: int = 0  # D base width; 0 = GanShape.width // 4
+    betas_d: tuple = (0.5, 0.999)
+    betas_g: tuple = (0.5, 0.999)
 
 
 class LocalGanTrainer:
@@ -84,22 +96,26 @@ class LocalGanTrainer:
 
     # ---- one round -------------------------------------------------------------------------------
     def train_round(self, generator_state: dict[str, torch.Tensor], rs: RoundSettings) -> tuple[dict, dict]:
-        """Train D (DP-SGD) and G for ``rs.steps`` steps; return (generator state_dict, metrics)."""
+        """Train D (DP-SGD, ``rs.steps`` steps) and G through it; return (generator state_dict, metrics)."""
         start = time.perf_counter()
         n = len(self.data)
+        k = self.shape.num_classes
         expected_batch = max(1, round(rs.sample_rate * n))
+        g_batch = rs.g_batch_size or expected_batch
+        n_d, n_g = max(1, int(rs.d_steps_per_g)), max(1, int(rs.g_steps_per_d))
         torch.manual_seed(rs.seed)
         gen = Generator(self.shape).to(self.device)
         gen.load_state_dict(generator_state)
-        disc = Discriminator(self.shape).to(self.device)
-        opt_g = torch.optim.Adam(gen.parameters(), lr=rs.lr_g, betas=(0.5, 0.999))
-        opt_d_inner = torch.optim.Adam(disc.parameters(), lr=rs.lr_d, betas=(0.5, 0.999))
+        disc = Discriminator(self.shape, width=rs.d_width).to(self.device)
+        opt_g = torch.optim.Adam(gen.parameters(), lr=rs.lr_g, betas=tuple(rs.betas_g))
+        opt_d_inner = torch.optim.Adam(disc.parameters(), lr=rs.lr_d, betas=tuple(rs.betas_d))
         saved = self._load_state()
         if saved is not None:
             disc.load_state_dict(saved["disc"])
             opt_d_inner.load_state_dict(saved["opt_d"])
             opt_g.load_state_dict(saved["opt_g"])
         total_steps = int(saved["steps"]) if saved is not None else 0
+        ema = [p.detach().clone() for p in gen.parameters()] if rs.ema > 0 else None
 
         private = rs.noise_multiplier > 0
         if private:
@@ -113,25 +129,33 @@ class LocalGanTrainer:
             d_model, opt_d = disc, opt_d_inner
 
         sampler = torch.Generator(device="cpu").manual_seed(rs.seed)
-        d_losses, g_losses = [], []
+        d_losses, g_losses, d_acc = [], [], []
+        g_updates = 0
         bar = tqdm(range(rs.steps), desc=f"{self.label} D/G steps", unit="step", disable=not self.progress,
                    leave=False)
-        for _ in bar:
+        for t in bar:
             # --- D step: one DP-SGD release on a Poisson batch ------------------------------------
             mask = torch.rand(n, generator=sampler) < rs.sample_rate  # (N,) Bernoulli(q)
             idx = mask.nonzero().squeeze(1).to(self.device)
             xb, yb = self.x[idx], self.y[idx]  # (b, C, H, W), (b,)
             b = len(idx)
+            gen.eval()
             with torch.no_grad():
                 fake = gen(gen.sample_latent(b, device=self.device), yb) if b else xb
+            gen.train()
             opt_d.zero_grad(set_to_none=True)
             if b:
-                real_logits = d_model(xb, yb)
-                fake_logits = d_model(fake, yb)
-                loss_d = (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits), reduction="sum")
-                          + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits), reduction="sum"))
+                # Row i of both passes is summed by Opacus: record i's sample is (real_i, fake_i with
+                # label y_i), clipped jointly, so the sensitivity stays C.
+                real_adv, real_cls = d_model(xb, yb)
+                fake_adv, _ = d_model(fake, yb)
+                loss_d = (F.binary_cross_entropy_with_logits(real_adv, torch.ones_like(real_adv), reduction="sum")
+                          + F.binary_cross_entropy_with_logits(fake_adv, torch.zeros_like(fake_adv), reduction="sum"))
+                if rs.ac_weight > 0:
+                    loss_d = loss_d + rs.ac_weight * F.cross_entropy(real_cls, yb, reduction="sum")
                 loss_d.backward()
-                d_losses.append(loss_d.item() / b)
+                d_losses.append(float(loss_d) / b)
+                d_acc.append(float((real_cls.argmax(1) == yb).float().mean()))
             elif private:
                 # An empty Poisson batch still releases pure noise; give every parameter a zero-row
                 # per-sample gradient so the optimizer adds it (skipping would reveal the batch was empty).
@@ -141,22 +165,33 @@ class LocalGanTrainer:
                 opt_d.step()
             opt_d.zero_grad(set_to_none=True)  # also clears grad_sample before the G pass
 
-            # --- G step: through D with hooks off and D frozen ------------------------------------
+            if (t + 1) % n_d:
+                continue
+            # --- G step(s): through D with hooks off and D frozen; labels drawn uniformly ---------
             if private:
                 d_model.disable_hooks()
             for p in disc.parameters():
                 p.requires_grad_(False)
-            yg = torch.randint(0, self.shape.num_classes, (expected_batch,), device=self.device)
-            logits = disc(gen(gen.sample_latent(expected_batch, device=self.device), yg), yg)
-            loss_g = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            opt_g.step()
+            for _ in range(n_g):
+                yg = torch.randint(0, k, (g_batch,), device=self.device)
+                adv, cls = disc(gen(gen.sample_latent(g_batch, device=self.device), yg), yg)
+                loss_g = F.binary_cross_entropy_with_logits(adv, torch.ones_like(adv))
+                if rs.ac_weight > 0:
+                    loss_g = loss_g + rs.ac_weight * F.cross_entropy(cls, yg)
+                opt_g.zero_grad(set_to_none=True)
+                loss_g.backward()
+                opt_g.step()
+                g_updates += 1
+                if ema is not None:
+                    decay = min(rs.ema, (1 + g_updates) / (10 + g_updates))
+                    with torch.no_grad():
+                        for e, p in zip(ema, gen.parameters()):
+                            e.lerp_(p.detach(), 1 - decay)
+                g_losses.append(float(loss_g))
             for p in disc.parameters():
                 p.requires_grad_(True)
             if private:
                 d_model.enable_hooks()
-            g_losses.append(loss_g.item())
             if d_losses:
                 bar.set_postfix(d=f"{d_losses[-1]:.3f}", g=f"{g_losses[-1]:.3f}")
 
@@ -164,10 +199,16 @@ class LocalGanTrainer:
             d_model._close()  # remove Opacus hooks; `disc` is the plain module again
         self._save_state({"disc": disc.state_dict(), "opt_d": opt_d_inner.state_dict(),
                           "opt_g": opt_g.state_dict(), "steps": total_steps + rs.steps})
+        if ema is not None:
+            with torch.no_grad():
+                for e, p in zip(ema, gen.parameters()):
+                    p.copy_(e)
         metrics = {
             "d-loss": float(np.mean(d_losses)) if d_losses else 0.0,
             "g-loss": float(np.mean(g_losses)) if g_losses else 0.0,
+            "d-real-class-acc": float(np.mean(d_acc[-50:])) if d_acc else 0.0,
             "local-steps": rs.steps,
+            "g-steps": g_updates,
             "train-seconds": time.perf_counter() - start,
         }
         out = {k: v.detach().cpu() for k, v in gen.state_dict().items()}

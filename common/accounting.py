@@ -120,7 +120,7 @@ def _rdp_curve_one_step(noise_multiplier: float, sample_rate: float) -> np.ndarr
 
 
 def _check_delta(delta: float) -> None:
-    if not (isinstance(delta, (int, float)) and 0.0 < delta < 1.0):
+    if not (isinstance(delta, numbers.Real) and 0.0 < delta < 1.0):
         raise ValueError(f"delta must be in (0, 1), got {delta!r}; use default_delta(n) for n records")
 
 
@@ -179,9 +179,9 @@ def calibrate_noise_multiplier(
     _check_delta(delta)
     if target_epsilon == math.inf:
         return 0.0
-    if not (isinstance(target_epsilon, (int, float)) and target_epsilon > 0 and math.isfinite(target_epsilon)):
+    if not (isinstance(target_epsilon, numbers.Real) and target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise ValueError(f"target_epsilon must be > 0 (or math.inf for no privacy), got {target_epsilon!r}")
-    if not (isinstance(sample_rate, (int, float)) and 0.0 < sample_rate <= 1.0):
+    if not (isinstance(sample_rate, numbers.Real) and 0.0 < sample_rate <= 1.0):
         raise ValueError(f"sample_rate must be in (0, 1] to calibrate noise for it, got {sample_rate!r}")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1 to calibrate noise for it, got {steps!r}")

@@ -245,6 +245,7 @@ class MemorizationResult:
     alpha: float
     train_index: np.ndarray  # (reference_size,) rows of ``train`` in the equal-size subsample
     heldout_index: np.ndarray  # (reference_size,) rows of ``heldout`` in the equal-size subsample
+    nearest_train: np.ndarray  # (S,) row of ``train`` nearest to each synthetic record
     tests: dict = field(default_factory=dict)
 
     @property
@@ -352,7 +353,7 @@ def memorization_test(
     ho_sub = ho[ho_idx]
 
     # Whole training set: synthetic -> train (near-copies) and held-out -> train (calibration) at once.
-    d_all, _ = nearest_neighbors(np.concatenate([s, ho_sub]), tr, metric=metric, device=device)
+    d_all, idx_all = nearest_neighbors(np.concatenate([s, ho_sub]), tr, metric=metric, device=device)
     d_train_all, calibration = d_all[: len(s)], d_all[len(s) :]
     if n_ref == len(tr):
         d_train = d_train_all
@@ -388,6 +389,7 @@ def memorization_test(
         alpha=alpha,
         train_index=tr_idx,
         heldout_index=ho_idx,
+        nearest_train=idx_all[: len(s)],
         tests=_two_sample_tests(d_train, d_heldout),
     )
 
@@ -645,6 +647,8 @@ def site_audit_summary(
         "membership_inference": mia.summary(),
     }
     if similarity:
-        sim = similarity_to_nearest(synth_sub, train, device=device)
+        # Nearest training image by pixel MSE (the memorization search found it when metric is mse).
+        nn_index = mem.nearest_train if metric == "mse" else None
+        sim = similarity_to_nearest(synth_sub, train, nn_index=nn_index, device=device)
         out["similarity"] = sim.summary(include_extremes=include_extremes)
     return out

@@ -62,10 +62,27 @@ def build_run_config(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_mapping(raw)
 
 
+def check_data(cfg: RunConfig, sites: int) -> None:
+    """Load the data and split it once before anything starts, so bad data fails fast and clearly."""
+    from common.data import describe, load_dataset
+    from common.partition import parse_partition, partition_indices
+
+    data = load_dataset(cfg.data, "train", image_size=cfg.image_size or None, label_from=cfg.label_from or None)
+    scheme, alpha = parse_partition(cfg.partition)
+    try:
+        partition_indices(data.labels, sites, scheme, alpha, seed=cfg.seed)
+    except ValueError as err:
+        raise ConfigError(f"cannot split {len(data)} records over {sites} sites with '{cfg.partition}': {err}") from None
+    logging.getLogger("fedsynth").info("data: %s", describe(data))
+    if cfg.test_data:
+        load_dataset(cfg.test_data, "test", image_size=cfg.image_size or None, label_from=cfg.label_from or None)
+
+
 def simulate(cfg: RunConfig, sites: int, engine: str = "inprocess", progress: bool = True) -> dict:
     """Run one synthesis over ``sites`` virtual sites; returns the report."""
     if sites < 1:
         raise ConfigError(f"--sites must be >= 1, got {sites}")
+    check_data(cfg, sites)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if engine == "flower":
         from fedsynth.flower_sim import run_flower_simulation

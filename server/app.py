@@ -71,7 +71,9 @@ def discover_sites(grid: Grid, cfg: RunConfig) -> tuple[dict[int, SiteRecord], t
                     group_id="info", ttl=cfg.round_timeout + 60) for n in nodes]
     ex = send_collect(grid, msgs, cfg.round_timeout)
     if not ex.ok:
-        raise RunFailed("no site answered the schema query; check the sites' logs (data path, config)")
+        reasons = "; ".join((r.error.reason or "").strip()[:300] for r in ex.errors[:3])
+        raise RunFailed("no site answered the schema query; check the sites' logs (data path, config)"
+                        + (f". Sites said: {reasons}" if reasons else ""))
     schemas = {}
     sites: dict[int, SiteRecord] = {}
     for reply in ex.ok:

@@ -156,7 +156,7 @@ def test_clipping_bounds_one_records_contribution(digits: ImageDataset) -> None:
     unclipped = _scaled_vector(exact_class_sums(net, extreme, num_classes=10), clip, a) \
         - _scaled_vector(exact_class_sums(net, base, num_classes=10), clip, a)
     assert np.linalg.norm(unclipped) > 10 * release_sensitivity(a)
-    # and every record, not just this one, stays within its per-layer share of the bound
+    # and every record, not just this one, stays within the bound on its own
     for i in range(len(base)):
         one = exact_class_sums(net, base.subset([i]), num_classes=10, clip_bound=clip)
         assert np.linalg.norm(_scaled_vector(one, clip, a)) <= release_sensitivity(a) * (1 + 1e-9)

@@ -146,10 +146,18 @@ def test_evaluate_synthetic_flags_a_copied_training_set(tmp_path: Path, digits) 
 
 def test_evaluate_without_train_skips_baseline_and_audits(tmp_path: Path, digits) -> None:
     train, test = digits
-    report = evaluate.evaluate_synthetic(train.subset(np.arange(200)), test, out_dir=tmp_path,
+    synthetic = train.subset(np.arange(200))
+    report = evaluate.evaluate_synthetic(synthetic, test, out_dir=tmp_path / "a",
                                          learner=LearnerConfig(epochs=1), device="cpu")
     assert "audits" not in report and "real_accuracy" not in report["utility"]
     assert any("--train" in n for n in report["notes"])
+    # A real baseline from an earlier evaluation is reused instead of retrained.
+    baseline = {"accuracy": 0.5, "per_class_accuracy": [0.5] * 10, "mcc": 0.4, "confusion": [], "num_test": 1}
+    reused = evaluate.evaluate_synthetic(synthetic, test, out_dir=tmp_path / "b", learner=LearnerConfig(epochs=1),
+                                         device="cpu", real_result=baseline)
+    assert reused["utility"]["real_accuracy"] == 0.5
+    assert reused["utility"]["ratio"] == pytest.approx(reused["utility"]["tstr_accuracy"] / 0.5)
+    assert "train_learner_real" not in reused["timings"] and reused["real_baseline"] == baseline
 
 
 def test_evaluate_rejects_mismatched_shapes(tmp_path: Path, digits) -> None:

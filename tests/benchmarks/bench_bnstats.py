@@ -78,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--tag", default="", help="suffix of the result file name")
     p.add_argument("--progress", action="store_true", help="show the synthesis progress bar")
+    p.add_argument("--save-net", default="", help="save the federated shared net here (for tuning)")
+    p.add_argument("--load-net", default="", help="skip federated training: load this net (its budget plan "
+                   "must match the run's flags; for tuning synthesis only)")
     return p.parse_args(argv)
 
 
@@ -137,7 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     net = BNNet(c, k, s, args.width).to(dev)
     t0 = time.perf_counter()
-    for rnd in range(args.rounds):
+    if args.load_net:
+        net.load_state_dict(torch.load(args.load_net))
+    for rnd in range(0 if args.load_net else args.rounds):
         states, losses = [], []
         for i, (ds, plan) in enumerate(zip(sites, plans)):
             local = copy.deepcopy(net)
@@ -151,6 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"shared-net test acc {net_accuracy(net, test):.4f}", flush=True)
     train_seconds = time.perf_counter() - t0
     net.eval()
+    if args.save_net:
+        torch.save(net.state_dict(), args.save_net)
 
     # 4. statistics release and synthesis
     clip = math.inf if math.isinf(args.epsilon) else args.clip

@@ -2,7 +2,7 @@
 
 Standalone (not collected by pytest)::
 
-    .venv/bin/python tests/benchmarks/bench_evaluate.py [--synthetic RUN_DIR_OR_NPZ] [--epochs 3]
+    .venv/bin/python tests/benchmarks/bench_evaluate.py [--synthetic RUN_DIR_OR_NPZ] [--epochs 1] [--threads 1]
 
 Without ``--synthetic`` the stand-in synthetic set is a noisy copy (Gaussian sigma 0.15, clipped) of
 the 10,000 real MNIST *test* images, labelled with their true labels: timing is what this measures,
@@ -48,8 +48,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--synthetic", type=Path, default=None, help="a run folder or synthetic .npz (optional)")
     parser.add_argument("--count", type=int, default=10_000, help="synthetic images (stand-in only)")
-    parser.add_argument("--epochs", type=int, default=3, help="central learner epochs (both learners)")
-    parser.add_argument("--max-audit-records", type=int, default=5000)
+    parser.add_argument("--epochs", type=int, default=1, help="central learner epochs (both learners)")
+    parser.add_argument("--max-audit-records", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the dev box is shared)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default: a temporary folder)")
