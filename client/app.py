@@ -21,11 +21,12 @@ from flwr.clientapp import ClientApp
 
 from client.dpgan import LocalGanTrainer, RoundSettings
 from client.ledger import BudgetExceeded, PrivacyLedger
-from client.site import SiteSettings, ledger_path, load_site_data, resolve_site, site_delta
+from client.site import SiteSettings, ledger_path, load_site_data, load_site_heldout, resolve_site, site_delta
 from common import protocol as P
 from common.accounting import BudgetTooSmall, DPEvent, calibrate_noise_multiplier, epsilon_for
 from common.data import DataError, ImageDataset
 from common.device import pick_device
+from common.learner import build_learner, evaluate_learner
 from common.models import GanShape
 
 log = logging.getLogger("fedsynth.site")
@@ -215,3 +216,32 @@ def info(msg: Message, context: Context) -> Message:
     rec = ConfigRecord({"site-name": site.name, "channels": c, "height": h, "width": w,
                         "classes": list(data.classes)})
     return Message(RecordDict({P.REPLY_INFO: rec}), reply_to=msg)
+
+
+@app.evaluate("classifier")
+def evaluate_classifier(msg: Message, context: Context) -> Message:
+    """Score the central classifier on the site's own held-out records; reply with metrics only."""
+    site = resolve_site(context.node_config, context.run_config)
+    try:
+        cfg = _request_config(msg, P.EVAL_REQUEST_KEYS)
+        try:
+            heldout = load_site_heldout(site)
+        except DataError as err:
+            raise Refusal(P.SITE_FAILURE, f"cannot load the site's held-out data: {err}") from None
+        if heldout is None or len(heldout) == 0:
+            raise Refusal(P.REFUSED_NOT_ALLOWED, "this site has no held-out data configured (heldout_path)")
+        shape = (int(cfg["channels"]), int(cfg["height"]), int(cfg["width"]))
+        if shape != heldout.image_shape or int(cfg["num-classes"]) != heldout.num_classes:
+            raise Refusal(P.REFUSED_BAD_REQUEST, f"classifier expects {shape} images in {cfg['num-classes']} "
+                                                 f"classes; held-out data is {heldout.image_shape}, {heldout.num_classes}")
+        model = build_learner(str(cfg["learner"]), shape, int(cfg["num-classes"]))
+        try:
+            model.load_state_dict(msg.content.array_records[P.REQ_CLASSIFIER].to_torch_state_dict())
+        except (KeyError, RuntimeError) as err:
+            raise Refusal(P.REFUSED_BAD_REQUEST, f"the classifier sent does not match '{cfg['learner']}': {err}") from None
+        acc = evaluate_learner(model, heldout, device="cpu")["accuracy"]
+        log.info("[%s] central classifier on %d held-out records: accuracy %.4f", site.name, len(heldout), acc)
+        return Message(RecordDict({P.REPLY_METRICS: MetricRecord({"num-test": len(heldout), "accuracy": acc})}),
+                       reply_to=msg)
+    except Refusal as err:
+        return _refuse(msg, site.name, err)

@@ -148,11 +148,12 @@ class LocalGanTrainer:
                 # Row i of both passes is summed by Opacus: record i's sample is (real_i, fake_i with
                 # label y_i), clipped jointly, so the sensitivity stays C.
                 real_adv, real_cls = d_model(xb, yb)
-                fake_adv, _ = d_model(fake, yb)
+                fake_adv, fake_cls = d_model(fake, yb)
                 loss_d = (F.binary_cross_entropy_with_logits(real_adv, torch.ones_like(real_adv), reduction="sum")
                           + F.binary_cross_entropy_with_logits(fake_adv, torch.zeros_like(fake_adv), reduction="sum"))
-                if rs.ac_weight > 0:
-                    loss_d = loss_d + rs.ac_weight * F.cross_entropy(real_cls, yb, reduction="sum")
+                # Every head's output must enter the backward of both passes, or Opacus' per-layer
+                # activation stacks get out of step; the unused fake class logits enter with weight 0.
+                loss_d = loss_d + rs.ac_weight * F.cross_entropy(real_cls, yb, reduction="sum") + 0.0 * fake_cls.sum()
                 loss_d.backward()
                 d_losses.append(float(loss_d) / b)
                 d_acc.append(float((real_cls.argmax(1) == yb).float().mean()))

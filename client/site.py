@@ -38,6 +38,8 @@ class SiteSettings:
     epsilon_budget: float  # the site's total budget for this dataset
     delta: float  # 0 = default for the dataset size
     audits: bool
+    heldout: str = ""  # the site's own held-out records (for evaluation and audits); "" = none
+    heldout_split: str = "test"
 
 
 def _get(cfg: Mapping[str, Any], key: str, default: Any) -> Any:
@@ -62,6 +64,7 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
             partition_id=None, num_partitions=None, partition="iid", seed=0,
             state_dir=Path(str(state_dir)), epsilon_budget=float(node_config["epsilon"]),
             delta=float(_get(node_config, "delta", 0.0)), audits=bool(_get(node_config, "audits", True)),
+            heldout=str(_get(node_config, "heldout-path", "")), heldout_split=str(_get(node_config, "heldout-split", "test")),
         )
     if "partition-id" not in node_config:
         raise ValueError("node config has neither 'data-path' (deployment) nor 'partition-id' (simulation); "
@@ -73,7 +76,8 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
         image_size=run.image_size, label_from=run.label_from, partition_id=pid, num_partitions=count,
         partition=run.partition, seed=run.seed,
         state_dir=Path(str(_get(node_config, "state-dir", Path(root) / f"site-{pid}"))),
-        epsilon_budget=float(_get(node_config, "epsilon", run.epsilon)), delta=run.delta, audits=True,
+        epsilon_budget=float(_get(node_config, "epsilon", run.epsilon)), delta=run.delta,
+        audits=bool(_get(node_config, "audits", True)), heldout=run.test_data,
     )
 
 
@@ -91,6 +95,18 @@ def load_site_data(site: SiteSettings) -> ImageDataset:
     parts = partition_indices(data.labels, site.num_partitions, scheme, alpha, seed=site.seed)
     if not 0 <= site.partition_id < len(parts):
         raise DataError(f"partition-id {site.partition_id} is outside 0..{len(parts) - 1}")
+    return data.subset(parts[site.partition_id])
+
+
+def load_site_heldout(site: SiteSettings) -> ImageDataset | None:
+    """The site's held-out records (never trained on): its partition of the test split in simulation."""
+    if not site.heldout:
+        return None
+    data = _load_cached(site.heldout, site.heldout_split, site.image_size, site.label_from)
+    if site.partition_id is None:
+        return data
+    scheme, alpha = parse_partition(site.partition)
+    parts = partition_indices(data.labels, site.num_partitions, scheme, alpha, seed=site.seed, min_size=1)
     return data.subset(parts[site.partition_id])
 
 

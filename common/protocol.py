@@ -18,6 +18,8 @@ import numpy as np
 # ---- message types --------------------------------------------------------------------------------
 TRAIN_GAN = "train.gan"  # coordinator -> site: global generator in, locally trained generator out
 QUERY_INFO = "query.info"  # coordinator -> site: the data schema (image shape, class names), no records
+EVALUATE_CLASSIFIER = "evaluate.classifier"  # central classifier in, metrics on the site's held-out data out
+QUERY_AUDIT = "query.audit"  # synthetic sample in, aggregate privacy diagnostics on the site's data out
 
 # ---- record keys in requests (coordinator -> site) --------------------------------------------------
 REQ_CONFIG = "config"  # ConfigRecord: the request's settings (see GAN_REQUEST_KEYS)
@@ -31,6 +33,11 @@ GAN_REQUEST_KEYS = (
     # GAN shape (must match the site's data and the generator sent)
     "channels", "image-size", "num-classes", "latent-dim", "width",
 )
+
+REQ_CLASSIFIER = "classifier"  # ArrayRecord: the central learner's state_dict
+REQ_SYNTHETIC = "synthetic"  # ArrayRecord: "images" (N, C, H, W) float32 and "labels" (N,) int64 to audit
+EVAL_REQUEST_KEYS = ("learner", "channels", "height", "width", "num-classes")
+AUDIT_REQUEST_KEYS = ("max-records", "seed")
 
 # ---- record keys in replies (site -> coordinator) ---------------------------------------------------
 REPLY_GENERATOR = "generator"  # ArrayRecord: exactly the generator's parameters, float32, finite
@@ -54,6 +61,16 @@ GAN_REPLY_METRICS: dict[str, str] = {
 # agree on it), never record-level data and never class counts.
 REPLY_INFO = "info"
 INFO_KEYS = ("site-name", "channels", "height", "width", "classes")
+
+
+# evaluate.classifier reply: a MetricRecord "metrics" with only these numbers (no per-record output)
+EVAL_REPLY_METRICS: dict[str, str] = {
+    "num-test": "number of the site's held-out records evaluated (FedAvg-style weight)",
+    "accuracy": "accuracy of the central classifier on them",
+}
+# query.audit reply: a ConfigRecord "diagnostic" of aggregate numbers and fixed-bin histogram counts,
+# flattened to "<section>.<name>" keys (see common.audits.site_audit_summary); never per-record values.
+REPLY_DIAGNOSTIC = "diagnostic"
 
 
 @dataclass(frozen=True)

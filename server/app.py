@@ -27,6 +27,7 @@ from common.device import pick_device
 from common.learner import evaluate_learner, train_learner
 from common.models import GanShape, Generator
 from server.aggregate import accept_gan_reply, weighted_average
+from server.federated_eval import federated_evaluate
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.report import privacy_statement, write_report
 from server.rounds import quorum_size, send_collect
@@ -224,6 +225,9 @@ def run_coordinator(grid: Grid, context: Context) -> dict:
                             "real_mcc": real_res["mcc"],
                             "ratio": res["accuracy"] / real_res["accuracy"] if real_res["accuracy"] else float("nan")})
             log.info("same learner on the real pooled data: %.4f (ratio %.3f)", real_res["accuracy"], utility["ratio"])
+    with _timed(timings, "federated_evaluation"):
+        fed_eval = federated_evaluate(grid, model, learner_cfg.name, (c, h, w), len(classes),
+                                      {n: s.name for n, s in sites.items()}, cfg.round_timeout)
     timings["total"] = time.perf_counter() - t_start
     site_rows = [{"name": s.name, "node_id": s.node_id, "epsilon": s.epsilon, "delta": s.delta,
                   "examples": s.examples, "bytes_sent": s.bytes_sent, "rounds_ok": s.rounds_ok,
@@ -233,7 +237,7 @@ def run_coordinator(grid: Grid, context: Context) -> dict:
         "mode": cfg.mode, "private": cfg.private, "epsilon_target": cfg.epsilon, "delta": cfg.delta,
         "privacy_statement": privacy_statement(cfg.private, cfg.epsilon, site_rows),
         "experiment": experiment, "num_rounds": cfg.num_rounds, "rounds": history, "sites": site_rows,
-        "utility": utility, "synthetic": synth_info, "timings": timings, "config": cfg.to_flwr(),
+        "utility": utility, "federated_evaluation": fed_eval, "synthetic": synth_info, "timings": timings, "config": cfg.to_flwr(),
         "device": str(device),
     }
     write_report(report, out_dir)

@@ -56,3 +56,19 @@ def test_real_baseline_and_ratio(tmp_path):
     u = report["utility"]
     assert u["real_accuracy"] > 0.8  # a CNN on real digits, even briefly trained
     assert math.isclose(u["ratio"], u["tstr_accuracy"] / u["real_accuracy"])
+
+
+def test_federated_evaluation_returns_only_metrics_from_site_heldout_data(tmp_path):
+    from common import protocol as P
+
+    seen = []
+    report = run(fast_config(tmp_path, num_rounds=1), k=3, tap=seen.append)
+    fed = report["federated_evaluation"]
+    assert [r["name"] for r in fed["sites"]] == ["site-1", "site-2", "site-3"]
+    assert fed["num_test"] == 359  # the digits test split, partitioned over the sites
+    assert abs(fed["accuracy"] - report["utility"]["tstr_accuracy"]) < 1e-9  # same classifier, same records
+    evals = [m for m in seen if m.metadata.message_type == P.EVALUATE_CLASSIFIER]
+    assert len(evals) == 3
+    for reply in evals:
+        assert set(reply.content.keys()) == {P.REPLY_METRICS}
+        assert set(reply.content.metric_records[P.REPLY_METRICS].keys()) == set(P.EVAL_REPLY_METRICS)
