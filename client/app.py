@@ -245,3 +245,40 @@ def evaluate_classifier(msg: Message, context: Context) -> Message:
                        reply_to=msg)
     except Refusal as err:
         return _refuse(msg, site.name, err)
+
+
+@app.query("audit")
+def audit(msg: Message, context: Context) -> Message:
+    """Privacy diagnostics of a synthetic sample against this site's records: aggregates only.
+
+    Switchable off in the site config (``audits: false``). The reply is labelled a diagnostic: it is
+    computed on private data without DP noise, which is why it carries only means, test statistics,
+    AUCs, counts and fixed-bin histograms (``common.audits.site_audit_summary``).
+    """
+    from common.audits import site_audit_summary
+
+    site = resolve_site(context.node_config, context.run_config)
+    try:
+        if not site.audits:
+            raise Refusal(P.REFUSED_NOT_ALLOWED, "privacy audits are switched off in this site's config")
+        cfg = _request_config(msg, P.AUDIT_REQUEST_KEYS)
+        try:
+            data, heldout = load_site_data(site), load_site_heldout(site)
+        except DataError as err:
+            raise Refusal(P.SITE_FAILURE, f"cannot load the site's data: {err}") from None
+        if heldout is None or len(heldout) < 2:
+            raise Refusal(P.REFUSED_NOT_ALLOWED, "this site has no held-out data configured (heldout_path)")
+        rec = msg.content.array_records.get(P.REQ_SYNTHETIC)
+        if rec is None or "images" not in rec:
+            raise Refusal(P.REFUSED_BAD_REQUEST, "request carries no synthetic images")
+        synth = rec["images"].numpy()
+        if synth.ndim != 4 or synth.shape[1:] != data.image_shape or synth.dtype != "float32":
+            raise Refusal(P.REFUSED_BAD_REQUEST, f"synthetic images must be float32 (N, {data.image_shape}), "
+                                                 f"got {synth.dtype} {synth.shape}")
+        summary = site_audit_summary(synth, data.images, heldout.images, max_records=int(cfg["max-records"]),
+                                     seed=int(cfg["seed"]), device="cpu")
+        log.info("[%s] audit: membership AUC %.3f, near-copies %s", site.name,
+                 summary["membership_inference"]["auc"], summary["memorization"]["near_copies"]["count"])
+        return Message(RecordDict({P.REPLY_DIAGNOSTIC: ConfigRecord(P.flatten_diagnostic(summary))}), reply_to=msg)
+    except Refusal as err:
+        return _refuse(msg, site.name, err)

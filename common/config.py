@@ -64,6 +64,8 @@ class RunConfig:
     learner_lr: float = 2e-3
     learner_batch_size: int = 128
     real_baseline: bool = True  # also train the learner on the real pooled data (simulation only)
+    audits: bool = True  # ask sites for privacy diagnostics of the synthetic set (aggregates only)
+    audit_records: int = 1000  # synthetic images sent to each site for its audit
 
     # ------------------------------------------------------------------------------------------------
     @classmethod
@@ -114,6 +116,7 @@ class RunConfig:
         need(self.gan_max_grad_norm > 0, f"gan-max-grad-norm must be > 0, got {self.gan_max_grad_norm}")
         need(self.gan_lr_d > 0 and self.gan_lr_g > 0, "gan-lr-d and gan-lr-g must be > 0")
         need(self.gan_latent_dim >= 1 and self.gan_width >= 4, "gan-latent-dim >= 1 and gan-width >= 4")
+        need(self.audit_records >= 2, f"audit-records must be >= 2, got {self.audit_records}")
         need(self.synthetic_size >= 1, f"synthetic-size must be >= 1, got {self.synthetic_size}")
         need(self.image_size == 0 or self.image_size >= 8, f"image-size must be 0 or >= 8, got {self.image_size}")
         need(self.label_from in ("", "utkface-gender", "utkface-race"),

@@ -125,3 +125,37 @@ SITE_FAILURE = 4004  # the site could not do the work (bad local data, internal 
 
 REFUSAL_NAMES = {REFUSED_BUDGET: "over budget", REFUSED_BAD_REQUEST: "bad request",
                  REFUSED_NOT_ALLOWED: "not allowed", SITE_FAILURE: "site failure"}
+
+
+def flatten_diagnostic(tree: Mapping, prefix: str = "") -> dict:
+    """Nested dict of scalars / lists of scalars -> flat {"a.b.c": value} a ConfigRecord can carry.
+
+    None becomes the string "none" (ConfigRecord has no null); NaN floats stay NaN.
+    """
+    flat: dict = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_diagnostic(value, name + "."))
+        elif isinstance(value, (list, tuple)):
+            flat[name] = [float(v) if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
+                          else str(v) for v in value]
+        elif value is None:
+            flat[name] = "none"
+        elif isinstance(value, (bool, str)):
+            flat[name] = value
+        else:
+            flat[name] = float(value)
+    return flat
+
+
+def unflatten_diagnostic(flat: Mapping) -> dict:
+    """Inverse of :func:`flatten_diagnostic` (numbers come back as floats, "none" as None)."""
+    tree: dict = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = None if value == "none" else (list(value) if isinstance(value, (list, tuple)) else value)
+    return tree

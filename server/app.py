@@ -28,6 +28,7 @@ from common.learner import evaluate_learner, train_learner
 from common.models import GanShape, Generator
 from server.aggregate import accept_gan_reply, weighted_average
 from server.federated_eval import federated_evaluate
+from server.site_audits import request_site_audits
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.report import privacy_statement, write_report
 from server.rounds import quorum_size, send_collect
@@ -228,6 +229,11 @@ def run_coordinator(grid: Grid, context: Context) -> dict:
     with _timed(timings, "federated_evaluation"):
         fed_eval = federated_evaluate(grid, model, learner_cfg.name, (c, h, w), len(classes),
                                       {n: s.name for n, s in sites.items()}, cfg.round_timeout)
+    audits: dict = {}
+    if cfg.audits:
+        with _timed(timings, "site_audits"):
+            audits = request_site_audits(grid, synth, {n: s.name for n, s in sites.items()},
+                                         max_records=cfg.audit_records, seed=cfg.seed, timeout=cfg.round_timeout)
     timings["total"] = time.perf_counter() - t_start
     site_rows = [{"name": s.name, "node_id": s.node_id, "epsilon": s.epsilon, "delta": s.delta,
                   "examples": s.examples, "bytes_sent": s.bytes_sent, "rounds_ok": s.rounds_ok,
@@ -237,7 +243,8 @@ def run_coordinator(grid: Grid, context: Context) -> dict:
         "mode": cfg.mode, "private": cfg.private, "epsilon_target": cfg.epsilon, "delta": cfg.delta,
         "privacy_statement": privacy_statement(cfg.private, cfg.epsilon, site_rows),
         "experiment": experiment, "num_rounds": cfg.num_rounds, "rounds": history, "sites": site_rows,
-        "utility": utility, "federated_evaluation": fed_eval, "synthetic": synth_info, "timings": timings, "config": cfg.to_flwr(),
+        "utility": utility, "federated_evaluation": fed_eval, "audits": audits,
+        "synthetic": synth_info, "timings": timings, "config": cfg.to_flwr(),
         "device": str(device),
     }
     write_report(report, out_dir)

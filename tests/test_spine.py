@@ -72,3 +72,31 @@ def test_federated_evaluation_returns_only_metrics_from_site_heldout_data(tmp_pa
     for reply in evals:
         assert set(reply.content.keys()) == {P.REPLY_METRICS}
         assert set(reply.content.metric_records[P.REPLY_METRICS].keys()) == set(P.EVAL_REPLY_METRICS)
+
+
+def test_site_audits_return_labelled_aggregates_and_can_be_switched_off(tmp_path):
+    from common import protocol as P
+    from tests.spine_helpers import nodes
+    from fedsynth.localgrid import run_inprocess
+    from client.app import app as client_app
+    from server.app import run_coordinator
+
+    seen = []
+    cfg = fast_config(tmp_path, num_rounds=1, audit_records=60)
+    site_nodes = nodes(2)
+    site_nodes[1]["audits"] = False  # this site's operator switched diagnostics off
+    report = run_inprocess(run_coordinator, client_app, cfg.to_flwr(), site_nodes, tap=seen.append)
+    audits = report["audits"]
+    assert [s["name"] for s in audits["sites"]] == ["site-1"]
+    assert "switched off" in audits["failed"]["site-2"]
+    site = audits["sites"][0]
+    assert site["kind"] == "diagnostic"
+    assert 0.0 <= site["membership_inference"]["auc"] <= 1.0
+    assert site["records"]["synthetic"] == 60
+    # no per-record values: every list in the reply is a fixed-size histogram or a CI/edges vector
+    reply = next(m for m in seen if m.metadata.message_type == P.QUERY_AUDIT and not m.has_error())
+    for key, value in reply.content.config_records[P.REPLY_DIAGNOSTIC].items():
+        if isinstance(value, list):
+            assert len(value) <= 41, key
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "Privacy audits" in html
