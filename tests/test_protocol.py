@@ -19,7 +19,17 @@ def test_only_generator_parameters_and_declared_metrics_leave_a_site(tmp_path):
     gan_replies = [m for m in seen if m.metadata.message_type == P.TRAIN_GAN]
     info_replies = [m for m in seen if m.metadata.message_type == P.QUERY_INFO]
     assert len(gan_replies) == 3 and len(info_replies) == 3
-    assert len(seen) == 9  # + 3 federated-evaluation replies (metrics only, checked in test_spine)
+    # nothing else was sent: one reply per site to each of the four message types
+    types = sorted(m.metadata.message_type for m in seen)
+    assert types == sorted([P.TRAIN_GAN, P.QUERY_INFO, P.EVALUATE_CLASSIFIER, P.QUERY_AUDIT] * 3)
+    for reply in seen:
+        if reply.metadata.message_type == P.EVALUATE_CLASSIFIER:
+            assert set(reply.content.keys()) == {P.REPLY_METRICS}
+            assert set(reply.content.metric_records[P.REPLY_METRICS].keys()) == set(P.EVAL_REPLY_METRICS)
+        if reply.metadata.message_type == P.QUERY_AUDIT:
+            assert set(reply.content.keys()) == {P.REPLY_DIAGNOSTIC}
+            assert not reply.content.array_records  # aggregates only, no arrays of records
+            assert reply.content.config_records[P.REPLY_DIAGNOSTIC]["kind"] == "diagnostic"
     for reply in gan_replies:
         assert not reply.has_error()
         content = reply.content
