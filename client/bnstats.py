@@ -35,12 +35,21 @@ The released arrays are U rescaled (post-processing, no privacy cost):
 (see :func:`release_noise_std`). With ``noise_multiplier=0`` and ``clip_bound=inf`` the release is
 the exact statistics (the non-private mode of seed 002).
 
+Optional public centre. On trained nets most of f_i is a component common to all records (e.g. on
+digits the per-class means differ by ~0.01-0.03 around values ~0.17), which a clip bound must cover.
+Given a public per-class reference r_k (e.g. from an earlier DP release, ``server.bnsynth.release_center``),
+the mechanism above is applied to f_i - r_{y_i} instead of f_i (same sensitivity, a much smaller C
+suffices), and the site adds count_k * r_k to the noisy centred sums: post-processing of released
+values, so no extra privacy cost, and the release keeps its meaning (sums in original units; the
+noise of the count cancels in sum / count for the r_k part).
+
 The class counts are private too (design.md): they are only released inside this mechanism.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -145,10 +154,13 @@ def exact_class_sums(
     clip_bound: float = math.inf,
     device: torch.device | str | None = None,
     batch_size: int = 512,
+    center: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """The release before noise (float64): counts and clipped per-class sums. Never send this.
 
-    Exposed for tests and site-side diagnostics; :func:`record_class_statistics` adds the noise.
+    With ``center`` the sums are of the clipped *centred* vectors clip(f_i - r_{y_i}) (the caller adds
+    count * r back after the noise). Exposed for tests and site-side diagnostics;
+    :func:`record_class_statistics` adds the noise.
     """
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
@@ -157,13 +169,19 @@ def exact_class_sums(
     layers = list(channels)
     labels = np.asarray(dataset.labels, dtype=np.int64)
     sums = {n: torch.zeros(num_classes, 2 * c, dtype=torch.float64, device=dev) for n, c in channels.items()}
+    ref = None if center is None else {  # (K, 2 C_l) per layer, same layout as the blocks
+        n: torch.as_tensor(np.concatenate([center[SUM_PREFIX + n], center[SUMSQ_PREFIX + n]], axis=1),
+                           dtype=torch.float64, device=dev) for n in layers}
     try:
         with capture_norm_inputs(model) as inputs:
             for start in range(0, len(labels), batch_size):
                 xb = torch.as_tensor(dataset.images[start:start + batch_size], dtype=torch.float32, device=dev)
                 yb = torch.as_tensor(labels[start:start + batch_size], device=dev)  # (B,)
                 model(xb)
-                blocks = clip_blocks(per_record_features(inputs, layers), clip_bound)
+                blocks = per_record_features(inputs, layers)
+                if ref is not None:
+                    blocks = {n: b - ref[n][yb] for n, b in blocks.items()}
+                blocks = clip_blocks(blocks, clip_bound)
                 for name in layers:
                     sums[name].index_add_(0, yb, blocks[name])  # (K, 2 C_l) += rows by class
     finally:
@@ -187,6 +205,7 @@ def record_class_statistics(
     batch_size: int = 512,
     num_classes: int | None = None,
     count_weight: float = 0.5,
+    center: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """The DP release of the site's class-wise norm-input statistics (keys and math: module docstring).
 
@@ -194,6 +213,8 @@ def record_class_statistics(
     ``num_classes`` defaults to the net's. ``seed=None`` draws the noise from OS entropy (production);
     a fixed seed makes the noise reproducible (tests, benchmarks only).
     ``noise_multiplier=0`` with ``clip_bound=math.inf`` gives the exact, non-private statistics.
+    ``center``: optional public per-class reference, keys "sum/<layer>" and "sumsq/<layer>" with
+    shapes (K, C_l) holding reference per-record means and mean squares (module docstring).
     Returns float32 arrays, exactly the keys of :func:`expected_release_keys`.
     """
     if num_classes is None:
@@ -202,14 +223,28 @@ def record_class_statistics(
             raise ValueError("pass num_classes: the model has no .shape to take it from")
         num_classes = shape.num_classes
     _check_args(model, dataset, num_classes, clip_bound, noise_multiplier, count_weight, batch_size)
+    if center is not None:
+        _check_center(center, expected_release_keys(model, num_classes))
     exact = exact_class_sums(model, dataset, num_classes=num_classes, clip_bound=clip_bound,
-                             device=device, batch_size=batch_size)
-    if noise_multiplier == 0:
-        return {k: v.astype(RELEASE_DTYPE) for k, v in exact.items()}
+                             device=device, batch_size=batch_size, center=center)
     std = release_noise_std(noise_multiplier, clip_bound, count_weight)
     rng = np.random.default_rng(seed)
-    release: dict[str, np.ndarray] = {}
+    noisy: dict[str, np.ndarray] = {}
     for key, value in exact.items():  # dict order is fixed, so a seed fixes every coordinate's noise
         scale = std["count"] if key == COUNT_KEY else std["sum"]
-        release[key] = (value + rng.normal(0.0, scale, size=value.shape)).astype(RELEASE_DTYPE)
-    return release
+        noisy[key] = value + rng.normal(0.0, scale, size=value.shape) if scale > 0 else value
+    if center is not None:  # post-processing: add the public centre back, weighted by the noisy count
+        for key in noisy:
+            if key != COUNT_KEY:
+                noisy[key] = noisy[key] + noisy[COUNT_KEY][:, None] * np.asarray(center[key], dtype=np.float64)
+    return {k: v.astype(RELEASE_DTYPE) for k, v in noisy.items()}
+
+
+def _check_center(center: Mapping[str, np.ndarray], keys: dict[str, tuple[int, ...]]) -> None:
+    want = {k: v for k, v in keys.items() if k != COUNT_KEY}
+    if set(center) != set(want):
+        raise ValueError(f"center must have exactly the keys {sorted(want)}, got {sorted(center)}")
+    for k, shape in want.items():
+        arr = np.asarray(center[k])
+        if arr.shape != shape or not np.all(np.isfinite(arr)):
+            raise ValueError(f"center['{k}'] must be a finite array of shape {shape}, got {arr.shape}")

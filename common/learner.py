@@ -146,7 +146,7 @@ def train_learner(train: ImageDataset, cfg: LearnerConfig, *, device: torch.devi
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
             count += len(idx)
         bar.set_postfix(loss=f"{total / max(count, 1):.3f}")
     model.eval()

@@ -196,14 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="digits, 3 sites: DP vs no DP vs real data, in under 2 minutes")
     _add_run_args(p, demo=True)
     p.set_defaults(func=cmd_demo)
-    try:
-        from fedsynth import evaluate as evaluate_cmd
+    from fedsynth import evaluate as evaluate_cmd
 
-        p = sub.add_parser("evaluate", help="train the central learner on a synthetic set, test on real data, audit privacy")
-        evaluate_cmd.add_arguments(p)
-        p.set_defaults(func=lambda a: evaluate_cmd.main(a))
-    except (ImportError, AttributeError):
-        pass
+    p = sub.add_parser("evaluate", help="train the central learner on a synthetic set, test on real data, audit privacy")
+    evaluate_cmd.add_arguments(p)
+    p.set_defaults(func=evaluate_cmd.main)
     return parser
 
 

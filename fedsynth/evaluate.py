@@ -35,7 +35,7 @@ import torch
 from common.audits import site_audit_summary
 from common.data import DataError, ImageDataset, load_dataset
 from common.device import pick_device
-from common.learner import LearnerConfig, evaluate_learner, extract_features, train_learner
+from common.learner import LEARNERS, LearnerConfig, evaluate_learner, extract_features, train_learner
 from server.report_html import render_report, save_class_grid
 
 # Keys of a run's report.json that describe the run (not this evaluation) and are carried over.
@@ -217,10 +217,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-split", default="train", help="split of --train to use (default: train)")
     parser.add_argument("--out", required=True, type=Path, help="output folder for report.json and report.html")
     defaults = LearnerConfig()
-    parser.add_argument("--learner", default=defaults.name, help=f"central learner (default: {defaults.name})")
-    parser.add_argument("--learner-epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--learner-lr", type=float, default=defaults.lr)
-    parser.add_argument("--learner-batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--learner", default=defaults.name, choices=LEARNERS,
+                        help=f"central learner, the same for synthetic and real data (default: {defaults.name})")
+    parser.add_argument("--learner-epochs", type=int, default=defaults.epochs,
+                        help=f"training epochs of the learner (default: {defaults.epochs})")
+    parser.add_argument("--learner-lr", type=float, default=defaults.lr,
+                        help=f"learning rate (default: {defaults.lr:g})")
+    parser.add_argument("--learner-batch-size", type=int, default=defaults.batch_size,
+                        help=f"batch size (default: {defaults.batch_size})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the learner and the audits")
     parser.add_argument("--no-audits", action="store_true", help="skip the privacy audits")
     parser.add_argument("--max-audit-records", type=int, default=2000,
@@ -229,7 +233,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _synthetic_path(arg: Path) -> tuple[Path, dict | None]:
+def resolve_synthetic(arg: Path) -> tuple[Path, dict | None]:
     """Resolve --synthetic to the npz file and the run's report.json (if beside it)."""
     if arg.is_dir():
         npz = arg / "synthetic.npz"
@@ -252,7 +256,7 @@ def _synthetic_path(arg: Path) -> tuple[Path, dict | None]:
 def main(args: argparse.Namespace) -> int:
     """Run ``fedsynth evaluate``; returns the process exit code (0 ok, 2 bad input)."""
     try:
-        npz, run_report = _synthetic_path(args.synthetic)
+        npz, run_report = resolve_synthetic(Path(args.synthetic))
         synthetic = load_dataset(npz, "train")  # save_npz stores the synthetic set as the 'train' split
         channels, height, width = synthetic.image_shape
         if height != width:
@@ -267,7 +271,7 @@ def main(args: argparse.Namespace) -> int:
     except (DataError, ValueError) as exc:
         print(f"fedsynth evaluate: {exc}", file=sys.stderr)
         return 2
-    report = evaluate_synthetic(synthetic, test, train=train, out_dir=args.out, learner=learner,
+    report = evaluate_synthetic(synthetic, test, train=train, out_dir=Path(args.out), learner=learner,
                                 audits=not args.no_audits, max_audit_records=args.max_audit_records,
                                 device=device, progress=not args.quiet, run_report=run_report, seed=args.seed)
     print(format_summary(report))

@@ -113,6 +113,21 @@ def pool_statistics(site_releases: Sequence[dict[str, np.ndarray]], *, min_count
                        clamped_classes=tuple(int(k) for k in low))
 
 
+def release_center(pooled: PooledStats) -> dict[str, np.ndarray]:
+    """A public per-class centre for a later, centred statistics release (``client.bnstats``).
+
+    Keys "sum/<layer>" (per-record mean reference) and "sumsq/<layer>" (per-record mean-of-squares
+    reference), (K, C_l) float32: the pooled class means and mean + variance. The spatial variance
+    inside a record is part of ``var``, so mean^2 + var is the class's average per-record mean of squares.
+    """
+    out: dict[str, np.ndarray] = {}
+    for name in pooled.layers:
+        m = pooled.mean[name]
+        out[SUM_PREFIX + name] = m.astype(np.float32)
+        out[SUMSQ_PREFIX + name] = (m * m + pooled.var[name]).astype(np.float32)
+    return out
+
+
 def total_variation(x: torch.Tensor) -> torch.Tensor:
     """Mean squared difference of neighbouring pixels of (B, C, H, W) images (a smoothness prior)."""
     return ((x[:, :, 1:, :] - x[:, :, :-1, :]) ** 2).mean() + ((x[:, :, :, 1:] - x[:, :, :, :-1]) ** 2).mean()

@@ -229,3 +229,40 @@ def test_dpsgd_rejects_batchnorm_and_wrong_shapes(digits: ImageDataset) -> None:
     with pytest.raises(ValueError, match="expects"):
         train_dpsgd_local(BNNet(1, 10, 28, 4), ds, noise_multiplier=1.0, sample_rate=0.1, steps=1,
                           max_grad_norm=1.0, lr=0.1)
+
+
+# ---- centred release ------------------------------------------------------------------------------
+
+def _center_of(net: BNNet, ds: ImageDataset, shift: float) -> dict[str, np.ndarray]:
+    """A (deliberately inexact) per-class centre: the exact class averages, shifted by ``shift``."""
+    exact = exact_class_sums(net, ds, num_classes=10)
+    n = np.maximum(exact[COUNT_KEY], 1)[:, None]
+    return {k: (v / n + shift).astype(np.float32) for k, v in exact.items() if k != COUNT_KEY}
+
+
+def test_centring_keeps_the_meaning_of_the_release(digits: ImageDataset) -> None:
+    """Without noise and clipping, a centred release equals the plain one (sums in original units)."""
+    net, ds = small_net(), digits.subset(np.arange(200))
+    plain = record_class_statistics(net, ds, clip_bound=math.inf, noise_multiplier=0.0)
+    centred = record_class_statistics(net, ds, clip_bound=math.inf, noise_multiplier=0.0,
+                                      center=_center_of(net, ds, 0.05))
+    for k in plain:
+        np.testing.assert_allclose(centred[k], plain[k], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="center must have exactly the keys"):
+        record_class_statistics(net, ds, clip_bound=1.0, noise_multiplier=1.0, center={"sum/x": np.zeros((10, 4))})
+
+
+def test_centring_shrinks_the_needed_clip_bound_and_keeps_the_sensitivity(digits: ImageDataset) -> None:
+    net, ds = small_net(), digits.subset(np.arange(300))
+    center = _center_of(net, ds, 0.0)
+    clip, a = 0.2, 0.5
+    # with a small clip bound the centred sums stay close to the truth, the plain ones do not
+    truth = record_class_statistics(net, ds, clip_bound=math.inf, noise_multiplier=0.0)
+    plain = record_class_statistics(net, ds, clip_bound=clip, noise_multiplier=0.0)
+    centred = record_class_statistics(net, ds, clip_bound=clip, noise_multiplier=0.0, center=center)
+    err = {name: sum(np.abs(rel[k] - truth[k]).sum() for k in truth) for name, rel in (("plain", plain), ("centred", centred))}
+    assert err["centred"] < 0.2 * err["plain"], err
+    # each record's centred contribution still lies within the sensitivity
+    for i in range(0, len(ds), 10):
+        one = exact_class_sums(net, ds.subset([i]), num_classes=10, clip_bound=clip, center=center)
+        assert np.linalg.norm(_scaled_vector(one, clip, a)) <= release_sensitivity(a) * (1 + 1e-9)
