@@ -19,9 +19,9 @@ For record i with label y_i and norm-layer inputs a_l (C_l, H_l, W_l), let
     f_i = concat_l [m_l, s_l]     (D,),  D = 2 * sum_l C_l.
 Each record's whole feature vector is clipped to L2 norm C = ``clip_bound`` (flat clipping):
     clip(f_i) = f_i * min(1, C / ||f_i||_2).
-(On trained nets these norms are tightly concentrated, e.g. 10%-99% quantiles 3.9-4.6 for the
-width-16 MNIST net, so a C just above them clips almost nothing; per-layer bounds would need a
-data-dependent split between layers.)
+(On trained nets these norms are tightly concentrated, e.g. 10%-99% quantiles 3.9-4.6 for a briefly
+DP-trained width-16 MNIST net, so a C just above them clips almost nothing; per-layer bounds would
+need a data-dependent split between layers.)
 
 Each record contributes the vector u_i = (a * e_{y_i}, e_{y_i} (x) clip(f_i) / C) to the scaled sums,
 where a = ``count_weight`` (default 0.5) and e_y is the one-hot class vector; only class y_i's row is

@@ -53,7 +53,7 @@ class RoundSettings:
     d_steps_per_g: int = 1  # n_D: D steps per G step (Bie et al. 2023)
     g_steps_per_d: int = 1  # G steps after each n_D D steps (free in privacy: G never sees data)
     g_batch_size: int = 0  # fake batch of a G step; 0 = the expected real batch size
-    ac_weight: float = 1.0  # weight of the auxiliary classifier loss (0 = pure projection cGAN)
+    ac_weight: float = 0.3  # weight of the auxiliary classifier loss (0 = pure projection cGAN)
     ema: float = 0.0  # decay of the EMA of G's weights returned to the coordinator (0 = none)
     d_width: int = 0  # D base width; 0 = GanShape.width // 4
     betas_d: tuple = (0.5, 0.999)
@@ -155,7 +155,7 @@ class LocalGanTrainer:
                 # activation stacks get out of step; the unused fake class logits enter with weight 0.
                 loss_d = loss_d + rs.ac_weight * F.cross_entropy(real_cls, yb, reduction="sum") + 0.0 * fake_cls.sum()
                 loss_d.backward()
-                d_losses.append(float(loss_d) / b)
+                d_losses.append(float(loss_d.detach()) / b)
                 d_acc.append(float((real_cls.argmax(1) == yb).float().mean()))
             elif private:
                 # An empty Poisson batch still releases pure noise; give every parameter a zero-row
@@ -188,7 +188,7 @@ class LocalGanTrainer:
                     with torch.no_grad():
                         for e, p in zip(ema, gen.parameters()):
                             e.lerp_(p.detach(), 1 - decay)
-                g_losses.append(float(loss_g))
+                g_losses.append(float(loss_g.detach()))
             for p in disc.parameters():
                 p.requires_grad_(True)
             if private:

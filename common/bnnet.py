@@ -42,6 +42,7 @@ class BNNetShape:
     num_classes: int
     image_size: int
     width: int = 32
+    head_norm: bool = False
 
     def validate(self) -> None:
         """Raise ValueError with a fix-it hint when the shape cannot be built."""
@@ -59,7 +60,7 @@ class BNNetShape:
 
     def build(self) -> "BNNet":
         """A freshly initialised net of this shape (seed torch first for identical weights)."""
-        return BNNet(self.in_channels, self.num_classes, self.image_size, self.width)
+        return BNNet(self.in_channels, self.num_classes, self.image_size, self.width, head_norm=self.head_norm)
 
 
 def _group_count(channels: int) -> int:
@@ -81,15 +82,32 @@ class _Block(nn.Module):
         return self.pool(self.act(self.norm(self.conv(x))))
 
 
+class _HeadNorm(nn.Module):
+    """GroupNorm of the flattened head input, seen as (B, F, 1, 1): F = 2w (S/4)^2 'channels'.
+
+    Its input is recorded like any other norm input; as every channel is one (feature map, position)
+    pair, its class-wise statistics carry *where* each class has which features, which the spatially
+    pooled statistics of the conv blocks cannot (the synthesis then gets the class's layout).
+    """
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(_group_count(features), features)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(h.flatten(1)[:, :, None, None]).flatten(1)  # (B, F)
+
+
 class BNNet(nn.Module):
     """Small GroupNorm CNN classifier: (B, C, S, S) images in [0, 1] -> (B, K) logits.
 
     Passes ``opacus.validators.ModuleValidator.validate`` (no BatchNorm, no in-place ops).
     """
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: int, width: int = 32) -> None:
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, width: int = 32, *,
+                 head_norm: bool = False) -> None:
         super().__init__()
-        self.shape = BNNetShape(in_channels, num_classes, image_size, width)
+        self.shape = BNNetShape(in_channels, num_classes, image_size, width, head_norm)
         self.shape.validate()
         w = width
         self.block1 = _Block(in_channels, w, nn.AvgPool2d(2))  # (w, S/2, S/2)
@@ -97,11 +115,16 @@ class BNNet(nn.Module):
         self.block3 = _Block(2 * w, 2 * w, nn.Identity())  # (2w, S/4, S/4)
         # A linear head on the whole map (not global pooling) keeps where strokes are, which both the
         # classifier and the class guidance of the synthesis need.
-        self.head = nn.Linear(2 * w * (image_size // 4) ** 2, num_classes)
+        features = 2 * w * (image_size // 4) ** 2
+        # Optional norm of the head input ("head.norm" is then the last recorded layer).
+        self.head_norm = _HeadNorm(features) if head_norm else None
+        self.head = nn.Linear(features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.block3(self.block2(self.block1(x)))  # (B, 2w, S/4, S/4)
-        return self.head(h.flatten(1))  # (B, K)
+        h = self.block3(self.block2(self.block1(x))).flatten(1)  # (B, 2w (S/4)^2)
+        if self.head_norm is not None:
+            h = self.head_norm(h)
+        return self.head(h)  # (B, K)
 
 
 def norm_layers(model: nn.Module) -> dict[str, nn.Module]:

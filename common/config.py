@@ -53,10 +53,30 @@ class RunConfig:
     gan_local_steps: int = 100  # discriminator DP-SGD steps per site per round
     gan_batch_size: int = 64  # expected Poisson batch size of real records
     gan_max_grad_norm: float = 1.0  # per-sample clipping bound of the discriminator's gradient
-    gan_lr_d: float = 2e-4
-    gan_lr_g: float = 2e-4
+    gan_lr_d: float = 1e-3
+    gan_lr_g: float = 1e-3
     gan_latent_dim: int = 64
-    gan_width: int = 64
+    gan_width: int = 64  # generator base width
+    gan_d_width: int = 0  # discriminator base width (0 = gan-width // 4: a small D keeps the DP noise small)
+    gan_ac_weight: float = 0.3  # weight of the discriminator's auxiliary class loss (AC-GAN); 0 = projection only
+    # --- BN statistics (shared GroupNorm net, federated DP-SGD, one DP statistics release per site) ----
+    bn_net: str = ""  # "" = train the shared net across the sites with DP-SGD; else a net file (torch state_dict)
+    bn_width: int = 16  # channels of the shared net's first block
+    bn_rounds: int = 20  # federated DP-SGD rounds of the shared net
+    bn_local_steps: int = 3  # DP-SGD steps per site per round
+    bn_batch_size: int = 128  # expected Poisson batch size
+    bn_lr: float = 0.5
+    bn_max_grad_norm: float = 1.0
+    bn_stats_share: float = 0.3  # the statistics release alone costs this share of epsilon; DP-SGD the rest
+    bn_clip: float = 2.3  # per-record L2 bound of the recorded statistics
+    bn_count_weight: float = 0.5  # weight of the class count in the release (sensitivity sqrt(w^2 + 1))
+    bn_iterations: int = 200  # synthesis optimisation steps per batch
+    bn_synth_batch: int = 200  # images optimised together (all classes)
+    bn_synth_lr: float = 0.1
+    bn_w_stats: float = 1.0  # weight of the statistics-matching loss
+    bn_w_ce: float = 1.0  # weight of the net's cross-entropy for the target class
+    bn_w_tv: float = 1.0  # total-variation image prior
+    bn_w_l2: float = 0.0  # L2 image prior
     # --- synthesis and the central learner -----------------------------------------------------------
     synthetic_size: int = 2000  # labelled images sampled at the end (balanced over classes)
     learner: str = "cnn"  # cnn | mlp | logreg
@@ -116,6 +136,16 @@ class RunConfig:
         need(self.gan_max_grad_norm > 0, f"gan-max-grad-norm must be > 0, got {self.gan_max_grad_norm}")
         need(self.gan_lr_d > 0 and self.gan_lr_g > 0, "gan-lr-d and gan-lr-g must be > 0")
         need(self.gan_latent_dim >= 1 and self.gan_width >= 4, "gan-latent-dim >= 1 and gan-width >= 4")
+        need(self.gan_d_width >= 0 and self.gan_ac_weight >= 0, "gan-d-width and gan-ac-weight must be >= 0")
+        need(self.bn_width >= 1 and self.bn_rounds >= 0 and self.bn_local_steps >= 1 and self.bn_batch_size >= 1,
+             "bn-width, bn-local-steps and bn-batch-size must be >= 1 and bn-rounds >= 0")
+        need(self.bn_net != "" or self.bn_rounds >= 1,
+             "bn-rounds must be >= 1 unless bn-net names a net file the coordinator provides")
+        need(0 < self.bn_stats_share <= 1, f"bn-stats-share must be in (0, 1], got {self.bn_stats_share}")
+        need(self.bn_clip > 0 and self.bn_count_weight > 0 and self.bn_lr > 0 and self.bn_max_grad_norm > 0,
+             "bn-clip, bn-count-weight, bn-lr and bn-max-grad-norm must be > 0")
+        need(self.bn_iterations >= 1 and self.bn_synth_batch >= 1 and self.bn_synth_lr > 0,
+             "bn-iterations, bn-synth-batch and bn-synth-lr must be positive")
         need(self.audit_records >= 2, f"audit-records must be >= 2, got {self.audit_records}")
         need(self.synthetic_size >= 1, f"synthetic-size must be >= 1, got {self.synthetic_size}")
         need(self.image_size == 0 or self.image_size >= 8, f"image-size must be 0 or >= 8, got {self.image_size}")

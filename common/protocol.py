@@ -20,6 +20,8 @@ TRAIN_GAN = "train.gan"  # coordinator -> site: global generator in, locally tra
 QUERY_INFO = "query.info"  # coordinator -> site: the data schema (image shape, class names), no records
 EVALUATE_CLASSIFIER = "evaluate.classifier"  # central classifier in, metrics on the site's held-out data out
 QUERY_AUDIT = "query.audit"  # synthetic sample in, aggregate privacy diagnostics on the site's data out
+TRAIN_BNNET = "train.bnnet"  # shared GroupNorm net in, the net after local DP-SGD out (BN-statistics mode)
+QUERY_BNSTATS = "query.bnstats"  # shared net in, DP class-wise norm-input statistics out (BN-statistics mode)
 
 # ---- record keys in requests (coordinator -> site) --------------------------------------------------
 REQ_CONFIG = "config"  # ConfigRecord: the request's settings (see GAN_REQUEST_KEYS)
@@ -29,11 +31,20 @@ REQ_GENERATOR = "generator"  # ArrayRecord: the global generator's state_dict
 # coordinator only says how much work it asks for and how much epsilon the run may use at most.
 GAN_REQUEST_KEYS = (
     "experiment", "server-round", "num-rounds", "local-steps", "batch-size", "max-grad-norm",
-    "lr-d", "lr-g", "epsilon", "delta", "seed",
+    "lr-d", "lr-g", "d-width", "ac-weight", "epsilon", "delta", "seed",
     # GAN shape (must match the site's data and the generator sent)
     "channels", "image-size", "num-classes", "latent-dim", "width",
 )
 
+REQ_NET = "net"  # ArrayRecord: the shared BN-statistics net's state_dict
+
+# Settings of both BN-statistics requests: the site fixes its whole plan (DP-SGD noise for the net and
+# noise for the one statistics release) at the first of them, from these and its own budget.
+BN_REQUEST_KEYS = (
+    "experiment", "server-round", "net-rounds", "local-steps", "batch-size", "max-grad-norm", "lr",
+    "epsilon", "stats-share", "clip", "count-weight", "seed",
+    "channels", "image-size", "num-classes", "width",
+)
 REQ_CLASSIFIER = "classifier"  # ArrayRecord: the central learner's state_dict
 REQ_SYNTHETIC = "synthetic"  # ArrayRecord: "images" (N, C, H, W) float32 and "labels" (N,) int64 to audit
 EVAL_REQUEST_KEYS = ("learner", "channels", "height", "width", "num-classes")
@@ -115,6 +126,20 @@ def validate_reply(arrays: Mapping[str, np.ndarray], metrics: Mapping[str, float
             problems.append(f"metric '{name}' is not finite")
     return problems
 
+# train.bnnet reply: the net under REPLY_NET (float32 parameters only) + metrics (a subset of these)
+REPLY_NET = "net"
+BNNET_REPLY_METRICS: dict[str, str] = {k: GAN_REPLY_METRICS[k] for k in (
+    "num-examples", "epsilon", "delta", "noise-multiplier", "sample-rate", "local-steps", "train-seconds")}
+# query.bnstats reply: the statistics under REPLY_STATS, exactly the arrays of
+# client.bnstats.expected_release_keys ("count" (K,), "sum/<layer>" and "sumsq/<layer>" (K, C_l), float32,
+# all noisy), + metrics below. No exact count of any kind is sent with it.
+REPLY_STATS = "stats"
+BNSTATS_REPLY_METRICS: dict[str, str] = {
+    "epsilon": "cumulative epsilon spent on this dataset, from the site's ledger",
+    "delta": "the site's delta",
+    "noise-multiplier": "noise multiplier of the statistics release",
+}
+
 # ---- refusals (error replies a site sends instead of doing work) --------------------------------------
 # Flower error replies carry an int code and a reason; these codes say why a site refused, so the
 # coordinator can tell "over budget" from "bad request" from a crash.
@@ -159,3 +184,14 @@ def unflatten_diagnostic(flat: Mapping) -> dict:
             node = node.setdefault(part, {})
         node[leaf] = None if value == "none" else (list(value) if isinstance(value, (list, tuple)) else value)
     return tree
+
+
+def bnstats_spec(net: "object", num_classes: int) -> dict[str, ArraySpec]:
+    """The arrays a query.bnstats reply must contain for this shared net: noisy counts, sums, sums of squares."""
+    from common.bnnet import norm_layer_channels  # local: keeps the protocol importable without torch models
+
+    spec = {"count": ArraySpec((num_classes,), "float32")}
+    for name, channels in norm_layer_channels(net).items():
+        spec[f"sum/{name}"] = ArraySpec((num_classes, channels), "float32")
+        spec[f"sumsq/{name}"] = ArraySpec((num_classes, channels), "float32")
+    return spec

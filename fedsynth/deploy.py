@@ -154,6 +154,7 @@ def _parse_address(text: str, what: str) -> tuple[str, int]:
 def _port_free(host: str, port: int) -> bool:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is not "in use"
         try:
             s.bind((host, port))
         except OSError:
@@ -280,12 +281,14 @@ class Child:
     """A Flower process whose output is echoed (and remembered) and which receives our stop signals."""
 
     def __init__(self, cmd: list[str], env: dict[str, str], cwd: Path, prefix: str = "",
-                 log_path: Path | None = None, on_line: Callable[[str], None] | None = None) -> None:
+                 log_path: Path | None = None, on_line: Callable[[str], None] | None = None,
+                 hide: Callable[[str], bool] | None = None) -> None:
         self.cmd = cmd
         self.tail: deque[str] = deque(maxlen=400)
         self.stopping = False
         self._prefix = prefix
         self._on_line = on_line
+        self._hide = hide
         self._log = open(log_path, "a", buffering=1) if log_path else None
         self.proc = subprocess.Popen(cmd, env=env, cwd=str(cwd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1,
@@ -298,8 +301,9 @@ class Child:
         for line in self.proc.stdout:
             line = line.rstrip("\n")
             self.tail.append(line)
-            sys.stdout.write(f"{self._prefix}{line}\n")
-            sys.stdout.flush()
+            if not (self._hide and self._hide(line)):
+                sys.stdout.write(f"{self._prefix}{line}\n")
+                sys.stdout.flush()
             if self._log:
                 self._log.write(line + "\n")
             if self._on_line:
@@ -343,8 +347,8 @@ def _forward_signals(child: Child) -> None:
 
 # ==== the site ======================================================================================
 
-SITE_KEYS = ("name", "data", "split", "image_size", "label_from", "epsilon", "delta", "state_dir", "coordinator",
-             "ca_cert", "private_key", "modes", "audits", "supernode_port")
+SITE_KEYS = ("name", "data", "split", "image_size", "label_from", "heldout", "heldout_split", "epsilon", "delta",
+             "state_dir", "coordinator", "ca_cert", "private_key", "modes", "audits", "supernode_port")
 
 
 @dataclass
@@ -354,6 +358,8 @@ class SiteConfig:
     split: str
     image_size: int
     label_from: str
+    heldout: str  # "" = none; absolute path or "digits"
+    heldout_split: str
     epsilon: float
     delta: float
     state_dir: Path
@@ -368,8 +374,9 @@ class SiteConfig:
     def node_config(self) -> dict[str, Any]:
         """What the ClientApp reads (client/site.py: resolve_site). The budget is the site's own."""
         return {"site-name": self.name, "data-path": self.data, "split": self.split, "image-size": self.image_size,
-                "label-from": self.label_from, "state-dir": str(self.state_dir), "epsilon": self.epsilon,
-                "delta": self.delta, "modes": ",".join(self.modes), "audits": self.audits}
+                "label-from": self.label_from, "heldout-path": self.heldout, "heldout-split": self.heldout_split,
+                "state-dir": str(self.state_dir), "epsilon": self.epsilon, "delta": self.delta,
+                "modes": ",".join(self.modes), "audits": self.audits}
 
     @property
     def flwr_home(self) -> Path:
@@ -394,6 +401,15 @@ def load_site_config(path: str | Path) -> SiteConfig:
     label_from = f.str("label_from", "")
     if label_from not in ("", "utkface-gender", "utkface-race"):
         raise DeployError(f"{path}: 'label_from' must be '', 'utkface-gender' or 'utkface-race', got {label_from!r}")
+    heldout = f.str("heldout", "")
+    if heldout and heldout != "digits":
+        heldout = str(f.path("heldout"))
+    heldout_split = f.str("heldout_split", "test")
+    if heldout_split not in ("train", "val", "test"):
+        raise DeployError(f"{path}: 'heldout_split' must be train, val or test, got {heldout_split!r}")
+    if heldout and (heldout, heldout_split) == (data, split):
+        raise DeployError(f"{path}: 'heldout' is the training data itself ({heldout} split {split}); held-out "
+                          "records must never be trained on -- use another split or folder, or leave heldout empty")
     epsilon = f.float("epsilon")
     if not epsilon > 0:
         raise DeployError(f"{path}: 'epsilon' (this site's total privacy budget for its dataset) must be > 0, "
@@ -409,7 +425,8 @@ def load_site_config(path: str | Path) -> SiteConfig:
     if not isinstance(modes, list) or not modes or any(m not in MODES for m in modes):
         raise DeployError(f"{path}: 'modes' must be a non-empty list taken from {list(MODES)}, got {modes!r}")
     return SiteConfig(
-        name=name, data=data, split=split, image_size=image_size, label_from=label_from, epsilon=epsilon,
+        name=name, data=data, split=split, image_size=image_size, label_from=label_from, heldout=heldout,
+        heldout_split=heldout_split, epsilon=epsilon,
         delta=delta, state_dir=f.path("state_dir"), coordinator=coordinator,
         ca_cert=f.path("ca_cert") if f.has("ca_cert") else None,
         private_key=f.path("private_key") if f.has("private_key") else None,
@@ -518,6 +535,19 @@ def check_site(cfg: SiteConfig, insecure: bool = False) -> SiteCheck:
     # 4. the data itself, loaded exactly as the ClientApp will
     settings, data = _load_site_data(cfg)
     _check_data(cfg, data)
+    if cfg.heldout:
+        from common.data import DataError, load_dataset
+
+        try:
+            held = load_dataset(cfg.heldout, cfg.heldout_split, image_size=cfg.image_size or None,
+                                label_from=cfg.label_from or None)
+        except (DataError, OSError, ValueError, RuntimeError) as err:
+            raise DeployError(f"site '{cfg.name}': the held-out data at {cfg.heldout} (split {cfg.heldout_split}) "
+                              f"cannot be used: {err}") from None
+        if held.image_shape != data.image_shape or held.classes != data.classes:
+            raise DeployError(f"site '{cfg.name}': held-out data {held.image_shape} with classes {list(held.classes)} "
+                              f"does not match the training data {data.image_shape} with classes {list(data.classes)}; "
+                              "both must have the same image shape and class list")
     # 5. the ledger (delta fixed per dataset, damage detected)
     ledger = _open_ledger(cfg, settings, data)
     return SiteCheck(data=data, settings=settings, ledger=ledger.summary())
@@ -583,15 +613,33 @@ def cmd_site(args: argparse.Namespace) -> int:
         return 0
     _write_toml(cfg.state_dir / "node-config.toml", cfg.node_config())
     cfg.flwr_home.mkdir(parents=True, exist_ok=True)
-    _info(f"starting the SuperNode of '{cfg.name}' -> {cfg.coordinator}" + (" (INSECURE)" if args.insecure else " (TLS, authenticated)"))
-    hints: list[str] = []
-    child = Child(cmd, flower_env(cfg.flwr_home), cwd=cfg.state_dir,
-                  on_line=lambda line: _site_hint(line, cfg, hints))
-    _forward_signals(child)
-    code = child.wait()
-    if child.stopping:
-        _info(f"site '{cfg.name}' stopped")
-        return 0
+    # Flower keeps a node "online" for up to 2 heartbeats (60 s) after its last sign of life, and refuses to
+    # activate it again meanwhile: a site restarted right after a crash is rejected like an unknown key.
+    # So activation refusals are retried for --retry-rejected seconds before giving up.
+    first = time.monotonic()
+    while True:
+        _info(f"starting the SuperNode of '{cfg.name}' -> {cfg.coordinator}"
+              + (" (INSECURE)" if args.insecure else " (TLS, authenticated)"))
+        hints: list[str] = []
+        child = Child(cmd, flower_env(cfg.flwr_home), cwd=cfg.state_dir,
+                      on_line=lambda line, hints=hints: _site_hint(line, cfg, hints))
+        _forward_signals(child)
+        code = child.wait()
+        if child.stopping:
+            _info(f"site '{cfg.name}' stopped")
+            return 0
+        rejected = any("rejected this site's key" in h for h in hints)
+        left = args.retry_rejected - (time.monotonic() - first)
+        if code == 0 or not rejected or left <= 0:
+            break
+        _warn(f"the coordinator refused to activate '{cfg.name}'. If this site restarted within the last minute, "
+              f"the coordinator still counts its previous connection; retrying for {left:.0f} more s "
+              "(an unregistered key keeps failing)")
+        stop = time.monotonic() + min(10.0, left)
+        while time.monotonic() < stop and not child.stopping:
+            time.sleep(0.5)
+        if child.stopping:
+            return 0
     if code != 0:
         print(f"fedsynth site: the SuperNode of '{cfg.name}' exited with code {code}.", file=sys.stderr)
         if hints:  # the first one is the most specific
@@ -1058,7 +1106,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if m and not run_id:
             run_id.append(int(m.group(1)))
 
-    child = Child(cmd, flower_env(cfg.flwr_home), cwd=PROJECT_ROOT, log_path=out_dir / "flower-run.log", on_line=grab)
+    # The full stream goes to <out>/flower-run.log; the terminal is spared the HTTP polling chatter.
+    child = Child(cmd, flower_env(cfg.flwr_home), cwd=PROJECT_ROOT, log_path=out_dir / "flower-run.log", on_line=grab,
+                  hide=lambda line: "httpx INFO HTTP Request" in line)
     _forward_signals(child)
     timed_out = False
     try:
@@ -1116,6 +1166,9 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--config", required=True, help="the site's YAML (see deploy/site.yaml)")
     p.add_argument("--check", action="store_true", help="only validate config, credentials, data and ledger; connect to nothing")
     p.add_argument("--insecure", action="store_true", help="NO TLS and NO authentication (test networks only)")
+    p.add_argument("--retry-rejected", type=float, default=120.0, metavar="SECONDS",
+                   help="keep retrying for this long when the coordinator refuses to activate the site (a site "
+                        "restarted within a minute of a crash is refused until its old connection expires)")
     p.set_defaults(func=cmd_site)
 
     p = subparsers.add_parser("ledger", help="what a site has spent and has left of its privacy budget")

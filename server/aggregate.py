@@ -21,22 +21,32 @@ class SiteUpdate:
     bytes_received: int
 
 
-def accept_gan_reply(reply: Message, expected: dict[str, P.ArraySpec]) -> tuple[SiteUpdate | None, str]:
-    """Validate one train.gan reply against the protocol; (update, "") or (None, why it was rejected)."""
+def accept_reply(reply: Message, array_key: str, expected: dict[str, P.ArraySpec],
+                 allowed_metrics: dict[str, str], *, weighted: bool = True) -> tuple[SiteUpdate | None, str]:
+    """Validate one reply (arrays under ``array_key`` + metrics) against the protocol.
+
+    Returns (update, "") or (None, why it was rejected). ``weighted`` replies must carry a positive
+    ``num-examples`` (the FedAvg weight).
+    """
     content = reply.content
     records = set(content.keys())
-    allowed = {P.REPLY_GENERATOR, P.REPLY_METRICS}
-    if records - allowed or P.REPLY_GENERATOR not in content.array_records or P.REPLY_METRICS not in content.metric_records:
+    allowed = {array_key, P.REPLY_METRICS}
+    if records != allowed or array_key not in content.array_records or P.REPLY_METRICS not in content.metric_records:
         return None, f"reply records {sorted(records)} are not exactly {sorted(allowed)}"
-    arrays = {k: v.numpy() for k, v in content.array_records[P.REPLY_GENERATOR].items()}
+    arrays = {k: v.numpy() for k, v in content.array_records[array_key].items()}
     metrics = {k: float(v) for k, v in content.metric_records[P.REPLY_METRICS].items()}
-    problems = P.validate_reply(arrays, metrics, expected, P.GAN_REPLY_METRICS)
-    if "num-examples" not in metrics or not metrics.get("num-examples", 0) > 0:
+    problems = P.validate_reply(arrays, metrics, expected, allowed_metrics)
+    if weighted and not metrics.get("num-examples", 0) > 0:
         problems.append("missing or non-positive num-examples")
     if problems:
         return None, "; ".join(problems[:5])
     size = sum(a.nbytes for a in arrays.values()) + 8 * len(metrics)
     return SiteUpdate(reply.metadata.src_node_id, arrays, metrics, size), ""
+
+
+def accept_gan_reply(reply: Message, expected: dict[str, P.ArraySpec]) -> tuple[SiteUpdate | None, str]:
+    """A train.gan reply: exactly the generator's parameters and the declared metrics."""
+    return accept_reply(reply, P.REPLY_GENERATOR, expected, P.GAN_REPLY_METRICS)
 
 
 def weighted_average(updates: list[SiteUpdate]) -> dict[str, np.ndarray]:

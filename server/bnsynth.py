@@ -134,7 +134,7 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
 
 
 def _stats_loss(inputs: dict[str, torch.Tensor], targets: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                classes: torch.Tensor, m: int) -> torch.Tensor:
+                classes: torch.Tensor, m: int, weights: dict[str, float] | None = None) -> torch.Tensor:
     """Sum over layers and classes of the scaled L2 distances of batch mean/var to the targets.
 
     inputs[l]: (k*m, C_l, H, W), images grouped class by class, m per class.
@@ -142,12 +142,15 @@ def _stats_loss(inputs: dict[str, torch.Tensor], targets: dict[str, tuple[torch.
     """
     loss = torch.zeros((), device=classes.device)
     for name, (t_mean, t_var, scale) in targets.items():
+        w = 1.0 if weights is None else weights.get(name, 1.0)
+        if w == 0:
+            continue
         a = inputs[name]
         a = a.reshape(-1, m, a.shape[1], a.shape[2] * a.shape[3])  # (k, m, C_l, H*W)
         mu = a.mean(dim=(1, 3))  # (k, C_l)
         var = a.var(dim=(1, 3), unbiased=False)  # (k, C_l)
         d = ((mu - t_mean[classes]).norm(dim=1) + (var - t_var[classes]).norm(dim=1)) / scale[classes, 0]
-        loss = loss + d.mean()
+        loss = loss + w * d.mean()
     return loss
 
 
@@ -168,6 +171,10 @@ def synthesize(
     progress: bool = True,
     jitter: int = 0,
     classes: tuple[str, ...] | None = None,
+    layer_weights: dict[str, float] | None = None,
+    lr_schedule: str = "constant",
+    init_bias: float = 0.0,
+    threads: int | None = None,
 ) -> ImageDataset:
     """Synthesize a labelled image set whose class-wise norm-input statistics match ``pooled``.
 
@@ -175,6 +182,10 @@ def synthesize(
     generated; ``iterations`` Adam steps (lr ``lr``) on the logits z of x = sigmoid(z).
     ``jitter`` > 0 randomly shifts the batch by up to that many pixels each step (DeepInversion's
     augmentation; off by default since digits are position-sensitive at 8x8).
+    ``layer_weights``: optional weight per norm layer of its statistics term (missing layers: 1).
+    ``lr_schedule``: "constant" or "cosine" (decay to 0 over the iterations).
+    ``threads``: torch CPU threads for the synthesis (restored afterwards; None = leave as is).
+    ``init_bias``: the start logits are N(init_bias, 1) (negative: darker start images).
     Deterministic for a seed on a given device. Returns images (N, C, H, W) float32 in [0, 1] with
     labels int64, ordered by optimisation batch.
     """
@@ -192,10 +203,15 @@ def synthesize(
         raise ValueError(f"num_per_class must be a count >= 0 per class ({k_all} classes), got {num_per_class}")
     if iterations < 1 or batch_size < 1 or not lr > 0:
         raise ValueError(f"iterations, batch_size and lr must be positive, got {iterations}, {batch_size}, {lr}")
+    if lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
     if classes is not None and len(classes) != k_all:
         raise ValueError(f"classes has {len(classes)} names for {k_all} classes")
 
     dev = torch.device(device) if device is not None else next(model.parameters()).device
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
     was_training = model.training
     requires = [p.requires_grad for p in model.parameters()]
     model.to(dev).eval()
@@ -223,8 +239,13 @@ def synthesize(
                 y = cls.repeat_interleave(m)  # (k*m,), class-major like the reshape in _stats_loss
                 z = torch.randn((len(y), shape.in_channels, shape.image_size, shape.image_size), generator=gen)
                 z = z.to(dev).requires_grad_(True)
+                if init_bias:
+                    z = (z.detach() + init_bias).requires_grad_(True)
                 opt = torch.optim.Adam([z], lr=lr)
                 for _step in range(iterations):
+                    if lr_schedule == "cosine":
+                        for g in opt.param_groups:
+                            g["lr"] = 0.5 * lr * (1 + math.cos(math.pi * _step / iterations))
                     x = torch.sigmoid(z)  # (k*m, C, S, S) in [0, 1]
                     if jitter > 0:
                         dx, dy = torch.randint(-jitter, jitter + 1, (2,), generator=gen).tolist()
@@ -232,7 +253,7 @@ def synthesize(
                     else:
                         x_in = x
                     logits = model(x_in)
-                    loss = (w_stats * _stats_loss(inputs, targets, cls, m)
+                    loss = (w_stats * _stats_loss(inputs, targets, cls, m, layer_weights)
                             + w_ce * nn.functional.cross_entropy(logits, y)
                             + w_tv * total_variation(x) + w_l2 * (x * x).mean())
                     opt.zero_grad(set_to_none=True)
@@ -249,6 +270,7 @@ def synthesize(
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
     finally:
         bar.close()
+        torch.set_num_threads(old_threads)
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
         model.train(was_training)

@@ -67,6 +67,26 @@ def fedsynth(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           cwd=PROJECT_ROOT, env=_env(), timeout=timeout)
 
 
+def _descendants(root: int) -> list[int]:
+    """Every live descendant of ``root`` (read from /proc; Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 class Proc:
     """A long-running `fedsynth site/coordinator` in its own process group (killable as a whole, like a host)."""
 
@@ -89,20 +109,30 @@ class Proc:
             time.sleep(0.3)
 
     def kill(self) -> None:
-        """SIGKILL the whole process group: the host 'dies' (SuperLink/SuperNode, SuperExec, apps)."""
-        try:
-            os.killpg(self.p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        """SIGKILL the process and every descendant: the host 'dies' (SuperLink/SuperNode, SuperExec, apps).
+
+        Flower's SuperExec starts ServerApp/ClientApp processes in sessions of their own, so killing the
+        process group alone would leave them running."""
+        for pid in [self.p.pid, *_descendants(self.p.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.p.wait(30)
 
     def stop(self) -> None:
         if self.p.poll() is None:
+            family = _descendants(self.p.pid)
             try:
-                os.killpg(self.p.pid, signal.SIGTERM)
+                self.p.send_signal(signal.SIGTERM)  # fedsynth forwards it; Flower shuts down gracefully
                 self.p.wait(20)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
+            except subprocess.TimeoutExpired:
                 pass
+            for pid in family:  # whatever did not exit with its parent
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         self.kill()
         self._fh.close()
 
@@ -114,13 +144,19 @@ class Deployment:
         self.sites: dict[str, Proc] = {}
         self.coordinator: Proc | None = None
 
+    def _log(self, name: str) -> Path:
+        n = 1
+        while (self.root / f"{name}-{n}.log").exists():
+            n += 1
+        return self.root / f"{name}-{n}.log"
+
     def start_coordinator(self) -> None:
-        self.coordinator = Proc(self.root / "coordinator.log", "coordinator", "--config", str(self.coord_yaml))
+        self.coordinator = Proc(self._log("coordinator"), "coordinator", "--config", str(self.coord_yaml))
         self.procs.append(self.coordinator)
         self.coordinator.wait_for("coordinator ready", 120)
 
     def start_site(self, name: str) -> Proc:
-        proc = Proc(self.root / f"{name}.log", "site", "--config", str(self.site_yaml[name]))
+        proc = Proc(self._log(name), "site", "--config", str(self.site_yaml[name]))
         self.procs.append(proc)
         self.sites[name] = proc
         return proc
@@ -229,11 +265,11 @@ def test_unregistered_site_is_rejected(deployment):
         **__import__("yaml").safe_load(deployment.site_yaml["site1"].read_text()),
         "name": "intruder", "state_dir": "state/intruder", "private_key": "certs/keys/intruder",
         "supernode_port": _free_port()})
-    proc = Proc(deployment.root / "intruder.log", "site", "--config", str(cfg))
+    proc = Proc(deployment.root / "intruder.log", "site", "--config", str(cfg), "--retry-rejected", "5")
     deployment.procs.append(proc)
     code = proc.p.wait(120)
     assert code != 0, proc.text()
-    assert "rejected this site's key" in proc.text()
+    assert "rejected this site's key" in proc.text() and "retrying" in proc.text()  # tried again, then gave up
     nodes = deployment.nodes()
     assert len(nodes) == 3 and sum(n["status"] == "online" for n in nodes) == 3  # only the registered sites
 
@@ -260,7 +296,7 @@ def test_run_survives_a_dead_site_and_resumes_after_a_coordinator_crash(deployme
     dep = deployment
     out = dep.root / "runs" / "resume"
     ckpt = out / "checkpoint.pt"
-    settings = "num-rounds=3 experiment='deploy-resume' round-timeout=45.0"
+    settings = "num-rounds=3 experiment='deploy-resume' round-timeout=40.0"
     log = open(dep.root / "run1.log", "w")
     run1 = subprocess.Popen([sys.executable, "-m", "fedsynth.deploy", "run", "--config", str(dep.coord_yaml),
                              "--run-config", settings, "--out", str(out)], stdout=log, stderr=subprocess.STDOUT,

@@ -36,7 +36,7 @@ def test_run_fails_clearly_without_quorum(tmp_path):
 def _gan_request(cfg, shape, **changes):
     req = {"experiment": "hostile", "server-round": 1, "num-rounds": cfg.num_rounds,
            "local-steps": cfg.gan_local_steps, "batch-size": cfg.gan_batch_size, "max-grad-norm": 1.0,
-           "lr-d": 2e-4, "lr-g": 2e-4, "epsilon": cfg.epsilon, "delta": 0.0, "seed": 0, "channels": 1,
+           "lr-d": 2e-4, "lr-g": 2e-4, "d-width": 0, "ac-weight": 0.3, "epsilon": cfg.epsilon, "delta": 0.0, "seed": 0, "channels": 1,
            "image-size": 8, "num-classes": 10, "latent-dim": shape.latent_dim, "width": shape.width}
     req.update(changes)
     return req
@@ -112,7 +112,7 @@ class _CoordinatorKilled(Exception):
 
 
 def test_coordinator_killed_after_round_one_resumes_at_round_two(tmp_path, monkeypatch):
-    import server.app as server_app
+    import server.fedavg as server_app
 
     cfg = fast_config(tmp_path, num_rounds=2, experiment="exp-resume")
     real_save = server_app.save_checkpoint

@@ -53,20 +53,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew concentration")
     p.add_argument("--stats-share", type=float, default=0.3,
                    help="fraction of epsilon the statistics release is calibrated to on its own")
+    p.add_argument("--center-frac", type=float, default=0.0,
+                   help="share of the statistics budget (in 1/sigma^2) spent on a first, uncentred release "
+                        "whose pooled class means centre the second release (0 = one release)")
+    p.add_argument("--center-clip", type=float, default=0.0,
+                   help="clip bound of the centred second release (0 = same as --clip)")
     p.add_argument("--width", type=int, default=16, help="BNNet width")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--local-steps", type=int, default=40, help="DP-SGD steps per site per round")
+    p.add_argument("--head-norm", type=int, default=1, help="1 = BNNet with a norm layer on the head input")
+    p.add_argument("--train-only", action="store_true", help="stop after the federated training (with --save-net)")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--local-steps", type=int, default=3, help="DP-SGD steps per site per round")
     p.add_argument("--batch-size", type=int, default=128, help="expected Poisson batch size per site")
     p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--dp-lr", type=float, default=0.3)
-    p.add_argument("--clip", type=float, default=3.0, help="statistics clip bound C (total L2 per record)")
+    p.add_argument("--dp-lr", type=float, default=0.5)
+    p.add_argument("--clip", type=float, default=2.3, help="statistics clip bound C (total L2 per record)")
     p.add_argument("--count-weight", type=float, default=0.5)
     p.add_argument("--num-per-class", type=int, default=100)
     p.add_argument("--iterations", type=int, default=200)
     p.add_argument("--syn-batch", type=int, default=200, help="images per synthesis batch (all classes)")
     p.add_argument("--syn-lr", type=float, default=0.1)
     p.add_argument("--w-stats", type=float, default=1.0)
-    p.add_argument("--w-ce", type=float, default=0.3)
+    p.add_argument("--w-ce", type=float, default=1.0)
     p.add_argument("--w-tv", type=float, default=1.0)
     p.add_argument("--w-l2", type=float, default=0.0)
     p.add_argument("--jitter", type=int, default=0)
@@ -84,20 +91,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def plan_budget(eps: float, delta: float, sample_rate: float, steps: int, stats_share: float) -> dict:
+def plan_budget(eps: float, delta: float, sample_rate: float, steps: int, stats_share: float,
+                center_frac: float = 0.0) -> dict:
     """Noise multipliers for one site: statistics first (share of eps alone), DP-SGD gets the rest.
 
-    RDP composition is not additive in epsilon, so 'share' means: the statistics release alone would
-    cost stats_share * eps; the DP-SGD noise is then the smallest that keeps both together <= eps.
+    RDP composition is not additive in epsilon, so 'share' means: the statistics release(s) alone
+    would cost stats_share * eps; the DP-SGD noise is then the smallest that keeps all together <= eps.
+    With ``center_frac`` = f > 0 the statistics are two Gaussian releases (a centre, then the centred
+    statistics) with sigma_center = sigma / sqrt(f) and sigma_stats = sigma / sqrt(1 - f): their RDP
+    composition equals that of one release with sigma, so the split costs nothing extra.
     """
     if math.isinf(eps):
-        return {"sigma_stats": 0.0, "sigma_train": 0.0, "epsilon_spent": math.inf}
-    sigma_stats = calibrate_noise_multiplier(stats_share * eps, delta, 1.0, 1)
-    stats_event = DPEvent(sigma_stats, 1.0, 1)
-    sigma_train = calibrate_noise_multiplier(eps, delta, sample_rate, steps, prior=(stats_event,))
-    spent = epsilon_for([stats_event, DPEvent(sigma_train, sample_rate, steps)], delta)
-    return {"sigma_stats": sigma_stats, "sigma_train": sigma_train, "epsilon_spent": spent,
-            "epsilon_stats_alone": epsilon_for([stats_event], delta),
+        return {"sigma_stats": 0.0, "sigma_center": 0.0, "sigma_train": 0.0, "epsilon_spent": math.inf}
+    sigma = calibrate_noise_multiplier(stats_share * eps, delta, 1.0, 1)
+    if center_frac > 0:
+        sigma_center, sigma_stats = sigma / math.sqrt(center_frac), sigma / math.sqrt(1.0 - center_frac)
+        stats_events = [DPEvent(sigma_center, 1.0, 1), DPEvent(sigma_stats, 1.0, 1)]
+    else:
+        sigma_center, sigma_stats = 0.0, sigma
+        stats_events = [DPEvent(sigma_stats, 1.0, 1)]
+    sigma_train = calibrate_noise_multiplier(eps, delta, sample_rate, steps, prior=tuple(stats_events))
+    spent = epsilon_for([*stats_events, DPEvent(sigma_train, sample_rate, steps)], delta)
+    return {"sigma_stats": sigma_stats, "sigma_center": sigma_center, "sigma_train": sigma_train,
+            "epsilon_spent": spent, "epsilon_stats_alone": epsilon_for(stats_events, delta),
             "epsilon_train_alone": epsilon_for([DPEvent(sigma_train, sample_rate, steps)], delta)}
 
 
@@ -134,11 +150,11 @@ def main(argv: list[str] | None = None) -> dict:
         delta = default_delta(len(ds))
         plans.append({"n": len(ds), "sample_rate": q, "delta": delta,
                       "class_counts": ds.class_counts().tolist(),
-                      **plan_budget(args.epsilon, delta, q, steps_total, args.stats_share)})
+                      **plan_budget(args.epsilon, delta, q, steps_total, args.stats_share, args.center_frac)})
 
     # 3. federated DP-SGD of the shared net
     torch.manual_seed(args.seed)
-    net = BNNet(c, k, s, args.width).to(dev)
+    net = BNNet(c, k, s, args.width, head_norm=bool(args.head_norm)).to(dev)
     t0 = time.perf_counter()
     if args.load_net:
         net.load_state_dict(torch.load(args.load_net))
@@ -158,6 +174,9 @@ def main(argv: list[str] | None = None) -> dict:
     net.eval()
     if args.save_net:
         torch.save(net.state_dict(), args.save_net)
+    if args.train_only:
+        print(f"shared-net test acc {net_accuracy(net, test):.4f}; trained in {train_seconds:.0f} s; saved")
+        return {}
 
     # 4. statistics release and synthesis
     clip = math.inf if math.isinf(args.epsilon) else args.clip

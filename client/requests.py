@@ -1,0 +1,73 @@
+"""Shared mechanics of every site handler: refusals, request checks, state files, cached replies."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Error, Message
+
+from common import protocol as P
+
+log = logging.getLogger("fedsynth.site")
+
+
+class Refusal(Exception):
+    """The site declines a request; becomes an error reply with a protocol refusal code."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def refuse(msg: Message, site_name: str, err: Refusal) -> Message:
+    log.warning("[%s] refused %s: %s", site_name, msg.metadata.message_type, err.reason)
+    return Message(error=Error(code=err.code, reason=f"{site_name}: {err.reason}"), reply_to=msg)
+
+
+def request_config(msg: Message, required: tuple[str, ...]) -> dict[str, Any]:
+    if P.REQ_CONFIG not in msg.content.config_records:
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"request has no '{P.REQ_CONFIG}' record")
+    cfg = dict(msg.content.config_records[P.REQ_CONFIG])
+    unknown = sorted(set(cfg) - set(required))
+    missing = sorted(set(required) - set(cfg))
+    if unknown or missing:
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"request settings do not follow the protocol "
+                                             f"(unknown: {unknown}, missing: {missing})")
+    return cfg
+
+
+def atomic_write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def safe_name(text: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:80]
+    if not cleaned or cleaned.startswith("."):
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"invalid experiment id {text!r}")
+    return cleaned
+
+
+def load_cached_reply(path: Path) -> dict | None:
+    """A reply this site already released for the same request (re-sending it costs no privacy)."""
+    if not path.exists():
+        return None
+    return torch.load(path, weights_only=True)
+
+
+def save_cached_reply(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)

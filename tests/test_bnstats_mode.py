@@ -1,0 +1,94 @@
+"""The BN-statistics mode through the real Flower apps: protocol, ledger, refusals, provided net."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import torch
+
+from client.app import app as client_app
+from common import protocol as P
+from common.bnnet import BNNet
+from fedsynth.localgrid import run_inprocess
+from server.app import RunFailed, run_coordinator
+from tests.spine_helpers import fast_config, nodes
+
+import pytest
+
+
+def bn_config(tmp_path, **overrides):
+    base = dict(mode="bnstats", bn_rounds=2, bn_local_steps=2, bn_width=8, bn_iterations=5, bn_synth_batch=50,
+                synthetic_size=50, audits=False)
+    base.update(overrides)
+    return fast_config(tmp_path, **base)
+
+
+def _charges(tmp_path):
+    out = []
+    for ledger in sorted((tmp_path / "sites").rglob("ledger/*.jsonl")):
+        out.append([json.loads(line) for line in ledger.read_text().splitlines() if '"purpose"' in line])
+    return out
+
+
+def test_bnstats_run_sends_only_declared_arrays_and_accounts_every_release(tmp_path):
+    cfg = bn_config(tmp_path, epsilon=10.0)
+    seen = []
+    report = run_inprocess(run_coordinator, client_app, cfg.to_flwr(), nodes(3), tap=seen.append)
+    assert report["mode"] == "bnstats" and report["private"]
+    net = BNNet(1, 10, 8, 8)
+    net_spec = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    stats_spec = P.bnstats_spec(net, 10)
+    kinds = sorted({m.metadata.message_type for m in seen})
+    assert kinds == sorted([P.QUERY_INFO, P.TRAIN_BNNET, P.QUERY_BNSTATS, P.EVALUATE_CLASSIFIER])
+    for reply in seen:
+        assert not reply.has_error()
+        if reply.metadata.message_type == P.TRAIN_BNNET:
+            arrays = reply.content.array_records[P.REPLY_NET]
+            assert {k: tuple(v.numpy().shape) for k, v in arrays.items()} == net_spec
+            assert all(v.numpy().dtype == np.float32 for v in arrays.values())
+            assert set(reply.content.metric_records[P.REPLY_METRICS].keys()) <= set(P.BNNET_REPLY_METRICS)
+        if reply.metadata.message_type == P.QUERY_BNSTATS:
+            assert set(reply.content.keys()) == {P.REPLY_STATS, P.REPLY_METRICS}
+            arrays = {k: v.numpy() for k, v in reply.content.array_records[P.REPLY_STATS].items()}
+            assert {k: (v.shape, str(v.dtype)) for k, v in arrays.items()} == \
+                {k: (s.shape, s.dtype) for k, s in stats_spec.items()}
+            assert set(reply.content.metric_records[P.REPLY_METRICS].keys()) == set(P.BNSTATS_REPLY_METRICS)
+            # noisy: the released counts are not the exact integer class counts
+            assert not np.allclose(arrays["count"], np.round(arrays["count"]))
+    # every site: 2 net rounds + 1 statistics release in its ledger, total within the run's epsilon
+    for entries in _charges(tmp_path):
+        assert [e["purpose"] for e in entries] == ["bnstats-net", "bnstats-net", "bnstats-release"]
+        assert 9.0 < entries[-1]["epsilon_after"] <= 10.0
+    assert len(report["synthetic"]["class_counts"]) == 10 and report["synthetic"]["count"] == 50
+
+
+def test_site_over_budget_refuses_statistics_before_any_work(tmp_path):
+    cfg = bn_config(tmp_path, epsilon=10.0, quorum=1.0)
+    site_nodes = [{**n, "epsilon": 0.5} for n in nodes(2)]  # the sites' own budgets are far below the request
+    with pytest.raises(RunFailed, match="quorum"):
+        run_inprocess(run_coordinator, client_app, cfg.to_flwr(), site_nodes)
+    assert all(entries == [] for entries in _charges(tmp_path))  # nothing was spent
+
+
+def test_coordinator_provided_net_costs_the_sites_nothing_but_the_statistics(tmp_path):
+    torch.manual_seed(0)
+    net_file = tmp_path / "public_net.pt"
+    torch.save(BNNet(1, 10, 8, 8).state_dict(), net_file)
+    cfg = bn_config(tmp_path, bn_net=str(net_file), bn_rounds=0, epsilon=2.0)
+    report = run_inprocess(run_coordinator, client_app, cfg.to_flwr(), nodes(2))
+    assert report["rounds"] == []
+    for entries in _charges(tmp_path):
+        assert [e["purpose"] for e in entries] == ["bnstats-release"]
+        assert entries[0]["epsilon_after"] <= 2.0
+
+
+def test_non_private_bnstats_is_exact_and_marked(tmp_path):
+    cfg = bn_config(tmp_path, epsilon=math.inf)
+    seen = []
+    report = run_inprocess(run_coordinator, client_app, cfg.to_flwr(), nodes(2), tap=seen.append)
+    assert report["private"] is False and "NOT differentially private" in report["privacy_statement"]
+    stats = [m for m in seen if m.metadata.message_type == P.QUERY_BNSTATS]
+    counts = sum(m.content.array_records[P.REPLY_STATS]["count"].numpy() for m in stats)
+    assert np.allclose(counts, np.bincount(__import__("common.data", fromlist=["x"]).load_dataset("digits").labels))
