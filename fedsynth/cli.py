@@ -157,6 +157,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     }
     (out / "demo_summary.json").write_text(json.dumps({k: (str(v) if isinstance(v, float) and math.isinf(v) else v)
                                                        for k, v in summary.items()}, indent=2))
+    _write_demo_report(rows, summary, out)
     print("\n== fedsynth demo: digits, 3 sites ==")
     print(f"{'setting':<34}{'test accuracy':>14}")
     print(f"{'synthetic, epsilon=' + format(args.epsilon, 'g') + ' per site':<34}{summary['tstr_private']:>14.3f}")
@@ -165,6 +166,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(summary["meaning"])
     print(f"finished in {summary['seconds']:.0f} s; reports in {out}/*/report.json, summary {out / 'demo_summary.json'}")
     return 0
+
+
+def _mean_site_auc(report: dict) -> float | None:
+    aucs = [s["membership_inference"]["auc"] for s in report.get("audits", {}).get("sites", [])]
+    return float(sum(aucs) / len(aucs)) if aucs else None
+
+
+def _write_demo_report(rows: list[dict], summary: dict, out: Path) -> None:
+    """One HTML page for the demo: the private run's report plus the privacy-utility points of both runs."""
+    from server.report import write_report
+
+    private = dict(rows[0])
+    private["synthetic"] = {**private["synthetic"],
+                            "grids": [f"{Path(private['config']['out-dir']).name}/{g}" for g in private["synthetic"]["grids"]]}
+    private["sweep"] = [{"epsilon": r["epsilon_target"], "tstr_accuracy": r["utility"]["tstr_accuracy"],
+                         "real_accuracy": summary["real_accuracy"], "mia_auc": _mean_site_auc(r)} for r in rows]
+    private["notes"] = [summary["meaning"]]
+    write_report(private, out)
 
 
 def _add_run_args(p: argparse.ArgumentParser, demo: bool = False) -> None:

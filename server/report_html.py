@@ -281,10 +281,15 @@ def _sweep_section(sweep: list[dict]) -> str:
     out = ["<h2>Privacy vs utility</h2>"]
     rows = [(p.get("epsilon"), p.get("tstr_accuracy"), p.get("real_accuracy"), p.get("mia_auc")) for p in pts]
     out.append(_table(("epsilon", "TSTR accuracy", "real accuracy", "MIA AUC"), rows, table_id="sweep"))
+    finite = [p for p in pts if np.isfinite(float(p["epsilon"]))]
     if pts:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        eps = [float(p["epsilon"]) for p in pts]
-        ax.plot(eps, [p.get("tstr_accuracy", float("nan")) for p in pts], "o-", label="TSTR accuracy")
+        eps = [float(p["epsilon"]) for p in finite]
+        ax.plot(eps, [p.get("tstr_accuracy", float("nan")) for p in finite], "o-", label="TSTR accuracy")
+        for p in pts:
+            if not np.isfinite(float(p["epsilon"])):  # no DP: a reference line, not a point on the axis
+                ax.axhline(float(p.get("tstr_accuracy", float("nan"))), color="tab:red", linestyle=":",
+                           label="TSTR without DP (NOT private)")
         real = [p["real_accuracy"] for p in pts if p.get("real_accuracy") is not None]
         if real:
             ax.axhline(float(np.mean(real)), color="gray", linestyle="--", label="real-data accuracy")

@@ -164,7 +164,7 @@ class Deployment:
     def flwr(self, *args: str) -> subprocess.CompletedProcess:
         env = _env()
         env["FLWR_HOME"] = str(self.root / "coord-home")
-        return subprocess.run([str(BIN / "flwr"), *args], capture_output=True, text=True, env=env, timeout=60,
+        return subprocess.run([str(BIN / "flwr"), *args], capture_output=True, text=True, env=env, timeout=240,
                               cwd=PROJECT_ROOT)
 
     def nodes(self) -> list[dict]:
@@ -345,6 +345,55 @@ def test_run_survives_a_dead_site_and_resumes_after_a_coordinator_crash(deployme
 
 
 # ---- 5. hostile run configs -------------------------------------------------------------------------------
+PROBE_SERVER = """
+import json
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    nodes = list(grid.get_node_ids())
+    msgs = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query.dump_records",
+                    ttl=120.0) for n in nodes]
+    replies = list(grid.send_and_receive(msgs, timeout=90))
+    rows = [{"node": r.metadata.src_node_id, "error": r.has_error(),
+             "reason": r.error.reason if r.has_error() else "", "records": list(r.content.keys()) if r.has_content() else []}
+            for r in replies]
+    Path(str(context.run_config["out"])).write_text(json.dumps({"contacted": len(nodes), "replies": rows}))
+"""
+
+PROBE_PYPROJECT = """
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "probe"
+version = "1.0.0"
+license = "Apache-2.0"
+description = "a coordinator that asks the sites for a message type they do not know"
+dependencies = ["flwr>=1.41.0"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "fedsynth-tests"
+
+[tool.flwr.app.components]
+serverapp = "probe_server:app"
+clientapp = "client.app:app"
+
+[tool.flwr.app.config]
+out = ""
+"""
+
+
 def test_hostile_run_configs_are_refused_and_nothing_is_spent(deployment):
     dep = deployment
     # the coordinator cannot set the noise: there is no such setting
@@ -352,15 +401,30 @@ def test_hostile_run_configs_are_refused_and_nothing_is_spent(deployment):
                    "--out", str(dep.root / "runs" / "nonoise"))
     assert res.returncode == 2 and "unknown run setting 'noise-multiplier'" in res.stderr
     before = {name: dep.ledger(name) for name in ("site1", "site2", "site3")}
-    # far more DP-SGD steps than any site's budget pays for: every site refuses before any work
+    # Far more DP-SGD work than any site's budget pays for, even at the largest noise a site accepts: every
+    # site refuses before doing any work. (2 rounds of 10^12 steps rather than 10^5 rounds: the coordinator
+    # sends every planned round, and each refusal costs a process start at each site.)
     out = dep.root / "runs" / "greedy"
     res = fedsynth("run", "--config", str(dep.coord_yaml), "--out", str(out), "--wait", "120",
-                   "--run-config", "num-rounds=2 gan-local-steps=100000 experiment='greedy' round-timeout=60.0",
+                   "--run-config", "num-rounds=2 gan-local-steps=1000000000000 experiment='greedy' round-timeout=60.0",
                    timeout=400)
     assert res.returncode == 1, res.stdout[-3000:]
     assert "finished:failed" in res.stderr and "budget" in res.stderr, res.stderr
-    assert "over budget" in res.stdout or "budget" in res.stdout
+    assert "over budget" in res.stdout and "do not fit the site's budget" in res.stdout
     after = {name: dep.ledger(name) for name in ("site1", "site2", "site3")}
     for name in before:
         assert after[name]["releases"] == before[name]["releases"], name
         assert after[name]["spent_epsilon"] == before[name]["spent_epsilon"], name
+    # a message type the sites do not know gets an error reply from every site, and no data
+    probe = dep.root / "probe-app"
+    probe.mkdir()
+    (probe / "pyproject.toml").write_text(PROBE_PYPROJECT)
+    (probe / "probe_server.py").write_text(PROBE_SERVER)
+    for pkg in ("client", "common"):  # the sites run the real ClientApp, shipped in the probe's FAB
+        shutil.copytree(PROJECT_ROOT / pkg, probe / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    result = dep.root / "probe.json"
+    ran = dep.flwr("run", str(probe), "fedsynth", "--run-config", f"out='{result}'", "--stream")
+    assert result.exists(), ran.stdout[-3000:] + ran.stderr[-3000:]
+    outcome = json.loads(result.read_text())
+    assert outcome["contacted"] == 3 and len(outcome["replies"]) == 3
+    assert all(r["error"] and not r["records"] for r in outcome["replies"]), outcome
