@@ -11,7 +11,6 @@ The coordinator never sets the noise. Re-sent requests get the reply already rel
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -23,7 +22,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from client.bnstats import record_class_statistics
 from client.dpsgd import train_dpsgd_local
 from client.ledger import BudgetExceeded, PrivacyLedger
-from client.requests import (Refusal, atomic_write_json, load_cached_reply, refuse, request_config, safe_name,
+from client.requests import (Refusal, atomic_write_json, load_cached_reply, load_fixed_plan, refuse, request_config, safe_name,
                              save_cached_reply)
 from client.site import SiteSettings, ledger_path, load_site_data, resolve_site, site_delta
 from common import protocol as P
@@ -39,12 +38,8 @@ PLAN_KEYS = ("net-rounds", "local-steps", "batch-size", "max-grad-norm", "epsilo
 def _plan(site: SiteSettings, data: ImageDataset, ledger: PrivacyLedger, cfg: dict, run_dir: Path) -> dict:
     path = run_dir / "bn-plan.json"
     asked = {k: cfg[k] for k in PLAN_KEYS}
-    if path.exists():
-        plan = json.loads(path.read_text())
-        changed = {k: (plan["asked"][k], v) for k, v in asked.items() if plan["asked"][k] != v}
-        if changed:
-            raise Refusal(P.REFUSED_BAD_REQUEST, f"request changes settings fixed at the run's first request: "
-                                                 f"{changed} (start a new experiment instead)")
+    plan = load_fixed_plan(path, asked)
+    if plan is not None:
         return plan
     rounds, steps, batch = int(cfg["net-rounds"]), int(cfg["local-steps"]), int(cfg["batch-size"])
     share = float(cfg["stats-share"])

@@ -20,8 +20,16 @@ For record i with label y_i and norm-layer inputs a_l (C_l, H_l, W_l), let
 Each record's whole feature vector is clipped to L2 norm C = ``clip_bound`` (flat clipping):
     clip(f_i) = f_i * min(1, C / ||f_i||_2).
 (On trained nets these norms are tightly concentrated, e.g. 10%-99% quantiles 3.9-4.6 for a briefly
-DP-trained width-16 MNIST net, so a C just above them clips almost nothing; per-layer bounds would
-need a data-dependent split between layers.)
+DP-trained width-16 MNIST net, so a C just above them clips almost nothing.)
+
+Per-layer clipping (``clip_bound`` a mapping layer -> c_l, L layers). When one layer dominates the
+norm (the head norm of ``BNNet(head_norm=True)`` has ~50x the norm of the first conv layer), flat
+clipping buries the small layers in noise. Instead every layer's block is clipped on its own,
+    clip_l(f_il) = f_il * min(1, c_l / ||f_il||_2),
+and the record contributes e_{y_i} (x) concat_l clip_l(f_il) / (c_l sqrt(L)) to the scaled sums: the
+feature part still has norm <= 1, so the sensitivity Delta, the mechanism and its accounting are
+unchanged; rescaling block l by c_l sqrt(L) makes its noise std sigma * Delta * c_l * sqrt(L)
+(proportional to the layer's own bound). A float ``clip_bound`` is the flat case above.
 
 Each record contributes the vector u_i = (a * e_{y_i}, e_{y_i} (x) clip(f_i) / C) to the scaled sums,
 where a = ``count_weight`` (default 0.5) and e_y is the one-hot class vector; only class y_i's row is
@@ -87,14 +95,38 @@ def release_sensitivity(count_weight: float = 0.5) -> float:
     return math.sqrt(count_weight**2 + 1.0)
 
 
-def release_noise_std(noise_multiplier: float, clip_bound: float, count_weight: float = 0.5) -> dict[str, float]:
+def layer_noise_scales(clip_bound: float | Mapping[str, float], layers: list[str]) -> dict[str, float]:
+    """Factor kappa_l by which layer l's scaled sums are multiplied back (noise std = sigma*Delta*kappa_l).
+
+    Flat clipping (float C): kappa_l = C for every layer. Per-layer clipping (mapping c_l over the L
+    layers): kappa_l = c_l * sqrt(L) (module docstring).
+    """
+    if isinstance(clip_bound, Mapping):
+        if set(clip_bound) != set(layers):
+            raise ValueError(f"per-layer clip_bound must have exactly the layers {layers}, got {sorted(clip_bound)}")
+        return {n: float(clip_bound[n]) * math.sqrt(len(layers)) for n in layers}
+    return {n: float(clip_bound) for n in layers}
+
+
+def release_noise_std(noise_multiplier: float, clip_bound: float | Mapping[str, float],
+                      count_weight: float = 0.5) -> dict[str, float]:
     """Noise std per coordinate of the released arrays: {"count": .., "sum": .., "sumsq": ..}.
 
-    Public (a function of the config only), so the coordinator may use it, e.g. to judge small counts.
+    With per-layer bounds (a mapping) it also has "sum/<layer>" and "sumsq/<layer>" entries, and
+    "sum"/"sumsq" are the largest of them. Public (a function of the config only), so the coordinator
+    may use it, e.g. to judge small counts.
     """
     delta = release_sensitivity(count_weight)
-    feat = noise_multiplier * delta * clip_bound if noise_multiplier > 0 else 0.0
-    return {"count": noise_multiplier * delta / count_weight, "sum": feat, "sumsq": feat}
+    out = {"count": noise_multiplier * delta / count_weight}
+    if isinstance(clip_bound, Mapping):
+        scales = layer_noise_scales(clip_bound, list(clip_bound))
+        for n, kappa in scales.items():
+            out[SUM_PREFIX + n] = out[SUMSQ_PREFIX + n] = noise_multiplier * delta * kappa if noise_multiplier > 0 else 0.0
+        feat = max(out[SUM_PREFIX + n] for n in scales)
+    else:
+        feat = noise_multiplier * delta * clip_bound if noise_multiplier > 0 else 0.0
+    out["sum"] = out["sumsq"] = feat
+    return out
 
 
 def per_record_features(inputs: dict[str, torch.Tensor], layers: list[str]) -> dict[str, torch.Tensor]:
@@ -106,8 +138,17 @@ def per_record_features(inputs: dict[str, torch.Tensor], layers: list[str]) -> d
     return out
 
 
-def clip_blocks(blocks: dict[str, torch.Tensor], clip_bound: float) -> dict[str, torch.Tensor]:
-    """Scale every record's concatenated blocks (its vector f_i) to total L2 norm <= ``clip_bound``."""
+def clip_blocks(blocks: dict[str, torch.Tensor], clip_bound: float | Mapping[str, float]) -> dict[str, torch.Tensor]:
+    """Scale every record's concatenated blocks (its vector f_i) to total L2 norm <= ``clip_bound``.
+
+    With a mapping layer -> c_l every block is clipped on its own to norm <= c_l.
+    """
+    if isinstance(clip_bound, Mapping):
+        out = {}
+        for name, b in blocks.items():
+            c = float(clip_bound[name])
+            out[name] = b if math.isinf(c) else b * torch.clamp(c / b.norm(dim=1).clamp_min(1e-12), max=1.0)[:, None]
+        return out
     if math.isinf(clip_bound):
         return blocks
     norms = torch.sqrt(sum((b * b).sum(dim=1) for b in blocks.values()))  # (B,) = ||f_i||_2
@@ -115,16 +156,20 @@ def clip_blocks(blocks: dict[str, torch.Tensor], clip_bound: float) -> dict[str,
     return {name: b * factor for name, b in blocks.items()}
 
 
-def _check_args(model: nn.Module, dataset: "ImageDataset", num_classes: int, clip_bound: float,
+def _check_args(model: nn.Module, dataset: "ImageDataset", num_classes: int, clip_bound: float | Mapping[str, float],
                 noise_multiplier: float, count_weight: float, batch_size: int) -> None:
     if len(dataset) == 0:
         raise ValueError("the site's dataset is empty: there are no statistics to record")
     if not (noise_multiplier >= 0.0) or not math.isfinite(noise_multiplier):
         raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier}")
-    if not (clip_bound > 0.0):
-        raise ValueError(f"clip_bound must be > 0, got {clip_bound}")
-    if noise_multiplier > 0 and math.isinf(clip_bound):
-        raise ValueError("a private release (noise_multiplier > 0) needs a finite clip_bound")
+    bounds = list(clip_bound.values()) if isinstance(clip_bound, Mapping) else [clip_bound]
+    if isinstance(clip_bound, Mapping):
+        layer_noise_scales(clip_bound, list(norm_layer_channels(model)))  # checks the layer names
+    for c in bounds:
+        if not (c > 0.0):
+            raise ValueError(f"clip_bound must be > 0, got {c}")
+        if noise_multiplier > 0 and math.isinf(c):
+            raise ValueError("a private release (noise_multiplier > 0) needs a finite clip_bound")
     if not (count_weight > 0.0) or not math.isfinite(count_weight):
         raise ValueError(f"count_weight must be finite and > 0, got {count_weight}")
     if batch_size < 1:
@@ -151,7 +196,7 @@ def exact_class_sums(
     dataset: "ImageDataset",
     *,
     num_classes: int,
-    clip_bound: float = math.inf,
+    clip_bound: float | Mapping[str, float] = math.inf,
     device: torch.device | str | None = None,
     batch_size: int = 512,
     center: Mapping[str, np.ndarray] | None = None,
@@ -198,7 +243,7 @@ def record_class_statistics(
     model: nn.Module,
     dataset: "ImageDataset",
     *,
-    clip_bound: float,
+    clip_bound: float | Mapping[str, float],
     noise_multiplier: float,
     seed: int | None = None,
     device: torch.device | str | None = None,
@@ -213,6 +258,8 @@ def record_class_statistics(
     ``num_classes`` defaults to the net's. ``seed=None`` draws the noise from OS entropy (production);
     a fixed seed makes the noise reproducible (tests, benchmarks only).
     ``noise_multiplier=0`` with ``clip_bound=math.inf`` gives the exact, non-private statistics.
+    ``clip_bound``: a float (flat clipping of the whole vector) or a mapping layer name -> bound
+    (per-layer clipping, see the module docstring; recommended for ``BNNet(head_norm=True)``).
     ``center``: optional public per-class reference, keys "sum/<layer>" and "sumsq/<layer>" with
     shapes (K, C_l) holding reference per-record means and mean squares (module docstring).
     Returns float32 arrays, exactly the keys of :func:`expected_release_keys`.
@@ -231,7 +278,7 @@ def record_class_statistics(
     rng = np.random.default_rng(seed)
     noisy: dict[str, np.ndarray] = {}
     for key, value in exact.items():  # dict order is fixed, so a seed fixes every coordinate's noise
-        scale = std["count"] if key == COUNT_KEY else std["sum"]
+        scale = std["count"] if key == COUNT_KEY else std.get(key, std["sum"])
         noisy[key] = value + rng.normal(0.0, scale, size=value.shape) if scale > 0 else value
     if center is not None:  # post-processing: add the public centre back, weighted by the noisy count
         for key in noisy:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from client.dpgan import LocalGanTrainer, RoundSettings
 from client.ledger import BudgetExceeded, PrivacyLedger
-from client.requests import (Refusal, atomic_write_json, load_cached_reply, refuse, request_config, safe_name,
+from client.requests import (Refusal, atomic_write_json, load_cached_reply, load_fixed_plan, refuse, request_config, safe_name,
                              save_cached_reply)
 from client.site import SiteSettings, ledger_path, load_site_data, resolve_site, site_delta
 from common import protocol as P
@@ -32,12 +31,8 @@ def _gan_plan(site: SiteSettings, data: ImageDataset, ledger: PrivacyLedger, cfg
     """
     path = run_dir / "gan-plan.json"
     asked = {k: cfg[k] for k in ("num-rounds", "local-steps", "batch-size", "max-grad-norm")}
-    if path.exists():
-        plan = json.loads(path.read_text())
-        changed = {k: (plan["asked"][k], v) for k, v in asked.items() if plan["asked"][k] != v}
-        if changed:
-            raise Refusal(P.REFUSED_BAD_REQUEST, f"request changes settings fixed at the run's first round: "
-                                                 f"{changed} (start a new experiment instead)")
+    plan = load_fixed_plan(path, asked)
+    if plan is not None:
         return plan
     n = len(data)
     rounds, steps, batch = int(cfg["num-rounds"]), int(cfg["local-steps"]), int(cfg["batch-size"])

@@ -71,3 +71,15 @@ def save_cached_reply(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
+
+
+def load_fixed_plan(path: Path, asked: dict[str, Any]) -> dict | None:
+    """A run's plan fixed at its first request, or None; refuses a request that changes the plan."""
+    if not path.exists():
+        return None
+    plan = json.loads(path.read_text())
+    changed = {k: (plan["asked"][k], v) for k, v in asked.items() if plan["asked"][k] != v}
+    if changed:
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"request changes settings fixed at the run's first request: "
+                                             f"{changed} (start a new experiment instead)")
+    return plan

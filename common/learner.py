@@ -154,29 +154,26 @@ def train_learner(train: ImageDataset, cfg: LearnerConfig, *, device: torch.devi
 
 
 @torch.no_grad()
+def _batched(fn, model: nn.Module, images: np.ndarray, device: torch.device | str | None,
+             batch_size: int) -> list[np.ndarray]:
+    """Apply ``fn(model, normalized batch)`` over images (N, C, H, W) in [0, 1], in eval mode."""
+    dev = next(model.parameters()).device if device is None else torch.device(device)
+    model.eval()
+    return [fn(model, _normalize(torch.from_numpy(images[start:start + batch_size]).to(dev))).cpu().numpy()
+            for start in range(0, len(images), batch_size)]
+
+
 def predict(model: nn.Module, images: np.ndarray, *, device: torch.device | str | None = None,
             batch_size: int = 1024) -> np.ndarray:
     """Predicted labels (N,) for images (N, C, H, W) in [0, 1]."""
-    dev = next(model.parameters()).device if device is None else torch.device(device)
-    model.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        xb = _normalize(torch.from_numpy(images[start:start + batch_size]).to(dev))
-        out.append(model(xb).argmax(dim=1).cpu().numpy())
+    out = _batched(lambda m, x: m(x).argmax(dim=1), model, images, device, batch_size)
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
-@torch.no_grad()
 def extract_features(model: nn.Module, images: np.ndarray, *, device: torch.device | str | None = None,
                      batch_size: int = 1024) -> np.ndarray:
     """Penultimate-layer features (N, F) of the learner, for feature-space privacy audits."""
-    dev = next(model.parameters()).device if device is None else torch.device(device)
-    model.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        xb = _normalize(torch.from_numpy(images[start:start + batch_size]).to(dev))
-        out.append(model.features(xb).cpu().numpy())
-    return np.concatenate(out).astype(np.float32)
+    return np.concatenate(_batched(lambda m, x: m.features(x), model, images, device, batch_size)).astype(np.float32)
 
 
 def evaluate_learner(model: nn.Module, test: ImageDataset, *, device: torch.device | str | None = None) -> dict:

@@ -14,7 +14,7 @@ from flwr.serverapp import Grid
 from torch import nn
 
 from common import protocol as P
-from server.rounds import send_collect
+from server.rounds import failures_by_site, send_collect
 
 log = logging.getLogger("fedsynth.coordinator")
 
@@ -29,7 +29,7 @@ def federated_evaluate(grid: Grid, model: nn.Module, learner: str, image_shape: 
     msgs = [Message(RecordDict({P.REQ_CLASSIFIER: ArrayRecord(state), P.REQ_CONFIG: cfg}), dst_node_id=n,
                     message_type=P.EVALUATE_CLASSIFIER, group_id="evaluate", ttl=timeout + 60) for n in nodes]
     ex = send_collect(grid, msgs, timeout)
-    rows, failed = [], {}
+    rows, failed = [], failures_by_site(ex, names)
     for reply in ex.ok:
         name = names.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
         content = reply.content
@@ -42,10 +42,6 @@ def federated_evaluate(grid: Grid, model: nn.Module, learner: str, image_shape: 
             failed[name] = "; ".join(problems) or f"unexpected metrics {sorted(metrics)}"
             continue
         rows.append({"name": name, "num_test": int(metrics["num-test"]), "accuracy": metrics["accuracy"]})
-    for reply in ex.errors:
-        failed[names.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))] = (reply.error.reason or "")[:300]
-    for node in ex.missing:
-        failed[names.get(node, str(node))] = "no reply before the deadline"
     total = sum(r["num_test"] for r in rows)
     acc = sum(r["accuracy"] * r["num_test"] for r in rows) / total if total else float("nan")
     if rows:

@@ -56,3 +56,11 @@ def quorum_size(num_contacted: int, quorum: float) -> int:
     import math
 
     return max(1, math.ceil(quorum * num_contacted - 1e-9))
+
+
+def failures_by_site(ex: Exchange, names: dict[int, str]) -> dict[str, str]:
+    """Why each site gave no usable reply (its error reason, or a missed deadline), keyed by site name."""
+    failed = {names.get(r.metadata.src_node_id, str(r.metadata.src_node_id)): (r.error.reason or "")[:300]
+              for r in ex.errors}
+    failed.update({names.get(node, str(node)): "no reply before the deadline" for node in ex.missing})
+    return failed

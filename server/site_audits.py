@@ -10,7 +10,7 @@ from flwr.serverapp import Grid
 
 from common import protocol as P
 from common.data import ImageDataset
-from server.rounds import send_collect
+from server.rounds import failures_by_site, send_collect
 
 log = logging.getLogger("fedsynth.coordinator")
 
@@ -26,7 +26,7 @@ def request_site_audits(grid: Grid, synth: ImageDataset, names: dict[int, str], 
     msgs = [Message(RecordDict({P.REQ_SYNTHETIC: rec, P.REQ_CONFIG: cfg}), dst_node_id=n, message_type=P.QUERY_AUDIT,
                     group_id="audit", ttl=timeout + 60) for n in sorted(grid.get_node_ids())]
     ex = send_collect(grid, msgs, timeout)
-    sites, failed = [], {}
+    sites, failed = [], failures_by_site(ex, names)
     for reply in ex.ok:
         name = names.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
         content = reply.content
@@ -38,8 +38,4 @@ def request_site_audits(grid: Grid, synth: ImageDataset, names: dict[int, str], 
             failed[name] = "reply is not labelled as a diagnostic"
             continue
         sites.append({"name": name, **summary})
-    for reply in ex.errors:
-        failed[names.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))] = (reply.error.reason or "")[:300]
-    for node in ex.missing:
-        failed[names.get(node, str(node))] = "no reply before the deadline"
     return {"sites": sorted(sites, key=lambda s: s["name"]), "failed": failed}

@@ -266,3 +266,56 @@ def test_centring_shrinks_the_needed_clip_bound_and_keeps_the_sensitivity(digits
     for i in range(0, len(ds), 10):
         one = exact_class_sums(net, ds.subset([i]), num_classes=10, clip_bound=clip, center=center)
         assert np.linalg.norm(_scaled_vector(one, clip, a)) <= release_sensitivity(a) * (1 + 1e-9)
+
+
+# ---- head norm and per-layer clipping -------------------------------------------------------------
+
+def test_head_norm_net_records_a_positional_layer() -> None:
+    net = BNNet(1, 10, 28, 4, head_norm=True)
+    assert ModuleValidator.validate(net, strict=False) == []
+    assert net.shape.build().shape == net.shape and net.shape.head_norm
+    assert norm_layer_channels(net) == {"block1.norm": 4, "block2.norm": 8, "block3.norm": 8,
+                                        "head_norm.norm": 8 * 7 * 7}
+    with capture_norm_inputs(net) as inputs:
+        assert net(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+    assert inputs["head_norm.norm"].shape == (3, 8 * 7 * 7, 1, 1)
+
+
+def _layer_scaled_vector(sums: dict[str, np.ndarray], bounds: dict[str, float], a: float) -> np.ndarray:
+    """A per-layer-clipped release in the mechanism's units: count * a, block l / (c_l sqrt(L))."""
+    root = math.sqrt(len(bounds))
+    return np.concatenate([sums[COUNT_KEY] * a] + [sums[k].ravel() / (bounds[k.split("/", 1)[1]] * root)
+                                                   for k in sorted(sums) if k != COUNT_KEY])
+
+
+def test_per_layer_clipping_bounds_each_record_and_scales_the_noise_per_layer(digits: ImageDataset) -> None:
+    net = small_net()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(10.0)
+    ds, a = digits.subset(np.arange(40)), 0.5
+    bounds = {"block1.norm": 0.1, "block2.norm": 2.0, "block3.norm": 0.5}
+    for i in range(len(ds)):  # every record's scaled contribution lies within the sensitivity
+        one = exact_class_sums(net, ds.subset([i]), num_classes=10, clip_bound=bounds)
+        assert np.linalg.norm(_layer_scaled_vector(one, bounds, a)) <= release_sensitivity(a) * (1 + 1e-9)
+        for name, c in bounds.items():  # and each layer's block on its own within its bound
+            block = np.concatenate([one[SUM_PREFIX + name].ravel(), one[SUMSQ_PREFIX + name].ravel()])
+            assert np.linalg.norm(block) <= c * (1 + 1e-9)
+    sigma = 2.0
+    std = release_noise_std(sigma, bounds, a)
+    delta = release_sensitivity(a)
+    for name, c in bounds.items():
+        assert std[SUM_PREFIX + name] == pytest.approx(sigma * delta * c * math.sqrt(3))
+    assert std["sum"] == pytest.approx(sigma * delta * 2.0 * math.sqrt(3))
+    exact = exact_class_sums(net, ds, num_classes=10, clip_bound=bounds)
+    res = {n: [] for n in bounds}
+    for seed in range(30):
+        rel = record_class_statistics(net, ds, clip_bound=bounds, noise_multiplier=sigma, seed=seed, count_weight=a)
+        for n in bounds:
+            res[n].append((rel[SUM_PREFIX + n] - exact[SUM_PREFIX + n]).ravel())
+    for n in bounds:
+        assert np.std(np.concatenate(res[n])) == pytest.approx(std[SUM_PREFIX + n], rel=0.15)
+    with pytest.raises(ValueError, match="exactly the layers"):
+        record_class_statistics(net, ds, clip_bound={"block1.norm": 1.0}, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="finite clip_bound"):
+        record_class_statistics(net, ds, clip_bound={**bounds, "block1.norm": math.inf}, noise_multiplier=1.0)

@@ -142,3 +142,13 @@ def test_synthesis_rejects_mismatched_statistics(trained: tuple[BNNet, PooledSta
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a clean run warns about nothing
         synthesize(net, pooled, 1, iterations=1, progress=False)
+
+
+def test_synthesis_options_layer_weights_schedule_init_threads(trained: tuple[BNNet, PooledStats]) -> None:
+    net, pooled = trained
+    threads = torch.get_num_threads()
+    syn = synthesize(net, pooled, 2, iterations=5, batch_size=20, seed=1, progress=False, lr_schedule="cosine",
+                     init_bias=-1.0, threads=1, layer_weights={"block1.norm": 2.0, "block3.norm": 0.0})
+    assert len(syn) == 20 and torch.get_num_threads() == threads
+    with pytest.raises(ValueError, match="lr_schedule"):
+        synthesize(net, pooled, 1, iterations=1, lr_schedule="step", progress=False)

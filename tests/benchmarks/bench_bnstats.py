@@ -38,11 +38,11 @@ sys.path.insert(0, str(ROOT))
 from client.bnstats import record_class_statistics, release_noise_std, release_num_bytes  # noqa: E402
 from client.dpsgd import train_dpsgd_local  # noqa: E402
 from common.accounting import DPEvent, calibrate_noise_multiplier, default_delta, epsilon_for  # noqa: E402
-from common.bnnet import BNNet  # noqa: E402
+from common.bnnet import BNNet, norm_layer_names  # noqa: E402
 from common.data import ImageDataset, load_dataset  # noqa: E402
 from common.learner import LearnerConfig, evaluate_learner, train_learner  # noqa: E402
 from common.partition import partition_indices  # noqa: E402
-from server.bnsynth import pool_statistics, synthesize  # noqa: E402
+from server.bnsynth import pool_statistics, release_center, synthesize  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,8 +56,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--center-frac", type=float, default=0.0,
                    help="share of the statistics budget (in 1/sigma^2) spent on a first, uncentred release "
                         "whose pooled class means centre the second release (0 = one release)")
-    p.add_argument("--center-clip", type=float, default=0.0,
-                   help="clip bound of the centred second release (0 = same as --clip)")
+    p.add_argument("--layer-clips", default="",
+                   help="per-layer clip bounds 'c1,c2,...' in norm-layer order (per-layer clipping); "
+                        "empty = flat clipping with --clip")
+    p.add_argument("--center-clips", default="",
+                   help="per-layer clip bounds of the centred second release (empty = --layer-clips / --clip)")
+    p.add_argument("--layer-weights", default="", help="synthesis weight per norm layer 'w1,w2,...' (empty = all 1)")
+    p.add_argument("--lr-schedule", default="constant")
+    p.add_argument("--init-bias", type=float, default=0.0)
     p.add_argument("--width", type=int, default=16, help="BNNet width")
     p.add_argument("--head-norm", type=int, default=1, help="1 = BNNet with a norm layer on the head input")
     p.add_argument("--train-only", action="store_true", help="stop after the federated training (with --save-net)")
@@ -178,19 +184,41 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"shared-net test acc {net_accuracy(net, test):.4f}; trained in {train_seconds:.0f} s; saved")
         return {}
 
-    # 4. statistics release and synthesis
-    clip = math.inf if math.isinf(args.epsilon) else args.clip
+    # 4. statistics release(s) and synthesis
+    layers = norm_layer_names(net)
+
+    def bounds(spec: str, default):
+        if not spec:
+            return default
+        vals = [float(v) for v in spec.split(",")]
+        if len(vals) != len(layers):
+            raise SystemExit(f"need {len(layers)} per-layer values for {layers}, got {spec}")
+        return dict(zip(layers, vals))
+
+    clip = bounds(args.layer_clips, args.clip)
+    center_clip = bounds(args.center_clips, clip)
+    if math.isinf(args.epsilon):
+        clip = center_clip = math.inf
     t0 = time.perf_counter()
-    releases = [record_class_statistics(net, ds, clip_bound=clip, noise_multiplier=p["sigma_stats"],
-                                        seed=args.seed + 100 + i, device=dev, count_weight=args.count_weight)
+    center = None
+    if args.center_frac > 0 and not math.isinf(args.epsilon):
+        first = [record_class_statistics(net, ds, clip_bound=clip, noise_multiplier=p["sigma_center"],
+                                         seed=args.seed + 200 + i, device=dev, count_weight=args.count_weight)
+                 for i, (ds, p) in enumerate(zip(sites, plans))]
+        center = release_center(pool_statistics(first))
+    releases = [record_class_statistics(net, ds, clip_bound=center_clip if center else clip,
+                                        noise_multiplier=p["sigma_stats"], seed=args.seed + 100 + i, device=dev,
+                                        count_weight=args.count_weight, center=center)
                 for i, (ds, p) in enumerate(zip(sites, plans))]
     stats_seconds = time.perf_counter() - t0
     pooled = pool_statistics(releases)
     t0 = time.perf_counter()
+    lw = bounds(args.layer_weights, None)
     syn = synthesize(net, pooled, args.num_per_class, iterations=args.iterations, batch_size=args.syn_batch,
                      lr=args.syn_lr, w_stats=args.w_stats, w_ce=args.w_ce, w_tv=args.w_tv, w_l2=args.w_l2,
                      seed=args.seed, device=dev, jitter=args.jitter, classes=train.classes,
-                     progress=args.progress)
+                     progress=args.progress, layer_weights=lw, lr_schedule=args.lr_schedule,
+                     init_bias=args.init_bias, threads=args.threads)
     synth_seconds = time.perf_counter() - t0
 
     # 5. the central learner on synthetic (and optionally real) data
@@ -207,8 +235,10 @@ def main(argv: list[str] | None = None) -> dict:
         "dataset": name, "epsilon": args.epsilon, "args": vars(args),
         "sites": [{k2: v for k2, v in p.items()} for p in plans],
         "budget_split": "stats release calibrated alone to stats_share*eps; DP-SGD calibrated so RDP(stats+SGD) <= eps",
-        "release_noise_std": [release_noise_std(p["sigma_stats"], clip if math.isfinite(clip) else 0.0,
+        "release_noise_std": [release_noise_std(p["sigma_stats"], center_clip if center else clip,
                                                 args.count_weight) for p in plans],
+        "center_release_noise_std": [release_noise_std(p["sigma_center"], clip, args.count_weight)
+                                     for p in plans] if center else None,
         "bytes_per_site_stats": release_num_bytes(net, k),
         "bytes_per_site_weights_per_round": int(sum(t.numel() * 4 for t in net.state_dict().values())),
         "shared_net_params": int(sum(p.numel() for p in net.parameters())),
