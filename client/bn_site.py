@@ -22,7 +22,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from client.bnstats import record_class_statistics
 from client.dpsgd import train_dpsgd_local
 from client.ledger import BudgetExceeded, PrivacyLedger
-from client.requests import (Refusal, atomic_write_json, load_cached_reply, load_fixed_plan, refuse, request_config, safe_name,
+from client.requests import (Refusal, check_useful_noise, require_mode, atomic_write_json, load_cached_reply, load_fixed_plan, refuse, request_config, safe_name,
                              save_cached_reply)
 from client.site import SiteSettings, ledger_path, load_site_data, resolve_site, site_delta
 from common import protocol as P
@@ -60,6 +60,8 @@ def _plan(site: SiteSettings, data: ImageDataset, ledger: PrivacyLedger, cfg: di
                            if total_steps else 0.0)
         except BudgetTooSmall as err:
             raise Refusal(P.REFUSED_BUDGET, f"epsilon {target:g} cannot pay for this plan: {err}") from None
+    check_useful_noise(sigma_stats, "statistics release")
+    check_useful_noise(sigma_train, f"{rounds} rounds x {steps} DP-SGD steps of the shared net")
     events = [DPEvent(sigma_stats, 1.0, 1)] + ([DPEvent(sigma_train, q, total_steps)] if total_steps else [])
     after = epsilon_for(prior + events, delta)
     if after > site.epsilon_budget + 1e-9:
@@ -77,6 +79,7 @@ def _plan(site: SiteSettings, data: ImageDataset, ledger: PrivacyLedger, cfg: di
 def _setup(msg: Message, context: Context):
     """Common checks of both requests; returns (site, cfg, data, ledger, run_dir, net)."""
     site = resolve_site(context.node_config, context.run_config)
+    require_mode(site, "bnstats")
     cfg = request_config(msg, P.BN_REQUEST_KEYS)
     if P.REQ_NET not in msg.content.array_records:
         raise Refusal(P.REFUSED_BAD_REQUEST, "request carries no shared net")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,10 @@ from tqdm.auto import tqdm
 from common.data import ImageDataset
 from common.models import Discriminator, GanShape, Generator
 
+
+# Opacus' per-sample hooks on the first layer fire with inputs that need no gradient (the images);
+# PyTorch warns about that on every D step although it is exactly what we want.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
 
 @dataclass(frozen=True)
 class RoundSettings:

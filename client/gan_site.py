@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from client.dpgan import LocalGanTrainer, RoundSettings
 from client.ledger import BudgetExceeded, PrivacyLedger
-from client.requests import (Refusal, atomic_write_json, load_cached_reply, load_fixed_plan, refuse, request_config, safe_name,
+from client.requests import (Refusal, check_useful_noise, require_mode, atomic_write_json, load_cached_reply, load_fixed_plan, refuse, request_config, safe_name,
                              save_cached_reply)
 from client.site import SiteSettings, ledger_path, load_site_data, resolve_site, site_delta
 from common import protocol as P
@@ -49,6 +49,7 @@ def _gan_plan(site: SiteSettings, data: ImageDataset, ledger: PrivacyLedger, cfg
         raise Refusal(P.REFUSED_BUDGET, f"{rounds} rounds x {steps} steps do not fit the site's budget "
                                         f"(spent {ledger.spent().epsilon:.3g} of {site.epsilon_budget:g}): {err}") from None
     sigma = max(sigma_run, sigma_budget)
+    check_useful_noise(sigma, f"{rounds} rounds x {steps} DP-SGD steps")
     plan = {"asked": asked, "noise_multiplier": sigma, "sample_rate": q, "delta": delta,
             "planned_epsilon_run": epsilon_for([DPEvent(sigma, q, rounds * steps)], delta),
             "epsilon_budget": site.epsilon_budget}
@@ -78,6 +79,7 @@ def handle_train_gan(msg: Message, context: Context) -> Message:
     """Body of the train.gan handler (also called directly by tests)."""
     site = resolve_site(context.node_config, context.run_config)
     try:
+        require_mode(site, "dpgan")
         cfg = request_config(msg, P.GAN_REQUEST_KEYS)
         if P.REQ_GENERATOR not in msg.content.array_records:
             raise Refusal(P.REFUSED_BAD_REQUEST, "request carries no generator")

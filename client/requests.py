@@ -6,12 +6,15 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.app import Error, Message
 
 from common import protocol as P
+
+if TYPE_CHECKING:
+    from client.site import SiteSettings
 
 log = logging.getLogger("fedsynth.site")
 
@@ -83,3 +86,22 @@ def load_fixed_plan(path: Path, asked: dict[str, Any]) -> dict | None:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"request changes settings fixed at the run's first request: "
                                              f"{changed} (start a new experiment instead)")
     return plan
+
+
+def require_mode(site: "SiteSettings", mode: str) -> None:
+    """Refuse a request for a synthesis mode the site's operator did not allow (``modes`` in site.yaml)."""
+    if mode not in site.modes:
+        raise Refusal(P.REFUSED_NOT_ALLOWED,
+                      f"this site allows only the modes {', '.join(site.modes) or 'none'}, not '{mode}'")
+
+
+# Above this noise multiplier DP-SGD updates or statistics are pure noise: a plan that needs more is a
+# budget too small for the requested work, refused instead of silently training on noise.
+MAX_USEFUL_NOISE = 50.0
+
+
+def check_useful_noise(sigma: float, what: str) -> None:
+    if sigma > MAX_USEFUL_NOISE:
+        raise Refusal(P.REFUSED_BUDGET, f"the budget is too small for the requested {what}: it would need noise "
+                                        f"multiplier {sigma:.3g} (> {MAX_USEFUL_NOISE:g}, where nothing is learned); "
+                                        "ask for fewer rounds/steps or a larger epsilon")

@@ -38,8 +38,14 @@ class SiteSettings:
     epsilon_budget: float  # the site's total budget for this dataset
     delta: float  # 0 = default for the dataset size
     audits: bool
+    modes: tuple[str, ...] = ("dpgan", "bnstats")  # synthesis modes this site's operator allows
     heldout: str = ""  # the site's own held-out records (for evaluation and audits); "" = none
     heldout_split: str = "test"
+
+
+def _modes(node_config: Mapping[str, Any]) -> tuple[str, ...]:
+    raw = str(_get(node_config, "modes", "dpgan,bnstats"))
+    return tuple(m.strip() for m in raw.split(",") if m.strip())
 
 
 def _get(cfg: Mapping[str, Any], key: str, default: Any) -> Any:
@@ -64,6 +70,7 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
             partition_id=None, num_partitions=None, partition="iid", seed=0,
             state_dir=Path(str(state_dir)), epsilon_budget=float(node_config["epsilon"]),
             delta=float(_get(node_config, "delta", 0.0)), audits=bool(_get(node_config, "audits", True)),
+            modes=_modes(node_config),
             heldout=str(_get(node_config, "heldout-path", "")), heldout_split=str(_get(node_config, "heldout-split", "test")),
         )
     if "partition-id" not in node_config:
@@ -77,7 +84,7 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
         partition=run.partition, seed=run.seed,
         state_dir=Path(str(_get(node_config, "state-dir", Path(root) / f"site-{pid}"))),
         epsilon_budget=float(_get(node_config, "epsilon", run.epsilon)), delta=run.delta,
-        audits=bool(_get(node_config, "audits", True)), heldout=run.test_data,
+        audits=bool(_get(node_config, "audits", True)), modes=_modes(node_config), heldout=run.test_data,
     )
 
 

@@ -16,7 +16,13 @@ Architecture for an (C, S, S) input, width w:
     block1: conv3x3(C -> w)   -> GroupNorm -> ReLU -> avgpool2   (w,  S/2, S/2)
     block2: conv3x3(w -> 2w)  -> GroupNorm -> ReLU -> avgpool2   (2w, S/4, S/4)
     block3: conv3x3(2w -> 2w) -> GroupNorm -> ReLU               (2w, S/4, S/4)
+    [head_norm: GroupNorm of the flattened map, seen as (B, 2w (S/4)^2, 1, 1)]   (optional)
     head:   linear(2w * (S/4)^2 -> K)
+With ``head_norm=True`` the last recorded layer has one channel per (feature map, position), so the
+class-wise statistics say *where* each class has which features. On MNIST this is what makes the
+synthesis work: exact statistics of a width-16 net give a CNN learner 27.8% TSTR (300 images)
+without it and 89.6% (500 images) with it. It costs 2 * K * 2w (S/4)^2 floats more per release
+(~125 KB for MNIST at width 16). Use per-layer clip bounds with it (``client.bnstats``).
 Average pooling (not max pooling) keeps the gradients of the input smooth, which helps the
 DeepInversion-style synthesis. S = 8 (digits), 28 (MNIST) and 32 (CIFAR) all work.
 """

@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="train the central learner on a synthetic set, test on real data, audit privacy")
     evaluate_cmd.add_arguments(p)
     p.set_defaults(func=evaluate_cmd.main)
+    from fedsynth import deploy as deploy_cmd
+
+    deploy_cmd.add_subcommands(sub)  # site, ledger, coordinator, run
     return parser
 
 

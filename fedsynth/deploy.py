@@ -171,8 +171,8 @@ def _readable_file(path: Path, what: str, fix: str) -> None:
         raise DeployError(f"{what} {path} cannot be read ({err.strerror}); fix its permissions") from None
 
 
-def _check_ca(path: Path) -> None:
-    _readable_file(path, "CA certificate", "copy ca.crt from the coordinator operator (deploy/make_certs.sh makes it)")
+def _check_ca(path: Path, fix: str = "copy ca.crt from the coordinator operator (deploy/make_certs.sh makes it)") -> None:
+    _readable_file(path, "CA certificate", fix)
     try:
         ssl.create_default_context(cafile=str(path))
     except (ssl.SSLError, ValueError) as err:
@@ -789,7 +789,7 @@ def _check_server_cert(cfg: CoordinatorConfig) -> None:
         if getattr(cfg, key) is None:
             raise DeployError(f"{cfg.source}: '{key}' is missing; TLS needs ca_cert, cert and key "
                               "(deploy/make_certs.sh writes ca.crt, superlink.crt and superlink.key)")
-    _check_ca(cfg.ca_cert)
+    _check_ca(cfg.ca_cert, "run deploy/make_certs.sh (it writes ca.crt, superlink.crt and superlink.key) and set ca_cert")
     _readable_file(cfg.cert, "SuperLink certificate", "run deploy/make_certs.sh")
     _readable_file(cfg.key, "SuperLink private key", "run deploy/make_certs.sh")
     try:
@@ -824,8 +824,9 @@ def _check_server_cert(cfg: CoordinatorConfig) -> None:
         ok = host in names
     if not ok:
         raise DeployError(f"SuperLink certificate {cfg.cert} does not name '{host}' (it names {sorted(names | ips)}); "
-                          f"clients dialing {cfg.address} would fail TLS. Re-make it with "
-                          f"SUPERLINK_SAN=\"{'IP' if re.fullmatch(r'[0-9.:]+', host) else 'DNS'}:{host}\" deploy/make_certs.sh")
+                          f"clients dialing {cfg.address} would fail TLS. Delete it and its key, then re-make it with "
+                          f"SUPERLINK_SAN=\"{'IP' if re.fullmatch(r'[0-9.:]+', host) else 'DNS'}:{host}\" "
+                          f"deploy/make_certs.sh {cfg.cert.parent} SITE... (the CA and the site keys are kept)")
 
 
 def check_coordinator(cfg: CoordinatorConfig, insecure: bool = False) -> dict[str, str]:

@@ -167,4 +167,5 @@ def run_coordinator(grid: Grid, context: Context) -> dict:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per Grid poll otherwise
     run_coordinator(grid, context)

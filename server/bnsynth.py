@@ -12,7 +12,10 @@ images x = sigmoid(z) (so pixels stay in [0, 1]) and optimise z with Adam to min
   + w_tv    * TV(x_k) + w_l2 * mean(x_k^2)
 where mu_l, var_l are the channel mean and variance of layer l's norm input over (batch, H, W) of
 the class-k part of the batch, and scale_kl = ||[mean_kl, sqrt(var_kl)]||_2 / sqrt(C_l) makes the
-layers' terms comparable. All classes are optimised together, m images each, in one batch.
+layers' terms comparable (optionally times a per-layer weight). All classes are optimised together,
+m images each, in one batch. With ``BNNet(head_norm=True)`` the last layer's statistics are per
+(feature map, position), which pins the class's spatial layout; on MNIST that is the difference
+between unrecognisable stroke fragments and digits.
 The whole synthesis only post-processes DP releases and the (DP-trained) shared net: no privacy cost.
 """
 

@@ -113,6 +113,11 @@ def run_fedavg_rounds(grid: Grid, cfg: RunConfig, sites: dict[int, SiteRecord], 
                 sites.setdefault(node, SiteRecord(node, f"node-{node}")).rounds_failed[rnd] = (reply.error.reason or "")[:300]
             for node in ex.missing:
                 sites.setdefault(node, SiteRecord(node, f"node-{node}")).rounds_failed[rnd] = "no reply before the deadline"
+            if not accepted and ex.errors and not ex.missing and all(
+                    r.error.code == P.REFUSED_BUDGET for r in ex.errors):
+                reasons = "; ".join((r.error.reason or "")[:200] for r in ex.errors[:3])
+                raise RunFailed(f"every site refused round {rnd} for lack of privacy budget, so no later round "
+                                f"can succeed either: {reasons}")
             need = quorum_size(len(nodes), cfg.quorum)
             entry = {"round": rnd, "contacted": len(nodes), "accepted": len(accepted), "errors": len(ex.errors),
                      "missing": len(ex.missing), "quorum": need}

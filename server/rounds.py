@@ -36,7 +36,12 @@ def send_collect(grid: Grid, messages: list[Message], timeout: float, poll: floa
     deadline = time.monotonic() + timeout
     while pending:
         for reply in grid.pull_messages(list(pending)):
-            pending.discard(reply.metadata.reply_to_message_id)
+            request_id = reply.metadata.reply_to_message_id
+            pending.discard(request_id)
+            if request_id in dst:
+                # Attribute every reply to the site the request went to: when a site is unreachable the
+                # SuperLink answers in its place, with its own id as the sender.
+                reply.metadata.__dict__["_src_node_id"] = dst[request_id]
             (out.errors if reply.has_error() else out.ok).append(reply)
         if not pending or time.monotonic() >= deadline:
             break

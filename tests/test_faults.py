@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from client.app import app as client_app
 from common import protocol as P
 from common.models import GanShape, Generator
-from fedsynth.localgrid import LocalGrid, set_task_identity
+from fedsynth.localgrid import LocalGrid, run_inprocess, set_task_identity
 from server.aggregate import accept_gan_reply
 from server.app import RunFailed, run_coordinator
 from tests.spine_helpers import fast_config, nodes, run
@@ -145,3 +145,44 @@ def test_resent_round_is_answered_from_the_site_cache_without_spending(tmp_path)
     assert [s["epsilon"] for s in second["sites"]] == [s["epsilon"] for s in first["sites"]]
     for ledger in (tmp_path / "sites").rglob("ledger/*.jsonl"):
         assert sum('"purpose"' in line for line in ledger.read_text().splitlines()) == 1
+
+
+def test_site_refuses_modes_its_operator_did_not_allow(tmp_path):
+    cfg = fast_config(tmp_path, num_rounds=1)
+    shape = GanShape(1, 8, 10, cfg.gan_latent_dim, cfg.gan_width)
+    grid = LocalGrid(client_app, [{**nodes(1)[0], "modes": "bnstats"}], cfg.to_flwr())
+    reply = _send(grid, 1000, shape, _gan_request(cfg, shape))
+    assert reply.has_error() and reply.error.code == P.REFUSED_NOT_ALLOWED and "dpgan" in reply.error.reason
+
+
+def test_replies_are_attributed_to_the_site_asked_even_when_the_superlink_answers(tmp_path):
+    """A SuperLink answers for an unreachable site with its own id as sender; the loop must not lose the site."""
+    from flwr.app import Error
+
+    from server.rounds import send_collect
+
+    set_task_identity()
+
+    class SuperLinkAnswers(LocalGrid):
+        def push_messages(self, messages):
+            ids = []
+            for msg in messages:
+                msg.metadata.__dict__["_message_id"] = mid = f"m{len(ids)}"
+                reply = Message(error=Error(code=5, reason="Node unavailable"), reply_to=msg)
+                reply.metadata.__dict__["_src_node_id"] = 1  # the SuperLink, not the site
+                reply.metadata.__dict__["_reply_to_message_id"] = mid
+                self._replies[mid] = reply
+                ids.append(mid)
+            return ids
+
+    grid = SuperLinkAnswers(client_app, nodes(2), fast_config(tmp_path).to_flwr())
+    msgs = [Message(RecordDict({}), dst_node_id=n, message_type=P.QUERY_INFO, group_id="x") for n in (1000, 1001)]
+    ex = send_collect(grid, msgs, timeout=1.0)
+    assert sorted(r.metadata.src_node_id for r in ex.errors) == [1000, 1001]
+
+
+def test_run_stops_when_every_site_refuses_for_budget(tmp_path):
+    cfg = fast_config(tmp_path, num_rounds=3, epsilon=10.0)
+    site_nodes = [{**n, "epsilon": 0.001} for n in nodes(2)]  # below what any noise can reach
+    with pytest.raises(RunFailed, match="refused round 1 for lack of privacy budget"):
+        run_inprocess(run_coordinator, client_app, cfg.to_flwr(), site_nodes)
