@@ -67,7 +67,7 @@ def test_bnstats_run_sends_only_declared_arrays_and_accounts_every_release(tmp_p
 def test_site_over_budget_refuses_statistics_before_any_work(tmp_path):
     cfg = bn_config(tmp_path, epsilon=10.0, quorum=1.0)
     site_nodes = [{**n, "epsilon": 0.5} for n in nodes(2)]  # the sites' own budgets are far below the request
-    with pytest.raises(RunFailed, match="quorum"):
+    with pytest.raises(RunFailed, match="refused round 1 for lack of privacy budget"):
         run_inprocess(run_coordinator, client_app, cfg.to_flwr(), site_nodes)
     assert all(entries == [] for entries in _charges(tmp_path))  # nothing was spent
 
