@@ -120,7 +120,7 @@ def run_coordinator(grid: Grid, context: Context) -> dict:
     learner_cfg = cfg.learner_config()
     utility: dict = {}
     with timed(timings, "learner_synthetic"):
-        model = train_learner(synth, learner_cfg, device=device, desc="learner on synthetic")
+        model = train_learner(synth, learner_cfg, device=device, desc="learner on synthetic", progress=cfg.progress)
         torch.save(model.state_dict(), out_dir / "classifier.pt")
     test = _load_optional(cfg.test_data, "test", cfg)
     if test is not None:
@@ -132,7 +132,7 @@ def run_coordinator(grid: Grid, context: Context) -> dict:
         if cfg.real_baseline:
             real = _load_optional(cfg.data, "train", cfg)
             with timed(timings, "learner_real"):
-                real_model = train_learner(real, learner_cfg, device=device, desc="learner on real")
+                real_model = train_learner(real, learner_cfg, device=device, desc="learner on real", progress=cfg.progress)
                 real_res = evaluate_learner(real_model, test, device=device)
             utility.update({"real_accuracy": real_res["accuracy"], "real_per_class_accuracy": real_res["per_class_accuracy"],
                             "real_mcc": real_res["mcc"],
