@@ -27,7 +27,7 @@ from client.requests import (Refusal, check_useful_noise, require_mode, atomic_w
 from client.site import SiteSettings, ledger_path, load_site_data, resolve_site, site_delta
 from common import protocol as P
 from common.accounting import BudgetTooSmall, DPEvent, calibrate_noise_multiplier, epsilon_for
-from common.bnnet import BNNet
+from common.bnnet import BNNet, norm_layer_names
 from common.data import DataError, ImageDataset
 from common.device import pick_device
 
@@ -91,7 +91,7 @@ def _setup(msg: Message, context: Context):
     if (int(cfg["channels"]), int(cfg["image-size"]), int(cfg["num-classes"])) != (c, h, data.num_classes) or h != w:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"the run expects {cfg['channels']}x{cfg['image-size']}^2 images in "
                                              f"{cfg['num-classes']} classes; this site holds {c}x{h}x{w}, {data.num_classes}")
-    net = BNNet(c, data.num_classes, h, int(cfg["width"]))
+    net = BNNet(c, data.num_classes, h, int(cfg["width"]), head_norm=bool(cfg["head-norm"]))
     try:
         net.load_state_dict(msg.content.array_records[P.REQ_NET].to_torch_state_dict())
     except (RuntimeError, KeyError) as err:
@@ -99,6 +99,22 @@ def _setup(msg: Message, context: Context):
     ledger = PrivacyLedger(ledger_path(site, data), epsilon_budget=site.epsilon_budget, delta=site_delta(site, len(data)))
     run_dir = site.state_dir / "runs" / safe_name(str(cfg["experiment"]))
     return site, cfg, data, ledger, run_dir, net
+
+
+def _clip_bounds(cfg: dict, net: BNNet) -> float | dict[str, float]:
+    """One flat bound, or one per norm layer (in the net's layer order) when ``layer-clips`` is given."""
+    raw = str(cfg["layer-clips"]).strip()
+    if not raw:
+        return float(cfg["clip"])
+    layers = norm_layer_names(net)
+    try:
+        bounds = [float(b) for b in raw.split(",")]
+    except ValueError:
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"layer-clips must be numbers, got {raw!r}") from None
+    if len(bounds) != len(layers) or not all(b > 0 for b in bounds):
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"layer-clips needs {len(layers)} positive bounds for the layers "
+                                             f"{layers}, got {raw!r}")
+    return dict(zip(layers, bounds))
 
 
 def handle_train_bnnet(msg: Message, context: Context) -> Message:
@@ -143,6 +159,7 @@ def handle_bnstats(msg: Message, context: Context) -> Message:
         cached = run_dir / "stats-reply.pt"
         saved = load_cached_reply(cached)
         if saved is None:
+            clips = _clip_bounds(cfg, net)  # a malformed request is refused before anything is charged
             plan = _plan(site, data, ledger, cfg, run_dir)
             sigma = plan["sigma_stats"]
             try:
@@ -150,7 +167,7 @@ def handle_bnstats(msg: Message, context: Context) -> Message:
                                       details={"clip": float(cfg["clip"]), "count-weight": float(cfg["count-weight"])})
             except BudgetExceeded as err:
                 raise Refusal(P.REFUSED_BUDGET, str(err)) from None
-            clip = float(cfg["clip"]) if sigma > 0 else math.inf
+            clip = clips if sigma > 0 else math.inf
             stats = record_class_statistics(net, data, clip_bound=clip, noise_multiplier=sigma,
                                             count_weight=float(cfg["count-weight"]),
                                             device=pick_device(str(context.run_config.get("device", "auto"))))

@@ -42,8 +42,8 @@ REQ_NET = "net"  # ArrayRecord: the shared BN-statistics net's state_dict
 # noise for the one statistics release) at the first of them, from these and its own budget.
 BN_REQUEST_KEYS = (
     "experiment", "server-round", "net-rounds", "local-steps", "batch-size", "max-grad-norm", "lr",
-    "epsilon", "stats-share", "clip", "count-weight", "seed",
-    "channels", "image-size", "num-classes", "width",
+    "epsilon", "stats-share", "clip", "layer-clips", "count-weight", "seed",
+    "channels", "image-size", "num-classes", "width", "head-norm",
 )
 REQ_CLASSIFIER = "classifier"  # ArrayRecord: the central learner's state_dict
 REQ_SYNTHETIC = "synthetic"  # ArrayRecord: "images" (N, C, H, W) float32 and "labels" (N,) int64 to audit

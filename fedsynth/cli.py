@@ -192,7 +192,9 @@ def _add_run_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
         p.add_argument("--test", default="", help="real held-out data for TSTR accuracy (same forms as --data)")
         p.add_argument("--sites", type=int, default=3, help="number of simulated sites")
         p.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA")
-    p.add_argument("--mode", default="dpgan", choices=["dpgan", "bnstats"])
+    # The demo defaults to bnstats: on digits at epsilon=10 it beats the DP-GAN (TSTR 0.71 vs 0.57, both
+    # ~30 s; see the issue notes), which the spec asks the demo to show by default.
+    p.add_argument("--mode", default="bnstats" if demo else "dpgan", choices=["dpgan", "bnstats"])
     p.add_argument("--epsilon", type=float, default=10.0, help="epsilon per site for this run ('inf' = no DP, NOT private)")
     p.add_argument("--out", default="runs/demo" if demo else "runs/latest", help="output directory")
     p.add_argument("--rounds", type=int, default=None, help="federated rounds (default from pyproject.toml)")

@@ -40,7 +40,8 @@ def bn_request(cfg: RunConfig, image_shape: tuple[int, int, int], num_classes: i
         "local-steps": cfg.bn_local_steps, "batch-size": cfg.bn_batch_size, "max-grad-norm": cfg.bn_max_grad_norm,
         "lr": cfg.bn_lr, "epsilon": cfg.epsilon, "stats-share": cfg.bn_stats_share, "clip": cfg.bn_clip,
         "count-weight": cfg.bn_count_weight, "seed": cfg.seed, "channels": c, "image-size": h,
-        "num-classes": num_classes, "width": cfg.bn_width,
+        "num-classes": num_classes, "width": cfg.bn_width, "head-norm": cfg.bn_head_norm,
+        "layer-clips": cfg.bn_layer_clips,
     })
 
 
@@ -85,7 +86,7 @@ def run_bnstats(grid: Grid, cfg: RunConfig, sites: dict[int, SiteRecord], image_
     if h != w:
         raise RunFailed(f"the shared net needs square images, the sites hold {h}x{w}; set image-size")
     torch.manual_seed(cfg.seed)
-    net = BNNet(c, len(classes), h, cfg.bn_width)
+    net = BNNet(c, len(classes), h, cfg.bn_width, head_norm=cfg.bn_head_norm)
 
     def make_config(experiment: str, rnd: int) -> ConfigRecord:
         return bn_request(cfg, image_shape, len(classes), experiment, rnd)
@@ -95,7 +96,7 @@ def run_bnstats(grid: Grid, cfg: RunConfig, sites: dict[int, SiteRecord], image_
             net.load_state_dict(torch.load(cfg.bn_net, map_location="cpu", weights_only=True))
         except (OSError, RuntimeError) as err:
             raise RunFailed(f"cannot use the net file '{cfg.bn_net}' (bn-net): {err}. It must be the state_dict "
-                            f"of BNNet({c}, {len(classes)}, {h}, width={cfg.bn_width})") from None
+                            f"of BNNet({c}, {len(classes)}, {h}, width={cfg.bn_width}, head_norm={cfg.bn_head_norm})") from None
         history, experiment = [], cfg.experiment or uuid.uuid4().hex[:12]
         log.info("using the coordinator's net %s: no site spends budget on it", cfg.bn_net)
     else:

@@ -92,3 +92,17 @@ def test_non_private_bnstats_is_exact_and_marked(tmp_path):
     stats = [m for m in seen if m.metadata.message_type == P.QUERY_BNSTATS]
     counts = sum(m.content.array_records[P.REPLY_STATS]["count"].numpy() for m in stats)
     assert np.allclose(counts, np.bincount(__import__("common.data", fromlist=["x"]).load_dataset("digits").labels))
+
+
+def test_head_norm_net_with_per_layer_clips_runs_and_sends_the_head_statistics(tmp_path):
+    cfg = bn_config(tmp_path, bn_head_norm=True, bn_layer_clips="1,2,3,40", bn_rounds=1)
+    seen = []
+    run_inprocess(run_coordinator, client_app, cfg.to_flwr(), nodes(2), tap=seen.append)
+    stats = [m for m in seen if m.metadata.message_type == P.QUERY_BNSTATS]
+    assert stats and all(not m.has_error() for m in stats)
+    assert "sum/head_norm.norm" in stats[0].content.array_records[P.REPLY_STATS]
+    # a wrong number of bounds is a bad request, refused before any release
+    bad = bn_config(tmp_path / "bad", bn_head_norm=True, bn_layer_clips="1,2", bn_rounds=1)
+    with pytest.raises(RunFailed):
+        run_inprocess(run_coordinator, client_app, bad.to_flwr(), nodes(2))
+    assert all(all(e["purpose"] != "bnstats-release" for e in entries) for entries in _charges(tmp_path / "bad"))
