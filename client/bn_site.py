@@ -22,13 +22,14 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from client.bnstats import record_class_statistics
 from client.dpsgd import train_dpsgd_local
 from client.ledger import BudgetExceeded, PrivacyLedger
-from client.requests import (Refusal, check_useful_noise, require_mode, atomic_write_json, load_cached_reply, load_fixed_plan, refuse, request_config, safe_name,
-                             save_cached_reply)
-from client.site import SiteSettings, ledger_path, load_site_data, resolve_site, site_delta
+from client.requests import (
+    Refusal, atomic_write_json, check_useful_noise, load_cached_reply, load_fixed_plan, open_request, refuse, safe_name, save_cached_reply,
+)
+from client.site import SiteSettings, ledger_path, resolve_site, site_delta
 from common import protocol as P
 from common.accounting import BudgetTooSmall, DPEvent, calibrate_noise_multiplier, epsilon_for
 from common.bnnet import BNNet, norm_layer_names
-from common.data import DataError, ImageDataset
+from common.data import ImageDataset
 from common.device import pick_device
 
 log = logging.getLogger("fedsynth.site")
@@ -79,14 +80,7 @@ def _plan(site: SiteSettings, data: ImageDataset, ledger: PrivacyLedger, cfg: di
 def _setup(msg: Message, context: Context):
     """Common checks of both requests; returns (site, cfg, data, ledger, run_dir, net)."""
     site = resolve_site(context.node_config, context.run_config)
-    require_mode(site, "bnstats")
-    cfg = request_config(msg, P.BN_REQUEST_KEYS)
-    if P.REQ_NET not in msg.content.array_records:
-        raise Refusal(P.REFUSED_BAD_REQUEST, "request carries no shared net")
-    try:
-        data = load_site_data(site)
-    except DataError as err:
-        raise Refusal(P.SITE_FAILURE, f"cannot load the site's data: {err}") from None
+    cfg, data = open_request(msg, site, "bnstats", P.BN_REQUEST_KEYS, P.REQ_NET, "shared net")
     c, h, w = data.image_shape
     if (int(cfg["channels"]), int(cfg["image-size"]), int(cfg["num-classes"])) != (c, h, data.num_classes) or h != w:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"the run expects {cfg['channels']}x{cfg['image-size']}^2 images in "

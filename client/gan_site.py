@@ -10,12 +10,13 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from client.dpgan import LocalGanTrainer, RoundSettings
 from client.ledger import BudgetExceeded, PrivacyLedger
-from client.requests import (Refusal, check_useful_noise, require_mode, atomic_write_json, load_cached_reply, load_fixed_plan, refuse, request_config, safe_name,
-                             save_cached_reply)
-from client.site import SiteSettings, ledger_path, load_site_data, resolve_site, site_delta
+from client.requests import (
+    Refusal, atomic_write_json, check_useful_noise, load_cached_reply, load_fixed_plan, open_request, refuse, safe_name, save_cached_reply,
+)
+from client.site import SiteSettings, ledger_path, resolve_site, site_delta
 from common import protocol as P
 from common.accounting import BudgetTooSmall, DPEvent, calibrate_noise_multiplier, epsilon_for
-from common.data import DataError, ImageDataset
+from common.data import ImageDataset
 from common.device import pick_device
 from common.models import GanShape, Generator
 
@@ -79,14 +80,7 @@ def handle_train_gan(msg: Message, context: Context) -> Message:
     """Body of the train.gan handler (also called directly by tests)."""
     site = resolve_site(context.node_config, context.run_config)
     try:
-        require_mode(site, "dpgan")
-        cfg = request_config(msg, P.GAN_REQUEST_KEYS)
-        if P.REQ_GENERATOR not in msg.content.array_records:
-            raise Refusal(P.REFUSED_BAD_REQUEST, "request carries no generator")
-        try:
-            data = load_site_data(site)
-        except DataError as err:
-            raise Refusal(P.SITE_FAILURE, f"cannot load the site's data: {err}") from None
+        cfg, data = open_request(msg, site, "dpgan", P.GAN_REQUEST_KEYS, P.REQ_GENERATOR, "generator")
         gen_state = msg.content.array_records[P.REQ_GENERATOR].to_torch_state_dict()
         shape = _check_shape(cfg, data, gen_state)
         ledger = PrivacyLedger(ledger_path(site, data), epsilon_budget=site.epsilon_budget,

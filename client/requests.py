@@ -15,6 +15,7 @@ from common import protocol as P
 
 if TYPE_CHECKING:
     from client.site import SiteSettings
+    from common.data import ImageDataset
 
 log = logging.getLogger("fedsynth.site")
 
@@ -105,3 +106,20 @@ def check_useful_noise(sigma: float, what: str) -> None:
         raise Refusal(P.REFUSED_BUDGET, f"the budget is too small for the requested {what}: it would need noise "
                                         f"multiplier {sigma:.3g} (> {MAX_USEFUL_NOISE:g}, where nothing is learned); "
                                         "ask for fewer rounds/steps or a larger epsilon")
+
+
+def open_request(msg: Message, site: "SiteSettings", mode: str, keys: tuple[str, ...], array_key: str,
+                 what: str) -> tuple[dict[str, Any], "ImageDataset"]:
+    """The checks every training request starts with: mode allowed, settings as the protocol says,
+    the model present, the site's data loadable. Returns (settings, data) or raises a Refusal."""
+    from client.site import load_site_data
+    from common.data import DataError
+
+    require_mode(site, mode)
+    cfg = request_config(msg, keys)
+    if array_key not in msg.content.array_records:
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"request carries no {what}")
+    try:
+        return cfg, load_site_data(site)
+    except DataError as err:
+        raise Refusal(P.SITE_FAILURE, f"cannot load the site's data: {err}") from None
