@@ -11,7 +11,8 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from client.dpgan import LocalGanTrainer, RoundSettings
 from client.ledger import BudgetExceeded, PrivacyLedger
 from client.requests import (
-    Refusal, atomic_write_json, check_useful_noise, load_cached_reply, load_fixed_plan, open_request, refuse, safe_name, save_cached_reply,
+    Refusal, atomic_write_json, check_useful_noise, load_cached_reply, load_fixed_plan, open_request, refuse,
+    safe_name, save_cached_reply,
 )
 from client.site import SiteSettings, ledger_path, resolve_site, site_delta
 from common import protocol as P
