@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common import protocol as P
@@ -27,7 +27,7 @@ from server.bn_mode import run_bnstats
 from server.federated_eval import federated_evaluate
 from server.site_audits import request_site_audits
 from server.report import privacy_statement, write_report
-from server.rounds import send_collect
+from server.rounds import broadcast
 from server.synthesis import sample_generator, save_synthetic
 
 log = logging.getLogger("fedsynth.coordinator")
@@ -39,9 +39,7 @@ def discover_sites(grid: Grid, cfg: RunConfig) -> tuple[dict[int, SiteRecord], t
     nodes = sorted(grid.get_node_ids())
     if not nodes:
         raise RunFailed("no site is connected; start the sites (fedsynth site) before the run")
-    msgs = [Message(RecordDict({P.REQ_CONFIG: ConfigRecord({})}), dst_node_id=n, message_type=P.QUERY_INFO,
-                    group_id="info", ttl=cfg.round_timeout + 60) for n in nodes]
-    ex = send_collect(grid, msgs, cfg.round_timeout)
+    ex = broadcast(grid, {P.REQ_CONFIG: ConfigRecord({})}, P.QUERY_INFO, "info", cfg.round_timeout, nodes)
     if not ex.ok:
         reasons = "; ".join((r.error.reason or "").strip()[:300] for r in ex.errors[:3])
         raise RunFailed("no site answered the schema query; check the sites' logs (data path, config)"

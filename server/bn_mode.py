@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from common import protocol as P
@@ -27,7 +27,7 @@ from common.data import ImageDataset
 from server.aggregate import accept_reply
 from server.bnsynth import pool_statistics, synthesize
 from server.fedavg import FedAvgTask, RunFailed, SiteRecord, run_fedavg_rounds, timed
-from server.rounds import quorum_size, send_collect
+from server.rounds import broadcast, quorum_size
 
 log = logging.getLogger("fedsynth.coordinator")
 
@@ -50,10 +50,8 @@ def collect_statistics(grid: Grid, cfg: RunConfig, sites: dict[int, SiteRecord],
     """One query.bnstats to every site; the releases that follow the protocol (quorum enforced)."""
     spec = P.bnstats_spec(net, num_classes)
     nodes = sorted(grid.get_node_ids())
-    arrays = ArrayRecord(net.state_dict())
-    msgs = [Message(RecordDict({P.REQ_NET: arrays, P.REQ_CONFIG: make_config(experiment, 0)}), dst_node_id=n,
-                    message_type=P.QUERY_BNSTATS, group_id="stats", ttl=cfg.round_timeout + 60) for n in nodes]
-    ex = send_collect(grid, msgs, cfg.round_timeout)
+    ex = broadcast(grid, {P.REQ_NET: ArrayRecord(net.state_dict()), P.REQ_CONFIG: make_config(experiment, 0)},
+                   P.QUERY_BNSTATS, "stats", cfg.round_timeout, nodes)
     releases = []
     for reply in ex.ok:
         node = reply.metadata.src_node_id

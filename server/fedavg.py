@@ -11,14 +11,14 @@ from typing import Callable
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from common import protocol as P
 from common.config import RunConfig
 from server.aggregate import accept_reply, weighted_average
 from server.checkpoint import load_checkpoint, save_checkpoint
-from server.rounds import quorum_size, send_collect
+from server.rounds import broadcast, quorum_size
 
 log = logging.getLogger("fedsynth.coordinator")
 
@@ -87,12 +87,10 @@ def run_fedavg_rounds(grid: Grid, cfg: RunConfig, sites: dict[int, SiteRecord], 
         with timed(timings, "rounds"):
             t0 = time.perf_counter()
             nodes = sorted(grid.get_node_ids())
-            arrays = ArrayRecord(model.state_dict())
-            msgs = [Message(RecordDict({task.request_key: arrays, P.REQ_CONFIG: task.make_config(experiment, rnd)}),
-                            dst_node_id=n, message_type=task.message_type, group_id=str(rnd),
-                            ttl=cfg.round_timeout + 60) for n in nodes]
             log.info("round %d/%d: sending the %s to %d site(s)", rnd, num_rounds, task.label, len(nodes))
-            ex = send_collect(grid, msgs, cfg.round_timeout)
+            ex = broadcast(grid, {task.request_key: ArrayRecord(model.state_dict()),
+                                  P.REQ_CONFIG: task.make_config(experiment, rnd)},
+                           task.message_type, str(rnd), cfg.round_timeout, nodes)
             accepted = []
             for reply in ex.ok:
                 update, why = accept_reply(reply, task.reply_key, spec, task.allowed_metrics)

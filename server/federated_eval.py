@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from torch import nn
 
 from common import protocol as P
-from server.rounds import failures_by_site, send_collect
+from server.rounds import broadcast, failures_by_site, site_name
 
 log = logging.getLogger("fedsynth.coordinator")
 
@@ -25,13 +25,11 @@ def federated_evaluate(grid: Grid, model: nn.Module, learner: str, image_shape: 
     c, h, w = image_shape
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     cfg = ConfigRecord({"learner": learner, "channels": c, "height": h, "width": w, "num-classes": num_classes})
-    nodes = sorted(grid.get_node_ids())
-    msgs = [Message(RecordDict({P.REQ_CLASSIFIER: ArrayRecord(state), P.REQ_CONFIG: cfg}), dst_node_id=n,
-                    message_type=P.EVALUATE_CLASSIFIER, group_id="evaluate", ttl=timeout + 60) for n in nodes]
-    ex = send_collect(grid, msgs, timeout)
+    ex = broadcast(grid, {P.REQ_CLASSIFIER: ArrayRecord(state), P.REQ_CONFIG: cfg}, P.EVALUATE_CLASSIFIER,
+                   "evaluate", timeout)
     rows, failed = [], failures_by_site(ex, names)
     for reply in ex.ok:
-        name = names.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
+        name = site_name(names, reply.metadata.src_node_id)
         content = reply.content
         if set(content.keys()) != {P.REPLY_METRICS} or P.REPLY_METRICS not in content.metric_records:
             failed[name] = "reply does not follow the protocol"

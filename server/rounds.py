@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from common import protocol as P
@@ -56,6 +56,20 @@ def send_collect(grid: Grid, messages: list[Message], timeout: float, poll: floa
     return out
 
 
+def broadcast(grid: Grid, records: dict, message_type: str, group_id: str, timeout: float,
+              nodes: list[int] | None = None) -> Exchange:
+    """Send the same records to every site (or to ``nodes``) and collect the replies until ``timeout``."""
+    targets = sorted(grid.get_node_ids()) if nodes is None else nodes
+    msgs = [Message(RecordDict(dict(records)), dst_node_id=n, message_type=message_type, group_id=group_id,
+                    ttl=timeout + 60) for n in targets]
+    return send_collect(grid, msgs, timeout)
+
+
+def site_name(names: dict[int, str], node: int) -> str:
+    """The site's name for a node id, or a stand-in for a node that never said its name."""
+    return names.get(node, f"node-{node}")
+
+
 def quorum_size(num_contacted: int, quorum: float) -> int:
     """Smallest number of valid replies that makes a round count (at least one)."""
     import math
@@ -65,7 +79,6 @@ def quorum_size(num_contacted: int, quorum: float) -> int:
 
 def failures_by_site(ex: Exchange, names: dict[int, str]) -> dict[str, str]:
     """Why each site gave no usable reply (its error reason, or a missed deadline), keyed by site name."""
-    failed = {names.get(r.metadata.src_node_id, str(r.metadata.src_node_id)): (r.error.reason or "")[:300]
-              for r in ex.errors}
-    failed.update({names.get(node, str(node)): "no reply before the deadline" for node in ex.missing})
+    failed = {site_name(names, r.metadata.src_node_id): (r.error.reason or "")[:300] for r in ex.errors}
+    failed.update({site_name(names, node): "no reply before the deadline" for node in ex.missing})
     return failed

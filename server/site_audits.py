@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from common import protocol as P
 from common.data import ImageDataset
-from server.rounds import failures_by_site, send_collect
+from server.rounds import broadcast, failures_by_site, site_name
 
 log = logging.getLogger("fedsynth.coordinator")
 
@@ -23,12 +23,10 @@ def request_site_audits(grid: Grid, synth: ImageDataset, names: dict[int, str], 
     rec = ArrayRecord({"images": Array(np.ascontiguousarray(synth.images[idx])),
                        "labels": Array(np.ascontiguousarray(synth.labels[idx]))})
     cfg = ConfigRecord({"max-records": max_records, "seed": seed})
-    msgs = [Message(RecordDict({P.REQ_SYNTHETIC: rec, P.REQ_CONFIG: cfg}), dst_node_id=n, message_type=P.QUERY_AUDIT,
-                    group_id="audit", ttl=timeout + 60) for n in sorted(grid.get_node_ids())]
-    ex = send_collect(grid, msgs, timeout)
+    ex = broadcast(grid, {P.REQ_SYNTHETIC: rec, P.REQ_CONFIG: cfg}, P.QUERY_AUDIT, "audit", timeout)
     sites, failed = [], failures_by_site(ex, names)
     for reply in ex.ok:
-        name = names.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
+        name = site_name(names, reply.metadata.src_node_id)
         content = reply.content
         if set(content.keys()) != {P.REPLY_DIAGNOSTIC} or P.REPLY_DIAGNOSTIC not in content.config_records:
             failed[name] = "reply does not follow the protocol"
