@@ -15,7 +15,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-from common.learner import LearnerConfig
+from common.learner import LEARNERS, LearnerConfig
 from common.models import GanShape
 
 MODES = ("dpgan", "bnstats")
@@ -158,10 +158,10 @@ class RunConfig:
         need(self.image_size == 0 or self.image_size >= 8, f"image-size must be 0 or >= 8, got {self.image_size}")
         need(self.label_from in ("", "utkface-gender", "utkface-race"),
              f"label-from must be '', 'utkface-gender' or 'utkface-race', got '{self.label_from}'")
-        try:
-            self.learner_config().validate()
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+        need(self.learner in LEARNERS, f"learner must be one of {', '.join(LEARNERS)}, got '{self.learner}'")
+        need(self.learner_epochs >= 1, f"learner-epochs must be >= 1, got {self.learner_epochs}")
+        need(self.learner_batch_size >= 1, f"learner-batch-size must be >= 1, got {self.learner_batch_size}")
+        need(self.learner_lr > 0, f"learner-lr must be > 0, got {self.learner_lr}")
         from common.partition import parse_partition  # local import: keeps config importable alone
 
         try:

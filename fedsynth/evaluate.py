@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from common.audits import site_audit_summary
-from common.data import DataError, ImageDataset, load_dataset
+from common.data import LABEL_FROM_CLASSES, DataError, ImageDataset, load_dataset
 from common.device import pick_device
 from common.learner import LEARNERS, LearnerConfig, evaluate_learner, extract_features, train_learner
 from server.report_html import render_report, save_class_grid
@@ -215,6 +215,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", default=None,
                         help="real training data (enables the real-data baseline and the privacy audits)")
     parser.add_argument("--train-split", default="train", help="split of --train to use (default: train)")
+    parser.add_argument("--label-from", default=None, choices=sorted(LABEL_FROM_CLASSES),
+                        help="label flat UTKFace JPEGs of --test/--train from their file names")
+    parser.add_argument("--real-baseline-from", default=None, type=Path,
+                        help="report.json of an earlier evaluation with the same --train, --test and learner: "
+                             "reuse its real-data learner instead of training it again (sweeps)")
     parser.add_argument("--out", required=True, type=Path, help="output folder for report.json and report.html")
     defaults = LearnerConfig()
     parser.add_argument("--learner", default=defaults.name, choices=LEARNERS,
@@ -253,6 +258,33 @@ def resolve_synthetic(arg: Path) -> tuple[Path, dict | None]:
     return npz, run_report
 
 
+def load_real_baseline(path: Path, *, test: ImageDataset, train: ImageDataset | None,
+                       learner: LearnerConfig) -> dict:
+    """The real-data learner result of an earlier evaluation, if it was measured the same way.
+
+    Raises DataError unless that evaluation used the same real training and test data and the same
+    learner settings: a baseline measured differently would make the ratio meaningless.
+    """
+    if train is None:
+        raise DataError("--real-baseline-from needs --train (the baseline is the learner trained on it)")
+    try:
+        earlier = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"cannot read the earlier evaluation {path}: {exc}") from exc
+    ev, real = earlier.get("evaluation") or {}, earlier.get("real_baseline")
+    if real is None:
+        raise DataError(f"{path} holds no real-data baseline; run that evaluation with --train first")
+    mismatches = [name for name, ours, theirs in (
+        ("test data", test.source, ev.get("test_source")),
+        ("training data", train.source, ev.get("train_source")),
+        ("learner settings", json.loads(json.dumps(asdict(learner))), ev.get("learner")),
+    ) if ours != theirs]
+    if mismatches:
+        raise DataError(f"{path} measured its real-data baseline with other {', '.join(mismatches)}; "
+                        "drop --real-baseline-from to train it again")
+    return real
+
+
 def main(args: argparse.Namespace) -> int:
     """Run ``fedsynth evaluate``; returns the process exit code (0 ok, 2 bad input)."""
     try:
@@ -261,19 +293,24 @@ def main(args: argparse.Namespace) -> int:
         channels, height, width = synthetic.image_shape
         if height != width:
             raise DataError(f"synthetic images are {height}x{width}; only square images are supported")
-        test = load_dataset(args.test, args.test_split, image_size=height, channels=channels)
-        train = (load_dataset(args.train, args.train_split, image_size=height, channels=channels)
+        label_from = args.label_from or None
+        test = load_dataset(args.test, args.test_split, image_size=height, channels=channels, label_from=label_from)
+        train = (load_dataset(args.train, args.train_split, image_size=height, channels=channels,
+                              label_from=label_from)
                  if args.train else None)
         learner = LearnerConfig(name=args.learner, epochs=args.learner_epochs, lr=args.learner_lr,
                                 batch_size=args.learner_batch_size, seed=args.seed)
         learner.validate()
+        real_result = (load_real_baseline(args.real_baseline_from, test=test, train=train, learner=learner)
+                       if args.real_baseline_from else None)
         device = pick_device(args.device)
     except (DataError, ValueError) as exc:
         print(f"fedsynth evaluate: {exc}", file=sys.stderr)
         return 2
     report = evaluate_synthetic(synthetic, test, train=train, out_dir=Path(args.out), learner=learner,
                                 audits=not args.no_audits, max_audit_records=args.max_audit_records,
-                                device=device, progress=not args.quiet, run_report=run_report, seed=args.seed)
+                                device=device, progress=not args.quiet, run_report=run_report, seed=args.seed,
+                                real_result=real_result)
     print(format_summary(report))
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0

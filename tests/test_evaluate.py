@@ -193,3 +193,29 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path: Path, capsys) -> None:
     code = evaluate.main(_cli(["--synthetic", str(tmp_path / "nope"), "--test", "digits", "--out", str(tmp_path)]))
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_reuses_a_real_baseline_only_when_measured_the_same_way(tmp_path: Path, digits, capsys) -> None:
+    train, _ = digits
+    run = tmp_path / "run"
+    save_npz(train.subset(np.arange(0, 300)), run / "synthetic.npz")
+    common = ["--synthetic", str(run), "--test", "digits", "--train", "digits", "--no-audits",
+              "--device", "cpu", "--quiet", "--learner", "logreg"]
+    assert evaluate.main(_cli(common + ["--out", str(tmp_path / "first"), "--learner-epochs", "2"])) == 0
+    first = json.loads((tmp_path / "first" / "report.json").read_text())
+
+    earlier = str(tmp_path / "first" / "report.json")
+    assert evaluate.main(_cli(common + ["--out", str(tmp_path / "again"), "--learner-epochs", "2",
+                                        "--real-baseline-from", earlier])) == 0
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert again["utility"]["real_accuracy"] == first["utility"]["real_accuracy"]
+    assert "train_learner_real" not in again["timings"]
+    assert any("reused" in note for note in again["notes"])
+
+    # a different learner setting would make the ratio meaningless: refused, nothing written
+    capsys.readouterr()
+    code = evaluate.main(_cli(common + ["--out", str(tmp_path / "other"), "--learner-epochs", "3",
+                                        "--real-baseline-from", earlier]))
+    assert code == 2
+    assert "learner settings" in capsys.readouterr().err
+    assert not (tmp_path / "other" / "report.json").exists()

@@ -1,0 +1,413 @@
+"""The results grid: run ``fedsynth simulate`` then ``fedsynth evaluate`` for every point of a grid.
+
+For each (dataset, mode, epsilon, sites, partition) the runner
+  1. runs ``fedsynth simulate`` as its own process with the dataset's recipe (``RECIPES`` below),
+     timing it and reading its peak memory (max RSS) from the kernel;
+  2. runs ``fedsynth evaluate`` on the run's synthetic set against the real test data, with the real
+     training data (the learner on real pooled data, the ratio, memorization and membership-inference
+     audits). The real-data learner is trained once per dataset and learner setting and reused by the
+     later evaluations (``--real-baseline-from``: same data and learner, checked);
+  3. writes one JSON per run to ``--results`` and regenerates ``table.md`` from every JSON there, so
+     grids run at different times add up to one table. Each run's sample grid is copied next to it.
+
+Columns: TSTR accuracy, the same learner on real pooled data, their ratio, MIA AUC (pixel space; the
+JSON also has feature space), near-copies, epsilon spent (worst site), wall time of the simulation,
+bytes sent per site, peak memory, seconds per federated round.
+
+  # the MNIST row of the README (bnstats, 3 sites, Dirichlet 0.5, epsilon 10):
+  .venv/bin/python tests/benchmarks/run_grid.py --datasets mnist --modes bnstats --epsilons 10
+  # the whole grid of issue 6 (many hours on 2 cores):
+  .venv/bin/python tests/benchmarks/run_grid.py --datasets mnist,pneumonia,cifar10,utkface \\
+      --modes dpgan,bnstats --epsilons 1,10,inf --sites 3,10 --partitions iid,dirichlet:0.5
+  # the scale run: 100 simulated sites, statistics mode (memory and time per round)
+  .venv/bin/python tests/benchmarks/run_grid.py --datasets mnist --modes bnstats --epsilons 10 \\
+      --sites 100 --partitions iid --set bn-rounds=2 --set bn-local-steps=5 --tag scale
+
+Runs whose JSON already exists are skipped unless ``--force``; a failed run is recorded with its
+error and the grid goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import itertools
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from common.config import ConfigError, RunConfig  # noqa: E402
+
+DEFAULT_DATA_ROOT = ROOT.parent / "shared" / "data"
+DEFAULT_RESULTS = ROOT / "tests" / "benchmarks" / "results" / "grid"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a dataset lives (relative to the data root) and how to read it."""
+
+    data: str  # path relative to --data-root, or "digits"
+    label_from: str = ""  # utkface-gender for UTKFace's file-name labels
+    image_size: int = 0  # 0 = keep the files' size
+    settings: dict[str, Any] = field(default_factory=dict)  # run settings for every mode
+
+    def path(self, data_root: Path) -> str:
+        return self.data if self.data == "digits" else str(data_root / self.data)
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "digits": DatasetSpec("digits"),
+    "mnist": DatasetSpec("mnist", settings={"learner-epochs": 10}),
+    "pneumonia": DatasetSpec("medmnist/pneumoniamnist.npz", settings={"learner-epochs": 10}),
+    "cifar10": DatasetSpec("cifar10/cifar10-jpg.tar.gz", settings={"learner-epochs": 10}),
+    "utkface": DatasetSpec("utkface/UTKFace-aligned-subset-every6th.tar.gz", label_from="utkface-gender",
+                           image_size=32, settings={"learner-epochs": 10}),
+}
+
+# Per (dataset, mode): the run settings the benchmark uses on top of pyproject.toml's defaults, and
+# per epsilon overrides. These are the recipes the tuning runs in tests/benchmarks/results/ support.
+# Every dataset but digits starts from the mode's "*" recipe; digits runs on the demo's defaults.
+RECIPES: dict[tuple[str, str], dict[str, Any]] = {
+    # DP-GAN on 28x28: what bench_dpgan.py measured (3 rounds x 200 D steps at batch 256)
+    ("*", "dpgan"): {
+        "num-rounds": 3, "gan-local-steps": 200, "gan-batch-size": 256, "gan-width": 24, "gan-d-width": 16,
+        "synthetic-size": 10000, "audit-records": 500,
+    },
+    # BN statistics on 28x28: a net recording the head input's per-position statistics, per-layer
+    # clip bounds, 10 rounds x 30 DP-SGD steps at batch 256 (bench_bnstats.py's MNIST recipe)
+    ("*", "bnstats"): {
+        "bn-head-norm": True, "bn-rounds": 10, "bn-local-steps": 30, "bn-batch-size": 256, "bn-lr": 0.5,
+        "bn-stats-share": 0.3, "bn-synth-batch": 250, "bn-iterations": 200, "synthetic-size": 5000,
+        "audit-records": 500,
+    },
+    ("mnist", "bnstats"): {"bn-layer-clips": "0.9,3.6,5.2,85", "synthetic-size": 10000},
+}
+EPSILON_OVERRIDES: dict[tuple[str, str, float], dict[str, Any]] = {
+    # at epsilon 1 the statistics get half the budget and wider per-layer bounds
+    ("mnist", "bnstats", 1.0): {"bn-stats-share": 0.5, "bn-lr": 0.25, "bn-layer-clips": "0.9,5.0,7.3,90"},
+}
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    dataset: str
+    mode: str
+    epsilon: float
+    sites: int
+    partition: str
+
+    @property
+    def run_id(self) -> str:
+        eps = "inf" if math.isinf(self.epsilon) else f"{self.epsilon:g}"
+        part = self.partition.replace(":", "")
+        return f"{self.dataset}-{self.mode}-eps{eps}-k{self.sites}-{part}"
+
+
+def recipe_settings(point: GridPoint, extra: dict[str, str]) -> dict[str, Any]:
+    """Run settings of one grid point: dataset, mode recipe, epsilon override, then --set."""
+    spec = DATASETS[point.dataset]
+    settings: dict[str, Any] = dict(spec.settings)
+    if point.dataset != "digits":  # 8x8 digits run on the demo's defaults; the "*" recipes are for 28x28+
+        settings.update(RECIPES.get(("*", point.mode), {}))
+    settings.update(RECIPES.get((point.dataset, point.mode), {}))
+    settings.update(EPSILON_OVERRIDES.get((point.dataset, point.mode, point.epsilon), {}))
+    if spec.label_from:
+        settings["label-from"] = spec.label_from
+    if spec.image_size:
+        settings["image-size"] = spec.image_size
+    settings.update(extra)
+    settings["real-baseline"] = False  # the evaluation measures it once per dataset (see module doc)
+    settings["progress"] = False
+    return settings
+
+
+def _setting_text(value: Any) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def run_measured(cmd: list[str], log: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Run ``cmd`` as a child process; its exit code, wall seconds and peak RSS (MiB, from wait4)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as out:
+        out.write("$ " + " ".join(cmd) + "\n")
+        out.flush()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"exit_code": proc.returncode, "seconds": round(time.perf_counter() - start, 1),
+            "peak_rss_mib": round(usage.ru_maxrss / 1024.0, 1), "log": str(log)}
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def run_point(point: GridPoint, *, out_root: Path, results: Path, data_root: Path, extra: dict[str, str],
+              python: str, tag: str = "") -> dict[str, Any]:
+    """Simulate + evaluate one grid point; returns (and writes) its result record."""
+    spec = DATASETS[point.dataset]
+    data = spec.path(data_root)
+    settings = recipe_settings(point, extra)
+    cfg = RunConfig.from_mapping(settings)  # refuse a bad recipe before running
+    run_id = point.run_id + (f"-{tag}" if tag else "")
+    run_dir = out_root / run_id
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a new run: the sites' ledgers of an earlier one would refuse the budget
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "FLWR_HOME": str(run_dir / "flwr_home"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    sim_cmd = [python, "-m", "fedsynth.cli", "simulate", "--data", data, "--test", data,
+               "--sites", str(point.sites), "--partition", point.partition, "--mode", point.mode,
+               "--epsilon", "inf" if math.isinf(point.epsilon) else f"{point.epsilon:g}",
+               "--out", str(run_dir / "sim"), "--quiet", "-v"]
+    for key, value in settings.items():
+        sim_cmd += ["--set", f"{key}={_setting_text(value)}"]
+    record: dict[str, Any] = {
+        "run_id": run_id, "dataset": point.dataset, "mode": point.mode,
+        "epsilon": None if math.isinf(point.epsilon) else point.epsilon, "private": math.isfinite(point.epsilon),
+        "sites": point.sites, "partition": point.partition, "settings": settings,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "commands": {"simulate": " ".join(sim_cmd)},
+    }
+    print(f"[{run_id}] simulate ...", flush=True)
+    sim = run_measured(sim_cmd, run_dir / "simulate.log", env)
+    record["simulate"] = sim
+    sim_report_path = run_dir / "sim" / "report.json"
+    if sim["exit_code"] != 0 or not sim_report_path.is_file():
+        record.update(status="failed", error=f"simulate exited {sim['exit_code']}:\n{_tail(run_dir / 'simulate.log')}")
+        return _write(record, results)
+    sim_report = json.loads(sim_report_path.read_text(encoding="utf-8"))
+
+    learner = cfg.learner_config()
+    baseline_cache = out_root / f"real-baseline-{point.dataset}-{learner.name}-e{learner.epochs}" \
+                                f"-lr{learner.lr:g}-b{learner.batch_size}-s{learner.seed}.json"
+    eval_cmd = [python, "-m", "fedsynth.cli", "evaluate", "--synthetic", str(run_dir / "sim"),
+                "--test", data, "--train", data, "--out", str(run_dir / "eval"), "--quiet",
+                "--learner", learner.name, "--learner-epochs", str(learner.epochs),
+                "--learner-lr", f"{learner.lr:g}", "--learner-batch-size", str(learner.batch_size),
+                "--seed", str(learner.seed), "--max-audit-records", "2000"]
+    if spec.label_from:
+        eval_cmd += ["--label-from", spec.label_from]
+    if baseline_cache.is_file():
+        eval_cmd += ["--real-baseline-from", str(baseline_cache)]
+    record["commands"]["evaluate"] = " ".join(eval_cmd)
+    print(f"[{run_id}] evaluate ...", flush=True)
+    ev = run_measured(eval_cmd, run_dir / "evaluate.log", env)
+    record["evaluate"] = ev
+    eval_report_path = run_dir / "eval" / "report.json"
+    if ev["exit_code"] != 0 or not eval_report_path.is_file():
+        record.update(status="failed", error=f"evaluate exited {ev['exit_code']}:\n{_tail(run_dir / 'evaluate.log')}")
+        return _write(record, results)
+    eval_report = json.loads(eval_report_path.read_text(encoding="utf-8"))
+    if not baseline_cache.is_file() and eval_report.get("real_baseline") is not None:
+        shutil.copyfile(eval_report_path, baseline_cache)
+
+    record.update(status="ok", **summarize(sim_report, eval_report))
+    record["peak_rss_mib"] = max(sim["peak_rss_mib"], ev["peak_rss_mib"])
+    record["wall_seconds"] = sim["seconds"]
+    grid_png = run_dir / "sim" / "grids" / "grid_all.png"
+    if grid_png.is_file():
+        (results / "grids").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(grid_png, results / "grids" / f"{run_id}.png")
+        record["sample_grid"] = f"grids/{run_id}.png"
+    record["outputs"] = {"simulate": str(run_dir / "sim"), "evaluate": str(run_dir / "eval")}
+    return _write(record, results)
+
+
+def summarize(sim: dict[str, Any], ev: dict[str, Any]) -> dict[str, Any]:
+    """The table's numbers from a simulation report and its evaluation report."""
+    u = ev.get("utility", {})
+    audits = ev.get("audits") or {}
+    pixel, feature = audits.get("pixel") or {}, audits.get("feature") or {}
+    sites = sim.get("sites", [])
+    eps = [s["epsilon"] for s in sites if s.get("epsilon") is not None]
+    round_seconds = [r["seconds"] for r in sim.get("rounds", []) if r.get("seconds") is not None]
+    return {
+        "tstr_accuracy": u.get("tstr_accuracy"),
+        "tstr_mcc": u.get("mcc"),
+        "real_accuracy": u.get("real_accuracy"),
+        "ratio": u.get("ratio"),
+        "per_class_accuracy": u.get("per_class_accuracy"),
+        "mia_auc_pixel": (pixel.get("membership_inference") or {}).get("auc"),
+        "mia_auc_pixel_ci95": (pixel.get("membership_inference") or {}).get("auc_ci95"),
+        "mia_auc_feature": (feature.get("membership_inference") or {}).get("auc"),
+        "near_copies_pixel": ((pixel.get("memorization") or {}).get("near_copies") or {}).get("count"),
+        "near_copies_feature": ((feature.get("memorization") or {}).get("near_copies") or {}).get("count"),
+        "memorization_flagged": bool((pixel.get("memorization") or {}).get("flagged"))
+        or bool((feature.get("memorization") or {}).get("flagged")),
+        "epsilon_spent_max": max(eps) if eps else None,
+        "delta_max": max((s["delta"] for s in sites if s.get("delta") is not None), default=None),
+        "bytes_per_site": (sum(s.get("bytes_sent", 0) for s in sites) / len(sites)) if sites else None,
+        "sites_dropped": sum(1 for s in sites if s.get("dropped")),
+        "round_seconds": round_seconds,
+        "seconds_per_round": (sum(round_seconds) / len(round_seconds)) if round_seconds else None,
+        "synthetic_count": (sim.get("synthetic") or {}).get("count"),
+        "timings": sim.get("timings"),
+        "federated_accuracy": (sim.get("federated_evaluation") or {}).get("accuracy"),
+    }
+
+
+def _write(record: dict[str, Any], results: Path) -> dict[str, Any]:
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{record['run_id']}.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+    write_table(results)
+    return record
+
+
+# --------------------------------------------------------------------------------------------------
+# the markdown table
+# --------------------------------------------------------------------------------------------------
+
+_MODE_ORDER = {"bnstats": 0, "dpgan": 1}
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    if value is None:
+        return "–"
+    return "∞" if value in ("inf", math.inf) else format(value, spec)
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "–"
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def load_records(results: Path) -> list[dict[str, Any]]:
+    records = []
+    for path in sorted(results.glob("*.json")):
+        try:
+            rec = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "run_id" in rec:
+            records.append(rec)
+    return records
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    """One markdown row per run, ordered by dataset, mode, epsilon (private first), sites, partition."""
+    def key(r: dict[str, Any]) -> tuple:
+        eps = r.get("epsilon")
+        return (r["dataset"], _MODE_ORDER.get(r["mode"], 9), math.inf if eps is None else -eps,
+                r["sites"], r["partition"], r["run_id"])
+
+    head = ("| dataset | mode | ε per site | sites | partition | TSTR | real data | ratio | MIA AUC (pixel) "
+            "| near-copies | ε spent | wall | bytes sent / site | peak memory | s / round |")
+    columns = head.count("|") - 1
+    lines = [head, "|" + "---|" * columns]
+    for r in sorted(records, key=key):
+        eps = "∞ (NOT private)" if r.get("epsilon") is None else f"{r['epsilon']:g}"
+        if r.get("status") != "ok":
+            first = (r.get("error") or "failed").splitlines()[0]
+            lines.append(f"| {r['dataset']} | {r['mode']} | {eps} | {r['sites']} | {r['partition']} "
+                         f"| failed: {first} |" + " |" * (columns - 6))
+            continue
+        lines.append(
+            f"| {r['dataset']} | {r['mode']} | {eps} | {r['sites']} | {r['partition']} "
+            f"| {_fmt(r.get('tstr_accuracy'))} | {_fmt(r.get('real_accuracy'))} | {_fmt(r.get('ratio'), '.2f')} "
+            f"| {_fmt(r.get('mia_auc_pixel'))} | {_fmt(r.get('near_copies_pixel'), 'd')} "
+            f"| {_fmt(r.get('epsilon_spent_max'), '.2f')} | {_fmt(r.get('wall_seconds'), '.0f')} s "
+            f"| {_bytes(r.get('bytes_per_site'))} | {_fmt(r.get('peak_rss_mib'), '.0f')} MiB "
+            f"| {_fmt(r.get('seconds_per_round'), '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(results: Path) -> Path:
+    path = results / "table.md"
+    path.write_text(format_table(load_records(results)), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def _floats(text: str) -> list[float]:
+    return [math.inf if t.strip().lower() in ("inf", "none") else float(t) for t in text.split(",") if t.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", default="mnist", help=f"comma-separated, from {sorted(DATASETS)}")
+    p.add_argument("--modes", default="bnstats,dpgan", help="comma-separated: dpgan, bnstats")
+    p.add_argument("--epsilons", default="10", help="comma-separated per-site epsilons; inf = no DP")
+    p.add_argument("--sites", default="3", help="comma-separated site counts")
+    p.add_argument("--partitions", default="dirichlet:0.5", help="comma-separated: iid, dirichlet:ALPHA")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra run setting for every run (wins over the recipes)")
+    p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT, help="folder holding the datasets")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "grid", help="run outputs (large)")
+    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="per-run JSON, table.md, grids")
+    p.add_argument("--tag", default="", help="suffix of the run ids (e.g. scale)")
+    p.add_argument("--force", action="store_true", help="run again points whose JSON exists")
+    p.add_argument("--python", default=sys.executable, help="interpreter that runs fedsynth")
+    return p.parse_args(argv)
+
+
+def grid_points(args: argparse.Namespace) -> list[GridPoint]:
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    unknown = [d for d in datasets if d not in DATASETS]
+    if unknown:
+        raise SystemExit(f"unknown dataset(s) {unknown}; choose from {sorted(DATASETS)}")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    sites = [int(k) for k in args.sites.split(",") if k.strip()]
+    partitions = [p.strip() for p in args.partitions.split(",") if p.strip()]
+    return [GridPoint(*combo) for combo in itertools.product(datasets, modes, _floats(args.epsilons), sites, partitions)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    extra: dict[str, str] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        extra[key.strip()] = value.strip()
+    points = grid_points(args)
+    for point in points:  # refuse a bad grid before hours of running
+        spec = DATASETS[point.dataset]
+        if spec.data != "digits" and not (args.data_root / spec.data).exists():
+            raise SystemExit(f"{point.dataset}: {args.data_root / spec.data} does not exist; pass --data-root")
+        try:
+            RunConfig.from_mapping(recipe_settings(point, extra))
+        except ConfigError as exc:
+            raise SystemExit(f"{point.run_id}: {exc}") from exc
+    failed = 0
+    for i, point in enumerate(points, 1):
+        run_id = point.run_id + (f"-{args.tag}" if args.tag else "")
+        if (args.results / f"{run_id}.json").is_file() and not args.force:
+            print(f"[{i}/{len(points)}] {run_id}: result exists, skipped (--force to rerun)")
+            continue
+        print(f"[{i}/{len(points)}] {run_id}", flush=True)
+        rec = run_point(point, out_root=args.out, results=args.results, data_root=args.data_root, extra=extra,
+                        python=args.python, tag=args.tag)
+        if rec["status"] == "ok":
+            print(f"  TSTR {_fmt(rec['tstr_accuracy'])}  real {_fmt(rec['real_accuracy'])}  "
+                  f"ratio {_fmt(rec['ratio'], '.2f')}  MIA AUC {_fmt(rec['mia_auc_pixel'])}  "
+                  f"wall {rec['wall_seconds']:.0f} s  peak {rec['peak_rss_mib']:.0f} MiB", flush=True)
+        else:
+            failed += 1
+            print(f"  FAILED: {rec['error']}", flush=True)
+    print(f"table: {write_table(args.results)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
