@@ -151,7 +151,7 @@ def run_coordinator(grid: Grid, context: Context) -> dict:
                   "dropped": bool(s.rounds_failed)} for s in sorted(sites.values(), key=lambda s: s.name)]
     report = {
         "mode": cfg.mode, "private": cfg.private, "epsilon_target": cfg.epsilon, "delta": cfg.delta,
-        "privacy_statement": privacy_statement(cfg.private, cfg.epsilon, site_rows),
+        "privacy_statement": privacy_statement(cfg.private, cfg.epsilon, site_rows, cfg.mode),
         "experiment": experiment, "num_rounds": cfg.num_rounds, "rounds": history, "sites": site_rows,
         "utility": utility, "federated_evaluation": fed_eval, "audits": audits,
         "synthetic": synth_info, "timings": timings, "config": cfg.to_flwr(),

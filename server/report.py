@@ -37,11 +37,14 @@ def write_report(report: dict, out_dir: Path) -> Path:
     return path
 
 
-def privacy_statement(private: bool, epsilon: float, sites: list[dict]) -> str:
+def privacy_statement(private: bool, epsilon: float, sites: list[dict], mode: str = "dpgan") -> str:
     """One plain sentence on what the run's privacy numbers mean."""
     if not private:
-        return ("NOT differentially private: sites trained without noise (epsilon = inf). This run only shows "
+        return ("NOT differentially private: sites released without noise (epsilon = inf). This run only shows "
                 "what the pipeline reaches without privacy; never use it on real private data.")
     worst = max((float(s.get("epsilon", math.inf)) for s in sites), default=math.inf)
-    return (f"Each site's generator release is ({worst:.3g}, delta)-differentially private for one record of "
-            f"that site (worst site shown; run requested epsilon <= {epsilon:g}), accounted in the site's own ledger.")
+    released = {"dpgan": "generator weights", "bnstats": "shared-net updates and class statistics"}.get(
+        mode, "releases")
+    return (f"Everything a site released in this run (its {released}) is ({worst:.3g}, delta)-differentially "
+            f"private for one record of that site (worst site shown; run requested epsilon <= {epsilon:g}), "
+            "accounted in the site's own ledger.")

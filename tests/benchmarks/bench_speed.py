@@ -4,18 +4,29 @@ What it measures, side by side, on random 28x28 grayscale data with 10 classes (
 does not depend on pixel values):
 
 1. The discriminator's DP-SGD step exactly as ``client.dpgan.LocalGanTrainer`` does it (Poisson mask,
-   fake batch from G, two forward passes, one backward, Opacus ``GradSampleModule`` "hooks" +
-   ``DPOptimizer`` step), against the trainer's own non-DP step of the same discriminator (plain
-   autograd + the same Adam, same expected batch), at batch 256 and 64. Both are timed by calling
-   ``LocalGanTrainer.train_round`` with D steps only (``d_steps_per_g`` > ``steps``); the round's fixed
-   cost (a 0-step round) is subtracted. Result: ms/step and the ratio DP / non-DP.
+   fake batch from G, TWO forward passes of b rows each, real then fake (``discriminator_loss``), one
+   backward, Opacus ``GradSampleModule`` "hooks" summing row i of both passes' per-sample gradients
+   (record i's sample is the pair (real_i, fake_i), clipped jointly), ``DPOptimizer`` step), against the
+   trainer's own non-DP step of the same discriminator (plain autograd + the same Adam, same expected
+   batch), at batch 256 and 64. Both are timed by calling ``LocalGanTrainer.train_round`` with D steps
+   only (``d_steps_per_g`` > ``steps``); the round's fixed cost (a 0-step round) is subtracted.
+   Result: ms/step and the ratio DP / non-DP.
 2. The same DP step with Opacus' other per-sample-gradient modes: "functorch" and "ew" (expanded
    weights) through the same trainer (its ``GradSampleModule`` swapped for the mode's class), and
-   "fgc" (fast gradient clipping, two-pass D step) and "ghost" (ghost clipping; it refuses the
-   two-pass step, whose Linear layers see two forwards, so its error is recorded and the concatenated
-   real+fake D step is timed instead) with a small re-implementation of the trainer's D step, since
-   they need a different loss object and optimizer. "hooks_own" runs that re-implementation in the
-   trainer's own mode, so it shows whether the re-implemented rows are comparable with the trainer rows.
+   "fgc" (fast gradient clipping) and "ghost" (ghost clipping) with a small re-implementation of the
+   step (``OwnDStep``), since they need a per-record loss vector and another optimizer. Each uses the
+   first D-step formulation Opacus accepts, the trainer's two-pass one first: fgc runs the two-pass
+   step (Opacus accumulates row i of both passes before taking norms); ghost clipping refuses a
+   module used twice in one step ("Parameter tying is not supported"), so ghost runs the one-pass step
+   (concatenated real+fake) with the pair's norms computed jointly (paired per-sample gradients /
+   paired ghost norms); the row's note says which and why. Their per-record norms are checked against
+   the trainer's on one batch (in the note). "hooks_own" runs the re-implementation with the trainer's
+   own ``discriminator_loss``, i.e. the trainer's computation, so it shows whether the re-implemented
+   rows are comparable with the trainer rows. "hooks_one_pass" is the one-pass alternative (one forward
+   over the 2b concatenated rows, then rows i and b+i of every ``p.grad_sample`` summed before the
+   optimizer step; ``one_pass_vs_two_pass`` in the JSON). The trainer does not use it: measured slower
+   than two passes at batch 256 (143 vs 101 ms/step; the (2b, ...) per-sample gradient buffers miss
+   the allocator's cache and page-fault; within a few per cent at batch 64).
    A mode that errors is recorded with its message.
 3. Throughput: a full local step of the trainer (D step + G step) in real images/s, DP and non-DP;
    the BN-statistics mode's federated DP-SGD local step (``client.dpsgd.train_dpsgd_local``, shared
@@ -27,7 +38,7 @@ does not depend on pixel values):
 Timings are medians over ``--repeats`` repeats after a warm-up, with the configurations interleaved
 (the order rotates every repeat) so that background load hits all of them alike.
 
-Run (about 2.5 min with the defaults on a 2-core box, 1 thread):
+Run (about 3 min with the defaults on a 2-core box, 1 thread):
 
   cd /work/main && PYTHONPATH=. .venv/bin/python tests/benchmarks/bench_speed.py
   PYTHONPATH=. .venv/bin/python tests/benchmarks/bench_speed.py --threads 2 --batch-sizes 256 --repeats 7
@@ -54,7 +65,7 @@ import tempfile
 import time
 import tomllib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -69,13 +80,16 @@ sys.path.insert(0, str(ROOT))
 import client.dpgan as dpgan_module  # noqa: E402
 import opacus  # noqa: E402
 from client.bnstats import record_class_statistics  # noqa: E402
-from client.dpgan import LocalGanTrainer, RoundSettings  # noqa: E402
+from client.dpgan import LocalGanTrainer, RoundSettings, discriminator_loss  # noqa: E402
 from client.dpsgd import train_dpsgd_local  # noqa: E402
 from common.bnnet import BNNet  # noqa: E402
 from common.data import ImageDataset  # noqa: E402
 from common.models import Discriminator, GanShape, Generator  # noqa: E402
 from opacus import GradSampleModule  # noqa: E402
 from opacus.grad_sample import GradSampleModuleExpandedWeights, GradSampleModuleFastGradientClipping  # noqa: E402
+from opacus.grad_sample import grad_sample_module_fast_gradient_clipping as fgc_module  # noqa: E402
+from opacus.grad_sample.embedding import compute_embedding_norm_sample  # noqa: E402
+from opacus.grad_sample.linear import compute_linear_norm_sample  # noqa: E402
 from opacus.optimizers import DPOptimizerFastGradientClipping  # noqa: E402
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping  # noqa: E402
 from server.bnsynth import pool_statistics, synthesize  # noqa: E402
@@ -93,6 +107,7 @@ ERROR_HINTS = {  # error text -> why, for the JSON
         "embedding takes the (B,) labels, so the 'ew' mode cannot run this model unchanged",
 }
 CPU = torch.device("cpu")
+_ORIG_CREATE_NORM_SAMPLE = fgc_module.create_norm_sample
 
 
 # ---- settings ------------------------------------------------------------------------------------
@@ -101,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the box has 2 cores)")
     p.add_argument("--batch-sizes", default="256,64", help="expected Poisson batch sizes of the D step")
-    p.add_argument("--modes", default="hooks,functorch,ew,fgc,ghost,hooks_own",
+    p.add_argument("--modes", default="hooks,functorch,ew,fgc,ghost,hooks_own,hooks_one_pass",
                    help="Opacus per-sample-gradient modes to time (hooks is the trainer's own)")
     p.add_argument("--records", type=int, default=5000, help="random 28x28 records at the site")
     p.add_argument("--steps", type=int, default=10, help="D steps per timed measurement")
@@ -167,14 +182,19 @@ class Timer:
         return 1000 * statistics.median(self.samples) if self.samples else None
 
 
+def _short_error(err: Exception) -> str:
+    """One line of an exception's type and message (300 characters at most)."""
+    text = f"{type(err).__name__}: {err}".split(", tensor(")[0]  # no tensor dumps
+    return " ".join(text.split())[:300]
+
+
 def warm_up(timers: list[Timer]) -> None:
     """One untimed measurement each; a configuration that raises is kept with its error and skipped."""
     for t in timers:
         try:
             t.measure()
         except Exception as err:  # noqa: BLE001 - a mode that fails is a result, not a crash
-            text = f"{type(err).__name__}: {err}".split(", tensor(")[0]  # no tensor dumps
-            t.error = " ".join(text.split())[:300]
+            t.error = _short_error(err)
             print(f"  {t.name}: ERROR {t.error}", flush=True)
 
 
@@ -249,18 +269,139 @@ def trainer_timer(bench: GanBench, name: str, mode: str, rs: RoundSettings) -> T
     return Timer(name, measure)
 
 
+OWN_MODES = {  # benchmark mode -> (OwnDStep mode, D-step formulations to try in order; the first accepted runs)
+    "hooks_own": ("hooks", ("two_pass",)),  # the trainer's step: its own discriminator_loss (two passes)
+    "hooks_one_pass": ("hooks", ("one_pass",)),  # one pass over 2b rows + rows i and b+i summed (not used)
+    "fgc": ("fgc", ("two_pass", "one_pass")),
+    "ghost": ("ghost", ("two_pass", "one_pass")),  # Opacus' ghost clipping refuses a module used twice
+}
+MODE_NOTES = {
+    "hooks": "LocalGanTrainer.train_round as is (Opacus GradSampleModule hooks, two D passes of b rows: real, "
+             "fake; Opacus sums row i of both)",
+    "functorch": "LocalGanTrainer.train_round with GradSampleModule(force_functorch=True)",
+    "ew": "LocalGanTrainer.train_round with GradSampleModuleExpandedWeights",
+    "hooks_own": "re-implemented step, same computation as the trainer: its discriminator_loss (real pass, fake "
+                 "pass; Opacus sums row i of both passes' per-sample gradients) + DPOptimizer",
+    "hooks_one_pass": "the one-pass alternative, re-implemented (the trainer does not use it): one D forward over "
+                      "the 2b concatenated real+fake rows, one backward, rows i and b+i of every p.grad_sample "
+                      "summed before the DPOptimizer step (record i = the pair (real_i, fake_i))",
+    "fgc": "fast gradient clipping; per-record loss = loss(real_i) + loss(fake_i)",
+    "ghost": "ghost clipping; per-record loss = loss(real_i) + loss(fake_i)",
+}
+FORMULATION_NOTES = {
+    ("fgc", "two_pass"): "on the trainer's two-pass step (Opacus accumulates row i of both passes' per-sample "
+                         "gradients, then takes their norms)",
+    ("fgc", "one_pass"): "on the one-pass step, per-sample gradients paired (rows i + b+i) before Opacus takes "
+                         "their norms",
+    ("ghost", "two_pass"): "on the trainer's two-pass step",
+    ("ghost", "one_pass"): "on the one-pass step; Linear/Embedding norms of the pair (real_i, fake_i) from Opacus' "
+                           "own norm samplers on a (b, 2, ...) view, conv/GroupNorm as in fgc (paired per-sample "
+                           "gradients)",
+}
+
+
+def one_pass_loss(d_model: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor,
+                  ac_weight: float) -> torch.Tensor:
+    """The one-pass D loss: one forward over the 2b rows [real; fake] (same labels twice), summed.
+
+    Equals ``discriminator_loss``'s loss; under Opacus hooks it leaves (2b, ...) per-sample gradients
+    that :func:`pair_grad_samples` folds to the b records.
+    """
+    b = len(real)
+    adv, cls = d_model(torch.cat([real, fake]), torch.cat([labels, labels]))  # (2b,), (2b, K)
+    is_real = torch.cat([torch.ones(b), torch.zeros(b)])  # (2b,)
+    return (F.binary_cross_entropy_with_logits(adv, is_real, reduction="sum")
+            + ac_weight * F.cross_entropy(cls[:b], labels, reduction="sum"))
+
+
+def pair_grad_samples(params: Iterable[torch.Tensor], b: int) -> None:
+    """(2b, ...) per-sample gradients of the one-pass step -> (b, ...): row i + row b+i (record i's pair)."""
+    for p in params:
+        gs = getattr(p, "grad_sample", None)
+        if gs is not None:
+            p.grad_sample = gs[:b] + gs[b:]
+
+
+def pair_losses(d_model: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor,
+                ac_weight: float) -> torch.Tensor:
+    """(b,) per-record losses of the one-pass D step: row i = loss(real_i) + loss(fake_i).
+
+    Their sum is :func:`one_pass_loss` (same single forward over the 2b concatenated rows);
+    fast-gradient/ghost clipping need the per-record vector.
+    """
+    b = len(real)
+    adv, cls = d_model(torch.cat([real, fake]), torch.cat([labels, labels]))  # (2b,), (2b, K)
+    is_real = torch.cat([torch.ones(b), torch.zeros(b)])  # (2b,)
+    bce = F.binary_cross_entropy_with_logits(adv, is_real, reduction="none")  # (2b,)
+    return bce[:b] + bce[b:] + ac_weight * F.cross_entropy(cls[:b], labels, reduction="none")
+
+
+def two_pass_losses(d_model: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor,
+                    ac_weight: float) -> torch.Tensor:
+    """(b,) per-record losses of the trainer's two-pass D step: row i = loss(real_i) + loss(fake_i).
+
+    Their sum is ``discriminator_loss``'s loss (real pass, then fake pass; the fake class logits enter
+    with weight 0 so that every head's hooks fire in both passes, as in the trainer).
+    """
+    real_adv, real_cls = d_model(real, labels)  # (b,), (b, K)
+    fake_adv, fake_cls = d_model(fake, labels)
+    return (F.binary_cross_entropy_with_logits(real_adv, torch.ones_like(real_adv), reduction="none")
+            + F.binary_cross_entropy_with_logits(fake_adv, torch.zeros_like(fake_adv), reduction="none")
+            + ac_weight * F.cross_entropy(real_cls, labels, reduction="none") + 0.0 * fake_cls.sum(1))
+
+
+def _paired_create_norm_sample(*, param: torch.Tensor, grad_sample: torch.Tensor, max_batch_len: int) -> None:
+    """Opacus' FGC ``create_norm_sample`` on the paired (b-row) per-sample gradient of the 2b-row pass."""
+    b = len(grad_sample) // 2
+    param.grad_sample = grad_sample
+    pair_grad_samples([param], b)  # (2b, ...) -> (b, ...)
+    _ORIG_CREATE_NORM_SAMPLE(param=param, grad_sample=param.grad_sample, max_batch_len=b)
+
+
+def _as_pairs(t: torch.Tensor) -> torch.Tensor:
+    """(2b, ...) rows [real; fake] -> (b, 2, ...): row i = (real_i, fake_i), a 'sequence' of 2."""
+    b = len(t) // 2
+    return torch.stack([t[:b], t[b:]], dim=1)
+
+
+def _paired_linear_norms(layer: torch.nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+    """Ghost norms of the pair's summed Linear gradient (Opacus' 3D rule: norm of the sum over the 2 rows)."""
+    return compute_linear_norm_sample(layer, [_as_pairs(activations[0])], _as_pairs(backprops))
+
+
+def _paired_embedding_norms(layer: torch.nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+    """Ghost norms of the pair's summed Embedding gradient: (b, 2) indices, (b, 2, D) backprops."""
+    return compute_embedding_norm_sample(layer, [_as_pairs(activations[0])], _as_pairs(backprops))
+
+
+@contextlib.contextmanager
+def paired_fgc_norms() -> Iterator[None]:
+    """While active, Opacus' FGC/ghost hooks take norms of the paired per-sample gradients (b records)."""
+    fgc_module.create_norm_sample = _paired_create_norm_sample
+    try:
+        yield
+    finally:
+        fgc_module.create_norm_sample = _ORIG_CREATE_NORM_SAMPLE
+
+
 class OwnDStep:
-    """The trainer's D step re-implemented for modes that need another loss/optimizer (fgc, ghost).
+    """The trainer's D step re-implemented for modes that need another loss/optimizer or the other scheme.
 
     Same per-step work as ``LocalGanTrainer.train_round``: Poisson mask, fake batch from G (no grad),
-    D on real and fake rows with the same labels, BCE + ac_weight * CE, one DP-SGD Adam step.
-    ``two_pass``: two forwards, row i = (real_i, fake_i) clipped jointly (the trainer's scheme);
-    otherwise one forward on the concatenated (2b) rows, clipped separately.
+    D on the real and fake rows with the same labels, BCE + ac_weight * CE, one DP-SGD Adam step, and
+    record i's sample is the pair (real_i, fake_i), clipped jointly. ``mode`` x ``form``:
+    "hooks"/"two_pass" - the trainer's own computation (its ``discriminator_loss``: real pass, fake pass);
+    "hooks"/"one_pass" - one forward over the 2b concatenated rows, then :func:`pair_grad_samples`;
+    "fgc"/"ghost" - Opacus' fast-gradient / ghost clipping with the (b,) per-record loss of
+    :func:`two_pass_losses` (two passes, Opacus accumulating row i of both) or :func:`pair_losses`
+    (one pass, norms paired by :func:`paired_fgc_norms` and the paired ghost norm samplers).
     """
 
-    def __init__(self, bench: GanBench, mode: str, batch: int, noise: float, two_pass: bool, seed: int) -> None:
+    def __init__(self, bench: GanBench, mode: str, form: str, batch: int, noise: float, seed: int) -> None:
+        if form not in ("one_pass", "two_pass"):
+            raise ValueError(form)
         torch.manual_seed(seed)
-        self.bench, self.mode, self.two_pass = bench, mode, two_pass
+        self.bench, self.mode, self.form = bench, mode, form
         self.q = batch / len(bench.data)
         self.ac_weight = 0.3
         self.x = torch.from_numpy(bench.data.images) * 2 - 1  # (N, 1, 28, 28) in [-1, 1]
@@ -275,38 +416,45 @@ class OwnDStep:
         elif mode in ("fgc", "ghost"):
             self.model = GradSampleModuleFastGradientClipping(
                 self.disc, loss_reduction="sum", max_grad_norm=1.0, use_ghost_clipping=mode == "ghost")
+            if form == "one_pass":
+                # instance attribute: only this module's Linear/Embedding get the paired ghost norms
+                self.model.NORM_SAMPLERS = {torch.nn.Linear: _paired_linear_norms,
+                                            torch.nn.Embedding: _paired_embedding_norms}
             self.opt = DPOptimizerFastGradientClipping(inner, noise_multiplier=noise, max_grad_norm=1.0,
                                                        expected_batch_size=batch, loss_reduction="mean")
         else:
             raise ValueError(mode)
         self.sampler = torch.Generator().manual_seed(seed)
 
-    def per_record_loss(self, xb: torch.Tensor, fake: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        """(b,) two-pass or (2b,) concatenated per-row losses; reduction='sum' equals the trainer's loss."""
-        if self.two_pass:
-            real_adv, real_cls = self.model(xb, yb)  # (b,), (b, K)
-            fake_adv, fake_cls = self.model(fake, yb)
-            return (F.binary_cross_entropy_with_logits(real_adv, torch.ones_like(real_adv), reduction="none")
-                    + F.binary_cross_entropy_with_logits(fake_adv, torch.zeros_like(fake_adv), reduction="none")
-                    + self.ac_weight * F.cross_entropy(real_cls, yb, reduction="none") + 0.0 * fake_cls.sum(1))
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Poisson batch and its fake batch: (b, 1, 28, 28) real, (b, 1, 28, 28) fake, (b,) labels."""
+        idx = (torch.rand(len(self.y), generator=self.sampler) < self.q).nonzero().squeeze(1)  # (b,)
+        xb, yb = self.x[idx], self.y[idx]
+        with torch.no_grad():
+            fake = self.gen(self.gen.sample_latent(len(idx)), yb)
+        return xb, fake, yb
+
+    def backward(self, xb: torch.Tensor, fake: torch.Tensor, yb: torch.Tensor) -> None:
+        """Per-sample gradients (hooks) or the clipped gradient sum (fgc/ghost) of one D step."""
         b = len(yb)
-        adv, cls = self.model(torch.cat([xb, fake]), torch.cat([yb, yb]))  # (2b,), (2b, K)
-        target = torch.cat([torch.ones(b), torch.zeros(b)])  # (2b,)
-        ce = torch.cat([self.ac_weight * F.cross_entropy(cls[:b], yb, reduction="none"), 0.0 * cls[b:].sum(1)])
-        return F.binary_cross_entropy_with_logits(adv, target, reduction="none") + ce
+        if self.mode == "hooks" and self.form == "two_pass":  # exactly LocalGanTrainer.train_round's D step
+            loss, _ = discriminator_loss(self.model, xb, fake, yb, self.ac_weight)
+            loss.backward()
+        elif self.mode == "hooks":  # one pass over 2b rows, then rows i and b+i summed
+            one_pass_loss(self.model, xb, fake, yb, self.ac_weight).backward()
+            pair_grad_samples(self.disc.parameters(), b)
+        elif self.form == "two_pass":  # Opacus accumulates row i of both passes before taking norms
+            loss = two_pass_losses(self.model, xb, fake, yb, self.ac_weight)  # (b,)
+            DPTensorFastGradientClipping(self.model, self.opt, loss, loss_reduction="sum").backward()
+        else:  # first backward: paired per-record norms; second: the clipped sum (Opacus' DPTensor does both)
+            with paired_fgc_norms():
+                loss = pair_losses(self.model, xb, fake, yb, self.ac_weight)  # (b,)
+                DPTensorFastGradientClipping(self.model, self.opt, loss, loss_reduction="sum").backward()
 
     def step(self) -> None:
-        n = len(self.y)
-        idx = (torch.rand(n, generator=self.sampler) < self.q).nonzero().squeeze(1)  # (b,)
-        xb, yb = self.x[idx], self.y[idx]  # (b, 1, 28, 28), (b,)
-        with torch.no_grad():
-            fake = self.gen(self.gen.sample_latent(len(idx)), yb)  # (b, 1, 28, 28)
+        xb, fake, yb = self.batch()
         self.opt.zero_grad(set_to_none=True)
-        loss = self.per_record_loss(xb, fake, yb)
-        if self.mode == "hooks":
-            loss.sum().backward()
-        else:  # first backward: per-sample norms; second: the clipped sum (Opacus' DPTensor does both)
-            DPTensorFastGradientClipping(self.model, self.opt, loss, loss_reduction="sum").backward()
+        self.backward(xb, fake, yb)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
@@ -316,25 +464,62 @@ class OwnDStep:
             self.step()
         return (time.perf_counter() - t0) / steps
 
+    def record_norms(self, xb: torch.Tensor, fake: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        """(b,) per-record gradient norms this mode clips (for the cross-check against the trainer's)."""
+        self.opt.zero_grad(set_to_none=True)
+        self.backward(xb, fake, yb)
+        if self.mode in ("fgc", "ghost"):
+            norms = self.model.per_sample_gradient_norms.detach().clone()
+        else:
+            norms = torch.stack([p.grad_sample.reshape(len(yb), -1).norm(dim=1)
+                                 for p in self.disc.parameters()]).norm(dim=0)
+        self.opt.zero_grad(set_to_none=True)
+        return norms
+
+
+def norm_check(bench: GanBench, mode: str, form: str, batch: int, seed: int) -> float:
+    """Max relative difference between ``mode``'s per-record norms and the trainer's (hooks, two passes)."""
+    ref = OwnDStep(bench, "hooks", "two_pass", batch, 0.0, seed)
+    other = OwnDStep(bench, mode, form, batch, 0.0, seed)
+    other.disc.load_state_dict(ref.disc.state_dict())
+    xb, fake, yb = ref.batch()
+    a, b = ref.record_norms(xb, fake, yb), other.record_norms(xb, fake, yb)
+    return float(((a - b).abs() / a.clamp(min=1e-12)).max())
+
 
 def own_timer(bench: GanBench, name: str, mode: str, batch: int, noise: float, steps: int, seed: int,
               notes: dict[str, str]) -> Timer:
-    """Timer for the re-implemented D step; ghost falls back to the concatenated step (noted)."""
+    """Timer for a re-implemented D step. Its formulations are tried in order and the first that Opacus
+    accepts is timed (refusals go in the note); all but the trainer's own computation get a per-record
+    norm cross-check in their note."""
+    own_mode, forms = OWN_MODES[mode]
     runner: dict[str, OwnDStep] = {}
+
+    def start() -> OwnDStep:
+        refused: list[str] = []
+        for form in forms:
+            r = OwnDStep(bench, own_mode, form, batch, noise, seed=seed)
+            try:
+                r.seconds_per_step(1)  # raises here if Opacus refuses the step
+            except Exception as err:  # noqa: BLE001 - a refused formulation is a result
+                refused.append(f"the {form.replace('_', '-')} step refused by Opacus ({_short_error(err)}), "
+                               "so the next formulation is used")
+                if form == forms[-1]:
+                    raise
+                continue
+            parts = [MODE_NOTES[mode], *refused]
+            if (own_mode, form) in FORMULATION_NOTES:
+                parts.append(FORMULATION_NOTES[(own_mode, form)])
+            if (own_mode, form) != ("hooks", "two_pass"):
+                diff = norm_check(bench, own_mode, form, batch, seed)
+                parts.append(f"per-record norms vs the trainer's on one batch: max rel. diff {diff:.1e}")
+            notes[name] = "; ".join(parts)
+            return r
+        raise AssertionError("unreachable")
 
     def measure() -> float:
         if "r" not in runner:
-            two_pass = True
-            try:
-                cand = OwnDStep(bench, mode, batch, noise, two_pass=True, seed=seed)
-                cand.seconds_per_step(1)
-            except Exception as err:  # noqa: BLE001
-                if mode != "ghost":
-                    raise
-                notes[name] = (f"two-pass D step refused ({type(err).__name__}: {err}); "
-                               "timed the concatenated real+fake D step (2b rows, clipped separately)")
-                two_pass = False
-            runner["r"] = cand if two_pass else OwnDStep(bench, mode, batch, noise, two_pass=False, seed=seed)
+            runner["r"] = start()
         return runner["r"].seconds_per_step(steps)
 
     return Timer(name, measure)
@@ -365,10 +550,8 @@ def d_step_timers(bench: GanBench, batch: int, modes: list[str], args: argparse.
         name = f"{mode} b{batch}"
         if mode in ("hooks", "functorch", "ew"):
             timers.append(trainer_timer(bench, name, mode, bench.settings(batch, args.noise, s, True, args.seed)))
-        elif mode in ("fgc", "ghost"):
+        elif mode in OWN_MODES:
             timers.append(own_timer(bench, name, mode, batch, args.noise, s, args.seed, notes))
-        elif mode == "hooks_own":
-            timers.append(own_timer(bench, name, "hooks", batch, args.noise, s, args.seed, notes))
         else:
             raise SystemExit(f"unknown mode {mode!r}")
     timers.append(fake_batch_timer(bench, batch, s, args.seed))
@@ -471,7 +654,8 @@ def profile_buckets() -> dict[str, tuple[str, int, str]]:
 
     return {
         "G forward (fake batch, no grad)": _code_key(Generator.forward),
-        "D forward x2 (incl. activation hooks)": _code_key(Discriminator.forward),
+        "discriminator_loss (two D passes, b rows each)": _code_key(discriminator_loss),
+        "  D forward (incl. activation hooks)": _code_key(Discriminator.forward),
         "  Opacus capture_activations_hook": _code_key(GradSampleModule.capture_activations_hook),
         "backward (incl. per-sample grad hooks)": ("~", 0, "<method 'run_backward' of 'torch._C._EngineBase' objects>"),
         "  Opacus capture_backprops_hook": _code_key(GradSampleModule.capture_backprops_hook),
@@ -548,6 +732,20 @@ def d_step_rows(timers: list[Timer], batch: int, notes: dict[str, str]) -> dict[
     return rows
 
 
+def one_pass_vs_two_pass(rows: dict[str, Any]) -> dict[str, Any]:
+    """The one-pass D step (hooks_one_pass) against the trainer's two-pass rows (hooks, hooks_own): time ratio
+    one-pass / two-pass (> 1: one pass is slower) and the extra ms per step."""
+    one = rows.get("hooks_one_pass", {}).get("ms_per_step")
+    out: dict[str, Any] = {"hooks_one_pass_ms": one}
+    for key in ("hooks", "hooks_own"):
+        two = rows.get(key, {}).get("ms_per_step")
+        out[f"{key}_two_pass_ms"] = two
+        if one and two:
+            out[f"one_pass_over_{key}"] = one / two
+            out[f"extra_ms_vs_{key}"] = one - two
+    return out
+
+
 def print_table(result: dict[str, Any]) -> None:
     print("\n== discriminator step (ms/step, median; ratio = DP / non-DP; bar <= %.1fx) ==" % BAR)
     for batch, rows in result["d_step"].items():
@@ -564,7 +762,12 @@ def print_table(result: dict[str, Any]) -> None:
                 ratio = (f"{row['ratio_vs_nodp']:5.2f}x {'meets' if row['meets_bar'] else 'misses'} bar"
                          f"  ({row['ratio_vs_nodp_excl_fake_batch']:.2f}x without the fake batch)"
                          if "ratio_vs_nodp" in row else "  (reference)")
-                print(f"  {key:<14} {row['ms_per_step']:8.1f} ms  {ratio}" + ("  [concat step]" if "note" in row else ""))
+                print(f"  {key:<14} {row['ms_per_step']:8.1f} ms  {ratio}" + ("  [note]" if "note" in row else ""))
+    for batch, cmp in result.get("one_pass_vs_two_pass", {}).items():
+        if "one_pass_over_hooks" in cmp:
+            print(f"-- batch {batch}: one-pass step {cmp['hooks_one_pass_ms']:.1f} ms = "
+                  f"{cmp['one_pass_over_hooks']:.2f}x the trainer's two-pass step (hooks)"
+                  + (f", {cmp['one_pass_over_hooks_own']:.2f}x hooks_own" if "one_pass_over_hooks_own" in cmp else ""))
     bn = result["bn_dpsgd"]
     print("\n== BN-statistics mode, local step (batch %d) ==" % bn["batch"])
     print(f"  dpsgd        {bn['dp_ms_per_step']:8.1f} ms  {bn['dp_images_per_s']:8.0f} img/s"
@@ -617,6 +820,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["d_step"] = {str(b): d_step_rows(ts, b, notes) for b, ts in per_batch.items()}
         result["verdict"] = {f"batch {b}": [k for k, r in rows.items() if r.get("meets_bar")] or "none"
                              for b, rows in result["d_step"].items()}
+        result["d_step_modes"] = {m: MODE_NOTES.get(m, "") for m in modes}
+        result["one_pass_vs_two_pass"] = {str(b): one_pass_vs_two_pass(rows) for b, rows in result["d_step"].items()}
 
         # 3: BN-statistics mode.
         torch.manual_seed(args.seed)
