@@ -2,7 +2,9 @@
 
 The site fixes its whole plan at the run's first request (``train.bnnet`` round 1, or ``query.bnstats``
 when the coordinator provides the net and no site trains it):
-- the statistics release alone is calibrated to ``stats-share x epsilon``;
+- the statistics release alone (with ``layer-clips = auto``: together with the DP choice of its clip
+  bounds, ``client.auto_clip``) is calibrated to ``stats-share x epsilon`` (to the whole epsilon when
+  the coordinator provides the net);
 - the DP-SGD noise of the planned ``net-rounds x local-steps`` steps is then the smallest that keeps
   both together within the run's epsilon (RDP composition);
 - and everything the dataset has ever released plus this plan must fit the site's own budget.
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 
+from client.auto_clip import AUTO_CLIP_NOISE_MULTIPLIER, choose_layer_clips
 from client.bnstats import record_class_statistics
 from client.dpsgd import train_dpsgd_local
 from client.ledger import BudgetExceeded, PrivacyLedger
@@ -34,7 +37,12 @@ from common.data import ImageDataset
 from common.device import pick_device
 
 log = logging.getLogger("fedsynth.site")
-PLAN_KEYS = ("net-rounds", "local-steps", "batch-size", "max-grad-norm", "epsilon", "stats-share")
+PLAN_KEYS = ("net-rounds", "local-steps", "batch-size", "max-grad-norm", "epsilon", "stats-share", "layer-clips")
+AUTO = "auto"
+
+
+def _auto_clip(cfg: dict) -> bool:
+    return str(cfg["layer-clips"]).strip() == AUTO
 
 
 def _plan(site: SiteSettings, data: ImageDataset, ledger: PrivacyLedger, cfg: dict, run_dir: Path) -> dict:
@@ -53,24 +61,31 @@ def _plan(site: SiteSettings, data: ImageDataset, ledger: PrivacyLedger, cfg: di
     spent = ledger.spent().epsilon
     asked_eps = float(cfg["epsilon"])
     target = asked_eps if math.isfinite(asked_eps) else max(site.epsilon_budget - spent, 0.0)
-    if math.isinf(target):
+    private = math.isfinite(target)
+    clip_events = [DPEvent(AUTO_CLIP_NOISE_MULTIPLIER, 1.0, 1)] if private and _auto_clip(cfg) else []
+    if not private:
         sigma_stats = sigma_train = 0.0  # non-private: only possible when the site's budget is inf
     else:
         try:
-            sigma_stats = calibrate_noise_multiplier(share * target, delta, 1.0, 1)
-            sigma_train = (calibrate_noise_multiplier(target, delta, q, total_steps, prior=[DPEvent(sigma_stats, 1.0, 1)])
+            # with a coordinator-provided net (no DP-SGD rounds) the statistics get the whole epsilon
+            stats_target = share * target if total_steps else target
+            sigma_stats = calibrate_noise_multiplier(stats_target, delta, 1.0, 1, prior=clip_events)
+            sigma_train = (calibrate_noise_multiplier(target, delta, q, total_steps,
+                                                      prior=[*clip_events, DPEvent(sigma_stats, 1.0, 1)])
                            if total_steps else 0.0)
         except BudgetTooSmall as err:
             raise Refusal(P.REFUSED_BUDGET, f"epsilon {target:g} cannot pay for this plan: {err}") from None
     check_useful_noise(sigma_stats, "statistics release")
     check_useful_noise(sigma_train, f"{rounds} rounds x {steps} DP-SGD steps of the shared net")
-    events = [DPEvent(sigma_stats, 1.0, 1)] + ([DPEvent(sigma_train, q, total_steps)] if total_steps else [])
+    events = ([*clip_events, DPEvent(sigma_stats, 1.0, 1)]
+              + ([DPEvent(sigma_train, q, total_steps)] if total_steps else []))
     after = epsilon_for(prior + events, delta)
     if after > site.epsilon_budget + 1e-9:
         raise Refusal(P.REFUSED_BUDGET, f"this run would take the site to epsilon {after:.3g}; it has spent "
                                         f"{spent:.3g} of its budget {site.epsilon_budget:g} (remaining "
                                         f"{max(site.epsilon_budget - spent, 0):.3g}); ask for less epsilon or fewer rounds")
     plan = {"asked": asked, "sigma_stats": sigma_stats, "sigma_train": sigma_train, "sample_rate": q, "delta": delta,
+            "sigma_clip_choice": clip_events[0].noise_multiplier if clip_events else None,
             "planned_epsilon_run": epsilon_for(events, delta), "epsilon_budget": site.epsilon_budget}
     atomic_write_json(path, plan)
     log.info("[%s] planned BN-statistics run: sigma_train=%.3f (q=%.4f, %d steps), sigma_stats=%.3f -> run epsilon %.3f",
@@ -96,11 +111,14 @@ def _setup(msg: Message, context: Context):
     return site, cfg, data, ledger, run_dir, net
 
 
-def _clip_bounds(cfg: dict, net: BNNet) -> float | dict[str, float]:
-    """One flat bound, or one per norm layer (in the net's layer order) when ``layer-clips`` is given."""
+def _clip_bounds(cfg: dict, net: BNNet) -> float | dict[str, float] | None:
+    """One flat bound, one per norm layer (in the net's layer order) when ``layer-clips`` lists them, or
+    None for ``auto`` (chosen privately from the data just before the release)."""
     raw = str(cfg["layer-clips"]).strip()
     if not raw:
         return float(cfg["clip"])
+    if raw == AUTO:
+        return None
     layers = norm_layer_names(net)
     try:
         bounds = [float(b) for b in raw.split(",")]
@@ -156,16 +174,22 @@ def handle_bnstats(msg: Message, context: Context) -> Message:
         if saved is None:
             clips = _clip_bounds(cfg, net)  # a malformed request is refused before anything is charged
             plan = _plan(site, data, ledger, cfg, run_dir)
-            sigma = plan["sigma_stats"]
-            try:
-                spent = ledger.charge([DPEvent(sigma, 1.0, 1)], purpose="bnstats-release", run=str(cfg["experiment"]),
-                                      details={"clip": float(cfg["clip"]), "count-weight": float(cfg["count-weight"])})
+            sigma, sigma_clip = plan["sigma_stats"], plan.get("sigma_clip_choice")
+            events = ([DPEvent(sigma_clip, 1.0, 1)] if sigma_clip else []) + [DPEvent(sigma, 1.0, 1)]
+            try:  # the clip-bound choice and the release: one ledger entry, charged before either runs
+                spent = ledger.charge(events, purpose="bnstats-release", run=str(cfg["experiment"]),
+                                      details={"clip": str(cfg["layer-clips"]).strip() or float(cfg["clip"]),
+                                               "count-weight": float(cfg["count-weight"])})
             except BudgetExceeded as err:
                 raise Refusal(P.REFUSED_BUDGET, str(err)) from None
+            device = pick_device(str(context.run_config.get("device", "auto")))
+            if clips is None and sigma > 0:
+                clips = choose_layer_clips(net, data, noise_multiplier=sigma_clip, device=device)
+                log.info("[%s] chose per-layer clip bounds privately (z=%.1f): %s", site.name, sigma_clip,
+                         ", ".join(f"{k}={v:.3g}" for k, v in clips.items()))
             clip = clips if sigma > 0 else math.inf
             stats = record_class_statistics(net, data, clip_bound=clip, noise_multiplier=sigma,
-                                            count_weight=float(cfg["count-weight"]),
-                                            device=pick_device(str(context.run_config.get("device", "auto"))))
+                                            count_weight=float(cfg["count-weight"]), device=device)
             log.info("[%s] released DP class statistics (sigma=%.3f); epsilon now %.3f", site.name, sigma, spent.epsilon)
             saved = {"stats": {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in stats.items()},
                      "metrics": {"epsilon": spent.epsilon, "delta": spent.delta, "noise-multiplier": sigma}}

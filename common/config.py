@@ -68,9 +68,9 @@ class RunConfig:
     bn_batch_size: int = 128  # expected Poisson batch size
     bn_lr: float = 0.5
     bn_max_grad_norm: float = 1.0
-    bn_stats_share: float = 0.3  # the statistics release alone costs this share of epsilon; DP-SGD the rest
+    bn_stats_share: float = 0.3  # the statistics release alone costs this share of epsilon; DP-SGD the rest (all with bn-net)
     bn_clip: float = 2.3  # per-record L2 bound of the recorded statistics (all layers together)
-    bn_layer_clips: str = ""  # "" = one flat bound (bn-clip); else one bound per norm layer, comma-separated
+    bn_layer_clips: str = ""  # "" = one flat bound (bn-clip); "auto" = each site picks per-layer bounds privately; or one per layer
     bn_count_weight: float = 0.5  # weight of the class count in the release (sensitivity sqrt(w^2 + 1))
     bn_iterations: int = 200  # synthesis optimisation steps per batch
     bn_synth_batch: int = 200  # images optimised together (all classes)
@@ -144,9 +144,10 @@ class RunConfig:
         need(self.bn_net != "" or self.bn_rounds >= 1,
              "bn-rounds must be >= 1 unless bn-net names a net file the coordinator provides")
         try:
-            clips = [float(c) for c in self.bn_layer_clips.split(",")] if self.bn_layer_clips else []
+            clips = ([float(c) for c in self.bn_layer_clips.split(",")]
+                     if self.bn_layer_clips and self.bn_layer_clips.strip() != "auto" else [])
         except ValueError:
-            raise ConfigError(f"bn-layer-clips must be comma-separated numbers, got '{self.bn_layer_clips}'") from None
+            raise ConfigError(f"bn-layer-clips must be 'auto' or comma-separated numbers, got '{self.bn_layer_clips}'") from None
         need(all(c > 0 for c in clips), "bn-layer-clips must all be > 0")
         need(0 < self.bn_stats_share <= 1, f"bn-stats-share must be in (0, 1], got {self.bn_stats_share}")
         need(self.bn_clip > 0 and self.bn_count_weight > 0 and self.bn_lr > 0 and self.bn_max_grad_norm > 0,

@@ -81,7 +81,7 @@ def test_coordinator_provided_net_costs_the_sites_nothing_but_the_statistics(tmp
     assert report["rounds"] == []
     for entries in _charges(tmp_path):
         assert [e["purpose"] for e in entries] == ["bnstats-release"]
-        assert entries[0]["epsilon_after"] <= 2.0
+        assert 1.8 < entries[0]["epsilon_after"] <= 2.0  # no DP-SGD: the statistics get the whole epsilon
 
 
 def test_non_private_bnstats_is_exact_and_marked(tmp_path):
@@ -106,3 +106,22 @@ def test_head_norm_net_with_per_layer_clips_runs_and_sends_the_head_statistics(t
     with pytest.raises(RunFailed):
         run_inprocess(run_coordinator, client_app, bad.to_flwr(), nodes(2))
     assert all(all(e["purpose"] != "bnstats-release" for e in entries) for entries in _charges(tmp_path / "bad"))
+
+
+def test_auto_clip_bounds_are_chosen_privately_and_accounted_with_the_release(tmp_path):
+    net_file = tmp_path / "public_net.pt"
+    torch.manual_seed(0)
+    torch.save(BNNet(1, 10, 8, 8, head_norm=True).state_dict(), net_file)
+    cfg = bn_config(tmp_path, bn_net=str(net_file), bn_rounds=0, bn_head_norm=True, bn_layer_clips="auto",
+                    epsilon=3.0)
+    seen = []
+    report = run_inprocess(run_coordinator, client_app, cfg.to_flwr(), nodes(2), tap=seen.append)
+    assert report["synthetic"]["count"] == 50
+    stats = [m for m in seen if m.metadata.message_type == P.QUERY_BNSTATS and not m.has_error()]
+    assert len(stats) == 2
+    for entries in _charges(tmp_path):
+        # one ledger entry: the clip-bound histogram (z = 10) and the statistics release, within epsilon
+        assert [e["purpose"] for e in entries] == ["bnstats-release"]
+        sigmas = [ev["noise_multiplier"] for ev in entries[0]["events"]]
+        assert len(sigmas) == 2 and sigmas[0] == 10.0 and 0 < sigmas[1] < 10.0
+        assert 2.7 < entries[0]["epsilon_after"] <= 3.0
