@@ -14,7 +14,8 @@ of the L layers, so under add/remove-one adjacency ||dH||_2 = sqrt(L), and
     H~ = H + N(0, (z sqrt(L))^2 I)
 is ONE Gaussian mechanism with noise multiplier z = ``AUTO_CLIP_NOISE_MULTIPLIER``: account it as
 ``DPEvent(z, sample_rate=1.0, steps=1)``. Everything after is post-processing: per layer, bins whose
-noisy count is under ``2 z sqrt(L)`` are dropped as noise, and c_l is the upper edge of the bin where
+noisy count is under ``4 z sqrt(L)`` are dropped as noise (with 80 bins x L layers a lower cut lets a
+pure-noise bin through now and then, and a spurious bin far out sets an absurd bound), and c_l is the upper edge of the bin where
 the kept counts' cumulative share reaches ``quantile`` (if no bin survives, the largest noisy bin's
 upper edge). The bounds never leave the site except through the release's noise scale, itself
 DP post-processing.
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 
 AUTO_CLIP_NOISE_MULTIPLIER = 10.0
 AUTO_CLIP_QUANTILE = 0.9
+NOISE_CUT = 4.0  # bins under NOISE_CUT noise stds are taken for noise: P(N(0,1) > 4) ~ 3e-5 per bin
 # 1e-3 .. 1e5 in 80 bins of ratio 10^0.1 ~ 1.26: covers every norm seen on these nets with room to spare
 NORM_BIN_EDGES = np.logspace(-3.0, 5.0, 81)
 
@@ -80,7 +82,7 @@ def bounds_from_noisy_histograms(noisy: dict[str, np.ndarray], noise_std: float,
     """Post-processing: one bound per layer from its noisy histogram (module docstring)."""
     bounds = {}
     for name, counts in noisy.items():
-        kept = np.where(counts >= 2.0 * noise_std, counts, 0.0)
+        kept = np.where(counts >= NOISE_CUT * noise_std, counts, 0.0)
         if kept.sum() <= 0:
             bin_index = int(np.argmax(counts))
         else:

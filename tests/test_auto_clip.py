@@ -64,3 +64,14 @@ def test_the_histogram_noise_has_the_accounted_scale() -> None:
     noise = np.concatenate(noise)  # 10 x L x 80 draws
     assert abs(noise.mean()) < 0.1 * std
     assert abs(noise.std() / std - 1.0) < 0.05
+
+
+def test_a_small_site_never_gets_an_absurd_bound_from_a_noise_bin() -> None:
+    """280 records against noise std 20 in 80 bins x 4 layers: spurious bins must not set the bound."""
+    net, data = _net_and_data()
+    small = data.subset(np.arange(0, len(data), 5)[:280])
+    norms = record_block_norms(net, small)
+    for seed in range(20):
+        bounds = choose_layer_clips(net, small, noise_multiplier=10.0, seed=seed)
+        for name, values in norms.items():
+            assert float(np.median(values)) / 2 < bounds[name] < 3 * float(values.max()), (seed, name, bounds[name])

@@ -53,7 +53,7 @@ def test_one_grid_point_runs_simulate_and_evaluate_and_fills_the_table(tmp_path:
     assert table[0].startswith("| dataset | mode | ε per site |") and len(table) == 3
     row = [c.strip() for c in table[2].strip("|").split("|")]
     assert row[:5] == ["digits", "bnstats", "5", "2", "iid"]
-    assert row[5] == f"{rec['tstr_accuracy']:.3f}"
+    assert row[5] == f"{rec['tstr_accuracy']:.3f}" and row[6] == f"{rec['tstr_mcc']:.2f}"
 
     # a second grid reuses the real-data learner (checked: same data and learner) and skips done points
     code = run_grid.main(["--datasets", "digits", "--modes", "bnstats", "--epsilons", "5,inf", "--sites", "2",
