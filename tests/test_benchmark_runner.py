@@ -101,3 +101,18 @@ def test_the_grid_datasets_load(shared_data: Path, run_grid) -> None:
         ds = load_dataset(spec.path(shared_data), "test", label_from=spec.label_from or None,
                           image_size=spec.image_size or None)
         assert len(ds) > 100 and len(ds.classes) >= 2, name
+
+
+def test_readme_table_block_is_rewritten_between_its_markers(tmp_path: Path, run_grid) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{run_grid.README_START}\nold\n{run_grid.README_END}\nafter\n")
+    run_grid.update_readme(readme, "| new |\n")
+    assert readme.read_text() == f"# x\n{run_grid.README_START}\n| new |\n{run_grid.README_END}\nafter\n"
+    with pytest.raises(SystemExit, match="markers"):
+        run_grid.update_readme(_no_markers(tmp_path), "x")
+
+
+def _no_markers(tmp_path: Path) -> Path:
+    path = tmp_path / "plain.md"
+    path.write_text("# nothing here\n")
+    return path

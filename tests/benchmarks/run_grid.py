@@ -25,7 +25,7 @@ bytes sent per site, peak memory, seconds per federated round.
       --sites 100 --partitions iid --set bn-rounds=2 --set bn-local-steps=5 --tag scale
 
 Runs whose JSON already exists are skipped unless ``--force``; a failed run is recorded with its
-error and the grid goes on.
+error and the grid goes on. ``--update-readme`` rewrites README.md's results table from the JSONs.
 """
 
 from __future__ import annotations
@@ -342,6 +342,20 @@ def write_table(results: Path) -> Path:
     return path
 
 
+README_START = "<!-- results-table: tests/benchmarks/results/grid/table.md -->"
+README_END = "<!-- end results-table -->"
+
+
+def update_readme(readme: Path, table: str) -> None:
+    """Replace the block between the README's results-table markers with ``table``."""
+    text = readme.read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        raise SystemExit(f"{readme} has no results-table markers ({README_START} ... {README_END})")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_START}\n{table}{README_END}{tail}", encoding="utf-8")
+
+
 # --------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------
@@ -366,6 +380,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tag", default="", help="suffix of the run ids (e.g. scale)")
     p.add_argument("--force", action="store_true", help="run again points whose JSON exists")
     p.add_argument("--python", default=sys.executable, help="interpreter that runs fedsynth")
+    p.add_argument("--update-readme", action="store_true",
+                   help="only rewrite README.md's results table from the JSONs in --results, run nothing")
     return p.parse_args(argv)
 
 
@@ -382,6 +398,10 @@ def grid_points(args: argparse.Namespace) -> list[GridPoint]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.update_readme:
+        update_readme(ROOT / "README.md", format_table(load_records(args.results)))
+        print(f"README.md results table rewritten from {args.results}")
+        return 0
     extra: dict[str, str] = {}
     for item in args.set:
         key, sep, value = item.partition("=")
