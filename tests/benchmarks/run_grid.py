@@ -163,6 +163,19 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
+def _run_stage(stage: str, cmd: list[str], run_dir: Path, report_path: Path, env: dict[str, str],
+               record: dict[str, Any]) -> dict[str, Any] | None:
+    """Run one CLI stage (its measurements go to ``record[stage]``); its report, or None after
+    marking ``record`` failed with the exit code and the log's tail."""
+    print(f"[{record['run_id']}] {stage} ...", flush=True)
+    log = run_dir / f"{stage}.log"
+    record[stage] = measured = run_measured(cmd, log, env)
+    if measured["exit_code"] != 0 or not report_path.is_file():
+        record.update(status="failed", error=f"{stage} exited {measured['exit_code']}:\n{_tail(log)}")
+        return None
+    return json.loads(report_path.read_text(encoding="utf-8"))
+
+
 def run_point(point: GridPoint, *, out_root: Path, results: Path, data_root: Path, extra: dict[str, str],
               python: str, tag: str = "") -> dict[str, Any]:
     """Simulate + evaluate one grid point; returns (and writes) its result record."""
@@ -190,14 +203,9 @@ def run_point(point: GridPoint, *, out_root: Path, results: Path, data_root: Pat
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "commands": {"simulate": " ".join(sim_cmd)},
     }
-    print(f"[{run_id}] simulate ...", flush=True)
-    sim = run_measured(sim_cmd, run_dir / "simulate.log", env)
-    record["simulate"] = sim
-    sim_report_path = run_dir / "sim" / "report.json"
-    if sim["exit_code"] != 0 or not sim_report_path.is_file():
-        record.update(status="failed", error=f"simulate exited {sim['exit_code']}:\n{_tail(run_dir / 'simulate.log')}")
+    sim_report = _run_stage("simulate", sim_cmd, run_dir, run_dir / "sim" / "report.json", env, record)
+    if sim_report is None:
         return _write(record, results)
-    sim_report = json.loads(sim_report_path.read_text(encoding="utf-8"))
 
     learner = cfg.learner_config()
     baseline_cache = out_root / f"real-baseline-{point.dataset}-{learner.name}-e{learner.epochs}" \
@@ -212,20 +220,16 @@ def run_point(point: GridPoint, *, out_root: Path, results: Path, data_root: Pat
     if baseline_cache.is_file():
         eval_cmd += ["--real-baseline-from", str(baseline_cache)]
     record["commands"]["evaluate"] = " ".join(eval_cmd)
-    print(f"[{run_id}] evaluate ...", flush=True)
-    ev = run_measured(eval_cmd, run_dir / "evaluate.log", env)
-    record["evaluate"] = ev
     eval_report_path = run_dir / "eval" / "report.json"
-    if ev["exit_code"] != 0 or not eval_report_path.is_file():
-        record.update(status="failed", error=f"evaluate exited {ev['exit_code']}:\n{_tail(run_dir / 'evaluate.log')}")
+    eval_report = _run_stage("evaluate", eval_cmd, run_dir, eval_report_path, env, record)
+    if eval_report is None:
         return _write(record, results)
-    eval_report = json.loads(eval_report_path.read_text(encoding="utf-8"))
     if not baseline_cache.is_file() and eval_report.get("real_baseline") is not None:
         shutil.copyfile(eval_report_path, baseline_cache)
 
     record.update(status="ok", **summarize(sim_report, eval_report))
-    record["peak_rss_mib"] = max(sim["peak_rss_mib"], ev["peak_rss_mib"])
-    record["wall_seconds"] = sim["seconds"]
+    record["peak_rss_mib"] = max(record["simulate"]["peak_rss_mib"], record["evaluate"]["peak_rss_mib"])
+    record["wall_seconds"] = record["simulate"]["seconds"]
     grid_png = run_dir / "sim" / "grids" / "grid_all.png"
     if grid_png.is_file():
         (results / "grids").mkdir(parents=True, exist_ok=True)
