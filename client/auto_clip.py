@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from client.bnstats import per_record_features
-from common.bnnet import capture_norm_inputs, norm_layer_names
+from client.bnstats import iter_record_blocks
+from common.bnnet import norm_layer_names
 
 if TYPE_CHECKING:
     from common.data import ImageDataset
@@ -50,20 +50,10 @@ NORM_BIN_EDGES = np.logspace(-3.0, 5.0, 81)
 def record_block_norms(model: nn.Module, dataset: "ImageDataset", *, device: torch.device | str | None = None,
                        batch_size: int = 512) -> dict[str, np.ndarray]:
     """Per layer, every record's block norm ||f_il||_2 (N,). Private: never send this."""
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.to(dev).eval()
-    layers = norm_layer_names(model)
-    norms: dict[str, list[np.ndarray]] = {name: [] for name in layers}
-    try:
-        with torch.no_grad(), capture_norm_inputs(model) as inputs:
-            for start in range(0, len(dataset), batch_size):
-                xb = torch.as_tensor(dataset.images[start:start + batch_size], dtype=torch.float32, device=dev)
-                model(xb)
-                for name, block in per_record_features(inputs, layers).items():  # (B, 2 C_l)
-                    norms[name].append(block.norm(dim=1).cpu().numpy())
-    finally:
-        model.train(was_training)
+    norms: dict[str, list[np.ndarray]] = {name: [] for name in norm_layer_names(model)}
+    for _, blocks in iter_record_blocks(model, dataset, device=device, batch_size=batch_size):
+        for name, block in blocks.items():  # (B, 2 C_l)
+            norms[name].append(block.norm(dim=1).cpu().numpy())
     return {name: np.concatenate(parts) for name, parts in norms.items()}
 
 

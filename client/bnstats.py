@@ -57,7 +57,7 @@ The class counts are private too (design.md): they are only released inside this
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -191,6 +191,26 @@ def _check_args(model: nn.Module, dataset: "ImageDataset", num_classes: int, cli
 
 
 @torch.no_grad()
+def iter_record_blocks(model: nn.Module, dataset: "ImageDataset", *, device: torch.device | str | None = None,
+                       batch_size: int = 512) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(index of the batch's first record, its per-record blocks {layer: (B, 2 C_l)}) over ``dataset``.
+
+    Runs ``model`` in eval mode without gradients and restores its mode afterwards. Private: the
+    blocks are single records' features; only DP releases built from them may leave the site.
+    """
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.to(dev).eval()
+    layers = list(norm_layer_channels(model))
+    try:
+        with torch.no_grad(), capture_norm_inputs(model) as inputs:
+            for start in range(0, len(dataset), batch_size):
+                model(torch.as_tensor(dataset.images[start:start + batch_size], dtype=torch.float32, device=dev))
+                yield start, per_record_features(inputs, layers)
+    finally:
+        model.train(was_training)
+
+
 def exact_class_sums(
     model: nn.Module,
     dataset: "ImageDataset",
@@ -208,8 +228,6 @@ def exact_class_sums(
     :func:`record_class_statistics` adds the noise.
     """
     dev = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.to(dev).eval()
     channels = norm_layer_channels(model)
     layers = list(channels)
     labels = np.asarray(dataset.labels, dtype=np.int64)
@@ -217,20 +235,13 @@ def exact_class_sums(
     ref = None if center is None else {  # (K, 2 C_l) per layer, same layout as the blocks
         n: torch.as_tensor(np.concatenate([center[SUM_PREFIX + n], center[SUMSQ_PREFIX + n]], axis=1),
                            dtype=torch.float64, device=dev) for n in layers}
-    try:
-        with capture_norm_inputs(model) as inputs:
-            for start in range(0, len(labels), batch_size):
-                xb = torch.as_tensor(dataset.images[start:start + batch_size], dtype=torch.float32, device=dev)
-                yb = torch.as_tensor(labels[start:start + batch_size], device=dev)  # (B,)
-                model(xb)
-                blocks = per_record_features(inputs, layers)
-                if ref is not None:
-                    blocks = {n: b - ref[n][yb] for n, b in blocks.items()}
-                blocks = clip_blocks(blocks, clip_bound)
-                for name in layers:
-                    sums[name].index_add_(0, yb, blocks[name])  # (K, 2 C_l) += rows by class
-    finally:
-        model.train(was_training)
+    for start, blocks in iter_record_blocks(model, dataset, device=dev, batch_size=batch_size):
+        yb = torch.as_tensor(labels[start:start + batch_size], device=dev)  # (B,)
+        if ref is not None:
+            blocks = {n: b - ref[n][yb] for n, b in blocks.items()}
+        blocks = clip_blocks(blocks, clip_bound)
+        for name in layers:
+            sums[name].index_add_(0, yb, blocks[name])  # (K, 2 C_l) += rows by class
     out: dict[str, np.ndarray] = {COUNT_KEY: np.bincount(labels, minlength=num_classes).astype(np.float64)}
     for name, c in channels.items():
         s = sums[name].cpu().numpy()
