@@ -13,13 +13,19 @@ Implementation notes (verified against Opacus 1.6):
 - D step = one backward over two forward passes (real rows, fake rows with the same labels): Opacus
   sums row i of both passes, so "record i" is grad(real_i) + grad(fake_i), clipped jointly (dcgan.py's
   scheme; sensitivity stays C because fake_i carries no other record's data).
-- G step: D's hooks are disabled and its parameters frozen (opacus-notes §1 gotcha 2), and fake labels
-  are drawn uniformly, so G's update never touches real labels directly.
+- G step: D's hooks are disabled and its parameters frozen (opacus-notes §1 gotcha 2). Fake labels are
+  drawn uniformly or from the site's *DP* class histogram (charged in the ledger by the caller), so G's
+  update never touches a real label directly. A mode-seeking term keeps G from ignoring its latent
+  (without it every image of a class came out the same on MNIST; the README's results table has the
+  numbers with and without both).
+- The DP randomness (Poisson masks, Gaussian noise) comes from site-held entropy, never from the
+  coordinator's seed.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import time
 import warnings
 from dataclasses import dataclass
@@ -44,8 +50,11 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing when gra
 class RoundSettings:
     """What one train.gan round does at a site (noise chosen by the site, the rest requested).
 
-    Only the first seven fields are privacy-relevant (and fixed by the site's plan); the rest are
+    Only the first eight fields are privacy-relevant (and fixed by the site's plan); the rest are
     training recipe with defaults tuned on digits and MNIST at epsilon 10 (bench_dpgan.py).
+    The DP noise and the Poisson batches never come from ``seed``: the coordinator sends that seed,
+    and whoever can replay the noise can subtract it. They come from ``noise_seed``, which only tests
+    and benchmarks fix; at a site it is None, i.e. drawn from the operating system's entropy.
     """
 
     noise_multiplier: float  # sigma; 0 = non-private
@@ -54,12 +63,15 @@ class RoundSettings:
     max_grad_norm: float  # C
     lr_d: float
     lr_g: float
-    seed: int
+    seed: int  # the coordinator's seed: G's latents/labels and D's first initialisation (nothing secret)
+    noise_seed: int | None = None  # Poisson masks and DP noise; None = fresh OS entropy (production)
     d_steps_per_g: int = 1  # n_D: D steps per G step (Bie et al. 2023)
     g_steps_per_d: int = 1  # G steps after each n_D D steps (free in privacy: G never sees data)
     g_batch_size: int = 0  # fake batch of a G step; 0 = the expected real batch size
     ac_weight: float = 0.3  # weight of the auxiliary classifier loss (0 = pure projection cGAN)
     ema: float = 0.0  # decay of the EMA of G's weights returned to the coordinator (0 = none)
+    mode_seeking: float = 0.0  # weight of the mode-seeking term (Mao et al. 2019) against within-class collapse
+    label_weights: tuple = ()  # (K,) how often G's steps draw each class (the site's DP class histogram); () = uniform
     d_width: int = 0  # D base width; 0 = GanShape.width // 4
     betas_d: tuple = (0.5, 0.999)
     betas_g: tuple = (0.5, 0.999)
@@ -82,6 +94,40 @@ def discriminator_loss(d_model: torch.nn.Module, real: torch.Tensor, fake: torch
     # stacks get out of step; the unused fake class logits enter with weight 0.
     loss = loss + ac_weight * F.cross_entropy(real_cls, labels, reduction="sum") + 0.0 * fake_cls.sum()
     return loss, real_cls
+
+
+def mode_seeking_penalty(gen: torch.nn.Module, z: torch.Tensor, labels: torch.Tensor,
+                         fake: torch.Tensor) -> torch.Tensor:
+    """Mode-seeking term (Mao et al., CVPR 2019): small when two latents of one class give different images.
+
+    Pairs each fake row i with a second image of the *same label* from a fresh latent z2_i and returns
+    1 / mean_i( |G(z_i,y_i) - G(z2_i,y_i)|_1 / |z_i - z2_i|_1 ): a generator that ignores z (every image of a
+    class the same, the collapse we measured on MNIST) pays a large penalty. G-only: no real record is
+    involved, so it costs no privacy.
+    """
+    z2 = torch.randn_like(z)  # (g, latent)
+    fake2 = gen(z2, labels)  # (g, C, H, W)
+    image_gap = (fake - fake2).abs().flatten(1).mean(dim=1)  # (g,)
+    latent_gap = (z - z2).abs().mean(dim=1)  # (g,)
+    return 1.0 / ((image_gap / latent_gap).mean() + 1e-5)
+
+
+def class_sampling_weights(weights: tuple | list, num_classes: int) -> torch.Tensor | None:
+    """G's label distribution at a site, from its DP class histogram: (K,) probabilities, or None = uniform.
+
+    Why: with label skew (Dirichlet 0.5 on MNIST a site can hold 5 of the 5,842 fours), a site that trains
+    G on a class its discriminator has hardly seen teaches G that class from noise, and FedAvg mixes that
+    into the other sites' good updates (measured: 1% test accuracy on the fours). Noisy counts below 0
+    are cut to 0; a histogram that is all zeros falls back to uniform.
+    """
+    if not len(weights):
+        return None
+    if len(weights) != num_classes:
+        raise ValueError(f"label_weights has {len(weights)} entries for {num_classes} classes")
+    w = torch.tensor([max(0.0, float(v)) for v in weights], dtype=torch.float64)
+    if not torch.isfinite(w).all() or w.sum() <= 0:
+        return None
+    return (w / w.sum()).float()
 
 
 class LocalGanTrainer:
@@ -142,17 +188,23 @@ class LocalGanTrainer:
         ema = [p.detach().clone() for p in gen.parameters()] if rs.ema > 0 else None
 
         private = rs.noise_multiplier > 0
+        # Secret randomness of the DP mechanism: which records each step samples and the Gaussian noise.
+        secret = np.random.SeedSequence(rs.noise_seed if rs.noise_seed is not None else secrets.randbits(128))
+        mask_seed, noise_seed = (int(s.generate_state(1, np.uint64)[0] >> 1) for s in secret.spawn(2))
+        sampler = torch.Generator(device="cpu").manual_seed(mask_seed)
+        noise_gen = torch.Generator(device=self.device).manual_seed(noise_seed)
         if private:
             # loss_reduction="sum": per-sample gradients are those of each record's own loss; the
             # DPOptimizer then divides the noisy sum by the *expected* batch size (not the realised
             # Poisson size, which would leak it).
             d_model = GradSampleModule(disc, loss_reduction="sum")
             opt_d = DPOptimizer(opt_d_inner, noise_multiplier=rs.noise_multiplier, max_grad_norm=rs.max_grad_norm,
-                                expected_batch_size=expected_batch, loss_reduction="mean")
+                                expected_batch_size=expected_batch, loss_reduction="mean", generator=noise_gen)
         else:
             d_model, opt_d = disc, opt_d_inner
 
-        sampler = torch.Generator(device="cpu").manual_seed(rs.seed)
+        label_p = class_sampling_weights(rs.label_weights, k)  # (K,) or None
+        label_rng = torch.Generator(device="cpu").manual_seed(rs.seed + 1)  # G's labels; apart from the batch masks
         d_losses, g_losses, d_acc = [], [], []
         g_updates = 0
         bar = tqdm(range(rs.steps), desc=f"{self.label} D/G steps", unit="step", disable=not self.progress,
@@ -190,11 +242,16 @@ class LocalGanTrainer:
             for p in disc.parameters():
                 p.requires_grad_(False)
             for _ in range(n_g):
-                yg = torch.randint(0, k, (g_batch,), device=self.device)
-                adv, cls = disc(gen(gen.sample_latent(g_batch, device=self.device), yg), yg)
+                yg = (torch.multinomial(label_p, g_batch, replacement=True, generator=label_rng).to(self.device)
+                      if label_p is not None else torch.randint(0, k, (g_batch,), generator=label_rng).to(self.device))
+                z = gen.sample_latent(g_batch, device=self.device)  # (g, latent)
+                fake_g = gen(z, yg)  # (g, C, H, W)
+                adv, cls = disc(fake_g, yg)
                 loss_g = F.binary_cross_entropy_with_logits(adv, torch.ones_like(adv))
                 if rs.ac_weight > 0:
                     loss_g = loss_g + rs.ac_weight * F.cross_entropy(cls, yg)
+                if rs.mode_seeking > 0 and g_batch >= 2:
+                    loss_g = loss_g + rs.mode_seeking * mode_seeking_penalty(gen, z, yg, fake_g)
                 opt_g.zero_grad(set_to_none=True)
                 loss_g.backward()
                 opt_g.step()

@@ -82,7 +82,7 @@ def load_fixed_plan(path: Path, asked: dict[str, Any]) -> dict | None:
     if not path.exists():
         return None
     plan = json.loads(path.read_text())
-    changed = {k: (plan["asked"][k], v) for k, v in asked.items() if plan["asked"][k] != v}
+    changed = {k: (plan["asked"].get(k), v) for k, v in asked.items() if plan["asked"].get(k) != v}
     if changed:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"request changes settings fixed at the run's first request: "
                                              f"{changed} (start a new experiment instead)")

@@ -59,6 +59,8 @@ class RunConfig:
     gan_width: int = 64  # generator base width
     gan_d_width: int = 0  # discriminator base width (0 = gan-width // 4: a small D keeps the DP noise small)
     gan_ac_weight: float = 0.3  # weight of the discriminator's auxiliary class loss (AC-GAN); 0 = projection only
+    gan_mode_seeking: float = 1.0  # weight of G's mode-seeking term; 0 = off (then every image of a class looks alike)
+    gan_class_histogram: bool = True  # each site draws G's labels from its own DP class histogram (label skew)
     # --- BN statistics (shared GroupNorm net, federated DP-SGD, one DP statistics release per site) ----
     bn_net: str = ""  # "" = train the shared net across the sites with DP-SGD; else a net file (torch state_dict)
     bn_width: int = 16  # channels of the shared net's first block
@@ -138,7 +140,8 @@ class RunConfig:
         need(self.gan_max_grad_norm > 0, f"gan-max-grad-norm must be > 0, got {self.gan_max_grad_norm}")
         need(self.gan_lr_d > 0 and self.gan_lr_g > 0, "gan-lr-d and gan-lr-g must be > 0")
         need(self.gan_latent_dim >= 1 and self.gan_width >= 4, "gan-latent-dim >= 1 and gan-width >= 4")
-        need(self.gan_d_width >= 0 and self.gan_ac_weight >= 0, "gan-d-width and gan-ac-weight must be >= 0")
+        need(self.gan_d_width >= 0 and self.gan_ac_weight >= 0 and self.gan_mode_seeking >= 0,
+             "gan-d-width, gan-ac-weight and gan-mode-seeking must be >= 0")
         need(self.bn_width >= 1 and self.bn_rounds >= 0 and self.bn_local_steps >= 1 and self.bn_batch_size >= 1,
              "bn-width, bn-local-steps and bn-batch-size must be >= 1 and bn-rounds >= 0")
         need(self.bn_net != "" or self.bn_rounds >= 1,

@@ -31,7 +31,7 @@ REQ_GENERATOR = "generator"  # ArrayRecord: the global generator's state_dict
 # coordinator only says how much work it asks for and how much epsilon the run may use at most.
 GAN_REQUEST_KEYS = (
     "experiment", "server-round", "num-rounds", "local-steps", "batch-size", "max-grad-norm",
-    "lr-d", "lr-g", "d-width", "ac-weight", "epsilon", "delta", "seed",
+    "lr-d", "lr-g", "d-width", "ac-weight", "mode-seeking", "class-histogram", "epsilon", "delta", "seed",
     # GAN shape (must match the site's data and the generator sent)
     "channels", "image-size", "num-classes", "latent-dim", "width",
 )

@@ -65,7 +65,9 @@ def _gan_request(cfg: RunConfig, shape: GanShape, experiment: str, rnd: int) -> 
         "experiment": experiment, "server-round": rnd, "num-rounds": cfg.num_rounds,
         "local-steps": cfg.gan_local_steps, "batch-size": cfg.gan_batch_size, "max-grad-norm": cfg.gan_max_grad_norm,
         "lr-d": cfg.gan_lr_d, "lr-g": cfg.gan_lr_g,
-        "d-width": cfg.gan_d_width, "ac-weight": cfg.gan_ac_weight, "epsilon": cfg.epsilon, "delta": cfg.delta, "seed": cfg.seed,
+        "d-width": cfg.gan_d_width, "ac-weight": cfg.gan_ac_weight, "mode-seeking": cfg.gan_mode_seeking,
+        "class-histogram": cfg.gan_class_histogram,
+        "epsilon": cfg.epsilon, "delta": cfg.delta, "seed": cfg.seed,
         "channels": shape.channels, "image-size": shape.image_size, "num-classes": shape.num_classes,
         "latent-dim": shape.latent_dim, "width": shape.width,
     })

@@ -33,3 +33,75 @@ def test_per_sample_gradients_are_each_records_own_real_and_fake_pair() -> None:
             assert p.grad_sample.shape == (b, *p.shape), name
             torch.testing.assert_close(p.grad_sample[i], q.grad, rtol=1e-4, atol=1e-6, msg=name)
     model._close()
+
+
+class _ZBlindGenerator(torch.nn.Module):
+    """A collapsed generator: one image per class, whatever the latent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.rand(3, 1, 8, 8))
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.table[y] + 0.0 * z.sum()
+
+
+def test_mode_seeking_penalty_punishes_a_generator_that_ignores_its_latent() -> None:
+    from client.dpgan import mode_seeking_penalty
+    from common.models import Generator
+
+    torch.manual_seed(0)
+    labels = torch.randint(0, 3, (32,))
+    z = torch.randn(32, 8)
+    collapsed = _ZBlindGenerator()
+    healthy = Generator(GanShape(channels=1, image_size=8, num_classes=3, latent_dim=8, width=8))
+    collapsed_penalty = mode_seeking_penalty(collapsed, z, labels, collapsed(z, labels))
+    healthy_penalty = mode_seeking_penalty(healthy, z, labels, healthy(z, labels))
+    assert float(collapsed_penalty.detach()) > 1e3 * float(healthy_penalty.detach())
+    # the penalty's gradient reaches the generator (it is a G-only loss term)
+    healthy_penalty.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in healthy.parameters())
+
+
+def _digits_trainer(tmp_path, name: str):
+    from client.dpgan import LocalGanTrainer
+    from common.data import load_dataset
+
+    data = load_dataset("digits", "train")
+    shape = GanShape(channels=1, image_size=8, num_classes=10, latent_dim=8, width=8)
+    return shape, LocalGanTrainer(shape, data, tmp_path / f"{name}.pt", torch.device("cpu"), progress=False)
+
+
+def test_dp_noise_and_batches_do_not_follow_the_coordinators_seed(tmp_path) -> None:
+    """The coordinator sends ``seed``; if it also fixed the DP noise it could replay and subtract it."""
+    from client.dpgan import RoundSettings
+    from common.models import Generator
+
+    shape, _ = _digits_trainer(tmp_path, "probe")
+    torch.manual_seed(0)
+    start = Generator(shape).state_dict()
+
+    def run(name: str, noise_seed):
+        _, trainer = _digits_trainer(tmp_path, name)
+        rs = RoundSettings(noise_multiplier=1.0, sample_rate=0.05, steps=3, max_grad_norm=1.0, lr_d=1e-3, lr_g=1e-3,
+                           seed=7, noise_seed=noise_seed)
+        state, _ = trainer.train_round(start, rs)
+        return torch.cat([v.flatten().float() for v in state.values()])
+
+    assert not torch.equal(run("a", None), run("b", None))  # same coordinator seed, fresh secret noise
+    assert torch.equal(run("c", 123), run("d", 123))  # a fixed noise seed (tests, benchmarks) replays exactly
+
+
+def test_generator_labels_follow_the_sites_class_histogram() -> None:
+    from client.dpgan import class_sampling_weights
+
+    assert class_sampling_weights((), 3) is None  # uniform
+    p = class_sampling_weights((100.0, -4.0, 300.0), 3)  # a noisy count below 0 is cut to 0
+    assert torch.allclose(p, torch.tensor([0.25, 0.0, 0.75]))
+    assert class_sampling_weights((-1.0, -2.0), 2) is None  # nothing left: uniform
+    try:
+        class_sampling_weights((1.0, 2.0), 3)
+    except ValueError as err:
+        assert "3 classes" in str(err)
+    else:
+        raise AssertionError("a histogram of the wrong length must be refused")

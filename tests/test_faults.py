@@ -36,7 +36,7 @@ def test_run_fails_clearly_without_quorum(tmp_path):
 def _gan_request(cfg, shape, **changes):
     req = {"experiment": "hostile", "server-round": 1, "num-rounds": cfg.num_rounds,
            "local-steps": cfg.gan_local_steps, "batch-size": cfg.gan_batch_size, "max-grad-norm": 1.0,
-           "lr-d": 2e-4, "lr-g": 2e-4, "d-width": 0, "ac-weight": 0.3, "epsilon": cfg.epsilon, "delta": 0.0, "seed": 0, "channels": 1,
+           "lr-d": 2e-4, "lr-g": 2e-4, "d-width": 0, "ac-weight": 0.3, "mode-seeking": 1.0, "class-histogram": True, "epsilon": cfg.epsilon, "delta": 0.0, "seed": 0, "channels": 1,
            "image-size": 8, "num-classes": 10, "latent-dim": shape.latent_dim, "width": shape.width}
     req.update(changes)
     return req
@@ -69,6 +69,11 @@ def test_site_refuses_over_budget_and_hostile_requests_without_spending(tmp_path
     # wrong data shape / a generator of another architecture
     reply = _send(grid, 1000, shape, _gan_request(cfg, shape, **{"image-size": 28}))
     assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST
+    # recipe values that would only wreck the round (negative or NaN weights, zero learning rate)
+    for bad in ({"mode-seeking": -1.0}, {"ac-weight": float("nan")}, {"lr-g": 0.0}):
+        reply = _send(grid, 1000, shape, _gan_request(cfg, shape, **bad))
+        assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST
+        assert next(iter(bad)) in reply.error.reason
     # an unknown message type is an error reply, not a crash
     bogus = Message(RecordDict({}), dst_node_id=1000, message_type="query.dump", group_id="x")
     assert list(grid.send_and_receive([bogus]))[0].has_error()

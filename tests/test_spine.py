@@ -41,6 +41,14 @@ def test_three_site_dpgan_run_produces_outputs_and_accounts_privacy(tmp_path):
     assert np.allclose(spent, sorted(s["epsilon"] for s in report["sites"]))
     # the planned rounds end at the target epsilon (calibrated, never above)
     assert max(spent) > 9.0
+    # each site drew its DP class histogram once, charged with its first round, and kept it on site
+    for path in ledgers:
+        entries = PrivacyLedger(path, epsilon_budget=10.0, delta=report["sites"][0]["delta"]).entries()
+        gan = [e for e in entries if e.get("purpose") == "dpgan"]
+        assert [len(e["events"]) for e in gan] == [2, 1]
+        assert gan[0]["events"][0]["sample_rate"] == 1.0 and gan[0]["events"][0]["noise_multiplier"] >= 20.0
+    histograms = sorted((tmp_path / "sites").rglob("class-histogram.json"))
+    assert len(histograms) == 3 and len(json.loads(histograms[0].read_text())["noisy-counts"]) == 10
 
 
 def test_non_private_run_is_marked_not_private(tmp_path):
