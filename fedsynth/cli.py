@@ -186,6 +186,77 @@ def _write_demo_report(rows: list[dict], summary: dict, out: Path) -> None:
     write_report(private, out)
 
 
+def cmd_pretrain_net(args: argparse.Namespace) -> int:
+    """Train the BN-statistics mode's shared net on public data and save it for ``--set bn-net=FILE``."""
+    from common.data import DataError, load_dataset
+    from fedsynth.pretrain import AUGMENT_PRESETS, pretrain_bnnet
+
+    if args.image_size < 8:
+        raise ConfigError(f"--image-size must be >= 8 (the private run's image size), got {args.image_size}")
+    if args.channels not in (1, 3):
+        raise ConfigError(f"--channels must be 1 or 3, got {args.channels}")
+    source = _abs_source(args.data)
+    train = load_dataset(source, "train", image_size=args.image_size, channels=args.channels)
+    try:
+        test = load_dataset(source, "test", image_size=args.image_size, channels=args.channels)
+    except DataError as err:  # e.g. an image folder without test/: train anyway, say so
+        print(f"fedsynth: note: no test split of {args.data} to score the net on ({err})", file=sys.stderr)
+        test = None
+    eval_data = None
+    if args.eval_data:
+        eval_data = load_dataset(_abs_source(args.eval_data), "test", image_size=args.image_size, channels=args.channels)
+    try:
+        summary = pretrain_bnnet(train, args.out, width=args.width, head_norm=args.head_norm, epochs=args.epochs,
+                                 batch_size=args.batch_size, lr=args.lr, augment=AUGMENT_PRESETS[args.augment],
+                                 test=test, eval_data=eval_data, seed=args.seed, device=args.device,
+                                 threads=args.threads, progress=not args.quiet)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    summary["data"], summary["augment_preset"] = args.data, args.augment
+    if args.eval_data:
+        summary["eval_data"] = args.eval_data
+    print(json.dumps(summary, indent=2))
+    test_acc = "n/a" if summary["test_accuracy"] is None else f"{summary['test_accuracy']:.4f}"
+    line = (f"pretrained BNNet({train.image_shape[0]}, {train.num_classes}, {args.image_size}, width={args.width}, "
+            f"head_norm={args.head_norm}) on {args.data}: test accuracy {test_acc}")
+    if summary["eval_accuracy"] is not None:
+        line += f"; on {args.eval_data} (test split, benchmark only) {summary['eval_accuracy']:.4f}"
+    print(line + f"; {summary['epochs']} epochs in {summary['seconds']:.0f} s")
+    print(f"use it with: --set bn-net={summary['out']} --set bn-width={args.width} "
+          f"--set bn-head-norm={'true' if args.head_norm else 'false'}")
+    print(f"per-layer clip bounds read off the public data (no privacy cost; check they suit your data): "
+          f"--set bn-layer-clips={summary['public_layer_clips']}")
+    return 0
+
+
+def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
+    from fedsynth.pretrain import AUGMENT_PRESETS, DEFAULT_AUGMENT
+
+    p.add_argument("--data", required=True,
+                   help="PUBLIC labelled data to train on ('digits' or any --data form of simulate); it must have "
+                        "the private data's classes in the same order. Never give private data here")
+    p.add_argument("--image-size", type=int, required=True, help="the private run's image side (e.g. 28 for MNIST)")
+    p.add_argument("--channels", type=int, default=1, help="the private run's channels: 1 (grayscale) or 3 (RGB)")
+    p.add_argument("--width", type=int, default=16, help="the run's bn-width")
+    p.add_argument("--head-norm", action="store_true", help="the run has bn-head-norm=true (the MNIST recipe)")
+    p.add_argument("--epochs", type=int, default=150, help="passes over the public training split")
+    p.add_argument("--out", required=True, help="net file to write (a state_dict); give it to a run as bn-net")
+    p.add_argument("--eval-data", default="",
+                   help="also report the net's accuracy on this labelled dataset's test split (e.g. MNIST). "
+                        "FOR BENCHMARKING ONLY: in a real deployment the coordinator never has the sites' "
+                        "private data, and nothing from it goes into the net file")
+    p.add_argument("--augment", default=DEFAULT_AUGMENT, choices=sorted(AUGMENT_PRESETS),
+                   help="random zoom/rotation/shift/stroke thickness/levels of every batch (fedsynth.pretrain); "
+                        "'strong' carries 8x8 digits over to 28x28 MNIST-style digits best")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (cosine decay)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+
+
 def _add_run_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     if not demo:
         p.add_argument("--data", required=True, help="dataset: 'digits', an MNIST IDX folder, .npz, image folder or .tar.gz")
@@ -217,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="digits, 3 sites: DP vs no DP vs real data, in under 2 minutes")
     _add_run_args(p, demo=True)
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("pretrain-net", help="bnstats: train the shared net on PUBLIC data, for --set bn-net=FILE "
+                                            "(no site then spends privacy budget on the net)")
+    _add_pretrain_args(p)
+    p.set_defaults(func=cmd_pretrain_net)
     from fedsynth import evaluate as evaluate_cmd
 
     p = sub.add_parser("evaluate", help="train the central learner on a synthetic set, test on real data, audit privacy")
