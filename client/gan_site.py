@@ -154,7 +154,8 @@ def handle_train_gan(msg: Message, context: Context) -> Message:
             events = [event]
         try:
             spent = ledger.charge(events, purpose="dpgan", run=experiment, round=rnd,
-                                  details={"batch-size": int(cfg["batch-size"]), "max-grad-norm": float(cfg["max-grad-norm"])})
+                                  details={"batch-size": int(cfg["batch-size"]), "max-grad-norm": float(cfg["max-grad-norm"]),
+                                           **({"class-histogram-noise": plan["histogram_noise"]} if len(events) == 2 else {})})
         except BudgetExceeded as err:
             raise Refusal(P.REFUSED_BUDGET, str(err)) from None
         if histogram is not None and len(events) == 2:
