@@ -24,7 +24,6 @@ Implementation notes (verified against Opacus 1.6):
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 import warnings
@@ -39,6 +38,7 @@ from opacus.optimizers import DPOptimizer
 from tqdm.auto import tqdm
 
 from common.data import ImageDataset
+from common.files import save_torch_atomic
 from common.models import Discriminator, GanShape, Generator
 
 
@@ -156,13 +156,7 @@ class LocalGanTrainer:
         return torch.load(self.state_path, map_location=self.device, weights_only=True)
 
     def _save_state(self, state: dict) -> None:
-        # Atomic replace: a kill during the save leaves the previous state intact.
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.state_path)
+        save_torch_atomic(self.state_path, state)  # a kill during the save leaves the previous state intact
 
     # ---- one round -------------------------------------------------------------------------------
     def train_round(self, generator_state: dict[str, torch.Tensor], rs: RoundSettings) -> tuple[dict, dict]:

@@ -12,6 +12,7 @@ import torch
 from flwr.app import Error, Message
 
 from common import protocol as P
+from common.files import save_torch_atomic
 
 if TYPE_CHECKING:
     from client.site import SiteSettings
@@ -71,10 +72,7 @@ def load_cached_reply(path: Path) -> dict | None:
 
 
 def save_cached_reply(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    save_torch_atomic(path, payload)
 
 
 def load_fixed_plan(path: Path, asked: dict[str, Any]) -> dict | None:

@@ -28,8 +28,6 @@ net's accuracy on the MNIST test split (benchmark only: see the numbers at :data
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +41,7 @@ from tqdm.auto import tqdm
 from common.bnnet import BNNet, BNNetShape
 from common.data import ImageDataset
 from common.device import pick_device
+from common.files import save_torch_atomic
 
 
 @dataclass(frozen=True)
@@ -172,19 +171,9 @@ def check_net_fits(net: nn.Module, data: ImageDataset) -> None:
 
 
 def save_state_dict_atomic(net: nn.Module, path: str | Path) -> Path:
-    """Write ``net.state_dict()`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    """Write ``net.state_dict()`` (on the CPU) to ``path`` atomically; returns the expanded path."""
     path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_torch_atomic(path, {k: v.detach().cpu() for k, v in net.state_dict().items()})
     return path
 
 
