@@ -92,22 +92,23 @@ def _check_shape(cfg: dict, data: ImageDataset, generator_state: dict) -> GanSha
 HISTOGRAM_FILE = "class-histogram.json"
 
 
-def _class_histogram(plan: dict, data: ImageDataset, run_dir: Path) -> list[float] | None:
-    """This run's noisy class counts at the site: read back if already drawn, else drawn now (OS entropy).
+def _class_histogram(plan: dict, data: ImageDataset, run_dir: Path) -> tuple[list[float] | None, bool]:
+    """(this run's noisy class counts at the site, whether they were drawn just now).
 
-    (K,) counts + N(0, z^2) each; None when the run asked for no histogram. The histogram never leaves the
-    site as such: it only decides which labels G's steps draw here. The caller charges it (once) together
-    with the round's DP-SGD steps before anything trained with it is sent.
+    Read back if already drawn, else drawn now from OS entropy: (K,) counts + N(0, z^2) each; (None,
+    False) when the run asked for no histogram. The histogram never leaves the site as such: it only
+    decides which labels G's steps draw here. A fresh draw must be charged (once) by the caller together
+    with the round's DP-SGD steps, before anything trained with it is sent, then saved.
     """
     z = float(plan.get("histogram_noise", 0.0))
     if z <= 0:
-        return None
+        return None, False
     path = run_dir / HISTOGRAM_FILE
     if path.exists():
-        return [float(v) for v in json.loads(path.read_text())["noisy-counts"]]
+        return [float(v) for v in json.loads(path.read_text())["noisy-counts"]], False
     counts = np.bincount(data.labels, minlength=data.num_classes).astype(np.float64)  # (K,)
     noisy = counts + np.random.default_rng().normal(0.0, z, size=counts.shape)  # fresh OS entropy
-    return [float(v) for v in noisy]
+    return [float(v) for v in noisy], True
 
 
 def _check_recipe(cfg: dict) -> None:
@@ -147,18 +148,17 @@ def handle_train_gan(msg: Message, context: Context) -> Message:
             raise Refusal(P.REFUSED_BUDGET, f"this run already spent its {cfg['num-rounds']} planned rounds here")
         steps = int(cfg["local-steps"])
         event = DPEvent(plan["noise_multiplier"], plan["sample_rate"], steps)
-        histogram = _class_histogram(plan, data, run_dir)
-        if histogram is not None and not (run_dir / HISTOGRAM_FILE).exists():
-            events = [DPEvent(plan["histogram_noise"], 1.0, 1), event]  # drawn now: charged with this round
-        else:
-            events = [event]
+        histogram, drawn_now = _class_histogram(plan, data, run_dir)
+        events = [event]
+        details = {"batch-size": int(cfg["batch-size"]), "max-grad-norm": float(cfg["max-grad-norm"])}
+        if drawn_now:  # charged with this round, in the same ledger entry
+            events = [DPEvent(plan["histogram_noise"], 1.0, 1), event]
+            details["class-histogram-noise"] = plan["histogram_noise"]
         try:
-            spent = ledger.charge(events, purpose="dpgan", run=experiment, round=rnd,
-                                  details={"batch-size": int(cfg["batch-size"]), "max-grad-norm": float(cfg["max-grad-norm"]),
-                                           **({"class-histogram-noise": plan["histogram_noise"]} if len(events) == 2 else {})})
+            spent = ledger.charge(events, purpose="dpgan", run=experiment, round=rnd, details=details)
         except BudgetExceeded as err:
             raise Refusal(P.REFUSED_BUDGET, str(err)) from None
-        if histogram is not None and len(events) == 2:
+        if drawn_now:
             atomic_write_json(run_dir / HISTOGRAM_FILE, {"noisy-counts": histogram})
             log.info("[%s] drew its DP class histogram (z=%g) for the generator's labels", site.name,
                      plan["histogram_noise"])
