@@ -65,23 +65,20 @@ import torch
 from torch import nn
 
 from common.bnnet import capture_norm_inputs, norm_layer_channels
+from common.protocol import STATS_COUNT as COUNT_KEY
+from common.protocol import STATS_SUM as SUM_PREFIX
+from common.protocol import STATS_SUMSQ as SUMSQ_PREFIX
+from common.protocol import stats_layout
 
 if TYPE_CHECKING:
     from common.data import ImageDataset
 
-COUNT_KEY = "count"
-SUM_PREFIX = "sum/"
-SUMSQ_PREFIX = "sumsq/"
 RELEASE_DTYPE = np.float32
 
 
 def expected_release_keys(model: nn.Module, num_classes: int) -> dict[str, tuple[int, ...]]:
-    """Every array of a release and its shape; the protocol checks site replies against this."""
-    keys: dict[str, tuple[int, ...]] = {COUNT_KEY: (num_classes,)}
-    for name, c in norm_layer_channels(model).items():
-        keys[SUM_PREFIX + name] = (num_classes, c)
-        keys[SUMSQ_PREFIX + name] = (num_classes, c)
-    return keys
+    """Every array of a release of ``model``'s statistics and its shape (``protocol.stats_layout``)."""
+    return stats_layout(norm_layer_channels(model), num_classes)
 
 
 def release_num_bytes(model: nn.Module, num_classes: int) -> int:

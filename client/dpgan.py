@@ -28,7 +28,6 @@ import secrets
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,7 +37,6 @@ from opacus.optimizers import DPOptimizer
 from tqdm.auto import tqdm
 
 from common.data import ImageDataset
-from common.files import save_torch_atomic
 from common.models import Discriminator, GanShape, Generator
 
 
@@ -131,17 +129,18 @@ def class_sampling_weights(weights: tuple | list, num_classes: int) -> torch.Ten
 
 
 class LocalGanTrainer:
-    """Holds a site's discriminator between rounds and trains the received generator against it.
+    """Trains the received generator against the site's discriminator for one round.
 
-    ``state_path`` is where D, both optimizers' states and the step counter are persisted, so a
-    restarted site continues where it was (and D never leaves the site).
+    The discriminator's state (D, both optimizers, the step counter) goes in and comes out of
+    :meth:`train_round`; the caller saves it with the round's reply, in one atomic file, so that a
+    round redone after an interruption starts from the state *before* the round (an attempt that was
+    interrupted must not leave its DP-SGD steps in D uncharged). D never leaves the site.
     """
 
-    def __init__(self, shape: GanShape, data: ImageDataset, state_path: Path,
-                 device: torch.device, progress: bool = True, label: str = "site") -> None:
+    def __init__(self, shape: GanShape, data: ImageDataset, device: torch.device, progress: bool = True,
+                 label: str = "site") -> None:
         self.shape = shape
         self.data = data
-        self.state_path = Path(state_path)
         self.device = device
         self.progress = progress
         self.label = label
@@ -149,18 +148,13 @@ class LocalGanTrainer:
         self.x = torch.from_numpy(data.images).to(device) * 2 - 1  # (N, C, H, W)
         self.y = torch.from_numpy(data.labels).to(device)  # (N,)
 
-    # ---- persistence -----------------------------------------------------------------------------
-    def _load_state(self) -> dict | None:
-        if not self.state_path.exists():
-            return None
-        return torch.load(self.state_path, map_location=self.device, weights_only=True)
-
-    def _save_state(self, state: dict) -> None:
-        save_torch_atomic(self.state_path, state)  # a kill during the save leaves the previous state intact
-
     # ---- one round -------------------------------------------------------------------------------
-    def train_round(self, generator_state: dict[str, torch.Tensor], rs: RoundSettings) -> tuple[dict, dict]:
-        """Train D (DP-SGD, ``rs.steps`` steps) and G through it; return (generator state_dict, metrics)."""
+    def train_round(self, generator_state: dict[str, torch.Tensor], rs: RoundSettings,
+                    d_state: dict | None = None) -> tuple[dict, dict, dict]:
+        """Train D (DP-SGD, ``rs.steps`` steps) and G through it, starting from ``d_state`` (None = a new D).
+
+        Returns (generator state_dict, metrics, D's new state). The metrics stay on the site except
+        those the protocol declares (``g_loss``)."""
         start = time.perf_counter()
         n = len(self.data)
         k = self.shape.num_classes
@@ -173,7 +167,7 @@ class LocalGanTrainer:
         disc = Discriminator(self.shape, width=rs.d_width).to(self.device)
         opt_g = torch.optim.Adam(gen.parameters(), lr=rs.lr_g, betas=tuple(rs.betas_g))
         opt_d_inner = torch.optim.Adam(disc.parameters(), lr=rs.lr_d, betas=tuple(rs.betas_d))
-        saved = self._load_state()
+        saved = None if d_state is None else {k: _to_device(v, self.device) for k, v in d_state.items()}
         if saved is not None:
             disc.load_state_dict(saved["disc"])
             opt_d_inner.load_state_dict(saved["opt_d"])
@@ -265,8 +259,8 @@ class LocalGanTrainer:
 
         if private:
             d_model._close()  # remove Opacus hooks; `disc` is the plain module again
-        self._save_state({"disc": disc.state_dict(), "opt_d": opt_d_inner.state_dict(),
-                          "opt_g": opt_g.state_dict(), "steps": total_steps + rs.steps})
+        new_d_state = {"disc": disc.state_dict(), "opt_d": opt_d_inner.state_dict(), "opt_g": opt_g.state_dict(),
+                       "steps": total_steps + rs.steps}
         if ema is not None:
             with torch.no_grad():
                 for e, p in zip(ema, gen.parameters()):
@@ -280,4 +274,15 @@ class LocalGanTrainer:
             "train-seconds": time.perf_counter() - start,
         }
         out = {k: v.detach().cpu() for k, v in gen.state_dict().items()}
-        return out, metrics
+        return out, metrics, _to_device(new_d_state, torch.device("cpu"))
+
+
+def _to_device(obj, device: torch.device):
+    """A (nested) state dict moved to ``device`` (optimizer states are dicts of dicts of tensors)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_device(v, device) for v in obj]
+    return obj

@@ -1,123 +1,122 @@
-"""Shared mechanics of every site handler: refusals, request checks, state files, cached replies."""
+"""Shared mechanics of every site handler: decoding requests, refusing safely, the run's state files.
+
+A site answers a hostile coordinator. So every handler runs inside :func:`site_handler`, which turns
+every failure into an error reply whose reason is safe to send: a :class:`Refusal` says its ``public``
+text (never the site's budget, spending, record count, paths or data), and any other exception becomes a
+generic "site failure" while the details go to the site's own log. Without this, Flower would send the
+exception's text -- a traceback that can quote private values -- to the coordinator.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 import torch
-from flwr.app import Error, Message
+from flwr.app import Context, Error, Message
 
+from client.budget import PlanRefused
+from client.site import SiteSettings, load_site_data, resolve_site
 from common import protocol as P
+from common.data import DataError, ImageDataset
 from common.files import save_torch_atomic
-
-if TYPE_CHECKING:
-    from client.site import SiteSettings
-    from common.data import ImageDataset
 
 log = logging.getLogger("fedsynth.site")
 
 
 class Refusal(Exception):
-    """The site declines a request; becomes an error reply with a protocol refusal code."""
+    """The site declines a request. ``public`` goes to the coordinator, ``detail`` only to the site's log."""
 
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
+    def __init__(self, code: int, public: str, detail: str = "") -> None:
+        super().__init__(detail or public)
         self.code = code
-        self.reason = reason
+        self.public = public
+        self.detail = detail or public
 
 
-def refuse(msg: Message, site_name: str, err: Refusal) -> Message:
-    log.warning("[%s] refused %s: %s", site_name, msg.metadata.message_type, err.reason)
-    return Message(error=Error(code=err.code, reason=f"{site_name}: {err.reason}"), reply_to=msg)
+def refuse(msg: Message, site_name: str, code: int, public: str, detail: str = "") -> Message:
+    log.warning("[%s] refused %s: %s", site_name, msg.metadata.message_type, detail or public)
+    return Message(error=Error(code=code, reason=f"{site_name}: {public}"), reply_to=msg)
 
 
-def request_config(msg: Message, required: tuple[str, ...]) -> dict[str, Any]:
-    if P.REQ_CONFIG not in msg.content.config_records:
-        raise Refusal(P.REFUSED_BAD_REQUEST, f"request has no '{P.REQ_CONFIG}' record")
-    cfg = dict(msg.content.config_records[P.REQ_CONFIG])
-    unknown = sorted(set(cfg) - set(required))
-    missing = sorted(set(required) - set(cfg))
-    if unknown or missing:
-        raise Refusal(P.REFUSED_BAD_REQUEST, f"request settings do not follow the protocol "
-                                             f"(unknown: {unknown}, missing: {missing})")
-    return cfg
+FAILURE_TEXT = "the site could not do this work; its operator can see why in the site's log"
 
 
-def atomic_write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def site_handler(fn: Callable[[Message, Context, SiteSettings], Message]) -> Callable[[Message, Context], Message]:
+    """Wrap a ClientApp handler so that nothing but a declared reply or a safe refusal leaves the site."""
+
+    def handler(msg: Message, context: Context) -> Message:
+        site_name = "site"
+        try:
+            site = resolve_site(context.node_config, context.run_config)
+            site_name = site.name
+            return fn(msg, context, site)
+        except Refusal as err:
+            return refuse(msg, site_name, err.code, err.public, err.detail)
+        except PlanRefused as err:
+            return refuse(msg, site_name, err.code, err.public, err.detail)
+        except P.ProtocolError as err:  # it describes the coordinator's own message: safe to echo
+            return refuse(msg, site_name, P.REFUSED_BAD_REQUEST, str(err))
+        except DataError as err:
+            return refuse(msg, site_name, P.SITE_FAILURE, FAILURE_TEXT, f"cannot load the site's data: {err}")
+        except Exception as err:  # noqa: BLE001 - any crash must become a safe reply, never a traceback
+            log.exception("[%s] %s failed", site_name, msg.metadata.message_type)
+            return refuse(msg, site_name, P.SITE_FAILURE, FAILURE_TEXT, f"{type(err).__name__}: {err}")
+
+    # (not functools.wraps: Flower must see the (message, context) signature, not the wrapped one)
+    handler.__name__, handler.__qualname__, handler.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+    return handler
 
 
-def safe_name(text: str) -> str:
-    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:80]
+def require_mode(site: SiteSettings, mode: str) -> None:
+    """Refuse a request for a synthesis mode the site's operator did not allow (``modes`` in site.yaml)."""
+    if mode not in site.modes:
+        raise Refusal(P.REFUSED_NOT_ALLOWED, f"this site allows only the modes {', '.join(site.modes) or 'none'}, "
+                                             f"not '{mode}'")
+
+
+def site_data(site: SiteSettings) -> ImageDataset:
+    try:
+        return load_site_data(site)
+    except DataError:
+        raise
+    except (OSError, ValueError) as err:  # an unexpected decoder / IO failure: the operator must look
+        raise DataError(f"{type(err).__name__}: {err}") from None
+
+
+def check_schema(data: ImageDataset, channels: int, height: int, width: int, num_classes: int) -> None:
+    c, h, w = data.image_shape
+    if (channels, height, width, num_classes) != (c, h, w, data.num_classes):
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"the run expects {channels}x{height}x{width} images in {num_classes} "
+                                             f"classes but this site publishes {c}x{h}x{w} in {data.num_classes}")
+
+
+def run_dir(site: SiteSettings, experiment: str) -> Path:
+    """The site's private folder for one run (plan, census, saved replies, discriminator states)."""
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)[:80]
     if not cleaned or cleaned.startswith("."):
-        raise Refusal(P.REFUSED_BAD_REQUEST, f"invalid experiment id {text!r}")
-    return cleaned
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"invalid experiment id {experiment!r}")
+    return site.state_dir / "runs" / cleaned
 
 
-def load_cached_reply(path: Path) -> dict | None:
-    """A reply this site already released for the same request (re-sending it costs no privacy)."""
+def load_saved(path: Path) -> dict | None:
+    """A reply this site already released for the same request (sending it again costs no privacy)."""
     if not path.exists():
         return None
     return torch.load(path, weights_only=True)
 
 
-def save_cached_reply(path: Path, payload: dict) -> None:
+def save_reply(path: Path, payload: dict[str, Any]) -> None:
+    """Save a reply (and what must persist with it) BEFORE sending it: a re-sent request gets it back."""
     save_torch_atomic(path, payload)
 
 
-def load_fixed_plan(path: Path, asked: dict[str, Any]) -> dict | None:
-    """A run's plan fixed at its first request, or None; refuses a request that changes the plan."""
-    if not path.exists():
-        return None
-    plan = json.loads(path.read_text())
-    changed = {k: (plan["asked"].get(k), v) for k, v in asked.items() if plan["asked"].get(k) != v}
-    if changed:
-        raise Refusal(P.REFUSED_BAD_REQUEST, f"request changes settings fixed at the run's first request: "
-                                             f"{changed} (start a new experiment instead)")
-    return plan
+def finite_at_least(value: float, name: str, low: float = 0.0, *, strict: bool = False) -> None:
+    """Refuse a recipe value that would only wreck the round (it cannot touch privacy)."""
+    import math
 
-
-def require_mode(site: "SiteSettings", mode: str) -> None:
-    """Refuse a request for a synthesis mode the site's operator did not allow (``modes`` in site.yaml)."""
-    if mode not in site.modes:
-        raise Refusal(P.REFUSED_NOT_ALLOWED,
-                      f"this site allows only the modes {', '.join(site.modes) or 'none'}, not '{mode}'")
-
-
-# Above this noise multiplier DP-SGD updates or statistics are pure noise: a plan that needs more is a
-# budget too small for the requested work, refused instead of silently training on noise.
-MAX_USEFUL_NOISE = 50.0
-
-
-def check_useful_noise(sigma: float, what: str) -> None:
-    if sigma > MAX_USEFUL_NOISE:
-        raise Refusal(P.REFUSED_BUDGET, f"the budget is too small for the requested {what}: it would need noise "
-                                        f"multiplier {sigma:.3g} (> {MAX_USEFUL_NOISE:g}, where nothing is learned); "
-                                        "ask for fewer rounds/steps or a larger epsilon")
-
-
-def open_request(msg: Message, site: "SiteSettings", mode: str, keys: tuple[str, ...], array_key: str,
-                 what: str) -> tuple[dict[str, Any], "ImageDataset"]:
-    """The checks every training request starts with: mode allowed, settings as the protocol says,
-    the model present, the site's data loadable. Returns (settings, data) or raises a Refusal."""
-    from client.site import load_site_data
-    from common.data import DataError
-
-    require_mode(site, mode)
-    cfg = request_config(msg, keys)
-    if array_key not in msg.content.array_records:
-        raise Refusal(P.REFUSED_BAD_REQUEST, f"request carries no {what}")
-    try:
-        return cfg, load_site_data(site)
-    except DataError as err:
-        raise Refusal(P.SITE_FAILURE, f"cannot load the site's data: {err}") from None
+    bad = not math.isfinite(value) or value < low or (strict and value == low)
+    if bad:
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"{name} must be a finite number {'>' if strict else '>='} {low:g}, "
+                                             f"got {value!r}")

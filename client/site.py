@@ -1,91 +1,136 @@
-"""Who this site is: its name, its private data, its budget and where it keeps its state.
+"""Who this site is: its name, its private data, its budget, its policy and where it keeps its state.
 
-Two sources, one result (:class:`SiteSettings`):
+:class:`SiteSettings` is the one definition of a site's settings. Two sources fill it:
+
 - Deployment: the SuperNode's node config, written by ``fedsynth site`` from the site's own YAML
-  (``site-name``, ``data-path``, ``state-dir``, ``epsilon``, ``delta``, ...). The budget is the site's,
-  never the coordinator's.
-- Simulation: the node config only carries ``partition-id``/``num-partitions`` (plus whatever the
-  in-process engine adds); the site loads its partition of the run's dataset and, since the person
-  running a simulation owns every virtual site, takes its budget from the run config.
+  (:meth:`SiteSettings.to_node_config` / :meth:`SiteSettings.from_node_config`). The budget, the
+  dataset id and the query policy are the site's, never the coordinator's.
+- Simulation: the node config only carries ``partition-id``/``num-partitions`` (plus what the
+  simulation adds); the site loads its partition of the run's dataset and, since the person running a
+  simulation owns every virtual site, takes its budget from the run config.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from client.ledger import PrivacyLedger
 from common.accounting import default_delta
-from common.config import RunConfig
+from common.config import MODES, RunConfig
 from common.data import DataError, ImageDataset, load_dataset
 from common.partition import parse_partition, partition_indices
+
+log = logging.getLogger("fedsynth.site")
 
 
 @dataclass(frozen=True)
 class SiteSettings:
+    """Everything about a site that its handlers need. Defaults are THE defaults (site.yaml documents them)."""
+
     name: str
     data: str  # dataset source (path or "digits")
-    split: str
-    image_size: int
-    label_from: str
-    partition_id: int | None  # simulation: which partition of `data` this site holds
-    num_partitions: int | None
-    partition: str
-    seed: int
-    state_dir: Path
-    epsilon_budget: float  # the site's total budget for this dataset
-    delta: float  # 0 = default for the dataset size
-    audits: bool
-    modes: tuple[str, ...] = ("dpgan", "bnstats")  # synthesis modes this site's operator allows
+    state_dir: Path  # private folder: ledger, plans, cached replies, discriminator
+    epsilon_budget: float  # the site's total budget for this dataset (inf = unlimited, allows non-private runs)
+    dataset_id: str = ""  # the ledger's key; "" = the site's name
+    split: str = "train"
+    image_size: int = 0
+    label_from: str = ""
+    delta: float = 0.0  # 0 = min(1e-5, 1/(10 n)) when the ledger is created, then the ledger's
+    modes: tuple[str, ...] = MODES  # synthesis modes this site's operator allows
     heldout: str = ""  # the site's own held-out records (for evaluation and audits); "" = none
     heldout_split: str = "test"
+    evaluation: bool = False  # answer DP evaluation queries (noisy, charged, capped)
+    audits: bool = False  # answer DP audit queries (noisy, charged, capped)
+    queries_per_run: int = 1  # cap on evaluation queries and on audit queries per run
+    # simulation only: which partition of `data` this site holds
+    partition_id: int | None = None
+    num_partitions: int | None = None
+    partition: str = "iid"
+    seed: int = 0
+
+    @property
+    def ledger_id(self) -> str:
+        return self.dataset_id or self.name
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "ledger" / f"{_safe_id(self.ledger_id)}.jsonl"
+
+    def to_node_config(self) -> dict[str, Any]:
+        """The Flower node config a deployed SuperNode carries (flat TOML scalars)."""
+        return {"site-name": self.name, "data-path": self.data, "state-dir": str(self.state_dir),
+                "epsilon": self.epsilon_budget, "dataset-id": self.dataset_id, "split": self.split,
+                "image-size": self.image_size, "label-from": self.label_from, "delta": self.delta,
+                "modes": ",".join(self.modes), "heldout-path": self.heldout, "heldout-split": self.heldout_split,
+                "evaluation": self.evaluation, "audits": self.audits, "queries-per-run": self.queries_per_run}
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> "SiteSettings":
+        """Build the site's settings from its node config (and, in simulation, the run config)."""
+        if "data-path" in node_config:  # a deployed site: everything comes from its own config
+            if not node_config.get("state-dir"):
+                raise ValueError("node config 'state-dir' is missing: a site needs a private folder for its "
+                                 "ledger and local models (set state_dir in the site YAML)")
+            if "epsilon" not in node_config:
+                raise ValueError("node config 'epsilon' is missing: a site must set its own privacy budget")
+            return cls(**_from_dashed(node_config, {
+                "site-name": "name", "data-path": "data", "state-dir": "state_dir", "epsilon": "epsilon_budget",
+                "heldout-path": "heldout"}))
+        if "partition-id" not in node_config:
+            raise ValueError("node config has neither 'data-path' (deployment) nor 'partition-id' (simulation); "
+                             "start the SuperNode with fedsynth site --config site.yaml")
+        run = RunConfig.from_mapping(run_config)
+        pid = int(node_config["partition-id"])
+        root = run.state_dir or str(Path(run.out_dir) / "sites")
+        name = str(node_config.get("site-name") or f"site-{pid + 1}")
+        base = {"name": name, "data": run.data, "image_size": run.image_size, "label_from": run.label_from,
+                "partition_id": pid, "num_partitions": int(node_config["num-partitions"]),
+                "partition": run.partition, "seed": run.seed, "state_dir": Path(root) / name,
+                "epsilon_budget": run.epsilon, "delta": run.delta, "heldout": run.test_data,
+                "evaluation": run.site_evaluation, "audits": run.site_audits}
+        extra = _from_dashed({k: v for k, v in node_config.items() if k not in ("partition-id", "num-partitions")},
+                             {"site-name": "name", "epsilon": "epsilon_budget", "state-dir": "state_dir"})
+        return cls(**{**base, **extra})
 
 
-def _modes(node_config: Mapping[str, Any]) -> tuple[str, ...]:
-    raw = str(_get(node_config, "modes", "dpgan,bnstats"))
-    return tuple(m.strip() for m in raw.split(",") if m.strip())
+def _safe_id(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:80] or "dataset"
 
 
-def _get(cfg: Mapping[str, Any], key: str, default: Any) -> Any:
-    value = cfg.get(key, default)
-    return default if value == "" else value
+_FIELD_TYPES = {f.name: f.type for f in fields(SiteSettings)}
+
+
+def _from_dashed(raw: Mapping[str, Any], renames: Mapping[str, str]) -> dict[str, Any]:
+    """Node-config keys (dashed) -> SiteSettings fields, converted to the field's type."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = renames.get(key, key.replace("-", "_"))
+        if name not in _FIELD_TYPES:
+            raise ValueError(f"unknown site setting '{key}' in the node config")
+        kind = str(_FIELD_TYPES[name])
+        if kind == "Path":
+            value = Path(str(value))
+        elif kind == "tuple[str, ...]":
+            value = tuple(m.strip() for m in str(value).split(",") if m.strip())
+        elif kind == "bool":
+            value = value if isinstance(value, bool) else str(value).lower() in ("true", "1", "yes")
+        elif kind == "int":
+            value = int(value)
+        elif kind == "float":
+            value = float(value)
+        else:
+            value = str(value)
+        out[name] = value
+    return out
 
 
 def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> SiteSettings:
-    """Build the site's settings from its node config (and, in simulation, the run config)."""
-    run = RunConfig.from_mapping(run_config)
-    if "data-path" in node_config:  # a deployed site: everything comes from its own config
-        state_dir = node_config.get("state-dir")
-        if not state_dir:
-            raise ValueError("node config 'state-dir' is missing: a site needs a private folder for its "
-                             "ledger and local models (set state_dir in the site YAML)")
-        if "epsilon" not in node_config:
-            raise ValueError("node config 'epsilon' is missing: a site must set its own privacy budget")
-        return SiteSettings(
-            name=str(_get(node_config, "site-name", "site")),
-            data=str(node_config["data-path"]), split=str(_get(node_config, "split", "train")),
-            image_size=int(_get(node_config, "image-size", 0)), label_from=str(_get(node_config, "label-from", "")),
-            partition_id=None, num_partitions=None, partition="iid", seed=0,
-            state_dir=Path(str(state_dir)), epsilon_budget=float(node_config["epsilon"]),
-            delta=float(_get(node_config, "delta", 0.0)), audits=bool(_get(node_config, "audits", True)),
-            modes=_modes(node_config),
-            heldout=str(_get(node_config, "heldout-path", "")), heldout_split=str(_get(node_config, "heldout-split", "test")),
-        )
-    if "partition-id" not in node_config:
-        raise ValueError("node config has neither 'data-path' (deployment) nor 'partition-id' (simulation); "
-                         "start the SuperNode with fedsynth site --config site.yaml")
-    pid, count = int(node_config["partition-id"]), int(node_config["num-partitions"])
-    root = run.state_dir or str(Path(run.out_dir) / "sites")
-    return SiteSettings(
-        name=str(_get(node_config, "site-name", f"site-{pid}")), data=run.data, split="train",
-        image_size=run.image_size, label_from=run.label_from, partition_id=pid, num_partitions=count,
-        partition=run.partition, seed=run.seed,
-        state_dir=Path(str(_get(node_config, "state-dir", Path(root) / f"site-{pid}"))),
-        epsilon_budget=float(_get(node_config, "epsilon", run.epsilon)), delta=run.delta,
-        audits=bool(_get(node_config, "audits", True)), modes=_modes(node_config), heldout=run.test_data,
-    )
+    return SiteSettings.from_node_config(node_config, run_config)
 
 
 @functools.lru_cache(maxsize=8)
@@ -117,16 +162,35 @@ def load_site_heldout(site: SiteSettings) -> ImageDataset | None:
     return data.subset(parts[site.partition_id])
 
 
-def site_delta(site: SiteSettings, num_records: int) -> float:
-    """The site's delta: its configured value, else min(1e-5, 1/(10 n)) for its n records."""
-    if site.delta > 0:
-        return site.delta
-    return default_delta(num_records)
+def open_ledger(site: SiteSettings, data: ImageDataset, *, create: bool = True) -> PrivacyLedger:
+    """The ledger of the site's declared dataset id.
+
+    Its delta: the site's configured one, else the ledger's own, else (creating it) min(1e-5, 1/(10 n)).
+    A ledger that an older fedsynth keyed by the data's fingerprint is taken over under the dataset id.
+    A data fingerprint that differs from the last charge's is logged: the ledger continues, because
+    adding or removing records must never give the records already there a fresh budget.
+    """
+    path = site.ledger_path
+    legacy = site.state_dir / "ledger" / f"{data.fingerprint()[:16]}.jsonl"
+    if create and not path.exists() and legacy.exists():
+        legacy.rename(path)
+        log.warning("[%s] took over the privacy ledger %s as the ledger of dataset id '%s'", site.name, legacy.name,
+                    site.ledger_id)
+    ledger = PrivacyLedger(path, epsilon_budget=site.epsilon_budget, delta=site.delta or None,
+                           new_delta=default_delta(max(1, len(data))), dataset_id=site.ledger_id, create=create)
+    last = ledger.last_fingerprint()
+    current = data_fingerprint(data)
+    if last is not None and last != current:
+        log.warning("[%s] the data of dataset id '%s' changed since its last release (fingerprint %s -> %s); the "
+                    "privacy ledger continues, so every record keeps the budget it had", site.name, site.ledger_id,
+                    last, current)
+    return ledger
 
 
-def ledger_path(site: SiteSettings, data: ImageDataset) -> Path:
-    """One ledger per dataset, keyed by the dataset's fingerprint, so every run and mode composes."""
-    return site.state_dir / "ledger" / f"{data.fingerprint()[:16]}.jsonl"
+@functools.lru_cache(maxsize=16)
+def data_fingerprint(data: ImageDataset) -> str:
+    """Short fingerprint of the data a charge was computed on (cached per loaded dataset object)."""
+    return data.fingerprint()[:16]
 
 
 def budget_is_private(site: SiteSettings) -> bool:

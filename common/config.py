@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 from common.learner import LEARNERS, LearnerConfig
 from common.models import GanShape
+from common.protocol import AUDIT_MAX_IMAGES
 
 MODES = ("dpgan", "bnstats")
 
@@ -88,8 +89,11 @@ class RunConfig:
     learner_lr: float = 2e-3
     learner_batch_size: int = 128
     real_baseline: bool = True  # also train the learner on the real pooled data (simulation only)
-    audits: bool = True  # ask sites for privacy diagnostics of the synthetic set (aggregates only)
-    audit_records: int = 1000  # synthetic images sent to each site for its audit
+    # --- questions to the sites about their private data (each a DP release the site charges; a site
+    # answers only if its operator allows it, at most queries-per-run times per run) -----------------
+    site_evaluation: bool = False  # sites score the central classifier on their held-out data (noisy counts)
+    site_audits: bool = False  # sites histogram their records' distances to the synthetic set (noisy counts)
+    audit_records: int = 1000  # synthetic images sent with an audit query (and audited by a simulation's owner)
 
     # ------------------------------------------------------------------------------------------------
     @classmethod
@@ -157,7 +161,8 @@ class RunConfig:
              "bn-clip, bn-count-weight, bn-lr and bn-max-grad-norm must be > 0")
         need(self.bn_iterations >= 1 and self.bn_synth_batch >= 1 and self.bn_synth_lr > 0,
              "bn-iterations, bn-synth-batch and bn-synth-lr must be positive")
-        need(self.audit_records >= 2, f"audit-records must be >= 2, got {self.audit_records}")
+        need(2 <= self.audit_records <= AUDIT_MAX_IMAGES,
+             f"audit-records must be in 2..{AUDIT_MAX_IMAGES}, got {self.audit_records}")
         need(self.synthetic_size >= 1, f"synthetic-size must be >= 1, got {self.synthetic_size}")
         need(self.image_size == 0 or self.image_size >= 8, f"image-size must be 0 or >= 8, got {self.image_size}")
         need(self.label_from in ("", "utkface-gender", "utkface-race"),

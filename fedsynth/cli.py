@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -62,64 +61,19 @@ def build_run_config(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_mapping(raw)
 
 
-def check_data(cfg: RunConfig, sites: int) -> None:
-    """Load the data and split it once before anything starts, so bad data fails fast and clearly."""
-    from common.data import describe, load_dataset
-    from common.partition import parse_partition, partition_indices
-
-    data = load_dataset(cfg.data, "train", image_size=cfg.image_size or None, label_from=cfg.label_from or None)
-    scheme, alpha = parse_partition(cfg.partition)
-    try:
-        partition_indices(data.labels, sites, scheme, alpha, seed=cfg.seed)
-    except ValueError as err:
-        raise ConfigError(f"cannot split {len(data)} records over {sites} sites with '{cfg.partition}': {err}") from None
-    logging.getLogger("fedsynth").info("data: %s", describe(data))
-    if cfg.test_data:
-        load_dataset(cfg.test_data, "test", image_size=cfg.image_size or None, label_from=cfg.label_from or None)
-
-
-def simulate(cfg: RunConfig, sites: int, engine: str = "inprocess", progress: bool = True) -> dict:
-    """Run one synthesis over ``sites`` virtual sites; returns the report."""
-    if sites < 1:
-        raise ConfigError(f"--sites must be >= 1, got {sites}")
-    check_data(cfg, sites)
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    if engine == "flower":
-        from fedsynth.flower_sim import run_flower_simulation
-
-        return run_flower_simulation(cfg.to_flwr(), sites, Path(cfg.out_dir))
-    from client.app import app as client_app
-    from fedsynth.localgrid import run_inprocess
-    from server.app import run_coordinator
-
-    nodes = [{"partition-id": i, "num-partitions": sites, "site-name": f"site-{i + 1}"} for i in range(sites)]
-    cfg.progress = progress
-    return run_inprocess(run_coordinator, client_app, cfg.to_flwr(), nodes)
-
-
-def _fmt(x: Any) -> str:
-    if isinstance(x, float):
-        return "inf" if math.isinf(x) else f"{x:.4f}"
-    return str(x)
-
-
-def print_summary(report: dict) -> None:
-    u = report.get("utility", {})
-    print(f"\n== fedsynth {report['mode']} run ({'private' if report['private'] else 'NOT PRIVATE'}) ==")
-    print(report.get("privacy_statement", ""))
-    for s in report["sites"]:
-        print(f"  {s['name']:<10} examples={s['examples']:<6} epsilon={_fmt(s['epsilon'])} delta={s['delta']:.2g} "
-              f"bytes_sent={s['bytes_sent']}{'  DROPPED in rounds ' + ','.join(s['rounds_failed']) if s['dropped'] else ''}")
-    if "tstr_accuracy" in u:
-        print(f"  TSTR accuracy: {u['tstr_accuracy']:.4f}   MCC: {u['mcc']:.4f}")
-    if "real_accuracy" in u:
-        print(f"  same learner on real data: {u['real_accuracy']:.4f}   ratio: {u['ratio']:.3f}")
-    print(f"  outputs in {report['config']['out-dir']}  (report.json, synthetic.npz, synthetic/, grids/)")
-
-
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedsynth.simulate import simulate, spent_line
+
     cfg = build_run_config(args)
-    report = simulate(cfg, args.sites, args.engine, progress=not args.quiet)
+    try:
+        report = simulate(cfg, args.sites, args.engine, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"\nfedsynth: interrupted. Saved in {cfg.out_dir}: the run's id and every finished round; spent so "
+              f"far: {spent_line(cfg, args.sites)}. Run the same command again to resume: finished rounds are not "
+              "redone and an interrupted round's charge is reused, so nothing is spent twice.", file=sys.stderr)
+        return 130
+    from fedsynth.summary import print_summary
+
     print_summary(report)
     return 0
 
@@ -129,6 +83,8 @@ DEMO_DEFAULTS = {"data": "digits", "test": "digits", "sites": 3, "partition": "i
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """eps=E and eps=inf on digits with 3 sites, plus the learner on real data, side by side."""
+    from fedsynth.simulate import simulate
+
     out = Path(args.out)
     rows = []
     t0 = time.perf_counter()
@@ -168,9 +124,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mean_site_auc(report: dict) -> float | None:
-    aucs = [s["membership_inference"]["auc"] for s in report.get("audits", {}).get("sites", [])]
-    return float(sum(aucs) / len(aucs)) if aucs else None
+def _owner_mia_auc(report: dict) -> float | None:
+    pixel = (report.get("audits") or {}).get("pixel") or {}
+    return pixel.get("membership_inference", {}).get("auc")
 
 
 def _write_demo_report(rows: list[dict], summary: dict, out: Path) -> None:
@@ -181,7 +137,7 @@ def _write_demo_report(rows: list[dict], summary: dict, out: Path) -> None:
     private["synthetic"] = {**private["synthetic"],
                             "grids": [f"{Path(private['config']['out-dir']).name}/{g}" for g in private["synthetic"]["grids"]]}
     private["sweep"] = [{"epsilon": r["epsilon_target"], "tstr_accuracy": r["utility"]["tstr_accuracy"],
-                         "real_accuracy": summary["real_accuracy"], "mia_auc": _mean_site_auc(r)} for r in rows]
+                         "real_accuracy": summary["real_accuracy"], "mia_auc": _owner_mia_auc(r)} for r in rows]
     private["notes"] = [summary["meaning"]]
     write_report(private, out)
 
@@ -297,9 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="train the central learner on a synthetic set, test on real data, audit privacy")
     evaluate_cmd.add_arguments(p)
     p.set_defaults(func=evaluate_cmd.main)
-    from fedsynth import deploy as deploy_cmd
+    from fedsynth.ops.commands import add_subcommands
 
-    deploy_cmd.add_subcommands(sub)  # site, ledger, coordinator, run
+    add_subcommands(sub)  # site, ledger, coordinator, run, bundle-digest
     return parser
 
 

@@ -33,10 +33,10 @@ from tqdm.auto import tqdm
 
 from common.bnnet import capture_norm_inputs, norm_layer_channels
 from common.data import ImageDataset
-
-COUNT_KEY = "count"
-SUM_PREFIX = "sum/"
-SUMSQ_PREFIX = "sumsq/"
+from common.protocol import STATS_COUNT as COUNT_KEY
+from common.protocol import STATS_SUM as SUM_PREFIX
+from common.protocol import STATS_SUMSQ as SUMSQ_PREFIX
+from common.protocol import stats_layers
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,6 @@ class PooledStats:
     @property
     def layers(self) -> list[str]:
         return list(self.mean)
-
-
-def _layer_names(release: dict[str, np.ndarray]) -> list[str]:
-    return [k[len(SUM_PREFIX):] for k in release if k.startswith(SUM_PREFIX)]
 
 
 def _check_release(i: int, release: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> None:
@@ -108,7 +104,7 @@ def pool_statistics(site_releases: Sequence[dict[str, np.ndarray]], *, min_count
         )
     counts = np.maximum(counts, min_count)
     mean, var = {}, {}
-    for name in _layer_names(ref):
+    for name in stats_layers(ref):
         m = total[SUM_PREFIX + name] / counts[:, None]  # (K, C_l)
         v = total[SUMSQ_PREFIX + name] / counts[:, None] - m * m
         mean[name], var[name] = m, np.maximum(v, min_var)

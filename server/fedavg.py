@@ -1,144 +1,110 @@
-"""The federated-averaging round loop both modes use (generator rounds, shared-net rounds)."""
+"""The federated-averaging round loop both modes use (generator rounds, shared-net rounds).
+
+Each round: send the model to every connected site, collect replies until the deadline, keep those that
+follow the protocol, and average them -- weighted by each site's noisy record total (its census, a DP
+release) -- once a quorum replied. An atomic checkpoint after every round lets a restarted coordinator
+resume after the last completed one.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from common import protocol as P
 from common.config import RunConfig
-from server.aggregate import accept_reply, weighted_average
 from server.checkpoint import load_checkpoint, save_checkpoint
-from server.rounds import broadcast, quorum_size
+from server.collect import broadcast, quorum_size
+from server.run_state import RunState
+from server.sites import RunFailed, SiteRecord, record_failures
 
 log = logging.getLogger("fedsynth.coordinator")
-
-
-class RunFailed(RuntimeError):
-    """The run cannot continue; the message says why and what to do."""
-
-
-@dataclass
-class SiteRecord:
-    node_id: int
-    name: str
-    examples: int = 0
-    epsilon: float = 0.0
-    delta: float = 0.0
-    bytes_sent: int = 0
-    rounds_ok: list[int] = field(default_factory=list)
-    rounds_failed: dict[int, str] = field(default_factory=dict)  # round -> why (error, timeout, rejected)
-
-
-def timed(timings: dict, name: str):
-    class _T:
-        def __enter__(self):
-            self.t = time.perf_counter()
-
-        def __exit__(self, *exc):
-            timings[name] = timings.get(name, 0.0) + time.perf_counter() - self.t
-    return _T()
 
 
 @dataclass
 class FedAvgTask:
     """What one kind of federated round sends and expects back (train.gan or train.bnnet)."""
 
-    label: str  # "generator" / "shared net", for logs
-    message_type: str
-    request_key: str
-    reply_key: str
-    allowed_metrics: dict[str, str]
-    make_config: Callable[[str, int], ConfigRecord]  # (experiment, round) -> request settings
+    label: str  # "generator" / "shared net", for logs and the report
+    reply_cls: type  # protocol reply class
+    model_field: str  # the reply's array field holding the model
+    make_request: Callable[[int, dict[str, np.ndarray]], Any]  # (round, model arrays) -> protocol request
 
 
-def run_fedavg_rounds(grid: Grid, cfg: RunConfig, sites: dict[int, SiteRecord], model: torch.nn.Module,
-                      task: FedAvgTask, num_rounds: int, out_dir: Path, timings: dict) -> tuple[list[dict], str]:
-    """Federated rounds on ``model`` (updated in place); returns the per-round history and the experiment id.
+def weighted_average(states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
+    """FedAvg: parameters averaged with weights proportional to each site's (noisy) record total."""
+    if not states:
+        raise ValueError("nothing to average")
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    return {k: sum(wi * s[k].astype(np.float64) for wi, s in zip(w, states)).astype(np.float32) for k in states[0]}
 
-    Each round: send the model to every connected site, collect replies until the deadline, keep those
-    that follow the protocol, and average them (weighted by record count) once a quorum replied. An
-    atomic checkpoint after every round lets a restarted coordinator resume after the last one.
-    """
-    ckpt_path = out_dir / "checkpoint.pt"
+
+def run_fedavg_rounds(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int, SiteRecord], model: torch.nn.Module,
+                      task: FedAvgTask, num_rounds: int) -> list[dict]:
+    """Federated rounds on ``model`` (updated in place); returns the per-round history."""
+    ckpt_path = run.out_dir / "checkpoint.pt"
     ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
-    if ckpt is not None and ckpt.get("message_type") != task.message_type:
+    if ckpt is not None and ckpt.get("task") != task.label:
         raise RunFailed(f"{ckpt_path} belongs to a run of another mode; use a new out-dir or resume=false")
+    history, start = [], 1
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        history, experiment, start = ckpt["history"], ckpt["experiment"], ckpt["round"] + 1
+        history, start = ckpt["history"], ckpt["round"] + 1
         for node, saved in ckpt["sites"].items():
             if node in sites:
                 sites[node].__dict__.update({k: v for k, v in saved.items() if k not in ("node_id", "name")})
-        log.info("resuming experiment %s from checkpoint after round %d", experiment, ckpt["round"])
-    else:
-        history, experiment, start = [], cfg.experiment or uuid.uuid4().hex[:12], 1
-    spec = {k: P.ArraySpec(tuple(v.shape), "float32") for k, v in model.state_dict().items()}
+        log.info("resuming experiment %s from the checkpoint after round %d", run.experiment, ckpt["round"])
+    spec = P.state_spec(model.state_dict())
     for rnd in range(start, num_rounds + 1):
-        with timed(timings, "rounds"):
+        with run.timed("rounds"):
             t0 = time.perf_counter()
             nodes = sorted(grid.get_node_ids())
             log.info("round %d/%d: sending the %s to %d site(s)", rnd, num_rounds, task.label, len(nodes))
-            ex = broadcast(grid, {task.request_key: ArrayRecord(model.state_dict()),
-                                  P.REQ_CONFIG: task.make_config(experiment, rnd)},
-                           task.message_type, str(rnd), cfg.round_timeout, nodes)
-            accepted = []
-            for reply in ex.ok:
-                update, why = accept_reply(reply, task.reply_key, spec, task.allowed_metrics)
-                node = reply.metadata.src_node_id
+            got = broadcast(grid, task.make_request(rnd, P.state_arrays(model)), task.reply_cls, str(rnd),
+                            cfg.round_timeout, nodes,
+                            check=lambda r: P.check_arrays(getattr(r, task.model_field), spec)
+                            + ([] if r.weight >= 1 else ["weight must be >= 1"]))
+            for node, reply in got.replies.items():
                 site = sites.setdefault(node, SiteRecord(node, f"node-{node}"))
-                if update is None:
-                    log.warning("round %d: rejected the reply of %s: %s", rnd, site.name, why)
-                    site.rounds_failed[rnd] = f"rejected: {why}"
-                    continue
-                accepted.append(update)
-                site.examples = int(update.metrics["num-examples"])
-                site.epsilon = update.metrics["epsilon"]
-                site.delta = update.metrics["delta"]
-                site.bytes_sent += update.bytes_received
+                site.weight = reply.weight
+                site.note_release(task.label, got.bytes_received[node])
                 site.rounds_ok.append(rnd)
-            for reply in ex.errors:
-                node = reply.metadata.src_node_id
-                sites.setdefault(node, SiteRecord(node, f"node-{node}")).rounds_failed[rnd] = (reply.error.reason or "")[:300]
-            for node in ex.missing:
-                sites.setdefault(node, SiteRecord(node, f"node-{node}")).rounds_failed[rnd] = "no reply before the deadline"
-            if not accepted and ex.errors and not ex.missing and all(
-                    r.error.code == P.REFUSED_BUDGET for r in ex.errors):
-                reasons = "; ".join((r.error.reason or "")[:200] for r in ex.errors[:3])
+            record_failures(sites, got.failures, rnd)
+            if got.all_refused(P.REFUSED_BUDGET):
+                reasons = "; ".join(list(got.failures.values())[:3])
                 raise RunFailed(f"every site refused round {rnd} for lack of privacy budget, so no later round "
                                 f"can succeed either: {reasons}")
             need = quorum_size(len(nodes), cfg.quorum)
-            entry = {"round": rnd, "contacted": len(nodes), "accepted": len(accepted), "errors": len(ex.errors),
-                     "missing": len(ex.missing), "quorum": need}
+            accepted = list(got.replies.values())
+            entry = {"round": rnd, "contacted": len(nodes), "accepted": len(accepted),
+                     "errors": len(got.codes), "missing": len(got.missing), "quorum": need}
             if len(accepted) >= need:
-                model.load_state_dict({k: torch.from_numpy(v) for k, v in weighted_average(accepted).items()})
+                averaged = weighted_average([getattr(r, task.model_field) for r in accepted],
+                                            [r.weight for r in accepted])
+                P.load_state(model, averaged)
                 entry["aggregated"] = True
-                for key in ("d-loss", "g-loss"):
-                    if all(key in u.metrics for u in accepted):
-                        entry[key] = float(np.mean([u.metrics[key] for u in accepted]))
+                losses = [getattr(r, "g_loss", None) for r in accepted]
+                if all(v is not None for v in losses):
+                    entry["g-loss"] = float(np.mean(losses))
             else:
                 entry["aggregated"] = False
                 log.warning("round %d: only %d valid repl(ies), quorum is %d; the %s is kept unchanged",
                             rnd, len(accepted), need, task.label)
             entry["seconds"] = time.perf_counter() - t0
             history.append(entry)
-            log.info("round %d: %d accepted, %d errors, %d missing (%.1f s)", rnd, len(accepted), len(ex.errors),
-                     len(ex.missing), entry["seconds"])
+            log.info("round %d/%d: %d accepted, %d refused, %d missing (%.1f s)", rnd, num_rounds, len(accepted),
+                     len(got.codes), len(got.missing), entry["seconds"])
             save_checkpoint(ckpt_path, {"round": rnd, "model": model.state_dict(), "history": history,
-                                        "experiment": experiment, "message_type": task.message_type,
+                                        "experiment": run.experiment, "task": task.label,
                                         "sites": {n: s.__dict__.copy() for n, s in sites.items()}})
     if num_rounds and not any(h.get("aggregated") for h in history):
         raise RunFailed(f"no round reached its quorum, so the {task.label} was never trained; see the site errors "
                         "above (budget refusals, data errors or timeouts)")
-    return history, experiment
-
-
+    return history

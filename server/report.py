@@ -1,4 +1,4 @@
-"""report.json (and report.html when the renderer is available) for a finished run."""
+"""report.json (and report.html) for a finished run, with the privacy statement of what each site released."""
 
 from __future__ import annotations
 
@@ -8,43 +8,89 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from common import protocol as P
+from common.config import RunConfig
+from common.files import atomic_write_text
+from server.run_state import RunState
+from server.sites import SiteRecord
+
 log = logging.getLogger("fedsynth.coordinator")
 
+# What each kind of release is, and the mechanism that makes it DP (for the statement).
+RELEASE_MEANING = {
+    "generator": "the generator after each round (trained only through a DP-SGD discriminator)",
+    "shared net": "the shared net after each round of DP-SGD",
+    "class statistics": "noisy class counts and clipped class-wise sums of the shared net's norm inputs (Gaussian)",
+    "evaluation counts": f"noisy right/wrong counts of the classifier on held-out records (Gaussian, std "
+                         f"{P.EVALUATION_NOISE:g})",
+    "audit histograms": f"noisy histograms of record-to-synthetic distances (Gaussian, std {P.AUDIT_NOISE:g})",
+}
+CENSUS_MEANING = f"a noisy record total used as its averaging weight (Gaussian class histogram, std {P.CENSUS_NOISE:g})"
 
-def _jsonable(obj: Any) -> Any:
+
+def jsonable(obj: Any) -> Any:
+    """Infinities and NaN as strings (strict JSON has none)."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return "inf" if obj > 0 else ("-inf" if obj < 0 else "nan")
     if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
+        return {k: jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     return obj
 
 
 def write_report(report: dict, out_dir: Path) -> Path:
     """Write report.json (infinities as the string "inf") and, if possible, report.html next to it."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "report.json"
-    path.write_text(json.dumps(_jsonable(report), indent=2))
+    path = atomic_write_text(Path(out_dir) / "report.json", json.dumps(jsonable(report), indent=2))
+    from server.report_html import render_report
+
     try:
-        from server.report_html import render_report
-    except ImportError:  # the HTML renderer is optional for the spine
-        return path
-    try:
-        render_report(report, out_dir)
-    except Exception as err:  # a broken picture must not lose the run's numbers
+        render_report(report, Path(out_dir))
+    except Exception as err:  # noqa: BLE001 - a broken picture must not lose the run's numbers
         log.warning("report.html could not be rendered: %s", err)
     return path
 
 
-def privacy_statement(private: bool, epsilon: float, sites: list[dict], mode: str = "dpgan") -> str:
-    """One plain sentence on what the run's privacy numbers mean."""
+def site_privacy(site: SiteRecord, epsilon: float) -> dict:
+    """What one site released in this run and the guarantee that covers it."""
+    released = [RELEASE_MEANING.get(r, r) for r in site.released]
+    if site.weight:
+        released.append(CENSUS_MEANING)
+    return {"name": site.name, "released": released, "epsilon_bound": epsilon, "delta_bound": site.delta_bound}
+
+
+def privacy_statement(private: bool, epsilon: float, rows: list[dict]) -> str:
+    """Plain sentences on what the run's privacy numbers mean."""
     if not private:
         return ("NOT differentially private: sites released without noise (epsilon = inf). This run only shows "
                 "what the pipeline reaches without privacy; never use it on real private data.")
-    worst = max((float(s.get("epsilon", math.inf)) for s in sites), default=math.inf)
-    released = {"dpgan": "generator weights", "bnstats": "shared-net updates and class statistics"}.get(
-        mode, "releases")
-    return (f"Everything a site released in this run (its {released}) is ({worst:.3g}, delta)-differentially "
-            f"private for one record of that site (worst site shown; run requested epsilon <= {epsilon:g}), "
-            "accounted in the site's own ledger.")
+    delta = max((r["delta_bound"] for r in rows), default=P.DEFAULT_DELTA_BOUND)
+    lines = [f"Everything each site released in this run is together ({epsilon:g}, {delta:.1g})-differentially "
+             "private for one record of that site (one image and its label, added or removed): whatever the "
+             "coordinator does with it, no one can tell much more than that about any single record. Smaller "
+             f"epsilon is stronger privacy; epsilon {epsilon:g} per site bounds how much any one record can change "
+             f"the odds of anything learned from the releases (by a factor of at most e^{epsilon:g}, except "
+             f"with probability {delta:.1g}). Each site charged every release to its own privacy ledger before "
+             "computing it; the coordinator never saw a site's record count, budget or spending."]
+    for row in rows:
+        if row["released"]:
+            lines.append(f"{row['name']} released: " + "; ".join(row["released"]) + ".")
+    return "\n".join(lines)
+
+
+def build_report(cfg: RunConfig, run: RunState, sites: dict[int, SiteRecord], history: list[dict], utility: dict,
+                 fed_eval: dict, audits: dict, synth_info: dict, device: torch.device) -> dict:
+    rows = [s.row() for s in sorted(sites.values(), key=lambda s: s.name)]
+    privacy_rows = [site_privacy(s, cfg.epsilon) for s in sorted(sites.values(), key=lambda s: s.name)]
+    rounds = cfg.num_rounds if cfg.mode == "dpgan" else (0 if cfg.bn_net else cfg.bn_rounds)
+    return {
+        "mode": cfg.mode, "private": cfg.private, "epsilon_target": cfg.epsilon,
+        "delta_bound": max((s.delta_bound for s in sites.values()), default=P.DEFAULT_DELTA_BOUND),
+        "privacy_statement": privacy_statement(cfg.private, cfg.epsilon, privacy_rows),
+        "privacy": {"adjacency": "add or remove one record at one site", "sites": privacy_rows},
+        "experiment": run.experiment, "num_rounds": rounds, "rounds": history, "sites": rows,
+        "utility": utility, "site_evaluation": fed_eval, "site_audits": audits,
+        "synthetic": synth_info, "timings": run.timings, "config": cfg.to_flwr(), "device": str(device),
+    }

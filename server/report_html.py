@@ -6,13 +6,18 @@ Sections appear only when their data is in the report; nothing is required excep
 
 Report keys read (all optional)::
 
-    mode, private (bool), epsilon_target, delta, notes [str]
+    mode, private (bool), epsilon_target, delta_bound, privacy_statement, notes [str]
+    privacy: {"sites": [{name, released [str], epsilon_bound, delta_bound}]}
     utility: {tstr_accuracy, real_accuracy, ratio, mcc, real_mcc, per_class_accuracy [K],
               real_per_class_accuracy [K], classes [K], confusion [[K x K]], num_test}
-    sites: [{name, epsilon, delta, examples, bytes_sent, ...}]
+    sites: [{name, weight, bytes_sent, rounds_ok, rounds_failed, and in a simulation the owner's
+             view of the site's ledger: epsilon, delta, examples, releases}]
     synthetic: {count, npz, folder, grids: [PNG paths relative to out_dir]}
-    audits: {"pixel": <summary>, "feature": <summary>, "sites": [{"name", **<summary>}]}
-            where <summary> is the layout of ``common.audits.site_audit_summary``
+    audits: {"pixel": <summary>, "feature": <summary>, "who"}: exact audits by whoever holds the real
+            data (``fedsynth evaluate``, a simulation's owner); <summary> is the layout of
+            ``common.audits.site_audit_summary``
+    site_audits: the sites' DP audit answers (``server.site_audits``)
+    site_evaluation: the sites' DP evaluation answers (``server.federated_eval``)
     sweep: [{epsilon, tstr_accuracy, real_accuracy?, ...}]
     timings: {phase: seconds}
 """
@@ -31,6 +36,8 @@ import matplotlib
 matplotlib.use("Agg")  # no display at the coordinator; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from common.files import atomic_write_text  # noqa: E402
 
 _CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -106,14 +113,28 @@ def _fig_png(fig: plt.Figure) -> bytes:
 
 def _banner(report: dict) -> str:
     private = report.get("private")
-    eps, delta = report.get("epsilon_target"), report.get("delta")
+    eps, delta = report.get("epsilon_target"), report.get("delta_bound", report.get("delta"))
     if private is False:
         return ('<div class="banner notdp">NOT differentially private: this run released data without a DP '
                 "guarantee; do not share its outputs as if they protected the sites' records.</div>")
     if private is True:
-        budget = f" (target &epsilon; = {_fmt(eps)}, &delta; = {_fmt(delta)})" if eps is not None else ""
+        budget = f" (&epsilon; &le; {_fmt(eps)} per site, &delta; &le; {_fmt(delta)})" if eps is not None else ""
         return f'<div class="banner dp">Differentially private{budget}</div>'
     return '<div class="banner unknown">Privacy status unknown: the report does not say whether the run was DP.</div>'
+
+
+def _privacy_section(report: dict) -> str:
+    """What epsilon and delta mean, and what each site released under them."""
+    out = ["<h2>Privacy</h2>"]
+    for para in str(report.get("privacy_statement", "")).split("\n"):
+        if para.strip():
+            out.append(f"<p>{_esc(para)}</p>")
+    rows = [(s.get("name"), _Raw("<br>".join(_esc(r) for r in s.get("released", [])) or "nothing"),
+             s.get("epsilon_bound"), s.get("delta_bound")) for s in (report.get("privacy") or {}).get("sites", [])]
+    if rows:
+        out.append(_table(("site", "released in this run", "epsilon (at most)", "delta (at most)"), rows,
+                          table_id="privacy"))
+    return "\n".join(out)
 
 
 def _class_names(utility: dict, k: int) -> list[str]:
@@ -178,8 +199,62 @@ def _confusion_plot(conf: np.ndarray, names: list[str]) -> bytes:
 
 
 def _sites_section(sites: list[dict]) -> str:
-    rows = [(s.get("name"), s.get("epsilon"), s.get("delta"), s.get("examples"), s.get("bytes_sent")) for s in sites]
-    return "<h2>Sites</h2>" + _table(("site", "epsilon spent", "delta", "examples", "bytes sent"), rows, table_id="sites")
+    owner = any("epsilon" in s for s in sites)
+    headers = ("site", "rounds answered", "failures", "noisy record total", "bytes sent")
+    if owner:
+        headers += ("records (owner)", "epsilon spent (its ledger)", "delta")
+    rows = []
+    for s in sites:
+        failures = "; ".join(f"{k}: {v}" for k, v in (s.get("rounds_failed") or {}).items()) or "none"
+        row = (s.get("name"), len(s.get("rounds_ok") or []), failures, s.get("weight"), s.get("bytes_sent"))
+        if owner:
+            row += (s.get("examples"), s.get("epsilon"), s.get("delta"))
+        rows.append(row)
+    note = ('<p class="muted">The last three columns are the simulation owner\'s view of each site (its '
+            "ledger); a coordinator never sees them.</p>") if owner else ""
+    return "<h2>Sites</h2>" + _table(headers, rows, table_id="sites") + note
+
+
+def _site_evaluation_section(ev: dict) -> str:
+    out = ["<h2>Evaluation by the sites (DP)</h2>",
+           f'<p class="muted">Each site that allows it scored the classifier on its own held-out records and '
+           f"sent noisy right/wrong counts per class (Gaussian noise, std {_fmt(ev.get('noise_std_per_cell'))} "
+           "per count), charged to its ledger. Accuracies are read off the noisy counts.</p>"]
+    rows = [(s.get("name"), s.get("accuracy"), s.get("records_noisy")) for s in ev.get("sites", [])]
+    if ev.get("sites"):
+        rows.append(("all answering sites", ev.get("accuracy"), sum(s.get("records_noisy", 0) for s in ev["sites"])))
+    out.append(_table(("site", "accuracy (noisy)", "records (noisy)"), rows, table_id="site-evaluation"))
+    for name, why in (ev.get("failed") or {}).items():
+        out.append(f'<p class="muted">{_esc(name)}: {_esc(why)}</p>')
+    if ev.get("not_allowed"):
+        out.append(f'<p class="muted">Not allowed by: {_esc(", ".join(ev["not_allowed"]))}</p>')
+    return "\n".join(out)
+
+
+def _site_audits_section(audits: dict) -> str:
+    out = ["<h2>Privacy audits by the sites (DP)</h2>",
+           f'<p class="muted">Each site that allows it histogrammed the distance (pixel MSE) from each of its '
+           "training records and each of its held-out records to the nearest synthetic image, with Gaussian noise "
+           f"of std {_fmt(audits.get('noise_std_per_bin'))} per bin, charged to its ledger. Membership AUC: how "
+           "well \"close to the synthetic set\" tells training records from held-out ones; 0.5 = no signal, "
+           f"1 = every training record is given away. Near-copy share: records with a synthetic image closer than "
+           f"MSE {_fmt(audits.get('near_copy_mse'))}; no memorization means about the same share for both.</p>"]
+    rows = [(s.get("name"), s.get("membership_auc"), s.get("near_copy_share_members"),
+             s.get("near_copy_share_nonmembers")) for s in audits.get("sites", [])]
+    pooled = audits.get("pooled")
+    if pooled:
+        rows.append(("all answering sites", pooled.get("membership_auc"), pooled.get("near_copy_share_members"),
+                     pooled.get("near_copy_share_nonmembers")))
+    out.append(_table(("site", "membership AUC", "near-copy share (training)", "near-copy share (held-out)"), rows,
+                      table_id="site-audits"))
+    if pooled:
+        hist = pooled["histograms"]
+        out.append(_img(_histogram_plot(hist, "pixel MSE", "records' distance to the nearest synthetic image "
+                                        "(noisy counts, all answering sites)", ylabel="records (noisy)"),
+                        "site audit histograms"))
+    for name, why in (audits.get("failed") or {}).items():
+        out.append(f'<p class="muted">{_esc(name)}: {_esc(why)}</p>')
+    return "\n".join(out)
 
 
 def _synthetic_section(synthetic: dict, out_dir: Path) -> str:
@@ -196,7 +271,7 @@ def _synthetic_section(synthetic: dict, out_dir: Path) -> str:
     return "\n".join(out)
 
 
-def _histogram_plot(hist: dict, metric: str, title: str) -> bytes:
+def _histogram_plot(hist: dict, metric: str, title: str, ylabel: str = "synthetic records") -> bytes:
     edges = np.asarray(hist["edges"], float)
     fig, ax = plt.subplots(figsize=(6, 3))
     for key, color in (("train", "tab:red"), ("heldout", "tab:blue")):
@@ -205,7 +280,9 @@ def _histogram_plot(hist: dict, metric: str, title: str) -> bytes:
             ax.stairs(counts, edges, label=f"to nearest {'training' if key == 'train' else 'held-out'} record",
                       color=color, fill=False, linewidth=1.5)
     ax.set_xlabel(f"nearest-neighbour distance ({metric})")
-    ax.set_ylabel("synthetic records")
+    ax.set_ylabel(ylabel)
+    if edges[0] <= 0 < edges[1] and len(edges) > 2:  # the DP audit grid is log-spaced after a [0, 1e-5) bin
+        ax.set_xscale("symlog", linthresh=edges[1])
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     return _fig_png(fig)
@@ -264,15 +341,14 @@ def _audit_block(summary: dict, title: str, key: str) -> str:
 
 
 def _audits_section(audits: dict) -> str:
-    out = ["<h2>Privacy audits (diagnostics)</h2>",
-           '<p class="muted">Audits are diagnostics computed on real data; they are not covered by the DP '
-           "guarantee and are never released by a site except as aggregates.</p>"]
+    who = audits.get("who") or "whoever holds the real data"
+    out = ["<h2>Privacy audits (exact)</h2>",
+           f'<p class="muted">Computed by {_esc(who)}: they compare the synthetic set with the real training and '
+           "held-out records directly. They are diagnostics for the data's owner; a site never releases such "
+           "exact numbers (see the sites' DP audits).</p>"]
     for key, title in (("pixel", "Pixel space"), ("feature", "Feature space")):
         if isinstance(audits.get(key), dict):
             out.append(_audit_block(audits[key], title, key))
-    for i, site in enumerate(audits.get("sites") or []):
-        title = f"Site {site.get('name', '?')} ({site.get('space', 'pixel')} space)"
-        out.append(_audit_block(site, title, f"site{i}"))
     return "\n".join(out)
 
 
@@ -319,14 +395,20 @@ def render_report(report: dict, out_dir: Path) -> Path:
     parts = [f"<h1>fedsynth report: {_esc(mode)}</h1>", _banner(report)]
     if report.get("notes"):
         parts.append("<ul>" + "".join(f"<li>{_esc(n)}</li>" for n in report["notes"]) + "</ul>")
+    if report.get("privacy_statement"):
+        parts.append(_privacy_section(report))
     if isinstance(report.get("utility"), dict):
         parts.append(_utility_section(report["utility"]))
     if report.get("sites"):
         parts.append(_sites_section(report["sites"]))
+    if report.get("site_evaluation"):
+        parts.append(_site_evaluation_section(report["site_evaluation"]))
     if isinstance(report.get("synthetic"), dict):
         parts.append(_synthetic_section(report["synthetic"], out_dir))
-    if isinstance(report.get("audits"), dict):
+    if isinstance(report.get("audits"), dict) and report["audits"]:
         parts.append(_audits_section(report["audits"]))
+    if report.get("site_audits"):
+        parts.append(_site_audits_section(report["site_audits"]))
     if report.get("sweep"):
         parts.append(_sweep_section(report["sweep"]))
     if isinstance(report.get("timings"), dict) and report["timings"]:
@@ -335,9 +417,7 @@ def render_report(report: dict, out_dir: Path) -> Path:
     doc = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
            f"<title>fedsynth report: {_esc(mode)}</title><style>{_CSS}</style></head><body>\n"
            + "\n".join(parts) + "\n</body></html>\n")
-    path = out_dir / "report.html"
-    path.write_text(doc, encoding="utf-8")
-    return path
+    return atomic_write_text(out_dir / "report.html", doc)
 
 
 def save_class_grid(images: np.ndarray, labels: np.ndarray, classes: Sequence[str], path: Path,

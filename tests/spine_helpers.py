@@ -1,11 +1,13 @@
-"""Small, fast run settings and an in-process runner shared by the spine tests."""
+"""Small, fast run settings, an in-process runner and ledger readers shared by the spine tests."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from client.app import app as client_app
+from client.ledger import PrivacyLedger
 from common.config import RunConfig
 from fedsynth.localgrid import run_inprocess
 from server.app import run_coordinator
@@ -26,4 +28,19 @@ def nodes(k: int) -> list[dict]:
 
 
 def run(cfg: RunConfig, k: int = 3, **grid_kwargs: Any) -> dict:
+    """The coordinator's report of an in-process run with ``k`` sites (no simulation-owner additions)."""
     return run_inprocess(run_coordinator, client_app, cfg.to_flwr(), nodes(k), **grid_kwargs)
+
+
+def ledger_paths(tmp: Path) -> list[Path]:
+    return sorted((tmp / "sites").rglob("ledger/*.jsonl"))
+
+
+def charges(tmp: Path) -> list[list[dict]]:
+    """Every site's charge entries (one list per site, sites in name order)."""
+    return [[json.loads(line) for line in p.read_text().splitlines() if '"purpose"' in line] for p in ledger_paths(tmp)]
+
+
+def spent(tmp: Path) -> list[float]:
+    """Every site's spent epsilon, read from its ledger (sites in name order)."""
+    return [PrivacyLedger(p, epsilon_budget=float("inf"), create=False).spent().epsilon for p in ledger_paths(tmp)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -12,24 +11,18 @@ from client.app import app as client_app
 from common import protocol as P
 from common.bnnet import BNNet
 from fedsynth.localgrid import run_inprocess
-from server.app import RunFailed, run_coordinator
-from tests.spine_helpers import fast_config, nodes
+from server.app import run_coordinator
+from server.sites import RunFailed
+from tests.spine_helpers import charges, fast_config, nodes
 
 import pytest
 
 
 def bn_config(tmp_path, **overrides):
     base = dict(mode="bnstats", bn_rounds=2, bn_local_steps=2, bn_width=8, bn_iterations=5, bn_synth_batch=50,
-                synthetic_size=50, audits=False)
+                synthetic_size=50)
     base.update(overrides)
     return fast_config(tmp_path, **base)
-
-
-def _charges(tmp_path):
-    out = []
-    for ledger in sorted((tmp_path / "sites").rglob("ledger/*.jsonl")):
-        out.append([json.loads(line) for line in ledger.read_text().splitlines() if '"purpose"' in line])
-    return out
 
 
 def test_bnstats_run_sends_only_declared_arrays_and_accounts_every_release(tmp_path):
@@ -38,38 +31,43 @@ def test_bnstats_run_sends_only_declared_arrays_and_accounts_every_release(tmp_p
     report = run_inprocess(run_coordinator, client_app, cfg.to_flwr(), nodes(3), tap=seen.append)
     assert report["mode"] == "bnstats" and report["private"]
     net = BNNet(1, 10, 8, 8)
-    net_spec = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    stats_spec = P.bnstats_spec(net, 10)
+    net_spec = P.state_spec(net.state_dict())
+    layout = P.stats_layout(__import__("common.bnnet", fromlist=["x"]).norm_layer_channels(net), 10)
     kinds = sorted({m.metadata.message_type for m in seen})
-    assert kinds == sorted([P.QUERY_INFO, P.TRAIN_BNNET, P.QUERY_BNSTATS, P.EVALUATE_CLASSIFIER])
+    assert kinds == sorted([P.QUERY_INFO, P.TRAIN_BNNET, P.QUERY_BNSTATS])
     for reply in seen:
         assert not reply.has_error()
         if reply.metadata.message_type == P.TRAIN_BNNET:
-            arrays = reply.content.array_records[P.REPLY_NET]
-            assert {k: tuple(v.numpy().shape) for k, v in arrays.items()} == net_spec
-            assert all(v.numpy().dtype == np.float32 for v in arrays.values())
-            assert set(reply.content.metric_records[P.REPLY_METRICS].keys()) <= set(P.BNNET_REPLY_METRICS)
+            decoded = P.BnTrainReply.from_message(reply)
+            assert P.check_arrays(decoded.net, net_spec) == [] and decoded.weight >= 1
         if reply.metadata.message_type == P.QUERY_BNSTATS:
-            assert set(reply.content.keys()) == {P.REPLY_STATS, P.REPLY_METRICS}
-            arrays = {k: v.numpy() for k, v in reply.content.array_records[P.REPLY_STATS].items()}
-            assert {k: (v.shape, str(v.dtype)) for k, v in arrays.items()} == \
-                {k: (s.shape, s.dtype) for k, s in stats_spec.items()}
-            assert set(reply.content.metric_records[P.REPLY_METRICS].keys()) == set(P.BNSTATS_REPLY_METRICS)
+            stats = P.BnStatsReply.from_message(reply).stats
+            assert P.check_arrays(stats, {k: P.ArraySpec(v) for k, v in layout.items()}) == []
             # noisy: the released counts are not the exact integer class counts
-            assert not np.allclose(arrays["count"], np.round(arrays["count"]))
+            assert not np.allclose(stats["count"], np.round(stats["count"]))
     # every site: 2 net rounds + 1 statistics release in its ledger, total within the run's epsilon
-    for entries in _charges(tmp_path):
+    for entries in charges(tmp_path):
         assert [e["purpose"] for e in entries] == ["bnstats-net", "bnstats-net", "bnstats-release"]
+        assert [len(e["events"]) for e in entries] == [2, 1, 1]  # the census comes with the first net round
         assert 9.0 < entries[-1]["epsilon_after"] <= 10.0
     assert len(report["synthetic"]["class_counts"]) == 10 and report["synthetic"]["count"] == 50
 
 
-def test_site_over_budget_refuses_statistics_before_any_work(tmp_path):
+def test_sites_with_budgets_below_the_request_spend_only_their_budget(tmp_path):
     cfg = bn_config(tmp_path, epsilon=10.0, quorum=1.0)
     site_nodes = [{**n, "epsilon": 0.5} for n in nodes(2)]  # the sites' own budgets are far below the request
+    run_inprocess(run_coordinator, client_app, cfg.to_flwr(), site_nodes)
+    for entries in charges(tmp_path):  # the one planner gave the whole run the site's budget, not the request
+        assert [e["purpose"] for e in entries] == ["bnstats-net", "bnstats-net", "bnstats-release"]
+        assert 0.4 < entries[-1]["epsilon_after"] <= 0.5 + 1e-9
+
+
+def test_sites_without_budget_refuse_before_any_work(tmp_path):
+    cfg = bn_config(tmp_path, epsilon=10.0, quorum=1.0)
+    site_nodes = [{**n, "epsilon": 0.001} for n in nodes(2)]  # no useful noise level fits
     with pytest.raises(RunFailed, match="refused round 1 for lack of privacy budget"):
         run_inprocess(run_coordinator, client_app, cfg.to_flwr(), site_nodes)
-    assert all(entries == [] for entries in _charges(tmp_path))  # nothing was spent
+    assert all(entries == [] for entries in charges(tmp_path))  # nothing was spent
 
 
 def test_coordinator_provided_net_costs_the_sites_nothing_but_the_statistics(tmp_path):
@@ -79,7 +77,7 @@ def test_coordinator_provided_net_costs_the_sites_nothing_but_the_statistics(tmp
     cfg = bn_config(tmp_path, bn_net=str(net_file), bn_rounds=0, epsilon=2.0)
     report = run_inprocess(run_coordinator, client_app, cfg.to_flwr(), nodes(2))
     assert report["rounds"] == []
-    for entries in _charges(tmp_path):
+    for entries in charges(tmp_path):
         assert [e["purpose"] for e in entries] == ["bnstats-release"]
         assert 1.8 < entries[0]["epsilon_after"] <= 2.0  # no DP-SGD: the statistics get the whole epsilon
 
@@ -90,7 +88,7 @@ def test_non_private_bnstats_is_exact_and_marked(tmp_path):
     report = run_inprocess(run_coordinator, client_app, cfg.to_flwr(), nodes(2), tap=seen.append)
     assert report["private"] is False and "NOT differentially private" in report["privacy_statement"]
     stats = [m for m in seen if m.metadata.message_type == P.QUERY_BNSTATS]
-    counts = sum(m.content.array_records[P.REPLY_STATS]["count"].numpy() for m in stats)
+    counts = sum(P.BnStatsReply.from_message(m).stats["count"] for m in stats)
     assert np.allclose(counts, np.bincount(__import__("common.data", fromlist=["x"]).load_dataset("digits").labels))
 
 
@@ -100,12 +98,12 @@ def test_head_norm_net_with_per_layer_clips_runs_and_sends_the_head_statistics(t
     run_inprocess(run_coordinator, client_app, cfg.to_flwr(), nodes(2), tap=seen.append)
     stats = [m for m in seen if m.metadata.message_type == P.QUERY_BNSTATS]
     assert stats and all(not m.has_error() for m in stats)
-    assert "sum/head_norm.norm" in stats[0].content.array_records[P.REPLY_STATS]
+    assert "sum/head_norm.norm" in P.BnStatsReply.from_message(stats[0]).stats
     # a wrong number of bounds is a bad request, refused before any release
     bad = bn_config(tmp_path / "bad", bn_head_norm=True, bn_layer_clips="1,2", bn_rounds=1)
     with pytest.raises(RunFailed):
         run_inprocess(run_coordinator, client_app, bad.to_flwr(), nodes(2))
-    assert all(all(e["purpose"] != "bnstats-release" for e in entries) for entries in _charges(tmp_path / "bad"))
+    assert all(all(e["purpose"] != "bnstats-release" for e in entries) for entries in charges(tmp_path / "bad"))
 
 
 def test_auto_clip_bounds_are_chosen_privately_and_accounted_with_the_release(tmp_path):
@@ -119,7 +117,7 @@ def test_auto_clip_bounds_are_chosen_privately_and_accounted_with_the_release(tm
     assert report["synthetic"]["count"] == 50
     stats = [m for m in seen if m.metadata.message_type == P.QUERY_BNSTATS and not m.has_error()]
     assert len(stats) == 2
-    for entries in _charges(tmp_path):
+    for entries in charges(tmp_path):
         # one ledger entry: the clip-bound histogram (z = 10) and the statistics release, within epsilon
         assert [e["purpose"] for e in entries] == ["bnstats-release"]
         sigmas = [ev["noise_multiplier"] for ev in entries[0]["events"]]

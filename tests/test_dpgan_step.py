@@ -69,7 +69,7 @@ def _digits_trainer(tmp_path, name: str):
 
     data = load_dataset("digits", "train")
     shape = GanShape(channels=1, image_size=8, num_classes=10, latent_dim=8, width=8)
-    return shape, LocalGanTrainer(shape, data, tmp_path / f"{name}.pt", torch.device("cpu"), progress=False)
+    return shape, LocalGanTrainer(shape, data, torch.device("cpu"), progress=False)
 
 
 def test_dp_noise_and_batches_do_not_follow_the_coordinators_seed(tmp_path) -> None:
@@ -85,7 +85,7 @@ def test_dp_noise_and_batches_do_not_follow_the_coordinators_seed(tmp_path) -> N
         _, trainer = _digits_trainer(tmp_path, name)
         rs = RoundSettings(noise_multiplier=1.0, sample_rate=0.05, steps=3, max_grad_norm=1.0, lr_d=1e-3, lr_g=1e-3,
                            seed=7, noise_seed=noise_seed)
-        state, _ = trainer.train_round(start, rs)
+        state, _, _ = trainer.train_round(start, rs)
         return torch.cat([v.flatten().float() for v in state.values()])
 
     assert not torch.equal(run("a", None), run("b", None))  # same coordinator seed, fresh secret noise

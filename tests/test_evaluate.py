@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from common.audits import site_audit_summary
+from server.site_audits import summarize
 from common.data import DataError, ImageDataset, load_dataset, save_npz
 from common.learner import LearnerConfig
 from fedsynth import evaluate
@@ -82,7 +83,10 @@ def test_render_report_embeds_grid_histograms_and_tables(tmp_path: Path, digits)
         "utility": {"tstr_accuracy": 0.8123, "real_accuracy": 0.95, "ratio": 0.855, "mcc": 0.79,
                     "per_class_accuracy": [0.5] * 10, "confusion": np.eye(10, dtype=int).tolist()},
         "synthetic": {"count": 1000, "npz": "synthetic.npz", "grids": ["grids/samples.png", "grids/missing.png"]},
-        "audits": {"kind": "diagnostic", "pixel": audit, "sites": [{"name": "site-a", **audit}]},
+        "audits": {"pixel": audit, "who": "the test"},
+        "site_audits": {"noise_std_per_bin": 10.0, "near_copy_mse": 1e-3,
+                        "sites": [{"name": "site-a", **summarize(np.arange(41.0), np.arange(41.0)[::-1])}],
+                        "pooled": summarize(np.arange(41.0), np.arange(41.0)[::-1])},
         "sweep": [{"epsilon": 1.0, "tstr_accuracy": 0.5}, {"epsilon": 8.0, "tstr_accuracy": 0.8}],
         "notes": ["a <note> with markup"],
     }
@@ -95,7 +99,7 @@ def test_render_report_embeds_grid_histograms_and_tables(tmp_path: Path, digits)
     grid_src = next(src for src, alt in page.images if alt == "sample grid grids/samples.png")
     assert _png_from_data_uri(grid_src) == (tmp_path / "grids" / "samples.png").read_bytes()
     assert "distance histogram Pixel space" in alts
-    assert any(alt.startswith("distance histogram Site site-a") for alt in alts)
+    assert "site audit histograms" in alts and "site-a" in page.tables["site-audits"]
     assert "privacy-utility curve" in alts and "confusion matrix" in alts
     assert "0.8123" in page.tables["accuracy"] and "0.855" in page.tables["accuracy"]
     assert "site-a" in page.tables["sites"] and "123,456" in page.tables["sites"]

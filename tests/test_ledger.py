@@ -63,7 +63,7 @@ def test_refusal_happens_before_anything_is_written(path: Path):
     assert error.requested_epsilon == pytest.approx(epsilon_for([EVENT], DELTA))
     assert error.spent_epsilon < budget < error.epsilon_after
     assert ledger.remaining() == pytest.approx(remaining)
-    assert ledger.epsilon_if([EVENT]) == pytest.approx(error.epsilon_after)
+    assert epsilon_for([*ledger.events(), EVENT], DELTA) == pytest.approx(error.epsilon_after)
 
 
 def test_spending_persists_across_ledger_objects(path: Path):
@@ -154,6 +154,37 @@ def test_delta_mismatch_raises(path: Path):
     PrivacyLedger(path, epsilon_budget=1.0, delta=1e-5)
     with pytest.raises(ValueError, match="delta"):
         PrivacyLedger(path, epsilon_budget=1.0, delta=1e-6)
+
+
+def test_delta_is_kept_by_the_ledger_when_the_site_uses_the_default(path: Path):
+    PrivacyLedger(path, epsilon_budget=1.0, new_delta=1e-6)  # created with the default for its size
+    # the data grew: the default would now be smaller, but the ledger keeps the delta it was created with
+    again = PrivacyLedger(path, epsilon_budget=1.0, new_delta=5e-7)
+    assert again.delta == 1e-6
+    with pytest.raises(ValueError, match="created with delta=1e-06"):
+        PrivacyLedger(path, epsilon_budget=1.0, delta=1e-5)  # an explicit, different delta is an error
+
+
+def test_charge_once_reuses_the_charge_of_an_interrupted_attempt(path: Path):
+    ledger = PrivacyLedger(path, epsilon_budget=10.0, delta=DELTA)
+    first, reused = ledger.charge_once([EVENT], purpose="dpgan", run="r", round=1)
+    assert not reused and first.releases == 1
+    again, reused = ledger.charge_once([EVENT, EVENT], purpose="dpgan", run="r", round=1)
+    assert reused and again == first and len(ledger.entries()) == 1
+    _, reused = ledger.charge_once([EVENT], purpose="dpgan", run="r", round=2)
+    assert not reused and ledger.count(run="r", purpose="dpgan") == 2
+    with pytest.raises(ValueError, match="run id"):
+        ledger.charge_once([EVENT], purpose="dpgan", run="", round=3)
+
+
+def test_reading_a_ledger_never_creates_one(path: Path):
+    with pytest.raises(FileNotFoundError):
+        PrivacyLedger(path, epsilon_budget=1.0, create=False)
+    assert not path.exists() and not path.parent.exists()
+    PrivacyLedger(path, epsilon_budget=5.0, delta=DELTA, dataset_id="hospital-a").charge([EVENT], purpose="x")
+    before = path.read_bytes()
+    read = PrivacyLedger(path, epsilon_budget=1.0, create=False)
+    assert read.delta == DELTA and read.summary()["dataset_id"] == "hospital-a" and path.read_bytes() == before
 
 
 def test_non_private_release_needs_unlimited_budget(path: Path):

@@ -1,62 +1,94 @@
-"""Everything that leaves a site in a full round is a declared generator parameter or a declared metric."""
+"""Everything that leaves a site is a declared field of a protocol reply, and no reply carries a record count."""
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from dataclasses import fields
 
+import numpy as np
+import pytest
+
+from client.site import SiteSettings, load_site_data
 from common import protocol as P
 from common.models import GanShape, Generator
-from tests.spine_helpers import fast_config, run
+from fedsynth.localgrid import set_task_identity
+from tests.spine_helpers import fast_config, nodes, run
 
 
-def test_only_generator_parameters_and_declared_metrics_leave_a_site(tmp_path):
-    cfg = fast_config(tmp_path, num_rounds=1)
+def test_every_reply_field_is_declared_public_or_dp():
+    for message_type, cls in P.REPLY_TYPES.items():
+        for name, (kind, why) in P.reply_declarations(cls).items():
+            assert kind in ("public", "dp") and len(why) > 20, f"{message_type}.{name} has no declaration"
+
+
+def _site_record_counts(cfg, k):
+    counts = {}
+    for node in nodes(k):
+        site = SiteSettings.from_node_config(node, cfg.to_flwr())
+        counts[node["site-name"]] = (len(load_site_data(site)), np.bincount(load_site_data(site).labels, minlength=10))
+    return counts
+
+
+@pytest.mark.parametrize("mode", ["dpgan", "bnstats"])
+def test_only_declared_replies_leave_a_site_and_none_reveals_its_record_count(tmp_path, mode):
+    cfg = fast_config(tmp_path, mode=mode, num_rounds=1, bn_rounds=1, bn_local_steps=2, bn_width=8, bn_iterations=3,
+                      bn_synth_batch=50, synthetic_size=50, site_evaluation=True, site_audits=True, audit_records=40)
     seen = []
-    run(cfg, k=3, tap=seen.append)
-    shape = GanShape(channels=1, image_size=8, num_classes=10, latent_dim=cfg.gan_latent_dim, width=cfg.gan_width)
-    expected = {k: (tuple(v.shape), torch.float32) for k, v in Generator(shape).state_dict().items()}
-    gan_replies = [m for m in seen if m.metadata.message_type == P.TRAIN_GAN]
-    info_replies = [m for m in seen if m.metadata.message_type == P.QUERY_INFO]
-    assert len(gan_replies) == 3 and len(info_replies) == 3
-    # nothing else was sent: one reply per site to each of the four message types
-    types = sorted(m.metadata.message_type for m in seen)
-    assert types == sorted([P.TRAIN_GAN, P.QUERY_INFO, P.EVALUATE_CLASSIFIER, P.QUERY_AUDIT] * 3)
+    report = run(cfg, k=3, tap=seen.append)
+    kinds = sorted({m.metadata.message_type for m in seen})
+    train = P.TRAIN_GAN if mode == "dpgan" else P.TRAIN_BNNET
+    expected = {P.QUERY_INFO, train, P.EVALUATE_CLASSIFIER, P.QUERY_AUDIT} | (
+        {P.QUERY_BNSTATS} if mode == "bnstats" else set())
+    assert set(kinds) == expected
+    counts = _site_record_counts(cfg, 3)
+    exact = {float(n) for n, _ in counts.values()} | {float(c) for _, per in counts.values() for c in per if c}
     for reply in seen:
-        if reply.metadata.message_type == P.EVALUATE_CLASSIFIER:
-            assert set(reply.content.keys()) == {P.REPLY_METRICS}
-            assert set(reply.content.metric_records[P.REPLY_METRICS].keys()) == set(P.EVAL_REPLY_METRICS)
-        if reply.metadata.message_type == P.QUERY_AUDIT:
-            assert set(reply.content.keys()) == {P.REPLY_DIAGNOSTIC}
-            assert not reply.content.array_records  # aggregates only, no arrays of records
-            assert reply.content.config_records[P.REPLY_DIAGNOSTIC]["kind"] == "diagnostic"
-    for reply in gan_replies:
-        assert not reply.has_error()
-        content = reply.content
-        assert set(content.keys()) == {P.REPLY_GENERATOR, P.REPLY_METRICS}
-        arrays = content.array_records[P.REPLY_GENERATOR]
-        assert set(arrays.keys()) == set(expected)
-        for name, arr in arrays.items():
-            value = arr.numpy()
-            assert value.shape == expected[name][0], name
-            assert value.dtype == np.float32, name
-            assert np.isfinite(value).all()
-        assert set(content.metric_records[P.REPLY_METRICS].keys()) <= set(P.GAN_REPLY_METRICS)
-        assert not content.config_records  # no free-form strings
-    for reply in info_replies:
-        content = reply.content
-        assert set(content.keys()) == {P.REPLY_INFO}
-        assert set(content.config_records[P.REPLY_INFO].keys()) == set(P.INFO_KEYS)
-        assert not content.array_records and not content.metric_records
+        assert not reply.has_error(), reply.error.reason
+        cls = P.REPLY_TYPES[reply.metadata.message_type]
+        decoded = cls.from_message(reply)  # refuses anything undeclared
+        assert set(reply.content.keys()) == {f.name for f in fields(cls) if f.metadata.get("arrays")} | {P.CONFIG}
+        for f in fields(cls):
+            value = getattr(decoded, f.name)
+            values = (np.concatenate([np.ravel(v) for v in value.values()]) if f.metadata.get("arrays")
+                      else np.ravel(np.asarray(value, dtype=object)))
+            if reply.metadata.message_type == P.QUERY_INFO:
+                continue  # the published schema: no counts in it by construction
+            numeric = [float(v) for v in values if isinstance(v, (int, float, np.integer, np.floating))
+                       and not isinstance(v, bool)]
+            assert not exact & set(numeric), f"{reply.metadata.message_type}.{f.name} carries an exact record count"
+    assert report["sites"] and all("examples" not in s for s in report["sites"])
 
 
-def test_validate_reply_rejects_extra_missing_wrong_and_nan():
-    spec = {"w": P.ArraySpec((2, 3), "float32")}
+def test_requests_and_replies_refuse_undeclared_fields():
+    set_task_identity()
+    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+    shape = GanShape(1, 8, 10, 16, 16)
+    reply = P.GanTrainReply(generator={k: v.numpy() for k, v in Generator(shape).state_dict().items()}, weight=5.0,
+                            g_loss=1.0)
+    record = reply.to_record()
+    assert P.GanTrainReply.from_record(record).weight == 5.0
+    extra = reply.to_record()
+    extra[P.CONFIG]["num-examples"] = 600  # an undeclared number
+    with pytest.raises(P.ProtocolError, match="unknown"):
+        P.GanTrainReply.from_record(extra)
+    smuggled = reply.to_record()
+    smuggled["images"] = ArrayRecord({})  # an undeclared record
+    with pytest.raises(P.ProtocolError, match="records"):
+        P.GanTrainReply.from_record(smuggled)
+    wrong_type = reply.to_record()
+    wrong_type[P.CONFIG]["weight"] = "600"
+    with pytest.raises(P.ProtocolError, match="number"):
+        P.GanTrainReply.from_record(wrong_type)
+    msg = Message(RecordDict({P.CONFIG: ConfigRecord({})}), dst_node_id=1, message_type=P.QUERY_INFO, group_id="x")
+    assert P.InfoRequest.from_message(msg) == P.InfoRequest()
+
+
+def test_check_arrays_rejects_extra_missing_wrong_and_nan():
+    spec = {"w": P.ArraySpec((2, 3))}
     good = {"w": np.zeros((2, 3), np.float32)}
-    assert P.validate_reply(good, {"epsilon": 1.0}, spec, P.GAN_REPLY_METRICS) == []
-    assert P.validate_reply({**good, "data": np.zeros(3, np.float32)}, {}, spec, {})[0].startswith("undeclared arrays")
-    assert P.validate_reply({}, {}, spec, {})[0].startswith("missing arrays")
-    assert "shape" in P.validate_reply({"w": np.zeros((3, 2), np.float32)}, {}, spec, {})[0]
-    assert "dtype" in P.validate_reply({"w": np.zeros((2, 3), np.float64)}, {}, spec, {})[0]
-    assert "NaN" in P.validate_reply({"w": np.full((2, 3), np.nan, np.float32)}, {}, spec, {})[0]
-    assert "undeclared metric" in P.validate_reply(good, {"labels-histogram": 3.0}, spec, P.GAN_REPLY_METRICS)[0]
+    assert P.check_arrays(good, spec) == []
+    assert P.check_arrays({**good, "data": np.zeros(3, np.float32)}, spec)[0].startswith("undeclared arrays")
+    assert P.check_arrays({}, spec)[0].startswith("missing arrays")
+    assert "shape" in P.check_arrays({"w": np.zeros((3, 2), np.float32)}, spec)[0]
+    assert "dtype" in P.check_arrays({"w": np.zeros((2, 3), np.float64)}, spec)[0]
+    assert "NaN" in P.check_arrays({"w": np.full((2, 3), np.nan, np.float32)}, spec)[0]

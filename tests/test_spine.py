@@ -6,10 +6,11 @@ import json
 import math
 
 import numpy as np
+import pytest
 
-from client.ledger import PrivacyLedger
+from common import protocol as P
 from common.data import load_dataset
-from tests.spine_helpers import fast_config, run
+from tests.spine_helpers import charges, fast_config, run, spent
 
 
 def test_three_site_dpgan_run_produces_outputs_and_accounts_privacy(tmp_path):
@@ -26,85 +27,97 @@ def test_three_site_dpgan_run_produces_outputs_and_accounts_privacy(tmp_path):
     assert (out / "synthetic").is_dir() and len(list((out / "synthetic").rglob("*.png"))) == 100
     assert (out / "grids" / "grid_all.png").exists()
     on_disk = json.loads((out / "report.json").read_text())
-    assert on_disk["mode"] == "dpgan" and on_disk["private"] is True
+    assert on_disk["mode"] == "dpgan" and on_disk["private"] is True and on_disk["num_rounds"] == 2
     assert 0.0 <= on_disk["utility"]["tstr_accuracy"] <= 1.0
     assert len(on_disk["utility"]["per_class_accuracy"]) == 10
     assert set(on_disk["timings"]) >= {"rounds", "synthesis", "learner_synthetic", "total"}
-    # per-site privacy: spent epsilon within the request, and equal to what each site's ledger says
+    # the coordinator knows what each site released, never its record count, budget or spending
     for site in report["sites"]:
-        assert 0 < site["epsilon"] <= 10.0 + 1e-9
-        assert site["examples"] > 400 and site["bytes_sent"] > 0
-    ledgers = sorted((tmp_path / "sites").rglob("ledger/*.jsonl"))
-    assert len(ledgers) == 3
-    spent = sorted(PrivacyLedger(p, epsilon_budget=10.0, delta=report["sites"][0]["delta"]).spent().epsilon
-                   for p in ledgers)
-    assert np.allclose(spent, sorted(s["epsilon"] for s in report["sites"]))
-    # the planned rounds end at the target epsilon (calibrated, never above)
-    assert max(spent) > 9.0
-    # each site drew its DP class histogram once, charged with its first round, and kept it on site
-    for path in ledgers:
-        entries = PrivacyLedger(path, epsilon_budget=10.0, delta=report["sites"][0]["delta"]).entries()
-        gan = [e for e in entries if e.get("purpose") == "dpgan"]
+        assert site["name"] in ("site-1", "site-2", "site-3") and site["bytes_sent"] > 0
+        assert site["released"] == ["generator"] and site["weight"] >= 1
+        assert not {"epsilon", "examples", "delta"} & set(site)
+    assert "site-1 released: the generator" in report["privacy_statement"]
+    # per-site privacy from the ledgers: the planned rounds end at the target epsilon (calibrated, never above)
+    assert all(9.0 < eps <= 10.0 + 1e-9 for eps in spent(tmp_path))
+    # each site drew its census (noisy class histogram) once, charged with its first round, kept on site
+    for entries in charges(tmp_path):
+        gan = [e for e in entries if e["purpose"] == "dpgan"]
         assert [len(e["events"]) for e in gan] == [2, 1]
-        assert gan[0]["events"][0]["sample_rate"] == 1.0 and gan[0]["events"][0]["noise_multiplier"] >= 20.0
-    histograms = sorted((tmp_path / "sites").rglob("class-histogram.json"))
-    assert len(histograms) == 3 and len(json.loads(histograms[0].read_text())["noisy-counts"]) == 10
+        assert gan[0]["events"][0] == {"noise_multiplier": P.CENSUS_NOISE, "sample_rate": 1.0, "steps": 1}
+        assert all(e["data"] for e in gan)  # each charge records the data's fingerprint
+    censuses = sorted((tmp_path / "sites").rglob("census.json"))
+    assert len(censuses) == 3 and len(json.loads(censuses[0].read_text())["noisy-counts"]) == 10
+    # the state folders use the report's site names
+    assert sorted(p.name for p in (tmp_path / "sites").iterdir()) == ["site-1", "site-2", "site-3"]
 
 
 def test_non_private_run_is_marked_not_private(tmp_path):
     report = run(fast_config(tmp_path, epsilon=math.inf, num_rounds=1), k=2)
     assert report["private"] is False
     assert "NOT differentially private" in report["privacy_statement"]
-    assert all(math.isinf(s["epsilon"]) for s in report["sites"])
-    assert json.loads((tmp_path / "out" / "report.json").read_text())["sites"][0]["epsilon"] == "inf"
+    assert all(math.isinf(e) for e in spent(tmp_path))
 
 
-def test_real_baseline_and_ratio(tmp_path):
-    report = run(fast_config(tmp_path, num_rounds=1, real_baseline=True, learner_epochs=3), k=2)
+def test_simulation_owner_view_adds_ledgers_real_baseline_and_exact_audits(tmp_path):
+    from fedsynth.simulate import simulate
+
+    cfg = fast_config(tmp_path, num_rounds=1, real_baseline=True, learner_epochs=3, audit_records=60)
+    report = simulate(cfg, 2, progress=False)
     u = report["utility"]
     assert u["real_accuracy"] > 0.8  # a CNN on real digits, even briefly trained
     assert math.isclose(u["ratio"], u["tstr_accuracy"] / u["real_accuracy"])
+    ledgers = report["owner_view"]["ledgers"]
+    for site in report["sites"]:  # the owner sees each site's ledger and record count
+        assert site["epsilon"] == pytest.approx(ledgers[site["name"]]["spent_epsilon"])
+        assert site["examples"] > 400 and site["delta"] <= 1e-5
+    pixel = report["audits"]["pixel"]
+    assert pixel["records"]["synthetic"] == 60 and 0 <= pixel["membership_inference"]["auc"] <= 1
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "Privacy audits (exact)" in html and "epsilon spent (its ledger)" in html
 
 
-def test_federated_evaluation_returns_only_metrics_from_site_heldout_data(tmp_path):
-    from common import protocol as P
-
-    seen = []
-    report = run(fast_config(tmp_path, num_rounds=1), k=3, tap=seen.append)
-    fed = report["federated_evaluation"]
-    assert [r["name"] for r in fed["sites"]] == ["site-1", "site-2", "site-3"]
-    assert fed["num_test"] == 359  # the digits test split, partitioned over the sites
-    assert abs(fed["accuracy"] - report["utility"]["tstr_accuracy"]) < 1e-9  # same classifier, same records
-    evals = [m for m in seen if m.metadata.message_type == P.EVALUATE_CLASSIFIER]
-    assert len(evals) == 3
-    for reply in evals:
-        assert set(reply.content.keys()) == {P.REPLY_METRICS}
-        assert set(reply.content.metric_records[P.REPLY_METRICS].keys()) == set(P.EVAL_REPLY_METRICS)
-
-
-def test_site_audits_return_labelled_aggregates_and_can_be_switched_off(tmp_path):
-    from common import protocol as P
-    from tests.spine_helpers import nodes
+def test_sites_answer_dp_evaluation_only_when_allowed_charged_and_capped(tmp_path):
+    from client.ledger import PrivacyLedger
+    from tests.spine_helpers import ledger_paths, nodes
     from fedsynth.localgrid import run_inprocess
     from client.app import app as client_app
     from server.app import run_coordinator
 
     seen = []
-    cfg = fast_config(tmp_path, num_rounds=1, audit_records=60)
-    site_nodes = nodes(2)
-    site_nodes[1]["audits"] = False  # this site's operator switched diagnostics off
+    cfg = fast_config(tmp_path, num_rounds=1, site_evaluation=True)
+    site_nodes = nodes(3)
+    site_nodes[2]["evaluation"] = False  # this site's operator did not allow evaluation
     report = run_inprocess(run_coordinator, client_app, cfg.to_flwr(), site_nodes, tap=seen.append)
-    audits = report["audits"]
-    assert [s["name"] for s in audits["sites"]] == ["site-1"]
-    assert "switched off" in audits["failed"]["site-2"]
-    site = audits["sites"][0]
-    assert site["kind"] == "diagnostic"
-    assert 0.0 <= site["membership_inference"]["auc"] <= 1.0
-    assert site["records"]["synthetic"] == 60
-    # no per-record values: every list in the reply is a fixed-size histogram or a CI/edges vector
-    reply = next(m for m in seen if m.metadata.message_type == P.QUERY_AUDIT and not m.has_error())
-    for key, value in reply.content.config_records[P.REPLY_DIAGNOSTIC].items():
-        if isinstance(value, list):
-            assert len(value) <= 41, key
+    ev = report["site_evaluation"]
+    assert [r["name"] for r in ev["sites"]] == ["site-1", "site-2"] and ev["not_allowed"] == ["site-3"]
+    # noisy: the answers are not integer counts, but they estimate the held-out accuracy
+    replies = [m for m in seen if m.metadata.message_type == P.EVALUATE_CLASSIFIER]
+    assert len(replies) == 2  # the coordinator does not ask a site that does not allow it
+    for reply in replies:
+        table = P.EvaluationReply.from_message(reply).counts["table"]
+        assert table.shape == (10, 2) and not np.allclose(table, np.round(table))
+    assert abs(ev["accuracy"] - report["utility"]["tstr_accuracy"]) < 0.25
+    for path in ledger_paths(tmp_path)[:2]:
+        entries = PrivacyLedger(path, epsilon_budget=math.inf, create=False).entries()
+        evals = [e for e in entries if e["purpose"] == "evaluation"]
+        assert len(evals) == 1 and evals[0]["events"] == [
+            {"noise_multiplier": P.EVALUATION_NOISE, "sample_rate": 1.0, "steps": 1}]
+        # the reserve for the allowed query is part of the run's plan: the whole run stays within epsilon
+        assert entries[-1]["epsilon_after"] <= 10.0 + 1e-9
+
+
+def test_sites_answer_dp_audits_with_noisy_histograms(tmp_path):
+    seen = []
+    cfg = fast_config(tmp_path, num_rounds=1, site_audits=True, audit_records=60)
+    report = run(cfg, k=2, tap=seen.append)
+    audits = report["site_audits"]
+    assert [s["name"] for s in audits["sites"]] == ["site-1", "site-2"]
+    assert 0.0 <= audits["pooled"]["membership_auc"] <= 1.0
+    for reply in (m for m in seen if m.metadata.message_type == P.QUERY_AUDIT):
+        hist = P.AuditReply.from_message(reply).histograms
+        assert set(hist) == {"train", "heldout"} and hist["train"].shape == (len(P.AUDIT_BIN_EDGES) - 1,)
+        assert not np.allclose(hist["train"], np.round(hist["train"]))  # noisy counts
     html = (tmp_path / "out" / "report.html").read_text()
-    assert "Privacy audits" in html
+    assert "Privacy audits by the sites (DP)" in html and "0.5 = no signal" in html
+    for entries in charges(tmp_path):
+        assert [e["purpose"] for e in entries] == ["dpgan", "audit"]

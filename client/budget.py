@@ -1,0 +1,275 @@
+"""The site's budget planner: one plan per run, for both synthesis modes, fixed at the run's first request.
+
+A plan lists every DP release the run may make at this site (with the mechanism of each) and chooses
+the noise of the tunable ones, so that
+
+  (a) everything the run may release stays within the epsilon the run asks for, and
+  (b) everything this dataset has ever released plus the run stays within the site's own budget.
+
+The coordinator never sets a noise level: it only asks for an amount of work and an epsilon. A plan is
+persisted in the run's folder and enforced: a later request that changes what fixed it is refused.
+
+Releases of a run (``RunPlan``):
+
+==============  ===============================================  ======================================
+component       mechanism                                        when
+==============  ===============================================  ======================================
+census          Gaussian class histogram, sensitivity 1,         first training request of the run
+                z = CENSUS_NOISE (FedAvg weight, G's labels)
+train           DP-SGD: Poisson rate q, clip C, noise sigma*C,   every training round (steps each)
+                rounds x steps compositions                      -- sigma tuned
+clip_choice     Gaussian histogram of block norms, sens. sqrt L  BN release with layer-clips = auto
+stats           Gaussian release of counts and clipped sums      query.bnstats -- sigma tuned
+evaluation      Gaussian (K, 2) correct/wrong table, sens. 1     each evaluation query (reserved x cap)
+audit           Gaussian distance histograms, sensitivity 1      each audit query (reserved x cap)
+==============  ===============================================  ======================================
+
+Evaluation and audit queries are reserved only when the site's operator allows them; the reserve is
+part of (a), so a run that uses them still ends within its epsilon.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from client.auto_clip import AUTO_CLIP_NOISE_MULTIPLIER as AUTO_CLIP_NOISE
+from common import protocol as P
+from common.accounting import BudgetTooSmall, DPEvent, calibrate_noise_multiplier, epsilon_for
+from common.files import atomic_write_json
+
+if TYPE_CHECKING:
+    from client.ledger import PrivacyLedger
+    from client.site import SiteSettings
+    from common.data import ImageDataset
+
+# Above this noise multiplier DP-SGD updates or statistics are pure noise: a plan that needs more is a
+# budget too small for the requested work, refused instead of silently training on noise.
+MAX_USEFUL_NOISE = 50.0
+
+
+class PlanRefused(Exception):
+    """The plan cannot be made. ``public`` is what the coordinator may read; ``detail`` is for the site's log."""
+
+    def __init__(self, code: int, public: str, detail: str = "") -> None:
+        super().__init__(detail or public)
+        self.code = code
+        self.public = public
+        self.detail = detail or public
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What a run asks of a site (from its first request), plus the site's own query policy."""
+
+    mode: str  # "dpgan" | "bnstats"
+    epsilon: float  # the most the run may spend here (inf = non-private, only with an unlimited budget)
+    rounds: int  # training rounds (0: the BN net is provided, no DP-SGD)
+    steps: int  # DP-SGD steps per round
+    batch_size: int  # expected Poisson batch
+    census: bool = True  # draw the per-run noisy class histogram (FedAvg weight, G's labels)
+    stats_share: float = 0.0  # bnstats: share of epsilon for the statistics release (when the net is trained)
+    auto_clip: bool = False  # bnstats: clip bounds chosen privately
+    evaluation_queries: int = 0  # reserved evaluation queries (the site's cap, if it allows evaluation)
+    audit_queries: int = 0  # reserved audit queries
+
+    def fixed_by(self) -> dict[str, Any]:
+        """The settings that fix a plan; a later request that changes one of them is refused."""
+        return {k: v for k, v in asdict(self).items() if k not in ("evaluation_queries", "audit_queries")}
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    request: dict
+    delta: float
+    sample_rate: float
+    census: DPEvent | None
+    train_sigma: float  # DP-SGD noise multiplier of every training step
+    clip_choice: DPEvent | None
+    stats: DPEvent | None
+    evaluation: DPEvent | None  # one evaluation query
+    audit: DPEvent | None  # one audit query
+    evaluation_queries: int
+    audit_queries: int
+    planned_epsilon: float  # epsilon of the whole plan on its own (<= the run's epsilon)
+    budget_limited: bool = False  # the site's remaining budget, not the run's epsilon, set the noise
+    extra: dict = field(default_factory=dict)
+
+    def train_round(self, steps: int) -> DPEvent:
+        """The DP-SGD event of one training round of ``steps`` steps."""
+        return DPEvent(self.train_sigma, self.sample_rate, steps)
+
+    def all_events(self, rounds: int, steps: int) -> list[DPEvent]:
+        events = [e for e in (self.census, self.clip_choice, self.stats) if e is not None]
+        if rounds:
+            events.append(DPEvent(self.train_sigma, self.sample_rate, rounds * steps))
+        events += [self.evaluation] * self.evaluation_queries if self.evaluation else []
+        events += [self.audit] * self.audit_queries if self.audit else []
+        return events
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        for key in ("census", "clip_choice", "stats", "evaluation", "audit"):
+            value = getattr(self, key)
+            out[key] = value.to_dict() if value is not None else None
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict) -> "RunPlan":
+        d = dict(d)
+        for key in ("census", "clip_choice", "stats", "evaluation", "audit"):
+            d[key] = DPEvent.from_dict(d[key]) if d.get(key) is not None else None
+        return cls(**d)
+
+
+def _fixed_events(req: PlanRequest, private: bool) -> dict[str, DPEvent | None]:
+    """The releases whose noise is a protocol constant (or zero in a non-private run)."""
+    z = (lambda noise: noise if private else 0.0)
+    return {
+        "census": DPEvent(z(P.CENSUS_NOISE), 1.0, 1) if req.census and req.rounds else None,
+        "clip_choice": DPEvent(z(AUTO_CLIP_NOISE), 1.0, 1) if req.mode == "bnstats" and req.auto_clip and private else None,
+        "evaluation": DPEvent(z(P.EVALUATION_NOISE), 1.0, 1) if req.evaluation_queries else None,
+        "audit": DPEvent(z(P.AUDIT_NOISE), 1.0, 1) if req.audit_queries else None,
+    }
+
+
+def _reserve(fixed: dict[str, DPEvent | None], req: PlanRequest) -> list[DPEvent]:
+    out = [e for k, e in fixed.items() if e is not None and k in ("census", "clip_choice")]
+    if fixed["evaluation"] is not None:
+        out += [fixed["evaluation"]] * req.evaluation_queries
+    if fixed["audit"] is not None:
+        out += [fixed["audit"]] * req.audit_queries
+    return out
+
+
+def _tuned(req: PlanRequest, target: float, delta: float, q: float, reserve: list[DPEvent],
+           clip_choice: DPEvent | None) -> tuple[float, DPEvent | None]:
+    """(DP-SGD sigma, statistics event) that keep reserve + the plan within ``target`` (raises BudgetTooSmall)."""
+    total_steps = req.rounds * req.steps
+    if req.mode == "dpgan":
+        return calibrate_noise_multiplier(target, delta, q, total_steps, prior=reserve), None
+    # bnstats: the statistics get stats_share of the target (all of it when the net is provided), DP-SGD the rest
+    # (with the net trained, the statistics' share is of the target with only the clip-bound choice before
+    # it; without training, the statistics take whatever the reserved releases leave of the target)
+    if total_steps:
+        stats_target = req.stats_share * target
+        stats_prior = [clip_choice] if clip_choice is not None else []
+    else:
+        stats_target, stats_prior = target, reserve
+    sigma_stats = calibrate_noise_multiplier(stats_target, delta, 1.0, 1, prior=stats_prior)
+    stats = DPEvent(sigma_stats, 1.0, 1)
+    if not total_steps:
+        return 0.0, stats
+    return calibrate_noise_multiplier(target, delta, q, total_steps, prior=[*reserve, stats]), stats
+
+
+def make_plan(req: PlanRequest, *, num_records: int, delta: float, budget: float, prior: list[DPEvent]) -> RunPlan:
+    """The run's plan at this site (module docstring); raises :class:`PlanRefused` with a public reason."""
+    if req.mode not in ("dpgan", "bnstats"):
+        raise PlanRefused(P.REFUSED_BAD_REQUEST, f"unknown mode {req.mode!r}")
+    if req.rounds < 0 or req.steps < 1 or req.batch_size < 1 or (req.mode == "dpgan" and req.rounds < 1):
+        raise PlanRefused(P.REFUSED_BAD_REQUEST, "rounds, local steps and batch size must be positive")
+    if req.mode == "bnstats" and req.rounds and not 0 < req.stats_share <= 1:
+        raise PlanRefused(P.REFUSED_BAD_REQUEST, "stats-share must be in (0, 1]")
+    if not req.epsilon > 0:
+        raise PlanRefused(P.REFUSED_BAD_REQUEST, "the run's epsilon must be > 0")
+    q = min(1.0, req.batch_size / num_records)
+    private = math.isfinite(req.epsilon) or math.isfinite(budget)
+    fixed = _fixed_events(req, private)
+    reserve = _reserve(fixed, req)
+    if not private:  # the run asks for no privacy and the site's budget is unlimited: the operator allows it
+        stats = DPEvent(0.0, 1.0, 1) if req.mode == "bnstats" else None
+        return RunPlan(request=req.fixed_by(), delta=delta, sample_rate=q, census=fixed["census"], train_sigma=0.0,
+                       clip_choice=None, stats=stats, evaluation=fixed["evaluation"], audit=fixed["audit"],
+                       evaluation_queries=req.evaluation_queries, audit_queries=req.audit_queries,
+                       planned_epsilon=math.inf)
+
+    def events_for(target: float) -> tuple[float, DPEvent | None, list[DPEvent]]:
+        sigma, stats = _tuned(req, target, delta, q, reserve, fixed["clip_choice"])
+        events = [*reserve] + ([stats] if stats else [])
+        if req.rounds:
+            events.append(DPEvent(sigma, q, req.rounds * req.steps))
+        return sigma, stats, events
+
+    spent = epsilon_for(prior, delta)
+    upper = min(req.epsilon, budget)  # a non-private request against a finite budget gets what is left
+    try:
+        sigma, stats, events = events_for(upper)
+    except BudgetTooSmall as err:
+        raise PlanRefused(P.REFUSED_BUDGET, "the requested work does not fit this site's privacy budget",
+                          f"the run's epsilon {upper:g} cannot pay for this plan: {err}") from None
+    limited = False
+    if epsilon_for([*prior, *events], delta) > budget + 1e-9:
+        # Shrink the run's share until prior + plan fits the site's budget (epsilon is monotone in it).
+        limited = True
+        lo, hi = 0.0, upper
+        best = None
+        for _ in range(14):
+            mid = 0.5 * (lo + hi)
+            try:
+                candidate = events_for(mid)
+            except BudgetTooSmall:
+                lo = mid
+                continue
+            if epsilon_for([*prior, *candidate[2]], delta) <= budget + 1e-9:
+                best, lo = candidate, mid
+            else:
+                hi = mid
+        if best is None:
+            raise PlanRefused(P.REFUSED_BUDGET, "the requested work does not fit this site's privacy budget",
+                              f"this dataset has spent epsilon {spent:.4g} of its budget {budget:g}; no noise "
+                              f"level leaves room for the run's plan")
+        sigma, stats, events = best
+    for value, what in ((sigma, "DP-SGD steps"), (stats.noise_multiplier if stats else 0.0, "statistics release")):
+        if value > MAX_USEFUL_NOISE:
+            raise PlanRefused(P.REFUSED_BUDGET, f"the privacy budget is too small for the requested {what}: ask "
+                                                "for fewer rounds or steps or a larger epsilon",
+                              f"the {what} would need noise multiplier {value:.3g} (> {MAX_USEFUL_NOISE:g}, where "
+                              "nothing is learned)")
+    return RunPlan(request=req.fixed_by(), delta=delta, sample_rate=q, census=fixed["census"], train_sigma=sigma,
+                   clip_choice=fixed["clip_choice"], stats=stats, evaluation=fixed["evaluation"],
+                   audit=fixed["audit"], evaluation_queries=req.evaluation_queries, audit_queries=req.audit_queries,
+                   planned_epsilon=epsilon_for(events, delta), budget_limited=limited)
+
+
+def load_or_make_plan(path: Path, req: PlanRequest, *, num_records: int, delta: float, budget: float,
+                      prior: list[DPEvent]) -> tuple[RunPlan, bool]:
+    """(the run's plan, whether it was made just now): read back if the run fixed one, else made and saved.
+
+    A request that changes what fixed the plan is refused (:class:`PlanRefused`, bad request).
+    """
+    if path.exists():
+        plan = RunPlan.from_json(json.loads(path.read_text()))
+        asked = req.fixed_by()
+        changed = sorted(k for k, v in asked.items() if plan.request.get(k) != v)
+        if changed:
+            raise PlanRefused(P.REFUSED_BAD_REQUEST, f"the request changes settings fixed at the run's first request "
+                                                     f"({', '.join(changed)}); start a new experiment instead")
+        return plan, False
+    plan = make_plan(req, num_records=num_records, delta=delta, budget=budget, prior=prior)
+    atomic_write_json(path, plan.to_json())
+    return plan, True
+
+
+def plan_for_site(site: "SiteSettings", data: "ImageDataset", ledger: "PrivacyLedger", run_dir: Path,
+                  req: PlanRequest) -> RunPlan:
+    """The run's plan at ``site``, with its query policy reserved (made at the first request, then read back)."""
+    import dataclasses
+    import logging
+
+    allowed_heldout = bool(site.heldout)
+    req = dataclasses.replace(
+        req, evaluation_queries=site.queries_per_run if site.evaluation and allowed_heldout else 0,
+        audit_queries=site.queries_per_run if site.audits and allowed_heldout else 0)
+    plan, made = load_or_make_plan(run_dir / "plan.json", req, num_records=len(data), delta=ledger.delta,
+                                   budget=site.epsilon_budget, prior=ledger.events())
+    if made:
+        logging.getLogger("fedsynth.site").info(
+            "[%s] planned the run: %s mode, DP-SGD sigma %.4f at q %.4f, %s; whole run epsilon %.3f (delta %.2g)%s",
+            site.name, req.mode, plan.train_sigma, plan.sample_rate,
+            f"statistics sigma {plan.stats.noise_multiplier:.3f}" if plan.stats else "no statistics release",
+            plan.planned_epsilon, plan.delta, " -- limited by the site's remaining budget" if plan.budget_limited else "")
+    return plan

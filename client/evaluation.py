@@ -1,0 +1,139 @@
+"""Site side of federated evaluation and audits: DP answers about the site's records, off by default.
+
+Both are questions a coordinator asks about private records, so both are DP releases like any other:
+allowed only when the site's operator turns them on (``evaluation`` / ``audits`` in site.yaml), at most
+``queries_per_run`` of each per run, charged in the ledger before they are computed, and answered with
+Gaussian-noised counts -- never an exact accuracy, distance, PSNR, threshold or record count, because a
+few adaptive queries can rebuild a record from exact answers.
+
+evaluate.classifier
+    Every held-out record falls into one cell of a (K, 2) table: its true class, classified right or
+    wrong. One record changes one cell by 1 (L2 sensitivity 1, add/remove-one), so the table plus
+    N(0, z^2) per cell, z = ``protocol.EVALUATION_NOISE``, is ``DPEvent(z, 1.0, 1)``.
+
+query.audit
+    Every record -- training (members) and held-out (non-members) -- falls into one bin of one of two
+    histograms over the fixed grid ``protocol.AUDIT_BIN_EDGES`` of its pixel MSE to the nearest image of
+    the coordinator's synthetic sample. One record changes one bin by 1 whatever images the coordinator
+    sends (sensitivity 1), so both histograms plus N(0, z^2) per bin, z = ``protocol.AUDIT_NOISE``, are
+    ``DPEvent(z, 1.0, 1)``. The coordinator turns them into a membership-inference AUC and a near-copy
+    rate (``server.site_audits``).
+
+Held-out records share the ledger of the site's dataset id: the unit of privacy is one record, training
+or held-out (conservative: a held-out record is charged for training releases it never entered).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import numpy as np
+from flwr.app import Context, Message
+
+from client.budget import RunPlan
+from client.ledger import BudgetExceeded, PrivacyLedger
+from client.requests import Refusal, check_schema, run_dir, site_data, site_handler
+from client.site import SiteSettings, data_fingerprint, load_site_heldout, open_ledger
+from common import protocol as P
+from common.accounting import DPEvent
+from common.audits import nearest_neighbors
+from common.data import ImageDataset
+from common.learner import build_learner, predict
+
+log = logging.getLogger("fedsynth.site")
+
+
+def _noise(site: SiteSettings, experiment_dir, constant: float) -> float:
+    """The query's noise multiplier: the protocol's constant, or 0 in a run the site agreed to make non-private."""
+    plan_file = experiment_dir / "plan.json"
+    if math.isinf(site.epsilon_budget) and plan_file.exists():
+        if math.isinf(RunPlan.from_json(json.loads(plan_file.read_text())).planned_epsilon):
+            return 0.0
+    return constant
+
+
+def _open_query(site: SiteSettings, allowed: bool, what: str, purpose: str, experiment: str
+                ) -> tuple[ImageDataset, ImageDataset, PrivacyLedger, int]:
+    """Checks both queries share; returns (training data, held-out data, ledger, this query's number)."""
+    if not allowed:
+        raise Refusal(P.REFUSED_NOT_ALLOWED, f"this site does not answer {what} queries (its operator can allow "
+                                             f"them in site.yaml)")
+    heldout = load_site_heldout(site)
+    if heldout is None or len(heldout) == 0:
+        raise Refusal(P.REFUSED_NOT_ALLOWED, f"this site has no held-out data for {what} queries")
+    data = site_data(site)
+    ledger = open_ledger(site, data)
+    asked = ledger.count(run=experiment, purpose=purpose)
+    if asked >= site.queries_per_run:
+        raise Refusal(P.REFUSED_NOT_ALLOWED, f"this run has used the {site.queries_per_run} {what} "
+                                             f"quer{'y' if site.queries_per_run == 1 else 'ies'} the site allows per run")
+    return data, heldout, ledger, asked + 1
+
+
+def _charge(ledger: PrivacyLedger, z: float, data: ImageDataset, *, purpose: str, run: str, index: int) -> None:
+    try:
+        ledger.charge([DPEvent(z, 1.0, 1)], purpose=purpose, run=run, round=index, data=data_fingerprint(data))
+    except BudgetExceeded as err:
+        raise Refusal(P.REFUSED_BUDGET, "the query does not fit this site's privacy budget", str(err)) from None
+
+
+def _gaussian(exact: np.ndarray, z: float) -> np.ndarray:
+    noise = np.random.default_rng().normal(0.0, z, size=exact.shape) if z > 0 else 0.0  # fresh OS entropy
+    return (exact + noise).astype(np.float32)
+
+
+def correct_wrong_table(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K, 2) exact counts: per true class, records classified right (column 0) and wrong (column 1)."""
+    table = np.zeros((num_classes, 2), dtype=np.float64)
+    np.add.at(table, (labels, (predicted != labels).astype(np.int64)), 1.0)
+    return table
+
+
+@site_handler
+def handle_evaluation(msg: Message, context: Context, site: SiteSettings) -> Message:
+    req = P.EvaluationRequest.from_message(msg)
+    data, heldout, ledger, index = _open_query(site, site.evaluation, "evaluation", "evaluation", req.experiment)
+    check_schema(heldout, req.channels, req.height, req.width, req.num_classes)
+    try:
+        model = build_learner(req.learner, (req.channels, req.height, req.width), req.num_classes)
+    except ValueError as err:
+        raise Refusal(P.REFUSED_BAD_REQUEST, str(err)) from None
+    problems = P.check_arrays(req.classifier, P.state_spec(model.state_dict()))
+    if problems:
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"the classifier sent does not match '{req.learner}': {problems[:3]}")
+    P.load_state(model, req.classifier)
+    z = _noise(site, run_dir(site, req.experiment), P.EVALUATION_NOISE)
+    _charge(ledger, z, data, purpose="evaluation", run=req.experiment, index=index)
+    exact = correct_wrong_table(heldout.labels, predict(model, heldout.images, device="cpu"), req.num_classes)
+    log.info("[%s] evaluation query %d of %s answered with noise z=%g", site.name, index, req.experiment, z)
+    return P.EvaluationReply(counts={"table": _gaussian(exact, z)}).as_reply(msg)
+
+
+def distance_histogram(records: np.ndarray, synthetic: np.ndarray) -> np.ndarray:
+    """Exact counts of ``records`` by pixel MSE to their nearest synthetic image over ``AUDIT_BIN_EDGES``."""
+    edges = np.asarray(P.AUDIT_BIN_EDGES)
+    distances, _ = nearest_neighbors(records, synthetic, metric="mse")  # (N,)
+    bins = np.clip(np.searchsorted(edges, distances, side="right") - 1, 0, len(edges) - 2)
+    return np.bincount(bins, minlength=len(edges) - 1).astype(np.float64)
+
+
+@site_handler
+def handle_audit(msg: Message, context: Context, site: SiteSettings) -> Message:
+    req = P.AuditRequest.from_message(msg)
+    data, heldout, ledger, index = _open_query(site, site.audits, "audit", "audit", req.experiment)
+    images = req.synthetic.get("images")
+    if set(req.synthetic) != {"images"} or images is None:
+        raise Refusal(P.REFUSED_BAD_REQUEST, "an audit query carries exactly one array, 'images'")
+    if (images.ndim != 4 or tuple(images.shape[1:]) != data.image_shape or images.dtype != np.float32
+            or not 1 <= len(images) <= P.AUDIT_MAX_IMAGES or not np.all(np.isfinite(images))):
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"synthetic images must be float32 (N, {data.image_shape}) with "
+                                             f"1 <= N <= {P.AUDIT_MAX_IMAGES}, finite; got {images.dtype} {images.shape}")
+    z = _noise(site, run_dir(site, req.experiment), P.AUDIT_NOISE)
+    _charge(ledger, z, data, purpose="audit", run=req.experiment, index=index)
+    synthetic = np.clip(images, 0.0, 1.0)
+    histograms = {"train": _gaussian(distance_histogram(data.images, synthetic), z),
+                  "heldout": _gaussian(distance_histogram(heldout.images, synthetic), z)}
+    log.info("[%s] audit query %d of %s answered with noise z=%g", site.name, index, req.experiment, z)
+    return P.AuditReply(histograms=histograms).as_reply(msg)

@@ -1,0 +1,183 @@
+"""The privacy ledger's file: JSON lines, written with one write() + fsync each, read back strictly.
+
+Format (one JSON object per line)::
+
+  line 1: {"type": "header", "format": "fedsynth-privacy-ledger", "version": 1, "delta": ...,
+           "created": ..., "dataset_id": ...}
+  then:   {"type": "charge", "time", "purpose", "run", "round", "events": [...], "details",
+           "epsilon_after", "delta", "data"}
+
+``epsilon_after`` is the string "inf" for a non-private release (strict JSON has no infinity);
+``data`` is a short fingerprint of the data the release was computed on (a changed fingerprint under
+the same dataset id is reported, never a reason to start a fresh ledger).
+
+Crash safety: only the last line can be incomplete after a crash (it was never acknowledged, so its
+work never started); :func:`parse` ignores it and the writer truncates it away before the next append.
+Damage anywhere else raises :class:`LedgerDamaged`: a privacy ledger must never be silently reset.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from common.accounting import DPEvent
+
+FORMAT = "fedsynth-privacy-ledger"
+VERSION = 1
+
+
+class LedgerDamaged(RuntimeError):
+    """The ledger file is damaged somewhere other than an unacknowledged last line."""
+
+
+@dataclass(frozen=True)
+class Contents:
+    """A parsed ledger file."""
+
+    header: dict | None
+    entries: list[dict]
+    events: list[DPEvent]
+    keep_bytes: int  # bytes of valid content; anything after it is an unacknowledged partial line
+    needs_newline: bool  # the kept content ends with a complete entry that lacks its trailing newline
+    size: int
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def encode_epsilon(eps: float) -> float | str:
+    return "inf" if math.isinf(eps) else eps
+
+
+def _decode_epsilon(value: Any) -> float:
+    return math.inf if value == "inf" else float(value)
+
+
+def _json_default(obj: Any) -> Any:
+    """Serialise numpy scalars/arrays and paths in `details`; anything else is a caller error."""
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def dumps(obj: dict) -> bytes:
+    """One ledger line (strict JSON: finite numbers only)."""
+    return json.dumps(obj, allow_nan=False, default=_json_default, separators=(",", ":")).encode() + b"\n"
+
+
+def make_header(delta: float, dataset_id: str) -> dict:
+    return {"type": "header", "format": FORMAT, "version": VERSION, "delta": delta, "created": now(),
+            "dataset_id": dataset_id}
+
+
+def _check_header(obj: Any) -> dict:
+    if not (isinstance(obj, dict) and obj.get("type") == "header" and obj.get("format") == FORMAT):
+        raise ValueError("the first line is not a fedsynth privacy-ledger header")
+    if obj.get("version") != VERSION:
+        raise ValueError(f"unsupported ledger version {obj.get('version')!r} (this code reads {VERSION})")
+    delta = obj.get("delta")
+    if not (isinstance(delta, (int, float)) and 0 < delta < 1):
+        raise ValueError(f"header delta {delta!r} is not in (0, 1)")
+    return obj
+
+
+def _check_entry(obj: Any) -> tuple[dict, list[DPEvent]]:
+    if not (isinstance(obj, dict) and obj.get("type") == "charge"):
+        raise ValueError("the line is not a charge entry")
+    for key in ("time", "purpose", "run", "round", "events", "epsilon_after", "delta"):
+        if key not in obj:
+            raise ValueError(f"the charge entry lacks {key!r}")
+    if not isinstance(obj["events"], list) or not obj["events"]:
+        raise ValueError("the charge entry has no events")
+    events = [DPEvent.from_dict(e) for e in obj["events"]]
+    entry = dict(obj)
+    entry["epsilon_after"] = _decode_epsilon(obj["epsilon_after"])
+    return entry, events
+
+
+def parse(data: bytes, path: Path) -> Contents:
+    """Parse a ledger file. Only its very last line may be bad (ignored); any other bad line raises."""
+    pieces = data.split(b"\n")
+    # pieces[-1] is what follows the last newline: b"" for a well-terminated file.
+    lines = pieces if pieces[-1] else pieces[:-1]
+    terminated = not pieces[-1]
+    header: dict | None = None
+    entries: list[dict] = []
+    events: list[DPEvent] = []
+    offset = 0
+    for index, raw in enumerate(lines):
+        is_last = index == len(lines) - 1
+        has_newline = not is_last or terminated
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+            if index == 0:
+                header = _check_header(obj)
+            else:
+                entry, entry_events = _check_entry(obj)
+                entries.append(entry)
+                events.extend(entry_events)
+        except (ValueError, TypeError, UnicodeDecodeError) as exc:
+            if is_last:
+                # A torn final write: never acknowledged, so the work it would cover never started.
+                return Contents(header, entries, events, offset, False, len(data))
+            raise LedgerDamaged(
+                f"privacy ledger {path} is damaged at line {index + 1} ({exc}). Only an interrupted last "
+                "line is repaired automatically; damage before the end means recorded privacy spending "
+                "may be lost. Inspect the file (restore it from a backup if you have one); do not delete "
+                "it, since that would reset this dataset's privacy accounting."
+            ) from exc
+        offset += len(raw) + (1 if has_newline else 0)
+    # A complete, valid final entry without its newline is kept (over-counting is the safe side);
+    # the newline is added before the next append.
+    return Contents(header, entries, events, offset, not terminated and bool(lines), len(data))
+
+
+def read_all(fd: int) -> bytes:
+    size = os.fstat(fd).st_size
+    chunks, offset = [], 0
+    while offset < size:
+        chunk = os.pread(fd, size - offset, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs_durably(directory: Path) -> None:
+    """mkdir -p, fsync'ing the parent of every directory created so that the new entries survive a crash."""
+    missing = []
+    current = directory
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for new_dir in reversed(missing):
+        try:
+            new_dir.mkdir()
+        except FileExistsError:  # created concurrently by another process on the site
+            pass
+        fsync_dir(new_dir.parent)

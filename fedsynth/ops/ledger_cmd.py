@@ -1,0 +1,113 @@
+"""``fedsynth ledger``: what a site has spent and has left, for a deployed site or a simulation's sites.
+
+    fedsynth ledger --config site.yaml         # a deployed site: its dataset id's ledger (and any others)
+    fedsynth ledger --state-dir runs/x/sites   # every ledger under a folder (a simulation's virtual sites)
+
+Reading a ledger never writes one: "no ledger yet" (nothing released) is an answer, not an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from fedsynth.ops.fields import DeployError, warn
+
+
+def _summary(path: Path, budget: float) -> dict:
+    from client.ledger import PrivacyLedger
+
+    try:
+        return PrivacyLedger(path, epsilon_budget=budget, create=False).summary()
+    except Exception as err:  # noqa: BLE001 - a damaged ledger is reported, never skipped silently
+        return {"path": str(path), "dataset_id": path.stem, "error": str(err)}
+
+
+def ledger_rows(state_dir: Path, budget: float = math.inf) -> list[dict]:
+    """Summaries of every ledger under ``state_dir`` (recursively), in path order."""
+    return [_summary(p, budget) for p in sorted(Path(state_dir).rglob("ledger/*.jsonl"))]
+
+
+def site_ledger_rows(config: str) -> tuple[list[dict], str | None]:
+    """A deployed site's ledgers: its dataset id's first (with its records), then any others on disk."""
+    from fedsynth.ops.site_cmd import load_data_checked, load_site_config
+
+    dep = load_site_config(config)
+    rows = ledger_rows(dep.state_dir, dep.settings.epsilon_budget)
+    current = dep.settings.ledger_path.resolve()
+    note = None
+    try:
+        records = len(load_data_checked(dep))
+    except DeployError as err:
+        records, note = None, f"the site's current data cannot be loaded ({err}); showing the ledgers on disk"
+    for row in rows:
+        row["current"] = Path(row["path"]).resolve() == current
+        row["records"] = records if row["current"] else None
+    rows.sort(key=lambda r: not r["current"])
+    return rows, note
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and math.isinf(obj):
+        return "inf" if obj > 0 else "-inf"
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _fmt(x) -> str:
+    return "inf" if isinstance(x, float) and math.isinf(x) else f"{x:.4g}"
+
+
+def print_rows(title: str, rows: list[dict]) -> None:
+    print(title)
+    if not rows:
+        print("  no ledger yet: nothing has been released")
+        return
+    for r in rows:
+        label = f"dataset id {r.get('dataset_id') or Path(r['path']).stem}"
+        if r.get("current"):
+            label += f" (this site's data, {r['records']} records)" if r.get("records") is not None else " (current)"
+        print(f"  {label}  [{r['path']}]")
+        if "error" in r:
+            print(f"    DAMAGED: {r['error']}")
+            continue
+        per = ", ".join(f"{p}: {n}" for p, n in r["per_purpose_releases"].items()) or "none"
+        budget = f" of {_fmt(r['budget_epsilon'])}" if "records" in r else ""
+        print(f"    spent epsilon  : {_fmt(r['spent_epsilon'])}{budget}   (delta {r['delta']:.3g})")
+        if "records" in r:
+            print(f"    left epsilon   : {_fmt(r['remaining_epsilon'])}")
+        print(f"    releases       : {r['releases']} ({per}); runs: {', '.join(r['runs']) or 'none'}")
+        if r["releases"]:
+            print(f"    first / last   : {r['first_release']} / {r['last_release']}")
+
+
+def cmd_ledger(args: argparse.Namespace) -> int:
+    if bool(args.config) == bool(args.state_dir):
+        print("fedsynth ledger: error: give either --config site.yaml or --state-dir FOLDER", file=sys.stderr)
+        return 2
+    try:
+        if args.config:
+            rows, note = site_ledger_rows(args.config)
+            title = f"privacy ledger of the site in {args.config}"
+        else:
+            if not Path(args.state_dir).is_dir():
+                raise DeployError(f"--state-dir {args.state_dir} is not a folder (a simulation keeps its sites' state "
+                                  "in <out>/sites)")
+            rows, note = ledger_rows(Path(args.state_dir)), None
+            title = f"privacy ledgers under {args.state_dir}"
+    except DeployError as err:
+        print(f"fedsynth ledger: error: {err}", file=sys.stderr)
+        return 2
+    if note:
+        warn(note)
+    if args.json:
+        print(json.dumps(_json_safe({"ledgers": rows}), indent=2))
+    else:
+        print_rows(title, rows)
+    return 1 if any("error" in r for r in rows) else 0

@@ -1,0 +1,351 @@
+"""``fedsynth site --config site.yaml``: validate a site, then run its SuperNode, guarded.
+
+The YAML fills the one definition of a site's settings, ``client.site.SiteSettings`` (what the site's
+handlers read, passed to the SuperNode as its node config), plus what only the process needs:
+where the coordinator is, the credentials, the local port and the approved app bundles. Everything is
+checked -- credentials, state folder, the data loaded exactly as the handlers will load it, the ledger
+-- before anything connects. The SuperNode is started through ``fedsynth.ops.supernode_guard``, so it
+runs only app bundles whose digest the site approved (its own installed fedsynth by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from client.site import SiteSettings
+from common.config import MODES
+from fedsynth.ops.approved_code import BundleError, installed_bundle_digest, write_approvals
+from fedsynth.ops.fields import DeployError, Fields, NAME_RE, info, load_yaml, loud, parse_address, port_free, warn, \
+    write_toml
+from fedsynth.ops.processes import Child, flower_env, forward_signals
+from fedsynth.ops.tls import check_ca, check_private_key
+
+SETTINGS_DEFAULTS = {f.name: f.default for f in fields(SiteSettings)}
+SITE_KEYS = ("name", "data", "dataset_id", "split", "image_size", "label_from", "heldout", "heldout_split", "epsilon",
+             "delta", "state_dir", "modes", "evaluation", "audits", "queries_per_run",
+             "coordinator", "ca_cert", "private_key", "supernode_port", "approved_bundles", "approve_installed")
+
+
+@dataclass
+class SiteDeployment:
+    """A site.yaml: the site's settings plus what its SuperNode process needs."""
+
+    settings: SiteSettings
+    coordinator: str
+    ca_cert: Path | None
+    private_key: Path | None
+    supernode_port: int
+    approved_bundles: list[str]  # extra digests the operator reviewed and approved
+    approve_installed: bool  # also approve the bundle of this site's own installed fedsynth (default)
+    source: Path = field(default_factory=Path)
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    @property
+    def state_dir(self) -> Path:
+        return self.settings.state_dir
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.state_dir / "flwr-home"
+
+
+def _choice(f: Fields, key: str, allowed: tuple[str, ...], path) -> str:
+    value = f.str(key, SETTINGS_DEFAULTS[key])
+    if value not in allowed:
+        raise DeployError(f"{path}: '{key}' must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+    return value
+
+
+def load_site_config(path: str | Path) -> SiteDeployment:
+    raw, base = load_yaml(path, "site")
+    f = Fields(raw, str(path), base, SITE_KEYS)
+    name = f.str("name")
+    if not NAME_RE.match(name):
+        raise DeployError(f"{path}: 'name' {name!r} must be 1-64 letters, digits, '.', '_' or '-' (e.g. site1)")
+    dataset_id = f.str("dataset_id", name)
+    if not NAME_RE.match(dataset_id):
+        raise DeployError(f"{path}: 'dataset_id' {dataset_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    data = f.str("data")
+    data = data if data == "digits" else str(f.path("data"))
+    split = _choice(f, "split", ("train", "val", "test"), path)
+    image_size = f.int("image_size", 0, lo=0, hi=1024)
+    if 0 < image_size < 8:
+        raise DeployError(f"{path}: 'image_size' must be 0 (keep) or >= 8, got {image_size}")
+    label_from = _choice(f, "label_from", ("", "utkface-gender", "utkface-race"), path)
+    heldout = f.str("heldout", "")
+    if heldout and heldout != "digits":
+        heldout = str(f.path("heldout"))
+    heldout_split = _choice(f, "heldout_split", ("train", "val", "test"), path)
+    if heldout and (heldout, heldout_split) == (data, split):
+        raise DeployError(f"{path}: 'heldout' is the training data itself ({heldout} split {split}); held-out "
+                          "records must never be trained on -- use another split or folder, or leave heldout empty")
+    epsilon = f.float("epsilon")
+    if not epsilon > 0:
+        raise DeployError(f"{path}: 'epsilon' (this site's total privacy budget for its dataset) must be > 0, "
+                          f"got {epsilon}; typical values are 1 to 10")
+    delta = f.float("delta", 0.0)
+    if not 0 <= delta < 1:
+        raise DeployError(f"{path}: 'delta' must be in [0, 1) (0 = min(1e-5, 1/(10 n))), got {delta}")
+    modes = raw.get("modes", list(MODES))
+    if isinstance(modes, str):
+        modes = [m.strip() for m in modes.split(",") if m.strip()]
+    if not isinstance(modes, list) or not modes or any(m not in MODES for m in modes):
+        raise DeployError(f"{path}: 'modes' must be a non-empty list taken from {list(MODES)}, got {modes!r}")
+    evaluation, audits = f.bool("evaluation", False), f.bool("audits", False)
+    if (evaluation or audits) and not heldout:
+        raise DeployError(f"{path}: 'evaluation' and 'audits' answer questions about held-out records: set 'heldout' "
+                          "to a folder of records the site never trains on, or switch them off")
+    coordinator = f.str("coordinator")
+    parse_address(coordinator, f"{path}: 'coordinator'")
+    approved = raw.get("approved_bundles") or []
+    if not isinstance(approved, list) or not all(isinstance(d, str) and len(d) == 64 for d in approved):
+        raise DeployError(f"{path}: 'approved_bundles' must be a list of 64-hex-digit bundle digests (fedsynth "
+                          "bundle-digest prints one)")
+    settings = SiteSettings(
+        name=name, data=data, state_dir=f.path("state_dir"), epsilon_budget=epsilon, dataset_id=dataset_id,
+        split=split, image_size=image_size, label_from=label_from, delta=delta, modes=tuple(dict.fromkeys(modes)),
+        heldout=heldout, heldout_split=heldout_split, evaluation=evaluation, audits=audits,
+        queries_per_run=f.int("queries_per_run", 1, lo=1, hi=100))
+    return SiteDeployment(
+        settings=settings, coordinator=coordinator, ca_cert=f.path("ca_cert") if f.has("ca_cert") else None,
+        private_key=f.path("private_key") if f.has("private_key") else None,
+        supernode_port=f.int("supernode_port", 9094, lo=1, hi=65535), approved_bundles=list(approved),
+        approve_installed=f.bool("approve_installed", True), source=Path(path).resolve())
+
+
+@dataclass
+class SiteCheck:
+    data: Any  # ImageDataset
+    ledger: dict | None  # PrivacyLedger.summary(), None before the first release
+    approved: list[str]
+
+
+def load_data_checked(dep: SiteDeployment, split_of: str = "data"):
+    """The site's training (or held-out) data, loaded exactly as the handlers load it; DeployError if unusable."""
+    from client.site import load_site_data, load_site_heldout
+    from common.data import DataError
+
+    s = dep.settings
+    where = s.data if split_of == "data" else s.heldout
+    where = "the built-in digits dataset" if where == "digits" else where
+    try:
+        return load_site_data(s) if split_of == "data" else load_site_heldout(s)
+    except DataError as err:
+        raise DeployError(f"site '{s.name}': the {'held-out ' if split_of != 'data' else ''}data at {where} cannot be "
+                          f"used: {err}") from None
+    except (OSError, ValueError, RuntimeError) as err:  # unexpected decoder / IO failures
+        raise DeployError(f"site '{s.name}': reading the data at {where} failed ({type(err).__name__}: {err}); "
+                          "check the files are complete and readable") from None
+
+
+def _check_data(dep: SiteDeployment, data) -> None:
+    import numpy as np
+
+    s = dep.settings
+    counts = data.class_counts()
+    present = int((counts > 0).sum())
+    if len(data) < 10:
+        raise DeployError(f"site '{s.name}': the data at {s.data} holds only {len(data)} record(s) in split "
+                          f"'{s.split}'; DP training needs at least 10 (more is much better)")
+    if present < 2:
+        raise DeployError(f"site '{s.name}': the data at {s.data} has records of {present} class(es) only "
+                          f"(classes {list(data.classes)}); a labelled dataset needs at least 2 classes present -- "
+                          "check the class folders / label arrays")
+    if not np.isfinite(data.images).all():
+        raise DeployError(f"site '{s.name}': the data at {s.data} contains NaN or infinite pixels")
+    empty = [c for c, k in zip(data.classes, counts) if k == 0]
+    if empty:
+        warn(f"site '{s.name}': no records of class(es) {empty}; the site still joins (its GAN learns the classes "
+             "it has)")
+    _, h, w = data.image_shape
+    if h != w:
+        raise DeployError(f"site '{s.name}': images are {h}x{w}; the GAN needs square images -- set image_size "
+                          "(e.g. image_size: 32) to resize them")
+
+
+def read_ledger(dep: SiteDeployment, data) -> dict | None:
+    """The ledger's summary, or None when the site has released nothing yet. Reading never writes."""
+    from client.ledger import LedgerDamaged
+    from client.site import open_ledger
+
+    try:
+        return open_ledger(dep.settings, data, create=False).summary()
+    except FileNotFoundError:
+        return None
+    except (ValueError, LedgerDamaged) as err:
+        raise DeployError(f"site '{dep.name}': the privacy ledger cannot be used: {err}") from None
+
+
+def approved_digests(dep: SiteDeployment) -> list[str]:
+    digests = list(dep.approved_bundles)
+    if dep.approve_installed:
+        try:
+            digests.append(installed_bundle_digest())
+        except BundleError as err:
+            raise DeployError(f"site '{dep.name}': {err}") from None
+    if not digests:
+        raise DeployError(f"{dep.source}: no app bundle is approved (approve_installed is false and approved_bundles "
+                          "is empty): the site would refuse every run")
+    return sorted(set(digests))
+
+
+def check_site(dep: SiteDeployment, insecure: bool = False) -> SiteCheck:
+    """Validate everything a site needs, without connecting to anything or writing its ledger."""
+    if not insecure:
+        if dep.ca_cert is None:
+            raise DeployError(f"{dep.source}: 'ca_cert' is missing: the site verifies the coordinator with the CA "
+                              "certificate (ca.crt from deploy/make_certs.sh)")
+        if dep.private_key is None:
+            raise DeployError(f"{dep.source}: 'private_key' is missing: the site authenticates with its own EC key "
+                              "(deploy/make_certs.sh makes keys/SITE; the coordinator registers keys/SITE.pub)")
+        check_ca(dep.ca_cert)
+        check_private_key(dep.private_key)
+    if not port_free("127.0.0.1", dep.supernode_port):
+        raise DeployError(f"site '{dep.name}': port {dep.supernode_port} on 127.0.0.1 is in use (another SuperNode?); "
+                          "set supernode_port to a free port -- each SuperNode on a host needs its own")
+    try:
+        dep.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(dep.state_dir, 0o700)
+        with tempfile.NamedTemporaryFile(dir=dep.state_dir):
+            pass
+    except OSError as err:
+        raise DeployError(f"site '{dep.name}': state_dir {dep.state_dir} is not a writable folder ({err.strerror}); "
+                          "it holds the privacy ledger and the local models") from None
+    s = dep.settings
+    if s.data != "digits" and Path(dep.state_dir).resolve().is_relative_to(Path(s.data).resolve()):
+        raise DeployError(f"site '{dep.name}': state_dir {dep.state_dir} lies inside the data folder {s.data}; "
+                          "put it elsewhere so the site's own files are never read as data")
+    data = load_data_checked(dep)
+    _check_data(dep, data)
+    if s.heldout:
+        held = load_data_checked(dep, "heldout")
+        if held.image_shape != data.image_shape or held.classes != data.classes:
+            raise DeployError(f"site '{dep.name}': held-out data {held.image_shape} with classes {list(held.classes)} "
+                              f"does not match the training data {data.image_shape} with classes {list(data.classes)}; "
+                              "both must have the same image shape and class list")
+    return SiteCheck(data=data, ledger=read_ledger(dep, data), approved=approved_digests(dep))
+
+
+def fmt_eps(x: float) -> str:
+    return "inf" if isinstance(x, float) and math.isinf(x) else f"{x:.4g}"
+
+
+def supernode_command(dep: SiteDeployment, insecure: bool, approvals: Path) -> list[str]:
+    """The guarded SuperNode (fedsynth.ops.supernode_guard) with flower-supernode's arguments."""
+    cmd = [sys.executable, "-m", "fedsynth.ops.supernode_guard", str(approvals), "--superlink", dep.coordinator,
+           "--host", "127.0.0.1", "--port", str(dep.supernode_port), "--node-config",
+           str(dep.state_dir / "node-config.toml")]
+    if insecure:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", str(dep.ca_cert), "--auth-supernode-private-key", str(dep.private_key)]
+    return cmd
+
+
+def _site_hint(line: str, dep: SiteDeployment, hints: list[str]) -> None:
+    if "Failed to activate SuperNode" in line or "code: 2004" in line:
+        hints.append(f"the coordinator rejected this site's key: ask the coordinator operator to register "
+                     f"{dep.private_key}.pub for '{dep.name}' (sites: in coordinator.yaml), then start the site again")
+    elif "CERTIFICATE_VERIFY_FAILED" in line or "certificate verify failed" in line:
+        hints.append(f"TLS verification of the coordinator failed: is {dep.ca_cert} the CA that signed the "
+                     f"SuperLink certificate, and does that certificate name the host in '{dep.coordinator}'?")
+    elif "could not establish a connection" in line.lower():
+        hints.append(f"could not connect to the coordinator at {dep.coordinator}: check the address, that "
+                     "fedsynth coordinator is running, the CA certificate, and that the site's key is registered")
+
+
+def _announce(dep: SiteDeployment, check: SiteCheck) -> None:
+    from common.data import describe
+
+    s, led = dep.settings, check.ledger
+    info(f"site '{dep.name}' OK: {describe(check.data)}")
+    if led is None:
+        info(f"privacy budget epsilon={fmt_eps(s.epsilon_budget)} for dataset id '{s.ledger_id}': nothing released "
+             f"yet (ledger {s.ledger_path} is created at the first release)")
+    else:
+        info(f"privacy budget epsilon={fmt_eps(s.epsilon_budget)} delta={led['delta']:.3g} for dataset id "
+             f"'{s.ledger_id}': spent {fmt_eps(led['spent_epsilon'])}, left {fmt_eps(led['remaining_epsilon'])} "
+             f"({led['releases']} releases; ledger {led['path']})")
+    info(f"runs only the app bundle(s) {', '.join(d[:16] + '...' for d in check.approved)}"
+         + (" (this site's own fedsynth)" if dep.approve_installed else ""))
+    answers = [q for q, on in (("evaluation", s.evaluation), ("audits", s.audits)) if on]
+    info(f"answers {' and '.join(answers)} queries (DP, charged, at most {s.queries_per_run} of each per run)"
+         if answers else "answers no evaluation or audit queries (switch them on in site.yaml)")
+    if math.isinf(s.epsilon_budget):
+        loud(f"site '{dep.name}' has an UNLIMITED budget (epsilon: inf): it may release NON-PRIVATE models of its data.")
+    elif led is not None and led["remaining_epsilon"] <= 0:
+        warn(f"site '{dep.name}' has no budget left; it will refuse every request that releases anything")
+
+
+def cmd_site(args: argparse.Namespace) -> int:
+    try:
+        dep = load_site_config(args.config)
+        if args.insecure:
+            loud("INSECURE SITE: --insecure turns OFF TLS and SuperNode authentication.\n"
+                 "Generator weights and requests travel in clear text, and the coordinator cannot tell this\n"
+                 "site from an impostor. Use it only on a private test network, never with real data.")
+        check = check_site(dep, insecure=args.insecure)
+    except DeployError as err:
+        print(f"fedsynth site: error: {err}", file=sys.stderr)
+        print("fedsynth site: nothing was started; fix the problem above and run again "
+              "(fedsynth site --config ... --check only validates).", file=sys.stderr)
+        return 2
+    _announce(dep, check)
+    approvals = dep.state_dir / "approved-bundles.json"
+    cmd = supernode_command(dep, args.insecure, approvals)
+    if args.check:
+        info(f"check passed; `fedsynth site --config {args.config}` would run:\n  FLWR_HOME={dep.flwr_home} "
+             + " ".join(cmd) + f"\n  with node config {json.dumps(dep.settings.to_node_config())}")
+        return 0
+    write_approvals(approvals, check.approved, "installed fedsynth" if dep.approve_installed else "site.yaml")
+    write_toml(dep.state_dir / "node-config.toml", dep.settings.to_node_config())
+    dep.flwr_home.mkdir(parents=True, exist_ok=True)
+    return _run_supernode(dep, cmd, args)
+
+
+def _run_supernode(dep: SiteDeployment, cmd: list[str], args: argparse.Namespace) -> int:
+    # Flower keeps a node "online" for up to 2 heartbeats (60 s) after its last sign of life, and refuses to
+    # activate it again meanwhile: a site restarted right after a crash is rejected like an unknown key.
+    # So activation refusals are retried for --retry-rejected seconds before giving up.
+    first = time.monotonic()
+    while True:
+        info(f"starting the SuperNode of '{dep.name}' -> {dep.coordinator}"
+             + (" (INSECURE)" if args.insecure else " (TLS, authenticated)"))
+        hints: list[str] = []
+        child = Child(cmd, flower_env(dep.flwr_home), cwd=dep.state_dir,
+                      on_line=lambda line, hints=hints: _site_hint(line, dep, hints))
+        forward_signals(child)
+        code = child.wait()
+        if child.stopping:
+            info(f"site '{dep.name}' stopped")
+            return 0
+        rejected = any("rejected this site's key" in h for h in hints)
+        left = args.retry_rejected - (time.monotonic() - first)
+        if code == 0 or not rejected or left <= 0:
+            break
+        warn(f"the coordinator refused to activate '{dep.name}'. If this site restarted within the last minute, "
+             f"the coordinator still counts its previous connection; retrying for {left:.0f} more s "
+             "(an unregistered key keeps failing)")
+        stop = time.monotonic() + min(10.0, left)
+        while time.monotonic() < stop and not child.stopping:
+            time.sleep(0.5)
+        if child.stopping:
+            return 0
+    if code != 0:
+        print(f"fedsynth site: the SuperNode of '{dep.name}' exited with code {code}.", file=sys.stderr)
+        if hints:  # the first one is the most specific
+            print(f"fedsynth site: {hints[0]}", file=sys.stderr)
+        return code if 0 < code < 256 else 1
+    return 0

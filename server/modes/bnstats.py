@@ -1,0 +1,100 @@
+"""BN-statistics mode at the coordinator.
+
+1. The shared GroupNorm net: trained across the sites with federated DP-SGD (``train.bnnet`` rounds,
+   each site's steps in its ledger), or loaded from a file the coordinator provides (``bn-net``), in
+   which case no site spends budget on it.
+2. Every site releases DP class-wise statistics of the net's normalisation-layer inputs
+   (``query.bnstats``); the coordinator pools them exactly (sums add) into class-wise means/variances.
+3. Images are synthesized by optimising noise so each class batch matches the pooled statistics layer
+   by layer, plus the net's class loss and image priors (``server.bnsynth.synthesize``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from flwr.serverapp import Grid
+
+from common import protocol as P
+from common.bnnet import BNNet, norm_layer_channels
+from common.config import RunConfig
+from common.data import ImageDataset
+from server.bnsynth import pool_statistics, synthesize
+from server.collect import broadcast, quorum_size
+from server.fedavg import FedAvgTask, run_fedavg_rounds
+from server.run_state import RunState
+from server.sites import RunFailed, Schema, SiteRecord, record_failures
+
+log = logging.getLogger("fedsynth.coordinator")
+
+
+def plan_settings(cfg: RunConfig, schema: Schema, experiment: str) -> dict:
+    """The settings both BN requests carry (``protocol.BnPlanSettings``)."""
+    return dict(experiment=experiment, net_rounds=0 if cfg.bn_net else cfg.bn_rounds, local_steps=cfg.bn_local_steps,
+                batch_size=cfg.bn_batch_size, max_grad_norm=cfg.bn_max_grad_norm, lr=cfg.bn_lr, epsilon=cfg.epsilon,
+                stats_share=cfg.bn_stats_share, clip=cfg.bn_clip, layer_clips=cfg.bn_layer_clips,
+                count_weight=cfg.bn_count_weight, seed=cfg.seed, channels=schema.channels, image_size=schema.height,
+                num_classes=len(schema.classes), width=cfg.bn_width, head_norm=cfg.bn_head_norm)
+
+
+def collect_statistics(grid: Grid, cfg: RunConfig, sites: dict[int, SiteRecord], net: BNNet,
+                       settings: dict) -> list[dict[str, np.ndarray]]:
+    """One query.bnstats to every site; the releases that follow the protocol (quorum enforced)."""
+    layout = P.stats_layout(norm_layer_channels(net), settings["num_classes"])
+    spec = {k: P.ArraySpec(shape) for k, shape in layout.items()}
+    nodes = sorted(grid.get_node_ids())
+    arrays = P.state_arrays(net)
+    got = broadcast(grid, P.BnStatsRequest(**settings, net=arrays), P.BnStatsReply, "stats", cfg.round_timeout,
+                    nodes, check=lambda r: P.check_arrays(r.stats, spec))
+    for node, reply in got.replies.items():
+        sites.setdefault(node, SiteRecord(node, f"node-{node}")).note_release("class statistics",
+                                                                               got.bytes_received[node])
+    record_failures(sites, got.failures, "stats")
+    need = quorum_size(len(nodes), cfg.quorum)
+    if len(got.replies) < need:
+        raise RunFailed(f"only {len(got.replies)} site(s) released statistics, the quorum is {need}; see the site "
+                        "errors above (budget refusals, data errors or timeouts)")
+    return [got.replies[n].stats for n in sorted(got.replies)]
+
+
+def _shared_net(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int, SiteRecord], schema: Schema,
+                settings: dict) -> tuple[BNNet, list[dict]]:
+    c, h = schema.channels, schema.height
+    torch.manual_seed(cfg.seed)
+    net = BNNet(c, len(schema.classes), h, cfg.bn_width, head_norm=cfg.bn_head_norm)
+    if cfg.bn_net:
+        try:
+            net.load_state_dict(torch.load(cfg.bn_net, map_location="cpu", weights_only=True))
+        except (OSError, RuntimeError) as err:
+            raise RunFailed(f"cannot use the net file '{cfg.bn_net}' (bn-net): {err}. It must be the state_dict "
+                            f"of BNNet({c}, {len(schema.classes)}, {h}, width={cfg.bn_width}, "
+                            f"head_norm={cfg.bn_head_norm})") from None
+        log.info("using the coordinator's net %s: no site spends budget on it", cfg.bn_net)
+        return net, []
+    task = FedAvgTask("shared net", P.BnTrainReply, "net",
+                      lambda rnd, arrays: P.BnTrainRequest(**settings, server_round=rnd, net=arrays))
+    return net, run_fedavg_rounds(grid, cfg, run, sites, net, task, cfg.bn_rounds)
+
+
+def collect_and_synthesize(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int, SiteRecord], schema: Schema,
+                           device: torch.device) -> tuple[ImageDataset, list[dict]]:
+    if schema.height != schema.width:
+        raise RunFailed(f"the shared net needs square images, the sites hold {schema.height}x{schema.width}; "
+                        "set image-size")
+    settings = plan_settings(cfg, schema, run.experiment)
+    net, history = _shared_net(grid, cfg, run, sites, schema, settings)
+    torch.save(net.state_dict(), run.out_dir / "bn_net.pt")
+    net.eval()
+    with run.timed("statistics"):
+        pooled = pool_statistics(collect_statistics(grid, cfg, sites, net, settings))
+    log.info("pooled statistics of %d site(s); synthesizing %d images", pooled.num_sites, cfg.synthetic_size)
+    with run.timed("synthesis"):
+        k = len(schema.classes)
+        per_class = [cfg.synthetic_size // k + (1 if i < cfg.synthetic_size % k else 0) for i in range(k)]
+        synth = synthesize(net.to(device), pooled, per_class, iterations=cfg.bn_iterations,
+                           batch_size=cfg.bn_synth_batch, lr=cfg.bn_synth_lr, w_stats=cfg.bn_w_stats,
+                           w_ce=cfg.bn_w_ce, w_tv=cfg.bn_w_tv, w_l2=cfg.bn_w_l2, seed=cfg.seed, device=device,
+                           progress=cfg.progress, classes=schema.classes)
+    return synth, history

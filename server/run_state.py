@@ -1,0 +1,77 @@
+"""A run's identity at the coordinator: its experiment id, fixed before the first request and kept on disk.
+
+The sites key everything by the experiment id: their plan, saved replies and ledger entries. So a
+coordinator that is killed and started again on the same out-dir must ask under the same id -- then
+every site answers finished rounds from its saved replies and reuses the charge of an interrupted one
+(nothing is spent twice). ``run.json`` in the out-dir holds the id and a hash of the settings that
+define the run; a rerun with other settings is refused instead of silently mixing two runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from common.config import RunConfig
+from common.files import atomic_write_json
+from server.sites import RunFailed
+
+RUN_FILE = "run.json"
+# Settings that change how a run is carried out, not what it is: they may differ when resuming.
+OPERATIONAL = ("progress", "round-timeout", "quorum", "out-dir", "resume", "device", "experiment")
+
+
+def settings_hash(cfg: RunConfig) -> tuple[str, dict]:
+    """(sha256 of the settings that define the run, those settings)."""
+    defining = {k: v for k, v in sorted(cfg.to_flwr().items()) if k not in OPERATIONAL}
+    text = json.dumps(defining, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16], defining
+
+
+@dataclass
+class RunState:
+    out_dir: Path
+    experiment: str
+    resumed: bool
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def open_run(cfg: RunConfig) -> RunState:
+    """The run in ``cfg.out_dir``: the one already there (same settings) or a new one; written before any request."""
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / RUN_FILE
+    digest, defining = settings_hash(cfg)
+    previous = json.loads(path.read_text()) if path.exists() else None
+    if previous is not None and cfg.resume:
+        if previous["settings_hash"] != digest:
+            before = previous.get("settings", {})
+            changed = sorted(k for k in set(before) | set(defining) if before.get(k) != defining.get(k))
+            raise RunFailed(
+                f"{out_dir} holds run {previous['experiment']} with other settings (changed: {', '.join(changed)}). "
+                "Rerun with the same settings to resume it, give a new out-dir (--out) for a new run, or set "
+                "resume=false to start a new run in this folder.")
+        if cfg.experiment and cfg.experiment != previous["experiment"]:
+            raise RunFailed(f"{out_dir} holds run {previous['experiment']}, not experiment {cfg.experiment}; give "
+                            "a new out-dir for a new run")
+        return RunState(out_dir, previous["experiment"], resumed=True)
+    experiment = cfg.experiment or uuid.uuid4().hex[:12]
+    atomic_write_json(path, {"experiment": experiment, "settings_hash": digest, "settings": defining,
+                             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    if not cfg.resume:
+        (out_dir / "checkpoint.pt").unlink(missing_ok=True)
+    return RunState(out_dir, experiment, resumed=False)
