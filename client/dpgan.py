@@ -36,6 +36,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from tqdm.auto import tqdm
 
+from client.dpsgd import opacus_input
 from common.data import ImageDataset
 from common.models import Discriminator, GanShape, Generator
 
@@ -128,6 +129,11 @@ def class_sampling_weights(weights: tuple | list, num_classes: int) -> torch.Ten
     return (w / w.sum()).float()
 
 
+def gan_input(images: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """Images in [0, 1] -> the discriminator's input range [-1, 1], standard layout (see ``opacus_input``)."""
+    return opacus_input(images, device) * 2 - 1
+
+
 class LocalGanTrainer:
     """Trains the received generator against the site's discriminator for one round.
 
@@ -144,8 +150,9 @@ class LocalGanTrainer:
         self.device = device
         self.progress = progress
         self.label = label
-        # Real records in the GAN's range [-1, 1]; kept on the device to avoid per-step copies.
-        self.x = torch.from_numpy(data.images).to(device) * 2 - 1  # (N, C, H, W)
+        # Real records in the GAN's range [-1, 1], in the memory layout Opacus needs (client.dpsgd.opacus_input);
+        # kept on the device to avoid per-step copies.
+        self.x = gan_input(data.images, device)  # (N, C, H, W)
         self.y = torch.from_numpy(data.labels).to(device)  # (N,)
 
     # ---- one round -------------------------------------------------------------------------------

@@ -97,6 +97,11 @@ class ImageDataset:
                 "for uint8 pixels divide by 255"
             )
         images = images.astype(np.float32, copy=False)
+        if images.strides != _c_strides(images):
+            # One canonical memory layout: a size-1 axis can carry any stride (a [:, None] view has 0, a
+            # fancy-indexed copy of it the item size), and torch may read such an (N, 1, H, W) array as
+            # channels-last, which Opacus' per-sample conv gradients get wrong (client.dpsgd.opacus_input).
+            images = np.array(images, dtype=np.float32, order="C", copy=True)
         if images.size:
             lo, hi = float(images.min()), float(images.max())
             # NaN fails both comparisons, so it is reported here too.
@@ -187,6 +192,15 @@ class ImageDataset:
         h.update(np.ascontiguousarray(self.images, dtype="<f4"))
         h.update(np.ascontiguousarray(self.labels, dtype="<i8"))
         return h.hexdigest()
+
+
+def _c_strides(arr: np.ndarray) -> tuple[int, ...]:
+    """The strides of a C-ordered array of ``arr``'s shape and item size (size-1 axes included)."""
+    strides, step = [], arr.itemsize
+    for size in reversed(arr.shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
 
 
 def describe(ds: ImageDataset) -> str:

@@ -32,15 +32,18 @@ def run(cfg: RunConfig, k: int = 3, **grid_kwargs: Any) -> dict:
     return run_inprocess(run_coordinator, client_app, cfg.to_flwr(), nodes(k), **grid_kwargs)
 
 
-def ledger_paths(tmp: Path) -> list[Path]:
-    return sorted((tmp / "sites").rglob("ledger/*.jsonl"))
+def ledger_paths(tmp: Path, sites: str = "sites") -> list[Path]:
+    """The ledgers under ``tmp/sites`` (the simulated sites' state root; or another folder of site state)."""
+    return sorted((tmp / sites).rglob("ledger/*.jsonl"))
 
 
-def charges(tmp: Path) -> list[list[dict]]:
+def charges(tmp: Path, sites: str = "sites") -> list[list[dict]]:
     """Every site's charge entries (one list per site, sites in name order)."""
-    return [[json.loads(line) for line in p.read_text().splitlines() if '"purpose"' in line] for p in ledger_paths(tmp)]
+    return [[json.loads(line) for line in p.read_text().splitlines() if '"purpose"' in line]
+            for p in ledger_paths(tmp, sites)]
 
 
-def spent(tmp: Path) -> list[float]:
+def spent(tmp: Path, sites: str = "sites") -> list[float]:
     """Every site's spent epsilon, read from its ledger (sites in name order)."""
-    return [PrivacyLedger(p, epsilon_budget=float("inf"), create=False).spent().epsilon for p in ledger_paths(tmp)]
+    return [PrivacyLedger(p, epsilon_budget=float("inf"), create=False).spent().epsilon
+            for p in ledger_paths(tmp, sites)]

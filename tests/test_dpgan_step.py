@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 from opacus import GradSampleModule
 
@@ -105,3 +106,37 @@ def test_generator_labels_follow_the_sites_class_histogram() -> None:
         assert "3 classes" in str(err)
     else:
         raise AssertionError("a histogram of the wrong length must be refused")
+
+
+def test_the_discriminator_gets_each_records_true_gradient_whatever_the_array_layout() -> None:
+    """Opacus' per-sample conv gradients are only right for the standard (N, C, H, W) memory layout; an
+    (N, 1, H, W) array with channel stride 1 (what fancy indexing of a [:, None] view gives, i.e. every
+    simulated site's partition) got wrong rows. ``gan_input`` rewrites the layout: every row is then the
+    gradient of its own record (and pair), as plain autograd computes it for that record alone."""
+    from opacus import GradSampleModule
+
+    from client.dpgan import discriminator_loss, gan_input
+    from common.data import load_dataset
+    from common.models import Discriminator, GanShape, Generator
+
+    digits = load_dataset("digits", "train")
+    images = digits.images[:, 0][:, None][np.arange(16)]  # channel stride = item size
+    assert images.strides[1] == images.itemsize
+    labels = torch.from_numpy(digits.labels[:16])
+    torch.manual_seed(0)
+    shape = GanShape(1, 8, 10, 8, 16)
+    gen, disc = Generator(shape), Discriminator(shape)
+    model = GradSampleModule(disc, loss_reduction="sum")
+    with torch.no_grad():
+        fakes = gen(torch.randn(16, 8), labels)
+    for p in disc.parameters():
+        p.grad_sample = None
+    discriminator_loss(model, gan_input(images, "cpu"), fakes, labels, 0.3)[0].backward()
+    rows = torch.cat([p.grad_sample.flatten(1) for p in disc.parameters()], dim=1)  # (16, params)
+    model.disable_hooks()
+    for i in (0, 7, 15):
+        for p in disc.parameters():
+            p.grad = None
+        one = torch.from_numpy(np.array(images[i:i + 1], copy=True)) * 2 - 1
+        discriminator_loss(model, one, fakes[i:i + 1], labels[i:i + 1], 0.3)[0].backward()
+        assert torch.allclose(rows[i], torch.cat([p.grad.flatten() for p in disc.parameters()]), atol=1e-5)

@@ -1,0 +1,600 @@
+"""Attacks a hostile coordinator could make on a site, each of which worked before and must fail now.
+
+1. Run its own code at the sites (a rogue app bundle) -> a real SuperNode refuses it before it loads.
+   Reach the Control API from elsewhere -> 403.
+2. Rebuild a training record with adaptive audit queries -> refused by default; when allowed, each
+   answer is noisy and charged, a cap per run stops repeats, and the attack rebuilds nothing.
+3. Probe the held-out records through federated evaluation (class counts, membership of one record)
+   -> refused by default; when allowed, noisy, charged and capped, and the probes learn (almost) nothing.
+4. Read a site's record count -> never sent (test_protocol checks every reply of real runs).
+5. Read the discriminator's loss on real records -> no longer sent (test_protocol: no undeclared field).
+6. Reset a site's budget by changing its data -> the ledger follows the declared dataset id.
+7. Make a site pay twice by interrupting it -> an interrupted round reuses its charge.
+8. The privacy statement lists what each site released (test_spine); refusals name no budget (here).
+And the sensitivity of every released quantity, measured against the one the noise is calibrated to.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import ssl
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from client.app import app as client_app
+from common import protocol as P
+from common.data import ImageDataset, load_dataset, save_npz
+from fedsynth.localgrid import LocalGrid, set_task_identity
+from tests.spine_helpers import charges, fast_config, nodes, run, spent
+
+DIGITS = load_dataset("digits", "train")
+DIGITS_TEST = load_dataset("digits", "test")
+
+
+def deployed_site(tmp_path: Path, *, heldout: ImageDataset | None = None, name: str = "site-a",
+                  train: ImageDataset | None = None, **extra) -> dict:
+    """A node config as `fedsynth site` writes it, over npz files in ``tmp_path``."""
+    train_path = tmp_path / f"{name}-train.npz"
+    save_npz(train if train is not None else DIGITS.subset(np.arange(600)), train_path)
+    node = {"site-name": name, "data-path": str(train_path), "state-dir": str(tmp_path / name), "epsilon": 10.0,
+            "dataset-id": name}
+    if heldout is not None:
+        held_path = tmp_path / f"{name}-heldout.npz"
+        save_npz(heldout, held_path)
+        node.update({"heldout-path": str(held_path), "heldout-split": "train"})
+    node.update(extra)
+    return node
+
+
+def ask(grid: LocalGrid, node_id: int, request) -> object:
+    set_task_identity()
+    return list(grid.send_and_receive([request.as_request(node_id, "x", ttl=60.0)]))[0]
+
+
+# ================================================================================================
+# 1. a rogue app bundle, and the Control API from elsewhere (real processes, TLS + auth)
+# ================================================================================================
+
+ROGUE_CLIENT = '''
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.query("info")
+def steal(msg, context):
+    """Answers the real schema query with the site's first private image."""
+    data = np.load(context.node_config["data-path"])
+    loot = data["train_images"][:1].astype("float32")
+    return Message(RecordDict({"loot": ArrayRecord({"image": Array(loot)})}), reply_to=msg)
+'''
+
+ROGUE_SERVER = '''
+import json
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    nodes = list(grid.get_node_ids())
+    msgs = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query.info", ttl=120.0)
+            for n in nodes]
+    replies = list(grid.send_and_receive(msgs, timeout=90))
+    rows = [{"node": r.metadata.src_node_id, "error": r.has_error(), "code": r.error.code if r.has_error() else 0,
+             "reason": r.error.reason if r.has_error() else "", "records": list(r.content.keys()) if r.has_content() else []}
+            for r in replies]
+    Path(str(context.run_config["out"])).write_text(json.dumps({"contacted": len(nodes), "replies": rows}))
+'''
+
+ROGUE_PYPROJECT = '''
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "rogue"
+version = "1.0.0"
+license = "Apache-2.0"
+description = "a coordinator's own app: it asks the sites for their data"
+dependencies = ["flwr>=1.41.0"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "fedsynth"
+
+[tool.flwr.app.components]
+serverapp = "rogue_server:app"
+clientapp = "rogue_client:app"
+
+[tool.flwr.app.config]
+out = ""
+'''
+
+
+def test_a_rogue_app_bundle_is_refused_by_real_supernodes_before_it_loads(deployment):
+    from fedsynth.ops.approved_code import bundle_digest
+
+    dep = deployment
+    rogue = dep.root / "rogue-app"
+    rogue.mkdir(exist_ok=True)
+    (rogue / "pyproject.toml").write_text(ROGUE_PYPROJECT)
+    (rogue / "rogue_server.py").write_text(ROGUE_SERVER)
+    (rogue / "rogue_client.py").write_text(ROGUE_CLIENT)
+    before = {name: sorted(p.relative_to(dep.root) for p in (dep.root / "state" / name).rglob("*")
+                           if "flwr-home" not in p.parts) for name in ("site1", "site2", "site3")}
+    logs_before = {name: len(dep.sites[name].text()) for name in ("site1", "site2", "site3")}
+    result = dep.root / "rogue.json"
+    ran = dep.flwr("run", str(rogue), "fedsynth", "--run-config", f"out='{result}'", "--stream")
+    assert result.exists(), ran.stdout[-3000:] + ran.stderr[-3000:]
+    outcome = json.loads(result.read_text())
+    assert outcome["contacted"] == 3 and len(outcome["replies"]) == 3
+    from flwr.cli.build import build_fab_from_disk
+
+    digest = bundle_digest(build_fab_from_disk(rogue))
+    for reply in outcome["replies"]:
+        assert reply["error"] and reply["code"] == P.REFUSED_UNAPPROVED_CODE, reply
+        assert "approved" in reply["reason"] and digest in reply["reason"]
+        assert reply["records"] == []  # no loot
+    for name in ("site1", "site2", "site3"):
+        log = dep.sites[name].text()[logs_before[name]:]
+        assert "REFUSED run" in log and "not one of them" in log
+        assert "flwr-clientapp" not in log  # no ClientApp process was started for the run
+        after = sorted(p.relative_to(dep.root) for p in (dep.root / "state" / name).rglob("*")
+                       if "flwr-home" not in p.parts)
+        assert after == before[name]  # nothing at the site was touched
+
+
+def _post(address: tuple[str, int], path: str, ca: Path, source: str) -> int:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.check_hostname = False  # the certificate names 127.0.0.1; we connect from another loopback address
+    conn = http.client.HTTPSConnection(*address, timeout=30, context=ctx, source_address=(source, 0))
+    conn.request("POST" if path.startswith("/v1/") else "GET", path, body=b"",
+                 headers={"content-type": "application/protobuf"})
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def test_the_control_api_answers_only_the_operators_addresses(deployment):
+    import yaml
+
+    dep = deployment
+    cfg = yaml.safe_load(dep.coord_yaml.read_text())
+    address, ca = ("127.0.0.1", int(cfg["port"])), dep.root / "certs" / "ca.crt"
+    nodes_before = sorted(n["node-id"] for n in dep.nodes())
+    for path in ("/v1/control/register-node", "/v1/control/start-run", "/v1/control/list-runs",
+                 "/v1/runtime/v1/pull-messages", "/docs", "/openapi.json"):
+        assert _post(address, path, ca, "127.0.0.2") == 403, path  # another address: refused before routing
+    assert _post(address, "/v1/control/list-runs", ca, "127.0.0.1") != 403  # the operator's own address
+    assert _post(address, "/health", ca, "127.0.0.2") == 200  # sites still reach the SuperLink
+    assert _post(address, "/v1/fleet/pull-messages", ca, "127.0.0.2") != 403
+    assert sorted(n["node-id"] for n in dep.nodes()) == nodes_before  # no key was registered
+    assert dep.flwr("ls", "fedsynth").returncode == 0  # the operator's CLI on the coordinator host works
+
+
+# ================================================================================================
+# 2. adaptive audit queries against one training record
+# ================================================================================================
+
+def _reconstruct(distance_to_nearest, base: np.ndarray, h: float = 0.02) -> np.ndarray:
+    """The 65-query attack on 8x8 images: with d(q) = min_i mean((q - x_i)^2) exact, a record is rebuilt from
+    d(base) and d(base + h e_j): x_j = base_j + h/2 - D (d(base + h e_j) - d(base)) / (2 h)."""
+    d0 = distance_to_nearest(base)
+    flat = base.reshape(-1)
+    out = np.empty_like(flat)
+    for j in range(flat.size):
+        probe = flat.copy()
+        probe[j] += h
+        out[j] = flat[j] + h / 2 - flat.size * (distance_to_nearest(probe.reshape(base.shape)) - d0) / (2 * h)
+    return out.reshape(base.shape)
+
+
+def test_adaptive_audit_queries_do_not_rebuild_a_training_record(tmp_path):
+    from common.audits import nearest_neighbors
+
+    train = DIGITS.subset(np.arange(300))
+    base = train.images.mean(axis=0)  # the attacker starts from an average digit
+
+    def exact(q):  # what an exact audit answer (PSNR / distance to the nearest training record) gave away
+        return float(nearest_neighbors(q[None], train.images, metric="mse")[0][0])
+
+    target = train.images[int(nearest_neighbors(base[None], train.images)[1][0])]  # the record it can rebuild
+    assert np.abs(_reconstruct(exact, base) - target).max() < 1e-3  # exact answers: that record, rebuilt
+
+    # audits are off by default: refused, nothing charged
+    grid = LocalGrid(client_app, [deployed_site(tmp_path / "off", heldout=DIGITS_TEST, train=train)],
+                     fast_config(tmp_path).to_flwr())
+    reply = ask(grid, 1000, P.AuditRequest(experiment="a", synthetic={"images": base[None]}))
+    assert reply.has_error() and reply.error.code == P.REFUSED_NOT_ALLOWED
+    assert charges(tmp_path / "off", "site-a") in ([], [[]])
+
+    # allowed (budget 10, one query per run): a second query of a run is refused; each answer is noisy
+    node = deployed_site(tmp_path, heldout=DIGITS_TEST, train=train, audits=True)
+    grid = LocalGrid(client_app, [node], fast_config(tmp_path).to_flwr())
+    assert not ask(grid, 1000, P.AuditRequest(experiment="run-1", synthetic={"images": base[None]})).has_error()
+    again = ask(grid, 1000, P.AuditRequest(experiment="run-1", synthetic={"images": base[None]}))
+    assert again.has_error() and again.error.code == P.REFUSED_NOT_ALLOWED and "per run" in again.error.reason
+    edges = np.asarray(P.AUDIT_BIN_EDGES)
+
+    def noisy(q):  # the attacker's best reading of d(q): the lower edge of the first bin holding a record
+        reply = ask(grid, 1000, P.AuditRequest(experiment=uuid.uuid4().hex, synthetic={"images": q[None]}))
+        assert not reply.has_error(), reply.error.reason  # every query a new run, each one charged
+        hist = P.AuditReply.from_message(reply).histograms["train"]
+        first = int(np.argmax(hist >= 0.5)) if (hist >= 0.5).any() else len(hist) - 1
+        return float(edges[first])
+
+    rebuilt = np.clip(_reconstruct(noisy, base), 0, 1)
+    start_error = float(np.mean((base - target) ** 2))
+    # the noisy answers carry no usable signal: the attack ends about where it started (exact answers: 0)
+    assert float(np.mean((rebuilt - target) ** 2)) > 0.5 * start_error
+    audits = [e for e in charges(tmp_path, "site-a")[0] if e["purpose"] == "audit"]
+    assert len(audits) == 1 + 65  # every answer is in the ledger
+    assert all(e["events"] == [{"noise_multiplier": P.AUDIT_NOISE, "sample_rate": 1.0, "steps": 1}] for e in audits)
+    assert audits[-1]["epsilon_after"] <= 10.0  # ... and within the site's budget
+
+
+# ================================================================================================
+# 3. probes of the held-out records through federated evaluation
+# ================================================================================================
+
+def _constant_model(cls: int) -> dict[str, np.ndarray]:
+    from common.learner import build_learner
+
+    model = build_learner("logreg", (1, 8, 8), 10)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.fill_(-1.0)
+        model.head.bias[cls] = 1.0
+    return P.state_arrays(model)
+
+
+def _detector_model(target: np.ndarray, label: int, radius: float = 0.5) -> dict[str, np.ndarray]:
+    """An MLP that predicts ``label`` only for images within L1 distance ``radius`` (normalised) of ``target``."""
+    from common.learner import build_learner
+
+    model = build_learner("mlp", (1, 8, 8), 10)
+    z = (torch.from_numpy(target.reshape(-1)) - 0.5) / 0.5  # the learner's input normalisation
+    d = z.numel()
+    with torch.no_grad():
+        first, second = model.body[1], model.body[3]
+        for layer in (first, second, model.head):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        first.weight[:d] = torch.eye(d)
+        first.bias[:d] = -z  # relu(z_j - target_j)
+        first.weight[d:2 * d] = -torch.eye(d)
+        first.bias[d:2 * d] = z  # relu(target_j - z_j)
+        second.weight[0, :2 * d] = 1.0  # unit 0 = L1 distance to the target
+        model.head.weight[label, 0] = -1.0
+        model.head.bias[label] = radius  # logit(label) = radius - L1
+        model.head.bias[(label + 1) % 10] = 0.0
+        model.head.bias[[c for c in range(10) if c not in (label, (label + 1) % 10)]] = -100.0
+    return P.state_arrays(model)
+
+
+def _evaluation(grid, node_id, arrays, learner, experiment):
+    req = P.EvaluationRequest(experiment=experiment, learner=learner, channels=1, height=8, width=8, num_classes=10,
+                              classifier=arrays)
+    return ask(grid, node_id, req)
+
+
+def test_evaluation_probes_learn_nothing_exact_about_held_out_records(tmp_path):
+    from client.evaluation import correct_wrong_table
+    from common.learner import build_learner, predict
+
+    heldout = DIGITS_TEST
+    target, label = heldout.images[0], int(heldout.labels[0])
+    without = heldout.subset(np.arange(1, len(heldout)))
+    detector = _detector_model(target, label)
+
+    def exact_cell(data):  # what an exact evaluation reply gave away: right answers of class `label`
+        model = build_learner("mlp", (1, 8, 8), 10)
+        P.load_state(model, detector)
+        return correct_wrong_table(data.labels, predict(model, data.images), 10)[label, 0]
+
+    assert (exact_cell(heldout), exact_cell(without)) == (1.0, 0.0)  # exact answers: membership and label
+
+    # evaluation is off by default: refused
+    off = LocalGrid(client_app, [deployed_site(tmp_path / "off", heldout=heldout)], fast_config(tmp_path).to_flwr())
+    assert _evaluation(off, 1000, _constant_model(0), "logreg", "x").error.code == P.REFUSED_NOT_ALLOWED
+
+    # allowed, at two sites whose held-out sets differ by the target record only (unlimited budgets, so
+    # that nothing but the noise stands between the probe and the record)
+    member = deployed_site(tmp_path, heldout=heldout, name="member", evaluation=True, epsilon=math.inf)
+    other = deployed_site(tmp_path, heldout=without, name="other", evaluation=True, epsilon=math.inf)
+    grid = LocalGrid(client_app, [member, other], fast_config(tmp_path).to_flwr())
+    # the class-count probe: ten constant models; the cap stops the second one within a run
+    first = _evaluation(grid, 1000, _constant_model(0), "logreg", "probe")
+    assert not first.has_error()
+    assert _evaluation(grid, 1000, _constant_model(1), "logreg", "probe").error.code == P.REFUSED_NOT_ALLOWED
+    truth = np.bincount(heldout.labels, minlength=10)
+    counts = [P.EvaluationReply.from_message(_evaluation(grid, 1000, _constant_model(c), "logreg", f"c{c}")).counts[
+        "table"][c, 0] for c in range(10)]
+    errors = np.abs(np.asarray(counts) - truth)
+    assert (errors > 0.5).sum() >= 8 and errors.mean() > 2.0  # noisy (std 10), not the class counts
+    # the membership probe, 60 times at each site: guess "member" when the detector's cell reads > 0.5
+    guesses = {}
+    for site in (1000, 1001):
+        cells = [P.EvaluationReply.from_message(_evaluation(grid, site, detector, "mlp", uuid.uuid4().hex)).counts[
+            "table"][label, 0] for _ in range(60)]
+        guesses[site] = np.asarray(cells) > 0.5
+    accuracy = (guesses[1000].sum() + (~guesses[1001]).sum()) / 120
+    assert accuracy < 0.7  # about a coin toss (exact answers: 1.0)
+    assert len([e for e in charges(tmp_path, "member")[0] if e["purpose"] == "evaluation"]) == 1 + 10 + 60
+
+
+# ================================================================================================
+# 6. the ledger follows the declared dataset id, not the data's content
+# ================================================================================================
+
+def test_adding_one_record_under_the_same_dataset_id_keeps_the_spent_budget(tmp_path, caplog):
+    from client import site as site_module
+    from tests.test_faults import gan_request
+
+    cfg = fast_config(tmp_path, num_rounds=1)
+    node = deployed_site(tmp_path, train=DIGITS.subset(np.arange(400)))
+    grid = LocalGrid(client_app, [node], cfg.to_flwr())
+    assert not ask(grid, 1000, gan_request(cfg, experiment="before")).has_error()
+    ledgers = sorted((tmp_path / "site-a").rglob("ledger/*.jsonl"))
+    first = _spent(ledgers[0])
+    save_npz(DIGITS.subset(np.arange(401)), Path(node["data-path"]))  # one record more, same dataset id
+    site_module._load_cached.cache_clear()
+    with caplog.at_level("WARNING", logger="fedsynth.site"):
+        assert not ask(grid, 1000, gan_request(cfg, experiment="after")).has_error()
+    assert sorted((tmp_path / "site-a").rglob("ledger/*.jsonl")) == ledgers  # the same ledger, not a fresh one
+    assert _spent(ledgers[0]) > first  # the old records' spending is still counted
+    assert "changed since its last release" in caplog.text
+
+
+def _spent(path: Path) -> float:
+    from client.ledger import PrivacyLedger
+
+    return PrivacyLedger(path, epsilon_budget=math.inf, create=False).spent().epsilon
+
+
+# ================================================================================================
+# 7. interrupt and rerun: never charged twice
+# ================================================================================================
+
+class _Interrupt(KeyboardInterrupt):
+    pass
+
+
+@pytest.fixture(scope="module")
+def reference_spent(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reference")
+    run(fast_config(tmp, num_rounds=2, experiment="ref"))
+    return spent(tmp)
+
+
+@pytest.mark.parametrize("where", ["mid-round-1", "after-round-1", "mid-round-2", "after-round-2"])
+def test_interrupt_and_rerun_charges_exactly_one_run(tmp_path, monkeypatch, reference_spent, where):
+    import client.gan_site as gan_site
+    import server.fedavg as fedavg
+
+    kind, rnd = where.rsplit("-", 1)[0], int(where[-1])
+    if kind == "mid-round":  # the second site is interrupted after charging round `rnd`, while training
+        real_train, calls = gan_site.LocalGanTrainer.train_round, []
+
+        def train_then_die(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3 * (rnd - 1) + 2:
+                raise _Interrupt()
+            return real_train(self, *args, **kwargs)
+
+        monkeypatch.setattr(gan_site.LocalGanTrainer, "train_round", train_then_die)
+    else:  # the coordinator is interrupted right after checkpointing round `rnd`
+        real_save = fedavg.save_checkpoint
+
+        def save_then_die(path, state):
+            real_save(path, state)
+            if state["round"] == rnd:
+                raise _Interrupt()
+
+        monkeypatch.setattr(fedavg, "save_checkpoint", save_then_die)
+    cfg = fast_config(tmp_path, num_rounds=2)  # no fixed experiment id: the coordinator keeps its own
+    with pytest.raises(_Interrupt):
+        run(cfg)
+    monkeypatch.undo()
+    run(cfg)  # the same command again
+    assert spent(tmp_path) == pytest.approx(reference_spent, rel=1e-12)
+    for entries in charges(tmp_path):
+        assert [(e["purpose"], e["round"]) for e in entries] == [("dpgan", 1), ("dpgan", 2)]
+
+
+def test_an_interrupted_statistics_release_is_charged_once(tmp_path, monkeypatch):
+    import client.bn_site as bn_site
+
+    cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=1, bn_local_steps=2, bn_width=8, bn_iterations=3,
+                      bn_synth_batch=50, synthetic_size=50)
+    real, calls = bn_site.record_class_statistics, []
+
+    def release_then_die(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise _Interrupt()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bn_site, "record_class_statistics", release_then_die)
+    with pytest.raises(_Interrupt):
+        run(cfg, k=2)
+    monkeypatch.undo()
+    run(cfg, k=2)
+    for entries in charges(tmp_path):
+        assert [e["purpose"] for e in entries] == ["bnstats-net", "bnstats-release"]
+
+
+def test_ctrl_c_says_what_was_spent_and_how_to_resume(tmp_path, monkeypatch, capsys):
+    import client.gan_site as gan_site
+    from fedsynth import cli
+
+    real_train, calls = gan_site.LocalGanTrainer.train_round, []
+
+    def train_then_ctrl_c(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt()
+        return real_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(gan_site.LocalGanTrainer, "train_round", train_then_ctrl_c)
+    args = ["simulate", "--data", "digits", "--test", "digits", "--sites", "3", "--rounds", "2", "--quiet",
+            "--out", str(tmp_path / "run"), "--set", "gan-local-steps=3", "--set", "gan-width=16",
+            "--set", "learner-epochs=1", "--set", "synthetic-size=50"]
+    assert cli.main(args) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "site-1 epsilon" in err and "same command" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    monkeypatch.undo()
+    assert cli.main(args) == 0  # resumes
+
+
+# ================================================================================================
+# refusals say why without revealing the budget
+# ================================================================================================
+
+def test_refusals_name_no_budget_spending_or_noise(tmp_path):
+    from tests.test_faults import gan_request, send
+
+    cfg = fast_config(tmp_path, num_rounds=1)
+    grid = LocalGrid(client_app, [{**nodes(1)[0], "epsilon": 3.7}], cfg.to_flwr())
+    assert not send(grid, 1000, gan_request(cfg, experiment="spend")).has_error()
+    reply = send(grid, 1000, gan_request(cfg, experiment="more", local_steps=10**6))  # 3.7 spent, far more asked
+    assert reply.has_error() and reply.error.code == P.REFUSED_BUDGET
+    reason = reply.error.reason.replace("site-1", "")
+    assert not any(ch.isdigit() for ch in reason), reason  # no budget, spent or remaining epsilon, no sigma
+
+
+# ================================================================================================
+# sensitivity: the worst change of every released quantity when one record is added or removed
+# ================================================================================================
+
+def _records_to_try(data: ImageDataset) -> list[tuple[np.ndarray, int]]:
+    """A typical record, an all-white and an all-black image (extremes), each with two labels."""
+    rec = []
+    for image in (data.images[3], np.ones_like(data.images[0]), np.zeros_like(data.images[0])):
+        for label in (int(data.labels[3]), (int(data.labels[3]) + 5) % data.num_classes):
+            rec.append((image.astype(np.float32), label))
+    return rec
+
+
+def _with(data: ImageDataset, image: np.ndarray, label: int) -> ImageDataset:
+    return ImageDataset(np.concatenate([data.images, image[None]]), np.append(data.labels, label), data.classes)
+
+
+def _clipped_gradient_sum(d_model, opt, loss_fn) -> torch.Tensor:
+    """The DP-SGD step's sum of per-sample clipped gradients, before noise (Opacus' own clipping)."""
+    opt.zero_grad(set_to_none=True)
+    loss_fn().backward()
+    opt.clip_and_accumulate()
+    out = torch.cat([p.summed_grad.reshape(-1) for p in opt.params])
+    opt.zero_grad(set_to_none=True)
+    for p in opt.params:
+        p.summed_grad = None
+    return out
+
+
+def test_every_release_changes_by_at_most_its_sensitivity_when_one_record_changes():
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    from client.auto_clip import norm_histograms, record_block_norms
+    from client.bnstats import exact_class_sums, release_sensitivity
+    from client.dpgan import discriminator_loss, gan_input
+    from client.evaluation import correct_wrong_table, distance_histogram
+    from common.bnnet import BNNet, norm_layer_names
+    from common.learner import build_learner, predict
+    from common.models import Discriminator, GanShape, Generator
+
+    data = DIGITS.subset(np.arange(64))
+    torch.manual_seed(0)
+    measured: dict[str, float] = {}
+
+    def worst(name, fn):
+        measured[name] = max(measured.get(name, 0.0), fn())
+
+    # census: exact class counts (noise CENSUS_NOISE, sensitivity 1)
+    for image, label in _records_to_try(data):
+        worst("census", lambda: float(np.linalg.norm(_with(data, image, label).class_counts() - data.class_counts())))
+    # the discriminator's DP-SGD step: record i's row is (real_i, its own fake with label y_i), clipped to C
+    shape, clip = GanShape(1, 8, 10, 8, 16), 1.0
+    gen, disc = Generator(shape), Discriminator(shape)
+    d_model = GradSampleModule(disc, loss_reduction="sum")
+    opt = DPOptimizer(torch.optim.SGD(disc.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=clip,
+                      expected_batch_size=16)
+    x = gan_input(data.images[:16], "cpu")  # what the site's trainer feeds D (client.dpgan)
+    y = torch.from_numpy(data.labels[:16])
+    z = torch.randn(17, shape.latent_dim)  # one latent per record, fixed: the coupling of the two batches
+    for image, label in _records_to_try(data):
+        x2 = gan_input(np.concatenate([data.images[:16], image[None]]), "cpu")
+        y2 = torch.cat([y, torch.tensor([label])])
+        with torch.no_grad():
+            fake, fake2 = gen(z[:16], y), gen(z, y2)
+        g1 = _clipped_gradient_sum(d_model, opt, lambda: discriminator_loss(d_model, x, fake, y, 0.3)[0])
+        g2 = _clipped_gradient_sum(d_model, opt, lambda: discriminator_loss(d_model, x2, fake2, y2, 0.3)[0])
+        worst("dpgan-step", lambda: float((g2 - g1).norm()) / clip)
+    # the shared net's DP-SGD step (cross-entropy of each record), clipped to C
+    net = BNNet(1, 10, 8, 8)
+    n_model = GradSampleModule(net, loss_reduction="sum")
+    n_opt = DPOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=clip,
+                        expected_batch_size=16)
+    for image, label in _records_to_try(data):
+        x2 = gan_input(np.concatenate([data.images[:16], image[None]]), "cpu")
+        y2 = torch.cat([y, torch.tensor([label])])
+        ce = torch.nn.functional.cross_entropy
+        g1 = _clipped_gradient_sum(n_model, n_opt, lambda: ce(n_model((x + 1) / 2), y, reduction="sum"))
+        g2 = _clipped_gradient_sum(n_model, n_opt, lambda: ce(n_model((x2 + 1) / 2), y2, reduction="sum"))
+        worst("bnnet-step", lambda: float((g2 - g1).norm()) / clip)
+    n_model._close()
+    # the statistics release, scaled as the mechanism sees it (count x a, block l / (c_l sqrt L)); both clipping kinds
+    net = BNNet(1, 10, 8, 8, head_norm=True).eval()
+    a, layers = 0.5, norm_layer_names(net)
+    for bound in (2.3, {name: c for name, c in zip(layers, (0.5, 1.0, 2.0, 40.0))}):
+        def scaled(ds):
+            sums = exact_class_sums(net, ds, num_classes=10, clip_bound=bound)
+            parts = [sums["count"] * a]
+            for name in layers:
+                c = bound[name] * math.sqrt(len(layers)) if isinstance(bound, dict) else bound
+                parts += [sums["sum/" + name].ravel() / c, sums["sumsq/" + name].ravel() / c]
+            return np.concatenate(parts)
+
+        base = scaled(data)
+        for image, label in _records_to_try(data):
+            worst("bnstats-release", lambda: float(np.linalg.norm(scaled(_with(data, image, label)) - base))
+                  / release_sensitivity(a))
+    # the DP choice of clip bounds: one bin per layer per record (noise z sqrt(L))
+    base = np.concatenate(list(norm_histograms(record_block_norms(net, data)).values()))
+    for image, label in _records_to_try(data):
+        h = np.concatenate(list(norm_histograms(record_block_norms(net, _with(data, image, label))).values()))
+        worst("clip-choice", lambda: float(np.linalg.norm(h - base)) / math.sqrt(len(layers)))
+    # evaluation: the (K, 2) right/wrong table; audits: both distance histograms
+    model = build_learner("logreg", (1, 8, 8), 10)
+    synthetic = DIGITS.images[100:120]
+    for image, label in _records_to_try(data):
+        grown = _with(data, image, label)
+        worst("evaluation", lambda: float(np.linalg.norm(
+            correct_wrong_table(grown.labels, predict(model, grown.images), 10)
+            - correct_wrong_table(data.labels, predict(model, data.images), 10))))
+        worst("audit", lambda: float(np.linalg.norm(distance_histogram(grown.images, synthetic)
+                                                    - distance_histogram(data.images, synthetic))))
+    # every measured change, in units of the sensitivity the noise is calibrated to, is at most 1
+    assert set(measured) == {"census", "dpgan-step", "bnnet-step", "bnstats-release", "clip-choice", "evaluation",
+                             "audit"}
+    for name, value in measured.items():
+        assert value <= 1.0 + 1e-6, (name, value)
+    assert measured["dpgan-step"] > 0.5 and measured["bnstats-release"] > 0.5  # the bound is tight, not vacuous
+    print(json.dumps(measured))
