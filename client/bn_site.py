@@ -23,7 +23,15 @@ from client.census import census_weight, draw_census, load_census
 from client.dpsgd import train_dpsgd_local
 from client.ledger import BudgetExceeded, PrivacyLedger
 from client.requests import (
-    Refusal, check_schema, finite_at_least, load_saved, require_mode, run_dir, save_reply, site_data, site_handler,
+    Refusal,
+    check_schema,
+    finite_at_least,
+    load_saved,
+    require_mode,
+    run_dir,
+    save_reply,
+    site_data,
+    site_handler,
 )
 from client.site import SiteSettings, data_fingerprint, open_ledger
 from common import protocol as P

@@ -9,7 +9,7 @@ What a site releases (all float32, K classes, layer l with C_l channels, names f
                                mean of squares
 
 and nothing else. From these the coordinator gets, per class and layer, the mean and the variance over
-(records, H, W) of each channel, i.e. the statistics a BatchNorm layer would track (seed 002), by
+(records, H, W) of each channel, i.e. the statistics a BatchNorm layer would track, by
 dividing by the count (``server.bnsynth.pool_statistics``).
 
 DP mechanism (exact math)
@@ -41,7 +41,7 @@ The released arrays are U rescaled (post-processing, no privacy cost):
     count = U_count / a                    -> noise std sigma * Delta / a   per class
     sum, sumsq = U_features * C            -> noise std sigma * Delta * C   per coordinate
 (see :func:`release_noise_std`). With ``noise_multiplier=0`` and ``clip_bound=inf`` the release is
-the exact statistics (the non-private mode of seed 002).
+the exact statistics (the original, non-private batch-norm statistics matching).
 
 Optional public centre. On trained nets most of f_i is a component common to all records (e.g. on
 digits the per-class means differ by ~0.01-0.03 around values ~0.17), which a clip bound must cover.
@@ -51,7 +51,8 @@ suffices), and the site adds count_k * r_k to the noisy centred sums: post-proce
 values, so no extra privacy cost, and the release keeps its meaning (sums in original units; the
 noise of the count cancels in sum / count for the r_k part).
 
-The class counts are private too (design.md): they are only released inside this mechanism.
+The class counts are private too (under add/remove-one adjacency any count of records is): they are only
+released inside this mechanism.
 """
 
 from __future__ import annotations

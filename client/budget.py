@@ -37,8 +37,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from client.auto_clip import AUTO_CLIP_NOISE_MULTIPLIER as AUTO_CLIP_NOISE
+from client.refusal import Refusal
 from common import protocol as P
 from common.accounting import BudgetTooSmall, DPEvent, calibrate_noise_multiplier, epsilon_for
+from common.config import MODES
 from common.files import atomic_write_json
 
 if TYPE_CHECKING:
@@ -49,16 +51,6 @@ if TYPE_CHECKING:
 # Above this noise multiplier DP-SGD updates or statistics are pure noise: a plan that needs more is a
 # budget too small for the requested work, refused instead of silently training on noise.
 MAX_USEFUL_NOISE = 50.0
-
-
-class PlanRefused(Exception):
-    """The plan cannot be made. ``public`` is what the coordinator may read; ``detail`` is for the site's log."""
-
-    def __init__(self, code: int, public: str, detail: str = "") -> None:
-        super().__init__(detail or public)
-        self.code = code
-        self.public = public
-        self.detail = detail or public
 
 
 @dataclass(frozen=True)
@@ -167,15 +159,15 @@ def _tuned(req: PlanRequest, target: float, delta: float, q: float, reserve: lis
 
 
 def make_plan(req: PlanRequest, *, num_records: int, delta: float, budget: float, prior: list[DPEvent]) -> RunPlan:
-    """The run's plan at this site (module docstring); raises :class:`PlanRefused` with a public reason."""
-    if req.mode not in ("dpgan", "bnstats"):
-        raise PlanRefused(P.REFUSED_BAD_REQUEST, f"unknown mode {req.mode!r}")
+    """The run's plan at this site (module docstring); raises :class:`Refusal` with a public reason."""
+    if req.mode not in MODES:
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"unknown mode {req.mode!r}")
     if req.rounds < 0 or req.steps < 1 or req.batch_size < 1 or (req.mode == "dpgan" and req.rounds < 1):
-        raise PlanRefused(P.REFUSED_BAD_REQUEST, "rounds, local steps and batch size must be positive")
+        raise Refusal(P.REFUSED_BAD_REQUEST, "rounds, local steps and batch size must be positive")
     if req.mode == "bnstats" and req.rounds and not 0 < req.stats_share <= 1:
-        raise PlanRefused(P.REFUSED_BAD_REQUEST, "stats-share must be in (0, 1]")
+        raise Refusal(P.REFUSED_BAD_REQUEST, "stats-share must be in (0, 1]")
     if not req.epsilon > 0:
-        raise PlanRefused(P.REFUSED_BAD_REQUEST, "the run's epsilon must be > 0")
+        raise Refusal(P.REFUSED_BAD_REQUEST, "the run's epsilon must be > 0")
     q = min(1.0, req.batch_size / num_records)
     private = math.isfinite(req.epsilon) or math.isfinite(budget)
     fixed = _fixed_events(req, private)
@@ -199,7 +191,7 @@ def make_plan(req: PlanRequest, *, num_records: int, delta: float, budget: float
     try:
         sigma, stats, events = events_for(upper)
     except BudgetTooSmall as err:
-        raise PlanRefused(P.REFUSED_BUDGET, "the requested work does not fit this site's privacy budget",
+        raise Refusal(P.REFUSED_BUDGET, "the requested work does not fit this site's privacy budget",
                           f"the run's epsilon {upper:g} cannot pay for this plan: {err}") from None
     limited = False
     if epsilon_for([*prior, *events], delta) > budget + 1e-9:
@@ -219,13 +211,13 @@ def make_plan(req: PlanRequest, *, num_records: int, delta: float, budget: float
             else:
                 hi = mid
         if best is None:
-            raise PlanRefused(P.REFUSED_BUDGET, "the requested work does not fit this site's privacy budget",
+            raise Refusal(P.REFUSED_BUDGET, "the requested work does not fit this site's privacy budget",
                               f"this dataset has spent epsilon {spent:.4g} of its budget {budget:g}; no noise "
                               f"level leaves room for the run's plan")
         sigma, stats, events = best
     for value, what in ((sigma, "DP-SGD steps"), (stats.noise_multiplier if stats else 0.0, "statistics release")):
         if value > MAX_USEFUL_NOISE:
-            raise PlanRefused(P.REFUSED_BUDGET, f"the privacy budget is too small for the requested {what}: ask "
+            raise Refusal(P.REFUSED_BUDGET, f"the privacy budget is too small for the requested {what}: ask "
                                                 "for fewer rounds or steps or a larger epsilon",
                               f"the {what} would need noise multiplier {value:.3g} (> {MAX_USEFUL_NOISE:g}, where "
                               "nothing is learned)")
@@ -239,14 +231,14 @@ def load_or_make_plan(path: Path, req: PlanRequest, *, num_records: int, delta: 
                       prior: list[DPEvent]) -> tuple[RunPlan, bool]:
     """(the run's plan, whether it was made just now): read back if the run fixed one, else made and saved.
 
-    A request that changes what fixed the plan is refused (:class:`PlanRefused`, bad request).
+    A request that changes what fixed the plan is refused (:class:`Refusal`, bad request).
     """
     if path.exists():
         plan = RunPlan.from_json(json.loads(path.read_text()))
         asked = req.fixed_by()
         changed = sorted(k for k, v in asked.items() if plan.request.get(k) != v)
         if changed:
-            raise PlanRefused(P.REFUSED_BAD_REQUEST, f"the request changes settings fixed at the run's first request "
+            raise Refusal(P.REFUSED_BAD_REQUEST, f"the request changes settings fixed at the run's first request "
                                                      f"({', '.join(changed)}); start a new experiment instead")
         return plan, False
     plan = make_plan(req, num_records=num_records, delta=delta, budget=budget, prior=prior)

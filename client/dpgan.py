@@ -1,6 +1,6 @@
 """Local DP-GAN training at a site: DP-SGD on the discriminator, the generator trained through it.
 
-Privacy argument (design.md, opacus-notes §1-2): the discriminator D is the only network that sees
+Privacy argument: the discriminator D is the only network that sees
 real records, and it is trained with DP-SGD (Poisson sampling at rate q, per-sample clipping to C,
 Gaussian noise of std sigma*C per step). The generator G only receives gradients through D's
 DP-noised parameters, so G's weights, the only thing that leaves the site, are DP by
@@ -13,7 +13,9 @@ Implementation notes (verified against Opacus 1.6):
 - D step = one backward over two forward passes (real rows, fake rows with the same labels): Opacus
   sums row i of both passes, so "record i" is grad(real_i) + grad(fake_i), clipped jointly (dcgan.py's
   scheme; sensitivity stays C because fake_i carries no other record's data).
-- G step: D's hooks are disabled and its parameters frozen (opacus-notes §1 gotcha 2). Fake labels are
+- G step: D's hooks are disabled and its parameters frozen (freezing alone, with hooks on, makes Opacus'
+  backward hook fail with "pop from empty list"; with neither, the G step adds a second per-sample
+  gradient and Opacus refuses the next step). Fake labels are
   drawn uniformly or from the site's *DP* class histogram (charged in the ledger by the caller), so G's
   update never touches a real label directly. A mode-seeking term keeps G from ignoring its latent
   (without it every image of a class came out the same on MNIST; the README's results table has the
@@ -39,7 +41,6 @@ from tqdm.auto import tqdm
 from client.dpsgd import opacus_input
 from common.data import ImageDataset
 from common.models import Discriminator, GanShape, Generator
-
 
 # Opacus' per-sample hooks on the first layer fire with inputs that need no gradient (the images);
 # PyTorch warns about that on every D step although it is exactly what we want.

@@ -22,11 +22,18 @@ from client.census import census_weight, draw_census, load_census
 from client.dpgan import LocalGanTrainer, RoundSettings
 from client.ledger import BudgetExceeded
 from client.requests import (
-    Refusal, check_schema, finite_at_least, load_saved, require_mode, run_dir, save_reply, site_data, site_handler,
+    Refusal,
+    check_schema,
+    finite_at_least,
+    load_saved,
+    require_mode,
+    run_dir,
+    save_reply,
+    site_data,
+    site_handler,
 )
 from client.site import SiteSettings, data_fingerprint, open_ledger
 from common import protocol as P
-
 from common.device import pick_device
 from common.models import GanShape, Generator
 

@@ -16,23 +16,13 @@ from typing import Any, Callable
 import torch
 from flwr.app import Context, Error, Message
 
-from client.budget import PlanRefused
+from client.refusal import Refusal
 from client.site import SiteSettings, load_site_data, resolve_site
 from common import protocol as P
 from common.data import DataError, ImageDataset
 from common.files import save_torch_atomic
 
 log = logging.getLogger("fedsynth.site")
-
-
-class Refusal(Exception):
-    """The site declines a request. ``public`` goes to the coordinator, ``detail`` only to the site's log."""
-
-    def __init__(self, code: int, public: str, detail: str = "") -> None:
-        super().__init__(detail or public)
-        self.code = code
-        self.public = public
-        self.detail = detail or public
 
 
 def refuse(msg: Message, site_name: str, code: int, public: str, detail: str = "") -> Message:
@@ -53,8 +43,6 @@ def site_handler(fn: Callable[[Message, Context, SiteSettings], Message]) -> Cal
             site_name = site.name
             return fn(msg, context, site)
         except Refusal as err:
-            return refuse(msg, site_name, err.code, err.public, err.detail)
-        except PlanRefused as err:
             return refuse(msg, site_name, err.code, err.public, err.detail)
         except P.ProtocolError as err:  # it describes the coordinator's own message: safe to echo
             return refuse(msg, site_name, P.REFUSED_BAD_REQUEST, str(err))

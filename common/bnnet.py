@@ -1,6 +1,7 @@
 """The network of the BN-statistics mode, shared by every site and the coordinator.
 
-In the BN-statistics mode (seed 002 and its DP successor DP-ImgSyn) the data are summarised by the
+In the BN-statistics mode (class-wise batch-norm statistics matching, Soufleri, Saha and Roy 2022, and its
+DP successor DP-ImgSyn) the data are summarised by the
 class-wise statistics of the inputs of a network's normalisation layers, and the coordinator turns
 those statistics back into images by optimising noise so that the synthetic batch reproduces them.
 Seed 002 uses BatchNorm; Opacus cannot privatise BatchNorm (it mixes the records of a batch), so this

@@ -84,11 +84,11 @@ class RunConfig:
     bn_w_l2: float = 0.0  # L2 image prior
     # --- synthesis and the central learner -----------------------------------------------------------
     synthetic_size: int = 2000  # labelled images sampled at the end (balanced over classes)
-    learner: str = "cnn"  # cnn | mlp | logreg
-    learner_epochs: int = 10
-    learner_lr: float = 2e-3
-    learner_batch_size: int = 128
-    real_baseline: bool = True  # also train the learner on the real pooled data (simulation only)
+    learner: str = LearnerConfig.name  # cnn | mlp | logreg (common.learner holds the learner's defaults)
+    learner_epochs: int = LearnerConfig.epochs
+    learner_lr: float = LearnerConfig.lr
+    learner_batch_size: int = LearnerConfig.batch_size
+    real_baseline: bool = True  # simulation only: its owner also trains the learner on the real pooled data and audits the synthetic set against it
     # --- questions to the sites about their private data (each a DP release the site charges; a site
     # answers only if its operator allows it, at most queries-per-run times per run) -----------------
     site_evaluation: bool = False  # sites score the central classifier on their held-out data (noisy counts)

@@ -24,11 +24,12 @@ LEARNERS = ("cnn", "mlp", "logreg")
 
 @dataclass
 class LearnerConfig:
-    """Model and hyper-parameters of the central learner (run config keys ``learner-*``)."""
+    """Model and hyper-parameters of the central learner: THE defaults, used by runs (run config keys
+    ``learner-*``, whose defaults are these) and by ``fedsynth evaluate`` alike."""
 
     name: str = "cnn"  # cnn | mlp | logreg
     epochs: int = 10
-    lr: float = 1e-3
+    lr: float = 2e-3
     batch_size: int = 128
     weight_decay: float = 1e-4
     seed: int = 0

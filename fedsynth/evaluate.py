@@ -1,6 +1,7 @@
 """``fedsynth evaluate``: utility and privacy audits of a synthetic dataset, written as a report.
 
-Utility (seed 000 Table 1, seed 001): the unchanged central learner (``common.learner``) is trained
+Utility (accuracy and Matthews correlation of a classifier trained on synthetic data): the unchanged
+central learner (``common.learner``) is trained
 on the synthetic set and tested on real held-out data (TSTR); with real training data, the same
 learner trained on it gives the reference accuracy and the ratio TSTR / real.
 
@@ -36,7 +37,8 @@ from common.audits import site_audit_summary
 from common.data import LABEL_FROM_CLASSES, DataError, ImageDataset, load_dataset
 from common.device import pick_device
 from common.learner import LEARNERS, LearnerConfig, evaluate_learner, extract_features, train_learner
-from server.report_html import render_report, save_class_grid
+from server.report_html import render_report
+from server.report_plots import save_class_grid
 
 # Keys of a run's report.json that describe the run (not this evaluation) and are carried over.
 _PROVENANCE_KEYS = ("mode", "private", "epsilon_target", "delta", "sites", "sweep")

@@ -1,6 +1,6 @@
 """Run a synthesis as a real Flower simulation (`flwr run` + Ray) on 127.0.0.1.
 
-Everything flower-notes warns about is handled here: a private ``FLWR_HOME`` per run, Ray kept on
+What a Flower 1.41 simulation needs on a shared machine is handled here: a private ``FLWR_HOME`` per run, Ray kept on
 loopback (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``), runtime dependency installation off (it would pull a
 CUDA torch from PyPI), free ports for the managed local SuperLink, and the run's real status read
 from ``flwr ls`` because ``flwr run --stream`` exits 0 even when the run failed. The managed SuperLink
@@ -10,7 +10,6 @@ is stopped afterwards (no flwr command does that).
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import socket
@@ -18,6 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from fedsynth.ops.fields import write_toml
+from fedsynth.ops.processes import flower_env as base_flower_env
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,28 +30,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, float):
-        return "inf" if math.isinf(v) and v > 0 else repr(v)
-    if isinstance(v, int):
-        return str(v)
-    return json.dumps(str(v))
-
-
 def flower_env(flwr_home: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    """The deployment commands' Flower environment, plus Ray on loopback and free ports for the managed SuperLink."""
+    env = base_flower_env(flwr_home)
     env.update({
-        "FLWR_HOME": str(flwr_home),
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
         "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
         "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     })
-    # flwr and flower-superlink live next to this interpreter in the virtualenv
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
 
@@ -73,7 +62,7 @@ def run_flower_simulation(run_config: dict[str, Any], num_sites: int, out_dir: P
     flwr_home = out_dir / ".flwr"
     flwr_home.mkdir(exist_ok=True)
     override = out_dir / "run-config.toml"
-    override.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
+    write_toml(override, run_config)
     env = flower_env(flwr_home)
     cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(PROJECT_ROOT), "--stream",
            "--run-config", str(override), "--federation-config", f"num-supernodes={num_sites}"]

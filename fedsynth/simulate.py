@@ -32,9 +32,17 @@ def check_data(cfg: RunConfig, sites: int) -> ImageDataset:
         partition_indices(data.labels, sites, scheme, alpha, seed=cfg.seed)
     except ValueError as err:
         raise ConfigError(f"cannot split {len(data)} records over {sites} sites with '{cfg.partition}': {err}") from None
+    present = int((data.class_counts() > 0).sum())
+    if present < 2:
+        raise ConfigError(f"{cfg.data} holds records of {present} class only ({describe(data)}); a classifier needs at "
+                          "least 2 classes: check the class folders / label arrays")
     log.info("data: %s", describe(data))
     if cfg.test_data:
-        load_dataset(cfg.test_data, "test", image_size=cfg.image_size or None, label_from=cfg.label_from or None)
+        test = load_dataset(cfg.test_data, "test", image_size=cfg.image_size or None, label_from=cfg.label_from or None)
+        if test.image_shape != data.image_shape or test.classes != data.classes:
+            raise ConfigError(f"the test data ({cfg.test_data}: {test.image_shape}, classes {list(test.classes)}) does "
+                              f"not match the training data ({data.image_shape}, classes {list(data.classes)}); both "
+                              "need the same image shape and class list (set image-size, or convert the images)")
     return data
 
 
@@ -93,7 +101,7 @@ def add_owner_view(report: dict, cfg: RunConfig, sites: int, data: ImageDataset)
         if "tstr_accuracy" in utility and real["accuracy"]:
             utility["ratio"] = utility["tstr_accuracy"] / real["accuracy"]
         log.info("same learner on the real pooled data: %.4f", real["accuracy"])
-    if test is not None and cfg.audit_records and synth.image_shape == data.image_shape:
+    if test is not None and cfg.real_baseline and synth.image_shape == data.image_shape:
         owner_audit = site_audit_summary(synth.images, data.images, test.images, max_records=cfg.audit_records,
                                          seed=cfg.seed, n_bootstrap=200, device=device)
         report["audits"] = {"pixel": owner_audit,

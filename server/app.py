@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import RunConfig
 from common.device import pick_device
 from server.federated_eval import federated_evaluate
-from server.learn import learn_and_test
+from server.learn import learn_and_test, load_test_data
 from server.modes import bnstats, dpgan
 from server.report import build_report, write_report
 from server.run_state import open_run
@@ -27,7 +27,7 @@ from server.synthesis import save_synthetic
 
 log = logging.getLogger("fedsynth.coordinator")
 app = ServerApp()
-MODES = {"dpgan": dpgan, "bnstats": bnstats}
+MODE_MODULES = {"dpgan": dpgan, "bnstats": bnstats}  # one per common.config.MODES
 
 
 def run_coordinator(grid: Grid, context: Context) -> dict:
@@ -41,9 +41,10 @@ def run_coordinator(grid: Grid, context: Context) -> dict:
     log.info("run %s%s: %d site(s) (%s); images %dx%dx%d, %d classes; mode %s, epsilon %s per site",
              run.experiment, " (resumed)" if run.resumed else "", len(sites), ", ".join(s.name for s in sites.values()),
              *schema.image_shape, len(schema.classes), cfg.mode, cfg.epsilon)
-    synth, history = MODES[cfg.mode].collect_and_synthesize(grid, cfg, run, sites, schema, device)
+    test = load_test_data(cfg, schema)  # checked before any site spends anything
+    synth, history = MODE_MODULES[cfg.mode].collect_and_synthesize(grid, cfg, run, sites, schema, device)
     synth_info = save_synthetic(synth, run.out_dir)
-    model, utility = learn_and_test(cfg, run, synth, device)
+    model, utility = learn_and_test(cfg, run, synth, test, device)
     with run.timed("site_evaluation"):
         fed_eval = federated_evaluate(grid, cfg, run, sites, model, schema) if cfg.site_evaluation else {}
     with run.timed("site_audits"):

@@ -5,7 +5,7 @@ the sites' data (plus the sum of the sites' independent noises). Per class k and
     mean_kl = sum_kl / count_k,   var_kl = sumsq_kl / count_k - mean_kl^2   (over records, H, W)
 Noise can make a count tiny or negative and a variance negative: both are clamped, with a warning.
 
-Synthesis (DeepInversion, Yin et al. 2020, as used by seed 002 / DP-ImgSyn): start from random
+Synthesis (DeepInversion, Yin et al. 2020, as used by Soufleri et al. 2022 and DP-ImgSyn): start from random
 images x = sigmoid(z) (so pixels stay in [0, 1]) and optimise z with Adam to minimise, per class k,
     w_stats * sum_l ( ||mu_l(x_k) - mean_kl||_2 + ||var_l(x_k) - var_kl||_2 ) / scale_kl
   + w_ce    * CE(net(x_k), k)

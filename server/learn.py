@@ -16,28 +16,33 @@ from common.config import RunConfig
 from common.data import DataError, ImageDataset, load_dataset
 from common.learner import evaluate_learner, train_learner
 from server.run_state import RunState
-from server.sites import RunFailed
+from server.sites import RunFailed, Schema
 
 log = logging.getLogger("fedsynth.coordinator")
 
 
-def load_test_data(cfg: RunConfig) -> ImageDataset | None:
+def load_test_data(cfg: RunConfig, schema: "Schema | None" = None) -> ImageDataset | None:
+    """The coordinator's own real test data (``test-data``), checked against the sites' schema; None if none."""
     if not cfg.test_data:
         return None
     try:
-        return load_dataset(cfg.test_data, "test", image_size=cfg.image_size or None, label_from=cfg.label_from or None)
+        test = load_dataset(cfg.test_data, "test", image_size=cfg.image_size or None, label_from=cfg.label_from or None)
     except DataError as err:
         raise RunFailed(f"cannot load the test data '{cfg.test_data}' named in the run config: {err}") from None
+    if schema is not None and (test.image_shape != schema.image_shape or test.classes != schema.classes):
+        raise RunFailed(f"the test data {cfg.test_data} ({test.image_shape}, classes {list(test.classes)}) does not match "
+                        f"the sites' schema ({schema.image_shape}, classes {list(schema.classes)}); fix test-data or "
+                        "image-size before anything is spent")
+    return test
 
 
-def learn_and_test(cfg: RunConfig, run: RunState, synth: ImageDataset, device: torch.device
-                   ) -> tuple[torch.nn.Module, dict]:
+def learn_and_test(cfg: RunConfig, run: RunState, synth: ImageDataset, test: ImageDataset | None,
+                   device: torch.device) -> tuple[torch.nn.Module, dict]:
     """(the learner trained on ``synth``, utility on the coordinator's test data: {} when it has none)."""
     with run.timed("learner_synthetic"):
         model = train_learner(synth, cfg.learner_config(), device=device, desc="learner on synthetic",
                               progress=cfg.progress)
         torch.save(model.state_dict(), run.out_dir / "classifier.pt")
-    test = load_test_data(cfg)
     if test is None:
         return model, {}
     with run.timed("evaluate"):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -38,6 +37,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common.files import atomic_write_text  # noqa: E402
+from server.report_plots import confusion_plot, fig_png, histogram_plot, per_class_plot  # noqa: E402
 
 _CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -99,13 +99,6 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{_esc(alt)}">'
 
 
-def _fig_png(fig: plt.Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
-
-
 # --------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------
@@ -161,41 +154,12 @@ def _utility_section(utility: dict) -> str:
         headers = ("class", "TSTR accuracy") + (("real accuracy",) if has_real else ())
         rows = [(n, a) + ((real[i],) if has_real else ()) for i, (n, a) in enumerate(zip(names, per_class))]
         out += ["<h3>Per-class accuracy</h3>", _table(headers, rows, table_id="per-class")]
-        out.append(_img(_per_class_plot(names, per_class, real if has_real else None), "per-class accuracy"))
+        out.append(_img(per_class_plot(names, per_class, real if has_real else None), "per-class accuracy"))
     conf = utility.get("confusion")
     if conf:
         out += ["<h3>Confusion matrix (TSTR; rows = true class)</h3>",
-                _img(_confusion_plot(np.asarray(conf), _class_names(utility, len(conf))), "confusion matrix")]
+                _img(confusion_plot(np.asarray(conf), _class_names(utility, len(conf))), "confusion matrix")]
     return "\n".join(out)
-
-
-def _per_class_plot(names: list[str], tstr: Sequence[float], real: Sequence[float] | None) -> bytes:
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(names) + 2), 3))
-    x = np.arange(len(names))
-    width = 0.4 if real is not None else 0.7
-    ax.bar(x - (width / 2 if real is not None else 0), np.nan_to_num(np.asarray(tstr, float)), width, label="TSTR")
-    if real is not None:
-        ax.bar(x + width / 2, np.nan_to_num(np.asarray(real, float)), width, label="real")
-        ax.legend()
-    ax.set_xticks(x, names, rotation=45 if len(names) > 12 else 0)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    return _fig_png(fig)
-
-
-def _confusion_plot(conf: np.ndarray, names: list[str]) -> bytes:
-    k = len(conf)
-    fig, ax = plt.subplots(figsize=(min(10, 1 + 0.45 * k), min(10, 1 + 0.45 * k)))
-    ax.imshow(conf, cmap="Blues")
-    if k <= 20:  # numbers in cells stay readable up to ~20 classes
-        for i in range(k):
-            for j in range(k):
-                ax.text(j, i, str(int(conf[i, j])), ha="center", va="center", fontsize=7)
-    ax.set_xticks(range(k), names, rotation=90 if k > 10 else 0)
-    ax.set_yticks(range(k), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    return _fig_png(fig)
 
 
 def _sites_section(sites: list[dict]) -> str:
@@ -249,7 +213,7 @@ def _site_audits_section(audits: dict) -> str:
                       table_id="site-audits"))
     if pooled:
         hist = pooled["histograms"]
-        out.append(_img(_histogram_plot(hist, "pixel MSE", "records' distance to the nearest synthetic image "
+        out.append(_img(histogram_plot(hist, "pixel MSE", "records' distance to the nearest synthetic image "
                                         "(noisy counts, all answering sites)", ylabel="records (noisy)"),
                         "site audit histograms"))
     for name, why in (audits.get("failed") or {}).items():
@@ -269,23 +233,6 @@ def _synthetic_section(synthetic: dict, out_dir: Path) -> str:
         else:
             out.append(f'<p class="muted">sample grid {_esc(rel)} not found next to the report</p>')
     return "\n".join(out)
-
-
-def _histogram_plot(hist: dict, metric: str, title: str, ylabel: str = "synthetic records") -> bytes:
-    edges = np.asarray(hist["edges"], float)
-    fig, ax = plt.subplots(figsize=(6, 3))
-    for key, color in (("train", "tab:red"), ("heldout", "tab:blue")):
-        counts = np.asarray(hist.get(key, []), float)
-        if len(counts) == len(edges) - 1:
-            ax.stairs(counts, edges, label=f"to nearest {'training' if key == 'train' else 'held-out'} record",
-                      color=color, fill=False, linewidth=1.5)
-    ax.set_xlabel(f"nearest-neighbour distance ({metric})")
-    ax.set_ylabel(ylabel)
-    if edges[0] <= 0 < edges[1] and len(edges) > 2:  # the DP audit grid is log-spaced after a [0, 1e-5) bin
-        ax.set_xscale("symlog", linthresh=edges[1])
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    return _fig_png(fig)
 
 
 def _audit_block(summary: dict, title: str, key: str) -> str:
@@ -320,7 +267,7 @@ def _audit_block(summary: dict, title: str, key: str) -> str:
                 ("Fisher p-value", nc.get("fisher_p_value")), ("threshold", nc.get("threshold")),
                 ("rule", nc.get("rule"))]))
         if mem.get("histogram"):
-            out.append(_img(_histogram_plot(mem["histogram"], metric, title), f"distance histogram {title}"))
+            out.append(_img(histogram_plot(mem["histogram"], metric, title), f"distance histogram {title}"))
     mia = summary.get("membership_inference")
     if mia:
         ci = mia.get("auc_ci95") or [None, None]
@@ -375,7 +322,7 @@ def _sweep_section(sweep: list[dict]) -> str:
         ax.set_ylabel("accuracy on real test data")
         ax.set_ylim(0, 1)
         ax.legend()
-        out.append(_img(_fig_png(fig), "privacy-utility curve"))
+        out.append(_img(fig_png(fig), "privacy-utility curve"))
     return "\n".join(out)
 
 
@@ -420,32 +367,3 @@ def render_report(report: dict, out_dir: Path) -> Path:
     return atomic_write_text(out_dir / "report.html", doc)
 
 
-def save_class_grid(images: np.ndarray, labels: np.ndarray, classes: Sequence[str], path: Path,
-                    *, per_class: int = 10, seed: int = 0) -> Path:
-    """Write a PNG grid: one row per class, up to ``per_class`` random images (N, C, H, W) in [0, 1].
-
-    The images are tiled into one mosaic first (one imshow instead of K x per_class axes: ~10x faster).
-    """
-    rng = np.random.default_rng(seed)
-    k = len(classes)
-    c, h, w = images.shape[1:]
-    pad = 2
-    # (rows, cols, C) mosaic, background mid-gray so black digits stay visible at tile borders.
-    mosaic = np.full((k * (h + pad) + pad, per_class * (w + pad) + pad, c), 0.5, dtype=np.float32)
-    for row in range(k):
-        idx = np.flatnonzero(labels == row)
-        chosen = rng.choice(idx, size=min(per_class, len(idx)), replace=False) if len(idx) else []
-        for col, i in enumerate(chosen):
-            y, x = pad + row * (h + pad), pad + col * (w + pad)
-            mosaic[y:y + h, x:x + w] = np.transpose(images[i], (1, 2, 0))  # (H, W, C)
-    scale = 0.5  # inches per tile, whatever the image size
-    fig, ax = plt.subplots(figsize=(per_class * scale + 1.0, k * scale + 0.3))
-    ax.imshow(mosaic[..., 0] if c == 1 else mosaic, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([pad + r * (h + pad) + h / 2 for r in range(k)], [str(n) for n in classes], fontsize=8)
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(_fig_png(fig))
-    return path

@@ -53,7 +53,8 @@ def test_chunked_search_matches_brute_force(monkeypatch) -> None:
     a = rng.random((300, 1, 6, 6)).astype(np.float32)
     b = rng.random((250, 1, 6, 6)).astype(np.float32)
     # Tiny blocks force many (query, reference) chunks, including ragged last ones.
-    monkeypatch.setattr(audits, "_BLOCK_ELEMENTS", 4096)
+    # The search reads the constant from the submodule it lives in (common/audits/neighbors.py).
+    monkeypatch.setattr(audits.neighbors, "_BLOCK_ELEMENTS", 4096)
     full = cdist(a.reshape(300, -1).astype(np.float64), b.reshape(250, -1).astype(np.float64), "sqeuclidean") / 36
     d, idx = audits.nearest_neighbors(a, b)
     np.testing.assert_allclose(d, full.min(1), rtol=1e-9)

@@ -17,7 +17,8 @@ from server.site_audits import summarize
 from common.data import DataError, ImageDataset, load_dataset, save_npz
 from common.learner import LearnerConfig
 from fedsynth import evaluate
-from server.report_html import render_report, save_class_grid
+from server.report_html import render_report
+from server.report_plots import save_class_grid
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

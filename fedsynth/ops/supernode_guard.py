@@ -1,6 +1,8 @@
 """A Flower SuperNode that runs only approved app bundles: ``python -m fedsynth.ops.supernode_guard FILE ARGS``.
 
-``fedsynth site`` starts this instead of ``flower-supernode`` (ARGS are flower-supernode's). It wraps
+``fedsynth site`` starts this instead of ``flower-supernode`` (ARGS are flower-supernode's); FILE lists
+the approved digests (``approved_code.write_approvals``), or is the word ``installed`` to approve just
+the bundle of the fedsynth installed in this environment (the Docker image's entry point). It wraps
 the SuperNode's step that receives a new run's bundle (``_pull_and_store_message`` in Flower 1.41's
 ``flwr.supernode.start_client_internal``): the bundle is digested (``approved_code.bundle_digest``)
 before the SuperNode stores it, and a bundle whose digest is not in FILE is never stored, so no
@@ -14,7 +16,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from fedsynth.ops.approved_code import BundleError, bundle_digest, read_approvals
+from fedsynth.ops.approved_code import BundleError, bundle_digest, installed_bundle_digest, read_approvals
 
 log = logging.getLogger("fedsynth.site")
 REFUSED_UNAPPROVED_CODE = 4005  # common.protocol.REFUSED_UNAPPROVED_CODE (kept import-light here)
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         sys.exit("usage: python -m fedsynth.ops.supernode_guard APPROVED_FILE [flower-supernode arguments]")
-    approved = read_approvals(argv[0])
+    approved = {installed_bundle_digest()} if argv[0] == "installed" else read_approvals(argv[0])
     install(approved)
     from flwr.supernode.cli import flower_supernode
 

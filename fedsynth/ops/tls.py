@@ -7,12 +7,20 @@ import re
 import ssl
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from fedsynth.ops.fields import DeployError, parse_address, readable_file, warn
 
-if TYPE_CHECKING:
-    from fedsynth.ops.coordinator_cmd import CoordinatorConfig
+
+
+class ServerTLS(Protocol):
+    """What the SuperLink's certificate check reads (a coordinator config has all of it)."""
+
+    ca_cert: Path | None
+    cert: Path | None
+    key: Path | None
+    address: str
+    source: Path
 
 def check_ca(path: Path, fix: str = "copy ca.crt from the coordinator operator (deploy/make_certs.sh makes it)") -> None:
     readable_file(path, "CA certificate", fix)
@@ -66,7 +74,7 @@ def load_public_key(path: Path, site: str) -> str:
     return data.split()[1].decode()
 
 
-def check_server_cert(cfg: "CoordinatorConfig") -> None:
+def check_server_cert(cfg: ServerTLS) -> None:
     """The SuperLink's certificate and key: a pair, signed by the CA, valid, naming the address clients dial."""
     from cryptography import x509
 

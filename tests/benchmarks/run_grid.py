@@ -269,7 +269,7 @@ def summarize(sim: dict[str, Any], ev: dict[str, Any]) -> dict[str, Any]:
         "seconds_per_round": (sum(round_seconds) / len(round_seconds)) if round_seconds else None,
         "synthetic_count": (sim.get("synthetic") or {}).get("count"),
         "timings": sim.get("timings"),
-        "federated_accuracy": (sim.get("federated_evaluation") or {}).get("accuracy"),
+        "federated_accuracy": (sim.get("site_evaluation") or {}).get("accuracy"),
     }
 
 

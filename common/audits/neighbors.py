@@ -1,0 +1,144 @@
+"""Nearest-neighbour search (chunked torch matmul, exact float64 winners) and the metric helpers.
+
+Distances and metrics are described in the package docstring (:mod:`common.audits`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+
+Metric = Literal["mse", "l2"]
+_METRICS = ("mse", "l2")
+# Elements of one (queries x references) distance block; 2^24 float32 = 64 MiB.
+_BLOCK_ELEMENTS = 1 << 24
+
+
+# --------------------------------------------------------------------------------------------------
+# Nearest neighbours
+# --------------------------------------------------------------------------------------------------
+
+
+def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
+    """(N, ...) array -> (N, D) float32 C-contiguous matrix, with a clear error for bad input."""
+    arr = np.asarray(x)
+    if arr.ndim < 2 or arr.shape[0] == 0:
+        raise ValueError(
+            f"{name} must be a non-empty array of records shaped (N, ...) e.g. images (N, C, H, W) "
+            f"or features (N, F); got shape {arr.shape}"
+        )
+    return np.ascontiguousarray(arr.reshape(arr.shape[0], -1), dtype=np.float32)
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in _METRICS:
+        raise ValueError(f"unknown distance metric '{metric}': use one of {_METRICS}")
+
+
+def _finish_distance(sq: np.ndarray, dim: int, metric: str) -> np.ndarray:
+    """Squared Euclidean distances (float64) -> the requested metric."""
+    return sq / dim if metric == "mse" else np.sqrt(sq)
+
+
+def _exact_sq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise squared Euclidean distance of two (N, D) arrays in float64 (no cancellation error)."""
+    diff = a.astype(np.float64) - b.astype(np.float64)
+    return np.einsum("nd,nd->n", diff, diff)
+
+
+def _nn_search(
+    a: np.ndarray, b: np.ndarray, *, both_ways: bool, device: torch.device | str | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Chunked nearest neighbour search on (Na, D) x (Nb, D) float32 matrices.
+
+    Returns the index of the nearest b for every a (Na,) and, with ``both_ways``, the index of the
+    nearest a for every b (Nb,); one pass over the distance matrix serves both directions.
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    na, nb = a.shape[0], b.shape[0]
+    ta = torch.from_numpy(a).to(dev)
+    tb = torch.from_numpy(b).to(dev)
+    a_sq = (ta * ta).sum(1)  # (Na,)
+    b_sq = (tb * tb).sum(1)  # (Nb,)
+    # Square-ish blocks keep the (qa x qb) distance block near _BLOCK_ELEMENTS.
+    qb = min(nb, max(256, int(math.sqrt(_BLOCK_ELEMENTS))))
+    qa = min(na, max(1, _BLOCK_ELEMENTS // qb))
+    best_a = torch.full((na,), float("inf"), device=dev)
+    arg_a = torch.zeros(na, dtype=torch.long, device=dev)
+    best_b = torch.full((nb,), float("inf"), device=dev) if both_ways else None
+    arg_b = torch.zeros(nb, dtype=torch.long, device=dev) if both_ways else None
+    with torch.no_grad():
+        for i in range(0, na, qa):
+            blk_a = ta[i : i + qa]
+            for j in range(0, nb, qb):
+                # (qa, qb) squared distances; clamp the tiny negatives float32 cancellation produces.
+                d2 = a_sq[i : i + qa, None] + b_sq[None, j : j + qb] - 2.0 * (blk_a @ tb[j : j + qb].T)
+                d2.clamp_(min=0.0)
+                row_min, row_arg = d2.min(dim=1)
+                better = row_min < best_a[i : i + qa]
+                best_a[i : i + qa] = torch.where(better, row_min, best_a[i : i + qa])
+                arg_a[i : i + qa] = torch.where(better, row_arg + j, arg_a[i : i + qa])
+                if both_ways:
+                    col_min, col_arg = d2.min(dim=0)
+                    better_b = col_min < best_b[j : j + qb]
+                    best_b[j : j + qb] = torch.where(better_b, col_min, best_b[j : j + qb])
+                    arg_b[j : j + qb] = torch.where(better_b, col_arg + i, arg_b[j : j + qb])
+    return arg_a.cpu().numpy(), (arg_b.cpu().numpy() if both_ways else None)
+
+
+def nearest_neighbors(
+    queries: np.ndarray,
+    reference: np.ndarray,
+    *,
+    metric: Metric = "mse",
+    device: torch.device | str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Distance from each query record to its nearest reference record, and that record's index.
+
+    ``queries`` (Nq, ...) and ``reference`` (Nr, ...) are images (N, C, H, W) in [0, 1] or features
+    (N, F); both are flattened. Returns ``(distances (Nq,) float64, indices (Nq,) int64)``.
+    """
+    _check_metric(metric)
+    q, r = _as_matrix(queries, "queries"), _as_matrix(reference, "reference")
+    if q.shape[1] != r.shape[1]:
+        raise ValueError(
+            f"queries have {q.shape[1]} values per record but the reference has {r.shape[1]}; "
+            "both must be the same image shape (resize one set) or the same feature extractor"
+        )
+    idx, _ = _nn_search(q, r, both_ways=False, device=device)
+    return _finish_distance(_exact_sq(q, r[idx]), q.shape[1], metric), idx
+
+
+def mutual_nearest_distances(
+    a: np.ndarray,
+    b: np.ndarray,
+    *,
+    metric: Metric = "mse",
+    device: torch.device | str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest-neighbour distances in both directions from one pass over the a x b distance matrix.
+
+    Returns ``(d_a (Na,), d_b (Nb,))``: d_a[i] = distance from a[i] to its nearest b; d_b[j] =
+    distance from b[j] to its nearest a.
+    """
+    _check_metric(metric)
+    am, bm = _as_matrix(a, "a"), _as_matrix(b, "b")
+    if am.shape[1] != bm.shape[1]:
+        raise ValueError(f"record sizes differ ({am.shape[1]} vs {bm.shape[1]}); use the same image shape")
+    idx_a, idx_b = _nn_search(am, bm, both_ways=True, device=device)
+    assert idx_b is not None
+    dim = am.shape[1]
+    return (
+        _finish_distance(_exact_sq(am, bm[idx_a]), dim, metric),
+        _finish_distance(_exact_sq(bm, am[idx_b]), dim, metric),
+    )
+
+
+def _subsample(n_total: int, n_keep: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted random indices of ``n_keep`` of ``n_total`` records (all of them when n_keep >= n_total)."""
+    if n_keep >= n_total:
+        return np.arange(n_total)
+    return np.sort(rng.choice(n_total, size=n_keep, replace=False))

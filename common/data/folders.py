@@ -1,0 +1,119 @@
+"""Image folders ``root/<class>/*.png`` (optionally split into train/, val/, test/), from a folder or
+an archive: loading one split, and :func:`save_image_folder`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from common.data.arrays import _to_uint8
+from common.data.dataset import SPLITS, DataError, ImageDataset
+from common.data.decode import _decode_files
+from common.data.tree import IMAGE_EXTENSIONS, _ImageFile, _Tree
+
+
+def _dataset_root(tree: _Tree, split: str) -> tuple[str, ...]:
+    """Folder (inside the tree) whose subfolders are the classes of ``split``."""
+    folder: tuple[str, ...] = ()
+    # `tar czf data.tar.gz mydata/` wraps everything in one folder: look inside such wrappers.
+    # A lone folder that directly holds images is a class folder, not a wrapper.
+    while not tree.files(folder) and len(subs := tree.subdirs(folder)) == 1 and tree.subdirs(folder + (subs[0],)):
+        folder = folder + (subs[0],)
+    subs = tree.subdirs(folder)
+    if "train" in subs and "test" in subs:
+        available = [s for s in SPLITS if s in subs]
+        if split not in available:
+            raise DataError(f"{tree.where(folder)} has no {split!r} split; available splits: {available}")
+        return folder + (split,)
+    if split != "train":
+        raise DataError(
+            f"{tree.where(folder)} has no {split!r} split (no train/ and test/ subfolders, so the whole "
+            f"folder is the 'train' split); pass the folder or archive holding the {split} images separately"
+        )
+    return folder
+
+
+def _load_tree(tree: _Tree, split: str, image_size: int | None, channels: int | None) -> ImageDataset:
+    """Image-folder layout: class names are the sorted subfolder names."""
+    root = _dataset_root(tree, split)
+    classes = tree.subdirs(root)
+    if not classes:
+        raise DataError(
+            f"{tree.where(root)} has no class folders ({len(tree.files(root))} images directly inside); "
+            "put the images into one folder per class (root/<class>/image.png), or for UTKFace pass "
+            "label_from='utkface-gender' or 'utkface-race'"
+        )
+    stray = tree.files(root)
+    if stray:
+        warnings.warn(
+            f"ignoring {len(stray)} images directly in {tree.where(root)} (e.g. {stray[0].parts[-1]}): "
+            "only images inside class folders are loaded",
+            stacklevel=3,
+        )
+    files: list[_ImageFile] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        members = tree.files(root + (name,))
+        if not members:
+            nested = ""
+            if tree.subdirs(root + (name,)):
+                nested = " (it holds only subfolders; images must lie directly in the class folder)"
+            raise DataError(
+                f"class folder {tree.where(root + (name,))} holds no images "
+                f"({', '.join(IMAGE_EXTENSIONS)}){nested}; add images or remove the folder"
+            )
+        files.extend(members)
+        labels.extend([label] * len(members))
+    images = _decode_files(files, image_size, channels)
+    return ImageDataset(images, np.array(labels, dtype=np.int64), tuple(classes), source=f"{tree.origin}[{split}]")
+
+
+# --------------------------------------------------------------------------------------------
+# Writing an image folder
+# --------------------------------------------------------------------------------------------
+
+
+def _check_folder_name(name: str) -> None:
+    if not name or name.startswith(".") or any(ch in name for ch in "/\\\0"):
+        raise DataError(
+            f"class name {name!r} cannot be a folder name (empty, starts with '.', or contains a "
+            "path separator); rename the class before saving an image folder"
+        )
+
+
+def save_image_folder(ds: ImageDataset, root: Path) -> None:
+    """Write ``ds`` as PNGs ``root/<class name>/<index>.png`` that a person can open.
+
+    ``index`` is the record's position in ``ds``, zero-padded to at least 5 digits, so
+    :func:`load_dataset` reads the images back grouped by class, in the original order within
+    each class. Every class gets a folder, even one without images (which the loader then reports
+    as an empty class folder). ``root`` must not exist or be empty; the tree is written to a
+    hidden sibling folder first and renamed, so a crash never leaves a half-written ``root``.
+    """
+    root = Path(root)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise DataError(f"{root} already exists and is not an empty folder; choose a new folder or delete it")
+    for name in ds.classes:
+        _check_folder_name(name)
+    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left over by an earlier crash of a process with our pid
+    tmp.mkdir(parents=True)
+    try:
+        for name in ds.classes:
+            (tmp / name).mkdir()
+        width = max(5, len(str(max(len(ds) - 1, 0))))
+        pixels = _to_uint8(ds.images)  # (N, H, W) or (N, H, W, 3)
+        for i, label in enumerate(ds.labels.tolist()):
+            Image.fromarray(pixels[i]).save(tmp / ds.classes[label] / f"{i:0{width}d}.png")
+        if root.exists():
+            root.rmdir()  # empty (checked above)
+        os.replace(tmp, root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

@@ -1,0 +1,96 @@
+"""The entry point :func:`load_dataset`: checks its arguments and dispatches on the kind of source."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from common.data.dataset import SPLITS, DataError, ImageDataset
+from common.data.digits import _load_digits
+from common.data.folders import _load_tree
+from common.data.idx import _IDX_NAME, _load_idx_folder
+from common.data.labels import LABEL_FROM_CLASSES, _load_utkface
+from common.data.npz import _load_npz
+from common.data.tree import ARCHIVE_SUFFIXES, _scan_archive, _scan_folder
+
+_SUPPORTED = (
+    "'digits', a folder of MNIST IDX files, a MedMNIST-style .npz file, an image folder "
+    "root/<class>/*.png|jpg|jpeg|bmp, or a .tar.gz/.tgz/.tar archive of such a folder"
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def load_dataset(
+    source: str | Path,
+    split: str = "train",
+    *,
+    image_size: int | None = None,
+    channels: int | None = None,
+    label_from: str | None = None,
+) -> ImageDataset:
+    """Load one split of a labelled image dataset.
+
+    Args:
+        source: ``"digits"`` (scikit-learn, wins over a path of that name), a folder of MNIST IDX
+            files, a MedMNIST-style ``.npz``, an image folder ``root/<class>/*.png``, or a
+            ``.tar.gz``/``.tgz``/``.tar`` archive of such a folder.
+        split: ``"train"``, ``"val"`` or ``"test"``; which ones exist depends on the source.
+            digits and UTKFace get a deterministic stratified 80/20 train/test split (seed 0).
+        image_size: resize every image to image_size x image_size (bilinear, antialiased).
+            Without it, images of different sizes are an error.
+        channels: 1 (grayscale) or 3 (RGB). Default: 1 if every image is grayscale, else 3.
+        label_from: ``"utkface-gender"`` or ``"utkface-race"``: label flat UTKFace JPEGs
+            (folder or archive) from their ``age_gender_race_datetime`` file names. Files with
+            malformed names are skipped with a warning.
+
+    Returns:
+        The split as an :class:`ImageDataset`, ordered deterministically (by class, then file
+        name, for folders and archives).
+
+    Raises:
+        DataError: missing path, unsupported format, corrupt file, bad labels, missing split, ...
+    """
+    if split not in SPLITS:
+        raise DataError(f"unsupported split {split!r}; use one of {SPLITS}")
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+        raise DataError(f"image_size must be a positive integer or None, got {image_size!r}")
+    if channels not in (None, 1, 3):
+        raise DataError(f"channels must be 1 (grayscale), 3 (RGB) or None (automatic), got {channels!r}")
+    if label_from is not None and label_from not in LABEL_FROM_CLASSES:
+        raise DataError(
+            f"unknown label_from {label_from!r}; use one of {sorted(LABEL_FROM_CLASSES)} or None "
+            "(labels from class folder names)"
+        )
+
+    if isinstance(source, str) and source == "digits":
+        if label_from is not None:
+            raise DataError("label_from only applies to UTKFace folders or archives, not to 'digits'")
+        return _load_digits(split, image_size, channels)
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"no such file or folder: {path}; pass {_SUPPORTED}")
+    is_archive = path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
+    if label_from is not None:
+        if not (path.is_dir() or is_archive):
+            raise DataError(
+                f"label_from={label_from!r} needs a folder or a .tar.gz archive of UTKFace JPEGs, got {path}"
+            )
+        tree = _scan_archive(path) if is_archive else _scan_folder(path)
+        return _load_utkface(tree, split, label_from, image_size, channels)
+    if is_archive:
+        return _load_tree(_scan_archive(path), split, image_size, channels)
+    if path.is_file():
+        if path.suffix.lower() == ".npz":
+            return _load_npz(path, split, image_size, channels)
+        if _IDX_NAME.search(path.name):
+            raise DataError(f"{path} is a single MNIST IDX file; pass the folder that holds all four IDX files")
+        raise DataError(f"{path} is not a supported format; pass {_SUPPORTED}")
+    if path.is_dir():
+        if any(_IDX_NAME.search(p.name) for p in path.iterdir()):
+            return _load_idx_folder(path, split, image_size, channels)
+        return _load_tree(_scan_folder(path), split, image_size, channels)
+    raise DataError(f"{path} is neither a regular file nor a folder; pass {_SUPPORTED}")
