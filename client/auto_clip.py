@@ -34,8 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from client.bnstats import iter_record_blocks
-from common.bnnet import norm_layer_names
+from common.bnnet import norm_layer_names, record_block_norms  # noqa: F401 (re-export)
 
 if TYPE_CHECKING:
     from common.data import ImageDataset
@@ -45,16 +44,6 @@ AUTO_CLIP_QUANTILE = 0.9
 NOISE_CUT = 4.0  # bins under NOISE_CUT noise stds are taken for noise: P(N(0,1) > 4) ~ 3e-5 per bin
 # 1e-3 .. 1e5 in 80 bins of ratio 10^0.1 ~ 1.26: covers every norm seen on these nets with room to spare
 NORM_BIN_EDGES = np.logspace(-3.0, 5.0, 81)
-
-
-def record_block_norms(model: nn.Module, dataset: "ImageDataset", *, device: torch.device | str | None = None,
-                       batch_size: int = 512) -> dict[str, np.ndarray]:
-    """Per layer, every record's block norm ||f_il||_2 (N,). Private: never send this."""
-    norms: dict[str, list[np.ndarray]] = {name: [] for name in norm_layer_names(model)}
-    for _, blocks in iter_record_blocks(model, dataset, device=device, batch_size=batch_size):
-        for name, block in blocks.items():  # (B, 2 C_l)
-            norms[name].append(block.norm(dim=1).cpu().numpy())
-    return {name: np.concatenate(parts) for name, parts in norms.items()}
 
 
 def norm_histograms(norms: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

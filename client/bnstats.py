@@ -58,14 +58,14 @@ released inside this mechanism.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from common.bnnet import capture_norm_inputs, norm_layer_channels
+from common.bnnet import iter_record_blocks, norm_layer_channels, per_record_features  # noqa: F401 (re-export)
 from common.protocol import STATS_COUNT as COUNT_KEY
 from common.protocol import STATS_SUM as SUM_PREFIX
 from common.protocol import STATS_SUMSQ as SUMSQ_PREFIX
@@ -127,15 +127,6 @@ def release_noise_std(noise_multiplier: float, clip_bound: float | Mapping[str, 
     return out
 
 
-def per_record_features(inputs: dict[str, torch.Tensor], layers: list[str]) -> dict[str, torch.Tensor]:
-    """Per-record blocks [m_l, s_l] of shape (B, 2 C_l) from norm-layer inputs (B, C_l, H_l, W_l)."""
-    out = {}
-    for name in layers:
-        a = inputs[name].double()  # float64: sums over thousands of records must add exactly across sites
-        out[name] = torch.cat([a.mean(dim=(2, 3)), (a * a).mean(dim=(2, 3))], dim=1)  # (B, 2 C_l)
-    return out
-
-
 def clip_blocks(blocks: dict[str, torch.Tensor], clip_bound: float | Mapping[str, float]) -> dict[str, torch.Tensor]:
     """Scale every record's concatenated blocks (its vector f_i) to total L2 norm <= ``clip_bound``.
 
@@ -186,27 +177,6 @@ def _check_args(model: nn.Module, dataset: "ImageDataset", num_classes: int, cli
                 f"dataset images are {tuple(dataset.images.shape[1:])} but the shared net expects {want}; "
                 "load the data with the run's image_size/channels"
             )
-
-
-@torch.no_grad()
-def iter_record_blocks(model: nn.Module, dataset: "ImageDataset", *, device: torch.device | str | None = None,
-                       batch_size: int = 512) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """(index of the batch's first record, its per-record blocks {layer: (B, 2 C_l)}) over ``dataset``.
-
-    Runs ``model`` in eval mode without gradients and restores its mode afterwards. Private: the
-    blocks are single records' features; only DP releases built from them may leave the site.
-    """
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.to(dev).eval()
-    layers = list(norm_layer_channels(model))
-    try:
-        with torch.no_grad(), capture_norm_inputs(model) as inputs:
-            for start in range(0, len(dataset), batch_size):
-                model(torch.as_tensor(dataset.images[start:start + batch_size], dtype=torch.float32, device=dev))
-                yield start, per_record_features(inputs, layers)
-    finally:
-        model.train(was_training)
 
 
 def exact_class_sums(

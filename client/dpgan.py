@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
-from tqdm.auto import tqdm
 
 from client.dpsgd import opacus_input
 from common.data import ImageDataset
 from common.models import Discriminator, GanShape, Generator
+from common.progress import progress
 
 # Opacus' per-sample hooks on the first layer fire with inputs that need no gradient (the images);
 # PyTorch warns about that on every D step although it is exactly what we want.
@@ -203,8 +203,7 @@ class LocalGanTrainer:
         label_rng = torch.Generator(device="cpu").manual_seed(rs.seed + 1)  # G's labels; apart from the batch masks
         d_losses, g_losses, d_acc = [], [], []
         g_updates = 0
-        bar = tqdm(range(rs.steps), desc=f"{self.label} D/G steps", unit="step", disable=not self.progress,
-                   leave=False)
+        bar = progress(range(rs.steps), desc=f"{self.label} D/G steps", unit="step", enabled=self.progress)
         for t in bar:
             # --- D step: one DP-SGD release on a Poisson batch ------------------------------------
             mask = torch.rand(n, generator=sampler) < rs.sample_rate  # (N,) Bernoulli(q)

@@ -134,8 +134,8 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
 
 
 @functools.lru_cache(maxsize=8)
-def _load_cached(source: str, split: str, image_size: int, label_from: str) -> ImageDataset:
-    return load_dataset(source, split, image_size=image_size or None, label_from=label_from or None)
+def _load_cached(source: str, split: str, image_size: int, label_from: str, whole: bool = False) -> ImageDataset:
+    return load_dataset(source, split, image_size=image_size or None, label_from=label_from or None, whole=whole)
 
 
 def load_site_data(site: SiteSettings) -> ImageDataset:
@@ -154,7 +154,8 @@ def load_site_heldout(site: SiteSettings) -> ImageDataset | None:
     """The site's held-out records (never trained on): its partition of the test split in simulation."""
     if not site.heldout:
         return None
-    data = _load_cached(site.heldout, site.heldout_split, site.image_size, site.label_from)
+    # the folder the operator named as held-out is the held-out data, split into train/test or not
+    data = _load_cached(site.heldout, site.heldout_split, site.image_size, site.label_from, True)
     if site.partition_id is None:
         return data
     scheme, alpha = parse_partition(site.partition)

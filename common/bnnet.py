@@ -35,8 +35,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
+import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from common.data import ImageDataset
 
 MIN_IMAGE_SIZE = 8  # two 2x poolings must leave at least a 2x2 map
 
@@ -196,3 +202,45 @@ def capture_norm_inputs(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     finally:
         for h in handles:
             h.remove()
+
+
+# ---- per-record features of the norm inputs: the site's statistics and everyone's clip bounds use these
+
+def per_record_features(inputs: dict[str, torch.Tensor], layers: list[str]) -> dict[str, torch.Tensor]:
+    """Per-record blocks [m_l, s_l] of shape (B, 2 C_l) from norm-layer inputs (B, C_l, H_l, W_l)."""
+    out = {}
+    for name in layers:
+        a = inputs[name].double()  # float64: sums over thousands of records must add exactly across sites
+        out[name] = torch.cat([a.mean(dim=(2, 3)), (a * a).mean(dim=(2, 3))], dim=1)  # (B, 2 C_l)
+    return out
+
+
+@torch.no_grad()
+def iter_record_blocks(model: nn.Module, dataset: "ImageDataset", *, device: torch.device | str | None = None,
+                       batch_size: int = 512) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(index of the batch's first record, its per-record blocks {layer: (B, 2 C_l)}) over ``dataset``.
+
+    Runs ``model`` in eval mode without gradients and restores its mode afterwards. Private: the
+    blocks are single records' features; only DP releases built from them may leave the site.
+    """
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.to(dev).eval()
+    layers = list(norm_layer_channels(model))
+    try:
+        with torch.no_grad(), capture_norm_inputs(model) as inputs:
+            for start in range(0, len(dataset), batch_size):
+                model(torch.as_tensor(dataset.images[start:start + batch_size], dtype=torch.float32, device=dev))
+                yield start, per_record_features(inputs, layers)
+    finally:
+        model.train(was_training)
+
+
+def record_block_norms(model: nn.Module, dataset: "ImageDataset", *, device: torch.device | str | None = None,
+                       batch_size: int = 512) -> dict[str, np.ndarray]:
+    """Per layer, every record's block norm ||f_il||_2 (N,). Private: never send this."""
+    norms: dict[str, list[np.ndarray]] = {name: [] for name in norm_layer_names(model)}
+    for _, blocks in iter_record_blocks(model, dataset, device=device, batch_size=batch_size):
+        for name, block in blocks.items():  # (B, 2 C_l)
+            norms[name].append(block.norm(dim=1).cpu().numpy())
+    return {name: np.concatenate(parts) for name, parts in norms.items()}

@@ -54,9 +54,9 @@ class RunConfig:
     gan_local_steps: int = 100  # discriminator DP-SGD steps per site per round
     gan_batch_size: int = 64  # expected Poisson batch size of real records
     gan_max_grad_norm: float = 1.0  # per-sample clipping bound of the discriminator's gradient
-    gan_lr_d: float = 1e-3
-    gan_lr_g: float = 1e-3
-    gan_latent_dim: int = 64
+    gan_lr_d: float = 1e-3  # > 0: Adam learning rate of the discriminator
+    gan_lr_g: float = 1e-3  # > 0: Adam learning rate of the generator
+    gan_latent_dim: int = 64  # >= 1: size of the generator's latent vector
     gan_width: int = 64  # generator base width
     gan_d_width: int = 0  # discriminator base width (0 = gan-width // 4: a small D keeps the DP noise small)
     gan_ac_weight: float = 0.3  # weight of the discriminator's auxiliary class loss (AC-GAN); 0 = projection only
@@ -69,15 +69,15 @@ class RunConfig:
     bn_rounds: int = 20  # federated DP-SGD rounds of the shared net
     bn_local_steps: int = 3  # DP-SGD steps per site per round
     bn_batch_size: int = 128  # expected Poisson batch size
-    bn_lr: float = 0.5
-    bn_max_grad_norm: float = 1.0
+    bn_lr: float = 0.5  # > 0: SGD learning rate of the shared net's DP-SGD
+    bn_max_grad_norm: float = 1.0  # > 0: per-sample clipping bound of the shared net's DP-SGD
     bn_stats_share: float = 0.3  # the statistics release alone costs this share of epsilon; DP-SGD the rest (all with bn-net)
     bn_clip: float = 2.3  # per-record L2 bound of the recorded statistics (all layers together)
     bn_layer_clips: str = ""  # "" = one flat bound (bn-clip); "auto" = each site picks per-layer bounds privately; or one per layer
     bn_count_weight: float = 0.5  # weight of the class count in the release (sensitivity sqrt(w^2 + 1))
     bn_iterations: int = 200  # synthesis optimisation steps per batch
     bn_synth_batch: int = 200  # images optimised together (all classes)
-    bn_synth_lr: float = 0.1
+    bn_synth_lr: float = 0.1  # > 0: Adam learning rate of the synthesis
     bn_w_stats: float = 1.0  # weight of the statistics-matching loss
     bn_w_ce: float = 1.0  # weight of the net's cross-entropy for the target class
     bn_w_tv: float = 1.0  # total-variation image prior
@@ -85,9 +85,9 @@ class RunConfig:
     # --- synthesis and the central learner -----------------------------------------------------------
     synthetic_size: int = 2000  # labelled images sampled at the end (balanced over classes)
     learner: str = LearnerConfig.name  # cnn | mlp | logreg (common.learner holds the learner's defaults)
-    learner_epochs: int = LearnerConfig.epochs
-    learner_lr: float = LearnerConfig.lr
-    learner_batch_size: int = LearnerConfig.batch_size
+    learner_epochs: int = LearnerConfig.epochs  # >= 1: passes of the learner over the synthetic set
+    learner_lr: float = LearnerConfig.lr  # > 0: the learner's peak learning rate (AdamW, one-cycle)
+    learner_batch_size: int = LearnerConfig.batch_size  # >= 1: the learner's batch size
     real_baseline: bool = True  # simulation only: its owner also trains the learner on the real pooled data and audits the synthetic set against it
     # --- questions to the sites about their private data (each a DP release the site charges; a site
     # answers only if its operator allows it, at most queries-per-run times per run) -----------------
@@ -177,6 +177,20 @@ class RunConfig:
             parse_partition(self.partition)
         except ValueError as err:
             raise ConfigError(f"partition: {err}") from None
+
+
+def describe_settings() -> list[tuple[str, Any, str]]:
+    """(setting, default, meaning) of every run setting, read off this class's definition (its comments)."""
+    import inspect
+    import re
+
+    meanings = {}
+    for line in inspect.getsource(RunConfig).splitlines():
+        found = re.match(r"\s{4}(\w+): [^=]+=.*?#\s*(.*)$", line)
+        if found:
+            meanings[found.group(1)] = found.group(2).strip()
+    defaults = RunConfig()
+    return [(f.name.replace("_", "-"), getattr(defaults, f.name), meanings.get(f.name, "")) for f in fields(RunConfig)]
 
 
 def _coerce(key: str, value: Any, want: type) -> Any:

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, matthews_corrcoef
 from torch import nn
-from tqdm.auto import tqdm
 
 from common.data import ImageDataset
 from common.device import pick_device
+from common.progress import progress as progress_bar
 
 LEARNERS = ("cnn", "mlp", "logreg")
 
@@ -131,7 +131,7 @@ def train_learner(train: ImageDataset, cfg: LearnerConfig, *, device: torch.devi
     x_all = torch.from_numpy(train.images)
     y_all = torch.from_numpy(train.labels)
     loss_fn = nn.CrossEntropyLoss()
-    bar = tqdm(range(cfg.epochs), desc=desc, unit="epoch", disable=not progress, leave=False)
+    bar = progress_bar(range(cfg.epochs), desc=desc, unit="epoch", enabled=progress)
     for _ in bar:
         model.train()
         order = torch.randperm(len(train), generator=gen)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import MODES, ConfigError, RunConfig
+from fedsynth.help import HelpFormatter
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -276,22 +277,53 @@ def _add_run_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="log what every site and round does")
 
 
+def cmd_settings(args: argparse.Namespace) -> int:
+    """Every run setting with its default and meaning (from common.config.RunConfig, the one definition)."""
+    from common.config import describe_settings
+
+    rows = describe_settings()
+    width = max(len(k) + len(repr(v)) for k, v, _ in rows) + 4
+    print("run settings (set with --set KEY=VALUE, or in [tool.flwr.app.config] / --run-config):")
+    for key, default, meaning in rows:
+        text = f"{key} = {default if not isinstance(default, str) else repr(default)}"
+        print(f"  {text:<{width}} {meaning}")
+    return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedsynth")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedsynth", description="Federated differentially private synthetic data")
+    parser = argparse.ArgumentParser(prog="fedsynth", description="Federated differentially private synthetic data",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fedsynth {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("simulate", help="run a local Flower simulation of K sites over a dataset")
+    p = sub.add_parser("settings", formatter_class=HelpFormatter,
+        help="list every run setting with its default and meaning")
+    p.set_defaults(func=cmd_settings)
+    p = sub.add_parser("simulate", formatter_class=HelpFormatter,
+        help="run a local Flower simulation of K sites over a dataset")
     _add_run_args(p)
     p.set_defaults(func=cmd_simulate)
-    p = sub.add_parser("demo", help="digits, 3 sites: DP vs no DP vs real data, in under 2 minutes")
+    p = sub.add_parser("demo", formatter_class=HelpFormatter,
+        help="digits, 3 sites: DP vs no DP vs real data, in under 2 minutes")
     _add_run_args(p, demo=True)
     p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("pretrain-net", help="bnstats: train the shared net on PUBLIC data, for --set bn-net=FILE "
+    p = sub.add_parser("pretrain-net", formatter_class=HelpFormatter,
+        help="bnstats: train the shared net on PUBLIC data, for --set bn-net=FILE "
                                             "(no site then spends privacy budget on the net)")
     _add_pretrain_args(p)
     p.set_defaults(func=cmd_pretrain_net)
     from fedsynth import evaluate as evaluate_cmd
 
-    p = sub.add_parser("evaluate", help="train the central learner on a synthetic set, test on real data, audit privacy")
+    p = sub.add_parser("evaluate", formatter_class=HelpFormatter,
+        help="train the central learner on a synthetic set, test on real data, audit privacy")
     evaluate_cmd.add_arguments(p)
     p.set_defaults(func=evaluate_cmd.main)
     from fedsynth.ops.commands import add_subcommands
@@ -306,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(getattr(args, "verbose", False))
     from common.data import DataError
 
+    if "help" in (getattr(args, "set", None) or []):  # --set help: the list of settings, as `fedsynth settings`
+        return cmd_settings(args)
     try:
         return int(args.func(args) or 0)
     except (ConfigError, DataError) as err:

@@ -36,7 +36,13 @@ import torch
 from common.audits import site_audit_summary
 from common.data import LABEL_FROM_CLASSES, DataError, ImageDataset, load_dataset
 from common.device import pick_device
-from common.learner import LEARNERS, LearnerConfig, evaluate_learner, extract_features, train_learner
+from common.learner import (
+    LEARNERS,
+    LearnerConfig,
+    evaluate_learner,
+    extract_features,
+    train_learner,
+)
 from server.report_html import render_report
 from server.report_plots import save_class_grid
 
@@ -237,27 +243,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-audit-records", type=int, default=2000,
                         help="cap on synthetic and real records per side in the audits (default: 2000)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--resize", action="store_true",
+                        help="resize the real data to the synthetic images' size when they differ (else refused)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def resolve_synthetic(arg: Path) -> tuple[Path, dict | None]:
-    """Resolve --synthetic to the npz file and the run's report.json (if beside it)."""
-    if arg.is_dir():
-        npz = arg / "synthetic.npz"
-        if not npz.is_file():
-            raise DataError(f"{arg} has no synthetic.npz; pass a run's output folder or the .npz file itself")
-    elif arg.is_file():
-        npz = arg
-    else:
-        raise DataError(f"--synthetic {arg} does not exist; pass a run's output folder or a synthetic .npz")
-    report_path = npz.parent / "report.json"
+def resolve_synthetic(arg: Path) -> tuple[ImageDataset, dict | None]:
+    """Load --synthetic: a run's output folder (its synthetic.npz and report.json), a .npz, or an image
+    folder / archive ``root/<class>/*.png`` that another tool wrote; plus the run's report if there is one."""
     run_report = None
-    if report_path.is_file():
-        try:
-            run_report = json.loads(report_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            run_report = None  # the run's report is optional provenance; the evaluation does not need it
-    return npz, run_report
+    if arg.is_dir() and (arg / "synthetic.npz").is_file():
+        source: Path = arg / "synthetic.npz"
+        report_path = arg / "report.json"
+        if report_path.is_file():
+            try:
+                run_report = json.loads(report_path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                run_report = None  # the run's report is optional provenance; the evaluation does not need it
+    elif arg.exists():
+        source = arg
+    else:
+        raise DataError(f"--synthetic {arg} does not exist; pass a run's output folder, a synthetic .npz, or an "
+                        "image folder root/<class>/*.png")
+    # a synthetic set is one split: save_npz stores it as 'train', an image folder is taken whole
+    return load_dataset(source, "train", whole=True), run_report
 
 
 def load_real_baseline(path: Path, *, test: ImageDataset, train: ImageDataset | None,
@@ -290,16 +299,23 @@ def load_real_baseline(path: Path, *, test: ImageDataset, train: ImageDataset | 
 def main(args: argparse.Namespace) -> int:
     """Run ``fedsynth evaluate``; returns the process exit code (0 ok, 2 bad input)."""
     try:
-        npz, run_report = resolve_synthetic(Path(args.synthetic))
-        synthetic = load_dataset(npz, "train")  # save_npz stores the synthetic set as the 'train' split
+        synthetic, run_report = resolve_synthetic(Path(args.synthetic))
         channels, height, width = synthetic.image_shape
         if height != width:
             raise DataError(f"synthetic images are {height}x{width}; only square images are supported")
         label_from = args.label_from or None
-        test = load_dataset(args.test, args.test_split, image_size=height, channels=channels, label_from=label_from)
-        train = (load_dataset(args.train, args.train_split, image_size=height, channels=channels,
-                              label_from=label_from)
+        resize = height if args.resize else None
+        # a folder given as --test (--train) IS the test (training) data, split into train/test or not
+        test = load_dataset(args.test, args.test_split, image_size=resize, channels=channels, label_from=label_from,
+                            whole=True)
+        train = (load_dataset(args.train, args.train_split, image_size=resize, channels=channels,
+                              label_from=label_from, whole=True)
                  if args.train else None)
+        for role, real in (("test", test), ("training", train)):
+            if real is not None and real.image_shape[1:] != synthetic.image_shape[1:]:
+                raise DataError(f"the synthetic images are {height}x{width} but the {role} data is "
+                                f"{real.image_shape[1]}x{real.image_shape[2]}; pass --resize to resize the real data "
+                                f"to {height}x{width} (the learner works at the synthetic set's size)")
         learner = LearnerConfig(name=args.learner, epochs=args.learner_epochs, lr=args.learner_lr,
                                 batch_size=args.learner_batch_size, seed=args.seed)
         learner.validate()

@@ -67,6 +67,8 @@ def run_flower_simulation(run_config: dict[str, Any], num_sites: int, out_dir: P
     cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(PROJECT_ROOT), "--stream",
            "--run-config", str(override), "--federation-config", f"num-supernodes={num_sites}"]
     log_path = out_dir / "flower.log"
+    print(f"fedsynth: starting a Flower simulation of {num_sites} site(s) (a local SuperLink and Ray take about "
+          f"30 s to start); its log is {log_path}", file=sys.stderr, flush=True)
     try:
         with open(log_path, "w") as log:
             proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, cwd=PROJECT_ROOT)

@@ -36,12 +36,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from common.bnnet import BNNet, BNNetShape
 from common.data import ImageDataset
 from common.device import pick_device
 from common.files import save_torch_atomic
+from common.progress import progress as progress_bar
 
 
 @dataclass(frozen=True)
@@ -269,7 +269,7 @@ def _train(train: ImageDataset, out: str | Path, shape: BNNetShape, dev: torch.d
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
 
     t0 = time.perf_counter()
-    bar = tqdm(range(epochs), desc="pretrain bn-net", unit="epoch", disable=not progress, leave=False)
+    bar = progress_bar(range(epochs), desc="pretrain bn-net", unit="epoch", enabled=progress)
     train_acc = float("nan")
     net.train()
     for _ in bar:
@@ -321,7 +321,7 @@ def public_layer_clips(net: BNNet, public: ImageDataset, augment: Augment | None
     net's layer order, rounded up to 2 significant digits. Public data only, so choosing the bounds costs
     no privacy (unlike ``bn-layer-clips=auto``), but they are only as good as the public data is similar.
     """
-    from client.auto_clip import record_block_norms  # the site's own norm definition, so the bounds match
+    from common.bnnet import record_block_norms  # the sites' own norm definition, so the bounds match
 
     check_net_fits(net, public)
     gen = torch.Generator().manual_seed(seed + 1)

@@ -17,7 +17,7 @@ from pathlib import Path
 from client.ledger import PrivacyLedger
 from common.audits import site_audit_summary
 from common.config import ConfigError, RunConfig
-from common.data import ImageDataset, describe, load_dataset
+from common.data import DataError, ImageDataset, describe, load_dataset
 from common.learner import evaluate_learner, train_learner
 from common.partition import parse_partition, partition_indices
 
@@ -38,7 +38,14 @@ def check_data(cfg: RunConfig, sites: int) -> ImageDataset:
                           "least 2 classes: check the class folders / label arrays")
     log.info("data: %s", describe(data))
     if cfg.test_data:
-        test = load_dataset(cfg.test_data, "test", image_size=cfg.image_size or None, label_from=cfg.label_from or None)
+        kw = {"image_size": cfg.image_size or None, "label_from": cfg.label_from or None}
+        if cfg.test_data == cfg.data:
+            try:
+                load_dataset(cfg.test_data, "test", **kw)
+            except DataError:
+                raise ConfigError(f"--data and --test are the same source {cfg.data} and it has no test split, so the "
+                                  "test records would be the training records; give the test images separately") from None
+        test = load_dataset(cfg.test_data, "test", whole=True, **kw)  # a folder given as --test is the test data
         if test.image_shape != data.image_shape or test.classes != data.classes:
             raise ConfigError(f"the test data ({cfg.test_data}: {test.image_shape}, classes {list(test.classes)}) does "
                               f"not match the training data ({data.image_shape}, classes {list(data.classes)}); both "

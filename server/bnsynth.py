@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from common.bnnet import capture_norm_inputs, norm_layer_channels
 from common.data import ImageDataset
+from common.progress import progress as progress_bar
 from common.protocol import STATS_COUNT as COUNT_KEY
 from common.protocol import STATS_SUM as SUM_PREFIX
 from common.protocol import STATS_SUMSQ as SUMSQ_PREFIX
@@ -229,7 +229,7 @@ def synthesize(
     rounds = int(np.ceil(max(per_class) / m))
     gen = torch.Generator(device="cpu").manual_seed(seed)
     images, labels = [], []
-    bar = tqdm(total=rounds * iterations, desc="bn-synthesis", unit="step", disable=not progress)
+    bar = progress_bar(total=rounds * iterations, desc="bn-synthesis", unit="step", enabled=progress)
     try:
         with capture_norm_inputs(model) as inputs:
             for _ in range(rounds):

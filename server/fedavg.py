@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 
 from common import protocol as P
 from common.config import RunConfig
+from common.progress import progress
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.collect import broadcast, quorum_size
 from server.run_state import RunState
@@ -62,6 +63,8 @@ def run_fedavg_rounds(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int
                 sites[node].__dict__.update({k: v for k, v in saved.items() if k not in ("node_id", "name")})
         log.info("resuming experiment %s from the checkpoint after round %d", run.experiment, ckpt["round"])
     spec = P.state_spec(model.state_dict())
+    bar = progress(total=num_rounds, desc=f"{task.label} rounds", unit="round", enabled=cfg.progress, leave=True)
+    bar.update(start - 1)
     for rnd in range(start, num_rounds + 1):
         with run.timed("rounds"):
             t0 = time.perf_counter()
@@ -104,6 +107,9 @@ def run_fedavg_rounds(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int
             save_checkpoint(ckpt_path, {"round": rnd, "model": model.state_dict(), "history": history,
                                         "experiment": run.experiment, "task": task.label,
                                         "sites": {n: s.__dict__.copy() for n, s in sites.items()}})
+            bar.set_postfix(accepted=f"{len(accepted)}/{len(nodes)}")
+            bar.update(1)
+    bar.close()
     if num_rounds and not any(h.get("aggregated") for h in history):
         raise RunFailed(f"no round reached its quorum, so the {task.label} was never trained; see the site errors "
                         "above (budget refusals, data errors or timeouts)")

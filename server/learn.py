@@ -26,7 +26,8 @@ def load_test_data(cfg: RunConfig, schema: "Schema | None" = None) -> ImageDatas
     if not cfg.test_data:
         return None
     try:
-        test = load_dataset(cfg.test_data, "test", image_size=cfg.image_size or None, label_from=cfg.label_from or None)
+        test = load_dataset(cfg.test_data, "test", image_size=cfg.image_size or None, label_from=cfg.label_from or None,
+                            whole=True)  # a folder given as test data is the test data, split or not
     except DataError as err:
         raise RunFailed(f"cannot load the test data '{cfg.test_data}' named in the run config: {err}") from None
     if schema is not None and (test.image_shape != schema.image_shape or test.classes != schema.classes):

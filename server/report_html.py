@@ -111,7 +111,8 @@ def _banner(report: dict) -> str:
         return ('<div class="banner notdp">NOT differentially private: this run released data without a DP '
                 "guarantee; do not share its outputs as if they protected the sites' records.</div>")
     if private is True:
-        budget = f" (&epsilon; &le; {_fmt(eps)} per site, &delta; &le; {_fmt(delta)})" if eps is not None else ""
+        shown_delta = f"{float(delta):.1g}" if isinstance(delta, (int, float)) else _fmt(delta)
+        budget = f" (&epsilon; &le; {_fmt(eps)} per site, &delta; &le; {shown_delta})" if eps is not None else ""
         return f'<div class="banner dp">Differentially private{budget}</div>'
     return '<div class="banner unknown">Privacy status unknown: the report does not say whether the run was DP.</div>'
 
@@ -246,9 +247,16 @@ def _audit_block(summary: dict, title: str, key: str) -> str:
                    f'(near-copies searched in {_fmt(rec.get("train"))} training records); metric {_esc(metric)}.</p>')
     mem = summary.get("memorization")
     if mem:
+        alpha = mem.get("alpha")
+        mw = (mem.get("mann_whitney") or {}).get("p_value")
+        fisher = (mem.get("near_copies") or {}).get("fisher_p_value")
+        rule = (f"it is flagged when synthetic images are closer to training than to held-out records (one-sided "
+                f"Mann-Whitney p = {_fmt(mw)}) or hold more near-copies than chance (Fisher p = {_fmt(fisher)}), "
+                f"each at p &lt; {_fmt(alpha)}; the other tests are shown for reference and do not flag")
         verdict = (f'<span class="flag">flagged: {_esc(", ".join(mem.get("flags", [])))}</span>'
                    if mem.get("flagged") else '<span class="ok">not flagged</span>')
-        out.append(f"<p>Memorization test: {verdict} (alpha = {_fmt(mem.get('alpha'))})</p>")
+        out.append(f"<p>Memorization test: {verdict}. No memorization looks like equal distances to training "
+                   f"and held-out records; {rule}.</p>")
         tr, ho = mem.get("train", {}), mem.get("heldout", {})
         rows = [("to nearest training record", tr.get("mean"), tr.get("std"), tr.get("median")),
                 ("to nearest held-out record", ho.get("mean"), ho.get("std"), ho.get("median"))]
@@ -271,6 +279,8 @@ def _audit_block(summary: dict, title: str, key: str) -> str:
     mia = summary.get("membership_inference")
     if mia:
         ci = mia.get("auc_ci95") or [None, None]
+        out.append('<p class="muted">Membership inference: an attacker calls a record a member when it lies close '
+                   "to the synthetic set. AUC 0.5 = no signal (a coin toss), 1.0 = every member found.</p>")
         out.append(_table(("membership inference (score = -distance to nearest synthetic)", "value"), [
             ("AUC", mia.get("auc")),
             ("AUC 95% bootstrap CI", _Raw(f"[{_fmt(ci[0])}, {_fmt(ci[1])}]")),

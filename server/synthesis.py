@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from common.data import ImageDataset, save_image_folder, save_npz
 from common.models import Generator
+from common.progress import progress as progress_bar
+from server.report_plots import save_class_grid
 
 
 @torch.no_grad()
@@ -24,8 +25,8 @@ def sample_generator(gen: Generator, classes: tuple[str, ...], total: int, *, se
     rng = torch.Generator(device="cpu").manual_seed(seed)
     gen = gen.to(device).eval()
     out = []
-    for start in tqdm(range(0, total, batch_size), desc="sampling synthetic set", unit="batch",
-                      disable=not progress, leave=False):
+    for start in progress_bar(range(0, total, batch_size), desc="sampling synthetic set", unit="batch",
+                      enabled=progress):
         y = torch.from_numpy(labels[start:start + batch_size]).to(device)
         z = torch.randn(len(y), gen.shape.latent_dim, generator=rng).to(device)
         out.append(((gen(z, y) + 1) / 2).clamp(0, 1).cpu().numpy())  # (b, C, H, W) in [0, 1]
@@ -56,17 +57,16 @@ def save_grids(ds: ImageDataset, out_dir: Path, per_class: int = 16) -> list[str
     """One PNG per class (``per_class`` samples) plus ``grid_all.png`` with a row per class; relative paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     scale = max(1, 64 // ds.image_shape[1])
-    names, rows = [], []
+    names = []
     for k, cls in enumerate(ds.classes):
         imgs = ds.images[ds.labels == k][:per_class]
         if len(imgs) == 0:
             continue
-        rows.append(np.concatenate([imgs, np.ones((per_class - len(imgs), *imgs.shape[1:]), np.float32)]))
         safe = "".join(ch if ch.isalnum() else "_" for ch in cls)
         image_grid(imgs, cols=min(8, per_class), scale=scale).save(out_dir / f"grid_class_{k}_{safe}.png")
         names.append(f"grids/grid_class_{k}_{safe}.png")
-    if rows:
-        image_grid(np.concatenate(rows), cols=per_class, scale=scale).save(out_dir / "grid_all.png")
+    if names:  # one row per class, labelled with the class name
+        save_class_grid(ds.images, ds.labels, ds.classes, out_dir / "grid_all.png", per_class=per_class)
         names.insert(0, "grids/grid_all.png")
     return names
 

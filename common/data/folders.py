@@ -17,8 +17,11 @@ from common.data.decode import _decode_files
 from common.data.tree import IMAGE_EXTENSIONS, _ImageFile, _Tree
 
 
-def _dataset_root(tree: _Tree, split: str) -> tuple[str, ...]:
-    """Folder (inside the tree) whose subfolders are the classes of ``split``."""
+def _dataset_root(tree: _Tree, split: str, whole: bool = False) -> tuple[str, ...]:
+    """Folder (inside the tree) whose subfolders are the classes of ``split``.
+
+    A folder without train/ and test/ subfolders is one split, 'train'; with ``whole`` it is whatever split
+    is asked for (a folder a user gives as test data is the test data)."""
     folder: tuple[str, ...] = ()
     # `tar czf data.tar.gz mydata/` wraps everything in one folder: look inside such wrappers.
     # A lone folder that directly holds images is a class folder, not a wrapper.
@@ -30,7 +33,7 @@ def _dataset_root(tree: _Tree, split: str) -> tuple[str, ...]:
         if split not in available:
             raise DataError(f"{tree.where(folder)} has no {split!r} split; available splits: {available}")
         return folder + (split,)
-    if split != "train":
+    if split != "train" and not whole:
         raise DataError(
             f"{tree.where(folder)} has no {split!r} split (no train/ and test/ subfolders, so the whole "
             f"folder is the 'train' split); pass the folder or archive holding the {split} images separately"
@@ -38,9 +41,10 @@ def _dataset_root(tree: _Tree, split: str) -> tuple[str, ...]:
     return folder
 
 
-def _load_tree(tree: _Tree, split: str, image_size: int | None, channels: int | None) -> ImageDataset:
+def _load_tree(tree: _Tree, split: str, image_size: int | None, channels: int | None,
+               whole: bool = False) -> ImageDataset:
     """Image-folder layout: class names are the sorted subfolder names."""
-    root = _dataset_root(tree, split)
+    root = _dataset_root(tree, split, whole)
     classes = tree.subdirs(root)
     if not classes:
         raise DataError(

@@ -30,6 +30,7 @@ def load_dataset(
     image_size: int | None = None,
     channels: int | None = None,
     label_from: str | None = None,
+    whole: bool = False,
 ) -> ImageDataset:
     """Load one split of a labelled image dataset.
 
@@ -45,6 +46,8 @@ def load_dataset(
         label_from: ``"utkface-gender"`` or ``"utkface-race"``: label flat UTKFace JPEGs
             (folder or archive) from their ``age_gender_race_datetime`` file names. Files with
             malformed names are skipped with a warning.
+        whole: an image folder or archive without train/ and test/ subfolders is then the requested
+            split as a whole (what a user means by "--test FOLDER"); otherwise it is only 'train'.
 
     Returns:
         The split as an :class:`ImageDataset`, ordered deterministically (by class, then file
@@ -82,7 +85,7 @@ def load_dataset(
         tree = _scan_archive(path) if is_archive else _scan_folder(path)
         return _load_utkface(tree, split, label_from, image_size, channels)
     if is_archive:
-        return _load_tree(_scan_archive(path), split, image_size, channels)
+        return _load_tree(_scan_archive(path), split, image_size, channels, whole)
     if path.is_file():
         if path.suffix.lower() == ".npz":
             return _load_npz(path, split, image_size, channels)
@@ -92,5 +95,5 @@ def load_dataset(
     if path.is_dir():
         if any(_IDX_NAME.search(p.name) for p in path.iterdir()):
             return _load_idx_folder(path, split, image_size, channels)
-        return _load_tree(_scan_folder(path), split, image_size, channels)
+        return _load_tree(_scan_folder(path), split, image_size, channels, whole)
     raise DataError(f"{path} is neither a regular file nor a folder; pass {_SUPPORTED}")

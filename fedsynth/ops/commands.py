@@ -5,12 +5,14 @@ from __future__ import annotations
 
 def add_subcommands(subparsers) -> None:
     """Register `site`, `ledger`, `coordinator`, `run` and `bundle-digest` on the `fedsynth` argparse subparsers."""
+    from fedsynth.help import HelpFormatter
     from fedsynth.ops.coordinator_cmd import cmd_coordinator
     from fedsynth.ops.ledger_cmd import cmd_ledger
     from fedsynth.ops.run_cmd import cmd_run
     from fedsynth.ops.site_cmd import cmd_site
 
-    p = subparsers.add_parser("site", help="validate a site's config and data, then run its Flower SuperNode",
+    p = subparsers.add_parser("site", formatter_class=HelpFormatter,
+        help="validate a site's config and data, then run its Flower SuperNode",
                               description="Start a site next to its private data: validates the YAML, the "
                                           "credentials and the data, then runs flower-supernode (TLS + auth) so "
                                           "that it runs only the app bundles the site approved.")
@@ -22,21 +24,24 @@ def add_subcommands(subparsers) -> None:
                         "restarted within a minute of a crash is refused until its old connection expires)")
     p.set_defaults(func=cmd_site)
 
-    p = subparsers.add_parser("ledger", help="what a site has spent and has left of its privacy budget")
+    p = subparsers.add_parser("ledger", formatter_class=HelpFormatter,
+        help="what a site has spent and has left of its privacy budget")
     p.add_argument("--config", default=None, help="a deployed site's YAML")
     p.add_argument("--state-dir", default=None, help="a folder of site state, e.g. a simulation's <out>/sites: shows "
                                                      "every ledger under it")
     p.add_argument("--json", action="store_true", help="machine-readable output (infinity as \"inf\")")
     p.set_defaults(func=cmd_ledger)
 
-    p = subparsers.add_parser("coordinator", help="run the Flower SuperLink (TLS, SuperNode auth) and register the sites")
+    p = subparsers.add_parser("coordinator", formatter_class=HelpFormatter,
+        help="run the Flower SuperLink (TLS, SuperNode auth) and register the sites")
     p.add_argument("--config", required=True, help="the coordinator's YAML (see deploy/coordinator.yaml)")
     p.add_argument("--check", action="store_true", help="only validate certificates, keys and settings")
     p.add_argument("--insecure", action="store_true", help="NO TLS and NO authentication (test networks only)")
     p.add_argument("--start-timeout", type=float, default=120.0, help="seconds to wait for the SuperLink to come up")
     p.set_defaults(func=cmd_coordinator)
 
-    p = subparsers.add_parser("run", help="submit a synthesis run to the coordinator, follow it, collect the outputs")
+    p = subparsers.add_parser("run", formatter_class=HelpFormatter,
+        help="submit a synthesis run to the coordinator, follow it, collect the outputs")
     p.add_argument("--config", required=True, help="the coordinator's YAML")
     p.add_argument("--run-config", default=None,
                    help="run settings: a .toml file or \"key=value ...\" (TOML values, strings quoted); they "
@@ -50,7 +55,8 @@ def add_subcommands(subparsers) -> None:
                    help="talk to an --insecure coordinator (default: what fedsynth coordinator started)")
     p.set_defaults(func=cmd_run)
 
-    p = subparsers.add_parser("bundle-digest", help="the digest of an app bundle, as a site checks it (default: the "
+    p = subparsers.add_parser("bundle-digest", formatter_class=HelpFormatter,
+        help="the digest of an app bundle, as a site checks it (default: the "
                                                     "bundle of this installation)")
     p.add_argument("fab", nargs="?", default=None, help="a .fab file (default: build this installation's bundle)")
     p.set_defaults(func=cmd_bundle_digest)

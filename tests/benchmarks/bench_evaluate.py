@@ -64,8 +64,7 @@ def main() -> int:
     train = load_dataset(MNIST, "train")
     test = load_dataset(MNIST, "test")
     if args.synthetic is not None:
-        npz, _ = resolve_synthetic(args.synthetic)
-        synthetic, kind = load_dataset(npz, "train"), f"run output {npz}"
+        synthetic, kind = resolve_synthetic(args.synthetic)[0], f"run output {args.synthetic}"
     else:
         synthetic, kind = _stand_in(test, args.count, seed=0), "stand-in: noisy copy of MNIST test images (sigma 0.15)"
     load_s = time.perf_counter() - t0

@@ -1,0 +1,186 @@
+"""What an operator meets: runs that mean what they say, one-line errors before any budget is spent,
+honest progress, and reports a non-expert can read."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from PIL import Image
+
+from fedsynth.cli import main
+
+FAST = ["--quiet", "--set", "gan-local-steps=3", "--set", "gan-width=16", "--set", "learner-epochs=1",
+        "--set", "synthetic-size=50", "--set", "real-baseline=false"]
+
+
+def _folder(root, mode="L", size=8, classes=("cat", "dog"), per_class=12, odd=None):
+    """An image folder root/<class>/*.png; ``odd`` = (class, mode) of one image in another mode."""
+    for cls in classes:
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.new(mode, (size, size), color=(i * 9) % 255 if mode == "L" else ((i * 9) % 255,) * 3).save(
+                root / cls / f"{i}.png")
+    if odd:
+        Image.new(odd[1], (size, size), color=(200, 10, 10)).save(root / odd[0] / "odd.png")
+    return root
+
+
+# ---- runs mean what they say -------------------------------------------------------------------------
+
+def test_a_flag_and_a_set_of_the_same_setting_must_agree(tmp_path, capsys):
+    code = main(["simulate", "--data", "digits", "--mode", "dpgan", "--set", "mode=bnstats", "--out", str(tmp_path)])
+    assert code == 2 and "--mode dpgan and --set mode=bnstats disagree" in capsys.readouterr().err
+    assert main(["simulate", "--data", "digits", "--epsilon", "5", "--set", "epsilon=5.0", "--out",
+                 str(tmp_path / "ok"), "--rounds", "1", *FAST]) == 0  # the same value twice is fine
+
+
+def test_rounds_are_the_modes_rounds(tmp_path):
+    from fedsynth.cli import build_parser, build_run_config
+
+    args = build_parser().parse_args(["simulate", "--data", "digits", "--mode", "bnstats", "--rounds", "1"])
+    cfg = build_run_config(args)
+    assert cfg.bn_rounds == 1  # in the statistics mode --rounds is its net rounds
+    code = main(["simulate", "--data", "digits", "--test", "digits", "--mode", "bnstats", "--rounds", "1",
+                 "--out", str(tmp_path), "--set", "bn-iterations=2", "--set", "bn-synth-batch=50", *FAST])
+    assert code == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["num_rounds"] == 1 and [h["round"] for h in report["rounds"]] == [1]
+
+
+def test_the_learner_has_one_default_for_runs_and_evaluate():
+    from common.config import RunConfig
+    from common.learner import LearnerConfig
+    from fedsynth.cli import build_parser
+
+    args = build_parser().parse_args(["evaluate", "--synthetic", "x", "--test", "digits", "--out", "o"])
+    assert RunConfig().learner_config() == LearnerConfig() and args.learner_lr == LearnerConfig().lr
+
+
+# ---- everything checked before any budget is spent -------------------------------------------------------
+
+def test_a_test_set_that_does_not_match_the_training_data_is_refused_before_any_site_spends(tmp_path, capsys):
+    train = _folder(tmp_path / "train", odd=("cat", "RGB"))  # one RGB image makes the set RGB
+    test = _folder(tmp_path / "test")  # all grayscale
+    code = main(["simulate", "--data", str(train), "--test", str(test), "--sites", "2", "--out", str(tmp_path / "o"),
+                 *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not match the training data" in err and "(3, 8, 8)" in err and "(1, 8, 8)" in err
+    assert not (tmp_path / "o" / "sites").exists()  # no site was asked anything
+
+
+def test_a_folder_given_as_test_data_is_the_test_data(tmp_path):
+    from common.data import DataError, load_dataset
+
+    flat = _folder(tmp_path / "flat")
+    with pytest.raises(DataError, match="no 'test' split"):
+        load_dataset(flat, "test")  # without being told, a flat folder has only its train split
+    assert len(load_dataset(flat, "test", whole=True)) == 24
+    code = main(["simulate", "--data", str(_folder(tmp_path / "train", per_class=20)), "--test", str(flat),
+                 "--sites", "2", "--rounds", "1", "--out", str(tmp_path / "o"), *FAST])
+    assert code == 0
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["utility"]["num_test"] == 24
+
+
+def test_the_same_unsplit_folder_as_data_and_test_is_refused(tmp_path, capsys):
+    flat = _folder(tmp_path / "flat")
+    code = main(["simulate", "--data", str(flat), "--test", str(flat), "--sites", "2", "--out", str(tmp_path / "o"), *FAST])
+    assert code == 2 and "the test records would be the training records" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["single-class", "cuda", "out-is-a-file"])
+def test_user_mistakes_are_one_line_and_exit_2(tmp_path, capsys, case):
+    import torch
+
+    if case == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    args = ["simulate", "--data", "digits", "--out", str(tmp_path / "o"), *FAST]
+    if case == "single-class":
+        args[2] = str(_folder(tmp_path / "one", classes=("only",)))
+    elif case == "cuda":
+        args += ["--device", "cuda"]
+    else:
+        (tmp_path / "file").write_text("x")
+        args[4] = str(tmp_path / "file")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and err.startswith("fedsynth: error:")
+
+
+def test_ledger_view_of_a_simulation_reads_and_never_writes(tmp_path, capsys):
+    assert main(["ledger", "--state-dir", str(tmp_path)]) == 0
+    assert "no ledger yet" in capsys.readouterr().out and not any(tmp_path.iterdir())
+    assert main(["simulate", "--data", "digits", "--sites", "2", "--rounds", "1", "--out", str(tmp_path / "run"),
+                 *FAST]) == 0
+    capsys.readouterr()
+    assert main(["ledger", "--state-dir", str(tmp_path / "run" / "sites")]) == 0
+    text = capsys.readouterr().out
+    assert text.count("dataset id site-") == 2 and "spent epsilon" in text
+
+
+# ---- fedsynth evaluate ------------------------------------------------------------------------------------
+
+def test_evaluate_takes_image_folders_and_refuses_a_size_mismatch_unless_asked(tmp_path, capsys, shared_data):
+    from common.data import load_dataset, save_image_folder
+
+    synthetic = tmp_path / "synthetic"
+    save_image_folder(load_dataset("digits", "train"), synthetic)  # what another tool might write: 8x8 images
+    args = ["evaluate", "--synthetic", str(synthetic), "--test", str(shared_data / "mnist"), "--out",
+            str(tmp_path / "e"), "--no-audits", "--learner-epochs", "1", "--quiet"]
+    assert main(args) == 2
+    assert "synthetic images are 8x8 but the test data is 28x28; pass --resize" in capsys.readouterr().err
+    assert main(args + ["--resize"]) == 0
+
+
+# ---- progress and the command line ----------------------------------------------------------------------
+
+def test_progress_without_a_terminal_is_a_few_log_lines(monkeypatch, capsys):
+    from common import progress as prog
+
+    monkeypatch.setattr(prog, "LOG_EVERY", 0.0)
+    bar = prog.progress(range(5), desc="round", unit="round")  # stderr is captured: not a terminal
+    assert isinstance(bar, prog.LogProgress)
+    for _ in bar:
+        pass
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("round: 5/5 round (100%)") and "ETA" in lines[-1] and "\r" not in "".join(lines)
+    monkeypatch.setattr(prog, "LOG_EVERY", 3600.0)
+    for _ in prog.progress(range(1000), desc="quiet"):
+        pass
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1  # one line at the end, not 1000 redraws
+
+
+def test_version_and_the_list_of_settings(capsys):
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("fedsynth ")
+    assert main(["settings"]) == 0
+    listing = capsys.readouterr().out
+    from common.config import describe_settings
+
+    for key, _, meaning in describe_settings():
+        assert f"  {key} = " in listing and meaning, key
+    assert main(["simulate", "--data", "digits", "--set", "help"]) == 0
+    assert "gan-local-steps = 100" in capsys.readouterr().out
+
+
+# ---- reports a non-expert can read ------------------------------------------------------------------------
+
+def test_the_report_says_what_epsilon_means_and_labels_the_sample_grid(tmp_path, monkeypatch):
+    import server.synthesis as synthesis
+    from tests.spine_helpers import fast_config, run
+
+    labelled = []
+    real_grid = synthesis.save_class_grid
+    monkeypatch.setattr(synthesis, "save_class_grid",
+                        lambda images, labels, classes, path, **kw: labelled.append(list(classes))
+                        or real_grid(images, labels, classes, path, **kw))
+    report = run(fast_config(tmp_path, num_rounds=1), k=2)
+    statement = report["privacy_statement"]
+    assert "Smaller epsilon is stronger privacy" in statement and "(10, 1e-05)" in statement
+    assert "delta)" not in statement and math.isfinite(report["delta_bound"])
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "&delta; &le; 1e-05" in html and "delta = 0" not in html.lower()
+    assert labelled == [[str(i) for i in range(10)]]  # grid_all.png: one row per class, named
+    assert (tmp_path / "out" / "grids" / "grid_all.png").exists()
