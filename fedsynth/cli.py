@@ -348,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:
         print(f"fedsynth: run failed: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # commands that save nothing worth resuming (simulate says more itself)
+        print(f"\nfedsynth: {args.command} interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
