@@ -184,3 +184,16 @@ def test_the_report_says_what_epsilon_means_and_labels_the_sample_grid(tmp_path,
     assert "&delta; &le; 1e-05" in html and "delta = 0" not in html.lower()
     assert labelled == [[str(i) for i in range(10)]]  # grid_all.png: one row per class, named
     assert (tmp_path / "out" / "grids" / "grid_all.png").exists()
+
+
+def test_site_check_and_ledger_read_without_writing_a_ledger(tmp_path, capsys):
+    import yaml
+
+    cfg = tmp_path / "site.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "a", "data": "digits", "epsilon": 5.0, "state_dir": str(tmp_path / "state"),
+                                   "coordinator": "127.0.0.1:9", "supernode_port": 39999}))
+    assert main(["site", "--config", str(cfg), "--check", "--insecure"]) == 0
+    assert "nothing released yet" in capsys.readouterr().out
+    assert main(["ledger", "--config", str(cfg)]) == 0  # "no ledger yet" is an answer, not an error
+    assert "no ledger yet" in capsys.readouterr().out
+    assert not (tmp_path / "state" / "ledger").exists()

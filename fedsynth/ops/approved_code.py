@@ -57,14 +57,26 @@ def bundle_digest(fab: bytes) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
+APP_PACKAGES = ("client", "common", "server")  # what `fab-include` in pyproject.toml puts in the bundle
+
+
 def installed_bundle(project_root: Path = PROJECT_ROOT) -> bytes:
-    """The bundle Flower builds from the installed fedsynth (what `fedsynth run` of this release submits)."""
-    from flwr.cli.build import build_fab_from_disk
+    """The bundle Flower builds from the installed fedsynth (what `fedsynth run` of this release submits).
+
+    Flower's own builder makes it, from the files it would pick from the whole tree: pyproject.toml,
+    .gitignore and the app packages (``fab-include`` keeps nothing else), so the tree's other folders
+    (a virtualenv, run outputs) need not be walked."""
+    from flwr.cli.build import build_fab_from_files
+    from flwr.cli.utils import collect_files
 
     if not (project_root / "pyproject.toml").is_file():
         raise BundleError(f"no pyproject.toml in {project_root}: fedsynth is not installed from its source tree, so "
                           "the site cannot compute its own bundle; list approved_bundles in site.yaml instead")
-    return build_fab_from_disk(project_root)
+    files: dict = {name: project_root / name for name in ("pyproject.toml", ".gitignore")
+                   if (project_root / name).is_file()}
+    for package in APP_PACKAGES:
+        files.update({f"{package}/{rel}": path for rel, path in collect_files(project_root / package).items()})
+    return build_fab_from_files(files)[0]
 
 
 def installed_bundle_digest(project_root: Path = PROJECT_ROOT) -> str:
