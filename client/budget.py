@@ -162,7 +162,8 @@ def make_plan(req: PlanRequest, *, num_records: int, delta: float, budget: float
     """The run's plan at this site (module docstring); raises :class:`Refusal` with a public reason."""
     if req.mode not in MODES:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"unknown mode {req.mode!r}")
-    if req.rounds < 0 or req.steps < 1 or req.batch_size < 1 or (req.mode == "dpgan" and req.rounds < 1):
+    if req.rounds < 0 or (req.mode == "dpgan" and req.rounds < 1) or (req.rounds and (req.steps < 1 or
+                                                                          req.batch_size < 1)):
         raise Refusal(P.REFUSED_BAD_REQUEST, "rounds, local steps and batch size must be positive")
     if req.mode == "bnstats" and req.rounds and not 0 < req.stats_share <= 1:
         raise Refusal(P.REFUSED_BAD_REQUEST, "stats-share must be in (0, 1]")

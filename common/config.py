@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 class RunConfig:
     # --- what to do -------------------------------------------------------------------------------
     mode: str = "dpgan"  # dpgan: sites train DP-GANs; bnstats: sites send DP class-wise BN statistics
-    num_rounds: int = 3  # federated rounds (generator averaging rounds in dpgan mode)
+    num_rounds: int = 0  # generator averaging rounds in dpgan mode (0 = chosen by the product, server/defaults.py)
     seed: int = 0  # seeds partitioning, initialisation, sampling and the learner
     device: str = "auto"  # auto | cpu | cuda[:N]
     experiment: str = ""  # id shared by all rounds of a run (sites key local state by it); "" = new id
@@ -51,14 +51,14 @@ class RunConfig:
     state_dir: str = ""  # simulation: root of the virtual sites' private state ("" = <out-dir>/sites)
     resume: bool = True  # continue from <out-dir>/checkpoint.pt when it exists
     # --- DP-GAN (site-side local training) -----------------------------------------------------------
-    gan_local_steps: int = 100  # discriminator DP-SGD steps per site per round
-    gan_batch_size: int = 64  # expected Poisson batch size of real records
+    gan_local_steps: int = 0  # discriminator DP-SGD steps per site per round (0 = chosen by the product)
+    gan_batch_size: int = 0  # expected Poisson batch size of real records (0 = chosen by the product)
     gan_max_grad_norm: float = 1.0  # per-sample clipping bound of the discriminator's gradient
     gan_lr_d: float = 1e-3  # > 0: Adam learning rate of the discriminator
     gan_lr_g: float = 1e-3  # > 0: Adam learning rate of the generator
     gan_latent_dim: int = 64  # >= 1: size of the generator's latent vector
-    gan_width: int = 64  # generator base width
-    gan_d_width: int = 0  # discriminator base width (0 = gan-width // 4: a small D keeps the DP noise small)
+    gan_width: int = 0  # generator base width (0 = chosen by the product from the image shape)
+    gan_d_width: int = 0  # discriminator base width (0 = chosen by the product: a small D keeps the DP noise small)
     gan_ac_weight: float = 0.3  # weight of the discriminator's auxiliary class loss (AC-GAN); 0 = projection only
     gan_mode_seeking: float = 1.0  # weight of G's mode-seeking term; 0 = off (then every image of a class looks alike)
     gan_class_histogram: bool = True  # each site draws G's labels from its own DP class histogram (label skew)
@@ -66,9 +66,9 @@ class RunConfig:
     bn_net: str = ""  # "" = train the shared net across the sites with DP-SGD; else a net file (torch state_dict)
     bn_width: int = 16  # channels of the shared net's first block
     bn_head_norm: bool = False  # also record the head input's per-position statistics (class layout; MNIST)
-    bn_rounds: int = 20  # federated DP-SGD rounds of the shared net
-    bn_local_steps: int = 3  # DP-SGD steps per site per round
-    bn_batch_size: int = 128  # expected Poisson batch size
+    bn_rounds: int = 0  # federated DP-SGD rounds of the shared net (0 = chosen by the product; none with bn-net)
+    bn_local_steps: int = 0  # DP-SGD steps per site per round (0 = chosen by the product)
+    bn_batch_size: int = 0  # expected Poisson batch size (0 = chosen by the product)
     bn_lr: float = 0.5  # > 0: SGD learning rate of the shared net's DP-SGD
     bn_max_grad_norm: float = 1.0  # > 0: per-sample clipping bound of the shared net's DP-SGD
     bn_stats_share: float = 0.3  # the statistics release alone costs this share of epsilon; DP-SGD the rest (all with bn-net)
@@ -83,7 +83,7 @@ class RunConfig:
     bn_w_tv: float = 1.0  # total-variation image prior
     bn_w_l2: float = 0.0  # L2 image prior
     # --- synthesis and the central learner -----------------------------------------------------------
-    synthetic_size: int = 2000  # labelled images sampled at the end (balanced over classes)
+    synthetic_size: int = 0  # labelled images made at the end, balanced over classes (0 = chosen by the product)
     learner: str = LearnerConfig.name  # cnn | mlp | logreg (common.learner holds the learner's defaults)
     learner_epochs: int = LearnerConfig.epochs  # >= 1: passes of the learner over the synthetic set
     learner_lr: float = LearnerConfig.lr  # > 0: the learner's peak learning rate (AdamW, one-cycle)
@@ -134,22 +134,21 @@ class RunConfig:
                 raise ConfigError(msg)
 
         need(self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got '{self.mode}'")
-        need(self.num_rounds >= 1, f"num-rounds must be >= 1, got {self.num_rounds}")
+        need(self.num_rounds >= 0, f"num-rounds must be >= 1 (or 0: chosen by the product), got {self.num_rounds}")
         need(self.epsilon > 0, f"epsilon must be > 0 (or inf for a non-private run), got {self.epsilon}")
         need(0 <= self.delta < 1, f"delta must be in [0, 1), got {self.delta} (0 = per-site default)")
         need(self.round_timeout > 0, f"round-timeout must be > 0 seconds, got {self.round_timeout}")
         need(0 < self.quorum <= 1, f"quorum is a fraction of sites in (0, 1], got {self.quorum}")
-        need(self.gan_local_steps >= 1, f"gan-local-steps must be >= 1, got {self.gan_local_steps}")
-        need(self.gan_batch_size >= 1, f"gan-batch-size must be >= 1, got {self.gan_batch_size}")
+        need(self.gan_local_steps >= 0, f"gan-local-steps must be >= 1 (or 0: auto), got {self.gan_local_steps}")
+        need(self.gan_batch_size >= 0, f"gan-batch-size must be >= 1 (or 0: auto), got {self.gan_batch_size}")
         need(self.gan_max_grad_norm > 0, f"gan-max-grad-norm must be > 0, got {self.gan_max_grad_norm}")
         need(self.gan_lr_d > 0 and self.gan_lr_g > 0, "gan-lr-d and gan-lr-g must be > 0")
-        need(self.gan_latent_dim >= 1 and self.gan_width >= 4, "gan-latent-dim >= 1 and gan-width >= 4")
+        need(self.gan_latent_dim >= 1 and (self.gan_width >= 4 or self.gan_width == 0),
+             "gan-latent-dim >= 1 and gan-width >= 4 (or 0: chosen by the product)")
         need(self.gan_d_width >= 0 and self.gan_ac_weight >= 0 and self.gan_mode_seeking >= 0,
              "gan-d-width, gan-ac-weight and gan-mode-seeking must be >= 0")
-        need(self.bn_width >= 1 and self.bn_rounds >= 0 and self.bn_local_steps >= 1 and self.bn_batch_size >= 1,
-             "bn-width, bn-local-steps and bn-batch-size must be >= 1 and bn-rounds >= 0")
-        need(self.bn_net != "" or self.bn_rounds >= 1,
-             "bn-rounds must be >= 1 unless bn-net names a net file the coordinator provides")
+        need(self.bn_width >= 1 and self.bn_rounds >= 0 and self.bn_local_steps >= 0 and self.bn_batch_size >= 0,
+             "bn-width must be >= 1; bn-rounds, bn-local-steps and bn-batch-size >= 1 (or 0: chosen by the product)")
         try:
             clips = ([float(c) for c in self.bn_layer_clips.split(",")]
                      if self.bn_layer_clips and self.bn_layer_clips.strip() != "auto" else [])
@@ -163,7 +162,7 @@ class RunConfig:
              "bn-iterations, bn-synth-batch and bn-synth-lr must be positive")
         need(2 <= self.audit_records <= AUDIT_MAX_IMAGES,
              f"audit-records must be in 2..{AUDIT_MAX_IMAGES}, got {self.audit_records}")
-        need(self.synthetic_size >= 1, f"synthetic-size must be >= 1, got {self.synthetic_size}")
+        need(self.synthetic_size >= 0, f"synthetic-size must be >= 1 (or 0: auto), got {self.synthetic_size}")
         need(self.image_size == 0 or self.image_size >= 8, f"image-size must be 0 or >= 8, got {self.image_size}")
         need(self.label_from in ("", "utkface-gender", "utkface-race"),
              f"label-from must be '', 'utkface-gender' or 'utkface-race', got '{self.label_from}'")

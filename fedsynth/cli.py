@@ -264,10 +264,10 @@ def _add_run_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help=f"epsilon per site for this run; inf = no DP, NOT private (default: {RunConfig.epsilon:g})")
     p.add_argument("--out", default="runs/demo" if demo else "runs/latest", help="output directory")
     p.add_argument("--rounds", type=int, default=None,
-                   help=f"federated rounds of the mode: num-rounds for dpgan (default {RunConfig.num_rounds}), "
-                        f"bn-rounds for bnstats (default {RunConfig.bn_rounds})")
+                   help="federated rounds of the mode: num-rounds for dpgan, bn-rounds for bnstats (default: "
+                        "chosen by the product from the data's shape, server/defaults.py)")
     p.add_argument("--synthetic-size", type=int, default=None,
-                   help=f"number of synthetic images (default: {RunConfig.synthetic_size})")
+                   help="number of synthetic images (default: chosen by the product, by the number of classes)")
     p.add_argument("--seed", type=int, default=None, help=f"seed (default: {RunConfig.seed})")
     p.add_argument("--device", default=None, help="auto, cpu or cuda (default: auto: the GPU when one is present)")
     p.add_argument("--engine", default="inprocess", choices=["inprocess", "flower"],

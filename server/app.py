@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
 from common.device import pick_device
+from server.defaults import resolve as resolve_defaults
 from server.federated_eval import federated_evaluate
 from server.learn import learn_and_test, load_test_data
 from server.modes import bnstats, dpgan
@@ -38,6 +39,7 @@ def run_coordinator(grid: Grid, context: Context) -> dict:
     start = time.perf_counter()
     with run.timed("discover"):
         sites, schema = discover_sites(grid, cfg)
+    cfg, chosen = resolve_defaults(cfg, schema, len(sites))  # settings left at 0: the product's rules
     log.info("run %s%s: %d site(s) (%s); images %dx%dx%d, %d classes; mode %s, epsilon %s per site",
              run.experiment, " (resumed)" if run.resumed else "", len(sites), ", ".join(s.name for s in sites.values()),
              *schema.image_shape, len(schema.classes), cfg.mode, cfg.epsilon)
@@ -51,6 +53,7 @@ def run_coordinator(grid: Grid, context: Context) -> dict:
         audits = request_site_audits(grid, cfg, run, sites, synth) if cfg.site_audits else {}
     run.timings["total"] = time.perf_counter() - start
     report = build_report(cfg, run, sites, history, utility, fed_eval, audits, synth_info, device)
+    report["settings_chosen"] = [{"setting": c.setting, "value": c.value, "reason": c.reason} for c in chosen]
     write_report(report, run.out_dir)
     log.info("wrote %s", run.out_dir / "report.json")
     return report

@@ -368,6 +368,12 @@ def render_report(report: dict, out_dir: Path) -> Path:
         parts.append(_site_audits_section(report["site_audits"]))
     if report.get("sweep"):
         parts.append(_sweep_section(report["sweep"]))
+    if report.get("settings_chosen"):
+        rows = [(c["setting"], c["value"], c["reason"]) for c in report["settings_chosen"]]
+        parts.append("<h2>Settings the product chose</h2>"
+                     '<p class="muted">Left at 0 (auto), these were chosen from the image shape, the classes and the '
+                     "number of sites only (server/defaults.py); set them with --set to override.</p>"
+                     + _table(("setting", "value", "why"), rows, table_id="settings-chosen"))
     if isinstance(report.get("timings"), dict) and report["timings"]:
         parts.append("<h2>Timings</h2>" + _table(("phase", "seconds"), sorted(report["timings"].items()),
                                                  table_id="timings"))

@@ -91,7 +91,11 @@ def test_every_recipe_is_a_valid_run_config(run_grid) -> None:
         for mode in ("dpgan", "bnstats"):
             for eps in (1.0, 10.0, math.inf):
                 point = run_grid.GridPoint(name, mode, eps, 3, "dirichlet:0.5")
-                RunConfig.from_mapping(run_grid.recipe_settings(point, {}))
+                for recipe in ("", *run_grid.RECIPES):
+                    RunConfig.from_mapping(run_grid.recipe_settings(point, {}, recipe))
+    # without a recipe a grid point is the product's defaults: only what describes the data is set
+    defaults = run_grid.recipe_settings(run_grid.GridPoint("mnist", "dpgan", 10.0, 3, "iid"), {})
+    assert set(defaults) == {"real-baseline", "progress"}
 
 
 def test_the_grid_datasets_load(shared_data: Path, run_grid) -> None:

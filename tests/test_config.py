@@ -20,7 +20,7 @@ def test_pyproject_run_config_matches_runconfig_defaults():
 
 @pytest.mark.parametrize("raw, needle", [
     ({"nmu-rounds": 3}, "unknown run setting 'nmu-rounds'"),
-    ({"num-rounds": 0}, "num-rounds must be >= 1"),
+    ({"num-rounds": -1}, "num-rounds must be >= 1"),
     ({"num-rounds": 2.5}, "must be an integer"),
     ({"epsilon": -1}, "epsilon must be > 0"),
     ({"epsilon": "lots"}, "must be a number"),

@@ -162,7 +162,7 @@ def test_version_and_the_list_of_settings(capsys):
     for key, _, meaning in describe_settings():
         assert f"  {key} = " in listing and meaning, key
     assert main(["simulate", "--data", "digits", "--set", "help"]) == 0
-    assert "gan-local-steps = 100" in capsys.readouterr().out
+    assert "gan-local-steps = 0" in capsys.readouterr().out
 
 
 # ---- reports a non-expert can read ------------------------------------------------------------------------
