@@ -10,6 +10,7 @@ None of it ever crosses the federation.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ from client.ledger import PrivacyLedger
 from common.audits import site_audit_summary
 from common.config import ConfigError, RunConfig
 from common.data import DataError, ImageDataset, describe, load_dataset
+from common.files import atomic_write_json
 from common.learner import evaluate_learner, train_learner
 from common.partition import parse_partition, partition_indices
 
@@ -51,6 +53,19 @@ def check_data(cfg: RunConfig, sites: int) -> ImageDataset:
                               f"not match the training data ({data.image_shape}, classes {list(data.classes)}); both "
                               "need the same image shape and class list (set image-size, or convert the images)")
     return data
+
+
+def check_same_data(cfg: RunConfig, data: ImageDataset, sites: int) -> None:
+    """A run resumed in its out-dir must see the same data and sites it started with (the coordinator checks
+    the settings; only the simulation's owner can check the data's content)."""
+    path = Path(cfg.out_dir) / "simulation.json"
+    ours = {"data_fingerprint": data.fingerprint()[:16], "sites": sites}
+    if path.exists() and cfg.resume:
+        theirs = json.loads(path.read_text())
+        if theirs != ours:
+            raise ConfigError(f"{cfg.out_dir} holds a run over other data or another number of sites ({theirs} now "
+                              f"{ours}); give a new --out for a new run, or --set resume=false to start over in it")
+    atomic_write_json(path, ours)
 
 
 def site_nodes(cfg: RunConfig, sites: int) -> list[dict]:
@@ -124,6 +139,7 @@ def simulate(cfg: RunConfig, sites: int, engine: str = "inprocess", progress: bo
     if sites < 1:
         raise ConfigError(f"--sites must be >= 1, got {sites}")
     data = check_data(cfg, sites)
+    check_same_data(cfg, data, sites)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     cfg.progress = progress
     if engine == "flower":

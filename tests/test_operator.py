@@ -197,3 +197,16 @@ def test_site_check_and_ledger_read_without_writing_a_ledger(tmp_path, capsys):
     assert main(["ledger", "--config", str(cfg)]) == 0  # "no ledger yet" is an answer, not an error
     assert "no ledger yet" in capsys.readouterr().out
     assert not (tmp_path / "state" / "ledger").exists()
+
+
+def test_a_simulation_resumed_over_other_data_is_refused(tmp_path, capsys):
+    from common.data import load_dataset, save_npz
+
+    data = tmp_path / "data.npz"
+    save_npz(load_dataset("digits", "train"), data)
+    args = ["simulate", "--data", str(data), "--sites", "2", "--rounds", "1", "--out", str(tmp_path / "o"), *FAST]
+    assert main(args) == 0
+    digits = load_dataset("digits", "train")
+    save_npz(digits.subset(range(len(digits) - 1)), data)  # the same file name, one record fewer
+    capsys.readouterr()
+    assert main(args) == 2 and "holds a run over other data" in capsys.readouterr().err
