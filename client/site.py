@@ -172,7 +172,7 @@ def open_ledger(site: SiteSettings, data: ImageDataset, *, create: bool = True) 
     adding or removing records must never give the records already there a fresh budget.
     """
     path = site.ledger_path
-    legacy = site.state_dir / "ledger" / f"{data.fingerprint()[:16]}.jsonl"
+    legacy = site.state_dir / "ledger" / f"{data_fingerprint(data)}.jsonl"
     if create and not path.exists() and legacy.exists():
         legacy.rename(path)
         log.warning("[%s] took over the privacy ledger %s as the ledger of dataset id '%s'", site.name, legacy.name,
