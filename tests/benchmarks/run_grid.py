@@ -208,6 +208,8 @@ def run_point(point: GridPoint, *, out_root: Path, results: Path, data_root: Pat
                 "--seed", str(learner.seed), "--max-audit-records", "2000"]
     if spec.label_from:
         eval_cmd += ["--label-from", spec.label_from]
+    if spec.image_size:  # the sites resized their images; the real data is resized the same way
+        eval_cmd += ["--resize"]
     if baseline_cache.is_file():
         eval_cmd += ["--real-baseline-from", str(baseline_cache)]
     record["commands"]["evaluate"] = " ".join(eval_cmd)
