@@ -97,7 +97,8 @@ def handle_evaluation(msg: Message, context: Context, site: SiteSettings) -> Mes
     data, heldout, ledger, index = _open_query(site, site.evaluation, "evaluation", "evaluation", req.experiment)
     check_schema(heldout, req.channels, req.height, req.width, req.num_classes)
     try:
-        model = build_learner(req.learner, (req.channels, req.height, req.width), req.num_classes)
+        model = build_learner(req.learner, (req.channels, req.height, req.width), req.num_classes,
+                              allow_import=False)  # never import code the coordinator names
     except ValueError as err:
         raise Refusal(P.REFUSED_BAD_REQUEST, str(err)) from None
     problems = P.check_arrays(req.classifier, P.state_spec(model.state_dict()))

@@ -15,7 +15,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-from common.learner import LEARNERS, LearnerConfig
+from common.learner import LEARNERS, LearnerConfig, learner_factory
 from common.models import GanShape
 from common.protocol import AUDIT_MAX_IMAGES
 
@@ -84,7 +84,7 @@ class RunConfig:
     bn_w_l2: float = 0.0  # L2 image prior
     # --- synthesis and the central learner -----------------------------------------------------------
     synthetic_size: int = 0  # labelled images made at the end, balanced over classes (0 = chosen by the product)
-    learner: str = LearnerConfig.name  # cnn | mlp | logreg (common.learner holds the learner's defaults)
+    learner: str = LearnerConfig.name  # cnn | mlp | logreg, or your own as package.module:factory (common.learner)
     learner_epochs: int = LearnerConfig.epochs  # >= 1: passes of the learner over the synthetic set
     learner_lr: float = LearnerConfig.lr  # > 0: the learner's peak learning rate (AdamW, one-cycle)
     learner_batch_size: int = LearnerConfig.batch_size  # >= 1: the learner's batch size
@@ -166,7 +166,13 @@ class RunConfig:
         need(self.image_size == 0 or self.image_size >= 8, f"image-size must be 0 or >= 8, got {self.image_size}")
         need(self.label_from in ("", "utkface-gender", "utkface-race"),
              f"label-from must be '', 'utkface-gender' or 'utkface-race', got '{self.label_from}'")
-        need(self.learner in LEARNERS, f"learner must be one of {', '.join(LEARNERS)}, got '{self.learner}'")
+        try:
+            learner_factory(self.learner)
+        except ValueError as err:
+            raise ConfigError(f"learner: {err}") from None
+        need(not (self.site_evaluation and self.learner not in LEARNERS),
+             f"site-evaluation needs a built-in learner ({', '.join(LEARNERS)}): a site never imports code the "
+             f"coordinator names, so it cannot build '{self.learner}'; turn site-evaluation off or use a built-in one")
         need(self.learner_epochs >= 1, f"learner-epochs must be >= 1, got {self.learner_epochs}")
         need(self.learner_batch_size >= 1, f"learner-batch-size must be >= 1, got {self.learner_batch_size}")
         need(self.learner_lr > 0, f"learner-lr must be > 0, got {self.learner_lr}")

@@ -7,8 +7,11 @@ Sites use :func:`evaluate_learner` to score the central classifier on their own 
 
 from __future__ import annotations
 
+import importlib
 import math
+import re
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,7 +22,8 @@ from common.data import ImageDataset
 from common.device import pick_device
 from common.progress import progress as progress_bar
 
-LEARNERS = ("cnn", "mlp", "logreg")
+LEARNERS = ("cnn", "mlp", "logreg")  # built in; a user's own learner is named "package.module:factory"
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 @dataclass
@@ -27,7 +31,7 @@ class LearnerConfig:
     """Model and hyper-parameters of the central learner: THE defaults, used by runs (run config keys
     ``learner-*``, whose defaults are these) and by ``fedsynth evaluate`` alike."""
 
-    name: str = "cnn"  # cnn | mlp | logreg
+    name: str = "cnn"  # cnn | mlp | logreg | package.module:factory (your own, see learner_factory)
     epochs: int = 10
     lr: float = 2e-3
     batch_size: int = 128
@@ -35,8 +39,7 @@ class LearnerConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.name not in LEARNERS:
-            raise ValueError(f"unknown learner '{self.name}': choose one of {', '.join(LEARNERS)}")
+        learner_factory(self.name)  # unknown names and unimportable factories are refused here
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError(f"learner epochs, batch size and lr must be positive, got {asdict(self)}")
 
@@ -98,16 +101,70 @@ class LogReg(nn.Module):
         return self.head(self.flatten(x))
 
 
-def build_learner(name: str, image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """Instantiate the learner ``name`` for images of ``image_shape`` (C, H, W)."""
-    c, h, w = image_shape
-    if name == "cnn":
-        return ConvNet(c, num_classes, min(h, w))
-    if name == "mlp":
-        return MLP(c * h * w, num_classes)
-    if name == "logreg":
+def _builtin(name: str) -> Callable[[tuple[int, int, int], int], nn.Module]:
+    def make(image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+        c, h, w = image_shape
+        if name == "cnn":
+            return ConvNet(c, num_classes, min(h, w))
+        if name == "mlp":
+            return MLP(c * h * w, num_classes)
         return LogReg(c * h * w, num_classes)
-    raise ValueError(f"unknown learner '{name}': choose one of {', '.join(LEARNERS)}")
+    return make
+
+
+def learner_factory(name: str, *, allow_import: bool = True) -> Callable[[tuple[int, int, int], int], nn.Module]:
+    """The function that builds learner ``name``: a built-in one, or the user's ``package.module:factory``.
+
+    A user's factory is called as ``factory(image_shape, num_classes)`` with ``image_shape`` = (C, H, W) and
+    must return a ``torch.nn.Module`` mapping a batch (B, C, H, W) scaled to [-1, 1] to logits (B, K); a
+    ``features(x)`` method, if it has one, gives the feature-space audits their embedding (otherwise the
+    input of its last linear layer is used). ``allow_import=False`` accepts built-in names only: a site
+    never imports code a coordinator names (it would run code its operator did not approve).
+    """
+    if name in LEARNERS:
+        return _builtin(name)
+    if not allow_import:
+        raise ValueError(f"learner '{name}' is not built in ({', '.join(LEARNERS)}); this side only runs built-in "
+                         "learners")
+    if not _FACTORY.match(name):
+        raise ValueError(f"unknown learner '{name}': choose one of {', '.join(LEARNERS)}, or name your own as "
+                         "'package.module:factory'")
+    module_name, attr = name.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # ImportError, or the module failed while importing
+        raise ValueError(f"learner '{name}': cannot import '{module_name}' ({type(err).__name__}: {err}); install the "
+                         "package in this environment or fix the name") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"learner '{name}': '{module_name}' has no function '{attr}'")
+    return factory
+
+
+def build_learner(name: str, image_shape: tuple[int, int, int], num_classes: int, *,
+                  allow_import: bool = True) -> nn.Module:
+    """Instantiate the learner ``name`` for images of ``image_shape`` (C, H, W)."""
+    model = learner_factory(name, allow_import=allow_import)(tuple(image_shape), num_classes)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"learner '{name}' returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def check_learner(name: str, image_shape: tuple[int, int, int], num_classes: int) -> None:
+    """Build learner ``name`` and run two dummy images through it: (2, K) logits, or a ValueError saying why.
+
+    Called before any site is asked for anything, so a learner that does not fit the data fails in
+    seconds instead of after the sites spent their budget."""
+    model = build_learner(name, image_shape, num_classes)
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(2, *image_shape))
+    except Exception as err:
+        raise ValueError(f"learner '{name}' fails on images of shape {tuple(image_shape)} (C, H, W): "
+                         f"{type(err).__name__}: {err}") from None
+    if tuple(out.shape) != (2, num_classes):
+        raise ValueError(f"learner '{name}' returns outputs of shape {tuple(out.shape[1:])} per image for "
+                         f"{num_classes} classes; it must return (batch, {num_classes}) logits")
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +195,7 @@ def train_learner(train: ImageDataset, cfg: LearnerConfig, *, device: torch.devi
         total, count = 0.0, 0
         for start in range(0, len(train), cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
-            if len(idx) < 2 and cfg.name == "cnn":  # BatchNorm cannot train on a single image
+            if len(idx) < 2:  # BatchNorm (in the CNN, maybe in a user's learner) cannot train on one image
                 continue
             xb = _normalize(x_all[idx].to(dev))
             yb = y_all[idx].to(dev)
@@ -173,8 +230,24 @@ def predict(model: nn.Module, images: np.ndarray, *, device: torch.device | str 
 
 def extract_features(model: nn.Module, images: np.ndarray, *, device: torch.device | str | None = None,
                      batch_size: int = 1024) -> np.ndarray:
-    """Penultimate-layer features (N, F) of the learner, for feature-space privacy audits."""
-    return np.concatenate(_batched(lambda m, x: m.features(x), model, images, device, batch_size)).astype(np.float32)
+    """Penultimate-layer features (N, F) of the learner, for feature-space privacy audits.
+
+    The learner's ``features`` method, or (a user's learner without one) the input of its last linear layer."""
+    if hasattr(model, "features"):
+        embed = lambda m, x: m.features(x)  # noqa: E731
+    else:
+        last = [mod for mod in model.modules() if isinstance(mod, nn.Linear)]
+        if not last:
+            raise ValueError("this learner has neither a features() method nor a linear layer to embed images with")
+        def embed(m, x):
+            seen = []
+            handle = last[-1].register_forward_hook(lambda mod, inp, out: seen.append(inp[0].flatten(1)))
+            try:
+                m(x)
+            finally:
+                handle.remove()
+            return seen[0]
+    return np.concatenate(_batched(embed, model, images, device, batch_size)).astype(np.float32)
 
 
 def evaluate_learner(model: nn.Module, test: ImageDataset, *, device: torch.device | str | None = None) -> dict:

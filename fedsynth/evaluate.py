@@ -39,6 +39,7 @@ from common.device import pick_device
 from common.learner import (
     LEARNERS,
     LearnerConfig,
+    check_learner,
     evaluate_learner,
     extract_features,
     train_learner,
@@ -230,8 +231,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "reuse its real-data learner instead of training it again (sweeps)")
     parser.add_argument("--out", required=True, type=Path, help="output folder for report.json and report.html")
     defaults = LearnerConfig()
-    parser.add_argument("--learner", default=defaults.name, choices=LEARNERS,
-                        help=f"central learner, the same for synthetic and real data (default: {defaults.name})")
+    parser.add_argument("--learner", default=defaults.name,
+                        help=f"central learner, the same for synthetic and real data: {', '.join(LEARNERS)} or your own "
+                             f"as package.module:factory (default: {defaults.name})")
     parser.add_argument("--learner-epochs", type=int, default=defaults.epochs,
                         help=f"training epochs of the learner (default: {defaults.epochs})")
     parser.add_argument("--learner-lr", type=float, default=defaults.lr,
@@ -319,6 +321,7 @@ def main(args: argparse.Namespace) -> int:
         learner = LearnerConfig(name=args.learner, epochs=args.learner_epochs, lr=args.learner_lr,
                                 batch_size=args.learner_batch_size, seed=args.seed)
         learner.validate()
+        check_learner(learner.name, test.image_shape, test.num_classes)
         real_result = (load_real_baseline(args.real_baseline_from, test=test, train=train, learner=learner)
                        if args.real_baseline_from else None)
         device = pick_device(args.device)

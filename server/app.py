@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
 from common.device import pick_device
+from common.learner import check_learner
 from server.defaults import resolve as resolve_defaults
 from server.federated_eval import federated_evaluate
 from server.learn import learn_and_test, load_test_data
@@ -23,7 +24,7 @@ from server.modes import bnstats, dpgan
 from server.report import build_report, write_report
 from server.run_state import open_run
 from server.site_audits import request_site_audits
-from server.sites import discover_sites
+from server.sites import RunFailed, discover_sites
 from server.synthesis import save_synthetic
 
 log = logging.getLogger("fedsynth.coordinator")
@@ -44,6 +45,10 @@ def run_coordinator(grid: Grid, context: Context) -> dict:
              run.experiment, " (resumed)" if run.resumed else "", len(sites), ", ".join(s.name for s in sites.values()),
              *schema.image_shape, len(schema.classes), cfg.mode, cfg.epsilon)
     test = load_test_data(cfg, schema)  # checked before any site spends anything
+    try:  # so is the learner: a user's own must fit the sites' images
+        check_learner(cfg.learner, schema.image_shape, len(schema.classes))
+    except ValueError as err:
+        raise RunFailed(str(err)) from None
     synth, history = MODE_MODULES[cfg.mode].collect_and_synthesize(grid, cfg, run, sites, schema, device)
     synth_info = save_synthetic(synth, run.out_dir)
     model, utility = learn_and_test(cfg, run, synth, test, device)

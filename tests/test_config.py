@@ -27,7 +27,7 @@ def test_pyproject_run_config_matches_runconfig_defaults():
     ({"mode": "vae"}, "mode must be one of"),
     ({"partition": "dirichlet"}, "partition"),
     ({"quorum": 0}, "quorum"),
-    ({"learner": "resnet"}, "learner must be one of"),
+    ({"learner": "resnet"}, "learner: unknown learner .resnet.: choose one of"),
     ({"resume": "maybe"}, "true or false"),
 ])
 def test_bad_settings_are_refused_with_the_setting_named(raw, needle):

@@ -6,6 +6,7 @@
    answer is noisy and charged, a cap per run stops repeats, and the attack rebuilds nothing.
 3. Probe the held-out records through federated evaluation (class counts, membership of one record)
    -> refused by default; when allowed, noisy, charged and capped, and the probes learn (almost) nothing.
+   Name a learner module for the site to import (code its operator never approved) -> refused, not imported.
 4. Read a site's record count -> never sent (test_protocol checks every reply of real runs).
 5. Read the discriminator's loss on real records -> no longer sent (test_protocol: no undeclared field).
 6. Reset a site's budget by changing its data -> the ledger follows the declared dataset id.
@@ -336,6 +337,26 @@ def test_evaluation_probes_learn_nothing_exact_about_held_out_records(tmp_path):
     accuracy = (guesses[1000].sum() + (~guesses[1001]).sum()) / 120
     assert accuracy < 0.7  # about a coin toss (exact answers: 1.0)
     assert len([e for e in charges(tmp_path, "member")[0] if e["purpose"] == "evaluation"]) == 1 + 10 + 60
+
+
+def test_a_site_never_imports_a_learner_the_coordinator_names(tmp_path):
+    import sys
+
+    # a module that would run at import: if the site imported it, the marker would be written
+    rogue = tmp_path / "rogue_learner_pkg"
+    rogue.mkdir()
+    marker = tmp_path / "imported"
+    (rogue / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\ndef net(s, k):\n    return None\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        node = deployed_site(tmp_path, heldout=DIGITS_TEST, evaluation=True)
+        grid = LocalGrid(client_app, [node], fast_config(tmp_path).to_flwr())
+        reply = _evaluation(grid, 1000, _constant_model(0), "rogue_learner_pkg:net", "x")
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST and "not built in" in reply.error.reason
+    assert not marker.exists()  # nothing the coordinator named was imported
+    assert not [e for e in charges(tmp_path, "site-a")[0] if e["purpose"] == "evaluation"]  # nothing charged
 
 
 # ================================================================================================
