@@ -22,7 +22,6 @@ from common.data import ImageDataset
 from common.device import pick_device
 from common.progress import progress as progress_bar
 
-LEARNERS = ("cnn", "mlp", "logreg")  # built in; a user's own learner is named "package.module:factory"
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -101,15 +100,14 @@ class LogReg(nn.Module):
         return self.head(self.flatten(x))
 
 
-def _builtin(name: str) -> Callable[[tuple[int, int, int], int], nn.Module]:
-    def make(image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-        c, h, w = image_shape
-        if name == "cnn":
-            return ConvNet(c, num_classes, min(h, w))
-        if name == "mlp":
-            return MLP(c * h * w, num_classes)
-        return LogReg(c * h * w, num_classes)
-    return make
+# The built-in learners, by name: (image_shape (C, H, W), num_classes) -> model. A user's own learner is
+# named "package.module:factory" instead (learner_factory).
+_BUILT_IN: dict[str, Callable[[tuple[int, int, int], int], nn.Module]] = {
+    "cnn": lambda shape, k: ConvNet(shape[0], k, min(shape[1:])),
+    "mlp": lambda shape, k: MLP(math.prod(shape), k),
+    "logreg": lambda shape, k: LogReg(math.prod(shape), k),
+}
+LEARNERS = tuple(_BUILT_IN)
 
 
 def learner_factory(name: str, *, allow_import: bool = True) -> Callable[[tuple[int, int, int], int], nn.Module]:
@@ -121,8 +119,8 @@ def learner_factory(name: str, *, allow_import: bool = True) -> Callable[[tuple[
     input of its last linear layer is used). ``allow_import=False`` accepts built-in names only: a site
     never imports code a coordinator names (it would run code its operator did not approve).
     """
-    if name in LEARNERS:
-        return _builtin(name)
+    if name in _BUILT_IN:
+        return _BUILT_IN[name]
     if not allow_import:
         raise ValueError(f"learner '{name}' is not built in ({', '.join(LEARNERS)}); this side only runs built-in "
                          "learners")

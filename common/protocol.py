@@ -223,7 +223,7 @@ def stats_layers(release: Mapping[str, Any]) -> list[str]:
 class EvaluationRequest(Message):
     MESSAGE_TYPE: ClassVar[str] = EVALUATE_CLASSIFIER
     experiment: str
-    learner: str
+    learner: str  # a built-in learner's name: a site never imports a module the coordinator names
     channels: int
     height: int
     width: int

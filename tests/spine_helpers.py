@@ -13,6 +13,11 @@ from fedsynth.localgrid import run_inprocess
 from server.app import run_coordinator
 
 
+# `fedsynth simulate` flags that make a CLI run take seconds on digits (tests of the command line)
+FAST_CLI = ["--quiet", "--set", "gan-local-steps=3", "--set", "gan-width=16", "--set", "learner-epochs=1",
+            "--set", "synthetic-size=50", "--set", "real-baseline=false"]
+
+
 def fast_config(tmp: Path, **overrides: Any) -> RunConfig:
     base = dict(out_dir=str(tmp / "out"), state_dir=str(tmp / "sites"), num_rounds=2, gan_local_steps=4,
                 gan_batch_size=32, gan_width=16, gan_latent_dim=16, synthetic_size=100, learner_epochs=1,

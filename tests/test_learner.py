@@ -11,10 +11,9 @@ from common.config import ConfigError, RunConfig
 from common.data import load_dataset
 from common.learner import LearnerConfig, build_learner, check_learner, extract_features, learner_factory, train_learner
 from fedsynth.cli import main
+from tests.spine_helpers import FAST_CLI as FAST
 
 USER = "tests.user_learner:tiny_cnn"
-FAST = ["--quiet", "--set", "gan-local-steps=3", "--set", "gan-width=16", "--set", "learner-epochs=1",
-        "--set", "synthetic-size=50", "--set", "real-baseline=false"]
 
 
 @pytest.mark.parametrize("name, says", [

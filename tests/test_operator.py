@@ -10,9 +10,7 @@ import pytest
 from PIL import Image
 
 from fedsynth.cli import main
-
-FAST = ["--quiet", "--set", "gan-local-steps=3", "--set", "gan-width=16", "--set", "learner-epochs=1",
-        "--set", "synthetic-size=50", "--set", "real-baseline=false"]
+from tests.spine_helpers import FAST_CLI as FAST
 
 
 def _folder(root, mode="L", size=8, classes=("cat", "dog"), per_class=12, odd=None):
