@@ -7,7 +7,8 @@ Per round, in this order (each step before the next):
 4. the round's DP-SGD steps -- and, at the site's first round of the run, the census -- are charged
    in the ledger (an interrupted attempt of the same round reuses its charge);
 5. D trains from its state after the previous round; the reply and D's new state are saved together;
-6. the reply carries the generator, the census weight and G's mean loss, nothing else.
+6. the reply carries the generator, the census (noisy class histogram) and its sum as the FedAvg weight,
+   and G's mean loss, nothing else.
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ def handle_train_gan(msg: Message, context: Context, site: SiteSettings) -> Mess
     log.info("[%s] round %d trained in %.1f s (D loss %.3f, G loss %.3f)", site.name, rnd, metrics["train-seconds"],
              metrics["d-loss"], metrics["g-loss"])
     reply = {"generator": {k: v.to(torch.float32).contiguous() for k, v in new_state.items()},
+             "census": {"counts": torch.tensor(census, dtype=torch.float32)},  # (K,)
              "weight": census_weight(census), "g_loss": float(metrics["g-loss"])}
     save_reply(_round_file(folder, rnd), {"reply": reply, "d_state": d_state})
     return P.GanTrainReply(**reply).as_reply(msg)

@@ -20,6 +20,7 @@ from common.models import GanShape
 from common.protocol import AUDIT_MAX_IMAGES
 
 MODES = ("dpgan", "bnstats")
+GAN_SAMPLE_FROM = ("sites", "average")  # where the DP-GAN mode samples the synthetic set from (server.synthesis)
 
 
 class ConfigError(ValueError):
@@ -62,6 +63,7 @@ class RunConfig:
     gan_ac_weight: float = 0.3  # weight of the discriminator's auxiliary class loss (AC-GAN); 0 = projection only
     gan_mode_seeking: float = 1.0  # weight of G's mode-seeking term; 0 = off (then every image of a class looks alike)
     gan_class_histogram: bool = True  # each site draws G's labels from its own DP class histogram (label skew)
+    gan_sample_from: str = "sites"  # sites: class c from each site's last generator in proportion to its noisy count of c; average: from the averaged generator
     # --- BN statistics (shared GroupNorm net, federated DP-SGD, one DP statistics release per site) ----
     bn_net: str = ""  # "" = train the shared net across the sites with DP-SGD; else a net file (torch state_dict)
     bn_width: int = 16  # channels of the shared net's first block
@@ -147,6 +149,8 @@ class RunConfig:
              "gan-latent-dim >= 1 and gan-width >= 4 (or 0: chosen by the product)")
         need(self.gan_d_width >= 0 and self.gan_ac_weight >= 0 and self.gan_mode_seeking >= 0,
              "gan-d-width, gan-ac-weight and gan-mode-seeking must be >= 0")
+        need(self.gan_sample_from in GAN_SAMPLE_FROM,
+             f"gan-sample-from must be one of {', '.join(GAN_SAMPLE_FROM)}, got '{self.gan_sample_from}'")
         need(self.bn_width >= 1 and self.bn_rounds >= 0 and self.bn_local_steps >= 0 and self.bn_batch_size >= 0,
              "bn-width must be >= 1; bn-rounds, bn-local-steps and bn-batch-size >= 1 (or 0: chosen by the product)")
         try:

@@ -59,7 +59,7 @@ REFUSAL_NAMES = {REFUSED_BUDGET: "over budget", REFUSED_BAD_REQUEST: "bad reques
 # ---- public constants of the DP releases that are not model training ---------------------------------
 # Noise multipliers (noise std / L2 sensitivity) of the small releases a site makes. Public: the
 # coordinator may use them to judge the noise, and a test checks each sensitivity they are scaled by.
-CENSUS_NOISE = 20.0  # per-run noisy class histogram (sensitivity 1): FedAvg weight and G's label mix
+CENSUS_NOISE = 20.0  # per-run noisy class histogram (sensitivity 1): FedAvg weight, G's label mix, sampling mix
 EVALUATION_NOISE = 10.0  # per-class correct/wrong counts of the central classifier (sensitivity 1)
 AUDIT_NOISE = 10.0  # histograms of each record's distance to the nearest synthetic image (sensitivity 1)
 # Distance bins of the audit histograms: pixel MSE on [0, 1] images, log-spaced, fixed in advance so
@@ -134,8 +134,12 @@ class GanTrainReply(Message):
     MESSAGE_TYPE: ClassVar[str] = TRAIN_GAN
     generator: Arrays = arrays(kind="dp", why="G is trained only through the DP-SGD-trained discriminator: "
                                               "post-processing of this round's DP-SGD steps")
+    census: Arrays = arrays(kind="dp", why="'counts' (K,): the site's per-run noisy class histogram itself "
+                                           "(Gaussian, z = CENSUS_NOISE, sensitivity 1, charged with the site's "
+                                           "first round); the coordinator takes each class's synthetic images "
+                                           "from the sites in proportion to it")
     weight: float = declared("dp", "FedAvg weight: the sum of the site's per-run noisy class histogram "
-                                   "(Gaussian, z = CENSUS_NOISE, charged with the site's first round)")
+                                   "(post-processing of 'census')")
     g_loss: float = declared("dp", "mean generator loss: a function of G, of the DP discriminator and of "
                                    "labels drawn from the DP histogram (post-processing)")
 

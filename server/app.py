@@ -49,8 +49,8 @@ def run_coordinator(grid: Grid, context: Context) -> dict:
         check_learner(cfg.learner, schema.image_shape, len(schema.classes))
     except ValueError as err:
         raise RunFailed(str(err)) from None
-    synth, history = MODE_MODULES[cfg.mode].collect_and_synthesize(grid, cfg, run, sites, schema, device)
-    synth_info = save_synthetic(synth, run.out_dir)
+    synth, history, sampling = MODE_MODULES[cfg.mode].collect_and_synthesize(grid, cfg, run, sites, schema, device)
+    synth_info = {**save_synthetic(synth, run.out_dir), "made": sampling}
     model, utility = learn_and_test(cfg, run, synth, test, device)
     with run.timed("site_evaluation"):
         fed_eval = federated_evaluate(grid, cfg, run, sites, model, schema) if cfg.site_evaluation else {}

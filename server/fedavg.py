@@ -36,6 +36,15 @@ class FedAvgTask:
     reply_cls: type  # protocol reply class
     model_field: str  # the reply's array field holding the model
     make_request: Callable[[int, dict[str, np.ndarray]], Any]  # (round, model arrays) -> protocol request
+    check_reply: Callable[[Any], list[str]] = lambda reply: []  # problems with a reply's other fields
+
+
+@dataclass
+class FedAvgOutcome:
+    """What the rounds leave besides the averaged model (updated in place)."""
+
+    history: list[dict]  # one entry per round
+    last_replies: dict[int, Any]  # node -> accepted reply of the last round that reached its quorum
 
 
 def weighted_average(states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
@@ -48,16 +57,17 @@ def weighted_average(states: list[dict[str, np.ndarray]], weights: list[float]) 
 
 
 def run_fedavg_rounds(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int, SiteRecord], model: torch.nn.Module,
-                      task: FedAvgTask, num_rounds: int) -> list[dict]:
-    """Federated rounds on ``model`` (updated in place); returns the per-round history."""
+                      task: FedAvgTask, num_rounds: int) -> FedAvgOutcome:
+    """Federated rounds on ``model`` (updated in place); the per-round history and the last accepted replies."""
     ckpt_path = run.out_dir / "checkpoint.pt"
     ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
     if ckpt is not None and ckpt.get("task") != task.label:
         raise RunFailed(f"{ckpt_path} belongs to a run of another mode; use a new out-dir or resume=false")
-    history, start = [], 1
+    history, start, last_replies = [], 1, {}
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         history, start = ckpt["history"], ckpt["round"] + 1
+        last_replies = ckpt.get("last_replies", {})
         for node, saved in ckpt["sites"].items():
             if node in sites:
                 sites[node].__dict__.update({k: v for k, v in saved.items() if k not in ("node_id", "name")})
@@ -73,7 +83,7 @@ def run_fedavg_rounds(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int
             got = broadcast(grid, task.make_request(rnd, P.state_arrays(model)), task.reply_cls, str(rnd),
                             cfg.round_timeout, nodes,
                             check=lambda r: P.check_arrays(getattr(r, task.model_field), spec)
-                            + ([] if r.weight >= 1 else ["weight must be >= 1"]))
+                            + ([] if r.weight >= 1 else ["weight must be >= 1"]) + task.check_reply(r))
             for node, reply in got.replies.items():
                 site = sites.setdefault(node, SiteRecord(node, f"node-{node}"))
                 site.weight = reply.weight
@@ -92,6 +102,7 @@ def run_fedavg_rounds(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int
                 averaged = weighted_average([getattr(r, task.model_field) for r in accepted],
                                             [r.weight for r in accepted])
                 P.load_state(model, averaged)
+                last_replies = dict(got.replies)
                 entry["aggregated"] = True
                 losses = [getattr(r, "g_loss", None) for r in accepted]
                 if all(v is not None for v in losses):
@@ -106,11 +117,12 @@ def run_fedavg_rounds(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int
                      len(got.codes), len(got.missing), entry["seconds"])
             save_checkpoint(ckpt_path, {"round": rnd, "model": model.state_dict(), "history": history,
                                         "experiment": run.experiment, "task": task.label,
-                                        "sites": {n: s.__dict__.copy() for n, s in sites.items()}})
+                                        "sites": {n: s.__dict__.copy() for n, s in sites.items()},
+                                        "last_replies": last_replies})
             bar.set_postfix(accepted=f"{len(accepted)}/{len(nodes)}")
             bar.update(1)
     bar.close()
     if num_rounds and not any(h.get("aggregated") for h in history):
         raise RunFailed(f"no round reached its quorum, so the {task.label} was never trained; see the site errors "
                         "above (budget refusals, data errors or timeouts)")
-    return history
+    return FedAvgOutcome(history, last_replies)

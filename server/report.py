@@ -27,7 +27,9 @@ RELEASE_MEANING = {
                          f"{P.EVALUATION_NOISE:g})",
     "audit histograms": f"noisy histograms of record-to-synthetic distances (Gaussian, std {P.AUDIT_NOISE:g})",
 }
-CENSUS_MEANING = f"a noisy record total used as its averaging weight (Gaussian class histogram, std {P.CENSUS_NOISE:g})"
+CENSUS_MEANING = (f"a noisy class histogram (Gaussian, std {P.CENSUS_NOISE:g}): its total is the site's averaging weight; "
+                  "in the DP-GAN mode it also sets how many of each class's synthetic images the coordinator draws "
+                  "from the site's generator (the statistics mode sends only the total)")
 
 
 def jsonable(obj: Any) -> Any:

@@ -225,8 +225,16 @@ def _site_audits_section(audits: dict) -> str:
 def _synthetic_section(synthetic: dict, out_dir: Path) -> str:
     out = ["<h2>Synthetic data</h2>"]
     facts = [(k, synthetic[k]) for k in ("count", "npz", "folder") if synthetic.get(k) is not None]
+    made = synthetic.get("made") or {}
+    if made:
+        facts.append(("made from", f"{made.get('from', '')}: {made.get('why', '')}"))
     if facts:
         out.append(_table(("item", "value"), facts, table_id="synthetic"))
+    per_site = made.get("images-per-site-and-class") or {}
+    if per_site:
+        out.append("<p>Images drawn from each site's generator, per class (from the sites' noisy class counts):</p>")
+        out.append(_table(("site", "images per class"), [(name, ", ".join(str(v) for v in row))
+                                                         for name, row in per_site.items()], table_id="per-site"))
     for rel in synthetic.get("grids") or []:
         path = (out_dir / rel) if not Path(rel).is_absolute() else Path(rel)
         if path.is_file():

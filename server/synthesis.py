@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -9,29 +10,90 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common import protocol as P
 from common.data import ImageDataset, save_image_folder, save_npz
 from common.models import Generator
 from common.progress import progress as progress_bar
 from server.report_plots import save_class_grid
 
 
+def balanced_class_sizes(num_classes: int, total: int) -> np.ndarray:
+    """(K,) images per class for a balanced set of ``total``: total//K each, the first total%K one more."""
+    sizes = np.full(num_classes, total // num_classes, dtype=np.int64)
+    sizes[: total % num_classes] += 1
+    return sizes
+
+
+def allocate_by_census(census: np.ndarray, total: int) -> np.ndarray:
+    """(S, K) images to draw from each of S sites' generators for each of K classes.
+
+    Each class gets its balanced share of ``total``, split among the sites in proportion to their noisy
+    counts of it (``census`` (S, K), the per-run class histograms the sites already released; negative
+    noisy counts count as 0; a class that no site reports is split equally), rounded by largest remainder.
+    Why: under label skew a site that holds few records of a class trains that class badly, and an
+    average of the sites' generators mixes its bad version in; drawing each class from the sites that
+    hold it avoids that. It is post-processing of DP releases, so it costs no privacy.
+    """
+    num_sites, k = census.shape
+    sizes = balanced_class_sizes(k, total)  # (K,)
+    w = np.clip(np.asarray(census, dtype=np.float64), 0.0, None)  # (S, K)
+    w[:, w.sum(axis=0) <= 0] = 1.0
+    share = w / w.sum(axis=0) * sizes  # (S, K) fractional images
+    alloc = np.floor(share).astype(np.int64)
+    for c in range(k):
+        rest = int(sizes[c] - alloc[:, c].sum())
+        order = np.argsort(-(share[:, c] - alloc[:, c]), kind="stable")
+        alloc[order[:rest], c] += 1
+    return alloc
+
+
+def _draw(gen: Generator, labels: np.ndarray, rng: torch.Generator, device: torch.device, batch_size: int,
+          bar) -> np.ndarray:
+    """Images (N, C, H, W) in [0, 1] of ``gen`` for ``labels`` (N,)."""
+    out = []
+    for start in range(0, len(labels), batch_size):
+        y = torch.from_numpy(labels[start:start + batch_size]).to(device)
+        z = torch.randn(len(y), gen.shape.latent_dim, generator=rng).to(device)
+        out.append(((gen(z, y) + 1) / 2).clamp(0, 1).cpu().numpy())  # (b, C, H, W)
+        bar.update(1)
+    return np.concatenate(out).astype(np.float32)  # callers never ask for 0 labels
+
+
 @torch.no_grad()
 def sample_generator(gen: Generator, classes: tuple[str, ...], total: int, *, seed: int,
                      device: torch.device, batch_size: int = 500, progress: bool = True) -> ImageDataset:
-    """``total`` images with balanced labels (class i gets total//K, the first total%K one more)."""
-    k = len(classes)
-    labels = np.repeat(np.arange(k), total // k)
-    labels = np.concatenate([labels, np.arange(total % k)]).astype(np.int64)
+    """``total`` images of one generator with balanced labels (:func:`balanced_class_sizes`)."""
+    labels = np.repeat(np.arange(len(classes)), balanced_class_sizes(len(classes), total)).astype(np.int64)
     rng = torch.Generator(device="cpu").manual_seed(seed)
     gen = gen.to(device).eval()
-    out = []
-    for start in progress_bar(range(0, total, batch_size), desc="sampling synthetic set", unit="batch",
-                      enabled=progress):
-        y = torch.from_numpy(labels[start:start + batch_size]).to(device)
-        z = torch.randn(len(y), gen.shape.latent_dim, generator=rng).to(device)
-        out.append(((gen(z, y) + 1) / 2).clamp(0, 1).cpu().numpy())  # (b, C, H, W) in [0, 1]
-    images = np.concatenate(out).astype(np.float32)
+    with progress_bar(total=-(-total // batch_size), desc="sampling synthetic set", unit="batch",
+                      enabled=progress) as bar:
+        images = _draw(gen, labels, rng, device, batch_size, bar)
     return ImageDataset(images=images, labels=labels, classes=tuple(classes), source="synthetic")
+
+
+@torch.no_grad()
+def sample_site_generators(gen: Generator, site_states: list[dict[str, np.ndarray]], census: np.ndarray,
+                           classes: tuple[str, ...], total: int, *, seed: int, device: torch.device,
+                           batch_size: int = 500, progress: bool = True) -> tuple[ImageDataset, np.ndarray]:
+    """``total`` images with balanced labels, class c drawn from each site's generator (``site_states``,
+    S state dicts of ``gen``'s architecture) in proportion to the site's noisy count of c (``census``
+    (S, K)); and the (S, K) allocation used (:func:`allocate_by_census`)."""
+    alloc = allocate_by_census(census, total)
+    rng = torch.Generator(device="cpu").manual_seed(seed)
+    model = copy.deepcopy(gen).to(device).eval()
+    images, labels = [], []
+    batches = sum(-(-int(row.sum()) // batch_size) for row in alloc)
+    with progress_bar(total=batches, desc="sampling synthetic set", unit="batch", enabled=progress) as bar:
+        for state, row in zip(site_states, alloc):
+            if row.sum() == 0:
+                continue
+            P.load_state(model, state)
+            site_labels = np.repeat(np.arange(len(classes)), row).astype(np.int64)
+            images.append(_draw(model, site_labels, rng, device, batch_size, bar))
+            labels.append(site_labels)
+    return (ImageDataset(images=np.concatenate(images), labels=np.concatenate(labels), classes=tuple(classes),
+                         source="synthetic"), alloc)
 
 
 def _to_uint8_hwc(img: np.ndarray) -> np.ndarray:

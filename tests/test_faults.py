@@ -149,6 +149,28 @@ def test_coordinator_killed_after_round_one_resumes_at_round_two(tmp_path, monke
     assert [[e["round"] for e in entries] for entries in charges(tmp_path)] == [[1, 2]] * 3
 
 
+def test_coordinator_killed_after_the_last_round_samples_from_the_sites_on_resume(tmp_path, monkeypatch):
+    """The last round's site generators and noisy class counts live in the checkpoint, not only in memory."""
+    import server.fedavg as fedavg
+
+    cfg = fast_config(tmp_path, num_rounds=1, experiment="exp-resume-last")
+    real_save = fedavg.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        raise _CoordinatorKilled()
+
+    monkeypatch.setattr(fedavg, "save_checkpoint", save_then_die)
+    with pytest.raises(_CoordinatorKilled):
+        run(cfg, k=2)
+    monkeypatch.setattr(fedavg, "save_checkpoint", real_save)
+    sent = []
+    report = run(cfg, k=2, tap=sent.append)
+    assert not [m for m in sent if m.metadata.message_type == P.TRAIN_GAN]  # nothing retrained
+    made = report["synthetic"]["made"]
+    assert made["from"] == "sites" and len(made["images-per-site-and-class"]) == 2
+
+
 def test_resent_round_is_answered_from_the_site_cache_without_spending(tmp_path):
     cfg = fast_config(tmp_path, num_rounds=1, experiment="exp-cache")
     run(cfg, k=2)

@@ -64,7 +64,7 @@ def test_requests_and_replies_refuse_undeclared_fields():
 
     shape = GanShape(1, 8, 10, 16, 16)
     reply = P.GanTrainReply(generator={k: v.numpy() for k, v in Generator(shape).state_dict().items()}, weight=5.0,
-                            g_loss=1.0)
+                            g_loss=1.0, census={"counts": np.full(10, 0.5, np.float32)})
     record = reply.to_record()
     assert P.GanTrainReply.from_record(record).weight == 5.0
     extra = reply.to_record()

@@ -31,6 +31,11 @@ def test_three_site_dpgan_run_produces_outputs_and_accounts_privacy(tmp_path):
     assert 0.0 <= on_disk["utility"]["tstr_accuracy"] <= 1.0
     assert len(on_disk["utility"]["per_class_accuracy"]) == 10
     assert set(on_disk["timings"]) >= {"rounds", "synthesis", "learner_synthetic", "total"}
+    # each class drawn from the sites' last generators in proportion to their noisy counts of it
+    made = on_disk["synthetic"]["made"]
+    assert made["from"] == "sites" and made["round"] == 2
+    per_site = np.array(list(made["images-per-site-and-class"].values()))  # (sites, classes)
+    assert per_site.shape == (3, 10) and per_site.sum(axis=0).tolist() == [10] * 10
     # the coordinator knows what each site released, never its record count, budget or spending
     for site in report["sites"]:
         assert site["name"] in ("site-1", "site-2", "site-3") and site["bytes_sent"] > 0

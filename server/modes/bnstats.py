@@ -26,6 +26,7 @@ from server.collect import broadcast, quorum_size
 from server.fedavg import FedAvgTask, run_fedavg_rounds
 from server.run_state import RunState
 from server.sites import RunFailed, Schema, SiteRecord, record_failures
+from server.synthesis import balanced_class_sizes
 
 log = logging.getLogger("fedsynth.coordinator")
 
@@ -75,11 +76,12 @@ def _shared_net(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int, Site
         return net, []
     task = FedAvgTask("shared net", P.BnTrainReply, "net",
                       lambda rnd, arrays: P.BnTrainRequest(**settings, server_round=rnd, net=arrays))
-    return net, run_fedavg_rounds(grid, cfg, run, sites, net, task, cfg.bn_rounds)
+    return net, run_fedavg_rounds(grid, cfg, run, sites, net, task, cfg.bn_rounds).history
 
 
 def collect_and_synthesize(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int, SiteRecord], schema: Schema,
-                           device: torch.device) -> tuple[ImageDataset, list[dict]]:
+                           device: torch.device) -> tuple[ImageDataset, list[dict], dict]:
+    """The shared net's rounds, the statistics release, then the synthetic set; and how it was made."""
     if schema.height != schema.width:
         raise RunFailed(f"the shared net needs square images, the sites hold {schema.height}x{schema.width}; "
                         "set image-size")
@@ -92,9 +94,10 @@ def collect_and_synthesize(grid: Grid, cfg: RunConfig, run: RunState, sites: dic
     log.info("pooled statistics of %d site(s); synthesizing %d images", pooled.num_sites, cfg.synthetic_size)
     with run.timed("synthesis"):
         k = len(schema.classes)
-        per_class = [cfg.synthetic_size // k + (1 if i < cfg.synthetic_size % k else 0) for i in range(k)]
+        per_class = balanced_class_sizes(k, cfg.synthetic_size).tolist()
         synth = synthesize(net.to(device), pooled, per_class, iterations=cfg.bn_iterations,
                            batch_size=cfg.bn_synth_batch, lr=cfg.bn_synth_lr, w_stats=cfg.bn_w_stats,
                            w_ce=cfg.bn_w_ce, w_tv=cfg.bn_w_tv, w_l2=cfg.bn_w_l2, seed=cfg.seed, device=device,
                            progress=cfg.progress, classes=schema.classes)
-    return synth, history
+    return synth, history, {"from": "statistics", "why": "images optimised to match the pooled DP class-wise "
+                                                         "statistics of the shared net"}

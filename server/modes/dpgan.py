@@ -1,8 +1,10 @@
 """DP-GAN mode at the coordinator: federated generator rounds, then sampling of the synthetic set.
 
 Each round sends the global generator to every site (``train.gan``); a site trains its own DP
-discriminator against it and returns only the generator. The averaged generator, DP by
-post-processing, is sampled at the end (``server.synthesis``).
+discriminator against it and returns only the generator and its per-run noisy class histogram. At the
+end (``server.synthesis``) class c is drawn from each site's last generator in proportion to the
+site's noisy count of c (``gan-sample-from = sites``), or from the averaged generator (``average``);
+both are post-processing of DP releases.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from common.models import GanShape, Generator
 from server.fedavg import FedAvgTask, run_fedavg_rounds
 from server.run_state import RunState
 from server.sites import RunFailed, Schema, SiteRecord
-from server.synthesis import sample_generator
+from server.synthesis import sample_generator, sample_site_generators
 
 
 def gan_request(cfg: RunConfig, shape: GanShape, experiment: str, rnd: int,
@@ -32,18 +34,43 @@ def gan_request(cfg: RunConfig, shape: GanShape, experiment: str, rnd: int,
         generator=generator)
 
 
+def _census_check(num_classes: int):
+    def check(reply: P.GanTrainReply) -> list[str]:
+        return P.check_arrays(reply.census, {"counts": P.ArraySpec((num_classes,), "float32")})
+    return check
+
+
 def collect_and_synthesize(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int, SiteRecord], schema: Schema,
-                           device: torch.device) -> tuple[ImageDataset, list[dict]]:
+                           device: torch.device) -> tuple[ImageDataset, list[dict], dict]:
+    """The federated generator rounds, then the synthetic set; and how it was sampled (for the report)."""
     if schema.height != schema.width:
         raise RunFailed(f"the GAN needs square images, the sites hold {schema.height}x{schema.width}; set image-size")
     shape = cfg.gan_shape(schema.channels, schema.height, len(schema.classes))
     torch.manual_seed(cfg.seed)
     gen = Generator(shape)
     task = FedAvgTask("generator", P.GanTrainReply, "generator",
-                      lambda rnd, arrays: gan_request(cfg, shape, run.experiment, rnd, arrays))
-    history = run_fedavg_rounds(grid, cfg, run, sites, gen, task, cfg.num_rounds)
+                      lambda rnd, arrays: gan_request(cfg, shape, run.experiment, rnd, arrays),
+                      check_reply=_census_check(len(schema.classes)))
+    outcome = run_fedavg_rounds(grid, cfg, run, sites, gen, task, cfg.num_rounds)
     with run.timed("synthesis"):
-        synth = sample_generator(gen, schema.classes, cfg.synthetic_size, seed=cfg.seed, device=device,
-                                 progress=cfg.progress)
         torch.save(gen.state_dict(), run.out_dir / "generator.pt")
-    return synth, history
+        last = outcome.last_replies
+        if cfg.gan_sample_from == "sites" and len(last) > 1:
+            nodes = sorted(last)
+            census = np.stack([np.asarray(last[n].census["counts"], dtype=np.float64) for n in nodes])  # (S, K)
+            synth, alloc = sample_site_generators(gen, [last[n].generator for n in nodes], census, schema.classes,
+                                                  cfg.synthetic_size, seed=cfg.seed, device=device,
+                                                  progress=cfg.progress)
+            names = [sites[n].name if n in sites else f"node-{n}" for n in nodes]
+            torch.save({"sites": names, "census": census, "generators": [last[n].generator for n in nodes]},
+                       run.out_dir / "site_generators.pt")  # what the set was drawn from, to re-sample it
+            how = {"from": "sites", "round": max(outcome.history[-1]["round"], 0) if outcome.history else 0,
+                   "images-per-site-and-class": {name: row.tolist() for name, row in zip(names, alloc)},
+                   "why": "class c drawn from each site's last generator in proportion to the site's noisy count "
+                          "of c (its census, already released): post-processing, no privacy cost"}
+        else:
+            synth = sample_generator(gen, schema.classes, cfg.synthetic_size, seed=cfg.seed, device=device,
+                                     progress=cfg.progress)
+            how = {"from": "average", "why": "the averaged generator of the last round"
+                   + (" (one site replied in it)" if cfg.gan_sample_from == "sites" else "")}
+    return synth, outcome.history, how
