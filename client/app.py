@@ -8,6 +8,7 @@
 | ``query.bnstats``       | DP class-wise statistics of the net's norm inputs          | noisy counts, sums, sums of squares  |
 | ``evaluate.classifier`` | if allowed: scores the classifier on its held-out data     | noisy (K, 2) right/wrong counts      |
 | ``query.audit``         | if allowed: distances of its records to a synthetic sample | noisy distance histograms            |
+| ``train`` (SecAgg+)     | one of the three releases above it, added to a secure sum  | masked vector, keys, shares only     |
 
 Every reply is a class of ``common.protocol`` whose fields are each declared public or a charged DP
 release; every DP release is charged in the site's ledger before the work; every failure becomes a
@@ -19,11 +20,13 @@ from __future__ import annotations
 import logging
 
 from flwr.app import Context, Message
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
 from client.bn_site import handle_bnstats, handle_train_bnnet
 from client.evaluation import handle_audit, handle_evaluation
 from client.gan_site import handle_train_gan
+from client.secure_site import handle_secure_train, refusals_mod
 from client.requests import site_data, site_handler
 from client.site import SiteSettings
 from common import protocol as P
@@ -50,3 +53,5 @@ app.train("bnnet")(handle_train_bnnet)
 app.query("bnstats")(handle_bnstats)
 app.evaluate("classifier")(handle_evaluation)
 app.query("audit")(handle_audit)
+# Secure aggregation: Flower's SecAgg+ mod runs its four stages on "train"; our mod outside it returns refusals.
+app.train(mods=[refusals_mod, secaggplus_mod])(handle_secure_train)

@@ -24,6 +24,7 @@ from client.dpsgd import train_dpsgd_local
 from client.ledger import BudgetExceeded, PrivacyLedger
 from client.requests import (
     Refusal,
+    require_plain_allowed,
     check_schema,
     finite_at_least,
     load_saved,
@@ -82,7 +83,13 @@ def _charge(ledger: PrivacyLedger, events: list[DPEvent], data: ImageDataset, si
 
 @site_handler
 def handle_train_bnnet(msg: Message, context: Context, site: SiteSettings) -> Message:
-    req = P.BnTrainRequest.from_message(msg)
+    """The train.bnnet handler (in the clear: refused where the operator requires secure aggregation)."""
+    require_plain_allowed(site)
+    return train_bnnet(P.BnTrainRequest.from_message(msg), context, site).as_reply(msg)
+
+
+def train_bnnet(req: P.BnTrainRequest, context: Context, site: SiteSettings) -> P.BnTrainReply:
+    """One federated DP-SGD round of the shared net at the site; the typed reply."""
     if not 1 <= req.server_round <= req.net_rounds:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"round {req.server_round} is outside the run's 1..{req.net_rounds}")
     data, net, ledger, folder, plan = _setup(req, req.net, site)
@@ -103,7 +110,7 @@ def handle_train_bnnet(msg: Message, context: Context, site: SiteSettings) -> Me
         saved = {"reply": {"net": {k: torch.from_numpy(v) for k, v in P.state_arrays(net).items()},
                            "weight": census_weight(census)}}
         save_reply(path, saved)
-    return P.BnTrainReply(**saved["reply"]).as_reply(msg)
+    return P.BnTrainReply(**saved["reply"])
 
 
 def _clip_bounds(req: P.BnStatsRequest, net: BNNet) -> float | dict[str, float] | None:
@@ -138,7 +145,13 @@ def _release(plan: RunPlan, net: BNNet, data: ImageDataset, clips, req: P.BnStat
 
 @site_handler
 def handle_bnstats(msg: Message, context: Context, site: SiteSettings) -> Message:
-    req = P.BnStatsRequest.from_message(msg)
+    """The query.bnstats handler (in the clear: refused where the operator requires secure aggregation)."""
+    require_plain_allowed(site)
+    return release_bnstats(P.BnStatsRequest.from_message(msg), context, site).as_reply(msg)
+
+
+def release_bnstats(req: P.BnStatsRequest, context: Context, site: SiteSettings) -> P.BnStatsReply:
+    """The site's one DP statistics release of the run; the typed reply."""
     data, net, ledger, folder, plan = _setup(req, req.net, site)
     path = folder / "stats-release.pt"
     saved = load_saved(path)
@@ -153,4 +166,4 @@ def handle_bnstats(msg: Message, context: Context, site: SiteSettings) -> Messag
                  plan.stats.noise_multiplier, spent.epsilon)
         saved = {"reply": {"stats": {k: torch.from_numpy(v) for k, v in stats.items()}}}
         save_reply(path, saved)
-    return P.BnStatsReply(**saved["reply"]).as_reply(msg)
+    return P.BnStatsReply(**saved["reply"])

@@ -34,7 +34,7 @@ from flwr.app import Context, Message
 
 from client.budget import RunPlan
 from client.ledger import BudgetExceeded, PrivacyLedger
-from client.requests import Refusal, check_schema, run_dir, site_data, site_handler
+from client.requests import Refusal, check_schema, require_plain_allowed, run_dir, site_data, site_handler
 from client.site import SiteSettings, data_fingerprint, load_site_heldout, open_ledger
 from common import protocol as P
 from common.accounting import DPEvent
@@ -93,6 +93,7 @@ def correct_wrong_table(labels: np.ndarray, predicted: np.ndarray, num_classes: 
 
 @site_handler
 def handle_evaluation(msg: Message, context: Context, site: SiteSettings) -> Message:
+    require_plain_allowed(site)
     req = P.EvaluationRequest.from_message(msg)
     data, heldout, ledger, index = _open_query(site, site.evaluation, "evaluation", "evaluation", req.experiment)
     check_schema(heldout, req.channels, req.height, req.width, req.num_classes)
@@ -122,6 +123,7 @@ def distance_histogram(records: np.ndarray, synthetic: np.ndarray) -> np.ndarray
 
 @site_handler
 def handle_audit(msg: Message, context: Context, site: SiteSettings) -> Message:
+    require_plain_allowed(site)
     req = P.AuditRequest.from_message(msg)
     data, heldout, ledger, index = _open_query(site, site.audits, "audit", "audit", req.experiment)
     images = req.synthetic.get("images")

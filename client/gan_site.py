@@ -24,6 +24,7 @@ from client.dpgan import LocalGanTrainer, RoundSettings
 from client.ledger import BudgetExceeded
 from client.requests import (
     Refusal,
+    require_plain_allowed,
     check_schema,
     finite_at_least,
     load_saved,
@@ -76,9 +77,14 @@ def _check_request(req: P.GanTrainRequest) -> GanShape:
 
 @site_handler
 def handle_train_gan(msg: Message, context: Context, site: SiteSettings) -> Message:
-    """Body of the train.gan handler."""
+    """The train.gan handler (in the clear: refused where the operator requires secure aggregation)."""
+    require_plain_allowed(site)
+    return train_gan(P.GanTrainRequest.from_message(msg), context, site).as_reply(msg)
+
+
+def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P.GanTrainReply:
+    """One DP-GAN round at the site; the typed reply (sent as it is, or through secure aggregation)."""
     require_mode(site, "dpgan")
-    req = P.GanTrainRequest.from_message(msg)
     shape = _check_request(req)
     data = site_data(site)
     check_schema(data, req.channels, req.image_size, req.image_size, req.num_classes)
@@ -87,7 +93,7 @@ def handle_train_gan(msg: Message, context: Context, site: SiteSettings) -> Mess
     if saved is not None:
         # Re-sent round (the coordinator resumed): the reply already released, sent again at no cost.
         log.info("[%s] round %d of %s already trained; sending its saved reply", site.name, rnd, req.experiment)
-        return P.GanTrainReply(**saved["reply"]).as_reply(msg)
+        return P.GanTrainReply(**saved["reply"])
     ledger = open_ledger(site, data)
     plan = plan_for_site(site, data, ledger, folder, PlanRequest(
         mode="dpgan", epsilon=req.epsilon, rounds=req.num_rounds, steps=req.local_steps, batch_size=req.batch_size,
@@ -124,4 +130,4 @@ def handle_train_gan(msg: Message, context: Context, site: SiteSettings) -> Mess
              "census": {"counts": torch.tensor(census, dtype=torch.float32)},  # (K,)
              "weight": census_weight(census), "g_loss": float(metrics["g-loss"])}
     save_reply(_round_file(folder, rnd), {"reply": reply, "d_state": d_state})
-    return P.GanTrainReply(**reply).as_reply(msg)
+    return P.GanTrainReply(**reply)

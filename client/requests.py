@@ -64,6 +64,15 @@ def require_mode(site: SiteSettings, mode: str) -> None:
                                              f"not '{mode}'")
 
 
+def require_plain_allowed(site: SiteSettings) -> None:
+    """Refuse a release in the clear where the operator requires secure aggregation (site.yaml
+    ``require_secure_aggregation``): before anything is loaded or charged."""
+    if site.require_secure_aggregation:
+        raise Refusal(P.REFUSED_NOT_ALLOWED, "this site takes part only in runs with secure aggregation "
+                                             "(run setting secure-aggregation = true); it releases nothing in the "
+                                             "clear, evaluation and audits included")
+
+
 def site_data(site: SiteSettings) -> ImageDataset:
     try:
         return load_site_data(site)

@@ -47,6 +47,7 @@ class SiteSettings:
     evaluation: bool = False  # answer DP evaluation queries (noisy, charged, capped)
     audits: bool = False  # answer DP audit queries (noisy, charged, capped)
     queries_per_run: int = 1  # cap on evaluation queries and on audit queries per run
+    require_secure_aggregation: bool = False  # refuse every request that is not part of a secure aggregation
     # simulation only: which partition of `data` this site holds
     partition_id: int | None = None
     num_partitions: int | None = None
@@ -67,7 +68,8 @@ class SiteSettings:
                 "epsilon": self.epsilon_budget, "dataset-id": self.dataset_id, "split": self.split,
                 "image-size": self.image_size, "label-from": self.label_from, "delta": self.delta,
                 "modes": ",".join(self.modes), "heldout-path": self.heldout, "heldout-split": self.heldout_split,
-                "evaluation": self.evaluation, "audits": self.audits, "queries-per-run": self.queries_per_run}
+                "evaluation": self.evaluation, "audits": self.audits, "queries-per-run": self.queries_per_run,
+                "require-secure-aggregation": self.require_secure_aggregation}
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> "SiteSettings":

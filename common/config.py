@@ -51,6 +51,9 @@ class RunConfig:
     out_dir: str = "runs/latest"  # where the coordinator writes outputs and its checkpoint
     state_dir: str = ""  # simulation: root of the virtual sites' private state ("" = <out-dir>/sites)
     resume: bool = True  # continue from <out-dir>/checkpoint.pt when it exists
+    # --- secure aggregation (SecAgg+): the coordinator sees only sums over the sites ----------------
+    secure_aggregation: bool = False  # average the generator / shared net and pool the statistics with SecAgg+ (>= 3 sites)
+    secure_threshold: int = 0  # live sites needed to remove a dropped site's masks (0 = two thirds of the sites)
     # --- DP-GAN (site-side local training) -----------------------------------------------------------
     gan_local_steps: int = 0  # discriminator DP-SGD steps per site per round (0 = chosen by the product)
     gan_batch_size: int = 0  # expected Poisson batch size of real records (0 = chosen by the product)
@@ -149,6 +152,8 @@ class RunConfig:
              "gan-latent-dim >= 1 and gan-width >= 4 (or 0: chosen by the product)")
         need(self.gan_d_width >= 0 and self.gan_ac_weight >= 0 and self.gan_mode_seeking >= 0,
              "gan-d-width, gan-ac-weight and gan-mode-seeking must be >= 0")
+        need(self.secure_threshold >= 0 and self.secure_threshold != 1,
+             f"secure-threshold must be >= 2 (or 0: two thirds of the sites), got {self.secure_threshold}")
         need(self.gan_sample_from in GAN_SAMPLE_FROM,
              f"gan-sample-from must be one of {', '.join(GAN_SAMPLE_FROM)}, got '{self.gan_sample_from}'")
         need(self.bn_width >= 1 and self.bn_rounds >= 0 and self.bn_local_steps >= 0 and self.bn_batch_size >= 0,

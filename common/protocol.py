@@ -259,6 +259,58 @@ class AuditReply(Message):
                                                "(sensitivity 1), Gaussian z = AUDIT_NOISE, charged first")
 
 
+# ================================================================================================
+# Secure aggregation (SecAgg+, Flower's secaggplus_mod; run setting secure-aggregation = true)
+# ================================================================================================
+# Flower 1.41's SecAgg+ runs only on message type exactly "train", in four stages, with the legacy
+# FitIns/FitRes layout (``common.secure_wire`` wraps the typed requests above into it). A site then sends,
+# per aggregation, only what SECURE_REPLY_DECLARATIONS lists -- in its reply to each stage, the record
+# ``secaggplus_configs`` with these keys and, to the third stage, the FitRes records with nothing private
+# in them. The sum the coordinator unmasks is the DP release (charged by the inner request's handler, as
+# in the clear); what it never gets is any single site's vector.
+SECURE_TRAIN = "train"  # the one message type Flower's SecAgg+ mod handles
+SECURE_TASKS = (TRAIN_GAN, TRAIN_BNNET, QUERY_BNSTATS)  # the releases that can be summed securely
+SECAGG_RECORD = "secaggplus_configs"
+# Quantization (public constants of the protocol; Flower's SecAgg+ adds integers mod SECAGG_MODULUS):
+# every value a site adds is clipped to +-SECAGG_CLIPPING_RANGE and rounded to one of
+# SECAGG_QUANTIZATION_LEVELS levels, i.e. to a step of 2 R / L = 0.125; the sum of k sites stays below
+# the modulus while k < SECAGG_MODULUS / L (= 256 sites).
+SECAGG_CLIPPING_RANGE = float(2 ** 20)
+SECAGG_QUANTIZATION_LEVELS = 2 ** 24
+SECAGG_MODULUS = 2 ** 32
+SECAGG_MAX_SITES = SECAGG_MODULUS // SECAGG_QUANTIZATION_LEVELS - 1
+SECAGG_STEP = 2 * SECAGG_CLIPPING_RANGE / SECAGG_QUANTIZATION_LEVELS  # 0.125: stochastic rounding, unbiased
+
+SECURE_REPLY_DECLARATIONS: dict[str, dict[str, str]] = {
+    # stage -> key of the site's secaggplus_configs reply -> why it may leave the site (all public)
+    "setup": {
+        "pk1": "a key-agreement public key drawn fresh for this aggregation (masks)",
+        "pk2": "a key-agreement public key drawn fresh for this aggregation (share encryption)",
+    },
+    "share_keys": {
+        "dsts": "the neighbours the site sends shares to (node ids the coordinator chose)",
+        "ctxts": "Shamir shares of the site's mask seed and mask key, each encrypted for one neighbour with a "
+                 "key the coordinator cannot derive",
+    },
+    "collect_masked_vectors": {
+        "masked_params": "the site's quantized vector plus its own mask and pairwise masks (uniform mod 2^32 "
+                         "on its own): only the sum over the sites is recoverable, and that sum is the DP release",
+    },
+    "unmask": {
+        "nids": "which neighbours the shares below belong to (the coordinator's own lists)",
+        "shares": "shares of live neighbours' mask seeds and of dropped neighbours' mask keys: together they "
+                  "remove the masks from the sum, never expose one site's vector",
+    },
+}
+# The FitRes records Flower's legacy layout adds to the third stage's reply, and what they may hold.
+SECURE_FITRES_RECORDS = {
+    "fitres.parameters": "emptied by the SecAgg+ mod (the vector leaves only masked)",
+    "fitres.num_examples": "the constant 1: every site adds with weight 1 (weights travel inside the sum)",
+    "fitres.metrics": "empty",
+    "fitres.status": "code 0 and an empty message",
+}
+
+
 REPLY_TYPES: dict[str, type] = {c.MESSAGE_TYPE: c for c in (InfoReply, GanTrainReply, BnTrainReply, BnStatsReply,
                                                              EvaluationReply, AuditReply)}
 

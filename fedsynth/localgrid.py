@@ -9,6 +9,7 @@ test uses it to inspect everything that leaves a site).
 
 from __future__ import annotations
 
+import copy
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -67,7 +68,9 @@ class LocalGrid(Grid):
             if node in self.drop_nodes or node not in self.nodes:
                 continue  # a dead site: the message is never answered
             try:
-                reply = self.client_app(msg, self.nodes[node])
+                # A real message crosses the network: the site gets its own copy (Flower's SecAgg+ workflow
+                # sends one content object to every site, and its mod edits what it receives).
+                reply = self.client_app(copy.deepcopy(msg), self.nodes[node])
             except Exception as err:  # the ClientApp crashed: Flower turns this into an error reply
                 reply = Message(error=Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
             reply.metadata.__dict__["_src_node_id"] = node

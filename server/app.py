@@ -14,6 +14,7 @@ import time
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from common import protocol as P
 from common.config import RunConfig
 from common.device import pick_device
 from common.learner import check_learner
@@ -41,6 +42,10 @@ def run_coordinator(grid: Grid, context: Context) -> dict:
     with run.timed("discover"):
         sites, schema = discover_sites(grid, cfg)
     cfg, chosen = resolve_defaults(cfg, schema, len(sites))  # settings left at 0: the product's rules
+    if cfg.secure_aggregation and not 3 <= len(sites) <= P.SECAGG_MAX_SITES:
+        raise RunFailed(f"secure aggregation needs 3 to {P.SECAGG_MAX_SITES} sites (SecAgg+ shares each site's masks "
+                        f"among the others), {len(sites)} are connected; connect more sites or set "
+                        "secure-aggregation = false")
     log.info("run %s%s: %d site(s) (%s); images %dx%dx%d, %d classes; mode %s, epsilon %s per site",
              run.experiment, " (resumed)" if run.resumed else "", len(sites), ", ".join(s.name for s in sites.values()),
              *schema.image_shape, len(schema.classes), cfg.mode, cfg.epsilon)

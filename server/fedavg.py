@@ -19,10 +19,12 @@ from flwr.serverapp import Grid
 
 from common import protocol as P
 from common.config import RunConfig
+from common import secure_wire
 from common.progress import progress
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.collect import broadcast, quorum_size
 from server.run_state import RunState
+from server.secure_agg import secure_sum
 from server.sites import RunFailed, SiteRecord, record_failures
 
 log = logging.getLogger("fedsynth.coordinator")
@@ -56,6 +58,61 @@ def weighted_average(states: list[dict[str, np.ndarray]], weights: list[float]) 
     return {k: sum(wi * s[k].astype(np.float64) for wi, s in zip(w, states)).astype(np.float32) for k in states[0]}
 
 
+def _plain_round(grid: Grid, cfg: RunConfig, sites: dict[int, SiteRecord], task: FedAvgTask, request: Any, rnd: int,
+                 nodes: list[int], spec: dict) -> tuple[dict | None, dict, dict[int, Any]]:
+    """Every site's model in the clear, averaged here: (average or None, history entry, accepted replies)."""
+    got = broadcast(grid, request, task.reply_cls, str(rnd), cfg.round_timeout, nodes,
+                    check=lambda r: P.check_arrays(getattr(r, task.model_field), spec)
+                    + ([] if r.weight >= 1 else ["weight must be >= 1"]) + task.check_reply(r))
+    for node, reply in got.replies.items():
+        site = sites.setdefault(node, SiteRecord(node, f"node-{node}"))
+        site.weight = reply.weight
+        site.note_release(task.label, got.bytes_received[node])
+        site.rounds_ok.append(rnd)
+    record_failures(sites, got.failures, rnd)
+    if got.all_refused(P.REFUSED_BUDGET):
+        reasons = "; ".join(list(got.failures.values())[:3])
+        raise RunFailed(f"every site refused round {rnd} for lack of privacy budget, so no later round "
+                        f"can succeed either: {reasons}")
+    accepted = list(got.replies.values())
+    entry = {"accepted": len(accepted), "errors": len(got.codes), "missing": len(got.missing)}
+    if not accepted:
+        return None, entry, {}
+    losses = [getattr(r, "g_loss", None) for r in accepted]
+    if all(v is not None for v in losses):
+        entry["g-loss"] = float(np.mean(losses))
+    averaged = weighted_average([getattr(r, task.model_field) for r in accepted], [r.weight for r in accepted])
+    return averaged, entry, dict(got.replies)
+
+
+def _secure_round(grid: Grid, cfg: RunConfig, sites: dict[int, SiteRecord], task: FedAvgTask, request: Any, rnd: int,
+                  nodes: list[int], spec: dict) -> tuple[dict | None, dict, dict[int, Any]]:
+    """The same weighted average computed with SecAgg+: the coordinator sees only sum(w x) and sum(w)."""
+    got = secure_sum(grid, {n: request for n in nodes}, round_label=rnd, timeout=cfg.round_timeout,
+                     threshold=cfg.secure_threshold)
+    for node in got.contributors:
+        site = sites.setdefault(node, SiteRecord(node, f"node-{node}"))
+        site.note_release(f"{task.label} (secure sum)", got.bytes_received.get(node, 0))
+        site.rounds_ok.append(rnd)
+    record_failures(sites, got.failures, rnd)
+    if not got.contributors and got.codes and all(c == P.REFUSED_BUDGET for c in got.codes.values()) \
+            and len(got.codes) == len(nodes):
+        reasons = "; ".join(list(got.failures.values())[:3])
+        raise RunFailed(f"every site refused round {rnd} for lack of privacy budget, so no later round "
+                        f"can succeed either: {reasons}")
+    entry = {"accepted": len(got.contributors), "errors": len(got.codes),
+             "missing": len(set(got.failures) - set(got.codes)), "secure": True}
+    if got.total is None:
+        log.warning("round %d: the secure aggregation failed: %s", rnd, got.reason)
+        entry["secure-failure"] = got.reason
+        return None, entry, {}
+    averaged = secure_wire.from_sum(request.MESSAGE_TYPE, list(spec), got.total)
+    problems = P.check_arrays(averaged, spec)
+    if problems:
+        raise RunFailed(f"the secure sum of round {rnd} does not have the model's shape: {problems[:3]}")
+    return averaged, entry, {}
+
+
 def run_fedavg_rounds(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int, SiteRecord], model: torch.nn.Module,
                       task: FedAvgTask, num_rounds: int) -> FedAvgOutcome:
     """Federated rounds on ``model`` (updated in place); the per-round history and the last accepted replies."""
@@ -79,47 +136,30 @@ def run_fedavg_rounds(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int
         with run.timed("rounds"):
             t0 = time.perf_counter()
             nodes = sorted(grid.get_node_ids())
-            log.info("round %d/%d: sending the %s to %d site(s)", rnd, num_rounds, task.label, len(nodes))
-            got = broadcast(grid, task.make_request(rnd, P.state_arrays(model)), task.reply_cls, str(rnd),
-                            cfg.round_timeout, nodes,
-                            check=lambda r: P.check_arrays(getattr(r, task.model_field), spec)
-                            + ([] if r.weight >= 1 else ["weight must be >= 1"]) + task.check_reply(r))
-            for node, reply in got.replies.items():
-                site = sites.setdefault(node, SiteRecord(node, f"node-{node}"))
-                site.weight = reply.weight
-                site.note_release(task.label, got.bytes_received[node])
-                site.rounds_ok.append(rnd)
-            record_failures(sites, got.failures, rnd)
-            if got.all_refused(P.REFUSED_BUDGET):
-                reasons = "; ".join(list(got.failures.values())[:3])
-                raise RunFailed(f"every site refused round {rnd} for lack of privacy budget, so no later round "
-                                f"can succeed either: {reasons}")
+            log.info("round %d/%d: sending the %s to %d site(s)%s", rnd, num_rounds, task.label, len(nodes),
+                     " for a secure sum" if cfg.secure_aggregation else "")
+            request = task.make_request(rnd, P.state_arrays(model))
             need = quorum_size(len(nodes), cfg.quorum)
-            accepted = list(got.replies.values())
-            entry = {"round": rnd, "contacted": len(nodes), "accepted": len(accepted),
-                     "errors": len(got.codes), "missing": len(got.missing), "quorum": need}
-            if len(accepted) >= need:
-                averaged = weighted_average([getattr(r, task.model_field) for r in accepted],
-                                            [r.weight for r in accepted])
+            step = _secure_round if cfg.secure_aggregation else _plain_round
+            averaged, entry, replies = step(grid, cfg, sites, task, request, rnd, nodes, spec)
+            entry = {"round": rnd, "contacted": len(nodes), **entry, "quorum": need}
+            if averaged is not None and entry["accepted"] >= need:
                 P.load_state(model, averaged)
-                last_replies = dict(got.replies)
+                last_replies = replies
                 entry["aggregated"] = True
-                losses = [getattr(r, "g_loss", None) for r in accepted]
-                if all(v is not None for v in losses):
-                    entry["g-loss"] = float(np.mean(losses))
             else:
                 entry["aggregated"] = False
                 log.warning("round %d: only %d valid repl(ies), quorum is %d; the %s is kept unchanged",
-                            rnd, len(accepted), need, task.label)
+                            rnd, entry["accepted"], need, task.label)
             entry["seconds"] = time.perf_counter() - t0
             history.append(entry)
-            log.info("round %d/%d: %d accepted, %d refused, %d missing (%.1f s)", rnd, num_rounds, len(accepted),
-                     len(got.codes), len(got.missing), entry["seconds"])
+            log.info("round %d/%d: %d accepted, %d refused, %d missing (%.1f s)", rnd, num_rounds, entry["accepted"],
+                     entry["errors"], entry["missing"], entry["seconds"])
             save_checkpoint(ckpt_path, {"round": rnd, "model": model.state_dict(), "history": history,
                                         "experiment": run.experiment, "task": task.label,
                                         "sites": {n: s.__dict__.copy() for n, s in sites.items()},
                                         "last_replies": last_replies})
-            bar.set_postfix(accepted=f"{len(accepted)}/{len(nodes)}")
+            bar.set_postfix(accepted=f"{entry['accepted']}/{len(nodes)}")
             bar.update(1)
     bar.close()
     if num_rounds and not any(h.get("aggregated") for h in history):

@@ -25,6 +25,11 @@ RELEASE_MEANING = {
     "class statistics": "noisy class counts and clipped class-wise sums of the shared net's norm inputs (Gaussian)",
     "evaluation counts": f"noisy right/wrong counts of the classifier on held-out records (Gaussian, std "
                          f"{P.EVALUATION_NOISE:g})",
+    "generator (secure sum)": "the generator after each round, inside a SecAgg+ sum over the sites (the coordinator "
+                              "saw only the sites' weighted average)",
+    "shared net (secure sum)": "the shared net after each round of DP-SGD, inside a SecAgg+ sum over the sites",
+    "class statistics (secure sum)": "its DP class statistics inside a SecAgg+ sum over the sites (the coordinator saw "
+                                     "only the pooled sums)",
     "audit histograms": f"noisy histograms of record-to-synthetic distances (Gaussian, std {P.AUDIT_NOISE:g})",
 }
 CENSUS_MEANING = (f"a noisy class histogram (Gaussian, std {P.CENSUS_NOISE:g}): its total is the site's averaging weight; "

@@ -31,7 +31,7 @@ from fedsynth.ops.tls import check_ca, check_private_key
 
 SETTINGS_DEFAULTS = {f.name: f.default for f in fields(SiteSettings)}
 SITE_KEYS = ("name", "data", "dataset_id", "split", "image_size", "label_from", "heldout", "heldout_split", "epsilon",
-             "delta", "state_dir", "modes", "evaluation", "audits", "queries_per_run",
+             "delta", "state_dir", "modes", "evaluation", "audits", "queries_per_run", "require_secure_aggregation",
              "coordinator", "ca_cert", "private_key", "supernode_port", "approved_bundles", "approve_installed")
 
 
@@ -117,7 +117,8 @@ def load_site_config(path: str | Path) -> SiteDeployment:
         name=name, data=data, state_dir=f.path("state_dir"), epsilon_budget=epsilon, dataset_id=dataset_id,
         split=split, image_size=image_size, label_from=label_from, delta=delta, modes=tuple(dict.fromkeys(modes)),
         heldout=heldout, heldout_split=heldout_split, evaluation=evaluation, audits=audits,
-        queries_per_run=f.int("queries_per_run", 1, lo=1, hi=100))
+        queries_per_run=f.int("queries_per_run", 1, lo=1, hi=100),
+        require_secure_aggregation=f.bool("require_secure_aggregation", False))
     return SiteDeployment(
         settings=settings, coordinator=coordinator, ca_cert=f.path("ca_cert") if f.has("ca_cert") else None,
         private_key=f.path("private_key") if f.has("private_key") else None,
@@ -283,6 +284,8 @@ def _announce(dep: SiteDeployment, check: SiteCheck) -> None:
     answers = [q for q, on in (("evaluation", s.evaluation), ("audits", s.audits)) if on]
     info(f"answers {' and '.join(answers)} queries (DP, charged, at most {s.queries_per_run} of each per run)"
          if answers else "answers no evaluation or audit queries (switch them on in site.yaml)")
+    if s.require_secure_aggregation:
+        info("takes part only in runs with secure aggregation: the coordinator sees only sums over the sites")
     if math.isinf(s.epsilon_budget):
         loud(f"site '{dep.name}' has an UNLIMITED budget (epsilon: inf): it may release NON-PRIVATE models of its data.")
     elif led is not None and led["remaining_epsilon"] <= 0:

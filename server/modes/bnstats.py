@@ -18,6 +18,7 @@ import torch
 from flwr.serverapp import Grid
 
 from common import protocol as P
+from common import secure_wire
 from common.bnnet import BNNet, norm_layer_channels
 from common.config import RunConfig
 from common.data import ImageDataset
@@ -25,6 +26,7 @@ from server.bnsynth import pool_statistics, synthesize
 from server.collect import broadcast, quorum_size
 from server.fedavg import FedAvgTask, run_fedavg_rounds
 from server.run_state import RunState
+from server.secure_agg import secure_sum
 from server.sites import RunFailed, Schema, SiteRecord, record_failures
 from server.synthesis import balanced_class_sizes
 
@@ -47,6 +49,8 @@ def collect_statistics(grid: Grid, cfg: RunConfig, sites: dict[int, SiteRecord],
     spec = {k: P.ArraySpec(shape) for k, shape in layout.items()}
     nodes = sorted(grid.get_node_ids())
     arrays = P.state_arrays(net)
+    if cfg.secure_aggregation:
+        return [_secure_statistics(grid, cfg, sites, P.BnStatsRequest(**settings, net=arrays), nodes, spec)]
     got = broadcast(grid, P.BnStatsRequest(**settings, net=arrays), P.BnStatsReply, "stats", cfg.round_timeout,
                     nodes, check=lambda r: P.check_arrays(r.stats, spec))
     for node, reply in got.replies.items():
@@ -58,6 +62,28 @@ def collect_statistics(grid: Grid, cfg: RunConfig, sites: dict[int, SiteRecord],
         raise RunFailed(f"only {len(got.replies)} site(s) released statistics, the quorum is {need}; see the site "
                         "errors above (budget refusals, data errors or timeouts)")
     return [got.replies[n].stats for n in sorted(got.replies)]
+
+
+def _secure_statistics(grid: Grid, cfg: RunConfig, sites: dict[int, SiteRecord], request: P.BnStatsRequest,
+                       nodes: list[int], spec: dict) -> dict[str, np.ndarray]:
+    """The sites' statistics releases added up with SecAgg+: the coordinator sees only the pooled sums."""
+    got = secure_sum(grid, {n: request for n in nodes}, round_label=0, timeout=cfg.round_timeout,
+                     threshold=cfg.secure_threshold)
+    for node in got.contributors:
+        sites.setdefault(node, SiteRecord(node, f"node-{node}")).note_release(
+            "class statistics (secure sum)", got.bytes_received.get(node, 0))
+    record_failures(sites, got.failures, "stats")
+    need = quorum_size(len(nodes), cfg.quorum)
+    if got.total is None or len(got.contributors) < need:
+        raise RunFailed(f"the secure sum of the statistics did not reach the quorum of {need} site(s): "
+                        f"{got.reason or f'{len(got.contributors)} took part'}; see the site errors above")
+    pooled = secure_wire.from_sum(P.QUERY_BNSTATS, list(spec), got.total)
+    problems = P.check_arrays({k: v.astype(np.float32) for k, v in pooled.items()}, spec)
+    if problems:
+        raise RunFailed(f"the secure sum of the statistics does not have the release's layout: {problems[:3]}")
+    log.info("pooled the statistics of %d site(s) with secure aggregation (quantization step %g per value)",
+             len(got.contributors), P.SECAGG_STEP)
+    return pooled
 
 
 def _shared_net(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int, SiteRecord], schema: Schema,

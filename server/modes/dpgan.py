@@ -71,6 +71,9 @@ def collect_and_synthesize(grid: Grid, cfg: RunConfig, run: RunState, sites: dic
         else:
             synth = sample_generator(gen, schema.classes, cfg.synthetic_size, seed=cfg.seed, device=device,
                                      progress=cfg.progress)
-            how = {"from": "average", "why": "the averaged generator of the last round"
-                   + (" (one site replied in it)" if cfg.gan_sample_from == "sites" else "")}
+            why = ""
+            if cfg.gan_sample_from == "sites":
+                why = (" (secure aggregation: the coordinator never holds a site's generator)" if cfg.secure_aggregation
+                       else " (fewer than two sites replied in it)")
+            how = {"from": "average", "why": "the averaged generator of the last round" + why}
     return synth, outcome.history, how

@@ -1,0 +1,83 @@
+"""Site side of secure aggregation: the ``train`` handler behind Flower's SecAgg+ mod.
+
+With ``secure-aggregation = true`` the coordinator sends every summable release (``P.SECURE_TASKS``)
+as Flower's four SecAgg+ stages on message type ``train``. Flower's ``secaggplus_mod`` answers the key
+stages itself; at the third it calls :func:`handle_secure_train`, which
+
+1. unwraps the typed request from the legacy ``FitIns`` (``common.secure_wire``) -- the same request,
+   checked the same way, as in the clear;
+2. runs the same site code as the plain handler (plan, charge, train or record, save the reply), so the
+   ledger charges exactly what a plain run charges, and a re-sent round reuses its saved reply;
+3. returns the reply's summand (``secure_wire.summand``) with weight 1; the mod masks it, so the
+   coordinator never sees it alone -- only the sum over the sites.
+
+A refusal (budget, mode, bad request) must reach the coordinator as the same safe error reply as in the
+clear, not as the mod's failure to parse it: :func:`refusals_mod`, outside the SecAgg+ mod, returns it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import Context, Message
+
+from client.bn_site import release_bnstats, train_bnnet
+from client.gan_site import train_gan
+from client.refusal import Refusal
+from client.requests import FAILURE_TEXT, refuse, site_handler
+from client.site import SiteSettings
+from common import protocol as P
+from common import secure_wire
+
+log = logging.getLogger("fedsynth.site")
+_INNER = {P.TRAIN_GAN: train_gan, P.TRAIN_BNNET: train_bnnet, P.QUERY_BNSTATS: release_bnstats}
+
+
+class _Refused(Exception):
+    """Carries the safe error reply of the inner handler past Flower's SecAgg+ mod."""
+
+    def __init__(self, reply: Message) -> None:
+        super().__init__("refused")
+        self.reply = reply
+
+
+def refusals_mod(msg: Message, context: Context, call_next) -> Message:
+    """Outermost mod of the ``train`` handler: an inner refusal goes back as the handler's error reply."""
+    try:
+        return call_next(msg, context)
+    except _Refused as refused:
+        return refused.reply
+    except Exception as err:  # noqa: BLE001 - the SecAgg+ mod's own failures: never their text
+        log.warning("secure aggregation step failed at this site: %s: %s", type(err).__name__, err)
+        return refuse(msg, str(context.node_config.get("site-name", "site")), P.SITE_FAILURE, FAILURE_TEXT,
+                      f"secure aggregation: {type(err).__name__}: {err}")
+
+
+@site_handler
+def _answer(msg: Message, context: Context, site: SiteSettings) -> Message:
+    """The inner request's work (through ``site_handler``: every failure becomes a safe refusal)."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+
+    try:
+        fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    except (KeyError, TypeError, ValueError) as err:
+        raise P.ProtocolError(f"the secure aggregation's request is not a FitIns: {type(err).__name__}") from None
+    request = secure_wire.unwrap_request(fitins)
+    reply = _INNER[request.MESSAGE_TYPE](request, context, site)
+    try:
+        summand = secure_wire.summand(request.MESSAGE_TYPE, reply)
+    except secure_wire.RangeError as err:
+        raise Refusal(P.SITE_FAILURE, FAILURE_TEXT, f"{err}: nothing is sent") from None
+    log.info("[%s] %s: adding its release to the secure sum (masked; the coordinator sees only the total)",
+             site.name, request.MESSAGE_TYPE)
+    res = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(summand), num_examples=1, metrics={})
+    return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
+
+
+def handle_secure_train(msg: Message, context: Context) -> Message:
+    """Called by the SecAgg+ mod at its third stage; a refusal is raised past the mod (``refusals_mod``)."""
+    answer = _answer(msg, context)
+    if answer.has_error():
+        raise _Refused(answer)
+    return answer

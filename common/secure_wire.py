@@ -1,0 +1,106 @@
+"""How the typed protocol rides on Flower's SecAgg+ (legacy FitIns / FitRes on message type "train").
+
+Flower 1.41 runs SecAgg+ only through its legacy stack: the coordinator's workflow sends a ``FitIns``
+(parameters: a list of arrays; config: scalars) with the third stage, the site's ``secaggplus_mod`` takes
+the handler's ``FitRes`` parameters, masks them and adds them up. Here:
+
+- :func:`wrap_request` / :func:`unwrap_request`: a typed request of ``common.protocol`` (``train.gan``,
+  ``train.bnnet`` or ``query.bnstats``) <-> a ``FitIns`` carrying the same settings and its one array field
+  (names in order in the config), so the site decodes exactly the request it would get in the clear;
+- :func:`summand` / :func:`from_sum`: a typed reply -> the list of arrays the site adds (weight 1), and the
+  coordinator's unmasked sum -> what the plain protocol would have given it after pooling:
+    * FedAvg releases (generator, shared net): ``[w * x for each array] + [w]`` with w the site's noisy
+      record total, so that sum(w x) / sum(w) is the same weighted average as in the clear, and no site's
+      weight is seen on its own;
+    * the statistics release: its arrays as they are (the coordinator pools releases by adding them).
+
+Where precision is lost: every value is clipped to +-``SECAGG_CLIPPING_RANGE`` and rounded stochastically
+to a step of ``SECAGG_STEP`` (0.125) by Flower's quantizer. :func:`summand` checks the range so that
+nothing is clipped silently; the error of a sum of k sites has std <= sqrt(k) * step / 2 per value, on
+w * x, i.e. <= sqrt(k) * 0.0625 / sum(w) on an averaged parameter (below 1e-4 for a few hundred records).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from common import protocol as P
+
+INNER_TYPE = "fedsynth.message-type"  # config keys the wrapper adds to the request's own settings
+INNER_FIELD = "fedsynth.array-field"
+INNER_NAMES = "fedsynth.array-names"
+WEIGHT = "fedsynth.weight"  # the last array of a FedAvg summand
+
+_REQUESTS = {P.TRAIN_GAN: P.GanTrainRequest, P.TRAIN_BNNET: P.BnTrainRequest, P.QUERY_BNSTATS: P.BnStatsRequest}
+_MODEL_FIELD = {P.TRAIN_GAN: "generator", P.TRAIN_BNNET: "net", P.QUERY_BNSTATS: "stats"}
+
+
+class RangeError(ValueError):
+    """A value the site would add lies outside the secure aggregation's range."""
+
+
+def wrap_request(request: P.Message) -> Any:
+    """A typed request (one of ``P.SECURE_TASKS``) as the legacy ``FitIns`` SecAgg+ sends."""
+    from flwr.common import FitIns, ndarrays_to_parameters
+
+    if request.MESSAGE_TYPE not in _REQUESTS:
+        raise ValueError(f"{request.MESSAGE_TYPE} cannot be aggregated securely; only {', '.join(_REQUESTS)}")
+    record = request.to_record()
+    (field,) = [name for name in record.array_records]  # each secure request carries one array field
+    arrays = record.array_records[field]
+    names = list(arrays.keys())
+    config = dict(record.config_records[P.CONFIG])
+    config.update({INNER_TYPE: request.MESSAGE_TYPE, INNER_FIELD: field, INNER_NAMES: "\n".join(names)})
+    return FitIns(parameters=ndarrays_to_parameters([arrays[n].numpy() for n in names]), config=config)
+
+
+def unwrap_request(fitins: Any) -> P.Message:
+    """The typed request inside a ``FitIns``; :class:`P.ProtocolError` unless it is exactly one."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+    from flwr.common import parameters_to_ndarrays
+
+    config = dict(fitins.config)
+    kind, field, names = config.pop(INNER_TYPE, None), config.pop(INNER_FIELD, None), config.pop(INNER_NAMES, None)
+    if kind not in _REQUESTS or not isinstance(field, str) or not isinstance(names, str):
+        raise P.ProtocolError(f"a secure aggregation must wrap one of {', '.join(_REQUESTS)}, got {kind!r}")
+    try:
+        arrays = parameters_to_ndarrays(fitins.parameters)
+    except Exception as err:  # noqa: BLE001 - hostile bytes: refuse, never crash
+        raise P.ProtocolError(f"the wrapped arrays cannot be decoded: {type(err).__name__}") from None
+    names_list = names.split("\n") if names else []
+    if len(names_list) != len(arrays) or len(set(names_list)) != len(names_list):
+        raise P.ProtocolError(f"the wrapped request names {len(names_list)} arrays and carries {len(arrays)}")
+    content = RecordDict({P.CONFIG: ConfigRecord(config),
+                          field: ArrayRecord({n: Array(np.ascontiguousarray(a)) for n, a in zip(names_list, arrays)})})
+    return _REQUESTS[kind].from_record(content)
+
+
+def summand(kind: str, reply: P.Message) -> list[np.ndarray]:
+    """What a site adds to the secure sum for its typed ``reply`` to a ``kind`` request (see the module doc)."""
+    field = getattr(reply, _MODEL_FIELD[kind])
+    names = sorted(field) if kind == P.QUERY_BNSTATS else list(field)
+    if kind == P.QUERY_BNSTATS:
+        out = [np.asarray(field[n], dtype=np.float64) for n in names]
+    else:
+        w = float(reply.weight)
+        out = [w * np.asarray(field[n], dtype=np.float64) for n in names] + [np.array([w])]
+    worst = max(float(np.max(np.abs(a))) if a.size else 0.0 for a in out)
+    if not np.isfinite(worst) or worst > P.SECAGG_CLIPPING_RANGE:
+        raise RangeError(f"a value of {worst:.3g} is outside the secure aggregation's range "
+                         f"+-{P.SECAGG_CLIPPING_RANGE:g}")
+    return out
+
+
+def from_sum(kind: str, names: list[str], total: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The coordinator's view after unmasking ``total`` (the sum over the live sites of their summands):
+    the weighted average model (FedAvg releases) or the pooled statistics (``query.bnstats``), by name.
+    ``names`` are the model's state-dict names / the statistics layout's names, in the request's order."""
+    if kind == P.QUERY_BNSTATS:
+        return {n: np.asarray(a, dtype=np.float64) for n, a in zip(sorted(names), total)}
+    *weighted, weight = total
+    w = float(np.asarray(weight).ravel()[0])
+    if not w > 0:
+        raise ValueError(f"the sum of the sites' weights is {w:g}; no average can be formed")
+    return {n: (np.asarray(a, dtype=np.float64) / w).astype(np.float32) for n, a in zip(names, weighted)}

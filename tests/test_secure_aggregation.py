@@ -1,0 +1,183 @@
+"""Secure aggregation (SecAgg+ through Flower's mod): the coordinator gets only sums over the sites.
+
+In-process sites (``LocalGrid``: the real ClientApp with its mods, a copy of each message per site). The
+sums are checked against the same releases in the clear: a site answers a re-sent request from its saved
+reply, so asking the same sites the same request in the clear afterwards shows exactly what each added.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from client.app import app as client_app
+from common import protocol as P
+from common import secure_wire
+from common.models import Generator
+from fedsynth.localgrid import LocalGrid
+from server.collect import broadcast
+from server.fedavg import weighted_average
+from server.modes.dpgan import gan_request
+from server.secure_agg import default_threshold, secure_sum
+from tests.spine_helpers import charges, fast_config, nodes, run, spent
+
+
+def _grid(cfg, k: int, **kwargs) -> LocalGrid:
+    return LocalGrid(client_app, nodes(k), cfg.to_flwr(), **kwargs)
+
+
+def _gan_request(cfg, rnd: int = 1) -> P.GanTrainRequest:
+    shape = cfg.gan_shape(1, 8, 10)
+    return gan_request(cfg, shape, "exp-secure", rnd, P.state_arrays(Generator(shape)))
+
+
+def test_the_secure_average_is_the_plain_weighted_average_within_the_quantization_error(tmp_path):
+    cfg = fast_config(tmp_path, num_rounds=2)
+    grid = _grid(cfg, 3)
+    request = _gan_request(cfg)
+    names = list(request.generator)
+    got = secure_sum(grid, {n: request for n in grid.get_node_ids()}, round_label=1, timeout=30)
+    assert got.contributors == [1000, 1001, 1002] and not got.failures
+    secure = secure_wire.from_sum(P.TRAIN_GAN, names, got.total)
+    charged = spent(tmp_path)
+    # the same request in the clear: every site answers from its saved reply, nothing is charged again
+    plain = broadcast(grid, request, P.GanTrainReply, "again", 30, sorted(grid.get_node_ids()))
+    assert spent(tmp_path) == charged and [len(c) for c in charges(tmp_path)] == [1, 1, 1]
+    replies = list(plain.replies.values())
+    clear = weighted_average([r.generator for r in replies], [r.weight for r in replies])
+    total_weight = sum(r.weight for r in replies)
+    # stochastic rounding moves each of the 3 sites' w*x and w by less than one step (0.125): the average
+    # sum(w x) / sum(w) is off by at most 3 step (1 + |x|) / sum(w)
+    for k in names:
+        bound = 3 * P.SECAGG_STEP * (1 + np.abs(clear[k])) / (total_weight - 3 * P.SECAGG_STEP) + 1e-6
+        assert np.all(np.abs(secure[k] - clear[k]) <= bound), k
+    assert max(float(np.max(np.abs(secure[k] - clear[k]))) for k in names) > 0  # it went through the quantizer
+
+
+def test_the_secure_statistics_are_the_plain_pooled_sums_within_the_quantization_error(tmp_path):
+    cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, synthetic_size=50)
+    from common.bnnet import BNNet, norm_layer_channels
+    from server.modes.bnstats import plan_settings
+    from server.sites import Schema
+
+    net = BNNet(1, 10, 8, 8)
+    settings = plan_settings(cfg, Schema(1, 8, 8, tuple(str(i) for i in range(10))), "exp-secure-stats")
+    settings["net_rounds"] = 0
+    request = P.BnStatsRequest(**settings, net=P.state_arrays(net))
+    names = list(P.stats_layout(norm_layer_channels(net), 10))
+    grid = _grid(cfg, 3)
+    got = secure_sum(grid, {n: request for n in grid.get_node_ids()}, round_label=0, timeout=30)
+    pooled = secure_wire.from_sum(P.QUERY_BNSTATS, names, got.total)
+    plain = broadcast(grid, request, P.BnStatsReply, "again", 30, sorted(grid.get_node_ids()))
+    clear = {k: sum(np.asarray(r.stats[k], dtype=np.float64) for r in plain.replies.values()) for k in names}
+    for k in names:
+        assert pooled[k].shape == clear[k].shape
+        assert np.max(np.abs(pooled[k] - clear[k])) <= 3 * P.SECAGG_STEP + 1e-9, k
+
+
+def test_no_message_the_coordinator_receives_holds_a_sites_release_in_the_clear(tmp_path):
+    seen = []
+    report = run(fast_config(tmp_path, secure_aggregation=True, num_rounds=1), k=3, tap=seen.append)
+    assert report["rounds"][0]["aggregated"] and report["rounds"][0]["secure"]
+    assert {s["released"][0] for s in report["sites"]} == {"generator (secure sum)"}
+    assert all(s["weight"] == 0 for s in report["sites"])  # no site's weight either: it travels in the sum
+    train = [m for m in seen if m.metadata.message_type == P.SECURE_TRAIN]
+    assert len(train) == 4 * 3  # four SecAgg+ stages, three sites
+    stages = list(P.SECURE_REPLY_DECLARATIONS)
+    masked = []
+    for i, reply in enumerate(train):
+        assert not reply.has_error()
+        keys = set(reply.content[P.SECAGG_RECORD].keys())
+        stage = stages[i // 3]
+        assert keys == set(P.SECURE_REPLY_DECLARATIONS[stage]), (stage, keys)
+        others = set(reply.content.keys()) - {P.SECAGG_RECORD}
+        assert others <= set(P.SECURE_FITRES_RECORDS), others
+        # no array leaves in the clear: the FitRes parameters are emptied, the vector is only masked
+        assert all(len(rec) == 0 for rec in reply.content.array_records.values())
+        if stage == "collect_masked_vectors":
+            assert reply.content.metric_records["fitres.num_examples"]["num_examples"] == 1
+            assert dict(reply.content.config_records["fitres.metrics"]) == {}
+            masked.append(reply.content[P.SECAGG_RECORD]["masked_params"])
+    # a masked vector looks uniform: the generator's small weights (|x| < 10) would sit near the range's middle
+    from flwr.common import bytes_to_ndarray
+
+    for vec in masked:
+        values = np.concatenate([bytes_to_ndarray(b).ravel() for b in vec[1:]]).astype(np.float64)
+        assert abs(values.mean() / P.SECAGG_MODULUS - 0.5) < 0.01 and values.std() / P.SECAGG_MODULUS > 0.25
+
+
+@pytest.mark.parametrize("dies_after", ["share_keys", "collect_masked_vectors"])
+def test_a_site_killed_mid_aggregation_does_not_stop_the_round(tmp_path, dies_after):
+    cfg = fast_config(tmp_path, num_rounds=1)
+    victim = 1003
+    answered = {"n": 0}
+    stage_replies = {"share_keys": 2, "collect_masked_vectors": 3}[dies_after]
+
+    def tap(reply):
+        if reply.metadata.src_node_id == victim and reply.metadata.message_type == P.SECURE_TRAIN:
+            answered["n"] += 1
+            if answered["n"] == stage_replies:
+                grid.drop_nodes.add(victim)  # its next message is never answered
+
+    grid = _grid(cfg, 4, tap=tap)
+    request = _gan_request(cfg)
+    assert default_threshold(4) == 3
+    got = secure_sum(grid, {n: request for n in grid.get_node_ids()}, round_label=1, timeout=5)
+    assert got.total is not None, got.reason
+    # a site dead before its masked vector is left out; one dead after it is inside the sum
+    assert got.contributors == ([1000, 1001, 1002] if dies_after == "share_keys" else [1000, 1001, 1002, 1003])
+    assert victim in got.failures or dies_after == "collect_masked_vectors"
+
+
+def test_below_the_threshold_the_round_fails_cleanly_and_nothing_is_charged_twice(tmp_path):
+    cfg = fast_config(tmp_path, num_rounds=1)
+    grid = _grid(cfg, 4)
+    request = _gan_request(cfg)
+
+    def kill_two(reply):
+        if reply.metadata.src_node_id == 1001 and "masked_params" in reply.content[P.SECAGG_RECORD]:
+            grid.drop_nodes.update({1002, 1003})  # once two sites trained, the other two die: 2 < threshold 3
+
+    grid.tap = kill_two
+    got = secure_sum(grid, {n: request for n in grid.get_node_ids()}, round_label=1, timeout=5)
+    assert got.total is None and "threshold" in got.reason
+    first = spent(tmp_path)
+    assert len(first) == 2  # two sites trained (and charged) before the aggregation failed
+    grid.drop_nodes.clear()
+    grid.tap = None
+    again = secure_sum(grid, {n: request for n in grid.get_node_ids()}, round_label=1, timeout=5)
+    assert again.total is not None and again.contributors == [1000, 1001, 1002, 1003]
+    # the two that had trained answer the retry from their saved reply: nobody is charged twice
+    assert [len(c) for c in charges(tmp_path)] == [1, 1, 1, 1]
+    assert spent(tmp_path)[:2] == first[:2]
+
+
+def test_a_site_that_requires_secure_aggregation_refuses_a_plain_run_and_spends_nothing(tmp_path):
+    from fedsynth.localgrid import run_inprocess
+    from server.app import run_coordinator
+    from server.sites import RunFailed
+
+    strict = [{**n, "require-secure-aggregation": True} for n in nodes(3)]
+    cfg = fast_config(tmp_path, num_rounds=1)
+    with pytest.raises(RunFailed, match="quorum"):
+        run_inprocess(run_coordinator, client_app, cfg.to_flwr(), strict)
+    assert spent(tmp_path) == []  # no ledger was even opened
+    secure = fast_config(tmp_path, num_rounds=1, secure_aggregation=True, out_dir=str(tmp_path / "out2"))
+    report = run_inprocess(run_coordinator, client_app, secure.to_flwr(), strict)
+    assert report["rounds"][0]["aggregated"] and all(0 < e <= 10 for e in spent(tmp_path))
+
+
+def test_secure_aggregation_needs_three_sites(tmp_path):
+    from server.sites import RunFailed
+
+    with pytest.raises(RunFailed, match="needs 3 to"):
+        run(fast_config(tmp_path, secure_aggregation=True, num_rounds=1), k=2)
+
+
+def test_a_secure_statistics_run_completes(tmp_path):
+    cfg = fast_config(tmp_path, mode="bnstats", secure_aggregation=True, bn_rounds=1, bn_local_steps=2, bn_width=8,
+                      bn_iterations=3, bn_synth_batch=50, synthetic_size=50)
+    report = run(cfg, k=3)
+    released = {r for s in report["sites"] for r in s["released"]}
+    assert released == {"shared net (secure sum)", "class statistics (secure sum)"}
+    assert report["synthetic"]["count"] == 50
