@@ -133,7 +133,9 @@ def _clip_bounds(req: P.BnStatsRequest, net: BNNet) -> float | dict[str, float] 
 
 
 def _release(plan: RunPlan, net: BNNet, data: ImageDataset, clips, req: P.BnStatsRequest, device, site) -> dict:
-    sigma = plan.stats.noise_multiplier
+    # The ledger charges plan.stats (the guarantee of the sum, which carries all the noise); with distributed
+    # noise this site adds only 1/sqrt(noise_shares) of it (its own release alone has that much less noise).
+    sigma = plan.stats.noise_multiplier / math.sqrt(req.noise_shares)
     if clips is None and sigma > 0:
         clips = choose_layer_clips(net, data, noise_multiplier=plan.clip_choice.noise_multiplier, device=device)
         log.info("[%s] chose per-layer clip bounds privately (z=%.1f): %s", site.name,
@@ -150,8 +152,13 @@ def handle_bnstats(msg: Message, context: Context, site: SiteSettings) -> Messag
     return release_bnstats(P.BnStatsRequest.from_message(msg), context, site).as_reply(msg)
 
 
-def release_bnstats(req: P.BnStatsRequest, context: Context, site: SiteSettings) -> P.BnStatsReply:
-    """The site's one DP statistics release of the run; the typed reply."""
+def release_bnstats(req: P.BnStatsRequest, context: Context, site: SiteSettings, *,
+                    secure: bool = False) -> P.BnStatsReply:
+    """The site's one DP statistics release of the run; the typed reply. ``secure``: it goes into a SecAgg+
+    sum (only then may the request split the noise over several sites)."""
+    if req.noise_shares != 1 and not (secure and 2 <= req.noise_shares <= P.SECAGG_MAX_SITES):
+        raise Refusal(P.REFUSED_BAD_REQUEST, "distributed noise (noise-shares > 1) is only for releases inside a "
+                                             "secure aggregation; in the clear a site adds all of the noise")
     data, net, ledger, folder, plan = _setup(req, req.net, site)
     path = folder / "stats-release.pt"
     saved = load_saved(path)
@@ -159,7 +166,10 @@ def release_bnstats(req: P.BnStatsRequest, context: Context, site: SiteSettings)
         clips = _clip_bounds(req, net)  # a malformed request is refused before anything is charged
         events = ([plan.clip_choice] if plan.clip_choice else []) + [plan.stats]
         spent = _charge(ledger, events, data, site, purpose="bnstats-release", run=req.experiment, rnd=0,
-                        details={"clip": str(req.layer_clips).strip() or req.clip, "count-weight": req.count_weight})
+                        details={"clip": str(req.layer_clips).strip() or req.clip, "count-weight": req.count_weight,
+                                 **({"distributed-noise-shares": req.noise_shares,
+                                     "own-noise-multiplier": plan.stats.noise_multiplier / math.sqrt(req.noise_shares)}
+                                    if req.noise_shares > 1 else {})})
         device = pick_device(str(context.run_config.get("device", "auto")))
         stats = _release(plan, net.eval(), data, clips, req, device, site)
         log.info("[%s] released DP class statistics (sigma=%.3f); epsilon spent now %.3f", site.name,

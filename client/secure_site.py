@@ -64,7 +64,8 @@ def _answer(msg: Message, context: Context, site: SiteSettings) -> Message:
     except (KeyError, TypeError, ValueError) as err:
         raise P.ProtocolError(f"the secure aggregation's request is not a FitIns: {type(err).__name__}") from None
     request = secure_wire.unwrap_request(fitins)
-    reply = _INNER[request.MESSAGE_TYPE](request, context, site)
+    inner = _INNER[request.MESSAGE_TYPE]
+    reply = inner(request, context, site, secure=True) if inner is release_bnstats else inner(request, context, site)
     try:
         summand = secure_wire.summand(request.MESSAGE_TYPE, reply)
     except secure_wire.RangeError as err:

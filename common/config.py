@@ -54,6 +54,7 @@ class RunConfig:
     # --- secure aggregation (SecAgg+): the coordinator sees only sums over the sites ----------------
     secure_aggregation: bool = False  # average the generator / shared net and pool the statistics with SecAgg+ (>= 3 sites)
     secure_threshold: int = 0  # live sites needed to remove a dropped site's masks (0 = two thirds of the sites)
+    distributed_noise: bool = False  # statistics mode with secure aggregation: each of >= t sites adds 1/sqrt(t) of the noise
     # --- DP-GAN (site-side local training) -----------------------------------------------------------
     gan_local_steps: int = 0  # discriminator DP-SGD steps per site per round (0 = chosen by the product)
     gan_batch_size: int = 0  # expected Poisson batch size of real records (0 = chosen by the product)
@@ -154,6 +155,9 @@ class RunConfig:
              "gan-d-width, gan-ac-weight and gan-mode-seeking must be >= 0")
         need(self.secure_threshold >= 0 and self.secure_threshold != 1,
              f"secure-threshold must be >= 2 (or 0: two thirds of the sites), got {self.secure_threshold}")
+        need(self.secure_aggregation or not self.distributed_noise,
+             "distributed-noise needs secure-aggregation = true: each site adds only part of the noise, so its "
+             "release must never be seen alone")
         need(self.gan_sample_from in GAN_SAMPLE_FROM,
              f"gan-sample-from must be one of {', '.join(GAN_SAMPLE_FROM)}, got '{self.gan_sample_from}'")
         need(self.bn_width >= 1 and self.bn_rounds >= 0 and self.bn_local_steps >= 0 and self.bn_batch_size >= 0,

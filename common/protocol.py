@@ -169,6 +169,10 @@ class BnPlanSettings:
     num_classes: int
     width: int
     head_norm: bool
+    # Distributed noise (only inside a secure aggregation): the statistics release's noise is split over at
+    # least this many sites, each adding 1/sqrt(noise_shares) of it, so that the sum carries all of it.
+    # 1 = every site adds all of it (always so in the clear: a site refuses anything else there).
+    noise_shares: int
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,8 @@ def site_privacy(site: SiteRecord, epsilon: float) -> dict:
     return {"name": site.name, "released": released, "epsilon_bound": epsilon, "delta_bound": site.delta_bound}
 
 
-def privacy_statement(private: bool, epsilon: float, rows: list[dict]) -> str:
+def privacy_statement(private: bool, epsilon: float, rows: list[dict], *, secure: bool = False,
+                      noise_shares: int = 1) -> str:
     """Plain sentences on what the run's privacy numbers mean."""
     if not private:
         return ("NOT differentially private: sites released without noise (epsilon = inf). This run only shows "
@@ -84,6 +85,16 @@ def privacy_statement(private: bool, epsilon: float, rows: list[dict]) -> str:
     for row in rows:
         if row["released"]:
             lines.append(f"{row['name']} released: " + "; ".join(row["released"]) + ".")
+    if secure:
+        lines.append("Secure aggregation (SecAgg+): the coordinator received each round's models and the statistics "
+                     "only as sums over the sites, never one site's release; this assumes it follows the protocol "
+                     "(honest-but-curious) and that the sites do not collude with it.")
+    if noise_shares > 1:
+        lines.append(f"Distributed noise: each site added only 1/sqrt({noise_shares}) of the statistics release's "
+                     f"noise, and every sum held at least {noise_shares} sites' releases, so the sum carries all of "
+                     "it and the guarantee above holds -- under the trust assumption of secure aggregation. Were "
+                     f"one site's release seen alone, it would carry sqrt({noise_shares}) times less noise than "
+                     "charged (a weaker guarantee, written in each site's ledger as its own noise multiplier).")
     return "\n".join(lines)
 
 
@@ -92,10 +103,16 @@ def build_report(cfg: RunConfig, run: RunState, sites: dict[int, SiteRecord], hi
     rows = [s.row() for s in sorted(sites.values(), key=lambda s: s.name)]
     privacy_rows = [site_privacy(s, cfg.epsilon) for s in sorted(sites.values(), key=lambda s: s.name)]
     rounds = cfg.num_rounds if cfg.mode == "dpgan" else (0 if cfg.bn_net else cfg.bn_rounds)
+    noise_shares = 1
+    if cfg.distributed_noise and cfg.mode == "bnstats":
+        from server.modes.bnstats import noise_shares as shares_for
+
+        noise_shares = shares_for(cfg, len(sites))
     return {
         "mode": cfg.mode, "private": cfg.private, "epsilon_target": cfg.epsilon,
         "delta_bound": max((s.delta_bound for s in sites.values()), default=P.DEFAULT_DELTA_BOUND),
-        "privacy_statement": privacy_statement(cfg.private, cfg.epsilon, privacy_rows),
+        "privacy_statement": privacy_statement(cfg.private, cfg.epsilon, privacy_rows, secure=cfg.secure_aggregation,
+                                               noise_shares=noise_shares),
         "privacy": {"adjacency": "add or remove one record at one site", "sites": privacy_rows},
         "experiment": run.experiment, "num_rounds": rounds, "rounds": history, "sites": rows,
         "utility": utility, "site_evaluation": fed_eval, "site_audits": audits,

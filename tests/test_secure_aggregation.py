@@ -175,9 +175,40 @@ def test_secure_aggregation_needs_three_sites(tmp_path):
 
 
 def test_a_secure_statistics_run_completes(tmp_path):
-    cfg = fast_config(tmp_path, mode="bnstats", secure_aggregation=True, bn_rounds=1, bn_local_steps=2, bn_width=8,
-                      bn_iterations=3, bn_synth_batch=50, synthetic_size=50)
+    cfg = fast_config(tmp_path, mode="bnstats", secure_aggregation=True, distributed_noise=True, bn_rounds=1,
+                      bn_local_steps=2, bn_width=8, bn_iterations=3, bn_synth_batch=50, synthetic_size=50)
     report = run(cfg, k=3)
+    assert "Secure aggregation (SecAgg+)" in report["privacy_statement"]
+    assert "Distributed noise: each site added only 1/sqrt(2)" in report["privacy_statement"]
     released = {r for s in report["sites"] for r in s["released"]}
     assert released == {"shared net (secure sum)", "class statistics (secure sum)"}
     assert report["synthetic"]["count"] == 50
+
+
+def test_distributed_noise_is_refused_in_the_clear_and_split_inside_a_secure_sum(tmp_path):
+    from common.bnnet import BNNet
+    from server.modes.bnstats import plan_settings
+    from server.sites import Schema
+
+    cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, synthetic_size=50)
+    settings = plan_settings(cfg, Schema(1, 8, 8, tuple(str(i) for i in range(10))), "exp-distributed")
+    settings.update(net_rounds=0, noise_shares=2)
+    request = P.BnStatsRequest(**settings, net=P.state_arrays(BNNet(1, 10, 8, 8)))
+    grid = _grid(cfg, 3)
+    # a coordinator asking for the split noise in the clear would see a release with too little noise: refused
+    plain = broadcast(grid, request, P.BnStatsReply, "clear", 30, sorted(grid.get_node_ids()))
+    assert not plain.replies and set(plain.codes.values()) == {P.REFUSED_BAD_REQUEST}
+    assert spent(tmp_path) == []
+    got = secure_sum(grid, {n: request for n in grid.get_node_ids()}, round_label=0, timeout=30)
+    assert got.total is not None
+    for entries in charges(tmp_path):  # charged for the sum's guarantee; the site's own noise is written down
+        (release,) = [e for e in entries if e["purpose"] == "bnstats-release"]
+        own, charged = release["details"]["own-noise-multiplier"], release["events"][-1]["noise_multiplier"]
+        assert release["details"]["distributed-noise-shares"] == 2 and own == pytest.approx(charged / np.sqrt(2))
+
+
+def test_distributed_noise_needs_secure_aggregation():
+    from common.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match="distributed-noise needs secure-aggregation"):
+        RunConfig.from_mapping({"distributed-noise": True})

@@ -26,20 +26,26 @@ from server.bnsynth import pool_statistics, synthesize
 from server.collect import broadcast, quorum_size
 from server.fedavg import FedAvgTask, run_fedavg_rounds
 from server.run_state import RunState
-from server.secure_agg import secure_sum
+from server.secure_agg import default_threshold, secure_sum
 from server.sites import RunFailed, Schema, SiteRecord, record_failures
 from server.synthesis import balanced_class_sizes
 
 log = logging.getLogger("fedsynth.coordinator")
 
 
-def plan_settings(cfg: RunConfig, schema: Schema, experiment: str) -> dict:
+def noise_shares(cfg: RunConfig, num_sites: int) -> int:
+    """Sites that are always inside the secure sum: SecAgg+ fails below its reconstruction threshold."""
+    return cfg.secure_threshold or default_threshold(num_sites)
+
+
+def plan_settings(cfg: RunConfig, schema: Schema, experiment: str, num_sites: int = 1) -> dict:
     """The settings both BN requests carry (``protocol.BnPlanSettings``)."""
     return dict(experiment=experiment, net_rounds=0 if cfg.bn_net else cfg.bn_rounds, local_steps=cfg.bn_local_steps,
                 batch_size=cfg.bn_batch_size, max_grad_norm=cfg.bn_max_grad_norm, lr=cfg.bn_lr, epsilon=cfg.epsilon,
                 stats_share=cfg.bn_stats_share, clip=cfg.bn_clip, layer_clips=cfg.bn_layer_clips,
                 count_weight=cfg.bn_count_weight, seed=cfg.seed, channels=schema.channels, image_size=schema.height,
-                num_classes=len(schema.classes), width=cfg.bn_width, head_norm=cfg.bn_head_norm)
+                num_classes=len(schema.classes), width=cfg.bn_width, head_norm=cfg.bn_head_norm,
+                noise_shares=noise_shares(cfg, num_sites) if cfg.distributed_noise else 1)
 
 
 def collect_statistics(grid: Grid, cfg: RunConfig, sites: dict[int, SiteRecord], net: BNNet,
@@ -111,7 +117,7 @@ def collect_and_synthesize(grid: Grid, cfg: RunConfig, run: RunState, sites: dic
     if schema.height != schema.width:
         raise RunFailed(f"the shared net needs square images, the sites hold {schema.height}x{schema.width}; "
                         "set image-size")
-    settings = plan_settings(cfg, schema, run.experiment)
+    settings = plan_settings(cfg, schema, run.experiment, len(sites))
     net, history = _shared_net(grid, cfg, run, sites, schema, settings)
     torch.save(net.state_dict(), run.out_dir / "bn_net.pt")
     net.eval()
