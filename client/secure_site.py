@@ -64,6 +64,8 @@ def _answer(msg: Message, context: Context, site: SiteSettings) -> Message:
     except (KeyError, TypeError, ValueError) as err:
         raise P.ProtocolError(f"the secure aggregation's request is not a FitIns: {type(err).__name__}") from None
     request = secure_wire.unwrap_request(fitins)
+    if isinstance(request, P.BnStatsRequest) and request.noise_shares > 1:
+        _check_noise_shares(request.noise_shares, context)
     inner = _INNER[request.MESSAGE_TYPE]
     reply = inner(request, context, site, secure=True) if inner is release_bnstats else inner(request, context, site)
     try:
@@ -74,6 +76,17 @@ def _answer(msg: Message, context: Context, site: SiteSettings) -> Message:
              site.name, request.MESSAGE_TYPE)
     res = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(summand), num_examples=1, metrics={})
     return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
+
+
+def _check_noise_shares(shares: int, context: Context) -> None:
+    """Split noise only as far as this aggregation guarantees: every sum the coordinator can unmask holds at
+    least the reconstruction threshold's number of releases (the threshold Flower's mod got at setup)."""
+    state = context.state.config_records.get("secaggplus_state")
+    threshold = int(state.get("threshold", 0)) if state is not None else 0
+    if not 2 <= shares <= threshold:
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"distributed noise over {shares} sites needs a secure aggregation whose "
+                                             f"reconstruction threshold is at least {shares}; this one has "
+                                             f"{threshold or 'none'}")
 
 
 def handle_secure_train(msg: Message, context: Context) -> Message:

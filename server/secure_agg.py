@@ -88,6 +88,22 @@ def _strategy(fitins: dict[int, Any]):
     return OneAggregation()
 
 
+def message_bytes(msg: Any) -> int:
+    """Payload bytes of a Flower message: array data, bytes and lists of bytes, 8 per other value."""
+    if not msg.has_content():
+        return 0
+    total = sum(len(a.data) for rec in msg.content.array_records.values() for a in rec.values())
+    for rec in list(msg.content.config_records.values()) + list(msg.content.metric_records.values()):
+        for v in rec.values():
+            if isinstance(v, bytes):
+                total += len(v)
+            elif isinstance(v, list):
+                total += sum(len(b) if isinstance(b, bytes) else 8 for b in v)
+            else:
+                total += 8
+    return total
+
+
 class _Recorder:
     """The Grid the workflow talks to: the real one, noting each site's refusals and bytes."""
 
@@ -103,11 +119,7 @@ class _Recorder:
                 self.outcome.failures[node] = reply.error.reason
                 self.outcome.codes[node] = reply.error.code
             else:
-                nbytes = sum(a.nbytes for rec in reply.content.array_records.values() for a in rec.values()) + sum(
-                    len(v) if isinstance(v, bytes) else sum(len(b) for b in v if isinstance(b, bytes))
-                    if isinstance(v, list) else 8
-                    for rec in reply.content.config_records.values() for v in rec.values())
-                self.outcome.bytes_received[node] = self.outcome.bytes_received.get(node, 0) + nbytes
+                self.outcome.bytes_received[node] = self.outcome.bytes_received.get(node, 0) + message_bytes(reply)
         answered = {r.metadata.src_node_id for r in replies}
         for m in messages:
             if m.metadata.dst_node_id not in answered:

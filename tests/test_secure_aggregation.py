@@ -212,3 +212,20 @@ def test_distributed_noise_needs_secure_aggregation():
 
     with pytest.raises(ConfigError, match="distributed-noise needs secure-aggregation"):
         RunConfig.from_mapping({"distributed-noise": True})
+
+
+def test_a_site_splits_its_noise_no_further_than_the_aggregations_threshold(tmp_path):
+    """A coordinator asking for more noise shares than every unmaskable sum holds is refused."""
+    from common.bnnet import BNNet
+    from server.modes.bnstats import plan_settings
+    from server.sites import Schema
+
+    cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, synthetic_size=50)
+    settings = plan_settings(cfg, Schema(1, 8, 8, tuple(str(i) for i in range(10))), "exp-too-many-shares")
+    settings.update(net_rounds=0, noise_shares=3)  # threshold with 3 sites is 2
+    request = P.BnStatsRequest(**settings, net=P.state_arrays(BNNet(1, 10, 8, 8)))
+    grid = _grid(cfg, 3)
+    got = secure_sum(grid, {n: request for n in grid.get_node_ids()}, round_label=0, timeout=30)
+    assert got.total is None and set(got.codes.values()) == {P.REFUSED_BAD_REQUEST}
+    assert all("reconstruction threshold" in why for why in got.failures.values())
+    assert spent(tmp_path) == []
