@@ -207,9 +207,9 @@ def start_deployment(tmp_path_factory):
     for i, idx in enumerate(parts, start=1):
         save_npz(digits.subset(idx), root / "data" / f"site{i}.npz")
         dep.site_yaml[f"site{i}"] = yaml_file(root / f"site{i}.yaml", {
-            "name": f"site{i}", "data": f"data/site{i}.npz", "epsilon": 10.0, "state_dir": f"state/site{i}",
+            "name": f"site{i}", "data": f"data/site{i}.npz", "epsilon": 30.0, "state_dir": f"state/site{i}",
             "coordinator": f"127.0.0.1:{port}", "ca_cert": "certs/ca.crt", "private_key": f"certs/keys/site{i}",
-            "supernode_port": free_port(), "modes": ["dpgan"]})
+            "supernode_port": free_port(), "modes": ["dpgan", "bnstats"]})
     try:
         dep.start_coordinator()
         for name in ("site1", "site2", "site3"):

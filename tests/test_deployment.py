@@ -8,7 +8,9 @@ One deployment (the session fixture ``deployment``) serves every scenario:
   coordinator is killed after round 2; the restarted coordinator resumes from its checkpoint, the
   restarted site3 keeps its ledger, and the outputs arrive;
 - hostile run configs: a noise setting does not exist, and a request beyond the sites' budgets is refused
-  with nothing spent.
+  with nothing spent;
+- a statistics-mode run with secure aggregation (SecAgg+ over the real SuperNodes): the shared net's round
+  and the statistics release are summed securely, and the run completes.
 (Attacks by a hostile coordinator on the same deployment are in test_hostile_coordinator.py.)
 """
 
@@ -185,3 +187,21 @@ def test_hostile_run_configs_are_refused_and_nothing_is_spent(deployment):
     for name in before:
         assert after[name]["releases"] == before[name]["releases"], name
         assert after[name]["spent_epsilon"] == before[name]["spent_epsilon"], name
+
+
+# ---- 7. secure aggregation over real SuperNodes (TLS + authentication) ------------------------------------
+def test_a_secure_aggregation_run_completes_on_real_supernodes(deployment):
+    """One statistics-mode run: a secure FedAvg round of the shared net (the DP-GAN's generator rounds use the
+    same code) and the secure sum of the statistics, through Flower's SecAgg+ workflow and mod."""
+    dep = deployment
+    out = dep.root / "runs" / "secure"
+    res = fedsynth("run", "--config", str(dep.coord_yaml), "--out", str(out), "--wait", "300",
+                   "--run-config", "mode='bnstats' secure-aggregation=true epsilon=2.0 bn-rounds=1 bn-local-steps=2 "
+                   "bn-width=8 bn-iterations=3 bn-synth-batch=50 synthetic-size=50 experiment='deploy-secure'",
+                   timeout=500)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert [r["secure"] for r in report["rounds"]] == [True] and report["rounds"][0]["accepted"] == 3
+    for site in report["sites"]:
+        assert site["released"] == ["shared net (secure sum)", "class statistics (secure sum)"], site
+    assert "Secure aggregation (SecAgg+)" in report["privacy_statement"]
