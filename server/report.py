@@ -117,4 +117,22 @@ def build_report(cfg: RunConfig, run: RunState, sites: dict[int, SiteRecord], hi
         "experiment": run.experiment, "num_rounds": rounds, "rounds": history, "sites": rows,
         "utility": utility, "site_evaluation": fed_eval, "site_audits": audits,
         "synthetic": synth_info, "timings": run.timings, "config": cfg.to_flwr(), "device": str(device),
+        "secure_aggregation": secure_aggregation_facts(cfg, len(sites), noise_shares),
+    }
+
+
+def secure_aggregation_facts(cfg: RunConfig, num_sites: int, noise_shares: int) -> dict:
+    """What secure aggregation did to the numbers (empty when it was off)."""
+    if not cfg.secure_aggregation:
+        return {}
+    from server.secure_agg import default_threshold
+
+    k = num_sites
+    return {
+        "threshold": cfg.secure_threshold or default_threshold(k), "sites": k, "noise_shares": noise_shares,
+        "clipping_range": P.SECAGG_CLIPPING_RANGE, "quantization_step": P.SECAGG_STEP,
+        "precision": (f"every value a site adds is rounded stochastically to a step of {P.SECAGG_STEP:g} (unbiased); "
+                      f"a pooled statistic is off by at most {k * P.SECAGG_STEP:g} from the exact pooling of the same "
+                      f"releases, an averaged parameter x by at most {k * P.SECAGG_STEP:g} * (1 + |x|) / (sum of the "
+                      "sites' weights)"),
     }

@@ -128,6 +128,14 @@ def _privacy_section(report: dict) -> str:
     if rows:
         out.append(_table(("site", "released in this run", "epsilon (at most)", "delta (at most)"), rows,
                           table_id="privacy"))
+    secure = report.get("secure_aggregation") or {}
+    if secure:
+        out.append("<h3>Secure aggregation</h3>")
+        out.append(_table(("item", "value"), [
+            ("sites whose shares remove a dropped site's masks (threshold)", secure.get("threshold")),
+            ("noise split over (distributed noise; 1 = off)", secure.get("noise_shares")),
+            ("values clipped to +-", secure.get("clipping_range")), ("precision", secure.get("precision"))],
+            table_id="secure-aggregation"))
     return "\n".join(out)
 
 

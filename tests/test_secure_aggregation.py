@@ -180,6 +180,9 @@ def test_a_secure_statistics_run_completes(tmp_path):
     report = run(cfg, k=3)
     assert "Secure aggregation (SecAgg+)" in report["privacy_statement"]
     assert "Distributed noise: each site added only 1/sqrt(2)" in report["privacy_statement"]
+    facts = report["secure_aggregation"]
+    assert facts["threshold"] == 2 and facts["noise_shares"] == 2 and facts["quantization_step"] == 0.125
+    assert "a pooled statistic is off by at most 0.375" in facts["precision"]
     released = {r for s in report["sites"] for r in s["released"]}
     assert released == {"shared net (secure sum)", "class statistics (secure sum)"}
     assert report["synthetic"]["count"] == 50
