@@ -249,3 +249,31 @@ def test_site_audit_summary_feature_space_requires_no_similarity() -> None:
     out = audits.site_audit_summary(x[:10], x[10:20], x[20:], space="feature", metric="l2", similarity=False,
                                     n_bootstrap=50)
     assert "similarity" not in out and out["space"] == "feature"
+
+
+def _faces(n: int, attribute: np.ndarray, carries: bool, seed: int):
+    """8x8 'faces': noise, plus a bright patch where the sensitive attribute is 1 (if the images carry it)."""
+    from common.data import ImageDataset
+
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0.0, 0.5, size=(n, 1, 8, 8)).astype(np.float32)
+    shown = attribute if carries else rng.integers(0, 2, size=n)  # replaced: drawn independently of the label
+    images[shown == 1, :, :4, :4] += 0.5
+    return ImageDataset(images=images, labels=attribute.astype(np.int64), classes=("no", "yes"), source="test")
+
+
+@pytest.mark.parametrize("leaked", [True, False])
+def test_the_attribute_adversary_sees_a_leak_and_only_chance_without_one(leaked):
+    from common.audits.attribute import attribute_leakage
+    from common.learner import LearnerConfig
+
+    rng = np.random.default_rng(0)
+    synthetic = _faces(800, rng.integers(0, 2, size=800), carries=leaked, seed=1)
+    real_attr = (rng.uniform(size=600) < 0.7).astype(np.int64)  # imbalanced: the majority rate is ~0.7
+    real = _faces(600, real_attr, carries=True, seed=2)
+    result = attribute_leakage(synthetic, real, learner=LearnerConfig(name="logreg", epochs=5, lr=0.05))
+    assert result.majority_rate == pytest.approx(real_attr.mean() if real_attr.mean() > 0.5 else 1 - real_attr.mean())
+    if leaked:
+        assert result.adversary_accuracy > 0.97 and result.advantage > 0.25
+    else:  # nothing to learn: no better than always answering the majority value
+        assert result.advantage < 0.05 and 0.35 < result.adversary_accuracy < 0.75

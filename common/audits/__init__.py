@@ -12,6 +12,9 @@ Where each part lives (every name below is re-exported here, so ``from common.au
     ``common.audits.similarity``    :func:`ssim_window`, :class:`SimilarityResult`,
                                     :func:`similarity_to_nearest`
     ``common.audits.summary``       :func:`site_audit_summary`, ``DEFAULT_MSE_HIST_RANGE``
+    ``common.audits.attribute``     :class:`AttributeLeakage`, :func:`attribute_leakage` (seed 004's
+                                    privacy loss of a sensitive attribute; imported from there: it
+                                    trains a learner)
     The block size of the nearest-neighbour search, ``_BLOCK_ELEMENTS``, lives in (and is read from)
     ``common.audits.neighbors``; patch it there.
 
