@@ -239,10 +239,9 @@ def _synthetic_section(synthetic: dict, out_dir: Path) -> str:
     if facts:
         out.append(_table(("item", "value"), facts, table_id="synthetic"))
     per_site = made.get("images-per-site-and-class") or {}
-    if per_site:
-        out.append("<p>Images drawn from each site's generator, per class (from the sites' noisy class counts):</p>")
-        out.append(_table(("site", "images per class"), [(name, ", ".join(str(v) for v in row))
-                                                         for name, row in per_site.items()], table_id="per-site"))
+    if per_site:  # drawn from each site's generator, per class, by the sites' noisy class counts
+        out.append(_table(("site", "images drawn from its generator, per class"), [
+            (name, ", ".join(str(v) for v in row)) for name, row in per_site.items()], table_id="per-site"))
     for rel in synthetic.get("grids") or []:
         path = (out_dir / rel) if not Path(rel).is_absolute() else Path(rel)
         if path.is_file():

@@ -95,13 +95,18 @@ def test_sites_answer_dp_evaluation_only_when_allowed_charged_and_capped(tmp_pat
     report = run_inprocess(run_coordinator, client_app, cfg.to_flwr(), site_nodes, tap=seen.append)
     ev = report["site_evaluation"]
     assert [r["name"] for r in ev["sites"]] == ["site-1", "site-2"] and ev["not_allowed"] == ["site-3"]
-    # noisy: the answers are not integer counts, but they estimate the held-out accuracy
+    # noisy: the answers are not integer counts; the reported accuracy is computed from them alone
+    # (with ~120 held-out digits per site and noise std 10 per count, it is too noisy to compare with the TSTR
+    # accuracy of this tiny run's near-constant classifier: a tolerance there failed 1 run in 4)
+    from server.federated_eval import accuracy_from_table
+
     replies = [m for m in seen if m.metadata.message_type == P.EVALUATE_CLASSIFIER]
     assert len(replies) == 2  # the coordinator does not ask a site that does not allow it
-    for reply in replies:
-        table = P.EvaluationReply.from_message(reply).counts["table"]
+    tables = [P.EvaluationReply.from_message(reply).counts["table"] for reply in replies]
+    for table in tables:
         assert table.shape == (10, 2) and not np.allclose(table, np.round(table))
-    assert abs(ev["accuracy"] - report["utility"]["tstr_accuracy"]) < 0.25
+    assert ev["accuracy"] == pytest.approx(accuracy_from_table(sum(tables))["accuracy"], abs=1e-6)
+    assert 0.0 <= ev["accuracy"] <= 1.0
     for path in ledger_paths(tmp_path)[:2]:
         entries = PrivacyLedger(path, epsilon_budget=math.inf, create=False).entries()
         evals = [e for e in entries if e["purpose"] == "evaluation"]
