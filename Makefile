@@ -24,6 +24,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# the default suite plus the slow real-SuperNode runs (secure aggregation over TLS-authenticated SuperNodes)
+test-all: $(STAMP)
+	FEDSYNTH_FULL_TESTS=1 $(PY) -m pytest -q tests
+
 bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_dpgan.py
 
