@@ -30,9 +30,6 @@ from common import protocol as P
 from common import secure_wire
 
 log = logging.getLogger("fedsynth.site")
-# Flower's SecAgg+ workflow and mod log every stage of every site at DEBUG; our own log says what matters.
-if logging.getLogger("flwr").getEffectiveLevel() < logging.INFO:
-    logging.getLogger("flwr").setLevel(logging.INFO)
 _INNER = {P.TRAIN_GAN: train_gan, P.TRAIN_BNNET: train_bnnet, P.QUERY_BNSTATS: release_bnstats}
 
 
@@ -84,7 +81,9 @@ def _answer(msg: Message, context: Context, site: SiteSettings) -> Message:
 def _check_noise_shares(shares: int, context: Context) -> None:
     """Split noise only as far as this aggregation guarantees: every sum the coordinator can unmask holds at
     least the reconstruction threshold's number of releases (the threshold Flower's mod got at setup)."""
-    state = context.state.config_records.get("secaggplus_state")
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+
+    state = context.state.config_records.get(RECORD_KEY_STATE)
     threshold = int(state.get("threshold", 0)) if state is not None else 0
     if not 2 <= shares <= threshold:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"distributed noise over {shares} sites needs a secure aggregation whose "

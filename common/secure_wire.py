@@ -22,6 +22,7 @@ w * x, i.e. <= sqrt(k) * 0.0625 / sum(w) on an averaged parameter (below 1e-4 fo
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,10 @@ from common import protocol as P
 INNER_TYPE = "fedsynth.message-type"  # config keys the wrapper adds to the request's own settings
 INNER_FIELD = "fedsynth.array-field"
 INNER_NAMES = "fedsynth.array-names"
-WEIGHT = "fedsynth.weight"  # the last array of a FedAvg summand
+
+# Flower's SecAgg+ workflow and mod log every stage of every site at DEBUG; our own log says what matters.
+if logging.getLogger("flwr").getEffectiveLevel() < logging.INFO:
+    logging.getLogger("flwr").setLevel(logging.INFO)
 
 _REQUESTS = {P.TRAIN_GAN: P.GanTrainRequest, P.TRAIN_BNNET: P.BnTrainRequest, P.QUERY_BNSTATS: P.BnStatsRequest}
 _MODEL_FIELD = {P.TRAIN_GAN: "generator", P.TRAIN_BNNET: "net", P.QUERY_BNSTATS: "stats"}

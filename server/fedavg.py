@@ -58,6 +58,12 @@ def weighted_average(states: list[dict[str, np.ndarray]], weights: list[float]) 
     return {k: sum(wi * s[k].astype(np.float64) for wi, s in zip(w, states)).astype(np.float32) for k in states[0]}
 
 
+def _no_budget_left(rnd: int, failures: dict[int, str]) -> None:
+    reasons = "; ".join(list(failures.values())[:3])
+    raise RunFailed(f"every site refused round {rnd} for lack of privacy budget, so no later round "
+                    f"can succeed either: {reasons}")
+
+
 def _plain_round(grid: Grid, cfg: RunConfig, sites: dict[int, SiteRecord], task: FedAvgTask, request: Any, rnd: int,
                  nodes: list[int], spec: dict) -> tuple[dict | None, dict, dict[int, Any]]:
     """Every site's model in the clear, averaged here: (average or None, history entry, accepted replies)."""
@@ -71,9 +77,7 @@ def _plain_round(grid: Grid, cfg: RunConfig, sites: dict[int, SiteRecord], task:
         site.rounds_ok.append(rnd)
     record_failures(sites, got.failures, rnd)
     if got.all_refused(P.REFUSED_BUDGET):
-        reasons = "; ".join(list(got.failures.values())[:3])
-        raise RunFailed(f"every site refused round {rnd} for lack of privacy budget, so no later round "
-                        f"can succeed either: {reasons}")
+        _no_budget_left(rnd, got.failures)
     accepted = list(got.replies.values())
     entry = {"accepted": len(accepted), "errors": len(got.codes), "missing": len(got.missing)}
     if not accepted:
@@ -97,9 +101,7 @@ def _secure_round(grid: Grid, cfg: RunConfig, sites: dict[int, SiteRecord], task
     record_failures(sites, got.failures, rnd)
     if not got.contributors and got.codes and all(c == P.REFUSED_BUDGET for c in got.codes.values()) \
             and len(got.codes) == len(nodes):
-        reasons = "; ".join(list(got.failures.values())[:3])
-        raise RunFailed(f"every site refused round {rnd} for lack of privacy budget, so no later round "
-                        f"can succeed either: {reasons}")
+        _no_budget_left(rnd, got.failures)
     entry = {"accepted": len(got.contributors), "errors": len(got.codes),
              "missing": len(set(got.failures) - set(got.codes)), "secure": True}
     if got.total is None:

@@ -30,9 +30,6 @@ from common import protocol as P
 from common import secure_wire
 
 log = logging.getLogger("fedsynth.coordinator")
-# Flower's SecAgg+ workflow and mod log every stage of every site at DEBUG; our own log says what matters.
-if logging.getLogger("flwr").getEffectiveLevel() < logging.INFO:
-    logging.getLogger("flwr").setLevel(logging.INFO)
 
 
 @dataclass
