@@ -15,6 +15,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
+from common.data import LABEL_FROM_CLASSES
 from common.learner import LEARNERS, LearnerConfig, learner_factory
 from common.models import GanShape
 from common.protocol import AUDIT_MAX_IMAGES
@@ -40,7 +41,7 @@ class RunConfig:
     data: str = "digits"  # dataset source: digits | MNIST IDX dir | .npz | image folder | .tar.gz
     test_data: str = "digits"  # real held-out data for TSTR accuracy; "" = none (deployment)
     image_size: int = 0  # resize images to this side (0 = keep)
-    label_from: str = ""  # "" | utkface-gender | utkface-race (labels from file names)
+    label_from: str = ""  # "" | utkface-gender | utkface-race | utkface-age (labels from file names)
     partition: str = "iid"  # iid | dirichlet:ALPHA (simulation only)
     # --- privacy request (per site, for this run) ---------------------------------------------------
     epsilon: float = 10.0  # epsilon this run may spend at each site (inf = no DP, marked NOT private)
@@ -177,8 +178,8 @@ class RunConfig:
              f"audit-records must be in 2..{AUDIT_MAX_IMAGES}, got {self.audit_records}")
         need(self.synthetic_size >= 0, f"synthetic-size must be >= 1 (or 0: auto), got {self.synthetic_size}")
         need(self.image_size == 0 or self.image_size >= 8, f"image-size must be 0 or >= 8, got {self.image_size}")
-        need(self.label_from in ("", "utkface-gender", "utkface-race"),
-             f"label-from must be '', 'utkface-gender' or 'utkface-race', got '{self.label_from}'")
+        need(self.label_from in ("", *LABEL_FROM_CLASSES),
+             f"label-from must be '' or one of {sorted(LABEL_FROM_CLASSES)}, got '{self.label_from}'")
         try:
             learner_factory(self.learner)
         except ValueError as err:

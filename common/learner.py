@@ -44,15 +44,25 @@ class LearnerConfig:
 
 
 class ConvNet(nn.Module):
-    """A small VGG-style CNN for 8x8 to 32x32 images: two conv blocks, global pooling, two linear layers."""
+    """A small VGG-style CNN: two conv blocks, global pooling, two linear layers; a strided stem from 48 px.
+
+    From 48 pixels up (64x64 faces) a stride-2 convolution first halves the image: the blocks then see a
+    32x32 map, so a 64x64 image costs about what a 32x32 one does (without it the learner's 10 epochs on
+    10,000 synthetic 64x64 faces took ~5x longer on 2 cores), and the 2x2 global pooling keeps a
+    comparable share of the map. Up to 32 pixels it is exactly the network every MNIST, PneumoniaMNIST
+    and CIFAR-10 result used.
+    """
 
     def __init__(self, channels: int, num_classes: int, image_size: int) -> None:
         super().__init__()
         pool_twice = image_size >= 16  # 8x8 digits only have room for one pooling step
+        stem = [nn.Conv2d(channels, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU()] \
+            if image_size >= 48 else []  # (32, S/2, S/2)
         self.body = nn.Sequential(
-            nn.Conv2d(channels, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            *stem,
+            nn.Conv2d(32 if stem else channels, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
             nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.MaxPool2d(2),  # (32, S/2, S/2)
+            nn.MaxPool2d(2),  # (32, S/2, S/2) (S/4 after a stem)
             nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
             nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
             nn.MaxPool2d(2) if pool_twice else nn.Identity(),  # (64, S/4, S/4)

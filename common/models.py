@@ -20,16 +20,32 @@ class GanShape:
     """Everything that fixes the GAN's tensor shapes (part of the run config, identical at every site)."""
 
     channels: int  # C of the images
-    image_size: int  # H == W; must be a multiple of 4
+    image_size: int  # H == W; a multiple of 2**stages (4 up to 32 pixels, 8 up to 64, ...)
     num_classes: int
     latent_dim: int = 64
     width: int = 64  # base channel count of G (the site's D picks its own, usually smaller, width)
 
+    @property
+    def stages(self) -> int:
+        """How many times G doubles its map (and D halves it): enough that the smallest map is at most 8x8.
+
+        Why: the map at the bottom is what G's linear projection and D's heads see, and their parameter
+        count grows with its area; keeping it at most 8x8 keeps both small whatever the image size (D's
+        DP-SGD noise grows with its parameter count). 8..32 pixels: 2 stages (28 -> 7, 32 -> 8, the
+        networks every MNIST/PneumoniaMNIST/CIFAR-10 result used); 64: 3 stages (64 -> 8).
+        """
+        n = 2
+        while self.image_size >> n > 8:
+            n += 1
+        return n
+
     def validate(self) -> None:
-        if self.image_size % 4 or self.image_size < 8:
+        step = 1 << self.stages
+        if self.image_size % step or self.image_size < 8:
             raise ValueError(
-                f"the GAN needs square images whose side is a multiple of 4 and at least 8, got {self.image_size}; "
-                "resize the data (image-size in the config)"
+                f"the GAN needs square images at least 8 pixels wide whose side is a multiple of {step} "
+                f"(it halves a {self.image_size}-pixel image {self.stages} times), got {self.image_size}; resize the "
+                f"data to a side such as {max(8, self.image_size // step * step)} (image-size in the config)"
             )
         if self.channels not in (1, 3):
             raise ValueError(f"images must have 1 or 3 channels, got {self.channels}")
@@ -45,8 +61,8 @@ class Generator(nn.Module):
     """Class-conditional generator: (z, y) -> image in [-1, 1].
 
     z (B, latent) and a learned label embedding (B, latent) are concatenated, projected to a
-    (2w, S/4, S/4) map and upsampled twice. Only per-sample normalisation (GroupNorm): the output for
-    one (z, y) never depends on the other rows of the batch, so sampling class-sorted batches at the
+    (2^(stages-1) w, S/2^stages, S/2^stages) map and upsampled ``stages`` times (twice up to 32 pixels).
+    Only per-sample normalisation (GroupNorm): the output for one (z, y) never depends on the other rows of the batch, so sampling class-sorted batches at the
     coordinator gives the same images as training on mixed batches, and the state_dict is weights only.
     """
 
@@ -54,30 +70,26 @@ class Generator(nn.Module):
         super().__init__()
         shape.validate()
         self.shape = shape
-        w, s = shape.width, shape.image_size // 4
+        n, s = shape.stages, shape.image_size >> shape.stages
+        self.base_channels = c = shape.width << (n - 1)  # 2w for 2 stages, 4w for 3, ...
         self.label_embedding = nn.Embedding(shape.num_classes, shape.latent_dim)
         self.project = nn.Sequential(
-            nn.Linear(2 * shape.latent_dim, 2 * w * s * s),
+            nn.Linear(2 * shape.latent_dim, c * s * s),
             nn.ReLU(inplace=True),
         )
-        self.upsample = nn.Sequential(
-            nn.GroupNorm(_groups(2 * w), 2 * w),
-            nn.Upsample(scale_factor=2, mode="nearest"),  # (2w, S/2, S/2)
-            nn.Conv2d(2 * w, w, 3, padding=1),
-            nn.GroupNorm(_groups(w), w),
-            nn.ReLU(inplace=True),
-            nn.Upsample(scale_factor=2, mode="nearest"),  # (w, S, S)
-            nn.Conv2d(w, w // 2, 3, padding=1),
-            nn.GroupNorm(_groups(w // 2), w // 2),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(w // 2, shape.channels, 3, padding=1),
-            nn.Tanh(),
-        )
+        layers: list[nn.Module] = [nn.GroupNorm(_groups(c), c)]
+        for _ in range(n):  # each stage: (c, s, s) -> (c/2, 2s, 2s)
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c // 2, 3, padding=1),
+                       nn.GroupNorm(_groups(c // 2), c // 2), nn.ReLU(inplace=True)]
+            c //= 2
+        # c == w/2 now, the map is (w/2, S, S)
+        layers += [nn.Conv2d(c, shape.channels, 3, padding=1), nn.Tanh()]
+        self.upsample = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        s = self.shape.image_size // 4
-        h = self.project(torch.cat([z, self.label_embedding(y)], dim=1))  # (B, 2w*s*s)
-        return self.upsample(h.view(z.shape[0], 2 * self.shape.width, s, s))  # (B, C, S, S)
+        s = self.shape.image_size >> self.shape.stages
+        h = self.project(torch.cat([z, self.label_embedding(y)], dim=1))  # (B, c*s*s)
+        return self.upsample(h.view(z.shape[0], self.base_channels, s, s))  # (B, C, S, S)
 
     def sample_latent(self, n: int, generator: torch.Generator | None = None,
                       device: torch.device | str = "cpu") -> torch.Tensor:
@@ -87,7 +99,7 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """Small conditional discriminator that Opacus can privatize (site-only; never leaves the site).
 
-    Two strided convolutions (GroupNorm, no BatchNorm: Opacus has no per-sample gradients for it and it
+    ``shape.stages`` strided convolutions (two up to 32 pixels, three at 64; GroupNorm, no BatchNorm: Opacus has no per-sample gradients for it and it
     would mix records), then two heads on the flattened features h: a real/fake logit with a projection
     term (Miyato & Koyama 2018) ``w.h + <embed(y), h>`` and class logits (AC-GAN head, Odena et al. 2017).
 
@@ -98,17 +110,16 @@ class Discriminator(nn.Module):
     def __init__(self, shape: GanShape, width: int = 0, projection: bool = True) -> None:
         super().__init__()
         shape.validate()
-        w = width or max(4, shape.width // 4)
-        s = shape.image_size // 4
-        feat = 2 * w * s * s
-        self.features = nn.Sequential(
-            nn.Conv2d(shape.channels, w, 4, stride=2, padding=1),  # (w, S/2, S/2)
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(w, 2 * w, 4, stride=2, padding=1),  # (2w, S/4, S/4)
-            nn.GroupNorm(_groups(2 * w), 2 * w),
-            nn.LeakyReLU(0.2),
-            nn.Flatten(),
-        )
+        c = width or max(4, shape.width // 4)
+        n, s = shape.stages, shape.image_size >> shape.stages
+        layers: list[nn.Module] = [nn.Conv2d(shape.channels, c, 4, stride=2, padding=1),  # (w, S/2, S/2)
+                                   nn.LeakyReLU(0.2)]
+        for _ in range(n - 1):  # (c, m, m) -> (2c, m/2, m/2)
+            layers += [nn.Conv2d(c, 2 * c, 4, stride=2, padding=1), nn.GroupNorm(_groups(2 * c), 2 * c),
+                       nn.LeakyReLU(0.2)]
+            c *= 2
+        self.features = nn.Sequential(*layers, nn.Flatten())  # (B, c * s * s), s = S / 2**stages
+        feat = c * s * s
         self.linear = nn.Linear(feat, 1)
         self.classifier = nn.Linear(feat, shape.num_classes)
         self.label_embedding = nn.Embedding(shape.num_classes, feat) if projection else None

@@ -195,6 +195,7 @@ def evaluate_synthetic(
         "utility": utility,
         "synthetic": {"count": len(synthetic), "source": synthetic.source, "grids": ["synthetic_grid.png"]},
         "evaluation": {"test_source": test.source, "train_source": train.source if train is not None else None,
+                       "image_shape": list(test.image_shape),
                        "learner": asdict(learner), "device": str(dev), "max_audit_records": max_audit_records},
         "timings": timings,
         "notes": notes,
@@ -290,6 +291,7 @@ def load_real_baseline(path: Path, *, test: ImageDataset, train: ImageDataset | 
     mismatches = [name for name, ours, theirs in (
         ("test data", test.source, ev.get("test_source")),
         ("training data", train.source, ev.get("train_source")),
+        ("image size", list(test.image_shape), ev.get("image_shape")),  # the same files resized differently
         ("learner settings", json.loads(json.dumps(asdict(learner))), ev.get("learner")),
     ) if ours != theirs]
     if mismatches:

@@ -38,6 +38,7 @@ def _small(schema: Schema) -> bool:
 def gan_rules(schema: Schema, num_sites: int) -> list[Choice]:
     small = _small(schema)
     colour_or_large = schema.channels == 3 or schema.height > 32
+    large = max(schema.height, schema.width) >= 48  # G and D get a third stage (common.models.GanShape.stages)
     return [
         Choice("num-rounds", 3 if small else 10,
                "tiny images: 3 rounds, what the digits demo measured" if small else
@@ -50,9 +51,13 @@ def gan_rules(schema: Schema, num_sites: int) -> list[Choice]:
                "expected Poisson batch: DP-SGD's noise is divided by the batch, so a large batch keeps the "
                "update's signal above the noise (DPImageBench and Bie et al. use 512-4096 on single large "
                "datasets; 256 suits sites of a few hundred to tens of thousands of records)"),
-        Choice("gan-width", 32 if colour_or_large else 24,
+        Choice("gan-width", 16 if large else 32 if colour_or_large else 24,
                "a small generator: DPImageBench measured a 3.8M-parameter DP-GAN generator beating 6.6-19.4M ones "
-               "on CIFAR-10 (35.2% against 23-28%); a little wider for colour or images over 32 pixels"),
+               "on CIFAR-10 (35.2% against 23-28%); a little wider for colour at 32 pixels; narrower again from 48 "
+               "pixels up, where G's full-resolution layers dominate a site's time (64x64 RGB, one core: 1.8 s per "
+               "discriminator step at width 16 against 5.8 s at width 24)" if large else
+               "a small generator: DPImageBench measured a 3.8M-parameter DP-GAN generator beating 6.6-19.4M ones "
+               "on CIFAR-10 (35.2% against 23-28%); a little wider for colour"),
         Choice("gan-d-width", 16,
                "a small discriminator: DP-SGD adds noise to every one of its parameters"),
     ]

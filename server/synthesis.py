@@ -24,10 +24,10 @@ def balanced_class_sizes(num_classes: int, total: int) -> np.ndarray:
     return sizes
 
 
-def allocate_by_census(census: np.ndarray, total: int) -> np.ndarray:
+def allocate_by_census(census: np.ndarray, total: int, sizes: np.ndarray | None = None) -> np.ndarray:
     """(S, K) images to draw from each of S sites' generators for each of K classes.
 
-    Each class gets its balanced share of ``total``, split among the sites in proportion to their noisy
+    Each class gets its balanced share of ``total`` (or ``sizes[c]`` images when given), split among the sites in proportion to their noisy
     counts of it (``census`` (S, K), the per-run class histograms the sites already released; negative
     noisy counts count as 0; a class that no site reports is split equally), rounded by largest remainder.
     Why: under label skew a site that holds few records of a class trains that class badly, and an
@@ -35,7 +35,7 @@ def allocate_by_census(census: np.ndarray, total: int) -> np.ndarray:
     hold it avoids that. It is post-processing of DP releases, so it costs no privacy.
     """
     num_sites, k = census.shape
-    sizes = balanced_class_sizes(k, total)  # (K,)
+    sizes = balanced_class_sizes(k, total) if sizes is None else np.asarray(sizes, dtype=np.int64)  # (K,)
     w = np.clip(np.asarray(census, dtype=np.float64), 0.0, None)  # (S, K)
     w[:, w.sum(axis=0) <= 0] = 1.0
     share = w / w.sum(axis=0) * sizes  # (S, K) fractional images
@@ -94,6 +94,37 @@ def sample_site_generators(gen: Generator, site_states: list[dict[str, np.ndarra
             labels.append(site_labels)
     return (ImageDataset(images=np.concatenate(images), labels=np.concatenate(labels), classes=tuple(classes),
                          source="synthetic"), alloc)
+
+
+def draw_by_census(gen: Generator, site_states: list[dict[str, np.ndarray]], census: np.ndarray,
+                   labels: np.ndarray, *, seed: int, device: torch.device, batch_size: int = 500,
+                   progress: bool = True) -> np.ndarray:
+    """Images (N, C, H, W) in [0, 1] for the conditioning ``labels`` (N,), in their order: each class's
+    images come from the sites in proportion to their noisy counts of it (:func:`allocate_by_census`)."""
+    k = census.shape[1]
+    alloc = allocate_by_census(census, len(labels), sizes=np.bincount(labels, minlength=k))
+    rng = torch.Generator(device="cpu").manual_seed(seed)
+    model = copy.deepcopy(gen).to(device).eval()
+    out = np.empty((len(labels), *gen_image_shape(gen)), dtype=np.float32)
+    slots = [list(np.flatnonzero(labels == c)) for c in range(k)]  # where class c's images go
+    batches = sum(-(-int(row.sum()) // batch_size) for row in alloc)
+    with torch.no_grad(), progress_bar(total=batches, desc="sampling synthetic set", unit="batch",
+                                       enabled=progress) as bar:
+        for state, row in zip(site_states, alloc):
+            if row.sum() == 0:
+                continue
+            P.load_state(model, state)
+            site_labels = np.repeat(np.arange(k), row).astype(np.int64)
+            images = _draw(model, site_labels, rng, device, batch_size, bar)
+            for c in range(k):
+                take, slots[c] = slots[c][:row[c]], slots[c][row[c]:]
+                out[take] = images[site_labels == c]
+    return out
+
+
+def gen_image_shape(gen: Generator) -> tuple[int, int, int]:
+    """(C, H, W) of the generator's images."""
+    return gen.shape.channels, gen.shape.image_size, gen.shape.image_size
 
 
 def _to_uint8_hwc(img: np.ndarray) -> np.ndarray:

@@ -456,6 +456,16 @@ def test_utkface_names_synthetic(tmp_path: Path) -> None:
     assert (len(train), len(test)) == (50, 10) and train.image_shape == (3, 4, 4) and test.image_shape == (3, 9, 9)
     with pytest.raises(DataError, match="label_from"):
         load_dataset(tmp_path / "faces" / names[0], label_from="utkface-gender")
+    with pytest.warns(UserWarning):
+        ages = load_dataset(tmp_path / "faces", "train", label_from="utkface-age", image_size=4)
+    assert ages.classes == ("0-19", "20-39", "40-59", "60+")
+    np.testing.assert_array_equal(ages.images, train.images)  # the same split whichever label
+    assert set(np.unique(ages.labels)) == {1, 2, 3}  # the names' ages are 20..79
+
+
+def test_age_groups_follow_the_documented_boundaries() -> None:
+    from common.data.labels import age_group
+    assert [age_group(a) for a in (0, 19, 20, 39, 40, 59, 60, 116)] == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
 def test_utkface_real(shared_data: Path) -> None:

@@ -224,3 +224,9 @@ def test_cli_reuses_a_real_baseline_only_when_measured_the_same_way(tmp_path: Pa
     assert code == 2
     assert "learner settings" in capsys.readouterr().err
     assert not (tmp_path / "other" / "report.json").exists()
+    # the same files at another size (a 32x32 baseline for 64x64 faces): refused as well
+    first["evaluation"]["image_shape"] = [1, 16, 16]
+    (tmp_path / "resized.json").write_text(json.dumps(first))
+    code = evaluate.main(_cli(common + ["--out", str(tmp_path / "other"), "--learner-epochs", "2",
+                                        "--real-baseline-from", str(tmp_path / "resized.json")]))
+    assert code == 2 and "image size" in capsys.readouterr().err

@@ -50,7 +50,7 @@ def _load_tree(tree: _Tree, split: str, image_size: int | None, channels: int | 
         raise DataError(
             f"{tree.where(root)} has no class folders ({len(tree.files(root))} images directly inside); "
             "put the images into one folder per class (root/<class>/image.png), or for UTKFace pass "
-            "label_from='utkface-gender' or 'utkface-race'"
+            "label_from='utkface-gender', 'utkface-race' or 'utkface-age'"
         )
     stray = tree.files(root)
     if stray:

@@ -12,10 +12,26 @@ from common.data.dataset import DataError, ImageDataset
 from common.data.decode import _decode_files
 from common.data.tree import _ImageFile, _Tree
 
-LABEL_FROM_CLASSES: dict[str, tuple[str, ...]] = {
-    "utkface-gender": ("male", "female"),
-    "utkface-race": ("white", "black", "asian", "indian", "other"),
+_ATTRIBUTE_CLASSES: dict[str, tuple[str, ...]] = {
+    "gender": ("male", "female"),
+    "race": ("white", "black", "asian", "indian", "other"),
+    "age": ("0-19", "20-39", "40-59", "60+"),  # age groups: seed 000's age task on faces
 }
+# One attribute ("utkface-gender"), or two as one joint label ("utkface-gender+race": class a * |B| + b,
+# named "a/b"), which is what a generator conditioned on both attributes learns (seed 004's replacement of a
+# sensitive attribute, the second one, needs it; common.attributes splits a joint label again).
+LABEL_FROM_CLASSES: dict[str, tuple[str, ...]] = {
+    **{f"utkface-{a}": names for a, names in _ATTRIBUTE_CLASSES.items()},
+    **{f"utkface-{a}+{b}": tuple(f"{x}/{y}" for x in _ATTRIBUTE_CLASSES[a] for y in _ATTRIBUTE_CLASSES[b])
+       for a in _ATTRIBUTE_CLASSES for b in _ATTRIBUTE_CLASSES if a != b},
+}
+
+AGE_GROUP_STARTS = (0, 20, 40, 60)  # the first age of each "utkface-age" class
+
+
+def age_group(age: int) -> int:
+    """The "utkface-age" class of an age in years."""
+    return sum(age >= start for start in AGE_GROUP_STARTS) - 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -39,6 +55,7 @@ def _load_utkface(
     kept: list[_ImageFile] = []
     genders: list[int] = []
     races: list[int] = []
+    ages: list[int] = []
     malformed: list[str] = []
     for f in tree.all_files:
         m = _UTK_NAME.match(f.parts[-1])
@@ -48,6 +65,7 @@ def _load_utkface(
         kept.append(f)
         genders.append(int(m.group(2)))
         races.append(int(m.group(3)))
+        ages.append(age_group(int(m.group(1))))
     if not kept:
         raise DataError(
             f"{tree.origin} holds no UTKFace images named age_gender_race_datetime.jpg.chip.jpg "
@@ -66,7 +84,26 @@ def _load_utkface(
             f"the {split!r} split of the {len(kept)} UTKFace images in {tree.origin} is empty: each "
             "(gender, race) group is too small for a 20 % test share; use more images"
         )
-    labels = (gender if label_from == "utkface-gender" else race)[idx]
+    by_name = {"gender": gender, "race": race, "age": np.array(ages, dtype=np.int64)}
+    first, _, second = label_from.removeprefix("utkface-").partition("+")
+    labels = by_name[first] if not second else by_name[first] * len(_ATTRIBUTE_CLASSES[second]) + by_name[second]
+    labels = labels[idx]
     images = _decode_files([kept[i] for i in idx], image_size, channels)
     source = f"{tree.origin}[{split},{label_from}]"
     return ImageDataset(images, labels, LABEL_FROM_CLASSES[label_from], source=source)
+
+
+def split_joint_labels(ds: ImageDataset) -> tuple[ImageDataset, ImageDataset]:
+    """A joint-label dataset (classes "a/b", class = a * |B| + b) as two datasets of the same images: one
+    labelled with the first attribute, one with the second (the attribute-level evaluation's view)."""
+    pairs = [name.split("/") for name in ds.classes]
+    if any(len(p) != 2 for p in pairs):
+        raise DataError(f"{ds.source}: classes {list(ds.classes)} are not joint labels 'a/b' "
+                        "(load the data with label_from='utkface-A+B')")
+    first = tuple(dict.fromkeys(p[0] for p in pairs))
+    second = tuple(dict.fromkeys(p[1] for p in pairs))
+    if [f"{a}/{b}" for a in first for b in second] != list(ds.classes):
+        raise DataError(f"{ds.source}: classes {list(ds.classes)} are not every 'a/b' pair in a-major order")
+    labels = np.asarray(ds.labels)
+    return (ImageDataset(ds.images, labels // len(second), first, source=f"{ds.source}[first attribute]"),
+            ImageDataset(ds.images, labels % len(second), second, source=f"{ds.source}[second attribute]"))

@@ -43,8 +43,8 @@ def load_dataset(
         image_size: resize every image to image_size x image_size (bilinear, antialiased).
             Without it, images of different sizes are an error.
         channels: 1 (grayscale) or 3 (RGB). Default: 1 if every image is grayscale, else 3.
-        label_from: ``"utkface-gender"`` or ``"utkface-race"``: label flat UTKFace JPEGs
-            (folder or archive) from their ``age_gender_race_datetime`` file names. Files with
+        label_from: ``"utkface-gender"``, ``"utkface-race"`` or ``"utkface-age"`` (groups 0-19, 20-39,
+            40-59, 60+): label flat UTKFace JPEGs (folder or archive) from their ``age_gender_race_datetime`` file names. Files with
             malformed names are skipped with a warning.
         whole: an image folder or archive without train/ and test/ subfolders is then the requested
             split as a whole (what a user means by "--test FOLDER"); otherwise it is only 'train'.

@@ -23,6 +23,7 @@ from typing import Any
 
 from client.site import SiteSettings
 from common.config import MODES
+from common.data import LABEL_FROM_CLASSES
 from fedsynth.ops.approved_code import BundleError, installed_bundle_digest, write_approvals
 from fedsynth.ops.fields import DeployError, Fields, NAME_RE, info, load_yaml, loud, parse_address, port_free, warn, \
     write_toml
@@ -83,7 +84,7 @@ def load_site_config(path: str | Path) -> SiteDeployment:
     image_size = f.int("image_size", 0, lo=0, hi=1024)
     if 0 < image_size < 8:
         raise DeployError(f"{path}: 'image_size' must be 0 (keep) or >= 8, got {image_size}")
-    label_from = _choice(f, "label_from", ("", "utkface-gender", "utkface-race"), path)
+    label_from = _choice(f, "label_from", ("", *sorted(LABEL_FROM_CLASSES)), path)
     heldout = f.str("heldout", "")
     if heldout and heldout != "digits":
         heldout = str(f.path("heldout"))

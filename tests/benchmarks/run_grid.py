@@ -77,7 +77,19 @@ DATASETS: dict[str, DatasetSpec] = {
     # what the data is, not a tuned setting: UTKFace's labels are in its file names, and its 200x200
     # faces are brought to a size the sites' 2-core machines can train on
     "utkface": DatasetSpec("utkface/UTKFace-aligned-subset-every6th.tar.gz", label_from="utkface-gender",
-                           image_size=32),
+                           image_size=64),
+    # the same faces with seed 000's other attributes as the label (its Table 1 on faces)
+    "utkface-race": DatasetSpec("utkface/UTKFace-aligned-subset-every6th.tar.gz", label_from="utkface-race",
+                                image_size=64),
+    # gender and race as one joint label: one generator for both attributes (seed 000's Table 1 columns and
+    # seed 004's replacement of race, tests/benchmarks/bench_faces.py)
+    "utkface-gender+race": DatasetSpec("utkface/UTKFace-aligned-subset-every6th.tar.gz",
+                                       label_from="utkface-gender+race", image_size=64),
+    "utkface-age": DatasetSpec("utkface/UTKFace-aligned-subset-every6th.tar.gz", label_from="utkface-age",
+                               image_size=64),
+    # the faces at 32x32 (the earlier UTKFace rows)
+    "utkface32": DatasetSpec("utkface/UTKFace-aligned-subset-every6th.tar.gz", label_from="utkface-gender",
+                             image_size=32),
 }
 
 # A grid point without --recipe runs the PRODUCT'S DEFAULTS (pyproject.toml, with every setting left at 0

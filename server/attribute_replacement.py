@@ -1,0 +1,77 @@
+"""Seed 004's synthetic replacement of a sensitive attribute, for a generator conditioned on two attributes.
+
+A site may hold an attribute it does not want the synthetic set to teach (race, say). With a joint label
+(``label-from = utkface-gender+race``: class = task value * |values| + sensitive value) the sites' DP
+generators learn faces of every (task, sensitive) pair. This module makes the synthetic set the way seed
+004's filter + generator makes its censored images: every synthetic record keeps the labels it claims
+(task t, sensitive s: the balanced joint labels the usual synthesis draws), but its image is generated
+for (t, s') with s' drawn *independently* of t, of s and of everything else, from the pooled noisy
+marginal of the sensitive attribute (the sites' census: a DP release already paid for, so this costs no
+privacy). A classifier trained on the set to predict s then finds nothing to learn (seed 004's privacy
+loss, :mod:`common.audits.attribute`), while the task attribute is untouched (seed 004's utility).
+
+``strength`` in [0, 1] is the share of records whose attribute is replaced: 0 is the usual synthetic set,
+1 the full replacement; values between trace seed 004's privacy-utility curve.
+
+Why no filter: a generative model has no source image to filter -- a synthetic face is drawn from
+(latent, labels) only, so conditioning on s' instead of s already removes s from the image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from common.data import ImageDataset
+from common.models import Generator
+from server.synthesis import balanced_class_sizes, draw_by_census
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """What :func:`sample_with_replaced_attribute` did (for the report)."""
+
+    strength: float
+    values: int  # number of values of the sensitive attribute
+    marginal: list[float]  # (values,) the distribution s' was drawn from (pooled noisy census)
+    replaced: int  # records whose image shows s' (s' == s happens by chance)
+    agreement: float  # share of records whose image shows their own s (s' == s by chance counts)
+
+
+def sensitive_marginal(census: np.ndarray, values: int) -> np.ndarray:
+    """(values,) the sensitive attribute's distribution in the pooled noisy census (S, T * values);
+    negative noisy counts count as 0, and no counts at all give the uniform distribution."""
+    pooled = np.clip(np.asarray(census, dtype=np.float64), 0.0, None).sum(axis=0)  # (T * values,)
+    per_value = pooled.reshape(-1, values).sum(axis=0)  # (values,)
+    if per_value.sum() <= 0:
+        return np.full(values, 1.0 / values)
+    return per_value / per_value.sum()
+
+
+def sample_with_replaced_attribute(gen: Generator, site_states: list[dict[str, np.ndarray]], census: np.ndarray,
+                                   classes: tuple[str, ...], total: int, *, values: int, strength: float,
+                                   seed: int, device: torch.device, progress: bool = True
+                                   ) -> tuple[ImageDataset, Replacement]:
+    """``total`` synthetic records with balanced joint labels (task, sensitive) whose images show a
+    sensitive value drawn independently for a ``strength`` share of them (see the module docstring).
+
+    ``classes`` are the joint classes (task-major: class = t * values + s), ``census`` (S, len(classes))
+    the sites' noisy counts, ``site_states`` their generators (``gen``'s architecture)."""
+    k = len(classes)
+    if values < 2 or k % values:
+        raise ValueError(f"{k} joint classes are not (task values) x {values} sensitive values")
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"the replacement strength is a share of records in [0, 1], got {strength}")
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(k), balanced_class_sizes(k, total)).astype(np.int64)  # (N,) what records claim
+    marginal = sensitive_marginal(census, values)
+    replaced = rng.random(len(labels)) < strength
+    drawn = rng.choice(values, size=len(labels), p=marginal)  # s', independent of t, s and the latents
+    shown = np.where(replaced, labels // values * values + drawn, labels)  # (N,) the images' conditioning
+    images = draw_by_census(gen, site_states, census, shown, seed=seed, device=device, progress=progress)
+    ds = ImageDataset(images=images, labels=labels, classes=tuple(classes), source="synthetic (attribute replaced)")
+    info = Replacement(strength=strength, values=values, marginal=[round(float(p), 4) for p in marginal],
+                       replaced=int(replaced.sum()), agreement=float((shown == labels).mean()))
+    return ds, info

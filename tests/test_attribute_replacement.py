@@ -1,0 +1,89 @@
+"""Seed 004's replacement of a sensitive attribute in the synthetic set (server/attribute_replacement.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from common import protocol as P
+from common.data import DataError, ImageDataset, split_joint_labels
+from common.models import GanShape, Generator
+from server.attribute_replacement import sample_with_replaced_attribute, sensitive_marginal
+
+# joint classes (task x sensitive) = (2 genders) x (2 values); one site per joint class, whose generator
+# paints every image in its own grey level: an image's grey level says which class it was generated for
+CLASSES = ("m/a", "m/b", "f/a", "f/b")
+GREYS = (0.2, 0.4, 0.6, 0.8)
+
+
+def _grey_generator(shape: GanShape, grey: float) -> dict[str, np.ndarray]:
+    gen = Generator(shape)
+    with torch.no_grad():
+        for p in gen.parameters():
+            p.zero_()
+        gen.upsample[-2].bias.fill_(math.atanh(2 * grey - 1))  # tanh(bias) = 2 * grey - 1 -> image = grey
+    return P.state_arrays(gen)
+
+
+def _shown_class(images: np.ndarray) -> np.ndarray:
+    return np.abs(images.mean(axis=(1, 2, 3))[:, None] - np.array(GREYS)[None]).argmin(axis=1)
+
+
+def _sample(strength: float, census: np.ndarray, total: int = 4000):
+    shape = GanShape(channels=1, image_size=8, num_classes=4, latent_dim=4, width=8)
+    states = [_grey_generator(shape, g) for g in GREYS]
+    return sample_with_replaced_attribute(Generator(shape), states, census, CLASSES, total, values=2,
+                                          strength=strength, seed=0, device=torch.device("cpu"), progress=False)
+
+
+CENSUS = np.diag([400.0, 100.0, 400.0, 100.0])  # site c holds class c only; the sensitive value a is 80 %
+
+
+def test_without_replacement_every_image_shows_the_labels_it_claims():
+    synth, info = _sample(0.0, CENSUS)
+    assert np.bincount(synth.labels).tolist() == [1000] * 4  # balanced joint labels, as the usual synthesis
+    assert (_shown_class(synth.images) == synth.labels).all() and info.replaced == 0 and info.agreement == 1.0
+
+
+def test_full_replacement_keeps_the_task_and_draws_the_sensitive_value_independently():
+    synth, info = _sample(1.0, CENSUS)
+    shown = _shown_class(synth.images)
+    assert (shown // 2 == synth.labels // 2).all()  # the task attribute (gender) is untouched
+    # the value shown follows the census marginal (80 / 20) whatever the record claims
+    assert info.marginal == [0.8, 0.2]
+    for claimed in (0, 1):
+        share_a = (shown[synth.labels % 2 == claimed] % 2 == 0).mean()
+        assert abs(share_a - 0.8) < 0.03
+    # so the image tells nothing about the claimed value: with balanced claims it agrees half the time
+    assert abs(info.agreement - 0.5) < 0.03 and info.replaced == 4000
+
+
+def test_half_replacement_is_in_between():
+    _, info = _sample(0.5, CENSUS)
+    assert abs(info.replaced - 2000) < 120 and abs(info.agreement - 0.75) < 0.03
+
+
+def test_the_marginal_ignores_negative_noise_and_falls_back_to_uniform():
+    assert sensitive_marginal(np.array([[3.0, -2.0, 1.0, 0.0]]), 2).tolist() == [1.0, 0.0]
+    assert sensitive_marginal(np.array([[-1.0, -2.0]]), 2).tolist() == [0.5, 0.5]
+
+
+def test_bad_requests_are_refused():
+    with pytest.raises(ValueError, match="share of records"):
+        _sample(1.5, CENSUS, total=8)
+    shape = GanShape(channels=1, image_size=8, num_classes=4)
+    with pytest.raises(ValueError, match="not \\(task values\\) x 3"):
+        sample_with_replaced_attribute(Generator(shape), [], CENSUS, CLASSES, 8, values=3, strength=1.0, seed=0,
+                                       device=torch.device("cpu"), progress=False)
+
+
+def test_joint_labels_split_into_the_two_attributes():
+    ds = ImageDataset(np.zeros((4, 1, 2, 2), np.float32), np.array([0, 1, 2, 3]), CLASSES)
+    first, second = split_joint_labels(ds)
+    assert first.classes == ("m", "f") and first.labels.tolist() == [0, 0, 1, 1]
+    assert second.classes == ("a", "b") and second.labels.tolist() == [0, 1, 0, 1]
+    with pytest.raises(DataError, match="not joint labels"):
+        split_joint_labels(ImageDataset(ds.images, ds.labels, ("w", "x", "y", "z")))

@@ -1,0 +1,49 @@
+"""The networks scale with the image: G and D get one more stage per doubling past 32 pixels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.learner import ConvNet
+from common.models import Discriminator, GanShape, Generator
+
+
+@pytest.mark.parametrize("size,stages,bottom", [(8, 2, 2), (28, 2, 7), (32, 2, 8), (48, 3, 6), (64, 3, 8),
+                                                 (128, 4, 8)])
+def test_the_gan_halves_the_image_until_the_map_is_at_most_8x8(size, stages, bottom):
+    shape = GanShape(channels=3, image_size=size, num_classes=3, latent_dim=8, width=16)
+    assert shape.stages == stages and size >> stages == bottom
+    gen, disc = Generator(shape), Discriminator(shape, width=4)
+    y = torch.tensor([0, 2])
+    images = gen(gen.sample_latent(2), y)
+    assert images.shape == (2, 3, size, size) and images.abs().max() <= 1
+    adv, logits = disc(images, y)
+    assert adv.shape == (2,) and logits.shape == (2, 3)
+    # the linear layers see the bottom map only: their size does not grow with the image
+    assert gen.project[0].out_features == (16 << (stages - 1)) * bottom * bottom
+    assert disc.linear.in_features == (4 << (stages - 1)) * bottom * bottom
+
+
+def test_up_to_32_pixels_the_networks_are_the_ones_every_grayscale_result_used():
+    """The stage rule must not change a 28x28 or 32x32 network (saved generators stay loadable)."""
+    gen = Generator(GanShape(1, 28, 10, width=24))
+    shapes = {k: tuple(v.shape) for k, v in gen.state_dict().items()}
+    assert shapes["project.0.weight"] == (48 * 7 * 7, 128)
+    assert shapes["upsample.2.weight"] == (24, 48, 3, 3) and shapes["upsample.6.weight"] == (12, 24, 3, 3)
+    assert shapes["upsample.9.weight"] == (1, 12, 3, 3) and len(gen.upsample) == 11
+    disc = Discriminator(GanShape(1, 28, 10, width=24), width=16)
+    assert disc.features[2].weight.shape == (32, 16, 4, 4) and disc.linear.in_features == 32 * 7 * 7
+
+
+def test_a_side_the_gan_cannot_halve_is_refused_with_a_size_to_use():
+    with pytest.raises(ValueError, match=r"multiple of 16.*such as 96"):
+        Generator(GanShape(3, 100, 2))
+
+
+def test_the_learner_halves_64x64_faces_first_and_keeps_the_small_network_below_48_pixels():
+    small, large = ConvNet(3, 2, 32), ConvNet(3, 2, 64)
+    assert sum(p.numel() for p in large.parameters()) > sum(p.numel() for p in small.parameters())
+    assert large.body[0].stride == (2, 2) and small.body[0].stride == (1, 1)
+    large.eval()
+    assert large(torch.rand(2, 3, 64, 64)).shape == (2, 2)
