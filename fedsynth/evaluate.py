@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from common.audits import site_audit_summary
+from common.audits.neighbors import nearest_neighbors
 from common.data import LABEL_FROM_CLASSES, DataError, ImageDataset, load_dataset
 from common.device import pick_device
 from common.learner import (
@@ -46,6 +47,7 @@ from common.learner import (
 )
 from server.report_html import render_report
 from server.report_plots import save_class_grid
+from server.synthesis import image_grid
 
 # Keys of a run's report.json that describe the run (not this evaluation) and are carried over.
 _PROVENANCE_KEYS = ("mode", "private", "epsilon_target", "delta", "sites", "sweep")
@@ -174,6 +176,9 @@ def evaluate_synthetic(
             audit_out["pixel"] = site_audit_summary(
                 synthetic.images, train.images, test.images, space="pixel", max_records=max_audit_records,
                 include_extremes=True, seed=seed, device=dev)
+        with _timed(timings, "nearest_pairs"):
+            audit_out["nearest_pairs"] = save_nearest_pairs(
+                _subsample(synthetic, max_audit_records, seed), train, test, out_dir / "nearest_pairs.png", device=dev)
         with _timed(timings, "audit_feature"):
             # Feature space: subsample first, features are costly; near-copies searched in the subsample.
             s_sub = _subsample(synthetic, max_audit_records, seed)
@@ -208,6 +213,25 @@ def evaluate_synthetic(
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False), encoding="utf-8")
     render_report(report, out_dir)
     return report
+
+
+def save_nearest_pairs(synthetic: ImageDataset, train: ImageDataset, heldout: ImageDataset, path: Path, *,
+                       count: int = 8, device: torch.device | str | None = None) -> dict:
+    """Seed 000's memorization picture: the ``count`` synthetic images closest to a training image (pixel
+    MSE), each above its nearest training image and its nearest held-out image; writes ``path`` (3 rows).
+
+    If the generator copied training records, the middle row repeats the top row and the bottom row does
+    not; without memorization both look equally (un)like it. Returns the picture's name and the distances.
+    """
+    d_train, i_train = nearest_neighbors(synthetic.images, train.images, device=device)
+    d_held, i_held = nearest_neighbors(synthetic.images, heldout.images, device=device)
+    closest = np.argsort(d_train, kind="stable")[:count]
+    rows = np.concatenate([synthetic.images[closest], train.images[i_train[closest]],
+                           heldout.images[i_held[closest]]])  # (3 * count, C, H, W)
+    image_grid(rows, cols=len(closest), scale=max(1, 64 // synthetic.image_shape[1]), pad=2).save(path)
+    return {"image": path.name, "metric": "mse", "rows": ["synthetic", "nearest training", "nearest held-out"],
+            "distance_to_train": [float(d) for d in d_train[closest]],
+            "distance_to_heldout": [float(d) for d in d_held[closest]]}
 
 
 # --------------------------------------------------------------------------------------------------

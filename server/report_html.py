@@ -312,7 +312,19 @@ def _audit_block(summary: dict, title: str, key: str) -> str:
     return "\n".join(out)
 
 
-def _audits_section(audits: dict) -> str:
+def _nearest_pairs(pairs: dict, out_dir: Path) -> str:
+    path = out_dir / str(pairs.get("image", ""))
+    if not path.is_file():
+        return ""
+    d_tr, d_ho = pairs.get("distance_to_train") or [], pairs.get("distance_to_heldout") or []
+    return ("<h3>Nearest pairs</h3><p class=\"muted\">Top row: the synthetic images closest to a training image "
+            "(pixel MSE); middle: that training image; bottom: the nearest held-out image. Copies would show as a "
+            "middle row that repeats the top one while the bottom one does not. MSE to training "
+            f"{', '.join(_fmt(d) for d in d_tr)}; to held-out {', '.join(_fmt(d) for d in d_ho)}.</p>"
+            + _img(path.read_bytes(), "nearest pairs"))
+
+
+def _audits_section(audits: dict, out_dir: Path) -> str:
     who = audits.get("who") or "whoever holds the real data"
     out = ["<h2>Privacy audits (exact)</h2>",
            f'<p class="muted">Computed by {_esc(who)}: they compare the synthetic set with the real training and '
@@ -321,6 +333,8 @@ def _audits_section(audits: dict) -> str:
     for key, title in (("pixel", "Pixel space"), ("feature", "Feature space")):
         if isinstance(audits.get(key), dict):
             out.append(_audit_block(audits[key], title, key))
+        if key == "pixel" and isinstance(audits.get("nearest_pairs"), dict):
+            out.append(_nearest_pairs(audits["nearest_pairs"], out_dir))
     return "\n".join(out)
 
 
@@ -378,7 +392,7 @@ def render_report(report: dict, out_dir: Path) -> Path:
     if isinstance(report.get("synthetic"), dict):
         parts.append(_synthetic_section(report["synthetic"], out_dir))
     if isinstance(report.get("audits"), dict) and report["audits"]:
-        parts.append(_audits_section(report["audits"]))
+        parts.append(_audits_section(report["audits"], out_dir))
     if report.get("site_audits"):
         parts.append(_site_audits_section(report["site_audits"]))
     if report.get("sweep"):

@@ -147,6 +147,10 @@ def test_evaluate_synthetic_flags_a_copied_training_set(tmp_path: Path, digits) 
     assert set(report["timings"]) >= {"train_learner_synthetic", "train_learner_real", "audit_pixel"}
     page = _parse(tmp_path / "report.html")
     assert any(alt == "sample grid synthetic_grid.png" for _, alt in page.images)
+    # seed 000's picture: copies sit at distance 0 from their training image, never from a held-out one
+    pairs = report["audits"]["nearest_pairs"]
+    assert pairs["distance_to_train"] == [0.0] * 8 and min(pairs["distance_to_heldout"]) > 0
+    assert (tmp_path / "nearest_pairs.png").is_file() and any(alt == "nearest pairs" for _, alt in page.images)
 
 
 def test_evaluate_without_train_skips_baseline_and_audits(tmp_path: Path, digits) -> None:
