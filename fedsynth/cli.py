@@ -326,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="train the central learner on a synthetic set, test on real data, audit privacy")
     evaluate_cmd.add_arguments(p)
     p.set_defaults(func=evaluate_cmd.main)
+    from fedsynth import replace_attribute as replace_cmd
+
+    p = sub.add_parser("replace-attribute", formatter_class=HelpFormatter,
+        help="a DP-GAN run's synthetic set with its sensitive attribute replaced (seed 004; no privacy cost)")
+    replace_cmd.add_arguments(p)
+    p.set_defaults(func=replace_cmd.main)
     from fedsynth.ops.commands import add_subcommands
 
     add_subcommands(sub)  # site, ledger, coordinator, run, bundle-digest

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from common.audits import site_audit_summary
+from common.audits.attribute import attribute_view, is_joint
 from common.audits.neighbors import nearest_neighbors
 from common.data import LABEL_FROM_CLASSES, DataError, ImageDataset, load_dataset
 from common.device import pick_device
@@ -50,7 +51,7 @@ from server.report_plots import save_class_grid
 from server.synthesis import image_grid
 
 # Keys of a run's report.json that describe the run (not this evaluation) and are carried over.
-_PROVENANCE_KEYS = ("mode", "private", "epsilon_target", "delta", "sites", "sweep")
+_PROVENANCE_KEYS = ("mode", "private", "epsilon_target", "delta", "sites", "sweep", "attribute_replacement")
 
 
 @contextmanager
@@ -167,6 +168,11 @@ def evaluate_synthetic(
             "ratio": tstr["accuracy"] / real["accuracy"] if real["accuracy"] > 0 else None,
         })
 
+    attributes = None
+    if is_joint(synthetic) and tuple(test.classes) == tuple(synthetic.classes):
+        with _timed(timings, "attributes"):
+            attributes = attribute_view(synthetic, test, train, learner, dev)
+
     audit_out: dict[str, Any] | None = None
     if audits and train is None:
         notes.append("privacy audits skipped: they need the real training data (--train)")
@@ -209,6 +215,8 @@ def evaluate_synthetic(
         report["real_baseline"] = real  # pass back as real_result to skip retraining next time
     if audit_out is not None:
         report["audits"] = audit_out
+    if attributes is not None:
+        report["attributes"] = attributes
     report = _jsonable(report)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False), encoding="utf-8")
     render_report(report, out_dir)

@@ -18,17 +18,16 @@ Report keys read (all optional)::
             ``common.audits.site_audit_summary``
     site_audits: the sites' DP audit answers (``server.site_audits``)
     site_evaluation: the sites' DP evaluation answers (``server.federated_eval``)
+    attributes: {task: {classes, accuracy, mcc, real_accuracy?}, sensitive: {classes, adversary_accuracy,
+                 majority_rate, advantage}} for a set labelled with two attributes (``fedsynth evaluate``);
+    attribute_replacement: what ``fedsynth replace-attribute`` did (server.attribute_replacement.Replacement)
     sweep: [{epsilon, tstr_accuracy, real_accuracy?, ...}]
     timings: {phase: seconds}
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import math
 from pathlib import Path
-from typing import Any, Iterable, Sequence
 
 import matplotlib
 
@@ -37,7 +36,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common.files import atomic_write_text  # noqa: E402
-from server.report_plots import confusion_plot, fig_png, histogram_plot, per_class_plot  # noqa: E402
+from server.html_parts import Raw as _Raw, esc as _esc, fmt as _fmt, img as _img, table as _table  # noqa: E402
+from server.report_html_audits import attributes_section, audits_section, site_audits_section  # noqa: E402
+from server.report_plots import confusion_plot, fig_png, per_class_plot  # noqa: E402
 
 _CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -48,55 +49,6 @@ th{background:#f3f3f3} td:first-child,th:first-child{text-align:left}
 .notdp{background:#c62828;color:#fff} .dp{background:#2e7d32;color:#fff} .unknown{background:#777;color:#fff}
 .flag{color:#c62828;font-weight:bold} .ok{color:#2e7d32} img{max-width:100%} .muted{color:#666}
 """
-
-
-# --------------------------------------------------------------------------------------------------
-# Small HTML helpers
-# --------------------------------------------------------------------------------------------------
-
-
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    """Numbers to short text; None/NaN to a dash."""
-    if value is None:
-        return "&ndash;"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "&ndash;"
-        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
-            return f"{value:.{digits - 1}e}"
-        return f"{value:.{digits}g}"
-    return _esc(value)
-
-
-def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, table_id: str | None = None) -> str:
-    """HTML table; cells already containing markup must be passed as ``_Raw``."""
-    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{c.html if isinstance(c, _Raw) else _fmt(c)}</td>" for c in row) + "</tr>"
-        for row in rows
-    )
-    ident = f' id="{_esc(table_id)}"' if table_id else ""
-    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-class _Raw:
-    """Pre-rendered HTML for a table cell."""
-
-    def __init__(self, markup: str) -> None:
-        self.html = markup
-
-
-def _img(png: bytes, alt: str) -> str:
-    data = base64.b64encode(png).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{_esc(alt)}">'
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,32 +156,6 @@ def _site_evaluation_section(ev: dict) -> str:
     return "\n".join(out)
 
 
-def _site_audits_section(audits: dict) -> str:
-    out = ["<h2>Privacy audits by the sites (DP)</h2>",
-           f'<p class="muted">Each site that allows it histogrammed the distance (pixel MSE) from each of its '
-           "training records and each of its held-out records to the nearest synthetic image, with Gaussian noise "
-           f"of std {_fmt(audits.get('noise_std_per_bin'))} per bin, charged to its ledger. Membership AUC: how "
-           "well \"close to the synthetic set\" tells training records from held-out ones; 0.5 = no signal, "
-           f"1 = every training record is given away. Near-copy share: records with a synthetic image closer than "
-           f"MSE {_fmt(audits.get('near_copy_mse'))}; no memorization means about the same share for both.</p>"]
-    rows = [(s.get("name"), s.get("membership_auc"), s.get("near_copy_share_members"),
-             s.get("near_copy_share_nonmembers")) for s in audits.get("sites", [])]
-    pooled = audits.get("pooled")
-    if pooled:
-        rows.append(("all answering sites", pooled.get("membership_auc"), pooled.get("near_copy_share_members"),
-                     pooled.get("near_copy_share_nonmembers")))
-    out.append(_table(("site", "membership AUC", "near-copy share (training)", "near-copy share (held-out)"), rows,
-                      table_id="site-audits"))
-    if pooled:
-        hist = pooled["histograms"]
-        out.append(_img(histogram_plot(hist, "pixel MSE", "records' distance to the nearest synthetic image "
-                                        "(noisy counts, all answering sites)", ylabel="records (noisy)"),
-                        "site audit histograms"))
-    for name, why in (audits.get("failed") or {}).items():
-        out.append(f'<p class="muted">{_esc(name)}: {_esc(why)}</p>')
-    return "\n".join(out)
-
-
 def _synthetic_section(synthetic: dict, out_dir: Path) -> str:
     out = ["<h2>Synthetic data</h2>"]
     facts = [(k, synthetic[k]) for k in ("count", "npz", "folder") if synthetic.get(k) is not None]
@@ -248,93 +174,6 @@ def _synthetic_section(synthetic: dict, out_dir: Path) -> str:
             out.append(f"<h3>{_esc(Path(rel).name)}</h3>" + _img(path.read_bytes(), f"sample grid {rel}"))
         else:
             out.append(f'<p class="muted">sample grid {_esc(rel)} not found next to the report</p>')
-    return "\n".join(out)
-
-
-def _audit_block(summary: dict, title: str, key: str) -> str:
-    """One audit summary (layout of common.audits.site_audit_summary); ``key`` prefixes table ids."""
-    out = [f"<h3>{_esc(title)}</h3>"]
-    rec = summary.get("records") or {}
-    metric = summary.get("metric", "")
-    if rec:
-        out.append(f'<p class="muted">{_fmt(rec.get("synthetic"))} synthetic records vs '
-                   f'{_fmt(rec.get("reference_per_side"))} training and held-out records each '
-                   f'(near-copies searched in {_fmt(rec.get("train"))} training records); metric {_esc(metric)}.</p>')
-    mem = summary.get("memorization")
-    if mem:
-        alpha = mem.get("alpha")
-        mw = (mem.get("mann_whitney") or {}).get("p_value")
-        fisher = (mem.get("near_copies") or {}).get("fisher_p_value")
-        rule = (f"it is flagged when synthetic images are closer to training than to held-out records (one-sided "
-                f"Mann-Whitney p = {_fmt(mw)}) or hold more near-copies than chance (Fisher p = {_fmt(fisher)}), "
-                f"each at p &lt; {_fmt(alpha)}; the other tests are shown for reference and do not flag")
-        verdict = (f'<span class="flag">flagged: {_esc(", ".join(mem.get("flags", [])))}</span>'
-                   if mem.get("flagged") else '<span class="ok">not flagged</span>')
-        out.append(f"<p>Memorization test: {verdict}. No memorization looks like equal distances to training "
-                   f"and held-out records; {rule}.</p>")
-        tr, ho = mem.get("train", {}), mem.get("heldout", {})
-        rows = [("to nearest training record", tr.get("mean"), tr.get("std"), tr.get("median")),
-                ("to nearest held-out record", ho.get("mean"), ho.get("std"), ho.get("median"))]
-        out.append(_table(("distance of synthetic records", "mean", "std", "median"), rows, table_id=f"{key}-memorization"))
-        tests = [(name, mem[key].get("statistic"), mem[key].get("p_value"))
-                 for key, name in (("mann_whitney", "Mann-Whitney U (train smaller, one-sided)"),
-                                   ("ks", "Kolmogorov-Smirnov (two-sided)"),
-                                   ("wilcoxon_paired", "Wilcoxon signed-rank, paired (train smaller)"))
-                 if key in mem]
-        tests.append(("fraction of synthetic records closer to train", mem.get("closer_to_train_fraction"), None))
-        out.append(_table(("test", "statistic", "p-value"), tests))
-        nc = mem.get("near_copies")
-        if nc:
-            out.append(_table(("near-copies", "value"), [
-                ("count", nc.get("count")), ("expected by chance", nc.get("expected_by_chance")),
-                ("Fisher p-value", nc.get("fisher_p_value")), ("threshold", nc.get("threshold")),
-                ("rule", nc.get("rule"))]))
-        if mem.get("histogram"):
-            out.append(_img(histogram_plot(mem["histogram"], metric, title), f"distance histogram {title}"))
-    mia = summary.get("membership_inference")
-    if mia:
-        ci = mia.get("auc_ci95") or [None, None]
-        out.append('<p class="muted">Membership inference: an attacker calls a record a member when it lies close '
-                   "to the synthetic set. AUC 0.5 = no signal (a coin toss), 1.0 = every member found.</p>")
-        out.append(_table(("membership inference (score = -distance to nearest synthetic)", "value"), [
-            ("AUC", mia.get("auc")),
-            ("AUC 95% bootstrap CI", _Raw(f"[{_fmt(ci[0])}, {_fmt(ci[1])}]")),
-            (f"TPR at {_fmt(mia.get('fpr'))} FPR", mia.get("tpr_at_fpr")),
-            ("members / non-members", _Raw(f"{_fmt(mia.get('members'))} / {_fmt(mia.get('nonmembers'))}")),
-        ], table_id=f"{key}-mia"))
-    sim = summary.get("similarity")
-    if sim:
-        rows = [(name.upper(), sim[name].get("mean"), sim[name].get("std"), sim[name].get("max"))
-                for name in ("ssim", "psnr") if name in sim]
-        out.append(_table(("similarity to nearest private image", "mean", "std", "max"), rows, table_id=f"{key}-similarity"))
-        out.append(f'<p class="muted">PSNR in dB, capped at {_fmt(sim.get("psnr_cap"))} dB; '
-                   f'{_fmt(sim.get("identical"))} synthetic images are identical to a private image.</p>')
-    return "\n".join(out)
-
-
-def _nearest_pairs(pairs: dict, out_dir: Path) -> str:
-    path = out_dir / str(pairs.get("image", ""))
-    if not path.is_file():
-        return ""
-    d_tr, d_ho = pairs.get("distance_to_train") or [], pairs.get("distance_to_heldout") or []
-    return ("<h3>Nearest pairs</h3><p class=\"muted\">Top row: the synthetic images closest to a training image "
-            "(pixel MSE); middle: that training image; bottom: the nearest held-out image. Copies would show as a "
-            "middle row that repeats the top one while the bottom one does not. MSE to training "
-            f"{', '.join(_fmt(d) for d in d_tr)}; to held-out {', '.join(_fmt(d) for d in d_ho)}.</p>"
-            + _img(path.read_bytes(), "nearest pairs"))
-
-
-def _audits_section(audits: dict, out_dir: Path) -> str:
-    who = audits.get("who") or "whoever holds the real data"
-    out = ["<h2>Privacy audits (exact)</h2>",
-           f'<p class="muted">Computed by {_esc(who)}: they compare the synthetic set with the real training and '
-           "held-out records directly. They are diagnostics for the data's owner; a site never releases such "
-           "exact numbers (see the sites' DP audits).</p>"]
-    for key, title in (("pixel", "Pixel space"), ("feature", "Feature space")):
-        if isinstance(audits.get(key), dict):
-            out.append(_audit_block(audits[key], title, key))
-        if key == "pixel" and isinstance(audits.get("nearest_pairs"), dict):
-            out.append(_nearest_pairs(audits["nearest_pairs"], out_dir))
     return "\n".join(out)
 
 
@@ -392,9 +231,11 @@ def render_report(report: dict, out_dir: Path) -> Path:
     if isinstance(report.get("synthetic"), dict):
         parts.append(_synthetic_section(report["synthetic"], out_dir))
     if isinstance(report.get("audits"), dict) and report["audits"]:
-        parts.append(_audits_section(report["audits"], out_dir))
+        parts.append(audits_section(report["audits"], out_dir))
     if report.get("site_audits"):
-        parts.append(_site_audits_section(report["site_audits"]))
+        parts.append(site_audits_section(report["site_audits"]))
+    if isinstance(report.get("attributes"), dict):
+        parts.append(attributes_section(report["attributes"], report.get("attribute_replacement")))
     if report.get("sweep"):
         parts.append(_sweep_section(report["sweep"]))
     if report.get("settings_chosen"):

@@ -15,7 +15,7 @@ from server.attribute_replacement import sample_with_replaced_attribute, sensiti
 
 # joint classes (task x sensitive) = (2 genders) x (2 values); one site per joint class, whose generator
 # paints every image in its own grey level: an image's grey level says which class it was generated for
-CLASSES = ("m/a", "m/b", "f/a", "f/b")
+CLASSES = ("m_a", "m_b", "f_a", "f_b")
 GREYS = (0.2, 0.4, 0.6, 0.8)
 
 

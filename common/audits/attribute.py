@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from common.data import ImageDataset
+from common.data import DataError, ImageDataset, split_joint_labels
 from common.learner import LearnerConfig, evaluate_learner, train_learner
 
 
@@ -50,3 +50,30 @@ def attribute_leakage(synthetic: ImageDataset, real: ImageDataset, *, learner: L
     return AttributeLeakage(adversary_accuracy=accuracy, majority_rate=majority, chance=1.0 / len(real.classes),
                             advantage=accuracy - majority,
                             per_value_accuracy=[float(a) for a in result["per_class_accuracy"]])
+
+
+def is_joint(ds: ImageDataset) -> bool:
+    """Whether ``ds`` is labelled with two attributes (classes "a_b", every pair, a-major)."""
+    try:
+        split_joint_labels(ds)
+    except DataError:
+        return False
+    return True
+
+
+def attribute_view(synthetic: ImageDataset, test: ImageDataset, train: ImageDataset | None, learner: LearnerConfig,
+                   device: torch.device) -> dict:
+    """Seed 004's two measures for a set labelled with two attributes ("a_b" classes): utility = the learner
+    trained on the synthetic set's first attribute, tested on the real one (and the same learner on the real
+    training data when given); privacy loss = an adversary trained on the second attribute, tested on real
+    images, against the real set's majority rate (:mod:`common.audits.attribute`)."""
+    (s_task, s_sens), (t_task, t_sens) = split_joint_labels(synthetic), split_joint_labels(test)
+    model = train_learner(s_task, learner, device=device, progress=False)
+    task = {"classes": list(t_task.classes), **{k: evaluate_learner(model, t_task, device=device)[k]
+                                                 for k in ("accuracy", "mcc", "per_class_accuracy")}}
+    if train is not None:
+        real = evaluate_learner(train_learner(split_joint_labels(train)[0], learner, device=device, progress=False),
+                                t_task, device=device)
+        task.update(real_accuracy=real["accuracy"], real_mcc=real["mcc"])
+    leak = attribute_leakage(s_sens, t_sens, learner=learner, device=device)
+    return {"task": task, "sensitive": {"classes": list(t_sens.classes), **leak.as_dict()}}

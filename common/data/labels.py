@@ -18,11 +18,11 @@ _ATTRIBUTE_CLASSES: dict[str, tuple[str, ...]] = {
     "age": ("0-19", "20-39", "40-59", "60+"),  # age groups: seed 000's age task on faces
 }
 # One attribute ("utkface-gender"), or two as one joint label ("utkface-gender+race": class a * |B| + b,
-# named "a/b"), which is what a generator conditioned on both attributes learns (seed 004's replacement of a
+# named "a_b"), which is what a generator conditioned on both attributes learns (seed 004's replacement of a
 # sensitive attribute, the second one, needs it; common.attributes splits a joint label again).
 LABEL_FROM_CLASSES: dict[str, tuple[str, ...]] = {
     **{f"utkface-{a}": names for a, names in _ATTRIBUTE_CLASSES.items()},
-    **{f"utkface-{a}+{b}": tuple(f"{x}/{y}" for x in _ATTRIBUTE_CLASSES[a] for y in _ATTRIBUTE_CLASSES[b])
+    **{f"utkface-{a}+{b}": tuple(f"{x}_{y}" for x in _ATTRIBUTE_CLASSES[a] for y in _ATTRIBUTE_CLASSES[b])
        for a in _ATTRIBUTE_CLASSES for b in _ATTRIBUTE_CLASSES if a != b},
 }
 
@@ -94,16 +94,16 @@ def _load_utkface(
 
 
 def split_joint_labels(ds: ImageDataset) -> tuple[ImageDataset, ImageDataset]:
-    """A joint-label dataset (classes "a/b", class = a * |B| + b) as two datasets of the same images: one
+    """A joint-label dataset (classes "a_b", class = a * |B| + b) as two datasets of the same images: one
     labelled with the first attribute, one with the second (the attribute-level evaluation's view)."""
-    pairs = [name.split("/") for name in ds.classes]
+    pairs = [name.split("_") for name in ds.classes]
     if any(len(p) != 2 for p in pairs):
-        raise DataError(f"{ds.source}: classes {list(ds.classes)} are not joint labels 'a/b' "
+        raise DataError(f"{ds.source}: classes {list(ds.classes)} are not joint labels 'a_b' "
                         "(load the data with label_from='utkface-A+B')")
     first = tuple(dict.fromkeys(p[0] for p in pairs))
     second = tuple(dict.fromkeys(p[1] for p in pairs))
-    if [f"{a}/{b}" for a in first for b in second] != list(ds.classes):
-        raise DataError(f"{ds.source}: classes {list(ds.classes)} are not every 'a/b' pair in a-major order")
+    if [f"{a}_{b}" for a in first for b in second] != list(ds.classes):
+        raise DataError(f"{ds.source}: classes {list(ds.classes)} are not every 'a_b' pair in a-major order")
     labels = np.asarray(ds.labels)
     return (ImageDataset(ds.images, labels // len(second), first, source=f"{ds.source}[first attribute]"),
             ImageDataset(ds.images, labels % len(second), second, source=f"{ds.source}[second attribute]"))

@@ -1,0 +1,52 @@
+"""Small HTML helpers shared by the report's sections (server.report_html, server.report_html_audits)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from typing import Any, Iterable, Sequence
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """Numbers to short text; None/NaN to a dash."""
+    if value is None:
+        return "&ndash;"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "&ndash;"
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
+            return f"{value:.{digits - 1}e}"
+        return f"{value:.{digits}g}"
+    return esc(value)
+
+
+class Raw:
+    """Pre-rendered HTML for a table cell."""
+
+    def __init__(self, markup: str) -> None:
+        self.html = markup
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, table_id: str | None = None) -> str:
+    """HTML table; cells already containing markup must be passed as ``Raw``."""
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{c.html if isinstance(c, Raw) else fmt(c)}</td>" for c in row) + "</tr>"
+        for row in rows
+    )
+    ident = f' id="{esc(table_id)}"' if table_id else ""
+    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def img(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{esc(alt)}">'

@@ -1,0 +1,96 @@
+"""Colour faces end to end (real UTKFace from ../shared/data, at 16x16 to stay fast): both modes, seed 004's
+replacement of a sensitive attribute. The 64x64 networks are tested in test_models.py, their settings below."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.data import load_dataset
+from fedsynth import cli
+
+FACES = "utkface/UTKFace-aligned-subset-every6th.tar.gz"
+TINY = ["--quiet", "--sites", "3", "--partition", "dirichlet:0.5", "--epsilon", "10",
+        "--set", "num-rounds=1", "--set", "gan-local-steps=2", "--set", "bn-rounds=1", "--set", "bn-local-steps=2",
+        "--set", "bn-iterations=5", "--set", "learner-epochs=1", "--set", "real-baseline=false"]
+
+
+@pytest.fixture(autouse=True)
+def _flower_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr_home"))
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def test_the_statistics_mode_runs_on_real_colour_faces(shared_data: Path, tmp_path: Path) -> None:
+    """(The DP-GAN mode runs on colour faces in the replacement test below.)"""
+    faces = str(shared_data / FACES)
+    mode, out = "bnstats", tmp_path / "bnstats"
+    assert cli.main(["simulate", "--data", faces, "--test", faces, "--mode", mode, "--out", str(out), *TINY,
+                     "--set", "label-from=utkface-gender", "--set", "image-size=16",
+                     "--set", "synthetic-size=60"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    synth = load_dataset(out / "synthetic.npz", "train", whole=True)
+    assert synth.image_shape == (3, 16, 16) and synth.classes == ("male", "female") and len(synth) == 60
+    assert report["private"] and 0.0 <= report["utility"]["tstr_accuracy"] <= 1.0
+    assert np.ptp(synth.images.mean(axis=(2, 3)), axis=1).max() > 0  # the channels differ: colour, not grey
+
+
+def test_faces_with_race_replaced_are_measured_the_way_seed_004_does(shared_data: Path, tmp_path: Path,
+                                                                    capsys) -> None:
+    faces = str(shared_data / FACES)
+    run, replaced, evaluated = tmp_path / "run", tmp_path / "replaced", tmp_path / "eval"
+    assert cli.main(["simulate", "--data", faces, "--test", faces, "--mode", "dpgan", "--out", str(run), *TINY,
+                     "--set", "label-from=utkface-gender+race", "--set", "image-size=16",
+                     "--set", "synthetic-size=100"]) == 0
+    report = json.loads((run / "report.json").read_text())
+    colour = load_dataset(run / "synthetic.npz", "train", whole=True)
+    assert colour.image_shape == (3, 16, 16) and np.ptp(colour.images.mean(axis=(2, 3)), axis=1).max() > 0
+    assert cli.main(["replace-attribute", str(run), "--out", str(replaced), "--size", "200", "--quiet"]) == 0
+    assert "race replaced for 200" in capsys.readouterr().out
+    new = json.loads((replaced / "report.json").read_text())
+    assert new["privacy_statement"] == report["privacy_statement"]  # post-processing: the same guarantee
+    assert new["attribute_replacement"]["sensitive"] == "race" and new["synthetic"]["count"] == 200
+    assert cli.main(["evaluate", "--synthetic", str(replaced), "--test", faces, "--label-from", "utkface-gender+race",
+                     "--resize", "--out", str(evaluated), "--learner-epochs", "1", "--no-audits", "--quiet"]) == 0
+    ev = json.loads((evaluated / "report.json").read_text())
+    att = ev["attributes"]
+    assert att["task"]["classes"] == ["male", "female"] and 0.0 <= att["task"]["accuracy"] <= 1.0
+    sens = att["sensitive"]
+    assert sens["classes"] == ["white", "black", "asian", "indian", "other"]
+    assert 0.3 < sens["majority_rate"] < 0.6 and sens["advantage"] == pytest.approx(
+        sens["adversary_accuracy"] - sens["majority_rate"])
+    assert ev["attribute_replacement"]["strength"] == 1.0
+    assert "Attributes (seed 004)" in (evaluated / "report.html").read_text()
+
+
+def test_replacing_needs_a_generator_that_learned_the_second_attribute(shared_data: Path, tmp_path: Path,
+                                                                      capsys) -> None:
+    faces = str(shared_data / FACES)
+    run = tmp_path / "run"
+    assert cli.main(["simulate", "--data", faces, "--mode", "dpgan", "--out", str(run), *TINY,
+                     "--set", "label-from=utkface-gender", "--set", "image-size=16",
+                     "--set", "synthetic-size=20"]) == 0
+    capsys.readouterr()
+    assert cli.main(["replace-attribute", str(run), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "never learned a second attribute" in err and "label-from=utkface-gender+race" in err
+    assert cli.main(["replace-attribute", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    assert "no report.json" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_the_product_sizes_a_64x64_colour_run_from_the_shape() -> None:
+    from common.config import RunConfig
+    from server.defaults import resolve
+    from server.sites import Schema
+
+    schema = Schema(channels=3, height=64, width=64, classes=("male", "female"))
+    cfg, chosen = resolve(RunConfig(), schema, num_sites=3)
+    assert cfg.gan_width == 16 and cfg.gan_shape(3, 64, 2).stages == 3  # narrower G, a third stage
+    small, _ = resolve(RunConfig(), Schema(channels=3, height=32, width=32, classes=("a", "b")), num_sites=3)
+    assert small.gan_width == 32 and small.gan_shape(3, 32, 2).stages == 2
+    assert any(c.setting == "gan-width" and "64x64" in c.reason for c in chosen)
