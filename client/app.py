@@ -30,6 +30,7 @@ from client.secure_site import handle_secure_train, refusals_mod
 from client.requests import site_data, site_handler
 from client.site import SiteSettings
 from common import protocol as P
+from common.device import pick_device
 
 log = logging.getLogger("fedsynth.site")
 app = ClientApp()
@@ -44,7 +45,8 @@ def handle_info(msg: Message, context: Context, site: SiteSettings) -> Message:
     return P.InfoReply(site_name=site.name, channels=c, height=h, width=w, classes=tuple(data.classes),
                        delta_bound=site.delta if site.delta > 0 else P.DEFAULT_DELTA_BOUND, modes=tuple(site.modes),
                        evaluation=site.evaluation and bool(site.heldout), audits=site.audits and bool(site.heldout),
-                       queries_per_run=site.queries_per_run).as_reply(msg)
+                       queries_per_run=site.queries_per_run,
+                       device=pick_device(str(context.run_config.get("device", "auto"))).type).as_reply(msg)
 
 
 app.query("info")(handle_info)

@@ -92,6 +92,9 @@ class InfoReply(Message):
     evaluation: bool = declared("public", "whether the operator allows DP federated evaluation")
     audits: bool = declared("public", "whether the operator allows DP privacy audits")
     queries_per_run: int = declared("public", "the operator's cap on evaluation and audit queries per run")
+    device: str = declared("public", "the kind of device the site computes on for this run ('cpu', 'cuda', "
+                                     "'mps'), so that the report can say which device ran what; nothing about "
+                                     "its records")
 
 
 DEFAULT_DELTA_BOUND = 1e-5  # the default delta min(1e-5, 1/(10 n)) is at most this

@@ -125,19 +125,25 @@ def _utility_section(utility: dict) -> str:
 
 def _sites_section(sites: list[dict]) -> str:
     owner = any("epsilon" in s for s in sites)
-    headers = ("site", "rounds answered", "failures", "noisy record total", "bytes sent")
+    headers = ("site", "device", "rounds answered", "failures", "noisy record total", "bytes sent")
     if owner:
         headers += ("records (owner)", "epsilon spent (its ledger)", "delta")
     rows = []
     for s in sites:
         failures = "; ".join(f"{k}: {v}" for k, v in (s.get("rounds_failed") or {}).items()) or "none"
-        row = (s.get("name"), len(s.get("rounds_ok") or []), failures, s.get("weight"), s.get("bytes_sent"))
+        row = (s.get("name"), s.get("device") or "?", len(s.get("rounds_ok") or []), failures, s.get("weight"),
+               s.get("bytes_sent"))
         if owner:
             row += (s.get("examples"), s.get("epsilon"), s.get("delta"))
         rows.append(row)
     note = ('<p class="muted">The last three columns are the simulation owner\'s view of each site (its '
             "ledger); a coordinator never sees them.</p>") if owner else ""
     return "<h2>Sites</h2>" + _table(headers, rows, table_id="sites") + note
+
+
+def _device_line(report: dict) -> str:
+    return (f'<p class="muted">The coordinator computed on {_esc(report["device"])}; each site\'s device is in '
+            "the Sites table (a site uses its GPU when it has one).</p>") if report.get("device") else ""
 
 
 def _site_evaluation_section(ev: dict) -> str:
@@ -225,7 +231,7 @@ def render_report(report: dict, out_dir: Path) -> Path:
     if isinstance(report.get("utility"), dict):
         parts.append(_utility_section(report["utility"]))
     if report.get("sites"):
-        parts.append(_sites_section(report["sites"]))
+        parts.append(_sites_section(report["sites"]) + _device_line(report))
     if report.get("site_evaluation"):
         parts.append(_site_evaluation_section(report["site_evaluation"]))
     if isinstance(report.get("synthetic"), dict):

@@ -40,6 +40,7 @@ def test_three_site_dpgan_run_produces_outputs_and_accounts_privacy(tmp_path):
     for site in report["sites"]:
         assert site["name"] in ("site-1", "site-2", "site-3") and site["bytes_sent"] > 0
         assert site["released"] == ["generator"] and site["weight"] >= 1
+        assert site["device"] == report["device"] in ("cpu", "cuda")  # which device ran what
         assert not {"epsilon", "examples", "delta"} & set(site)
     assert "site-1 released: the generator" in report["privacy_statement"]
     # per-site privacy from the ledgers: the planned rounds end at the target epsilon (calibrated, never above)
