@@ -16,13 +16,13 @@ and the layer names used as release keys come from :func:`norm_layer_names`.
 Architecture for an (C, S, S) input, width w:
     block1: conv3x3(C -> w)   -> GroupNorm -> ReLU -> avgpool2   (w,  S/2, S/2)
     block2: conv3x3(w -> 2w)  -> GroupNorm -> ReLU -> avgpool2   (2w, S/4, S/4)
-    block3: conv3x3(2w -> 2w) -> GroupNorm -> ReLU               (2w, S/4, S/4)
-    [head_norm: GroupNorm of the flattened map, seen as (B, 2w (S/4)^2, 1, 1)]   (optional)
-    head:   linear(2w * (S/4)^2 -> K)
+    block3: conv3x3(2w -> 2w) -> GroupNorm -> ReLU [-> avgpool2 from 48 px]   (2w, m, m), m = S/4 (S/8)
+    [head_norm: GroupNorm of the flattened map, seen as (B, 2w m^2, 1, 1)]   (optional)
+    head:   linear(2w * m^2 -> K)
 With ``head_norm=True`` the last recorded layer has one channel per (feature map, position), so the
 class-wise statistics say *where* each class has which features. On MNIST this is what makes the
 synthesis work: exact statistics of a width-16 net give a CNN learner 27.8% TSTR (300 images)
-without it and 89.6% (500 images) with it. It costs 2 * K * 2w (S/4)^2 floats more per release
+without it and 89.6% (500 images) with it. It costs 2 * K * 2w m^2 floats more per release
 (~125 KB for MNIST at width 16). Use per-layer clip bounds with it (``client.bnstats``).
 Average pooling (not max pooling) keeps the gradients of the input smooth, which helps the
 DeepInversion-style synthesis. S = 8 (digits), 28 (MNIST) and 32 (CIFAR) all work.
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from common.data import ImageDataset
 
 MIN_IMAGE_SIZE = 8  # two 2x poolings must leave at least a 2x2 map
+LARGE_IMAGE_SIZE = 48  # from here block3 pools as well (m = S/8 instead of S/4)
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class _Block(nn.Module):
 
 
 class _HeadNorm(nn.Module):
-    """GroupNorm of the flattened head input, seen as (B, F, 1, 1): F = 2w (S/4)^2 'channels'.
+    """GroupNorm of the flattened head input, seen as (B, F, 1, 1): F = 2w m^2 'channels'.
 
     Its input is recorded like any other norm input; as every channel is one (feature map, position)
     pair, its class-wise statistics carry *where* each class has which features, which the spatially
@@ -125,10 +126,14 @@ class BNNet(nn.Module):
         w = width
         self.block1 = _Block(in_channels, w, nn.AvgPool2d(2))  # (w, S/2, S/2)
         self.block2 = _Block(w, 2 * w, nn.AvgPool2d(2))  # (2w, S/4, S/4)
-        self.block3 = _Block(2 * w, 2 * w, nn.Identity())  # (2w, S/4, S/4)
+        # From 48 pixels up block3 pools too: the head's map stays at most 8x8 (64x64 faces: 8x8, not 16x16,
+        # i.e. a head and a head-norm release 4x smaller), as the GAN's networks do (common.models).
+        large = image_size >= LARGE_IMAGE_SIZE
+        self.block3 = _Block(2 * w, 2 * w, nn.AvgPool2d(2) if large else nn.Identity())  # (2w, m, m)
         # A linear head on the whole map (not global pooling) keeps where strokes are, which both the
         # classifier and the class guidance of the synthesis need.
-        features = 2 * w * (image_size // 4) ** 2
+        side = image_size // 8 if large else image_size // 4  # m
+        features = 2 * w * side ** 2
         # Optional norm of the head input ("head.norm" is then the last recorded layer).
         self.head_norm = _HeadNorm(features) if head_norm else None
         self.head = nn.Linear(features, num_classes)

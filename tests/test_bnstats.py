@@ -40,7 +40,7 @@ def small_net(width: int = 4, seed: int = 0) -> BNNet:
 
 # ---- shared net -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cin,size", [(1, 8), (1, 28), (3, 32)])
+@pytest.mark.parametrize("cin,size", [(1, 8), (1, 28), (3, 32), (3, 64)])
 def test_bnnet_shapes_and_opacus_validation(cin: int, size: int) -> None:
     net = BNNet(cin, 7, size, width=8)
     assert ModuleValidator.validate(net, strict=False) == []
@@ -51,6 +51,7 @@ def test_bnnet_shapes_and_opacus_validation(cin: int, size: int) -> None:
     assert list(inputs) == ["block1.norm", "block2.norm", "block3.norm"]
     assert [inputs[n].shape[:2] for n in inputs] == [(3, 8), (3, 16), (3, 16)]
     assert inputs["block1.norm"].shape[2:] == (size, size)
+    assert net.head.in_features == 16 * (size // 8 if size >= 48 else size // 4) ** 2  # at most 8x8 at the head
     # hooks are gone after the block: a new forward does not refill the dict
     inputs.clear()
     net(x)

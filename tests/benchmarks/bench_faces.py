@@ -1,8 +1,15 @@
 """Faces (UTKFace at 64x64): seed 000's Tables 1 and 2 and seed 004's replacement of a sensitive attribute.
 
-    # the three DP-GAN runs it reads (product defaults, 3 sites, Dirichlet 0.5, epsilon 10 per site):
+    # the three DP-GAN runs it reads (3 sites, Dirichlet 0.5, epsilon 10 per site), all with the product's
+    # defaults (10 rounds at 64x64; on 2 cores about 1 h 20 min each) ...
     .venv/bin/python tests/benchmarks/bench_defaults.py --datasets utkface,utkface-gender+race,utkface-age
     .venv/bin/python tests/benchmarks/bench_faces.py
+    # ... or, as the README's numbers, the gender run with the defaults and the other two shorter
+    .venv/bin/python tests/benchmarks/run_grid.py --datasets utkface-gender+race --modes dpgan --epsilons 10 \
+        --sites 3 --partitions dirichlet:0.5 --results tests/benchmarks/results/faces/grid --out runs/faces \
+        --set num-rounds=5 --tag r5          # (utkface-age: --set num-rounds=3 --tag r3)
+    .venv/bin/python tests/benchmarks/bench_faces.py --other-runs runs/faces \
+        --other-grid tests/benchmarks/results/faces/grid --joint-tag r5 --age-tag r3
 
 Inputs (``--runs``, default runs/defaults): the run labelled with gender (``utkface-...``), the one whose
 generator is conditioned on gender and race together (``utkface-gender+race-...``) and the age-group one
@@ -73,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "defaults", help="where the gender run is")
     p.add_argument("--other-runs", type=Path, default=None,
                    help="where the gender+race and age runs are (default: --runs)")
-    p.add_argument("--other-tag", default="", help="their run ids' suffix (e.g. r5 for a --set num-rounds=5 --tag r5 grid)")
+    p.add_argument("--joint-tag", default="", help="the gender+race run id's suffix (e.g. r5 for a grid run with "
+                                                    "--set num-rounds=5 --tag r5)")
+    p.add_argument("--age-tag", default="", help="the age run id's suffix")
     p.add_argument("--other-grid", type=Path, default=None, help="their grid records (default: --grid)")
     p.add_argument("--data", type=Path, default=ARCHIVE)
     p.add_argument("--results", type=Path, default=RESULTS)
@@ -90,14 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     grid = args.grid
     other_runs, other_grid = args.other_runs or args.runs, args.other_grid or args.grid
-    suffix = f"-{args.other_tag}" if args.other_tag else ""
+    tags = {"utkface": "", "utkface-gender+race": args.joint_tag, "utkface-age": args.age_tag}
+
+    def run_id(name: str) -> str:
+        return RUN.format(name) + (f"-{tags[name]}" if tags[name] else "")
 
     def run_dir(name: str) -> Path:  # a run's sim/ folder
-        return (args.runs / RUN.format(name) if name == "utkface" else other_runs / (RUN.format(name) + suffix)) / "sim"
+        return (args.runs if name == "utkface" else other_runs) / run_id(name) / "sim"
 
     def grid_record(name: str) -> dict:
-        path = grid / f"{RUN.format(name)}.json" if name == "utkface" else other_grid / f"{RUN.format(name)}{suffix}.json"
-        return json.loads(path.read_text())
+        return json.loads(((grid if name == "utkface" else other_grid) / f"{run_id(name)}.json").read_text())
     learner = LearnerConfig(epochs=args.learner_epochs)
     out: dict = {"learner": dataclasses.asdict(learner), "data": str(args.data), "image_size": 64, "epsilon_per_site": 10}
     t_start = time.perf_counter()
