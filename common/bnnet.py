@@ -139,7 +139,7 @@ class BNNet(nn.Module):
         self.head = nn.Linear(features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.block3(self.block2(self.block1(x))).flatten(1)  # (B, 2w (S/4)^2)
+        h = self.block3(self.block2(self.block1(x))).flatten(1)  # (B, 2w m^2)
         if self.head_norm is not None:
             h = self.head_norm(h)
         return self.head(h)  # (B, K)
