@@ -20,11 +20,13 @@ tests/benchmarks/results/defaults/.
   product's learner trained on the real training faces, or on a run's synthetic faces, tested on the real
   test faces. Gender and age from their own runs (the grid's evaluation, same learner and test data);
   gender and race also from the joint generator's synthetic set, each attribute read off the joint label.
+  (The gender run is optional: without it the gender row has the joint generator's column only.)
 * Table 2 (seed 000: distances of synthetic faces to training vs test faces): for ``--queries`` synthetic
-  faces of each category, the mean of the 10 smallest distances to the training faces (subsampled to the
-  test set's size, so both sides have as many candidates) and to the test faces, in pixel space (MSE) and
-  in feature space (L2 between penultimate features of the learner trained on the real gender labels).
-  Equal distances = no memorization.
+  faces of each category (the joint run's by gender, the age run's by age group), the mean of the 10
+  smallest distances to the training faces (in disjoint chunks of the test set's size, so both sides have as
+  many candidates; averaged over the chunks) and to the test faces, in pixel space (MSE) and in feature space
+  (squared L2 per dimension between penultimate features of the learner trained on the real gender labels).
+  Equal distances = no memorization. A picture of nearest pairs: nearest_pairs.png.
 * Seed 004: from the joint run's generators, synthetic sets whose race is replaced for a share
   ``strength`` of the records (server/attribute_replacement.py); privacy loss = accuracy of an adversary
   (the same learner) trained on the set's race labels, tested on real faces, against the real test set's
@@ -107,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     def run_dir(name: str) -> Path:  # a run's sim/ folder
         return (args.runs if name == "utkface" else other_runs) / run_id(name) / "sim"
 
-    def grid_record(name: str) -> dict:
-        return json.loads(((grid if name == "utkface" else other_grid) / f"{run_id(name)}.json").read_text())
+    def grid_record(name: str) -> dict | None:  # None: that run is not there (the gender run is optional)
+        path = (grid if name == "utkface" else other_grid) / f"{run_id(name)}.json"
+        rec = json.loads(path.read_text()) if path.is_file() else None
+        return rec if rec and rec.get("status") == "ok" and run_dir(name).is_dir() else None
     learner = LearnerConfig(epochs=args.learner_epochs)
     out: dict = {"learner": dataclasses.asdict(learner), "data": str(args.data), "image_size": 64, "epsilon_per_site": 10}
     t_start = time.perf_counter()
@@ -141,17 +145,20 @@ def main(argv: list[str] | None = None) -> int:
         counts = np.bincount(te.labels, minlength=len(te.classes))
         table1.append({"attribute": attr, "original": acc, "original_mcc": mcc,
                        "majority_rate": float(counts.max() / counts.sum())})
+    records = {name: grid_record(name) for name in ("utkface", "utkface-gender+race", "utkface-age")}
+    for name in ("utkface-gender+race", "utkface-age"):
+        if records[name] is None:
+            raise SystemExit(f"no finished run {run_id(name)} (sim/ folder and grid record): run it first (see above)")
     for name, attr in (("utkface", "gender"), ("utkface-age", "age group")):
-        rec = grid_record(name)
-        row = next(r for r in table1 if r["attribute"] == attr)
-        row.update(synthetic_own_run=rec["tstr_accuracy"], synthetic_own_run_mcc=rec["tstr_mcc"],
-                   own_run=rec["run_id"], own_run_rounds=(rec.get("settings") or {}).get("num-rounds", "default"), own_run_seconds_per_round=rec.get("seconds_per_round"),
-                   own_run_peak_rss_mib=rec.get("peak_rss_mib"), own_run_wall_seconds=rec.get("wall_seconds"))
-    out["runs"] = {name: {"run_id": (rec := grid_record(name))["run_id"],
+        if (rec := records[name]) is not None:
+            next(r for r in table1 if r["attribute"] == attr).update(
+                synthetic_own_run=rec["tstr_accuracy"], synthetic_own_run_mcc=rec["tstr_mcc"])
+    out["runs"] = {name: {"run_id": rec["run_id"],
                           "rounds": (rec.get("settings") or {}).get("num-rounds", "the product's choice (10)"),
                           "seconds_per_round": rec.get("seconds_per_round"), "peak_rss_mib": rec.get("peak_rss_mib"),
-                          "wall_seconds": rec.get("wall_seconds")}
-                   for name in ("utkface", "utkface-gender+race", "utkface-age")}
+                          "wall_seconds": rec.get("wall_seconds"), "tstr_accuracy": rec.get("tstr_accuracy"),
+                          "real_accuracy": rec.get("real_accuracy")}
+                   for name, rec in records.items() if rec is not None}
     joint_dir = run_dir("utkface-gender+race")
     joint_synth = load_npz(joint_dir / "synthetic.npz")
     sg, sr = split_joint_labels(joint_synth)
@@ -164,33 +171,38 @@ def main(argv: list[str] | None = None) -> int:
     # ---- Table 2 -------------------------------------------------------------------------------------
     print("Table 2: distances of synthetic faces to training vs test faces", flush=True)
     rng = np.random.default_rng(0)
-    train_ref = g_train.subset(rng.choice(len(g_train), size=len(g_test), replace=False))
+    # the training faces in disjoint chunks of the test set's size (4 for UTKFace's 80/20 split): every chunk is
+    # compared like the test set, and the spread over chunks shows how much one reference draw moves the number
+    order = rng.permutation(len(g_train))
+    chunks = [order[i * len(g_test):(i + 1) * len(g_test)] for i in range(len(g_train) // len(g_test))]
     feature_model = real_models["gender"]
-    f_train = extract_features(feature_model, train_ref.images, device=cpu)
+    f_all = extract_features(feature_model, g_train.images, device=cpu)
     f_test = extract_features(feature_model, g_test.images, device=cpu)
     table2: list[dict] = []
-    for name in ("utkface", "utkface-age"):
-        synth = load_npz(run_dir(name) / "synthetic.npz")
+    for name in ("utkface-gender+race", "utkface-age"):
+        # the joint run's faces by gender (seed 000's categories), the age run's by age group
+        synth = sg if name == "utkface-gender+race" else load_npz(run_dir(name) / "synthetic.npz")
         for c, cls in enumerate(synth.classes):
             idx = np.flatnonzero(synth.labels == c)
             idx = rng.choice(idx, size=min(args.queries, len(idx)), replace=False)
             q = synth.images[idx]
             f_q = extract_features(feature_model, q, device=cpu)
             row = {"run": name, "category": cls, "queries": len(idx)}
-            for space, (qq, tr, te) in (("pixel", (q, train_ref.images, g_test.images)),
-                                        ("feature", (f_q, f_train, f_test))):
-                d_tr, d_te = _top_k_mean(qq, tr), _top_k_mean(qq, te)
+            for space, (qq, tr, te) in (("pixel", (q, g_train.images, g_test.images)),
+                                        ("feature", (f_q, f_all, f_test))):
+                per_chunk = np.stack([_top_k_mean(qq, tr[c]) for c in chunks])  # (chunks, queries)
+                d_tr, d_te = per_chunk.mean(axis=0), _top_k_mean(qq, te)
                 row[space] = {"train_mean": float(d_tr.mean()), "train_std": float(d_tr.std()),
                               "test_mean": float(d_te.mean()), "test_std": float(d_te.std()),
+                              "train_chunk_means": [float(m) for m in per_chunk.mean(axis=1)],
                               "closer_to_train": float((d_tr < d_te).mean())}
             table2.append(row)
             print(f"  {name} {cls}: pixel train {row['pixel']['train_mean']:.4f} vs test {row['pixel']['test_mean']:.4f}"
                   f"; feature train {row['feature']['train_mean']:.4f} vs test {row['feature']['test_mean']:.4f}",
                   flush=True)
     out["table2"] = table2
-    # nearest pairs of the gender run (seed 000's picture): 8 synthetic faces, nearest training, nearest test
-    synth = load_npz(run_dir("utkface") / "synthetic.npz")
-    q = synth.images[rng.choice(len(synth), size=8, replace=False)]
+    # nearest pairs (seed 000's picture): 8 synthetic faces of the joint run, nearest training, nearest test
+    q = sg.images[rng.choice(len(sg), size=8, replace=False)]
     flat = lambda x: torch.from_numpy(x.reshape(len(x), -1))  # noqa: E731
     nearest_train = torch.cdist(flat(q), flat(g_train.images)).argmin(dim=1).numpy()
     nearest_test = torch.cdist(flat(q), flat(g_test.images)).argmin(dim=1).numpy()
@@ -260,14 +272,16 @@ def _markdown(out: dict) -> str:
     lines += ["", "Runs: " + "; ".join(f"{name}: `{r['run_id']}`, rounds {r['rounds']}, {r['seconds_per_round']} s per "
                                      f"round, peak {r['peak_rss_mib']} MiB" for name, r in out["runs"].items())]
     lines += ["", "Table 2 (seed 000): mean ± std over synthetic faces of the mean of the 10 smallest distances "
-              "to training vs test faces (training subsampled to the test set's size)", "",
-              "| run | category | pixel MSE: to train | to test | feature L2²/dim: to train | to test |",
+              "to training vs test faces (training faces in disjoint chunks of the test set's size, averaged; "
+              "in brackets the range of the chunks' means: how much one reference draw moves the number)", "",
+              "| run | category | pixel MSE: to train [chunks] | to test | feature L2²/dim: to train [chunks] | to test |",
               "|---|---|---|---|---|---|"]
     for r in out["table2"]:
         px, ft = r["pixel"], r["feature"]
-        lines.append(f"| {r['run']} | {r['category']} | {px['train_mean']:.4f} ± {px['train_std']:.4f} | "
-                     f"{px['test_mean']:.4f} ± {px['test_std']:.4f} | {ft['train_mean']:.4f} ± {ft['train_std']:.4f} | "
-                     f"{ft['test_mean']:.4f} ± {ft['test_std']:.4f} |")
+        span = lambda d: f"[{min(d['train_chunk_means']):.4f}, {max(d['train_chunk_means']):.4f}]"  # noqa: E731
+        lines.append(f"| {r['run']} | {r['category']} | {px['train_mean']:.4f} ± {px['train_std']:.4f} {span(px)} | "
+                     f"{px['test_mean']:.4f} ± {px['test_std']:.4f} | {ft['train_mean']:.4f} ± {ft['train_std']:.4f} "
+                     f"{span(ft)} | {ft['test_mean']:.4f} ± {ft['test_std']:.4f} |")
     rep = out["replacement"]
     lines += ["", f"Seed 004: race replaced for a share of the records ({rep['synthetic_size']} synthetic faces per "
               "strength, joint gender+race generator)", "",
