@@ -110,10 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     def run_dir(name: str) -> Path:  # a run's sim/ folder
         return (args.runs if name == "utkface" else other_runs) / run_id(name) / "sim"
 
-    def grid_record(name: str) -> dict | None:  # None: that run is not there (the gender run is optional)
+    def grid_record(name: str) -> dict | None:  # None: the run's evaluation is not there (yet)
         path = (grid if name == "utkface" else other_grid) / f"{run_id(name)}.json"
         rec = json.loads(path.read_text()) if path.is_file() else None
-        return rec if rec and rec.get("status") == "ok" and run_dir(name).is_dir() else None
+        return rec if rec and rec.get("status") == "ok" and rec.get("run_id") == run_id(name) else None
     learner = LearnerConfig(epochs=args.learner_epochs)
     out: dict = {"learner": dataclasses.asdict(learner), "data": str(args.data), "image_size": 64, "epsilon_per_site": 10}
     t_start = time.perf_counter()
@@ -147,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         table1.append({"attribute": attr, "original": acc, "original_mcc": mcc,
                        "majority_rate": float(counts.max() / counts.sum())})
     records = {name: grid_record(name) for name in ("utkface", "utkface-gender+race", "utkface-age")}
-    for name in ("utkface-gender+race", "utkface-age"):
-        if records[name] is None:
-            raise SystemExit(f"no finished run {run_id(name)} (sim/ folder and grid record): run it first (see above)")
+    for name in ("utkface-gender+race", "utkface-age"):  # their synthetic sets are needed (the gender run's not)
+        if not (run_dir(name) / "synthetic.npz").is_file():
+            raise SystemExit(f"no finished run {run_id(name)} ({run_dir(name)}/synthetic.npz): run it first (see above)")
     for name, attr in (("utkface", "gender"), ("utkface-age", "age group")):
         if (rec := records[name]) is not None:
             next(r for r in table1 if r["attribute"] == attr).update(
