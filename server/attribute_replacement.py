@@ -4,7 +4,7 @@ A site may hold an attribute it does not want the synthetic set to teach (race, 
 (``label-from = utkface-gender+race``: class = task value * |values| + sensitive value) the sites' DP
 generators learn faces of every (task, sensitive) pair. This module makes the synthetic set the way seed
 004's filter + generator makes its censored images: every synthetic record keeps the labels it claims
-(task t, sensitive s: the balanced joint labels the usual synthesis draws), but its image is generated
+(task t balanced, sensitive s as often as the sites' noisy counts say within t), but its image is generated
 for (t, s') with s' drawn *independently* of t, of s and of everything else, from the pooled noisy
 marginal of the sensitive attribute (the sites' census: a DP release already paid for, so this costs no
 privacy). A classifier trained on the set to predict s then finds nothing to learn (seed 004's privacy
@@ -50,12 +50,34 @@ def sensitive_marginal(census: np.ndarray, values: int) -> np.ndarray:
     return per_value / per_value.sum()
 
 
+def claimed_labels(census: np.ndarray, values: int, total: int) -> np.ndarray:
+    """(total,) joint labels t * values + s: t balanced over the task values, s within each t split by the
+    pooled noisy census of (t, s) (negatives count 0; no counts: equal split), by largest remainder."""
+    k = census.shape[1]
+    pooled = np.clip(np.asarray(census, dtype=np.float64), 0.0, None).sum(axis=0).reshape(k // values, values)
+    labels = []
+    for t, n_t in enumerate(balanced_class_sizes(k // values, total)):
+        row = pooled[t] if pooled[t].sum() > 0 else np.ones(values)
+        share = row / row.sum() * n_t
+        counts = np.floor(share).astype(np.int64)
+        order = np.argsort(-(share - counts), kind="stable")
+        counts[order[:int(n_t - counts.sum())]] += 1
+        labels.append(np.repeat(t * values + np.arange(values), counts))
+    return np.concatenate(labels).astype(np.int64)
+
+
 def sample_with_replaced_attribute(gen: Generator, site_states: list[dict[str, np.ndarray]], census: np.ndarray,
                                    classes: tuple[str, ...], total: int, *, values: int, strength: float,
                                    seed: int, device: torch.device, progress: bool = True
                                    ) -> tuple[ImageDataset, Replacement]:
-    """``total`` synthetic records with balanced joint labels (task, sensitive) whose images show a
-    sensitive value drawn independently for a ``strength`` share of them (see the module docstring).
+    """``total`` synthetic records whose images show a sensitive value drawn independently for a ``strength``
+    share of them (see the module docstring).
+
+    The records' claimed labels: the task attribute balanced (as the usual synthesis), the sensitive one
+    following the pooled noisy census within each task value (:func:`claimed_labels`). Why not balanced
+    too: an adversary that learns nothing from the images then learns the attribute's prior and scores the
+    real majority rate, the "no leak" level seed 004 compares with; on balanced claims it would score less
+    than that and look like a leak-free set even when the images did carry the attribute.
 
     ``classes`` are the joint classes (task-major: class = t * values + s), ``census`` (S, len(classes))
     the sites' noisy counts, ``site_states`` their generators (``gen``'s architecture)."""
@@ -65,7 +87,7 @@ def sample_with_replaced_attribute(gen: Generator, site_states: list[dict[str, n
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"the replacement strength is a share of records in [0, 1], got {strength}")
     rng = np.random.default_rng(seed)
-    labels = np.repeat(np.arange(k), balanced_class_sizes(k, total)).astype(np.int64)  # (N,) what records claim
+    labels = claimed_labels(census, values, total)  # (N,) what the records claim
     marginal = sensitive_marginal(census, values)
     replaced = rng.random(len(labels)) < strength
     drawn = rng.choice(values, size=len(labels), p=marginal)  # s', independent of t, s and the latents

@@ -11,7 +11,7 @@ import torch
 from common import protocol as P
 from common.data import DataError, ImageDataset, split_joint_labels
 from common.models import GanShape, Generator
-from server.attribute_replacement import sample_with_replaced_attribute, sensitive_marginal
+from server.attribute_replacement import claimed_labels, sample_with_replaced_attribute, sensitive_marginal
 
 # joint classes (task x sensitive) = (2 genders) x (2 values); one site per joint class, whose generator
 # paints every image in its own grey level: an image's grey level says which class it was generated for
@@ -44,7 +44,8 @@ CENSUS = np.diag([400.0, 100.0, 400.0, 100.0])  # site c holds class c only; the
 
 def test_without_replacement_every_image_shows_the_labels_it_claims():
     synth, info = _sample(0.0, CENSUS)
-    assert np.bincount(synth.labels).tolist() == [1000] * 4  # balanced joint labels, as the usual synthesis
+    # the task balanced, the sensitive value as often as the census says within it (80 / 20)
+    assert np.bincount(synth.labels).tolist() == [1600, 400, 1600, 400]
     assert (_shown_class(synth.images) == synth.labels).all() and info.replaced == 0 and info.agreement == 1.0
 
 
@@ -57,18 +58,24 @@ def test_full_replacement_keeps_the_task_and_draws_the_sensitive_value_independe
     for claimed in (0, 1):
         share_a = (shown[synth.labels % 2 == claimed] % 2 == 0).mean()
         assert abs(share_a - 0.8) < 0.03
-    # so the image tells nothing about the claimed value: with balanced claims it agrees half the time
-    assert abs(info.agreement - 0.5) < 0.03 and info.replaced == 4000
+    # so the image tells nothing about the claimed value: it agrees as often as two independent 80/20 draws
+    assert abs(info.agreement - 0.68) < 0.03 and info.replaced == 4000
 
 
 def test_half_replacement_is_in_between():
     _, info = _sample(0.5, CENSUS)
-    assert abs(info.replaced - 2000) < 120 and abs(info.agreement - 0.75) < 0.03
+    assert abs(info.replaced - 2000) < 120 and abs(info.agreement - 0.84) < 0.03
 
 
 def test_the_marginal_ignores_negative_noise_and_falls_back_to_uniform():
     assert sensitive_marginal(np.array([[3.0, -2.0, 1.0, 0.0]]), 2).tolist() == [1.0, 0.0]
     assert sensitive_marginal(np.array([[-1.0, -2.0]]), 2).tolist() == [0.5, 0.5]
+
+
+def test_claims_are_balanced_over_the_task_and_follow_the_census_within_it():
+    labels = claimed_labels(np.array([[3.0, -1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]), 2, 10)
+    # task 0: (4, 0) pooled -> all 5 claim value 0; task 1: no counts -> split equally (3 and 2)
+    assert np.bincount(labels, minlength=4).tolist() == [5, 0, 3, 2]
 
 
 def test_bad_requests_are_refused():
