@@ -97,6 +97,10 @@ def _wait_round(ckpt: Path, rnd: int, run: subprocess.Popen, timeout: float) -> 
         time.sleep(0.5)
 
 
+@pytest.mark.skipif(os.environ.get("FEDSYNTH_FULL_TESTS") != "1",
+                    reason="~4 min of real SuperNodes and coordinator restarts: runs under make test-all "
+                           "(FEDSYNTH_FULL_TESTS=1) so that make test stays under 10 minutes on 2 cores; the same "
+                           "dropout and resume logic is tested in-process in tests/test_faults.py")
 def test_run_survives_a_dead_site_and_resumes_after_a_coordinator_crash(deployment):
     dep = deployment
     out = dep.root / "runs" / "resume"
