@@ -178,16 +178,16 @@ def evaluate_synthetic(
         notes.append("privacy audits skipped: they need the real training data (--train)")
     elif audits:
         audit_out = {"kind": "diagnostic"}
+        s_sub = _subsample(synthetic, max_audit_records, seed)  # the nearest pairs' and feature audit's records
         with _timed(timings, "audit_pixel"):
             audit_out["pixel"] = site_audit_summary(
                 synthetic.images, train.images, test.images, space="pixel", max_records=max_audit_records,
                 include_extremes=True, seed=seed, device=dev)
         with _timed(timings, "nearest_pairs"):
-            audit_out["nearest_pairs"] = save_nearest_pairs(
-                _subsample(synthetic, max_audit_records, seed), train, test, out_dir / "nearest_pairs.png", device=dev)
+            audit_out["nearest_pairs"] = save_nearest_pairs(s_sub, train, test, out_dir / "nearest_pairs.png",
+                                                            device=dev)
         with _timed(timings, "audit_feature"):
             # Feature space: subsample first, features are costly; near-copies searched in the subsample.
-            s_sub = _subsample(synthetic, max_audit_records, seed)
             t_sub, h_sub = _subsample(train, max_audit_records, seed + 1), _subsample(test, max_audit_records, seed + 2)
             feats = [extract_features(tstr_model, d.images, device=dev) for d in (s_sub, t_sub, h_sub)]
             audit_out["feature"] = site_audit_summary(

@@ -74,12 +74,9 @@ def main(args: argparse.Namespace) -> int:
     report, cfg, classes, sites = _run_inputs(Path(args.run))
     second = cfg.label_from.split("+", 1)[1]
     values = len(LABEL_FROM_CLASSES[f"utkface-{second}"])
-    census = sites["census"]
-    state = sites["generators"][0]
-    # the generator's shape from its saved weights: channels of the last conv, image side from the config
-    last = max((k for k in state if k.startswith("upsample.") and k.endswith(".weight")),
-               key=lambda k: int(k.split(".")[1]))
-    channels = int(state[last].shape[0])
+    # the image channels are the output channels of the generator's last convolution (the report has no
+    # channel count); the side is the run's image-size
+    channels = int(next(w for w in reversed(sites["generators"][0].values()) if w.ndim == 4).shape[0])
     size = cfg.image_size
     if not size:
         raise ConfigError(f"{args.run}: the run's image-size is not recorded; replace-attribute needs a run with "
@@ -87,7 +84,7 @@ def main(args: argparse.Namespace) -> int:
     device = pick_device() if args.device == "auto" else torch.device(args.device)
     gen = Generator(cfg.gan_shape(channels, size, len(classes)))
     synth, info = sample_with_replaced_attribute(
-        gen, sites["generators"], census, classes, args.size or cfg.synthetic_size, values=values,
+        gen, sites["generators"], sites["census"], classes, args.size or cfg.synthetic_size, values=values,
         strength=args.strength, seed=cfg.seed if args.seed is None else args.seed, device=device,
         progress=not args.quiet)
     out = Path(args.out)

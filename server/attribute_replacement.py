@@ -26,7 +26,7 @@ import torch
 
 from common.data import ImageDataset
 from common.models import Generator
-from server.synthesis import balanced_class_sizes, draw_by_census
+from server.synthesis import balanced_class_sizes, draw_by_census, round_largest_remainder
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,15 @@ class Replacement:
     agreement: float  # share of records whose image shows their own s (s' == s by chance counts)
 
 
+def _pooled(census: np.ndarray, values: int) -> np.ndarray:
+    """(T, values) the sites' noisy counts of each (task, sensitive) pair summed; negatives count as 0."""
+    return np.clip(np.asarray(census, dtype=np.float64), 0.0, None).sum(axis=0).reshape(-1, values)
+
+
 def sensitive_marginal(census: np.ndarray, values: int) -> np.ndarray:
     """(values,) the sensitive attribute's distribution in the pooled noisy census (S, T * values);
     negative noisy counts count as 0, and no counts at all give the uniform distribution."""
-    pooled = np.clip(np.asarray(census, dtype=np.float64), 0.0, None).sum(axis=0)  # (T * values,)
-    per_value = pooled.reshape(-1, values).sum(axis=0)  # (values,)
+    per_value = _pooled(census, values).sum(axis=0)  # (values,)
     if per_value.sum() <= 0:
         return np.full(values, 1.0 / values)
     return per_value / per_value.sum()
@@ -53,15 +57,11 @@ def sensitive_marginal(census: np.ndarray, values: int) -> np.ndarray:
 def claimed_labels(census: np.ndarray, values: int, total: int) -> np.ndarray:
     """(total,) joint labels t * values + s: t balanced over the task values, s within each t split by the
     pooled noisy census of (t, s) (negatives count 0; no counts: equal split), by largest remainder."""
-    k = census.shape[1]
-    pooled = np.clip(np.asarray(census, dtype=np.float64), 0.0, None).sum(axis=0).reshape(k // values, values)
+    pooled = _pooled(census, values)  # (T, values)
     labels = []
-    for t, n_t in enumerate(balanced_class_sizes(k // values, total)):
+    for t, n_t in enumerate(balanced_class_sizes(len(pooled), total)):
         row = pooled[t] if pooled[t].sum() > 0 else np.ones(values)
-        share = row / row.sum() * n_t
-        counts = np.floor(share).astype(np.int64)
-        order = np.argsort(-(share - counts), kind="stable")
-        counts[order[:int(n_t - counts.sum())]] += 1
+        counts = round_largest_remainder(row / row.sum() * n_t, int(n_t))
         labels.append(np.repeat(t * values + np.arange(values), counts))
     return np.concatenate(labels).astype(np.int64)
 

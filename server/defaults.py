@@ -53,11 +53,10 @@ def gan_rules(schema: Schema, num_sites: int) -> list[Choice]:
                "datasets; 256 suits sites of a few hundred to tens of thousands of records)"),
         Choice("gan-width", 16 if large else 32 if colour_or_large else 24,
                "a small generator: DPImageBench measured a 3.8M-parameter DP-GAN generator beating 6.6-19.4M ones "
-               "on CIFAR-10 (35.2% against 23-28%); a little wider for colour at 32 pixels; narrower again from 48 "
-               "pixels up, where G's full-resolution layers dominate a site's time (64x64 RGB, one core: 1.8 s per "
-               "discriminator step at width 16 against 5.8 s at width 24)" if large else
-               "a small generator: DPImageBench measured a 3.8M-parameter DP-GAN generator beating 6.6-19.4M ones "
-               "on CIFAR-10 (35.2% against 23-28%); a little wider for colour"),
+               "on CIFAR-10 (35.2% against 23-28%); a little wider for colour"
+               + (" at 32 pixels; narrower again from 48 pixels up, where G's full-resolution layers dominate a "
+                  "site's time (64x64 RGB, one core: 1.8 s per discriminator step at width 16 against 5.8 s at "
+                  "width 24)" if large else "")),
         Choice("gan-d-width", 16,
                "a small discriminator: DP-SGD adds noise to every one of its parameters"),
     ]

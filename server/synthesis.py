@@ -24,11 +24,20 @@ def balanced_class_sizes(num_classes: int, total: int) -> np.ndarray:
     return sizes
 
 
+def round_largest_remainder(share: np.ndarray, total: int) -> np.ndarray:
+    """Integer counts summing to ``total`` from fractional ``share`` (n,) summing to it: floors, then one more
+    to the largest remainders (ties: the first)."""
+    counts = np.floor(share).astype(np.int64)
+    order = np.argsort(-(share - counts), kind="stable")
+    counts[order[:int(total - counts.sum())]] += 1
+    return counts
+
+
 def allocate_by_census(census: np.ndarray, total: int, sizes: np.ndarray | None = None) -> np.ndarray:
     """(S, K) images to draw from each of S sites' generators for each of K classes.
 
-    Each class gets its balanced share of ``total`` (or ``sizes[c]`` images when given), split among the sites in proportion to their noisy
-    counts of it (``census`` (S, K), the per-run class histograms the sites already released; negative
+    Each class gets its balanced share of ``total`` (or ``sizes[c]`` images when given), split among the
+    sites in proportion to their noisy counts of it (``census`` (S, K), the per-run class histograms the sites already released; negative
     noisy counts count as 0; a class that no site reports is split equally), rounded by largest remainder.
     Why: under label skew a site that holds few records of a class trains that class badly, and an
     average of the sites' generators mixes its bad version in; drawing each class from the sites that
@@ -39,12 +48,7 @@ def allocate_by_census(census: np.ndarray, total: int, sizes: np.ndarray | None 
     w = np.clip(np.asarray(census, dtype=np.float64), 0.0, None)  # (S, K)
     w[:, w.sum(axis=0) <= 0] = 1.0
     share = w / w.sum(axis=0) * sizes  # (S, K) fractional images
-    alloc = np.floor(share).astype(np.int64)
-    for c in range(k):
-        rest = int(sizes[c] - alloc[:, c].sum())
-        order = np.argsort(-(share[:, c] - alloc[:, c]), kind="stable")
-        alloc[order[:rest], c] += 1
-    return alloc
+    return np.stack([round_largest_remainder(share[:, c], int(sizes[c])) for c in range(k)], axis=1)
 
 
 def _draw(gen: Generator, labels: np.ndarray, rng: torch.Generator, device: torch.device, batch_size: int,
@@ -73,6 +77,24 @@ def sample_generator(gen: Generator, classes: tuple[str, ...], total: int, *, se
 
 
 @torch.no_grad()
+def _draw_sites(gen: Generator, site_states: list[dict[str, np.ndarray]], alloc: np.ndarray, *, seed: int,
+                device: torch.device, batch_size: int, progress: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each site with images to draw: (its labels (n,), sorted by class, and their images (n, C, H, W)),
+    ``alloc[s, c]`` images of class c from site s's generator, in site order."""
+    rng = torch.Generator(device="cpu").manual_seed(seed)
+    model = copy.deepcopy(gen).to(device).eval()
+    drawn = []
+    batches = sum(-(-int(row.sum()) // batch_size) for row in alloc)
+    with progress_bar(total=batches, desc="sampling synthetic set", unit="batch", enabled=progress) as bar:
+        for state, row in zip(site_states, alloc):
+            if row.sum() == 0:
+                continue
+            P.load_state(model, state)
+            site_labels = np.repeat(np.arange(len(row)), row).astype(np.int64)
+            drawn.append((site_labels, _draw(model, site_labels, rng, device, batch_size, bar)))
+    return drawn
+
+
 def sample_site_generators(gen: Generator, site_states: list[dict[str, np.ndarray]], census: np.ndarray,
                            classes: tuple[str, ...], total: int, *, seed: int, device: torch.device,
                            batch_size: int = 500, progress: bool = True) -> tuple[ImageDataset, np.ndarray]:
@@ -80,19 +102,9 @@ def sample_site_generators(gen: Generator, site_states: list[dict[str, np.ndarra
     S state dicts of ``gen``'s architecture) in proportion to the site's noisy count of c (``census``
     (S, K)); and the (S, K) allocation used (:func:`allocate_by_census`)."""
     alloc = allocate_by_census(census, total)
-    rng = torch.Generator(device="cpu").manual_seed(seed)
-    model = copy.deepcopy(gen).to(device).eval()
-    images, labels = [], []
-    batches = sum(-(-int(row.sum()) // batch_size) for row in alloc)
-    with progress_bar(total=batches, desc="sampling synthetic set", unit="batch", enabled=progress) as bar:
-        for state, row in zip(site_states, alloc):
-            if row.sum() == 0:
-                continue
-            P.load_state(model, state)
-            site_labels = np.repeat(np.arange(len(classes)), row).astype(np.int64)
-            images.append(_draw(model, site_labels, rng, device, batch_size, bar))
-            labels.append(site_labels)
-    return (ImageDataset(images=np.concatenate(images), labels=np.concatenate(labels), classes=tuple(classes),
+    drawn = _draw_sites(gen, site_states, alloc, seed=seed, device=device, batch_size=batch_size, progress=progress)
+    return (ImageDataset(images=np.concatenate([images for _, images in drawn]),
+                         labels=np.concatenate([labels for labels, _ in drawn]), classes=tuple(classes),
                          source="synthetic"), alloc)
 
 
@@ -103,28 +115,14 @@ def draw_by_census(gen: Generator, site_states: list[dict[str, np.ndarray]], cen
     images come from the sites in proportion to their noisy counts of it (:func:`allocate_by_census`)."""
     k = census.shape[1]
     alloc = allocate_by_census(census, len(labels), sizes=np.bincount(labels, minlength=k))
-    rng = torch.Generator(device="cpu").manual_seed(seed)
-    model = copy.deepcopy(gen).to(device).eval()
-    out = np.empty((len(labels), *gen_image_shape(gen)), dtype=np.float32)
-    slots = [list(np.flatnonzero(labels == c)) for c in range(k)]  # where class c's images go
-    batches = sum(-(-int(row.sum()) // batch_size) for row in alloc)
-    with torch.no_grad(), progress_bar(total=batches, desc="sampling synthetic set", unit="batch",
-                                       enabled=progress) as bar:
-        for state, row in zip(site_states, alloc):
-            if row.sum() == 0:
-                continue
-            P.load_state(model, state)
-            site_labels = np.repeat(np.arange(k), row).astype(np.int64)
-            images = _draw(model, site_labels, rng, device, batch_size, bar)
-            for c in range(k):
-                take, slots[c] = slots[c][:row[c]], slots[c][row[c]:]
-                out[take] = images[site_labels == c]
+    drawn = _draw_sites(gen, site_states, alloc, seed=seed, device=device, batch_size=batch_size, progress=progress)
+    out = np.empty((len(labels), *drawn[0][1].shape[1:]), dtype=np.float32)
+    slots = [np.flatnonzero(labels == c) for c in range(k)]  # where class c's images go, taken site by site
+    for site_labels, images in drawn:
+        for c in range(k):
+            n = int((site_labels == c).sum())
+            out[slots[c][:n]], slots[c] = images[site_labels == c], slots[c][n:]
     return out
-
-
-def gen_image_shape(gen: Generator) -> tuple[int, int, int]:
-    """(C, H, W) of the generator's images."""
-    return gen.shape.channels, gen.shape.image_size, gen.shape.image_size
 
 
 def _to_uint8_hwc(img: np.ndarray) -> np.ndarray:

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     from common.models import Generator
     from common.audits.attribute import attribute_leakage
     from server.attribute_replacement import sample_with_replaced_attribute
-    from server.synthesis import image_grid
+    from fedsynth.evaluate import save_nearest_pairs
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "defaults", help="where the gender run is")
@@ -197,13 +197,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"; feature train {row['feature']['train_mean']:.4f} vs test {row['feature']['test_mean']:.4f}",
                   flush=True)
     out["table2"] = table2
-    # nearest pairs (seed 000's picture): 8 synthetic faces of the joint run, nearest training, nearest test
-    q = sg.images[rng.choice(len(sg), size=8, replace=False)]
-    flat = lambda x: torch.from_numpy(x.reshape(len(x), -1))  # noqa: E731
-    nearest_train = torch.cdist(flat(q), flat(g_train.images)).argmin(dim=1).numpy()
-    nearest_test = torch.cdist(flat(q), flat(g_test.images)).argmin(dim=1).numpy()
-    image_grid(np.concatenate([q, g_train.images[nearest_train], g_test.images[nearest_test]]), cols=8,
-               pad=2).save(args.results / "nearest_pairs.png")
+    # nearest pairs (seed 000's picture, as every evaluation draws it): of 2,000 synthetic faces of the joint run,
+    # the 8 closest to a training face, above that face and the nearest test face
+    some = sg.subset(np.random.default_rng(1).choice(len(sg), size=min(2000, len(sg)), replace=False))
+    out["nearest_pairs"] = save_nearest_pairs(some, g_train, g_test, args.results / "nearest_pairs.png")
 
     # ---- seed 004: replacing race --------------------------------------------------------------------
     print("Seed 004: race replaced in the joint generator's synthetic set", flush=True)
