@@ -46,7 +46,8 @@ def handle_info(msg: Message, context: Context, site: SiteSettings) -> Message:
                        delta_bound=site.delta if site.delta > 0 else P.DEFAULT_DELTA_BOUND, modes=tuple(site.modes),
                        evaluation=site.evaluation and bool(site.heldout), audits=site.audits and bool(site.heldout),
                        queries_per_run=site.queries_per_run,
-                       device=pick_device(str(context.run_config.get("device", "auto"))).type).as_reply(msg)
+                       device=pick_device(str(context.run_config.get("device", "auto"))).type,
+                       sensitive_attribute=site.sensitive_attribute).as_reply(msg)
 
 
 app.query("info")(handle_info)

@@ -29,6 +29,7 @@ from client.requests import (
     finite_at_least,
     load_saved,
     require_mode,
+    require_replacement,
     run_dir,
     save_reply,
     site_data,
@@ -85,6 +86,7 @@ def handle_train_gan(msg: Message, context: Context, site: SiteSettings) -> Mess
 def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P.GanTrainReply:
     """One DP-GAN round at the site; the typed reply (sent as it is, or through secure aggregation)."""
     require_mode(site, "dpgan")
+    require_replacement(site, req.sensitive_attribute)
     shape = _check_request(req)
     data = site_data(site)
     check_schema(data, req.channels, req.image_size, req.image_size, req.num_classes)

@@ -62,6 +62,19 @@ def require_mode(site: SiteSettings, mode: str) -> None:
     if mode not in site.modes:
         raise Refusal(P.REFUSED_NOT_ALLOWED, f"this site allows only the modes {', '.join(site.modes) or 'none'}, "
                                              f"not '{mode}'")
+    if site.sensitive_attribute and mode != "dpgan":
+        raise Refusal(P.REFUSED_NOT_ALLOWED, f"this site declares {site.sensitive_attribute} sensitive: only the DP-GAN "
+                                             f"mode can draw it independently in the synthetic set, not '{mode}'")
+
+
+def require_replacement(site: SiteSettings, promised: str) -> None:
+    """Refuse a DP-GAN request whose coordinator does not say it replaces the attribute this site declared
+    sensitive (site.yaml ``sensitive_attribute``): before anything is loaded or charged. The replacement is
+    done at the coordinator (post-processing of the generators); this stops a coordinator that would not."""
+    if site.sensitive_attribute and promised != site.sensitive_attribute:
+        raise Refusal(P.REFUSED_NOT_ALLOWED, f"this site declares {site.sensitive_attribute} sensitive and the run "
+                                             f"does not replace it (it names '{promised}'); run with "
+                                             f"sensitive-attribute = {site.sensitive_attribute}")
 
 
 def require_plain_allowed(site: SiteSettings) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 from client.ledger import PrivacyLedger
 from common.accounting import default_delta
 from common.config import MODES, RunConfig
-from common.data import DataError, ImageDataset, load_dataset
+from common.data import DataError, ImageDataset, load_dataset, sensitive_attribute_problem
 from common.partition import parse_partition, partition_indices
 
 log = logging.getLogger("fedsynth.site")
@@ -40,6 +40,7 @@ class SiteSettings:
     split: str = "train"
     image_size: int = 0
     label_from: str = ""
+    sensitive_attribute: str = ""  # an attribute the synthetic set must draw independently (seed 004); published
     delta: float = 0.0  # 0 = min(1e-5, 1/(10 n)) when the ledger is created, then the ledger's
     modes: tuple[str, ...] = MODES  # synthesis modes this site's operator allows
     heldout: str = ""  # the site's own held-out records (for evaluation and audits); "" = none
@@ -54,6 +55,11 @@ class SiteSettings:
     partition: str = "iid"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        why = sensitive_attribute_problem(self.label_from, self.sensitive_attribute)
+        if why:
+            raise ValueError(f"site {self.name}: {why}")
+
     @property
     def ledger_id(self) -> str:
         return self.dataset_id or self.name
@@ -66,7 +72,8 @@ class SiteSettings:
         """The Flower node config a deployed SuperNode carries (flat TOML scalars)."""
         return {"site-name": self.name, "data-path": self.data, "state-dir": str(self.state_dir),
                 "epsilon": self.epsilon_budget, "dataset-id": self.dataset_id, "split": self.split,
-                "image-size": self.image_size, "label-from": self.label_from, "delta": self.delta,
+                "image-size": self.image_size, "label-from": self.label_from,
+                "sensitive-attribute": self.sensitive_attribute, "delta": self.delta,
                 "modes": ",".join(self.modes), "heldout-path": self.heldout, "heldout-split": self.heldout_split,
                 "evaluation": self.evaluation, "audits": self.audits, "queries-per-run": self.queries_per_run,
                 "require-secure-aggregation": self.require_secure_aggregation}
@@ -91,7 +98,7 @@ class SiteSettings:
         root = run.state_dir or str(Path(run.out_dir) / "sites")
         name = str(node_config.get("site-name") or f"site-{pid + 1}")
         base = {"name": name, "data": run.data, "image_size": run.image_size, "label_from": run.label_from,
-                "partition_id": pid, "num_partitions": int(node_config["num-partitions"]),
+                "sensitive_attribute": run.sensitive_attribute, "partition_id": pid, "num_partitions": int(node_config["num-partitions"]),
                 "partition": run.partition, "seed": run.seed, "state_dir": Path(root) / name,
                 "epsilon_budget": run.epsilon, "delta": run.delta, "heldout": run.test_data,
                 "evaluation": run.site_evaluation, "audits": run.site_audits}

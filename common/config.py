@@ -15,7 +15,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-from common.data import LABEL_FROM_CLASSES
+from common.data import LABEL_FROM_CLASSES, SENSITIVE_ATTRIBUTES, sensitive_attribute_problem
 from common.learner import LEARNERS, LearnerConfig, learner_factory
 from common.models import GanShape
 from common.protocol import AUDIT_MAX_IMAGES
@@ -43,6 +43,7 @@ class RunConfig:
     image_size: int = 0  # resize images to this side (0 = keep)
     label_from: str = ""  # "" | utkface-gender | utkface-race | utkface-age (labels from file names)
     partition: str = "iid"  # iid | dirichlet:ALPHA (simulation only)
+    sensitive_attribute: str = ""  # "" | gender | race | age: an attribute the synthetic set must not teach (seed 004): every image shows a value of it drawn independently of everything else. Simulation: every virtual site declares it; deployment: a site declares it in its site.yaml, and the run follows
     # --- privacy request (per site, for this run) ---------------------------------------------------
     epsilon: float = 10.0  # epsilon this run may spend at each site (inf = no DP, marked NOT private)
     delta: float = 0.0  # 0 = each site uses min(1e-5, 1/(10 n))
@@ -180,6 +181,16 @@ class RunConfig:
         need(self.image_size == 0 or self.image_size >= 8, f"image-size must be 0 or >= 8, got {self.image_size}")
         need(self.label_from in ("", *LABEL_FROM_CLASSES),
              f"label-from must be '' or one of {sorted(LABEL_FROM_CLASSES)}, got '{self.label_from}'")
+        if self.sensitive_attribute:  # seed 004's replacement (server/attribute_replacement.py)
+            need(self.sensitive_attribute in SENSITIVE_ATTRIBUTES,
+                 f"sensitive-attribute must be '' or one of {', '.join(SENSITIVE_ATTRIBUTES)}, "
+                 f"got '{self.sensitive_attribute}'")
+            # the coordinator of a deployment does not know the sites' labels (label-from ''): discovery checks them
+            need(not self.label_from or not sensitive_attribute_problem(self.label_from, self.sensitive_attribute),
+                 sensitive_attribute_problem(self.label_from, self.sensitive_attribute))
+            need(self.mode == "dpgan", "sensitive-attribute needs mode = dpgan: replacing an attribute draws each "
+                                       "image from a generator conditioned on another value of it, and the statistics "
+                                       "mode has no such generator")
         try:
             learner_factory(self.learner)
         except ValueError as err:

@@ -95,6 +95,9 @@ class InfoReply(Message):
     device: str = declared("public", "the kind of device the site computes on for this run ('cpu', 'cuda', "
                                      "'mps'), so that the report can say which device ran what; nothing about "
                                      "its records")
+    sensitive_attribute: str = declared("public", "the attribute the site's operator declared sensitive in site.yaml "
+                                                  "('' = none): the synthetic set must draw it independently of "
+                                                  "everything else (seed 004); a setting, not a fact about records")
 
 
 DEFAULT_DELTA_BOUND = 1e-5  # the default delta min(1e-5, 1/(10 n)) is at most this
@@ -130,6 +133,9 @@ class GanTrainRequest(Message):
     latent_dim: int
     width: int
     generator: Arrays = arrays()  # the global generator's state_dict, float32
+    # the attribute the coordinator will draw independently in every synthetic image (seed 004); a site that
+    # declared one refuses a request that does not name it (a coordinator that would not replace it)
+    sensitive_attribute: str = ""
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ from common.learner import (
 from server.report_html import render_report
 from server.report_plots import save_class_grid
 from server.synthesis import image_grid
+from fedsynth.replace_attribute import parse_strengths, replacement_curve
 
 # Keys of a run's report.json that describe the run (not this evaluation) and are carried over.
 _PROVENANCE_KEYS = ("mode", "private", "epsilon_target", "delta", "sites", "sweep", "attribute_replacement")
@@ -112,6 +113,7 @@ def evaluate_synthetic(
     run_report: dict | None = None,
     real_result: dict | None = None,
     seed: int = 0,
+    attribute_curve: list[dict] | None = None,
 ) -> dict:
     """Train the central learner on ``synthetic``, test it on real ``test``, audit, and write the report.
 
@@ -131,6 +133,8 @@ def evaluate_synthetic(
             and tested on this ``test`` (e.g. ``report["real_baseline"]`` of an earlier evaluation):
             skips retraining the real baseline, which dominates the cost on big data (sweeps).
         seed: seed of the subsampling and bootstraps of the audits.
+        attribute_curve: seed 004's privacy-utility points over the replacement's strength
+            (:func:`fedsynth.replace_attribute.replacement_curve`), shown with the attributes.
 
     Returns:
         The report dict that was written to ``out_dir/report.json``.
@@ -217,6 +221,8 @@ def evaluate_synthetic(
         report["audits"] = audit_out
     if attributes is not None:
         report["attributes"] = attributes
+    if attribute_curve:
+        report["attribute_curve"] = attribute_curve
     report = _jsonable(report)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False), encoding="utf-8")
     render_report(report, out_dir)
@@ -281,6 +287,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resize", action="store_true",
                         help="resize the real data to the synthetic images' size when they differ (else refused)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--replacement-curve", default="", metavar="STRENGTHS",
+                        help="with --synthetic a DP-GAN run labelled with two attributes: seed 004's privacy-utility "
+                             "curve, its set drawn again with the second attribute replaced for each share of the "
+                             "records given (e.g. 0,0.5,1; post-processing, no privacy cost)")
 
 
 def resolve_synthetic(arg: Path) -> tuple[ImageDataset, dict | None]:
@@ -359,13 +369,19 @@ def main(args: argparse.Namespace) -> int:
         real_result = (load_real_baseline(args.real_baseline_from, test=test, train=train, learner=learner)
                        if args.real_baseline_from else None)
         device = pick_device(args.device)
+        strengths = parse_strengths(args.replacement_curve) if args.replacement_curve else []
+        if strengths and not (is_joint(synthetic) and tuple(test.classes) == tuple(synthetic.classes)):
+            raise DataError("--replacement-curve needs a set labelled with two attributes and real data labelled the "
+                            "same way: pass --label-from utkface-A+B (the run's label-from)")
+        curve = replacement_curve(Path(args.synthetic), strengths, test, learner, size=len(synthetic), device=device,
+                                  progress=not args.quiet) if strengths else None
     except (DataError, ValueError) as exc:
         print(f"fedsynth evaluate: {exc}", file=sys.stderr)
         return 2
     report = evaluate_synthetic(synthetic, test, train=train, out_dir=Path(args.out), learner=learner,
                                 audits=not args.no_audits, max_audit_records=args.max_audit_records,
                                 device=device, progress=not args.quiet, run_report=run_report, seed=args.seed,
-                                real_result=real_result)
+                                real_result=real_result, attribute_curve=curve)
     print(format_summary(report))
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0

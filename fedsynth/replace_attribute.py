@@ -24,9 +24,12 @@ from pathlib import Path
 
 import torch
 
+from common.audits.attribute import attribute_view
 from common.config import ConfigError, RunConfig
-from common.data import LABEL_FROM_CLASSES, DataError
+from common.data import LABEL_FROM_CLASSES, DataError, ImageDataset
 from common.device import pick_device
+from common.learner import LearnerConfig
+from common.progress import progress as progress_bar
 from common.models import Generator
 from server.attribute_replacement import sample_with_replaced_attribute
 from server.synthesis import save_synthetic
@@ -68,31 +71,71 @@ def _run_inputs(run: Path) -> tuple[dict, RunConfig, tuple[str, ...], dict]:
     return report, cfg, classes, sites
 
 
-def main(args: argparse.Namespace) -> int:
-    if not 0.0 <= args.strength <= 1.0:
-        raise ConfigError(f"--strength is the share of records replaced, in [0, 1]; got {args.strength}")
-    report, cfg, classes, sites = _run_inputs(Path(args.run))
+def replaced_set(run: Path, strength: float, *, size: int = 0, seed: int | None = None,
+                 device: torch.device | None = None, progress: bool = False) -> tuple[ImageDataset, dict, dict]:
+    """The synthetic set of the DP-GAN run in ``run`` drawn again with its second attribute replaced for a
+    ``strength`` share of the records (``size`` records, default the run's; ``seed`` default the run's): the
+    set, what was done (for the report) and the run's report."""
+    if not 0.0 <= strength <= 1.0:
+        raise ConfigError(f"the replacement strength is the share of records replaced, in [0, 1]; got {strength}")
+    report, cfg, classes, sites = _run_inputs(Path(run))
     second = cfg.label_from.split("+", 1)[1]
     values = len(LABEL_FROM_CLASSES[f"utkface-{second}"])
     # the image channels are the output channels of the generator's last convolution (the report has no
     # channel count); the side is the run's image-size
     channels = int(next(w for w in reversed(sites["generators"][0].values()) if w.ndim == 4).shape[0])
-    size = cfg.image_size
-    if not size:
-        raise ConfigError(f"{args.run}: the run's image-size is not recorded; replace-attribute needs a run with "
+    if not cfg.image_size:
+        raise ConfigError(f"{run}: the run's image-size is not recorded; replace-attribute needs a run with "
                           "image-size set (every UTKFace run sets it)")
-    device = pick_device() if args.device == "auto" else torch.device(args.device)
-    gen = Generator(cfg.gan_shape(channels, size, len(classes)))
+    gen = Generator(cfg.gan_shape(channels, cfg.image_size, len(classes)))
     synth, info = sample_with_replaced_attribute(
-        gen, sites["generators"], sites["census"], classes, args.size or cfg.synthetic_size, values=values,
-        strength=args.strength, seed=cfg.seed if args.seed is None else args.seed, device=device,
-        progress=not args.quiet)
+        gen, sites["generators"], sites["census"], classes, size or cfg.synthetic_size, values=values,
+        strength=strength, seed=cfg.seed if seed is None else seed, device=device or pick_device(),
+        progress=progress)
+    done = {"run": str(Path(run).resolve()), "sensitive": second, **asdict(info),
+            "privacy_cost": "none: post-processing of the run's DP releases"}
+    return synth, done, report
+
+
+def main(args: argparse.Namespace) -> int:
+    device = pick_device() if args.device == "auto" else torch.device(args.device)
+    synth, done, report = replaced_set(Path(args.run), args.strength, size=args.size, seed=args.seed, device=device,
+                                       progress=not args.quiet)
     out = Path(args.out)
     new = {k: report[k] for k in _CARRIED if k in report}
     new["synthetic"] = save_synthetic(synth, out)
-    new["attribute_replacement"] = {"run": str(Path(args.run).resolve()), "sensitive": second, **asdict(info),
-                                    "privacy_cost": "none: post-processing of the run's DP releases"}
+    new["attribute_replacement"] = done
     (out / "report.json").write_text(json.dumps(new, indent=2), encoding="utf-8")
-    print(f"{len(synth)} synthetic records in {out}: {second} replaced for {info.replaced} of them "
-          f"(strength {args.strength:g}; drawn from {info.marginal}); the run's privacy statement carries over")
+    print(f"{len(synth)} synthetic records in {out}: {done['sensitive']} replaced for {done['replaced']} of them "
+          f"(strength {args.strength:g}; drawn from {done['marginal']}); the run's privacy statement carries over")
     return 0
+
+
+def parse_strengths(text: str) -> list[float]:
+    """"0,0.5,1" -> [0.0, 0.5, 1.0]; a clear error for anything else."""
+    try:
+        strengths = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--replacement-curve takes strengths in [0, 1] separated by commas (e.g. 0,0.5,1), got "
+                          f"{text!r}") from None
+    if not strengths or any(not 0.0 <= s <= 1.0 for s in strengths):
+        raise ConfigError(f"--replacement-curve takes strengths in [0, 1] separated by commas (e.g. 0,0.5,1), got "
+                          f"{text!r}")
+    return sorted(set(strengths))
+
+
+def replacement_curve(run: Path, strengths: list[float], test: ImageDataset, learner: LearnerConfig, *, size: int,
+                      device: torch.device, progress: bool = False) -> list[dict]:
+    """Seed 004's privacy-utility curve over the replacement's strength: for each strength, the run's set drawn
+    again (``size`` records, :func:`replaced_set`), its utility (the learner on the first attribute, tested on
+    the real ``test``) and its privacy loss (the adversary on the second, :mod:`common.audits.attribute`)."""
+    points = []
+    for strength in progress_bar(strengths, desc="replacement curve", unit="strength", enabled=progress):
+        synth, done, _ = replaced_set(run, strength, size=size, device=device)
+        view = attribute_view(synth, test, None, learner, device)
+        task, sens = view["task"], view["sensitive"]
+        points.append({"strength": strength, "replaced": done["replaced"], "agreement": done["agreement"],
+                       "task_accuracy": task["accuracy"], "task_mcc": task["mcc"],
+                       **{k: sens[k] for k in ("adversary_accuracy", "majority_rate", "balanced_accuracy", "chance",
+                                               "classifier_accuracy", "blind_rate", "used_classifier")}})
+    return points

@@ -8,6 +8,7 @@ The coordinator never reads a site's data; everything it knows of a site is in `
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -18,6 +19,7 @@ from common import protocol as P
 from common.config import RunConfig
 from common.device import pick_device
 from common.learner import check_learner
+from server.attribute_replacement import run_sensitive_attribute
 from server.defaults import resolve as resolve_defaults
 from server.federated_eval import federated_evaluate
 from server.learn import learn_and_test, load_test_data
@@ -42,6 +44,12 @@ def run_coordinator(grid: Grid, context: Context) -> dict:
     with run.timed("discover"):
         sites, schema = discover_sites(grid, cfg)
     cfg, chosen = resolve_defaults(cfg, schema, len(sites))  # settings left at 0: the product's rules
+    # an attribute the sites declared sensitive (or the run names) is drawn independently in the synthetic set
+    cfg = dataclasses.replace(cfg, sensitive_attribute=run_sensitive_attribute(cfg, sites, schema.classes))
+    if cfg.sensitive_attribute:
+        log.info("run %s replaces %s in every synthetic image (declared by: %s)", run.experiment,
+                 cfg.sensitive_attribute, ", ".join(s.name for s in sites.values() if s.sensitive_attribute) or
+                 "the run's settings")
     if cfg.secure_aggregation and not 3 <= len(sites) <= P.SECAGG_MAX_SITES:
         raise RunFailed(f"secure aggregation needs 3 to {P.SECAGG_MAX_SITES} sites (SecAgg+ shares each site's masks "
                         f"among the others), {len(sites)} are connected; connect more sites or set "

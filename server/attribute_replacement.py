@@ -13,6 +13,12 @@ loss, :mod:`common.audits.attribute`), while the task attribute is untouched (se
 ``strength`` in [0, 1] is the share of records whose attribute is replaced: 0 is the usual synthetic set,
 1 the full replacement; values between trace seed 004's privacy-utility curve.
 
+Who asks for it: a site's operator declares the attribute sensitive in site.yaml (``sensitive_attribute``,
+published in ``query.info``), or the run sets ``sensitive-attribute`` (a simulation: every virtual site
+declares it). :func:`run_sensitive_attribute` settles the run's attribute at discovery (or refuses the run
+before anything is spent); the DP-GAN requests then name it, a declaring site refuses a request that does
+not, and the run's synthetic set is drawn with it replaced for every record (strength 1).
+
 Why no filter: a generative model has no source image to filter -- a synthetic face is drawn from
 (latent, labels) only, so conditioning on s' instead of s already removes s from the image.
 """
@@ -24,8 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.data import ImageDataset
+from common.config import RunConfig
+from common.data import DataError, ImageDataset, joint_attribute_values
 from common.models import Generator
+from server.sites import RunFailed, SiteRecord
 from server.synthesis import balanced_class_sizes, draw_by_census, round_largest_remainder
 
 
@@ -38,6 +46,32 @@ class Replacement:
     marginal: list[float]  # (values,) the distribution s' was drawn from (pooled noisy census)
     replaced: int  # records whose image shows s' (s' == s happens by chance)
     agreement: float  # share of records whose image shows their own s (s' == s by chance counts)
+
+
+def run_sensitive_attribute(cfg: RunConfig, sites: dict[int, SiteRecord], classes: tuple[str, ...]) -> str:
+    """The attribute this run replaces ("" = none): the run's setting or the one the sites declared. Refuses
+    (RunFailed) a run that cannot honour a declaration: sites that disagree, a run that names another
+    attribute, the statistics mode, or classes that are not joint labels with the attribute second."""
+    declared = {s.name: s.sensitive_attribute for s in sites.values() if s.sensitive_attribute}
+    wanted = set(declared.values()) | ({cfg.sensitive_attribute} if cfg.sensitive_attribute else set())
+    if len(wanted) > 1:
+        said = "; ".join(f"{name}: {attr}" for name, attr in sorted(declared.items()))
+        raise RunFailed(f"one synthetic set can replace one sensitive attribute, and this run is asked for "
+                        f"{sorted(wanted)} (sites: {said or 'none'}; run setting sensitive-attribute = "
+                        f"'{cfg.sensitive_attribute}'): the sites' operators must agree on one")
+    if not wanted:
+        return ""
+    attribute = wanted.pop()
+    who = f"site(s) {', '.join(sorted(declared))} declare" if declared else "the run sets"
+    if cfg.mode != "dpgan":
+        raise RunFailed(f"{who} {attribute} sensitive; only the DP-GAN mode can draw it independently in the "
+                        f"synthetic set: run with mode = dpgan")
+    try:
+        joint_attribute_values(classes, "the sites' data")
+    except DataError as err:
+        raise RunFailed(f"{who} {attribute} sensitive, but {err}: every site must label its faces with "
+                        f"label_from = utkface-<task>+{attribute}") from None
+    return attribute
 
 
 def _pooled(census: np.ndarray, values: int) -> np.ndarray:

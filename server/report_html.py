@@ -168,6 +168,14 @@ def _synthetic_section(synthetic: dict, out_dir: Path) -> str:
     made = synthetic.get("made") or {}
     if made:
         facts.append(("made from", f"{made.get('from', '')}: {made.get('why', '')}"))
+    replaced = made.get("attribute_replacement") or {}
+    if replaced:  # seed 004: the sensitive attribute drawn independently of everything else
+        facts.append((f"{replaced.get('sensitive')} replaced (seed 004)",
+                      f"every image shows a {replaced.get('sensitive')} drawn from {replaced.get('marginal')} "
+                      f"independently of its labels and latents ({replaced.get('replaced')} records, "
+                      f"{_fmt(replaced.get('agreement'))} show their claimed value by chance); declared by "
+                      f"{', '.join(replaced.get('declared_by') or []) or 'the run settings'}; privacy cost: "
+                      f"{replaced.get('privacy_cost')}"))
     if facts:
         out.append(_table(("item", "value"), facts, table_id="synthetic"))
     per_site = made.get("images-per-site-and-class") or {}
@@ -241,7 +249,8 @@ def render_report(report: dict, out_dir: Path) -> Path:
     if report.get("site_audits"):
         parts.append(site_audits_section(report["site_audits"]))
     if isinstance(report.get("attributes"), dict):
-        parts.append(attributes_section(report["attributes"], report.get("attribute_replacement")))
+        parts.append(attributes_section(report["attributes"], report.get("attribute_replacement"),
+                                        report.get("attribute_curve")))
     if report.get("sweep"):
         parts.append(_sweep_section(report["sweep"]))
     if report.get("settings_chosen"):

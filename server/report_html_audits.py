@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from server.html_parts import Raw as _Raw, esc as _esc, fmt as _fmt, img as _img, table as _table
-from server.report_plots import histogram_plot
+from server.report_plots import attribute_curve_plot, histogram_plot
 
 
 def site_audits_section(audits: dict) -> str:
@@ -123,19 +123,22 @@ def audits_section(audits: dict, out_dir: Path) -> str:
     return "\n".join(out)
 
 
-def attributes_section(attributes: dict, replacement: dict | None) -> str:
+def attributes_section(attributes: dict, replacement: dict | None, curve: list[dict] | None = None) -> str:
     """Seed 004: utility of the first attribute, privacy loss of the second (an adversary trained on the set)."""
     task, sens = attributes.get("task") or {}, attributes.get("sensitive") or {}
     out = ["<h2>Attributes (seed 004)</h2>",
            '<p class="muted">The synthetic set is labelled with two attributes. Utility: the learner trained on the '
            "first one, tested on real images. Privacy loss of the second: an adversary (the same learner) trained on "
-           "the set to predict it, tested on real images; answering the real set's most frequent value every time "
-           "scores the majority rate, which is what no leak looks like.</p>"]
+           "the set to predict it, tested on real images. The adversary keeps its classifier only if it beats "
+           "answering the set's most frequent value on synthetic records it held out; otherwise it answers that "
+           "value every time and scores the real majority rate, which is what no leak looks like. Balanced accuracy "
+           "(the mean over the attribute's values) is at chance, 1/K, for any answers blind to the image.</p>"]
     if replacement:
         out.append(f'<p>The second attribute ({_esc(replacement.get("sensitive"))}) was replaced for '
                    f'{_fmt(replacement.get("replaced"))} records (strength {_fmt(replacement.get("strength"))}), drawn '
                    f'from {_esc(replacement.get("marginal"))} independently of everything else; privacy cost: '
                    f'{_esc(replacement.get("privacy_cost"))}.</p>')
+    val = sens.get("validation") or {}
     out.append(_table(("measure", "value"), [
         (f"utility: accuracy on {', '.join(task.get('classes', []))}", task.get("accuracy")),
         ("utility: MCC", task.get("mcc")),
@@ -143,5 +146,22 @@ def attributes_section(attributes: dict, replacement: dict | None) -> str:
         (f"privacy loss: adversary accuracy on {', '.join(sens.get('classes', []))}", sens.get("adversary_accuracy")),
         ("majority rate (no leak)", sens.get("majority_rate")),
         ("adversary advantage over the majority rate", sens.get("advantage")),
+        ("adversary's classifier kept (it beat the constant answer on held-out synthetic records)",
+         "yes" if sens.get("used_classifier", True) else
+         f"no ({_fmt(val.get('classifier'))} vs {_fmt(val.get('constant'))} + {_fmt(val.get('margin'))})"),
+        ("classifier's balanced accuracy on real images", sens.get("balanced_accuracy")),
+        ("chance (no leak, balanced)", sens.get("chance")),
+        ("classifier's accuracy / what its answers would score blind to the image",
+         f"{_fmt(sens.get('classifier_accuracy'))} / {_fmt(sens.get('blind_rate'))}"),
     ], table_id="attributes"))
+    if curve:
+        out.append("<h3>Privacy vs utility over the replacement's strength</h3>"
+                   '<p class="muted">The run\'s set drawn again with the sensitive attribute replaced for each share of '
+                   "the records (post-processing of the run's DP releases: no privacy cost).</p>")
+        out.append(_img(attribute_curve_plot(curve), "privacy-utility curve over the replacement strength"))
+        out.append(_table(("strength", "records replaced", "task accuracy", "task MCC", "adversary accuracy",
+                           "majority rate", "balanced accuracy", "chance"),
+                          [(p.get("strength"), p.get("replaced"), p.get("task_accuracy"), p.get("task_mcc"),
+                            p.get("adversary_accuracy"), p.get("majority_rate"), p.get("balanced_accuracy"),
+                            p.get("chance")) for p in curve], table_id="attribute-curve"))
     return "\n".join(out)

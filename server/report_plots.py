@@ -95,3 +95,21 @@ def save_class_grid(images: np.ndarray, labels: np.ndarray, classes: Sequence[st
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(fig_png(fig))
     return path
+
+
+def attribute_curve_plot(curve: Sequence[dict]) -> bytes:
+    """Seed 004's privacy-utility curve: per replacement strength, the adversary's accuracy on the sensitive
+    attribute (privacy loss, x) against the task accuracy (utility, y), with the no-leak level."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    xs, ys = [p["adversary_accuracy"] for p in curve], [p["task_accuracy"] for p in curve]
+    ax.plot(xs, ys, "o-", color="tab:blue", label="adversary (kept classifier or constant answer)")
+    ax.plot([p["balanced_accuracy"] for p in curve], ys, "s--", color="tab:orange", alpha=0.7,
+            label="classifier's balanced accuracy")
+    for p, x, y in zip(curve, xs, ys):
+        ax.annotate(f"strength {p['strength']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axvline(curve[0]["majority_rate"], color="tab:blue", ls=":", label="no leak: majority rate")
+    ax.axvline(curve[0]["chance"], color="tab:orange", ls=":", label="no leak (balanced): 1/K")
+    ax.set_xlabel("privacy loss: accuracy on the sensitive attribute (real images)")
+    ax.set_ylabel("utility: task accuracy (real images)")
+    ax.legend(fontsize=7, loc="best")
+    return fig_png(fig)

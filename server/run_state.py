@@ -58,9 +58,12 @@ def open_run(cfg: RunConfig) -> RunState:
     digest, defining = settings_hash(cfg)
     previous = json.loads(path.read_text()) if path.exists() else None
     if previous is not None and cfg.resume:
-        if previous["settings_hash"] != digest:
-            before = previous.get("settings", {})
-            changed = sorted(k for k in set(before) | set(defining) if before.get(k) != defining.get(k))
+        before = previous.get("settings", {})
+        # a setting that a newer fedsynth added reads as its default in a run recorded before it existed
+        defaults = RunConfig().to_flwr()
+        changed = sorted(k for k in set(before) | set(defining)
+                         if before.get(k, defaults.get(k)) != defining.get(k, defaults.get(k)))
+        if previous["settings_hash"] != digest and changed:
             raise RunFailed(
                 f"{out_dir} holds run {previous['experiment']} with other settings (changed: {', '.join(changed)}). "
                 "Rerun with the same settings to resume it, give a new out-dir (--out) for a new run, or set "

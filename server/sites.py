@@ -29,6 +29,7 @@ class SiteRecord:
     evaluation: bool = False  # the site allows DP evaluation queries
     audits: bool = False  # the site allows DP audit queries
     device: str = ""  # the kind of device the site computes on (cpu, cuda), as it published it
+    sensitive_attribute: str = ""  # the attribute the site declared sensitive ("" = none), as it published it
     weight: float = 0.0  # the site's noisy record total (its census), as it sent it
     bytes_sent: int = 0
     released: list[str] = field(default_factory=list)  # what the site released in this run, in order
@@ -74,7 +75,8 @@ def discover_sites(grid: Grid, cfg: RunConfig) -> tuple[dict[int, SiteRecord], S
     for node, info in got.replies.items():
         schemas[node] = Schema(info.channels, info.height, info.width, tuple(info.classes))
         sites[node] = SiteRecord(node, info.site_name, delta_bound=info.delta_bound, evaluation=info.evaluation,
-                                 audits=info.audits, device=info.device)
+                                 audits=info.audits, device=info.device,
+                                 sensitive_attribute=info.sensitive_attribute)
     for node, why in got.failures.items():
         sites[node] = SiteRecord(node, f"node-{node}", rounds_failed={"info": why})
     distinct = set(schemas.values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,3 +95,57 @@ def test_joint_labels_split_into_the_two_attributes():
     assert second.classes == ("a", "b") and second.labels.tolist() == [0, 1, 0, 1]
     with pytest.raises(DataError, match="not joint labels"):
         split_joint_labels(ImageDataset(ds.images, ds.labels, ("w", "x", "y", "z")))
+
+
+def test_the_run_replaces_what_the_sites_declared_or_refuses_before_anything_is_spent():
+    from common.config import ConfigError, RunConfig
+    from server.attribute_replacement import run_sensitive_attribute
+    from server.sites import RunFailed, SiteRecord
+
+    joint = ("male_white", "male_black", "female_white", "female_black")
+    sites = {1: SiteRecord(1, "a", sensitive_attribute="race"), 2: SiteRecord(2, "b")}
+    assert run_sensitive_attribute(RunConfig(), sites, joint) == "race"  # one site's declaration binds the run
+    assert run_sensitive_attribute(RunConfig(), {2: SiteRecord(2, "b")}, joint) == ""
+    assert run_sensitive_attribute(RunConfig(sensitive_attribute="race"), {2: SiteRecord(2, "b")}, joint) == "race"
+    with pytest.raises(RunFailed, match="sites' operators must agree"):
+        run_sensitive_attribute(RunConfig(), {**sites, 2: SiteRecord(2, "b", sensitive_attribute="gender")}, joint)
+    with pytest.raises(RunFailed, match="must agree"):  # the run cannot swap the declared attribute for another
+        run_sensitive_attribute(RunConfig(sensitive_attribute="gender"), sites, joint)
+    with pytest.raises(RunFailed, match="mode = dpgan"):
+        run_sensitive_attribute(RunConfig(mode="bnstats"), sites, joint)
+    with pytest.raises(RunFailed, match="label_from = utkface-<task>\\+race"):
+        run_sensitive_attribute(RunConfig(), sites, ("male", "female"))
+    # the run settings are checked in one place too
+    with pytest.raises(ConfigError, match="label-from = utkface-gender\\+race"):
+        RunConfig.from_mapping({"sensitive-attribute": "race", "label-from": "utkface-gender"})
+    with pytest.raises(ConfigError, match="mode = dpgan"):
+        RunConfig.from_mapping({"sensitive-attribute": "race", "label-from": "utkface-age+race", "mode": "bnstats"})
+    with pytest.raises(ConfigError, match="one of gender, race, age"):
+        RunConfig.from_mapping({"sensitive-attribute": "religion"})
+    assert RunConfig.from_mapping({"sensitive-attribute": "age", "label-from": "utkface-gender+age"})
+
+
+def test_a_site_declares_its_sensitive_attribute_in_site_yaml(tmp_path):
+    import yaml
+
+    from client.site import SiteSettings
+    from fedsynth.ops.fields import DeployError
+    from fedsynth.ops.site_cmd import load_site_config
+
+    def site_yaml(**extra) -> Path:
+        path = tmp_path / "site.yaml"
+        path.write_text(yaml.safe_dump({"name": "s1", "data": "digits", "epsilon": 5.0, "state_dir": "state",
+                                        "coordinator": "127.0.0.1:9092", **extra}))
+        return path
+
+    site = load_site_config(site_yaml(label_from="utkface-gender+race", sensitive_attribute="race")).settings
+    assert site.sensitive_attribute == "race" and site.modes == ("dpgan",)  # the only mode that can replace it
+    # the SuperNode's node config carries the declaration to the site's handlers
+    assert SiteSettings.from_node_config(site.to_node_config(), {}).sensitive_attribute == "race"
+    with pytest.raises(DeployError, match="label-from = utkface-gender\\+race"):
+        load_site_config(site_yaml(label_from="utkface-gender", sensitive_attribute="race"))
+    with pytest.raises(DeployError, match="allows only modes: \\[dpgan\\]"):
+        load_site_config(site_yaml(label_from="utkface-age+race", sensitive_attribute="race",
+                                   modes=["dpgan", "bnstats"]))
+    with pytest.raises(DeployError, match="must be one of"):
+        load_site_config(site_yaml(label_from="utkface-gender+race", sensitive_attribute="religion"))

@@ -268,12 +268,23 @@ def test_the_attribute_adversary_sees_a_leak_and_only_chance_without_one(leaked)
     from common.learner import LearnerConfig
 
     rng = np.random.default_rng(0)
-    synthetic = _faces(800, rng.integers(0, 2, size=800), carries=leaked, seed=1)
+    # the synthetic records claim the attribute as often as the real ones hold it (~70% "yes")
+    synthetic = _faces(800, (rng.uniform(size=800) < 0.7).astype(np.int64), carries=leaked, seed=1)
     real_attr = (rng.uniform(size=600) < 0.7).astype(np.int64)  # imbalanced: the majority rate is ~0.7
     real = _faces(600, real_attr, carries=True, seed=2)
     result = attribute_leakage(synthetic, real, learner=LearnerConfig(name="logreg", epochs=5, lr=0.05))
-    assert result.majority_rate == pytest.approx(real_attr.mean() if real_attr.mean() > 0.5 else 1 - real_attr.mean())
+    assert result.majority_rate == pytest.approx(max(real_attr.mean(), 1 - real_attr.mean()))
+    assert result.chance == 0.5 and result.validation["records"] == 160
+    assert result.balanced_accuracy == pytest.approx(np.mean(result.per_value_accuracy))
     if leaked:
-        assert result.adversary_accuracy > 0.97 and result.advantage > 0.25
-    else:  # nothing to learn: no better than always answering the majority value
-        assert result.advantage < 0.05 and 0.35 < result.adversary_accuracy < 0.75
+        assert result.used_classifier and result.adversary_accuracy > 0.97 and result.advantage > 0.25
+        assert result.balanced_accuracy > 0.95 and result.blind_rate < 0.65
+    else:  # nothing to learn: the classifier does not beat the constant answer on held-out synthetic records,
+        # so the adversary answers "yes" every time and scores exactly the majority rate
+        assert not result.used_classifier
+        assert result.validation["classifier"] <= result.validation["constant"] + result.validation["margin"]
+        assert result.adversary_accuracy == pytest.approx(result.majority_rate) and result.advantage == pytest.approx(0)
+        # the raw classifier's answers are independent of the truth: balanced accuracy at chance, plain accuracy
+        # at what answers of the same frequencies would score blind
+        assert abs(result.balanced_accuracy - 0.5) < 0.08
+        assert abs(result.classifier_accuracy - result.blind_rate) < 0.06

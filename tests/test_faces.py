@@ -53,12 +53,23 @@ def test_the_statistics_mode_runs_on_real_colour_faces(faces: str, tmp_path: Pat
 
 def test_faces_with_race_replaced_are_measured_the_way_seed_004_does(faces: str, tmp_path: Path, capsys) -> None:
     run, replaced, evaluated = tmp_path / "run", tmp_path / "replaced", tmp_path / "eval"
+    # every virtual site declares race sensitive: the run's own set has race replaced
     assert cli.main(["simulate", "--data", faces, "--test", faces, "--mode", "dpgan", "--out", str(run), *TINY,
                      "--set", "label-from=utkface-gender+race", "--set", "image-size=16",
-                     "--set", "synthetic-size=100"]) == 0
+                     "--set", "synthetic-size=100", "--set", "sensitive-attribute=race"]) == 0
     report = json.loads((run / "report.json").read_text())
     colour = load_dataset(run / "synthetic.npz", "train", whole=True)
     assert colour.image_shape == (3, 16, 16) and np.ptp(colour.images.mean(axis=(2, 3)), axis=1).max() > 0
+    made = report["synthetic"]["made"]["attribute_replacement"]
+    assert made["sensitive"] == "race" and made["strength"] == 1.0 and made["replaced"] == 100
+    assert made["declared_by"] == ["site-1", "site-2", "site-3"]
+    assert [s["sensitive_attribute"] for s in report["sites"]] == ["race"] * 3  # what each site published
+    assert "race replaced (seed 004)" in (run / "report.html").read_text()
+    # the same set as replace-attribute at strength 1 draws from the run's saved generators (same seed)
+    assert cli.main(["replace-attribute", str(run), "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    again = load_dataset(tmp_path / "again" / "synthetic.npz", "train", whole=True)
+    np.testing.assert_array_equal(again.labels, colour.labels)
+    np.testing.assert_allclose(again.images, colour.images, atol=1 / 255)  # both went through 8-bit PNGs
     assert cli.main(["replace-attribute", str(run), "--out", str(replaced), "--size", "200", "--quiet"]) == 0
     assert "race replaced for 200" in capsys.readouterr().out
     new = json.loads((replaced / "report.json").read_text())
@@ -75,6 +86,20 @@ def test_faces_with_race_replaced_are_measured_the_way_seed_004_does(faces: str,
         sens["adversary_accuracy"] - sens["majority_rate"])
     assert ev["attribute_replacement"]["strength"] == 1.0
     assert "Attributes (seed 004)" in (evaluated / "report.html").read_text()
+    # seed 004's privacy-utility curve over the strength, from the run's own generators, in its HTML report
+    curved = tmp_path / "curve"
+    common = ["--test", faces, "--label-from", "utkface-gender+race", "--resize", "--learner-epochs", "1",
+              "--no-audits", "--quiet"]
+    assert cli.main(["evaluate", "--synthetic", str(run), *common, "--out", str(curved),
+                     "--replacement-curve", "1,0"]) == 0
+    curve = json.loads((curved / "report.json").read_text())["attribute_curve"]
+    assert [p["strength"] for p in curve] == [0.0, 1.0] and [p["replaced"] for p in curve] == [0, 100]
+    assert all(0 <= p["adversary_accuracy"] <= 1 and p["chance"] == 0.2 for p in curve)
+    assert "over the replacement" in (curved / "report.html").read_text()
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--synthetic", str(run), *common, "--out", str(curved),
+                     "--replacement-curve", "0,2"]) == 2
+    assert "strengths in [0, 1]" in capsys.readouterr().err
 
 
 def test_replacing_needs_a_generator_that_learned_the_second_attribute(faces: str, tmp_path: Path,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -229,3 +230,22 @@ def test_rerun_with_other_settings_into_the_same_out_dir_is_refused(tmp_path):
     report = run(fast_config(tmp_path, num_rounds=1, epsilon=5.0, resume=False, state_dir=str(tmp_path / "new")), k=2)
     assert report["epsilon_target"] == 5.0
     assert len(ledger_paths(tmp_path)) == 2
+
+
+def test_a_run_recorded_before_a_setting_existed_resumes_with_that_setting_at_its_default(tmp_path):
+    import hashlib
+
+    cfg = fast_config(tmp_path, num_rounds=1)
+    first = run(cfg, k=2)
+    charged = charges(tmp_path)
+    path = Path(cfg.out_dir) / "run.json"
+    recorded = json.loads(path.read_text())
+    del recorded["settings"]["sensitive-attribute"]  # as an older fedsynth wrote it
+    recorded["settings_hash"] = hashlib.sha256(json.dumps(recorded["settings"], sort_keys=True).encode()).hexdigest()[:16]
+    path.write_text(json.dumps(recorded))
+    again = run(cfg, k=2)  # resumes the same run: no new experiment, nothing charged twice
+    assert again["experiment"] == first["experiment"] and charges(tmp_path) == charged
+    with pytest.raises(RunFailed, match=r"changed: sensitive-attribute"):  # but a real change still counts
+        recorded["settings"]["sensitive-attribute"] = "race"
+        path.write_text(json.dumps(recorded))
+        run(cfg, k=2)

@@ -619,3 +619,28 @@ def test_every_release_changes_by_at_most_its_sensitivity_when_one_record_change
         assert value <= 1.0 + 1e-6, (name, value)
     assert measured["dpgan-step"] > 0.5 and measured["bnstats-release"] > 0.5  # the bound is tight, not vacuous
     print(json.dumps(measured))
+
+
+# ================================================================================================
+# a site that declared an attribute sensitive (seed 004) works only for runs that replace it
+# ================================================================================================
+
+def test_a_site_that_declared_race_sensitive_refuses_runs_that_do_not_replace_it(tmp_path):
+    from client.requests import Refusal, require_mode
+    from client.site import SiteSettings
+    from tests.test_faults import gan_request, send
+
+    cfg = fast_config(tmp_path, num_rounds=1)
+    node = deployed_site(tmp_path, **{"label-from": "utkface-gender+race", "sensitive-attribute": "race"})
+    grid = LocalGrid(client_app, [node], cfg.to_flwr())
+    for promised in ("", "gender"):  # a coordinator that says nothing, or replaces another attribute
+        reply = send(grid, 1000, gan_request(cfg, experiment="ignores-it", sensitive_attribute=promised))
+        assert reply.has_error() and reply.error.code == P.REFUSED_NOT_ALLOWED
+        assert "declares race sensitive" in reply.error.reason and "sensitive-attribute = race" in reply.error.reason
+    assert not (tmp_path / "site-a" / "ledger").exists()  # refused before the ledger was even opened
+    site = SiteSettings.from_node_config(node, {})
+    with pytest.raises(Refusal, match="only the DP-GAN mode"):  # the statistics mode cannot replace it
+        require_mode(site, "bnstats")
+    # a declaration the site's own labels cannot honour is refused when the site starts
+    with pytest.raises(ValueError, match="label-from = utkface-gender\\+race"):
+        SiteSettings.from_node_config({**node, "label-from": "utkface-gender"}, {})

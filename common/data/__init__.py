@@ -31,7 +31,8 @@ Modules (everything public is re-exported here, so ``from common.data import X``
 from common.data.arrays import SPLIT_SEED, TEST_FRACTION
 from common.data.dataset import SPLITS, DataError, ImageDataset, describe
 from common.data.folders import save_image_folder
-from common.data.labels import LABEL_FROM_CLASSES, split_joint_labels
+from common.data.labels import (LABEL_FROM_CLASSES, SENSITIVE_ATTRIBUTES, joint_attribute_values,
+                                 sensitive_attribute_problem, split_joint_labels)
 from common.data.load import load_dataset
 from common.data.npz import save_npz
 from common.data.tree import ARCHIVE_SUFFIXES, IMAGE_EXTENSIONS
@@ -40,6 +41,9 @@ __all__ = [
     "ARCHIVE_SUFFIXES",
     "IMAGE_EXTENSIONS",
     "LABEL_FROM_CLASSES",
+    "SENSITIVE_ATTRIBUTES",
+    "joint_attribute_values",
+    "sensitive_attribute_problem",
     "split_joint_labels",
     "SPLITS",
     "SPLIT_SEED",

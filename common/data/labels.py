@@ -26,6 +26,29 @@ LABEL_FROM_CLASSES: dict[str, tuple[str, ...]] = {
        for a in _ATTRIBUTE_CLASSES for b in _ATTRIBUTE_CLASSES if a != b},
 }
 
+SENSITIVE_ATTRIBUTES = tuple(_ATTRIBUTE_CLASSES)  # what a site may declare sensitive (seed 004)
+
+
+def sensitive_attribute_problem(label_from: str, attribute: str) -> str:
+    """Why records labelled by ``label_from`` cannot have ``attribute`` declared sensitive ("" = they can).
+
+    Replacing an attribute (server.attribute_replacement) needs a generator that learned it: the joint label
+    must name it second, as in ``utkface-gender+race`` for race."""
+    if not attribute:
+        return ""
+    if attribute not in SENSITIVE_ATTRIBUTES:
+        return f"sensitive attribute '{attribute}' is not one of {', '.join(SENSITIVE_ATTRIBUTES)} (or '' for none)"
+    first, plus, second = label_from.removeprefix("utkface-").partition("+")
+    if label_from.startswith("utkface-") and plus and second == attribute:
+        return ""
+    other = next(a for a in SENSITIVE_ATTRIBUTES if a != attribute)
+    task = first if label_from.startswith("utkface-") and first in SENSITIVE_ATTRIBUTES and first != attribute \
+        else other
+    return (f"sensitive attribute '{attribute}' needs labels that name it as the second attribute, so that the "
+            f"generator learns it and the synthetic set can draw it independently of everything else: set "
+            f"label-from = utkface-{task}+{attribute} (got label-from = '{label_from}')")
+
+
 AGE_GROUP_STARTS = (0, 20, 40, 60)  # the first age of each "utkface-age" class
 
 
@@ -93,17 +116,24 @@ def _load_utkface(
     return ImageDataset(images, labels, LABEL_FROM_CLASSES[label_from], source=source)
 
 
-def split_joint_labels(ds: ImageDataset) -> tuple[ImageDataset, ImageDataset]:
-    """A joint-label dataset (classes "a_b", class = a * |B| + b) as two datasets of the same images: one
-    labelled with the first attribute, one with the second (the attribute-level evaluation's view)."""
-    pairs = [name.split("_") for name in ds.classes]
+def joint_attribute_values(classes: tuple[str, ...] | list[str], source: str = "the data"
+                           ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The two attributes' values of joint classes ("a_b", every pair, a-major), or a DataError saying why not."""
+    pairs = [name.split("_") for name in classes]
     if any(len(p) != 2 for p in pairs):
-        raise DataError(f"{ds.source}: classes {list(ds.classes)} are not joint labels 'a_b' "
+        raise DataError(f"{source}: classes {list(classes)} are not joint labels 'a_b' "
                         "(load the data with label_from='utkface-A+B')")
     first = tuple(dict.fromkeys(p[0] for p in pairs))
     second = tuple(dict.fromkeys(p[1] for p in pairs))
-    if [f"{a}_{b}" for a in first for b in second] != list(ds.classes):
-        raise DataError(f"{ds.source}: classes {list(ds.classes)} are not every 'a_b' pair in a-major order")
+    if [f"{a}_{b}" for a in first for b in second] != list(classes):
+        raise DataError(f"{source}: classes {list(classes)} are not every 'a_b' pair in a-major order")
+    return first, second
+
+
+def split_joint_labels(ds: ImageDataset) -> tuple[ImageDataset, ImageDataset]:
+    """A joint-label dataset (classes "a_b", class = a * |B| + b) as two datasets of the same images: one
+    labelled with the first attribute, one with the second (the attribute-level evaluation's view)."""
+    first, second = joint_attribute_values(ds.classes, ds.source)
     labels = np.asarray(ds.labels)
     return (ImageDataset(ds.images, labels // len(second), first, source=f"{ds.source}[first attribute]"),
             ImageDataset(ds.images, labels % len(second), second, source=f"{ds.source}[second attribute]"))

@@ -23,7 +23,7 @@ from typing import Any
 
 from client.site import SiteSettings
 from common.config import MODES
-from common.data import LABEL_FROM_CLASSES
+from common.data import LABEL_FROM_CLASSES, SENSITIVE_ATTRIBUTES, sensitive_attribute_problem
 from fedsynth.ops.approved_code import BundleError, installed_bundle_digest, write_approvals
 from fedsynth.ops.fields import DeployError, Fields, NAME_RE, info, load_yaml, loud, parse_address, port_free, warn, \
     write_toml
@@ -31,7 +31,7 @@ from fedsynth.ops.processes import Child, flower_env, forward_signals
 from fedsynth.ops.tls import check_ca, check_private_key
 
 SETTINGS_DEFAULTS = {f.name: f.default for f in fields(SiteSettings)}
-SITE_KEYS = ("name", "data", "dataset_id", "split", "image_size", "label_from", "heldout", "heldout_split", "epsilon",
+SITE_KEYS = ("name", "data", "dataset_id", "split", "image_size", "label_from", "sensitive_attribute", "heldout", "heldout_split", "epsilon",
              "delta", "state_dir", "modes", "evaluation", "audits", "queries_per_run", "require_secure_aggregation",
              "coordinator", "ca_cert", "private_key", "supernode_port", "approved_bundles", "approve_installed")
 
@@ -85,6 +85,9 @@ def load_site_config(path: str | Path) -> SiteDeployment:
     if 0 < image_size < 8:
         raise DeployError(f"{path}: 'image_size' must be 0 (keep) or >= 8, got {image_size}")
     label_from = _choice(f, "label_from", ("", *sorted(LABEL_FROM_CLASSES)), path)
+    sensitive = _choice(f, "sensitive_attribute", ("", *SENSITIVE_ATTRIBUTES), path)
+    if sensitive_attribute_problem(label_from, sensitive):
+        raise DeployError(f"{path}: 'sensitive_attribute': {sensitive_attribute_problem(label_from, sensitive)}")
     heldout = f.str("heldout", "")
     if heldout and heldout != "digits":
         heldout = str(f.path("heldout"))
@@ -99,11 +102,15 @@ def load_site_config(path: str | Path) -> SiteDeployment:
     delta = f.float("delta", 0.0)
     if not 0 <= delta < 1:
         raise DeployError(f"{path}: 'delta' must be in [0, 1) (0 = min(1e-5, 1/(10 n))), got {delta}")
-    modes = raw.get("modes", list(MODES))
+    # a sensitive attribute is replaced by drawing from a generator: only the DP-GAN mode has one
+    modes = raw.get("modes", ["dpgan"] if sensitive else list(MODES))
     if isinstance(modes, str):
         modes = [m.strip() for m in modes.split(",") if m.strip()]
     if not isinstance(modes, list) or not modes or any(m not in MODES for m in modes):
         raise DeployError(f"{path}: 'modes' must be a non-empty list taken from {list(MODES)}, got {modes!r}")
+    if sensitive and modes != ["dpgan"]:
+        raise DeployError(f"{path}: a site that declares a sensitive attribute allows only modes: [dpgan] (the "
+                          f"statistics mode has no generator to draw another {sensitive} with), got {modes!r}")
     evaluation, audits = f.bool("evaluation", False), f.bool("audits", False)
     if (evaluation or audits) and not heldout:
         raise DeployError(f"{path}: 'evaluation' and 'audits' answer questions about held-out records: set 'heldout' "
@@ -116,7 +123,7 @@ def load_site_config(path: str | Path) -> SiteDeployment:
                           "bundle-digest prints one)")
     settings = SiteSettings(
         name=name, data=data, state_dir=f.path("state_dir"), epsilon_budget=epsilon, dataset_id=dataset_id,
-        split=split, image_size=image_size, label_from=label_from, delta=delta, modes=tuple(dict.fromkeys(modes)),
+        split=split, image_size=image_size, label_from=label_from, sensitive_attribute=sensitive, delta=delta, modes=tuple(dict.fromkeys(modes)),
         heldout=heldout, heldout_split=heldout_split, evaluation=evaluation, audits=audits,
         queries_per_run=f.int("queries_per_run", 1, lo=1, hi=100),
         require_secure_aggregation=f.bool("require_secure_aggregation", False))

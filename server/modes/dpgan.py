@@ -9,14 +9,17 @@ both are post-processing of DP releases.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from flwr.serverapp import Grid
 
 from common import protocol as P
 from common.config import RunConfig
-from common.data import ImageDataset
+from common.data import ImageDataset, joint_attribute_values
 from common.models import GanShape, Generator
+from server.attribute_replacement import sample_with_replaced_attribute
 from server.fedavg import FedAvgTask, run_fedavg_rounds
 from server.run_state import RunState
 from server.sites import RunFailed, Schema, SiteRecord
@@ -31,13 +34,22 @@ def gan_request(cfg: RunConfig, shape: GanShape, experiment: str, rnd: int,
         d_width=cfg.gan_d_width, ac_weight=cfg.gan_ac_weight, mode_seeking=cfg.gan_mode_seeking,
         class_histogram=cfg.gan_class_histogram, epsilon=cfg.epsilon, seed=cfg.seed, channels=shape.channels,
         image_size=shape.image_size, num_classes=shape.num_classes, latent_dim=shape.latent_dim, width=shape.width,
-        generator=generator)
+        generator=generator, sensitive_attribute=cfg.sensitive_attribute)
 
 
 def _census_check(num_classes: int):
     def check(reply: P.GanTrainReply) -> list[str]:
         return P.check_arrays(reply.census, {"counts": P.ArraySpec((num_classes,), "float32")})
     return check
+
+
+def _census(last: dict, nodes: list[int], num_classes: int) -> np.ndarray:
+    """(S, K) the noisy class counts the sites sent in their last replies; (1, K) ones when the coordinator
+    holds none (secure aggregation: it never sees a site's reply), i.e. every value equally often."""
+    counts = [getattr(last[n], "census", None) for n in nodes]
+    if not counts or any(not c for c in counts):
+        return np.ones((1, num_classes))
+    return np.stack([np.asarray(c["counts"], dtype=np.float64) for c in counts])
 
 
 def collect_and_synthesize(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int, SiteRecord], schema: Schema,
@@ -55,25 +67,39 @@ def collect_and_synthesize(grid: Grid, cfg: RunConfig, run: RunState, sites: dic
     with run.timed("synthesis"):
         torch.save(gen.state_dict(), run.out_dir / "generator.pt")
         last = outcome.last_replies
-        if cfg.gan_sample_from == "sites" and len(last) > 1:
-            nodes = sorted(last)
-            census = np.stack([np.asarray(last[n].census["counts"], dtype=np.float64) for n in nodes])  # (S, K)
-            synth, alloc = sample_site_generators(gen, [last[n].generator for n in nodes], census, schema.classes,
-                                                  cfg.synthetic_size, seed=cfg.seed, device=device,
-                                                  progress=cfg.progress)
+        from_sites = cfg.gan_sample_from == "sites" and len(last) > 1
+        nodes = sorted(last)
+        census = _census(last, nodes, len(schema.classes)) if from_sites or cfg.sensitive_attribute else None
+        if from_sites:
             names = [sites[n].name if n in sites else f"node-{n}" for n in nodes]
             torch.save({"sites": names, "census": census, "generators": [last[n].generator for n in nodes]},
                        run.out_dir / "site_generators.pt")  # what the set was drawn from, to re-sample it
             how = {"from": "sites", "round": max(outcome.history[-1]["round"], 0) if outcome.history else 0,
-                   "images-per-site-and-class": {name: row.tolist() for name, row in zip(names, alloc)},
                    "why": "class c drawn from each site's last generator in proportion to the site's noisy count "
                           "of c (its census, already released): post-processing, no privacy cost"}
         else:
-            synth = sample_generator(gen, schema.classes, cfg.synthetic_size, seed=cfg.seed, device=device,
-                                     progress=cfg.progress)
             why = ""
             if cfg.gan_sample_from == "sites":
                 why = (" (secure aggregation: the coordinator never holds a site's generator)" if cfg.secure_aggregation
                        else " (fewer than two sites replied in it)")
             how = {"from": "average", "why": "the averaged generator of the last round" + why}
+        if cfg.sensitive_attribute:
+            states = [last[n].generator for n in nodes] if from_sites else [P.state_arrays(gen)]
+            pooled = census if from_sites else census.sum(axis=0, keepdims=True)
+            synth, info = sample_with_replaced_attribute(
+                gen, states, pooled, schema.classes, cfg.synthetic_size,
+                values=len(joint_attribute_values(schema.classes)[1]), strength=1.0, seed=cfg.seed, device=device,
+                progress=cfg.progress)
+            how["attribute_replacement"] = {"sensitive": cfg.sensitive_attribute, **dataclasses.asdict(info),
+                                            "declared_by": sorted(s.name for s in sites.values()
+                                                                  if s.sensitive_attribute),
+                                            "privacy_cost": "none: post-processing of the run's DP releases"}
+        elif from_sites:
+            synth, alloc = sample_site_generators(gen, [last[n].generator for n in nodes], census, schema.classes,
+                                                  cfg.synthetic_size, seed=cfg.seed, device=device,
+                                                  progress=cfg.progress)
+            how["images-per-site-and-class"] = {name: row.tolist() for name, row in zip(names, alloc)}
+        else:
+            synth = sample_generator(gen, schema.classes, cfg.synthetic_size, seed=cfg.seed, device=device,
+                                     progress=cfg.progress)
     return synth, outcome.history, how

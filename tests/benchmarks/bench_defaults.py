@@ -30,10 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--datasets", default=",".join(EVERY_DATASET))
     p.add_argument("--epsilons", default="10")
     p.add_argument("--force", action="store_true", help="run again points whose JSON exists")
+    p.add_argument("--resume", action="store_true", help="continue interrupted runs instead of starting them over")
     args = p.parse_args(argv)
     code = run_grid.main(["--datasets", args.datasets, "--modes", "dpgan", "--epsilons", args.epsilons,
                           "--sites", "3", "--partitions", "dirichlet:0.5", "--results", str(RESULTS),
-                          "--out", str(run_grid.ROOT / "runs" / "defaults")] + (["--force"] if args.force else []))
+                          "--out", str(run_grid.ROOT / "runs" / "defaults")] + (["--force"] if args.force else [])
+                         + (["--resume"] if args.resume else []))
     print((RESULTS / "table.md").read_text())
     return code
 

@@ -31,7 +31,9 @@ tests/benchmarks/results/defaults/.
 * Seed 004: from the joint run's generators, synthetic sets whose race is replaced for a share
   ``strength`` of the records (server/attribute_replacement.py); privacy loss = accuracy of an adversary
   (the same learner) trained on the set's race labels, tested on real faces, against the real test set's
-  majority rate; utility = the gender learner trained on the same set, tested on real faces.
+  majority rate (the adversary keeps its classifier only if it beats the constant answer on synthetic records it
+  held out: common/audits/attribute.py), and the classifier's balanced accuracy against chance 1/K; utility =
+  the gender learner trained on the same set, tested on real faces.
 
 Writes tests/benchmarks/results/faces/faces.json, tables.md, privacy_utility.png and nearest_pairs.png.
 """
@@ -217,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         sg, sr = split_joint_labels(synth)
         gender_acc, gender_mcc, _ = accuracy(sg, g_test, f"strength {strength:g}: gender (utility)")
         leak = attribute_leakage(sr, r_test, learner=learner, device=cpu)
-        print(f"  strength {strength:g}: race adversary {leak.adversary_accuracy:.4f} "
-              f"(majority {leak.majority_rate:.4f})", flush=True)
+        print(f"  strength {strength:g}: race adversary {leak.adversary_accuracy:.4f} (majority "
+              f"{leak.majority_rate:.4f}; classifier kept: {leak.used_classifier}); classifier's balanced accuracy "
+              f"{leak.balanced_accuracy:.4f} (chance {leak.chance:.2f})", flush=True)
         curve.append({"strength": strength, "replaced": info.replaced, "agreement": info.agreement,
                       "marginal": info.marginal, "gender_accuracy": gender_acc, "gender_mcc": gender_mcc,
                       **{f"race_{k}": v for k, v in leak.as_dict().items()}})
@@ -228,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         # the race classifier trained on synthetic faces)
         next(r for r in table1 if r["attribute"] == "gender").update(synthetic_joint_run=none["gender_accuracy"],
                                                                      synthetic_joint_run_mcc=none["gender_mcc"])
-        next(r for r in table1 if r["attribute"] == "race").update(synthetic_joint_run=none["race_adversary_accuracy"])
+        next(r for r in table1 if r["attribute"] == "race").update(synthetic_joint_run=none["race_classifier_accuracy"])
     _plot(curve, args.results / "privacy_utility.png")
     out["seconds"] = round(time.perf_counter() - t_start, 1)
     (args.results / "faces.json").write_text(json.dumps(out, indent=2))
@@ -239,24 +242,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _plot(curve: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    x = [c["race_adversary_accuracy"] for c in curve]
-    y = [c["gender_accuracy"] for c in curve]
-    ax.plot(x, y, "o-")
-    for c in curve:
-        ax.annotate(f"{c['strength']:g}", (c["race_adversary_accuracy"], c["gender_accuracy"]),
-                    textcoords="offset points", xytext=(4, 4))
-    ax.axvline(curve[0]["race_majority_rate"], color="grey", ls="--", label="no leak (majority rate)")
-    ax.set_xlabel("privacy loss: race adversary accuracy on real faces")
-    ax.set_ylabel("utility: gender accuracy on real faces")
-    ax.set_title("replacing race (labels: replacement strength)")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """The product's privacy-utility plot (the one `fedsynth evaluate --replacement-curve` draws)."""
+    from server.report_plots import attribute_curve_plot
+
+    points = [{"strength": c["strength"], "task_accuracy": c["gender_accuracy"],
+               **{k: c[f"race_{k}"] for k in ("adversary_accuracy", "balanced_accuracy", "majority_rate", "chance")}}
+              for c in curve]
+    path.write_bytes(attribute_curve_plot(points))
 
 
 def _markdown(out: dict) -> str:
@@ -286,10 +278,13 @@ def _markdown(out: dict) -> str:
     rep = out["replacement"]
     lines += ["", f"Seed 004: race replaced for a share of the records ({rep['synthetic_size']} synthetic faces per "
               "strength, joint gender+race generator)", "",
-              "| strength | race adversary (privacy loss) | majority rate | gender accuracy (utility) | gender MCC |",
-              "|---|---|---|---|---|"]
+              "| strength | race adversary (privacy loss) | its classifier kept? | majority rate (no leak) | "
+              "classifier's balanced accuracy | chance (no leak) | gender accuracy (utility) | gender MCC |",
+              "|---|---|---|---|---|---|---|---|"]
     for c in rep["curve"]:
-        lines.append(f"| {c['strength']:g} | {f(c['race_adversary_accuracy'])} | {f(c['race_majority_rate'])} | "
+        kept = "yes" if c.get("race_used_classifier", True) else "no: answers the majority value"
+        lines.append(f"| {c['strength']:g} | {f(c['race_adversary_accuracy'])} | {kept} | {f(c['race_majority_rate'])} | "
+                     f"{f(c.get('race_balanced_accuracy'))} | {f(c['race_chance'])} | "
                      f"{f(c['gender_accuracy'])} | {f(c['gender_mcc'])} |")
     return "\n".join(lines) + "\n"
 

@@ -180,15 +180,17 @@ def _run_stage(stage: str, cmd: list[str], run_dir: Path, report_path: Path, env
 
 
 def run_point(point: GridPoint, *, out_root: Path, results: Path, data_root: Path, extra: dict[str, str],
-              python: str, tag: str = "", recipe: str = "") -> dict[str, Any]:
-    """Simulate + evaluate one grid point; returns (and writes) its result record."""
+              python: str, tag: str = "", recipe: str = "", resume: bool = False) -> dict[str, Any]:
+    """Simulate + evaluate one grid point; returns (and writes) its result record. ``resume``: continue the
+    point's interrupted simulation in its run dir (its sites' ledgers and the coordinator's checkpoint)."""
     spec = DATASETS[point.dataset]
     data = spec.path(data_root)
     settings = recipe_settings(point, extra, recipe)
     cfg = RunConfig.from_mapping(settings)  # refuse a bad recipe before running
     run_id = point.run_id + (f"-{tag}" if tag else "")
     run_dir = out_root / run_id
-    if run_dir.exists():
+    resumed = resume and (run_dir / "sim" / "run.json").is_file()
+    if run_dir.exists() and not resumed:
         shutil.rmtree(run_dir)  # a new run: the sites' ledgers of an earlier one would refuse the budget
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "FLWR_HOME": str(run_dir / "flwr_home"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
@@ -202,6 +204,7 @@ def run_point(point: GridPoint, *, out_root: Path, results: Path, data_root: Pat
         "run_id": run_id, "tag": tag, "dataset": point.dataset, "mode": point.mode,
         "epsilon": None if math.isinf(point.epsilon) else point.epsilon, "private": math.isfinite(point.epsilon),
         "sites": point.sites, "partition": point.partition, "settings": settings, "recipe": recipe or "defaults",
+        "resumed": resumed,  # True: the simulate stage's time and memory are those of the resumed part only
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "commands": {"simulate": " ".join(sim_cmd)},
@@ -339,7 +342,8 @@ def format_table(records: list[dict[str, Any]]) -> str:
             f"| {_fmt(r.get('tstr_accuracy'))} | {_fmt(r.get('tstr_mcc'), '.2f')} | {_fmt(r.get('real_accuracy'))} "
             f"| {_fmt(r.get('ratio'), '.2f')} "
             f"| {_fmt(r.get('mia_auc_pixel'))} | {_fmt(r.get('near_copies_pixel'), 'd')} "
-            f"| {_fmt(r.get('epsilon_spent_max'), '.2f')} | {_fmt(r.get('wall_seconds'), '.0f')} s "
+            f"| {_fmt(r.get('epsilon_spent_max'), '.2f')} | {_fmt(r.get('wall_seconds'), '.0f')} s"
+            f"{' (resumed part)' if r.get('resumed') else ''} "
             f"| {_bytes(r.get('bytes_per_site'))} | {_fmt(r.get('peak_rss_mib'), '.0f')} MiB "
             f"| {_fmt(r.get('seconds_per_round'), '.1f')} |")
     return "\n".join(lines) + "\n"
@@ -390,6 +394,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                 "product's defaults); it is also the runs' tag")
     p.add_argument("--tag", default="", help="suffix of the run ids (e.g. scale); default: the recipe's name")
     p.add_argument("--force", action="store_true", help="run again points whose JSON exists")
+    p.add_argument("--resume", action="store_true", help="continue interrupted simulations in their run dirs "
+                                                         "instead of starting them over")
     p.add_argument("--python", default=sys.executable, help="interpreter that runs fedsynth")
     p.add_argument("--update-readme", action="store_true",
                    help="only rewrite README.md's results table from the JSONs in --results, run nothing")
@@ -437,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"[{i}/{len(points)}] {run_id}", flush=True)
         rec = run_point(point, out_root=args.out, results=args.results, data_root=args.data_root, extra=extra,
-                        python=args.python, tag=args.tag, recipe=args.recipe)
+                        python=args.python, tag=args.tag, recipe=args.recipe, resume=args.resume)
         if rec["status"] == "ok":
             print(f"  TSTR {_fmt(rec['tstr_accuracy'])}  real {_fmt(rec['real_accuracy'])}  "
                   f"ratio {_fmt(rec['ratio'], '.2f')}  MIA AUC {_fmt(rec['mia_auc_pixel'])}  "
