@@ -114,6 +114,7 @@ def evaluate_synthetic(
     real_result: dict | None = None,
     seed: int = 0,
     attribute_curve: list[dict] | None = None,
+    sweep: list[dict] | None = None,
 ) -> dict:
     """Train the central learner on ``synthetic``, test it on real ``test``, audit, and write the report.
 
@@ -135,6 +136,8 @@ def evaluate_synthetic(
         seed: seed of the subsampling and bootstraps of the audits.
         attribute_curve: seed 004's privacy-utility points over the replacement's strength
             (:func:`fedsynth.replace_attribute.replacement_curve`), shown with the attributes.
+        sweep: :func:`sweep_point` of other runs of the same data: with this set's point, the report's
+            privacy-utility curve over epsilon.
 
     Returns:
         The report dict that was written to ``out_dir/report.json``.
@@ -223,6 +226,11 @@ def evaluate_synthetic(
         report["attributes"] = attributes
     if attribute_curve:
         report["attribute_curve"] = attribute_curve
+    if sweep:
+        ours = sweep_point(synthetic, run_report, test, learner, dev, tstr_accuracy=tstr["accuracy"],
+                           attributes=attributes)
+        real_acc = real["accuracy"] if real is not None else None
+        report["sweep"] = [{**p, "real_accuracy": real_acc} for p in [ours, *sweep]]
     report = _jsonable(report)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False), encoding="utf-8")
     render_report(report, out_dir)
@@ -291,6 +299,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --synthetic a DP-GAN run labelled with two attributes: seed 004's privacy-utility "
                              "curve, its set drawn again with the second attribute replaced for each share of the "
                              "records given (e.g. 0,0.5,1; post-processing, no privacy cost)")
+    parser.add_argument("--sweep", default="", metavar="RUNS",
+                        help="other runs of the same data at other epsilons (their --out folders, comma-separated): "
+                             "the report's privacy-utility curve over epsilon (TSTR; with two attributes also the "
+                             "task accuracy and the sensitive attribute's adversary)")
+
+
+def sweep_point(synthetic: ImageDataset, run_report: dict | None, test: ImageDataset, learner: LearnerConfig,
+                device: torch.device, *, tstr_accuracy: float | None = None, attributes: dict | None = None) -> dict:
+    """One point of the privacy-utility curve over epsilon: the run's epsilon, the learner trained on its set and
+    tested on ``test`` (``tstr_accuracy`` when already measured) and, for two attributes, the task accuracy and
+    the sensitive attribute's adversary (``attributes`` when already measured, :func:`attribute_view`)."""
+    epsilon = (run_report or {}).get("epsilon_target")
+    if tstr_accuracy is None:
+        model = train_learner(synthetic, learner, device=device, progress=False)
+        tstr_accuracy = evaluate_learner(model, test, device=device)["accuracy"]
+    point = {"epsilon": epsilon, "tstr_accuracy": tstr_accuracy, "source": synthetic.source}
+    if attributes is None and is_joint(synthetic) and tuple(test.classes) == tuple(synthetic.classes):
+        attributes = attribute_view(synthetic, test, None, learner, device)
+    if attributes is not None:
+        point.update(task_accuracy=attributes["task"]["accuracy"],
+                     adversary_accuracy=attributes["sensitive"]["adversary_accuracy"],
+                     majority_rate=attributes["sensitive"]["majority_rate"])
+    return point
 
 
 def resolve_synthetic(arg: Path) -> tuple[ImageDataset, dict | None]:
@@ -375,13 +406,21 @@ def main(args: argparse.Namespace) -> int:
                             "same way: pass --label-from utkface-A+B (the run's label-from)")
         curve = replacement_curve(Path(args.synthetic), strengths, test, learner, size=len(synthetic), device=device,
                                   progress=not args.quiet) if strengths else None
+        sweep = []
+        for other in (Path(part.strip()) for part in args.sweep.split(",") if part.strip()):
+            other_set, other_report = resolve_synthetic(other)
+            if other_set.image_shape != synthetic.image_shape or other_set.classes != synthetic.classes:
+                raise DataError(f"--sweep: {other} holds {other_set.image_shape} images of classes "
+                                f"{list(other_set.classes)}, not the evaluated set's {synthetic.image_shape} and "
+                                f"{list(synthetic.classes)}: a curve compares runs of the same data")
+            sweep.append(sweep_point(other_set, other_report, test, learner, device))
     except (DataError, ValueError) as exc:
         print(f"fedsynth evaluate: {exc}", file=sys.stderr)
         return 2
     report = evaluate_synthetic(synthetic, test, train=train, out_dir=Path(args.out), learner=learner,
                                 audits=not args.no_audits, max_audit_records=args.max_audit_records,
                                 device=device, progress=not args.quiet, run_report=run_report, seed=args.seed,
-                                real_result=real_result, attribute_curve=curve)
+                                real_result=real_result, attribute_curve=curve, sweep=sweep)
     print(format_summary(report))
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0

@@ -195,7 +195,13 @@ def _sweep_section(sweep: list[dict]) -> str:
     pts = sorted((p for p in sweep if p.get("epsilon") is not None), key=lambda p: float(p["epsilon"]))
     out = ["<h2>Privacy vs utility</h2>"]
     rows = [(p.get("epsilon"), p.get("tstr_accuracy"), p.get("real_accuracy"), p.get("mia_auc")) for p in pts]
-    out.append(_table(("epsilon", "TSTR accuracy", "real accuracy", "MIA AUC"), rows, table_id="sweep"))
+    headers = ("epsilon", "TSTR accuracy", "real accuracy", "MIA AUC")
+    attributes = any(p.get("adversary_accuracy") is not None for p in pts)
+    if attributes:  # a set labelled with two attributes (seed 004): task utility and the sensitive one's leak
+        rows = [r + (p.get("task_accuracy"), p.get("adversary_accuracy"), p.get("majority_rate"))
+                for r, p in zip(rows, pts)]
+        headers += ("task accuracy", "sensitive attribute: adversary accuracy", "majority rate (no leak)")
+    out.append(_table(headers, rows, table_id="sweep"))
     finite = [p for p in pts if np.isfinite(float(p["epsilon"]))]
     if pts:
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -205,6 +211,10 @@ def _sweep_section(sweep: list[dict]) -> str:
             if not np.isfinite(float(p["epsilon"])):  # no DP: a reference line, not a point on the axis
                 ax.axhline(float(p.get("tstr_accuracy", float("nan"))), color="tab:red", linestyle=":",
                            label="TSTR without DP (NOT private)")
+        if attributes:
+            ax.plot(eps, [p.get("task_accuracy", float("nan")) for p in finite], "s-", label="task accuracy")
+            ax.plot(eps, [p.get("adversary_accuracy", float("nan")) for p in finite], "^--",
+                    label="sensitive attribute: adversary (privacy loss)")
         real = [p["real_accuracy"] for p in pts if p.get("real_accuracy") is not None]
         if real:
             ax.axhline(float(np.mean(real)), color="gray", linestyle="--", label="real-data accuracy")

@@ -90,12 +90,23 @@ def test_faces_with_race_replaced_are_measured_the_way_seed_004_does(faces: str,
     curved = tmp_path / "curve"
     common = ["--test", faces, "--label-from", "utkface-gender+race", "--resize", "--learner-epochs", "1",
               "--no-audits", "--quiet"]
+    # ... and over epsilon: the same faces at epsilon 1, evaluated together
+    low = tmp_path / "eps1"
+    assert cli.main(["simulate", "--data", faces, "--test", faces, "--mode", "dpgan", "--out", str(low), *TINY,
+                     "--epsilon", "1", "--set", "label-from=utkface-gender+race", "--set", "image-size=16",
+                     "--set", "synthetic-size=100", "--set", "sensitive-attribute=race"]) == 0
     assert cli.main(["evaluate", "--synthetic", str(run), *common, "--out", str(curved),
-                     "--replacement-curve", "1,0"]) == 0
-    curve = json.loads((curved / "report.json").read_text())["attribute_curve"]
+                     "--replacement-curve", "1,0", "--sweep", str(low)]) == 0
+    curved_report = json.loads((curved / "report.json").read_text())
+    curve = curved_report["attribute_curve"]
     assert [p["strength"] for p in curve] == [0.0, 1.0] and [p["replaced"] for p in curve] == [0, 100]
     assert all(0 <= p["adversary_accuracy"] <= 1 and p["chance"] == 0.2 for p in curve)
-    assert "over the replacement" in (curved / "report.html").read_text()
+    sweep = curved_report["sweep"]
+    assert [p["epsilon"] for p in sweep] == [10.0, 1.0]
+    assert sweep[0]["tstr_accuracy"] == curved_report["utility"]["tstr_accuracy"]
+    assert all(0 <= p["adversary_accuracy"] <= 1 and 0 <= p["task_accuracy"] <= 1 for p in sweep)
+    html = (curved / "report.html").read_text()
+    assert "over the replacement" in html and "Privacy vs utility" in html and "adversary accuracy" in html
     capsys.readouterr()
     assert cli.main(["evaluate", "--synthetic", str(run), *common, "--out", str(curved),
                      "--replacement-curve", "0,2"]) == 2
