@@ -35,7 +35,6 @@ import torch
 
 from common.audits import site_audit_summary
 from common.audits.attribute import attribute_view, is_joint
-from common.audits.neighbors import nearest_neighbors
 from common.data import LABEL_FROM_CLASSES, DataError, ImageDataset, load_dataset
 from common.device import pick_device
 from common.learner import (
@@ -47,9 +46,8 @@ from common.learner import (
     train_learner,
 )
 from server.report_html import render_report
-from server.report_plots import save_class_grid
-from server.synthesis import image_grid
-from fedsynth.replace_attribute import parse_strengths, replacement_curve
+from server.report_plots import save_class_grid, save_nearest_pairs
+from fedsynth.curves import requested_curves, sweep_point
 
 # Keys of a run's report.json that describe the run (not this evaluation) and are carried over.
 _PROVENANCE_KEYS = ("mode", "private", "epsilon_target", "delta", "sites", "sweep", "attribute_replacement")
@@ -237,25 +235,6 @@ def evaluate_synthetic(
     return report
 
 
-def save_nearest_pairs(synthetic: ImageDataset, train: ImageDataset, heldout: ImageDataset, path: Path, *,
-                       count: int = 8, device: torch.device | str | None = None) -> dict:
-    """Seed 000's memorization picture: the ``count`` synthetic images closest to a training image (pixel
-    MSE), each above its nearest training image and its nearest held-out image; writes ``path`` (3 rows).
-
-    If the generator copied training records, the middle row repeats the top row and the bottom row does
-    not; without memorization both look equally (un)like it. Returns the picture's name and the distances.
-    """
-    d_train, i_train = nearest_neighbors(synthetic.images, train.images, device=device)
-    d_held, i_held = nearest_neighbors(synthetic.images, heldout.images, device=device)
-    closest = np.argsort(d_train, kind="stable")[:count]
-    rows = np.concatenate([synthetic.images[closest], train.images[i_train[closest]],
-                           heldout.images[i_held[closest]]])  # (3 * count, C, H, W)
-    image_grid(rows, cols=len(closest), scale=max(1, 64 // synthetic.image_shape[1]), pad=2).save(path)
-    return {"image": path.name, "metric": "mse", "rows": ["synthetic", "nearest training", "nearest held-out"],
-            "distance_to_train": [float(d) for d in d_train[closest]],
-            "distance_to_heldout": [float(d) for d in d_held[closest]]}
-
-
 # --------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------
@@ -303,25 +282,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="other runs of the same data at other epsilons (their --out folders, comma-separated): "
                              "the report's privacy-utility curve over epsilon (TSTR; with two attributes also the "
                              "task accuracy and the sensitive attribute's adversary)")
-
-
-def sweep_point(synthetic: ImageDataset, run_report: dict | None, test: ImageDataset, learner: LearnerConfig,
-                device: torch.device, *, tstr_accuracy: float | None = None, attributes: dict | None = None) -> dict:
-    """One point of the privacy-utility curve over epsilon: the run's epsilon, the learner trained on its set and
-    tested on ``test`` (``tstr_accuracy`` when already measured) and, for two attributes, the task accuracy and
-    the sensitive attribute's adversary (``attributes`` when already measured, :func:`attribute_view`)."""
-    epsilon = (run_report or {}).get("epsilon_target")
-    if tstr_accuracy is None:
-        model = train_learner(synthetic, learner, device=device, progress=False)
-        tstr_accuracy = evaluate_learner(model, test, device=device)["accuracy"]
-    point = {"epsilon": epsilon, "tstr_accuracy": tstr_accuracy, "source": synthetic.source}
-    if attributes is None and is_joint(synthetic) and tuple(test.classes) == tuple(synthetic.classes):
-        attributes = attribute_view(synthetic, test, None, learner, device)
-    if attributes is not None:
-        point.update(task_accuracy=attributes["task"]["accuracy"],
-                     adversary_accuracy=attributes["sensitive"]["adversary_accuracy"],
-                     majority_rate=attributes["sensitive"]["majority_rate"])
-    return point
 
 
 def resolve_synthetic(arg: Path) -> tuple[ImageDataset, dict | None]:
@@ -400,20 +360,8 @@ def main(args: argparse.Namespace) -> int:
         real_result = (load_real_baseline(args.real_baseline_from, test=test, train=train, learner=learner)
                        if args.real_baseline_from else None)
         device = pick_device(args.device)
-        strengths = parse_strengths(args.replacement_curve) if args.replacement_curve else []
-        if strengths and not (is_joint(synthetic) and tuple(test.classes) == tuple(synthetic.classes)):
-            raise DataError("--replacement-curve needs a set labelled with two attributes and real data labelled the "
-                            "same way: pass --label-from utkface-A+B (the run's label-from)")
-        curve = replacement_curve(Path(args.synthetic), strengths, test, learner, size=len(synthetic), device=device,
-                                  progress=not args.quiet) if strengths else None
-        sweep = []
-        for other in (Path(part.strip()) for part in args.sweep.split(",") if part.strip()):
-            other_set, other_report = resolve_synthetic(other)
-            if other_set.image_shape != synthetic.image_shape or other_set.classes != synthetic.classes:
-                raise DataError(f"--sweep: {other} holds {other_set.image_shape} images of classes "
-                                f"{list(other_set.classes)}, not the evaluated set's {synthetic.image_shape} and "
-                                f"{list(synthetic.classes)}: a curve compares runs of the same data")
-            sweep.append(sweep_point(other_set, other_report, test, learner, device))
+        curve, sweep = requested_curves(args.replacement_curve, args.sweep, Path(args.synthetic), synthetic, test,
+                                        learner, device, resolve=resolve_synthetic, progress=not args.quiet)
     except (DataError, ValueError) as exc:
         print(f"fedsynth evaluate: {exc}", file=sys.stderr)
         return 2

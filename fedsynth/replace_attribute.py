@@ -24,12 +24,9 @@ from pathlib import Path
 
 import torch
 
-from common.audits.attribute import attribute_view
 from common.config import ConfigError, RunConfig
 from common.data import LABEL_FROM_CLASSES, DataError, ImageDataset
 from common.device import pick_device
-from common.learner import LearnerConfig
-from common.progress import progress as progress_bar
 from common.models import Generator
 from server.attribute_replacement import sample_with_replaced_attribute
 from server.synthesis import save_synthetic
@@ -110,32 +107,3 @@ def main(args: argparse.Namespace) -> int:
           f"(strength {args.strength:g}; drawn from {done['marginal']}); the run's privacy statement carries over")
     return 0
 
-
-def parse_strengths(text: str) -> list[float]:
-    """"0,0.5,1" -> [0.0, 0.5, 1.0]; a clear error for anything else."""
-    try:
-        strengths = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ConfigError(f"--replacement-curve takes strengths in [0, 1] separated by commas (e.g. 0,0.5,1), got "
-                          f"{text!r}") from None
-    if not strengths or any(not 0.0 <= s <= 1.0 for s in strengths):
-        raise ConfigError(f"--replacement-curve takes strengths in [0, 1] separated by commas (e.g. 0,0.5,1), got "
-                          f"{text!r}")
-    return sorted(set(strengths))
-
-
-def replacement_curve(run: Path, strengths: list[float], test: ImageDataset, learner: LearnerConfig, *, size: int,
-                      device: torch.device, progress: bool = False) -> list[dict]:
-    """Seed 004's privacy-utility curve over the replacement's strength: for each strength, the run's set drawn
-    again (``size`` records, :func:`replaced_set`), its utility (the learner on the first attribute, tested on
-    the real ``test``) and its privacy loss (the adversary on the second, :mod:`common.audits.attribute`)."""
-    points = []
-    for strength in progress_bar(strengths, desc="replacement curve", unit="strength", enabled=progress):
-        synth, done, _ = replaced_set(run, strength, size=size, device=device)
-        view = attribute_view(synth, test, None, learner, device)
-        task, sens = view["task"], view["sensitive"]
-        points.append({"strength": strength, "replaced": done["replaced"], "agreement": done["agreement"],
-                       "task_accuracy": task["accuracy"], "task_mcc": task["mcc"],
-                       **{k: sens[k] for k in ("adversary_accuracy", "majority_rate", "balanced_accuracy", "chance",
-                                               "classifier_accuracy", "blind_rate", "used_classifier")}})
-    return points

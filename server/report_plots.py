@@ -1,4 +1,5 @@
-"""The pictures of a report: matplotlib figures as PNG bytes, and the sample grid of a synthetic set."""
+"""The pictures of a report: matplotlib figures as PNG bytes, the sample grid of a synthetic set and its nearest
+pairs."""
 
 from __future__ import annotations
 
@@ -11,6 +12,30 @@ import matplotlib
 matplotlib.use("Agg")  # no display at the coordinator; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from common.audits.neighbors import nearest_neighbors  # noqa: E402
+from common.data import ImageDataset  # noqa: E402
+
+
+def _to_uint8_hwc(img: np.ndarray) -> np.ndarray:
+    arr = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)  # (C, H, W)
+    return arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
+
+
+def image_grid(images: np.ndarray, cols: int, scale: int = 1, pad: int = 1) -> Image.Image:
+    """Tile images (N, C, H, W) in [0, 1] into one picture, ``cols`` per row."""
+    n, c, h, w = images.shape
+    rows = max(1, -(-n // cols))
+    mode = "L" if c == 1 else "RGB"
+    canvas = Image.new(mode, (cols * (w + pad) + pad, rows * (h + pad) + pad), color=255 if c == 1 else (255, 255, 255))
+    for i in range(n):
+        r, col = divmod(i, cols)
+        canvas.paste(Image.fromarray(_to_uint8_hwc(images[i]), mode=mode), (pad + col * (w + pad), pad + r * (h + pad)))
+    if scale > 1:
+        canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.NEAREST)
+    return canvas
 
 
 def fig_png(fig: plt.Figure) -> bytes:
@@ -113,3 +138,22 @@ def attribute_curve_plot(curve: Sequence[dict]) -> bytes:
     ax.set_ylabel("utility: task accuracy (real images)")
     ax.legend(fontsize=7, loc="best")
     return fig_png(fig)
+
+
+def save_nearest_pairs(synthetic: ImageDataset, train: ImageDataset, heldout: ImageDataset, path: Path, *,
+                       count: int = 8, device: torch.device | str | None = None) -> dict:
+    """Seed 000's memorization picture: the ``count`` synthetic images closest to a training image (pixel
+    MSE), each above its nearest training image and its nearest held-out image; writes ``path`` (3 rows).
+
+    If the generator copied training records, the middle row repeats the top row and the bottom row does
+    not; without memorization both look equally (un)like it. Returns the picture's name and the distances.
+    """
+    d_train, i_train = nearest_neighbors(synthetic.images, train.images, device=device)
+    d_held, i_held = nearest_neighbors(synthetic.images, heldout.images, device=device)
+    closest = np.argsort(d_train, kind="stable")[:count]
+    rows = np.concatenate([synthetic.images[closest], train.images[i_train[closest]],
+                           heldout.images[i_held[closest]]])  # (3 * count, C, H, W)
+    image_grid(rows, cols=len(closest), scale=max(1, 64 // synthetic.image_shape[1]), pad=2).save(path)
+    return {"image": path.name, "metric": "mse", "rows": ["synthetic", "nearest training", "nearest held-out"],
+            "distance_to_train": [float(d) for d in d_train[closest]],
+            "distance_to_heldout": [float(d) for d in d_held[closest]]}

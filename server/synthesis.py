@@ -8,13 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from common import protocol as P
 from common.data import ImageDataset, save_image_folder, save_npz
 from common.models import Generator
 from common.progress import progress as progress_bar
-from server.report_plots import save_class_grid
+from server.report_plots import image_grid, save_class_grid
 
 
 def balanced_class_sizes(num_classes: int, total: int) -> np.ndarray:
@@ -123,25 +122,6 @@ def draw_by_census(gen: Generator, site_states: list[dict[str, np.ndarray]], cen
             n = int((site_labels == c).sum())
             out[slots[c][:n]], slots[c] = images[site_labels == c], slots[c][n:]
     return out
-
-
-def _to_uint8_hwc(img: np.ndarray) -> np.ndarray:
-    arr = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)  # (C, H, W)
-    return arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
-
-
-def image_grid(images: np.ndarray, cols: int, scale: int = 1, pad: int = 1) -> Image.Image:
-    """Tile images (N, C, H, W) in [0, 1] into one picture, ``cols`` per row."""
-    n, c, h, w = images.shape
-    rows = max(1, -(-n // cols))
-    mode = "L" if c == 1 else "RGB"
-    canvas = Image.new(mode, (cols * (w + pad) + pad, rows * (h + pad) + pad), color=255 if c == 1 else (255, 255, 255))
-    for i in range(n):
-        r, col = divmod(i, cols)
-        canvas.paste(Image.fromarray(_to_uint8_hwc(images[i]), mode=mode), (pad + col * (w + pad), pad + r * (h + pad)))
-    if scale > 1:
-        canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.NEAREST)
-    return canvas
 
 
 def save_grids(ds: ImageDataset, out_dir: Path, per_class: int = 16) -> list[str]:

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from common.models import Generator
     from common.audits.attribute import attribute_leakage
     from server.attribute_replacement import sample_with_replaced_attribute
-    from fedsynth.evaluate import save_nearest_pairs
+    from server.report_plots import save_nearest_pairs
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "defaults", help="where the gender run is")
