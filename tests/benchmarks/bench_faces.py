@@ -262,8 +262,8 @@ def _markdown(out: dict) -> str:
     for r in out["table1"]:
         lines.append(f"| {r['attribute']} | {f(r['original'])} | {f(r.get('synthetic_own_run'))} | "
                      f"{f(r.get('synthetic_joint_run'))} | {f(r['majority_rate'])} |")
-    lines += ["", "Runs: " + "; ".join(f"{name}: `{r['run_id']}`, rounds {r['rounds']}, {r['seconds_per_round']} s per "
-                                     f"round, peak {r['peak_rss_mib']} MiB" for name, r in out["runs"].items())]
+    lines += ["", "Runs: " + "; ".join(f"{name}: `{r['run_id']}`, rounds {r['rounds']}, {r['seconds_per_round']:.0f} s "
+                                     f"per 3-site round (shared cores), peak {r['peak_rss_mib']:.0f} MiB" for name, r in out["runs"].items())]
     lines += ["", "Table 2 (seed 000): mean ± std over synthetic faces of the mean of the 10 smallest distances "
               "to training vs test faces (training faces in disjoint chunks of the test set's size, averaged; "
               "in brackets the range of the chunks' means: how much one reference draw moves the number)", "",
@@ -278,12 +278,15 @@ def _markdown(out: dict) -> str:
     rep = out["replacement"]
     lines += ["", f"Seed 004: race replaced for a share of the records ({rep['synthetic_size']} synthetic faces per "
               "strength, joint gender+race generator)", "",
-              "| strength | race adversary (privacy loss) | its classifier kept? | majority rate (no leak) | "
-              "classifier's balanced accuracy | chance (no leak) | gender accuracy (utility) | gender MCC |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| strength | race on held-out synthetic faces: classifier / constant answer | race adversary on real "
+              "faces (privacy loss) | its classifier kept? | majority rate (no leak) | classifier's balanced accuracy "
+              "| chance (no leak) | gender accuracy (utility) | gender MCC |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for c in rep["curve"]:
         kept = "yes" if c.get("race_used_classifier", True) else "no: answers the majority value"
-        lines.append(f"| {c['strength']:g} | {f(c['race_adversary_accuracy'])} | {kept} | {f(c['race_majority_rate'])} | "
+        val = c.get("race_validation") or {}
+        lines.append(f"| {c['strength']:g} | {f(val.get('classifier'))} / {f(val.get('constant'))} "
+                     f"| {f(c['race_adversary_accuracy'])} | {kept} | {f(c['race_majority_rate'])} | "
                      f"{f(c.get('race_balanced_accuracy'))} | {f(c['race_chance'])} | "
                      f"{f(c['gender_accuracy'])} | {f(c['gender_mcc'])} |")
     return "\n".join(lines) + "\n"
