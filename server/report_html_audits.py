@@ -50,9 +50,15 @@ def _audit_block(summary: dict, title: str, key: str) -> str:
         alpha = mem.get("alpha")
         mw = (mem.get("mann_whitney") or {}).get("p_value")
         fisher = (mem.get("near_copies") or {}).get("fisher_p_value")
+        boot = mem.get("reference_bootstrap") or {}
+        ci, distinct = boot.get("ci95") or [None, None], boot.get("distinct_nearest") or {}
         rule = (f"it is flagged when synthetic images are closer to training than to held-out records (one-sided "
-                f"Mann-Whitney p = {_fmt(mw)}) or hold more near-copies than chance (Fisher p = {_fmt(fisher)}), "
-                f"each at p &lt; {_fmt(alpha)}; the other tests are shown for reference and do not flag")
+                f"Mann-Whitney p = {_fmt(mw)}, and a mean gap held-out minus training of {_fmt(boot.get('gap'))} "
+                f"whose 95% interval over resampled reference records, [{_fmt(ci[0])}, {_fmt(ci[1])}], stays above "
+                f"0; nearest to some synthetic record: {_fmt(distinct.get('train'))} training and "
+                f"{_fmt(distinct.get('heldout'))} held-out records) or hold more near-copies than chance (Fisher "
+                f"p = {_fmt(fisher)}), each at p &lt; {_fmt(alpha)}; the other tests are shown for reference and do "
+                "not flag")
         verdict = (f'<span class="flag">flagged: {_esc(", ".join(mem.get("flags", [])))}</span>'
                    if mem.get("flagged") else '<span class="ok">not flagged</span>')
         out.append(f"<p>Memorization test: {verdict}. No memorization looks like equal distances to training "

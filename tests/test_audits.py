@@ -288,3 +288,26 @@ def test_the_attribute_adversary_sees_a_leak_and_only_chance_without_one(leaked)
         # at what answers of the same frequencies would score blind
         assert abs(result.balanced_accuracy - 0.5) < 0.08
         assert abs(result.classifier_accuracy - result.blind_rate) < 0.06
+
+
+def test_the_closer_to_training_flag_needs_a_gap_that_survives_resampling_the_reference():
+    """Seen on 64x64 faces: synthetic features far off the real ones all share the one or two most extreme
+    reference records as nearest neighbours (hubs), so the rank test sees thousands of 'closer to training'
+    records where a single training record decides. A real gap (records near many training records) stays."""
+    from common.audits.memorization import memorization_test
+
+    rng = np.random.default_rng(0)
+    train, heldout = rng.normal(size=(300, 8)), rng.normal(size=(300, 8))
+    train[0], heldout[0] = 0.0, 0.0
+    train[0, 0], heldout[0, 0] = 4.0, 3.9  # the most extreme record of each side, the training one by chance
+    off = rng.normal(scale=0.05, size=(500, 8))
+    off[:, 0] += 10.0  # synthetic features far beyond it: every one's nearest training record is train[0]
+    hub = memorization_test(off, train, heldout, metric="l2", seed=0)
+    boot = hub.tests["reference_bootstrap"]
+    assert hub.tests["mann_whitney"]["p_value"] < 0.05  # the rank test alone would call it memorization
+    assert boot["distinct_nearest"]["train"] == 1 and boot["ci95"][0] <= 0 < boot["gap"]
+    assert "train_closer" not in hub.summary()["flags"]
+    near = train[:250] + rng.normal(scale=0.1, size=(250, 8))  # records close to many training records
+    real = memorization_test(near, train, heldout, metric="l2", seed=0)
+    assert real.tests["reference_bootstrap"]["ci95"][0] > 0 and "train_closer" in real.summary()["flags"]
+    assert real.tests["reference_bootstrap"]["distinct_nearest"]["train"] > 150

@@ -89,6 +89,20 @@ def _nn_search(
     return arg_a.cpu().numpy(), (arg_b.cpu().numpy() if both_ways else None)
 
 
+def distance_matrix(queries: np.ndarray, reference: np.ndarray, *, metric: Metric = "mse",
+                    device: torch.device | str | None = None) -> np.ndarray:
+    """(Nq, Nr) float64 distances between every query and every reference record (flattened), in float32
+    arithmetic (for resampling nearest neighbours; :func:`nearest_neighbors` gives exact nearest distances)."""
+    _check_metric(metric)
+    q, r = _as_matrix(queries, "queries"), _as_matrix(reference, "reference")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    tq, tr = torch.from_numpy(q).to(dev), torch.from_numpy(r).to(dev)
+    with torch.no_grad():
+        d2 = (tq * tq).sum(1)[:, None] + (tr * tr).sum(1)[None, :] - 2.0 * (tq @ tr.T)  # (Nq, Nr)
+        d2.clamp_(min=0.0)
+    return _finish_distance(d2.cpu().numpy().astype(np.float64), q.shape[1], metric)
+
+
 def nearest_neighbors(
     queries: np.ndarray,
     reference: np.ndarray,
