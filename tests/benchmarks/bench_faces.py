@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     out["runs"] = {name: {"run_id": rec["run_id"],
                           "rounds": (rec.get("settings") or {}).get("num-rounds", "the product's choice (10)"),
                           "seconds_per_round": rec.get("seconds_per_round"), "peak_rss_mib": rec.get("peak_rss_mib"),
-                          "wall_seconds": rec.get("wall_seconds"), "tstr_accuracy": rec.get("tstr_accuracy"),
+                          "wall_seconds": rec.get("wall_seconds"), "resumed": bool(rec.get("resumed")),
+                          "tstr_accuracy": rec.get("tstr_accuracy"),
                           "real_accuracy": rec.get("real_accuracy")}
                    for name, rec in records.items() if rec is not None}
     joint_dir = run_dir("utkface-gender+race")
@@ -263,7 +264,8 @@ def _markdown(out: dict) -> str:
         lines.append(f"| {r['attribute']} | {f(r['original'])} | {f(r.get('synthetic_own_run'))} | "
                      f"{f(r.get('synthetic_joint_run'))} | {f(r['majority_rate'])} |")
     lines += ["", "Runs: " + "; ".join(f"{name}: `{r['run_id']}`, rounds {r['rounds']}, {r['seconds_per_round']:.0f} s "
-                                     f"per 3-site round (shared cores), peak {r['peak_rss_mib']:.0f} MiB" for name, r in out["runs"].items())]
+                                     f"per 3-site round (shared cores), peak {r['peak_rss_mib']:.0f} MiB"
+                                     f"{' (of the resumed part)' if r.get('resumed') else ''}" for name, r in out["runs"].items())]
     lines += ["", "Table 2 (seed 000): mean ± std over synthetic faces of the mean of the 10 smallest distances "
               "to training vs test faces (training faces in disjoint chunks of the test set's size, averaged; "
               "in brackets the range of the chunks' means: how much one reference draw moves the number)", "",
