@@ -98,7 +98,8 @@ class SiteSettings:
         root = run.state_dir or str(Path(run.out_dir) / "sites")
         name = str(node_config.get("site-name") or f"site-{pid + 1}")
         base = {"name": name, "data": run.data, "image_size": run.image_size, "label_from": run.label_from,
-                "sensitive_attribute": run.sensitive_attribute, "partition_id": pid, "num_partitions": int(node_config["num-partitions"]),
+                "sensitive_attribute": run.sensitive_attribute, "partition_id": pid,
+                "num_partitions": int(node_config["num-partitions"]),
                 "partition": run.partition, "seed": run.seed, "state_dir": Path(root) / name,
                 "epsilon_budget": run.epsilon, "delta": run.delta, "heldout": run.test_data,
                 "evaluation": run.site_evaluation, "audits": run.site_audits}

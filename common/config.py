@@ -186,8 +186,8 @@ class RunConfig:
                  f"sensitive-attribute must be '' or one of {', '.join(SENSITIVE_ATTRIBUTES)}, "
                  f"got '{self.sensitive_attribute}'")
             # the coordinator of a deployment does not know the sites' labels (label-from ''): discovery checks them
-            need(not self.label_from or not sensitive_attribute_problem(self.label_from, self.sensitive_attribute),
-                 sensitive_attribute_problem(self.label_from, self.sensitive_attribute))
+            why = sensitive_attribute_problem(self.label_from, self.sensitive_attribute) if self.label_from else ""
+            need(not why, why)
             need(self.mode == "dpgan", "sensitive-attribute needs mode = dpgan: replacing an attribute draws each "
                                        "image from a generator conditioned on another value of it, and the statistics "
                                        "mode has no such generator")

@@ -23,14 +23,14 @@ from fedsynth.replace_attribute import replaced_set
 
 def parse_strengths(text: str) -> list[float]:
     """"0,0.5,1" -> [0.0, 0.5, 1.0]; a clear error for anything else."""
+    refusal = ConfigError(f"--replacement-curve takes strengths in [0, 1] separated by commas (e.g. 0,0.5,1), got "
+                          f"{text!r}")
     try:
         strengths = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ConfigError(f"--replacement-curve takes strengths in [0, 1] separated by commas (e.g. 0,0.5,1), got "
-                          f"{text!r}") from None
+        raise refusal from None
     if not strengths or any(not 0.0 <= s <= 1.0 for s in strengths):
-        raise ConfigError(f"--replacement-curve takes strengths in [0, 1] separated by commas (e.g. 0,0.5,1), got "
-                          f"{text!r}")
+        raise refusal
     return sorted(set(strengths))
 
 

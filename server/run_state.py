@@ -63,7 +63,7 @@ def open_run(cfg: RunConfig) -> RunState:
         defaults = RunConfig().to_flwr()
         changed = sorted(k for k in set(before) | set(defining)
                          if before.get(k, defaults.get(k)) != defining.get(k, defaults.get(k)))
-        if previous["settings_hash"] != digest and changed:
+        if changed:  # (a differing hash with nothing changed: only settings added since, at their defaults)
             raise RunFailed(
                 f"{out_dir} holds run {previous['experiment']} with other settings (changed: {', '.join(changed)}). "
                 "Rerun with the same settings to resume it, give a new out-dir (--out) for a new run, or set "

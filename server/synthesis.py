@@ -36,8 +36,9 @@ def allocate_by_census(census: np.ndarray, total: int, sizes: np.ndarray | None 
     """(S, K) images to draw from each of S sites' generators for each of K classes.
 
     Each class gets its balanced share of ``total`` (or ``sizes[c]`` images when given), split among the
-    sites in proportion to their noisy counts of it (``census`` (S, K), the per-run class histograms the sites already released; negative
-    noisy counts count as 0; a class that no site reports is split equally), rounded by largest remainder.
+    sites in proportion to their noisy counts of it (``census`` (S, K), the per-run class histograms the
+    sites already released; negative noisy counts count as 0; a class that no site reports is split
+    equally), rounded by largest remainder.
     Why: under label skew a site that holds few records of a class trains that class badly, and an
     average of the sites' generators mixes its bad version in; drawing each class from the sites that
     hold it avoids that. It is post-processing of DP releases, so it costs no privacy.

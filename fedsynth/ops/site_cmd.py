@@ -31,7 +31,8 @@ from fedsynth.ops.processes import Child, flower_env, forward_signals
 from fedsynth.ops.tls import check_ca, check_private_key
 
 SETTINGS_DEFAULTS = {f.name: f.default for f in fields(SiteSettings)}
-SITE_KEYS = ("name", "data", "dataset_id", "split", "image_size", "label_from", "sensitive_attribute", "heldout", "heldout_split", "epsilon",
+SITE_KEYS = ("name", "data", "dataset_id", "split", "image_size", "label_from", "sensitive_attribute", "heldout",
+             "heldout_split", "epsilon",
              "delta", "state_dir", "modes", "evaluation", "audits", "queries_per_run", "require_secure_aggregation",
              "coordinator", "ca_cert", "private_key", "supernode_port", "approved_bundles", "approve_installed")
 
@@ -86,8 +87,8 @@ def load_site_config(path: str | Path) -> SiteDeployment:
         raise DeployError(f"{path}: 'image_size' must be 0 (keep) or >= 8, got {image_size}")
     label_from = _choice(f, "label_from", ("", *sorted(LABEL_FROM_CLASSES)), path)
     sensitive = _choice(f, "sensitive_attribute", ("", *SENSITIVE_ATTRIBUTES), path)
-    if sensitive_attribute_problem(label_from, sensitive):
-        raise DeployError(f"{path}: 'sensitive_attribute': {sensitive_attribute_problem(label_from, sensitive)}")
+    if why := sensitive_attribute_problem(label_from, sensitive):
+        raise DeployError(f"{path}: 'sensitive_attribute': {why}")
     heldout = f.str("heldout", "")
     if heldout and heldout != "digits":
         heldout = str(f.path("heldout"))
@@ -123,7 +124,8 @@ def load_site_config(path: str | Path) -> SiteDeployment:
                           "bundle-digest prints one)")
     settings = SiteSettings(
         name=name, data=data, state_dir=f.path("state_dir"), epsilon_budget=epsilon, dataset_id=dataset_id,
-        split=split, image_size=image_size, label_from=label_from, sensitive_attribute=sensitive, delta=delta, modes=tuple(dict.fromkeys(modes)),
+        split=split, image_size=image_size, label_from=label_from, sensitive_attribute=sensitive, delta=delta,
+        modes=tuple(dict.fromkeys(modes)),
         heldout=heldout, heldout_split=heldout_split, evaluation=evaluation, audits=audits,
         queries_per_run=f.int("queries_per_run", 1, lo=1, hi=100),
         require_secure_aggregation=f.bool("require_secure_aggregation", False))
