@@ -62,6 +62,12 @@ def test_chunked_search_matches_brute_force(monkeypatch) -> None:
     d_a, d_b = audits.mutual_nearest_distances(a, b)
     np.testing.assert_allclose(d_a, full.min(1), rtol=1e-9)
     np.testing.assert_allclose(d_b, full.min(0), rtol=1e-9)
+    # the whole matrix (what the memorization audit's bootstrap resamples) and the nearest read off it
+    matrix = audits.neighbors.distance_matrix(a, b)
+    np.testing.assert_allclose(matrix, full, rtol=1e-4, atol=1e-6)
+    d_m, idx_m = audits.neighbors.nearest_in_matrix(a, b, matrix)
+    np.testing.assert_allclose(d_m, full.min(1), rtol=1e-9)
+    np.testing.assert_array_equal(idx_m, full.argmin(1))
 
 
 def test_nearest_neighbors_rejects_bad_input() -> None:

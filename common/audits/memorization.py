@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from scipy import stats
 
-from common.audits.neighbors import Metric, _as_matrix, _check_metric, _subsample, distance_matrix, nearest_neighbors
+from common.audits.neighbors import (Metric, _as_matrix, _check_metric, _subsample, distance_matrix, nearest_in_matrix,
+                                     nearest_neighbors)
 
 
 def _moments(x: np.ndarray) -> dict[str, float]:
@@ -125,14 +126,13 @@ def _two_sample_tests(d_train: np.ndarray, d_heldout: np.ndarray) -> dict:
     }
 
 
-def _reference_bootstrap(synth: np.ndarray, train_ref: np.ndarray, heldout_ref: np.ndarray, metric: Metric,
-                         rng: np.random.Generator, device, n_bootstrap: int = 200, alpha: float = 0.05) -> dict:
+def _reference_bootstrap(d_tr: np.ndarray, d_ho: np.ndarray, rng: np.random.Generator, n_bootstrap: int = 200,
+                         alpha: float = 0.05) -> dict:
     """How much the mean nearest-distance gap (held-out minus training) depends on which reference records were
     drawn: the reference records resampled with replacement ``n_bootstrap`` times (the synthetic records fixed),
     the gap recomputed each time; its (1 - alpha) interval, and how many distinct reference records are the
-    nearest to some synthetic record (few = hubs: the distances hang on those few records)."""
-    d_tr = distance_matrix(synth, train_ref, metric=metric, device=device)  # (S, n)
-    d_ho = distance_matrix(synth, heldout_ref, metric=metric, device=device)  # (S, n)
+    nearest to some synthetic record (few = hubs: the distances hang on those few records). ``d_tr``, ``d_ho``:
+    (S, n) distances of the synthetic records to the training and held-out reference records."""
     n_tr, n_ho = d_tr.shape[1], d_ho.shape[1]
     gaps = np.empty(n_bootstrap)
     for b in range(n_bootstrap):
@@ -182,11 +182,12 @@ def memorization_test(
     # Whole training set: synthetic -> train (near-copies) and held-out -> train (calibration) at once.
     d_all, idx_all = nearest_neighbors(np.concatenate([s, ho_sub]), tr, metric=metric, device=device)
     d_train_all, calibration = d_all[: len(s)], d_all[len(s) :]
-    if n_ref == len(tr):
-        d_train = d_train_all
-    else:
-        d_train, _ = nearest_neighbors(s, tr[tr_idx], metric=metric, device=device)
-    d_heldout, _ = nearest_neighbors(s, ho_sub, metric=metric, device=device)
+    # Synthetic x reference distance matrices, once: the nearest distances and the reference bootstrap read them.
+    tr_sub = tr[tr_idx]
+    matrix_tr = distance_matrix(s, tr_sub, metric=metric, device=device)  # (S, n_ref)
+    matrix_ho = distance_matrix(s, ho_sub, metric=metric, device=device)  # (S, n_ref)
+    d_train, _ = nearest_in_matrix(s, tr_sub, matrix_tr, metric=metric)
+    d_heldout, _ = nearest_in_matrix(s, ho_sub, matrix_ho, metric=metric)
 
     if near_copy_threshold is not None:
         threshold, rule, quantile = float(near_copy_threshold), f"absolute: {metric} <= {near_copy_threshold:g}", None
@@ -218,5 +219,5 @@ def memorization_test(
         heldout_index=ho_idx,
         nearest_train=idx_all[: len(s)],
         tests={**_two_sample_tests(d_train, d_heldout),
-               "reference_bootstrap": _reference_bootstrap(s, tr[tr_idx], ho_sub, metric, rng, device, alpha=alpha)},
+               "reference_bootstrap": _reference_bootstrap(matrix_tr, matrix_ho, rng, alpha=alpha)},
     )

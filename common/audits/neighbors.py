@@ -49,6 +49,12 @@ def _exact_sq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("nd,nd->n", diff, diff)
 
 
+def _sq_block(a: torch.Tensor, a_sq: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:
+    """(qa, qb) squared Euclidean distances of two float32 blocks (a_sq, b_sq: their rows' squared norms),
+    as ||a||^2 + ||b||^2 - 2ab with the tiny negatives of float32 cancellation clamped to 0."""
+    return (a_sq[:, None] + b_sq[None, :] - 2.0 * (a @ b.T)).clamp_(min=0.0)
+
+
 def _nn_search(
     a: np.ndarray, b: np.ndarray, *, both_ways: bool, device: torch.device | str | None
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -74,9 +80,7 @@ def _nn_search(
         for i in range(0, na, qa):
             blk_a = ta[i : i + qa]
             for j in range(0, nb, qb):
-                # (qa, qb) squared distances; clamp the tiny negatives float32 cancellation produces.
-                d2 = a_sq[i : i + qa, None] + b_sq[None, j : j + qb] - 2.0 * (blk_a @ tb[j : j + qb].T)
-                d2.clamp_(min=0.0)
+                d2 = _sq_block(blk_a, a_sq[i : i + qa], tb[j : j + qb], b_sq[j : j + qb])  # (qa, qb)
                 row_min, row_arg = d2.min(dim=1)
                 better = row_min < best_a[i : i + qa]
                 best_a[i : i + qa] = torch.where(better, row_min, best_a[i : i + qa])
@@ -98,9 +102,17 @@ def distance_matrix(queries: np.ndarray, reference: np.ndarray, *, metric: Metri
     dev = torch.device(device) if device is not None else torch.device("cpu")
     tq, tr = torch.from_numpy(q).to(dev), torch.from_numpy(r).to(dev)
     with torch.no_grad():
-        d2 = (tq * tq).sum(1)[:, None] + (tr * tr).sum(1)[None, :] - 2.0 * (tq @ tr.T)  # (Nq, Nr)
-        d2.clamp_(min=0.0)
+        d2 = _sq_block(tq, (tq * tq).sum(1), tr, (tr * tr).sum(1))  # (Nq, Nr)
     return _finish_distance(d2.cpu().numpy().astype(np.float64), q.shape[1], metric)
+
+
+def nearest_in_matrix(queries: np.ndarray, reference: np.ndarray, matrix: np.ndarray, *,
+                      metric: Metric = "mse") -> tuple[np.ndarray, np.ndarray]:
+    """:func:`nearest_neighbors` read off a :func:`distance_matrix` of the same records: each query's nearest
+    reference by the matrix, its distance recomputed exactly in float64. Returns (distances (Nq,), indices (Nq,))."""
+    q, r = _as_matrix(queries, "queries"), _as_matrix(reference, "reference")
+    idx = np.asarray(matrix).argmin(axis=1)
+    return _finish_distance(_exact_sq(q, r[idx]), q.shape[1], metric), idx
 
 
 def nearest_neighbors(
