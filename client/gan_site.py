@@ -58,7 +58,7 @@ def _previous_d_state(folder, rnd: int) -> dict | None:
 
 def _check_request(req: P.GanTrainRequest) -> GanShape:
     shape = GanShape(channels=req.channels, image_size=req.image_size, num_classes=req.num_classes,
-                     latent_dim=req.latent_dim, width=req.width)
+                     latent_dim=req.latent_dim, width=req.width, resolution=req.resolution)
     try:
         shape.validate()
     except ValueError as err:

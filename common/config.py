@@ -66,6 +66,7 @@ class RunConfig:
     gan_latent_dim: int = 64  # >= 1: size of the generator's latent vector
     gan_width: int = 0  # generator base width (0 = chosen by the product from the image shape)
     gan_d_width: int = 0  # discriminator base width (0 = chosen by the product: a small D keeps the DP noise small)
+    gan_resolution: int = 0  # side G draws at and D judges at, resized to the images' (0 = chosen by the product)
     gan_ac_weight: float = 0.3  # weight of the discriminator's auxiliary class loss (AC-GAN); 0 = projection only
     gan_mode_seeking: float = 1.0  # weight of G's mode-seeking term; 0 = off (then every image of a class looks alike)
     gan_class_histogram: bool = True  # each site draws G's labels from its own DP class histogram (label skew)
@@ -133,7 +134,7 @@ class RunConfig:
 
     def gan_shape(self, channels: int, image_size: int, num_classes: int) -> GanShape:
         return GanShape(channels=channels, image_size=image_size, num_classes=num_classes,
-                        latent_dim=self.gan_latent_dim, width=self.gan_width)
+                        latent_dim=self.gan_latent_dim, width=self.gan_width, resolution=self.gan_resolution)
 
     def validate(self) -> None:
         """Check every range; raise :class:`ConfigError` naming the setting and the fix."""
@@ -155,6 +156,9 @@ class RunConfig:
              "gan-latent-dim >= 1 and gan-width >= 4 (or 0: chosen by the product)")
         need(self.gan_d_width >= 0 and self.gan_ac_weight >= 0 and self.gan_mode_seeking >= 0,
              "gan-d-width, gan-ac-weight and gan-mode-seeking must be >= 0")
+        need(self.gan_resolution == 0 or 8 <= self.gan_resolution <= (self.image_size or self.gan_resolution),
+             f"gan-resolution is the side the GAN draws at: at least 8 and at most the image side "
+             f"(image-size {self.image_size or 'as the data'}), or 0 for the product's choice; got {self.gan_resolution}")
         need(self.secure_threshold >= 0 and self.secure_threshold != 1,
              f"secure-threshold must be >= 2 (or 0: two thirds of the sites), got {self.secure_threshold}")
         need(self.secure_aggregation or not self.distributed_noise,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -24,6 +25,17 @@ class GanShape:
     num_classes: int
     latent_dim: int = 64
     width: int = 64  # base channel count of G (the site's D picks its own, usually smaller, width)
+    resolution: int = 0  # side G draws at and D judges at; 0 = image_size (see ``side``)
+
+    @property
+    def side(self) -> int:
+        """The side G's convolutions draw at and D's judge at: ``resolution``, or the image side when 0.
+
+        Below the image side, G's drawing is resized to the image (bilinear) by G's last, fixed layer and
+        D averages each input down to it first (parameter-free, so D's per-sample gradients and the DP
+        argument are unchanged).
+        """
+        return self.resolution or self.image_size
 
     @property
     def stages(self) -> int:
@@ -35,17 +47,22 @@ class GanShape:
         networks every MNIST/PneumoniaMNIST/CIFAR-10 result used); 64: 3 stages (64 -> 8).
         """
         n = 2
-        while self.image_size >> n > 8:
+        while self.side >> n > 8:
             n += 1
         return n
 
     def validate(self) -> None:
+        if not 0 <= self.resolution <= self.image_size:
+            raise ValueError(f"the GAN's resolution (gan-resolution) must be between 1 and the image side "
+                             f"{self.image_size}, or 0 for the image side; got {self.resolution}")
         step = 1 << self.stages
-        if self.image_size % step or self.image_size < 8:
+        if self.side % step or self.side < 8:
+            what = "resolution" if self.resolution else "images"
             raise ValueError(
-                f"the GAN needs square images at least 8 pixels wide whose side is a multiple of {step} "
-                f"(it halves a {self.image_size}-pixel image {self.stages} times), got {self.image_size}; resize the "
-                f"data to a side such as {max(8, self.image_size // step * step)} (image-size in the config)"
+                f"the GAN needs a side at least 8 pixels wide that is a multiple of {step} "
+                f"(it halves a {self.side}-pixel image {self.stages} times), got {what} {self.side}; "
+                + ("set gan-resolution to a side such as 32 or 0 (the image side)" if self.resolution else
+                   f"resize the data to a side such as {max(8, self.side // step * step)} (image-size in the config)")
             )
         if self.channels not in (1, 3):
             raise ValueError(f"images must have 1 or 3 channels, got {self.channels}")
@@ -61,7 +78,8 @@ class Generator(nn.Module):
     """Class-conditional generator: (z, y) -> image in [-1, 1].
 
     z (B, latent) and a learned label embedding (B, latent) are concatenated, projected to a
-    (2^(stages-1) w, S/2^stages, S/2^stages) map and upsampled ``stages`` times (twice up to 32 pixels).
+    (2^(stages-1) w, side/2^stages, side/2^stages) map and upsampled ``stages`` times (twice up to 32 pixels), then
+    resized to the image side S when the GAN draws at a smaller side (``GanShape.side``).
     Only per-sample normalisation (GroupNorm): the output for one (z, y) never depends on the other rows of the batch, so sampling class-sorted batches at the
     coordinator gives the same images as training on mixed batches, and the state_dict is weights only.
     """
@@ -70,7 +88,7 @@ class Generator(nn.Module):
         super().__init__()
         shape.validate()
         self.shape = shape
-        n, s = shape.stages, shape.image_size >> shape.stages
+        n, s = shape.stages, shape.side >> shape.stages
         self.base_channels = c = shape.width << (n - 1)  # 2w for 2 stages, 4w for 3, ...
         self.label_embedding = nn.Embedding(shape.num_classes, shape.latent_dim)
         self.project = nn.Sequential(
@@ -82,14 +100,17 @@ class Generator(nn.Module):
             layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c // 2, 3, padding=1),
                        nn.GroupNorm(_groups(c // 2), c // 2), nn.ReLU(inplace=True)]
             c //= 2
-        # c == w/2 now, the map is (w/2, S, S)
+        # c == w/2 now, the map is (w/2, side, side)
         layers += [nn.Conv2d(c, shape.channels, 3, padding=1), nn.Tanh()]
         self.upsample = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        s = self.shape.image_size >> self.shape.stages
+        s = self.shape.side >> self.shape.stages
         h = self.project(torch.cat([z, self.label_embedding(y)], dim=1))  # (B, c*s*s)
-        return self.upsample(h.view(z.shape[0], self.base_channels, s, s))  # (B, C, S, S)
+        x = self.upsample(h.view(z.shape[0], self.base_channels, s, s))  # (B, C, side, side)
+        if self.shape.side != self.shape.image_size:  # bilinear keeps tanh's [-1, 1]
+            x = F.interpolate(x, size=(self.shape.image_size,) * 2, mode="bilinear", align_corners=False)
+        return x  # (B, C, S, S)
 
     def sample_latent(self, n: int, generator: torch.Generator | None = None,
                       device: torch.device | str = "cpu") -> torch.Tensor:
@@ -99,7 +120,8 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """Small conditional discriminator that Opacus can privatize (site-only; never leaves the site).
 
-    ``shape.stages`` strided convolutions (two up to 32 pixels, three at 64; GroupNorm, no BatchNorm: Opacus has no per-sample gradients for it and it
+    An input larger than the GAN's side is first averaged down to it, then ``shape.stages`` strided convolutions
+    (two up to 32 pixels, three at 64; GroupNorm, no BatchNorm: Opacus has no per-sample gradients for it and it
     would mix records), then two heads on the flattened features h: a real/fake logit with a projection
     term (Miyato & Koyama 2018) ``w.h + <embed(y), h>`` and class logits (AC-GAN head, Odena et al. 2017).
 
@@ -111,14 +133,15 @@ class Discriminator(nn.Module):
         super().__init__()
         shape.validate()
         c = width or max(4, shape.width // 4)
-        n, s = shape.stages, shape.image_size >> shape.stages
-        layers: list[nn.Module] = [nn.Conv2d(shape.channels, c, 4, stride=2, padding=1),  # (w, S/2, S/2)
+        self.side = shape.side
+        n, s = shape.stages, shape.side >> shape.stages
+        layers: list[nn.Module] = [nn.Conv2d(shape.channels, c, 4, stride=2, padding=1),  # (w, side/2, side/2)
                                    nn.LeakyReLU(0.2)]
         for _ in range(n - 1):  # (c, m, m) -> (2c, m/2, m/2)
             layers += [nn.Conv2d(c, 2 * c, 4, stride=2, padding=1), nn.GroupNorm(_groups(2 * c), 2 * c),
                        nn.LeakyReLU(0.2)]
             c *= 2
-        self.features = nn.Sequential(*layers, nn.Flatten())  # (B, c * s * s), s = S / 2**stages
+        self.features = nn.Sequential(*layers, nn.Flatten())  # (B, c * s * s), s = side / 2**stages
         feat = c * s * s
         self.linear = nn.Linear(feat, 1)
         self.classifier = nn.Linear(feat, shape.num_classes)
@@ -127,7 +150,9 @@ class Discriminator(nn.Module):
             nn.init.zeros_(self.label_embedding.weight)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(real/fake logit (B,), class logits (B, K))."""
+        """(real/fake logit (B,), class logits (B, K)) of images x (B, C, S, S)."""
+        if x.shape[-1] != self.side:  # average each image down to the GAN's side (no parameters)
+            x = F.adaptive_avg_pool2d(x, self.side)  # (B, C, side, side)
         h = self.features(x)  # (B, feat)
         adv = self.linear(h).squeeze(1)
         if self.label_embedding is not None:

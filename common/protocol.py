@@ -133,6 +133,7 @@ class GanTrainRequest(Message):
     latent_dim: int
     width: int
     generator: Arrays = arrays()  # the global generator's state_dict, float32
+    resolution: int = 0  # side G draws at and D judges at (GanShape.resolution; 0 = image_size)
     # the attribute the coordinator will draw independently in every synthetic image (seed 004); a site that
     # declared one refuses a request that does not name it (a coordinator that would not replace it)
     sensitive_attribute: str = ""

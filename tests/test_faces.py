@@ -135,7 +135,12 @@ def test_the_product_sizes_a_64x64_colour_run_from_the_shape() -> None:
 
     schema = Schema(channels=3, height=64, width=64, classes=("male", "female"))
     cfg, chosen = resolve(RunConfig(), schema, num_sites=3)
-    assert cfg.gan_width == 16 and cfg.gan_shape(3, 64, 2).stages == 3  # narrower G, a third stage
+    # the GAN draws 64x64 faces at 32 pixels, with the 32-pixel colour networks
+    assert cfg.gan_resolution == 32 and cfg.gan_width == 32 and cfg.gan_shape(3, 64, 2).stages == 2
+    assert any(c.setting == "gan-resolution" and "resized to 64" in c.reason for c in chosen)
     small, _ = resolve(RunConfig(), Schema(channels=3, height=32, width=32, classes=("a", "b")), num_sites=3)
-    assert small.gan_width == 32 and small.gan_shape(3, 32, 2).stages == 2
+    assert small.gan_resolution == 32 and small.gan_width == 32 and small.gan_shape(3, 32, 2).stages == 2
+    # a user who asks for the full side gets the 64-pixel networks the rules size for it
+    full, chosen = resolve(RunConfig(gan_resolution=64), schema, num_sites=3)
+    assert full.gan_width == 16 and full.gan_shape(3, 64, 2).stages == 3  # narrower G, a third stage
     assert any(c.setting == "gan-width" and "64x64" in c.reason for c in chosen)

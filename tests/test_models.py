@@ -36,6 +36,26 @@ def test_up_to_32_pixels_the_networks_are_the_ones_every_grayscale_result_used()
     assert disc.features[2].weight.shape == (32, 16, 4, 4) and disc.linear.in_features == 32 * 7 * 7
 
 
+def test_a_gan_drawing_at_a_smaller_side_makes_and_judges_full_size_images():
+    """gan-resolution: G's 32-pixel drawing is resized to 64 by a fixed last layer; D averages its input to 32."""
+    shape = GanShape(channels=3, image_size=64, num_classes=2, latent_dim=8, width=16, resolution=32)
+    same_at_32 = GanShape(channels=3, image_size=32, num_classes=2, latent_dim=8, width=16)
+    gen, disc = Generator(shape), Discriminator(shape, width=4)
+    # the same parameters as the 32-pixel networks: the resizing has none
+    assert ({k: v.shape for k, v in gen.state_dict().items()}
+            == {k: v.shape for k, v in Generator(same_at_32).state_dict().items()})
+    assert ({k: v.shape for k, v in disc.state_dict().items()}
+            == {k: v.shape for k, v in Discriminator(same_at_32, width=4).state_dict().items()})
+    y = torch.tensor([0, 1])
+    images = gen(gen.sample_latent(2), y)
+    assert images.shape == (2, 3, 64, 64) and images.abs().max() <= 1
+    # D of a 64-pixel image == D of that image averaged 2x2 down to 32 pixels
+    small = torch.nn.functional.avg_pool2d(images, 2)
+    torch.testing.assert_close(disc(images, y)[0], disc(small, y)[0])
+    with pytest.raises(ValueError, match="between 1 and the image side 32"):
+        Generator(GanShape(3, 32, 2, resolution=64))
+
+
 def test_a_side_the_gan_cannot_halve_is_refused_with_a_size_to_use():
     with pytest.raises(ValueError, match=r"multiple of 16.*such as 96"):
         Generator(GanShape(3, 100, 2))

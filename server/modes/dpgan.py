@@ -34,6 +34,7 @@ def gan_request(cfg: RunConfig, shape: GanShape, experiment: str, rnd: int,
         d_width=cfg.gan_d_width, ac_weight=cfg.gan_ac_weight, mode_seeking=cfg.gan_mode_seeking,
         class_histogram=cfg.gan_class_histogram, epsilon=cfg.epsilon, seed=cfg.seed, channels=shape.channels,
         image_size=shape.image_size, num_classes=shape.num_classes, latent_dim=shape.latent_dim, width=shape.width,
+        resolution=shape.resolution,
         generator=generator, sensitive_attribute=cfg.sensitive_attribute)
 
 
