@@ -51,12 +51,11 @@ def gan_resolution_rule(schema: Schema) -> Choice:
                   "per round against 741; tests/benchmarks/results/defaults)")
 
 
-def gan_rules(schema: Schema, num_sites: int, resolution: int = 0) -> list[Choice]:
-    """The DP-GAN's rules; ``resolution``: the side the GAN draws at (0 = the images' own)."""
+def gan_rules(schema: Schema, num_sites: int, resolution: int) -> list[Choice]:
+    """The DP-GAN's rules; ``resolution``: the side the GAN draws at (the user's gan-resolution or the rule's)."""
     small = _small(schema)
-    side = resolution or max(schema.height, schema.width)
-    colour_or_large = schema.channels == 3 or side > 32
-    large = side >= 48  # G and D get a third stage (common.models.GanShape.stages)
+    colour_or_large = schema.channels == 3 or resolution > 32
+    large = resolution >= 48  # G and D get a third stage (common.models.GanShape.stages)
     return [
         Choice("num-rounds", 3 if small else 10,
                "tiny images: 3 rounds, what the digits demo measured" if small else
