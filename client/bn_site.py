@@ -55,7 +55,11 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings):
         finite_at_least(value, name, strict=True)
     if req.width < 1:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"width must be >= 1, got {req.width}")
-    net = BNNet(req.channels, req.num_classes, req.image_size, req.width, head_norm=req.head_norm)
+    try:
+        net = BNNet(req.channels, req.num_classes, req.image_size, req.width, head_norm=req.head_norm,
+                    resolution=req.resolution)
+    except ValueError as err:
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"the shared net's shape cannot be built: {err}") from None
     problems = P.check_arrays(net_state, P.state_spec(net.state_dict()))
     if problems:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"the net sent does not match the run's shape: {problems[:3]}")

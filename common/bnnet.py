@@ -13,10 +13,11 @@ Both sides must build the very same architecture (the coordinator loads the site
 matches the sites' statistics layer by layer), so everything that fixes it is in :class:`BNNetShape`,
 and the layer names used as release keys come from :func:`norm_layer_names`.
 
-Architecture for an (C, S, S) input, width w:
-    block1: conv3x3(C -> w)   -> GroupNorm -> ReLU -> avgpool2   (w,  S/2, S/2)
-    block2: conv3x3(w -> 2w)  -> GroupNorm -> ReLU -> avgpool2   (2w, S/4, S/4)
-    block3: conv3x3(2w -> 2w) -> GroupNorm -> ReLU [-> avgpool2 from 48 px]   (2w, m, m), m = S/4 (S/8)
+Architecture for an (C, S, S) input, width w, drawn at side R (``resolution``; R = S unless set):
+    [input averaged down to R x R when S > R: parameter-free, so the DP argument is unchanged]
+    block1: conv3x3(C -> w)   -> GroupNorm -> ReLU -> avgpool2   (w,  R/2, R/2)
+    block2: conv3x3(w -> 2w)  -> GroupNorm -> ReLU -> avgpool2   (2w, R/4, R/4)
+    block3: conv3x3(2w -> 2w) -> GroupNorm -> ReLU [-> avgpool2 from 48 px]   (2w, m, m), m = R/4 (R/8)
     [head_norm: GroupNorm of the flattened map, seen as (B, 2w m^2, 1, 1)]   (optional)
     head:   linear(2w * m^2 -> K)
 With ``head_norm=True`` the last recorded layer has one channel per (feature map, position), so the
@@ -57,6 +58,12 @@ class BNNetShape:
     image_size: int
     width: int = 32
     head_norm: bool = False
+    resolution: int = 0  # side the net's convolutions see (larger inputs are averaged down); 0 = image_size
+
+    @property
+    def side(self) -> int:
+        """The side the net's layers work at (and the statistics-mode synthesis draws at)."""
+        return self.resolution or self.image_size
 
     def validate(self) -> None:
         """Raise ValueError with a fix-it hint when the shape cannot be built."""
@@ -71,10 +78,16 @@ class BNNetShape:
             )
         if self.width < 1:
             raise ValueError(f"width must be >= 1, got {self.width}")
+        if self.resolution and not MIN_IMAGE_SIZE <= self.resolution <= self.image_size:
+            raise ValueError(
+                f"the statistics net's resolution (bn-resolution) must be between {MIN_IMAGE_SIZE} and the image "
+                f"side {self.image_size}, or 0 for the image side; got {self.resolution}"
+            )
 
     def build(self) -> "BNNet":
         """A freshly initialised net of this shape (seed torch first for identical weights)."""
-        return BNNet(self.in_channels, self.num_classes, self.image_size, self.width, head_norm=self.head_norm)
+        return BNNet(self.in_channels, self.num_classes, self.image_size, self.width, head_norm=self.head_norm,
+                     resolution=self.resolution)
 
 
 def _group_count(channels: int) -> int:
@@ -119,26 +132,29 @@ class BNNet(nn.Module):
     """
 
     def __init__(self, in_channels: int, num_classes: int, image_size: int, width: int = 32, *,
-                 head_norm: bool = False) -> None:
+                 head_norm: bool = False, resolution: int = 0) -> None:
         super().__init__()
-        self.shape = BNNetShape(in_channels, num_classes, image_size, width, head_norm)
+        self.shape = BNNetShape(in_channels, num_classes, image_size, width, head_norm, resolution)
         self.shape.validate()
+        side = self.shape.side  # R
         w = width
         self.block1 = _Block(in_channels, w, nn.AvgPool2d(2))  # (w, S/2, S/2)
         self.block2 = _Block(w, 2 * w, nn.AvgPool2d(2))  # (2w, S/4, S/4)
         # From 48 pixels up block3 pools too: the head's map stays at most 8x8 (64x64 faces: 8x8, not 16x16,
         # i.e. a head and a head-norm release 4x smaller), as the GAN's networks do (common.models).
-        large = image_size >= LARGE_IMAGE_SIZE
+        large = side >= LARGE_IMAGE_SIZE
         self.block3 = _Block(2 * w, 2 * w, nn.AvgPool2d(2) if large else nn.Identity())  # (2w, m, m)
         # A linear head on the whole map (not global pooling) keeps where strokes are, which both the
         # classifier and the class guidance of the synthesis need.
-        side = image_size // 8 if large else image_size // 4  # m
-        features = 2 * w * side ** 2
+        m = side // 8 if large else side // 4
+        features = 2 * w * m ** 2
         # Optional norm of the head input ("head.norm" is then the last recorded layer).
         self.head_norm = _HeadNorm(features) if head_norm else None
         self.head = nn.Linear(features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.shape.side:  # (B, C, S, S) -> (B, C, R, R): a site's full-size records
+            x = nn.functional.adaptive_avg_pool2d(x, self.shape.side)
         h = self.block3(self.block2(self.block1(x))).flatten(1)  # (B, 2w m^2)
         if self.head_norm is not None:
             h = self.head_norm(h)

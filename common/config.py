@@ -74,6 +74,7 @@ class RunConfig:
     # --- BN statistics (shared GroupNorm net, federated DP-SGD, one DP statistics release per site) ----
     bn_net: str = ""  # "" = train the shared net across the sites with DP-SGD; else a net file (torch state_dict)
     bn_width: int = 16  # channels of the shared net's first block
+    bn_resolution: int = 0  # side the shared net works at and the synthesis draws at, resized to the images' (0 = chosen by the product)
     bn_head_norm: bool = False  # also record the head input's per-position statistics (class layout; MNIST)
     bn_rounds: int = 0  # federated DP-SGD rounds of the shared net (0 = chosen by the product; none with bn-net)
     bn_local_steps: int = 0  # DP-SGD steps per site per round (0 = chosen by the product)
@@ -159,6 +160,9 @@ class RunConfig:
         need(self.gan_resolution == 0 or 8 <= self.gan_resolution <= (self.image_size or self.gan_resolution),
              f"gan-resolution is the side the GAN draws at: at least 8 and at most the image side "
              f"(image-size {self.image_size or 'as the data'}), or 0 for the product's choice; got {self.gan_resolution}")
+        need(self.bn_resolution == 0 or 8 <= self.bn_resolution <= (self.image_size or self.bn_resolution),
+             f"bn-resolution is the side the statistics net works at: at least 8 and at most the image side "
+             f"(image-size {self.image_size or 'as the data'}), or 0 for the product's choice; got {self.bn_resolution}")
         need(self.secure_threshold >= 0 and self.secure_threshold != 1,
              f"secure-threshold must be >= 2 (or 0: two thirds of the sites), got {self.secure_threshold}")
         need(self.secure_aggregation or not self.distributed_noise,

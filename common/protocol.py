@@ -179,6 +179,7 @@ class BnPlanSettings:
     num_classes: int
     width: int
     head_norm: bool
+    resolution: int  # side the shared net works at (larger records are averaged down to it; BNNetShape.side)
     # Distributed noise (only inside a secure aggregation): the statistics release's noise is split over at
     # least this many sites, each adding 1/sqrt(noise_shares) of it, so that the sum carries all of it.
     # 1 = every site adds all of it (always so in the clear: a site refuses anything else there).

@@ -183,6 +183,7 @@ def cmd_pretrain_net(args: argparse.Namespace) -> int:
     """Train the BN-statistics mode's shared net on public data and save it for ``--set bn-net=FILE``."""
     from common.data import DataError, load_dataset
     from fedsynth.pretrain import AUGMENT_PRESETS, pretrain_bnnet
+    from server.defaults import bn_resolution_rule
 
     if args.image_size < 8:
         raise ConfigError(f"--image-size must be >= 8 (the private run's image size), got {args.image_size}")
@@ -199,7 +200,10 @@ def cmd_pretrain_net(args: argparse.Namespace) -> int:
     if args.eval_data:
         eval_data = load_dataset(_abs_source(args.eval_data), "test", image_size=args.image_size, channels=args.channels)
     try:
-        summary = pretrain_bnnet(train, args.out, width=args.width, head_norm=args.head_norm, epochs=args.epochs,
+        # the side a run on these images will resolve bn-resolution to, unless the user names one
+        resolution = args.resolution or bn_resolution_rule(args.image_size).value
+        summary = pretrain_bnnet(train, args.out, width=args.width, head_norm=args.head_norm, resolution=resolution,
+                                 epochs=args.epochs,
                                  batch_size=args.batch_size, lr=args.lr, augment=AUGMENT_PRESETS[args.augment],
                                  test=test, eval_data=eval_data, seed=args.seed, device=args.device,
                                  threads=args.threads, progress=not args.quiet)
@@ -211,12 +215,12 @@ def cmd_pretrain_net(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=2))
     test_acc = "n/a" if summary["test_accuracy"] is None else f"{summary['test_accuracy']:.4f}"
     line = (f"pretrained BNNet({train.image_shape[0]}, {train.num_classes}, {args.image_size}, width={args.width}, "
-            f"head_norm={args.head_norm}) on {args.data}: test accuracy {test_acc}")
+            f"head_norm={args.head_norm}, resolution={resolution}) on {args.data}: test accuracy {test_acc}")
     if summary["eval_accuracy"] is not None:
         line += f"; on {args.eval_data} (test split, benchmark only) {summary['eval_accuracy']:.4f}"
     print(line + f"; {summary['epochs']} epochs in {summary['seconds']:.0f} s")
     print(f"use it with: --set bn-net={summary['out']} --set bn-width={args.width} "
-          f"--set bn-head-norm={'true' if args.head_norm else 'false'}")
+          f"--set bn-head-norm={'true' if args.head_norm else 'false'} --set bn-resolution={resolution}")
     print(f"per-layer clip bounds read off the public data (no privacy cost; check they suit your data): "
           f"--set bn-layer-clips={summary['public_layer_clips']}")
     return 0
@@ -231,6 +235,8 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, required=True, help="the private run's image side (e.g. 28 for MNIST)")
     p.add_argument("--channels", type=int, default=1, help="the private run's channels: 1 (grayscale) or 3 (RGB)")
     p.add_argument("--width", type=int, default=16, help="the run's bn-width")
+    p.add_argument("--resolution", type=int, default=0,
+                   help="the run's bn-resolution (0: the product's choice for --image-size, at most 32)")
     p.add_argument("--head-norm", action="store_true", help="the run has bn-head-norm=true (the MNIST recipe)")
     p.add_argument("--epochs", type=int, default=150, help="passes over the public training split")
     p.add_argument("--out", required=True, help="net file to write (a state_dict); give it to a run as bn-net")

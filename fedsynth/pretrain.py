@@ -183,6 +183,7 @@ def pretrain_bnnet(
     *,
     width: int = 16,
     head_norm: bool = False,
+    resolution: int = 0,
     epochs: int = 150,
     batch_size: int = 128,
     lr: float = 2e-3,
@@ -202,7 +203,8 @@ def pretrain_bnnet(
             and ``train.num_classes`` outputs, which must equal the private run's (the file only loads
             into a net of the run's shape).
         out: the net file to write (atomically); give it to a run as ``bn-net``.
-        width, head_norm: the run's ``bn-width`` and ``bn-head-norm``.
+        width, head_norm, resolution: the run's ``bn-width``, ``bn-head-norm`` and ``bn-resolution`` (0: the
+            image side; ``fedsynth pretrain-net`` passes the product's choice, as a run would resolve it).
         epochs, batch_size, lr, weight_decay: Adam with a cosine learning-rate decay.
         augment: random per-batch transforms (:class:`Augment`), None for none.
         test: the public data's held-out split, scored at the end (recommended).
@@ -234,7 +236,7 @@ def pretrain_bnnet(
     c, h, w = train.image_shape
     if h != w:
         raise ValueError(f"the shared net needs square images, the public data holds {h}x{w}; load it with an image size")
-    shape = BNNetShape(c, train.num_classes, h, width, head_norm)
+    shape = BNNetShape(c, train.num_classes, h, width, head_norm, resolution)
     shape.validate()
     for other in (test, eval_data):
         if other is not None:
@@ -297,7 +299,8 @@ def _train(train: ImageDataset, out: str | Path, shape: BNNetShape, dev: torch.d
     return {
         "out": str(path),
         "shape": asdict(shape),
-        "run_settings": {"bn-net": str(path), "bn-width": shape.width, "bn-head-norm": shape.head_norm},
+        "run_settings": {"bn-net": str(path), "bn-width": shape.width, "bn-head-norm": shape.head_norm,
+                         "bn-resolution": shape.side},
         "train_records": n,
         "epochs": epochs,
         "seconds": round(seconds, 1),

@@ -132,6 +132,18 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return ((x[:, :, 1:, :] - x[:, :, :-1, :]) ** 2).mean() + ((x[:, :, :, 1:] - x[:, :, :, :-1]) ** 2).mean()
 
 
+def _to_image_side(x: torch.Tensor, side: int) -> torch.Tensor:
+    """(B, C, R, R) images in [0, 1] resized to (B, C, side, side) (bilinear), the images' own side.
+
+    The net averages its input down to R, so what the synthesis pinned is the R-pixel image; a smooth
+    upscale is the least-structured image of the full side that the net sees as that one (up to the
+    small bilinear-up/area-down round trip).
+    """
+    if x.shape[-1] == side:
+        return x
+    return nn.functional.interpolate(x, size=(side, side), mode="bilinear", align_corners=False).clamp(0, 1)
+
+
 def _stats_loss(inputs: dict[str, torch.Tensor], targets: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                 classes: torch.Tensor, m: int, weights: dict[str, float] | None = None) -> torch.Tensor:
     """Sum over layers and classes of the scaled L2 distances of batch mean/var to the targets.
@@ -185,7 +197,9 @@ def synthesize(
     ``lr_schedule``: "constant" or "cosine" (decay to 0 over the iterations).
     ``threads``: torch CPU threads for the synthesis (restored afterwards; None = leave as is).
     ``init_bias``: the start logits are N(init_bias, 1) (negative: darker start images).
-    Deterministic for a seed on a given device. Returns images (N, C, H, W) float32 in [0, 1] with
+    The images are optimised at the net's side R (``BNNetShape.side``) and resized to the images' side S
+    (bilinear) when the net was built with a smaller ``resolution``.
+    Deterministic for a seed on a given device. Returns images (N, C, S, S) float32 in [0, 1] with
     labels int64, ordered by optimisation batch.
     """
     shape = getattr(model, "shape", None)
@@ -236,7 +250,8 @@ def synthesize(
                 active = np.flatnonzero(remaining > 0)
                 cls = torch.as_tensor(active, device=dev)  # (k,)
                 y = cls.repeat_interleave(m)  # (k*m,), class-major like the reshape in _stats_loss
-                z = torch.randn((len(y), shape.in_channels, shape.image_size, shape.image_size), generator=gen)
+                # Drawn at the net's side R; resized to the images' side S at the end (identity when R = S).
+                z = torch.randn((len(y), shape.in_channels, shape.side, shape.side), generator=gen)
                 z = z.to(dev).requires_grad_(True)
                 if init_bias:
                     z = (z.detach() + init_bias).requires_grad_(True)
@@ -260,7 +275,8 @@ def synthesize(
                     opt.step()
                     bar.update(1)
                 with torch.no_grad():
-                    x = torch.sigmoid(z).reshape(len(active), m, *z.shape[1:])  # (k, m, C, S, S)
+                    x = _to_image_side(torch.sigmoid(z), shape.image_size)  # (k*m, C, S, S)
+                    x = x.reshape(len(active), m, *x.shape[1:])  # (k, m, C, S, S)
                 for j, c in enumerate(active):
                     take = min(m, remaining[c])
                     images.append(x[j, :take].cpu().numpy())

@@ -10,6 +10,7 @@ import torch
 from client.app import app as client_app
 from common import protocol as P
 from common.bnnet import BNNet
+from common.data import load_dataset
 from fedsynth.localgrid import run_inprocess
 from server.app import run_coordinator
 from server.sites import RunFailed
@@ -123,3 +124,30 @@ def test_auto_clip_bounds_are_chosen_privately_and_accounted_with_the_release(tm
         sigmas = [ev["noise_multiplier"] for ev in entries[0]["events"]]
         assert len(sigmas) == 2 and sigmas[0] == 10.0 and 0 < sigmas[1] < 10.0
         assert 2.7 < entries[0]["epsilon_after"] <= 3.0
+
+
+def test_the_net_works_at_bn_resolution_and_the_synthesis_is_resized_to_the_image_side(tmp_path):
+    """16x16 records, bn-resolution 8: the sites average each record down to 8x8 inside the shared net, the
+    synthesis draws at 8x8 and the synthetic set comes out at the images' 16x16."""
+    cfg = bn_config(tmp_path, epsilon=10.0, image_size=16, bn_resolution=8)
+    seen = []
+    report = run_inprocess(run_coordinator, client_app, cfg.to_flwr(), nodes(2), tap=seen.append)
+    net_spec = P.state_spec(BNNet(1, 10, 16, 8, resolution=8).state_dict())
+    assert net_spec != P.state_spec(BNNet(1, 10, 16, 8).state_dict())  # the head is that of an 8-pixel net
+    replies = [P.BnTrainReply.from_message(m) for m in seen if m.metadata.message_type == P.TRAIN_BNNET]
+    assert replies and all(P.check_arrays(r.net, net_spec) == [] for r in replies)
+    synth = load_dataset(tmp_path / "out" / "synthetic.npz", "train", whole=True)
+    assert synth.image_shape == (1, 16, 16) and report["config"]["bn-resolution"] == 8
+
+
+def test_a_site_refuses_a_net_resolution_its_images_cannot_have(tmp_path, monkeypatch, caplog):
+    import server.modes.bnstats as mode
+
+    real = mode.plan_settings
+    monkeypatch.setattr(mode, "plan_settings", lambda *a, **k: {**real(*a, **k), "resolution": 16})  # 8x8 data
+    cfg = bn_config(tmp_path, epsilon=10.0, quorum=1.0)
+    with pytest.raises(RunFailed, match="never trained"):
+        run_inprocess(run_coordinator, client_app, cfg.to_flwr(), nodes(2))
+    assert "refused (bad request): site-1: the shared net's shape cannot be built" in caplog.text
+    assert "bn-resolution) must be between 8 and the image side 8" in caplog.text
+    assert all(entries == [] for entries in charges(tmp_path))  # refused before any work: nothing spent

@@ -152,3 +152,22 @@ def test_synthesis_options_layer_weights_schedule_init_threads(trained: tuple[BN
     assert len(syn) == 20 and torch.get_num_threads() == threads
     with pytest.raises(ValueError, match="lr_schedule"):
         synthesize(net, pooled, 1, iterations=1, lr_schedule="step", progress=False)
+
+
+def test_a_net_at_a_lower_resolution_sees_averaged_records_and_synthesizes_full_size_images(
+        trained: tuple[BNNet, PooledStats]) -> None:
+    """bn-resolution: a net for 16x16 records built at 8 pixels has the 8-pixel net's parameters, sees each
+    record averaged 2x2, and its synthesis draws at 8 pixels and returns 16x16 images it still recognises."""
+    net8, pooled = trained
+    net16 = BNNet(1, 10, 16, width=16, resolution=8)
+    net16.load_state_dict(net8.state_dict())  # same parameter shapes: the convolutions work at 8 pixels
+    x = torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(net16(x), net8(torch.nn.functional.avg_pool2d(x, 2)))
+    syn = synthesize(net16, pooled, 10, iterations=120, batch_size=100, seed=0, progress=False)
+    assert syn.images.shape == (100, 1, 16, 16) and 0.0 <= syn.images.min() and syn.images.max() <= 1.0
+    with torch.no_grad():
+        pred = net16(torch.as_tensor(syn.images)).argmax(1).numpy()
+    assert (pred == syn.labels).mean() >= 0.8
+    with pytest.raises(ValueError, match="bn-resolution"):
+        BNNet(1, 10, 16, width=16, resolution=32)

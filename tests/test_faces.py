@@ -39,12 +39,14 @@ def _flower_home(tmp_path, monkeypatch):
 
 
 def test_the_statistics_mode_runs_on_real_colour_faces(faces: str, tmp_path: Path) -> None:
-    """(The DP-GAN mode runs on colour faces in the replacement test below.)"""
+    """(The DP-GAN mode runs on colour faces in the replacement test below.) The net works at 8 pixels
+    (bn-resolution, as the product's rule has a 64x64 run's net work at 32) and the faces come out at 16."""
     mode, out = "bnstats", tmp_path / "bnstats"
     assert cli.main(["simulate", "--data", faces, "--test", faces, "--mode", mode, "--out", str(out), *TINY,
-                     "--set", "label-from=utkface-gender", "--set", "image-size=16",
+                     "--set", "label-from=utkface-gender", "--set", "image-size=16", "--set", "bn-resolution=8",
                      "--set", "synthetic-size=60"]) == 0
     report = json.loads((out / "report.json").read_text())
+    assert report["config"]["bn-resolution"] == 8
     synth = load_dataset(out / "synthetic.npz", "train", whole=True)
     assert synth.image_shape == (3, 16, 16) and synth.classes == ("male", "female") and len(synth) == 60
     assert report["private"] and 0.0 <= report["utility"]["tstr_accuracy"] <= 1.0
@@ -144,3 +146,8 @@ def test_the_product_sizes_a_64x64_colour_run_from_the_shape() -> None:
     full, chosen = resolve(RunConfig(gan_resolution=64), schema, num_sites=3)
     assert full.gan_width == 16 and full.gan_shape(3, 64, 2).stages == 3  # narrower G, a third stage
     assert any(c.setting == "gan-width" and "64x64" in c.reason for c in chosen)
+    # the statistics mode: its net works at 32 pixels and its synthesis draws at 32 (resized to 64)
+    bn, chosen = resolve(RunConfig(mode="bnstats"), schema, num_sites=3)
+    assert bn.bn_resolution == 32 and any(c.setting == "bn-resolution" and "resizes to 64" in c.reason for c in chosen)
+    assert resolve(RunConfig(mode="bnstats"), Schema(3, 32, 32, ("a", "b")), num_sites=3)[0].bn_resolution == 32
+    assert resolve(RunConfig(mode="bnstats", bn_resolution=64), schema, num_sites=3)[0].bn_resolution == 64

@@ -79,9 +79,10 @@ def test_cli_pretrain_net_end_to_end(tmp_path, capsys):
     text = capsys.readouterr().out
     assert code == 0 and out.is_file()
     summary = json.loads(text[: text.index("\npretrained ")])
-    assert summary["shape"] == {"in_channels": 1, "num_classes": 10, "image_size": 8, "width": 8, "head_norm": False}
+    assert summary["shape"] == {"in_channels": 1, "num_classes": 10, "image_size": 8, "width": 8, "head_norm": False,
+                                "resolution": 8}
     assert 0 <= summary["test_accuracy"] <= 1 and summary["eval_accuracy"] is not None
-    assert f"--set bn-net={out}" in text and "benchmark only" in text
+    assert f"--set bn-net={out}" in text and "--set bn-resolution=8" in text and "benchmark only" in text
     load_pretrained(out, BNNetShape(1, 10, 8, width=8))
 
 

@@ -45,6 +45,7 @@ def plan_settings(cfg: RunConfig, schema: Schema, experiment: str, num_sites: in
                 stats_share=cfg.bn_stats_share, clip=cfg.bn_clip, layer_clips=cfg.bn_layer_clips,
                 count_weight=cfg.bn_count_weight, seed=cfg.seed, channels=schema.channels, image_size=schema.height,
                 num_classes=len(schema.classes), width=cfg.bn_width, head_norm=cfg.bn_head_norm,
+                resolution=cfg.bn_resolution,
                 noise_shares=noise_shares(cfg, num_sites) if cfg.distributed_noise else 1)
 
 
@@ -96,14 +97,16 @@ def _shared_net(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int, Site
                 settings: dict) -> tuple[BNNet, list[dict]]:
     c, h = schema.channels, schema.height
     torch.manual_seed(cfg.seed)
-    net = BNNet(c, len(schema.classes), h, cfg.bn_width, head_norm=cfg.bn_head_norm)
+    net = BNNet(c, len(schema.classes), h, cfg.bn_width, head_norm=cfg.bn_head_norm, resolution=cfg.bn_resolution)
     if cfg.bn_net:
         try:
             net.load_state_dict(torch.load(cfg.bn_net, map_location="cpu", weights_only=True))
         except (OSError, RuntimeError) as err:
             raise RunFailed(f"cannot use the net file '{cfg.bn_net}' (bn-net): {err}. It must be the state_dict "
                             f"of BNNet({c}, {len(schema.classes)}, {h}, width={cfg.bn_width}, "
-                            f"head_norm={cfg.bn_head_norm})") from None
+                            f"head_norm={cfg.bn_head_norm}, resolution={net.shape.side}) (fedsynth pretrain-net "
+                            f"--image-size {h} --resolution {net.shape.side}), or set bn-resolution to the "
+                            "side it was trained at") from None
         log.info("using the coordinator's net %s: no site spends budget on it", cfg.bn_net)
         return net, []
     task = FedAvgTask("shared net", P.BnTrainReply, "net",
