@@ -20,6 +20,7 @@ from common.config import RunConfig
 from common.device import pick_device
 from common.learner import check_learner
 from server.attribute_replacement import run_sensitive_attribute
+from server.defaults import CHOSEN_SETTINGS
 from server.defaults import resolve as resolve_defaults
 from server.federated_eval import federated_evaluate
 from server.learn import learn_and_test, load_test_data
@@ -44,6 +45,7 @@ def run_coordinator(grid: Grid, context: Context) -> dict:
     with run.timed("discover"):
         sites, schema = discover_sites(grid, cfg)
     cfg, chosen = resolve_defaults(cfg, schema, len(sites))  # settings left at 0: the product's rules
+    run.check_choices({k: getattr(cfg, k.replace("-", "_")) for k in CHOSEN_SETTINGS})  # a resumed run: the same
     # an attribute the sites declared sensitive (or the run names) is drawn independently in the synthetic set
     cfg = dataclasses.replace(cfg, sensitive_attribute=run_sensitive_attribute(cfg, sites, schema.classes))
     if cfg.sensitive_attribute:

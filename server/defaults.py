@@ -21,6 +21,9 @@ from common.config import RunConfig
 from server.sites import Schema
 
 AUTO = 0  # an int setting left at 0 is chosen by these rules
+# Every setting a rule below may choose (a run records the values chosen: server.run_state).
+CHOSEN_SETTINGS = ("num-rounds", "gan-local-steps", "gan-batch-size", "gan-width", "gan-d-width", "gan-resolution",
+                   "bn-rounds", "bn-local-steps", "bn-batch-size", "bn-resolution", "synthetic-size")
 
 
 @dataclass(frozen=True)

@@ -249,3 +249,28 @@ def test_a_run_recorded_before_a_setting_existed_resumes_with_that_setting_at_it
         recorded["settings"]["sensitive-attribute"] = "race"
         path.write_text(json.dumps(recorded))
         run(cfg, k=2)
+
+
+def test_a_resumed_run_must_arrive_at_the_values_the_product_chose_when_it_began(tmp_path, caplog):
+    """run.json keeps the rule-chosen values; a fedsynth whose rules now choose otherwise refuses to resume
+    and names the --set that resumes it, and that --set does."""
+    cfg = fast_config(tmp_path, num_rounds=1)  # gan-d-width left to the product: 16
+    first = run(cfg, k=2)
+    path = Path(cfg.out_dir) / "run.json"
+    recorded = json.loads(path.read_text())
+    assert recorded["chosen"]["gan-d-width"] == 16 and recorded["chosen"]["gan-resolution"] == 8
+    charged = charges(tmp_path)
+    recorded["chosen"]["gan-d-width"] = 8  # as if an older fedsynth's rule had chosen 8
+    path.write_text(json.dumps(recorded))
+    with pytest.raises(RunFailed, match=r"began with gan-d-width = 8; this run resolves gan-d-width = 16.*"
+                                        r"--set gan-d-width=8"):
+        run(cfg, k=2)
+    again = run(replace(cfg, gan_d_width=8), k=2)  # the same run: resumed, nothing charged twice
+    assert again["experiment"] == first["experiment"] and charges(tmp_path) == charged
+    with pytest.raises(RunFailed, match=r"began with gan-d-width = 8; this run resolves gan-d-width = 4"):
+        run(replace(cfg, gan_d_width=4), k=2)  # named, but not the value the run began with
+    recorded = json.loads(path.read_text())
+    del recorded["chosen"]  # a run recorded before fedsynth kept its choices: a named value is trusted, and said so
+    path.write_text(json.dumps(recorded))
+    assert run(replace(cfg, gan_d_width=16), k=2)["experiment"] == first["experiment"]
+    assert "cannot be checked against them; resuming with the values named now" in caplog.text
