@@ -39,6 +39,7 @@ class FedAvgTask:
     model_field: str  # the reply's array field holding the model
     make_request: Callable[[int, dict[str, np.ndarray]], Any]  # (round, model arrays) -> protocol request
     check_reply: Callable[[Any], list[str]] = lambda reply: []  # problems with a reply's other fields
+    keep_rounds: int = 1  # the accepted replies of this many last aggregated rounds are kept (FedAvgOutcome.recent)
 
 
 @dataclass
@@ -47,6 +48,7 @@ class FedAvgOutcome:
 
     history: list[dict]  # one entry per round
     last_replies: dict[int, Any]  # node -> accepted reply of the last round that reached its quorum
+    recent: list[dict[int, Any]]  # the accepted replies of the last ``FedAvgTask.keep_rounds`` such rounds, oldest first
 
 
 def weighted_average(states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
@@ -122,11 +124,13 @@ def run_fedavg_rounds(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int
     ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
     if ckpt is not None and ckpt.get("task") != task.label:
         raise RunFailed(f"{ckpt_path} belongs to a run of another mode; use a new out-dir or resume=false")
-    history, start, last_replies = [], 1, {}
+    history, start, last_replies, recent = [], 1, {}, []
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         history, start = ckpt["history"], ckpt["round"] + 1
-        last_replies = ckpt.get("last_replies", {})
+        # (a checkpoint written before "recent" existed holds the last round's replies only)
+        recent = ckpt["recent"] if "recent" in ckpt else [ckpt["last_replies"]] if ckpt.get("last_replies") else []
+        last_replies = recent[-1] if recent else {}
         for node, saved in ckpt["sites"].items():
             if node in sites:
                 sites[node].__dict__.update({k: v for k, v in saved.items() if k not in ("node_id", "name")})
@@ -148,6 +152,7 @@ def run_fedavg_rounds(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int
             if averaged is not None and entry["accepted"] >= need:
                 P.load_state(model, averaged)
                 last_replies = replies
+                recent = (recent + [replies])[-max(1, task.keep_rounds):]
                 entry["aggregated"] = True
             else:
                 entry["aggregated"] = False
@@ -160,11 +165,11 @@ def run_fedavg_rounds(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int
             save_checkpoint(ckpt_path, {"round": rnd, "model": model.state_dict(), "history": history,
                                         "experiment": run.experiment, "task": task.label,
                                         "sites": {n: s.__dict__.copy() for n, s in sites.items()},
-                                        "last_replies": last_replies})
+                                        "recent": recent})  # the last round's replies: recent[-1]
             bar.set_postfix(accepted=f"{entry['accepted']}/{len(nodes)}")
             bar.update(1)
     bar.close()
     if num_rounds and not any(h.get("aggregated") for h in history):
         raise RunFailed(f"no round reached its quorum, so the {task.label} was never trained; see the site errors "
                         "above (budget refusals, data errors or timeouts)")
-    return FedAvgOutcome(history, last_replies)
+    return FedAvgOutcome(history, last_replies, recent)

@@ -65,6 +65,17 @@ def test_one_grid_point_runs_simulate_and_evaluate_and_fills_the_table(tmp_path:
     assert json.loads((results / "digits-bnstats-eps5-k2-iid.json").read_text())["date"] == rec["date"]
     assert "∞ (NOT private)" in (results / "table.md").read_text()
 
+    # --evaluate-only: the finished simulation evaluated again, its simulate measurements kept
+    sim_report = out / rec["run_id"] / "sim" / "report.json"
+    sim_written = sim_report.stat().st_mtime_ns
+    code = run_grid.main(["--datasets", "digits", "--modes", "bnstats", "--epsilons", "5", "--sites", "2",
+                          "--partitions", "iid", "--out", str(out), "--results", str(results), "--evaluate-only",
+                          *tiny])
+    again = json.loads((results / "digits-bnstats-eps5-k2-iid.json").read_text())
+    assert code == 0 and again["status"] == "ok" and again["simulate"] == rec["simulate"]
+    assert sim_report.stat().st_mtime_ns == sim_written  # not simulated again
+    assert (out / rec["run_id"] / "eval" / "report.json").stat().st_mtime_ns > sim_written  # evaluated again
+
 
 def test_failed_runs_are_recorded_and_shown(tmp_path: Path, run_grid) -> None:
     record = {"run_id": "x", "dataset": "mnist", "mode": "dpgan", "epsilon": 1.0, "sites": 3,

@@ -61,3 +61,33 @@ def test_gan_sample_from_is_validated():
     assert RunConfig.from_mapping({"gan-sample-from": "average"}).gan_sample_from == "average"
     with pytest.raises(ConfigError, match="gan-sample-from must be one of sites, average"):
         RunConfig.from_mapping({"gan-sample-from": "best"})
+    with pytest.raises(ConfigError, match="gan-sample-rounds must be >= 1"):
+        RunConfig.from_mapping({"gan-sample-rounds": 0}).validate()
+
+
+def test_each_site_is_drawn_from_the_average_of_its_last_rounds_generators(tmp_path):
+    """gan-sample-rounds = 2 over 3 rounds: site_generators.pt holds, per site, the mean of the generators the
+    site returned in rounds 2 and 3 (read off the wire), and the report says so."""
+    from client.app import app as client_app
+    from fedsynth.localgrid import run_inprocess
+    from server.app import run_coordinator
+    from tests.spine_helpers import fast_config, nodes
+
+    cfg = fast_config(tmp_path, num_rounds=3, gan_local_steps=2, gan_sample_rounds=2, synthetic_size=40)
+    seen = []
+    report = run_inprocess(run_coordinator, client_app, cfg.to_flwr(), nodes(2), tap=seen.append)
+    by_site: dict[int, list[dict]] = {}
+    for msg in seen:
+        if msg.metadata.message_type == P.TRAIN_GAN:
+            by_site.setdefault(msg.metadata.src_node_id, []).append(P.GanTrainReply.from_message(msg).generator)
+    saved = torch.load(tmp_path / "out" / "site_generators.pt", weights_only=False)
+    assert saved["rounds_averaged"] == [2, 2] and len(saved["generators"]) == 2
+    for node, state in zip(sorted(by_site), saved["generators"]):
+        rounds = by_site[node]  # the site's replies in round order
+        assert len(rounds) == 3
+        for key, value in state.items():
+            np.testing.assert_allclose(value, (rounds[1][key] + rounds[2][key]) / 2, rtol=1e-5, atol=1e-6)
+            assert not np.allclose(value, rounds[2][key])  # not the last round's alone
+    assert list(report["synthetic"]["made"]["rounds-averaged-per-site"].values()) == [2, 2]
+    # the checkpoint keeps just the rounds it needs
+    assert len(torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["recent"]) == 2

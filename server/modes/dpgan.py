@@ -2,9 +2,10 @@
 
 Each round sends the global generator to every site (``train.gan``); a site trains its own DP
 discriminator against it and returns only the generator and its per-run noisy class histogram. At the
-end (``server.synthesis``) class c is drawn from each site's last generator in proportion to the
-site's noisy count of c (``gan-sample-from = sites``), or from the averaged generator (``average``);
-both are post-processing of DP releases.
+end (``server.synthesis``) class c is drawn from each site's generator -- the average of the generators
+it returned in the last ``gan-sample-rounds`` rounds -- in proportion to the site's noisy count of c
+(``gan-sample-from = sites``), or from the averaged generator (``average``); both are post-processing of
+DP releases.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from common.config import RunConfig
 from common.data import ImageDataset, joint_attribute_values
 from common.models import GanShape, Generator
 from server.attribute_replacement import sample_with_replaced_attribute
-from server.fedavg import FedAvgTask, run_fedavg_rounds
+from server.fedavg import FedAvgTask, run_fedavg_rounds, weighted_average
 from server.run_state import RunState
 from server.sites import RunFailed, Schema, SiteRecord
 from server.synthesis import sample_generator, sample_site_generators
@@ -53,6 +54,24 @@ def _census(last: dict, nodes: list[int], num_classes: int) -> np.ndarray:
     return np.stack([np.asarray(c["counts"], dtype=np.float64) for c in counts])
 
 
+def site_generators(recent: list[dict], nodes: list[int]) -> tuple[list[dict[str, np.ndarray]], list[int]]:
+    """Per node, the average (equal weights) of its generators in the ``recent`` rounds' accepted replies, and how
+    many rounds that was.
+
+    A site's generator at the end of a round is the round's global generator after its own DP-SGD steps;
+    averaging its last few (Polyak averaging of checkpoints the site has already released, so no privacy
+    cost) smooths out the last steps' noise. Measured on the product's defaults runs, drawn again from
+    their saved replies (tests/benchmarks/bench_sample_rounds.py, 3 rounds against the last only): MNIST
+    epsilon 1 0.905 vs 0.902, PneumoniaMNIST 0.848 (MCC 0.68) vs 0.805 (MCC 0.59).
+    """
+    states, used = [], []
+    for n in nodes:
+        mine = [replies[n].generator for replies in recent if n in replies]
+        states.append(mine[0] if len(mine) == 1 else weighted_average(mine, [1.0] * len(mine)))
+        used.append(len(mine))
+    return states, used
+
+
 def collect_and_synthesize(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int, SiteRecord], schema: Schema,
                            device: torch.device) -> tuple[ImageDataset, list[dict], dict]:
     """The federated generator rounds, then the synthetic set; and how it was sampled (for the report)."""
@@ -63,7 +82,7 @@ def collect_and_synthesize(grid: Grid, cfg: RunConfig, run: RunState, sites: dic
     gen = Generator(shape)
     task = FedAvgTask("generator", P.GanTrainReply, "generator",
                       lambda rnd, arrays: gan_request(cfg, shape, run.experiment, rnd, arrays),
-                      check_reply=_census_check(len(schema.classes)))
+                      check_reply=_census_check(len(schema.classes)), keep_rounds=cfg.gan_sample_rounds)
     outcome = run_fedavg_rounds(grid, cfg, run, sites, gen, task, cfg.num_rounds)
     with run.timed("synthesis"):
         torch.save(gen.state_dict(), run.out_dir / "generator.pt")
@@ -73,11 +92,14 @@ def collect_and_synthesize(grid: Grid, cfg: RunConfig, run: RunState, sites: dic
         census = _census(last, nodes, len(schema.classes)) if from_sites or cfg.sensitive_attribute else None
         if from_sites:
             names = [sites[n].name if n in sites else f"node-{n}" for n in nodes]
-            torch.save({"sites": names, "census": census, "generators": [last[n].generator for n in nodes]},
+            site_states, rounds_used = site_generators(outcome.recent, nodes)
+            torch.save({"sites": names, "census": census, "generators": site_states, "rounds_averaged": rounds_used},
                        run.out_dir / "site_generators.pt")  # what the set was drawn from, to re-sample it
             how = {"from": "sites", "round": max(outcome.history[-1]["round"], 0) if outcome.history else 0,
-                   "why": "class c drawn from each site's last generator in proportion to the site's noisy count "
-                          "of c (its census, already released): post-processing, no privacy cost"}
+                   "rounds-averaged-per-site": dict(zip(names, rounds_used)),
+                   "why": "class c drawn from each site's generator (its generators of the last "
+                          f"{cfg.gan_sample_rounds} rounds, averaged) in proportion to the site's noisy count of c "
+                          "(its census, already released): post-processing, no privacy cost"}
         else:
             why = ""
             if cfg.gan_sample_from == "sites":
@@ -85,7 +107,7 @@ def collect_and_synthesize(grid: Grid, cfg: RunConfig, run: RunState, sites: dic
                        else " (fewer than two sites replied in it)")
             how = {"from": "average", "why": "the averaged generator of the last round" + why}
         if cfg.sensitive_attribute:
-            states = [last[n].generator for n in nodes] if from_sites else [P.state_arrays(gen)]
+            states = site_states if from_sites else [P.state_arrays(gen)]
             pooled = census if from_sites else census.sum(axis=0, keepdims=True)
             synth, info = sample_with_replaced_attribute(
                 gen, states, pooled, schema.classes, cfg.synthetic_size,
@@ -96,7 +118,7 @@ def collect_and_synthesize(grid: Grid, cfg: RunConfig, run: RunState, sites: dic
                                                                   if s.sensitive_attribute),
                                             "privacy_cost": "none: post-processing of the run's DP releases"}
         elif from_sites:
-            synth, alloc = sample_site_generators(gen, [last[n].generator for n in nodes], census, schema.classes,
+            synth, alloc = sample_site_generators(gen, site_states, census, schema.classes,
                                                   cfg.synthetic_size, seed=cfg.seed, device=device,
                                                   progress=cfg.progress)
             how["images-per-site-and-class"] = {name: row.tolist() for name, row in zip(names, alloc)}

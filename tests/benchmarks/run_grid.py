@@ -180,9 +180,11 @@ def _run_stage(stage: str, cmd: list[str], run_dir: Path, report_path: Path, env
 
 
 def run_point(point: GridPoint, *, out_root: Path, results: Path, data_root: Path, extra: dict[str, str],
-              python: str, tag: str = "", recipe: str = "", resume: bool = False) -> dict[str, Any]:
+              python: str, tag: str = "", recipe: str = "", resume: bool = False,
+              evaluate_only: bool = False) -> dict[str, Any]:
     """Simulate + evaluate one grid point; returns (and writes) its result record. ``resume``: continue the
-    point's interrupted simulation in its run dir (its sites' ledgers and the coordinator's checkpoint)."""
+    point's interrupted simulation in its run dir (its sites' ledgers and the coordinator's checkpoint).
+    ``evaluate_only``: the simulation finished (its report and its record's measurements exist); evaluate it."""
     spec = DATASETS[point.dataset]
     data = spec.path(data_root)
     settings = recipe_settings(point, extra, recipe)
@@ -190,7 +192,11 @@ def run_point(point: GridPoint, *, out_root: Path, results: Path, data_root: Pat
     run_id = point.run_id + (f"-{tag}" if tag else "")
     run_dir = out_root / run_id
     resumed = resume and (run_dir / "sim" / "run.json").is_file()
-    if run_dir.exists() and not resumed:
+    earlier = results / f"{run_id}.json"
+    if evaluate_only and not ((run_dir / "sim" / "report.json").is_file() and earlier.is_file()):
+        raise SystemExit(f"{run_id}: --evaluate-only needs a finished simulation ({run_dir / 'sim' / 'report.json'}) "
+                         f"and its record ({earlier})")
+    if run_dir.exists() and not resumed and not evaluate_only:
         shutil.rmtree(run_dir)  # a new run: the sites' ledgers of an earlier one would refuse the budget
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "FLWR_HOME": str(run_dir / "flwr_home"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
@@ -209,7 +215,12 @@ def run_point(point: GridPoint, *, out_root: Path, results: Path, data_root: Pat
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "commands": {"simulate": " ".join(sim_cmd)},
     }
-    sim_report = _run_stage("simulate", sim_cmd, run_dir, run_dir / "sim" / "report.json", env, record)
+    if evaluate_only:  # the simulation's own measurements, from its record
+        record.update(simulate=json.loads(earlier.read_text(encoding="utf-8"))["simulate"],
+                      resumed=json.loads(earlier.read_text(encoding="utf-8")).get("resumed", False))
+        sim_report = json.loads((run_dir / "sim" / "report.json").read_text(encoding="utf-8"))
+    else:
+        sim_report = _run_stage("simulate", sim_cmd, run_dir, run_dir / "sim" / "report.json", env, record)
     if sim_report is None:
         return _write(record, results)
 
@@ -396,6 +407,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="run again points whose JSON exists")
     p.add_argument("--resume", action="store_true", help="continue interrupted simulations in their run dirs "
                                                          "instead of starting them over")
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="evaluate finished simulations again (e.g. after a failed evaluate stage); keeps their "
+                        "simulate measurements")
     p.add_argument("--python", default=sys.executable, help="interpreter that runs fedsynth")
     p.add_argument("--update-readme", action="store_true",
                    help="only rewrite README.md's results table from the JSONs in --results, run nothing")
@@ -438,12 +452,13 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for i, point in enumerate(points, 1):
         run_id = point.run_id + (f"-{args.tag}" if args.tag else "")
-        if (args.results / f"{run_id}.json").is_file() and not args.force:
+        if (args.results / f"{run_id}.json").is_file() and not (args.force or args.evaluate_only):
             print(f"[{i}/{len(points)}] {run_id}: result exists, skipped (--force to rerun)")
             continue
         print(f"[{i}/{len(points)}] {run_id}", flush=True)
         rec = run_point(point, out_root=args.out, results=args.results, data_root=args.data_root, extra=extra,
-                        python=args.python, tag=args.tag, recipe=args.recipe, resume=args.resume)
+                        python=args.python, tag=args.tag, recipe=args.recipe, resume=args.resume,
+                        evaluate_only=args.evaluate_only)
         if rec["status"] == "ok":
             print(f"  TSTR {_fmt(rec['tstr_accuracy'])}  real {_fmt(rec['real_accuracy'])}  "
                   f"ratio {_fmt(rec['ratio'], '.2f')}  MIA AUC {_fmt(rec['mia_auc_pixel'])}  "

@@ -1,0 +1,94 @@
+"""How many rounds of each site's generators the DP-GAN mode averages before drawing (``gan-sample-rounds``).
+
+    .venv/bin/python tests/benchmarks/bench_sample_rounds.py runs/defaults/mnist-dpgan-eps1-k3-dirichlet0.5/sim \\
+        --data ../shared/data/mnist --rounds 1,3
+
+Reads a finished *simulated* DP-GAN run (``gan-sample-from = sites``): the sites' saved replies of every
+round (``sites/<site>/runs/<experiment>/gan-round-<r>.pt``, which only a simulation's owner holds) and
+their noisy class counts (``site_generators.pt``). For each k in ``--rounds`` it averages each site's
+generators of the last k rounds with the product's own function (``server.modes.dpgan.site_generators``),
+draws the run's synthetic-set size with the run's seed, trains the run's learner and scores it on a
+validation subset of the real *training* split (what a choice may look at) and on the test split (what
+is reported). Same run, same DP releases: the difference is the post-processing alone. Prints the numbers
+and writes them to ``--out`` (default ``tests/benchmarks/results/sample_rounds/<run>.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import numpy as np
+    import torch
+
+    from common.config import RunConfig
+    from common.data import ImageDataset, load_dataset
+    from common.learner import evaluate_learner, train_learner
+    from common.models import Generator
+    from server.modes.dpgan import site_generators
+    from server.synthesis import sample_site_generators
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="a simulated DP-GAN run's output folder (holding report.json and sites/)")
+    p.add_argument("--data", required=True, help="the run's dataset (its training split gives the validation subset)")
+    p.add_argument("--rounds", default="1,3", help="comma-separated k: each site's last k rounds averaged")
+    p.add_argument("--val", type=int, default=5000, help="validation images drawn from the training split")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    run = Path(args.run)
+    cfg = RunConfig.from_mapping(json.loads((run / "report.json").read_text())["config"])
+    experiment = json.loads((run / "run.json").read_text())["experiment"]
+    saved = torch.load(run / "site_generators.pt", weights_only=False)
+    names, census = saved["sites"], saved["census"]
+
+    def replies(rnd: int) -> dict[int, SimpleNamespace]:  # node index -> the site's reply of round rnd
+        out = {}
+        for i, name in enumerate(names):
+            path = run / "sites" / name / "runs" / experiment / f"gan-round-{rnd}.pt"
+            out[i] = SimpleNamespace(generator={k: np.asarray(v) for k, v in
+                                                torch.load(path, weights_only=False)["reply"]["generator"].items()})
+        return out
+
+    load = dict(image_size=cfg.image_size or None, label_from=cfg.label_from or None)
+    test, train = load_dataset(args.data, "test", **load), load_dataset(args.data, "train", **load)
+    pick = np.random.default_rng(123).permutation(len(train))[: args.val]
+    val = ImageDataset(images=train.images[pick], labels=train.labels[pick], classes=train.classes, source="val")
+    c, h, _ = test.image_shape
+    gen = Generator(cfg.gan_shape(c, h, len(test.classes)))
+    cpu = torch.device("cpu")
+    result = {"run": str(run), "synthetic_size": cfg.synthetic_size, "rounds": cfg.num_rounds,
+              "validation": f"{len(val)} images of the training split"}
+    for k in [int(x) for x in args.rounds.split(",")]:
+        t0 = time.perf_counter()
+        states, used = site_generators([replies(r) for r in range(cfg.num_rounds - k + 1, cfg.num_rounds + 1)],
+                                       list(range(len(names))))
+        synth, _ = sample_site_generators(gen, states, census, test.classes, cfg.synthetic_size, seed=cfg.seed,
+                                          device=cpu, progress=False)
+        model = train_learner(synth, cfg.learner_config(), device=cpu, progress=False)
+        v, t = evaluate_learner(model, val, device=cpu), evaluate_learner(model, test, device=cpu)
+        result[f"last-{k}"] = {"val_accuracy": round(v["accuracy"], 4), "val_mcc": round(v["mcc"], 3),
+                               "test_accuracy": round(t["accuracy"], 4), "test_mcc": round(t["mcc"], 3),
+                               "rounds_averaged": used, "seconds": round(time.perf_counter() - t0, 1)}
+        r = result[f"last-{k}"]
+        print(f"last {k} round(s): val {r['val_accuracy']:.4f} (MCC {r['val_mcc']:.3f})  test {r['test_accuracy']:.4f} "
+              f"(MCC {r['test_mcc']:.3f})  {r['seconds']} s", flush=True)
+        out = args.out or ROOT / "tests" / "benchmarks" / "results" / "sample_rounds" / f"{run.parent.name}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
