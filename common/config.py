@@ -70,7 +70,7 @@ class RunConfig:
     gan_ac_weight: float = 0.3  # weight of the discriminator's auxiliary class loss (AC-GAN); 0 = projection only
     gan_mode_seeking: float = 1.0  # weight of G's mode-seeking term; 0 = off (then every image of a class looks alike)
     gan_class_histogram: bool = True  # each site draws G's labels from its own DP class histogram (label skew)
-    gan_sample_rounds: int = 3  # >= 1: with gan-sample-from = sites, each site's generators of this many last rounds averaged (weights) before drawing from it
+    gan_sample_rounds: int = 1  # >= 1: with gan-sample-from = sites, each site's generators of this many last rounds averaged (weights) before drawing; 1 = its last
     gan_sample_from: str = "sites"  # sites: class c from each site's last generator in proportion to its noisy count of c; average: from the averaged generator
     # --- BN statistics (shared GroupNorm net, federated DP-SGD, one DP statistics release per site) ----
     bn_net: str = ""  # "" = train the shared net across the sites with DP-SGD; else a net file (torch state_dict)
