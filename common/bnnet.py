@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.models import resize_to_side
+
 if TYPE_CHECKING:
     from common.data import ImageDataset
 
@@ -153,8 +155,7 @@ class BNNet(nn.Module):
         self.head = nn.Linear(features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.shape.side:  # (B, C, S, S) -> (B, C, R, R): a site's full-size records
-            x = nn.functional.adaptive_avg_pool2d(x, self.shape.side)
+        x = resize_to_side(x, self.shape.side)  # (B, C, S, S) -> (B, C, R, R): a site's full-size records averaged
         h = self.block3(self.block2(self.block1(x))).flatten(1)  # (B, 2w m^2)
         if self.head_norm is not None:
             h = self.head_norm(h)

@@ -16,6 +16,21 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def resize_to_side(x: torch.Tensor, side: int) -> torch.Tensor:
+    """(B, C, s, s) images as (B, C, side, side), with no parameters: averaged down when larger (each output
+    pixel the mean of the pixels it covers), bilinear up when smaller, unchanged at ``side``.
+
+    The DP networks draw and judge at a side below the images' (``GanShape.side``, ``BNNetShape.side``): the
+    way down keeps a record's per-sample gradients and statistics those of one record, the way up keeps
+    values inside the range of the input (bilinear weights are convex).
+    """
+    if x.shape[-1] == side:
+        return x
+    if x.shape[-1] > side:
+        return F.adaptive_avg_pool2d(x, side)
+    return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+
+
 @dataclass(frozen=True)
 class GanShape:
     """Everything that fixes the GAN's tensor shapes (part of the run config, identical at every site)."""
@@ -108,9 +123,7 @@ class Generator(nn.Module):
         s = self.shape.side >> self.shape.stages
         h = self.project(torch.cat([z, self.label_embedding(y)], dim=1))  # (B, c*s*s)
         x = self.upsample(h.view(z.shape[0], self.base_channels, s, s))  # (B, C, side, side)
-        if self.shape.side != self.shape.image_size:  # bilinear keeps tanh's [-1, 1]
-            x = F.interpolate(x, size=(self.shape.image_size,) * 2, mode="bilinear", align_corners=False)
-        return x  # (B, C, S, S)
+        return resize_to_side(x, self.shape.image_size)  # (B, C, S, S); bilinear keeps tanh's [-1, 1]
 
     def sample_latent(self, n: int, generator: torch.Generator | None = None,
                       device: torch.device | str = "cpu") -> torch.Tensor:
@@ -151,8 +164,7 @@ class Discriminator(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(real/fake logit (B,), class logits (B, K)) of images x (B, C, S, S)."""
-        if x.shape[-1] != self.side:  # average each image down to the GAN's side (no parameters)
-            x = F.adaptive_avg_pool2d(x, self.side)  # (B, C, side, side)
+        x = resize_to_side(x, self.side)  # (B, C, side, side): each image averaged down to the GAN's side
         h = self.features(x)  # (B, feat)
         adv = self.linear(h).squeeze(1)
         if self.label_embedding is not None:

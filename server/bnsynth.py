@@ -32,6 +32,7 @@ from torch import nn
 
 from common.bnnet import capture_norm_inputs, norm_layer_channels
 from common.data import ImageDataset
+from common.models import resize_to_side
 from common.progress import progress as progress_bar
 from common.protocol import STATS_COUNT as COUNT_KEY
 from common.protocol import STATS_SUM as SUM_PREFIX
@@ -130,18 +131,6 @@ def release_center(pooled: PooledStats) -> dict[str, np.ndarray]:
 def total_variation(x: torch.Tensor) -> torch.Tensor:
     """Mean squared difference of neighbouring pixels of (B, C, H, W) images (a smoothness prior)."""
     return ((x[:, :, 1:, :] - x[:, :, :-1, :]) ** 2).mean() + ((x[:, :, :, 1:] - x[:, :, :, :-1]) ** 2).mean()
-
-
-def _to_image_side(x: torch.Tensor, side: int) -> torch.Tensor:
-    """(B, C, R, R) images in [0, 1] resized to (B, C, side, side) (bilinear), the images' own side.
-
-    The net averages its input down to R, so what the synthesis pinned is the R-pixel image; a smooth
-    upscale is the least-structured image of the full side that the net sees as that one (up to the
-    small bilinear-up/area-down round trip).
-    """
-    if x.shape[-1] == side:
-        return x
-    return nn.functional.interpolate(x, size=(side, side), mode="bilinear", align_corners=False).clamp(0, 1)
 
 
 def _stats_loss(inputs: dict[str, torch.Tensor], targets: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -275,7 +264,9 @@ def synthesize(
                     opt.step()
                     bar.update(1)
                 with torch.no_grad():
-                    x = _to_image_side(torch.sigmoid(z), shape.image_size)  # (k*m, C, S, S)
+                    # The net averages its input down to R, so the synthesis pinned the R-pixel image; its smooth
+                    # upscale is the least-structured full-size image the net sees as that one.
+                    x = resize_to_side(torch.sigmoid(z), shape.image_size).clamp(0, 1)  # (k*m, C, S, S)
                     x = x.reshape(len(active), m, *x.shape[1:])  # (k, m, C, S, S)
                 for j, c in enumerate(active):
                     take = min(m, remaining[c])
