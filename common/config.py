@@ -158,12 +158,11 @@ class RunConfig:
              "gan-latent-dim >= 1 and gan-width >= 4 (or 0: chosen by the product)")
         need(self.gan_d_width >= 0 and self.gan_ac_weight >= 0 and self.gan_mode_seeking >= 0,
              "gan-d-width, gan-ac-weight and gan-mode-seeking must be >= 0")
-        need(self.gan_resolution == 0 or 8 <= self.gan_resolution <= (self.image_size or self.gan_resolution),
-             f"gan-resolution is the side the GAN draws at: at least 8 and at most the image side "
-             f"(image-size {self.image_size or 'as the data'}), or 0 for the product's choice; got {self.gan_resolution}")
-        need(self.bn_resolution == 0 or 8 <= self.bn_resolution <= (self.image_size or self.bn_resolution),
-             f"bn-resolution is the side the statistics net works at: at least 8 and at most the image side "
-             f"(image-size {self.image_size or 'as the data'}), or 0 for the product's choice; got {self.bn_resolution}")
+        for name, side, what in (("gan-resolution", self.gan_resolution, "the GAN draws at"),
+                                 ("bn-resolution", self.bn_resolution, "the statistics net works at")):
+            need(side == 0 or 8 <= side <= (self.image_size or side),
+                 f"{name} is the side {what}: at least 8 and at most the image side "
+                 f"(image-size {self.image_size or 'as the data'}), or 0 for the product's choice; got {side}")
         need(self.secure_threshold >= 0 and self.secure_threshold != 1,
              f"secure-threshold must be >= 2 (or 0: two thirds of the sites), got {self.secure_threshold}")
         need(self.secure_aggregation or not self.distributed_noise,

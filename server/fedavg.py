@@ -47,8 +47,13 @@ class FedAvgOutcome:
     """What the rounds leave besides the averaged model (updated in place)."""
 
     history: list[dict]  # one entry per round
-    last_replies: dict[int, Any]  # node -> accepted reply of the last round that reached its quorum
-    recent: list[dict[int, Any]]  # the accepted replies of the last ``FedAvgTask.keep_rounds`` such rounds, oldest first
+    recent: list[dict[int, Any]]  # node -> accepted reply, of the last ``FedAvgTask.keep_rounds`` rounds that
+    #                               reached their quorum, oldest first
+
+    @property
+    def last_replies(self) -> dict[int, Any]:
+        """node -> accepted reply of the last round that reached its quorum."""
+        return self.recent[-1] if self.recent else {}
 
 
 def weighted_average(states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
@@ -124,13 +129,12 @@ def run_fedavg_rounds(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int
     ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
     if ckpt is not None and ckpt.get("task") != task.label:
         raise RunFailed(f"{ckpt_path} belongs to a run of another mode; use a new out-dir or resume=false")
-    history, start, last_replies, recent = [], 1, {}, []
+    history, start, recent = [], 1, []
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         history, start = ckpt["history"], ckpt["round"] + 1
         # (a checkpoint written before "recent" existed holds the last round's replies only)
         recent = ckpt["recent"] if "recent" in ckpt else [ckpt["last_replies"]] if ckpt.get("last_replies") else []
-        last_replies = recent[-1] if recent else {}
         for node, saved in ckpt["sites"].items():
             if node in sites:
                 sites[node].__dict__.update({k: v for k, v in saved.items() if k not in ("node_id", "name")})
@@ -151,7 +155,6 @@ def run_fedavg_rounds(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int
             entry = {"round": rnd, "contacted": len(nodes), **entry, "quorum": need}
             if averaged is not None and entry["accepted"] >= need:
                 P.load_state(model, averaged)
-                last_replies = replies
                 recent = (recent + [replies])[-max(1, task.keep_rounds):]
                 entry["aggregated"] = True
             else:
@@ -172,4 +175,4 @@ def run_fedavg_rounds(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int
     if num_rounds and not any(h.get("aggregated") for h in history):
         raise RunFailed(f"no round reached its quorum, so the {task.label} was never trained; see the site errors "
                         "above (budget refusals, data errors or timeouts)")
-    return FedAvgOutcome(history, last_replies, recent)
+    return FedAvgOutcome(history, recent)

@@ -49,9 +49,9 @@ class RunState:
     experiment: str
     resumed: bool
     timings: dict[str, float] = field(default_factory=dict)
-    # settings left to the product when the run began and named now, or the other way round: {name: (then, now)};
-    # checked against the recorded choices once the rules have run (``check_choices``)
-    pending: dict[str, tuple] = field(default_factory=dict)
+    # settings left to the product when the run began and named now, or the other way round: checked against the
+    # recorded choices once the rules have run (``check_choices``)
+    pending: tuple[str, ...] = ()
 
     def check_choices(self, settings: dict[str, int]) -> None:
         """Record the rule-chosen ``settings`` {dashed name: value} with the run, or, when resuming, refuse values
@@ -63,7 +63,7 @@ class RunState:
             if self.pending:
                 log.warning("run %s was recorded before fedsynth kept the values its rules chose, so %s cannot be "
                             "checked against them; resuming with the values named now", self.experiment,
-                            ", ".join(sorted(self.pending)))
+                            ", ".join(self.pending))
             record["chosen"] = settings
             atomic_write_json(path, record)
             return
@@ -100,8 +100,8 @@ def open_run(cfg: RunConfig) -> RunState:
         changed = sorted(k for k in set(before) | set(defining)
                          if before.get(k, defaults.get(k)) != defining.get(k, defaults.get(k)))
         # a rule-chosen setting (0 then) named now, or the reverse: decided once the rules have run
-        pending = {k: (before.get(k, defaults.get(k)), defining.get(k)) for k in changed
-                   if k in CHOSEN_SETTINGS and 0 in (before.get(k, defaults.get(k)), defining.get(k))}
+        pending = tuple(k for k in changed
+                        if k in CHOSEN_SETTINGS and 0 in (before.get(k, defaults.get(k)), defining.get(k)))
         changed = [k for k in changed if k not in pending]
         if changed:  # (a differing hash with nothing changed: only settings added since, at their defaults)
             raise RunFailed(
