@@ -112,12 +112,20 @@ def draw_by_census(gen: Generator, site_states: list[dict[str, np.ndarray]], cen
                    labels: np.ndarray, *, seed: int, device: torch.device, batch_size: int = 500,
                    progress: bool = True) -> np.ndarray:
     """Images (N, C, H, W) in [0, 1] for the conditioning ``labels`` (N,), in their order: each class's
-    images come from the sites in proportion to their noisy counts of it (:func:`allocate_by_census`)."""
+    images come from the sites in proportion to their noisy counts of it (:func:`allocate_by_census`), and
+    which site drew the image at a position is random (``seed``) among that class's positions.
+
+    Why random: the caller's records may carry more than the conditioning class (the attribute replacement's
+    claimed value, laid out sorted); images placed site after site in the records' order would make the
+    drawing site -- its generator's style shows in the image -- a function of the position, hence of whatever
+    the caller sorted by, and an adversary would read the claim off the style."""
     k = census.shape[1]
     alloc = allocate_by_census(census, len(labels), sizes=np.bincount(labels, minlength=k))
     drawn = _draw_sites(gen, site_states, alloc, seed=seed, device=device, batch_size=batch_size, progress=progress)
     out = np.empty((len(labels), *drawn[0][1].shape[1:]), dtype=np.float32)
-    slots = [np.flatnonzero(labels == c) for c in range(k)]  # where class c's images go, taken site by site
+    rng = np.random.default_rng(seed)
+    # where class c's images go, in random order, taken site by site
+    slots = [rng.permutation(np.flatnonzero(labels == c)) for c in range(k)]
     for site_labels, images in drawn:
         for c in range(k):
             n = int((site_labels == c).sum())

@@ -63,6 +63,22 @@ def test_full_replacement_keeps_the_task_and_draws_the_sensitive_value_independe
     assert abs(info.agreement - 0.68) < 0.03 and info.replaced == 4000
 
 
+def test_which_site_drew_an_image_says_nothing_about_the_value_its_record_claims():
+    # two sites holding every class alike, each painting all its images in its own grey: the grey says which
+    # site drew the image and nothing else. The claims are laid out sorted (value a before b within a task
+    # value); were each class's images placed site after site in that order, the site -- its generator's
+    # style, visible in a real set -- would tell a claimed a from a claimed b, and an adversary trained on the
+    # set would learn that instead of nothing
+    shape = GanShape(channels=1, image_size=8, num_classes=4, latent_dim=4, width=8)
+    states = [_grey_generator(shape, 0.2), _grey_generator(shape, 0.8)]
+    census = np.full((2, 4), 100.0)
+    synth, _ = sample_with_replaced_attribute(Generator(shape), states, census, CLASSES, 4000, values=2,
+                                              strength=1.0, seed=0, device=torch.device("cpu"), progress=False)
+    from_first = synth.images.mean(axis=(1, 2, 3)) < 0.5
+    for claimed in (0, 1):
+        assert abs(from_first[synth.labels % 2 == claimed].mean() - 0.5) < 0.04
+
+
 def test_half_replacement_is_in_between():
     _, info = _sample(0.5, CENSUS)
     assert abs(info.replaced - 2000) < 120 and abs(info.agreement - 0.84) < 0.03
