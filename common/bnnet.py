@@ -266,3 +266,45 @@ def record_block_norms(model: nn.Module, dataset: "ImageDataset", *, device: tor
         for name, block in blocks.items():  # (B, 2 C_l)
             norms[name].append(block.norm(dim=1).cpu().numpy())
     return {name: np.concatenate(parts) for name, parts in norms.items()}
+
+
+# A net file (``bn-net``): the state dict and the side its layers work at. Two nets of different sides can
+# have the very same parameter shapes (a 64-pixel net and a 32-pixel one both end at an 8x8 head map), so a
+# strict state-dict load cannot tell them apart: the file says which side it was trained at.
+NET_FILE_FORMAT = "fedsynth-bn-net/1"
+
+
+def net_file_payload(net: BNNet) -> dict:
+    """What ``fedsynth pretrain-net`` writes: the weights (on the CPU) and the side they were trained at."""
+    return {"format": NET_FILE_FORMAT, "side": net.shape.side,
+            "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
+
+
+def load_net_file(path: str, shape: BNNetShape) -> tuple[BNNet, int | None]:
+    """A net of ``shape`` with the weights of the file at ``path``; and the side the file records (None: a
+    bare state dict, written before files recorded it, whose side cannot be checked).
+
+    Raises:
+        ValueError: the file cannot be read, was trained at another side, or its weights do not fit ``shape``
+            (the message says which run settings to change).
+    """
+    net = shape.build()
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as err:
+        raise ValueError(f"cannot read the net file '{path}': {str(err)[:200]}") from None
+    recorded = None
+    if isinstance(payload, dict) and payload.get("format") == NET_FILE_FORMAT:
+        recorded, payload = int(payload["side"]), payload["state_dict"]
+        if recorded != shape.side:
+            raise ValueError(f"the net file '{path}' was trained at {recorded} pixels and this run's statistics net "
+                             f"works at {shape.side}: set bn-resolution={recorded}, or train a net for this run with "
+                             f"fedsynth pretrain-net --resolution {shape.side}")
+    try:
+        net.load_state_dict(payload)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise ValueError(f"the net file '{path}' does not fit BNNet({shape.in_channels}, {shape.num_classes}, "
+                         f"{shape.image_size}, width={shape.width}, head_norm={shape.head_norm}, "
+                         f"resolution={shape.side}): {str(err)[:300]}. Set bn-width and bn-head-norm to the "
+                         f"values it was trained with (fedsynth pretrain-net prints them)") from None
+    return net, recorded

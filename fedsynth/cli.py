@@ -239,7 +239,7 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
                    help="the run's bn-resolution (0: the product's choice for --image-size, at most 32)")
     p.add_argument("--head-norm", action="store_true", help="the run has bn-head-norm=true (the MNIST recipe)")
     p.add_argument("--epochs", type=int, default=150, help="passes over the public training split")
-    p.add_argument("--out", required=True, help="net file to write (a state_dict); give it to a run as bn-net")
+    p.add_argument("--out", required=True, help="net file to write (its weights and the side they were trained at); give it to a run as bn-net")
     p.add_argument("--eval-data", default="",
                    help="also report the net's accuracy on this labelled dataset's test split (e.g. MNIST). "
                         "FOR BENCHMARKING ONLY: in a real deployment the coordinator never has the sites' "

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.bnnet import BNNet, BNNetShape
+from common.bnnet import BNNet, BNNetShape, load_net_file, net_file_payload
 from common.data import ImageDataset
 from common.device import pick_device
 from common.files import save_torch_atomic
@@ -170,10 +170,11 @@ def check_net_fits(net: nn.Module, data: ImageDataset) -> None:
             f"has {shape.num_classes} outputs; the public data must have the private data's classes, in the same order")
 
 
-def save_state_dict_atomic(net: nn.Module, path: str | Path) -> Path:
-    """Write ``net.state_dict()`` (on the CPU) to ``path`` atomically; returns the expanded path."""
+def save_net_file(net: BNNet, path: str | Path) -> Path:
+    """Write the net file (its weights and the side they were trained at, :func:`common.bnnet.net_file_payload`)
+    to ``path`` atomically; returns the expanded path."""
     path = Path(path).expanduser()
-    save_torch_atomic(path, {k: v.detach().cpu() for k, v in net.state_dict().items()})
+    save_torch_atomic(path, net_file_payload(net))
     return path
 
 
@@ -196,7 +197,7 @@ def pretrain_bnnet(
     threads: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train a :class:`BNNet` on public data (non-private) and save its state_dict to ``out``.
+    """Train a :class:`BNNet` on public data (non-private) and save it to ``out`` (its weights and side).
 
     Args:
         train: the PUBLIC training images (N, C, S, S) in [0, 1]; the net gets C channels, S x S input
@@ -295,7 +296,7 @@ def _train(train: ImageDataset, out: str | Path, shape: BNNetShape, dev: torch.d
     seconds = time.perf_counter() - t0
 
     net.eval()
-    path = save_state_dict_atomic(net, out)
+    path = save_net_file(net, out)
     return {
         "out": str(path),
         "shape": asdict(shape),
@@ -341,10 +342,7 @@ def public_layer_clips(net: BNNet, public: ImageDataset, augment: Augment | None
 
 
 def load_pretrained(path: str | Path, shape: BNNetShape) -> BNNet:
-    """Load a net file written by :func:`pretrain_bnnet` into a BNNet of ``shape`` (clear error on mismatch)."""
-    net = shape.build()
-    try:
-        net.load_state_dict(torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True))
-    except (OSError, RuntimeError) as err:
-        raise ValueError(f"cannot load '{path}' into BNNet{tuple(asdict(shape).values())}: {str(err)[:300]}") from None
+    """Load a net file written by :func:`pretrain_bnnet` into a BNNet of ``shape`` (ValueError on a mismatch,
+    saying what to change: :func:`common.bnnet.load_net_file`)."""
+    net, _ = load_net_file(str(Path(path).expanduser()), shape)
     return net.eval()

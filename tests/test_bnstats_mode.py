@@ -9,7 +9,7 @@ import torch
 
 from client.app import app as client_app
 from common import protocol as P
-from common.bnnet import BNNet
+from common.bnnet import BNNet, net_file_payload
 from common.data import load_dataset
 from fedsynth.localgrid import run_inprocess
 from server.app import run_coordinator
@@ -74,7 +74,14 @@ def test_sites_without_budget_refuse_before_any_work(tmp_path):
 def test_coordinator_provided_net_costs_the_sites_nothing_but_the_statistics(tmp_path):
     torch.manual_seed(0)
     net_file = tmp_path / "public_net.pt"
-    torch.save(BNNet(1, 10, 8, 8).state_dict(), net_file)
+    torch.save(net_file_payload(BNNet(1, 10, 8, 8)), net_file)
+    # a file trained at another side than the run's net works at is refused before anything is asked or spent
+    wrong_side = tmp_path / "wrong_side.pt"
+    torch.save({**net_file_payload(BNNet(1, 10, 8, 8)), "side": 16}, wrong_side)
+    refused = bn_config(tmp_path / "refused", bn_net=str(wrong_side), bn_rounds=0, epsilon=2.0)
+    with pytest.raises(RunFailed, match="trained at 16 pixels .* set bn-resolution=16"):
+        run_inprocess(run_coordinator, client_app, refused.to_flwr(), nodes(2))
+    assert all(entries == [] for entries in charges(tmp_path / "refused"))
     cfg = bn_config(tmp_path, bn_net=str(net_file), bn_rounds=0, epsilon=2.0)
     report = run_inprocess(run_coordinator, client_app, cfg.to_flwr(), nodes(2))
     assert report["rounds"] == []
@@ -110,7 +117,7 @@ def test_head_norm_net_with_per_layer_clips_runs_and_sends_the_head_statistics(t
 def test_auto_clip_bounds_are_chosen_privately_and_accounted_with_the_release(tmp_path):
     net_file = tmp_path / "public_net.pt"
     torch.manual_seed(0)
-    torch.save(BNNet(1, 10, 8, 8, head_norm=True).state_dict(), net_file)
+    torch.save(BNNet(1, 10, 8, 8, head_norm=True).state_dict(), net_file)  # a bare state dict (older files) loads
     cfg = bn_config(tmp_path, bn_net=str(net_file), bn_rounds=0, bn_head_norm=True, bn_layer_clips="auto",
                     epsilon=3.0)
     seen = []

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from common.bnnet import BNNet, BNNetShape
+from common.bnnet import BNNet, BNNetShape, load_net_file, net_file_payload
 from common.config import RunConfig
 from common.data import load_dataset
 from fedsynth.cli import main
@@ -35,7 +35,7 @@ def test_file_loads_into_the_run_shape_and_the_run_config_validates(trained, dig
     assert out.is_file() and summary["out"] == str(out)
     assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]  # atomic write left nothing behind
     net = BNNet(1, 10, 8, width=8, head_norm=True)
-    net.load_state_dict(torch.load(out, map_location="cpu", weights_only=True))  # strict: every key, every shape
+    net.load_state_dict(torch.load(out, map_location="cpu", weights_only=True)["state_dict"])  # strict: all keys, shapes
     cfg = RunConfig.from_mapping({"mode": "bnstats", "data": "digits", "bn-net": str(out), "bn-rounds": 0,
                                   "bn-layer-clips": summary["public_layer_clips"],
                                   **{k: v for k, v in summary["run_settings"].items() if k != "bn-net"}})
@@ -52,7 +52,7 @@ def test_accuracy_on_digits_test_is_well_above_chance(trained):
 
 def test_shape_mismatch_is_a_clear_error(trained, digits8):
     out, _ = trained
-    with pytest.raises(ValueError, match="cannot load"):
+    with pytest.raises(ValueError, match="(?s)does not fit .* Set bn-width"):
         load_pretrained(out, BNNetShape(1, 10, 8, width=16, head_norm=True))  # run's bn-width differs
     with pytest.raises(ValueError, match="expects 1x16x16"):
         check_net_fits(BNNet(1, 10, 16, width=8), digits8[1])  # data not resized to the net's size
@@ -91,3 +91,24 @@ def test_cli_refuses_a_bad_image_size(tmp_path, capsys):
                  "--out", str(tmp_path / "n.pt"), "--quiet"])
     assert code == 2 and "--image-size" in capsys.readouterr().err
     assert not (tmp_path / "n.pt").exists()
+
+
+def test_a_net_file_says_the_side_it_was_trained_at_and_a_run_at_another_side_refuses_it(tmp_path):
+    # a 64x64 run's net at 32 pixels and one at the full 64 have the very same parameter shapes (both end at
+    # an 8x8 head map), so only the side the file records tells them apart
+    at32, at64 = BNNetShape(3, 2, 64, width=4, resolution=32), BNNetShape(3, 2, 64, width=4)
+    assert {k: v.shape for k, v in at32.build().state_dict().items()} == \
+           {k: v.shape for k, v in at64.build().state_dict().items()}
+    path = tmp_path / "net32.pt"
+    torch.save(net_file_payload(at32.build()), path)
+    assert load_net_file(str(path), at32)[1] == 32
+    with pytest.raises(ValueError, match="trained at 32 pixels .* works at 64: set bn-resolution=32"):
+        load_net_file(str(path), at64)
+    with pytest.raises(ValueError, match="set bn-resolution=32"):
+        load_pretrained(path, at64)
+    # a bare state dict (written before files recorded their side) still loads, its side unknown
+    bare = tmp_path / "bare.pt"
+    torch.save(at64.build().state_dict(), bare)
+    assert load_net_file(str(bare), at64)[1] is None
+    with pytest.raises(ValueError, match="cannot read"):
+        load_net_file(str(tmp_path / "missing.pt"), at64)

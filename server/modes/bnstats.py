@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 
 from common import protocol as P
 from common import secure_wire
-from common.bnnet import BNNet, norm_layer_channels
+from common.bnnet import BNNet, load_net_file, net_file_payload, norm_layer_channels
 from common.config import RunConfig
 from common.data import ImageDataset
 from server.bnsynth import pool_statistics, synthesize
@@ -100,13 +100,13 @@ def _shared_net(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int, Site
     net = BNNet(c, len(schema.classes), h, cfg.bn_width, head_norm=cfg.bn_head_norm, resolution=cfg.bn_resolution)
     if cfg.bn_net:
         try:
-            net.load_state_dict(torch.load(cfg.bn_net, map_location="cpu", weights_only=True))
-        except (OSError, RuntimeError) as err:
-            raise RunFailed(f"cannot use the net file '{cfg.bn_net}' (bn-net): {err}. It must be the state_dict "
-                            f"of BNNet({c}, {len(schema.classes)}, {h}, width={cfg.bn_width}, "
-                            f"head_norm={cfg.bn_head_norm}, resolution={net.shape.side}) (fedsynth pretrain-net "
-                            f"--image-size {h} --resolution {net.shape.side}), or set bn-resolution to the "
-                            "side it was trained at") from None
+            net, side = load_net_file(cfg.bn_net, net.shape)
+        except ValueError as err:
+            raise RunFailed(f"cannot use bn-net: {err}") from None
+        if side is None:
+            log.warning("the net file %s records no side (written before net files did): it is taken to work at "
+                        "this run's %d pixels; if it was trained at another, set bn-resolution to that side",
+                        cfg.bn_net, net.shape.side)
         log.info("using the coordinator's net %s: no site spends budget on it", cfg.bn_net)
         return net, []
     task = FedAvgTask("shared net", P.BnTrainReply, "net",
@@ -122,7 +122,7 @@ def collect_and_synthesize(grid: Grid, cfg: RunConfig, run: RunState, sites: dic
                         "set image-size")
     settings = plan_settings(cfg, schema, run.experiment, len(sites))
     net, history = _shared_net(grid, cfg, run, sites, schema, settings)
-    torch.save(net.state_dict(), run.out_dir / "bn_net.pt")
+    torch.save(net_file_payload(net), run.out_dir / "bn_net.pt")  # a net file: usable as bn-net
     net.eval()
     with run.timed("statistics"):
         pooled = pool_statistics(collect_statistics(grid, cfg, sites, net, settings))

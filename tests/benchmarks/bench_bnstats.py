@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from client.bnstats import record_class_statistics, release_noise_std, release_num_bytes  # noqa: E402
 from client.dpsgd import train_dpsgd_local  # noqa: E402
 from common.accounting import DPEvent, calibrate_noise_multiplier, default_delta, epsilon_for  # noqa: E402
-from common.bnnet import BNNet, norm_layer_names  # noqa: E402
+from common.bnnet import BNNet, load_net_file, net_file_payload, norm_layer_names  # noqa: E402
 from common.data import ImageDataset, load_dataset  # noqa: E402
 from common.learner import LearnerConfig, evaluate_learner, train_learner  # noqa: E402
 from common.partition import partition_indices  # noqa: E402
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     net = BNNet(c, k, s, args.width, head_norm=bool(args.head_norm)).to(dev)
     t0 = time.perf_counter()
     if args.load_net:
-        net.load_state_dict(torch.load(args.load_net))
+        net = load_net_file(args.load_net, net.shape)[0].to(dev)
     for rnd in range(0 if args.load_net else args.rounds):
         states, losses = [], []
         for i, (ds, plan) in enumerate(zip(sites, plans)):
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_seconds = time.perf_counter() - t0
     net.eval()
     if args.save_net:
-        torch.save(net.state_dict(), args.save_net)
+        torch.save(net_file_payload(net), args.save_net)
     if args.train_only:
         print(f"shared-net test acc {net_accuracy(net, test):.4f}; trained in {train_seconds:.0f} s; saved")
         return {}
