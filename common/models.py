@@ -68,8 +68,8 @@ class GanShape:
 
     def validate(self) -> None:
         if not 0 <= self.resolution <= self.image_size:
-            raise ValueError(f"the GAN's resolution (gan-resolution) must be between 1 and the image side "
-                             f"{self.image_size}, or 0 for the image side; got {self.resolution}")
+            raise ValueError(f"the GAN's resolution (gan-resolution) must be at most the image side "
+                             f"{self.image_size} (and at least 8), or 0 for the image side; got {self.resolution}")
         step = 1 << self.stages
         if self.side % step or self.side < 8:
             what = "resolution" if self.resolution else "images"

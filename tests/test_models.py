@@ -52,7 +52,7 @@ def test_a_gan_drawing_at_a_smaller_side_makes_and_judges_full_size_images():
     # D of a 64-pixel image == D of that image averaged 2x2 down to 32 pixels
     small = torch.nn.functional.avg_pool2d(images, 2)
     torch.testing.assert_close(disc(images, y)[0], disc(small, y)[0])
-    with pytest.raises(ValueError, match="between 1 and the image side 32"):
+    with pytest.raises(ValueError, match="at most the image side 32 \\(and at least 8\\)"):
         Generator(GanShape(3, 32, 2, resolution=64))
 
 
