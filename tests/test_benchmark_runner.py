@@ -76,6 +76,19 @@ def test_one_grid_point_runs_simulate_and_evaluate_and_fills_the_table(tmp_path:
     assert sim_report.stat().st_mtime_ns == sim_written  # not simulated again
     assert (out / rec["run_id"] / "eval" / "report.json").stat().st_mtime_ns > sim_written  # evaluated again
 
+    # a cached baseline written before the evaluation recorded a field it checks (here the image size) would
+    # be refused by every evaluation: the runner trains the baseline again and replaces the cache
+    (cache,) = out.glob("real-baseline-digits-*.json")
+    stale = json.loads(cache.read_text())
+    del stale["evaluation"]["image_shape"]
+    cache.write_text(json.dumps(stale))
+    code = run_grid.main(["--datasets", "digits", "--modes", "bnstats", "--epsilons", "5", "--sites", "2",
+                          "--partitions", "iid", "--out", str(out), "--results", str(results), "--evaluate-only",
+                          *tiny])
+    fresh = json.loads((results / "digits-bnstats-eps5-k2-iid.json").read_text())
+    assert code == 0 and fresh["status"] == "ok" and "--real-baseline-from" not in fresh["commands"]["evaluate"]
+    assert "image_shape" in json.loads(cache.read_text())["evaluation"]
+
 
 def test_failed_runs_are_recorded_and_shown(tmp_path: Path, run_grid) -> None:
     record = {"run_id": "x", "dataset": "mnist", "mode": "dpgan", "epsilon": 1.0, "sites": 3,

@@ -166,6 +166,20 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
+# what fedsynth.evaluate.load_real_baseline compares an earlier evaluation's baseline on
+BASELINE_CHECKED_ON = ("test_source", "train_source", "image_shape", "learner")
+
+
+def _baseline_checkable(path: Path) -> bool:
+    """Whether a cached real-data baseline records everything the evaluation checks it on. A cache written
+    before a check was added would be refused by every evaluation (and fail its grid point); retrain it."""
+    try:
+        evaluation = json.loads(path.read_text(encoding="utf-8")).get("evaluation") or {}
+    except (OSError, json.JSONDecodeError):
+        return False
+    return all(key in evaluation for key in BASELINE_CHECKED_ON)
+
+
 def _run_stage(stage: str, cmd: list[str], run_dir: Path, report_path: Path, env: dict[str, str],
                record: dict[str, Any]) -> dict[str, Any] | None:
     """Run one CLI stage (its measurements go to ``record[stage]``); its report, or None after
@@ -236,14 +250,18 @@ def run_point(point: GridPoint, *, out_root: Path, results: Path, data_root: Pat
         eval_cmd += ["--label-from", spec.label_from]
     if spec.image_size:  # the sites resized their images; the real data is resized the same way
         eval_cmd += ["--resize"]
-    if baseline_cache.is_file():
+    use_cache = baseline_cache.is_file() and _baseline_checkable(baseline_cache)
+    if use_cache:
         eval_cmd += ["--real-baseline-from", str(baseline_cache)]
+    elif baseline_cache.is_file():
+        print(f"[{run_id}] {baseline_cache.name} does not record everything a baseline is checked on "
+              "(written by an older fedsynth): the evaluation trains the baseline again and replaces it", flush=True)
     record["commands"]["evaluate"] = " ".join(eval_cmd)
     eval_report_path = run_dir / "eval" / "report.json"
     eval_report = _run_stage("evaluate", eval_cmd, run_dir, eval_report_path, env, record)
     if eval_report is None:
         return _write(record, results)
-    if not baseline_cache.is_file() and eval_report.get("real_baseline") is not None:
+    if not use_cache and eval_report.get("real_baseline") is not None:
         shutil.copyfile(eval_report_path, baseline_cache)
 
     record.update(status="ok", **summarize(sim_report, eval_report))
