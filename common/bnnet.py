@@ -295,7 +295,11 @@ def load_net_file(path: str, shape: BNNetShape) -> tuple[BNNet, int | None]:
         raise ValueError(f"cannot read the net file '{path}': {str(err)[:200]}") from None
     recorded = None
     if isinstance(payload, dict) and payload.get("format") == NET_FILE_FORMAT:
-        recorded, payload = int(payload["side"]), payload["state_dict"]
+        try:
+            recorded, payload = int(payload["side"]), payload["state_dict"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"the net file '{path}' says it is a {NET_FILE_FORMAT} file but lacks its side or "
+                             "weights; write it again with fedsynth pretrain-net") from None
         if recorded != shape.side:
             raise ValueError(f"the net file '{path}' was trained at {recorded} pixels and this run's statistics net "
                              f"works at {shape.side}: set bn-resolution={recorded}, or train a net for this run with "

@@ -305,6 +305,10 @@ def resolve_synthetic(arg: Path) -> tuple[ImageDataset, dict | None]:
     return load_dataset(source, "train", whole=True), run_report
 
 
+# what an earlier evaluation must record for its real-data baseline to be reused (load_real_baseline)
+BASELINE_CHECKED_ON = ("test_source", "train_source", "image_shape", "learner")
+
+
 def load_real_baseline(path: Path, *, test: ImageDataset, train: ImageDataset | None,
                        learner: LearnerConfig) -> dict:
     """The real-data learner result of an earlier evaluation, if it was measured the same way.
@@ -321,6 +325,10 @@ def load_real_baseline(path: Path, *, test: ImageDataset, train: ImageDataset | 
     ev, real = earlier.get("evaluation") or {}, earlier.get("real_baseline")
     if real is None:
         raise DataError(f"{path} holds no real-data baseline; run that evaluation with --train first")
+    unrecorded = [key for key in BASELINE_CHECKED_ON if key not in ev]
+    if unrecorded:
+        raise DataError(f"{path} does not record its baseline's {', '.join(unrecorded)} (an older fedsynth wrote it); "
+                        "drop --real-baseline-from to train it again")
     mismatches = [name for name, ours, theirs in (
         ("test data", test.source, ev.get("test_source")),
         ("training data", train.source, ev.get("train_source")),

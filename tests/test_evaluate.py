@@ -234,3 +234,9 @@ def test_cli_reuses_a_real_baseline_only_when_measured_the_same_way(tmp_path: Pa
     code = evaluate.main(_cli(common + ["--out", str(tmp_path / "other"), "--learner-epochs", "2",
                                         "--real-baseline-from", str(tmp_path / "resized.json")]))
     assert code == 2 and "image size" in capsys.readouterr().err
+    # an evaluation written before the image size was recorded: refused, saying so
+    del first["evaluation"]["image_shape"]
+    (tmp_path / "older.json").write_text(json.dumps(first))
+    code = evaluate.main(_cli(common + ["--out", str(tmp_path / "other"), "--learner-epochs", "2",
+                                        "--real-baseline-from", str(tmp_path / "older.json")]))
+    assert code == 2 and "does not record its baseline's image_shape (an older fedsynth" in capsys.readouterr().err

@@ -112,3 +112,13 @@ def test_a_net_file_says_the_side_it_was_trained_at_and_a_run_at_another_side_re
     assert load_net_file(str(bare), at64)[1] is None
     with pytest.raises(ValueError, match="cannot read"):
         load_net_file(str(tmp_path / "missing.pt"), at64)
+
+
+def test_a_net_file_without_its_side_is_refused_with_the_fix(tmp_path):
+    shape = BNNetShape(1, 10, 8, width=4)
+    path = tmp_path / "broken.pt"
+    payload = net_file_payload(shape.build())
+    del payload["side"]
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="lacks its side or weights; write it again with fedsynth pretrain-net"):
+        load_net_file(str(path), shape)

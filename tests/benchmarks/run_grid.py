@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from common.config import ConfigError, RunConfig  # noqa: E402
+from fedsynth.evaluate import BASELINE_CHECKED_ON  # noqa: E402
 
 DEFAULT_DATA_ROOT = ROOT.parent / "shared" / "data"
 DEFAULT_RESULTS = ROOT / "tests" / "benchmarks" / "results" / "grid"
@@ -166,13 +167,9 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-# what fedsynth.evaluate.load_real_baseline compares an earlier evaluation's baseline on
-BASELINE_CHECKED_ON = ("test_source", "train_source", "image_shape", "learner")
-
-
 def _baseline_checkable(path: Path) -> bool:
-    """Whether a cached real-data baseline records everything the evaluation checks it on. A cache written
-    before a check was added would be refused by every evaluation (and fail its grid point); retrain it."""
+    """Whether a cached real-data baseline records everything the evaluation checks it on (BASELINE_CHECKED_ON).
+    A cache written before a check was added would be refused by every evaluation (and fail its grid point)."""
     try:
         evaluation = json.loads(path.read_text(encoding="utf-8")).get("evaluation") or {}
     except (OSError, json.JSONDecodeError):
