@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from common.config import ConfigError, RunConfig  # noqa: E402
-from fedsynth.evaluate import BASELINE_CHECKED_ON  # noqa: E402
+from fedsynth.baseline import BASELINE_CHECKED_ON  # noqa: E402
 
 DEFAULT_DATA_ROOT = ROOT.parent / "shared" / "data"
 DEFAULT_RESULTS = ROOT / "tests" / "benchmarks" / "results" / "grid"
