@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 
 from common import protocol as P
 from common import secure_wire
-from common.bnnet import BNNet, load_net_file, net_file_payload, norm_layer_channels
+from common.bnnet import BNNet, BNNetShape, load_net_file, net_file_payload, norm_layer_channels
 from common.config import RunConfig
 from common.data import ImageDataset
 from server.bnsynth import pool_statistics, synthesize
@@ -95,12 +95,12 @@ def _secure_statistics(grid: Grid, cfg: RunConfig, sites: dict[int, SiteRecord],
 
 def _shared_net(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int, SiteRecord], schema: Schema,
                 settings: dict) -> tuple[BNNet, list[dict]]:
-    c, h = schema.channels, schema.height
-    torch.manual_seed(cfg.seed)
-    net = BNNet(c, len(schema.classes), h, cfg.bn_width, head_norm=cfg.bn_head_norm, resolution=cfg.bn_resolution)
+    shape = BNNetShape(schema.channels, len(schema.classes), schema.height, cfg.bn_width, cfg.bn_head_norm,
+                       cfg.bn_resolution)
+    shape.validate()
     if cfg.bn_net:
         try:
-            net, side = load_net_file(cfg.bn_net, net.shape)
+            net, side = load_net_file(cfg.bn_net, shape)
         except ValueError as err:
             raise RunFailed(f"cannot use bn-net: {err}") from None
         if side is None:
@@ -109,6 +109,8 @@ def _shared_net(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int, Site
                         cfg.bn_net, net.shape.side)
         log.info("using the coordinator's net %s: no site spends budget on it", cfg.bn_net)
         return net, []
+    torch.manual_seed(cfg.seed)
+    net = shape.build()
     task = FedAvgTask("shared net", P.BnTrainReply, "net",
                       lambda rnd, arrays: P.BnTrainRequest(**settings, server_round=rnd, net=arrays))
     return net, run_fedavg_rounds(grid, cfg, run, sites, net, task, cfg.bn_rounds).history

@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu = torch.device("cpu")
     result = {"run": str(run), "synthetic_size": cfg.synthetic_size, "rounds": cfg.num_rounds,
               "validation": f"{len(val)} images of the training split"}
+    out = args.out or ROOT / "tests" / "benchmarks" / "results" / "sample_rounds" / f"{run.parent.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     for k in [int(x) for x in args.rounds.split(",")]:
         t0 = time.perf_counter()
         states, used = site_generators([replies(r) for r in range(cfg.num_rounds - k + 1, cfg.num_rounds + 1)],
@@ -83,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         r = result[f"last-{k}"]
         print(f"last {k} round(s): val {r['val_accuracy']:.4f} (MCC {r['val_mcc']:.3f})  test {r['test_accuracy']:.4f} "
               f"(MCC {r['test_mcc']:.3f})  {r['seconds']} s", flush=True)
-        out = args.out or ROOT / "tests" / "benchmarks" / "results" / "sample_rounds" / f"{run.parent.name}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
+        out.write_text(json.dumps(result, indent=2))  # after every k: a long run's finished rows survive
     print(f"wrote {out}")
     return 0
 

@@ -227,8 +227,8 @@ def run_point(point: GridPoint, *, out_root: Path, results: Path, data_root: Pat
         "commands": {"simulate": " ".join(sim_cmd)},
     }
     if evaluate_only:  # the simulation's own measurements, from its record
-        record.update(simulate=json.loads(earlier.read_text(encoding="utf-8"))["simulate"],
-                      resumed=json.loads(earlier.read_text(encoding="utf-8")).get("resumed", False))
+        before = json.loads(earlier.read_text(encoding="utf-8"))
+        record.update(simulate=before["simulate"], resumed=before.get("resumed", False))
         sim_report = json.loads((run_dir / "sim" / "report.json").read_text(encoding="utf-8"))
     else:
         sim_report = _run_stage("simulate", sim_cmd, run_dir, run_dir / "sim" / "report.json", env, record)
