@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from common.config import RunConfig
@@ -88,6 +89,44 @@ def test_one_grid_point_runs_simulate_and_evaluate_and_fills_the_table(tmp_path:
     fresh = json.loads((results / "digits-bnstats-eps5-k2-iid.json").read_text())
     assert code == 0 and fresh["status"] == "ok" and "--real-baseline-from" not in fresh["commands"]["evaluate"]
     assert "image_shape" in json.loads(cache.read_text())["evaluation"]
+
+
+def test_data_nobody_described_is_found_and_runs_with_the_defaults(tmp_path: Path, run_grid) -> None:
+    # a data root like ../shared/data with one dataset the runner knows, one it does not (an npz one folder
+    # down, as MedMNIST ships), an IDX folder at the top, and files that are no dataset
+    root = tmp_path / "data"
+    (root / "medmnist").mkdir(parents=True)
+    arrays = {}
+    for split in ("train", "test"):  # the MedMNIST layout: uint8 (N, H, W) images, (N, 1) labels
+        ds = load_dataset("digits", split)
+        arrays[f"{split}_images"] = np.round(ds.images[:, 0] * 255).astype(np.uint8)
+        arrays[f"{split}_labels"] = ds.labels.reshape(-1, 1)
+    np.savez(root / "medmnist" / "digitsmnist.npz", **arrays)
+    (root / "medmnist" / "pneumoniamnist.npz").write_bytes(b"")  # described by DATASETS: not listed again
+    (root / "fashion").mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (root / "fashion" / name).write_bytes(b"")
+    (root / "README.md").write_text("not data")
+    (root / "notes").mkdir()
+    (root / "notes" / "a.txt").write_text("not data")
+    found = run_grid.undescribed_datasets(root)
+    assert found == [f"fashion={root / 'fashion'}", f"digitsmnist={root / 'medmnist' / 'digitsmnist.npz'}"]
+
+    # NAME=PATH runs like a described dataset: the product's defaults, evaluated against the file's test split
+    out, results = tmp_path / "runs", tmp_path / "results"
+    code = run_grid.main(["--datasets", found[1], "--data-root", str(root), "--modes", "bnstats", "--epsilons", "5",
+                          "--sites", "2", "--partitions", "iid", "--out", str(out), "--results", str(results),
+                          "--set", "bn-rounds=2", "--set", "bn-iterations=20", "--set", "synthetic-size=200",
+                          "--set", "learner=mlp", "--set", "learner-epochs=4", "--set", "learner-lr=0.01"])
+    rec = json.loads((results / "digitsmnist-bnstats-eps5-k2-iid.json").read_text())
+    assert code == 0 and rec["status"] == "ok" and rec["dataset"] == "digitsmnist"
+    assert f"--data {root / 'medmnist' / 'digitsmnist.npz'}" in rec["commands"]["simulate"]
+    assert 0.5 < rec["real_accuracy"] <= 1.0
+
+    with pytest.raises(SystemExit, match="NAME=PATH"):
+        run_grid.main(["--datasets", "bad name=/x", "--out", str(out), "--results", str(results)])
+    with pytest.raises(SystemExit, match="does not exist"):
+        run_grid.main(["--datasets", f"gone={root / 'gone.npz'}", "--out", str(out), "--results", str(results)])
 
 
 def test_failed_runs_are_recorded_and_shown(tmp_path: Path, run_grid) -> None:

@@ -17,7 +17,8 @@ what to do, because site operators see these messages before they can join a fed
 Modules (everything public is re-exported here, so ``from common.data import X`` is the way in):
 
 * ``dataset``: :class:`ImageDataset`, :class:`DataError`, :func:`describe`, ``SPLITS``;
-* ``load``: :func:`load_dataset`, which checks its arguments and picks the reader below;
+* ``load``: :func:`load_dataset`, which checks its arguments and picks the reader below, and
+  :func:`looks_like_dataset`;
 * ``arrays``: shared array helpers (channels, resizing, uint8 <-> float, the stratified split);
 * ``digits``: scikit-learn's 8x8 digits;
 * ``idx``: folders of MNIST IDX files;
@@ -33,7 +34,7 @@ from common.data.dataset import SPLITS, DataError, ImageDataset, describe
 from common.data.folders import save_image_folder
 from common.data.labels import (LABEL_FROM_CLASSES, SENSITIVE_ATTRIBUTES, joint_attribute_values,
                                  sensitive_attribute_problem, split_joint_labels)
-from common.data.load import load_dataset
+from common.data.load import load_dataset, looks_like_dataset
 from common.data.npz import save_npz
 from common.data.tree import ARCHIVE_SUFFIXES, IMAGE_EXTENSIONS
 
@@ -52,6 +53,7 @@ __all__ = [
     "ImageDataset",
     "describe",
     "load_dataset",
+    "looks_like_dataset",
     "save_image_folder",
     "save_npz",
 ]

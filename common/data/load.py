@@ -97,3 +97,15 @@ def load_dataset(
             return _load_idx_folder(path, split, image_size, channels)
         return _load_tree(_scan_folder(path), split, image_size, channels, whole)
     raise DataError(f"{path} is neither a regular file nor a folder; pass {_SUPPORTED}")
+
+
+def looks_like_dataset(path: str | Path) -> bool:
+    """Whether :func:`load_dataset` would read ``path`` as a dataset, judged by its layout alone (no image is
+    read): an npz or tar(.gz) file, or a folder of MNIST IDX files or of class folders."""
+    path = Path(path)
+    if path.is_file():
+        return path.name.lower().endswith((".npz", *ARCHIVE_SUFFIXES))
+    if not path.is_dir():
+        return False
+    children = list(path.iterdir())
+    return any(_IDX_NAME.search(c.name) for c in children) or any(c.is_dir() for c in children)

@@ -38,6 +38,7 @@ import itertools
 import json
 import math
 import os
+import re
 import platform
 import shutil
 import subprocess
@@ -51,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from common.config import ConfigError, RunConfig  # noqa: E402
+from common.data import ARCHIVE_SUFFIXES, looks_like_dataset  # noqa: E402
 from fedsynth.baseline import BASELINE_CHECKED_ON  # noqa: E402
 
 DEFAULT_DATA_ROOT = ROOT.parent / "shared" / "data"
@@ -109,6 +111,46 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+def dataset_spec(entry: str) -> tuple[str, DatasetSpec]:
+    """(name, spec) of one ``--datasets`` entry: a name of ``DATASETS``, or ``NAME=PATH`` for data nobody
+    described here (PATH absolute or under ``--data-root``; read in its own format -- MNIST IDX folder,
+    MedMNIST-style npz, image-folder tree or its tar.gz -- with the labels the loader finds, and no setting
+    chosen for it: the product's defaults, as a user would run it)."""
+    name, sep, path = (part.strip() for part in entry.partition("="))
+    if not sep:
+        if name not in DATASETS:
+            raise SystemExit(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}, or give NAME=PATH for "
+                             "any other data (an MNIST IDX folder, an npz, an image-folder tree or its tar.gz)")
+        return name, DATASETS[name]
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or not path:
+        raise SystemExit(f"--datasets entry {entry!r}: expected NAME=PATH with a NAME of letters, digits, '.', '_' "
+                         "or '-' (it names the runs and their files)")
+    return name, DatasetSpec(path)
+
+
+def undescribed_datasets(data_root: Path) -> list[str]:
+    """``NAME=PATH`` entries for every dataset under ``data_root`` that ``DATASETS`` does not describe: a
+    top-level data folder, or each npz / tar.gz one level down (``medmnist/bloodmnist.npz`` -> ``bloodmnist``).
+    So data added to ../shared/data runs with the product's defaults without anyone writing a line for it."""
+    known = {(data_root / spec.data).resolve() for spec in DATASETS.values() if spec.data != "digits"}
+    found: list[Path] = []
+    for entry in sorted(data_root.iterdir()) if data_root.is_dir() else []:
+        if entry.is_dir() and not looks_like_dataset(entry):  # a folder of datasets, e.g. medmnist/
+            found += sorted(f for f in entry.iterdir() if f.is_file() and looks_like_dataset(f))
+        elif looks_like_dataset(entry):
+            found.append(entry)
+    out = []
+    for path in found:
+        if path.resolve() in known:
+            continue
+        stem = path.name
+        for suffix in (".npz", *ARCHIVE_SUFFIXES):
+            stem = stem[: -len(suffix)] if stem.lower().endswith(suffix) else stem
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.") or "data"
+        out.append(f"{name}={path}")
+    return out
+
+
 @dataclass(frozen=True)
 class GridPoint:
     dataset: str
@@ -116,6 +158,11 @@ class GridPoint:
     epsilon: float
     sites: int
     partition: str
+    spec: DatasetSpec | None = field(default=None, compare=False)  # None: DATASETS[dataset]
+
+    @property
+    def data_spec(self) -> DatasetSpec:
+        return self.spec if self.spec is not None else DATASETS[self.dataset]
 
     @property
     def run_id(self) -> str:
@@ -126,7 +173,7 @@ class GridPoint:
 
 def recipe_settings(point: GridPoint, extra: dict[str, str], recipe: str = "") -> dict[str, Any]:
     """Run settings of one grid point: the dataset's description, the named recipe (if any), then --set."""
-    spec = DATASETS[point.dataset]
+    spec = point.data_spec
     settings: dict[str, Any] = dict(spec.settings)
     if recipe:
         if recipe not in RECIPES:
@@ -196,7 +243,7 @@ def run_point(point: GridPoint, *, out_root: Path, results: Path, data_root: Pat
     """Simulate + evaluate one grid point; returns (and writes) its result record. ``resume``: continue the
     point's interrupted simulation in its run dir (its sites' ledgers and the coordinator's checkpoint).
     ``evaluate_only``: the simulation finished (its report and its record's measurements exist); evaluate it."""
-    spec = DATASETS[point.dataset]
+    spec = point.data_spec
     data = spec.path(data_root)
     settings = recipe_settings(point, extra, recipe)
     cfg = RunConfig.from_mapping(settings)  # refuse a bad recipe before running
@@ -406,7 +453,8 @@ def _floats(text: str) -> list[float]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", default="mnist", help=f"comma-separated, from {sorted(DATASETS)}")
+    p.add_argument("--datasets", default="mnist",
+                   help=f"comma-separated, from {sorted(DATASETS)}, or NAME=PATH for any other data")
     p.add_argument("--modes", default="bnstats,dpgan", help="comma-separated: dpgan, bnstats")
     p.add_argument("--epsilons", default="10", help="comma-separated per-site epsilons; inf = no DP")
     p.add_argument("--sites", default="3", help="comma-separated site counts")
@@ -432,14 +480,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def grid_points(args: argparse.Namespace) -> list[GridPoint]:
-    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
-    unknown = [d for d in datasets if d not in DATASETS]
-    if unknown:
-        raise SystemExit(f"unknown dataset(s) {unknown}; choose from {sorted(DATASETS)}")
+    datasets = [dataset_spec(d) for d in args.datasets.split(",") if d.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     sites = [int(k) for k in args.sites.split(",") if k.strip()]
     partitions = [p.strip() for p in args.partitions.split(",") if p.strip()]
-    return [GridPoint(*combo) for combo in itertools.product(datasets, modes, _floats(args.epsilons), sites, partitions)]
+    return [GridPoint(name, *combo, spec=spec) for (name, spec), *combo
+            in itertools.product(datasets, modes, _floats(args.epsilons), sites, partitions)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -457,9 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     points = grid_points(args)
     args.tag = args.tag or args.recipe
     for point in points:  # refuse a bad grid before hours of running
-        spec = DATASETS[point.dataset]
-        if spec.data != "digits" and not (args.data_root / spec.data).exists():
-            raise SystemExit(f"{point.dataset}: {args.data_root / spec.data} does not exist; pass --data-root")
+        spec = point.data_spec
+        if spec.data != "digits" and not Path(spec.path(args.data_root)).exists():
+            raise SystemExit(f"{point.dataset}: {spec.path(args.data_root)} does not exist; pass --data-root")
         try:
             RunConfig.from_mapping(recipe_settings(point, extra, args.recipe))
         except ConfigError as exc:
