@@ -271,6 +271,19 @@ def test_npz_class_count_spans_all_splits(tmp_path: Path) -> None:
     assert load_dataset(path, "test", channels=1).image_shape == (1, 4, 4)
 
 
+def test_npz_in_the_keras_layout(tmp_path: Path) -> None:
+    # keras.datasets' mnist.npz: x_train (N, 28, 28) uint8, y_train (N,), x_test, y_test; no val split
+    path = tmp_path / "mnist.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x_train=rng.integers(0, 256, (6, 5, 5), dtype=np.uint8), y_train=np.array([0, 1, 2, 0, 1, 2]),
+             x_test=rng.integers(0, 256, (3, 5, 5), dtype=np.uint8), y_test=np.array([3, 0, 1]))
+    train, test = load_dataset(path, "train"), load_dataset(path, "test")
+    assert len(train) == 6 and len(test) == 3 and train.image_shape == (1, 5, 5)
+    assert train.classes == test.classes == ("0", "1", "2", "3")  # from every split's labels
+    with pytest.raises(DataError, match="Keras"):
+        load_dataset(path, "val")
+
+
 def test_save_npz_round_trip(tmp_path: Path) -> None:
     for ds in (load_dataset("digits", "test"), _rgb_dataset()):
         path = tmp_path / "out" / "synthetic.npz"

@@ -5,7 +5,7 @@ Every supported source becomes one in-memory :class:`ImageDataset` with images s
 
 * ``"digits"``: scikit-learn's bundled 8x8 digits (works on any fresh install);
 * a folder with MNIST IDX files (gzip or plain);
-* a ``.npz`` file in the MedMNIST layout (also what :func:`save_npz` writes);
+* a ``.npz`` file in the MedMNIST layout (also what :func:`save_npz` writes) or Keras's (``x_train``, ``y_train``, ...);
 * an image folder ``root/<class>/*.png|jpg|jpeg|bmp``, optionally split into ``root/train``,
   ``root/test`` (and ``root/val``);
 * a ``.tar.gz`` / ``.tgz`` / ``.tar`` archive of such a folder tree, read without extracting;

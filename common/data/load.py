@@ -13,7 +13,7 @@ from common.data.npz import _load_npz
 from common.data.tree import ARCHIVE_SUFFIXES, _scan_archive, _scan_folder
 
 _SUPPORTED = (
-    "'digits', a folder of MNIST IDX files, a MedMNIST-style .npz file, an image folder "
+    "'digits', a folder of MNIST IDX files, a MedMNIST- or Keras-style .npz file, an image folder "
     "root/<class>/*.png|jpg|jpeg|bmp, or a .tar.gz/.tgz/.tar archive of such a folder"
 )
 

@@ -1,4 +1,4 @@
-"""``.npz`` files in the MedMNIST layout: reading one split, and :func:`save_npz`."""
+"""``.npz`` files in the MedMNIST layout (or Keras's ``x_train``/``y_train``): one split, and :func:`save_npz`."""
 
 from __future__ import annotations
 
@@ -18,8 +18,18 @@ from common.files import atomic_write_bytes
 
 _NPZ_LAYOUT = (
     "expected the MedMNIST layout: '<split>_images' uint8 (N, H, W) or (N, H, W, C) and "
-    "'<split>_labels' (N, 1) or (N,), optionally 'classes' (names)"
+    "'<split>_labels' (N, 1) or (N,), optionally 'classes' (names); or Keras's: 'x_<split>' and 'y_<split>'"
 )
+
+
+def _npz_keys(keys: list[str], split: str) -> tuple[str, str]:
+    """(images key, labels key) of ``split``: MedMNIST's '<split>_images'/'<split>_labels', else Keras's
+    'x_<split>'/'y_<split>' (how keras.datasets ships mnist.npz) when the file has those and not the first."""
+    medmnist = (f"{split}_images", f"{split}_labels")
+    keras = (f"x_{split}", f"y_{split}")
+    if not any(k in keys for k in medmnist) and all(k in keys for k in keras):
+        return keras
+    return medmnist
 
 
 def _npz_labels(path: Path, key: str, arr: np.ndarray) -> np.ndarray:
@@ -44,7 +54,7 @@ def _load_npz(path: Path, split: str, image_size: int | None, channels: int | No
         raise DataError(f"cannot read {path} as .npz: {exc}; the file is corrupt or not an npz archive") from exc
     with npz:
         keys = sorted(npz.files)
-        img_key, lab_key = f"{split}_images", f"{split}_labels"
+        img_key, lab_key = _npz_keys(keys, split)
         missing = [k for k in (img_key, lab_key) if k not in keys]
         if missing:
             raise DataError(f"{path} lacks {missing} for split {split!r}; keys present: {keys}; {_NPZ_LAYOUT}")
@@ -52,7 +62,8 @@ def _load_npz(path: Path, split: str, image_size: int | None, channels: int | No
             images = npz[img_key]
             labels = _npz_labels(path, lab_key, npz[lab_key])
             # Class count from every split's labels, so train/val/test agree on it.
-            all_labels = [_npz_labels(path, k, npz[k]) for k in keys if k.endswith("_labels")]
+            label_keys = [k for k in keys if k.endswith("_labels") or (lab_key.startswith("y_") and k.startswith("y_"))]
+            all_labels = [_npz_labels(path, k, npz[k]) for k in label_keys]
             names = npz["classes"] if "classes" in keys else None
         except ValueError as exc:  # object arrays need pickle, which we never enable
             if isinstance(exc, DataError):
