@@ -44,8 +44,14 @@ GAN_MAX_RESOLUTION = 32
 
 def gan_resolution_rule(schema: Schema) -> Choice:
     side = max(schema.height, schema.width)
-    if side <= GAN_MAX_RESOLUTION:
+    drawable = side - side % 4  # up to 32 pixels G doubles its map twice, so it draws at a multiple of 4
+    if side <= GAN_MAX_RESOLUTION and (drawable == side or drawable < 8):
         return Choice("gan-resolution", side, "the GAN draws at the images' own side (at most 32 pixels)")
+    if side <= GAN_MAX_RESOLUTION:
+        return Choice("gan-resolution", drawable,
+                      f"G draws at {drawable} pixels, the largest side its two doublings reach, and its images are "
+                      f"resized to {side} (D judges every image averaged down to {drawable}): the same mechanism as "
+                      "for images larger than 32 pixels, so data of any side from 8 up runs without image-size")
     return Choice("gan-resolution", GAN_MAX_RESOLUTION,
                   f"G draws at {GAN_MAX_RESOLUTION} pixels and its images are resized to {side} (D judges every image "
                   f"averaged down to {GAN_MAX_RESOLUTION}): a DP generator this small learns coarse structure, not "

@@ -57,6 +57,16 @@ def test_three_site_dpgan_run_produces_outputs_and_accounts_privacy(tmp_path):
     assert sorted(p.name for p in (tmp_path / "sites").iterdir()) == ["site-1", "site-2", "site-3"]
 
 
+def test_images_whose_side_the_gan_cannot_halve_twice_run_without_image_size_being_set(tmp_path):
+    # 10x10 images: G doubles its map twice, so it draws at 8 pixels and resizes to 10; D averages down to 8
+    report = run(fast_config(tmp_path, epsilon=10.0, image_size=10))
+    synth = load_dataset(tmp_path / "out" / "synthetic.npz", "train")
+    assert synth.image_shape == (1, 10, 10) and len(synth) == 100
+    chosen = {c["setting"]: c for c in report["settings_chosen"]}
+    assert chosen["gan-resolution"]["value"] == 8 and "resized to 10" in chosen["gan-resolution"]["reason"]
+    assert 0.0 <= report["utility"]["tstr_accuracy"] <= 1.0
+
+
 def test_non_private_run_is_marked_not_private(tmp_path):
     report = run(fast_config(tmp_path, epsilon=math.inf, num_rounds=1), k=2)
     assert report["private"] is False
