@@ -21,6 +21,7 @@ from common.models import GanShape
 from common.protocol import AUDIT_MAX_IMAGES
 
 MODES = ("dpgan", "bnstats")
+SYNTHETIC_CLASS_MIX = ("census", "balanced")  # how many synthetic images each class gets (server.synthesis)
 GAN_SAMPLE_FROM = ("sites", "average")  # where the DP-GAN mode samples the synthetic set from (server.synthesis)
 
 
@@ -94,7 +95,8 @@ class RunConfig:
     bn_w_tv: float = 1.0  # total-variation image prior
     bn_w_l2: float = 0.0  # L2 image prior
     # --- synthesis and the central learner -----------------------------------------------------------
-    synthetic_size: int = 0  # labelled images made at the end, balanced over classes (0 = chosen by the product)
+    synthetic_size: int = 0  # labelled images made at the end (0 = chosen by the product)
+    synthetic_class_mix: str = "census"  # census: classes in the proportions of the sites' noisy class counts (the data's prior); balanced: equal
     learner: str = LearnerConfig.name  # cnn | mlp | logreg, or your own as package.module:factory (common.learner)
     learner_epochs: int = LearnerConfig.epochs  # >= 1: passes of the learner over the synthetic set
     learner_lr: float = LearnerConfig.lr  # > 0: the learner's peak learning rate (AdamW, one-cycle)
@@ -170,6 +172,8 @@ class RunConfig:
              "release must never be seen alone")
         need(self.gan_sample_rounds >= 1, f"gan-sample-rounds must be >= 1 (1 = each site's last generator only), "
                                           f"got {self.gan_sample_rounds}")
+        need(self.synthetic_class_mix in SYNTHETIC_CLASS_MIX,
+             f"synthetic-class-mix must be one of {', '.join(SYNTHETIC_CLASS_MIX)}, got '{self.synthetic_class_mix}'")
         need(self.gan_sample_from in GAN_SAMPLE_FROM,
              f"gan-sample-from must be one of {', '.join(GAN_SAMPLE_FROM)}, got '{self.gan_sample_from}'")
         need(self.bn_width >= 1 and self.bn_rounds >= 0 and self.bn_local_steps >= 0 and self.bn_batch_size >= 0,

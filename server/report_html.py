@@ -168,6 +168,10 @@ def _synthetic_section(synthetic: dict, out_dir: Path) -> str:
     made = synthetic.get("made") or {}
     if made:
         facts.append(("made from", f"{made.get('from', '')}: {made.get('why', '')}"))
+    mix = made.get("class-mix") or {}
+    if mix:
+        facts.append(("images per class", f"{', '.join(str(n) for n in mix.get('images-per-class', []))}: "
+                                          f"{mix.get('why', '')}"))
     replaced = made.get("attribute_replacement") or {}
     if replaced:  # seed 004: the sensitive attribute drawn independently of everything else
         facts.append((f"{replaced.get('sensitive')} replaced (seed 004)",

@@ -23,6 +23,40 @@ def balanced_class_sizes(num_classes: int, total: int) -> np.ndarray:
     return sizes
 
 
+# The least share of the synthetic set a class gets under the census mix, as a fraction of its balanced share.
+MIN_CLASS_SHARE = 0.1
+
+
+def class_sizes(census: np.ndarray, total: int, mix: str) -> np.ndarray:
+    """(K,) images per class of a synthetic set of ``total``: ``mix = "balanced"`` (:func:`balanced_class_sizes`)
+    or ``"census"``: in proportion to the pooled noisy class counts (``census`` (S, K), the histograms the
+    sites already released, summed over sites; negative noisy counts count as 0), each class at least
+    ``MIN_CLASS_SHARE`` of its balanced share so that no class the noise undercounts vanishes.
+
+    Why the census: the central learner, like any classifier, learns the class prior of what it is trained on;
+    the same learner on the real pooled data learns the data's prior, and a balanced synthetic set teaches a
+    uniform one instead, which costs accuracy on data whose classes are not balanced. Post-processing of DP
+    releases: no privacy cost. A census of equal counts (secure aggregation: the coordinator holds none) gives
+    the balanced set."""
+    k = census.shape[1]
+    if mix == "balanced":
+        return balanced_class_sizes(k, total)
+    pooled = np.clip(np.asarray(census, dtype=np.float64), 0.0, None).sum(axis=0)  # (K,)
+    prior = pooled / pooled.sum() if pooled.sum() > 0 else np.full(k, 1.0 / k)
+    prior = np.maximum(prior, MIN_CLASS_SHARE / k)
+    return round_largest_remainder(prior / prior.sum() * total, total)
+
+
+def class_mix_note(mix: str, sizes: np.ndarray, *, census_held: bool) -> dict:
+    """The report's account of the synthetic set's class mix."""
+    why = {"balanced": "every class equally often (synthetic-class-mix = balanced)",
+           "census": ("each class as often as the noisy class counts the sites already released say (no privacy "
+                      "cost), so the learner learns the data's class prior as it does on real data"
+                      if census_held else "every class equally often: the coordinator holds no census (secure "
+                                          "aggregation)")}[mix]
+    return {"mix": mix, "images-per-class": [int(n) for n in sizes], "why": why}
+
+
 def round_largest_remainder(share: np.ndarray, total: int) -> np.ndarray:
     """Integer counts summing to ``total`` from fractional ``share`` (n,) summing to it: floors, then one more
     to the largest remainders (ties: the first)."""
@@ -65,9 +99,11 @@ def _draw(gen: Generator, labels: np.ndarray, rng: torch.Generator, device: torc
 
 @torch.no_grad()
 def sample_generator(gen: Generator, classes: tuple[str, ...], total: int, *, seed: int,
-                     device: torch.device, batch_size: int = 500, progress: bool = True) -> ImageDataset:
-    """``total`` images of one generator with balanced labels (:func:`balanced_class_sizes`)."""
-    labels = np.repeat(np.arange(len(classes)), balanced_class_sizes(len(classes), total)).astype(np.int64)
+                     device: torch.device, batch_size: int = 500, progress: bool = True,
+                     sizes: np.ndarray | None = None) -> ImageDataset:
+    """``total`` images of one generator: ``sizes[c]`` of class c (:func:`class_sizes`), balanced when None."""
+    sizes = balanced_class_sizes(len(classes), total) if sizes is None else np.asarray(sizes, dtype=np.int64)
+    labels = np.repeat(np.arange(len(classes)), sizes).astype(np.int64)
     rng = torch.Generator(device="cpu").manual_seed(seed)
     gen = gen.to(device).eval()
     with progress_bar(total=-(-total // batch_size), desc="sampling synthetic set", unit="batch",
@@ -97,11 +133,12 @@ def _draw_sites(gen: Generator, site_states: list[dict[str, np.ndarray]], alloc:
 
 def sample_site_generators(gen: Generator, site_states: list[dict[str, np.ndarray]], census: np.ndarray,
                            classes: tuple[str, ...], total: int, *, seed: int, device: torch.device,
-                           batch_size: int = 500, progress: bool = True) -> tuple[ImageDataset, np.ndarray]:
-    """``total`` images with balanced labels, class c drawn from each site's generator (``site_states``,
-    S state dicts of ``gen``'s architecture) in proportion to the site's noisy count of c (``census``
-    (S, K)); and the (S, K) allocation used (:func:`allocate_by_census`)."""
-    alloc = allocate_by_census(census, total)
+                           batch_size: int = 500, progress: bool = True,
+                           sizes: np.ndarray | None = None) -> tuple[ImageDataset, np.ndarray]:
+    """``total`` images, ``sizes[c]`` of class c (balanced when None), class c drawn from each site's generator
+    (``site_states``, S state dicts of ``gen``'s architecture) in proportion to the site's noisy count of c
+    (``census`` (S, K)); and the (S, K) allocation used (:func:`allocate_by_census`)."""
+    alloc = allocate_by_census(census, total, sizes)
     drawn = _draw_sites(gen, site_states, alloc, seed=seed, device=device, batch_size=batch_size, progress=progress)
     return (ImageDataset(images=np.concatenate([images for _, images in drawn]),
                          labels=np.concatenate([labels for labels, _ in drawn]), classes=tuple(classes),

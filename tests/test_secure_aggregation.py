@@ -7,6 +7,7 @@ reply, so asking the same sites the same request in the clear afterwards shows e
 
 from __future__ import annotations
 
+import json
 import numpy as np
 import pytest
 
@@ -81,6 +82,9 @@ def test_no_message_the_coordinator_receives_holds_a_sites_release_in_the_clear(
     assert report["rounds"][0]["aggregated"] and report["rounds"][0]["secure"]
     assert {s["released"][0] for s in report["sites"]} == {"generator (secure sum)"}
     assert all(s["weight"] == 0 for s in report["sites"])  # no site's weight either: it travels in the sum
+    # nor a site's census: the synthetic set is balanced over the classes, and the report says why
+    mix = json.loads((tmp_path / "out" / "report.json").read_text())["synthetic"]["made"]["class-mix"]
+    assert mix["images-per-class"] == [10] * 10 and "secure aggregation" in mix["why"]
     train = [m for m in seen if m.metadata.message_type == P.SECURE_TRAIN]
     assert len(train) == 4 * 3  # four SecAgg+ stages, three sites
     stages = list(P.SECURE_REPLY_DECLARATIONS)

@@ -23,7 +23,6 @@ def test_three_site_dpgan_run_produces_outputs_and_accounts_privacy(tmp_path):
     # outputs a person and the learner can use
     synth = load_dataset(out / "synthetic.npz", "train")
     assert len(synth) == 100 and synth.image_shape == (1, 8, 8)
-    assert np.bincount(synth.labels).tolist() == [10] * 10
     assert (out / "synthetic").is_dir() and len(list((out / "synthetic").rglob("*.png"))) == 100
     assert (out / "grids" / "grid_all.png").exists()
     on_disk = json.loads((out / "report.json").read_text())
@@ -35,7 +34,10 @@ def test_three_site_dpgan_run_produces_outputs_and_accounts_privacy(tmp_path):
     made = on_disk["synthetic"]["made"]
     assert made["from"] == "sites" and made["round"] == 2
     per_site = np.array(list(made["images-per-site-and-class"].values()))  # (sites, classes)
-    assert per_site.shape == (3, 10) and per_site.sum(axis=0).tolist() == [10] * 10
+    sizes = made["class-mix"]["images-per-class"]
+    assert made["class-mix"]["mix"] == "census" and sum(sizes) == 100
+    assert per_site.shape == (3, 10) and per_site.sum(axis=0).tolist() == sizes
+    assert np.bincount(synth.labels, minlength=10).tolist() == sizes
     # the coordinator knows what each site released, never its record count, budget or spending
     for site in report["sites"]:
         assert site["name"] in ("site-1", "site-2", "site-3") and site["bytes_sent"] > 0
@@ -53,6 +55,9 @@ def test_three_site_dpgan_run_produces_outputs_and_accounts_privacy(tmp_path):
         assert all(e["data"] for e in gan)  # each charge records the data's fingerprint
     censuses = sorted((tmp_path / "sites").rglob("census.json"))
     assert len(censuses) == 3 and len(json.loads(censuses[0].read_text())["noisy-counts"]) == 10
+    # the synthetic set's classes in the proportions of the released noisy counts, summed over the sites
+    pooled = np.clip([json.loads(c.read_text())["noisy-counts"] for c in censuses], 0, None).sum(axis=0)
+    assert np.abs(np.asarray(sizes) - 100 * pooled / pooled.sum()).max() <= 1.0
     # the state folders use the report's site names
     assert sorted(p.name for p in (tmp_path / "sites").iterdir()) == ["site-1", "site-2", "site-3"]
 

@@ -9,12 +9,27 @@ import torch
 from common import protocol as P
 from common.config import ConfigError, RunConfig
 from common.models import GanShape, Generator
-from server.synthesis import allocate_by_census, balanced_class_sizes, sample_generator, sample_site_generators
+from server.synthesis import (MIN_CLASS_SHARE, allocate_by_census, balanced_class_sizes, class_sizes,
+                              sample_generator, sample_site_generators)
 
 
 def test_balanced_class_sizes_add_up():
     assert balanced_class_sizes(3, 10).tolist() == [4, 3, 3]
     assert balanced_class_sizes(10, 100).tolist() == [10] * 10
+
+
+def test_the_census_mix_gives_each_class_its_share_of_the_noisy_counts_and_no_class_vanishes():
+    census = np.array([[600.0, 290.0, 0.0, 4.0],    # class 2: one site's noise made it negative, the other none
+                       [300.0, 110.0, -7.0, 2.0]])   # pooled: 900, 400, 0 (negative counts as 0), 6
+    sizes = class_sizes(census, 1000, "census")
+    assert sizes.sum() == 1000 and sizes[0] > sizes[1] > sizes[3] and sizes[2] > 0
+    floor = MIN_CLASS_SHARE * 1000 / 4  # a tenth of a balanced share: 25 images
+    assert sizes[2] >= floor - 1 and sizes[3] >= floor - 1
+    assert abs(sizes[0] / sizes[1] - 900 / 400) < 0.02  # the well-counted classes keep the data's proportions
+    # the balanced mix, and a census of equal counts (secure aggregation: the coordinator holds none), are balanced
+    assert class_sizes(census, 1000, "balanced").tolist() == [250] * 4
+    assert class_sizes(np.ones((1, 4)), 1000, "census").tolist() == [250] * 4
+    assert class_sizes(np.full((2, 3), -1.0), 10, "census").tolist() == [4, 3, 3]  # nothing counted: balanced
 
 
 def test_each_class_is_split_among_the_sites_by_their_noisy_counts():

@@ -28,7 +28,7 @@ from server.fedavg import FedAvgTask, run_fedavg_rounds
 from server.run_state import RunState
 from server.secure_agg import default_threshold, secure_sum
 from server.sites import RunFailed, Schema, SiteRecord, record_failures
-from server.synthesis import balanced_class_sizes
+from server.synthesis import class_mix_note, class_sizes
 
 log = logging.getLogger("fedsynth.coordinator")
 
@@ -130,11 +130,12 @@ def collect_and_synthesize(grid: Grid, cfg: RunConfig, run: RunState, sites: dic
         pooled = pool_statistics(collect_statistics(grid, cfg, sites, net, settings))
     log.info("pooled statistics of %d site(s); synthesizing %d images", pooled.num_sites, cfg.synthetic_size)
     with run.timed("synthesis"):
-        k = len(schema.classes)
-        per_class = balanced_class_sizes(k, cfg.synthetic_size).tolist()
+        sizes = class_sizes(pooled.counts[None, :], cfg.synthetic_size, cfg.synthetic_class_mix)  # (K,)
+        per_class = sizes.tolist()
         synth = synthesize(net.to(device), pooled, per_class, iterations=cfg.bn_iterations,
                            batch_size=cfg.bn_synth_batch, lr=cfg.bn_synth_lr, w_stats=cfg.bn_w_stats,
                            w_ce=cfg.bn_w_ce, w_tv=cfg.bn_w_tv, w_l2=cfg.bn_w_l2, seed=cfg.seed, device=device,
                            progress=cfg.progress, classes=schema.classes)
     return synth, history, {"from": "statistics", "why": "images optimised to match the pooled DP class-wise "
-                                                         "statistics of the shared net"}
+                                                         "statistics of the shared net",
+                            "class-mix": class_mix_note(cfg.synthetic_class_mix, sizes, census_held=True)}

@@ -24,7 +24,7 @@ from server.attribute_replacement import sample_with_replaced_attribute
 from server.fedavg import FedAvgTask, run_fedavg_rounds, weighted_average
 from server.run_state import RunState
 from server.sites import RunFailed, Schema, SiteRecord
-from server.synthesis import sample_generator, sample_site_generators
+from server.synthesis import class_mix_note, class_sizes, sample_generator, sample_site_generators
 
 
 def gan_request(cfg: RunConfig, shape: GanShape, experiment: str, rnd: int,
@@ -91,7 +91,8 @@ def collect_and_synthesize(grid: Grid, cfg: RunConfig, run: RunState, sites: dic
         last = outcome.last_replies
         from_sites = cfg.gan_sample_from == "sites" and len(last) > 1
         nodes = sorted(last)
-        census = _census(last, nodes, len(schema.classes)) if from_sites or cfg.sensitive_attribute else None
+        census = _census(last, nodes, len(schema.classes))
+        sizes = class_sizes(census, cfg.synthetic_size, cfg.synthetic_class_mix)  # (K,) images per class
         if from_sites:
             names = [sites[n].name if n in sites else f"node-{n}" for n in nodes]
             site_states, rounds_used = site_generators(outcome.recent, nodes)
@@ -124,9 +125,12 @@ def collect_and_synthesize(grid: Grid, cfg: RunConfig, run: RunState, sites: dic
         elif from_sites:
             synth, alloc = sample_site_generators(gen, site_states, census, schema.classes,
                                                   cfg.synthetic_size, seed=cfg.seed, device=device,
-                                                  progress=cfg.progress)
+                                                  progress=cfg.progress, sizes=sizes)
             how["images-per-site-and-class"] = {name: row.tolist() for name, row in zip(names, alloc)}
         else:
             synth = sample_generator(gen, schema.classes, cfg.synthetic_size, seed=cfg.seed, device=device,
-                                     progress=cfg.progress)
+                                     progress=cfg.progress, sizes=sizes)
+        if not cfg.sensitive_attribute:
+            held = all(getattr(last[n], "census", None) for n in nodes)  # none under secure aggregation
+            how["class-mix"] = class_mix_note(cfg.synthetic_class_mix, sizes, census_held=bool(nodes) and held)
     return synth, outcome.history, how
