@@ -38,6 +38,7 @@ def test_three_site_dpgan_run_produces_outputs_and_accounts_privacy(tmp_path):
     assert made["class-mix"]["mix"] == "census" and sum(sizes) == 100
     assert per_site.shape == (3, 10) and per_site.sum(axis=0).tolist() == sizes
     assert np.bincount(synth.labels, minlength=10).tolist() == sizes
+    assert "images per class" in (out / "report.html").read_text()  # and the report shows it
     # the coordinator knows what each site released, never its record count, budget or spending
     for site in report["sites"]:
         assert site["name"] in ("site-1", "site-2", "site-3") and site["bytes_sent"] > 0
