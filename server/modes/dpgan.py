@@ -45,13 +45,14 @@ def _census_check(num_classes: int):
     return check
 
 
-def _census(last: dict, nodes: list[int], num_classes: int) -> np.ndarray:
-    """(S, K) the noisy class counts the sites sent in their last replies; (1, K) ones when the coordinator
-    holds none (secure aggregation: it never sees a site's reply), i.e. every value equally often."""
+def _census(last: dict, nodes: list[int], num_classes: int) -> tuple[np.ndarray, bool]:
+    """(S, K) the noisy class counts the sites sent in their last replies, and True; or (1, K) ones and False
+    when the coordinator holds none (secure aggregation: it never sees a site's reply), i.e. every value
+    equally often."""
     counts = [getattr(last[n], "census", None) for n in nodes]
     if not counts or any(not c for c in counts):
-        return np.ones((1, num_classes))
-    return np.stack([np.asarray(c["counts"], dtype=np.float64) for c in counts])
+        return np.ones((1, num_classes)), False
+    return np.stack([np.asarray(c["counts"], dtype=np.float64) for c in counts]), True
 
 
 def site_generators(recent: list[dict], nodes: list[int]) -> tuple[list[dict[str, np.ndarray]], list[int]]:
@@ -91,7 +92,7 @@ def collect_and_synthesize(grid: Grid, cfg: RunConfig, run: RunState, sites: dic
         last = outcome.last_replies
         from_sites = cfg.gan_sample_from == "sites" and len(last) > 1
         nodes = sorted(last)
-        census = _census(last, nodes, len(schema.classes))
+        census, census_held = _census(last, nodes, len(schema.classes))
         sizes = class_sizes(census, cfg.synthetic_size, cfg.synthetic_class_mix)  # (K,) images per class
         if from_sites:
             names = [sites[n].name if n in sites else f"node-{n}" for n in nodes]
@@ -131,6 +132,5 @@ def collect_and_synthesize(grid: Grid, cfg: RunConfig, run: RunState, sites: dic
             synth = sample_generator(gen, schema.classes, cfg.synthetic_size, seed=cfg.seed, device=device,
                                      progress=cfg.progress, sizes=sizes)
         if not cfg.sensitive_attribute:
-            held = all(getattr(last[n], "census", None) for n in nodes)  # none under secure aggregation
-            how["class-mix"] = class_mix_note(cfg.synthetic_class_mix, sizes, census_held=bool(nodes) and held)
+            how["class-mix"] = class_mix_note(cfg.synthetic_class_mix, sizes, census_held=census_held)
     return synth, outcome.history, how
