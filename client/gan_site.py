@@ -41,6 +41,9 @@ from common.device import pick_device
 from common.models import GanShape, Generator
 
 log = logging.getLogger("fedsynth.site")
+# The most G steps a site runs after each D step: each costs a G and a D forward and backward at the site, and a
+# coordinator asking for more is asking the site to burn its CPU, not to learn more (G overfits a fixed D).
+MAX_G_STEPS = 10
 
 
 def _round_file(folder, rnd: int):
@@ -71,6 +74,10 @@ def _check_request(req: P.GanTrainRequest) -> GanShape:
     for name, value, strict in (("lr-d", req.lr_d, True), ("lr-g", req.lr_g, True), ("ac-weight", req.ac_weight, False),
                                 ("mode-seeking", req.mode_seeking, False), ("max-grad-norm", req.max_grad_norm, True)):
         finite_at_least(value, name, strict=strict)
+    if not 0 <= req.ema < 1:
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"ema must be a decay in [0, 1), got {req.ema}")
+    if not 1 <= req.g_steps <= MAX_G_STEPS:
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"g-steps must be in 1..{MAX_G_STEPS}, got {req.g_steps}")
     if req.d_width < 0:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"d-width must be >= 0, got {req.d_width}")
     return shape
@@ -123,7 +130,8 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
     rs = RoundSettings(noise_multiplier=train.noise_multiplier, sample_rate=train.sample_rate, steps=train.steps,
                        max_grad_norm=req.max_grad_norm, lr_d=req.lr_d, lr_g=req.lr_g, seed=req.seed * 1000 + rnd,
                        d_width=req.d_width, ac_weight=req.ac_weight, mode_seeking=req.mode_seeking,
-                       label_weights=tuple(census) if req.class_histogram else ())
+                       label_weights=tuple(census) if req.class_histogram else (), g_steps_per_d=req.g_steps,
+                       ema=req.ema)
     generator = {k: torch.from_numpy(v) for k, v in req.generator.items()}
     new_state, metrics, d_state = trainer.train_round(generator, rs, _previous_d_state(folder, rnd))
     log.info("[%s] round %d trained in %.1f s (D loss %.3f, G loss %.3f)", site.name, rnd, metrics["train-seconds"],

@@ -137,6 +137,8 @@ class GanTrainRequest(Message):
     # the attribute the coordinator will draw independently in every synthetic image (seed 004); a site that
     # declared one refuses a request that does not name it (a coordinator that would not replace it)
     sensitive_attribute: str = ""
+    g_steps: int = 1  # G steps after each D step (G never sees a record: no privacy cost)
+    ema: float = 0.0  # decay of the EMA of G's weights over the round, sent instead of G's last weights (0 = off)
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,33 @@ def test_dp_noise_and_batches_do_not_follow_the_coordinators_seed(tmp_path) -> N
     assert torch.equal(run("c", 123), run("d", 123))  # a fixed noise seed (tests, benchmarks) replays exactly
 
 
+def test_extra_generator_steps_and_the_generators_ema_change_what_a_site_sends(tmp_path) -> None:
+    """gan-g-steps and gan-ema reach the site's round: n G steps after each D step, and the EMA of G's
+    weights (which lags behind G's last weights, so it sits closer to the round's start) is what is sent."""
+    from client.dpgan import RoundSettings
+    from common.models import Generator
+
+    shape, _ = _digits_trainer(tmp_path, "probe")
+    torch.manual_seed(0)
+    start = Generator(shape).state_dict()
+    flat = lambda state: torch.cat([v.flatten().float() for k, v in state.items() if "running" not in k])  # noqa: E731
+
+    def run(name: str, **recipe):
+        _, trainer = _digits_trainer(tmp_path, name)
+        rs = RoundSettings(noise_multiplier=1.0, sample_rate=0.05, steps=6, max_grad_norm=1.0, lr_d=1e-3, lr_g=1e-3,
+                           seed=7, noise_seed=5, **recipe)
+        state, metrics, _ = trainer.train_round(start, rs)
+        return flat(state), metrics
+
+    plain, metrics = run("plain")
+    assert metrics["g-steps"] == 6
+    _, metrics = run("two", g_steps_per_d=2)
+    assert metrics["g-steps"] == 12
+    averaged, _ = run("ema", ema=0.9)
+    assert not torch.equal(averaged, plain)
+    assert (averaged - flat(start)).norm() < (plain - flat(start)).norm()
+
+
 def test_generator_labels_follow_the_sites_class_histogram() -> None:
     from client.dpgan import class_sampling_weights
 

@@ -68,9 +68,11 @@ def test_site_refuses_over_budget_and_hostile_requests_without_spending(tmp_path
     # wrong data shape / a generator of another architecture
     reply = send(grid, 1000, gan_request(cfg, image_size=28))
     assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST
-    # recipe values that would only wreck the round (negative or NaN weights, zero learning rate)
+    # recipe values that would only wreck the round (negative or NaN weights, zero learning rate, an EMA that
+    # never moves, a CPU-burning number of G steps)
     for bad, name in (({"mode_seeking": -1.0}, "mode-seeking"), ({"ac_weight": float("inf")}, "ac-weight"),
-                      ({"lr_g": 0.0}, "lr-g")):
+                      ({"lr_g": 0.0}, "lr-g"), ({"ema": 1.0}, "ema"), ({"ema": float("nan")}, "ema"),
+                      ({"g_steps": 10**6}, "g-steps"), ({"g_steps": 0}, "g-steps")):
         reply = send(grid, 1000, gan_request(cfg, **bad))
         assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST
         assert name in reply.error.reason
