@@ -41,9 +41,6 @@ from common.device import pick_device
 from common.models import GanShape, Generator
 
 log = logging.getLogger("fedsynth.site")
-# The most G steps a site runs after each D step: each costs a G and a D forward and backward at the site, and a
-# coordinator asking for more is asking the site to burn its CPU, not to learn more (G overfits a fixed D).
-MAX_G_STEPS = 10
 
 
 def _round_file(folder, rnd: int):
@@ -76,8 +73,8 @@ def _check_request(req: P.GanTrainRequest) -> GanShape:
         finite_at_least(value, name, strict=strict)
     if not 0 <= req.ema < 1:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"ema must be a decay in [0, 1), got {req.ema}")
-    if not 1 <= req.g_steps <= MAX_G_STEPS:
-        raise Refusal(P.REFUSED_BAD_REQUEST, f"g-steps must be in 1..{MAX_G_STEPS}, got {req.g_steps}")
+    if not 1 <= req.g_steps <= P.MAX_G_STEPS:
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"g-steps must be in 1..{P.MAX_G_STEPS}, got {req.g_steps}")
     if req.d_width < 0:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"d-width must be >= 0, got {req.d_width}")
     return shape

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from common.data import LABEL_FROM_CLASSES, SENSITIVE_ATTRIBUTES, sensitive_attribute_problem
 from common.learner import LEARNERS, LearnerConfig, learner_factory
 from common.models import GanShape
-from common.protocol import AUDIT_MAX_IMAGES
+from common.protocol import AUDIT_MAX_IMAGES, MAX_G_STEPS
 
 MODES = ("dpgan", "bnstats")
 SYNTHETIC_CLASS_MIX = ("census", "balanced")  # how many synthetic images each class gets (server.synthesis)
@@ -71,7 +71,7 @@ class RunConfig:
     gan_ac_weight: float = 0.3  # weight of the discriminator's auxiliary class loss (AC-GAN); 0 = projection only
     gan_mode_seeking: float = 1.0  # weight of G's mode-seeking term; 0 = off (then every image of a class looks alike)
     gan_g_steps: int = 1  # >= 1: generator steps after each discriminator step (free in privacy: G never sees a record)
-    gan_ema: float = 0.0  # in [0, 1): decay of the EMA of G's weights over a site's round, sent instead of G's last weights; 0 = off
+    gan_ema: float = 0.0  # in [0, 1): decay of the EMA of G's weights over a site's round (warmed up over its first steps), sent instead of G's last weights; 0 = off
     gan_class_histogram: bool = True  # each site draws G's labels from its own DP class histogram (label skew)
     gan_sample_rounds: int = 1  # >= 1: with gan-sample-from = sites, each site's generators of this many last rounds averaged (weights) before drawing; 1 = its last
     gan_sample_from: str = "sites"  # sites: class c from each site's last generator in proportion to its noisy count of c; average: from the averaged generator
@@ -162,7 +162,7 @@ class RunConfig:
              "gan-latent-dim >= 1 and gan-width >= 4 (or 0: chosen by the product)")
         need(self.gan_d_width >= 0 and self.gan_ac_weight >= 0 and self.gan_mode_seeking >= 0,
              "gan-d-width, gan-ac-weight and gan-mode-seeking must be >= 0")
-        need(self.gan_g_steps >= 1, f"gan-g-steps must be >= 1, got {self.gan_g_steps}")
+        need(1 <= self.gan_g_steps <= MAX_G_STEPS, f"gan-g-steps must be in 1..{MAX_G_STEPS}, got {self.gan_g_steps}")
         need(0 <= self.gan_ema < 1, f"gan-ema is a decay in [0, 1) (0 = off), got {self.gan_ema}")
         for name, side, what in (("gan-resolution", self.gan_resolution, "the GAN draws at"),
                                  ("bn-resolution", self.bn_resolution, "the statistics net works at")):

@@ -107,6 +107,12 @@ DEFAULT_DELTA_BOUND = 1e-5  # the default delta min(1e-5, 1/(10 n)) is at most t
 # DP-GAN mode
 # ================================================================================================
 
+# The most G steps a site runs after each D step (GanTrainRequest.g_steps): each costs a G and a D forward and
+# backward at the site; a coordinator asking for more asks the site to burn its CPU, not to learn more (G then
+# overfits a fixed D). The run config refuses more too, before any site is asked.
+MAX_G_STEPS = 10
+
+
 @dataclass(frozen=True)
 class GanTrainRequest(Message):
     """One federated round of the DP-GAN. The site decides its own noise; the coordinator only says how

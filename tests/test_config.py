@@ -29,6 +29,8 @@ def test_pyproject_run_config_matches_runconfig_defaults():
     ({"quorum": 0}, "quorum"),
     ({"learner": "resnet"}, "learner: unknown learner .resnet.: choose one of"),
     ({"resume": "maybe"}, "true or false"),
+    ({"gan-g-steps": 11}, "gan-g-steps must be in 1..10"),
+    ({"gan-ema": 1.0}, "gan-ema is a decay in"),
 ])
 def test_bad_settings_are_refused_with_the_setting_named(raw, needle):
     with pytest.raises(ConfigError, match=needle):
