@@ -103,6 +103,7 @@ def test_data_nobody_described_is_found_and_runs_with_the_defaults(tmp_path: Pat
         arrays[f"{split}_labels"] = ds.labels.reshape(-1, 1)
     np.savez(root / "medmnist" / "digitsmnist.npz", **arrays)
     (root / "medmnist" / "pneumoniamnist.npz").write_bytes(b"")  # described by DATASETS: not listed again
+    (root / "medmnist" / ".cache").mkdir()  # a subfolder beside the npz files: still a folder of datasets
     (root / "fashion").mkdir()
     for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
         (root / "fashion" / name).write_bytes(b"")

@@ -135,8 +135,11 @@ def undescribed_datasets(data_root: Path) -> list[str]:
     known = {(data_root / spec.data).resolve() for spec in DATASETS.values() if spec.data != "digits"}
     found: list[Path] = []
     for entry in sorted(data_root.iterdir()) if data_root.is_dir() else []:
-        if entry.is_dir() and not looks_like_dataset(entry):  # a folder of datasets, e.g. medmnist/
-            found += sorted(f for f in entry.iterdir() if f.is_file() and looks_like_dataset(f))
+        files = sorted(f for f in entry.iterdir() if f.is_file() and looks_like_dataset(f)) if entry.is_dir() else []
+        # a folder of datasets (medmnist/*.npz): no dataset itself, or npz / archive files beside its subfolders
+        # (a cache, a docs folder) -- an image tree holds images, an IDX folder its IDX files, never an npz
+        if entry.is_dir() and (files or not looks_like_dataset(entry)):
+            found += files
         elif looks_like_dataset(entry):
             found.append(entry)
     out = []
