@@ -64,6 +64,11 @@ def test_mode_seeking_penalty_punishes_a_generator_that_ignores_its_latent() -> 
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in healthy.parameters())
 
 
+def _flat(state: dict) -> torch.Tensor:
+    """A generator's state_dict as one vector."""
+    return torch.cat([v.flatten().float() for v in state.values()])
+
+
 def _digits_trainer(tmp_path, name: str):
     from client.dpgan import LocalGanTrainer
     from common.data import load_dataset
@@ -87,7 +92,7 @@ def test_dp_noise_and_batches_do_not_follow_the_coordinators_seed(tmp_path) -> N
         rs = RoundSettings(noise_multiplier=1.0, sample_rate=0.05, steps=3, max_grad_norm=1.0, lr_d=1e-3, lr_g=1e-3,
                            seed=7, noise_seed=noise_seed)
         state, _, _ = trainer.train_round(start, rs)
-        return torch.cat([v.flatten().float() for v in state.values()])
+        return _flat(state)
 
     assert not torch.equal(run("a", None), run("b", None))  # same coordinator seed, fresh secret noise
     assert torch.equal(run("c", 123), run("d", 123))  # a fixed noise seed (tests, benchmarks) replays exactly
@@ -102,14 +107,13 @@ def test_extra_generator_steps_and_the_generators_ema_change_what_a_site_sends(t
     shape, _ = _digits_trainer(tmp_path, "probe")
     torch.manual_seed(0)
     start = Generator(shape).state_dict()
-    flat = lambda state: torch.cat([v.flatten().float() for k, v in state.items() if "running" not in k])  # noqa: E731
 
     def run(name: str, **recipe):
         _, trainer = _digits_trainer(tmp_path, name)
         rs = RoundSettings(noise_multiplier=1.0, sample_rate=0.05, steps=6, max_grad_norm=1.0, lr_d=1e-3, lr_g=1e-3,
                            seed=7, noise_seed=5, **recipe)
         state, metrics, _ = trainer.train_round(start, rs)
-        return flat(state), metrics
+        return _flat(state), metrics
 
     plain, metrics = run("plain")
     assert metrics["g-steps"] == 6
@@ -117,7 +121,7 @@ def test_extra_generator_steps_and_the_generators_ema_change_what_a_site_sends(t
     assert metrics["g-steps"] == 12
     averaged, _ = run("ema", ema=0.9)
     assert not torch.equal(averaged, plain)
-    assert (averaged - flat(start)).norm() < (plain - flat(start)).norm()
+    assert (averaged - _flat(start)).norm() < (plain - _flat(start)).norm()
 
 
 def test_generator_labels_follow_the_sites_class_histogram() -> None:
