@@ -18,7 +18,7 @@ import logging
 import torch
 from flwr.app import Context, Message
 
-from client.budget import PlanRequest, plan_for_site
+from client.budget import CENSUS_PURPOSE, PlanRequest, choose_local_steps, plan_for_site, planned_steps
 from client.census import census_weight, draw_census, load_census
 from client.dpgan import LocalGanTrainer, RoundSettings
 from client.ledger import BudgetExceeded
@@ -75,9 +75,60 @@ def _check_request(req: P.GanTrainRequest) -> GanShape:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"ema must be a decay in [0, 1), got {req.ema}")
     if not 1 <= req.g_steps <= P.MAX_G_STEPS:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"g-steps must be in 1..{P.MAX_G_STEPS}, got {req.g_steps}")
+    if req.long_steps < 0 or 0 < req.long_steps < req.local_steps:
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"long-steps must be 0 or at least local-steps ({req.local_steps}), "
+                                             f"got {req.long_steps}")
     if req.d_width < 0:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"d-width must be >= 0, got {req.d_width}")
     return shape
+
+
+def _plan_request(req: P.GanTrainRequest, steps: int) -> PlanRequest:
+    return PlanRequest(mode="dpgan", epsilon=req.epsilon, rounds=req.num_rounds, steps=steps,
+                       batch_size=req.batch_size, census=True)
+
+
+def _schedule(req: P.GanTrainRequest, site: SiteSettings, data, ledger, folder,
+              census: list[float] | None) -> tuple[int, list[float] | None]:
+    """(D steps per round for this run, the run's census or None if not drawn yet).
+
+    Without a longer schedule to choose (``long_steps`` 0) the request's steps are taken and the census is
+    drawn later, charged with the first round. With one, the choice needs the census first: at the run's first
+    request the shorter schedule's plan must fit (else the refusal costs nothing), then the census is charged on
+    its own and drawn, and the schedule follows from it alone (``client.budget.choose_local_steps``). Once the
+    plan is fixed its steps are the run's; a request naming other steps is refused.
+    """
+    if req.long_steps <= req.local_steps:
+        return req.local_steps, census
+    fixed = planned_steps(folder)
+    if fixed is not None:
+        if fixed not in (req.local_steps, req.long_steps):
+            raise Refusal(P.REFUSED_BAD_REQUEST, f"the run's plan fixed {fixed} steps per round; the request asks "
+                                                 f"for {req.local_steps} or {req.long_steps}: start a new experiment")
+        return fixed, census
+    if census is None:
+        short = plan_for_site(site, data, ledger, folder, _plan_request(req, req.local_steps), req.experiment,
+                              dry_run=True)
+        try:
+            ledger.charge_once([short.census], purpose=CENSUS_PURPOSE, run=req.experiment, round=0,
+                               data=data_fingerprint(data))
+        except BudgetExceeded as err:
+            raise Refusal(P.REFUSED_BUDGET, "the requested work does not fit this site's privacy budget",
+                          str(err)) from None
+        census = draw_census(data, short.census.noise_multiplier, folder)
+        log.info("[%s] drew its census for %s (class histogram, z=%g) to choose its schedule", site.name,
+                 req.experiment, short.census.noise_multiplier)
+    steps = choose_local_steps(req.local_steps, req.long_steps, rounds=req.num_rounds, batch_size=req.batch_size,
+                               epsilon=min(req.epsilon, site.epsilon_budget), noisy_counts=census)
+    if steps != req.local_steps:
+        try:  # the longer plan must fit the site's budget too; if not, the shorter one is taken
+            plan_for_site(site, data, ledger, folder, _plan_request(req, steps), req.experiment, dry_run=True)
+        except Refusal:
+            steps = req.local_steps
+    log.info("[%s] takes %d D steps per round in %s (%s)", site.name, steps, req.experiment,
+             "its noisy census says the longer schedule costs little more noise" if steps == req.long_steps
+             else "the longer schedule would cost too much noise")
+    return steps, census
 
 
 @site_handler
@@ -101,11 +152,10 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
         log.info("[%s] round %d of %s already trained; sending its saved reply", site.name, rnd, req.experiment)
         return P.GanTrainReply(**saved["reply"])
     ledger = open_ledger(site, data)
-    plan = plan_for_site(site, data, ledger, folder, PlanRequest(
-        mode="dpgan", epsilon=req.epsilon, rounds=req.num_rounds, steps=req.local_steps, batch_size=req.batch_size,
-        census=True))
     census = load_census(folder)
-    train = plan.train_round(req.local_steps)
+    steps, census = _schedule(req, site, data, ledger, folder, census)
+    plan = plan_for_site(site, data, ledger, folder, _plan_request(req, steps), experiment=req.experiment)
+    train = plan.train_round(steps)
     events = [train] if census is not None else [plan.census, train]
     try:
         spent, reused = ledger.charge_once(events, purpose="dpgan", run=req.experiment, round=rnd,
@@ -135,6 +185,6 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
              metrics["d-loss"], metrics["g-loss"])
     reply = {"generator": {k: v.to(torch.float32).contiguous() for k, v in new_state.items()},
              "census": {"counts": torch.tensor(census, dtype=torch.float32)},  # (K,)
-             "weight": census_weight(census), "g_loss": float(metrics["g-loss"])}
+             "weight": census_weight(census), "g_loss": float(metrics["g-loss"]), "local_steps": steps}
     save_reply(_round_file(folder, rnd), {"reply": reply, "d_state": d_state})
     return P.GanTrainReply(**reply)

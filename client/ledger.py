@@ -190,6 +190,11 @@ class PrivacyLedger:
         """Every DP event ever charged on this dataset, oldest first (what a budget planner composes with)."""
         return self._contents().events
 
+    def events_except(self, *, run: str, purpose: str) -> list[DPEvent]:
+        """Every event except those charged for ``purpose`` by the run ``run``, oldest first."""
+        return [DPEvent.from_dict(e) for entry in self._contents().entries
+                if not (entry["run"] == run and entry["purpose"] == purpose) for e in entry["events"]]
+
     def count(self, *, run: str, purpose: str) -> int:
         """How many charges of ``purpose`` the run ``run`` has made (e.g. evaluation queries against a cap)."""
         return sum(1 for e in self._contents().entries if e["run"] == run and e["purpose"] == purpose)

@@ -60,6 +60,7 @@ class RunConfig:
     distributed_noise: bool = False  # statistics mode with secure aggregation: each of >= t sites adds 1/sqrt(t) of the noise
     # --- DP-GAN (site-side local training) -----------------------------------------------------------
     gan_local_steps: int = 0  # discriminator DP-SGD steps per site per round (0 = chosen by the product)
+    gan_long_local_steps: int = 0  # D steps per round a site takes instead where its noisy census says they cost under 15 % more noise (0 = chosen by the product; = gan-local-steps: never)
     gan_batch_size: int = 0  # expected Poisson batch size of real records (0 = chosen by the product)
     gan_max_grad_norm: float = 1.0  # per-sample clipping bound of the discriminator's gradient
     gan_lr_d: float = 1e-3  # > 0: Adam learning rate of the discriminator
@@ -162,6 +163,10 @@ class RunConfig:
              "gan-latent-dim >= 1 and gan-width >= 4 (or 0: chosen by the product)")
         need(self.gan_d_width >= 0 and self.gan_ac_weight >= 0 and self.gan_mode_seeking >= 0,
              "gan-d-width, gan-ac-weight and gan-mode-seeking must be >= 0")
+        need(self.gan_long_local_steps >= 0 and (not self.gan_long_local_steps or not self.gan_local_steps
+                                                  or self.gan_long_local_steps >= self.gan_local_steps),
+             f"gan-long-local-steps must be 0 (auto) or at least gan-local-steps ({self.gan_local_steps}), "
+             f"got {self.gan_long_local_steps}")
         need(1 <= self.gan_g_steps <= MAX_G_STEPS, f"gan-g-steps must be in 1..{MAX_G_STEPS}, got {self.gan_g_steps}")
         need(0 <= self.gan_ema < 1, f"gan-ema is a decay in [0, 1) (0 = off), got {self.gan_ema}")
         for name, side, what in (("gan-resolution", self.gan_resolution, "the GAN draws at"),

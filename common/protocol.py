@@ -145,6 +145,9 @@ class GanTrainRequest(Message):
     sensitive_attribute: str = ""
     g_steps: int = 1  # G steps after each D step (G never sees a record: no privacy cost)
     ema: float = 0.0  # decay of the EMA of G's weights over the round, sent instead of G's last weights (0 = off)
+    # D steps per round the site takes instead of local_steps where its own noisy census says they cost little more
+    # noise (client.budget.choose_local_steps); 0 = exactly local_steps. Fixed with the site's plan at its first round.
+    long_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,9 @@ class GanTrainReply(Message):
                                    "(post-processing of 'census')")
     g_loss: float = declared("dp", "mean generator loss: a function of G, of the DP discriminator and of "
                                    "labels drawn from the DP histogram (post-processing)")
+    local_steps: int = declared("dp", "the D steps the site took this round: the request's local_steps or "
+                                      "long_steps, chosen from the request and the site's noisy census alone "
+                                      "(post-processing of 'census'), never from its record count", default=0)
 
 
 # ================================================================================================

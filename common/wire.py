@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, Mapping
 
 import numpy as np
@@ -23,11 +23,12 @@ class ProtocolError(ValueError):
     """A message does not follow the protocol; the text says what is wrong."""
 
 
-def declared(kind: str, why: str, **extra: Any) -> Any:
-    """A reply field with its privacy declaration: ``kind`` is "public" or "dp", ``why`` the reason."""
+def declared(kind: str, why: str, *, default: Any = MISSING, **extra: Any) -> Any:
+    """A reply field with its privacy declaration: ``kind`` is "public" or "dp", ``why`` the reason;
+    ``default``: its value when a reply saved before the field existed is read back."""
     if kind not in ("public", "dp"):
         raise ValueError(f"a reply field is 'public' or 'dp', got {kind!r}")
-    return field(metadata={"kind": kind, "why": why, **extra})
+    return field(default=default, metadata={"kind": kind, "why": why, **extra})
 
 
 def arrays(why: str = "", kind: str = "") -> Any:

@@ -92,6 +92,9 @@ def _plain_round(grid: Grid, cfg: RunConfig, sites: dict[int, SiteRecord], task:
     losses = [getattr(r, "g_loss", None) for r in accepted]
     if all(v is not None for v in losses):
         entry["g-loss"] = float(np.mean(losses))
+    steps = {sites[n].name: int(r.local_steps) for n, r in got.replies.items() if getattr(r, "local_steps", 0)}
+    if steps:  # the D steps each site took (the DP-GAN's schedule each site chose from its noisy census)
+        entry["local-steps"] = steps
     averaged = weighted_average([getattr(r, task.model_field) for r in accepted], [r.weight for r in accepted])
     return averaged, entry, dict(got.replies)
 

@@ -73,3 +73,20 @@ def test_the_plan_is_fixed_at_the_first_request(tmp_path):
     with pytest.raises(Refusal, match="changes settings fixed at the run's first request"):
         load_or_make_plan(path, PlanRequest(**{**GAN.__dict__, "steps": 600}), num_records=20000, delta=DELTA,
                           budget=10.0, prior=[])
+
+
+def test_a_site_takes_the_longer_gan_schedule_only_where_its_noisy_census_says_it_costs_little_noise():
+    from client.budget import choose_local_steps
+
+    def chosen(records: float, epsilon: float) -> int:  # the product's schedule: 10 rounds of 60 or 120 steps
+        return choose_local_steps(60, 120, rounds=10, batch_size=256, epsilon=epsilon, noisy_counts=[records / 10] * 10)
+
+    # golden numbers (noise multipliers at delta 1e-5 with the census before them): 20,000 records at epsilon 10
+    # 0.578 -> 0.629 (x1.09); 10,000: x1.14; 5,000: x1.23; 2,200 (a PneumoniaMNIST site): x1.34; at epsilon 1
+    # 20,000 records: 1.55 -> 2.02 (x1.30)
+    assert [chosen(n, 10.0) for n in (20000, 10000, 5000, 2200, 283)] == [120, 120, 60, 60, 60]
+    assert chosen(20000, 1.0) == 60 and chosen(200000, 1.0) == 120
+    assert chosen(300, math.inf) == 120  # no noise to grow
+    assert choose_local_steps(60, 60, rounds=10, batch_size=256, epsilon=10.0, noisy_counts=[1e6]) == 60
+    # a census that came out negative or tiny is a small site, never a division by zero
+    assert chosen(-500, 10.0) == 60

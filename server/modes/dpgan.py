@@ -36,7 +36,8 @@ def gan_request(cfg: RunConfig, shape: GanShape, experiment: str, rnd: int,
         class_histogram=cfg.gan_class_histogram, epsilon=cfg.epsilon, seed=cfg.seed, channels=shape.channels,
         image_size=shape.image_size, num_classes=shape.num_classes, latent_dim=shape.latent_dim, width=shape.width,
         resolution=shape.resolution,
-        generator=generator, sensitive_attribute=cfg.sensitive_attribute, g_steps=cfg.gan_g_steps, ema=cfg.gan_ema)
+        generator=generator, sensitive_attribute=cfg.sensitive_attribute, g_steps=cfg.gan_g_steps, ema=cfg.gan_ema,
+        long_steps=cfg.gan_long_local_steps)
 
 
 def _census_check(num_classes: int):

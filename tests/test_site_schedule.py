@@ -1,0 +1,53 @@
+"""A DP-GAN site chooses its own schedule from its noisy census, charged before the plan it decides."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from client.app import app as client_app
+from common import protocol as P
+from fedsynth.localgrid import LocalGrid
+from tests.spine_helpers import charges, fast_config, nodes, run, spent
+from tests.test_faults import gan_request, send
+
+
+def test_a_non_private_run_takes_the_longer_schedule_and_the_report_shows_each_sites_steps(tmp_path):
+    cfg = fast_config(tmp_path, epsilon=math.inf, gan_local_steps=3, gan_long_local_steps=6)
+    report = run(cfg, k=2)
+    assert [h["local-steps"] for h in report["rounds"]] == [{"site-1": 6, "site-2": 6}] * 2
+    for entries in charges(tmp_path):
+        # the census first, on its own, then each round's DP-SGD steps alone
+        assert [(e["purpose"], e["round"], len(e["events"])) for e in entries] == [
+            ("dpgan-census", 0, 1), ("dpgan", 1, 1), ("dpgan", 2, 1)]
+        assert [e["events"][0]["steps"] for e in entries[1:]] == [6, 6]
+
+
+def test_a_private_site_keeps_the_shorter_schedule_within_the_runs_epsilon_and_holds_to_it(tmp_path):
+    cfg = fast_config(tmp_path, epsilon=1.0, num_rounds=2)
+    grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
+    # 100 times the steps would need far more noise per step at this site's size: the site keeps 4
+    reply = send(grid, 1000, gan_request(cfg, long_steps=400))
+    assert not reply.has_error()
+    assert P.GanTrainReply.from_message(reply).local_steps == 4
+    [entries] = charges(tmp_path)
+    assert [(e["purpose"], e["round"]) for e in entries] == [("dpgan-census", 0), ("dpgan", 1)]
+    plan = json.loads(next((tmp_path / "sites").rglob("plan.json")).read_text())
+    assert plan["request"]["steps"] == 4 and plan["planned_epsilon"] <= 1.0 + 1e-9
+    # the census charged before the plan is counted once: the run's whole plan fits the run's epsilon
+    assert spent(tmp_path)[0] <= 1.0
+    # round 2 may name the same schedule with or without the longer option; other steps are refused
+    reply = send(grid, 1000, gan_request(cfg, server_round=2, local_steps=5, long_steps=400))
+    assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST and "fixed 4 steps" in reply.error.reason
+    reply = send(grid, 1000, gan_request(cfg, server_round=2))
+    assert not reply.has_error() and P.GanTrainReply.from_message(reply).local_steps == 4
+    assert [(e["purpose"], e["round"]) for e in charges(tmp_path)[0]] == [
+        ("dpgan-census", 0), ("dpgan", 1), ("dpgan", 2)]
+
+
+def test_a_schedule_that_does_not_fit_is_refused_before_the_census_is_charged(tmp_path):
+    cfg = fast_config(tmp_path, epsilon=1.0, num_rounds=1)
+    grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
+    reply = send(grid, 1000, gan_request(cfg, num_rounds=10**7, local_steps=10**4, long_steps=2 * 10**4))
+    assert reply.has_error() and reply.error.code == P.REFUSED_BUDGET
+    assert charges(tmp_path) in ([], [[]])
