@@ -6,7 +6,9 @@ the noise of the tunable ones, so that
   (a) everything the run may release stays within the epsilon the run asks for, and
   (b) everything this dataset has ever released plus the run stays within the site's own budget.
 
-The coordinator never sets a noise level: it only asks for an amount of work and an epsilon. A plan is
+The coordinator never sets a noise level: it only asks for an amount of work and an epsilon (for the
+DP-GAN, optionally a longer schedule the site takes only where its own noisy census says it costs little
+more noise: ``choose_local_steps``). A plan is
 persisted in the run's folder and enforced: a later request that changes what fixed it is refused.
 
 Releases of a run (``RunPlan``):
@@ -15,7 +17,8 @@ Releases of a run (``RunPlan``):
 component       mechanism                                        when
 ==============  ===============================================  ======================================
 census          Gaussian class histogram, sensitivity 1,         first training request of the run
-                z = CENSUS_NOISE (FedAvg weight, G's labels)
+                z = CENSUS_NOISE (FedAvg weight, G's labels,     (before the plan where the DP-GAN
+                the DP-GAN's schedule)                           schedule is the site's to choose)
 train           DP-SGD: Poisson rate q, clip C, noise sigma*C,   every training round (steps each)
                 rounds x steps compositions                      -- sigma tuned
 clip_choice     Gaussian histogram of block norms, sens. sqrt L  BN release with layer-clips = auto

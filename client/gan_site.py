@@ -95,8 +95,10 @@ def _schedule(req: P.GanTrainRequest, site: SiteSettings, data, ledger, folder,
     Without a longer schedule to choose (``long_steps`` 0) the request's steps are taken and the census is
     drawn later, charged with the first round. With one, the choice needs the census first: at the run's first
     request the shorter schedule's plan must fit (else the refusal costs nothing), then the census is charged on
-    its own and drawn, and the schedule follows from it alone (``client.budget.choose_local_steps``). Once the
-    plan is fixed its steps are the run's; a request naming other steps is refused.
+    its own and drawn, and the schedule follows from it alone (``client.budget.choose_local_steps``); a longer
+    plan that does not fit the site's budget gives the shorter one (no more than the budget refusal it would
+    otherwise get reveals). Once the plan is fixed its steps are the run's; a request naming other steps is
+    refused.
     """
     if req.long_steps <= req.local_steps:
         return req.local_steps, census

@@ -2,7 +2,10 @@
 
 A run setting left at 0 ("auto") is chosen here, at the coordinator, once the sites have published
 their schema: from the image shape, the number of classes and the number of sites -- never from a
-record, a record count or a result on test data. Each rule says why beside it, the report lists every
+record, a record count or a result on test data. One choice is left to each site: where the run offers a
+longer DP-GAN schedule (``gan-long-local-steps``), a site takes it only if its own noisy census says it costs
+under 15 % more noise (``client.budget.choose_local_steps``), since a site's size, which the coordinator does
+not know, decides that. Each rule says why beside it, the report lists every
 value chosen this way with its reason (``report["settings_chosen"]``), and ``--set KEY=VALUE`` (or the
 run config) overrides any of them. The rules are fixed in advance: one recipe per mode and image size,
 the way DPImageBench runs one recipe per method on every dataset, not one per dataset.

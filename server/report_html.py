@@ -273,6 +273,12 @@ def render_report(report: dict, out_dir: Path) -> Path:
                      '<p class="muted">Left at 0 (auto), these were chosen from the image shape, the classes and the '
                      "number of sites only (server/defaults.py); set them with --set to override.</p>"
                      + _table(("setting", "value", "why"), rows, table_id="settings-chosen"))
+    taken = {site: steps for entry in report.get("rounds") or [] for site, steps in entry.get("local-steps", {}).items()}
+    if taken:  # the DP-GAN schedule each site chose from its own noisy census (client.budget.choose_local_steps)
+        parts.append("<h2>Discriminator steps each site took per round</h2>"
+                     '<p class="muted">A site takes gan-long-local-steps instead of gan-local-steps where its own '
+                     "noisy census says they cost it under 15 % more noise per step.</p>"
+                     + _table(("site", "steps per round"), sorted(taken.items()), table_id="site-steps"))
     if isinstance(report.get("timings"), dict) and report["timings"]:
         parts.append("<h2>Timings</h2>" + _table(("phase", "seconds"), sorted(report["timings"].items()),
                                                  table_id="timings"))

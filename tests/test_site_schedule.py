@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from client.app import app as client_app
 from common import protocol as P
 from fedsynth.localgrid import LocalGrid
@@ -21,6 +23,9 @@ def test_a_non_private_run_takes_the_longer_schedule_and_the_report_shows_each_s
         assert [(e["purpose"], e["round"], len(e["events"])) for e in entries] == [
             ("dpgan-census", 0, 1), ("dpgan", 1, 1), ("dpgan", 2, 1)]
         assert [e["events"][0]["steps"] for e in entries[1:]] == [6, 6]
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert 'id="site-steps"' in html and "<td>site-2</td><td>6</td>" in html
+    assert not any(c["setting"] == "gan-long-local-steps" for c in report["settings_chosen"])  # set, not chosen
 
 
 def test_a_private_site_keeps_the_shorter_schedule_within_the_runs_epsilon_and_holds_to_it(tmp_path):
@@ -51,3 +56,21 @@ def test_a_schedule_that_does_not_fit_is_refused_before_the_census_is_charged(tm
     reply = send(grid, 1000, gan_request(cfg, num_rounds=10**7, local_steps=10**4, long_steps=2 * 10**4))
     assert reply.has_error() and reply.error.code == P.REFUSED_BUDGET
     assert charges(tmp_path) in ([], [[]])
+
+
+def test_the_product_offers_the_longer_schedule_except_on_tiny_images_or_when_the_steps_are_set():
+    from common.config import ConfigError, RunConfig
+    from server.defaults import resolve
+    from server.sites import Schema
+
+    mnist = Schema(channels=1, height=28, width=28, classes=tuple("0123456789"))
+    cfg, chosen = resolve(RunConfig(), mnist, num_sites=3)
+    assert (cfg.gan_local_steps, cfg.gan_long_local_steps) == (60, 120)
+    assert any(c.setting == "gan-long-local-steps" and "noisy census" in c.reason for c in chosen)
+    digits = Schema(channels=1, height=8, width=8, classes=tuple("0123456789"))
+    assert resolve(RunConfig(), digits, num_sites=3)[0].gan_long_local_steps == 100  # = its local steps: never
+    # steps the user set are taken exactly, unless the user sets the longer schedule too
+    assert resolve(RunConfig(gan_local_steps=200), mnist, num_sites=3)[0].gan_long_local_steps == 200
+    assert resolve(RunConfig(gan_local_steps=50, gan_long_local_steps=75), mnist, 3)[0].gan_long_local_steps == 75
+    with pytest.raises(ConfigError, match="gan-long-local-steps must be 0 .auto. or at least gan-local-steps"):
+        RunConfig.from_mapping({"gan-local-steps": 60, "gan-long-local-steps": 30})
