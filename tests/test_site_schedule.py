@@ -74,3 +74,28 @@ def test_the_product_offers_the_longer_schedule_except_on_tiny_images_or_when_th
     assert resolve(RunConfig(gan_local_steps=50, gan_long_local_steps=75), mnist, 3)[0].gan_long_local_steps == 75
     with pytest.raises(ConfigError, match="gan-long-local-steps must be 0 .auto. or at least gan-local-steps"):
         RunConfig.from_mapping({"gan-local-steps": 60, "gan-long-local-steps": 30})
+
+
+def test_the_schedule_follows_the_noisy_census_not_the_record_count(tmp_path, monkeypatch):
+    """What the reply shows (the steps taken) must be post-processing of the census: a site of ~150 records whose
+    census said 20,000 takes the schedule a 20,000-record site would, while its plan's noise is its own."""
+    import client.census
+    import client.gan_site
+
+    def census_of_a_large_site(data, noise, folder):
+        client.census.draw_census(data, noise, folder)  # the real draw, then a census that came out large
+        fake = [2000.0] * 10
+        (folder / client.census.CENSUS_FILE).write_text(json.dumps({"noisy-counts": fake, "noise": noise}))
+        return fake
+
+    small_site = nodes(10)[:1]  # a tenth of the digits: ~150 records
+    honest = fast_config(tmp_path / "honest", epsilon=1.0)
+    reply = send(LocalGrid(client_app, small_site, honest.to_flwr()), 1000, gan_request(honest, long_steps=8))
+    assert P.GanTrainReply.from_message(reply).local_steps == 4  # its own census: twice the steps cost too much
+    monkeypatch.setattr(client.gan_site, "draw_census", census_of_a_large_site)
+    cfg = fast_config(tmp_path, epsilon=1.0)
+    reply = send(LocalGrid(client_app, small_site, cfg.to_flwr()), 1000, gan_request(cfg, long_steps=8))
+    assert not reply.has_error() and P.GanTrainReply.from_message(reply).local_steps == 8
+    plan = json.loads(next((tmp_path / "sites").rglob("plan.json")).read_text())
+    assert plan["sample_rate"] > 0.15  # the DP-SGD noise is calibrated to the site's true sampling rate
+    assert plan["planned_epsilon"] <= 1.0 + 1e-9
