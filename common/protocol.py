@@ -157,8 +157,8 @@ class GanTrainReply(Message):
                                               "post-processing of this round's DP-SGD steps")
     census: Arrays = arrays(kind="dp", why="'counts' (K,): the site's per-run noisy class histogram itself "
                                            "(Gaussian, z = CENSUS_NOISE, sensitivity 1, charged with the site's "
-                                           "first round or on its own just before it); the coordinator takes each class's synthetic images "
-                                           "from the sites in proportion to it")
+                                           "first round or on its own just before it); the coordinator takes "
+                                           "each class's synthetic images from the sites in proportion to it")
     weight: float = declared("dp", "FedAvg weight: the sum of the site's per-run noisy class histogram "
                                    "(post-processing of 'census')")
     g_loss: float = declared("dp", "mean generator loss: a function of G, of the DP discriminator and of "
