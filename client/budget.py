@@ -61,6 +61,9 @@ MAX_NOISE_GROWTH = 1.15
 # budget too small for the requested work, refused instead of silently training on noise.
 MAX_USEFUL_NOISE = 50.0
 
+# A run's plan, in the site's folder of the run
+PLAN_FILE = "plan.json"
+
 # The ledger purpose of a census charged on its own, before the run's plan (client.gan_site)
 CENSUS_PURPOSE = "dpgan-census"
 
@@ -284,7 +287,7 @@ def load_or_make_plan(path: Path, req: PlanRequest, *, num_records: int, delta: 
 
 def planned_steps(run_dir: Path) -> int | None:
     """The DP-SGD steps per round the run's plan fixed, or None before the run's plan is made."""
-    path = run_dir / "plan.json"
+    path = run_dir / PLAN_FILE
     return int(json.loads(path.read_text())["request"]["steps"]) if path.exists() else None
 
 
@@ -305,9 +308,9 @@ def plan_for_site(site: "SiteSettings", data: "ImageDataset", ledger: "PrivacyLe
     # the plan covers the whole run, its census included: a census charged before the plan (a DP-GAN run with a
     # longer schedule to choose) is in the plan, not in what came before it
     prior = ledger.events_except(run=experiment, purpose=CENSUS_PURPOSE) if experiment else ledger.events()
-    if dry_run and not (run_dir / "plan.json").exists():
+    if dry_run and not (run_dir / PLAN_FILE).exists():
         return make_plan(req, num_records=len(data), delta=ledger.delta, budget=site.epsilon_budget, prior=prior)
-    plan, made = load_or_make_plan(run_dir / "plan.json", req, num_records=len(data), delta=ledger.delta,
+    plan, made = load_or_make_plan(run_dir / PLAN_FILE, req, num_records=len(data), delta=ledger.delta,
                                    budget=site.epsilon_budget, prior=prior)
     if made:
         logging.getLogger("fedsynth.site").info(

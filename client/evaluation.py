@@ -32,7 +32,7 @@ import math
 import numpy as np
 from flwr.app import Context, Message
 
-from client.budget import RunPlan
+from client.budget import PLAN_FILE, RunPlan
 from client.ledger import BudgetExceeded, PrivacyLedger
 from client.requests import Refusal, check_schema, require_plain_allowed, run_dir, site_data, site_handler
 from client.site import SiteSettings, data_fingerprint, load_site_heldout, open_ledger
@@ -47,7 +47,7 @@ log = logging.getLogger("fedsynth.site")
 
 def _noise(site: SiteSettings, experiment_dir, constant: float) -> float:
     """The query's noise multiplier: the protocol's constant, or 0 in a run the site agreed to make non-private."""
-    plan_file = experiment_dir / "plan.json"
+    plan_file = experiment_dir / PLAN_FILE
     if math.isinf(site.epsilon_budget) and plan_file.exists():
         if math.isinf(RunPlan.from_json(json.loads(plan_file.read_text())).planned_epsilon):
             return 0.0

@@ -123,8 +123,8 @@ def _schedule(req: P.GanTrainRequest, site: SiteSettings, data, ledger, folder,
     steps = choose_local_steps(req.local_steps, req.long_steps, rounds=req.num_rounds, batch_size=req.batch_size,
                                epsilon=min(req.epsilon, site.epsilon_budget), noisy_counts=census)
     if steps != req.local_steps:
-        try:  # the longer plan must fit the site's budget too; if not, the shorter one is taken
-            plan_for_site(site, data, ledger, folder, _plan_request(req, steps), req.experiment, dry_run=True)
+        try:  # the longer plan, fixed here if it fits the site's budget (the caller reads it back); else the shorter
+            plan_for_site(site, data, ledger, folder, _plan_request(req, steps), req.experiment)
         except Refusal:
             steps = req.local_steps
     log.info("[%s] takes %d D steps per round in %s (%s)", site.name, steps, req.experiment,
