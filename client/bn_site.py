@@ -22,6 +22,7 @@ from client.budget import PlanRequest, RunPlan, plan_for_site
 from client.census import census_weight, draw_census, load_census
 from client.dpsgd import train_dpsgd_local
 from client.ledger import BudgetExceeded, PrivacyLedger
+from client.limits import check_work, parameter_count
 from client.requests import (
     Refusal,
     require_plain_allowed,
@@ -55,9 +56,16 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings):
         finite_at_least(value, name, strict=True)
     if req.width < 1:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"width must be >= 1, got {req.width}")
+
+    def build() -> BNNet:
+        return BNNet(req.channels, req.num_classes, req.image_size, req.width, head_norm=req.head_norm,
+                     resolution=req.resolution)
+
     try:
-        net = BNNet(req.channels, req.num_classes, req.image_size, req.width, head_norm=req.head_norm,
-                    resolution=req.resolution)
+        trains = req.net_rounds > 0  # else the coordinator provides the net: no DP-SGD step at this site
+        check_work(site, networks={"shared net": parameter_count(build)}, dpsgd_network="shared net",
+                   batch_size=req.batch_size if trains else 0, steps_per_run=req.net_rounds * req.local_steps)
+        net = build()
     except ValueError as err:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"the shared net's shape cannot be built: {err}") from None
     problems = P.check_arrays(net_state, P.state_spec(net.state_dict()))

@@ -22,6 +22,7 @@ from client.budget import CENSUS_PURPOSE, PlanRequest, choose_local_steps, plan_
 from client.census import census_weight, draw_census, load_census
 from client.dpgan import LocalGanTrainer, RoundSettings
 from client.ledger import BudgetExceeded
+from client.limits import check_work, parameter_count
 from client.requests import (
     Refusal,
     require_plain_allowed,
@@ -38,7 +39,7 @@ from client.requests import (
 from client.site import SiteSettings, data_fingerprint, open_ledger
 from common import protocol as P
 from common.device import pick_device
-from common.models import GanShape, Generator
+from common.models import Discriminator, GanShape, Generator
 
 log = logging.getLogger("fedsynth.site")
 
@@ -56,13 +57,21 @@ def _previous_d_state(folder, rnd: int) -> dict | None:
     return None
 
 
-def _check_request(req: P.GanTrainRequest) -> GanShape:
+def _check_request(req: P.GanTrainRequest, site: SiteSettings) -> GanShape:
     shape = GanShape(channels=req.channels, image_size=req.image_size, num_classes=req.num_classes,
                      latent_dim=req.latent_dim, width=req.width, resolution=req.resolution)
     try:
         shape.validate()
     except ValueError as err:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"invalid GAN shape: {err}") from None
+    if min(req.width, req.latent_dim) < 1 or req.d_width < 0 or req.batch_size < 1 or req.num_rounds < 1 \
+            or req.local_steps < 1:
+        raise Refusal(P.REFUSED_BAD_REQUEST, "width, latent dim, batch size, rounds and local steps must be "
+                                             "positive (d-width >= 0)")
+    check_work(site, networks={"generator": parameter_count(lambda: Generator(shape)),
+                               "discriminator": parameter_count(lambda: Discriminator(shape, width=req.d_width))},
+               dpsgd_network="discriminator", batch_size=req.batch_size,
+               steps_per_run=req.num_rounds * max(req.local_steps, req.long_steps))
     problems = P.check_arrays(req.generator, P.state_spec(Generator(shape).state_dict()))
     if problems:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"the generator sent does not match the run's GAN shape: {problems[:3]}")
@@ -78,8 +87,6 @@ def _check_request(req: P.GanTrainRequest) -> GanShape:
     if req.long_steps < 0 or 0 < req.long_steps < req.local_steps:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"long-steps must be 0 or at least local-steps ({req.local_steps}), "
                                              f"got {req.long_steps}")
-    if req.d_width < 0:
-        raise Refusal(P.REFUSED_BAD_REQUEST, f"d-width must be >= 0, got {req.d_width}")
     return shape
 
 
@@ -144,7 +151,7 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
     """One DP-GAN round at the site; the typed reply (sent as it is, or through secure aggregation)."""
     require_mode(site, "dpgan")
     require_replacement(site, req.sensitive_attribute)
-    shape = _check_request(req)
+    shape = _check_request(req, site)
     data = site_data(site)
     check_schema(data, req.channels, req.image_size, req.image_size, req.num_classes)
     folder, rnd = run_dir(site, req.experiment), req.server_round

@@ -20,6 +20,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from client.ledger import PrivacyLedger
+from client.limits import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_PARAMETERS,
+    DEFAULT_MAX_STEP_MEMORY_MB,
+    DEFAULT_MAX_STEPS_PER_RUN,
+)
 from common.accounting import default_delta
 from common.config import MODES, RunConfig
 from common.data import DataError, ImageDataset, load_dataset, sensitive_attribute_problem
@@ -49,6 +55,11 @@ class SiteSettings:
     audits: bool = False  # answer DP audit queries (noisy, charged, capped)
     queries_per_run: int = 1  # cap on evaluation queries and on audit queries per run
     require_secure_aggregation: bool = False  # refuse every request that is not part of a secure aggregation
+    # work limits (client.limits): a request beyond one is refused before anything is built
+    max_parameters: int = DEFAULT_MAX_PARAMETERS  # of any one network a request makes the site build
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE  # expected DP-SGD batch
+    max_steps_per_run: int = DEFAULT_MAX_STEPS_PER_RUN  # DP-SGD steps over one run
+    max_step_memory_mb: int = DEFAULT_MAX_STEP_MEMORY_MB  # per-sample gradients of one DP-SGD step
     # simulation only: which partition of `data` this site holds
     partition_id: int | None = None
     num_partitions: int | None = None
@@ -76,7 +87,9 @@ class SiteSettings:
                 "sensitive-attribute": self.sensitive_attribute, "delta": self.delta,
                 "modes": ",".join(self.modes), "heldout-path": self.heldout, "heldout-split": self.heldout_split,
                 "evaluation": self.evaluation, "audits": self.audits, "queries-per-run": self.queries_per_run,
-                "require-secure-aggregation": self.require_secure_aggregation}
+                "require-secure-aggregation": self.require_secure_aggregation,
+                "max-parameters": self.max_parameters, "max-batch-size": self.max_batch_size,
+                "max-steps-per-run": self.max_steps_per_run, "max-step-memory-mb": self.max_step_memory_mb}
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> "SiteSettings":

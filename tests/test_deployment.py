@@ -177,16 +177,18 @@ def test_hostile_run_configs_are_refused_and_nothing_is_spent(deployment):
                    "--out", str(dep.root / "runs" / "nonoise"))
     assert res.returncode == 2 and "unknown run setting 'noise-multiplier'" in res.stderr
     before = {name: dep.ledger(name) for name in ("site1", "site2", "site3")}
-    # Far more DP-SGD work than any site's budget pays for, even at the largest noise a site accepts: every
-    # site refuses before doing any work. (One round of 10^12 steps rather than 10^5 rounds: the coordinator
-    # sends every planned round even when all sites refuse, and each refusal costs a process start per site.)
+    # Far more DP-SGD work than any site's budget pays for, even at the largest noise a site accepts, yet within
+    # its work limits (client.limits): every site refuses before doing any work. (One round of 50,000 full-batch
+    # steps rather than many rounds: the coordinator sends every planned round even when all sites refuse, and
+    # each refusal costs a process start per site.)
     out = dep.root / "runs" / "greedy"
     res = fedsynth("run", "--config", str(dep.coord_yaml), "--out", str(out), "--wait", "120",
-                   "--run-config", "num-rounds=1 gan-local-steps=1000000000000 experiment='greedy' round-timeout=60.0",
+                   "--run-config", "num-rounds=1 gan-local-steps=50000 gan-batch-size=4096 experiment='greedy' "
+                                   "round-timeout=60.0",
                    timeout=400)
     assert res.returncode == 1, res.stdout[-3000:]
     assert "finished:failed" in res.stderr and "budget" in res.stderr, res.stderr
-    assert "over budget" in res.stdout and "does not fit this site's privacy budget" in res.stdout
+    assert "over budget" in res.stdout and "privacy budget is too small for the requested" in res.stdout
     after = {name: dep.ledger(name) for name in ("site1", "site2", "site3")}
     for name in before:
         assert after[name]["releases"] == before[name]["releases"], name

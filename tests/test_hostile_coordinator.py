@@ -494,7 +494,7 @@ def test_refusals_name_no_budget_spending_or_noise(tmp_path):
     cfg = fast_config(tmp_path, num_rounds=1)
     grid = LocalGrid(client_app, [{**nodes(1)[0], "epsilon": 3.7}], cfg.to_flwr())
     assert not send(grid, 1000, gan_request(cfg, experiment="spend")).has_error()
-    reply = send(grid, 1000, gan_request(cfg, experiment="more", local_steps=10**6))  # 3.7 spent, far more asked
+    reply = send(grid, 1000, gan_request(cfg, experiment="more", local_steps=40_000))  # 3.7 spent, far more asked
     assert reply.has_error() and reply.error.code == P.REFUSED_BUDGET
     reason = reply.error.reason.replace("site-1", "")
     assert not any(ch.isdigit() for ch in reason), reason  # no budget, spent or remaining epsilon, no sigma

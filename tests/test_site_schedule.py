@@ -53,7 +53,8 @@ def test_a_private_site_keeps_the_shorter_schedule_within_the_runs_epsilon_and_h
 def test_a_schedule_that_does_not_fit_is_refused_before_the_census_is_charged(tmp_path):
     cfg = fast_config(tmp_path, epsilon=1.0, num_rounds=1)
     grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
-    reply = send(grid, 1000, gan_request(cfg, num_rounds=10**7, local_steps=10**4, long_steps=2 * 10**4))
+    reply = send(grid, 1000, gan_request(cfg, num_rounds=25, local_steps=1000, long_steps=2000,
+                                                batch_size=4096))  # within work limits, not the budget
     assert reply.has_error() and reply.error.code == P.REFUSED_BUDGET
     assert charges(tmp_path) in ([], [[]])
 

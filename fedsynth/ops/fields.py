@@ -78,7 +78,9 @@ class Fields:
         if isinstance(value, bool) or not isinstance(value, int):
             raise self._err(key, f"must be an integer, got {value!r}")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise self._err(key, f"must be between {lo} and {hi}, got {value}")
+            bounds = f"between {lo} and {hi}" if lo is not None and hi is not None else \
+                f"at least {lo}" if lo is not None else f"at most {hi}"
+            raise self._err(key, f"must be {bounds}, got {value}")
         return value
 
     def float(self, key: str, default: float | None = None) -> float:

@@ -34,7 +34,10 @@ SETTINGS_DEFAULTS = {f.name: f.default for f in fields(SiteSettings)}
 SITE_KEYS = ("name", "data", "dataset_id", "split", "image_size", "label_from", "sensitive_attribute", "heldout",
              "heldout_split", "epsilon",
              "delta", "state_dir", "modes", "evaluation", "audits", "queries_per_run", "require_secure_aggregation",
+             "max_parameters", "max_batch_size", "max_steps_per_run", "max_step_memory_mb",
              "coordinator", "ca_cert", "private_key", "supernode_port", "approved_bundles", "approve_installed")
+
+WORK_LIMITS = ("max_parameters", "max_batch_size", "max_steps_per_run", "max_step_memory_mb")  # client.limits
 
 
 @dataclass
@@ -128,7 +131,8 @@ def load_site_config(path: str | Path) -> SiteDeployment:
         modes=tuple(dict.fromkeys(modes)),
         heldout=heldout, heldout_split=heldout_split, evaluation=evaluation, audits=audits,
         queries_per_run=f.int("queries_per_run", 1, lo=1, hi=100),
-        require_secure_aggregation=f.bool("require_secure_aggregation", False))
+        require_secure_aggregation=f.bool("require_secure_aggregation", False),
+        **{key: f.int(key, SETTINGS_DEFAULTS[key], lo=1) for key in WORK_LIMITS})
     return SiteDeployment(
         settings=settings, coordinator=coordinator, ca_cert=f.path("ca_cert") if f.has("ca_cert") else None,
         private_key=f.path("private_key") if f.has("private_key") else None,
@@ -294,6 +298,9 @@ def _announce(dep: SiteDeployment, check: SiteCheck) -> None:
     answers = [q for q, on in (("evaluation", s.evaluation), ("audits", s.audits)) if on]
     info(f"answers {' and '.join(answers)} queries (DP, charged, at most {s.queries_per_run} of each per run)"
          if answers else "answers no evaluation or audit queries (switch them on in site.yaml)")
+    info(f"work limits per request: networks of at most {s.max_parameters:,} parameters, batches of at most "
+         f"{s.max_batch_size:,}, {s.max_steps_per_run:,} DP-SGD steps per run, {s.max_step_memory_mb:,} MB of "
+         "per-sample gradients per step (site.yaml max_*)")
     if s.require_secure_aggregation:
         info("takes part only in runs with secure aggregation: the coordinator sees only sums over the sites")
     if math.isinf(s.epsilon_budget):
