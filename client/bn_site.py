@@ -22,7 +22,7 @@ from client.budget import PlanRequest, RunPlan, plan_for_site
 from client.census import census_weight, draw_census, load_census
 from client.dpsgd import train_dpsgd_local
 from client.ledger import BudgetExceeded, PrivacyLedger
-from client.limits import check_work, parameter_count
+from client.limits import check_work, meta_module, parameter_count
 from client.requests import (
     Refusal,
     require_plain_allowed,
@@ -63,8 +63,9 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings):
 
     try:
         trains = req.net_rounds > 0  # else the coordinator provides the net: no DP-SGD step at this site
-        check_work(site, networks={"shared net": parameter_count(build)}, dpsgd_network="shared net",
-                   batch_size=req.batch_size if trains else 0, steps_per_run=req.net_rounds * req.local_steps)
+        check_work(site, networks={"shared net": parameter_count(meta_module(build))},
+                   dpsgd_network="shared net", batch_size=req.batch_size if trains else 0,
+                   steps_per_run=req.net_rounds * req.local_steps)
         net = build()
     except ValueError as err:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"the shared net's shape cannot be built: {err}") from None

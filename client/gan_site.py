@@ -22,7 +22,7 @@ from client.budget import CENSUS_PURPOSE, PlanRequest, choose_local_steps, plan_
 from client.census import census_weight, draw_census, load_census
 from client.dpgan import LocalGanTrainer, RoundSettings
 from client.ledger import BudgetExceeded
-from client.limits import check_work, parameter_count
+from client.limits import check_work, meta_module, parameter_count
 from client.requests import (
     Refusal,
     require_plain_allowed,
@@ -64,15 +64,14 @@ def _check_request(req: P.GanTrainRequest, site: SiteSettings) -> GanShape:
         shape.validate()
     except ValueError as err:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"invalid GAN shape: {err}") from None
-    if min(req.width, req.latent_dim) < 1 or req.d_width < 0 or req.batch_size < 1 or req.num_rounds < 1 \
-            or req.local_steps < 1:
-        raise Refusal(P.REFUSED_BAD_REQUEST, "width, latent dim, batch size, rounds and local steps must be "
-                                             "positive (d-width >= 0)")
-    check_work(site, networks={"generator": parameter_count(lambda: Generator(shape)),
-                               "discriminator": parameter_count(lambda: Discriminator(shape, width=req.d_width))},
+    if min(req.width, req.latent_dim) < 1 or req.d_width < 0:  # (rounds, steps and batch: the plan refuses)
+        raise Refusal(P.REFUSED_BAD_REQUEST, "width and latent dim must be positive, d-width >= 0")
+    generator = meta_module(lambda: Generator(shape))  # shapes only: the limits come before any allocation
+    check_work(site, networks={"generator": parameter_count(generator), "discriminator": parameter_count(
+                   meta_module(lambda: Discriminator(shape, width=req.d_width)))},
                dpsgd_network="discriminator", batch_size=req.batch_size,
                steps_per_run=req.num_rounds * max(req.local_steps, req.long_steps))
-    problems = P.check_arrays(req.generator, P.state_spec(Generator(shape).state_dict()))
+    problems = P.check_arrays(req.generator, P.state_spec(generator.state_dict()))
     if problems:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"the generator sent does not match the run's GAN shape: {problems[:3]}")
     if not 1 <= req.server_round <= req.num_rounds:

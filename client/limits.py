@@ -46,14 +46,18 @@ class WorkLimits(Protocol):
     max_step_memory_mb: int
 
 
-def parameter_count(build: Callable[[], nn.Module]) -> int:
-    """The parameters of the module ``build()`` makes, counted without allocating its weights."""
+def meta_module(build: Callable[[], nn.Module]) -> nn.Module:
+    """The module ``build()`` makes, on the ``meta`` device: its shapes and state_dict keys, no weights."""
     with torch.device("meta"):
-        module = build()
+        return build()
+
+
+def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def check_work(site: WorkLimits, *, networks: dict[str, int], dpsgd_network: str, batch_size: int, steps_per_run: int) -> None:
+def check_work(site: WorkLimits, *, networks: dict[str, int], dpsgd_network: str, batch_size: int,
+               steps_per_run: int) -> None:
     """Refuse the request if it exceeds one of ``site``'s work limits.
 
     ``networks``: parameters of every network the request makes the site build, by a name the refusal shows;
@@ -78,6 +82,7 @@ def check_work(site: WorkLimits, *, networks: dict[str, int], dpsgd_network: str
     if step_mb > site.max_step_memory_mb:
         raise Refusal(P.REFUSED_NOT_ALLOWED,
                       f"one DP-SGD step of this request would hold {step_mb:,.1f} MB of per-sample gradients "
-                      f"(batch {batch_size:,} x {networks[dpsgd_network]:,} {dpsgd_network} parameters x 4 bytes); "
+                      f"(batch {batch_size:,} x {networks[dpsgd_network]:,} {dpsgd_network} parameters x "
+                      f"{BYTES_PER_GRADIENT_VALUE} bytes); "
                       f"this site allows at most {site.max_step_memory_mb:,} MB (its operator's "
                       "max_step_memory_mb): ask for a smaller batch or a narrower network")

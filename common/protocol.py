@@ -48,7 +48,10 @@ QUERY_AUDIT = "query.audit"  # synthetic sample in, DP histograms of record-to-s
 # read: never the site's budget, what it has spent or has left, its record count or its file names.
 REFUSED_BUDGET = 4001  # the request does not fit the site's privacy budget
 REFUSED_BAD_REQUEST = 4002  # malformed, inconsistent or hostile request
-REFUSED_NOT_ALLOWED = 4003  # the site's config does not allow this mode / action / more queries
+REFUSED_NOT_ALLOWED = 4003  # the site's config does not allow this mode / action / more queries / this much work
+# A work-limit refusal (client.limits) names the operator's limit and the request's own sizes (parameters,
+# batch, steps, per-sample gradient memory, all computed from the request's settings alone): the limits are
+# public by declaration, and nothing in such a refusal depends on the site's records.
 SITE_FAILURE = 4004  # the site could not do the work (its operator sees why in the site's log)
 REFUSED_UNAPPROVED_CODE = 4005  # the run's app bundle is not one the site's operator approved
 

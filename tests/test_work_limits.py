@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import yaml
 
 from client.app import app as client_app
-from client.limits import parameter_count
+from client.limits import meta_module, parameter_count
 from client.site import SiteSettings
 from common import protocol as P
 from common.bnnet import BNNet
@@ -20,7 +21,7 @@ from server.sites import Schema
 from tests.spine_helpers import charges, fast_config, nodes
 from tests.test_faults import gan_request, send
 
-PROJECT_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _refused(reply, *words: str) -> None:
@@ -51,7 +52,7 @@ def test_the_per_sample_gradients_of_one_step_are_bounded_by_the_operator(tmp_pa
     # this digits discriminator (width 16 at 8x8) has ~11,000 parameters; a batch of 4,096 holds ~176 MB of
     # per-sample gradients, the run's batch of 32 about 1.4 MB
     shape = GanShape(1, 8, 10, cfg.gan_latent_dim, cfg.gan_width)
-    d_params = parameter_count(lambda: Discriminator(shape, width=16))
+    d_params = parameter_count(meta_module(lambda: Discriminator(shape, width=16)))
     node = {**nodes(1)[0], "max-step-memory-mb": 10}
     grid = LocalGrid(client_app, [node], cfg.to_flwr())
     reply = send(grid, 1000, gan_request(cfg, batch_size=4096, d_width=16))
@@ -86,14 +87,14 @@ def test_the_products_own_settings_fit_the_default_limits_with_margin(channels, 
         "num_rounds", "gan_local_steps", "gan_long_local_steps", "gan_batch_size", "gan_width", "gan_d_width",
         "gan_resolution")}, gan_latent_dim=64), schema, 3)
     shape = GanShape(channels, side, classes, gan.gan_latent_dim, gan.gan_width, resolution=gan.gan_resolution)
-    g = parameter_count(lambda: Generator(shape))
-    d = parameter_count(lambda: Discriminator(shape, width=gan.gan_d_width))
+    g = parameter_count(meta_module(lambda: Generator(shape)))
+    d = parameter_count(meta_module(lambda: Discriminator(shape, width=gan.gan_d_width)))
     assert max(g, d) * 10 < limits.max_parameters
     assert gan.gan_batch_size * 10 <= limits.max_batch_size
     assert gan.num_rounds * gan.gan_long_local_steps * 10 <= limits.max_steps_per_run
     assert gan.gan_batch_size * d * 4 / 2**20 * 10 < limits.max_step_memory_mb
-    bn = parameter_count(lambda: BNNet(channels, classes, side, 64, head_norm=True,
-                                       resolution=defaults.bn_resolution_rule(side).value))
+    bn = parameter_count(meta_module(lambda: BNNet(channels, classes, side, 64, head_norm=True,
+                                                   resolution=defaults.bn_resolution_rule(side).value)))
     assert bn * 10 < limits.max_parameters
 
 

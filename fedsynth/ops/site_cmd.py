@@ -31,13 +31,12 @@ from fedsynth.ops.processes import Child, flower_env, forward_signals
 from fedsynth.ops.tls import check_ca, check_private_key
 
 SETTINGS_DEFAULTS = {f.name: f.default for f in fields(SiteSettings)}
+WORK_LIMITS = ("max_parameters", "max_batch_size", "max_steps_per_run", "max_step_memory_mb")  # client.limits
 SITE_KEYS = ("name", "data", "dataset_id", "split", "image_size", "label_from", "sensitive_attribute", "heldout",
              "heldout_split", "epsilon",
              "delta", "state_dir", "modes", "evaluation", "audits", "queries_per_run", "require_secure_aggregation",
-             "max_parameters", "max_batch_size", "max_steps_per_run", "max_step_memory_mb",
-             "coordinator", "ca_cert", "private_key", "supernode_port", "approved_bundles", "approve_installed")
-
-WORK_LIMITS = ("max_parameters", "max_batch_size", "max_steps_per_run", "max_step_memory_mb")  # client.limits
+             *WORK_LIMITS, "coordinator", "ca_cert", "private_key", "supernode_port", "approved_bundles",
+             "approve_installed")
 
 
 @dataclass
