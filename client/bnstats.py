@@ -65,6 +65,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from client.nonfinite import zero_nonfinite_rows
 from common.bnnet import iter_record_blocks, norm_layer_channels, per_record_features  # noqa: F401 (re-export)
 from common.protocol import STATS_COUNT as COUNT_KEY
 from common.protocol import STATS_SUM as SUM_PREFIX
@@ -207,7 +208,7 @@ def exact_class_sums(
         yb = torch.as_tensor(labels[start:start + batch_size], device=dev)  # (B,)
         if ref is not None:
             blocks = {n: b - ref[n][yb] for n, b in blocks.items()}
-        blocks = clip_blocks(blocks, clip_bound)
+        blocks = clip_blocks(zero_nonfinite_rows(blocks), clip_bound)  # an overflowing record adds 0 (client.nonfinite)
         for name in layers:
             sums[name].index_add_(0, yb, blocks[name])  # (K, 2 C_l) += rows by class
     out: dict[str, np.ndarray] = {COUNT_KEY: np.bincount(labels, minlength=num_classes).astype(np.float64)}

@@ -9,7 +9,8 @@ post-processing. Each D step is one subsampled Gaussian release: the caller char
 
 Implementation notes (verified against Opacus 1.6):
 - Poisson sampling is done here with an explicit Bernoulli mask so the sampling rate q is exactly the
-  one accounted; Opacus' ``GradSampleModule`` + ``DPOptimizer`` do the clipping and noise.
+  one accounted; Opacus' ``GradSampleModule`` + ``DPOptimizer`` do the clipping and noise (a record whose
+  gradient overflows contributes 0: ``client.nonfinite``).
 - D step = one backward over two forward passes (real rows, fake rows with the same labels): Opacus
   sums row i of both passes, so "record i" is grad(real_i) + grad(fake_i), clipped jointly (dcgan.py's
   scheme; sensitivity stays C because fake_i carries no other record's data).
@@ -20,8 +21,8 @@ Implementation notes (verified against Opacus 1.6):
   update never touches a real label directly. A mode-seeking term keeps G from ignoring its latent
   (without it every image of a class came out the same on MNIST; the README's results table has the
   numbers with and without both).
-- The DP randomness (Poisson masks, Gaussian noise) comes from site-held entropy, never from the
-  coordinator's seed.
+- The DP randomness (Poisson masks, Gaussian noise) and every latent of a fake image come from site-held
+  entropy, never from the coordinator's seed (see ``train_round`` for why the latents too).
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
 
 from client.dpsgd import opacus_input
+from client.nonfinite import FiniteDPOptimizer
 from common.data import ImageDataset
 from common.models import Discriminator, GanShape, Generator
 from common.progress import progress
@@ -52,8 +53,8 @@ class RoundSettings:
 
     Only the first eight fields are privacy-relevant (and fixed by the site's plan); the rest are
     training recipe with defaults tuned on digits and MNIST at epsilon 10 (bench_dpgan.py).
-    The DP noise and the Poisson batches never come from ``seed``: the coordinator sends that seed,
-    and whoever can replay the noise can subtract it. They come from ``noise_seed``, which only tests
+    The DP noise, the Poisson batches and G's latents never come from ``seed``: the coordinator sends that
+    seed, and whoever can replay the noise can subtract it. They come from ``noise_seed``, which only tests
     and benchmarks fix; at a site it is None, i.e. drawn from the operating system's entropy.
     """
 
@@ -63,8 +64,8 @@ class RoundSettings:
     max_grad_norm: float  # C
     lr_d: float
     lr_g: float
-    seed: int  # the coordinator's seed: G's latents/labels and D's first initialisation (nothing secret)
-    noise_seed: int | None = None  # Poisson masks and DP noise; None = fresh OS entropy (production)
+    seed: int  # the coordinator's seed: G's labels and D's first initialisation (nothing secret)
+    noise_seed: int | None = None  # Poisson masks, DP noise, G's latents; None = fresh OS entropy (production)
     d_steps_per_g: int = 1  # n_D: D steps per G step (Bie et al. 2023)
     g_steps_per_d: int = 1  # G steps after each n_D D steps (free in privacy: G never sees data)
     g_batch_size: int = 0  # fake batch of a G step; 0 = the expected real batch size
@@ -96,8 +97,8 @@ def discriminator_loss(d_model: torch.nn.Module, real: torch.Tensor, fake: torch
     return loss, real_cls
 
 
-def mode_seeking_penalty(gen: torch.nn.Module, z: torch.Tensor, labels: torch.Tensor,
-                         fake: torch.Tensor) -> torch.Tensor:
+def mode_seeking_penalty(gen: torch.nn.Module, z: torch.Tensor, labels: torch.Tensor, fake: torch.Tensor,
+                         latents: torch.Generator | None = None) -> torch.Tensor:
     """Mode-seeking term (Mao et al., CVPR 2019): small when two latents of one class give different images.
 
     Pairs each fake row i with a second image of the *same label* from a fresh latent z2_i and returns
@@ -105,7 +106,7 @@ def mode_seeking_penalty(gen: torch.nn.Module, z: torch.Tensor, labels: torch.Te
     class the same, the collapse we measured on MNIST) pays a large penalty. G-only: no real record is
     involved, so it costs no privacy.
     """
-    z2 = torch.randn_like(z)  # (g, latent)
+    z2 = torch.randn(z.shape, generator=latents, device=z.device, dtype=z.dtype)  # (g, latent)
     fake2 = gen(z2, labels)  # (g, C, H, W)
     image_gap = (fake - fake2).abs().flatten(1).mean(dim=1)  # (g,)
     latent_gap = (z - z2).abs().mean(dim=1)  # (g,)
@@ -184,18 +185,24 @@ class LocalGanTrainer:
         ema = [p.detach().clone() for p in gen.parameters()] if rs.ema > 0 else None
 
         private = rs.noise_multiplier > 0
-        # Secret randomness of the DP mechanism: which records each step samples and the Gaussian noise.
+        # Secret randomness of the DP mechanism: which records each step samples, the Gaussian noise, and the
+        # latents of every fake image. Why the latents too: a D step draws one fake per sampled record, so
+        # how many latents a stream has given depends on the Poisson batch sizes so far (on the records). From
+        # a stream the coordinator can replay (its seed) the fakes paired with the records, and G's updates,
+        # would carry that private count outside the DP steps; fresh secret draws are independent of it.
         secret = np.random.SeedSequence(rs.noise_seed if rs.noise_seed is not None else secrets.randbits(128))
-        mask_seed, noise_seed = (int(s.generate_state(1, np.uint64)[0] >> 1) for s in secret.spawn(2))
+        mask_seed, noise_seed, latent_seed = (int(s.generate_state(1, np.uint64)[0] >> 1) for s in secret.spawn(3))
         sampler = torch.Generator(device="cpu").manual_seed(mask_seed)
         noise_gen = torch.Generator(device=self.device).manual_seed(noise_seed)
+        latents = torch.Generator(device=self.device).manual_seed(latent_seed)
         if private:
             # loss_reduction="sum": per-sample gradients are those of each record's own loss; the
             # DPOptimizer then divides the noisy sum by the *expected* batch size (not the realised
             # Poisson size, which would leak it).
             d_model = GradSampleModule(disc, loss_reduction="sum")
-            opt_d = DPOptimizer(opt_d_inner, noise_multiplier=rs.noise_multiplier, max_grad_norm=rs.max_grad_norm,
-                                expected_batch_size=expected_batch, loss_reduction="mean", generator=noise_gen)
+            opt_d = FiniteDPOptimizer(opt_d_inner, noise_multiplier=rs.noise_multiplier,
+                                      max_grad_norm=rs.max_grad_norm, expected_batch_size=expected_batch,
+                                      loss_reduction="mean", generator=noise_gen)
         else:
             d_model, opt_d = disc, opt_d_inner
 
@@ -212,7 +219,7 @@ class LocalGanTrainer:
             b = len(idx)
             gen.eval()
             with torch.no_grad():
-                fake = gen(gen.sample_latent(b, device=self.device), yb) if b else xb
+                fake = gen(gen.sample_latent(b, latents, self.device), yb) if b else xb
             gen.train()
             opt_d.zero_grad(set_to_none=True)
             if b:
@@ -239,14 +246,14 @@ class LocalGanTrainer:
             for _ in range(n_g):
                 yg = (torch.multinomial(label_p, g_batch, replacement=True, generator=label_rng).to(self.device)
                       if label_p is not None else torch.randint(0, k, (g_batch,), generator=label_rng).to(self.device))
-                z = gen.sample_latent(g_batch, device=self.device)  # (g, latent)
+                z = gen.sample_latent(g_batch, latents, self.device)  # (g, latent)
                 fake_g = gen(z, yg)  # (g, C, H, W)
                 adv, cls = disc(fake_g, yg)
                 loss_g = F.binary_cross_entropy_with_logits(adv, torch.ones_like(adv))
                 if rs.ac_weight > 0:
                     loss_g = loss_g + rs.ac_weight * F.cross_entropy(cls, yg)
                 if rs.mode_seeking > 0 and g_batch >= 2:
-                    loss_g = loss_g + rs.mode_seeking * mode_seeking_penalty(gen, z, yg, fake_g)
+                    loss_g = loss_g + rs.mode_seeking * mode_seeking_penalty(gen, z, yg, fake_g, latents)
                 opt_g.zero_grad(set_to_none=True)
                 loss_g.backward()
                 opt_g.step()

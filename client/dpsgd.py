@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 from torch import nn
+
+from client.nonfinite import FiniteDPOptimizer
 
 if TYPE_CHECKING:  # only for type hints; the dataset object is passed in by the caller
     from common.data import ImageDataset
@@ -129,7 +130,7 @@ def train_dpsgd_local(
     noise_gen.manual_seed(int(seed_seq.generate_state(1)[0]))
 
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    optimizer = DPOptimizer(
+    optimizer = FiniteDPOptimizer(  # a record whose gradient overflows contributes 0 (client.nonfinite)
         torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum),
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,

@@ -98,6 +98,29 @@ def test_dp_noise_and_batches_do_not_follow_the_coordinators_seed(tmp_path) -> N
     assert torch.equal(run("c", 123), run("d", 123))  # a fixed noise seed (tests, benchmarks) replays exactly
 
 
+def test_the_fakes_latents_do_not_follow_the_coordinators_seed(tmp_path) -> None:
+    """A D step draws one fake per sampled record, so a latent stream's position after t steps is the sum of the
+    Poisson batch sizes so far (a count of private records). From the coordinator's seed, the fakes and G's
+    updates would carry that count outside the DP steps. With no noise and every record in every batch
+    (q = 1), nothing else random is left: two rounds differ only if the latents are the site's own."""
+    from client.dpgan import RoundSettings
+    from common.models import Generator
+
+    shape, _ = _digits_trainer(tmp_path, "probe")
+    torch.manual_seed(0)
+    start = Generator(shape).state_dict()
+
+    def run(name: str, noise_seed):
+        _, trainer = _digits_trainer(tmp_path, name)
+        rs = RoundSettings(noise_multiplier=0.0, sample_rate=1.0, steps=2, max_grad_norm=1.0, lr_d=1e-3, lr_g=1e-3,
+                           seed=7, noise_seed=noise_seed, mode_seeking=1.0)
+        state, _, _ = trainer.train_round(start, rs)
+        return _flat(state)
+
+    assert not torch.equal(run("a", 1), run("b", 2))
+    assert torch.equal(run("c", 3), run("d", 3))
+
+
 def test_extra_generator_steps_and_the_generators_ema_change_what_a_site_sends(tmp_path) -> None:
     """gan-g-steps and gan-ema reach the site's round: n G steps after each D step, and the EMA of G's
     weights (which lags behind G's last weights, so it sits closer to the round's start) is what is sent."""

@@ -1,0 +1,61 @@
+"""What a record whose numbers overflow contributes to a DP release: nothing.
+
+Every DP release a site makes sums one clipped contribution per record (a DP-SGD step's per-sample
+gradients, the statistics mode's per-record feature vectors) and adds Gaussian noise scaled to the clip
+bound. Clipping bounds a *finite* contribution. A record whose contribution holds inf or NaN escapes it:
+``C / ||inf||`` is 0 and ``0 * inf`` is NaN, so the noisy sum becomes NaN, and whether it did is a fact about
+the records that no noise covers.
+
+A hostile coordinator can arrange exactly that. It chooses the weights the site computes with (the shared
+statistics net it provides or averages, the generator, the learning rates), so it can make the numbers of
+one kind of record overflow float32 and leave the others finite: a first layer of weights around 1e20 turns
+every sum of squares of a bright image into inf while a dark image stays at 0. A release that comes back NaN
+then says "some record of this class is bright" with no noise at all.
+
+So each record's contribution is checked before it is clipped. A record with any non-finite value in it
+contributes zero (to every parameter, or every statistics block, at once). Zero has norm 0 <= C, so the
+sensitivity, the mechanism and its accounting are unchanged, and the release stays finite whatever the
+records and the weights. A record the site zeroes still counts where it is counted (its class count, the
+Poisson batch it was sampled in); only its clipped vector is dropped.
+"""
+
+from __future__ import annotations
+
+import torch
+from opacus.optimizers import DPOptimizer
+
+
+def finite_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """(B,) True where row i of every tensor (each (B, ...)) is finite throughout."""
+    ok = torch.ones(len(tensors[0]), dtype=torch.bool, device=tensors[0].device)
+    for t in tensors:
+        ok &= torch.isfinite(t.reshape(len(t), -1)).all(dim=1).to(ok.device)
+    return ok
+
+
+def zero_nonfinite_rows(blocks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The per-record blocks (each (B, D_l), row i = record i) with every row of a record that has a
+    non-finite value in any block set to 0 (see the module docstring)."""
+    if not blocks:
+        return blocks
+    ok = finite_rows(list(blocks.values()))
+    if bool(ok.all()):
+        return blocks
+    return {name: torch.where(ok.to(b.device)[:, None], b, torch.zeros_like(b)) for name, b in blocks.items()}
+
+
+class FiniteDPOptimizer(DPOptimizer):
+    """Opacus' ``DPOptimizer`` that zeroes a record's per-sample gradients (all parameters) when any of them
+    is not finite, before the per-sample clipping: without it one record's inf would make the whole noisy
+    step NaN (module docstring). Everything else -- clipping, noise, the division by the expected batch -- is
+    Opacus' own."""
+
+    def clip_and_accumulate(self) -> None:
+        samples = self.grad_samples  # one (B, *p.shape) tensor per parameter
+        if samples and len(samples[0]):
+            ok = finite_rows(samples)
+            if not bool(ok.all()):
+                for p, g in zip(self.params, samples):
+                    keep = ok.to(g.device).view(-1, *([1] * (g.dim() - 1)))
+                    p.grad_sample = torch.where(keep, g, torch.zeros_like(g))
+        super().clip_and_accumulate()
