@@ -18,8 +18,8 @@ from flwr.app import Context, Message
 
 from client.auto_clip import choose_layer_clips
 from client.bnstats import record_class_statistics
-from client.budget import PlanRequest, RunPlan, plan_for_site
-from client.census import census_weight, draw_census, load_census
+from client.budget import PlanRequest, RunPlan, expected_batch, plan_for_site, validate_plan_request
+from client.census import census_weight, run_census
 from client.dpsgd import train_dpsgd_local
 from client.ledger import BudgetExceeded, PrivacyLedger
 from client.limits import check_work, meta_module, parameter_count
@@ -47,7 +47,7 @@ AUTO = "auto"
 
 
 def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings):
-    """Checks both requests share; returns (data, net, ledger, run folder, plan)."""
+    """Checks both requests share; returns (data, net, ledger, run folder, plan, census or None)."""
     require_mode(site, "bnstats")
     data = site_data(site)
     check_schema(data, req.channels, req.image_size, req.image_size, req.num_classes)
@@ -75,11 +75,15 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings):
     P.load_state(net, net_state)
     ledger = open_ledger(site, data)
     folder = run_dir(site, req.experiment)
-    plan = plan_for_site(site, data, ledger, folder, PlanRequest(
-        mode="bnstats", epsilon=req.epsilon, rounds=req.net_rounds, steps=req.local_steps,
-        batch_size=req.batch_size, census=True, stats_share=req.stats_share,
-        auto_clip=str(req.layer_clips).strip() == AUTO))
-    return data, net, ledger, folder, plan
+    preq = PlanRequest(mode="bnstats", epsilon=req.epsilon, rounds=req.net_rounds, steps=req.local_steps,
+                       batch_size=req.batch_size, census=True, stats_share=req.stats_share,
+                       auto_clip=str(req.layer_clips).strip() == AUTO)
+    validate_plan_request(preq)  # a malformed request costs nothing, not even the census
+    # a run that trains the net draws its census first: the plan's sampling rate is set from its noisy total
+    census = run_census(data, ledger, folder, mode="bnstats", experiment=req.experiment, epsilon=req.epsilon,
+                        budget=site.epsilon_budget, fingerprint=data_fingerprint(data)) if trains else None
+    plan = plan_for_site(site, ledger, folder, preq, req.experiment, census=census)
+    return data, net, ledger, folder, plan, census
 
 
 def _charge(ledger: PrivacyLedger, events: list[DPEvent], data: ImageDataset, site: SiteSettings, *, purpose: str,
@@ -105,21 +109,18 @@ def train_bnnet(req: P.BnTrainRequest, context: Context, site: SiteSettings) -> 
     """One federated DP-SGD round of the shared net at the site; the typed reply."""
     if not 1 <= req.server_round <= req.net_rounds:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"round {req.server_round} is outside the run's 1..{req.net_rounds}")
-    data, net, ledger, folder, plan = _setup(req, req.net, site)
+    data, net, ledger, folder, plan, census = _setup(req, req.net, site)
     path = folder / f"net-round-{req.server_round}.pt"
     saved = load_saved(path)
     if saved is None:
-        census = load_census(folder)
         train = plan.train_round(req.local_steps)
-        events = [train] if census is not None else [plan.census, train]
-        spent = _charge(ledger, events, data, site, purpose="bnstats-net", run=req.experiment, rnd=req.server_round)
-        if census is None:
-            census = draw_census(data, plan.census.noise_multiplier, folder)
+        spent = _charge(ledger, [train], data, site, purpose="bnstats-net", run=req.experiment, rnd=req.server_round)
         log.info("[%s] net round %d: DP-SGD on its records (sigma=%.3f); epsilon spent now %.3f", site.name,
                  req.server_round, train.noise_multiplier, spent.epsilon)
         train_dpsgd_local(net, data, noise_multiplier=train.noise_multiplier, sample_rate=train.sample_rate,
                           steps=train.steps, max_grad_norm=req.max_grad_norm, lr=req.lr,
-                          device=pick_device(str(context.run_config.get("device", "auto"))))
+                          device=pick_device(str(context.run_config.get("device", "auto"))),
+                          expected_batch=expected_batch(plan, census))
         saved = {"reply": {"net": {k: torch.from_numpy(v) for k, v in P.state_arrays(net).items()},
                            "weight": census_weight(census)}}
         save_reply(path, saved)
@@ -172,7 +173,7 @@ def release_bnstats(req: P.BnStatsRequest, context: Context, site: SiteSettings,
     if req.noise_shares != 1 and not (secure and 2 <= req.noise_shares <= P.SECAGG_MAX_SITES):
         raise Refusal(P.REFUSED_BAD_REQUEST, "distributed noise (noise-shares > 1) is only for releases inside a "
                                              "secure aggregation; in the clear a site adds all of the noise")
-    data, net, ledger, folder, plan = _setup(req, req.net, site)
+    data, net, ledger, folder, plan, _ = _setup(req, req.net, site)
     path = folder / "stats-release.pt"
     saved = load_saved(path)
     if saved is None:

@@ -16,9 +16,9 @@ Releases of a run (``RunPlan``):
 ==============  ===============================================  ======================================
 component       mechanism                                        when
 ==============  ===============================================  ======================================
-census          Gaussian class histogram, sensitivity 1,         first training request of the run
-                z = CENSUS_NOISE (FedAvg weight, G's labels,     (before the plan where the DP-GAN
-                the DP-GAN's schedule)                           schedule is the site's to choose)
+census          Gaussian class histogram, sensitivity 1,         first training request of the run, on
+                z = CENSUS_NOISE (FedAvg weight, G's labels,     its own, before the plan: the plan's
+                the DP-GAN's schedule, the plan's sampling rate) sampling rate is set from its total
 train           DP-SGD: Poisson rate q, clip C, noise sigma*C,   every training round (steps each)
                 rounds x steps compositions                      -- sigma tuned
 clip_choice     Gaussian histogram of block norms, sens. sqrt L  BN release with layer-clips = auto
@@ -49,7 +49,6 @@ from common.files import atomic_write_json
 if TYPE_CHECKING:
     from client.ledger import PrivacyLedger
     from client.site import SiteSettings
-    from common.data import ImageDataset
 
 # A site takes a run's longer schedule (GanTrainRequest.long_steps) only where its DP-SGD noise multiplier grows
 # by at most this factor with it. On ../shared/data's datasets at epsilon 10 (3 Dirichlet-0.5 sites): MNIST and
@@ -64,8 +63,11 @@ MAX_USEFUL_NOISE = 50.0
 # A run's plan, in the site's folder of the run
 PLAN_FILE = "plan.json"
 
-# The ledger purpose of a census charged on its own, before the run's plan (client.gan_site)
-CENSUS_PURPOSE = "dpgan-census"
+
+
+def census_purpose(mode: str) -> str:
+    """The ledger purpose of a run's census, charged on its own before the run's plan (client.census.run_census)."""
+    return f"{mode}-census"
 
 
 @dataclass(frozen=True)
@@ -196,8 +198,8 @@ def choose_local_steps(steps: int, long_steps: int, *, rounds: int, batch_size: 
     return long_steps if longer <= MAX_NOISE_GROWTH * short else steps
 
 
-def make_plan(req: PlanRequest, *, num_records: int, delta: float, budget: float, prior: list[DPEvent]) -> RunPlan:
-    """The run's plan at this site (module docstring); raises :class:`Refusal` with a public reason."""
+def validate_plan_request(req: PlanRequest) -> None:
+    """Refuse a request no plan can serve, from its settings alone (before anything is charged)."""
     if req.mode not in MODES:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"unknown mode {req.mode!r}")
     if req.rounds < 0 or (req.mode == "dpgan" and req.rounds < 1) or (req.rounds and (req.steps < 1 or
@@ -207,7 +209,16 @@ def make_plan(req: PlanRequest, *, num_records: int, delta: float, budget: float
         raise Refusal(P.REFUSED_BAD_REQUEST, "stats-share must be in (0, 1]")
     if not req.epsilon > 0:
         raise Refusal(P.REFUSED_BAD_REQUEST, "the run's epsilon must be > 0")
-    q = min(1.0, req.batch_size / num_records)
+
+
+def make_plan(req: PlanRequest, *, num_records: float, delta: float, budget: float, prior: list[DPEvent]) -> RunPlan:
+    """The run's plan at this site (module docstring); raises :class:`Refusal` with a public reason.
+
+    ``num_records``: the size the sampling rate is set from. At a site it is the noisy total of the run's census
+    (``client.census.run_census``), never the record count: every choice and refusal here is then a function of
+    DP releases and public settings only (see ``plan_for_site``)."""
+    validate_plan_request(req)
+    q = min(1.0, req.batch_size / max(1.0, float(num_records)))
     private = math.isfinite(req.epsilon) or math.isfinite(budget)
     fixed = _fixed_events(req, private)
     reserve = _reserve(fixed, req)
@@ -285,18 +296,36 @@ def load_or_make_plan(path: Path, req: PlanRequest, *, num_records: int, delta: 
     return plan, True
 
 
+def public_size(census: list[float] | None) -> float:
+    """The size a run's sampling rate and expected batch are set from: the noisy total of its census (at least 1;
+    1 for a run without a census, which takes no DP-SGD step)."""
+    return max(1.0, float(sum(census))) if census else 1.0
+
+
+def expected_batch(plan: RunPlan, census: list[float] | None) -> int:
+    """The expected Poisson batch DP-SGD divides its noisy sum by: sampling rate x the census's noisy total.
+    Public (post-processing of the census); the realised batch, or rate x the record count, would not be."""
+    return max(1, round(plan.sample_rate * public_size(census)))
+
+
 def planned_steps(run_dir: Path) -> int | None:
     """The DP-SGD steps per round the run's plan fixed, or None before the run's plan is made."""
     path = run_dir / PLAN_FILE
     return int(json.loads(path.read_text())["request"]["steps"]) if path.exists() else None
 
 
-def plan_for_site(site: "SiteSettings", data: "ImageDataset", ledger: "PrivacyLedger", run_dir: Path,
-                  req: PlanRequest, experiment: str = "", *, dry_run: bool = False) -> RunPlan:
+def plan_for_site(site: "SiteSettings", ledger: "PrivacyLedger", run_dir: Path, req: PlanRequest, experiment: str,
+                  *, census: list[float] | None) -> RunPlan:
     """The run's plan at ``site``, with its query policy reserved (made at the first request, then read back).
 
-    ``experiment``: the run's id, when the run may have charged its census before its plan (a DP-GAN run).
-    ``dry_run``: make the plan (refusing what does not fit) without fixing it, when the run has none yet.
+    ``census``: the run's noisy class counts, charged and drawn before the plan (``client.census.run_census``);
+    None for a run without training rounds (no DP-SGD, so no sampling rate to set). Why the plan reads the
+    census and not the record count: the noise multiplier a plan needs, and so whether it refuses (noise above
+    MAX_USEFUL_NOISE, a budget that cannot pay), depend on the sampling rate batch / n. Set from the exact n, a
+    coordinator could vary the batch and the steps of requests that cost nothing when refused and read the site's
+    exact record count off where the refusals begin. Set from the census's noisy total (the sampling rate is then
+    batch / that total: DP-SGD's accounting holds for any rate fixed before the steps), every decision here is
+    post-processing of a charged release.
     """
     import dataclasses
     import logging
@@ -305,12 +334,10 @@ def plan_for_site(site: "SiteSettings", data: "ImageDataset", ledger: "PrivacyLe
     req = dataclasses.replace(
         req, evaluation_queries=site.queries_per_run if site.evaluation and allowed_heldout else 0,
         audit_queries=site.queries_per_run if site.audits and allowed_heldout else 0)
-    # the plan covers the whole run, its census included: a census charged before the plan (a DP-GAN run with a
-    # longer schedule to choose) is in the plan, not in what came before it
-    prior = ledger.events_except(run=experiment, purpose=CENSUS_PURPOSE) if experiment else ledger.events()
-    if dry_run and not (run_dir / PLAN_FILE).exists():
-        return make_plan(req, num_records=len(data), delta=ledger.delta, budget=site.epsilon_budget, prior=prior)
-    plan, made = load_or_make_plan(run_dir / PLAN_FILE, req, num_records=len(data), delta=ledger.delta,
+    # the plan covers the whole run, its census included: the census charged before the plan is in the plan, not
+    # in what came before it
+    prior = ledger.events_except(run=experiment, purpose=census_purpose(req.mode))
+    plan, made = load_or_make_plan(run_dir / PLAN_FILE, req, num_records=public_size(census), delta=ledger.delta,
                                    budget=site.epsilon_budget, prior=prior)
     if made:
         logging.getLogger("fedsynth.site").info(

@@ -2,12 +2,14 @@
 
 Mechanism: the exact class counts (K,) plus independent Gaussian noise of std ``noise`` on each
 (``protocol.CENSUS_NOISE``); one record changes one count by 1 (L2 sensitivity 1 under add/remove-one
-adjacency), so it is ``DPEvent(noise, 1.0, 1)``, charged by the caller in the same ledger entry as the
-training round it is drawn with, before it is drawn. It stays on the site; what is built from it is:
+adjacency), so it is ``DPEvent(noise, 1.0, 1)``, charged on its own (:func:`run_census`) before it is
+drawn and before the run's plan. It stays on the site; what is built from it is:
 
+- the size the run's plan sets the DP-SGD sampling rate and expected batch from (its noisy total,
+  ``client.budget.public_size``), so that no choice or refusal of the plan depends on the record count;
 - the FedAvg weight the site sends with every reply of the run, :func:`census_weight` (its noisy total);
 - in the DP-GAN mode, the class mix of the generator's labels at this site (under label skew a site
-  must not teach the generator classes its discriminator has hardly seen).
+  must not teach the generator classes its discriminator has hardly seen) and the schedule it takes.
 
 The noise comes from the operating system's entropy, never from the coordinator's seed.
 """
@@ -15,12 +17,22 @@ The noise comes from the operating system's entropy, never from the coordinator'
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from client.budget import census_purpose
+from client.ledger import BudgetExceeded
+from client.refusal import Refusal
+from common import protocol as P
+from common.accounting import DPEvent, epsilon_for
 from common.data import ImageDataset
 from common.files import atomic_write_json
+
+if TYPE_CHECKING:
+    from client.ledger import PrivacyLedger
 
 CENSUS_FILE = "census.json"
 
@@ -45,3 +57,29 @@ def draw_census(data: ImageDataset, noise: float, run_dir: Path) -> list[float]:
 def census_weight(noisy_counts: list[float]) -> float:
     """The site's FedAvg weight: its noisy record total, at least 1 (post-processing of the census)."""
     return max(1.0, float(sum(noisy_counts)))
+
+
+def run_census(data: ImageDataset, ledger: "PrivacyLedger", run_dir: Path, *, mode: str, experiment: str,
+               epsilon: float, budget: float, fingerprint: str) -> list[float]:
+    """The run's census: read back, or (at the run's first training request) charged on its own and drawn.
+
+    Refused, with nothing charged, when the census alone would take more than the run's ``epsilon`` or more than
+    the site's ``budget`` has left: both decisions read only the ledger and public constants. The run's plan comes
+    after it (``client.budget.plan_for_site``), so a plan that is then refused has cost the run its census
+    (epsilon about 0.2 at delta 1e-5), and nothing else.
+    """
+    census = load_census(run_dir)
+    if census is not None:
+        return census
+    private = math.isfinite(epsilon) or math.isfinite(budget)
+    event = DPEvent(P.CENSUS_NOISE if private else 0.0, 1.0, 1)
+    if private and epsilon_for([event], ledger.delta) > epsilon:
+        raise Refusal(P.REFUSED_BUDGET, "the run's epsilon is too small for the requested work: ask for a larger "
+                                        "epsilon",
+                      f"the census alone would spend more than the run's epsilon {epsilon:g}")
+    try:
+        ledger.charge_once([event], purpose=census_purpose(mode), run=experiment, round=0, data=fingerprint)
+    except BudgetExceeded as err:
+        raise Refusal(P.REFUSED_BUDGET, "the requested work does not fit this site's privacy budget",
+                      str(err)) from None
+    return draw_census(data, event.noise_multiplier, run_dir)

@@ -74,6 +74,7 @@ class RoundSettings:
     mode_seeking: float = 0.0  # weight of the mode-seeking term (Mao et al. 2019) against within-class collapse
     label_weights: tuple = ()  # (K,) how often G's steps draw each class (the site's DP class histogram); () = uniform
     d_width: int = 0  # D base width; 0 = GanShape.width // 4
+    expected_batch: int = 0  # what DP-SGD divides its noisy sum by (a site: rate x its census total); 0 = rate x n
     betas_d: tuple = (0.5, 0.999)
     betas_g: tuple = (0.5, 0.999)
 
@@ -167,7 +168,7 @@ class LocalGanTrainer:
         start = time.perf_counter()
         n = len(self.data)
         k = self.shape.num_classes
-        expected_batch = max(1, round(rs.sample_rate * n))
+        expected_batch = rs.expected_batch or max(1, round(rs.sample_rate * n))
         g_batch = rs.g_batch_size or expected_batch
         n_d, n_g = max(1, int(rs.d_steps_per_g)), max(1, int(rs.g_steps_per_d))
         torch.manual_seed(rs.seed)

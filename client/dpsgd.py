@@ -98,6 +98,7 @@ def train_dpsgd_local(
     device: torch.device | str | None = None,
     seed: int | None = None,
     momentum: float = 0.9,
+    expected_batch: int = 0,
 ) -> dict[str, Any]:
     """Train ``model`` in place with ``steps`` DP-SGD steps on ``dataset``; return training metrics.
 
@@ -122,7 +123,8 @@ def train_dpsgd_local(
     x_all = opacus_input(dataset.images, dev)  # (N, C, H, W), standard layout (see opacus_input)
     y_all = torch.as_tensor(dataset.labels, dtype=torch.long, device=dev)  # (N,)
     n = x_all.shape[0]
-    expected_batch = max(1, int(round(sample_rate * n)))
+    # what the noisy sum is divided by: a site passes rate x its census total (public); 0 = rate x n (tests)
+    expected_batch = expected_batch or max(1, int(round(sample_rate * n)))
 
     seed_seq = np.random.SeedSequence(seed)
     batch_rng = np.random.default_rng(seed_seq.spawn(1)[0])

@@ -18,8 +18,15 @@ import logging
 import torch
 from flwr.app import Context, Message
 
-from client.budget import CENSUS_PURPOSE, PlanRequest, choose_local_steps, plan_for_site, planned_steps
-from client.census import census_weight, draw_census, load_census
+from client.budget import (
+    PlanRequest,
+    choose_local_steps,
+    expected_batch,
+    plan_for_site,
+    planned_steps,
+    validate_plan_request,
+)
+from client.census import census_weight, run_census
 from client.dpgan import LocalGanTrainer, RoundSettings
 from client.ledger import BudgetExceeded
 from client.limits import check_work, meta_module, parameter_count
@@ -94,49 +101,33 @@ def _plan_request(req: P.GanTrainRequest, steps: int) -> PlanRequest:
                        batch_size=req.batch_size, census=True)
 
 
-def _schedule(req: P.GanTrainRequest, site: SiteSettings, data, ledger, folder,
-              census: list[float] | None) -> tuple[int, list[float] | None]:
-    """(D steps per round for this run, the run's census or None if not drawn yet).
+def _schedule(req: P.GanTrainRequest, site: SiteSettings, ledger, folder, census: list[float]) -> int:
+    """D steps per round for this run, chosen from the run's census (already charged and drawn).
 
-    Without a longer schedule to choose (``long_steps`` 0) the request's steps are taken and the census is
-    drawn later, charged with the first round. With one, the choice needs the census first: at the run's first
-    request the shorter schedule's plan must fit (else the refusal costs nothing), then the census is charged on
-    its own and drawn, and the schedule follows from it alone (``client.budget.choose_local_steps``); a longer
-    plan that does not fit the site's budget gives the shorter one (no more than the budget refusal it would
-    otherwise get reveals). Once the plan is fixed its steps are the run's; a request naming other steps is
-    refused.
+    Without a longer schedule to choose (``long_steps`` 0) the request's steps are taken. With one, the schedule
+    follows from the census alone (``client.budget.choose_local_steps``); a longer plan that does not fit the
+    site's budget gives the shorter one (a decision on the census and the ledger, like every plan's). Once the
+    plan is fixed its steps are the run's; a request naming other steps is refused.
     """
     if req.long_steps <= req.local_steps:
-        return req.local_steps, census
+        return req.local_steps
     fixed = planned_steps(folder)
     if fixed is not None:
         if fixed not in (req.local_steps, req.long_steps):
             raise Refusal(P.REFUSED_BAD_REQUEST, f"the run's plan fixed {fixed} steps per round; the request asks "
                                                  f"for {req.local_steps} or {req.long_steps}: start a new experiment")
-        return fixed, census
-    if census is None:
-        short = plan_for_site(site, data, ledger, folder, _plan_request(req, req.local_steps), req.experiment,
-                              dry_run=True)
-        try:
-            ledger.charge_once([short.census], purpose=CENSUS_PURPOSE, run=req.experiment, round=0,
-                               data=data_fingerprint(data))
-        except BudgetExceeded as err:
-            raise Refusal(P.REFUSED_BUDGET, "the requested work does not fit this site's privacy budget",
-                          str(err)) from None
-        census = draw_census(data, short.census.noise_multiplier, folder)
-        log.info("[%s] drew its census for %s (class histogram, z=%g) to choose its schedule", site.name,
-                 req.experiment, short.census.noise_multiplier)
+        return fixed
     steps = choose_local_steps(req.local_steps, req.long_steps, rounds=req.num_rounds, batch_size=req.batch_size,
                                epsilon=min(req.epsilon, site.epsilon_budget), noisy_counts=census)
     if steps != req.local_steps:
         try:  # the longer plan, fixed here if it fits the site's budget (the caller reads it back); else the shorter
-            plan_for_site(site, data, ledger, folder, _plan_request(req, steps), req.experiment)
+            plan_for_site(site, ledger, folder, _plan_request(req, steps), req.experiment, census=census)
         except Refusal:
             steps = req.local_steps
     log.info("[%s] takes %d D steps per round in %s (%s)", site.name, steps, req.experiment,
              "its noisy census says the longer schedule costs little more noise" if steps == req.long_steps
              else "the longer schedule would cost too much noise")
-    return steps, census
+    return steps
 
 
 @site_handler
@@ -160,13 +151,14 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
         log.info("[%s] round %d of %s already trained; sending its saved reply", site.name, rnd, req.experiment)
         return P.GanTrainReply(**saved["reply"])
     ledger = open_ledger(site, data)
-    census = load_census(folder)
-    steps, census = _schedule(req, site, data, ledger, folder, census)
-    plan = plan_for_site(site, data, ledger, folder, _plan_request(req, steps), experiment=req.experiment)
+    validate_plan_request(_plan_request(req, req.local_steps))  # a malformed request costs nothing, not even a census
+    census = run_census(data, ledger, folder, mode="dpgan", experiment=req.experiment, epsilon=req.epsilon,
+                        budget=site.epsilon_budget, fingerprint=data_fingerprint(data))
+    steps = _schedule(req, site, ledger, folder, census)
+    plan = plan_for_site(site, ledger, folder, _plan_request(req, steps), req.experiment, census=census)
     train = plan.train_round(steps)
-    events = [train] if census is not None else [plan.census, train]
     try:
-        spent, reused = ledger.charge_once(events, purpose="dpgan", run=req.experiment, round=rnd,
+        spent, reused = ledger.charge_once([train], purpose="dpgan", run=req.experiment, round=rnd,
                                            details={"batch-size": req.batch_size, "max-grad-norm": req.max_grad_norm},
                                            data=data_fingerprint(data))
     except BudgetExceeded as err:
@@ -174,10 +166,6 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
     if reused:
         log.warning("[%s] round %d of %s was interrupted earlier; its charge is reused, nothing is charged twice",
                     site.name, rnd, req.experiment)
-    if census is None:
-        census = draw_census(data, plan.census.noise_multiplier, folder)
-        log.info("[%s] drew its census for %s (class histogram, z=%g)", site.name, req.experiment,
-                 plan.census.noise_multiplier)
     log.info("[%s] round %d: DP-GAN on its records (sigma=%.3f, q=%.4f, %d steps); epsilon spent now %.3f",
              site.name, rnd, train.noise_multiplier, train.sample_rate, train.steps, spent.epsilon)
     trainer = LocalGanTrainer(shape, data, pick_device(str(context.run_config.get("device", "auto"))),
@@ -186,7 +174,7 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
                        max_grad_norm=req.max_grad_norm, lr_d=req.lr_d, lr_g=req.lr_g, seed=req.seed * 1000 + rnd,
                        d_width=req.d_width, ac_weight=req.ac_weight, mode_seeking=req.mode_seeking,
                        label_weights=tuple(census) if req.class_histogram else (), g_steps_per_d=req.g_steps,
-                       ema=req.ema)
+                       ema=req.ema, expected_batch=expected_batch(plan, census))
     generator = {k: torch.from_numpy(v) for k, v in req.generator.items()}
     new_state, metrics, d_state = trainer.train_round(generator, rs, _previous_d_state(folder, rnd))
     log.info("[%s] round %d trained in %.1f s (D loss %.3f, G loss %.3f)", site.name, rnd, metrics["train-seconds"],

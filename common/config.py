@@ -72,7 +72,10 @@ class RunConfig:
     gan_ac_weight: float = 0.3  # weight of the discriminator's auxiliary class loss (AC-GAN); 0 = projection only
     gan_mode_seeking: float = 1.0  # weight of G's mode-seeking term; 0 = off (then every image of a class looks alike)
     gan_g_steps: int = 1  # >= 1: generator steps after each discriminator step (free in privacy: G never sees a record)
-    gan_ema: float = 0.0  # in [0, 1): decay of the EMA of G's weights over a site's round (warmed up over its first steps), sent instead of G's last weights; 0 = off
+    # Free in privacy (G never sees a record) and in time. 0.99 measured against 0 on three datasets, epsilon 10,
+    # 3 Dirichlet-0.5 sites: MNIST 0.963 vs 0.952 (seed 1), CIFAR-10 gray 0.276 vs 0.265 (seed 0) and 0.283 vs 0.239
+    # (seed 1), PneumoniaMNIST 0.827 vs 0.843 (seed 0) (README, "the generator's EMA").
+    gan_ema: float = 0.99  # in [0, 1): decay of the EMA of G's weights over a site's round (warmed up over its first steps), sent instead of G's last weights; 0 = off
     gan_class_histogram: bool = True  # each site draws G's labels from its own DP class histogram (label skew)
     gan_sample_rounds: int = 1  # >= 1: with gan-sample-from = sites, each site's generators of this many last rounds averaged (weights) before drawing; 1 = its last
     gan_sample_from: str = "sites"  # sites: class c from each site's last generator in proportion to its noisy count of c; average: from the averaged generator

@@ -46,10 +46,11 @@ def test_bnstats_run_sends_only_declared_arrays_and_accounts_every_release(tmp_p
             assert P.check_arrays(stats, {k: P.ArraySpec(v) for k, v in layout.items()}) == []
             # noisy: the released counts are not the exact integer class counts
             assert not np.allclose(stats["count"], np.round(stats["count"]))
-    # every site: 2 net rounds + 1 statistics release in its ledger, total within the run's epsilon
+    # every site: its census (on its own, before the plan), 2 net rounds + 1 statistics release in its ledger,
+    # total within the run's epsilon
     for entries in charges(tmp_path):
-        assert [e["purpose"] for e in entries] == ["bnstats-net", "bnstats-net", "bnstats-release"]
-        assert [len(e["events"]) for e in entries] == [2, 1, 1]  # the census comes with the first net round
+        assert [e["purpose"] for e in entries] == ["bnstats-census", "bnstats-net", "bnstats-net", "bnstats-release"]
+        assert [len(e["events"]) for e in entries] == [1, 1, 1, 1]
         assert 9.0 < entries[-1]["epsilon_after"] <= 10.0
     assert len(report["synthetic"]["class_counts"]) == 10 and report["synthetic"]["count"] == 50
 
@@ -59,7 +60,7 @@ def test_sites_with_budgets_below_the_request_spend_only_their_budget(tmp_path):
     site_nodes = [{**n, "epsilon": 0.5} for n in nodes(2)]  # the sites' own budgets are far below the request
     run_inprocess(run_coordinator, client_app, cfg.to_flwr(), site_nodes)
     for entries in charges(tmp_path):  # the one planner gave the whole run the site's budget, not the request
-        assert [e["purpose"] for e in entries] == ["bnstats-net", "bnstats-net", "bnstats-release"]
+        assert [e["purpose"] for e in entries] == ["bnstats-census", "bnstats-net", "bnstats-net", "bnstats-release"]
         assert 0.4 < entries[-1]["epsilon_after"] <= 0.5 + 1e-9
 
 

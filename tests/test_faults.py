@@ -57,7 +57,8 @@ def send(grid, node, request, extra_config=None):
 def test_site_refuses_over_budget_and_hostile_requests_without_spending(tmp_path):
     cfg = fast_config(tmp_path, epsilon=1.0, num_rounds=1)
     grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
-    # far more rounds than a budget of 1 can pay for at this sampling rate -> refused before any work
+    # far more rounds than a budget of 1 can pay for at this sampling rate -> refused before any training, with
+    # only the run's census charged (the plan's sampling rate is set from the census: client.census.run_census)
     reply = send(grid, 1000, gan_request(cfg, num_rounds=50, local_steps=1000, batch_size=4096))  # within work limits
     assert reply.has_error() and reply.error.code == P.REFUSED_BUDGET
     # the refusal says why without revealing the site's budget, spending or the noise it would need
@@ -82,7 +83,8 @@ def test_site_refuses_over_budget_and_hostile_requests_without_spending(tmp_path
 
     bogus = Message(RecordDict({}), dst_node_id=1000, message_type="query.dump", group_id="x")
     assert list(grid.send_and_receive([bogus]))[0].has_error()
-    assert charges(tmp_path) in ([], [[]])  # nothing was charged (a ledger may exist, without entries)
+    # nothing else was charged: every other refusal came before the census
+    assert [[e["purpose"] for e in entries] for entries in charges(tmp_path)] == [["dpgan-census"]]
 
 
 def test_a_crash_inside_a_handler_sends_no_traceback(tmp_path, monkeypatch):
@@ -149,8 +151,8 @@ def test_coordinator_killed_after_round_one_resumes_at_round_two(tmp_path, monke
     assert [h["round"] for h in report["rounds"]] == [1, 2]
     rounds_sent = {m.metadata.group_id for m in sent if m.metadata.message_type == P.TRAIN_GAN}
     assert rounds_sent == {"2"}  # round 1 was not redone
-    # each site charged exactly two rounds in its ledger: no double spending across the restart
-    assert [[e["round"] for e in entries] for entries in charges(tmp_path)] == [[1, 2]] * 3
+    # each site charged its census and exactly two rounds in its ledger: no double spending across the restart
+    assert [[e["round"] for e in entries] for entries in charges(tmp_path)] == [[0, 1, 2]] * 3
 
 
 def test_coordinator_killed_after_the_last_round_samples_from_the_sites_on_resume(tmp_path, monkeypatch):
@@ -182,7 +184,7 @@ def test_resent_round_is_answered_from_the_site_cache_without_spending(tmp_path)
     (tmp_path / "out" / "checkpoint.pt").unlink()  # coordinator lost its state: it re-sends round 1
     run(cfg, k=2)
     assert spent(tmp_path) == first
-    assert [len(entries) for entries in charges(tmp_path)] == [1, 1]
+    assert [len(entries) for entries in charges(tmp_path)] == [2, 2]  # the census and round 1, once each
 
 
 def test_site_refuses_modes_its_operator_did_not_allow(tmp_path):

@@ -50,13 +50,24 @@ def test_a_private_site_keeps_the_shorter_schedule_within_the_runs_epsilon_and_h
         ("dpgan-census", 0), ("dpgan", 1), ("dpgan", 2)]
 
 
-def test_a_schedule_that_does_not_fit_is_refused_before_the_census_is_charged(tmp_path):
+def test_a_plan_that_does_not_fit_is_refused_after_the_census_alone(tmp_path):
+    """Whether a plan fits depends on the sampling rate, so on the size the plan is set from: the census's noisy
+    total, drawn (and charged) first. A refused plan costs the run its census and nothing more; a malformed
+    request, or a run whose epsilon cannot pay for the census, costs nothing."""
     cfg = fast_config(tmp_path, epsilon=1.0, num_rounds=1)
     grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
     reply = send(grid, 1000, gan_request(cfg, num_rounds=25, local_steps=1000, long_steps=2000,
                                                 batch_size=4096))  # within work limits, not the budget
     assert reply.has_error() and reply.error.code == P.REFUSED_BUDGET
-    assert charges(tmp_path) in ([], [[]])
+    [entries] = charges(tmp_path)
+    assert [(e["purpose"], len(e["events"]), e["events"][0]["noise_multiplier"]) for e in entries] == [
+        ("dpgan-census", 1, P.CENSUS_NOISE)]
+    assert spent(tmp_path)[0] < 0.5  # the census's epsilon, far below the run's 1
+    reply = send(grid, 1000, gan_request(cfg, experiment="bad", batch_size=0))
+    assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST
+    reply = send(grid, 1000, gan_request(cfg, experiment="tiny", epsilon=0.01))
+    assert reply.has_error() and reply.error.code == P.REFUSED_BUDGET and "epsilon" in reply.error.reason
+    assert len(charges(tmp_path)[0]) == 1  # neither was charged
 
 
 def test_the_product_offers_the_longer_schedule_except_on_tiny_images_or_when_the_steps_are_set():
@@ -77,14 +88,17 @@ def test_the_product_offers_the_longer_schedule_except_on_tiny_images_or_when_th
         RunConfig.from_mapping({"gan-local-steps": 60, "gan-long-local-steps": 30})
 
 
-def test_the_schedule_follows_the_noisy_census_not_the_record_count(tmp_path, monkeypatch):
-    """What the reply shows (the steps taken) must be post-processing of the census: a site of ~150 records whose
-    census said 20,000 takes the schedule a 20,000-record site would, while its plan's noise is its own."""
+def test_the_schedule_and_the_plan_follow_the_noisy_census_not_the_record_count(tmp_path, monkeypatch):
+    """What the reply shows (the steps taken) and every choice of the plan must be post-processing of the census:
+    a site of ~150 records whose census said 20,000 takes the schedule and the sampling rate a 20,000-record site
+    would (its DP-SGD then samples ~150 x that rate records per step: accounted at that rate, so still within the
+    run's epsilon)."""
     import client.census
-    import client.gan_site
+
+    real_draw = client.census.draw_census
 
     def census_of_a_large_site(data, noise, folder):
-        client.census.draw_census(data, noise, folder)  # the real draw, then a census that came out large
+        real_draw(data, noise, folder)  # the real draw, then a census that came out large
         fake = [2000.0] * 10
         (folder / client.census.CENSUS_FILE).write_text(json.dumps({"noisy-counts": fake, "noise": noise}))
         return fake
@@ -93,10 +107,10 @@ def test_the_schedule_follows_the_noisy_census_not_the_record_count(tmp_path, mo
     honest = fast_config(tmp_path / "honest", epsilon=1.0)
     reply = send(LocalGrid(client_app, small_site, honest.to_flwr()), 1000, gan_request(honest, long_steps=8))
     assert P.GanTrainReply.from_message(reply).local_steps == 4  # its own census: twice the steps cost too much
-    monkeypatch.setattr(client.gan_site, "draw_census", census_of_a_large_site)
+    monkeypatch.setattr(client.census, "draw_census", census_of_a_large_site)
     cfg = fast_config(tmp_path, epsilon=1.0)
     reply = send(LocalGrid(client_app, small_site, cfg.to_flwr()), 1000, gan_request(cfg, long_steps=8))
     assert not reply.has_error() and P.GanTrainReply.from_message(reply).local_steps == 8
     plan = json.loads(next((tmp_path / "sites").rglob("plan.json")).read_text())
-    assert plan["sample_rate"] > 0.15  # the DP-SGD noise is calibrated to the site's true sampling rate
+    assert plan["sample_rate"] == pytest.approx(cfg.gan_batch_size / 20000.0)  # from the census, not ~150 records
     assert plan["planned_epsilon"] <= 1.0 + 1e-9

@@ -48,12 +48,12 @@ def test_three_site_dpgan_run_produces_outputs_and_accounts_privacy(tmp_path):
     assert "site-1 released: the generator" in report["privacy_statement"]
     # per-site privacy from the ledgers: the planned rounds end at the target epsilon (calibrated, never above)
     assert all(9.0 < eps <= 10.0 + 1e-9 for eps in spent(tmp_path))
-    # each site drew its census (noisy class histogram) once, charged with its first round, kept on site
+    # each site drew its census (noisy class histogram) once, charged on its own before its plan, kept on site
     for entries in charges(tmp_path):
-        gan = [e for e in entries if e["purpose"] == "dpgan"]
-        assert [len(e["events"]) for e in gan] == [2, 1]
-        assert gan[0]["events"][0] == {"noise_multiplier": P.CENSUS_NOISE, "sample_rate": 1.0, "steps": 1}
-        assert all(e["data"] for e in gan)  # each charge records the data's fingerprint
+        assert [e["purpose"] for e in entries] == ["dpgan-census", "dpgan", "dpgan"]
+        assert [len(e["events"]) for e in entries] == [1, 1, 1]
+        assert entries[0]["events"][0] == {"noise_multiplier": P.CENSUS_NOISE, "sample_rate": 1.0, "steps": 1}
+        assert all(e["data"] for e in entries)  # each charge records the data's fingerprint
     censuses = sorted((tmp_path / "sites").rglob("census.json"))
     assert len(censuses) == 3 and len(json.loads(censuses[0].read_text())["noisy-counts"]) == 10
     # the synthetic set's classes in the proportions of the released noisy counts, summed over the sites
@@ -147,4 +147,4 @@ def test_sites_answer_dp_audits_with_noisy_histograms(tmp_path):
     html = (tmp_path / "out" / "report.html").read_text()
     assert "Privacy audits by the sites (DP)" in html and "0.5 = no signal" in html
     for entries in charges(tmp_path):
-        assert [e["purpose"] for e in entries] == ["dpgan", "audit"]
+        assert [e["purpose"] for e in entries] == ["dpgan-census", "dpgan", "audit"]
