@@ -78,21 +78,23 @@ def _digits_trainer(tmp_path, name: str):
     return shape, LocalGanTrainer(shape, data, torch.device("cpu"), progress=False)
 
 
-def test_dp_noise_and_batches_do_not_follow_the_coordinators_seed(tmp_path) -> None:
-    """The coordinator sends ``seed``; if it also fixed the DP noise it could replay and subtract it."""
+def _one_round(tmp_path, name: str, **settings) -> torch.Tensor:
+    """A site's generator (flat) after one round on the digits from one fixed start, coordinator seed 7."""
     from client.dpgan import RoundSettings
     from common.models import Generator
 
-    shape, _ = _digits_trainer(tmp_path, "probe")
+    shape, trainer = _digits_trainer(tmp_path, name)
     torch.manual_seed(0)
     start = Generator(shape).state_dict()
+    rs = RoundSettings(max_grad_norm=1.0, lr_d=1e-3, lr_g=1e-3, seed=7, **settings)
+    state, _, _ = trainer.train_round(start, rs)
+    return _flat(state)
 
+
+def test_dp_noise_and_batches_do_not_follow_the_coordinators_seed(tmp_path) -> None:
+    """The coordinator sends ``seed``; if it also fixed the DP noise it could replay and subtract it."""
     def run(name: str, noise_seed):
-        _, trainer = _digits_trainer(tmp_path, name)
-        rs = RoundSettings(noise_multiplier=1.0, sample_rate=0.05, steps=3, max_grad_norm=1.0, lr_d=1e-3, lr_g=1e-3,
-                           seed=7, noise_seed=noise_seed)
-        state, _, _ = trainer.train_round(start, rs)
-        return _flat(state)
+        return _one_round(tmp_path, name, noise_multiplier=1.0, sample_rate=0.05, steps=3, noise_seed=noise_seed)
 
     assert not torch.equal(run("a", None), run("b", None))  # same coordinator seed, fresh secret noise
     assert torch.equal(run("c", 123), run("d", 123))  # a fixed noise seed (tests, benchmarks) replays exactly
@@ -103,19 +105,9 @@ def test_the_fakes_latents_do_not_follow_the_coordinators_seed(tmp_path) -> None
     Poisson batch sizes so far (a count of private records). From the coordinator's seed, the fakes and G's
     updates would carry that count outside the DP steps. With no noise and every record in every batch
     (q = 1), nothing else random is left: two rounds differ only if the latents are the site's own."""
-    from client.dpgan import RoundSettings
-    from common.models import Generator
-
-    shape, _ = _digits_trainer(tmp_path, "probe")
-    torch.manual_seed(0)
-    start = Generator(shape).state_dict()
-
     def run(name: str, noise_seed):
-        _, trainer = _digits_trainer(tmp_path, name)
-        rs = RoundSettings(noise_multiplier=0.0, sample_rate=1.0, steps=2, max_grad_norm=1.0, lr_d=1e-3, lr_g=1e-3,
-                           seed=7, noise_seed=noise_seed, mode_seeking=1.0)
-        state, _, _ = trainer.train_round(start, rs)
-        return _flat(state)
+        return _one_round(tmp_path, name, noise_multiplier=0.0, sample_rate=1.0, steps=2, noise_seed=noise_seed,
+                          mode_seeking=1.0)
 
     assert not torch.equal(run("a", 1), run("b", 2))
     assert torch.equal(run("c", 3), run("d", 3))
