@@ -43,7 +43,7 @@ def handle_info(msg: Message, context: Context, site: SiteSettings) -> Message:
     data = site_data(site)
     c, h, w = data.image_shape
     return P.InfoReply(site_name=site.name, channels=c, height=h, width=w, classes=tuple(data.classes),
-                       delta_bound=site.delta if site.delta > 0 else P.DEFAULT_DELTA_BOUND, modes=tuple(site.modes),
+                       delta_bound=site.delta_bound, modes=tuple(site.modes),
                        evaluation=site.evaluation and bool(site.heldout), audits=site.audits and bool(site.heldout),
                        queries_per_run=site.queries_per_run,
                        device=pick_device(str(context.run_config.get("device", "auto"))).type,

@@ -81,7 +81,8 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings):
     validate_plan_request(preq)  # a malformed request costs nothing, not even the census
     # a run that trains the net draws its census first: the plan's sampling rate is set from its noisy total
     census = run_census(data, ledger, folder, mode="bnstats", experiment=req.experiment, epsilon=req.epsilon,
-                        budget=site.epsilon_budget, fingerprint=data_fingerprint(data)) if trains else None
+                        budget=site.epsilon_budget, delta_bound=site.delta_bound,
+                        fingerprint=data_fingerprint(data)) if trains else None
     plan = plan_for_site(site, ledger, folder, preq, req.experiment, census=census)
     return data, net, ledger, folder, plan, census
 

@@ -64,7 +64,6 @@ MAX_USEFUL_NOISE = 50.0
 PLAN_FILE = "plan.json"
 
 
-
 def census_purpose(mode: str) -> str:
     """The ledger purpose of a run's census, charged on its own before the run's plan (client.census.run_census)."""
     return f"{mode}-census"
@@ -134,11 +133,22 @@ class RunPlan:
         return cls(**d)
 
 
+def is_private(epsilon: float, budget: float) -> bool:
+    """A run is private unless it asks for no privacy (epsilon inf) at a site whose budget is unlimited."""
+    return math.isfinite(epsilon) or math.isfinite(budget)
+
+
+def census_event(private: bool) -> DPEvent:
+    """The run's census: one Gaussian class histogram, sensitivity 1, z = CENSUS_NOISE (no noise in a non-private
+    run). What ``client.census.run_census`` charges, and what the plan counts in the run's epsilon."""
+    return DPEvent(P.CENSUS_NOISE if private else 0.0, 1.0, 1)
+
+
 def _fixed_events(req: PlanRequest, private: bool) -> dict[str, DPEvent | None]:
     """The releases whose noise is a protocol constant (or zero in a non-private run)."""
     z = (lambda noise: noise if private else 0.0)
     return {
-        "census": DPEvent(z(P.CENSUS_NOISE), 1.0, 1) if req.census and req.rounds else None,
+        "census": census_event(private) if req.census and req.rounds else None,
         "clip_choice": DPEvent(z(AUTO_CLIP_NOISE), 1.0, 1) if req.mode == "bnstats" and req.auto_clip and private else None,
         "evaluation": DPEvent(z(P.EVALUATION_NOISE), 1.0, 1) if req.evaluation_queries else None,
         "audit": DPEvent(z(P.AUDIT_NOISE), 1.0, 1) if req.audit_queries else None,
@@ -188,7 +198,7 @@ def choose_local_steps(steps: int, long_steps: int, *, rounds: int, batch_size: 
         return steps
     if not math.isfinite(epsilon):
         return long_steps
-    q = min(1.0, batch_size / max(1.0, float(sum(noisy_counts))))
+    q = min(1.0, batch_size / public_size(noisy_counts))
     census = [DPEvent(P.CENSUS_NOISE, 1.0, 1)]
     try:
         short = calibrate_noise_multiplier(epsilon, P.DEFAULT_DELTA_BOUND, q, rounds * steps, prior=census)
@@ -219,7 +229,7 @@ def make_plan(req: PlanRequest, *, num_records: float, delta: float, budget: flo
     DP releases and public settings only (see ``plan_for_site``)."""
     validate_plan_request(req)
     q = min(1.0, req.batch_size / max(1.0, float(num_records)))
-    private = math.isfinite(req.epsilon) or math.isfinite(budget)
+    private = is_private(req.epsilon, budget)
     fixed = _fixed_events(req, private)
     reserve = _reserve(fixed, req)
     if not private:  # the run asks for no privacy and the site's budget is unlimited: the operator allows it

@@ -17,17 +17,16 @@ The noise comes from the operating system's entropy, never from the coordinator'
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from client.budget import census_purpose
+from client.budget import census_event, census_purpose, is_private, public_size
 from client.ledger import BudgetExceeded
 from client.refusal import Refusal
 from common import protocol as P
-from common.accounting import DPEvent, epsilon_for
+from common.accounting import epsilon_for
 from common.data import ImageDataset
 from common.files import atomic_write_json
 
@@ -56,24 +55,28 @@ def draw_census(data: ImageDataset, noise: float, run_dir: Path) -> list[float]:
 
 def census_weight(noisy_counts: list[float]) -> float:
     """The site's FedAvg weight: its noisy record total, at least 1 (post-processing of the census)."""
-    return max(1.0, float(sum(noisy_counts)))
+    return public_size(noisy_counts)  # the same noisy total the plan sets its sampling rate from
 
 
 def run_census(data: ImageDataset, ledger: "PrivacyLedger", run_dir: Path, *, mode: str, experiment: str,
-               epsilon: float, budget: float, fingerprint: str) -> list[float]:
+               epsilon: float, budget: float, delta_bound: float, fingerprint: str) -> list[float]:
     """The run's census: read back, or (at the run's first training request) charged on its own and drawn.
 
     Refused, with nothing charged, when the census alone would take more than the run's ``epsilon`` or more than
-    the site's ``budget`` has left: both decisions read only the ledger and public constants. The run's plan comes
-    after it (``client.budget.plan_for_site``), so a plan that is then refused has cost the run its census
-    (epsilon about 0.2 at delta 1e-5), and nothing else.
+    the site's ``budget`` has left. The first check reads the site's published ``delta_bound``, not the ledger's
+    delta: a refusal that costs nothing at an epsilon threshold set by the default delta min(1e-5, 1/(10 n)) would
+    let a coordinator search that threshold and read n. (A run whose epsilon falls between the census's epsilon at
+    the bound and at the ledger's smaller delta pays the census and is then refused by its plan; the site's own
+    budget is enforced at its delta either way.) The run's plan comes after the census
+    (``client.budget.plan_for_site``), so a plan that is then refused has cost the run its census (epsilon about
+    0.2 at delta 1e-5), and nothing else.
     """
     census = load_census(run_dir)
     if census is not None:
         return census
-    private = math.isfinite(epsilon) or math.isfinite(budget)
-    event = DPEvent(P.CENSUS_NOISE if private else 0.0, 1.0, 1)
-    if private and epsilon_for([event], ledger.delta) > epsilon:
+    private = is_private(epsilon, budget)
+    event = census_event(private)
+    if private and epsilon_for([event], delta_bound) > epsilon:
         raise Refusal(P.REFUSED_BUDGET, "the run's epsilon is too small for the requested work: ask for a larger "
                                         "epsilon",
                       f"the census alone would spend more than the run's epsilon {epsilon:g}")

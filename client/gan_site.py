@@ -153,7 +153,8 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
     ledger = open_ledger(site, data)
     validate_plan_request(_plan_request(req, req.local_steps))  # a malformed request costs nothing, not even a census
     census = run_census(data, ledger, folder, mode="dpgan", experiment=req.experiment, epsilon=req.epsilon,
-                        budget=site.epsilon_budget, fingerprint=data_fingerprint(data))
+                        budget=site.epsilon_budget, delta_bound=site.delta_bound,
+                        fingerprint=data_fingerprint(data))
     steps = _schedule(req, site, ledger, folder, census)
     plan = plan_for_site(site, ledger, folder, _plan_request(req, steps), req.experiment, census=census)
     train = plan.train_round(steps)

@@ -26,6 +26,7 @@ from client.limits import (
     DEFAULT_MAX_STEP_MEMORY_MB,
     DEFAULT_MAX_STEPS_PER_RUN,
 )
+from common import protocol as P
 from common.accounting import default_delta
 from common.config import MODES, RunConfig
 from common.data import DataError, ImageDataset, load_dataset, sensitive_attribute_problem
@@ -70,6 +71,13 @@ class SiteSettings:
         why = sensitive_attribute_problem(self.label_from, self.sensitive_attribute)
         if why:
             raise ValueError(f"site {self.name}: {why}")
+
+    @property
+    def delta_bound(self) -> float:
+        """The delta bound the site publishes (``query.info``): its configured delta, or the default's bound. Public:
+        a decision that must not reveal the record count reads this, never the ledger's delta (which the default
+        min(1e-5, 1/(10 n)) sets from n)."""
+        return self.delta if self.delta > 0 else P.DEFAULT_DELTA_BOUND
 
     @property
     def ledger_id(self) -> str:

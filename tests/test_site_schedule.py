@@ -114,3 +114,30 @@ def test_the_schedule_and_the_plan_follow_the_noisy_census_not_the_record_count(
     plan = json.loads(next((tmp_path / "sites").rglob("plan.json")).read_text())
     assert plan["sample_rate"] == pytest.approx(cfg.gan_batch_size / 20000.0)  # from the census, not ~150 records
     assert plan["planned_epsilon"] <= 1.0 + 1e-9
+
+
+def test_the_free_census_refusal_reads_the_published_delta_bound_not_the_ledgers_delta(tmp_path):
+    """The default delta min(1e-5, 1/(10 n)) is set from n; a refusal that costs nothing at an epsilon threshold
+    set by it would let a coordinator search the threshold and read n. So the check before the census reads the
+    published bound: a run epsilon between the census's epsilon at the bound and at the ledger's smaller delta
+    passes it (and is charged at the ledger's delta, within the site's budget)."""
+    from client.budget import census_event
+    from client.census import run_census
+    from client.ledger import PrivacyLedger
+    from common.accounting import epsilon_for
+    from common.data import load_dataset
+
+    data = load_dataset("digits", "train")
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl", epsilon_budget=10.0, new_delta=1e-9)  # as if n were 1e8
+    at_bound, at_ledger = (epsilon_for([census_event(True)], d) for d in (P.DEFAULT_DELTA_BOUND, 1e-9))
+    assert at_bound < at_ledger
+    between = 0.5 * (at_bound + at_ledger)
+    census = run_census(data, ledger, tmp_path, mode="dpgan", experiment="e", epsilon=between, budget=10.0,
+                        delta_bound=P.DEFAULT_DELTA_BOUND, fingerprint="f")
+    assert len(census) == 10 and ledger.spent().epsilon == pytest.approx(at_ledger)
+    from client.refusal import Refusal
+
+    with pytest.raises(Refusal) as refused:  # below the census's epsilon at the bound: refused, nothing charged
+        run_census(data, ledger, tmp_path / "other", mode="dpgan", experiment="f", epsilon=0.5 * at_bound,
+                   budget=10.0, delta_bound=P.DEFAULT_DELTA_BOUND, fingerprint="f")
+    assert "epsilon is too small" in refused.value.public and len(ledger.events()) == 1
