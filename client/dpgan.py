@@ -51,8 +51,8 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing when gra
 class RoundSettings:
     """What one train.gan round does at a site (noise chosen by the site, the rest requested).
 
-    Only the first eight fields are privacy-relevant (and fixed by the site's plan); the rest are
-    training recipe with defaults tuned on digits and MNIST at epsilon 10 (bench_dpgan.py).
+    Only the first eight fields and ``expected_batch`` are privacy-relevant (fixed by the site's plan); the rest
+    are training recipe with defaults tuned on digits and MNIST at epsilon 10 (bench_dpgan.py).
     The DP noise, the Poisson batches and G's latents never come from ``seed``: the coordinator sends that
     seed, and whoever can replay the noise can subtract it. They come from ``noise_seed``, which only tests
     and benchmarks fix; at a site it is None, i.e. drawn from the operating system's entropy.

@@ -30,24 +30,26 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from common.config import RunConfig
-    from common.data import ImageDataset, load_dataset
-    from common.learner import evaluate_learner, train_learner
-    from common.models import Generator
+    from common.learner import train_learner
     from server.modes.dpgan import site_generators
     from server.synthesis import sample_site_generators
+    from tests.benchmarks.saved_run import (
+        add_scoring_arguments,
+        run_config,
+        run_generator,
+        score,
+        test_and_validation,
+    )
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="a simulated DP-GAN run's output folder (holding report.json and sites/)")
     p.add_argument("--data", required=True, help="the run's dataset (its training split gives the validation subset)")
     p.add_argument("--rounds", default="1,3", help="comma-separated k: each site's last k rounds averaged")
-    p.add_argument("--val", type=int, default=5000, help="validation images drawn from the training split")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=None)
+    add_scoring_arguments(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     run = Path(args.run)
-    cfg = RunConfig.from_mapping(json.loads((run / "report.json").read_text())["config"])
+    cfg = run_config(run)
     experiment = json.loads((run / "run.json").read_text())["experiment"]
     saved = torch.load(run / "site_generators.pt", weights_only=False)
     names, census = saved["sites"], saved["census"]
@@ -60,12 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                                                 torch.load(path, weights_only=False)["reply"]["generator"].items()})
         return out
 
-    load = dict(image_size=cfg.image_size or None, label_from=cfg.label_from or None)
-    test, train = load_dataset(args.data, "test", **load), load_dataset(args.data, "train", **load)
-    pick = np.random.default_rng(123).permutation(len(train))[: args.val]
-    val = ImageDataset(images=train.images[pick], labels=train.labels[pick], classes=train.classes, source="val")
-    c, h, _ = test.image_shape
-    gen = Generator(cfg.gan_shape(c, h, len(test.classes)))
+    test, val = test_and_validation(cfg, args.data, args.val)
+    gen = run_generator(cfg, test)
     cpu = torch.device("cpu")
     result = {"run": str(run), "synthetic_size": cfg.synthetic_size, "rounds": cfg.num_rounds,
               "validation": f"{len(val)} images of the training split"}
@@ -78,10 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         synth, _ = sample_site_generators(gen, states, census, test.classes, cfg.synthetic_size, seed=cfg.seed,
                                           device=cpu, progress=False)
         model = train_learner(synth, cfg.learner_config(), device=cpu, progress=False)
-        v, t = evaluate_learner(model, val, device=cpu), evaluate_learner(model, test, device=cpu)
-        result[f"last-{k}"] = {"val_accuracy": round(v["accuracy"], 4), "val_mcc": round(v["mcc"], 3),
-                               "test_accuracy": round(t["accuracy"], 4), "test_mcc": round(t["mcc"], 3),
-                               "rounds_averaged": used, "seconds": round(time.perf_counter() - t0, 1)}
+        result[f"last-{k}"] = {**score(model, val, test), "rounds_averaged": used,
+                               "seconds": round(time.perf_counter() - t0, 1)}
         r = result[f"last-{k}"]
         print(f"last {k} round(s): val {r['val_accuracy']:.4f} (MCC {r['val_mcc']:.3f})  test {r['test_accuracy']:.4f} "
               f"(MCC {r['test_mcc']:.3f})  {r['seconds']} s", flush=True)

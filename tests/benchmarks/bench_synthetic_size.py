@@ -30,29 +30,26 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from common.config import RunConfig
-    from common.data import ImageDataset, load_dataset
-    from common.learner import evaluate_learner, train_learner
-    from common.models import Generator
+    from common.learner import train_learner
     from server.synthesis import class_sizes, sample_site_generators
+    from tests.benchmarks.saved_run import (
+        add_scoring_arguments,
+        run_config,
+        run_generator,
+        score,
+        test_and_validation,
+    )
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", type=Path, help="a DP-GAN run's output folder (with report.json and site_generators.pt)")
     p.add_argument("--sizes", default="10000,30000,60000", help="comma-separated synthetic-set sizes")
     p.add_argument("--data", default="", help="the run's dataset, if not where its report says")
-    p.add_argument("--val", type=int, default=5000, help="validation images drawn from the training split")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=None)
+    add_scoring_arguments(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = RunConfig.from_mapping(json.loads((args.run / "report.json").read_text())["config"])
-    load = dict(image_size=cfg.image_size or None, label_from=cfg.label_from or None)
-    data = args.data or cfg.test_data
-    test, train = load_dataset(data, "test", **load), load_dataset(data, "train", **load)
-    pick = np.random.default_rng(123).permutation(len(train))[: args.val]
-    val = ImageDataset(images=train.images[pick], labels=train.labels[pick], classes=train.classes, source="val")
-    c, h, _ = test.image_shape
-    gen = Generator(cfg.gan_shape(c, h, len(test.classes)))
+    cfg = run_config(args.run)
+    test, val = test_and_validation(cfg, args.data or cfg.test_data, args.val)
+    gen = run_generator(cfg, test)
     sites = torch.load(args.run / "site_generators.pt", weights_only=False)
     census = np.asarray(sites["census"], dtype=np.float64)  # (S, K) the released noisy class counts
     cpu = torch.device("cpu")
@@ -69,10 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         t_draw = time.perf_counter() - t0
         model = train_learner(synth, cfg.learner_config(), device=cpu, progress=False)
         t_learn = time.perf_counter() - t0 - t_draw
-        v, t = evaluate_learner(model, val, device=cpu), evaluate_learner(model, test, device=cpu)
-        out["sizes"][str(size)] = {"val_accuracy": round(v["accuracy"], 4), "val_mcc": round(v["mcc"], 3),
-                                   "test_accuracy": round(t["accuracy"], 4), "test_mcc": round(t["mcc"], 3),
-                                   "draw_seconds": round(t_draw, 1), "learner_seconds": round(t_learn, 1)}
+        out["sizes"][str(size)] = {**score(model, val, test), "draw_seconds": round(t_draw, 1),
+                                   "learner_seconds": round(t_learn, 1)}
         r = out["sizes"][str(size)]
         print(f"{size:>6} images: val {r['val_accuracy']:.4f} (MCC {r['val_mcc']:.3f})  test {r['test_accuracy']:.4f} "
               f"(MCC {r['test_mcc']:.3f})  draw {r['draw_seconds']} s, learner {r['learner_seconds']} s", flush=True)
