@@ -47,6 +47,10 @@ QUERY_AUDIT = "query.audit"  # synthetic sample in, DP histograms of record-to-s
 # Flower error replies carry an int code and a reason. A reason says why in words the coordinator may
 # read: never the site's budget, what it has spent or has left, its record count or its file names.
 REFUSED_BUDGET = 4001  # the request does not fit the site's privacy budget
+# Whether a budget refusal is sent is itself a release. It is decided only from the request, the site's
+# published delta bound, its ledger (what it has spent) and the run's census, a DP release charged first
+# (client.census.run_census). It is never decided from the record count, which would let free refusals
+# measure it.
 REFUSED_BAD_REQUEST = 4002  # malformed, inconsistent or hostile request
 REFUSED_NOT_ALLOWED = 4003  # the site's config does not allow this mode / action / more queries / this much work
 # A work-limit refusal (client.limits) names the operator's limit and the request's own sizes (parameters,
