@@ -73,12 +73,12 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings):
     if problems:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"the net sent does not match the run's shape: {problems[:3]}")
     P.load_state(net, net_state)
-    ledger = open_ledger(site, data)
     folder = run_dir(site, req.experiment)
     preq = PlanRequest(mode="bnstats", epsilon=req.epsilon, rounds=req.net_rounds, steps=req.local_steps,
                        batch_size=req.batch_size, census=True, stats_share=req.stats_share,
                        auto_clip=str(req.layer_clips).strip() == AUTO)
     validate_plan_request(preq)  # a malformed request costs nothing, not even the census
+    ledger = open_ledger(site, data)
     # a run that trains the net draws its census first: the plan's sampling rate is set from its noisy total
     census = run_census(data, ledger, folder, mode="bnstats", experiment=req.experiment, epsilon=req.epsilon,
                         budget=site.epsilon_budget, delta_bound=site.delta_bound,

@@ -64,10 +64,11 @@ def run_census(data: ImageDataset, ledger: "PrivacyLedger", run_dir: Path, *, mo
 
     Refused, with nothing charged, when the census alone would take more than the run's ``epsilon`` or more than
     the site's ``budget`` has left. The first check reads the site's published ``delta_bound``, not the ledger's
-    delta: a refusal that costs nothing at an epsilon threshold set by the default delta min(1e-5, 1/(10 n)) would
-    let a coordinator search that threshold and read n. (A run whose epsilon falls between the census's epsilon at
-    the bound and at the ledger's smaller delta pays the census and is then refused by its plan; the site's own
-    budget is enforced at its delta either way.) The run's plan comes after the census
+    delta: a refusal that costs nothing must not depend on anything private, and the ledger's default delta is set
+    from a noisy size (charged once, when the site's first request creates its ledger: ``client.site_delta``).
+    (A run whose epsilon falls between the census's epsilon at the bound and at the ledger's smaller delta pays the
+    census and is then refused by its plan; the site's own budget is enforced at its delta either way.) The run's
+    plan comes after the census
     (``client.budget.plan_for_site``), so a plan that is then refused has cost the run its census (epsilon about
     0.2 at delta 1e-5), and nothing else.
     """

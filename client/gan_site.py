@@ -150,8 +150,8 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
         # Re-sent round (the coordinator resumed): the reply already released, sent again at no cost.
         log.info("[%s] round %d of %s already trained; sending its saved reply", site.name, rnd, req.experiment)
         return P.GanTrainReply(**saved["reply"])
-    ledger = open_ledger(site, data)
     validate_plan_request(_plan_request(req, req.local_steps))  # a malformed request costs nothing, not even a census
+    ledger = open_ledger(site, data)
     census = run_census(data, ledger, folder, mode="dpgan", experiment=req.experiment, epsilon=req.epsilon,
                         budget=site.epsilon_budget, delta_bound=site.delta_bound,
                         fingerprint=data_fingerprint(data))

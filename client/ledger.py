@@ -69,7 +69,8 @@ class PrivacyLedger:
     """Append-only privacy ledger of ONE dataset, enforcing the site's own (epsilon, delta) budget."""
 
     def __init__(self, path: Path, *, epsilon_budget: float, delta: float | None = None,
-                 new_delta: float | None = None, dataset_id: str = "", create: bool = True) -> None:
+                 new_delta: float | None = None, dataset_id: str = "", create: bool = True,
+                 first_charge: tuple[Sequence[DPEvent], str] | None = None) -> None:
         """Open (or create) the ledger at ``path``.
 
         ``epsilon_budget`` is the site's own configuration (math.inf = no limit, which also allows
@@ -77,7 +78,9 @@ class PrivacyLedger:
         with (ValueError otherwise: a dataset's delta cannot change once privacy was spent under it);
         with ``delta=None`` the ledger keeps its recorded delta, and ``new_delta`` is used only to create
         a new ledger. ``create=False`` opens an existing ledger only (FileNotFoundError otherwise) and
-        never writes: reading a ledger must not create one.
+        never writes: reading a ledger must not create one. ``first_charge`` = (events, purpose): a release
+        that chose ``new_delta`` (:mod:`client.site_delta`), written as the first entry in the same write as
+        the header when this call creates the ledger, and not at all when the ledger exists.
         """
         if not (isinstance(epsilon_budget, (int, float)) and epsilon_budget >= 0 and not math.isnan(epsilon_budget)):
             raise ValueError(f"epsilon_budget must be a number >= 0 (math.inf for no limit), got {epsilon_budget!r}")
@@ -88,8 +91,18 @@ class PrivacyLedger:
         self.path = Path(path)
         self.epsilon_budget = float(epsilon_budget)
         self.dataset_id = dataset_id
+        if create and first_charge is not None and delta is None and new_delta is not None \
+                and not self.path.exists():
+            cost = epsilon_for(list(first_charge[0]), new_delta)
+            if cost > self.epsilon_budget + _BUDGET_SLACK:
+                raise BudgetExceeded(
+                    f"privacy budget exceeded: creating the privacy ledger {self.path} charges its '{first_charge[1]}' "
+                    f"release (epsilon {cost:.4g}), above the site budget {self.epsilon_budget:g}. Raise "
+                    "epsilon_budget, or configure the site's delta (site.yaml 'delta'), which needs no release.",
+                    requested_epsilon=cost, spent_epsilon=0.0, budget_epsilon=self.epsilon_budget, epsilon_after=cost)
         if create:
-            self.delta = self._open_or_create(delta if delta is not None else new_delta, explicit=delta is not None)
+            self.delta = self._open_or_create(delta if delta is not None else new_delta, explicit=delta is not None,
+                                              first_charge=first_charge)
         elif not self.path.is_file():
             raise FileNotFoundError(f"no privacy ledger at {self.path}")
         else:
@@ -114,7 +127,8 @@ class PrivacyLedger:
             )
         return recorded
 
-    def _open_or_create(self, delta: float | None, *, explicit: bool) -> float:
+    def _open_or_create(self, delta: float | None, *, explicit: bool,
+                        first_charge: tuple[Sequence[DPEvent], str] | None = None) -> float:
         lf.make_dirs_durably(self.path.parent)
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
@@ -130,7 +144,15 @@ class PrivacyLedger:
                 if delta is None:
                     raise ValueError(f"creating the privacy ledger {self.path} needs a delta")
                 os.ftruncate(fd, 0)
-                lf.write_all(fd, lf.dumps(lf.make_header(float(delta), self.dataset_id)))
+                lines = lf.dumps(lf.make_header(float(delta), self.dataset_id))
+                if first_charge is not None and not explicit:
+                    events, purpose = list(first_charge[0]), first_charge[1]
+                    epsilon = epsilon_for(events, float(delta))
+                    lines += lf.dumps({"type": "charge", "time": lf.now(), "purpose": purpose, "run": "", "round": 0,
+                                       "events": [e.to_dict() for e in events], "details": {},
+                                       "epsilon_after": lf.encode_epsilon(epsilon), "delta": float(delta),
+                                       "data": ""})
+                lf.write_all(fd, lines)
                 os.fsync(fd)
                 result = float(delta)
             else:

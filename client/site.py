@@ -19,15 +19,17 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from client.ledger import PrivacyLedger
+from client.ledger import BudgetExceeded, PrivacyLedger
 from client.limits import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_PARAMETERS,
     DEFAULT_MAX_STEP_MEMORY_MB,
     DEFAULT_MAX_STEPS_PER_RUN,
 )
+from client.refusal import Refusal
+from client.site_delta import PURPOSE as DELTA_PURPOSE
+from client.site_delta import draw_default_delta, size_event
 from common import protocol as P
-from common.accounting import default_delta
 from common.config import MODES, RunConfig
 from common.data import DataError, ImageDataset, load_dataset, sensitive_attribute_problem
 from common.partition import parse_partition, partition_indices
@@ -48,7 +50,7 @@ class SiteSettings:
     image_size: int = 0
     label_from: str = ""
     sensitive_attribute: str = ""  # an attribute the synthetic set must draw independently (seed 004); published
-    delta: float = 0.0  # 0 = min(1e-5, 1/(10 n)) when the ledger is created, then the ledger's
+    delta: float = 0.0  # 0 = min(1e-5, 1/(10 n~)), n~ a noisy size, when the ledger is created, then the ledger's
     modes: tuple[str, ...] = MODES  # synthesis modes this site's operator allows
     heldout: str = ""  # the site's own held-out records (for evaluation and audits); "" = none
     heldout_split: str = "test"
@@ -75,8 +77,8 @@ class SiteSettings:
     @property
     def delta_bound(self) -> float:
         """The delta bound the site publishes (``query.info``): its configured delta, or the default's bound. Public:
-        a decision that must not reveal the record count reads this, never the ledger's delta (which the default
-        min(1e-5, 1/(10 n)) sets from n)."""
+        a decision taken before the census reads this, never the ledger's delta (which the default sets from a
+        noisy size, client.site_delta)."""
         return self.delta if self.delta > 0 else P.DEFAULT_DELTA_BOUND
 
     @property
@@ -197,7 +199,9 @@ def load_site_heldout(site: SiteSettings) -> ImageDataset | None:
 def open_ledger(site: SiteSettings, data: ImageDataset, *, create: bool = True) -> PrivacyLedger:
     """The ledger of the site's declared dataset id.
 
-    Its delta: the site's configured one, else the ledger's own, else (creating it) min(1e-5, 1/(10 n)).
+    Its delta: the site's configured one, else the ledger's own, else (creating it) min(1e-5, 1/(10 n~)) for a
+    noisy size n~ >= n but for probability 3e-7, a release charged as the ledger's first entry
+    (:mod:`client.site_delta`: a delta read off the exact n would let refusals reveal n).
     A ledger that an older fedsynth keyed by the data's fingerprint is taken over under the dataset id.
     A data fingerprint that differs from the last charge's is logged: the ledger continues, because
     adding or removing records must never give the records already there a fresh budget.
@@ -208,8 +212,17 @@ def open_ledger(site: SiteSettings, data: ImageDataset, *, create: bool = True) 
         legacy.rename(path)
         log.warning("[%s] took over the privacy ledger %s as the ledger of dataset id '%s'", site.name, legacy.name,
                     site.ledger_id)
-    ledger = PrivacyLedger(path, epsilon_budget=site.epsilon_budget, delta=site.delta or None,
-                           new_delta=default_delta(max(1, len(data))), dataset_id=site.ledger_id, create=create)
+    new_delta, first_charge = None, None
+    if create and not site.delta and not path.exists():
+        # The default delta is read off a noisy size, charged as the ledger's first entry (client.site_delta).
+        new_delta, first_charge = draw_default_delta(len(data)), ([size_event()], DELTA_PURPOSE)
+    try:
+        ledger = PrivacyLedger(path, epsilon_budget=site.epsilon_budget, delta=site.delta or None,
+                               new_delta=new_delta, first_charge=first_charge, dataset_id=site.ledger_id,
+                               create=create)
+    except BudgetExceeded as err:
+        raise Refusal(P.REFUSED_BUDGET, "this site's privacy budget cannot pay the start of its ledger", str(err)) \
+            from None
     last = ledger.last_fingerprint()
     current = data_fingerprint(data)
     if last is not None and last != current:

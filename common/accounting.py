@@ -11,9 +11,10 @@ Adjacency: ONE record (an image and its label) added to or removed from ONE site
 held-out. That is what every release is calibrated to, and it matches what leaves a site: no reply
 carries the site's record count n -- under add/remove-one adjacency n itself is private -- so FedAvg
 weights are a noisy census (``client.census``), the sampling rate q = B/n, the noise multiplier and the
-spent epsilon stay at the site, and delta comes from the site's own config (default min(1e-5, 1/(10 n)),
-fixed in its ledger). ``tests/test_hostile_coordinator.py`` measures, for every released quantity, the
-largest change one added record makes and checks it against the sensitivity the noise is scaled to.
+spent epsilon stay at the site, and delta comes from the site's own config (default min(1e-5, 1/(10 n~)) for
+a noisy size n~, fixed in its ledger: ``client.site_delta``). ``tests/test_hostile_coordinator.py`` measures,
+for every released quantity, the largest change one added record makes and checks it against the sensitivity
+the noise is scaled to.
 
 Pure math, no I/O; used by the site's budget planner (``client.budget``) and ledger (``client.ledger``).
 """

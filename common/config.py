@@ -47,7 +47,7 @@ class RunConfig:
     sensitive_attribute: str = ""  # "" | gender | race | age: an attribute the synthetic set must not teach (seed 004): every image shows a value of it drawn independently of everything else. Simulation: every virtual site declares it; deployment: a site declares it in its site.yaml, and the run follows
     # --- privacy request (per site, for this run) ---------------------------------------------------
     epsilon: float = 10.0  # epsilon this run may spend at each site (inf = no DP, marked NOT private)
-    delta: float = 0.0  # 0 = each site uses min(1e-5, 1/(10 n))
+    delta: float = 0.0  # 0 = each site uses min(1e-5, 1/(10 n~)), n~ >= n a noisy size (client.site_delta)
     # --- coordinator loop -----------------------------------------------------------------------------
     round_timeout: float = 600.0  # seconds to wait for replies in a round
     quorum: float = 0.5  # fraction of contacted sites that must reply for a round to count

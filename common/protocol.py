@@ -94,7 +94,7 @@ class InfoReply(Message):
     classes: tuple[str, ...] = declared("public", "class names the site publishes (its folder names / label "
                                                   "list), never how many records each holds")
     delta_bound: float = declared("public", "an upper bound of the site's delta: its configured delta, or "
-                                            "DEFAULT_DELTA_BOUND when it uses the default min(1e-5, 1/(10 n))")
+                                            "DEFAULT_DELTA_BOUND when it uses the default (client.site_delta)")
     modes: tuple[str, ...] = declared("public", "the synthesis modes the site's operator allows")
     evaluation: bool = declared("public", "whether the operator allows DP federated evaluation")
     audits: bool = declared("public", "whether the operator allows DP privacy audits")
@@ -107,7 +107,7 @@ class InfoReply(Message):
                                                   "everything else (seed 004); a setting, not a fact about records")
 
 
-DEFAULT_DELTA_BOUND = 1e-5  # the default delta min(1e-5, 1/(10 n)) is at most this
+DEFAULT_DELTA_BOUND = 1e-5  # the default delta min(1e-5, 1/(10 (noisy size + margin))) is at most this
 
 
 # ================================================================================================

@@ -8,6 +8,7 @@ from typing import Any
 
 from client.app import app as client_app
 from client.ledger import PrivacyLedger
+from client.site_delta import PURPOSE as DELTA_PURPOSE
 from common.config import RunConfig
 from fedsynth.localgrid import run_inprocess
 from server.app import run_coordinator
@@ -42,10 +43,15 @@ def ledger_paths(tmp: Path, sites: str = "sites") -> list[Path]:
     return sorted((tmp / sites).rglob("ledger/*.jsonl"))
 
 
-def charges(tmp: Path, sites: str = "sites") -> list[list[dict]]:
-    """Every site's charge entries (one list per site, sites in name order)."""
-    return [[json.loads(line) for line in p.read_text().splitlines() if '"purpose"' in line]
-            for p in ledger_paths(tmp, sites)]
+def charges(tmp: Path, sites: str = "sites", *, with_delta: bool = False) -> list[list[dict]]:
+    """Every site's charge entries (one list per site, sites in name order). Each ledger must begin with the noisy
+    size its default delta was read from (client.site_delta); it is left out unless ``with_delta``."""
+    out = []
+    for p in ledger_paths(tmp, sites):
+        entries = [json.loads(line) for line in p.read_text().splitlines() if '"purpose"' in line]
+        assert entries and entries[0]["purpose"] == DELTA_PURPOSE, f"{p}: the ledger does not begin with its size"
+        out.append(entries if with_delta else entries[1:])
+    return out
 
 
 def spent(tmp: Path, sites: str = "sites") -> list[float]:

@@ -117,10 +117,10 @@ def test_the_schedule_and_the_plan_follow_the_noisy_census_not_the_record_count(
 
 
 def test_the_free_census_refusal_reads_the_published_delta_bound_not_the_ledgers_delta(tmp_path):
-    """The default delta min(1e-5, 1/(10 n)) is set from n; a refusal that costs nothing at an epsilon threshold
-    set by it would let a coordinator search the threshold and read n. So the check before the census reads the
-    published bound: a run epsilon between the census's epsilon at the bound and at the ledger's smaller delta
-    passes it (and is charged at the ledger's delta, within the site's budget)."""
+    """A refusal that costs nothing may depend only on what is public: the check before the census reads the
+    published delta bound, not the ledger's delta (set from a noisy size, client.site_delta). A run epsilon between
+    the census's epsilon at the bound and at the ledger's smaller delta passes it (and is charged at the ledger's
+    delta, within the site's budget)."""
     from client.budget import census_event
     from client.census import run_census
     from client.ledger import PrivacyLedger

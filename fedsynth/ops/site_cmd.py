@@ -104,7 +104,7 @@ def load_site_config(path: str | Path) -> SiteDeployment:
                           f"got {epsilon}; typical values are 1 to 10")
     delta = f.float("delta", 0.0)
     if not 0 <= delta < 1:
-        raise DeployError(f"{path}: 'delta' must be in [0, 1) (0 = min(1e-5, 1/(10 n))), got {delta}")
+        raise DeployError(f"{path}: 'delta' must be in [0, 1) (0 = min(1e-5, 1/(10 n~)) for a noisy size n~ >= n), got {delta}")
     # a sensitive attribute is replaced by drawing from a generator: only the DP-GAN mode has one
     modes = raw.get("modes", ["dpgan"] if sensitive else list(MODES))
     if isinstance(modes, str):
