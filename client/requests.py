@@ -5,11 +5,17 @@ every failure into an error reply whose reason is safe to send: a :class:`Refusa
 text (never the site's budget, spending, record count, paths or data), and any other exception becomes a
 generic "site failure" while the details go to the site's own log. Without this, Flower would send the
 exception's text -- a traceback that can quote private values -- to the coordinator.
+
+The time a reply takes is observable too, and it depends on the records (data loading and each DP-SGD step
+grow with the record count). A site whose operator sets ``min_reply_seconds`` holds every reply, refusals
+included, until that long after its request came: a reply that leaves at the hold says nothing about how
+long the work took. Work that outlasts the hold is sent when done, and the site's log says to raise it.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,24 +43,47 @@ def site_handler(fn: Callable[[Message, Context, SiteSettings], Message]) -> Cal
     """Wrap a ClientApp handler so that nothing but a declared reply or a safe refusal leaves the site."""
 
     def handler(msg: Message, context: Context) -> Message:
-        site_name = "site"
+        came = time.monotonic()
+        site: SiteSettings | None = None
         try:
             site = resolve_site(context.node_config, context.run_config)
-            site_name = site.name
-            return fn(msg, context, site)
+            reply = fn(msg, context, site)
         except Refusal as err:
-            return refuse(msg, site_name, err.code, err.public, err.detail)
+            reply = refuse(msg, _name(site), err.code, err.public, err.detail)
         except P.ProtocolError as err:  # it describes the coordinator's own message: safe to echo
-            return refuse(msg, site_name, P.REFUSED_BAD_REQUEST, str(err))
+            reply = refuse(msg, _name(site), P.REFUSED_BAD_REQUEST, str(err))
         except DataError as err:
-            return refuse(msg, site_name, P.SITE_FAILURE, FAILURE_TEXT, f"cannot load the site's data: {err}")
+            reply = refuse(msg, _name(site), P.SITE_FAILURE, FAILURE_TEXT, f"cannot load the site's data: {err}")
         except Exception as err:  # noqa: BLE001 - any crash must become a safe reply, never a traceback
-            log.exception("[%s] %s failed", site_name, msg.metadata.message_type)
-            return refuse(msg, site_name, P.SITE_FAILURE, FAILURE_TEXT, f"{type(err).__name__}: {err}")
+            log.exception("[%s] %s failed", _name(site), msg.metadata.message_type)
+            reply = refuse(msg, _name(site), P.SITE_FAILURE, FAILURE_TEXT, f"{type(err).__name__}: {err}")
+        if site is not None and site.min_reply_seconds > 0:
+            hold_reply(site, msg.metadata.message_type, came)
+        return reply
 
     # (not functools.wraps: Flower must see the (message, context) signature, not the wrapped one)
     handler.__name__, handler.__qualname__, handler.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
     return handler
+
+
+def _name(site: SiteSettings | None) -> str:
+    return site.name if site is not None else "site"
+
+
+def hold_reply(site: SiteSettings, what: str, came: float, *, sleep: Callable[[float], None] = time.sleep) -> float:
+    """Wait until ``site.min_reply_seconds`` after ``came`` (a time.monotonic() reading); returns the seconds waited.
+
+    Why: the work's duration depends on the records. Held to a time fixed by the operator, a reply's timing
+    is the same for any data whose work fits in the hold."""
+    elapsed = time.monotonic() - came
+    wait = site.min_reply_seconds - elapsed
+    if wait <= 0:
+        log.warning("[%s] %s took %.1f s, longer than min_reply_seconds (%.1f s): its reply time says how long the "
+                    "work took, which depends on the records; raise min_reply_seconds above the slowest round",
+                    site.name, what, elapsed, site.min_reply_seconds)
+        return 0.0
+    sleep(wait)
+    return wait
 
 
 def require_mode(site: SiteSettings, mode: str) -> None:

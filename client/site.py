@@ -58,6 +58,8 @@ class SiteSettings:
     audits: bool = False  # answer DP audit queries (noisy, charged, capped)
     queries_per_run: int = 1  # cap on evaluation queries and on audit queries per run
     require_secure_aggregation: bool = False  # refuse every request that is not part of a secure aggregation
+    min_reply_seconds: float = 0.0  # no reply leaves before this many seconds after its request came (0 = off):
+    # hides how long the work took, which depends on the record count (client.requests.site_handler)
     # work limits (client.limits): a request beyond one is refused before anything is built
     max_parameters: int = DEFAULT_MAX_PARAMETERS  # of any one network a request makes the site build
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE  # expected DP-SGD batch
@@ -73,6 +75,8 @@ class SiteSettings:
         why = sensitive_attribute_problem(self.label_from, self.sensitive_attribute)
         if why:
             raise ValueError(f"site {self.name}: {why}")
+        if not (0 <= self.min_reply_seconds < 86_400):
+            raise ValueError(f"site {self.name}: min_reply_seconds must be in [0, 86400), got {self.min_reply_seconds}")
 
     @property
     def delta_bound(self) -> float:
@@ -98,6 +102,7 @@ class SiteSettings:
                 "modes": ",".join(self.modes), "heldout-path": self.heldout, "heldout-split": self.heldout_split,
                 "evaluation": self.evaluation, "audits": self.audits, "queries-per-run": self.queries_per_run,
                 "require-secure-aggregation": self.require_secure_aggregation,
+                "min-reply-seconds": self.min_reply_seconds,
                 "max-parameters": self.max_parameters, "max-batch-size": self.max_batch_size,
                 "max-steps-per-run": self.max_steps_per_run, "max-step-memory-mb": self.max_step_memory_mb}
 

@@ -35,7 +35,7 @@ WORK_LIMITS = ("max_parameters", "max_batch_size", "max_steps_per_run", "max_ste
 SITE_KEYS = ("name", "data", "dataset_id", "split", "image_size", "label_from", "sensitive_attribute", "heldout",
              "heldout_split", "epsilon",
              "delta", "state_dir", "modes", "evaluation", "audits", "queries_per_run", "require_secure_aggregation",
-             *WORK_LIMITS, "coordinator", "ca_cert", "private_key", "supernode_port", "approved_bundles",
+             "min_reply_seconds", *WORK_LIMITS, "coordinator", "ca_cert", "private_key", "supernode_port", "approved_bundles",
              "approve_installed")
 
 
@@ -69,6 +69,15 @@ def _choice(f: Fields, key: str, allowed: tuple[str, ...], path) -> str:
     value = f.str(key, SETTINGS_DEFAULTS[key])
     if value not in allowed:
         raise DeployError(f"{path}: '{key}' must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+    return value
+
+
+def _min_reply_seconds(f: Fields, path: str | Path) -> float:
+    value = f.float("min_reply_seconds", 0.0)
+    if not 0 <= value < 86_400:
+        raise DeployError(f"{path}: 'min_reply_seconds' must be in [0, 86400) (0 = reply as soon as the work is "
+                          f"done), got {value}; set it above this site's slowest round and below the coordinator's "
+                          "round timeout")
     return value
 
 
@@ -131,6 +140,7 @@ def load_site_config(path: str | Path) -> SiteDeployment:
         heldout=heldout, heldout_split=heldout_split, evaluation=evaluation, audits=audits,
         queries_per_run=f.int("queries_per_run", 1, lo=1, hi=100),
         require_secure_aggregation=f.bool("require_secure_aggregation", False),
+        min_reply_seconds=_min_reply_seconds(f, path),
         **{key: f.int(key, SETTINGS_DEFAULTS[key], lo=1) for key in WORK_LIMITS})
     return SiteDeployment(
         settings=settings, coordinator=coordinator, ca_cert=f.path("ca_cert") if f.has("ca_cert") else None,

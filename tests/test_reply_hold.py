@@ -1,0 +1,66 @@
+"""A site can hold every reply to a time its operator fixes (``min_reply_seconds``), so that how long its work took
+-- which grows with its record count -- does not show in when the reply leaves (client.requests.hold_reply)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import yaml
+
+from client.app import app as client_app
+from client.requests import hold_reply
+from client.site import SiteSettings
+from common import protocol as P
+from fedsynth.localgrid import LocalGrid
+from tests.spine_helpers import fast_config, nodes
+from tests.test_faults import gan_request, send
+
+HOLD = 1.5
+
+
+def _timed(grid, request) -> tuple[float, object]:
+    start = time.monotonic()
+    reply = send(grid, 1000, request)
+    return time.monotonic() - start, reply
+
+
+def test_every_reply_refusals_included_leaves_no_sooner_than_the_hold(tmp_path):
+    cfg = fast_config(tmp_path, num_rounds=1)
+    held = [{**node, "min-reply-seconds": HOLD} for node in nodes(1)]
+    grid = LocalGrid(client_app, held, cfg.to_flwr())
+    took, reply = _timed(grid, P.InfoRequest())  # reads the data's shape: fast
+    assert not reply.has_error() and took >= HOLD
+    took, reply = _timed(grid, gan_request(cfg, width=10**6))  # refused before anything is built
+    assert reply.has_error() and took >= HOLD
+    # without the setting the same refusal is sent at once (so the hold above is what made it wait)
+    took, reply = _timed(LocalGrid(client_app, nodes(1), cfg.to_flwr()), gan_request(cfg, width=10**6))
+    assert reply.has_error() and took < HOLD
+
+
+def test_work_longer_than_the_hold_is_sent_when_done_and_the_operator_is_told(caplog):
+    site = SiteSettings(name="s", data="digits", state_dir=".", epsilon_budget=1.0, min_reply_seconds=2.0)
+    slept: list[float] = []
+    assert hold_reply(site, "train.gan", time.monotonic() - 0.5, sleep=slept.append) == pytest.approx(1.5, abs=0.1)
+    assert slept and slept[0] == pytest.approx(1.5, abs=0.1)
+    with caplog.at_level(logging.WARNING, logger="fedsynth.site"):
+        assert hold_reply(site, "train.gan", time.monotonic() - 3.0, sleep=slept.append) == 0.0
+    assert len(slept) == 1 and "raise min_reply_seconds" in caplog.text
+
+
+def test_the_operator_sets_the_hold_in_site_yaml(tmp_path):
+    from fedsynth.ops.fields import DeployError
+    from fedsynth.ops.site_cmd import load_site_config
+
+    def config(**extra) -> SiteSettings:
+        path = tmp_path / "site.yaml"
+        path.write_text(yaml.safe_dump({"name": "s1", "data": "digits", "epsilon": 2.0, "state_dir": str(tmp_path),
+                                        "coordinator": "127.0.0.1:9092", **extra}))
+        return load_site_config(path).settings
+
+    assert config().min_reply_seconds == 0.0
+    site = config(min_reply_seconds=300)
+    assert SiteSettings.from_node_config(site.to_node_config(), {}).min_reply_seconds == 300.0  # what the node carries
+    with pytest.raises(DeployError, match="min_reply_seconds"):
+        config(min_reply_seconds=-1)
