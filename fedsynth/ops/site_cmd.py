@@ -297,7 +297,8 @@ def _announce(dep: SiteDeployment, check: SiteCheck) -> None:
     info(f"site '{dep.name}' OK: {describe(check.data)}")
     if led is None:
         info(f"privacy budget epsilon={fmt_eps(s.epsilon_budget)} for dataset id '{s.ledger_id}': nothing released "
-             f"yet (ledger {s.ledger_path} is created at the first release)")
+             f"yet (ledger {s.ledger_path} is created at the first request"
+             + (f", with delta {s.delta:g})" if s.delta else ", with a delta read off a noisy size: epsilon 0.015)"))
     else:
         info(f"privacy budget epsilon={fmt_eps(s.epsilon_budget)} delta={led['delta']:.3g} for dataset id "
              f"'{s.ledger_id}': spent {fmt_eps(led['spent_epsilon'])}, left {fmt_eps(led['remaining_epsilon'])} "
@@ -312,6 +313,9 @@ def _announce(dep: SiteDeployment, check: SiteCheck) -> None:
          "per-sample gradients per step (site.yaml max_*)")
     if s.require_secure_aggregation:
         info("takes part only in runs with secure aggregation: the coordinator sees only sums over the sites")
+    info(f"holds every reply until {s.min_reply_seconds:g} s after its request came (min_reply_seconds)"
+         if s.min_reply_seconds else "replies as soon as the work is done: reply times show how long it took, which "
+         "grows with the record count (site.yaml min_reply_seconds hides it)")
     if math.isinf(s.epsilon_budget):
         loud(f"site '{dep.name}' has an UNLIMITED budget (epsilon: inf): it may release NON-PRIVATE models of its data.")
     elif led is not None and led["remaining_epsilon"] <= 0:
