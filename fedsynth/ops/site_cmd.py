@@ -303,6 +303,11 @@ def _announce(dep: SiteDeployment, check: SiteCheck) -> None:
         info(f"privacy budget epsilon={fmt_eps(s.epsilon_budget)} delta={led['delta']:.3g} for dataset id "
              f"'{s.ledger_id}': spent {fmt_eps(led['spent_epsilon'])}, left {fmt_eps(led['remaining_epsilon'])} "
              f"({led['releases']} releases; ledger {led['path']})")
+        if not s.delta and led["delta"] < 1e-5 and "ledger-delta" not in led.get("per_purpose_releases", {}):
+            warn(f"this ledger's delta {led['delta']:.3g} was set from the exact record count by an earlier fedsynth "
+                 "(1/(10 n)); a coordinator that searches the epsilon at which this site starts refusing could read "
+                 "n back from it. A ledger's delta cannot change: to remove the risk, start a new ledger with a "
+                 "delta you choose (site.yaml 'delta') under a new dataset_id only if the data is new too")
     info(f"runs only the app bundle(s) {', '.join(d[:16] + '...' for d in check.approved)}"
          + (" (this site's own fedsynth)" if dep.approve_installed else ""))
     answers = [q for q, on in (("evaluation", s.evaluation), ("audits", s.audits)) if on]
