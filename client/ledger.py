@@ -93,13 +93,7 @@ class PrivacyLedger:
         self.dataset_id = dataset_id
         if create and first_charge is not None and delta is None and new_delta is not None \
                 and not self.path.exists():
-            cost = epsilon_for(list(first_charge[0]), new_delta)
-            if cost > self.epsilon_budget + _BUDGET_SLACK:
-                raise BudgetExceeded(
-                    f"privacy budget exceeded: creating the privacy ledger {self.path} charges its '{first_charge[1]}' "
-                    f"release (epsilon {cost:.4g}), above the site budget {self.epsilon_budget:g}. Raise "
-                    "epsilon_budget, or configure the site's delta (site.yaml 'delta'), which needs no release.",
-                    requested_epsilon=cost, spent_epsilon=0.0, budget_epsilon=self.epsilon_budget, epsilon_after=cost)
+            self._check_first_charge(first_charge, new_delta)  # before the file exists: nothing to undo
         if create:
             self.delta = self._open_or_create(delta if delta is not None else new_delta, explicit=delta is not None,
                                               first_charge=first_charge)
@@ -127,6 +121,15 @@ class PrivacyLedger:
             )
         return recorded
 
+    def _check_first_charge(self, first_charge: tuple[Sequence[DPEvent], str], delta: float) -> None:
+        cost = epsilon_for(list(first_charge[0]), delta)
+        if cost > self.epsilon_budget + _BUDGET_SLACK:
+            raise BudgetExceeded(
+                f"privacy budget exceeded: creating the privacy ledger {self.path} charges its '{first_charge[1]}' "
+                f"release (epsilon {cost:.4g}), above the site budget {self.epsilon_budget:g}. Raise "
+                "epsilon_budget, or configure the site's delta (site.yaml 'delta'), which needs no release.",
+                requested_epsilon=cost, spent_epsilon=0.0, budget_epsilon=self.epsilon_budget, epsilon_after=cost)
+
     def _open_or_create(self, delta: float | None, *, explicit: bool,
                         first_charge: tuple[Sequence[DPEvent], str] | None = None) -> float:
         lf.make_dirs_durably(self.path.parent)
@@ -143,6 +146,13 @@ class PrivacyLedger:
                 # New file, or one whose header write was interrupted (then it holds no entries).
                 if delta is None:
                     raise ValueError(f"creating the privacy ledger {self.path} needs a delta")
+                if first_charge is not None and not explicit:
+                    try:  # (again: another process may have left the file without a header)
+                        self._check_first_charge(first_charge, float(delta))
+                    except BudgetExceeded:
+                        if created:
+                            os.unlink(self.path)
+                        raise
                 os.ftruncate(fd, 0)
                 lines = lf.dumps(lf.make_header(float(delta), self.dataset_id))
                 if first_charge is not None and not explicit:

@@ -218,8 +218,9 @@ def open_ledger(site: SiteSettings, data: ImageDataset, *, create: bool = True) 
         log.warning("[%s] took over the privacy ledger %s as the ledger of dataset id '%s'", site.name, legacy.name,
                     site.ledger_id)
     new_delta, first_charge = None, None
-    if create and not site.delta and not path.exists():
+    if create and not site.delta:
         # The default delta is read off a noisy size, charged as the ledger's first entry (client.site_delta).
+        # Drawn at every opening (cheap); used and charged only by the call that writes the ledger's header.
         new_delta, first_charge = draw_default_delta(len(data)), ([size_event()], DELTA_PURPOSE)
     try:
         ledger = PrivacyLedger(path, epsilon_budget=site.epsilon_budget, delta=site.delta or None,

@@ -54,7 +54,7 @@ def test_a_new_ledger_records_its_noisy_size_as_its_first_charge(tmp_path):
     assert entries[0]["events"] == [size_event().to_dict()]
     assert 1.0 / (10 * (30_000 + 3 * SIZE_MARGIN)) < ledger.delta < 1.0 / (10 * 30_000)
     assert ledger.spent().epsilon == pytest.approx(epsilon_for([size_event()], ledger.delta))
-    again = open_ledger(site, data)  # opened again: nothing drawn, nothing charged
+    again = open_ledger(site, data)  # opened again: nothing charged, the delta kept
     assert again.delta == ledger.delta and len(again.entries()) == 1
 
 
@@ -109,3 +109,16 @@ def test_the_site_command_warns_about_a_ledger_whose_delta_an_earlier_fedsynth_r
     new = open_ledger(dep.settings, _data(20_000))  # today's: read off a noisy size, so no warning
     _announce(dep, SiteCheck(data=_data(20), ledger=new.summary(), approved=["0" * 64]))
     assert "exact record count" not in capsys.readouterr().err
+
+
+def test_a_ledger_file_left_without_its_header_gets_the_same_checks(tmp_path):
+    """A crash between creating the file and writing its header leaves an empty file: the next opening writes the
+    header and the noisy size together, and still refuses a budget that cannot pay the size."""
+    poor = _site(tmp_path, "d", budget=0.001)
+    poor.ledger_path.parent.mkdir(parents=True)
+    poor.ledger_path.write_bytes(b"")
+    with pytest.raises(Refusal):
+        open_ledger(poor, _data(500))
+    assert poor.ledger_path.read_bytes() == b""  # nothing written, and the file it did not create is kept
+    ledger = open_ledger(_site(tmp_path, "d"), _data(500))
+    assert [e["purpose"] for e in ledger.entries()] == [PURPOSE] and ledger.delta == 1e-5
