@@ -199,7 +199,7 @@ def choose_local_steps(steps: int, long_steps: int, *, rounds: int, batch_size: 
     if not math.isfinite(epsilon):
         return long_steps
     q = min(1.0, batch_size / public_size(noisy_counts))
-    census = [DPEvent(P.CENSUS_NOISE, 1.0, 1)]
+    census = [census_event(True)]
     try:
         short = calibrate_noise_multiplier(epsilon, P.DEFAULT_DELTA_BOUND, q, rounds * steps, prior=census)
         longer = calibrate_noise_multiplier(epsilon, P.DEFAULT_DELTA_BOUND, q, rounds * long_steps, prior=census)

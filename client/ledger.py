@@ -146,6 +146,7 @@ class PrivacyLedger:
                 # New file, or one whose header write was interrupted (then it holds no entries).
                 if delta is None:
                     raise ValueError(f"creating the privacy ledger {self.path} needs a delta")
+                lines = lf.dumps(lf.make_header(float(delta), self.dataset_id))
                 if first_charge is not None and not explicit:
                     try:  # (again: another process may have left the file without a header)
                         self._check_first_charge(first_charge, float(delta))
@@ -153,15 +154,11 @@ class PrivacyLedger:
                         if created:
                             os.unlink(self.path)
                         raise
+                    events = list(first_charge[0])
+                    lines += lf.dumps(lf.make_charge(events, purpose=first_charge[1], run="", round_=0, details={},
+                                                     epsilon_after=epsilon_for(events, float(delta)),
+                                                     delta=float(delta), data=""))
                 os.ftruncate(fd, 0)
-                lines = lf.dumps(lf.make_header(float(delta), self.dataset_id))
-                if first_charge is not None and not explicit:
-                    events, purpose = list(first_charge[0]), first_charge[1]
-                    epsilon = epsilon_for(events, float(delta))
-                    lines += lf.dumps({"type": "charge", "time": lf.now(), "purpose": purpose, "run": "", "round": 0,
-                                       "events": [e.to_dict() for e in events], "details": {},
-                                       "epsilon_after": lf.encode_epsilon(epsilon), "delta": float(delta),
-                                       "data": ""})
                 lf.write_all(fd, lines)
                 os.fsync(fd)
                 result = float(delta)
@@ -310,10 +307,8 @@ class PrivacyLedger:
             epsilon_after = epsilon_for([*contents.events, *events], self.delta)
             if epsilon_after > self.epsilon_budget + _BUDGET_SLACK:
                 raise self._refusal(events, purpose, run, round, spent_before, epsilon_after)
-            entry = {"type": "charge", "time": lf.now(), "purpose": purpose, "run": run, "round": round,
-                     "events": [e.to_dict() for e in events], "details": details,
-                     "epsilon_after": lf.encode_epsilon(epsilon_after), "delta": self.delta, "data": data}
-            line = lf.dumps(entry)
+            line = lf.dumps(lf.make_charge(events, purpose=purpose, run=run, round_=round, details=details,
+                                           epsilon_after=epsilon_after, delta=self.delta, data=data))
             if contents.keep_bytes < contents.size:  # drop an unacknowledged partial last line
                 os.ftruncate(fd, contents.keep_bytes)
             if contents.needs_newline:

@@ -79,6 +79,14 @@ def make_header(delta: float, dataset_id: str) -> dict:
             "dataset_id": dataset_id}
 
 
+def make_charge(events: list[DPEvent], *, purpose: str, run: str, round_: int, details: dict,
+                epsilon_after: float, delta: float, data: str) -> dict:
+    """One charge entry (the line every release writes, and the first line after a default delta's header)."""
+    return {"type": "charge", "time": now(), "purpose": purpose, "run": run, "round": round_,
+            "events": [e.to_dict() for e in events], "details": details,
+            "epsilon_after": encode_epsilon(epsilon_after), "delta": delta, "data": data}
+
+
 def _check_header(obj: Any) -> dict:
     if not (isinstance(obj, dict) and obj.get("type") == "header" and obj.get("format") == FORMAT):
         raise ValueError("the first line is not a fedsynth privacy-ledger header")
