@@ -39,6 +39,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def minimal_site_yaml(folder: Path, **fields) -> Path:
+    """``folder``/site.yaml with only the keys a site must set (digits, epsilon 2, its state in ``folder``), and
+    ``fields`` over them: for tests of how one setting is read."""
+    return yaml_file(folder / "site.yaml", {"name": "s1", "data": "digits", "epsilon": 2.0, "state_dir": str(folder),
+                                           "coordinator": "127.0.0.1:9092", **fields})
+
+
 def yaml_file(path: Path, mapping: dict) -> Path:
     import yaml
 

@@ -142,17 +142,13 @@ def test_the_run_replaces_what_the_sites_declared_or_refuses_before_anything_is_
 
 
 def test_a_site_declares_its_sensitive_attribute_in_site_yaml(tmp_path):
-    import yaml
-
     from client.site import SiteSettings
     from fedsynth.ops.fields import DeployError
     from fedsynth.ops.site_cmd import load_site_config
+    from tests.deployment_helpers import minimal_site_yaml
 
     def site_yaml(**extra) -> Path:
-        path = tmp_path / "site.yaml"
-        path.write_text(yaml.safe_dump({"name": "s1", "data": "digits", "epsilon": 5.0, "state_dir": "state",
-                                        "coordinator": "127.0.0.1:9092", **extra}))
-        return path
+        return minimal_site_yaml(tmp_path, **{"epsilon": 5.0, "state_dir": "state", **extra})
 
     site = load_site_config(site_yaml(label_from="utkface-gender+race", sensitive_attribute="race")).settings
     assert site.sensitive_attribute == "race" and site.modes == ("dpgan",)  # the only mode that can replace it

@@ -7,13 +7,12 @@ import logging
 import time
 
 import pytest
-import yaml
-
 from client.app import app as client_app
 from client.requests import hold_reply
 from client.site import SiteSettings
 from common import protocol as P
 from fedsynth.localgrid import LocalGrid
+from tests.deployment_helpers import minimal_site_yaml
 from tests.spine_helpers import fast_config, nodes
 from tests.test_faults import gan_request, send
 
@@ -54,10 +53,7 @@ def test_the_operator_sets_the_hold_in_site_yaml(tmp_path):
     from fedsynth.ops.site_cmd import load_site_config
 
     def config(**extra) -> SiteSettings:
-        path = tmp_path / "site.yaml"
-        path.write_text(yaml.safe_dump({"name": "s1", "data": "digits", "epsilon": 2.0, "state_dir": str(tmp_path),
-                                        "coordinator": "127.0.0.1:9092", **extra}))
-        return load_site_config(path).settings
+        return load_site_config(minimal_site_yaml(tmp_path, **extra)).settings
 
     assert config().min_reply_seconds == 0.0
     site = config(min_reply_seconds=300)

@@ -94,15 +94,11 @@ def test_the_plan_reads_delta_from_the_noisy_size_not_from_the_record_count(tmp_
 
 
 def test_the_site_command_warns_about_a_ledger_whose_delta_an_earlier_fedsynth_read_off_n(tmp_path, capsys):
-    import yaml
-
     from client.ledger import PrivacyLedger
     from fedsynth.ops.site_cmd import SiteCheck, _announce, load_site_config
+    from tests.deployment_helpers import minimal_site_yaml
 
-    path = tmp_path / "site.yaml"
-    path.write_text(yaml.safe_dump({"name": "s1", "data": "digits", "epsilon": 2.0, "state_dir": str(tmp_path),
-                                    "coordinator": "127.0.0.1:9092"}))
-    dep = load_site_config(path)
+    dep = load_site_config(minimal_site_yaml(tmp_path))
     old = PrivacyLedger(tmp_path / "old.jsonl", epsilon_budget=2.0, new_delta=default_delta(20_000))  # 1/(10 n)
     _announce(dep, SiteCheck(data=_data(20), ledger=old.summary(), approved=["0" * 64]))
     assert "set from the exact record count" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from common.models import Discriminator, GanShape, Generator
 from fedsynth.localgrid import LocalGrid
 from server import defaults
 from server.sites import Schema
+from tests.deployment_helpers import minimal_site_yaml
 from tests.spine_helpers import charges, fast_config, nodes
 from tests.test_faults import gan_request, send
 
@@ -108,10 +109,7 @@ def test_the_operator_sets_the_limits_in_site_yaml(tmp_path):
     assert {key: example[key] for key in WORK_LIMITS} == defaults_of  # the documented values are the defaults
 
     def config(**extra) -> SiteSettings:
-        path = tmp_path / "site.yaml"
-        path.write_text(yaml.safe_dump({"name": "s1", "data": "digits", "epsilon": 2.0, "state_dir": str(tmp_path),
-                                        "coordinator": "127.0.0.1:9092", **extra}))
-        return load_site_config(path).settings
+        return load_site_config(minimal_site_yaml(tmp_path, **extra)).settings
 
     assert config().max_batch_size == defaults_of["max_batch_size"]
     site = config(max_batch_size=512, max_step_memory_mb=100)
