@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from client import ledger_file as lf
 from client.ledger import BudgetExceeded, PrivacyLedger
 from client.limits import (
     DEFAULT_MAX_BATCH_SIZE,
@@ -28,7 +29,7 @@ from client.limits import (
 )
 from client.refusal import Refusal
 from client.site_delta import PURPOSE as DELTA_PURPOSE
-from client.site_delta import draw_default_delta, size_event
+from client.site_delta import draw_default_delta, least_budget, size_event
 from common import protocol as P
 from common.config import MODES, RunConfig
 from common.data import DataError, ImageDataset, load_dataset, sensitive_attribute_problem
@@ -221,6 +222,10 @@ def open_ledger(site: SiteSettings, data: ImageDataset, *, create: bool = True) 
     if create and not site.delta:
         # The default delta is read off a noisy size, charged as the ledger's first entry (client.site_delta).
         # Drawn at every opening (cheap); used and charged only by the call that writes the ledger's header.
+        if site.epsilon_budget < least_budget() and not _ledger_started(path):  # public settings only, no draw
+            raise Refusal(P.REFUSED_BUDGET, "this site's privacy budget cannot pay the start of its ledger",
+                          f"the budget {site.epsilon_budget:g} is below {least_budget():.3g}, what the noisy size its "
+                          "default delta is read off may cost: raise epsilon_budget, or set delta in site.yaml")
         new_delta, first_charge = draw_default_delta(len(data)), ([size_event()], DELTA_PURPOSE)
     try:
         ledger = PrivacyLedger(path, epsilon_budget=site.epsilon_budget, delta=site.delta or None,
@@ -236,6 +241,14 @@ def open_ledger(site: SiteSettings, data: ImageDataset, *, create: bool = True) 
                     "privacy ledger continues, so every record keeps the budget it had", site.name, site.ledger_id,
                     last, current)
     return ledger
+
+
+def _ledger_started(path: Path) -> bool:
+    """Whether the ledger file exists with its header (a file a crash left without one has not started)."""
+    try:
+        return lf.parse(path.read_bytes(), path).header is not None
+    except FileNotFoundError:
+        return False
 
 
 @functools.lru_cache(maxsize=16)

@@ -21,8 +21,9 @@ charged release. The noisy size is never sent: it lives in the ledger's header a
 Cost: epsilon 0.015 on its own at delta 1e-5, once in a ledger's life; composed with a run of epsilon
 about 9 it adds 3e-5 (RDP composes sublinearly). The margin makes delta a little smaller than 1/(10 n) for
 a large site (4.8e-6 instead of 5e-6 at n = 20,000), which the same run pays with about 0.02 more epsilon.
-A site whose budget cannot pay even that is refused at its first request, with the advice to configure
-``delta`` in site.yaml (then nothing is drawn: an operator's delta is public by declaration).
+A site whose budget is below :func:`least_budget` (0.032, the size release's epsilon at the smallest delta it
+can give) is refused at its first request, before the draw, with the advice to configure ``delta`` in site.yaml
+(then nothing is drawn: an operator's delta is public by declaration).
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ import math
 
 import numpy as np
 
-from common.accounting import DPEvent, default_delta
+from common.accounting import DPEvent, default_delta, epsilon_for
 
 SIZE_NOISE = 200.0  # std of the noisy size, in records; sensitivity 1
 SIZE_MARGIN = 5.0 * SIZE_NOISE  # added to the noisy size: delta <= 1/(10 n) unless the noise is below -5 std
 PURPOSE = "ledger-delta"  # the ledger entry that records the size release
+SMALLEST_DELTA = 1e-12  # delta never goes below this (the default for a site of 1e11 records)
 
 
 def size_event() -> DPEvent:
@@ -44,10 +46,19 @@ def size_event() -> DPEvent:
 
 
 def delta_from_noisy_size(noisy_size: float) -> float:
-    """The default delta for a noisy size (post-processing): min(1e-5, 1/(10 (noisy size + margin)))."""
+    """The default delta for a noisy size (post-processing): min(1e-5, 1/(10 (noisy size + margin))), at least
+    SMALLEST_DELTA."""
     if not math.isfinite(noisy_size):
         raise ValueError(f"the noisy size must be finite, got {noisy_size!r}")
-    return default_delta(max(1, math.ceil(noisy_size + SIZE_MARGIN)))
+    return max(SMALLEST_DELTA, default_delta(max(1, math.ceil(noisy_size + SIZE_MARGIN))))
+
+
+def least_budget() -> float:
+    """The smallest budget that pays the size release whatever its draw: its epsilon at SMALLEST_DELTA (0.032).
+
+    A site whose budget is below it is refused before the draw. Deciding at the delta a draw gives would let the
+    draw, which a refusal leaves uncharged, decide whether the site refuses."""
+    return epsilon_for([size_event()], SMALLEST_DELTA)
 
 
 def draw_default_delta(num_records: int, rng: np.random.Generator | None = None) -> float:

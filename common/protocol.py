@@ -50,7 +50,8 @@ REFUSED_BUDGET = 4001  # the request does not fit the site's privacy budget
 # Whether a budget refusal is sent is itself a release. It is decided only from the request, the site's
 # published delta bound, its ledger (what it has spent) and the run's census, a DP release charged first
 # (client.census.run_census). It is never decided from the record count, which would let free refusals
-# measure it.
+# measure it. The one refusal before any charge that reads the budget alone: a ledger's start, when the budget
+# is below what the noisy size behind its default delta may cost (client.site_delta.least_budget).
 REFUSED_BAD_REQUEST = 4002  # malformed, inconsistent or hostile request
 REFUSED_NOT_ALLOWED = 4003  # the site's config does not allow this mode / action / more queries / this much work
 # A work-limit refusal (client.limits) names the operator's limit and the request's own sizes (parameters,

@@ -118,3 +118,23 @@ def test_a_ledger_file_left_without_its_header_gets_the_same_checks(tmp_path):
     assert poor.ledger_path.read_bytes() == b""  # nothing written, and the file it did not create is kept
     ledger = open_ledger(_site(tmp_path, "d"), _data(500))
     assert [e["purpose"] for e in ledger.entries()] == [PURPOSE] and ledger.delta == 1e-5
+
+
+def test_whether_a_small_budget_is_refused_reads_public_settings_not_the_draw(tmp_path, monkeypatch):
+    """A budget of 0.02 pays the size release at delta 1e-5 (0.0146) but not at the smallest delta a draw can give
+    (least_budget, 0.032): it is refused before any draw, so no uncharged draw decides a refusal. A ledger that has
+    started needs no size release and opens at any budget."""
+    from client.site_delta import least_budget
+
+    assert least_budget() == pytest.approx(0.0320571, rel=1e-4)
+
+    def no_draw(n):
+        raise AssertionError("the size was drawn for a refusal")
+
+    monkeypatch.setattr(client.site, "draw_default_delta", no_draw)
+    with pytest.raises(Refusal) as refused:
+        open_ledger(_site(tmp_path, "e", budget=0.02), _data(500))
+    assert refused.value.code == P.REFUSED_BUDGET and "set delta" in refused.value.detail
+    monkeypatch.undo()
+    started = open_ledger(_site(tmp_path, "e"), _data(500))
+    assert open_ledger(_site(tmp_path, "e", budget=0.02), _data(500)).delta == started.delta
