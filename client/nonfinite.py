@@ -26,10 +26,16 @@ from opacus.optimizers import DPOptimizer
 
 
 def finite_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """(B,) True where row i of every tensor (each (B, ...)) is finite throughout."""
+    """(B,) True where row i of every tensor (each (B, ...)) is finite throughout.
+
+    Read off each row's sum: a sum is inf or NaN when any of its values is (inf + -inf is NaN), and one pass of
+    a sum costs a fraction of an element-wise isfinite (which took 10 % of a DP-GAN step on CPU). A row of finite
+    values so large that their sum overflows float32 counts as non-finite too: its contribution becomes zero,
+    which is still decided by that record's own values and is within the clip bound, so the mechanism and its
+    accounting are unchanged (and such a row's norm overflows as well, so clipping would have zeroed it)."""
     ok = torch.ones(len(tensors[0]), dtype=torch.bool, device=tensors[0].device)
     for t in tensors:
-        ok &= torch.isfinite(t.reshape(len(t), -1)).all(dim=1).to(ok.device)
+        ok &= torch.isfinite(t.reshape(len(t), -1).sum(dim=1)).to(ok.device)
     return ok
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common.learner import ConvNet
-from common.models import Discriminator, GanShape, Generator
+from common.models import Discriminator, GanShape, Generator, UpsampleConv2d
 
 
 @pytest.mark.parametrize("size,stages,bottom", [(8, 2, 2), (28, 2, 7), (32, 2, 8), (48, 3, 6), (64, 3, 8),
@@ -34,6 +34,36 @@ def test_up_to_32_pixels_the_networks_are_the_ones_every_grayscale_result_used()
     assert shapes["upsample.9.weight"] == (1, 12, 3, 3) and len(gen.upsample) == 11
     disc = Discriminator(GanShape(1, 28, 10, width=24), width=16)
     assert disc.features[2].weight.shape == (32, 16, 4, 4) and disc.linear.in_features == 32 * 7 * 7
+
+
+def test_the_fused_upsampling_convolution_is_nearest_upsampling_then_the_convolution():
+    """UpsampleConv2d computes Upsample(2, nearest) + Conv2d(3, padding=1) with the same weights, values and
+    gradients (so generators saved before it load and draw the same images), at odd and even sides."""
+    torch.manual_seed(0)
+    fused = UpsampleConv2d(6, 5).double()
+    plain = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2, mode="nearest"),
+                                torch.nn.Conv2d(6, 5, 3, padding=1)).double()
+    plain[1].load_state_dict(fused.state_dict())
+    assert set(fused.state_dict()) == {"weight", "bias"}  # the phase taps are not saved
+    for side in (7, 8):
+        x = torch.randn(3, 6, side, side, dtype=torch.float64, requires_grad=True)
+        out_fused, out_plain = fused(x), plain(x)  # (3, 5, 2 side, 2 side)
+        assert out_fused.shape == out_plain.shape == (3, 5, 2 * side, 2 * side)
+        assert torch.allclose(out_fused, out_plain, atol=1e-12)
+        g = torch.randn_like(out_plain)
+        grads_fused = torch.autograd.grad(out_fused, (x, fused.weight, fused.bias), g)
+        grads_plain = torch.autograd.grad(out_plain, (x, plain[1].weight, plain[1].bias), g)
+        for a, b in zip(grads_fused, grads_plain):
+            assert torch.allclose(a, b, atol=1e-10)
+
+
+@pytest.mark.parametrize("channels,size,resolution", [(1, 28, 0), (3, 32, 0), (3, 64, 32), (1, 8, 0)])
+def test_the_generator_hands_out_images_in_the_standard_layout(channels, size, resolution):
+    """G computes channels-last inside; its images must come out with standard strides (channel stride H*W even
+    for one channel), the layout the discriminator's per-sample gradients are right for (client.dpsgd)."""
+    gen = Generator(GanShape(channels, size, 3, latent_dim=8, width=8, resolution=resolution))
+    images = gen(torch.randn(2, 8), torch.tensor([0, 2]))  # (2, C, S, S)
+    assert images.stride() == (channels * size * size, size * size, size, 1)
 
 
 def test_a_gan_drawing_at_a_smaller_side_makes_and_judges_full_size_images():

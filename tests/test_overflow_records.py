@@ -126,6 +126,18 @@ def test_finite_rows_of_clean_blocks_are_returned_unchanged():
     assert torch.equal(out["a"][[0, 1, 3]], blocks["a"][[0, 1, 3]])
 
 
+def test_every_kind_of_non_finite_row_is_found():
+    """finite_rows reads each row's sum: +inf, -inf, NaN, +inf beside -inf (a sum of NaN) and finite values whose
+    sum overflows float32 are all caught, in any of the tensors; rows of ordinary values pass."""
+    from client.nonfinite import finite_rows
+
+    a, b = torch.randn(7, 5), torch.randn(7, 2, 3)
+    a[1, 0], a[2, 4], b[3, 1, 2] = float("inf"), float("-inf"), float("nan")
+    a[4, 0], a[4, 1] = float("inf"), float("-inf")
+    b[5] = 3e38  # each finite, the sum not
+    assert finite_rows([a, b]).tolist() == [True, False, False, False, False, False, True]
+
+
 def test_a_site_answers_a_crafted_net_with_finite_releases_through_the_message_path(tmp_path):
     """The same net sent as a hostile coordinator would: provided for the statistics (no DP-SGD at the site) and
     as the shared net of a federated training round. The site's digits are all brighter than black, so every
