@@ -90,6 +90,8 @@ def _check_request(req: P.GanTrainRequest, site: SiteSettings) -> GanShape:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"ema must be a decay in [0, 1), got {req.ema}")
     if not 1 <= req.g_steps <= P.MAX_G_STEPS:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"g-steps must be in 1..{P.MAX_G_STEPS}, got {req.g_steps}")
+    if not 1 <= req.d_steps <= P.MAX_D_STEPS:
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"d-steps must be in 1..{P.MAX_D_STEPS}, got {req.d_steps}")
     if req.long_steps < 0 or 0 < req.long_steps < req.local_steps:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"long-steps must be 0 or at least local-steps ({req.local_steps}), "
                                              f"got {req.long_steps}")
@@ -175,6 +177,7 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
                        max_grad_norm=req.max_grad_norm, lr_d=req.lr_d, lr_g=req.lr_g, seed=req.seed * 1000 + rnd,
                        d_width=req.d_width, ac_weight=req.ac_weight, mode_seeking=req.mode_seeking,
                        label_weights=tuple(census) if req.class_histogram else (), g_steps_per_d=req.g_steps,
+                       d_steps_per_g=req.d_steps,
                        ema=req.ema, expected_batch=expected_batch(plan, census))
     generator = {k: torch.from_numpy(v) for k, v in req.generator.items()}
     new_state, metrics, d_state = trainer.train_round(generator, rs, _previous_d_state(folder, rnd))

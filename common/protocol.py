@@ -119,6 +119,10 @@ DEFAULT_DELTA_BOUND = 1e-5  # the default delta min(1e-5, 1/(10 (noisy size + ma
 # backward at the site; a coordinator asking for more asks the site to burn its CPU, not to learn more (G then
 # overfits a fixed D). The run config refuses more too, before any site is asked.
 MAX_G_STEPS = 10
+# The most D steps a site runs between two G steps (GanTrainRequest.d_steps, Bie et al.'s n_D). More only means
+# fewer G steps (none at all once it exceeds a round's D steps), no more work or privacy at the site; the bound
+# keeps a request in the range that paper searched (its best fixed values were 50 to 200).
+MAX_D_STEPS = 200
 
 
 @dataclass(frozen=True)
@@ -151,7 +155,8 @@ class GanTrainRequest(Message):
     # the attribute the coordinator will draw independently in every synthetic image (seed 004); a site that
     # declared one refuses a request that does not name it (a coordinator that would not replace it)
     sensitive_attribute: str = ""
-    g_steps: int = 1  # G steps after each D step (G never sees a record: no privacy cost)
+    g_steps: int = 1  # G steps after each d_steps D steps (G never sees a record: no privacy cost)
+    d_steps: int = 1  # D steps between two G steps (n_D; the D steps, and so the privacy spent, are local_steps)
     ema: float = 0.0  # decay of the EMA of G's weights over the round, sent instead of G's last weights (0 = off)
     # D steps per round the site takes instead of local_steps where its own noisy census says they cost little more
     # noise (client.budget.choose_local_steps); 0 = exactly local_steps. Fixed with the site's plan at its first round.

@@ -30,6 +30,7 @@ def test_pyproject_run_config_matches_runconfig_defaults():
     ({"learner": "resnet"}, "learner: unknown learner .resnet.: choose one of"),
     ({"resume": "maybe"}, "true or false"),
     ({"gan-g-steps": 11}, "gan-g-steps must be in 1..10"),
+    ({"gan-d-steps": 0}, "gan-d-steps must be in 1..200"),
     ({"gan-ema": 1.0}, "gan-ema is a decay in"),
 ])
 def test_bad_settings_are_refused_with_the_setting_named(raw, needle):

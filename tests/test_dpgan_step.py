@@ -134,6 +134,8 @@ def test_extra_generator_steps_and_the_generators_ema_change_what_a_site_sends(t
     assert metrics["g-steps"] == 6
     _, metrics = run("two", g_steps_per_d=2)
     assert metrics["g-steps"] == 12
+    _, metrics = run("n_D", d_steps_per_g=3)  # a G step after every third D step
+    assert metrics["g-steps"] == 2 and metrics["local-steps"] == 6
     averaged, _ = run("ema", ema=0.9)
     assert not torch.equal(averaged, plain)
     assert (averaged - _flat(start)).norm() < (plain - _flat(start)).norm()

@@ -74,6 +74,7 @@ def test_site_refuses_over_budget_and_hostile_requests_without_spending(tmp_path
     for bad, name in (({"mode_seeking": -1.0}, "mode-seeking"), ({"ac_weight": float("inf")}, "ac-weight"),
                       ({"lr_g": 0.0}, "lr-g"), ({"ema": 1.0}, "ema"), ({"ema": float("nan")}, "ema"),
                       ({"g_steps": 10**6}, "g-steps"), ({"g_steps": 0}, "g-steps"),
+                      ({"d_steps": 0}, "d-steps"), ({"d_steps": 201}, "d-steps"),
                       ({"long_steps": 1}, "long-steps"), ({"long_steps": -8}, "long-steps")):
         reply = send(grid, 1000, gan_request(cfg, **bad))
         assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST

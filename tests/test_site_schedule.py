@@ -141,3 +141,32 @@ def test_the_free_census_refusal_reads_the_published_delta_bound_not_the_ledgers
         run_census(data, ledger, tmp_path / "other", mode="dpgan", experiment="f", epsilon=0.5 * at_bound,
                    budget=10.0, delta_bound=P.DEFAULT_DELTA_BOUND, fingerprint="f")
     assert "epsilon is too small" in refused.value.public and len(ledger.events()) == 1
+
+
+def test_the_requests_d_steps_reach_the_sites_round_and_change_nothing_it_spends(tmp_path, monkeypatch):
+    """gan-d-steps (n_D) is training recipe: the site runs a G step after every n_D D steps, and charges the
+    same D steps at the same noise as with n_D = 1."""
+    import client.gan_site as gan_site
+
+    seen = []
+    real_round = gan_site.LocalGanTrainer.train_round
+
+    def recording(self, generator, rs, d_state=None):
+        seen.append(rs)
+        return real_round(self, generator, rs, d_state)
+
+    monkeypatch.setattr(gan_site.LocalGanTrainer, "train_round", recording)
+    plans = []
+    for name, d_steps in (("one", 1), ("two", 2)):
+        cfg = fast_config(tmp_path / name, epsilon=5.0, num_rounds=2)
+        grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
+        reply = send(grid, 1000, gan_request(cfg, d_steps=d_steps))
+        assert not reply.has_error()
+        plans.append(json.loads(next((tmp_path / name / "sites").rglob("plan.json")).read_text()))
+    assert [rs.d_steps_per_g for rs in seen] == [1, 2]
+    assert seen[0].steps == seen[1].steps == 4
+    assert plans[0]["request"] == plans[1]["request"]  # the plan reads no n_D: the same steps at the same q
+    for name in ("one", "two"):
+        [entries] = charges(tmp_path / name)
+        assert [(e["purpose"], [ev["steps"] for ev in e["events"]]) for e in entries] == [
+            ("dpgan-census", [1]), ("dpgan", [4])]
