@@ -69,3 +69,16 @@ def test_a_users_learner_trains_embeds_and_runs_end_to_end(tmp_path, capsys):
     assert main(["evaluate", "--synthetic", str(out), "--test", "digits", "--out", str(tmp_path / "bad"),
                  "--quiet", "--learner", "nope"]) == 2
     assert "choose one of cnn, mlp, logreg" in capsys.readouterr().err
+
+
+def test_the_cnn_trains_channels_last_and_comes_back_in_the_standard_layout():
+    """Channels-last is a speed detail of training: the model handed back has standard strides everywhere
+    and it learned (digits, 3 epochs)."""
+    from common.learner import evaluate_learner
+
+    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    model = train_learner(train, LearnerConfig(epochs=3), device="cpu", progress=False)
+    for name, param in model.named_parameters():
+        standard = param.detach().clone(memory_format=__import__("torch").contiguous_format).stride()
+        assert param.stride() == standard, f"{name} has strides {param.stride()}, not the standard {standard}"
+    assert evaluate_learner(model, test, device="cpu")["accuracy"] > 0.85
