@@ -22,9 +22,6 @@ The forms alternate within each repeat, so background load hits both alike; medi
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -41,6 +38,7 @@ from torch import nn  # noqa: E402
 import client.dpgan as dpgan  # noqa: E402
 from common.data import ImageDataset  # noqa: E402
 from common.models import GanShape, Generator, UpsampleConv2d, resize_to_side  # noqa: E402
+from tests.benchmarks.speed_cli import machine, speed_args, write_result  # noqa: E402
 
 SHAPES = {  # name: (channels, image side, generator width, resolution) as server/defaults.py chooses them
     "gray28": (1, 28, 24, 0),
@@ -140,17 +138,9 @@ def step_rows(shape: GanShape, steps: int, repeats: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--steps", type=int, default=20, help="site steps per timed round")
-    p.add_argument("--shapes", default=",".join(SHAPES))
-    p.add_argument("--out", type=Path, default=ROOT / "tests" / "benchmarks" / "results" / "generator_speed.json")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
-                          "torch": torch.__version__},
+    args = speed_args(__doc__, argv, batch=256, repeats=3, steps_help="site steps per timed round", shapes=list(SHAPES),
+                      out_name="generator_speed.json")
+    result = {"machine": machine(args.threads),
               "batch": args.batch, "repeats": args.repeats, "steps_per_round": args.steps, "shapes": {}}
     for name in args.shapes.split(","):
         channels, side, width, resolution = SHAPES[name]
@@ -164,10 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"(plain {gen['plain']['forward+backward']:.1f}); site step {step['fused']:.0f} ms "
               f"(plain {step['plain']:.0f}, {step['plain'] / step['fused']:.2f}x); "
               f"max image gap {gen['max |fused - plain| over the batch' + chr(39) + 's pixels']:.1e}", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return result
+    return write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,6 @@ such steps, on a 10,000-image synthetic set 790.
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +28,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from common.learner import LearnerConfig, build_learner  # noqa: E402
+from tests.benchmarks.speed_cli import machine, speed_args, write_result  # noqa: E402
 
 SHAPES = {"gray28": (1, 28), "colour32": (3, 32), "colour64": (3, 64)}  # name: (channels, side)
 
@@ -65,17 +63,10 @@ def step_ms(shape: tuple[int, int], layout: torch.memory_format, batch: int, ste
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--steps", type=int, default=20, help="timed steps per repeat and layout")
-    p.add_argument("--shapes", default=",".join(SHAPES))
-    p.add_argument("--out", type=Path, default=ROOT / "tests" / "benchmarks" / "results" / "learner_speed.json")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
-                          "torch": torch.__version__},
+    args = speed_args(__doc__, argv, batch=128, repeats=5, steps_help="timed steps per repeat and layout",
+                      shapes=list(SHAPES),
+                      out_name="learner_speed.json")
+    result = {"machine": machine(args.threads),
               "batch": args.batch, "repeats": args.repeats, "steps": args.steps, "shapes": {}}
     layouts = {"standard": torch.contiguous_format, "channels_last": torch.channels_last}
     for name in args.shapes.split(","):
@@ -88,10 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["shapes"][name] = row
         print(f"{name}: {row['channels_last']:.1f} ms per step channels-last, {row['standard']:.1f} standard "
               f"({row['speedup']:.2f}x)", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return result
+    return write_result(args.out, result)
 
 
 if __name__ == "__main__":
