@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from common.config import ConfigError, RunConfig
 from common.data import load_dataset
@@ -79,6 +80,6 @@ def test_the_cnn_trains_channels_last_and_comes_back_in_the_standard_layout():
     train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
     model = train_learner(train, LearnerConfig(epochs=3), device="cpu", progress=False)
     for name, param in model.named_parameters():
-        standard = param.detach().clone(memory_format=__import__("torch").contiguous_format).stride()
+        standard = param.detach().clone(memory_format=torch.contiguous_format).stride()
         assert param.stride() == standard, f"{name} has strides {param.stride()}, not the standard {standard}"
     assert evaluate_learner(model, test, device="cpu")["accuracy"] > 0.85

@@ -27,26 +27,26 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from common.learner import LearnerConfig, build_learner  # noqa: E402
+from common.learner import LearnerConfig, _normalize, build_learner  # noqa: E402
 from tests.benchmarks.speed_cli import machine, speed_args, write_result  # noqa: E402
 
 SHAPES = {"gray28": (1, 28), "colour32": (3, 32), "colour64": (3, 64)}  # name: (channels, side)
 
 
-def step_ms(shape: tuple[int, int], layout: torch.memory_format, batch: int, steps: int, repeats: int) -> list[float]:
-    """ms per training step of the CNN in ``layout``, one median of ``steps`` steps per repeat."""
+def step_ms(shape: tuple[int, int], layout: torch.memory_format, batch: int, steps: int) -> float:
+    """Median ms per training step of a fresh CNN in ``layout`` over ``steps`` steps (after one warm-up step)."""
     channels, side = shape
     cfg = LearnerConfig()
     torch.manual_seed(0)
     model = build_learner("cnn", (channels, side, side), 10).to(memory_format=layout).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=(repeats + 1) * steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps + 1)
     x = torch.rand(batch, channels, side, side)  # (B, C, S, S) in [0, 1]
     y = torch.randint(0, 10, (batch,))
     loss_fn = nn.CrossEntropyLoss()
 
     def step() -> None:
-        xb = ((x - 0.5) / 0.5).contiguous(memory_format=layout)
+        xb = _normalize(x).contiguous(memory_format=layout)
         loss = loss_fn(model(xb), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -59,13 +59,12 @@ def step_ms(shape: tuple[int, int], layout: torch.memory_format, batch: int, ste
         t = time.perf_counter()
         step()
         times.append(1e3 * (time.perf_counter() - t))
-    return times
+    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = speed_args(__doc__, argv, batch=128, repeats=5, steps_help="timed steps per repeat and layout",
-                      shapes=list(SHAPES),
-                      out_name="learner_speed.json")
+                      shapes=list(SHAPES), out_name="learner_speed.json")
     result = {"machine": machine(args.threads),
               "batch": args.batch, "repeats": args.repeats, "steps": args.steps, "shapes": {}}
     layouts = {"standard": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
         medians: dict[str, list[float]] = {k: [] for k in layouts}
         for _ in range(args.repeats):
             for k, layout in layouts.items():
-                medians[k].append(statistics.median(step_ms(SHAPES[name], layout, args.batch, args.steps, 1)))
+                medians[k].append(step_ms(SHAPES[name], layout, args.batch, args.steps))
         row = {k: round(statistics.median(v), 1) for k, v in medians.items()}
         row["speedup"] = round(row["standard"] / row["channels_last"], 2)
         result["shapes"][name] = row
