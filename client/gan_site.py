@@ -20,6 +20,7 @@ from flwr.app import Context, Message
 
 from client.budget import (
     PlanRequest,
+    choose_g_steps,
     choose_local_steps,
     expected_batch,
     plan_for_site,
@@ -90,6 +91,9 @@ def _check_request(req: P.GanTrainRequest, site: SiteSettings) -> GanShape:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"ema must be a decay in [0, 1), got {req.ema}")
     if not 1 <= req.g_steps <= P.MAX_G_STEPS:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"g-steps must be in 1..{P.MAX_G_STEPS}, got {req.g_steps}")
+    if req.long_g_steps and not req.g_steps <= req.long_g_steps <= P.MAX_G_STEPS:
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"long-g-steps must be 0 or in g-steps..{P.MAX_G_STEPS} "
+                                             f"({req.g_steps}..{P.MAX_G_STEPS}), got {req.long_g_steps}")
     if not 1 <= req.d_steps <= P.MAX_D_STEPS:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"d-steps must be in 1..{P.MAX_D_STEPS}, got {req.d_steps}")
     if req.long_steps < 0 or 0 < req.long_steps < req.local_steps:
@@ -158,6 +162,11 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
                         budget=site.epsilon_budget, delta_bound=site.delta_bound,
                         fingerprint=data_fingerprint(data))
     steps = _schedule(req, site, ledger, folder, census)
+    g_steps = choose_g_steps(req.g_steps, req.long_g_steps, local_steps=req.local_steps, long_steps=req.long_steps,
+                             steps_taken=steps, noisy_counts=census)
+    if g_steps != req.g_steps and rnd == 1:
+        log.info("[%s] takes %d G steps per D step in %s (its noisy census says it is large and it keeps the "
+                 "shorter D schedule; G steps cost no privacy)", site.name, g_steps, req.experiment)
     plan = plan_for_site(site, ledger, folder, _plan_request(req, steps), req.experiment, census=census)
     train = plan.train_round(steps)
     try:
@@ -176,7 +185,7 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
     rs = RoundSettings(noise_multiplier=train.noise_multiplier, sample_rate=train.sample_rate, steps=train.steps,
                        max_grad_norm=req.max_grad_norm, lr_d=req.lr_d, lr_g=req.lr_g, seed=req.seed * 1000 + rnd,
                        d_width=req.d_width, ac_weight=req.ac_weight, mode_seeking=req.mode_seeking,
-                       label_weights=tuple(census) if req.class_histogram else (), g_steps_per_d=req.g_steps,
+                       label_weights=tuple(census) if req.class_histogram else (), g_steps_per_d=g_steps,
                        d_steps_per_g=req.d_steps,
                        ema=req.ema, expected_batch=expected_batch(plan, census))
     generator = {k: torch.from_numpy(v) for k, v in req.generator.items()}
@@ -185,6 +194,7 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
              metrics["d-loss"], metrics["g-loss"])
     reply = {"generator": {k: v.to(torch.float32).contiguous() for k, v in new_state.items()},
              "census": {"counts": torch.tensor(census, dtype=torch.float32)},  # (K,)
-             "weight": census_weight(census), "g_loss": float(metrics["g-loss"]), "local_steps": steps}
+             "weight": census_weight(census), "g_loss": float(metrics["g-loss"]), "local_steps": steps,
+             "g_steps": g_steps}
     save_reply(_round_file(folder, rnd), {"reply": reply, "d_state": d_state})
     return P.GanTrainReply(**reply)

@@ -161,6 +161,9 @@ class GanTrainRequest(Message):
     # D steps per round the site takes instead of local_steps where its own noisy census says they cost little more
     # noise (client.budget.choose_local_steps); 0 = exactly local_steps. Fixed with the site's plan at its first round.
     long_steps: int = 0
+    # G steps after each D step a large site takes instead of g_steps where it keeps the shorter D schedule
+    # (client.budget.choose_g_steps: free in privacy); 0 = exactly g_steps.
+    long_g_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,9 @@ class GanTrainReply(Message):
     local_steps: int = declared("dp", "the D steps the site took this round: the request's local_steps or "
                                       "long_steps, chosen from the request and the site's noisy census alone "
                                       "(post-processing of 'census'), never from its record count", default=0)
+    g_steps: int = declared("dp", "the G steps after each D step the site took this round: the request's g_steps "
+                                  "or long_g_steps, chosen from the request, the D steps taken and the site's noisy "
+                                  "census alone (post-processing of 'census')", default=0)
 
 
 # ================================================================================================

@@ -273,12 +273,18 @@ def render_report(report: dict, out_dir: Path) -> Path:
                      '<p class="muted">Left at 0 (auto), these were chosen from the image shape, the classes and the '
                      "number of sites only (server/defaults.py); set them with --set to override.</p>"
                      + _table(("setting", "value", "why"), rows, table_id="settings-chosen"))
-    taken = {site: steps for entry in report.get("rounds") or [] for site, steps in entry.get("local-steps", {}).items()}
-    if taken:  # the DP-GAN schedule each site chose from its own noisy census (client.budget.choose_local_steps)
-        parts.append("<h2>Discriminator steps each site took per round</h2>"
+    rounds = report.get("rounds") or []
+    taken = {site: steps for entry in rounds for site, steps in entry.get("local-steps", {}).items()}
+    g_taken = {site: steps for entry in rounds for site, steps in entry.get("g-steps", {}).items()}
+    if taken:  # the DP-GAN schedule each site chose from its own noisy census (client.budget.choose_*_steps)
+        parts.append("<h2>Steps each site took per round</h2>"
                      '<p class="muted">A site takes gan-long-local-steps instead of gan-local-steps where its own '
-                     "noisy census says they cost it under 15 % more noise per step.</p>"
-                     + _table(("site", "steps per round"), sorted(taken.items()), table_id="site-steps"))
+                     "noisy census says they cost it under 15 % more noise per step; where it keeps the shorter "
+                     "schedule and its census counts 10,000 records or more, it takes gan-long-g-steps generator "
+                     "steps per D step instead of gan-g-steps (free in privacy).</p>"
+                     + _table(("site", "D steps per round", "G steps per D step"),
+                              [(site, steps, g_taken.get(site, "")) for site, steps in sorted(taken.items())],
+                              table_id="site-steps"))
     if isinstance(report.get("timings"), dict) and report["timings"]:
         parts.append("<h2>Timings</h2>" + _table(("phase", "seconds"), sorted(report["timings"].items()),
                                                  table_id="timings"))

@@ -26,7 +26,7 @@ from typing import Iterator
 
 from common.config import RunConfig
 from common.files import atomic_write_json
-from server.defaults import CHOSEN_SETTINGS
+from server.defaults import ADDED_SINCE, CHOSEN_SETTINGS
 from server.sites import RunFailed
 
 log = logging.getLogger("fedsynth.coordinator")
@@ -67,6 +67,7 @@ class RunState:
             record["chosen"] = settings
             atomic_write_json(path, record)
             return
+        before = {**self._as_recorded_before_rules_existed(record, settings), **before}
         changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
         if changed:
             then = " ".join(f"--set {k}={before[k]}" for k in changed if k in before)
@@ -76,6 +77,14 @@ class RunState:
                 + ", ".join(f"{k} = {settings.get(k)}" for k in changed)
                 + " (the product's rules changed since, or a setting names another value). Resume it with "
                 f"{then or 'the settings it began with'}, or give a new out-dir (--out) for a new run.")
+
+    @staticmethod
+    def _as_recorded_before_rules_existed(record: dict, settings: dict[str, int]) -> dict[str, int]:
+        """For each rule added since the run was recorded (``server.defaults.ADDED_SINCE``): the value the run
+        behaved as, read from its recorded settings; a rule that chooses nothing in this run's mode (0) matches."""
+        recorded, defaults = record.get("settings", {}), RunConfig().to_flwr()
+        return {k: (int(recorded.get(source, defaults[source])) if settings.get(k) else settings.get(k))
+                for k, source in ADDED_SINCE.items()}
 
     @contextmanager
     def timed(self, name: str) -> Iterator[None]:

@@ -276,6 +276,15 @@ def test_a_resumed_run_must_arrive_at_the_values_the_product_chose_when_it_began
     with pytest.raises(RunFailed, match=r"began with gan-d-width = 8; this run resolves gan-d-width = 4"):
         run(replace(cfg, gan_d_width=4), k=2)  # named, but not the value the run began with
     recorded = json.loads(path.read_text())
+    del recorded["chosen"]["gan-long-g-steps"]  # recorded before that rule existed: it took gan-g-steps, as now
+    path.write_text(json.dumps(recorded))
+    assert run(replace(cfg, gan_d_width=8), k=2)["experiment"] == first["experiment"]
+    from server.run_state import RunState
+
+    as_before = RunState._as_recorded_before_rules_existed  # where the rule now chooses otherwise: refused, names 1
+    assert as_before({"settings": {"gan-g-steps": 1}}, {"gan-long-g-steps": 2}) == {"gan-long-g-steps": 1}
+    assert as_before({"settings": {}}, {"gan-long-g-steps": 0}) == {"gan-long-g-steps": 0}  # bnstats: no rule
+    recorded = json.loads(path.read_text())
     del recorded["chosen"]  # a run recorded before fedsynth kept its choices: a named value is trusted, and said so
     path.write_text(json.dumps(recorded))
     assert run(replace(cfg, gan_d_width=16), k=2)["experiment"] == first["experiment"]

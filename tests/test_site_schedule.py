@@ -79,8 +79,16 @@ def test_the_product_offers_the_longer_schedule_except_on_tiny_images_or_when_th
     cfg, chosen = resolve(RunConfig(), mnist, num_sites=3)
     assert (cfg.gan_local_steps, cfg.gan_long_local_steps) == (60, 120)
     assert any(c.setting == "gan-long-local-steps" and "noisy census" in c.reason for c in chosen)
+    assert cfg.gan_g_steps == 1 and cfg.gan_long_g_steps == 2
+    assert any(c.setting == "gan-long-g-steps" and "free in privacy" in c.reason for c in chosen)
     digits = Schema(channels=1, height=8, width=8, classes=tuple("0123456789"))
     assert resolve(RunConfig(), digits, num_sites=3)[0].gan_long_local_steps == 100  # = its local steps: never
+    assert resolve(RunConfig(), digits, num_sites=3)[0].gan_long_g_steps == 1
+    # G steps the user set are taken exactly, unless the user sets the long G steps too
+    assert resolve(RunConfig(gan_g_steps=3), mnist, num_sites=3)[0].gan_long_g_steps == 3
+    assert resolve(RunConfig(gan_g_steps=2, gan_long_g_steps=4), mnist, 3)[0].gan_long_g_steps == 4
+    with pytest.raises(ConfigError, match="gan-long-g-steps must be 0 .auto. or in gan-g-steps"):
+        RunConfig.from_mapping({"gan-g-steps": 3, "gan-long-g-steps": 2})
     # steps the user set are taken exactly, unless the user sets the longer schedule too
     assert resolve(RunConfig(gan_local_steps=200), mnist, num_sites=3)[0].gan_long_local_steps == 200
     assert resolve(RunConfig(gan_local_steps=50, gan_long_local_steps=75), mnist, 3)[0].gan_long_local_steps == 75
@@ -105,12 +113,17 @@ def test_the_schedule_and_the_plan_follow_the_noisy_census_not_the_record_count(
 
     small_site = nodes(10)[:1]  # a tenth of the digits: ~150 records
     honest = fast_config(tmp_path / "honest", epsilon=1.0)
-    reply = send(LocalGrid(client_app, small_site, honest.to_flwr()), 1000, gan_request(honest, long_steps=8))
-    assert P.GanTrainReply.from_message(reply).local_steps == 4  # its own census: twice the steps cost too much
+    reply = send(LocalGrid(client_app, small_site, honest.to_flwr()), 1000,
+                 gan_request(honest, long_steps=8, long_g_steps=2))
+    # its own census: twice the D steps cost too much, and it is too small for the extra G steps
+    assert (P.GanTrainReply.from_message(reply).local_steps, P.GanTrainReply.from_message(reply).g_steps) == (4, 1)
     monkeypatch.setattr(client.census, "draw_census", census_of_a_large_site)
     cfg = fast_config(tmp_path, epsilon=1.0)
-    reply = send(LocalGrid(client_app, small_site, cfg.to_flwr()), 1000, gan_request(cfg, long_steps=8))
+    reply = send(LocalGrid(client_app, small_site, cfg.to_flwr()), 1000, gan_request(cfg, long_steps=8,
+                                                                                      long_g_steps=2))
+    # a large site on the longer D schedule: G already gets twice the steps
     assert not reply.has_error() and P.GanTrainReply.from_message(reply).local_steps == 8
+    assert P.GanTrainReply.from_message(reply).g_steps == 1
     plan = json.loads(next((tmp_path / "sites").rglob("plan.json")).read_text())
     assert plan["sample_rate"] == pytest.approx(cfg.gan_batch_size / 20000.0)  # from the census, not ~150 records
     assert plan["planned_epsilon"] <= 1.0 + 1e-9
@@ -170,3 +183,56 @@ def test_the_requests_d_steps_reach_the_sites_round_and_change_nothing_it_spends
         [entries] = charges(tmp_path / name)
         assert [(e["purpose"], [ev["steps"] for ev in e["events"]]) for e in entries] == [
             ("dpgan-census", [1]), ("dpgan", [4])]
+
+
+def test_a_large_site_on_the_shorter_schedule_takes_two_generator_steps_charged_exactly_as_one(tmp_path,
+                                                                                             monkeypatch):
+    """gan-long-g-steps: a site whose noisy census counts 10,000 records or more and that keeps the shorter D
+    schedule runs two G steps per D step; its plan, noise and charges are those of one (G never sees a record),
+    and the report shows the G steps each site took."""
+    import client.census
+    import client.gan_site as gan_site
+
+    seen = []
+    real_round = gan_site.LocalGanTrainer.train_round
+
+    def recording(self, generator, rs, d_state=None):
+        seen.append(rs)
+        return real_round(self, generator, rs, d_state)
+
+    real_draw = client.census.draw_census
+
+    def census_of_a_large_site(data, noise, folder):
+        real_draw(data, noise, folder)
+        fake = [2000.0] * 10  # a noisy total of 20,000
+        (folder / client.census.CENSUS_FILE).write_text(json.dumps({"noisy-counts": fake, "noise": noise}))
+        return fake
+
+    monkeypatch.setattr(gan_site.LocalGanTrainer, "train_round", recording)
+    plans = []
+    for name, large in (("small", False), ("large", True)):
+        if large:
+            monkeypatch.setattr(client.census, "draw_census", census_of_a_large_site)
+        cfg = fast_config(tmp_path / name, epsilon=5.0, num_rounds=2)
+        grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
+        reply = send(grid, 1000, gan_request(cfg, long_g_steps=2))
+        assert not reply.has_error() and P.GanTrainReply.from_message(reply).g_steps == (2 if large else 1)
+        plans.append(json.loads(next((tmp_path / name / "sites").rglob("plan.json")).read_text()))
+        [entries] = charges(tmp_path / name)
+        assert [(e["purpose"], [ev["steps"] for ev in e["events"]]) for e in entries] == [
+            ("dpgan-census", [1]), ("dpgan", [4])]
+    assert [(rs.g_steps_per_d, rs.steps) for rs in seen] == [(1, 4), (2, 4)]
+    assert plans[0]["request"] == plans[1]["request"]  # the plan reads no G steps
+    # a request offering fewer long G steps than its G steps is refused before anything is charged
+    cfg = fast_config(tmp_path / "bad", epsilon=5.0, num_rounds=2)
+    reply = send(LocalGrid(client_app, nodes(1), cfg.to_flwr()), 1000, gan_request(cfg, g_steps=3, long_g_steps=2))
+    assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST and "long-g-steps" in reply.error.reason
+    assert charges(tmp_path / "bad") in ([], [[]])  # nothing charged
+
+
+def test_the_report_shows_the_generator_steps_each_site_took(tmp_path):
+    cfg = fast_config(tmp_path, epsilon=math.inf, gan_local_steps=3, gan_g_steps=2)
+    report = run(cfg, k=2)
+    assert [h["g-steps"] for h in report["rounds"]] == [{"site-1": 2, "site-2": 2}] * 2
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "<td>site-2</td><td>3</td><td>2</td>" in html

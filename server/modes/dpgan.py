@@ -38,7 +38,7 @@ def gan_request(cfg: RunConfig, shape: GanShape, experiment: str, rnd: int,
         resolution=shape.resolution,
         generator=generator, sensitive_attribute=cfg.sensitive_attribute, g_steps=cfg.gan_g_steps, ema=cfg.gan_ema,
         d_steps=cfg.gan_d_steps,
-        long_steps=cfg.gan_long_local_steps)
+        long_steps=cfg.gan_long_local_steps, long_g_steps=cfg.gan_long_g_steps)
 
 
 def _census_check(num_classes: int):
