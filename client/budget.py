@@ -215,7 +215,7 @@ def choose_local_steps(steps: int, long_steps: int, *, rounds: int, batch_size: 
     return long_steps if longer <= MAX_NOISE_GROWTH * short else steps
 
 
-def choose_g_steps(g_steps: int, long_g_steps: int, *, local_steps: int, long_steps: int, steps_taken: int,
+def choose_g_steps(g_steps: int, long_g_steps: int, *, local_steps: int, steps_taken: int,
                    noisy_counts: list[float]) -> int:
     """The G steps after each D step a DP-GAN site takes: ``long_g_steps`` at a large site (noisy census total at
     least LARGE_SITE_RECORDS) that trains on the shorter D schedule, else ``g_steps``.
@@ -232,8 +232,8 @@ def choose_g_steps(g_steps: int, long_g_steps: int, *, local_steps: int, long_st
     """
     if long_g_steps <= g_steps:
         return g_steps
-    took_longer_d = long_steps > local_steps and steps_taken == long_steps
-    if took_longer_d or public_size(noisy_counts) < LARGE_SITE_RECORDS:
+    # steps_taken is local_steps or, where the site took the longer D schedule, more
+    if steps_taken > local_steps or public_size(noisy_counts) < LARGE_SITE_RECORDS:
         return g_steps
     return long_g_steps
 

@@ -163,12 +163,13 @@ def resolve(cfg: RunConfig, schema: Schema, num_sites: int) -> tuple[RunConfig, 
         rules = [bn_resolution_rule(max(schema.height, schema.width))] + bn_rules(schema, num_sites)
     rules.append(synthetic_rule(schema))
     chosen = [rule for rule in rules if getattr(cfg, rule.setting.replace("-", "_")) == AUTO]
-    if cfg.gan_local_steps != AUTO:  # steps the user set are taken exactly, unless the long schedule is set too
-        chosen = [Choice(c.setting, cfg.gan_local_steps, "the gan-local-steps set for this run: a site takes "
-                         "exactly those") if c.setting == "gan-long-local-steps" else c for c in chosen]
-    if cfg.gan_g_steps != 1:  # G steps the user set are taken exactly, unless the long G steps are set too
-        chosen = [Choice(c.setting, cfg.gan_g_steps, "the gan-g-steps set for this run: a site takes exactly "
-                         "those") if c.setting == "gan-long-g-steps" else c for c in chosen]
+    # D steps (or G steps) the user set are taken exactly by every site, unless the long ones are set too
+    for setting, long_setting, unset in (("gan-local-steps", "gan-long-local-steps", AUTO),
+                                         ("gan-g-steps", "gan-long-g-steps", 1)):
+        value = getattr(cfg, setting.replace("-", "_"))
+        if value != unset:
+            chosen = [Choice(long_setting, value, f"the {setting} set for this run: a site takes exactly those")
+                      if c.setting == long_setting else c for c in chosen]
     if cfg.mode == "bnstats" and cfg.bn_net:  # a provided net: no DP-SGD rounds to choose
         chosen = [rule for rule in chosen if not rule.setting.startswith(("bn-rounds", "bn-local", "bn-batch"))]
     resolved = dataclasses.replace(cfg, **{rule.setting.replace("-", "_"): rule.value for rule in chosen})

@@ -92,12 +92,11 @@ def _plain_round(grid: Grid, cfg: RunConfig, sites: dict[int, SiteRecord], task:
     losses = [getattr(r, "g_loss", None) for r in accepted]
     if all(v is not None for v in losses):
         entry["g-loss"] = float(np.mean(losses))
-    steps = {sites[n].name: int(r.local_steps) for n, r in got.replies.items() if getattr(r, "local_steps", 0)}
-    if steps:  # the D steps each site took (the DP-GAN's schedule each site chose from its noisy census)
-        entry["local-steps"] = steps
-    g_steps = {sites[n].name: int(r.g_steps) for n, r in got.replies.items() if getattr(r, "g_steps", 0)}
-    if g_steps:  # the G steps per D step each site took (more at a large site on the shorter D schedule)
-        entry["g-steps"] = g_steps
+    # the DP-GAN schedule each site chose from its noisy census: D steps a round, G steps per D step
+    for field, key in (("local_steps", "local-steps"), ("g_steps", "g-steps")):
+        taken = {sites[n].name: int(getattr(r, field)) for n, r in got.replies.items() if getattr(r, field, 0)}
+        if taken:
+            entry[key] = taken
     averaged = weighted_average([getattr(r, task.model_field) for r in accepted], [r.weight for r in accepted])
     return averaged, entry, dict(got.replies)
 

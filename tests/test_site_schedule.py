@@ -14,6 +14,36 @@ from tests.spine_helpers import charges, fast_config, nodes, run, spent
 from tests.test_faults import gan_request, send
 
 
+def _census_of_a_large_site(monkeypatch) -> None:
+    """From now on every site's census is drawn for real, then comes out as a 20,000-record site's."""
+    import client.census
+
+    real_draw = client.census.draw_census
+
+    def census_of_a_large_site(data, noise, folder):
+        real_draw(data, noise, folder)  # the real draw, then a census that came out large
+        fake = [2000.0] * 10
+        (folder / client.census.CENSUS_FILE).write_text(json.dumps({"noisy-counts": fake, "noise": noise}))
+        return fake
+
+    monkeypatch.setattr(client.census, "draw_census", census_of_a_large_site)
+
+
+def _round_settings_seen(monkeypatch) -> list:
+    """The RoundSettings of every local DP-GAN round trained from now on (the round still runs)."""
+    import client.gan_site as gan_site
+
+    seen = []
+    real_round = gan_site.LocalGanTrainer.train_round
+
+    def recording(self, generator, rs, d_state=None):
+        seen.append(rs)
+        return real_round(self, generator, rs, d_state)
+
+    monkeypatch.setattr(gan_site.LocalGanTrainer, "train_round", recording)
+    return seen
+
+
 def test_a_non_private_run_takes_the_longer_schedule_and_the_report_shows_each_sites_steps(tmp_path):
     cfg = fast_config(tmp_path, epsilon=math.inf, gan_local_steps=3, gan_long_local_steps=6)
     report = run(cfg, k=2)
@@ -101,23 +131,13 @@ def test_the_schedule_and_the_plan_follow_the_noisy_census_not_the_record_count(
     a site of ~150 records whose census said 20,000 takes the schedule and the sampling rate a 20,000-record site
     would (its DP-SGD then samples ~150 x that rate records per step: accounted at that rate, so still within the
     run's epsilon)."""
-    import client.census
-
-    real_draw = client.census.draw_census
-
-    def census_of_a_large_site(data, noise, folder):
-        real_draw(data, noise, folder)  # the real draw, then a census that came out large
-        fake = [2000.0] * 10
-        (folder / client.census.CENSUS_FILE).write_text(json.dumps({"noisy-counts": fake, "noise": noise}))
-        return fake
-
     small_site = nodes(10)[:1]  # a tenth of the digits: ~150 records
     honest = fast_config(tmp_path / "honest", epsilon=1.0)
     reply = send(LocalGrid(client_app, small_site, honest.to_flwr()), 1000,
                  gan_request(honest, long_steps=8, long_g_steps=2))
     # its own census: twice the D steps cost too much, and it is too small for the extra G steps
     assert (P.GanTrainReply.from_message(reply).local_steps, P.GanTrainReply.from_message(reply).g_steps) == (4, 1)
-    monkeypatch.setattr(client.census, "draw_census", census_of_a_large_site)
+    _census_of_a_large_site(monkeypatch)
     cfg = fast_config(tmp_path, epsilon=1.0)
     reply = send(LocalGrid(client_app, small_site, cfg.to_flwr()), 1000, gan_request(cfg, long_steps=8,
                                                                                       long_g_steps=2))
@@ -159,16 +179,7 @@ def test_the_free_census_refusal_reads_the_published_delta_bound_not_the_ledgers
 def test_the_requests_d_steps_reach_the_sites_round_and_change_nothing_it_spends(tmp_path, monkeypatch):
     """gan-d-steps (n_D) is training recipe: the site runs a G step after every n_D D steps, and charges the
     same D steps at the same noise as with n_D = 1."""
-    import client.gan_site as gan_site
-
-    seen = []
-    real_round = gan_site.LocalGanTrainer.train_round
-
-    def recording(self, generator, rs, d_state=None):
-        seen.append(rs)
-        return real_round(self, generator, rs, d_state)
-
-    monkeypatch.setattr(gan_site.LocalGanTrainer, "train_round", recording)
+    seen = _round_settings_seen(monkeypatch)
     plans = []
     for name, d_steps in (("one", 1), ("two", 2)):
         cfg = fast_config(tmp_path / name, epsilon=5.0, num_rounds=2)
@@ -188,31 +199,12 @@ def test_the_requests_d_steps_reach_the_sites_round_and_change_nothing_it_spends
 def test_a_large_site_on_the_shorter_schedule_takes_two_generator_steps_charged_exactly_as_one(tmp_path,
                                                                                              monkeypatch):
     """gan-long-g-steps: a site whose noisy census counts 10,000 records or more and that keeps the shorter D
-    schedule runs two G steps per D step; its plan, noise and charges are those of one (G never sees a record),
-    and the report shows the G steps each site took."""
-    import client.census
-    import client.gan_site as gan_site
-
-    seen = []
-    real_round = gan_site.LocalGanTrainer.train_round
-
-    def recording(self, generator, rs, d_state=None):
-        seen.append(rs)
-        return real_round(self, generator, rs, d_state)
-
-    real_draw = client.census.draw_census
-
-    def census_of_a_large_site(data, noise, folder):
-        real_draw(data, noise, folder)
-        fake = [2000.0] * 10  # a noisy total of 20,000
-        (folder / client.census.CENSUS_FILE).write_text(json.dumps({"noisy-counts": fake, "noise": noise}))
-        return fake
-
-    monkeypatch.setattr(gan_site.LocalGanTrainer, "train_round", recording)
+    schedule runs two G steps per D step; its plan, noise and charges are those of one (G never sees a record)."""
+    seen = _round_settings_seen(monkeypatch)
     plans = []
     for name, large in (("small", False), ("large", True)):
         if large:
-            monkeypatch.setattr(client.census, "draw_census", census_of_a_large_site)
+            _census_of_a_large_site(monkeypatch)
         cfg = fast_config(tmp_path / name, epsilon=5.0, num_rounds=2)
         grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
         reply = send(grid, 1000, gan_request(cfg, long_g_steps=2))
