@@ -48,20 +48,33 @@ class _ZBlindGenerator(torch.nn.Module):
 
 
 def test_mode_seeking_penalty_punishes_a_generator_that_ignores_its_latent() -> None:
-    from client.dpgan import mode_seeking_penalty
+    from client.dpgan import mode_seeking_penalty, paired_labels
     from common.models import Generator
 
     torch.manual_seed(0)
-    labels = torch.randint(0, 3, (32,))
+    labels = paired_labels(torch.randint(0, 3, (16,)), 32)  # (32,): rows 2i and 2i+1 share a label
     z = torch.randn(32, 8)
     collapsed = _ZBlindGenerator()
     healthy = Generator(GanShape(channels=1, image_size=8, num_classes=3, latent_dim=8, width=8))
-    collapsed_penalty = mode_seeking_penalty(collapsed, z, labels, collapsed(z, labels))
-    healthy_penalty = mode_seeking_penalty(healthy, z, labels, healthy(z, labels))
+    collapsed_penalty = mode_seeking_penalty(z, collapsed(z, labels))
+    healthy_penalty = mode_seeking_penalty(z, healthy(z, labels))
     assert float(collapsed_penalty.detach()) > 1e3 * float(healthy_penalty.detach())
     # the penalty's gradient reaches the generator (it is a G-only loss term)
     healthy_penalty.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in healthy.parameters())
+
+
+def test_the_mode_seeking_pairs_share_a_label_and_an_odd_batch_keeps_its_size() -> None:
+    """The term compares rows 2i and 2i+1 only: they must be images of one class (two classes would differ
+    anyway and hide a collapse), and every row of the G batch keeps a label (the adversarial loss uses all)."""
+    from client.dpgan import mode_seeking_penalty, paired_labels
+
+    half = torch.tensor([4, 0, 7])
+    assert paired_labels(half, 6).tolist() == [4, 4, 0, 0, 7, 7]
+    assert paired_labels(half, 5).tolist() == [4, 4, 0, 0, 7]
+    # an odd last row is left out of the term: the penalty of 5 rows is that of their first 4
+    z, fake = torch.randn(5, 8), torch.randn(5, 1, 8, 8)
+    assert torch.equal(mode_seeking_penalty(z, fake), mode_seeking_penalty(z[:4], fake[:4]))
 
 
 def _flat(state: dict) -> torch.Tensor:

@@ -1,0 +1,130 @@
+"""What a DP-GAN site step costs on CPU, by its generator-side parts: G steps per D step, the mode-seeking term.
+
+    PYTHONPATH=. .venv/bin/python tests/benchmarks/bench_site_step.py                 # 2 threads, about 5 min
+    PYTHONPATH=. .venv/bin/python tests/benchmarks/bench_site_step.py --threads 1 --shapes gray28
+
+One site step is what ``LocalGanTrainer.train_round`` does per accounted D step with the defaults' round settings
+(DP-SGD on D at expected batch ``--batch``, 256 as the defaults, noise multiplier 0.63, the EMA of G, G's labels
+from a class histogram), here on 20,000 random records (speed does not depend on pixel values), for 1 and 2 G
+steps per D step (``gan-g-steps`` / ``gan-long-g-steps``), each with the mode-seeking term
+
+- as the product computes it: from the pairs of rows inside the G batch (``client.dpgan.mode_seeking_penalty``);
+- as it was computed before (the paper's form): a second image for every row from a fresh latent, i.e. a second
+  generator forward and backward per G step (rebuilt here around the trainer's own generator);
+- off (``gan-mode-seeking = 0``: the floor).
+
+The round's fixed cost (a 2-step round) is subtracted; the settings alternate within each repeat, so background
+load hits them alike. Medians are printed and written to ``--out`` (default
+``tests/benchmarks/results/site_step.json``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import client.dpgan as dpgan  # noqa: E402
+from client.dpgan import LocalGanTrainer, RoundSettings  # noqa: E402
+from common.data import ImageDataset  # noqa: E402
+from common.models import GanShape, Generator  # noqa: E402
+from tests.benchmarks.speed_cli import machine, speed_args, write_result  # noqa: E402
+
+SHAPES = {  # name: (channels, image side, generator width, resolution) as server/defaults.py chooses them
+    "gray28": (1, 28, 24, 0),
+    "colour32": (3, 32, 32, 0),
+}
+PAIRS_PENALTY = dpgan.mode_seeking_penalty
+SETTINGS = {  # name: (G steps per D step, mode-seeking form)
+    "1 G, mode-seeking from pairs": (1, "pairs"),
+    "1 G, mode-seeking from a second latent (before)": (1, "second-latent"),
+    "1 G, no mode-seeking": (1, "off"),
+    "2 G, mode-seeking from pairs": (2, "pairs"),
+    "2 G, mode-seeking from a second latent (before)": (2, "second-latent"),
+    "2 G, no mode-seeking": (2, "off"),
+}
+
+
+class _RecordingGenerator(Generator):
+    """The trainer's generator, remembering itself and its last labels for ``_second_latent_penalty``."""
+
+    latest: "_RecordingGenerator | None" = None
+
+    def __init__(self, shape: GanShape) -> None:
+        super().__init__(shape)
+        _RecordingGenerator.latest = self
+        self.last_labels: torch.Tensor | None = None
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.last_labels = y
+        return super().forward(z, y)
+
+
+def _second_latent_penalty(z: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """The mode-seeking term as computed before the pairs: each row against a second image of its label from a
+    fresh latent (a second forward of G, whose backward the G step then also pays)."""
+    gen = _RecordingGenerator.latest
+    z2 = torch.randn_like(z)  # (g, latent)
+    fake2 = gen(z2, gen.last_labels)  # (g, C, H, W)
+    image_gap = (fake - fake2).abs().flatten(1).mean(dim=1)
+    latent_gap = (z - z2).abs().mean(dim=1)
+    return 1.0 / ((image_gap / latent_gap).mean() + 1e-5)
+
+
+def step_ms(shape: GanShape, batch: int, steps: int, repeats: int) -> dict[str, float]:
+    """Median ms per site step of each of SETTINGS."""
+    n = 20_000
+    rng = np.random.default_rng(0)
+    data = ImageDataset(rng.random((n, shape.channels, shape.image_size, shape.image_size), dtype=np.float32),
+                        rng.integers(0, shape.num_classes, n), tuple(str(i) for i in range(shape.num_classes)))
+    trainer = LocalGanTrainer(shape, data, torch.device("cpu"), progress=False)
+    state = Generator(shape).state_dict()
+
+    def round_ms(g_steps: int, form: str, k: int) -> float:
+        rs = RoundSettings(noise_multiplier=0.63, sample_rate=batch / n, steps=k, max_grad_norm=1.0, lr_d=1e-3,
+                           lr_g=1e-3, seed=0, noise_seed=1, ema=0.99, mode_seeking=0.0 if form == "off" else 1.0,
+                           d_width=16, g_steps_per_d=g_steps, label_weights=(1.0,) * shape.num_classes)
+        if form == "second-latent":  # the trainer looks both names up at call time
+            dpgan.Generator, dpgan.mode_seeking_penalty = _RecordingGenerator, _second_latent_penalty
+        try:
+            t = time.perf_counter()
+            trainer.train_round(state, rs)
+            return 1e3 * (time.perf_counter() - t)
+        finally:
+            dpgan.Generator, dpgan.mode_seeking_penalty = Generator, PAIRS_PENALTY
+
+    for g, form in SETTINGS.values():
+        round_ms(g, form, 2)  # warm-up
+    per_step: dict[str, list[float]] = {name: [] for name in SETTINGS}
+    for _ in range(repeats):
+        for name, (g, form) in SETTINGS.items():
+            per_step[name].append((round_ms(g, form, steps + 2) - round_ms(g, form, 2)) / steps)
+    return {name: round(statistics.median(v), 1) for name, v in per_step.items()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = speed_args(__doc__, argv, batch=256, repeats=3, steps_help="site steps per timed round",
+                      shapes=list(SHAPES), out_name="site_step.json")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    result = {"commit": commit, "machine": machine(args.threads), "batch": args.batch,
+              "steps_per_round": args.steps, "repeats": args.repeats, "site_step_ms": {}}
+    for name in args.shapes.split(","):
+        channels, side, width, resolution = SHAPES[name]
+        shape = GanShape(channels, side, 10, latent_dim=64, width=width, resolution=resolution)
+        row = step_ms(shape, args.batch, args.steps, args.repeats)
+        result["site_step_ms"][name] = row
+        print(f"{name}: " + "; ".join(f"{k} {v:.0f} ms" for k, v in row.items()), flush=True)
+    return write_result(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
