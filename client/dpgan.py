@@ -106,8 +106,9 @@ def mode_seeking_penalty(z: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     (every image of a class the same, the collapse we measured on MNIST) pays a large penalty. G-only: no real
     record is involved, so it costs no privacy. Why pairs inside the batch rather than a second image per row
     from a fresh latent (the paper's form, what this did before): the second image was a second generator
-    forward and backward per G step, a third of a G step's time (MNIST shapes, one core: 260 against
-    165 ms); the pairs give the same term from the images the adversarial loss draws anyway.
+    forward and backward per G step (tests/benchmarks/bench_site_step.py, 28x28 gray, 2 threads: a site step
+    with one G step 354 ms, with the pairs 237, without the term 224); the pairs give the same term from the
+    images the adversarial loss draws anyway.
     z: (g, latent), fake: (g, C, H, W), g even (an odd last row is left out).
     """
     m = z.shape[0] // 2
@@ -178,6 +179,8 @@ class LocalGanTrainer:
         expected_batch = rs.expected_batch or max(1, round(rs.sample_rate * n))
         g_batch = rs.g_batch_size or expected_batch
         n_d, n_g = max(1, int(rs.d_steps_per_g)), max(1, int(rs.g_steps_per_d))
+        pairs = rs.mode_seeking > 0 and g_batch >= 2  # G's batch in mode-seeking pairs (mode_seeking_penalty)
+        n_labels = (g_batch + 1) // 2 if pairs else g_batch  # labels drawn per G step: one per pair
         torch.manual_seed(rs.seed)
         gen = Generator(self.shape).to(self.device)
         gen.load_state_dict(generator_state)
@@ -251,8 +254,6 @@ class LocalGanTrainer:
                 d_model.disable_hooks()
             for p in disc.parameters():
                 p.requires_grad_(False)
-            pairs = rs.mode_seeking > 0 and g_batch >= 2
-            n_labels = (g_batch + 1) // 2 if pairs else g_batch  # one label per mode-seeking pair
             for _ in range(n_g):
                 yg = (torch.multinomial(label_p, n_labels, replacement=True, generator=label_rng)
                       if label_p is not None else torch.randint(0, k, (n_labels,), generator=label_rng))

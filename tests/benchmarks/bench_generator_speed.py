@@ -31,20 +31,14 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import client.dpgan as dpgan  # noqa: E402
-from common.data import ImageDataset  # noqa: E402
 from common.models import GanShape, Generator, UpsampleConv2d, resize_to_side  # noqa: E402
+from tests.benchmarks.site_steps import SHAPES, defaults_round, per_step_ms, random_site, time_round  # noqa: E402
 from tests.benchmarks.speed_cli import machine, speed_args, write_result  # noqa: E402
 
-SHAPES = {  # name: (channels, image side, generator width, resolution) as server/defaults.py chooses them
-    "gray28": (1, 28, 24, 0),
-    "colour32": (3, 32, 32, 0),
-    "colour64-at-32": (3, 64, 32, 32),
-}
 
 
 class PlainGenerator(Generator):
@@ -107,34 +101,19 @@ def generator_rows(shape: GanShape, batch: int, repeats: int) -> dict[str, dict[
 
 def step_rows(shape: GanShape, steps: int, repeats: int) -> dict[str, float]:
     """ms per site step (D DP-SGD step + G step + EMA) of train_round, with each generator form."""
-    n = 20_000
-    rng = np.random.default_rng(0)
-    data = ImageDataset(rng.random((n, shape.channels, shape.image_size, shape.image_size), dtype=np.float32),
-                        rng.integers(0, shape.num_classes, n), tuple(str(i) for i in range(shape.num_classes)))
-    trainer = dpgan.LocalGanTrainer(shape, data, torch.device("cpu"), progress=False)
+    trainer = random_site(shape)
     state = Generator(shape).state_dict()
 
-    def settings(k: int) -> dpgan.RoundSettings:
-        return dpgan.RoundSettings(noise_multiplier=0.63, sample_rate=256 / n, steps=k, max_grad_norm=1.0,
-                                   lr_d=1e-3, lr_g=1e-3, seed=0, noise_seed=1, ema=0.99, mode_seeking=1.0,
-                                   d_width=16, label_weights=(1.0,) * shape.num_classes)
+    def round_ms(form: type[Generator]) -> Callable[[int], float]:
+        def timed(k: int) -> float:
+            dpgan.Generator = form  # the trainer builds its generator from this name
+            try:
+                return time_round(trainer, state, defaults_round(trainer, 256, k))
+            finally:
+                dpgan.Generator = Generator
+        return timed
 
-    def round_ms(form: type[Generator], k: int) -> float:
-        dpgan.Generator = form  # the trainer builds its generator from this name
-        try:
-            t = time.perf_counter()
-            trainer.train_round(state, settings(k))
-            return 1e3 * (time.perf_counter() - t)
-        finally:
-            dpgan.Generator = Generator
-
-    for form in (Generator, PlainGenerator):
-        round_ms(form, 2)
-    per_step: dict[str, list[float]] = {"fused": [], "plain": []}
-    for _ in range(repeats):
-        for name, form in (("fused", Generator), ("plain", PlainGenerator)):
-            per_step[name].append((round_ms(form, steps + 2) - round_ms(form, 2)) / steps)
-    return {name: round(statistics.median(v), 1) for name, v in per_step.items()}
+    return per_step_ms({"fused": round_ms(Generator), "plain": round_ms(PlainGenerator)}, steps, repeats)
 
 
 def main(argv: list[str] | None = None) -> dict:

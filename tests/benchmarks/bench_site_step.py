@@ -4,44 +4,36 @@
     PYTHONPATH=. .venv/bin/python tests/benchmarks/bench_site_step.py --threads 1 --shapes gray28
 
 One site step is what ``LocalGanTrainer.train_round`` does per accounted D step with the defaults' round settings
-(DP-SGD on D at expected batch ``--batch``, 256 as the defaults, noise multiplier 0.63, the EMA of G, G's labels
-from a class histogram), here on 20,000 random records (speed does not depend on pixel values), for 1 and 2 G
-steps per D step (``gan-g-steps`` / ``gan-long-g-steps``), each with the mode-seeking term
+at expected batch ``--batch`` (256 as the defaults; ``tests/benchmarks/site_steps.py``), for 1 and 2 G steps per D
+step (``gan-g-steps`` / ``gan-long-g-steps``), each with the mode-seeking term
 
 - as the product computes it: from the pairs of rows inside the G batch (``client.dpgan.mode_seeking_penalty``);
 - as it was computed before (the paper's form): a second image for every row from a fresh latent, i.e. a second
   generator forward and backward per G step (rebuilt here around the trainer's own generator);
 - off (``gan-mode-seeking = 0``: the floor).
 
-The round's fixed cost (a 2-step round) is subtracted; the settings alternate within each repeat, so background
-load hits them alike. Medians are printed and written to ``--out`` (default
+The round's fixed cost is subtracted and the settings alternate within each repeat (``site_steps.per_step_ms``).
+Medians are printed and written to ``--out`` (default
 ``tests/benchmarks/results/site_step.json``).
 """
 
 from __future__ import annotations
 
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import client.dpgan as dpgan  # noqa: E402
-from client.dpgan import LocalGanTrainer, RoundSettings  # noqa: E402
-from common.data import ImageDataset  # noqa: E402
 from common.models import GanShape, Generator  # noqa: E402
+from tests.benchmarks.site_steps import SHAPES, defaults_round, per_step_ms, random_site, time_round  # noqa: E402
 from tests.benchmarks.speed_cli import machine, speed_args, write_result  # noqa: E402
 
-SHAPES = {  # name: (channels, image side, generator width, resolution) as server/defaults.py chooses them
-    "gray28": (1, 28, 24, 0),
-    "colour32": (3, 32, 32, 0),
-}
 PAIRS_PENALTY = dpgan.mode_seeking_penalty
 SETTINGS = {  # name: (G steps per D step, mode-seeking form)
     "1 G, mode-seeking from pairs": (1, "pairs"),
@@ -81,38 +73,26 @@ def _second_latent_penalty(z: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
 
 def step_ms(shape: GanShape, batch: int, steps: int, repeats: int) -> dict[str, float]:
     """Median ms per site step of each of SETTINGS."""
-    n = 20_000
-    rng = np.random.default_rng(0)
-    data = ImageDataset(rng.random((n, shape.channels, shape.image_size, shape.image_size), dtype=np.float32),
-                        rng.integers(0, shape.num_classes, n), tuple(str(i) for i in range(shape.num_classes)))
-    trainer = LocalGanTrainer(shape, data, torch.device("cpu"), progress=False)
+    trainer = random_site(shape)
     state = Generator(shape).state_dict()
 
-    def round_ms(g_steps: int, form: str, k: int) -> float:
-        rs = RoundSettings(noise_multiplier=0.63, sample_rate=batch / n, steps=k, max_grad_norm=1.0, lr_d=1e-3,
-                           lr_g=1e-3, seed=0, noise_seed=1, ema=0.99, mode_seeking=0.0 if form == "off" else 1.0,
-                           d_width=16, g_steps_per_d=g_steps, label_weights=(1.0,) * shape.num_classes)
-        if form == "second-latent":  # the trainer looks both names up at call time
-            dpgan.Generator, dpgan.mode_seeking_penalty = _RecordingGenerator, _second_latent_penalty
-        try:
-            t = time.perf_counter()
-            trainer.train_round(state, rs)
-            return 1e3 * (time.perf_counter() - t)
-        finally:
-            dpgan.Generator, dpgan.mode_seeking_penalty = Generator, PAIRS_PENALTY
+    def round_ms(g_steps: int, form: str) -> Callable[[int], float]:
+        def timed(k: int) -> float:
+            rs = defaults_round(trainer, batch, k, g_steps_per_d=g_steps, mode_seeking=0.0 if form == "off" else 1.0)
+            if form == "second-latent":  # the trainer looks both names up at call time
+                dpgan.Generator, dpgan.mode_seeking_penalty = _RecordingGenerator, _second_latent_penalty
+            try:
+                return time_round(trainer, state, rs)
+            finally:
+                dpgan.Generator, dpgan.mode_seeking_penalty = Generator, PAIRS_PENALTY
+        return timed
 
-    for g, form in SETTINGS.values():
-        round_ms(g, form, 2)  # warm-up
-    per_step: dict[str, list[float]] = {name: [] for name in SETTINGS}
-    for _ in range(repeats):
-        for name, (g, form) in SETTINGS.items():
-            per_step[name].append((round_ms(g, form, steps + 2) - round_ms(g, form, 2)) / steps)
-    return {name: round(statistics.median(v), 1) for name, v in per_step.items()}
+    return per_step_ms({name: round_ms(g, form) for name, (g, form) in SETTINGS.items()}, steps, repeats)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = speed_args(__doc__, argv, batch=256, repeats=3, steps_help="site steps per timed round",
-                      shapes=list(SHAPES), out_name="site_step.json")
+                      shapes=["gray28", "colour32"], out_name="site_step.json")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     result = {"commit": commit, "machine": machine(args.threads), "batch": args.batch,
