@@ -5,7 +5,8 @@
 
 One site step is what ``LocalGanTrainer.train_round`` does per accounted D step with the defaults' round settings
 at expected batch ``--batch`` (256 as the defaults; ``tests/benchmarks/site_steps.py``), for 1 and 2 G steps per D
-step (``gan-g-steps`` / ``gan-long-g-steps``), each with the mode-seeking term
+step (``gan-g-steps`` / ``gan-long-g-steps``; and 2 each drawing half the fakes, a rule tried for large sites on the
+longer D schedule and left out: README, ``results/recipe/half_g.json``), each with the mode-seeking term
 
 - as the product computes it: from the pairs of rows inside the G batch (``client.dpgan.mode_seeking_penalty``);
 - as it was computed before (the paper's form): a second image for every row from a fresh latent, i.e. a second
@@ -35,13 +36,14 @@ from tests.benchmarks.site_steps import SHAPES, defaults_round, per_step_ms, ran
 from tests.benchmarks.speed_cli import machine, speed_args, write_result  # noqa: E402
 
 PAIRS_PENALTY = dpgan.mode_seeking_penalty
-SETTINGS = {  # name: (G steps per D step, mode-seeking form)
-    "1 G, mode-seeking from pairs": (1, "pairs"),
-    "1 G, mode-seeking from a second latent (before)": (1, "second-latent"),
-    "1 G, no mode-seeking": (1, "off"),
-    "2 G, mode-seeking from pairs": (2, "pairs"),
-    "2 G, mode-seeking from a second latent (before)": (2, "second-latent"),
-    "2 G, no mode-seeking": (2, "off"),
+SETTINGS = {  # name: (G steps per D step, mode-seeking form, share of the D batch each G step draws as fakes)
+    "1 G, mode-seeking from pairs": (1, "pairs", 1.0),
+    "1 G, mode-seeking from a second latent (before)": (1, "second-latent", 1.0),
+    "1 G, no mode-seeking": (1, "off", 1.0),
+    "2 G, mode-seeking from pairs": (2, "pairs", 1.0),
+    "2 G on half the fakes each, mode-seeking from pairs": (2, "pairs", 0.5),
+    "2 G, mode-seeking from a second latent (before)": (2, "second-latent", 1.0),
+    "2 G, no mode-seeking": (2, "off", 1.0),
 }
 
 
@@ -76,9 +78,10 @@ def step_ms(shape: GanShape, batch: int, steps: int, repeats: int) -> dict[str, 
     trainer = random_site(shape)
     state = Generator(shape).state_dict()
 
-    def round_ms(g_steps: int, form: str) -> Callable[[int], float]:
+    def round_ms(g_steps: int, form: str, share: float) -> Callable[[int], float]:
         def timed(k: int) -> float:
-            rs = defaults_round(trainer, batch, k, g_steps_per_d=g_steps, mode_seeking=0.0 if form == "off" else 1.0)
+            rs = defaults_round(trainer, batch, k, g_steps_per_d=g_steps, mode_seeking=0.0 if form == "off" else 1.0,
+                                g_batch_size=round(share * batch))
             if form == "second-latent":  # the trainer looks both names up at call time
                 dpgan.Generator, dpgan.mode_seeking_penalty = _RecordingGenerator, _second_latent_penalty
             try:
@@ -87,7 +90,7 @@ def step_ms(shape: GanShape, batch: int, steps: int, repeats: int) -> dict[str, 
                 dpgan.Generator, dpgan.mode_seeking_penalty = Generator, PAIRS_PENALTY
         return timed
 
-    return per_step_ms({name: round_ms(g, form) for name, (g, form) in SETTINGS.items()}, steps, repeats)
+    return per_step_ms({name: round_ms(*setting) for name, setting in SETTINGS.items()}, steps, repeats)
 
 
 def main(argv: list[str] | None = None) -> dict:
