@@ -40,7 +40,6 @@ from tests.benchmarks.site_steps import SHAPES, defaults_round, per_step_ms, ran
 from tests.benchmarks.speed_cli import machine, speed_args, write_result  # noqa: E402
 
 
-
 class PlainGenerator(Generator):
     """The generator as built before the fused form: Upsample then Conv2d at the upsampled side, standard layout.
     Its state_dict keys and shapes are the product generator's, so the same weights load into both."""
