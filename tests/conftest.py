@@ -31,3 +31,16 @@ def deployment(tmp_path_factory):
         yield dep
     finally:
         dep.close()
+
+
+def pytest_configure(config) -> None:
+    # the marker pytest-xdist's --dist loadgroup reads; registered here too so a plain `pytest` never warns
+    config.addinivalue_line("markers", "xdist_group(name): run on the same pytest-xdist worker as its group")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Keep each test file on one worker under `pytest -n 2 --dist loadgroup` (its module fixtures are built once),
+    and every test that uses the real deployment on the same worker (it is started once per worker: ~40 s)."""
+    for item in items:
+        group = "deployment" if "deployment" in getattr(item, "fixturenames", ()) else item.path.stem
+        item.add_marker(pytest.mark.xdist_group(group))
