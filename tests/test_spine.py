@@ -148,3 +148,28 @@ def test_sites_answer_dp_audits_with_noisy_histograms(tmp_path):
     assert "Privacy audits by the sites (DP)" in html and "0.5 = no signal" in html
     for entries in charges(tmp_path):
         assert [e["purpose"] for e in entries] == ["dpgan-census", "dpgan", "audit"]
+
+
+@pytest.mark.parametrize("mode", ["dpgan", "bnstats"])
+def test_twenty_classes_of_very_different_sizes_run_in_both_modes(tmp_path, mode):
+    """An unseen dataset may have many classes and a long tail (EMNIST, OrganAMNIST): digits as classes 0-9 and
+    the same digits inverted as classes 10-19, class k keeping 1/(1 + k/2) of its images (40 down to 4 records
+    a class, so some sites hold none of a class), split over 3 Dirichlet sites."""
+    rng = np.random.default_rng(0)
+    digits = load_dataset("digits", "train")
+    images = np.concatenate([digits.images, 1.0 - digits.images])
+    labels = np.concatenate([digits.labels, digits.labels + 10])
+    keep = np.concatenate([rng.permutation(np.flatnonzero(labels == k))[:int(40 / (1 + k / 2))] for k in range(20)])
+    pixels = np.round(images[:, 0] * 255).astype(np.uint8)  # (N, 8, 8)
+    np.savez(tmp_path / "tail20.npz", train_images=pixels[keep], train_labels=labels[keep],
+             test_images=pixels, test_labels=labels)
+    data = str(tmp_path / "tail20.npz")
+    cfg = fast_config(tmp_path, mode=mode, epsilon=10.0, data=data, test_data=data,
+                      partition="dirichlet:0.5", num_rounds=1, bn_rounds=1, bn_local_steps=2, bn_width=8,
+                      bn_iterations=3, bn_synth_batch=50, synthetic_size=60)
+    report = run(cfg)
+    assert [h["accepted"] for h in report["rounds"]] == [3] * len(report["rounds"])
+    synth = load_dataset(tmp_path / "out" / "synthetic.npz", "train")
+    assert len(synth) == 60 and len(synth.classes) == 20 and synth.image_shape == (1, 8, 8)
+    assert all(0 < e <= 10.0 + 1e-9 for e in spent(tmp_path))
+    assert len(report["utility"]["per_class_accuracy"]) == 20
