@@ -14,8 +14,8 @@ a rule can break. Each file is an npz in the MedMNIST layout (`train_*`, `val_*`
 - ``tail20``: 20 classes, 28x28 gray, a long tail (EMNIST's class count, OrganAMNIST's imbalance): MNIST's digits
   as classes 0-9 and CIFAR-10 gray as classes 10-19, class k keeping 3,000 / (1 + k / 3) records (3,000 to 409).
 
-Nothing here is the data the product was tuned on in a new form that it could be tuned to: the contents are the
-same images, and the files exist to run the shapes, not to report a benchmark number of their own.
+The images are ones the product has already been measured on; the files exercise new shapes and class counts,
+and are not a new benchmark to tune the defaults to.
 """
 
 from __future__ import annotations
