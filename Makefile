@@ -23,12 +23,14 @@ demo: $(STAMP)
 
 # Two pytest workers, one per core of the 2-core CI machine (each test file stays on one worker, and the tests that
 # share the real deployment stay together: tests/conftest.py); 440 s against 690 s in one process on 2 cores.
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadgroup tests
+
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+	$(PYTEST)
 
 # the default suite plus the slow real-SuperNode runs (secure aggregation over TLS-authenticated SuperNodes)
 test-all: $(STAMP)
-	FEDSYNTH_FULL_TESTS=1 $(PY) -m pytest -q -n 2 --dist loadgroup tests
+	FEDSYNTH_FULL_TESTS=1 $(PYTEST)
 
 bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_dpgan.py

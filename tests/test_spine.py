@@ -155,12 +155,14 @@ def test_twenty_classes_of_very_different_sizes_run_in_both_modes(tmp_path, mode
     """An unseen dataset may have many classes and a long tail (EMNIST, OrganAMNIST): digits as classes 0-9 and
     the same digits inverted as classes 10-19, class k keeping 1/(1 + k/2) of its images (40 down to 4 records
     a class, so some sites hold none of a class), split over 3 Dirichlet sites."""
+    from common.data.arrays import _to_uint8
+
     rng = np.random.default_rng(0)
     digits = load_dataset("digits", "train")
     images = np.concatenate([digits.images, 1.0 - digits.images])
     labels = np.concatenate([digits.labels, digits.labels + 10])
     keep = np.concatenate([rng.permutation(np.flatnonzero(labels == k))[:int(40 / (1 + k / 2))] for k in range(20)])
-    pixels = np.round(images[:, 0] * 255).astype(np.uint8)  # (N, 8, 8)
+    pixels = _to_uint8(images)  # (N, 8, 8), the layout save_npz writes
     np.savez(tmp_path / "tail20.npz", train_images=pixels[keep], train_labels=labels[keep],
              test_images=pixels, test_labels=labels)
     data = str(tmp_path / "tail20.npz")

@@ -80,7 +80,8 @@ def test_a_statistics_request_with_an_oversized_shared_net_is_refused(tmp_path):
     assert not send(grid, 1000, provided).has_error()
 
 
-@pytest.mark.parametrize("channels,side,classes", [(1, 28, 10), (3, 32, 10), (3, 64, 2), (1, 28, 2), (1, 28, 47), (3, 32, 100), (3, 128, 10), (1, 224, 2)])
+@pytest.mark.parametrize("channels,side,classes", [(1, 28, 10), (3, 32, 10), (3, 64, 2), (1, 28, 2), (1, 28, 47),
+                                                   (3, 32, 100), (3, 128, 10), (1, 224, 2)])
 def test_the_products_own_settings_fit_the_default_limits_with_margin(channels, side, classes):
     schema = Schema(channels, side, side, tuple(str(i) for i in range(classes)))
     limits = SiteSettings(name="s", data="digits", state_dir=PROJECT_ROOT, epsilon_budget=10.0)

@@ -29,14 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
-def _uint8(images) -> "np.ndarray":
-    """(N, C, H, W) floats in [0, 1] -> (N, H, W) or (N, H, W, C) uint8, the MedMNIST layout."""
-    import numpy as np
-
-    pixels = np.round(np.asarray(images) * 255).astype(np.uint8)
-    return pixels[:, 0] if pixels.shape[1] == 1 else pixels.transpose(0, 2, 3, 1)
-
-
 def _save(path: Path, train_x, train_y, test_x, test_y) -> None:
     import numpy as np
 
@@ -51,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from common.data import load_dataset
+    from common.data.arrays import _to_uint8 as uint8  # (N, C, H, W) floats -> the MedMNIST layout, as save_npz
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path, help="folder to write tiny2.npz, colour28c8.npz, tail20.npz")
@@ -69,17 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     train, test = (load_dataset(cifar, s, image_size=28, channels=3) for s in ("train", "test"))
     first8 = rng.permutation(np.flatnonzero(train.labels < 8))[:12000]
     test8 = np.flatnonzero(test.labels < 8)
-    _save(args.out / "colour28c8.npz", _uint8(train.images[first8]), train.labels[first8],
-          _uint8(test.images[test8]), test.labels[test8])
+    _save(args.out / "colour28c8.npz", uint8(train.images[first8]), train.labels[first8],
+          uint8(test.images[test8]), test.labels[test8])
 
     digits, digits_test = (load_dataset(args.data_root / "mnist", s) for s in ("train", "test"))
     gray, gray_test = (load_dataset(cifar, s, image_size=28, channels=1) for s in ("train", "test"))
-    images = np.concatenate([_uint8(digits.images), _uint8(gray.images)])
+    images = np.concatenate([uint8(digits.images), uint8(gray.images)])
     labels = np.concatenate([digits.labels, gray.labels + 10])
     keep = np.concatenate([rng.permutation(np.flatnonzero(labels == k))[:int(3000 / (1 + k / 3))]
                            for k in range(20)])
     _save(args.out / "tail20.npz", images[keep], labels[keep],
-          np.concatenate([_uint8(digits_test.images), _uint8(gray_test.images)]),
+          np.concatenate([uint8(digits_test.images), uint8(gray_test.images)]),
           np.concatenate([digits_test.labels, gray_test.labels + 10]))
     return 0
 
