@@ -151,7 +151,8 @@ class LocalGanTrainer:
     The discriminator's state (D, both optimizers, the step counter) goes in and comes out of
     :meth:`train_round`; the caller saves it with the round's reply, in one atomic file, so that a
     round redone after an interruption starts from the state *before* the round (an attempt that was
-    interrupted must not leave its DP-SGD steps in D uncharged). D never leaves the site.
+    interrupted must not leave its DP-SGD steps in D uncharged). D's weights leave the site only when a request
+    asks for them to average (``share_d``): DP-SGD's output, which the round's charge covers.
     """
 
     def __init__(self, shape: GanShape, data: ImageDataset, device: torch.device, progress: bool = True,
@@ -168,8 +169,10 @@ class LocalGanTrainer:
 
     # ---- one round -------------------------------------------------------------------------------
     def train_round(self, generator_state: dict[str, torch.Tensor], rs: RoundSettings,
-                    d_state: dict | None = None) -> tuple[dict, dict, dict]:
-        """Train D (DP-SGD, ``rs.steps`` steps) and G through it, starting from ``d_state`` (None = a new D).
+                    d_state: dict | None = None,
+                    d_weights: dict[str, torch.Tensor] | None = None) -> tuple[dict, dict, dict]:
+        """Train D (DP-SGD, ``rs.steps`` steps) and G through it, starting from ``d_state`` (None = a new D);
+        ``d_weights`` (the sites' averaged D) replace D's weights, the optimizers' states staying the site's.
 
         Returns (generator state_dict, metrics, D's new state). The metrics stay on the site except
         those the protocol declares (``g_loss``)."""
@@ -192,6 +195,9 @@ class LocalGanTrainer:
             disc.load_state_dict(saved["disc"])
             opt_d_inner.load_state_dict(saved["opt_d"])
             opt_g.load_state_dict(saved["opt_g"])
+        if d_weights is not None:
+            ref = disc.state_dict()
+            disc.load_state_dict({k: d_weights[k].reshape(v.shape).to(v.dtype) for k, v in ref.items()})
         total_steps = int(saved["steps"]) if saved is not None else 0
         ema = [p.detach().clone() for p in gen.parameters()] if rs.ema > 0 else None
 

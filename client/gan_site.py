@@ -6,9 +6,10 @@ Per round, in this order (each step before the next):
 3. the run's plan (``client.budget``) is read back, or made at the run's first request;
 4. the round's DP-SGD steps -- and, at the site's first round of the run, the census -- are charged
    in the ledger (an interrupted attempt of the same round reuses its charge);
-5. D trains from its state after the previous round; the reply and D's new state are saved together;
+5. D trains from its state after the previous round (its weights replaced by the sites' average when the
+   request carries one); the reply and D's new state are saved together;
 6. the reply carries the generator, the census (noisy class histogram) and its sum as the FedAvg weight,
-   and G's mean loss, nothing else.
+   G's mean loss and, when the request asks for it (``share_d``), D's weights: nothing else.
 """
 
 from __future__ import annotations
@@ -82,6 +83,13 @@ def _check_request(req: P.GanTrainRequest, site: SiteSettings) -> GanShape:
     problems = P.check_arrays(req.generator, P.state_spec(generator.state_dict()))
     if problems:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"the generator sent does not match the run's GAN shape: {problems[:3]}")
+    if req.discriminator:  # the sites' averaged D to start from: any finite weights of D's shape (DP-SGD's
+        #                    guarantee holds from any starting point; the check keeps the round from crashing)
+        d_spec = P.state_spec(meta_module(lambda: Discriminator(shape, width=req.d_width)).state_dict())
+        problems = P.check_arrays(req.discriminator, d_spec)
+        if problems:
+            raise Refusal(P.REFUSED_BAD_REQUEST, f"the discriminator sent does not match the run's GAN shape: "
+                                                 f"{problems[:3]}")
     if not 1 <= req.server_round <= req.num_rounds:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"round {req.server_round} is outside the run's 1..{req.num_rounds}")
     for name, value, strict in (("lr-d", req.lr_d, True), ("lr-g", req.lr_g, True), ("ac-weight", req.ac_weight, False),
@@ -189,12 +197,15 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
                        d_steps_per_g=req.d_steps,
                        ema=req.ema, expected_batch=expected_batch(plan, census))
     generator = {k: torch.from_numpy(v) for k, v in req.generator.items()}
-    new_state, metrics, d_state = trainer.train_round(generator, rs, _previous_d_state(folder, rnd))
+    d_start = {k: torch.from_numpy(v) for k, v in req.discriminator.items()} or None  # the sites' averaged D
+    new_state, metrics, d_state = trainer.train_round(generator, rs, _previous_d_state(folder, rnd), d_start)
     log.info("[%s] round %d trained in %.1f s (D loss %.3f, G loss %.3f)", site.name, rnd, metrics["train-seconds"],
              metrics["d-loss"], metrics["g-loss"])
     reply = {"generator": {k: v.to(torch.float32).contiguous() for k, v in new_state.items()},
              "census": {"counts": torch.tensor(census, dtype=torch.float32)},  # (K,)
              "weight": census_weight(census), "g_loss": float(metrics["g-loss"]), "local_steps": steps,
              "g_steps": g_steps}
+    if req.share_d:  # D after this round's DP-SGD steps, for the coordinator's average (P.GanTrainReply)
+        reply["discriminator"] = {k: torch.from_numpy(a) for k, a in P.state_dict_arrays(d_state["disc"]).items()}
     save_reply(_round_file(folder, rnd), {"reply": reply, "d_state": d_state})
     return P.GanTrainReply(**reply)

@@ -77,6 +77,7 @@ class RunConfig:
     # Free in privacy (G never sees a record) and in time. 0.99 measured against 0 on three datasets, epsilon 10,
     # 3 Dirichlet-0.5 sites: MNIST 0.963 vs 0.952 (seed 1), CIFAR-10 gray 0.276 vs 0.265 (seed 0) and 0.283 vs 0.239
     # (seed 1), PneumoniaMNIST 0.827 vs 0.843 (seed 0) (README, "the generator's EMA").
+    gan_average_d: bool = False  # FedAvg of the sites' discriminators too (each D is DP-SGD output, so sending it is free): every site starts its round from their average; off = each D stays at its site (design.md); never under secure aggregation
     gan_ema: float = 0.99  # in [0, 1): decay of the EMA of G's weights over a site's round (warmed up over its first steps), sent instead of G's last weights; 0 = off
     gan_class_histogram: bool = True  # each site draws G's labels from its own DP class histogram (label skew)
     gan_sample_rounds: int = 1  # >= 1: with gan-sample-from = sites, each site's generators of this many last rounds averaged (weights) before drawing; 1 = its last

@@ -171,7 +171,7 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Small conditional discriminator that Opacus can privatize (site-only; never leaves the site).
+    """Small conditional discriminator that Opacus can privatize (stays at its site unless a run sets gan-average-d).
 
     An input larger than the GAN's side is first averaged down to it, then ``shape.stages`` strided convolutions
     (two up to 32 pixels, three at 64; GroupNorm, no BatchNorm: Opacus has no per-sample gradients for it and it

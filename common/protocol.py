@@ -30,8 +30,8 @@ from typing import Any, ClassVar, Mapping
 import numpy as np
 
 from common.wire import (  # noqa: F401 - re-exported: both sides use them as protocol.X
-    CONFIG, ArraySpec, Arrays, Message, ProtocolError, arrays, check_arrays, declared, load_state, reply_declarations,
-    state_arrays, state_spec,
+    CONFIG, ArraySpec, Arrays, Message, ProtocolError, array_fields, arrays, check_arrays, declared, load_state,
+    reply_declarations, state_arrays, state_dict_arrays, state_spec,
 )
 
 # ---- message types --------------------------------------------------------------------------------
@@ -164,6 +164,11 @@ class GanTrainRequest(Message):
     # G steps after each D step a large site takes instead of g_steps where it keeps the shorter D schedule
     # (client.budget.choose_g_steps: free in privacy); 0 = exactly g_steps.
     long_g_steps: int = 0
+    # FedAvg of the discriminators too: the site sends D's weights after the round (GanTrainReply.discriminator)
+    share_d: bool = False
+    # the sites' averaged D of the last aggregated round, float32 state_dict: the site starts its round from it
+    # (keeping its own optimizer state); empty = the site's own D (a new one at its first round)
+    discriminator: Arrays = arrays(optional=True)
 
 
 @dataclass(frozen=True)
@@ -185,6 +190,11 @@ class GanTrainReply(Message):
     g_steps: int = declared("dp", "the G steps after each D step the site took this round: the request's g_steps "
                                   "or long_g_steps, chosen from the request, the D steps taken and the site's noisy "
                                   "census alone (post-processing of 'census')", default=0)
+    discriminator: Arrays = arrays(kind="dp", why="D's weights after this round's DP-SGD steps (only when the "
+                                                  "request sets share_d): the DP-SGD mechanism's own output, whose "
+                                                  "every iterate the round's charge already covers; its starting "
+                                                  "point is the request's average or the site's earlier DP output",
+                                   optional=True)
 
 
 # ================================================================================================

@@ -52,7 +52,10 @@ def wrap_request(request: P.Message) -> Any:
     if request.MESSAGE_TYPE not in _REQUESTS:
         raise ValueError(f"{request.MESSAGE_TYPE} cannot be aggregated securely; only {', '.join(_REQUESTS)}")
     record = request.to_record()
-    (field,) = [name for name in record.array_records]  # each secure request carries one array field
+    carried = [name for name, arr in record.array_records.items() if len(arr)]
+    if len(carried) != 1:  # the model alone travels (e.g. never a train.gan request's averaged discriminator)
+        raise ValueError(f"a secure {request.MESSAGE_TYPE} request carries one model, this one carries {carried}")
+    field = carried[0]
     arrays = record.array_records[field]
     names = list(arrays.keys())
     config = dict(record.config_records[P.CONFIG])
@@ -76,9 +79,11 @@ def unwrap_request(fitins: Any) -> P.Message:
     names_list = names.split("\n") if names else []
     if len(names_list) != len(arrays) or len(set(names_list)) != len(names_list):
         raise P.ProtocolError(f"the wrapped request names {len(names_list)} arrays and carries {len(arrays)}")
-    content = RecordDict({P.CONFIG: ConfigRecord(config),
-                          field: ArrayRecord({n: Array(np.ascontiguousarray(a)) for n, a in zip(names_list, arrays)})})
-    return _REQUESTS[kind].from_record(content)
+    records = {P.CONFIG: ConfigRecord(config),
+               field: ArrayRecord({n: Array(np.ascontiguousarray(a)) for n, a in zip(names_list, arrays)})}
+    for other in P.array_fields(_REQUESTS[kind]):  # the request's other array fields travel empty
+        records.setdefault(other, ArrayRecord({}))
+    return _REQUESTS[kind].from_record(RecordDict(records))
 
 
 def summand(kind: str, reply: P.Message) -> list[np.ndarray]:

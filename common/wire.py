@@ -31,12 +31,13 @@ def declared(kind: str, why: str, *, default: Any = MISSING, **extra: Any) -> An
     return field(default=default, metadata={"kind": kind, "why": why, **extra})
 
 
-def arrays(why: str = "", kind: str = "") -> Any:
-    """An array field (its own ArrayRecord). Replies must give ``kind`` and ``why``."""
+def arrays(why: str = "", kind: str = "", *, optional: bool = False) -> Any:
+    """An array field (its own ArrayRecord). Replies must give ``kind`` and ``why``. ``optional``: empty unless
+    given (an empty ArrayRecord on the wire)."""
     meta = {"arrays": True}
     if kind:
         meta.update(kind=kind, why=why)
-    return field(metadata=meta)
+    return field(default_factory=dict, metadata=meta) if optional else field(metadata=meta)
 
 
 Arrays = dict  # {name: np.ndarray}: one ArrayRecord on the wire
@@ -157,6 +158,11 @@ class Message:
         return total
 
 
+def array_fields(cls: type) -> list[str]:
+    """The names of a message class's array fields (one ArrayRecord each)."""
+    return [f.name for f in fields(cls) if _is_arrays(f)]
+
+
 def reply_declarations(cls: type) -> dict[str, tuple[str, str]]:
     """{field: (kind, why)} of a reply class; every field of every reply must have one."""
     return {f.name: (f.metadata.get("kind", ""), f.metadata.get("why", "")) for f in fields(cls)}
@@ -179,7 +185,12 @@ def state_spec(state_dict: Mapping[str, Any]) -> dict[str, ArraySpec]:
 
 def state_arrays(module: Any) -> dict[str, np.ndarray]:
     """A torch module's state_dict as the float32 arrays a message carries."""
-    return {k: v.detach().cpu().float().numpy().reshape(_wire_shape(v.shape)) for k, v in module.state_dict().items()}
+    return state_dict_arrays(module.state_dict())
+
+
+def state_dict_arrays(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A torch state_dict as the float32 arrays a message carries (0-d entries as (1,))."""
+    return {k: v.detach().cpu().float().numpy().reshape(_wire_shape(v.shape)) for k, v in state_dict.items()}
 
 
 def load_state(module: Any, arrays: Mapping[str, np.ndarray]) -> None:

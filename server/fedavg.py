@@ -40,6 +40,18 @@ class FedAvgTask:
     make_request: Callable[[int, dict[str, np.ndarray]], Any]  # (round, model arrays) -> protocol request
     check_reply: Callable[[Any], list[str]] = lambda reply: []  # problems with a reply's other fields
     keep_rounds: int = 1  # the accepted replies of this many last aggregated rounds are kept (FedAvgOutcome.recent)
+    # a second array field of the replies averaged the same way (the DP-GAN's discriminators): its average over the
+    # last aggregated round's replies goes to the next request as make_request(round, model arrays, average), {} at
+    # first; "" = none, make_request(round, model arrays)
+    companion: str = ""
+
+
+def companion_average(task: FedAvgTask, replies: dict[int, Any]) -> dict[str, np.ndarray]:
+    """The weighted average of ``task.companion`` over ``replies`` (node -> accepted reply) that carry one; {} if none."""
+    carried = [r for r in replies.values() if getattr(r, task.companion, None)]
+    if not carried:
+        return {}
+    return weighted_average([getattr(r, task.companion) for r in carried], [r.weight for r in carried])
 
 
 @dataclass
@@ -153,7 +165,9 @@ def run_fedavg_rounds(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int
             nodes = sorted(grid.get_node_ids())
             log.info("round %d/%d: sending the %s to %d site(s)%s", rnd, num_rounds, task.label, len(nodes),
                      " for a secure sum" if cfg.secure_aggregation else "")
-            request = task.make_request(rnd, P.state_arrays(model))
+            request = (task.make_request(rnd, P.state_arrays(model), companion_average(task, recent[-1] if recent
+                                                                                         else {}))
+                       if task.companion else task.make_request(rnd, P.state_arrays(model)))
             need = quorum_size(len(nodes), cfg.quorum)
             step = _secure_round if cfg.secure_aggregation else _plain_round
             averaged, entry, replies = step(grid, cfg, sites, task, request, rnd, nodes, spec)

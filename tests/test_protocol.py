@@ -28,10 +28,13 @@ def _site_record_counts(cfg, k):
     return counts
 
 
-@pytest.mark.parametrize("mode", ["dpgan", "bnstats"])
+@pytest.mark.parametrize("mode", ["dpgan", "dpgan+average-d", "bnstats"])
 def test_only_declared_replies_leave_a_site_and_none_reveals_its_record_count(tmp_path, mode):
+    average_d = mode.endswith("+average-d")  # the discriminators leave the sites too (gan-average-d)
+    mode = mode.removesuffix("+average-d")
     cfg = fast_config(tmp_path, mode=mode, num_rounds=1, bn_rounds=1, bn_local_steps=2, bn_width=8, bn_iterations=3,
-                      bn_synth_batch=50, synthetic_size=50, site_evaluation=True, site_audits=True, audit_records=40)
+                      bn_synth_batch=50, synthetic_size=50, site_evaluation=True, site_audits=True, audit_records=40,
+                      gan_average_d=average_d)
     seen = []
     report = run(cfg, k=3, tap=seen.append)
     kinds = sorted({m.metadata.message_type for m in seen})
@@ -48,8 +51,10 @@ def test_only_declared_replies_leave_a_site_and_none_reveals_its_record_count(tm
         assert set(reply.content.keys()) == {f.name for f in fields(cls) if f.metadata.get("arrays")} | {P.CONFIG}
         for f in fields(cls):
             value = getattr(decoded, f.name)
-            values = (np.concatenate([np.ravel(v) for v in value.values()]) if f.metadata.get("arrays")
+            values = (np.concatenate([np.ravel(v) for v in value.values()] + [np.zeros(0)]) if f.metadata.get("arrays")
                       else np.ravel(np.asarray(value, dtype=object)))
+            if f.name == "discriminator":  # sent exactly when the run averages discriminators
+                assert bool(value) == (average_d and reply.metadata.message_type == P.TRAIN_GAN)
             if reply.metadata.message_type == P.QUERY_INFO:
                 continue  # the published schema: no counts in it by construction
             numeric = [float(v) for v in values if isinstance(v, (int, float, np.integer, np.floating))

@@ -36,9 +36,9 @@ def _round_settings_seen(monkeypatch) -> list:
     seen = []
     real_round = gan_site.LocalGanTrainer.train_round
 
-    def recording(self, generator, rs, d_state=None):
+    def recording(self, generator, rs, *args, **kwargs):
         seen.append(rs)
-        return real_round(self, generator, rs, d_state)
+        return real_round(self, generator, rs, *args, **kwargs)
 
     monkeypatch.setattr(gan_site.LocalGanTrainer, "train_round", recording)
     return seen

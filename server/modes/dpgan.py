@@ -1,7 +1,8 @@
 """DP-GAN mode at the coordinator: federated generator rounds, then sampling of the synthetic set.
 
 Each round sends the global generator to every site (``train.gan``); a site trains its own DP
-discriminator against it and returns only the generator and its per-run noisy class histogram. At the
+discriminator against it and returns only the generator and its per-run noisy class histogram (and, with
+``gan-average-d``, off by default, the discriminator, whose average the next round's sites start from). At the
 end (``server.synthesis``) class c is drawn from each site's generator -- the average of the generators
 it returned in the last ``gan-sample-rounds`` rounds -- in proportion to the site's noisy count of c
 (``gan-sample-from = sites``), or from the averaged generator (``average``); both are post-processing of
@@ -19,7 +20,7 @@ from flwr.serverapp import Grid
 from common import protocol as P
 from common.config import RunConfig
 from common.data import ImageDataset, joint_attribute_values
-from common.models import GanShape, Generator
+from common.models import Discriminator, GanShape, Generator
 from server.attribute_replacement import sample_with_replaced_attribute
 from server.fedavg import FedAvgTask, run_fedavg_rounds, weighted_average
 from server.run_state import RunState
@@ -27,8 +28,15 @@ from server.sites import RunFailed, Schema, SiteRecord
 from server.synthesis import class_mix_note, class_sizes, sample_generator, sample_site_generators
 
 
+def shares_d(cfg: RunConfig) -> bool:
+    """Whether the run averages the sites' discriminators (gan-average-d); never under secure aggregation, whose
+    one secure sum per round carries the generator alone."""
+    return cfg.gan_average_d and not cfg.secure_aggregation
+
+
 def gan_request(cfg: RunConfig, shape: GanShape, experiment: str, rnd: int,
-                generator: dict[str, np.ndarray]) -> P.GanTrainRequest:
+                generator: dict[str, np.ndarray], discriminator: dict[str, np.ndarray] | None = None
+                ) -> P.GanTrainRequest:
     return P.GanTrainRequest(
         experiment=experiment, server_round=rnd, num_rounds=cfg.num_rounds, local_steps=cfg.gan_local_steps,
         batch_size=cfg.gan_batch_size, max_grad_norm=cfg.gan_max_grad_norm, lr_d=cfg.gan_lr_d, lr_g=cfg.gan_lr_g,
@@ -38,12 +46,19 @@ def gan_request(cfg: RunConfig, shape: GanShape, experiment: str, rnd: int,
         resolution=shape.resolution,
         generator=generator, sensitive_attribute=cfg.sensitive_attribute, g_steps=cfg.gan_g_steps, ema=cfg.gan_ema,
         d_steps=cfg.gan_d_steps,
-        long_steps=cfg.gan_long_local_steps, long_g_steps=cfg.gan_long_g_steps)
+        long_steps=cfg.gan_long_local_steps, long_g_steps=cfg.gan_long_g_steps,
+        share_d=shares_d(cfg), discriminator=discriminator or {})
 
 
-def _census_check(num_classes: int):
+def _reply_check(num_classes: int, d_spec: dict[str, P.ArraySpec] | None):
+    """Problems of a reply's census and, when the run averages discriminators (``d_spec``), of its D."""
     def check(reply: P.GanTrainReply) -> list[str]:
-        return P.check_arrays(reply.census, {"counts": P.ArraySpec((num_classes,), "float32")})
+        problems = P.check_arrays(reply.census, {"counts": P.ArraySpec((num_classes,), "float32")})
+        if d_spec is not None:
+            problems += P.check_arrays(reply.discriminator, d_spec)
+        elif reply.discriminator:
+            problems.append("a discriminator the request did not ask for")
+        return problems
     return check
 
 
@@ -85,9 +100,11 @@ def collect_and_synthesize(grid: Grid, cfg: RunConfig, run: RunState, sites: dic
     shape = cfg.gan_shape(schema.channels, schema.height, len(schema.classes))
     torch.manual_seed(cfg.seed)
     gen = Generator(shape)
+    d_spec = P.state_spec(Discriminator(shape, width=cfg.gan_d_width).state_dict()) if shares_d(cfg) else None
     task = FedAvgTask("generator", P.GanTrainReply, "generator",
-                      lambda rnd, arrays: gan_request(cfg, shape, run.experiment, rnd, arrays),
-                      check_reply=_census_check(len(schema.classes)), keep_rounds=cfg.gan_sample_rounds)
+                      lambda rnd, arrays, d_avg=None: gan_request(cfg, shape, run.experiment, rnd, arrays, d_avg),
+                      check_reply=_reply_check(len(schema.classes), d_spec), keep_rounds=cfg.gan_sample_rounds,
+                      companion="discriminator" if shares_d(cfg) else "")
     outcome = run_fedavg_rounds(grid, cfg, run, sites, gen, task, cfg.num_rounds)
     with run.timed("synthesis"):
         torch.save(gen.state_dict(), run.out_dir / "generator.pt")
