@@ -39,6 +39,7 @@ from opacus import GradSampleModule
 
 from client.dpsgd import opacus_input
 from client.nonfinite import FiniteDPOptimizer
+from common import protocol as P
 from common.data import ImageDataset
 from common.models import Discriminator, GanShape, Generator
 from common.progress import progress
@@ -170,9 +171,10 @@ class LocalGanTrainer:
     # ---- one round -------------------------------------------------------------------------------
     def train_round(self, generator_state: dict[str, torch.Tensor], rs: RoundSettings,
                     d_state: dict | None = None,
-                    d_weights: dict[str, torch.Tensor] | None = None) -> tuple[dict, dict, dict]:
+                    d_weights: dict[str, np.ndarray] | None = None) -> tuple[dict, dict, dict]:
         """Train D (DP-SGD, ``rs.steps`` steps) and G through it, starting from ``d_state`` (None = a new D);
-        ``d_weights`` (the sites' averaged D) replace D's weights, the optimizers' states staying the site's.
+        ``d_weights`` (the sites' averaged D, as the request carries it; empty = none) replace D's weights, the
+        optimizers' states staying the site's.
 
         Returns (generator state_dict, metrics, D's new state). The metrics stay on the site except
         those the protocol declares (``g_loss``)."""
@@ -195,9 +197,8 @@ class LocalGanTrainer:
             disc.load_state_dict(saved["disc"])
             opt_d_inner.load_state_dict(saved["opt_d"])
             opt_g.load_state_dict(saved["opt_g"])
-        if d_weights is not None:
-            ref = disc.state_dict()
-            disc.load_state_dict({k: d_weights[k].reshape(v.shape).to(v.dtype) for k, v in ref.items()})
+        if d_weights:
+            P.load_state(disc, d_weights)
         total_steps = int(saved["steps"]) if saved is not None else 0
         ema = [p.detach().clone() for p in gen.parameters()] if rs.ema > 0 else None
 

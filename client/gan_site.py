@@ -57,6 +57,11 @@ def _round_file(folder, rnd: int):
     return folder / f"gan-round-{rnd}.pt"
 
 
+def _float32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A network's state as a reply carries it (float32 tensors; saved with the reply, then sent)."""
+    return {k: v.to(torch.float32).contiguous() for k, v in state.items()}
+
+
 def _previous_d_state(folder, rnd: int) -> dict | None:
     """D's state after the latest round before ``rnd`` this site trained (None: D is new)."""
     for earlier in range(rnd - 1, 0, -1):
@@ -197,15 +202,15 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
                        d_steps_per_g=req.d_steps,
                        ema=req.ema, expected_batch=expected_batch(plan, census))
     generator = {k: torch.from_numpy(v) for k, v in req.generator.items()}
-    d_start = {k: torch.from_numpy(v) for k, v in req.discriminator.items()} or None  # the sites' averaged D
-    new_state, metrics, d_state = trainer.train_round(generator, rs, _previous_d_state(folder, rnd), d_start)
+    new_state, metrics, d_state = trainer.train_round(generator, rs, _previous_d_state(folder, rnd),
+                                                      req.discriminator)  # the sites' averaged D, or {}
     log.info("[%s] round %d trained in %.1f s (D loss %.3f, G loss %.3f)", site.name, rnd, metrics["train-seconds"],
              metrics["d-loss"], metrics["g-loss"])
-    reply = {"generator": {k: v.to(torch.float32).contiguous() for k, v in new_state.items()},
+    reply = {"generator": _float32(new_state),
              "census": {"counts": torch.tensor(census, dtype=torch.float32)},  # (K,)
              "weight": census_weight(census), "g_loss": float(metrics["g-loss"]), "local_steps": steps,
              "g_steps": g_steps}
     if req.share_d:  # D after this round's DP-SGD steps, for the coordinator's average (P.GanTrainReply)
-        reply["discriminator"] = {k: torch.from_numpy(a) for k, a in P.state_dict_arrays(d_state["disc"]).items()}
+        reply["discriminator"] = _float32(d_state["disc"])
     save_reply(_round_file(folder, rnd), {"reply": reply, "d_state": d_state})
     return P.GanTrainReply(**reply)

@@ -31,7 +31,7 @@ import numpy as np
 
 from common.wire import (  # noqa: F401 - re-exported: both sides use them as protocol.X
     CONFIG, ArraySpec, Arrays, Message, ProtocolError, array_fields, arrays, check_arrays, declared, load_state,
-    reply_declarations, state_arrays, state_dict_arrays, state_spec,
+    reply_declarations, state_arrays, state_spec,
 )
 
 # ---- message types --------------------------------------------------------------------------------

@@ -185,12 +185,7 @@ def state_spec(state_dict: Mapping[str, Any]) -> dict[str, ArraySpec]:
 
 def state_arrays(module: Any) -> dict[str, np.ndarray]:
     """A torch module's state_dict as the float32 arrays a message carries."""
-    return state_dict_arrays(module.state_dict())
-
-
-def state_dict_arrays(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """A torch state_dict as the float32 arrays a message carries (0-d entries as (1,))."""
-    return {k: v.detach().cpu().float().numpy().reshape(_wire_shape(v.shape)) for k, v in state_dict.items()}
+    return {k: v.detach().cpu().float().numpy().reshape(_wire_shape(v.shape)) for k, v in module.state_dict().items()}
 
 
 def load_state(module: Any, arrays: Mapping[str, np.ndarray]) -> None:

@@ -165,9 +165,8 @@ def run_fedavg_rounds(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int
             nodes = sorted(grid.get_node_ids())
             log.info("round %d/%d: sending the %s to %d site(s)%s", rnd, num_rounds, task.label, len(nodes),
                      " for a secure sum" if cfg.secure_aggregation else "")
-            request = (task.make_request(rnd, P.state_arrays(model), companion_average(task, recent[-1] if recent
-                                                                                         else {}))
-                       if task.companion else task.make_request(rnd, P.state_arrays(model)))
+            extra = (companion_average(task, recent[-1] if recent else {}),) if task.companion else ()
+            request = task.make_request(rnd, P.state_arrays(model), *extra)
             need = quorum_size(len(nodes), cfg.quorum)
             step = _secure_round if cfg.secure_aggregation else _plain_round
             averaged, entry, replies = step(grid, cfg, sites, task, request, rnd, nodes, spec)
