@@ -41,6 +41,7 @@ from client.dpsgd import opacus_input
 from client.nonfinite import FiniteDPOptimizer
 from common import protocol as P
 from common.data import ImageDataset
+from common.gan_augment import augment
 from common.models import Discriminator, GanShape, Generator
 from common.progress import progress
 
@@ -76,6 +77,7 @@ class RoundSettings:
     label_weights: tuple = ()  # (K,) how often G's steps draw each class (the site's DP class histogram); () = uniform
     d_width: int = 0  # D base width; 0 = GanShape.width // 4
     expected_batch: int = 0  # what DP-SGD divides its noisy sum by (a site: rate x its census total); 0 = rate x n
+    augment: tuple = ()  # DiffAugment transformations of every image D judges (common.gan_augment); () = none
     betas_d: tuple = (0.5, 0.999)
     betas_g: tuple = (0.5, 0.999)
 
@@ -209,10 +211,19 @@ class LocalGanTrainer:
         # a stream the coordinator can replay (its seed) the fakes paired with the records, and G's updates,
         # would carry that private count outside the DP steps; fresh secret draws are independent of it.
         secret = np.random.SeedSequence(rs.noise_seed if rs.noise_seed is not None else secrets.randbits(128))
-        mask_seed, noise_seed, latent_seed = (int(s.generate_state(1, np.uint64)[0] >> 1) for s in secret.spawn(3))
+        mask_seed, noise_seed, latent_seed, aug_seed = (int(s.generate_state(1, np.uint64)[0] >> 1)
+                                                        for s in secret.spawn(4))
         sampler = torch.Generator(device="cpu").manual_seed(mask_seed)
         noise_gen = torch.Generator(device=self.device).manual_seed(noise_seed)
         latents = torch.Generator(device=self.device).manual_seed(latent_seed)
+        aug_rng = torch.Generator(device="cpu").manual_seed(aug_seed)  # D's input transformations (secret: their
+        #                                                                number depends on the Poisson batch sizes)
+
+        def seen_by_d(images: torch.Tensor) -> torch.Tensor:  # (b, C, H, W) -> what D judges, same shape
+            if not rs.augment:
+                return images
+            # the standard layout again for Opacus' per-sample convolution gradients (client.dpsgd.opacus_input)
+            return augment(images, rs.augment, aug_rng).clone(memory_format=torch.contiguous_format)
         if private:
             # loss_reduction="sum": per-sample gradients are those of each record's own loss; the
             # DPOptimizer then divides the noisy sum by the *expected* batch size (not the realised
@@ -241,7 +252,7 @@ class LocalGanTrainer:
             gen.train()
             opt_d.zero_grad(set_to_none=True)
             if b:
-                loss_d, real_cls = discriminator_loss(d_model, xb, fake, yb, rs.ac_weight)
+                loss_d, real_cls = discriminator_loss(d_model, seen_by_d(xb), seen_by_d(fake), yb, rs.ac_weight)
                 loss_d.backward()
                 d_losses.append(float(loss_d.detach()) / b)
                 d_acc.append(float((real_cls.argmax(1) == yb).float().mean()))
@@ -267,7 +278,7 @@ class LocalGanTrainer:
                 yg = (paired_labels(yg, g_batch) if pairs else yg).to(self.device)  # (g,)
                 z = gen.sample_latent(g_batch, latents, self.device)  # (g, latent)
                 fake_g = gen(z, yg)  # (g, C, H, W)
-                adv, cls = disc(fake_g, yg)
+                adv, cls = disc(seen_by_d(fake_g), yg)
                 loss_g = F.binary_cross_entropy_with_logits(adv, torch.ones_like(adv))
                 if rs.ac_weight > 0:
                     loss_g = loss_g + rs.ac_weight * F.cross_entropy(cls, yg)

@@ -48,6 +48,7 @@ from client.requests import (
 from client.site import SiteSettings, data_fingerprint, open_ledger
 from common import protocol as P
 from common.device import pick_device
+from common.gan_augment import parse_augment
 from common.models import Discriminator, GanShape, Generator
 
 log = logging.getLogger("fedsynth.site")
@@ -100,6 +101,10 @@ def _check_request(req: P.GanTrainRequest, site: SiteSettings) -> GanShape:
     for name, value, strict in (("lr-d", req.lr_d, True), ("lr-g", req.lr_g, True), ("ac-weight", req.ac_weight, False),
                                 ("mode-seeking", req.mode_seeking, False), ("max-grad-norm", req.max_grad_norm, True)):
         finite_at_least(value, name, strict=strict)
+    try:
+        parse_augment(req.augment)
+    except ValueError as err:
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"augment: {err}") from None
     if not 0 <= req.ema < 1:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"ema must be a decay in [0, 1), got {req.ema}")
     if not 1 <= req.g_steps <= P.MAX_G_STEPS:
@@ -200,7 +205,7 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
                        d_width=req.d_width, ac_weight=req.ac_weight, mode_seeking=req.mode_seeking,
                        label_weights=tuple(census) if req.class_histogram else (), g_steps_per_d=g_steps,
                        d_steps_per_g=req.d_steps,
-                       ema=req.ema, expected_batch=expected_batch(plan, census))
+                       ema=req.ema, expected_batch=expected_batch(plan, census), augment=parse_augment(req.augment))
     generator = {k: torch.from_numpy(v) for k, v in req.generator.items()}
     new_state, metrics, d_state = trainer.train_round(generator, rs, _previous_d_state(folder, rnd),
                                                       req.discriminator)  # the sites' averaged D, or {}

@@ -164,6 +164,8 @@ class GanTrainRequest(Message):
     # G steps after each D step a large site takes instead of g_steps where it keeps the shorter D schedule
     # (client.budget.choose_g_steps: free in privacy); 0 = exactly g_steps.
     long_g_steps: int = 0
+    # DiffAugment of every image the site's D judges (common.gan_augment): "" = none, or comma-separated names
+    augment: str = ""
     # FedAvg of the discriminators too: the site sends D's weights after the round (GanTrainReply.discriminator)
     share_d: bool = False
     # the sites' averaged D of the last aggregated round, float32 state_dict: the site starts its round from it

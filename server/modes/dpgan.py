@@ -45,7 +45,7 @@ def gan_request(cfg: RunConfig, shape: GanShape, experiment: str, rnd: int,
         image_size=shape.image_size, num_classes=shape.num_classes, latent_dim=shape.latent_dim, width=shape.width,
         resolution=shape.resolution,
         generator=generator, sensitive_attribute=cfg.sensitive_attribute, g_steps=cfg.gan_g_steps, ema=cfg.gan_ema,
-        d_steps=cfg.gan_d_steps,
+        d_steps=cfg.gan_d_steps, augment=cfg.gan_augment,
         long_steps=cfg.gan_long_local_steps, long_g_steps=cfg.gan_long_g_steps,
         share_d=shares_d(cfg), discriminator=discriminator or {})
 
