@@ -19,12 +19,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# name -> what it does; GanTrainRequest.augment names a comma-separated subset, applied in this order
-AUGMENTATIONS = {
-    "translation": "shift each image by up to 1/8 of its side in x and y, the uncovered border filled with 0 "
-                   "(mid-grey in D's [-1, 1] range)",
-    "cutout": "set a square of half the side, centred anywhere in the image (clipped at its border), to 0",
-}
 TRANSLATION_RATIO = 0.125  # Zhao et al.'s default: shifts of up to side/8
 CUTOUT_RATIO = 0.5  # Zhao et al.'s default: a square of side/2
 # What fills the uncovered border and the cut square: 0, mid-grey in D's [-1, 1] range (Zhao et al.'s choice).
@@ -38,8 +32,8 @@ def parse_augment(spec: str) -> tuple[str, ...]:
     names = tuple(s.strip() for s in spec.split(",") if s.strip())
     unknown = [n for n in names if n not in AUGMENTATIONS]
     if unknown:
-        raise ValueError(f"unknown augmentation(s) {[n[:40] for n in unknown[:3]]}; choose from {sorted(AUGMENTATIONS)} "
-                         f"(comma-separated) or leave it empty for none")
+        raise ValueError(f"unknown augmentation(s) {[n[:40] for n in unknown[:3]]}; choose from "
+                         f"{sorted(AUGMENTATIONS)} (comma-separated) or leave it empty for none")
     if len(set(names)) != len(names):
         raise ValueError(f"augmentation {spec[:80]!r} names one transformation twice")
     return names
@@ -76,11 +70,12 @@ def cutout(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(inside[:, None], torch.full_like(x, FILL), x)  # (B, C, H, W)
 
 
-_OPS = {"translation": translate, "cutout": cutout}
+# name -> transformation; GanTrainRequest.augment names a comma-separated subset, applied in the order named
+AUGMENTATIONS = {"translation": translate, "cutout": cutout}
 
 
 def augment(x: torch.Tensor, names: tuple[str, ...], generator: torch.Generator) -> torch.Tensor:
     """x (B, C, H, W) through each named transformation in turn (differentiable in x); ``names`` () = x itself."""
     for name in names:
-        x = _OPS[name](x, generator)
+        x = AUGMENTATIONS[name](x, generator)
     return x
