@@ -34,15 +34,16 @@ import client.nonfinite as nonfinite  # noqa: E402
 from client.dpgan import LocalGanTrainer  # noqa: E402
 from common.data import ImageDataset, load_dataset  # noqa: E402
 from common.models import GanShape, Generator  # noqa: E402
+from tests.benchmarks.run_grid import DATASETS as GRID_DATASETS, DEFAULT_DATA_ROOT as DATA  # noqa: E402
 from tests.benchmarks.site_steps import defaults_round  # noqa: E402
 from tests.benchmarks.speed_cli import RESULTS, machine, write_result  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data"
 DATASETS = {  # name: (path under ../shared/data, load_dataset keywords) -- 28x28 grayscale, the GAN the rules choose
-    "mnist": ("mnist", {}),
-    "pneumonia": ("medmnist/pneumoniamnist.npz", {}),
-    "cifar10gray28": ("cifar10/cifar10-jpg.tar.gz", {"image_size": 28, "channels": 1}),
+    "mnist": (GRID_DATASETS["mnist"].data, {}),
+    "pneumonia": (GRID_DATASETS["pneumonia"].data, {}),
+    "cifar10gray28": (GRID_DATASETS["cifar10"].data, {"image_size": 28, "channels": 1}),
 }
+BATCH = 256  # the defaults' expected Poisson batch (server/defaults.py)
 
 
 class NormRecorder:
@@ -79,6 +80,11 @@ def site(name: str, records: int) -> LocalGanTrainer:
     return LocalGanTrainer(shape, data, torch.device("cpu"), progress=False)
 
 
+def flat(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A generator's floating-point weights as one vector."""
+    return torch.cat([v.flatten() for v in state.values() if v.is_floating_point()])
+
+
 def measure(name: str, records: int, rounds: int, steps: int) -> dict:
     trainer = site(name, records)
     start = {k: v.clone() for k, v in Generator(trainer.shape).state_dict().items()}
@@ -86,7 +92,7 @@ def measure(name: str, records: int, rounds: int, steps: int) -> dict:
     per_round, generator, d_state = [], start, None
     with NormRecorder() as rec:
         for r in range(rounds):
-            rs = defaults_round(trainer, 256, steps, seed=r, noise_seed=r + 1, max_grad_norm=clip)
+            rs = defaults_round(trainer, BATCH, steps, seed=r, noise_seed=r + 1, max_grad_norm=clip)
             generator, _, d_state = trainer.train_round(generator, rs, d_state)
             norms = np.concatenate(rec.steps[-steps:])
             q10, q50, q90 = (float(v) for v in np.quantile(norms, [0.1, 0.5, 0.9]))
@@ -100,13 +106,11 @@ def measure(name: str, records: int, rounds: int, steps: int) -> dict:
     short = min(steps, 30)
 
     def after(c: float, noise_seed: int = 1) -> torch.Tensor:  # G's weights after `short` steps, flattened
-        g = trainer.train_round(start, defaults_round(trainer, 256, short, seed=0, noise_seed=noise_seed,
-                                                      max_grad_norm=c))[0]
-        return torch.cat([v.flatten() for v in g.values() if v.is_floating_point()])
+        return flat(trainer.train_round(start, defaults_round(trainer, BATCH, short, seed=0, noise_seed=noise_seed,
+                                                              max_grad_norm=c))[0])
 
-    origin = torch.cat([v.flatten() for v in start.values() if v.is_floating_point()])
     base = after(clip)
-    moved = float((base - origin).norm())
+    moved = float((base - flat(start)).norm())
     versus = {"C/4": after(clip / 4), "4C": after(clip * 4), "another noise seed": after(clip, noise_seed=2)}
     differences = {name: round(float((base - g).norm()) / moved, 4) for name, g in versus.items()}
     print(f"{name}: G after {short} D steps, its difference to C={clip}'s as a share of how far C={clip}'s moved "
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         raise SystemExit(f"{', '.join(missing)} not found under {DATA}: this benchmark reads ../shared/data")
     result = {"what": "norms of the discriminator's per-sample gradients before clipping (C = gan-max-grad-norm = 1)",
-              "settings": {"expected_batch": 256, "noise_multiplier": 0.63, "steps_per_round": args.steps,
+              "settings": {"expected_batch": BATCH, "noise_multiplier": 0.63, "steps_per_round": args.steps,
                            "rounds": args.rounds},
               "machine": machine(args.threads),
               "datasets": {n: measure(n, args.records, args.rounds, args.steps) for n in args.datasets.split(",")}}
