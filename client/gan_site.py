@@ -141,16 +141,15 @@ def _schedule(req: P.GanTrainRequest, site: SiteSettings, ledger, folder, census
             raise Refusal(P.REFUSED_BAD_REQUEST, f"the run's plan fixed {fixed} steps per round; the request asks "
                                                  f"for {req.local_steps} or {req.long_steps}: start a new experiment")
         return fixed
-    steps = choose_local_steps(req.local_steps, req.long_steps, rounds=req.num_rounds, batch_size=req.batch_size,
-                               epsilon=min(req.epsilon, site.epsilon_budget), noisy_counts=census)
+    steps = choose_local_steps(req.local_steps, req.long_steps, epsilon=min(req.epsilon, site.epsilon_budget),
+                               noisy_counts=census)
+    why = "its noisy census says it is large" if steps == req.long_steps else "its noisy census says it is small"
     if steps != req.local_steps:
         try:  # the longer plan, fixed here if it fits the site's budget (the caller reads it back); else the shorter
             plan_for_site(site, ledger, folder, _plan_request(req, steps), req.experiment, census=census)
         except Refusal:
-            steps = req.local_steps
-    log.info("[%s] takes %d D steps per round in %s (%s)", site.name, steps, req.experiment,
-             "its noisy census says the longer schedule costs little more noise" if steps == req.long_steps
-             else "the longer schedule would cost too much noise")
+            steps, why = req.local_steps, "the longer schedule's plan does not fit its budget"
+    log.info("[%s] takes %d D steps per round in %s (%s)", site.name, steps, req.experiment, why)
     return steps
 
 

@@ -75,19 +75,18 @@ def test_the_plan_is_fixed_at_the_first_request(tmp_path):
                           budget=10.0, prior=[])
 
 
-def test_a_site_takes_the_longer_gan_schedule_only_where_its_noisy_census_says_it_costs_little_noise():
-    from client.budget import choose_local_steps
+def test_a_site_takes_the_longer_gan_schedule_only_where_its_noisy_census_says_it_is_large():
+    from client.budget import LARGE_SITE_RECORDS, choose_local_steps
 
     def chosen(records: float, epsilon: float) -> int:  # the product's schedule: 10 rounds of 60 or 120 steps
-        return choose_local_steps(60, 120, rounds=10, batch_size=256, epsilon=epsilon, noisy_counts=[records / 10] * 10)
+        return choose_local_steps(60, 120, epsilon=epsilon, noisy_counts=[records / 10] * 10)
 
-    # golden numbers (noise multipliers at delta 1e-5 with the census before them): 20,000 records at epsilon 10
-    # 0.578 -> 0.629 (x1.09); 10,000: x1.14; 5,000: x1.23; 2,200 (a PneumoniaMNIST site): x1.34; at epsilon 1
-    # 20,000 records: 1.55 -> 2.02 (x1.30)
-    assert [chosen(n, 10.0) for n in (20000, 10000, 5000, 2200, 283)] == [120, 120, 60, 60, 60]
-    assert chosen(20000, 1.0) == 60 and chosen(200000, 1.0) == 120
+    assert LARGE_SITE_RECORDS == 10_000
+    # MNIST's and CIFAR-10's sites (~11,000-28,000 records) at either budget; PneumoniaMNIST's (283-2,429) never
+    assert [chosen(n, 10.0) for n in (28000, 20000, 10000, 9999, 5000, 2200, 283)] == [120, 120, 120, 60, 60, 60, 60]
+    assert [chosen(n, 1.0) for n in (20000, 11000, 2200)] == [120, 120, 60]
     assert chosen(300, math.inf) == 120  # no noise to grow
-    assert choose_local_steps(60, 60, rounds=10, batch_size=256, epsilon=10.0, noisy_counts=[1e6]) == 60
+    assert choose_local_steps(60, 60, epsilon=10.0, noisy_counts=[1e6]) == 60  # no longer schedule offered
     # a census that came out negative or tiny is a small site, never a division by zero
     assert chosen(-500, 10.0) == 60
 
@@ -99,7 +98,7 @@ def test_a_large_site_on_the_shorter_schedule_takes_the_extra_generator_steps_an
         return choose_g_steps(1, long_g, local_steps=local_steps, steps_taken=taken, noisy_counts=[records / 10] * 10)
 
     assert LARGE_SITE_RECORDS == 10_000
-    assert g(20000, 60) == 2  # large, and the longer D schedule cost too much noise (MNIST at epsilon 1)
+    assert g(20000, 60) == 2  # large, and the longer D plan did not fit its budget
     assert g(20000, 120) == 1  # large, on the longer D schedule: G already gets twice the steps
     assert g(20000, 200, local_steps=200) == 2  # no longer schedule offered (the D steps set by the user)
     assert g(9999, 60) == 1 and g(2200, 60) == 1 and g(-500, 60) == 1  # small sites (PneumoniaMNIST's) keep one

@@ -61,7 +61,7 @@ def test_a_non_private_run_takes_the_longer_schedule_and_the_report_shows_each_s
 def test_a_private_site_keeps_the_shorter_schedule_within_the_runs_epsilon_and_holds_to_it(tmp_path):
     cfg = fast_config(tmp_path, epsilon=1.0, num_rounds=2)
     grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
-    # 100 times the steps would need far more noise per step at this site's size: the site keeps 4
+    # a site of ~1,800 records (the digits) is small by its noisy census: it keeps 4 steps, not 100 times that
     reply = send(grid, 1000, gan_request(cfg, long_steps=400))
     assert not reply.has_error()
     assert P.GanTrainReply.from_message(reply).local_steps == 4
@@ -135,7 +135,7 @@ def test_the_schedule_and_the_plan_follow_the_noisy_census_not_the_record_count(
     honest = fast_config(tmp_path / "honest", epsilon=1.0)
     reply = send(LocalGrid(client_app, small_site, honest.to_flwr()), 1000,
                  gan_request(honest, long_steps=8, long_g_steps=2))
-    # its own census: twice the D steps cost too much, and it is too small for the extra G steps
+    # its own census: too small for the longer D schedule and for the extra G steps
     assert (P.GanTrainReply.from_message(reply).local_steps, P.GanTrainReply.from_message(reply).g_steps) == (4, 1)
     _census_of_a_large_site(monkeypatch)
     cfg = fast_config(tmp_path, epsilon=1.0)
@@ -147,6 +147,26 @@ def test_the_schedule_and_the_plan_follow_the_noisy_census_not_the_record_count(
     plan = json.loads(next((tmp_path / "sites").rglob("plan.json")).read_text())
     assert plan["sample_rate"] == pytest.approx(cfg.gan_batch_size / 20000.0)  # from the census, not ~150 records
     assert plan["planned_epsilon"] <= 1.0 + 1e-9
+
+
+def test_a_large_site_whose_budget_cannot_fit_the_longer_plan_keeps_the_shorter_with_the_extra_g_steps(
+        tmp_path, monkeypatch):
+    """The longer schedule is the census's choice for a large site, but never at the price of a refusal: where the
+    longer plan would need noise past MAX_USEFUL_NOISE (here 2,000 steps at a sampling rate of 0.2 within epsilon
+    0.5) the site trains on the shorter one, within the run's epsilon, and gives G the run's extra steps instead."""
+    from client.budget import MAX_USEFUL_NOISE
+
+    _census_of_a_large_site(monkeypatch)
+    cfg = fast_config(tmp_path, epsilon=0.5, gan_batch_size=4096)
+    reply = send(LocalGrid(client_app, nodes(10)[:1], cfg.to_flwr()), 1000,
+                 gan_request(cfg, long_steps=1000, long_g_steps=2))
+    assert not reply.has_error()
+    assert (P.GanTrainReply.from_message(reply).local_steps, P.GanTrainReply.from_message(reply).g_steps) == (4, 2)
+    plan = json.loads(next((tmp_path / "sites").rglob("plan.json")).read_text())
+    assert plan["request"]["steps"] == 4 and plan["planned_epsilon"] <= 0.5 + 1e-9
+    [entries] = charges(tmp_path)
+    assert [(e["purpose"], e["round"]) for e in entries] == [("dpgan-census", 0), ("dpgan", 1)]
+    assert entries[1]["events"][0]["noise_multiplier"] <= MAX_USEFUL_NOISE
 
 
 def test_the_free_census_refusal_reads_the_published_delta_bound_not_the_ledgers_delta(tmp_path):
