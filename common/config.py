@@ -61,7 +61,7 @@ class RunConfig:
     distributed_noise: bool = False  # statistics mode with secure aggregation: each of >= t sites adds 1/sqrt(t) of the noise
     # --- DP-GAN (site-side local training) -----------------------------------------------------------
     gan_local_steps: int = 0  # discriminator DP-SGD steps per site per round (0 = chosen by the product)
-    gan_long_local_steps: int = 0  # D steps per round a site takes instead where its noisy census says they cost under 15 % more noise (0 = chosen by the product; = gan-local-steps: never)
+    gan_long_local_steps: int = 0  # D steps per round a site takes instead where its noisy census counts 10,000 records or more (0 = chosen by the product; = gan-local-steps: never)
     gan_batch_size: int = 0  # expected Poisson batch size of real records (0 = chosen by the product)
     gan_max_grad_norm: float = 1.0  # per-sample clipping bound of the discriminator's gradient
     gan_lr_d: float = 1e-3  # > 0: Adam learning rate of the discriminator

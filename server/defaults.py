@@ -90,9 +90,10 @@ def gan_rules(schema: Schema, num_sites: int, resolution: int) -> list[Choice]:
                "privacy: CIFAR-10 as 28x28 grayscale, 3 Dirichlet-0.5 sites of ~16,700 records, epsilon 10: "
                "0.251 at 600 steps, 0.315 at 1,200 (noise multiplier 0.60 to 0.66), 0.325 at 600 steps without "
                "DP; MNIST 0.953 to 0.957. At epsilon 1 too, though the steps cost large sites x1.2-1.4 the noise "
-               "per step: MNIST 0.920, 0.921, 0.919 against 0.927, 0.895, 0.896 (seeds 0-2; README: 'The longer "
-               "schedule at epsilon 1'). Small sites lose: PneumoniaMNIST's (283 to 2,300 records, noise "
-               "multiplier x1.34) 0.841 to 0.797 at epsilon 10"),
+               "per step: MNIST 0.920, 0.921, 0.919, 0.922 against 0.927, 0.895, 0.896, 0.915 (seeds 0-3), CIFAR-10 "
+               "gray 0.223, 0.203 against 0.213, 0.184 (seeds 0-1; README: 'The longer schedule at epsilon 1'). "
+               "Small sites lose: PneumoniaMNIST's (283 to 2,300 records, noise multiplier x1.34) 0.841 to 0.797 "
+               "at epsilon 10, 0.739 to 0.627 at epsilon 1"),
         Choice("gan-long-g-steps", 1 if small else 2,
                "tiny images: one generator step per D step, the demo's" if small else
                "two generator steps per D step at a site whose noisy census counts 10,000 records or more and which "
