@@ -150,17 +150,21 @@ def test_the_schedule_and_the_plan_follow_the_noisy_census_not_the_record_count(
 
 
 def test_a_large_site_whose_budget_cannot_fit_the_longer_plan_keeps_the_shorter_with_the_extra_g_steps(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, caplog):
     """The longer schedule is the census's choice for a large site, but never at the price of a refusal: where the
     longer plan would need noise past MAX_USEFUL_NOISE (here 2,000 steps at a sampling rate of 0.2 within epsilon
-    0.5) the site trains on the shorter one, within the run's epsilon, and gives G the run's extra steps instead."""
+    0.5) the site trains on the shorter one, within the run's epsilon, and gives G the run's extra steps instead;
+    its log says why it kept the shorter schedule."""
     from client.budget import MAX_USEFUL_NOISE
 
     _census_of_a_large_site(monkeypatch)
     cfg = fast_config(tmp_path, epsilon=0.5, gan_batch_size=4096)
-    reply = send(LocalGrid(client_app, nodes(10)[:1], cfg.to_flwr()), 1000,
-                 gan_request(cfg, long_steps=1000, long_g_steps=2))
+    with caplog.at_level("INFO", logger="fedsynth.site"):
+        reply = send(LocalGrid(client_app, nodes(10)[:1], cfg.to_flwr()), 1000,
+                     gan_request(cfg, long_steps=1000, long_g_steps=2))
     assert not reply.has_error()
+    assert "takes 4 D steps per round" in caplog.text
+    assert "the longer schedule's plan does not fit its budget" in caplog.text
     assert (P.GanTrainReply.from_message(reply).local_steps, P.GanTrainReply.from_message(reply).g_steps) == (4, 2)
     plan = json.loads(next((tmp_path / "sites").rglob("plan.json")).read_text())
     assert plan["request"]["steps"] == 4 and plan["planned_epsilon"] <= 0.5 + 1e-9
