@@ -191,9 +191,10 @@ def _tuned(req: PlanRequest, target: float, delta: float, q: float, reserve: lis
     return calibrate_noise_multiplier(target, delta, q, total_steps, prior=[*reserve, stats]), stats
 
 
-def choose_local_steps(steps: int, long_steps: int, *, epsilon: float, noisy_counts: list[float]) -> int:
-    """The D steps per round a DP-GAN site takes: ``long_steps`` at a large site (noisy census total at least
-    LARGE_SITE_RECORDS), else ``steps``.
+def choose_local_steps(steps: int, long_steps: int, *, epsilon: float,
+                       noisy_counts: list[float]) -> tuple[int, str]:
+    """The D steps per round a DP-GAN site takes -- ``long_steps`` at a large site (noisy census total at least
+    LARGE_SITE_RECORDS), else ``steps`` -- and why, for the site's log.
 
     Why by size, not by the noise the longer schedule adds: what twice the D steps cost a site in noise per step
     told MNIST's sites at epsilon 1 (x1.30, and they gained) from PneumoniaMNIST's at epsilon 10 (x1.34, and they
@@ -204,10 +205,12 @@ def choose_local_steps(steps: int, long_steps: int, *, epsilon: float, noisy_cou
     non-private run takes the longer schedule at any size: it costs no noise.
     """
     if long_steps <= steps:
-        return steps
+        return steps, "the run offers no longer schedule"
     if not math.isfinite(epsilon):
-        return long_steps
-    return long_steps if public_size(noisy_counts) >= LARGE_SITE_RECORDS else steps
+        return long_steps, "a run without noise takes the longer schedule"
+    if public_size(noisy_counts) >= LARGE_SITE_RECORDS:
+        return long_steps, "its noisy census says it is large"
+    return steps, "its noisy census says it is small"
 
 
 def choose_g_steps(g_steps: int, long_g_steps: int, *, local_steps: int, steps_taken: int,

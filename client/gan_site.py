@@ -15,7 +15,6 @@ Per round, in this order (each step before the next):
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from flwr.app import Context, Message
@@ -142,11 +141,8 @@ def _schedule(req: P.GanTrainRequest, site: SiteSettings, ledger, folder, census
             raise Refusal(P.REFUSED_BAD_REQUEST, f"the run's plan fixed {fixed} steps per round; the request asks "
                                                  f"for {req.local_steps} or {req.long_steps}: start a new experiment")
         return fixed
-    epsilon = min(req.epsilon, site.epsilon_budget)
-    steps = choose_local_steps(req.local_steps, req.long_steps, epsilon=epsilon, noisy_counts=census)
-    why = ("the run offers no longer schedule" if req.long_steps <= req.local_steps else
-           "a run without noise takes the longer schedule" if not math.isfinite(epsilon) else
-           "its noisy census says it is large" if steps == req.long_steps else "its noisy census says it is small")
+    steps, why = choose_local_steps(req.local_steps, req.long_steps, epsilon=min(req.epsilon, site.epsilon_budget),
+                                    noisy_counts=census)
     if steps != req.local_steps:
         try:  # the longer plan, fixed here if it fits the site's budget (the caller reads it back); else the shorter
             plan_for_site(site, ledger, folder, _plan_request(req, steps), req.experiment, census=census)

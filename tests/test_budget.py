@@ -79,14 +79,14 @@ def test_a_site_takes_the_longer_gan_schedule_only_where_its_noisy_census_says_i
     from client.budget import LARGE_SITE_RECORDS, choose_local_steps
 
     def chosen(records: float, epsilon: float) -> int:  # the product's schedule: 10 rounds of 60 or 120 steps
-        return choose_local_steps(60, 120, epsilon=epsilon, noisy_counts=[records / 10] * 10)
+        return choose_local_steps(60, 120, epsilon=epsilon, noisy_counts=[records / 10] * 10)[0]
 
     assert LARGE_SITE_RECORDS == 10_000
     # MNIST's and CIFAR-10's sites (~11,000-28,000 records) at either budget; PneumoniaMNIST's (283-2,429) never
     assert [chosen(n, 10.0) for n in (28000, 20000, 10000, 9999, 5000, 2200, 283)] == [120, 120, 120, 60, 60, 60, 60]
     assert [chosen(n, 1.0) for n in (20000, 11000, 2200)] == [120, 120, 60]
     assert chosen(300, math.inf) == 120  # no noise to grow
-    assert choose_local_steps(60, 60, epsilon=10.0, noisy_counts=[1e6]) == 60  # no longer schedule offered
+    assert choose_local_steps(60, 60, epsilon=10.0, noisy_counts=[1e6])[0] == 60  # no longer schedule offered
     # a census that came out negative or tiny is a small site, never a division by zero
     assert chosen(-500, 10.0) == 60
 
