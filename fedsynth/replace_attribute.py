@@ -8,7 +8,7 @@
     fedsynth evaluate --synthetic runs/faces-race-replaced --test FACES --train FACES \\
         --label-from utkface-gender+race --resize
 
-It reads what the run already released (the sites' last generators and noisy class counts, saved as
+It reads what the run already released (the sites' generators of their last rounds and noisy class counts, saved as
 ``site_generators.pt`` by a DP-GAN run with ``gan-sample-from = sites``), so it costs no privacy: it is
 post-processing, and the run's privacy statement carries over unchanged. The algorithm and its reasons are
 in :mod:`server.attribute_replacement`; ``--strength`` below 1 replaces only that share of the records
@@ -62,7 +62,7 @@ def _run_inputs(run: Path) -> tuple[dict, RunConfig, tuple[str, ...], dict]:
                           "a second attribute to replace. Run it with a joint label whose second attribute is the "
                           "sensitive one, e.g. --set label-from=utkface-gender+race")
     if not sites_path.is_file():
-        raise DataError(f"{run} holds no site_generators.pt (the sites' last generators): run the DP-GAN mode with "
+        raise DataError(f"{run} holds no site_generators.pt (the sites' generators): run the DP-GAN mode with "
                         "gan-sample-from=sites (the default) and without secure aggregation")
     sites = torch.load(sites_path, weights_only=False)
     return report, cfg, classes, sites

@@ -184,7 +184,7 @@ def _synthetic_section(synthetic: dict, out_dir: Path) -> str:
         out.append(_table(("item", "value"), facts, table_id="synthetic"))
     per_site = made.get("images-per-site-and-class") or {}
     if per_site:  # drawn from each site's generator, per class, by the sites' noisy class counts
-        out.append(_table(("site", "images drawn from its generator, per class"), [
+        out.append(_table(("site", "images drawn from its generators, per class"), [
             (name, ", ".join(str(v) for v in row)) for name, row in per_site.items()], table_id="per-site"))
     for rel in synthetic.get("grids") or []:
         path = (out_dir / rel) if not Path(rel).is_absolute() else Path(rel)

@@ -80,15 +80,15 @@ def test_gan_sample_from_is_validated():
         RunConfig.from_mapping({"gan-sample-rounds": 0}).validate()
 
 
-def test_each_site_is_drawn_from_the_average_of_its_last_rounds_generators(tmp_path):
-    """gan-sample-rounds = 2 over 3 rounds: site_generators.pt holds, per site, the mean of the generators the
-    site returned in rounds 2 and 3 (read off the wire), and the report says so."""
+def _replies_by_site(tmp_path, **overrides) -> tuple[dict, list[list[dict]], dict]:
+    """An in-process 2-site run of 3 rounds: (its report, each site's generators of rounds 1-3 read off the wire
+    in site order, site_generators.pt)."""
     from client.app import app as client_app
     from fedsynth.localgrid import run_inprocess
     from server.app import run_coordinator
     from tests.spine_helpers import fast_config, nodes
 
-    cfg = fast_config(tmp_path, num_rounds=3, gan_local_steps=2, gan_sample_rounds=2, synthetic_size=40)
+    cfg = fast_config(tmp_path, num_rounds=3, gan_local_steps=2, synthetic_size=40, **overrides)
     seen = []
     report = run_inprocess(run_coordinator, client_app, cfg.to_flwr(), nodes(2), tap=seen.append)
     by_site: dict[int, list[dict]] = {}
@@ -96,13 +96,63 @@ def test_each_site_is_drawn_from_the_average_of_its_last_rounds_generators(tmp_p
         if msg.metadata.message_type == P.TRAIN_GAN:
             by_site.setdefault(msg.metadata.src_node_id, []).append(P.GanTrainReply.from_message(msg).generator)
     saved = torch.load(tmp_path / "out" / "site_generators.pt", weights_only=False)
-    assert saved["rounds_averaged"] == [2, 2] and len(saved["generators"]) == 2
-    for node, state in zip(sorted(by_site), saved["generators"]):
-        rounds = by_site[node]  # the site's replies in round order
-        assert len(rounds) == 3
+    return report, [by_site[node] for node in sorted(by_site)], saved
+
+
+def test_each_site_is_drawn_from_the_average_of_its_last_rounds_generators(tmp_path):
+    """gan-sample-rounds = 2, gan-sample-combine = average, over 3 rounds: site_generators.pt holds, per site,
+    the mean of the generators the site returned in rounds 2 and 3 (read off the wire), and the report says so."""
+    report, rounds_of, saved = _replies_by_site(tmp_path, gan_sample_rounds=2, gan_sample_combine="average")
+    assert saved["rounds_used"] == [2, 2] and len(saved["generators"]) == 2
+    np.testing.assert_array_equal(saved["census"], saved["site_census"])
+    for rounds, state in zip(rounds_of, saved["generators"]):
+        assert len(rounds) == 3  # the site's replies in round order
         for key, value in state.items():
             np.testing.assert_allclose(value, (rounds[1][key] + rounds[2][key]) / 2, rtol=1e-5, atol=1e-6)
             assert not np.allclose(value, rounds[2][key])  # not the last round's alone
-    assert list(report["synthetic"]["made"]["rounds-averaged-per-site"].values()) == [2, 2]
+    made = report["synthetic"]["made"]
+    assert list(made["rounds-per-site"].values()) == [2, 2] and made["combine"] == "average"
+    assert "averaged" in made["why"]
     # the checkpoint keeps just the rounds it needs
     assert len(torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["recent"]) == 2
+
+
+def test_by_default_each_of_a_sites_last_three_generators_draws_an_equal_part_of_its_share(tmp_path):
+    """The default mixture (gan-sample-rounds = 3, gan-sample-combine = mixture): the set is drawn from every
+    generator each site returned in rounds 1-3, exactly as sent, each with a third of the site's noisy counts,
+    so each draws a third of the site's images of every class; the report counts them per site."""
+    assert (RunConfig().gan_sample_rounds, RunConfig().gan_sample_combine) == (3, "mixture")
+    report, rounds_of, saved = _replies_by_site(tmp_path)
+    assert saved["rounds_used"] == [3, 3] and saved["combine"] == "mixture"
+    names = saved["sites"]
+    assert saved["owners"] == [names[0]] * 3 + [names[1]] * 3
+    for component, (site, rnd) in enumerate([(s, r) for s in range(2) for r in range(3)]):
+        for key, value in saved["generators"][component].items():
+            np.testing.assert_array_equal(value, rounds_of[site][rnd][key])  # as sent, not averaged
+        np.testing.assert_allclose(saved["census"][component], np.asarray(saved["site_census"][site]) / 3)
+    made = report["synthetic"]["made"]
+    per_site = np.array(list(made["images-per-site-and-class"].values()))  # (S, K) summed over a site's rounds
+    assert per_site.sum() == 40 and per_site.shape == (2, len(report["synthetic"]["made"]["class-mix"]
+                                                               ["images-per-class"]))
+    assert made["combine"] == "mixture" and "equal part" in made["why"]
+    assert len(torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["recent"]) == 3
+
+
+def test_a_mixture_splits_each_class_equally_among_a_sites_generators():
+    """round_mixture's components and the allocation they get: a site with 3 rounds and one with 1 (it missed
+    two rounds); class c's images of a site are shared equally among its generators (largest remainder)."""
+    from server.modes.dpgan import round_mixture
+
+    from types import SimpleNamespace
+
+    g = lambda v: {"w": np.full((2,), v, dtype=np.float32)}  # noqa: E731
+    recent = [{0: SimpleNamespace(generator=g(1.0))}, {0: SimpleNamespace(generator=g(2.0))},
+              {0: SimpleNamespace(generator=g(3.0)), 1: SimpleNamespace(generator=g(9.0))}]
+    census = np.array([[300.0, 30.0], [100.0, 270.0]])
+    states, rows, owners, used = round_mixture(recent, [0, 1], census)
+    assert [s["w"][0] for s in states] == [1.0, 2.0, 3.0, 9.0] and owners == [0, 0, 0, 1] and used == [3, 1]
+    np.testing.assert_allclose(rows, [[100, 10], [100, 10], [100, 10], [100, 270]])
+    alloc = allocate_by_census(rows, 700, np.array([400, 300]))
+    assert alloc.sum(axis=0).tolist() == [400, 300]
+    assert alloc[:3, 0].tolist() == [100, 100, 100] and alloc[3, 0] == 100  # class 0: 3/4 from site 0, in thirds
+    assert max(alloc[:3, 1]) - min(alloc[:3, 1]) <= 1

@@ -2,8 +2,8 @@
 
     .venv/bin/python tests/benchmarks/bench_class_mix.py runs/faces/utkface-age-dpgan-eps10-k3-dirichlet0.5-r3/sim
 
-Reads a finished DP-GAN run with ``gan-sample-from = sites`` (``site_generators.pt``: the sites' last
-generators and the noisy class counts they released) and, for each mix in ``--mixes``, draws the run's
+Reads a finished DP-GAN run with ``gan-sample-from = sites`` (``site_generators.pt``: the sites' generators the
+run drew its set from and the noisy class counts they released) and, for each mix in ``--mixes``, draws the run's
 synthetic-set size with the product's own functions (``server.synthesis.class_sizes``,
 ``sample_site_generators``) and the run's seed, trains the run's learner on it and scores it on the run's
 real test data: accuracy, MCC and balanced accuracy (the mean of the per-class accuracies, which a class

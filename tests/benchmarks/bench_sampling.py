@@ -4,7 +4,7 @@
         --test ../shared/data/mnist
 
 Reads a finished DP-GAN run's output folder (``generator.pt``: the average of the last round; and
-``site_generators.pt``: the sites' last generators and noisy class counts, written by a run with
+``site_generators.pt``: the sites' generators the run drew from and their noisy class counts, written by a run with
 ``gan-sample-from = sites``), draws the run's synthetic-set size both ways with the run's seed, trains the
 run's learner on each and tests it on the real test data. Same run, same DP releases: the difference is
 the sampling alone. Prints both and writes ``sampling.json`` into the run's folder.

@@ -3,8 +3,8 @@
     .venv/bin/python tests/benchmarks/bench_synthetic_size.py runs/defaults/mnist-dpgan-eps10-k3-dirichlet0.5/sim \\
         --sizes 10000,30000,60000
 
-Reads a finished DP-GAN run with ``gan-sample-from = sites`` (``site_generators.pt``: the sites' last
-generators and the noisy class counts they released). For each size in ``--sizes`` it draws that many images
+Reads a finished DP-GAN run with ``gan-sample-from = sites`` (``site_generators.pt``: the sites' generators the
+run drew its set from and the noisy class counts they released). For each size in ``--sizes`` it draws that many images
 with the product's own functions (``server.synthesis.class_sizes``, ``sample_site_generators``; the run's class
 mix and seed), trains the run's learner on them (same epochs: a larger set is also more learner steps) and
 scores it on a validation subset of the real *training* split (what a choice of default may look at) and on
