@@ -132,8 +132,7 @@ def test_by_default_each_of_a_sites_last_three_generators_draws_an_equal_part_of
         np.testing.assert_allclose(saved["census"][component], np.asarray(saved["site_census"][site]) / 3)
     made = report["synthetic"]["made"]
     per_site = np.array(list(made["images-per-site-and-class"].values()))  # (S, K) summed over a site's rounds
-    assert per_site.sum() == 40 and per_site.shape == (2, len(report["synthetic"]["made"]["class-mix"]
-                                                               ["images-per-class"]))
+    assert per_site.sum() == 40 and per_site.shape == (2, len(made["class-mix"]["images-per-class"]))
     assert made["combine"] == "mixture" and "equal part" in made["why"]
     assert len(torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["recent"]) == 3
 
@@ -141,9 +140,9 @@ def test_by_default_each_of_a_sites_last_three_generators_draws_an_equal_part_of
 def test_a_mixture_splits_each_class_equally_among_a_sites_generators():
     """round_mixture's components and the allocation they get: a site with 3 rounds and one with 1 (it missed
     two rounds); class c's images of a site are shared equally among its generators (largest remainder)."""
-    from server.modes.dpgan import round_mixture
-
     from types import SimpleNamespace
+
+    from server.modes.dpgan import round_mixture
 
     g = lambda v: {"w": np.full((2,), v, dtype=np.float32)}  # noqa: E731
     recent = [{0: SimpleNamespace(generator=g(1.0))}, {0: SimpleNamespace(generator=g(2.0))},

@@ -121,6 +121,17 @@ def round_mixture(recent: list[dict], nodes: list[int], census: np.ndarray
     return states, np.stack(rows), owners, used
 
 
+def sampled_generators(recent: list[dict], nodes: list[int], census: np.ndarray, combine: str
+                       ) -> tuple[list[dict[str, np.ndarray]], np.ndarray, list[int], list[int]]:
+    """What the synthetic set is drawn from, ``gan-sample-combine`` way: (generators; their (M, K) class counts,
+    one row each; the node index of each; how many rounds each node has). ``mixture``: ``round_mixture``;
+    ``average``: one averaged generator per node (``site_generators``) with the node's own ``census`` row."""
+    if combine == "mixture":
+        return round_mixture(recent, nodes, census)
+    states, used = site_generators(recent, nodes)
+    return states, np.asarray(census, dtype=np.float64), list(range(len(nodes))), used
+
+
 def collect_and_synthesize(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int, SiteRecord], schema: Schema,
                            device: torch.device) -> tuple[ImageDataset, list[dict], dict]:
     """The federated generator rounds, then the synthetic set; and how it was sampled (for the report)."""
@@ -145,11 +156,9 @@ def collect_and_synthesize(grid: Grid, cfg: RunConfig, run: RunState, sites: dic
         if from_sites:
             names = [sites[n].name if n in sites else f"node-{n}" for n in nodes]
             mixture = cfg.gan_sample_combine == "mixture"
-            if mixture:  # every generator of a site's last rounds draws its part (component_census: (M, K))
-                site_states, component_census, owners, rounds_used = round_mixture(outcome.recent, nodes, census)
-            else:
-                site_states, rounds_used = site_generators(outcome.recent, nodes)
-                component_census, owners = census, list(range(len(nodes)))
+            # with the mixture every generator of a site's last rounds draws its part (component_census: (M, K))
+            site_states, component_census, owners, rounds_used = sampled_generators(outcome.recent, nodes, census,
+                                                                                    cfg.gan_sample_combine)
             # what the set was drawn from, to re-sample it: "generators" with "census" (one row each) is the
             # mixture's components; "site_census" the sites' own rows
             torch.save({"sites": names, "census": component_census, "generators": site_states,

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from common.learner import train_learner
-    from server.modes.dpgan import round_mixture, site_generators
+    from server.modes.dpgan import sampled_generators
     from server.synthesis import class_sizes, sample_site_generators
     from tests.benchmarks.saved_run import (
         add_scoring_arguments,
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     experiment = json.loads((run / "run.json").read_text())["experiment"]
     saved = torch.load(run / "site_generators.pt", weights_only=False)
     # the sites' own noisy class counts ("census" holds one row per mixture component in runs since the mixture)
-    names, census = saved["sites"], saved.get("site_census", saved["census"])
+    names, census = saved["sites"], np.asarray(saved.get("site_census", saved["census"]))
 
     def replies(rnd: int) -> dict[int, SimpleNamespace]:  # node index -> the site's reply of round rnd
         out = {}
@@ -74,16 +74,14 @@ def main(argv: list[str] | None = None) -> int:
               "validation": f"{len(val)} images of the training split"}
     out = args.out or ROOT / "tests" / "benchmarks" / "results" / "sample_rounds" / f"{run.parent.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    sizes = class_sizes(np.asarray(census), cfg.synthetic_size, cfg.synthetic_class_mix)  # (K,) the run's mix
+    sizes = class_sizes(census, cfg.synthetic_size, cfg.synthetic_class_mix)  # (K,) the run's mix
     for k in [int(x) for x in args.rounds.split(",")]:
         recent = [replies(r) for r in range(cfg.num_rounds - k + 1, cfg.num_rounds + 1)]
         nodes = list(range(len(names)))
         for combine in (["last"] if k == 1 else args.combine.split(",")):
             t0 = time.perf_counter()
-            if combine == "mixture":
-                states, rows, _, used = round_mixture(recent, nodes, np.asarray(census))
-            else:
-                (states, used), rows = site_generators(recent, nodes), np.asarray(census)
+            # k = 1: one generator per site either way
+            states, rows, _, used = sampled_generators(recent, nodes, census, "average" if k == 1 else combine)
             synth, _ = sample_site_generators(gen, states, rows, test.classes, cfg.synthetic_size, seed=cfg.seed,
                                               device=cpu, progress=False, sizes=sizes)
             model = train_learner(synth, cfg.learner_config(), device=cpu, progress=False)
