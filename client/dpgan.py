@@ -28,6 +28,7 @@ Implementation notes (verified against Opacus 1.6):
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -48,6 +49,12 @@ from common.progress import progress
 # Opacus' per-sample hooks on the first layer fire with inputs that need no gradient (the images);
 # PyTorch warns about that on every D step although it is exactly what we want.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+
+# torch's global random generator is one per process; sites answering in threads of one process (the in-process
+# simulation, fedsynth.localgrid) seed it and build their networks from it one at a time. Nothing else a site
+# computes draws from it: its secret draws come from generators of its own (train_round).
+_SEEDED_INIT = threading.Lock()
+
 
 @dataclass(frozen=True)
 class RoundSettings:
@@ -188,10 +195,11 @@ class LocalGanTrainer:
         n_d, n_g = max(1, int(rs.d_steps_per_g)), max(1, int(rs.g_steps_per_d))
         pairs = rs.mode_seeking > 0 and g_batch >= 2  # G's batch in mode-seeking pairs (mode_seeking_penalty)
         n_labels = (g_batch + 1) // 2 if pairs else g_batch  # labels drawn per G step: one per pair
-        torch.manual_seed(rs.seed)
-        gen = Generator(self.shape).to(self.device)
+        with _SEEDED_INIT:  # D's first weights from the coordinator's seed, whatever other sites' threads do
+            torch.manual_seed(rs.seed)
+            gen = Generator(self.shape).to(self.device)
+            disc = Discriminator(self.shape, width=rs.d_width).to(self.device)
         gen.load_state_dict(generator_state)
-        disc = Discriminator(self.shape, width=rs.d_width).to(self.device)
         opt_g = torch.optim.Adam(gen.parameters(), lr=rs.lr_g, betas=tuple(rs.betas_g))
         opt_d_inner = torch.optim.Adam(disc.parameters(), lr=rs.lr_d, betas=tuple(rs.betas_d))
         saved = None if d_state is None else {k: _to_device(v, self.device) for k, v in d_state.items()}

@@ -178,11 +178,10 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
                         budget=site.epsilon_budget, delta_bound=site.delta_bound,
                         fingerprint=data_fingerprint(data))
     steps = _schedule(req, site, ledger, folder, census)
-    g_steps = choose_g_steps(req.g_steps, req.long_g_steps, local_steps=req.local_steps, steps_taken=steps,
-                             noisy_counts=census)
+    g_steps = choose_g_steps(req.g_steps, req.long_g_steps, noisy_counts=census)
     if g_steps != req.g_steps and rnd == 1:
-        log.info("[%s] takes %d G steps per D step in %s (its noisy census says it is large and it keeps the "
-                 "shorter D schedule; G steps cost no privacy)", site.name, g_steps, req.experiment)
+        log.info("[%s] takes %d G steps per D step in %s (its noisy census says it is large; G steps cost no "
+                 "privacy)", site.name, g_steps, req.experiment)
     plan = plan_for_site(site, ledger, folder, _plan_request(req, steps), req.experiment, census=census)
     train = plan.train_round(steps)
     try:

@@ -40,6 +40,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda[:N]
     experiment: str = ""  # id shared by all rounds of a run (sites key local state by it); "" = new id
     progress: bool = True  # progress bars for local training, synthesis and the learner
+    parallel_sites: bool = True  # in-process simulation: the sites of a round work at once, the cores shared out (fedsynth.localgrid); false = one after another (less memory)
     # --- data (simulation: every virtual site loads its partition of `data`) ------------------------
     data: str = "digits"  # dataset source: digits | MNIST IDX dir | .npz | image folder | .tar.gz
     test_data: str = "digits"  # real held-out data for TSTR accuracy; "" = none (deployment)
@@ -74,7 +75,7 @@ class RunConfig:
     gan_ac_weight: float = 0.3  # weight of the discriminator's auxiliary class loss (AC-GAN); 0 = projection only
     gan_mode_seeking: float = 1.0  # weight of G's mode-seeking term; 0 = off (then every image of a class looks alike)
     gan_g_steps: int = 1  # >= 1: generator steps after each gan-d-steps discriminator steps (free in privacy: G never sees a record)
-    gan_long_g_steps: int = 0  # G steps after each D step a site of >= 10,000 records (noisy census) takes where it keeps the shorter D schedule (0 = chosen by the product; = gan-g-steps: never)
+    gan_long_g_steps: int = 0  # G steps after each D step a site of >= 10,000 records (noisy census) takes, on either D schedule (0 = chosen by the product; = gan-g-steps: never)
     gan_d_steps: int = 1  # >= 1: discriminator steps between two generator steps (Bie et al.'s n_D; the privacy spent is set by gan-local-steps alone)
     gan_augment: str = ""  # DiffAugment of every image a site's D judges: "" = none, or comma-separated from translation, cutout (common/gan_augment.py; README: measured, opt-in)
     # Free in privacy (G never sees a record) and in time. 0.99 measured against 0 on three datasets, epsilon 10,

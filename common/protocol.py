@@ -161,7 +161,7 @@ class GanTrainRequest(Message):
     # D steps per round the site takes instead of local_steps where its own noisy census says it is large
     # (client.budget.choose_local_steps); 0 = exactly local_steps. Fixed with the site's plan at its first round.
     long_steps: int = 0
-    # G steps after each D step a large site takes instead of g_steps where it keeps the shorter D schedule
+    # G steps after each D step a site takes instead of g_steps where its own noisy census says it is large
     # (client.budget.choose_g_steps: free in privacy); 0 = exactly g_steps.
     long_g_steps: int = 0
     # DiffAugment of every image the site's D judges (common.gan_augment): "" = none, or comma-separated names
@@ -190,8 +190,8 @@ class GanTrainReply(Message):
                                       "long_steps, chosen from the request and the site's noisy census alone "
                                       "(post-processing of 'census'), never from its record count", default=0)
     g_steps: int = declared("dp", "the G steps after each D step the site took this round: the request's g_steps "
-                                  "or long_g_steps, chosen from the request, the D steps taken and the site's noisy "
-                                  "census alone (post-processing of 'census')", default=0)
+                                  "or long_g_steps, chosen from the request and the site's noisy census alone "
+                                  "(post-processing of 'census')", default=0)
     discriminator: Arrays = arrays(kind="dp", why="D's weights after this round's DP-SGD steps (only when the "
                                                   "request sets share_d): the DP-SGD mechanism's own output, whose "
                                                   "every iterate the round's charge already covers; its starting "

@@ -5,15 +5,21 @@ registration and error replies behave as in Flower); each virtual site keeps its
 Used by ``fedsynth simulate --engine inprocess`` (the default: starts in well under a second) and
 by the tests. ``drop_nodes`` makes sites that never answer, ``tap`` sees every reply (the protocol
 test uses it to inspect everything that leaves a site).
+
+The sites of one round work at once, as real sites on their own machines do: each in a thread of its own
+with the machine's cores shared out among them (:func:`site_workers`); replies are handed back in the
+order the messages were sent, whatever order they finish in.
 """
 
 from __future__ import annotations
 
 import copy
+import threading
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
@@ -29,10 +35,29 @@ def set_task_identity(run_id: int = 1) -> None:
     TaskIdentity.task_id = 1
 
 
+def site_workers(messages: int, cores: int | None = None) -> tuple[int, int]:
+    """(sites that work at once, torch threads each) for a round of ``messages`` requests on ``cores`` cores
+    (default: torch's thread count, i.e. the cores this process may use).
+
+    Why at once: a DP-GAN site step is many small operations, which two threads speed up far less than twice
+    (``tests/benchmarks/bench_parallel_sites.py``), so on a machine with fewer cores than sites, one thread per
+    site with all sites together finishes a round sooner than the sites one after another with every core each.
+    Up to twice as many sites as cores work all at once (three sites on two cores share them evenly, where two
+    at a time would leave one core idle while the third works alone); more sites than that take turns, one per
+    core. Each site gets an equal share of the cores, at least one thread. One core, or a GPU, and the sites
+    take turns: there is nothing to share out, or they would share one device.
+    """
+    cores = cores or torch.get_num_threads()
+    if messages <= 1 or cores <= 1 or torch.cuda.is_available():
+        return 1, cores
+    workers = messages if messages <= 2 * cores else cores
+    return workers, max(1, cores // workers)
+
+
 class LocalGrid(Grid):
     def __init__(self, client_app: ClientApp, node_configs: list[dict[str, Any]], run_config: dict[str, Any],
                  *, drop_nodes: Iterable[int] = (), tap: Callable[[Message], None] | None = None,
-                 run_id: int = 1) -> None:
+                 run_id: int = 1, parallel: bool = True) -> None:
         set_task_identity(run_id)
         self.client_app = client_app
         self.run_config = run_config
@@ -40,6 +65,7 @@ class LocalGrid(Grid):
                                         run_config=dict(run_config)) for i, nc in enumerate(node_configs)}
         self.drop_nodes = set(drop_nodes)
         self.tap = tap
+        self.parallel = parallel  # False: the sites of a round work one after another
         self._replies: dict[str, Message] = {}
         self._run: Any = None
 
@@ -59,26 +85,64 @@ class LocalGrid(Grid):
         return list(self.nodes)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for msg in messages:
-            mid = uuid.uuid4().hex
+        messages = list(messages)
+        ids = [uuid.uuid4().hex for _ in messages]
+        for mid, msg in zip(ids, messages):
             msg.metadata.__dict__["_message_id"] = mid
-            ids.append(mid)
-            node = msg.metadata.dst_node_id
-            if node in self.drop_nodes or node not in self.nodes:
-                continue  # a dead site: the message is never answered
-            try:
-                # A real message crosses the network: the site gets its own copy (Flower's SecAgg+ workflow
-                # sends one content object to every site, and its mod edits what it receives).
-                reply = self.client_app(copy.deepcopy(msg), self.nodes[node])
-            except Exception as err:  # the ClientApp crashed: Flower turns this into an error reply
-                reply = Message(error=Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
-            reply.metadata.__dict__["_src_node_id"] = node
-            reply.metadata.__dict__["_reply_to_message_id"] = mid
-            if self.tap is not None:
-                self.tap(reply)
-            self._replies[mid] = reply
+        live = lambda msg: msg.metadata.dst_node_id in self.nodes and msg.metadata.dst_node_id not in self.drop_nodes
+        workers, threads = site_workers(sum(map(live, messages))) if self.parallel else (1, 0)
+        if workers == 1:
+            # one after another, each reply tapped before the next site works (a tap that drops sites acts at once)
+            for mid, msg in zip(ids, messages):
+                if live(msg):  # else a dead site: the message is never answered
+                    self._keep(mid, msg, self._answer(msg))
+            return ids
+        work = [(mid, msg) for mid, msg in zip(ids, messages) if live(msg)]
+        for (mid, msg), reply in zip(work, self._answer_at_once([msg for _, msg in work], workers, threads)):
+            self._keep(mid, msg, reply)
         return ids
+
+    def _keep(self, mid: str, msg: Message, reply: Message) -> None:
+        reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+        reply.metadata.__dict__["_reply_to_message_id"] = mid
+        if self.tap is not None:
+            self.tap(reply)
+        self._replies[mid] = reply
+
+    def _answer(self, msg: Message) -> Message:
+        """The reply of the site ``msg`` is addressed to."""
+        try:
+            # A real message crosses the network: the site gets its own copy (Flower's SecAgg+ workflow
+            # sends one content object to every site, and its mod edits what it receives).
+            return self.client_app(copy.deepcopy(msg), self.nodes[msg.metadata.dst_node_id])
+        except Exception as err:  # the ClientApp crashed: Flower turns this into an error reply
+            return Message(error=Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+
+    def _answer_at_once(self, messages: list[Message], workers: int, threads: int) -> list[Message]:
+        """The sites' replies, in the order of ``messages``, ``workers`` sites working at once with ``threads``
+        torch threads each."""
+        replies: list[Message | None] = [None] * len(messages)
+        queue = iter(list(enumerate(messages)))
+        lock = threading.Lock()
+
+        def worker() -> None:
+            torch.set_num_threads(threads)  # this thread's own share of the cores
+            while True:
+                with lock:
+                    item = next(queue, None)
+                if item is None:
+                    return
+                i, msg = item
+                replies[i] = self._answer(msg)
+
+        main_threads = torch.get_num_threads()
+        pool = [threading.Thread(target=worker, name=f"site-worker-{i}", daemon=True) for i in range(workers)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        torch.set_num_threads(main_threads)  # the coordinator's work after the round has every core again
+        return replies  # type: ignore[return-value]
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(mid) for mid in list(message_ids) if mid in self._replies]

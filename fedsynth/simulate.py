@@ -151,7 +151,8 @@ def simulate(cfg: RunConfig, sites: int, engine: str = "inprocess", progress: bo
         from fedsynth.localgrid import run_inprocess
         from server.app import run_coordinator
 
-        report = run_inprocess(run_coordinator, client_app, cfg.to_flwr(), site_nodes(cfg, sites))
+        report = run_inprocess(run_coordinator, client_app, cfg.to_flwr(), site_nodes(cfg, sites),
+                               parallel=cfg.parallel_sites)
     report = add_owner_view(report, cfg, sites, data)
     write_report(report, Path(cfg.out_dir))
     return report

@@ -279,9 +279,9 @@ def render_report(report: dict, out_dir: Path) -> Path:
     if taken:  # the DP-GAN schedule each site chose from its own noisy census (client.budget.choose_*_steps)
         parts.append("<h2>Steps each site took per round</h2>"
                      '<p class="muted">A site takes gan-long-local-steps instead of gan-local-steps where its own '
-                     "noisy census counts 10,000 records or more; where such a site keeps the shorter schedule (its "
-                     "budget cannot fit the longer plan), it takes gan-long-g-steps generator steps per D step "
-                     "instead of gan-g-steps (free in privacy).</p>"
+                     "noisy census counts 10,000 records or more (unless its budget cannot fit the longer plan), and "
+                     "such a site takes gan-long-g-steps generator steps per D step instead of gan-g-steps, on "
+                     "either schedule (free in privacy).</p>"
                      + _table(("site", "D steps per round", "G steps per D step"),
                               [(site, steps, g_taken.get(site, "")) for site, steps in sorted(taken.items())],
                               table_id="site-steps"))

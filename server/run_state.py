@@ -33,7 +33,7 @@ log = logging.getLogger("fedsynth.coordinator")
 
 RUN_FILE = "run.json"
 # Settings that change how a run is carried out, not what it is: they may differ when resuming.
-OPERATIONAL = ("progress", "round-timeout", "quorum", "out-dir", "resume", "device", "experiment")
+OPERATIONAL = ("progress", "parallel-sites", "round-timeout", "quorum", "out-dir", "resume", "device", "experiment")
 
 
 def settings_hash(cfg: RunConfig) -> tuple[str, dict]:

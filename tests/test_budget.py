@@ -91,16 +91,14 @@ def test_a_site_takes_the_longer_gan_schedule_only_where_its_noisy_census_says_i
     assert chosen(-500, 10.0) == 60
 
 
-def test_a_large_site_on_the_shorter_schedule_takes_the_extra_generator_steps_and_no_other_site_does():
+def test_a_large_site_takes_the_extra_generator_steps_and_no_other_site_does():
     from client.budget import LARGE_SITE_RECORDS, choose_g_steps
 
-    def g(records: float, taken: int, *, local_steps: int = 60, long_g: int = 2) -> int:
-        return choose_g_steps(1, long_g, local_steps=local_steps, steps_taken=taken, noisy_counts=[records / 10] * 10)
+    def g(records: float, *, long_g: int = 2) -> int:
+        return choose_g_steps(1, long_g, noisy_counts=[records / 10] * 10)
 
     assert LARGE_SITE_RECORDS == 10_000
-    assert g(20000, 60) == 2  # large, and the longer D plan did not fit its budget
-    assert g(20000, 120) == 1  # large, on the longer D schedule: G already gets twice the steps
-    assert g(20000, 200, local_steps=200) == 2  # no longer schedule offered (the D steps set by the user)
-    assert g(9999, 60) == 1 and g(2200, 60) == 1 and g(-500, 60) == 1  # small sites (PneumoniaMNIST's) keep one
-    assert g(20000, 60, long_g=1) == 1  # nothing offered
-    assert choose_g_steps(3, 5, local_steps=60, steps_taken=60, noisy_counts=[1e5]) == 5
+    assert g(20000) == 2 and g(10000) == 2  # large: on either D schedule (the D steps taken do not enter)
+    assert g(9999) == 1 and g(2200) == 1 and g(-500) == 1  # small sites (PneumoniaMNIST's) keep one
+    assert g(20000, long_g=1) == 1  # nothing offered
+    assert choose_g_steps(3, 5, noisy_counts=[1e5]) == 5

@@ -141,9 +141,9 @@ def test_the_schedule_and_the_plan_follow_the_noisy_census_not_the_record_count(
     cfg = fast_config(tmp_path, epsilon=1.0)
     reply = send(LocalGrid(client_app, small_site, cfg.to_flwr()), 1000, gan_request(cfg, long_steps=8,
                                                                                       long_g_steps=2))
-    # a large site on the longer D schedule: G already gets twice the steps
+    # a large site: the longer D schedule, and the extra G steps on it
     assert not reply.has_error() and P.GanTrainReply.from_message(reply).local_steps == 8
-    assert P.GanTrainReply.from_message(reply).g_steps == 1
+    assert P.GanTrainReply.from_message(reply).g_steps == 2
     plan = json.loads(next((tmp_path / "sites").rglob("plan.json")).read_text())
     assert plan["sample_rate"] == pytest.approx(cfg.gan_batch_size / 20000.0)  # from the census, not ~150 records
     assert plan["planned_epsilon"] <= 1.0 + 1e-9
