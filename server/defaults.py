@@ -101,7 +101,7 @@ def gan_rules(schema: Schema, num_sites: int, resolution: int) -> list[Choice]:
                "Dirichlet-0.5 sites on the longer D schedule: 0.300, 0.299, 0.309 against 0.276, 0.230, 0.287 with "
                "one; MNIST level (0.964, 0.956 against 0.961, 0.964). On the shorter D schedule (MNIST, epsilon 1, "
                "seeds 0-2): 0.935, 0.900, 0.896 against 0.902, 0.901, 0.878. With today's other defaults, on "
-               "either schedule: CIFAR-10 gray epsilon 10 0.309 and 0.332 against 0.265 and 0.276, MNIST epsilon 1 "
+               "either schedule: CIFAR-10 gray epsilon 10 0.311, 0.331 and 0.269 against 0.265 and 0.276, MNIST epsilon 1 "
                "0.934 against 0.926 and 0.927 (README: 'Two G steps at every large site'). They cost time: MNIST at epsilon 10, "
                "alone on 2 cores, 66 s a round against 47 with one, and against 52 with one and the sites one after "
                "another, as they ran before the in-process simulation's sites worked at once; the classifier ready "
