@@ -89,7 +89,7 @@ class LocalGrid(Grid):
         ids = [uuid.uuid4().hex for _ in messages]
         for mid, msg in zip(ids, messages):
             msg.metadata.__dict__["_message_id"] = mid
-        live = lambda msg: msg.metadata.dst_node_id in self.nodes and msg.metadata.dst_node_id not in self.drop_nodes
+        live = self._live
         workers, threads = site_workers(sum(map(live, messages))) if self.parallel else (1, 0)
         if workers == 1:
             # one after another, each reply tapped before the next site works (a tap that drops sites acts at once)
@@ -101,6 +101,10 @@ class LocalGrid(Grid):
         for (mid, msg), reply in zip(work, self._answer_at_once([msg for _, msg in work], workers, threads)):
             self._keep(mid, msg, reply)
         return ids
+
+    def _live(self, msg: Message) -> bool:
+        """Whether the site ``msg`` is addressed to exists and answers (``drop_nodes``: sites that never do)."""
+        return msg.metadata.dst_node_id in self.nodes and msg.metadata.dst_node_id not in self.drop_nodes
 
     def _keep(self, mid: str, msg: Message, reply: Message) -> None:
         reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
