@@ -223,9 +223,10 @@ def choose_g_steps(g_steps: int, long_g_steps: int, *, noisy_counts: list[float]
     one; MNIST level (0.964, 0.956 against 0.961, 0.964). At a large site on the shorter D schedule (its budget
     cannot fit the longer plan): MNIST, epsilon 1, seeds 0, 1, 2: 0.935, 0.900, 0.896 against 0.902, 0.901, 0.878.
     They cost time (MNIST at epsilon 10, alone on 2 cores: 66 s a round against 47 with one), which the in-process
-    simulation's sites working at once (fedsynth.localgrid: 47 s against 52 one after another) partly pay back. A small site keeps one: PneumoniaMNIST's sites (283-2,429 records) got
-    0.800 and 0.825 with two against 0.808-0.849 with one. Like the D schedule, the choice reads the noisy census
-    and public settings only (post-processing of a release already charged).
+    simulation's sites working at once (fedsynth.localgrid: 47 s against 52 one after another) partly pay back.
+    A small site keeps one: PneumoniaMNIST's sites (283-2,429 records) got 0.800 and 0.825 with two against
+    0.808-0.849 with one. Like the D schedule, the choice reads the noisy census and public settings only
+    (post-processing of a release already charged).
     """
     if long_g_steps > g_steps and public_size(noisy_counts) >= LARGE_SITE_RECORDS:
         return long_g_steps

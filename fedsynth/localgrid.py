@@ -14,9 +14,9 @@ order the messages were sent, whatever order they finish in.
 from __future__ import annotations
 
 import copy
-import threading
 import uuid
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -89,15 +89,14 @@ class LocalGrid(Grid):
         ids = [uuid.uuid4().hex for _ in messages]
         for mid, msg in zip(ids, messages):
             msg.metadata.__dict__["_message_id"] = mid
-        live = self._live
-        workers, threads = site_workers(sum(map(live, messages))) if self.parallel else (1, 0)
+        workers, threads = site_workers(sum(map(self._live, messages))) if self.parallel else (1, 0)
         if workers == 1:
             # one after another, each reply tapped before the next site works (a tap that drops sites acts at once)
             for mid, msg in zip(ids, messages):
-                if live(msg):  # else a dead site: the message is never answered
+                if self._live(msg):  # else a dead site: the message is never answered
                     self._keep(mid, msg, self._answer(msg))
             return ids
-        work = [(mid, msg) for mid, msg in zip(ids, messages) if live(msg)]
+        work = [(mid, msg) for mid, msg in zip(ids, messages) if self._live(msg)]
         for (mid, msg), reply in zip(work, self._answer_at_once([msg for _, msg in work], workers, threads)):
             self._keep(mid, msg, reply)
         return ids
@@ -125,28 +124,13 @@ class LocalGrid(Grid):
     def _answer_at_once(self, messages: list[Message], workers: int, threads: int) -> list[Message]:
         """The sites' replies, in the order of ``messages``, ``workers`` sites working at once with ``threads``
         torch threads each."""
-        replies: list[Message | None] = [None] * len(messages)
-        queue = iter(list(enumerate(messages)))
-        lock = threading.Lock()
-
-        def worker() -> None:
-            torch.set_num_threads(threads)  # this thread's own share of the cores
-            while True:
-                with lock:
-                    item = next(queue, None)
-                if item is None:
-                    return
-                i, msg = item
-                replies[i] = self._answer(msg)
-
         main_threads = torch.get_num_threads()
-        pool = [threading.Thread(target=worker, name=f"site-worker-{i}", daemon=True) for i in range(workers)]
-        for t in pool:
-            t.start()
-        for t in pool:
-            t.join()
+        # each worker thread first sets its own share of the cores; map hands the replies back in message order
+        with ThreadPoolExecutor(workers, thread_name_prefix="site-worker", initializer=torch.set_num_threads,
+                                initargs=(threads,)) as pool:
+            replies = list(pool.map(self._answer, messages))
         torch.set_num_threads(main_threads)  # the coordinator's work after the round has every core again
-        return replies  # type: ignore[return-value]
+        return replies
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(mid) for mid in list(message_ids) if mid in self._replies]

@@ -6,8 +6,8 @@ record, a record count or a result on test data. Two choices are left to each si
 which the coordinator does not know, decides them: where the run offers a longer DP-GAN schedule
 (``gan-long-local-steps``), a site takes it only if its own noisy census counts 10,000 records or more
 (``client.budget.choose_local_steps``), and a site that large takes the run's extra generator steps
-(``gan-long-g-steps``, ``client.budget.choose_g_steps``), free in privacy, on either D schedule. Each rule says why beside it, the report lists every
-value chosen this way with its reason (``report["settings_chosen"]``), and ``--set KEY=VALUE`` (or the
+(``gan-long-g-steps``, ``client.budget.choose_g_steps``), free in privacy, on either D schedule. Each rule says
+why beside it, the report lists every value chosen this way with its reason (``report["settings_chosen"]``), and ``--set KEY=VALUE`` (or the
 run config) overrides any of them. The rules are fixed in advance: one recipe per mode and image size,
 the way DPImageBench runs one recipe per method on every dataset, not one per dataset.
 
@@ -101,12 +101,13 @@ def gan_rules(schema: Schema, num_sites: int, resolution: int) -> list[Choice]:
                "Dirichlet-0.5 sites on the longer D schedule: 0.300, 0.299, 0.309 against 0.276, 0.230, 0.287 with "
                "one; MNIST level (0.964, 0.956 against 0.961, 0.964). On the shorter D schedule (MNIST, epsilon 1, "
                "seeds 0-2): 0.935, 0.900, 0.896 against 0.902, 0.901, 0.878. With today's other defaults, on "
-               "either schedule: CIFAR-10 gray epsilon 10 0.311, 0.331 and 0.269 against 0.265 and 0.276, MNIST epsilon 1 "
-               "0.934 against 0.926 and 0.927 (README: 'Two G steps at every large site'). They cost time: MNIST at epsilon 10, "
-               "alone on 2 cores, 66 s a round against 47 with one, and against 52 with one and the sites one after "
-               "another, as they ran before the in-process simulation's sites worked at once; the classifier ready "
-               "after 12.0 min (tests/benchmarks/results/timing/mnist_eps10_alone_parallel.json). Small sites keep one: PneumoniaMNIST's (283-2,429 records) 0.800 and 0.825 "
-               "with two against 0.808-0.849"),
+               "either schedule: CIFAR-10 gray epsilon 10 0.311, 0.331 and 0.269 against 0.265 and 0.276, MNIST "
+               "epsilon 1 0.934 against 0.926 and 0.927 (README: 'Two G steps at every large site'). They cost "
+               "time: MNIST at epsilon 10, alone on 2 cores, 66 s a round against 47 with one, and against 52 with "
+               "one and the sites one after another, as they ran before the in-process simulation's sites worked at "
+               "once; the classifier ready after 12.0 min "
+               "(tests/benchmarks/results/timing/mnist_eps10_alone_parallel.json). Small sites keep one: "
+               "PneumoniaMNIST's (283-2,429 records) 0.800 and 0.825 with two against 0.808-0.849"),
         Choice("gan-batch-size", 64 if small else 256,
                "expected Poisson batch: DP-SGD's noise is divided by the batch, so a large batch keeps the "
                "update's signal above the noise (DPImageBench and Bie et al. use 512-4096 on single large "
