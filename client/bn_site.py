@@ -21,7 +21,6 @@ from client.bnstats import record_class_statistics
 from client.budget import PlanRequest, RunPlan, expected_batch, plan_for_site, validate_plan_request
 from client.census import census_weight, run_census
 from client.dpsgd import train_dpsgd_local
-from client.ledger import BudgetExceeded, PrivacyLedger
 from client.limits import check_work, meta_module, parameter_count
 from client.requests import (
     Refusal,
@@ -35,9 +34,8 @@ from client.requests import (
     site_data,
     site_handler,
 )
-from client.site import SiteSettings, data_fingerprint, open_ledger
+from client.site import SiteSettings, charge_work, data_fingerprint, open_ledger
 from common import protocol as P
-from common.accounting import DPEvent
 from common.bnnet import BNNet, norm_layer_names
 from common.data import ImageDataset
 from common.device import pick_device
@@ -87,18 +85,6 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings):
     return data, net, ledger, folder, plan, census
 
 
-def _charge(ledger: PrivacyLedger, events: list[DPEvent], data: ImageDataset, site: SiteSettings, *, purpose: str,
-            run: str, rnd: int, details: dict | None = None):
-    try:
-        spent, reused = ledger.charge_once(events, purpose=purpose, run=run, round=rnd, details=details,
-                                           data=data_fingerprint(data))
-    except BudgetExceeded as err:
-        raise Refusal(P.REFUSED_BUDGET, "the requested work does not fit this site's privacy budget", str(err)) from None
-    if reused:
-        log.warning("[%s] %s %d of %s was interrupted earlier; its charge is reused", site.name, purpose, rnd, run)
-    return spent
-
-
 @site_handler
 def handle_train_bnnet(msg: Message, context: Context, site: SiteSettings) -> Message:
     """The train.bnnet handler (in the clear: refused where the operator requires secure aggregation)."""
@@ -115,7 +101,7 @@ def train_bnnet(req: P.BnTrainRequest, context: Context, site: SiteSettings) -> 
     saved = load_saved(path)
     if saved is None:
         train = plan.train_round(req.local_steps)
-        spent = _charge(ledger, [train], data, site, purpose="bnstats-net", run=req.experiment, rnd=req.server_round)
+        spent = charge_work(ledger, [train], data, site, purpose="bnstats-net", run=req.experiment, rnd=req.server_round)
         log.info("[%s] net round %d: DP-SGD on its records (sigma=%.3f); epsilon spent now %.3f", site.name,
                  req.server_round, train.noise_multiplier, spent.epsilon)
         train_dpsgd_local(net, data, noise_multiplier=train.noise_multiplier, sample_rate=train.sample_rate,
@@ -180,7 +166,7 @@ def release_bnstats(req: P.BnStatsRequest, context: Context, site: SiteSettings,
     if saved is None:
         clips = _clip_bounds(req, net)  # a malformed request is refused before anything is charged
         events = ([plan.clip_choice] if plan.clip_choice else []) + [plan.stats]
-        spent = _charge(ledger, events, data, site, purpose="bnstats-release", run=req.experiment, rnd=0,
+        spent = charge_work(ledger, events, data, site, purpose="bnstats-release", run=req.experiment, rnd=0,
                         details={"clip": str(req.layer_clips).strip() or req.clip, "count-weight": req.count_weight,
                                  **({"distributed-noise-shares": req.noise_shares,
                                      "own-noise-multiplier": plan.stats.noise_multiplier / math.sqrt(req.noise_shares)}

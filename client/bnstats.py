@@ -66,7 +66,7 @@ import torch
 from torch import nn
 
 from client.nonfinite import zero_nonfinite_rows
-from common.bnnet import iter_record_blocks, norm_layer_channels, per_record_features  # noqa: F401 (re-export)
+from common.bnnet import check_images_fit, iter_record_blocks, norm_layer_channels, per_record_features  # noqa: F401 (re-export)
 from common.protocol import STATS_COUNT as COUNT_KEY
 from common.protocol import STATS_SUM as SUM_PREFIX
 from common.protocol import STATS_SUMSQ as SUMSQ_PREFIX
@@ -170,14 +170,7 @@ def _check_args(model: nn.Module, dataset: "ImageDataset", num_classes: int, cli
             f"labels range {labels.min()}..{labels.max()} does not fit {num_classes} classes; "
             "check the dataset's label mapping against the run's num_classes"
         )
-    shape = getattr(model, "shape", None)
-    if shape is not None:
-        want = (shape.in_channels, shape.image_size, shape.image_size)
-        if tuple(dataset.images.shape[1:]) != want:
-            raise ValueError(
-                f"dataset images are {tuple(dataset.images.shape[1:])} but the shared net expects {want}; "
-                "load the data with the run's image_size/channels"
-            )
+    check_images_fit(model, dataset.images)
 
 
 def exact_class_sums(

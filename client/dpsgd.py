@@ -26,6 +26,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from client.nonfinite import FiniteDPOptimizer
+from common.bnnet import check_images_fit
 
 if TYPE_CHECKING:  # only for type hints; the dataset object is passed in by the caller
     from common.data import ImageDataset
@@ -71,14 +72,9 @@ def _check_args(model: nn.Module, dataset: "ImageDataset", noise_multiplier: flo
     model.train(was_training)
     if errors:
         raise ValueError(f"the model cannot be trained with DP-SGD: {errors}; use common.bnnet.BNNet")
+    check_images_fit(model, dataset.images)
     shape = getattr(model, "shape", None)
     if shape is not None:
-        want = (shape.in_channels, shape.image_size, shape.image_size)
-        if tuple(dataset.images.shape[1:]) != want:
-            raise ValueError(
-                f"dataset images are {tuple(dataset.images.shape[1:])} but the shared net expects {want}; "
-                "load the data with the run's image_size/channels"
-            )
         if int(dataset.labels.max()) >= shape.num_classes or int(dataset.labels.min()) < 0:
             raise ValueError(
                 f"labels range {int(dataset.labels.min())}..{int(dataset.labels.max())} does not fit the "

@@ -30,7 +30,6 @@ from client.budget import (
 )
 from client.census import census_weight, run_census
 from client.dpgan import LocalGanTrainer, RoundSettings
-from client.ledger import BudgetExceeded
 from client.limits import check_work, meta_module, parameter_count
 from client.requests import (
     Refusal,
@@ -45,7 +44,7 @@ from client.requests import (
     site_data,
     site_handler,
 )
-from client.site import SiteSettings, data_fingerprint, open_ledger
+from client.site import SiteSettings, charge_work, data_fingerprint, open_ledger
 from common import protocol as P
 from common.device import pick_device
 from common.gan_augment import parse_augment
@@ -152,6 +151,42 @@ def _schedule(req: P.GanTrainRequest, site: SiteSettings, ledger, folder, census
     return steps
 
 
+def _g_steps(req: P.GanTrainRequest, site: SiteSettings, folder, census: list[float]) -> int:
+    """G steps per D step for this run: chosen at its first trained round, then the run's.
+
+    The choice (``client.budget.choose_g_steps``) reads the request and the census, both fixed for a run, so it
+    only changes within a run when the rule itself did: a run begun by an older fedsynth and resumed by a newer
+    one keeps the G steps its earlier rounds took (read off their saved replies), as it keeps their D steps. A
+    request whose settings cannot give those steps is refused, like one naming other D steps (``_schedule``).
+    """
+    chosen = choose_g_steps(req.g_steps, req.long_g_steps, noisy_counts=census)
+    earlier = _earlier_g_steps(folder, req.server_round)
+    if earlier is None:
+        if chosen != req.g_steps:
+            log.info("[%s] takes %d G steps per D step in %s (its noisy census says it is large; G steps cost no "
+                     "privacy)", site.name, chosen, req.experiment)
+        return chosen
+    if earlier not in (req.g_steps, req.long_g_steps):
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"the run's earlier rounds took {earlier} G steps per D step; the "
+                                             f"request asks for {req.g_steps} or {req.long_g_steps}: start a new "
+                                             "experiment")
+    if earlier != chosen:
+        log.warning("[%s] keeps the %d G steps per D step its earlier rounds of %s took (this fedsynth's rule "
+                    "chooses %d for a run begun now)", site.name, earlier, req.experiment, chosen)
+    return earlier
+
+
+def _earlier_g_steps(folder, rnd: int) -> int | None:
+    """The G steps per D step of the run's latest round before ``rnd`` this site trained, or None (none yet, or
+    saved by a fedsynth whose replies did not say)."""
+    for earlier in range(rnd - 1, 0, -1):
+        saved = load_saved(_round_file(folder, earlier))
+        if saved is not None:
+            steps = saved["reply"].get("g_steps")
+            return None if steps is None else int(steps)
+    return None
+
+
 @site_handler
 def handle_train_gan(msg: Message, context: Context, site: SiteSettings) -> Message:
     """The train.gan handler (in the clear: refused where the operator requires secure aggregation)."""
@@ -178,21 +213,11 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
                         budget=site.epsilon_budget, delta_bound=site.delta_bound,
                         fingerprint=data_fingerprint(data))
     steps = _schedule(req, site, ledger, folder, census)
-    g_steps = choose_g_steps(req.g_steps, req.long_g_steps, noisy_counts=census)
-    if g_steps != req.g_steps and rnd == 1:
-        log.info("[%s] takes %d G steps per D step in %s (its noisy census says it is large; G steps cost no "
-                 "privacy)", site.name, g_steps, req.experiment)
+    g_steps = _g_steps(req, site, folder, census)
     plan = plan_for_site(site, ledger, folder, _plan_request(req, steps), req.experiment, census=census)
     train = plan.train_round(steps)
-    try:
-        spent, reused = ledger.charge_once([train], purpose="dpgan", run=req.experiment, round=rnd,
-                                           details={"batch-size": req.batch_size, "max-grad-norm": req.max_grad_norm},
-                                           data=data_fingerprint(data))
-    except BudgetExceeded as err:
-        raise Refusal(P.REFUSED_BUDGET, "the requested work does not fit this site's privacy budget", str(err)) from None
-    if reused:
-        log.warning("[%s] round %d of %s was interrupted earlier; its charge is reused, nothing is charged twice",
-                    site.name, rnd, req.experiment)
+    spent = charge_work(ledger, [train], data, site, purpose="dpgan", run=req.experiment, rnd=rnd,
+                        details={"batch-size": req.batch_size, "max-grad-norm": req.max_grad_norm})
     log.info("[%s] round %d: DP-GAN on its records (sigma=%.3f, q=%.4f, %d steps); epsilon spent now %.3f",
              site.name, rnd, train.noise_multiplier, train.sample_rate, train.steps, spent.epsilon)
     trainer = LocalGanTrainer(shape, data, pick_device(str(context.run_config.get("device", "auto"))),

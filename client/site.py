@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from client import ledger_file as lf
-from client.ledger import BudgetExceeded, PrivacyLedger
+from client.ledger import BudgetExceeded, PrivacyLedger, Spent
 from client.limits import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_PARAMETERS,
@@ -31,6 +31,7 @@ from client.refusal import Refusal
 from client.site_delta import PURPOSE as DELTA_PURPOSE
 from client.site_delta import draw_default_delta, least_budget, size_event
 from common import protocol as P
+from common.accounting import DPEvent
 from common.config import MODES, RunConfig
 from common.data import DataError, ImageDataset, load_dataset, sensitive_attribute_problem
 from common.partition import parse_partition, partition_indices
@@ -241,6 +242,23 @@ def open_ledger(site: SiteSettings, data: ImageDataset, *, create: bool = True) 
                     "privacy ledger continues, so every record keeps the budget it had", site.name, site.ledger_id,
                     last, current)
     return ledger
+
+
+def charge_work(ledger: PrivacyLedger, events: list[DPEvent], data: ImageDataset, site: SiteSettings, *,
+                purpose: str, run: str, rnd: int, details: dict | None = None) -> Spent:
+    """Charge a round's (or a release's) ``events`` once under (run, purpose, rnd) and return what is spent now.
+
+    Work that does not fit the budget is refused (nothing written); a charge an interrupted earlier attempt already
+    wrote is reused, never charged twice (``PrivacyLedger.charge_once``), and said in the site's log."""
+    try:
+        spent, reused = ledger.charge_once(events, purpose=purpose, run=run, round=rnd, details=details,
+                                           data=data_fingerprint(data))
+    except BudgetExceeded as err:
+        raise Refusal(P.REFUSED_BUDGET, "the requested work does not fit this site's privacy budget", str(err)) from None
+    if reused:
+        log.warning("[%s] %s %d of %s was interrupted earlier; its charge is reused, nothing is charged twice",
+                    site.name, purpose, rnd, run)
+    return spent
 
 
 def _ledger_started(path: Path) -> bool:

@@ -162,6 +162,18 @@ class BNNet(nn.Module):
         return self.head(h)  # (B, K)
 
 
+def check_images_fit(model: nn.Module, images: np.ndarray) -> None:
+    """Raise ValueError when ``images`` (N, C, H, W) are not the shape a net with a ``shape`` (:class:`BNNetShape`)
+    takes; a model without one is not checked."""
+    shape = getattr(model, "shape", None)
+    if shape is None:
+        return
+    want = (shape.in_channels, shape.image_size, shape.image_size)
+    if tuple(images.shape[1:]) != want:
+        raise ValueError(f"dataset images are {tuple(images.shape[1:])} but the shared net expects {want}; "
+                         "load the data with the run's image_size/channels")
+
+
 def norm_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The normalisation layers of ``model`` in forward order, keyed by their stable module names.
 

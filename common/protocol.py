@@ -191,7 +191,8 @@ class GanTrainReply(Message):
                                       "(post-processing of 'census'), never from its record count", default=0)
     g_steps: int = declared("dp", "the G steps after each D step the site took this round: the request's g_steps "
                                   "or long_g_steps, chosen from the request and the site's noisy census alone "
-                                  "(post-processing of 'census')", default=0)
+                                  "(post-processing of 'census') at the run's first round and kept for the run",
+                            default=0)
     discriminator: Arrays = arrays(kind="dp", why="D's weights after this round's DP-SGD steps (only when the "
                                                   "request sets share_d): the DP-SGD mechanism's own output, whose "
                                                   "every iterate the round's charge already covers; its starting "

@@ -178,6 +178,30 @@ def test_coordinator_killed_after_the_last_round_samples_from_the_sites_on_resum
     assert made["from"] == "sites" and len(made["images-per-site-and-class"]) == 2
 
 
+def test_a_run_keeps_the_g_steps_its_earlier_rounds_took_when_the_rule_changes(tmp_path, monkeypatch):
+    """A run begun under one G-step rule and resumed under another (a newer fedsynth) stays one run."""
+    import client.budget
+
+    cfg = fast_config(tmp_path, num_rounds=3)
+    grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
+
+    def g_steps(reply) -> int:
+        assert not reply.has_error(), reply.error.reason
+        return P.GanTrainReply.from_message(reply).g_steps
+
+    # 8x8 digits at one site: far below the large-site size, so the rule gives g_steps
+    assert g_steps(send(grid, 1000, gan_request(cfg, num_rounds=3, long_g_steps=2))) == 1
+    monkeypatch.setattr(client.budget, "LARGE_SITE_RECORDS", 0)  # the rule now calls every site large
+    assert g_steps(send(grid, 1000, gan_request(cfg, experiment="new", num_rounds=3, long_g_steps=2))) == 2
+    # ... but the run begun under the old rule keeps what its round 1 took
+    assert g_steps(send(grid, 1000, gan_request(cfg, server_round=2, num_rounds=3, long_g_steps=2))) == 1
+    # a request that cannot give the run's G steps is refused, with nothing charged for the round
+    before = [len(entries) for entries in charges(tmp_path)]
+    reply = send(grid, 1000, gan_request(cfg, server_round=3, num_rounds=3, g_steps=3))
+    assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST and "G steps" in reply.error.reason
+    assert [len(entries) for entries in charges(tmp_path)] == before
+
+
 def test_resent_round_is_answered_from_the_site_cache_without_spending(tmp_path):
     cfg = fast_config(tmp_path, num_rounds=1, experiment="exp-cache")
     run(cfg, k=2)
