@@ -66,7 +66,8 @@ import torch
 from torch import nn
 
 from client.nonfinite import zero_nonfinite_rows
-from common.bnnet import check_images_fit, iter_record_blocks, norm_layer_channels, per_record_features  # noqa: F401 (re-export)
+from common.bnnet import check_images_fit
+from common.bnnet import iter_record_blocks, norm_layer_channels, per_record_features  # noqa: F401 (re-export)
 from common.protocol import STATS_COUNT as COUNT_KEY
 from common.protocol import STATS_SUM as SUM_PREFIX
 from common.protocol import STATS_SUMSQ as SUMSQ_PREFIX

@@ -62,12 +62,13 @@ def _float32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.to(torch.float32).contiguous() for k, v in state.items()}
 
 
-def _previous_d_state(folder, rnd: int) -> dict | None:
-    """D's state after the latest round before ``rnd`` this site trained (None: D is new)."""
+def _previous_round(folder, rnd: int) -> dict | None:
+    """What the site saved at the latest round before ``rnd`` it trained: its reply and D's state after it (None:
+    no earlier round, so D is new and the run's G steps are still to choose)."""
     for earlier in range(rnd - 1, 0, -1):
         saved = load_saved(_round_file(folder, earlier))
         if saved is not None:
-            return saved["d_state"]
+            return saved
     return None
 
 
@@ -151,21 +152,24 @@ def _schedule(req: P.GanTrainRequest, site: SiteSettings, ledger, folder, census
     return steps
 
 
-def _g_steps(req: P.GanTrainRequest, site: SiteSettings, folder, census: list[float]) -> int:
+def _g_steps(req: P.GanTrainRequest, site: SiteSettings, previous: dict | None, census: list[float]) -> int:
     """G steps per D step for this run: chosen at its first trained round, then the run's.
 
     The choice (``client.budget.choose_g_steps``) reads the request and the census, both fixed for a run, so it
     only changes within a run when the rule itself did: a run begun by an older fedsynth and resumed by a newer
-    one keeps the G steps its earlier rounds took (read off their saved replies), as it keeps their D steps. A
-    request whose settings cannot give those steps is refused, like one naming other D steps (``_schedule``).
+    one keeps the G steps its earlier rounds took (``previous``: the saved reply of its latest one,
+    ``_previous_round``), as it keeps their D steps. A request whose settings cannot give those steps is refused,
+    like one naming other D steps (``_schedule``); a reply saved by a fedsynth whose replies did not say leaves the
+    choice to the rule.
     """
     chosen = choose_g_steps(req.g_steps, req.long_g_steps, noisy_counts=census)
-    earlier = _earlier_g_steps(folder, req.server_round)
+    earlier = None if previous is None else previous["reply"].get("g_steps")
     if earlier is None:
         if chosen != req.g_steps:
             log.info("[%s] takes %d G steps per D step in %s (its noisy census says it is large; G steps cost no "
                      "privacy)", site.name, chosen, req.experiment)
         return chosen
+    earlier = int(earlier)
     if earlier not in (req.g_steps, req.long_g_steps):
         raise Refusal(P.REFUSED_BAD_REQUEST, f"the run's earlier rounds took {earlier} G steps per D step; the "
                                              f"request asks for {req.g_steps} or {req.long_g_steps}: start a new "
@@ -174,17 +178,6 @@ def _g_steps(req: P.GanTrainRequest, site: SiteSettings, folder, census: list[fl
         log.warning("[%s] keeps the %d G steps per D step its earlier rounds of %s took (this fedsynth's rule "
                     "chooses %d for a run begun now)", site.name, earlier, req.experiment, chosen)
     return earlier
-
-
-def _earlier_g_steps(folder, rnd: int) -> int | None:
-    """The G steps per D step of the run's latest round before ``rnd`` this site trained, or None (none yet, or
-    saved by a fedsynth whose replies did not say)."""
-    for earlier in range(rnd - 1, 0, -1):
-        saved = load_saved(_round_file(folder, earlier))
-        if saved is not None:
-            steps = saved["reply"].get("g_steps")
-            return None if steps is None else int(steps)
-    return None
 
 
 @site_handler
@@ -213,7 +206,8 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
                         budget=site.epsilon_budget, delta_bound=site.delta_bound,
                         fingerprint=data_fingerprint(data))
     steps = _schedule(req, site, ledger, folder, census)
-    g_steps = _g_steps(req, site, folder, census)
+    previous = _previous_round(folder, rnd)
+    g_steps = _g_steps(req, site, previous, census)
     plan = plan_for_site(site, ledger, folder, _plan_request(req, steps), req.experiment, census=census)
     train = plan.train_round(steps)
     spent = charge_work(ledger, [train], data, site, purpose="dpgan", run=req.experiment, rnd=rnd,
@@ -229,7 +223,8 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
                        d_steps_per_g=req.d_steps,
                        ema=req.ema, expected_batch=expected_batch(plan, census), augment=parse_augment(req.augment))
     generator = {k: torch.from_numpy(v) for k, v in req.generator.items()}
-    new_state, metrics, d_state = trainer.train_round(generator, rs, _previous_d_state(folder, rnd),
+    d_before = None if previous is None else previous["d_state"]  # None: a new D
+    new_state, metrics, d_state = trainer.train_round(generator, rs, d_before,
                                                       req.discriminator)  # the sites' averaged D, or {}
     log.info("[%s] round %d trained in %.1f s (D loss %.3f, G loss %.3f)", site.name, rnd, metrics["train-seconds"],
              metrics["d-loss"], metrics["g-loss"])

@@ -254,7 +254,8 @@ def charge_work(ledger: PrivacyLedger, events: list[DPEvent], data: ImageDataset
         spent, reused = ledger.charge_once(events, purpose=purpose, run=run, round=rnd, details=details,
                                            data=data_fingerprint(data))
     except BudgetExceeded as err:
-        raise Refusal(P.REFUSED_BUDGET, "the requested work does not fit this site's privacy budget", str(err)) from None
+        raise Refusal(P.REFUSED_BUDGET, "the requested work does not fit this site's privacy budget",
+                      str(err)) from None
     if reused:
         log.warning("[%s] %s %d of %s was interrupted earlier; its charge is reused, nothing is charged twice",
                     site.name, purpose, rnd, run)

@@ -7,9 +7,9 @@ which the coordinator does not know, decides them: where the run offers a longer
 (``gan-long-local-steps``), a site takes it only if its own noisy census counts 10,000 records or more
 (``client.budget.choose_local_steps``), and a site that large takes the run's extra generator steps
 (``gan-long-g-steps``, ``client.budget.choose_g_steps``), free in privacy, on either D schedule. Each rule says
-why beside it, the report lists every value chosen this way with its reason (``report["settings_chosen"]``), and ``--set KEY=VALUE`` (or the
-run config) overrides any of them. The rules are fixed in advance: one recipe per mode and image size,
-the way DPImageBench runs one recipe per method on every dataset, not one per dataset.
+why beside it, the report lists every value chosen this way with its reason (``report["settings_chosen"]``),
+and ``--set KEY=VALUE`` (or the run config) overrides any of them. The rules are fixed in advance: one recipe per
+mode and image size, the way DPImageBench runs one recipe per method on every dataset, not one per dataset.
 
 Where a number came from a measurement, the reason names it; the measurements are on MNIST and
 PneumoniaMNIST (``tests/benchmarks/results/grid``), i.e. on ``../shared/data``, and they are
