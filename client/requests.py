@@ -27,6 +27,7 @@ from client.site import SiteSettings, load_site_data, resolve_site
 from common import protocol as P
 from common.data import DataError, ImageDataset
 from common.files import save_torch_atomic
+from common.run_id import experiment_id_problem
 
 log = logging.getLogger("fedsynth.site")
 
@@ -133,10 +134,10 @@ def check_schema(data: ImageDataset, channels: int, height: int, width: int, num
 
 def run_dir(site: SiteSettings, experiment: str) -> Path:
     """The site's private folder for one run (plan, census, saved replies, discriminator states)."""
-    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)[:80]
-    if not cleaned or cleaned.startswith("."):
-        raise Refusal(P.REFUSED_BAD_REQUEST, f"invalid experiment id {experiment!r}")
-    return site.state_dir / "runs" / cleaned
+    problem = experiment_id_problem(experiment)  # refused, never rewritten: two ids must not share a folder
+    if problem:
+        raise Refusal(P.REFUSED_BAD_REQUEST, problem)
+    return site.state_dir / "runs" / experiment
 
 
 def load_saved(path: Path) -> dict | None:

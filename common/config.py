@@ -20,6 +20,7 @@ from common.gan_augment import parse_augment
 from common.learner import LEARNERS, LearnerConfig, learner_factory
 from common.models import GanShape
 from common.protocol import AUDIT_MAX_IMAGES, MAX_D_STEPS, MAX_G_STEPS
+from common.run_id import experiment_id_problem
 
 MODES = ("dpgan", "bnstats")
 SYNTHETIC_CLASS_MIX = ("census", "balanced")  # how many synthetic images each class gets (server.synthesis)
@@ -165,6 +166,8 @@ class RunConfig:
                 raise ConfigError(msg)
 
         need(self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got '{self.mode}'")
+        id_problem = experiment_id_problem(self.experiment) if self.experiment else None
+        need(id_problem is None, f"experiment: {id_problem}; give another id, or none for a new one")
         need(self.num_rounds >= 0, f"num-rounds must be >= 1 (or 0: chosen by the product), got {self.num_rounds}")
         need(self.epsilon > 0, f"epsilon must be > 0 (or inf for a non-private run), got {self.epsilon}")
         need(0 <= self.delta < 1, f"delta must be in [0, 1), got {self.delta} (0 = per-site default)")

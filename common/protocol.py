@@ -131,7 +131,7 @@ class GanTrainRequest(Message):
     much work it asks for and the most epsilon the run may spend at each site."""
 
     MESSAGE_TYPE: ClassVar[str] = TRAIN_GAN
-    experiment: str  # run id: the site keys its state and ledger entries by it
+    experiment: str  # run id: the site keys its state and ledger entries by it (common.run_id)
     server_round: int  # 1..num_rounds
     num_rounds: int
     local_steps: int  # discriminator DP-SGD steps this round

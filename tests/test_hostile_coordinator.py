@@ -503,6 +503,32 @@ def test_refusals_name_no_budget_spending_or_noise(tmp_path):
     assert not any(ch.isdigit() for ch in reason), reason  # no budget, spent or remaining epsilon, no sigma
 
 
+def test_experiment_ids_that_are_not_file_names_are_refused_not_rewritten(tmp_path):
+    """A site names its run folder after the experiment id. Rewriting an id into a file name ("a/b" -> "a_b",
+    or cutting a long one) would let two runs the coordinator keeps apart share one folder: the second would get
+    the first one's saved reply back, silently. Such ids are refused before anything is charged or written."""
+    from common.config import ConfigError, RunConfig
+    from common.run_id import MAX_EXPERIMENT_ID
+    from tests.test_faults import gan_request, send
+
+    cfg = fast_config(tmp_path, num_rounds=1)
+    grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
+    first = send(grid, 1000, gan_request(cfg, experiment="a_b"))
+    assert not first.has_error()
+    before = charges(tmp_path)[0]
+    for bad in ("a/b", "a b", "../a_b", ".a_b", "a\\b", "é", "x" * (MAX_EXPERIMENT_ID + 1)):
+        reply = send(grid, 1000, gan_request(cfg, experiment=bad))
+        assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST, bad
+        assert "experiment id" in reply.error.reason
+    assert charges(tmp_path)[0] == before  # nothing charged for them
+    assert sorted(p.name for p in (tmp_path / "sites" / "site-1" / "runs").iterdir()) == ["a_b"]
+    assert not send(grid, 1000, gan_request(cfg, experiment="x" * MAX_EXPERIMENT_ID)).has_error()
+    # the coordinator's config refuses them first, with the fix
+    with pytest.raises(ConfigError, match="experiment: .*give another id"):
+        RunConfig.from_mapping({"experiment": "a/b"}).validate()
+    RunConfig.from_mapping({"experiment": "run-1.b_2"}).validate()
+
+
 # ================================================================================================
 # sensitivity: the worst change of every released quantity when one record is added or removed
 # ================================================================================================
