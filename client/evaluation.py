@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Context, Message
@@ -55,11 +56,13 @@ def _noise(site: SiteSettings, experiment_dir, constant: float) -> float:
 
 
 def _open_query(site: SiteSettings, allowed: bool, what: str, purpose: str, experiment: str
-                ) -> tuple[ImageDataset, ImageDataset, PrivacyLedger, int]:
-    """Checks both queries share; returns (training data, held-out data, ledger, this query's number)."""
+                ) -> tuple[ImageDataset, ImageDataset, PrivacyLedger, int, Path]:
+    """Checks both queries share; returns (training data, held-out data, ledger, this query's number, the run's
+    folder). The run id is checked first, before the ledger is opened (and, at a new site, started)."""
     if not allowed:
         raise Refusal(P.REFUSED_NOT_ALLOWED, f"this site does not answer {what} queries (its operator can allow "
                                              f"them in site.yaml)")
+    folder = run_dir(site, experiment)
     heldout = load_site_heldout(site)
     if heldout is None or len(heldout) == 0:
         raise Refusal(P.REFUSED_NOT_ALLOWED, f"this site has no held-out data for {what} queries")
@@ -69,7 +72,7 @@ def _open_query(site: SiteSettings, allowed: bool, what: str, purpose: str, expe
     if asked >= site.queries_per_run:
         raise Refusal(P.REFUSED_NOT_ALLOWED, f"this run has used the {site.queries_per_run} {what} "
                                              f"quer{'y' if site.queries_per_run == 1 else 'ies'} the site allows per run")
-    return data, heldout, ledger, asked + 1
+    return data, heldout, ledger, asked + 1, folder
 
 
 def _charge(ledger: PrivacyLedger, z: float, data: ImageDataset, *, purpose: str, run: str, index: int) -> None:
@@ -95,7 +98,8 @@ def correct_wrong_table(labels: np.ndarray, predicted: np.ndarray, num_classes: 
 def handle_evaluation(msg: Message, context: Context, site: SiteSettings) -> Message:
     require_plain_allowed(site)
     req = P.EvaluationRequest.from_message(msg)
-    data, heldout, ledger, index = _open_query(site, site.evaluation, "evaluation", "evaluation", req.experiment)
+    data, heldout, ledger, index, folder = _open_query(site, site.evaluation, "evaluation", "evaluation",
+                                                       req.experiment)
     check_schema(heldout, req.channels, req.height, req.width, req.num_classes)
     try:
         model = build_learner(req.learner, (req.channels, req.height, req.width), req.num_classes,
@@ -106,7 +110,7 @@ def handle_evaluation(msg: Message, context: Context, site: SiteSettings) -> Mes
     if problems:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"the classifier sent does not match '{req.learner}': {problems[:3]}")
     P.load_state(model, req.classifier)
-    z = _noise(site, run_dir(site, req.experiment), P.EVALUATION_NOISE)
+    z = _noise(site, folder, P.EVALUATION_NOISE)
     _charge(ledger, z, data, purpose="evaluation", run=req.experiment, index=index)
     exact = correct_wrong_table(heldout.labels, predict(model, heldout.images, device="cpu"), req.num_classes)
     log.info("[%s] evaluation query %d of %s answered with noise z=%g", site.name, index, req.experiment, z)
@@ -125,7 +129,7 @@ def distance_histogram(records: np.ndarray, synthetic: np.ndarray) -> np.ndarray
 def handle_audit(msg: Message, context: Context, site: SiteSettings) -> Message:
     require_plain_allowed(site)
     req = P.AuditRequest.from_message(msg)
-    data, heldout, ledger, index = _open_query(site, site.audits, "audit", "audit", req.experiment)
+    data, heldout, ledger, index, folder = _open_query(site, site.audits, "audit", "audit", req.experiment)
     images = req.synthetic.get("images")
     if set(req.synthetic) != {"images"} or images is None:
         raise Refusal(P.REFUSED_BAD_REQUEST, "an audit query carries exactly one array, 'images'")
@@ -133,7 +137,7 @@ def handle_audit(msg: Message, context: Context, site: SiteSettings) -> Message:
             or not 1 <= len(images) <= P.AUDIT_MAX_IMAGES or not np.all(np.isfinite(images))):
         raise Refusal(P.REFUSED_BAD_REQUEST, f"synthetic images must be float32 (N, {data.image_shape}) with "
                                              f"1 <= N <= {P.AUDIT_MAX_IMAGES}, finite; got {images.dtype} {images.shape}")
-    z = _noise(site, run_dir(site, req.experiment), P.AUDIT_NOISE)
+    z = _noise(site, folder, P.AUDIT_NOISE)
     _charge(ledger, z, data, purpose="audit", run=req.experiment, index=index)
     synthetic = np.clip(images, 0.0, 1.0)
     histograms = {"train": _gaussian(distance_histogram(data.images, synthetic), z),

@@ -523,6 +523,11 @@ def test_experiment_ids_that_are_not_file_names_are_refused_not_rewritten(tmp_pa
     assert charges(tmp_path)[0] == before  # nothing charged for them
     assert sorted(p.name for p in (tmp_path / "sites" / "site-1" / "runs").iterdir()) == ["a_b"]
     assert not send(grid, 1000, gan_request(cfg, experiment="x" * MAX_EXPERIMENT_ID)).has_error()
+    # an evaluation query too, at a new site: refused before its ledger is started
+    fresh = LocalGrid(client_app, [deployed_site(tmp_path / "q", heldout=DIGITS_TEST, evaluation=True)],
+                      fast_config(tmp_path / "q").to_flwr())
+    assert _evaluation(fresh, 1000, _constant_model(0), "logreg", "a/b").error.code == P.REFUSED_BAD_REQUEST
+    assert not (tmp_path / "q" / "site-a").exists()
     # the coordinator's config refuses them first, with the fix
     with pytest.raises(ConfigError, match="experiment: .*give another id"):
         RunConfig.from_mapping({"experiment": "a/b"}).validate()
