@@ -137,7 +137,24 @@ def run_dir(site: SiteSettings, experiment: str) -> Path:
     problem = experiment_id_problem(experiment)  # refused, never rewritten: two ids must not share a folder
     if problem:
         raise Refusal(P.REFUSED_BAD_REQUEST, problem)
-    return site.state_dir / "runs" / experiment
+    runs = site.state_dir / "runs"
+    # A file system that ignores case (macOS's and Windows' defaults) would give 'Run-1' the folder of 'run-1',
+    # and with it that run's saved replies: refuse an id that differs from a kept run's only in case, on every
+    # file system, so that a site answers the same wherever it runs.
+    twin = case_twin(runs, experiment)
+    if twin is not None:
+        raise Refusal(P.REFUSED_BAD_REQUEST,
+                      f"the experiment id {experiment!r} differs from that of this site's run {twin!r} only in case; "
+                      "a file system that ignores case would give both one folder: give another id")
+    return runs / experiment
+
+
+def case_twin(runs: Path, experiment: str) -> str | None:
+    """The name of a run folder under ``runs`` that equals ``experiment`` but for case (None: there is none)."""
+    if not runs.is_dir():
+        return None
+    key = experiment.casefold()
+    return next((p.name for p in runs.iterdir() if p.name != experiment and p.name.casefold() == key), None)
 
 
 def load_saved(path: Path) -> dict | None:

@@ -4,7 +4,9 @@ A site keeps a run's plan, census, saved replies and D's states in a folder name
 ledger entries by it. So the id must be usable as a file name just as it is sent. Rewriting other ids into
 that form would let two ids the coordinator keeps apart (``a/b`` and ``a_b``, or two long ids that differ
 after a cut) share one folder: the second run would silently get the first one's saved replies back. A site
-refuses such ids instead (``client.requests.run_dir``), and the run config refuses them first.
+refuses such ids instead (``client.requests.run_dir``), and the run config refuses them first. For the same
+reason a site refuses an id that differs from one of its kept runs' only in case (``client.requests.case_twin``):
+a file system that ignores case would give both one folder.
 """
 
 from __future__ import annotations

@@ -521,8 +521,14 @@ def test_experiment_ids_that_are_not_file_names_are_refused_not_rewritten(tmp_pa
         assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST, bad
         assert "experiment id" in reply.error.reason
     assert charges(tmp_path)[0] == before  # nothing charged for them
+    # an id that differs from a kept run's only in case: one folder on a file system that ignores case
+    reply = send(grid, 1000, gan_request(cfg, experiment="A_b"))
+    assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST
+    assert "only in case" in reply.error.reason and "'a_b'" in reply.error.reason
+    assert charges(tmp_path)[0] == before  # nothing charged for them
     assert sorted(p.name for p in (tmp_path / "sites" / "site-1" / "runs").iterdir()) == ["a_b"]
     assert not send(grid, 1000, gan_request(cfg, experiment="x" * MAX_EXPERIMENT_ID)).has_error()
+    assert not send(grid, 1000, gan_request(cfg, experiment="a_b")).has_error()  # the run itself: its saved reply
     # an evaluation query too, at a new site: refused before its ledger is started
     fresh = LocalGrid(client_app, [deployed_site(tmp_path / "q", heldout=DIGITS_TEST, evaluation=True)],
                       fast_config(tmp_path / "q").to_flwr())
