@@ -140,21 +140,21 @@ def run_dir(site: SiteSettings, experiment: str) -> Path:
     runs = site.state_dir / "runs"
     # A file system that ignores case (macOS's and Windows' defaults) would give 'Run-1' the folder of 'run-1',
     # and with it that run's saved replies: refuse an id that differs from a kept run's only in case, on every
-    # file system, so that a site answers the same wherever it runs.
-    twin = case_twin(runs, experiment)
-    if twin is not None:
+    # file system, so that a site answers the same wherever it runs. The reason names only the id sent, never the
+    # kept run's folder (common.protocol: a reason names none of the site's files).
+    if has_case_twin(runs, experiment):
         raise Refusal(P.REFUSED_BAD_REQUEST,
-                      f"the experiment id {experiment!r} differs from that of this site's run {twin!r} only in case; "
+                      f"the experiment id {experiment!r} differs from that of one of this site's runs only in case; "
                       "a file system that ignores case would give both one folder: give another id")
     return runs / experiment
 
 
-def case_twin(runs: Path, experiment: str) -> str | None:
-    """The name of a run folder under ``runs`` that equals ``experiment`` but for case (None: there is none)."""
+def has_case_twin(runs: Path, experiment: str) -> bool:
+    """Whether a run folder under ``runs`` equals ``experiment`` but for case."""
     if not runs.is_dir():
-        return None
+        return False
     key = experiment.casefold()
-    return next((p.name for p in runs.iterdir() if p.name != experiment and p.name.casefold() == key), None)
+    return any(p.name != experiment and p.name.casefold() == key for p in runs.iterdir())
 
 
 def load_saved(path: Path) -> dict | None:

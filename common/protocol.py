@@ -53,6 +53,8 @@ REFUSED_BUDGET = 4001  # the request does not fit the site's privacy budget
 # measure it. The one refusal before any charge that reads the budget alone: a ledger's start, when the budget
 # is below what the noisy size behind its default delta may cost (client.site_delta.least_budget).
 REFUSED_BAD_REQUEST = 4002  # malformed, inconsistent or hostile request
+# A run id refused because it differs from a kept run's only in case (client.requests.run_dir) is quoted as sent;
+# the reason says that such a run exists, which re-sending an exact id shows already, and never names its folder.
 REFUSED_NOT_ALLOWED = 4003  # the site's config does not allow this mode / action / more queries / this much work
 # A work-limit refusal (client.limits) names the operator's limit and the request's own sizes (parameters,
 # batch, steps, per-sample gradient memory, all computed from the request's settings alone): the limits are

@@ -5,7 +5,7 @@ ledger entries by it. So the id must be usable as a file name just as it is sent
 that form would let two ids the coordinator keeps apart (``a/b`` and ``a_b``, or two long ids that differ
 after a cut) share one folder: the second run would silently get the first one's saved replies back. A site
 refuses such ids instead (``client.requests.run_dir``), and the run config refuses them first. For the same
-reason a site refuses an id that differs from one of its kept runs' only in case (``client.requests.case_twin``):
+reason a site refuses an id that differs from one of its kept runs' only in case (``client.requests.has_case_twin``):
 a file system that ignores case would give both one folder.
 """
 

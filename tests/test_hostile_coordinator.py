@@ -524,7 +524,8 @@ def test_experiment_ids_that_are_not_file_names_are_refused_not_rewritten(tmp_pa
     # an id that differs from a kept run's only in case: one folder on a file system that ignores case
     reply = send(grid, 1000, gan_request(cfg, experiment="A_b"))
     assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST
-    assert "only in case" in reply.error.reason and "'a_b'" in reply.error.reason
+    assert "only in case" in reply.error.reason and "'A_b'" in reply.error.reason
+    assert "a_b" not in reply.error.reason  # a reason names none of the site's files: not the kept run's folder
     assert charges(tmp_path)[0] == before  # nothing charged for them
     assert sorted(p.name for p in (tmp_path / "sites" / "site-1" / "runs").iterdir()) == ["a_b"]
     assert not send(grid, 1000, gan_request(cfg, experiment="x" * MAX_EXPERIMENT_ID)).has_error()
