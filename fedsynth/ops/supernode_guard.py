@@ -13,6 +13,7 @@ run is refused the same way. Nothing of the site's data is read.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 
@@ -34,19 +35,30 @@ def install(approved: set[str]) -> None:
     from flwr.supernode import start_client_internal as sci
 
     original = sci._pull_and_store_message
-    verdicts: dict[str, str] = {}  # fab hash -> "" (approved) or why not
+    # sha256 of a bundle's bytes, computed here -> "" (approved) or why not. Never keyed by the hash the SuperLink
+    # names: a SuperLink can send a bundle with an empty hash_str, which Flower stores under its content's hash
+    # without comparing, so a verdict remembered under "" would pass every later bundle sent the same way.
+    verdicts: dict[str, str] = {}
 
-    def check(fab) -> None:
-        if fab.hash_str not in verdicts:
+    def check(fab, requested_hash: str) -> None:
+        content_hash = hashlib.sha256(fab.content).hexdigest()
+        # The run's tasks load the bundle stored under the run's fab_hash (the hash get_fab was asked for), so the
+        # bundle checked must be that one: a SuperLink that answers with other bytes, or names another hash, is
+        # refused (Flower's own store_fab would store it under its content's hash, not the run's).
+        for name, claimed in (("the run's", requested_hash), ("the bundle's own", fab.hash_str)):
+            if claimed != content_hash:
+                raise _Unapproved(f"this site refuses the run's bundle: {name} hash {claimed!r} is not the sha256 "
+                                  f"of the bundle sent ({content_hash})")
+        if content_hash not in verdicts:
             try:
                 digest = bundle_digest(fab.content)
-                verdicts[fab.hash_str] = "" if digest in approved else (
+                verdicts[content_hash] = "" if digest in approved else (
                     f"this site runs only the fedsynth app bundles its operator approved; this run's bundle has "
                     f"digest {digest}, which is not one of them")
             except BundleError as err:
-                verdicts[fab.hash_str] = f"this site refuses the run's bundle: {err}"
-        if verdicts[fab.hash_str]:
-            raise _Unapproved(verdicts[fab.hash_str])
+                verdicts[content_hash] = f"this site refuses the run's bundle: {err}"
+        if verdicts[content_hash]:
+            raise _Unapproved(verdicts[content_hash])
 
     def guarded(*args, **kwargs):
         received = {}
@@ -58,9 +70,9 @@ def install(approved: set[str]) -> None:
                 received["message"] = got[0]
             return got
 
-        def checked_fab(*a, **k):
-            fab = get_fab(*a, **k)
-            check(fab)
+        def checked_fab(fab_hash, *a, **k):  # Flower calls get_fab(run_info.fab_hash, run_id)
+            fab = get_fab(fab_hash, *a, **k)
+            check(fab, str(fab_hash))
             return fab
 
         kwargs.update(receive=remember, get_fab=checked_fab)
