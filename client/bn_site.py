@@ -47,6 +47,11 @@ AUTO = "auto"
 def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings):
     """Checks both requests share; returns (data, net, ledger, run folder, plan, census or None)."""
     require_mode(site, "bnstats")
+    if req.noise_shares != 1 and not site.allow_distributed_noise:  # before the census: a run this site will
+        #                                                            refuse at its release must cost it nothing
+        raise Refusal(P.REFUSED_NOT_ALLOWED, "this site adds all of its statistics' noise itself: its operator has "
+                                             "not allowed distributed noise (allow_distributed_noise in site.yaml); "
+                                             "run with distributed-noise = false")
     data = site_data(site)
     check_schema(data, req.channels, req.image_size, req.image_size, req.num_classes)
     for name, value in (("lr", req.lr), ("max-grad-norm", req.max_grad_norm), ("clip", req.clip),
@@ -163,6 +168,8 @@ def release_bnstats(req: P.BnStatsRequest, context: Context, site: SiteSettings,
     data, net, ledger, folder, plan, _ = _setup(req, req.net, site)
     path = folder / "stats-release.pt"
     saved = load_saved(path)
+    if saved is not None:
+        _check_resend(saved, req)
     if saved is None:
         clips = _clip_bounds(req, net)  # a malformed request is refused before anything is charged
         events = ([plan.clip_choice] if plan.clip_choice else []) + [plan.stats]
@@ -175,6 +182,22 @@ def release_bnstats(req: P.BnStatsRequest, context: Context, site: SiteSettings,
         stats = _release(plan, net.eval(), data, clips, req, device, site)
         log.info("[%s] released DP class statistics (sigma=%.3f); epsilon spent now %.3f", site.name,
                  plan.stats.noise_multiplier, spent.epsilon)
-        saved = {"reply": {"stats": {k: torch.from_numpy(v) for k, v in stats.items()}}}
+        saved = {"reply": {"stats": {k: torch.from_numpy(v) for k, v in stats.items()}},
+                 "noise_shares": req.noise_shares}
         save_reply(path, saved)
     return P.BnStatsReply(**saved["reply"])
+
+
+def _check_resend(saved: dict, req: P.BnStatsRequest) -> None:
+    """Refuse to send a saved release again in another way than it was made.
+
+    A release made with its noise split over t sites (inside a secure aggregation, t = noise_shares) carries
+    1/sqrt(t) of the noise its charge assumes; sent again in the clear, or into a sum of fewer releases, it would
+    be seen with that little noise. So it goes out again only with the same noise_shares, and a request for t > 1
+    is refused in the clear before this point (``release_bnstats``). (A release saved before the split was
+    recorded carried all of its noise: 1.)"""
+    made = int(saved.get("noise_shares", 1))
+    if made != req.noise_shares:
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"this run's statistics were released with their noise split over "
+                                             f"{made} site(s); they are sent again only the same way "
+                                             f"(noise-shares {made}), not with {req.noise_shares}")

@@ -60,6 +60,9 @@ class SiteSettings:
     audits: bool = False  # answer DP audit queries (noisy, charged, capped)
     queries_per_run: int = 1  # cap on evaluation queries and on audit queries per run
     require_secure_aggregation: bool = False  # refuse every request that is not part of a secure aggregation
+    # add only 1/sqrt(t) of the statistics release's noise when a secure aggregation promises that every sum the
+    # coordinator can unmask holds t releases (distributed noise): trusts the coordinator to run SecAgg+ honestly
+    allow_distributed_noise: bool = False
     min_reply_seconds: float = 0.0  # no reply leaves before this many seconds after its request came (0 = off):
     # hides how long the work took, which depends on the record count (client.requests.site_handler)
     # work limits (client.limits): a request beyond one is refused before anything is built
@@ -104,6 +107,7 @@ class SiteSettings:
                 "modes": ",".join(self.modes), "heldout-path": self.heldout, "heldout-split": self.heldout_split,
                 "evaluation": self.evaluation, "audits": self.audits, "queries-per-run": self.queries_per_run,
                 "require-secure-aggregation": self.require_secure_aggregation,
+                "allow-distributed-noise": self.allow_distributed_noise,
                 "min-reply-seconds": self.min_reply_seconds,
                 "max-parameters": self.max_parameters, "max-batch-size": self.max_batch_size,
                 "max-steps-per-run": self.max_steps_per_run, "max-step-memory-mb": self.max_step_memory_mb}
@@ -132,7 +136,9 @@ class SiteSettings:
                 "num_partitions": int(node_config["num-partitions"]),
                 "partition": run.partition, "seed": run.seed, "state_dir": Path(root) / name,
                 "epsilon_budget": run.epsilon, "delta": run.delta, "heldout": run.test_data,
-                "evaluation": run.site_evaluation, "audits": run.site_audits}
+                "evaluation": run.site_evaluation, "audits": run.site_audits,
+                # the simulation's owner operates every virtual site: a run that asks for distributed noise allows it
+                "allow_distributed_noise": run.distributed_noise}
         extra = _from_dashed({k: v for k, v in node_config.items() if k not in ("partition-id", "num-partitions")},
                              {"site-name": "name", "epsilon": "epsilon_budget", "state-dir": "state_dir"})
         return cls(**{**base, **extra})

@@ -197,7 +197,9 @@ def test_distributed_noise_is_refused_in_the_clear_and_split_inside_a_secure_sum
     from server.modes.bnstats import plan_settings
     from server.sites import Schema
 
-    cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, synthetic_size=50)
+    # (the run asks for distributed noise, so its virtual sites allow it: allow_distributed_noise)
+    cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, synthetic_size=50, secure_aggregation=True,
+                      distributed_noise=True)
     settings = plan_settings(cfg, Schema(1, 8, 8, tuple(str(i) for i in range(10))), "exp-distributed")
     settings.update(net_rounds=0, noise_shares=2)
     request = P.BnStatsRequest(**settings, net=P.state_arrays(BNNet(1, 10, 8, 8)))
@@ -212,6 +214,36 @@ def test_distributed_noise_is_refused_in_the_clear_and_split_inside_a_secure_sum
         (release,) = [e for e in entries if e["purpose"] == "bnstats-release"]
         own, charged = release["details"]["own-noise-multiplier"], release["events"][-1]["noise_multiplier"]
         assert release["details"]["distributed-noise-shares"] == 2 and own == pytest.approx(charged / np.sqrt(2))
+    # the saved split-noise release asked for again in the clear (noise-shares 1), as every other release may be:
+    # it would show each site's release alone with 1/sqrt(2) of its noise, so it is refused, and nothing is charged
+    after = spent(tmp_path)
+    again = broadcast(grid, P.BnStatsRequest(**{**settings, "noise_shares": 1}, net=request.net), P.BnStatsReply,
+                      "replay", 30, sorted(grid.get_node_ids()))
+    assert not again.replies and set(again.codes.values()) == {P.REFUSED_BAD_REQUEST}
+    assert all("split over 2" in why for why in again.failures.values())
+    assert spent(tmp_path) == after
+    # inside a secure sum with the same split it is the same release, sent again at no cost
+    resent = secure_sum(grid, {n: request for n in grid.get_node_ids()}, round_label=1, timeout=30)
+    assert resent.total is not None and spent(tmp_path) == after
+
+
+def test_a_site_splits_its_noise_only_where_its_operator_allows_it(tmp_path):
+    """Distributed noise trusts the coordinator to run SecAgg+ honestly (one that fakes sites can unmask a
+    site's release alone), so a site adds all of its noise unless its operator allowed the split; the refusal
+    comes before the census, so such a run costs the site nothing."""
+    from common.bnnet import BNNet
+    from server.modes.bnstats import plan_settings
+    from server.sites import Schema
+
+    cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, synthetic_size=50)  # no distributed noise
+    settings = plan_settings(cfg, Schema(1, 8, 8, tuple(str(i) for i in range(10))), "exp-not-allowed")
+    settings.update(net_rounds=0, noise_shares=2)
+    request = P.BnStatsRequest(**settings, net=P.state_arrays(BNNet(1, 10, 8, 8)))
+    grid = _grid(cfg, 3)
+    got = secure_sum(grid, {n: request for n in grid.get_node_ids()}, round_label=0, timeout=30)
+    assert got.total is None and set(got.codes.values()) == {P.REFUSED_NOT_ALLOWED}
+    assert all("allow_distributed_noise" in why for why in got.failures.values())
+    assert spent(tmp_path) == []
 
 
 def test_distributed_noise_needs_secure_aggregation():

@@ -35,6 +35,7 @@ WORK_LIMITS = ("max_parameters", "max_batch_size", "max_steps_per_run", "max_ste
 SITE_KEYS = ("name", "data", "dataset_id", "split", "image_size", "label_from", "sensitive_attribute", "heldout",
              "heldout_split", "epsilon",
              "delta", "state_dir", "modes", "evaluation", "audits", "queries_per_run", "require_secure_aggregation",
+             "allow_distributed_noise",
              "min_reply_seconds", *WORK_LIMITS, "coordinator", "ca_cert", "private_key", "supernode_port", "approved_bundles",
              "approve_installed")
 
@@ -140,6 +141,7 @@ def load_site_config(path: str | Path) -> SiteDeployment:
         heldout=heldout, heldout_split=heldout_split, evaluation=evaluation, audits=audits,
         queries_per_run=f.int("queries_per_run", 1, lo=1, hi=100),
         require_secure_aggregation=f.bool("require_secure_aggregation", False),
+        allow_distributed_noise=f.bool("allow_distributed_noise", False),
         min_reply_seconds=_min_reply_seconds(f, path),
         **{key: f.int(key, SETTINGS_DEFAULTS[key], lo=1) for key in WORK_LIMITS})
     return SiteDeployment(
@@ -318,6 +320,10 @@ def _announce(dep: SiteDeployment, check: SiteCheck) -> None:
          "per-sample gradients per step (site.yaml max_*)")
     if s.require_secure_aggregation:
         info("takes part only in runs with secure aggregation: the coordinator sees only sums over the sites")
+    if s.allow_distributed_noise:
+        warn("allows distributed noise: inside a secure aggregation its statistics release carries only part of the "
+             "noise its ledger charges, which holds only while the coordinator runs SecAgg+ honestly "
+             "(allow_distributed_noise)")
     info(f"holds every reply until {s.min_reply_seconds:g} s after its request came (min_reply_seconds)"
          if s.min_reply_seconds else "replies as soon as the work is done: reply times show how long it took, which "
          "grows with the record count (site.yaml min_reply_seconds hides it)")
