@@ -34,7 +34,7 @@ from client.requests import (
     site_data,
     site_handler,
 )
-from client.site import SiteSettings, charge_work, data_fingerprint, open_ledger
+from client.site import SiteSettings, charged_work, data_fingerprint, open_ledger
 from common import protocol as P
 from common.bnnet import BNNet, norm_layer_names
 from common.data import ImageDataset
@@ -106,16 +106,17 @@ def train_bnnet(req: P.BnTrainRequest, context: Context, site: SiteSettings) -> 
     saved = load_saved(path)
     if saved is None:
         train = plan.train_round(req.local_steps)
-        spent = charge_work(ledger, [train], data, site, purpose="bnstats-net", run=req.experiment, rnd=req.server_round)
-        log.info("[%s] net round %d: DP-SGD on its records (sigma=%.3f); epsilon spent now %.3f", site.name,
-                 req.server_round, train.noise_multiplier, spent.epsilon)
-        train_dpsgd_local(net, data, noise_multiplier=train.noise_multiplier, sample_rate=train.sample_rate,
-                          steps=train.steps, max_grad_norm=req.max_grad_norm, lr=req.lr,
-                          device=pick_device(str(context.run_config.get("device", "auto"))),
-                          expected_batch=expected_batch(plan, census))
-        saved = {"reply": {"net": {k: torch.from_numpy(v) for k, v in P.state_arrays(net).items()},
-                           "weight": census_weight(census)}}
-        save_reply(path, saved)
+        with charged_work(ledger, [train], data, site, purpose="bnstats-net", run=req.experiment,
+                          rnd=req.server_round, folder=folder) as spent:
+            log.info("[%s] net round %d: DP-SGD on its records (sigma=%.3f); epsilon spent now %.3f", site.name,
+                     req.server_round, train.noise_multiplier, spent.epsilon)
+            train_dpsgd_local(net, data, noise_multiplier=train.noise_multiplier, sample_rate=train.sample_rate,
+                              steps=train.steps, max_grad_norm=req.max_grad_norm, lr=req.lr,
+                              device=pick_device(str(context.run_config.get("device", "auto"))),
+                              expected_batch=expected_batch(plan, census))
+            saved = {"reply": {"net": {k: torch.from_numpy(v) for k, v in P.state_arrays(net).items()},
+                               "weight": census_weight(census)}}
+            save_reply(path, saved)
     return P.BnTrainReply(**saved["reply"])
 
 
@@ -173,18 +174,19 @@ def release_bnstats(req: P.BnStatsRequest, context: Context, site: SiteSettings,
     if saved is None:
         clips = _clip_bounds(req, net)  # a malformed request is refused before anything is charged
         events = ([plan.clip_choice] if plan.clip_choice else []) + [plan.stats]
-        spent = charge_work(ledger, events, data, site, purpose="bnstats-release", run=req.experiment, rnd=0,
-                        details={"clip": str(req.layer_clips).strip() or req.clip, "count-weight": req.count_weight,
-                                 **({"distributed-noise-shares": req.noise_shares,
-                                     "own-noise-multiplier": plan.stats.noise_multiplier / math.sqrt(req.noise_shares)}
-                                    if req.noise_shares > 1 else {})})
-        device = pick_device(str(context.run_config.get("device", "auto")))
-        stats = _release(plan, net.eval(), data, clips, req, device, site)
-        log.info("[%s] released DP class statistics (sigma=%.3f); epsilon spent now %.3f", site.name,
-                 plan.stats.noise_multiplier, spent.epsilon)
-        saved = {"reply": {"stats": {k: torch.from_numpy(v) for k, v in stats.items()}},
-                 "noise_shares": req.noise_shares}
-        save_reply(path, saved)
+        details = {"clip": str(req.layer_clips).strip() or req.clip, "count-weight": req.count_weight,
+                   **({"distributed-noise-shares": req.noise_shares,
+                       "own-noise-multiplier": plan.stats.noise_multiplier / math.sqrt(req.noise_shares)}
+                      if req.noise_shares > 1 else {})}
+        with charged_work(ledger, events, data, site, purpose="bnstats-release", run=req.experiment, rnd=0,
+                          folder=folder, details=details) as spent:
+            device = pick_device(str(context.run_config.get("device", "auto")))
+            stats = _release(plan, net.eval(), data, clips, req, device, site)
+            log.info("[%s] released DP class statistics (sigma=%.3f); epsilon spent now %.3f", site.name,
+                     plan.stats.noise_multiplier, spent.epsilon)
+            saved = {"reply": {"stats": {k: torch.from_numpy(v) for k, v in stats.items()}},
+                     "noise_shares": req.noise_shares}
+            save_reply(path, saved)
     return P.BnStatsReply(**saved["reply"])
 
 

@@ -44,7 +44,7 @@ from client.requests import (
     site_data,
     site_handler,
 )
-from client.site import SiteSettings, charge_work, data_fingerprint, open_ledger
+from client.site import SiteSettings, charged_work, data_fingerprint, open_ledger
 from common import protocol as P
 from common.device import pick_device
 from common.gan_augment import parse_augment
@@ -210,29 +210,29 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
     g_steps = _g_steps(req, site, previous, census)
     plan = plan_for_site(site, ledger, folder, _plan_request(req, steps), req.experiment, census=census)
     train = plan.train_round(steps)
-    spent = charge_work(ledger, [train], data, site, purpose="dpgan", run=req.experiment, rnd=rnd,
-                        details={"batch-size": req.batch_size, "max-grad-norm": req.max_grad_norm})
-    log.info("[%s] round %d: DP-GAN on its records (sigma=%.3f, q=%.4f, %d steps); epsilon spent now %.3f",
-             site.name, rnd, train.noise_multiplier, train.sample_rate, train.steps, spent.epsilon)
-    trainer = LocalGanTrainer(shape, data, pick_device(str(context.run_config.get("device", "auto"))),
-                              progress=bool(context.run_config.get("progress", True)), label=site.name)
-    rs = RoundSettings(noise_multiplier=train.noise_multiplier, sample_rate=train.sample_rate, steps=train.steps,
-                       max_grad_norm=req.max_grad_norm, lr_d=req.lr_d, lr_g=req.lr_g, seed=req.seed * 1000 + rnd,
-                       d_width=req.d_width, ac_weight=req.ac_weight, mode_seeking=req.mode_seeking,
-                       label_weights=tuple(census) if req.class_histogram else (), g_steps_per_d=g_steps,
-                       d_steps_per_g=req.d_steps,
-                       ema=req.ema, expected_batch=expected_batch(plan, census), augment=parse_augment(req.augment))
-    generator = {k: torch.from_numpy(v) for k, v in req.generator.items()}
-    d_before = None if previous is None else previous["d_state"]  # None: a new D
-    new_state, metrics, d_state = trainer.train_round(generator, rs, d_before,
-                                                      req.discriminator)  # the sites' averaged D, or {}
-    log.info("[%s] round %d trained in %.1f s (D loss %.3f, G loss %.3f)", site.name, rnd, metrics["train-seconds"],
-             metrics["d-loss"], metrics["g-loss"])
-    reply = {"generator": _float32(new_state),
-             "census": {"counts": torch.tensor(census, dtype=torch.float32)},  # (K,)
-             "weight": census_weight(census), "g_loss": float(metrics["g-loss"]), "local_steps": steps,
-             "g_steps": g_steps}
-    if req.share_d:  # D after this round's DP-SGD steps, for the coordinator's average (P.GanTrainReply)
-        reply["discriminator"] = _float32(d_state["disc"])
-    save_reply(_round_file(folder, rnd), {"reply": reply, "d_state": d_state})
+    with charged_work(ledger, [train], data, site, purpose="dpgan", run=req.experiment, rnd=rnd, folder=folder,
+                      details={"batch-size": req.batch_size, "max-grad-norm": req.max_grad_norm}) as spent:
+        log.info("[%s] round %d: DP-GAN on its records (sigma=%.3f, q=%.4f, %d steps); epsilon spent now %.3f",
+                 site.name, rnd, train.noise_multiplier, train.sample_rate, train.steps, spent.epsilon)
+        trainer = LocalGanTrainer(shape, data, pick_device(str(context.run_config.get("device", "auto"))),
+                                  progress=bool(context.run_config.get("progress", True)), label=site.name)
+        rs = RoundSettings(noise_multiplier=train.noise_multiplier, sample_rate=train.sample_rate, steps=train.steps,
+                           max_grad_norm=req.max_grad_norm, lr_d=req.lr_d, lr_g=req.lr_g, seed=req.seed * 1000 + rnd,
+                           d_width=req.d_width, ac_weight=req.ac_weight, mode_seeking=req.mode_seeking,
+                           label_weights=tuple(census) if req.class_histogram else (), g_steps_per_d=g_steps,
+                           d_steps_per_g=req.d_steps,
+                           ema=req.ema, expected_batch=expected_batch(plan, census), augment=parse_augment(req.augment))
+        generator = {k: torch.from_numpy(v) for k, v in req.generator.items()}
+        d_before = None if previous is None else previous["d_state"]  # None: a new D
+        new_state, metrics, d_state = trainer.train_round(generator, rs, d_before,
+                                                          req.discriminator)  # the sites' averaged D, or {}
+        log.info("[%s] round %d trained in %.1f s (D loss %.3f, G loss %.3f)", site.name, rnd, metrics["train-seconds"],
+                 metrics["d-loss"], metrics["g-loss"])
+        reply = {"generator": _float32(new_state),
+                 "census": {"counts": torch.tensor(census, dtype=torch.float32)},  # (K,)
+                 "weight": census_weight(census), "g_loss": float(metrics["g-loss"]), "local_steps": steps,
+                 "g_steps": g_steps}
+        if req.share_d:  # D after this round's DP-SGD steps, for the coordinator's average (P.GanTrainReply)
+            reply["discriminator"] = _float32(d_state["disc"])
+        save_reply(_round_file(folder, rnd), {"reply": reply, "d_state": d_state})
     return P.GanTrainReply(**reply)

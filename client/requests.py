@@ -6,6 +6,10 @@ text (never the site's budget, spending, record count, paths or data), and any o
 generic "site failure" while the details go to the site's own log. Without this, Flower would send the
 exception's text -- a traceback that can quote private values -- to the coordinator.
 
+A site does one request's work at a time (:func:`one_request_at_a_time`): every handler checks for a saved reply,
+charges, works and saves its reply, and two copies of one request pushed at once must not both find no saved reply,
+share one charge and each release fresh noise.
+
 The time a reply takes is observable too, and it depends on the records (data loading and each DP-SGD step
 grow with the record count). A site whose operator sets ``min_reply_seconds`` holds every reply, refusals
 included, until that long after its request came: a reply that leaves at the hold says nothing about how
@@ -14,10 +18,13 @@ long the work took. Work that outlasts the hold is sent when done, and the site'
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from flwr.app import Context, Error, Message
@@ -48,7 +55,8 @@ def site_handler(fn: Callable[[Message, Context, SiteSettings], Message]) -> Cal
         site: SiteSettings | None = None
         try:
             site = resolve_site(context.node_config, context.run_config)
-            reply = fn(msg, context, site)
+            with one_request_at_a_time(site):
+                reply = fn(msg, context, site)
         except Refusal as err:
             reply = refuse(msg, _name(site), err.code, err.public, err.detail)
         except P.ProtocolError as err:  # it describes the coordinator's own message: safe to echo
@@ -65,6 +73,30 @@ def site_handler(fn: Callable[[Message, Context, SiteSettings], Message]) -> Cal
     # (not functools.wraps: Flower must see the (message, context) signature, not the wrapped one)
     handler.__name__, handler.__qualname__, handler.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
     return handler
+
+
+LOCK_FILE = "requests.lock"  # in the site's state_dir
+
+
+@contextmanager
+def one_request_at_a_time(site: SiteSettings) -> Iterator[None]:
+    """Hold the site's request lock (an exclusive flock on ``state_dir/requests.lock``) while a request is worked on.
+
+    Why: every handler is "saved reply? else charge, work, save" -- the charge of an interrupted attempt is reused
+    (``PrivacyLedger.charge_once``), so two copies of one request worked on at once (a coordinator can push both,
+    and Flower starts a ClientApp process per message) would both find no saved reply, the second would reuse the
+    first's charge, and both would release fresh DP noise: two releases for one charge. Holding the lock from the
+    check to the save makes the second copy find the first's saved reply. A flock is per open file, so it orders
+    the threads of one process (the in-process simulation's sites) as well as separate processes; it goes with
+    the process, so a killed request leaves no stale lock.
+    """
+    site.state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(site.state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
 
 
 def _name(site: SiteSettings | None) -> str:

@@ -15,9 +15,10 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from client import ledger_file as lf
 from client.ledger import BudgetExceeded, PrivacyLedger, Spent
@@ -250,22 +251,41 @@ def open_ledger(site: SiteSettings, data: ImageDataset, *, create: bool = True) 
     return ledger
 
 
-def charge_work(ledger: PrivacyLedger, events: list[DPEvent], data: ImageDataset, site: SiteSettings, *,
-                purpose: str, run: str, rnd: int, details: dict | None = None) -> Spent:
-    """Charge a round's (or a release's) ``events`` once under (run, purpose, rnd) and return what is spent now.
+@contextmanager
+def charged_work(ledger: PrivacyLedger, events: list[DPEvent], data: ImageDataset, site: SiteSettings, *,
+                 purpose: str, run: str, rnd: int, folder: Path, details: dict | None = None) -> Iterator[Spent]:
+    """Charge a round's (or a release's) ``events`` under (run, purpose, rnd), then do its work (the ``with`` body,
+    which saves the reply), yielding what is spent now.
 
-    Work that does not fit the budget is refused (nothing written); a charge an interrupted earlier attempt already
-    wrote is reused, never charged twice (``PrivacyLedger.charge_once``), and said in the site's log."""
+    Work that does not fit the budget is refused (nothing written). A charge an *interrupted* earlier attempt
+    wrote (the process stopped: Ctrl-C, a crash, a power cut) is reused, never charged twice
+    (``PrivacyLedger.charge_once``), and said in the site's log. An attempt that *failed* (the work raised an
+    exception) leaves a mark in the run's folder, and the next attempt is charged anew: whether work fails can
+    depend on the records, and a coordinator that could re-send a failed round for free would get a fresh draw
+    of its noise, or a data-dependent yes/no, for each retry."""
+    failed = folder / f"failed-{purpose}-{rnd}"
     try:
-        spent, reused = ledger.charge_once(events, purpose=purpose, run=run, round=rnd, details=details,
-                                           data=data_fingerprint(data))
+        if failed.exists():
+            spent, reused = ledger.charge(events, purpose=purpose, run=run, round=rnd, data=data_fingerprint(data),
+                                          details={**(details or {}), "after-a-failed-attempt": True}), False
+            failed.unlink()
+            log.warning("[%s] %s %d of %s failed earlier; this attempt is charged again", site.name, purpose, rnd,
+                        run)
+        else:
+            spent, reused = ledger.charge_once(events, purpose=purpose, run=run, round=rnd, details=details,
+                                               data=data_fingerprint(data))
     except BudgetExceeded as err:
         raise Refusal(P.REFUSED_BUDGET, "the requested work does not fit this site's privacy budget",
                       str(err)) from None
     if reused:
         log.warning("[%s] %s %d of %s was interrupted earlier; its charge is reused, nothing is charged twice",
                     site.name, purpose, rnd, run)
-    return spent
+    try:
+        yield spent
+    except Exception:  # not KeyboardInterrupt / SystemExit: an interruption keeps its charge for the next attempt
+        folder.mkdir(parents=True, exist_ok=True)
+        failed.touch()
+        raise
 
 
 def _ledger_started(path: Path) -> bool:

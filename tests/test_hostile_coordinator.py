@@ -462,6 +462,76 @@ def test_an_interrupted_statistics_release_is_charged_once(tmp_path, monkeypatch
         assert [e["purpose"] for e in entries] == ["bnstats-census", "bnstats-net", "bnstats-release"]
 
 
+def test_a_failed_attempt_is_charged_again_when_the_round_is_re_sent(tmp_path, monkeypatch):
+    """Whether work fails can depend on the records (the code cannot rule out every such failure). An interrupted
+    attempt reuses its charge (the tests above); one that *failed* must not, or a coordinator re-sending the round
+    gets, for free, another draw of its noise or another data-dependent yes/no for each failure."""
+    import client.gan_site as gan_site
+    from tests.test_faults import gan_request, send
+
+    real, calls = gan_site.LocalGanTrainer.train_round, []
+
+    def fail_once(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a failure whose cause depends on the records")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(gan_site.LocalGanTrainer, "train_round", fail_once)
+    cfg = fast_config(tmp_path, num_rounds=1)
+    # a site budget above the run's epsilon: the retry is a new release, which must fit the site's budget too
+    grid = LocalGrid(client_app, [{**nodes(1)[0], "epsilon": 30.0}], cfg.to_flwr())
+    first = send(grid, 1000, gan_request(cfg))
+    assert first.has_error() and first.error.code == P.SITE_FAILURE
+    assert "records" not in first.error.reason  # the failure's text stays in the site's log
+    assert not send(grid, 1000, gan_request(cfg)).has_error()
+    (entries,) = charges(tmp_path)
+    assert [(e["purpose"], e["round"]) for e in entries] == [("dpgan-census", 0), ("dpgan", 1), ("dpgan", 1)]
+    assert entries[-1]["details"]["after-a-failed-attempt"] is True
+    assert not send(grid, 1000, gan_request(cfg)).has_error()  # re-sent after success: its saved reply, no charge
+    assert len(charges(tmp_path)[0]) == 3
+
+
+def test_two_copies_of_a_request_at_once_get_one_release_for_one_charge(tmp_path, monkeypatch):
+    """A coordinator can push the same request twice at once (Flower starts a ClientApp per message). Worked on
+    together, both copies found no saved reply, the second reused the first's charge, and each trained with fresh
+    noise: two releases for one charge. A site now works on one request at a time (client.requests), so the
+    second copy gets the first one's saved reply."""
+    import threading
+    import time
+
+    import client.gan_site as gan_site
+    from tests.test_faults import gan_request
+
+    real = gan_site.LocalGanTrainer.train_round
+
+    def slow(self, *args, **kwargs):  # the first copy is still training when the second arrives
+        time.sleep(1.5)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(gan_site.LocalGanTrainer, "train_round", slow)
+    cfg = fast_config(tmp_path, num_rounds=1)
+    grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
+    set_task_identity()
+    msg = gan_request(cfg).as_request(1000, "1", ttl=60.0)
+    replies = [None, None]
+
+    def answer(i: int) -> None:
+        replies[i] = grid._answer(msg)  # the site's ClientApp, on its own copy of the message
+
+    workers = [threading.Thread(target=answer, args=(i,)) for i in range(2)]
+    workers[0].start()
+    time.sleep(0.5)
+    workers[1].start()
+    for w in workers:
+        w.join()
+    assert not any(r.has_error() for r in replies)
+    a, b = (P.GanTrainReply.from_message(r).generator for r in replies)
+    assert all(np.array_equal(a[k], b[k]) for k in a)  # one release, sent twice
+    (entries,) = charges(tmp_path)
+    assert [(e["purpose"], e["round"]) for e in entries] == [("dpgan-census", 0), ("dpgan", 1)]
+
+
 def test_ctrl_c_says_what_was_spent_and_how_to_resume(tmp_path, monkeypatch, capsys):
     import client.gan_site as gan_site
     from fedsynth import cli
