@@ -604,7 +604,9 @@ def test_experiment_ids_that_are_not_file_names_are_refused_not_rewritten(tmp_pa
     fresh = LocalGrid(client_app, [deployed_site(tmp_path / "q", heldout=DIGITS_TEST, evaluation=True)],
                       fast_config(tmp_path / "q").to_flwr())
     assert _evaluation(fresh, 1000, _constant_model(0), "logreg", "a/b").error.code == P.REFUSED_BAD_REQUEST
-    assert not (tmp_path / "q" / "site-a").exists()
+    from client.requests import LOCK_FILE  # (the one file a request writes before anything: its lock, empty)
+
+    assert [p.name for p in (tmp_path / "q" / "site-a").iterdir()] == [LOCK_FILE]
     # the coordinator's config refuses them first, with the fix
     with pytest.raises(ConfigError, match="experiment: .*give another id"):
         RunConfig.from_mapping({"experiment": "a/b"}).validate()
