@@ -27,10 +27,9 @@ from client.bn_site import handle_bnstats, handle_train_bnnet
 from client.evaluation import handle_audit, handle_evaluation
 from client.gan_site import handle_train_gan
 from client.secure_site import handle_secure_train, refusals_mod
-from client.requests import site_data, site_handler
+from client.requests import site_data, site_device, site_handler
 from client.site import SiteSettings
 from common import protocol as P
-from common.device import pick_device
 
 log = logging.getLogger("fedsynth.site")
 app = ClientApp()
@@ -46,7 +45,7 @@ def handle_info(msg: Message, context: Context, site: SiteSettings) -> Message:
                        delta_bound=site.delta_bound, modes=tuple(site.modes),
                        evaluation=site.evaluation and bool(site.heldout), audits=site.audits and bool(site.heldout),
                        queries_per_run=site.queries_per_run,
-                       device=pick_device(str(context.run_config.get("device", "auto"))).type,
+                       device=site_device(context).type,
                        sensitive_attribute=site.sensitive_attribute).as_reply(msg)
 
 

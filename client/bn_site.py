@@ -32,13 +32,13 @@ from client.requests import (
     run_dir,
     save_reply,
     site_data,
+    site_device,
     site_handler,
 )
 from client.site import SiteSettings, charged_work, data_fingerprint, open_ledger
 from common import protocol as P
 from common.bnnet import BNNet, norm_layer_names
 from common.data import ImageDataset
-from common.device import pick_device
 
 log = logging.getLogger("fedsynth.site")
 AUTO = "auto"
@@ -101,6 +101,7 @@ def train_bnnet(req: P.BnTrainRequest, context: Context, site: SiteSettings) -> 
     """One federated DP-SGD round of the shared net at the site; the typed reply."""
     if not 1 <= req.server_round <= req.net_rounds:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"round {req.server_round} is outside the run's 1..{req.net_rounds}")
+    device = site_device(context)
     data, net, ledger, folder, plan, census = _setup(req, req.net, site)
     path = folder / f"net-round-{req.server_round}.pt"
     saved = load_saved(path)
@@ -112,7 +113,7 @@ def train_bnnet(req: P.BnTrainRequest, context: Context, site: SiteSettings) -> 
                      req.server_round, train.noise_multiplier, spent.epsilon)
             train_dpsgd_local(net, data, noise_multiplier=train.noise_multiplier, sample_rate=train.sample_rate,
                               steps=train.steps, max_grad_norm=req.max_grad_norm, lr=req.lr,
-                              device=pick_device(str(context.run_config.get("device", "auto"))),
+                              device=device,
                               expected_batch=expected_batch(plan, census))
             saved = {"reply": {"net": {k: torch.from_numpy(v) for k, v in P.state_arrays(net).items()},
                                "weight": census_weight(census)}}
@@ -166,6 +167,7 @@ def release_bnstats(req: P.BnStatsRequest, context: Context, site: SiteSettings,
     if req.noise_shares != 1 and not (secure and 2 <= req.noise_shares <= P.SECAGG_MAX_SITES):
         raise Refusal(P.REFUSED_BAD_REQUEST, "distributed noise (noise-shares > 1) is only for releases inside a "
                                              "secure aggregation; in the clear a site adds all of the noise")
+    device = site_device(context)
     data, net, ledger, folder, plan, _ = _setup(req, req.net, site)
     path = folder / "stats-release.pt"
     saved = load_saved(path)
@@ -180,7 +182,6 @@ def release_bnstats(req: P.BnStatsRequest, context: Context, site: SiteSettings,
                       if req.noise_shares > 1 else {})}
         with charged_work(ledger, events, data, site, purpose="bnstats-release", run=req.experiment, rnd=0,
                           folder=folder, details=details) as spent:
-            device = pick_device(str(context.run_config.get("device", "auto")))
             stats = _release(plan, net.eval(), data, clips, req, device, site)
             log.info("[%s] released DP class statistics (sigma=%.3f); epsilon spent now %.3f", site.name,
                      plan.stats.noise_multiplier, spent.epsilon)

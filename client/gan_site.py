@@ -42,11 +42,11 @@ from client.requests import (
     run_dir,
     save_reply,
     site_data,
+    site_device,
     site_handler,
 )
 from client.site import SiteSettings, charged_work, data_fingerprint, open_ledger
 from common import protocol as P
-from common.device import pick_device
 from common.gan_augment import parse_augment
 from common.models import Discriminator, GanShape, Generator
 
@@ -192,6 +192,7 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
     require_mode(site, "dpgan")
     require_replacement(site, req.sensitive_attribute)
     shape = _check_request(req, site)
+    device = site_device(context)
     data = site_data(site)
     check_schema(data, req.channels, req.image_size, req.image_size, req.num_classes)
     folder, rnd = run_dir(site, req.experiment), req.server_round
@@ -214,7 +215,7 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
                       details={"batch-size": req.batch_size, "max-grad-norm": req.max_grad_norm}) as spent:
         log.info("[%s] round %d: DP-GAN on its records (sigma=%.3f, q=%.4f, %d steps); epsilon spent now %.3f",
                  site.name, rnd, train.noise_multiplier, train.sample_rate, train.steps, spent.epsilon)
-        trainer = LocalGanTrainer(shape, data, pick_device(str(context.run_config.get("device", "auto"))),
+        trainer = LocalGanTrainer(shape, data, device,
                                   progress=bool(context.run_config.get("progress", True)), label=site.name)
         rs = RoundSettings(noise_multiplier=train.noise_multiplier, sample_rate=train.sample_rate, steps=train.steps,
                            max_grad_norm=req.max_grad_norm, lr_d=req.lr_d, lr_g=req.lr_g, seed=req.seed * 1000 + rnd,

@@ -33,6 +33,7 @@ from client.refusal import Refusal
 from client.site import SiteSettings, load_site_data, resolve_site
 from common import protocol as P
 from common.data import DataError, ImageDataset
+from common.device import pick_device
 from common.files import save_torch_atomic
 from common.run_id import experiment_id_problem
 
@@ -117,6 +118,20 @@ def hold_reply(site: SiteSettings, what: str, came: float, *, sleep: Callable[[f
         return 0.0
     sleep(wait)
     return wait
+
+
+def site_device(context: Context) -> torch.device:
+    """The device the run asks this site to compute on (run config ``device``), checked before anything is charged:
+    a device the site does not have is refused here, where a failure after the charge would cost every retry
+    (``client.site.charged_work``) and release nothing."""
+    preference = str(context.run_config.get("device", "auto"))
+    try:
+        device = pick_device(preference)
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device '{preference}' names a GPU this site does not have; use device='auto'")
+    except ValueError as err:
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"the run's device setting cannot be used here: {err}") from None
+    return device
 
 
 def require_mode(site: SiteSettings, mode: str) -> None:

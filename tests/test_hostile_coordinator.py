@@ -492,6 +492,19 @@ def test_a_failed_attempt_is_charged_again_when_the_round_is_re_sent(tmp_path, m
     assert len(charges(tmp_path)[0]) == 3
 
 
+def test_a_device_the_site_does_not_have_is_refused_before_anything_is_charged(tmp_path):
+    """The run config's device is the coordinator's choice; one the site cannot use failed after the charge, so
+    every retry cost budget and released nothing."""
+    from tests.test_faults import gan_request, send
+
+    cfg = fast_config(tmp_path, num_rounds=1)
+    for device in ("tpu", "cuda:7"):
+        grid = LocalGrid(client_app, nodes(1), {**cfg.to_flwr(), "device": device})
+        reply = send(grid, 1000, gan_request(cfg))
+        assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST and "device" in reply.error.reason
+    assert charges(tmp_path) == []  # no ledger was even started
+
+
 def test_two_copies_of_a_request_at_once_get_one_release_for_one_charge(tmp_path, monkeypatch):
     """A coordinator can push the same request twice at once (Flower starts a ClientApp per message). Worked on
     together, both copies found no saved reply, the second reused the first's charge, and each trained with fresh
