@@ -26,7 +26,7 @@ from flwr.clientapp import ClientApp
 from client.bn_site import handle_bnstats, handle_train_bnnet
 from client.evaluation import handle_audit, handle_evaluation
 from client.gan_site import handle_train_gan
-from client.secure_site import handle_secure_train, refusals_mod
+from client.secure_site import handle_secure_train, refusals_mod, secagg_settings_mod
 from client.requests import site_data, site_device, site_handler
 from client.site import SiteSettings
 from common import protocol as P
@@ -56,4 +56,4 @@ app.query("bnstats")(handle_bnstats)
 app.evaluate("classifier")(handle_evaluation)
 app.query("audit")(handle_audit)
 # Secure aggregation: Flower's SecAgg+ mod runs its four stages on "train"; our mod outside it returns refusals.
-app.train(mods=[refusals_mod, secaggplus_mod])(handle_secure_train)
+app.train(mods=[refusals_mod, secagg_settings_mod, secaggplus_mod])(handle_secure_train)

@@ -13,6 +13,13 @@ stages itself; at the third it calls :func:`handle_secure_train`, which
 
 A refusal (budget, mode, bad request) must reach the coordinator as the same safe error reply as in the
 clear, not as the mod's failure to parse it: :func:`refusals_mod`, outside the SecAgg+ mod, returns it.
+
+Flower's mod checks only the *types* of the settings each stage carries; their values are the coordinator's.
+:func:`secagg_settings_mod`, between the two, refuses the values with which a coordinator that follows the
+four stages could still see one site's vector alone (a modulus of 2 makes every mask 0; a threshold of 1 or a
+site as its own only neighbour makes its own seed share the seed; a node listed both active and dropped gets both
+of its secrets reconstructed). What it cannot stop is a coordinator that invents neighbours (it holds their keys);
+README, Privacy, says so.
 """
 
 from __future__ import annotations
@@ -39,6 +46,65 @@ class _Refused(Exception):
     def __init__(self, reply: Message) -> None:
         super().__init__("refused")
         self.reply = reply
+
+
+MIN_NEIGHBOURS = 3  # sites in one secure sum, this one included (server.secure_agg asks for at least 3)
+
+
+def secagg_problem(configs: dict, state: dict, node_id: int) -> str:
+    """Why the SecAgg+ stage in ``configs`` must be refused, or "" (``state``: Flower's SecAgg+ state of this site
+    so far, ``RECORD_KEY_STATE``; ``node_id``: this site's).
+
+    setup: the protocol's public constants (``common.protocol``: clipping range, quantization levels, modulus),
+    weight 1 (``secure_wire.summand`` sends weight 1), a reconstruction threshold of at least 2 and at most the
+    number of shares, at least ``MIN_NEIGHBOURS`` shares. share keys: at most that many neighbours, this site
+    among them (Flower's mod refuses fewer than the threshold). unmask: active and dropped nodes are neighbours, listed once, in one list only, and this site,
+    which sent its vector, among the active ones.
+    """
+    from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+
+    stage = configs.get(Key.STAGE)
+    if stage == Stage.SETUP:
+        expected = {Key.CLIPPING_RANGE: P.SECAGG_CLIPPING_RANGE, Key.TARGET_RANGE: P.SECAGG_QUANTIZATION_LEVELS,
+                    Key.MOD_RANGE: P.SECAGG_MODULUS, Key.MAX_WEIGHT: 1.0}
+        wrong = [f"{key} {configs.get(key)!r} (the protocol's is {value!r})" for key, value in expected.items()
+                 if configs.get(key) != value]
+        if wrong:
+            return "the secure aggregation's settings are not the protocol's: " + ", ".join(wrong)
+        shares, threshold = configs.get(Key.SHARE_NUMBER), configs.get(Key.THRESHOLD)
+        if not (isinstance(shares, int) and isinstance(threshold, int) and shares >= MIN_NEIGHBOURS
+                and 2 <= threshold <= shares):
+            return (f"a secure sum needs at least {MIN_NEIGHBOURS} sites and a reconstruction threshold from 2 to their "
+                    f"number; got {shares!r} shares and threshold {threshold!r}")
+    elif stage == Stage.SHARE_KEYS:
+        # (fewer than announced where a site dropped out at setup; Flower checks that the threshold still holds)
+        neighbours = {k for k in configs if k != Key.STAGE}
+        if str(node_id) not in neighbours or len(neighbours) > int(state.get("share_num", 0)):
+            return (f"the secure sum's neighbours must be at most the {state.get('share_num')} sites announced at its "
+                    f"setup, this one among them; got {len(neighbours)}")
+    elif stage == Stage.UNMASK:
+        active, dead = list(configs.get(Key.ACTIVE_NODE_ID_LIST, [])), list(configs.get(Key.DEAD_NODE_ID_LIST, []))
+        neighbours = set(state.get("public_keys_dict:K", []))
+        if len(set(active)) != len(active) or len(set(dead)) != len(dead) or set(active) & set(dead):
+            return "a node is listed twice, or as both active and dropped, in the secure sum's unmasking"
+        if not set(active) | set(dead) <= neighbours or node_id not in active:
+            return "the secure sum's unmasking names nodes that are not its sites, or this site as dropped"
+    return ""
+
+
+def secagg_settings_mod(msg: Message, context: Context, call_next) -> Message:
+    """Between ``refusals_mod`` and Flower's SecAgg+ mod: refuse a stage whose values would expose this site's
+    vector alone (``secagg_problem``), before the mod acts on it."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
+
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    if configs is not None:
+        state = context.state.config_records.get(RECORD_KEY_STATE)
+        problem = secagg_problem(dict(configs), dict(state) if state is not None else {}, msg.metadata.dst_node_id)
+        if problem:
+            raise _Refused(refuse(msg, str(context.node_config.get("site-name", "site")), P.REFUSED_BAD_REQUEST,
+                                  problem))
+    return call_next(msg, context)
 
 
 def refusals_mod(msg: Message, context: Context, call_next) -> Message:

@@ -268,3 +268,56 @@ def test_a_site_splits_its_noise_no_further_than_the_aggregations_threshold(tmp_
     assert got.total is None and set(got.codes.values()) == {P.REFUSED_BAD_REQUEST}
     assert all("reconstruction threshold" in why for why in got.failures.values())
     assert spent(tmp_path) == []
+
+
+@pytest.mark.parametrize("hostile", [
+    {"modulus_range": 2, "quantization_range": 1},  # every mask randint(0, 1) = 0: each vector in the clear
+    {"clipping_range": 1e-6},  # each value clipped to its sign
+])
+def test_secure_sum_settings_that_would_expose_one_site_are_refused_before_anything_is_charged(tmp_path, monkeypatch,
+                                                                                               hostile):
+    """Flower's SecAgg+ mod checks only the types of the coordinator's settings; a coordinator following the
+    four stages with other values saw one site's vector alone. The sites refuse at the setup stage."""
+    import flwr.server.workflow as workflows
+
+    honest = workflows.SecAggPlusWorkflow
+
+    class Hostile(honest):
+        def __init__(self, **settings):
+            super().__init__(**{**settings, **hostile})
+
+    monkeypatch.setattr(workflows, "SecAggPlusWorkflow", Hostile)
+    cfg = fast_config(tmp_path, num_rounds=1)
+    grid = _grid(cfg, 3)
+    got = secure_sum(grid, {n: _gan_request(cfg) for n in grid.get_node_ids()}, round_label=1, timeout=30)
+    assert got.total is None and set(got.codes.values()) == {P.REFUSED_BAD_REQUEST}
+    assert spent(tmp_path) == []
+
+
+def test_the_stages_cannot_ask_for_a_sum_of_one_or_for_both_secrets_of_one_site():
+    """Stages a coordinator can send without Flower's workflow (which would not): a threshold of 1 or fewer than
+    three sites make a site's own seed share its seed; a node listed both active and dropped got both its seed share
+    and its key share back, so its vector could be unmasked alone. The site refuses them, and lists that leave it
+    out or name strangers."""
+    from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+
+    from client.secure_site import secagg_problem
+
+    setup = {Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: 3, Key.THRESHOLD: 2,
+             Key.CLIPPING_RANGE: P.SECAGG_CLIPPING_RANGE, Key.TARGET_RANGE: P.SECAGG_QUANTIZATION_LEVELS,
+             Key.MOD_RANGE: P.SECAGG_MODULUS, Key.MAX_WEIGHT: 1.0}
+    assert secagg_problem(setup, {}, 1) == ""
+    for hostile in ({Key.THRESHOLD: 1}, {Key.SHARE_NUMBER: 1, Key.THRESHOLD: 1}, {Key.SHARE_NUMBER: 2},
+                    {Key.THRESHOLD: 4}, {Key.MOD_RANGE: 2}, {Key.MAX_WEIGHT: 1e9}):
+        assert secagg_problem({**setup, **hostile}, {}, 1), hostile
+
+    state = {"share_num": 3, "threshold": 2, "public_keys_dict:K": [1, 2, 3]}
+    unmask = {Key.STAGE: Stage.UNMASK}
+    assert secagg_problem({**unmask, Key.ACTIVE_NODE_ID_LIST: [1, 2, 3], Key.DEAD_NODE_ID_LIST: []}, state, 1) == ""
+    assert secagg_problem({**unmask, Key.ACTIVE_NODE_ID_LIST: [1, 2], Key.DEAD_NODE_ID_LIST: [3]}, state, 1) == ""
+    for active, dead in (([1, 2], [2]), ([1, 1], []), ([2, 3], [1]), ([1, 2, 9], [])):
+        assert secagg_problem({**unmask, Key.ACTIVE_NODE_ID_LIST: active, Key.DEAD_NODE_ID_LIST: dead}, state, 1)
+    share_keys = {Key.STAGE: Stage.SHARE_KEYS}
+    assert secagg_problem({**share_keys, "1": [b"a", b"b"], "2": [b"c", b"d"]}, state, 1) == ""
+    assert secagg_problem({**share_keys, "2": [b"a", b"b"], "3": [b"c", b"d"]}, state, 1)  # without this site
+    assert secagg_problem({**share_keys, **{str(i): [b"a", b"b"] for i in range(1, 5)}}, state, 1)  # more than announced
