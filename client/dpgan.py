@@ -27,7 +27,6 @@ Implementation notes (verified against Opacus 1.6):
 
 from __future__ import annotations
 
-import secrets
 import threading
 import time
 import warnings
@@ -40,6 +39,7 @@ from opacus import GradSampleModule
 
 from client.dpsgd import opacus_input
 from client.nonfinite import FiniteDPOptimizer
+from client.secret_random import poisson_mask, secret_gaussian, secret_generator
 from common import protocol as P
 from common.data import ImageDataset
 from common.gan_augment import augment
@@ -218,14 +218,12 @@ class LocalGanTrainer:
         # how many latents a stream has given depends on the Poisson batch sizes so far (on the records). From
         # a stream the coordinator can replay (its seed) the fakes paired with the records, and G's updates,
         # would carry that private count outside the DP steps; fresh secret draws are independent of it.
-        secret = np.random.SeedSequence(rs.noise_seed if rs.noise_seed is not None else secrets.randbits(128))
-        mask_seed, noise_seed, latent_seed, aug_seed = (int(s.generate_state(1, np.uint64)[0] >> 1)
-                                                        for s in secret.spawn(4))
-        sampler = torch.Generator(device="cpu").manual_seed(mask_seed)
-        noise_gen = torch.Generator(device=self.device).manual_seed(noise_seed)
-        latents = torch.Generator(device=self.device).manual_seed(latent_seed)
-        aug_rng = torch.Generator(device="cpu").manual_seed(aug_seed)  # D's input transformations (secret: their
-        #                                                                number depends on the Poisson batch sizes)
+        # Each a 128-bit numpy stream (client.secret_random: a torch generator's seed is 32 bits on the CPU).
+        sampler, noise_rng, latents, aug_rng = secret_generator(rs.noise_seed).spawn(4)
+        # (aug_rng: D's input transformations, secret too: how many it draws depends on the Poisson batch sizes)
+
+        def latent(rows: int) -> torch.Tensor:  # (rows, latent) secret draws for G's fakes
+            return secret_gaussian(latents, (rows, self.shape.latent_dim), self.device)
 
         def seen_by_d(images: torch.Tensor) -> torch.Tensor:  # (b, C, H, W) -> what D judges, same shape
             if not rs.augment:
@@ -239,7 +237,7 @@ class LocalGanTrainer:
             d_model = GradSampleModule(disc, loss_reduction="sum")
             opt_d = FiniteDPOptimizer(opt_d_inner, noise_multiplier=rs.noise_multiplier,
                                       max_grad_norm=rs.max_grad_norm, expected_batch_size=expected_batch,
-                                      loss_reduction="mean", generator=noise_gen)
+                                      loss_reduction="mean", noise_rng=noise_rng)
         else:
             d_model, opt_d = disc, opt_d_inner
 
@@ -250,13 +248,13 @@ class LocalGanTrainer:
         bar = progress(range(rs.steps), desc=f"{self.label} D/G steps", unit="step", enabled=self.progress)
         for t in bar:
             # --- D step: one DP-SGD release on a Poisson batch ------------------------------------
-            mask = torch.rand(n, generator=sampler) < rs.sample_rate  # (N,) Bernoulli(q)
+            mask = poisson_mask(sampler, n, rs.sample_rate)  # (N,) Bernoulli(q)
             idx = mask.nonzero().squeeze(1).to(self.device)
             xb, yb = self.x[idx], self.y[idx]  # (b, C, H, W), (b,)
             b = len(idx)
             gen.eval()
             with torch.no_grad():
-                fake = gen(gen.sample_latent(b, latents, self.device), yb) if b else xb
+                fake = gen(latent(b), yb) if b else xb
             gen.train()
             opt_d.zero_grad(set_to_none=True)
             if b:
@@ -284,7 +282,7 @@ class LocalGanTrainer:
                 yg = (torch.multinomial(label_p, n_labels, replacement=True, generator=label_rng)
                       if label_p is not None else torch.randint(0, k, (n_labels,), generator=label_rng))
                 yg = (paired_labels(yg, g_batch) if pairs else yg).to(self.device)  # (g,)
-                z = gen.sample_latent(g_batch, latents, self.device)  # (g, latent)
+                z = latent(g_batch)  # (g, latent)
                 fake_g = gen(z, yg)  # (g, C, H, W)
                 adv, cls = disc(seen_by_d(fake_g), yg)
                 loss_g = F.binary_cross_entropy_with_logits(adv, torch.ones_like(adv))

@@ -119,10 +119,10 @@ def train_dpsgd_local(
     # what the noisy sum is divided by: a site passes rate x its census total (public); 0 = rate x n (tests)
     expected_batch = expected_batch or max(1, int(round(sample_rate * n)))
 
-    seed_seq = np.random.SeedSequence(seed)
-    batch_rng = np.random.default_rng(seed_seq.spawn(1)[0])
-    noise_gen = torch.Generator(device=dev)
-    noise_gen.manual_seed(int(seed_seq.generate_state(1)[0]))
+    # Poisson batches and noise from secret 128-bit streams (client.secret_random); seed=None: OS entropy
+    batch_seed, noise_seed = np.random.SeedSequence(seed).spawn(2)
+    batch_rng = np.random.default_rng(batch_seed)
+    noise_rng = np.random.Generator(np.random.PCG64(noise_seed))
 
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     optimizer = FiniteDPOptimizer(  # a record whose gradient overflows contributes 0 (client.nonfinite)
@@ -131,7 +131,7 @@ def train_dpsgd_local(
         max_grad_norm=max_grad_norm,
         expected_batch_size=expected_batch,
         loss_reduction="mean",
-        generator=noise_gen,
+        noise_rng=noise_rng,
     )
     losses: list[float] = []
     sizes: list[int] = []

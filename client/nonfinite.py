@@ -21,8 +21,12 @@ Poisson batch it was sampled in); only its clipped vector is dropped.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+from client.secret_random import secret_gaussian
 
 
 def finite_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -53,8 +57,23 @@ def zero_nonfinite_rows(blocks: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 class FiniteDPOptimizer(DPOptimizer):
     """Opacus' ``DPOptimizer`` that zeroes a record's per-sample gradients (all parameters) when any of them
     is not finite, before the per-sample clipping: without it one record's inf would make the whole noisy
-    step NaN (module docstring). Everything else -- clipping, noise, the division by the expected batch -- is
-    Opacus' own."""
+    step NaN (module docstring); and whose Gaussian noise comes from ``noise_rng``, the site's secret numpy
+    stream (``client.secret_random``: torch's CPU generator has 32-bit seeds, which a coordinator can search).
+    Everything else -- clipping, the noise's std sigma*C, the division by the expected batch -- is Opacus' own."""
+
+    def __init__(self, *args, noise_rng: np.random.Generator, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.noise_rng = noise_rng
+
+    def add_noise(self) -> None:
+        """Opacus' ``add_noise`` with the secret stream: p.grad = summed clipped gradient + N(0, (sigma C)^2)."""
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            noise = secret_gaussian(self.noise_rng, tuple(p.summed_grad.shape), p.summed_grad.device,
+                                    p.summed_grad.dtype) * std if std > 0 else torch.zeros_like(p.summed_grad)
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
 
     def clip_and_accumulate(self) -> None:
         samples = self.grad_samples  # one (B, *p.shape) tensor per parameter

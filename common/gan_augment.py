@@ -16,6 +16,7 @@ depends on its Poisson batch size, which is private; see ``LocalGanTrainer.train
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -39,17 +40,18 @@ def parse_augment(spec: str) -> tuple[str, ...]:
     return names
 
 
-def _offsets(b: int, low: int, high: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """(b,) integers in [low, high], drawn on the CPU generator (reproducible on any device)."""
-    return torch.randint(low, high + 1, (b,), generator=generator).to(device)
+def _offsets(b: int, low: int, high: int, rng: np.random.Generator, device: torch.device) -> torch.Tensor:
+    """(b,) integers in [low, high], drawn from ``rng`` (a site's secret numpy stream: client.secret_random) on the
+    CPU, so the same on any device."""
+    return torch.from_numpy(rng.integers(low, high + 1, size=b)).to(device)
 
 
-def translate(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def translate(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """Each image of x (B, C, H, W) shifted by its own (dy, dx) in [-H/8, H/8] x [-W/8, W/8], zeros (mid-grey) coming in."""
     b, c, h, w = x.shape
     sy, sx = int(h * TRANSLATION_RATIO + 0.5), int(w * TRANSLATION_RATIO + 0.5)
-    dy = _offsets(b, -sy, sy, generator, x.device)  # (B,)
-    dx = _offsets(b, -sx, sx, generator, x.device)
+    dy = _offsets(b, -sy, sy, rng, x.device)  # (B,)
+    dx = _offsets(b, -sx, sx, rng, x.device)
     padded = F.pad(x, (sx, sx, sy, sy), value=FILL)  # (B, C, H + 2sy, W + 2sx)
     rows = (sy - dy)[:, None] + torch.arange(h, device=x.device)[None]  # (B, H): source row of each output row
     cols = (sx - dx)[:, None] + torch.arange(w, device=x.device)[None]  # (B, W)
@@ -58,12 +60,12 @@ def translate(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]  # (B, C, H, W), standard layout
 
 
-def cutout(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def cutout(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """Each image of x (B, C, H, W) with a (H/2, W/2) square at its own random centre set to 0 (mid-grey)."""
     b, _, h, w = x.shape
     ch, cw = int(h * CUTOUT_RATIO + 0.5), int(w * CUTOUT_RATIO + 0.5)
-    cy = _offsets(b, 0, h + (1 - ch % 2) - 1, generator, x.device)  # (B,) centre rows
-    cx = _offsets(b, 0, w + (1 - cw % 2) - 1, generator, x.device)
+    cy = _offsets(b, 0, h + (1 - ch % 2) - 1, rng, x.device)  # (B,) centre rows
+    cx = _offsets(b, 0, w + (1 - cw % 2) - 1, rng, x.device)
     ys = torch.arange(h, device=x.device)[None] - (cy[:, None] - ch // 2)  # (B, H): row relative to the square
     xs = torch.arange(w, device=x.device)[None] - (cx[:, None] - cw // 2)
     inside = ((ys >= 0) & (ys < ch))[:, :, None] & ((xs >= 0) & (xs < cw))[:, None, :]  # (B, H, W)
@@ -74,8 +76,8 @@ def cutout(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 AUGMENTATIONS = {"translation": translate, "cutout": cutout}
 
 
-def augment(x: torch.Tensor, names: tuple[str, ...], generator: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, names: tuple[str, ...], rng: np.random.Generator) -> torch.Tensor:
     """x (B, C, H, W) through each named transformation in turn (differentiable in x); ``names`` () = x itself."""
     for name in names:
-        x = AUGMENTATIONS[name](x, generator)
+        x = AUGMENTATIONS[name](x, rng)
     return x
