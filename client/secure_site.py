@@ -57,9 +57,10 @@ def secagg_problem(configs: dict, state: dict, node_id: int) -> str:
 
     setup: the protocol's public constants (``common.protocol``: clipping range, quantization levels, modulus),
     weight 1 (``secure_wire.summand`` sends weight 1), a reconstruction threshold of at least 2 and at most the
-    number of shares, at least ``MIN_NEIGHBOURS`` shares. share keys: at most that many neighbours, this site
+    number of shares and above half of it, at least ``MIN_NEIGHBOURS`` shares. share keys: at most that many neighbours, this site
     among them (Flower's mod refuses fewer than the threshold). unmask: active and dropped nodes are neighbours, listed once, in one list only, and this site,
-    which sent its vector, among the active ones.
+    which sent its vector, among the active ones. ``node_id`` is the SuperNode's own id (``Context.node_id``),
+    never a message's destination field.
     """
     from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 
@@ -72,10 +73,13 @@ def secagg_problem(configs: dict, state: dict, node_id: int) -> str:
         if wrong:
             return "the secure aggregation's settings are not the protocol's: " + ", ".join(wrong)
         shares, threshold = configs.get(Key.SHARE_NUMBER), configs.get(Key.THRESHOLD)
+        # More than half: each neighbour returns, for a site, either a share of its mask seed (listed active) or
+        # of its pairwise key (listed dropped), never both; a coordinator that tells half the neighbours one thing
+        # and half the other gets both secrets of a site, and its vector alone, when 2 x threshold <= shares.
         if not (isinstance(shares, int) and isinstance(threshold, int) and shares >= MIN_NEIGHBOURS
-                and 2 <= threshold <= shares):
-            return (f"a secure sum needs at least {MIN_NEIGHBOURS} sites and a reconstruction threshold from 2 to their "
-                    f"number; got {shares!r} shares and threshold {threshold!r}")
+                and 2 * threshold > shares and threshold <= shares):
+            return (f"a secure sum needs at least {MIN_NEIGHBOURS} sites and a reconstruction threshold above half "
+                    f"their number; got {shares!r} shares and threshold {threshold!r}")
     elif stage == Stage.SHARE_KEYS:
         # (fewer than announced where a site dropped out at setup; Flower checks that the threshold still holds)
         neighbours = {k for k in configs if k != Key.STAGE}
@@ -100,7 +104,11 @@ def secagg_settings_mod(msg: Message, context: Context, call_next) -> Message:
     configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
     if configs is not None:
         state = context.state.config_records.get(RECORD_KEY_STATE)
-        problem = secagg_problem(dict(configs), dict(state) if state is not None else {}, msg.metadata.dst_node_id)
+        problem = secagg_problem(dict(configs), dict(state) if state is not None else {}, context.node_id)
+        if not problem and msg.metadata.dst_node_id != context.node_id:
+            # Flower's mod takes the site's id from the setup message's destination; one naming another node
+            # would make the site check its neighbours and unmasking lists against an id that is not its own
+            problem = "the secure aggregation's message is addressed to another node"
         if problem:
             raise _Refused(refuse(msg, str(context.node_config.get("site-name", "site")), P.REFUSED_BAD_REQUEST,
                                   problem))

@@ -144,6 +144,10 @@ def secure_sum(grid: Grid, requests: dict[int, P.Message], *, round_label: int, 
         outcome.reason = f"secure aggregation needs at least 3 sites, {len(nodes)} are connected"
         return outcome
     threshold = threshold or default_threshold(len(nodes))
+    if 2 * threshold <= len(nodes):  # the sites refuse it (client.secure_site.secagg_problem): say why here
+        outcome.reason = (f"the reconstruction threshold {threshold} must be more than half of the {len(nodes)} sites: "
+                          "with half, a coordinator could reconstruct both secrets of one site; raise secure-threshold")
+        return outcome
     strategy = _strategy({n: secure_wire.wrap_request(requests[n]) for n in nodes})
     base = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
     ctx = LegacyContext(context=base, config=ServerConfig(num_rounds=1), strategy=strategy)

@@ -222,6 +222,15 @@ def test_distributed_noise_is_refused_in_the_clear_and_split_inside_a_secure_sum
     assert not again.replies and set(again.codes.values()) == {P.REFUSED_BAD_REQUEST}
     assert all("split over 2" in why for why in again.failures.values())
     assert spent(tmp_path) == after
+    # a release saved by a fedsynth that did not keep the split with it: read off its charge, refused the same way
+    import torch
+
+    for path in (tmp_path / "sites").rglob("stats-release.pt"):
+        saved = torch.load(path, weights_only=True)
+        torch.save({"reply": saved["reply"]}, path)
+    legacy = broadcast(grid, P.BnStatsRequest(**{**settings, "noise_shares": 1}, net=request.net), P.BnStatsReply,
+                       "legacy", 30, sorted(grid.get_node_ids()))
+    assert not legacy.replies and all("split over 2" in why for why in legacy.failures.values())
     # inside a secure sum with the same split it is the same release, sent again at no cost
     resent = secure_sum(grid, {n: request for n in grid.get_node_ids()}, round_label=1, timeout=30)
     assert resent.total is not None and spent(tmp_path) == after
@@ -307,8 +316,10 @@ def test_the_stages_cannot_ask_for_a_sum_of_one_or_for_both_secrets_of_one_site(
              Key.CLIPPING_RANGE: P.SECAGG_CLIPPING_RANGE, Key.TARGET_RANGE: P.SECAGG_QUANTIZATION_LEVELS,
              Key.MOD_RANGE: P.SECAGG_MODULUS, Key.MAX_WEIGHT: 1.0}
     assert secagg_problem(setup, {}, 1) == ""
+    # (threshold 2 of 4 sites: half the neighbours told a site dropped, half that it is active, give both of its
+    # secrets; more than half of the shares are needed)
     for hostile in ({Key.THRESHOLD: 1}, {Key.SHARE_NUMBER: 1, Key.THRESHOLD: 1}, {Key.SHARE_NUMBER: 2},
-                    {Key.THRESHOLD: 4}, {Key.MOD_RANGE: 2}, {Key.MAX_WEIGHT: 1e9}):
+                    {Key.THRESHOLD: 4}, {Key.MOD_RANGE: 2}, {Key.MAX_WEIGHT: 1e9}, {Key.SHARE_NUMBER: 4}):
         assert secagg_problem({**setup, **hostile}, {}, 1), hostile
 
     state = {"share_num": 3, "threshold": 2, "public_keys_dict:K": [1, 2, 3]}
@@ -321,3 +332,28 @@ def test_the_stages_cannot_ask_for_a_sum_of_one_or_for_both_secrets_of_one_site(
     assert secagg_problem({**share_keys, "1": [b"a", b"b"], "2": [b"c", b"d"]}, state, 1) == ""
     assert secagg_problem({**share_keys, "2": [b"a", b"b"], "3": [b"c", b"d"]}, state, 1)  # without this site
     assert secagg_problem({**share_keys, **{str(i): [b"a", b"b"] for i in range(1, 5)}}, state, 1)  # more than announced
+
+
+def test_a_secure_stage_addressed_to_another_node_is_refused():
+    """Flower's mod takes a site's id from the setup message's destination; the site checks its neighbours and the
+    unmasking lists against its own id, so a stage addressed to another id is refused."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+    from client.secure_site import _Refused, secagg_settings_mod
+    from fedsynth.localgrid import set_task_identity
+
+    set_task_identity()
+    setup = {Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: 3, Key.THRESHOLD: 2,
+             Key.CLIPPING_RANGE: P.SECAGG_CLIPPING_RANGE, Key.TARGET_RANGE: P.SECAGG_QUANTIZATION_LEVELS,
+             Key.MOD_RANGE: P.SECAGG_MODULUS, Key.MAX_WEIGHT: 1.0}
+    context = Context(run_id=1, node_id=1, node_config={"site-name": "site-1"}, state=RecordDict(), run_config={})
+
+    def stage(dst: int):
+        msg = Message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(setup)}), dst_node_id=dst, message_type="train")
+        return secagg_settings_mod(msg, context, lambda m, c: "passed on")
+
+    assert stage(1) == "passed on"
+    with pytest.raises(_Refused) as refused:
+        stage(99)
+    assert refused.value.reply.error.code == P.REFUSED_BAD_REQUEST
