@@ -257,20 +257,21 @@ def charged_work(ledger: PrivacyLedger, events: list[DPEvent], data: ImageDatase
     """Charge a round's (or a release's) ``events`` under (run, purpose, rnd), then do its work (the ``with`` body,
     which saves the reply), yielding what is spent now.
 
-    Work that does not fit the budget is refused (nothing written). A charge an *interrupted* earlier attempt
-    wrote (the process stopped: Ctrl-C, a crash, a power cut) is reused, never charged twice
-    (``PrivacyLedger.charge_once``), and said in the site's log. An attempt that *failed* (the work raised an
-    exception) leaves a mark in the run's folder, and the next attempt is charged anew: whether work fails can
-    depend on the records, and a coordinator that could re-send a failed round for free would get a fresh draw
-    of its noise, or a data-dependent yes/no, for each retry."""
-    failed = folder / f"failed-{purpose}-{rnd}"
+    Work that does not fit the budget is refused (nothing written). Each attempt marks the run's folder from its
+    charge until it ends. An attempt its operator *interrupted* (Ctrl-C: KeyboardInterrupt, SystemExit) removes
+    the mark, and the next attempt reuses its charge (``PrivacyLedger.charge_once``), never charging twice, as the
+    site's log says. An attempt that *failed* (the work raised an exception) or was *killed* (out of memory, a
+    crash, a power cut: nothing removes the mark) leaves it, and the next attempt is charged anew: whether work
+    fails, or how much memory it takes, can depend on the records, and a coordinator that could re-send such a
+    round for free would get a fresh draw of its noise, or a data-dependent yes/no, for each retry. (A killed
+    attempt then costs twice: the safe side.)"""
+    unfinished = folder / f"attempt-{purpose}-{rnd}"
     try:
-        if failed.exists():
+        if unfinished.exists():
             spent, reused = ledger.charge(events, purpose=purpose, run=run, round=rnd, data=data_fingerprint(data),
-                                          details={**(details or {}), "after-a-failed-attempt": True}), False
-            failed.unlink()
-            log.warning("[%s] %s %d of %s failed earlier; this attempt is charged again", site.name, purpose, rnd,
-                        run)
+                                          details={**(details or {}), "after-an-unfinished-attempt": True}), False
+            log.warning("[%s] %s %d of %s failed or was killed earlier; this attempt is charged again", site.name,
+                        purpose, rnd, run)
         else:
             spent, reused = ledger.charge_once(events, purpose=purpose, run=run, round=rnd, details=details,
                                                data=data_fingerprint(data))
@@ -280,12 +281,16 @@ def charged_work(ledger: PrivacyLedger, events: list[DPEvent], data: ImageDatase
     if reused:
         log.warning("[%s] %s %d of %s was interrupted earlier; its charge is reused, nothing is charged twice",
                     site.name, purpose, rnd, run)
+    folder.mkdir(parents=True, exist_ok=True)
+    unfinished.touch()
     try:
         yield spent
-    except Exception:  # not KeyboardInterrupt / SystemExit: an interruption keeps its charge for the next attempt
-        folder.mkdir(parents=True, exist_ok=True)
-        failed.touch()
+    except Exception:  # failed: the mark stays, the next attempt is charged again
         raise
+    except BaseException:  # the operator interrupted it (Ctrl-C): the next attempt reuses this charge
+        unfinished.unlink(missing_ok=True)
+        raise
+    unfinished.unlink(missing_ok=True)  # done (the reply is saved)
 
 
 def _ledger_started(path: Path) -> bool:

@@ -487,9 +487,42 @@ def test_a_failed_attempt_is_charged_again_when_the_round_is_re_sent(tmp_path, m
     assert not send(grid, 1000, gan_request(cfg)).has_error()
     (entries,) = charges(tmp_path)
     assert [(e["purpose"], e["round"]) for e in entries] == [("dpgan-census", 0), ("dpgan", 1), ("dpgan", 1)]
-    assert entries[-1]["details"]["after-a-failed-attempt"] is True
+    assert entries[-1]["details"]["after-an-unfinished-attempt"] is True
     assert not send(grid, 1000, gan_request(cfg)).has_error()  # re-sent after success: its saved reply, no charge
     assert len(charges(tmp_path)[0]) == 3
+
+
+def test_an_attempt_killed_mid_work_is_charged_again_and_one_interrupted_by_its_operator_is_not(tmp_path,
+                                                                                                monkeypatch):
+    """Killed (out of memory: how much a DP-SGD round takes follows its Poisson batches, so the records), an attempt
+    removes nothing, and its mark makes the retry pay; Ctrl-C at the site removes the mark, and the retry reuses the
+    charge (test_interrupt_and_rerun_charges_exactly_one_run)."""
+    import client.gan_site as gan_site
+    from tests.test_faults import gan_request, send
+
+    real, calls = gan_site.LocalGanTrainer.train_round, []
+
+    def interrupted_once(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise _Interrupt()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(gan_site.LocalGanTrainer, "train_round", interrupted_once)
+    cfg = fast_config(tmp_path, num_rounds=2)
+    grid = LocalGrid(client_app, [{**nodes(1)[0], "epsilon": 30.0}], cfg.to_flwr())
+    with pytest.raises(_Interrupt):  # (the in-process site: the interruption reaches the caller, as Ctrl-C would)
+        send(grid, 1000, gan_request(cfg))
+    assert not send(grid, 1000, gan_request(cfg)).has_error()
+    assert [(e["purpose"], e["round"]) for e in charges(tmp_path)[0]] == [("dpgan-census", 0), ("dpgan", 1)]
+    # round 2 killed after its charge: the mark a killed process leaves behind, and no saved reply
+    (folder,) = (tmp_path / "sites" / "site-1" / "runs").iterdir()
+    (folder / "attempt-dpgan-2").touch()
+    assert not send(grid, 1000, gan_request(cfg, server_round=2)).has_error()
+    entries = charges(tmp_path)[0]
+    assert [(e["purpose"], e["round"]) for e in entries] == [("dpgan-census", 0), ("dpgan", 1), ("dpgan", 2)]
+    assert entries[-1]["details"]["after-an-unfinished-attempt"] is True
+    assert not list(folder.glob("attempt-*"))  # finished attempts leave no mark
 
 
 def test_a_device_the_site_does_not_have_is_refused_before_anything_is_charged(tmp_path):
