@@ -35,7 +35,7 @@ from flwr.app import Context, Message
 
 from client.budget import PLAN_FILE, RunPlan
 from client.ledger import BudgetExceeded, PrivacyLedger
-from client.requests import Refusal, check_schema, require_plain_allowed, run_dir, site_data, site_handler
+from client.requests import FAILURE_TEXT, Refusal, check_schema, require_plain_allowed, run_dir, site_data, site_handler
 from client.site import SiteSettings, data_fingerprint, load_site_heldout, open_ledger
 from common import protocol as P
 from common.accounting import DPEvent
@@ -67,6 +67,13 @@ def _open_query(site: SiteSettings, allowed: bool, what: str, purpose: str, expe
     if heldout is None or len(heldout) == 0:
         raise Refusal(P.REFUSED_NOT_ALLOWED, f"this site has no held-out data for {what} queries")
     data = site_data(site)
+    if heldout.image_shape != data.image_shape or tuple(heldout.classes) != tuple(data.classes):
+        # The held-out set's own shape and classes are not published (query.info describes the training data), and
+        # they can hinge on single records (a colour pixel, a class without held-out images): the reason names
+        # neither, and every query is checked against the published schema. `fedsynth site` refuses to start so.
+        raise Refusal(P.SITE_FAILURE, FAILURE_TEXT, f"the held-out data {heldout.image_shape} {list(heldout.classes)} "
+                                                    f"does not match the training data {data.image_shape} "
+                                                    f"{list(data.classes)}")
     ledger = open_ledger(site, data)
     asked = ledger.count(run=experiment, purpose=purpose)
     if asked >= site.queries_per_run:
@@ -100,7 +107,7 @@ def handle_evaluation(msg: Message, context: Context, site: SiteSettings) -> Mes
     req = P.EvaluationRequest.from_message(msg)
     data, heldout, ledger, index, folder = _open_query(site, site.evaluation, "evaluation", "evaluation",
                                                        req.experiment)
-    check_schema(heldout, req.channels, req.height, req.width, req.num_classes)
+    check_schema(data, req.channels, req.height, req.width, req.num_classes)  # the published schema (= held-out's)
     try:
         model = build_learner(req.learner, (req.channels, req.height, req.width), req.num_classes,
                               allow_import=False)  # never import code the coordinator names

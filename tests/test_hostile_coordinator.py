@@ -339,6 +339,20 @@ def test_evaluation_probes_learn_nothing_exact_about_held_out_records(tmp_path):
     assert len([e for e in charges(tmp_path, "member")[0] if e["purpose"] == "evaluation"]) == 1 + 10 + 60
 
 
+def test_the_held_out_sets_own_schema_never_reaches_the_coordinator(tmp_path):
+    """query.info publishes the training data's schema; the held-out set's shape and classes can hinge on single
+    records (one colour pixel makes a folder's images 3-channel), so a refusal must not name them. A query at a
+    site whose held-out set does not match is refused with the generic failure, before anything is charged
+    (``fedsynth site`` refuses to start such a site)."""
+    colour = ImageDataset(np.repeat(DIGITS_TEST.images[:50], 3, axis=1), DIGITS_TEST.labels[:50], DIGITS_TEST.classes)
+    site = deployed_site(tmp_path, heldout=colour, evaluation=True)
+    grid = LocalGrid(client_app, [site], fast_config(tmp_path).to_flwr())
+    reply = _evaluation(grid, 1000, _constant_model(0), "logreg", "schema")
+    assert reply.has_error() and reply.error.code == P.SITE_FAILURE
+    assert "3" not in reply.error.reason.replace("site-a", "")  # neither its channels nor anything else of it
+    assert charges(tmp_path, "site-a") in ([], [[]])  # nothing charged (at most the ledger's own start)
+
+
 def test_a_site_never_imports_a_learner_the_coordinator_names(tmp_path):
     import sys
 
