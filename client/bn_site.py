@@ -172,7 +172,7 @@ def release_bnstats(req: P.BnStatsRequest, context: Context, site: SiteSettings,
     path = folder / "stats-release.pt"
     saved = load_saved(path)
     if saved is not None:
-        _check_resend(saved, req, ledger)
+        _check_resend(saved, req)
     if saved is None:
         clips = _clip_bounds(req, net)  # a malformed request is refused before anything is charged
         events = ([plan.clip_choice] if plan.clip_choice else []) + [plan.stats]
@@ -191,20 +191,20 @@ def release_bnstats(req: P.BnStatsRequest, context: Context, site: SiteSettings,
     return P.BnStatsReply(**saved["reply"])
 
 
-def _check_resend(saved: dict, req: P.BnStatsRequest, ledger) -> None:
+def _check_resend(saved: dict, req: P.BnStatsRequest) -> None:
     """Refuse to send a saved release again in another way than it was made.
 
     A release made with its noise split over t sites (inside a secure aggregation, t = noise_shares) carries
     1/sqrt(t) of the noise its charge assumes; sent again in the clear, or into a sum of fewer releases, it would
     be seen with that little noise. So it goes out again only with the same noise_shares, and a request for t > 1
-    is refused in the clear before this point (``release_bnstats``). A release saved before the split was kept
-    with it (fedsynth before 2026-12-06) is read off its charge, whose details name the split."""
-    made = saved.get("noise_shares")
-    if made is None:
-        charges = [e for e in ledger.entries() if e.get("run") == req.experiment and e.get("purpose") ==
-                   "bnstats-release"]
-        made = (charges[-1].get("details") or {}).get("distributed-noise-shares", 1) if charges else 1
-    made = int(made)
+    is refused in the clear before this point (``release_bnstats``). A release saved by a fedsynth that did not keep
+    the split with it (before 2026-12-06) is not sent again: its charge's details cannot always tell (an interrupted
+    plain attempt's charge was reused by a split one)."""
+    if "noise_shares" not in saved:
+        raise Refusal(P.REFUSED_BAD_REQUEST, "this run's statistics were released by an older fedsynth, which did not "
+                                             "record how their noise was split; they are not sent again: start a new "
+                                             "experiment")
+    made = int(saved["noise_shares"])
     if made != req.noise_shares:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"this run's statistics were released with their noise split over "
                                              f"{made} site(s); they are sent again only the same way "

@@ -26,7 +26,7 @@ import torch
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-from client.secret_random import secret_gaussian
+from client.secret_random import secret_gaussian, secret_generator
 
 
 def finite_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -61,9 +61,9 @@ class FiniteDPOptimizer(DPOptimizer):
     stream (``client.secret_random``: torch's CPU generator has 32-bit seeds, which a coordinator can search).
     Everything else -- clipping, the noise's std sigma*C, the division by the expected batch -- is Opacus' own."""
 
-    def __init__(self, *args, noise_rng: np.random.Generator, **kwargs) -> None:
+    def __init__(self, *args, noise_rng: np.random.Generator | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.noise_rng = noise_rng
+        self.noise_rng = noise_rng if noise_rng is not None else secret_generator()  # None: fresh OS entropy
 
     def add_noise(self) -> None:
         """Opacus' ``add_noise`` with the secret stream: p.grad = summed clipped gradient + N(0, (sigma C)^2)."""

@@ -258,20 +258,26 @@ def charged_work(ledger: PrivacyLedger, events: list[DPEvent], data: ImageDatase
     which saves the reply), yielding what is spent now.
 
     Work that does not fit the budget is refused (nothing written). Each attempt marks the run's folder from its
-    charge until it ends. An attempt its operator *interrupted* (Ctrl-C: KeyboardInterrupt, SystemExit) removes
-    the mark, and the next attempt reuses its charge (``PrivacyLedger.charge_once``), never charging twice, as the
-    site's log says. An attempt that *failed* (the work raised an exception) or was *killed* (out of memory, a
-    crash, a power cut: nothing removes the mark) leaves it, and the next attempt is charged anew: whether work
-    fails, or how much memory it takes, can depend on the records, and a coordinator that could re-send such a
-    round for free would get a fresh draw of its noise, or a data-dependent yes/no, for each retry. (A killed
-    attempt then costs twice: the safe side.)"""
+    charge until it ends ("running", or "failed" when the work raised an exception). An attempt its operator
+    *interrupted* (Ctrl-C: KeyboardInterrupt, SystemExit) removes the mark, and the next attempt reuses its charge
+    (``PrivacyLedger.charge_once``), never charging twice, as the site's log says. After an attempt that *failed*,
+    the next is charged anew: whether work fails can depend on the records, and a coordinator that could re-send
+    such a round for free would get a fresh draw of its noise, or a data-dependent yes/no, for each retry. After an
+    attempt that was *killed* (still "running": out of memory, a crash, a power cut), the next is charged anew at a
+    deployed site too -- how much memory a round takes follows its Poisson batches -- but reuses the charge at a
+    simulated site, whose operator is the simulation's owner and whose runs are stopped by killing them (a second
+    Ctrl-C, a closed terminal); the kill is on the safe side at a deployed site, where it costs twice."""
     unfinished = folder / f"attempt-{purpose}-{rnd}"
+    legacy = folder / f"failed-{purpose}-{rnd}"  # (the mark of a failed attempt before 2026-12-06's later change)
+    state = "failed" if legacy.exists() else unfinished.read_text().strip() if unfinished.exists() else ""
+    simulated = site.partition_id is not None
     try:
-        if unfinished.exists():
+        if state == "failed" or (state and not simulated):
             spent, reused = ledger.charge(events, purpose=purpose, run=run, round=rnd, data=data_fingerprint(data),
-                                          details={**(details or {}), "after-an-unfinished-attempt": True}), False
-            log.warning("[%s] %s %d of %s failed or was killed earlier; this attempt is charged again", site.name,
-                        purpose, rnd, run)
+                                          details={**(details or {}), "after-an-unfinished-attempt": state}), False
+            log.warning("[%s] %s %d of %s %s earlier; this attempt is charged again", site.name, purpose, rnd, run,
+                        "failed" if state == "failed" else "was killed")
+            legacy.unlink(missing_ok=True)
         else:
             spent, reused = ledger.charge_once(events, purpose=purpose, run=run, round=rnd, details=details,
                                                data=data_fingerprint(data))
@@ -282,10 +288,11 @@ def charged_work(ledger: PrivacyLedger, events: list[DPEvent], data: ImageDatase
         log.warning("[%s] %s %d of %s was interrupted earlier; its charge is reused, nothing is charged twice",
                     site.name, purpose, rnd, run)
     folder.mkdir(parents=True, exist_ok=True)
-    unfinished.touch()
+    unfinished.write_text("running")
     try:
         yield spent
-    except Exception:  # failed: the mark stays, the next attempt is charged again
+    except Exception:  # failed: the next attempt is charged again
+        unfinished.write_text("failed")
         raise
     except BaseException:  # the operator interrupted it (Ctrl-C): the next attempt reuses this charge
         unfinished.unlink(missing_ok=True)

@@ -501,7 +501,7 @@ def test_a_failed_attempt_is_charged_again_when_the_round_is_re_sent(tmp_path, m
     assert not send(grid, 1000, gan_request(cfg)).has_error()
     (entries,) = charges(tmp_path)
     assert [(e["purpose"], e["round"]) for e in entries] == [("dpgan-census", 0), ("dpgan", 1), ("dpgan", 1)]
-    assert entries[-1]["details"]["after-an-unfinished-attempt"] is True
+    assert entries[-1]["details"]["after-an-unfinished-attempt"] == "failed"
     assert not send(grid, 1000, gan_request(cfg)).has_error()  # re-sent after success: its saved reply, no charge
     assert len(charges(tmp_path)[0]) == 3
 
@@ -523,20 +523,26 @@ def test_an_attempt_killed_mid_work_is_charged_again_and_one_interrupted_by_its_
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(gan_site.LocalGanTrainer, "train_round", interrupted_once)
-    cfg = fast_config(tmp_path, num_rounds=2)
-    grid = LocalGrid(client_app, [{**nodes(1)[0], "epsilon": 30.0}], cfg.to_flwr())
+    cfg = fast_config(tmp_path, num_rounds=3)
+    site = deployed_site(tmp_path, epsilon=30.0)  # a deployed site (a simulated one reuses a killed attempt's charge)
+    grid = LocalGrid(client_app, [site], cfg.to_flwr())
     with pytest.raises(_Interrupt):  # (the in-process site: the interruption reaches the caller, as Ctrl-C would)
         send(grid, 1000, gan_request(cfg))
     assert not send(grid, 1000, gan_request(cfg)).has_error()
-    assert [(e["purpose"], e["round"]) for e in charges(tmp_path)[0]] == [("dpgan-census", 0), ("dpgan", 1)]
-    # round 2 killed after its charge: the mark a killed process leaves behind, and no saved reply
-    (folder,) = (tmp_path / "sites" / "site-1" / "runs").iterdir()
-    (folder / "attempt-dpgan-2").touch()
+    assert [(e["purpose"], e["round"]) for e in charges(tmp_path, "site-a")[0]] == [("dpgan-census", 0),
+                                                                                   ("dpgan", 1)]
+    # round 2 killed after its charge: the mark a killed process leaves behind ("running"), and no saved reply
+    (folder,) = (tmp_path / "site-a" / "runs").iterdir()
+    (folder / "attempt-dpgan-2").write_text("running")
     assert not send(grid, 1000, gan_request(cfg, server_round=2)).has_error()
-    entries = charges(tmp_path)[0]
+    entries = charges(tmp_path, "site-a")[0]
     assert [(e["purpose"], e["round"]) for e in entries] == [("dpgan-census", 0), ("dpgan", 1), ("dpgan", 2)]
-    assert entries[-1]["details"]["after-an-unfinished-attempt"] is True
-    assert not list(folder.glob("attempt-*"))  # finished attempts leave no mark
+    assert entries[-1]["details"]["after-an-unfinished-attempt"] == "running"
+    # the mark a fedsynth of earlier today left after a failure is read the same way
+    (folder / "failed-dpgan-3").touch()
+    assert not send(grid, 1000, gan_request(cfg, server_round=3)).has_error()
+    assert charges(tmp_path, "site-a")[0][-1]["details"]["after-an-unfinished-attempt"] == "failed"
+    assert not list(folder.glob("attempt-*")) and not list(folder.glob("failed-*"))  # finished: no marks
 
 
 def test_a_device_the_site_does_not_have_is_refused_before_anything_is_charged(tmp_path):
@@ -550,6 +556,22 @@ def test_a_device_the_site_does_not_have_is_refused_before_anything_is_charged(t
         reply = send(grid, 1000, gan_request(cfg))
         assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST and "device" in reply.error.reason
     assert charges(tmp_path) == []  # no ledger was even started
+
+
+def test_a_killed_attempt_at_a_simulated_site_reuses_its_charge(tmp_path):
+    """A simulation's sites are run by its owner, whose way to stop one is to kill it (a second Ctrl-C stops the
+    site threads mid-round): the rerun reuses the charge, as "nothing is charged twice" promises."""
+    from tests.test_faults import gan_request, send
+
+    cfg = fast_config(tmp_path, num_rounds=1)
+    grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
+    folder = tmp_path / "sites" / "site-1" / "runs" / "hostile"
+    folder.mkdir(parents=True)
+    (folder / "attempt-dpgan-1").write_text("running")  # as a killed attempt leaves it (its charge: not yet made)
+    assert not send(grid, 1000, gan_request(cfg)).has_error()
+    entries = charges(tmp_path)[0]
+    assert [(e["purpose"], e["round"]) for e in entries] == [("dpgan-census", 0), ("dpgan", 1)]
+    assert "after-an-unfinished-attempt" not in entries[-1]["details"]
 
 
 def test_two_copies_of_a_request_at_once_get_one_release_for_one_charge(tmp_path, monkeypatch):
