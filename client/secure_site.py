@@ -17,8 +17,9 @@ clear, not as the mod's failure to parse it: :func:`refusals_mod`, outside the S
 Flower's mod checks only the *types* of the settings each stage carries; their values are the coordinator's.
 :func:`secagg_settings_mod`, between the two, refuses the values with which a coordinator that follows the
 four stages could still see one site's vector alone (a modulus of 2 makes every mask 0; a threshold of 1 or a
-site as its own only neighbour makes its own seed share the seed; a node listed both active and dropped gets both
-of its secrets reconstructed). What it cannot stop is a coordinator that invents neighbours (it holds their keys);
+site as its own only neighbour makes its own seed share the seed; a node listed both active and dropped, or
+dropped to half its neighbours and active to the others under a threshold of half, gets both of its secrets
+reconstructed). What it cannot stop is a coordinator that invents neighbours (it holds their keys);
 README, Privacy, says so.
 """
 
@@ -56,11 +57,11 @@ def secagg_problem(configs: dict, state: dict, node_id: int) -> str:
     so far, ``RECORD_KEY_STATE``; ``node_id``: this site's).
 
     setup: the protocol's public constants (``common.protocol``: clipping range, quantization levels, modulus),
-    weight 1 (``secure_wire.summand`` sends weight 1), a reconstruction threshold of at least 2 and at most the
-    number of shares and above half of it, at least ``MIN_NEIGHBOURS`` shares. share keys: at most that many neighbours, this site
-    among them (Flower's mod refuses fewer than the threshold). unmask: active and dropped nodes are neighbours, listed once, in one list only, and this site,
-    which sent its vector, among the active ones. ``node_id`` is the SuperNode's own id (``Context.node_id``),
-    never a message's destination field.
+    weight 1 (``secure_wire.summand`` sends weight 1), at least ``MIN_NEIGHBOURS`` shares and a reconstruction
+    threshold above half of them and at most all. share keys: at most that many neighbours, this site among them
+    (Flower's mod refuses fewer than the threshold). unmask: active and dropped nodes are neighbours, listed once,
+    in one list only, and this site, which sent its vector, among the active ones. ``node_id`` is the SuperNode's
+    own id (``Context.node_id``), never a message's destination field.
     """
     from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 

@@ -268,8 +268,7 @@ def charged_work(ledger: PrivacyLedger, events: list[DPEvent], data: ImageDatase
     simulated site, whose operator is the simulation's owner and whose runs are stopped by killing them (a second
     Ctrl-C, a closed terminal); the kill is on the safe side at a deployed site, where it costs twice."""
     unfinished = folder / f"attempt-{purpose}-{rnd}"
-    legacy = folder / f"failed-{purpose}-{rnd}"  # (the mark of a failed attempt before 2026-12-06's later change)
-    state = "failed" if legacy.exists() else unfinished.read_text().strip() if unfinished.exists() else ""
+    state = unfinished.read_text().strip() if unfinished.exists() else ""
     simulated = site.partition_id is not None
     try:
         if state == "failed" or (state and not simulated):
@@ -277,7 +276,6 @@ def charged_work(ledger: PrivacyLedger, events: list[DPEvent], data: ImageDatase
                                           details={**(details or {}), "after-an-unfinished-attempt": state}), False
             log.warning("[%s] %s %d of %s %s earlier; this attempt is charged again", site.name, purpose, rnd, run,
                         "failed" if state == "failed" else "was killed")
-            legacy.unlink(missing_ok=True)
         else:
             spent, reused = ledger.charge_once(events, purpose=purpose, run=run, round=rnd, details=details,
                                                data=data_fingerprint(data))

@@ -523,7 +523,7 @@ def test_an_attempt_killed_mid_work_is_charged_again_and_one_interrupted_by_its_
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(gan_site.LocalGanTrainer, "train_round", interrupted_once)
-    cfg = fast_config(tmp_path, num_rounds=3)
+    cfg = fast_config(tmp_path, num_rounds=2)
     site = deployed_site(tmp_path, epsilon=30.0)  # a deployed site (a simulated one reuses a killed attempt's charge)
     grid = LocalGrid(client_app, [site], cfg.to_flwr())
     with pytest.raises(_Interrupt):  # (the in-process site: the interruption reaches the caller, as Ctrl-C would)
@@ -538,11 +538,7 @@ def test_an_attempt_killed_mid_work_is_charged_again_and_one_interrupted_by_its_
     entries = charges(tmp_path, "site-a")[0]
     assert [(e["purpose"], e["round"]) for e in entries] == [("dpgan-census", 0), ("dpgan", 1), ("dpgan", 2)]
     assert entries[-1]["details"]["after-an-unfinished-attempt"] == "running"
-    # the mark a fedsynth of earlier today left after a failure is read the same way
-    (folder / "failed-dpgan-3").touch()
-    assert not send(grid, 1000, gan_request(cfg, server_round=3)).has_error()
-    assert charges(tmp_path, "site-a")[0][-1]["details"]["after-an-unfinished-attempt"] == "failed"
-    assert not list(folder.glob("attempt-*")) and not list(folder.glob("failed-*"))  # finished: no marks
+    assert not list(folder.glob("attempt-*"))  # finished attempts leave no mark
 
 
 def test_a_device_the_site_does_not_have_is_refused_before_anything_is_charged(tmp_path):
