@@ -26,6 +26,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from client.nonfinite import FiniteDPOptimizer
+from client.secret_random import poisson_mask, secret_generator
 from common.bnnet import check_images_fit
 
 if TYPE_CHECKING:  # only for type hints; the dataset object is passed in by the caller
@@ -120,9 +121,7 @@ def train_dpsgd_local(
     expected_batch = expected_batch or max(1, int(round(sample_rate * n)))
 
     # Poisson batches and noise from secret 128-bit streams (client.secret_random); seed=None: OS entropy
-    batch_seed, noise_seed = np.random.SeedSequence(seed).spawn(2)
-    batch_rng = np.random.default_rng(batch_seed)
-    noise_rng = np.random.Generator(np.random.PCG64(noise_seed))
+    batch_rng, noise_rng = (secret_generator(s) for s in np.random.SeedSequence(seed).spawn(2))
 
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     optimizer = FiniteDPOptimizer(  # a record whose gradient overflows contributes 0 (client.nonfinite)
@@ -137,8 +136,7 @@ def train_dpsgd_local(
     sizes: list[int] = []
     try:
         for _ in range(int(steps)):
-            mask = batch_rng.random(n) < sample_rate  # Poisson sampling: each record independently
-            idx = torch.as_tensor(np.flatnonzero(mask), device=dev)
+            idx = poisson_mask(batch_rng, n, sample_rate).nonzero().squeeze(1).to(dev)  # each record independently
             xb, yb = x_all[idx], y_all[idx]  # (b, C, H, W), (b,), b may be 0
             optimizer.zero_grad(set_to_none=True)
             # Opacus' grad samplers handle a 0-row batch: the step then adds noise only.

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 
-def secret_generator(seed: int | None = None) -> np.random.Generator:
-    """A PCG64 stream with 128 bits of fresh OS entropy, or from ``seed`` (tests and benchmarks only: a site passes
-    None, and nothing the coordinator sends ever becomes a seed here)."""
+def secret_generator(seed: int | np.random.SeedSequence | None = None) -> np.random.Generator:
+    """A PCG64 stream with 128 bits of fresh OS entropy, or from ``seed`` (tests and benchmarks only, or a child of
+    a SeedSequence that drew OS entropy itself: a site passes None, and nothing the coordinator sends ever becomes
+    a seed here)."""
     return np.random.Generator(np.random.PCG64(secrets.randbits(128) if seed is None else seed))
 
 
