@@ -410,22 +410,29 @@ class _Interrupt(KeyboardInterrupt):
     pass
 
 
+def _train_round_raising(monkeypatch, on_call: int, error: BaseException) -> None:
+    """Make the sites' ``LocalGanTrainer.train_round`` raise ``error`` at its ``on_call``-th call (counted over every
+    site of the process) and train as usual at every other call."""
+    import client.gan_site as gan_site
+
+    real, calls = gan_site.LocalGanTrainer.train_round, []
+
+    def train_round(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == on_call:
+            raise error
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(gan_site.LocalGanTrainer, "train_round", train_round)
+
+
 @pytest.mark.parametrize("where", ["mid-round-1", "after-round-1", "mid-round-2", "after-round-2"])
 def test_interrupt_and_rerun_charges_exactly_one_run(tmp_path, monkeypatch, where):
-    import client.gan_site as gan_site
     import server.fedavg as fedavg
 
     kind, rnd = where.rsplit("-", 1)[0], int(where[-1])
     if kind == "mid-round":  # the second site is interrupted after charging round `rnd`, while training
-        real_train, calls = gan_site.LocalGanTrainer.train_round, []
-
-        def train_then_die(self, *args, **kwargs):
-            calls.append(1)
-            if len(calls) == 3 * (rnd - 1) + 2:
-                raise _Interrupt()
-            return real_train(self, *args, **kwargs)
-
-        monkeypatch.setattr(gan_site.LocalGanTrainer, "train_round", train_then_die)
+        _train_round_raising(monkeypatch, 3 * (rnd - 1) + 2, _Interrupt())
     else:  # the coordinator is interrupted right after checkpointing round `rnd`
         real_save = fedavg.save_checkpoint
 
@@ -480,18 +487,9 @@ def test_a_failed_attempt_is_charged_again_when_the_round_is_re_sent(tmp_path, m
     """Whether work fails can depend on the records (the code cannot rule out every such failure). An interrupted
     attempt reuses its charge (the tests above); one that *failed* must not, or a coordinator re-sending the round
     gets, for free, another draw of its noise or another data-dependent yes/no for each failure."""
-    import client.gan_site as gan_site
     from tests.test_faults import gan_request, send
 
-    real, calls = gan_site.LocalGanTrainer.train_round, []
-
-    def fail_once(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("a failure whose cause depends on the records")
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(gan_site.LocalGanTrainer, "train_round", fail_once)
+    _train_round_raising(monkeypatch, 1, RuntimeError("a failure whose cause depends on the records"))
     cfg = fast_config(tmp_path, num_rounds=1)
     # a site budget above the run's epsilon: the retry is a new release, which must fit the site's budget too
     grid = LocalGrid(client_app, [{**nodes(1)[0], "epsilon": 30.0}], cfg.to_flwr())
@@ -511,18 +509,9 @@ def test_an_attempt_killed_mid_work_is_charged_again_and_one_interrupted_by_its_
     """Killed (out of memory: how much a DP-SGD round takes follows its Poisson batches, so the records), an attempt
     removes nothing, and its mark makes the retry pay; Ctrl-C at the site removes the mark, and the retry reuses the
     charge (test_interrupt_and_rerun_charges_exactly_one_run)."""
-    import client.gan_site as gan_site
     from tests.test_faults import gan_request, send
 
-    real, calls = gan_site.LocalGanTrainer.train_round, []
-
-    def interrupted_once(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise _Interrupt()
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(gan_site.LocalGanTrainer, "train_round", interrupted_once)
+    _train_round_raising(monkeypatch, 1, _Interrupt())
     cfg = fast_config(tmp_path, num_rounds=2)
     site = deployed_site(tmp_path, epsilon=30.0)  # a deployed site (a simulated one reuses a killed attempt's charge)
     grid = LocalGrid(client_app, [site], cfg.to_flwr())
@@ -611,18 +600,9 @@ def test_two_copies_of_a_request_at_once_get_one_release_for_one_charge(tmp_path
 
 
 def test_ctrl_c_says_what_was_spent_and_how_to_resume(tmp_path, monkeypatch, capsys):
-    import client.gan_site as gan_site
     from fedsynth import cli
 
-    real_train, calls = gan_site.LocalGanTrainer.train_round, []
-
-    def train_then_ctrl_c(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt()
-        return real_train(self, *args, **kwargs)
-
-    monkeypatch.setattr(gan_site.LocalGanTrainer, "train_round", train_then_ctrl_c)
+    _train_round_raising(monkeypatch, 4, KeyboardInterrupt())
     args = ["simulate", "--data", "digits", "--test", "digits", "--sites", "3", "--rounds", "2", "--quiet",
             "--out", str(tmp_path / "run"), "--set", "gan-local-steps=3", "--set", "gan-width=16",
             "--set", "learner-epochs=1", "--set", "synthetic-size=50"]

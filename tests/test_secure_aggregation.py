@@ -192,17 +192,23 @@ def test_a_secure_statistics_run_completes(tmp_path):
     assert report["synthetic"]["count"] == 50
 
 
-def test_distributed_noise_is_refused_in_the_clear_and_split_inside_a_secure_sum(tmp_path):
+def _split_noise_request(cfg, experiment: str, shares: int) -> tuple[dict, P.BnStatsRequest]:
+    """(plan settings, query.bnstats request) of a statistics release with a provided net and its noise split over
+    ``shares`` sites."""
     from common.bnnet import BNNet
     from server.modes.bnstats import plan_settings
     from server.sites import Schema
 
+    settings = plan_settings(cfg, Schema(1, 8, 8, tuple(str(i) for i in range(10))), experiment)
+    settings.update(net_rounds=0, noise_shares=shares)
+    return settings, P.BnStatsRequest(**settings, net=P.state_arrays(BNNet(1, 10, 8, 8)))
+
+
+def test_distributed_noise_is_refused_in_the_clear_and_split_inside_a_secure_sum(tmp_path):
     # (the run asks for distributed noise, so its virtual sites allow it: allow_distributed_noise)
     cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, synthetic_size=50, secure_aggregation=True,
                       distributed_noise=True)
-    settings = plan_settings(cfg, Schema(1, 8, 8, tuple(str(i) for i in range(10))), "exp-distributed")
-    settings.update(net_rounds=0, noise_shares=2)
-    request = P.BnStatsRequest(**settings, net=P.state_arrays(BNNet(1, 10, 8, 8)))
+    settings, request = _split_noise_request(cfg, "exp-distributed", 2)
     grid = _grid(cfg, 3)
     # a coordinator asking for the split noise in the clear would see a release with too little noise: refused
     plain = broadcast(grid, request, P.BnStatsReply, "clear", 30, sorted(grid.get_node_ids()))
@@ -240,14 +246,8 @@ def test_a_site_splits_its_noise_only_where_its_operator_allows_it(tmp_path):
     """Distributed noise trusts the coordinator to run SecAgg+ honestly (one that fakes sites can unmask a
     site's release alone), so a site adds all of its noise unless its operator allowed the split; the refusal
     comes before the census, so such a run costs the site nothing."""
-    from common.bnnet import BNNet
-    from server.modes.bnstats import plan_settings
-    from server.sites import Schema
-
     cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, synthetic_size=50)  # no distributed noise
-    settings = plan_settings(cfg, Schema(1, 8, 8, tuple(str(i) for i in range(10))), "exp-not-allowed")
-    settings.update(net_rounds=0, noise_shares=2)
-    request = P.BnStatsRequest(**settings, net=P.state_arrays(BNNet(1, 10, 8, 8)))
+    _, request = _split_noise_request(cfg, "exp-not-allowed", 2)
     grid = _grid(cfg, 3)
     got = secure_sum(grid, {n: request for n in grid.get_node_ids()}, round_label=0, timeout=30)
     assert got.total is None and set(got.codes.values()) == {P.REFUSED_NOT_ALLOWED}
@@ -264,14 +264,8 @@ def test_distributed_noise_needs_secure_aggregation():
 
 def test_a_site_splits_its_noise_no_further_than_the_aggregations_threshold(tmp_path):
     """A coordinator asking for more noise shares than every unmaskable sum holds is refused."""
-    from common.bnnet import BNNet
-    from server.modes.bnstats import plan_settings
-    from server.sites import Schema
-
     cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, synthetic_size=50)
-    settings = plan_settings(cfg, Schema(1, 8, 8, tuple(str(i) for i in range(10))), "exp-too-many-shares")
-    settings.update(net_rounds=0, noise_shares=3)  # threshold with 3 sites is 2
-    request = P.BnStatsRequest(**settings, net=P.state_arrays(BNNet(1, 10, 8, 8)))
+    _, request = _split_noise_request(cfg, "exp-too-many-shares", 3)  # threshold with 3 sites is 2
     grid = _grid(cfg, 3)
     got = secure_sum(grid, {n: request for n in grid.get_node_ids()}, round_label=0, timeout=30)
     assert got.total is None and set(got.codes.values()) == {P.REFUSED_BAD_REQUEST}
