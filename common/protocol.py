@@ -55,11 +55,19 @@ REFUSED_BUDGET = 4001  # the request does not fit the site's privacy budget
 REFUSED_BAD_REQUEST = 4002  # malformed, inconsistent or hostile request
 # A run id refused because it differs from a kept run's only in case (client.requests.run_dir) is quoted as sent;
 # the reason says that such a run exists, which re-sending an exact id shows already, and never names its folder.
+# Also a bad request, each quoting only what the coordinator sent: a SecAgg+ stage whose settings would expose one
+# site's vector (client.secure_site.secagg_problem: the stage's own shares, threshold, lists); a saved statistics
+# release asked for with another noise split than the one it was made with (client.bn_site._check_resend: the
+# split the coordinator asked for then); a run device the site cannot use (client.requests.site_device: the run's
+# setting, and that no such GPU is visible, which query.info's `device` publishes already).
 REFUSED_NOT_ALLOWED = 4003  # the site's config does not allow this mode / action / more queries / this much work
+# (allow_distributed_noise is such a setting of site.yaml: the refusal names it, public by declaration.)
 # A work-limit refusal (client.limits) names the operator's limit and the request's own sizes (parameters,
 # batch, steps, per-sample gradient memory, all computed from the request's settings alone): the limits are
 # public by declaration, and nothing in such a refusal depends on the site's records.
 SITE_FAILURE = 4004  # the site could not do the work (its operator sees why in the site's log)
+# Its reason is always client.requests.FAILURE_TEXT; e.g. a held-out set whose shape or classes differ from the
+# published training schema (client.evaluation: they can hinge on single records) is never described in it.
 REFUSED_UNAPPROVED_CODE = 4005  # the run's app bundle is not one the site's operator approved
 
 REFUSAL_NAMES = {REFUSED_BUDGET: "over budget", REFUSED_BAD_REQUEST: "bad request",
