@@ -11,7 +11,7 @@ For every record and every norm layer l, the block norm falls into one bin of a 
 data-independent log-spaced grid (``NORM_BIN_EDGES``; norms outside it count in the first/last bin).
 The per-layer bin counts H_l form H = concat_l H_l. One record adds 1 to exactly one bin of each
 of the L layers, so under add/remove-one adjacency ||dH||_2 = sqrt(L), and
-    H~ = H + N(0, (z sqrt(L))^2 I)
+    H~ = H + N_Z(0, (z sqrt(L))^2 I)   (exact integer noise: ``client.discrete_gaussian``)
 is ONE Gaussian mechanism with noise multiplier z = ``AUTO_CLIP_NOISE_MULTIPLIER``: account it as
 ``DPEvent(z, sample_rate=1.0, steps=1)``. Everything after is post-processing: per layer, bins whose
 noisy count is under ``4 z sqrt(L)`` are dropped as noise (with 80 bins x L layers a lower cut lets a
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from client.discrete_gaussian import noisy_counts
 from common.bnnet import norm_layer_names, record_block_norms  # noqa: F401 (re-export)
 
 if TYPE_CHECKING:
@@ -79,8 +80,11 @@ def noisy_norm_histograms(model: nn.Module, dataset: "ImageDataset", *, noise_mu
         raise ValueError(f"noise_multiplier must be a positive number, got {noise_multiplier}")
     hists = norm_histograms(record_block_norms(model, dataset, device=device))
     noise_std = noise_multiplier * math.sqrt(len(hists))  # sensitivity sqrt(L): one bin per layer per record
-    rng = np.random.default_rng(seed)
-    return {name: h + rng.normal(0.0, noise_std, size=h.shape) for name, h in hists.items()}, noise_std
+    # integer noise, exact (client.discrete_gaussian); one stream over the layers in order, so a seed fixes them all
+    names = list(hists)
+    flat = noisy_counts(np.concatenate([hists[name] for name in names]), noise_std, seed)
+    sizes = np.cumsum([len(hists[name]) for name in names])[:-1]
+    return dict(zip(names, np.split(flat, sizes))), noise_std
 
 
 def choose_layer_clips(model: nn.Module, dataset: "ImageDataset", *,

@@ -149,8 +149,9 @@ def _release(plan: RunPlan, net: BNNet, data: ImageDataset, clips, req: P.BnStat
         log.info("[%s] chose per-layer clip bounds privately (z=%.1f): %s", site.name,
                  plan.clip_choice.noise_multiplier, ", ".join(f"{k}={v:.3g}" for k, v in clips.items()))
     clip = clips if sigma > 0 else math.inf
+    # the counts' integer noise is exact only whole: a share of the noise for a secure sum stays continuous
     return record_class_statistics(net, data, clip_bound=clip, noise_multiplier=sigma, count_weight=req.count_weight,
-                                   device=device)
+                                   device=device, integer_counts=req.noise_shares == 1)
 
 
 @site_handler

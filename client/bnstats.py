@@ -65,6 +65,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from client.discrete_gaussian import noisy_counts
 from client.nonfinite import zero_nonfinite_rows
 from common.bnnet import check_images_fit
 from common.bnnet import iter_record_blocks, norm_layer_channels, per_record_features  # noqa: F401 (re-export)
@@ -225,6 +226,7 @@ def record_class_statistics(
     num_classes: int | None = None,
     count_weight: float = 0.5,
     center: Mapping[str, np.ndarray] | None = None,
+    integer_counts: bool = True,
 ) -> dict[str, np.ndarray]:
     """The DP release of the site's class-wise norm-input statistics (keys and math: module docstring).
 
@@ -236,6 +238,9 @@ def record_class_statistics(
     (per-layer clipping, see the module docstring; recommended for ``BNNet(head_norm=True)``).
     ``center``: optional public per-class reference, keys "sum/<layer>" and "sumsq/<layer>" with
     shapes (K, C_l) holding reference per-record means and mean squares (module docstring).
+    ``integer_counts``: the class counts get exact integer noise (``client.discrete_gaussian``: their floating-point
+    bits then say nothing beyond their values); False gives them continuous noise, for a site that adds only a share
+    of the noise to a secure sum (the sum of several discrete Gaussians is not one).
     Returns float32 arrays, exactly the keys of :func:`expected_release_keys`.
     """
     if num_classes is None:
@@ -253,6 +258,9 @@ def record_class_statistics(
     noisy: dict[str, np.ndarray] = {}
     for key, value in exact.items():  # dict order is fixed, so a seed fixes every coordinate's noise
         scale = std["count"] if key == COUNT_KEY else std.get(key, std["sum"])
+        if key == COUNT_KEY and integer_counts and scale > 0:  # exact integer noise (client.discrete_gaussian)
+            noisy[key] = noisy_counts(value, scale, None if seed is None else seed + 1)
+            continue
         noisy[key] = value + rng.normal(0.0, scale, size=value.shape) if scale > 0 else value
     if center is not None:  # post-processing: add the public centre back, weighted by the noisy count
         for key in noisy:

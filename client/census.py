@@ -1,6 +1,6 @@
 """The per-run census: one noisy class histogram a site draws at its first training request of a run.
 
-Mechanism: the exact class counts (K,) plus independent Gaussian noise of std ``noise`` on each
+Mechanism: the exact class counts (K,) plus independent discrete Gaussian noise of std ``noise`` on each
 (``protocol.CENSUS_NOISE``); one record changes one count by 1 (L2 sensitivity 1 under add/remove-one
 adjacency), so it is ``DPEvent(noise, 1.0, 1)``, charged on its own (:func:`run_census`) before it is
 drawn and before the run's plan. It stays on the site; what is built from it is:
@@ -11,7 +11,8 @@ drawn and before the run's plan. It stays on the site; what is built from it is:
 - in the DP-GAN mode, the class mix of the generator's labels at this site (under label skew a site
   must not teach the generator classes its discriminator has hardly seen) and the schedule it takes.
 
-The noise comes from the operating system's entropy, never from the coordinator's seed.
+The noise comes from the operating system's CSPRNG, never from the coordinator's seed, and it is an exact integer
+draw (``client.discrete_gaussian``), so the counts' floating-point bits say nothing beyond their values.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from client.budget import census_event, census_purpose, is_private, public_size
+from client.discrete_gaussian import noisy_counts
 from client.ledger import BudgetExceeded
 from client.refusal import Refusal
 from common import protocol as P
@@ -45,9 +45,9 @@ def load_census(run_dir: Path) -> list[float] | None:
 
 
 def draw_census(data: ImageDataset, noise: float, run_dir: Path) -> list[float]:
-    """Draw (K,) counts + N(0, noise^2) from fresh OS entropy and keep them on site. Charge it first."""
-    counts = data.class_counts().astype(np.float64)  # (K,)
-    noisy = counts + np.random.default_rng().normal(0.0, noise, size=counts.shape) if noise > 0 else counts
+    """Draw (K,) counts + N_Z(0, noise^2) (exact integer noise, ``client.discrete_gaussian``) from the OS CSPRNG and
+    keep them on site. Charge it first."""
+    noisy = noisy_counts(data.class_counts(), noise)  # (K,) whole numbers
     values = [float(v) for v in noisy]
     atomic_write_json(run_dir / CENSUS_FILE, {"noisy-counts": values, "noise": noise})
     return values

@@ -34,6 +34,7 @@ import numpy as np
 from flwr.app import Context, Message
 
 from client.budget import PLAN_FILE, RunPlan
+from client.discrete_gaussian import noisy_counts
 from client.ledger import BudgetExceeded, PrivacyLedger
 from client.requests import FAILURE_TEXT, Refusal, check_schema, require_plain_allowed, run_dir, site_data, site_handler
 from client.site import SiteSettings, data_fingerprint, load_site_heldout, open_ledger
@@ -90,8 +91,9 @@ def _charge(ledger: PrivacyLedger, z: float, data: ImageDataset, *, purpose: str
 
 
 def _gaussian(exact: np.ndarray, z: float) -> np.ndarray:
-    noise = np.random.default_rng().normal(0.0, z, size=exact.shape) if z > 0 else 0.0  # fresh OS entropy
-    return (exact + noise).astype(np.float32)
+    """Exact counts + N_Z(0, z^2) from the OS CSPRNG (integer noise: ``client.discrete_gaussian``), as float32 whole
+    numbers (exact below 2^24)."""
+    return noisy_counts(exact, z).astype(np.float32)
 
 
 def correct_wrong_table(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:

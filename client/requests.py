@@ -12,8 +12,8 @@ share one charge and each release fresh noise.
 
 The time a reply takes is observable too, and it depends on the records (data loading and each DP-SGD step
 grow with the record count). A site whose operator sets ``min_reply_seconds`` holds every reply, refusals
-included, until that long after its request came: a reply that leaves at the hold says nothing about how
-long the work took. Work that outlasts the hold is sent when done, and the site's log says to raise it.
+included, until that long after its request came, and stamps it when it leaves (Flower's ``created_at``): a reply
+that leaves at the hold says nothing about how long the work took. Work that outlasts the hold is sent when done, and the site's log says to raise it.
 """
 
 from __future__ import annotations
@@ -69,11 +69,21 @@ def site_handler(fn: Callable[[Message, Context, SiteSettings], Message]) -> Cal
             reply = refuse(msg, _name(site), P.SITE_FAILURE, FAILURE_TEXT, f"{type(err).__name__}: {err}")
         if site is not None and site.min_reply_seconds > 0:
             hold_reply(site, msg.metadata.message_type, came)
+            reply = restamped(reply, msg)
         return reply
 
     # (not functools.wraps: Flower must see the (message, context) signature, not the wrapped one)
     handler.__name__, handler.__qualname__, handler.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
     return handler
+
+
+def restamped(reply: Message, msg: Message) -> Message:
+    """``reply`` built again now, so that its metadata's ``created_at`` (and the ``ttl`` Flower derives from it) is
+    the time it leaves. Why: Flower stamps a reply when it is built, inside the handler, before the hold; sent as
+    built, the stamp would tell the coordinator how long the work took, which the hold exists to hide."""
+    if reply.has_error():
+        return Message(error=reply.error, reply_to=msg)
+    return Message(reply.content, reply_to=msg)
 
 
 LOCK_FILE = "requests.lock"  # in the site's state_dir

@@ -32,6 +32,7 @@ import math
 
 import numpy as np
 
+from client.discrete_gaussian import noisy_counts
 from common.accounting import DPEvent, default_delta, epsilon_for
 
 SIZE_NOISE = 200.0  # std of the noisy size, in records; sensitivity 1
@@ -61,11 +62,11 @@ def least_budget() -> float:
     return epsilon_for([size_event()], SMALLEST_DELTA)
 
 
-def draw_default_delta(num_records: int, rng: np.random.Generator | None = None) -> float:
-    """Draw the noisy size of ``num_records`` from fresh OS entropy (or ``rng``) and return its delta.
+def draw_default_delta(num_records: int, seed: int | None = None) -> float:
+    """Draw the noisy size ``num_records + N_Z(0, SIZE_NOISE^2)`` from the OS CSPRNG (or ``seed``: tests only) and
+    return its delta. The noise is an exact integer draw (``client.discrete_gaussian``).
 
     The caller must record :func:`size_event` in the ledger it creates with this delta (PrivacyLedger's
     ``first_charge``): the draw is a release of the record count.
     """
-    rng = rng if rng is not None else np.random.default_rng()
-    return delta_from_noisy_size(float(num_records) + float(rng.normal(0.0, SIZE_NOISE)))
+    return delta_from_noisy_size(float(noisy_counts(np.array([num_records]), SIZE_NOISE, seed)[0]))

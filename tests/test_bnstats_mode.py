@@ -36,6 +36,7 @@ def test_bnstats_run_sends_only_declared_arrays_and_accounts_every_release(tmp_p
     layout = P.stats_layout(__import__("common.bnnet", fromlist=["x"]).norm_layer_channels(net), 10)
     kinds = sorted({m.metadata.message_type for m in seen})
     assert kinds == sorted([P.QUERY_INFO, P.TRAIN_BNNET, P.QUERY_BNSTATS])
+    released: list[np.ndarray] = []
     for reply in seen:
         assert not reply.has_error()
         if reply.metadata.message_type == P.TRAIN_BNNET:
@@ -44,8 +45,12 @@ def test_bnstats_run_sends_only_declared_arrays_and_accounts_every_release(tmp_p
         if reply.metadata.message_type == P.QUERY_BNSTATS:
             stats = P.BnStatsReply.from_message(reply).stats
             assert P.check_arrays(stats, {k: P.ArraySpec(v) for k, v in layout.items()}) == []
-            # noisy: the released counts are not the exact integer class counts
-            assert not np.allclose(stats["count"], np.round(stats["count"]))
+            # whole numbers: integer noise (client.discrete_gaussian), so no float bits beyond the noisy value
+            assert np.array_equal(stats["count"], np.round(stats["count"]))
+            released.append(stats["count"])
+    # noisy: the three sites' counts together are not the pooled training data's exact class counts
+    assert len(released) == 3
+    assert not np.array_equal(np.sum(released, axis=0), load_dataset("digits").class_counts())
     # every site: its census (on its own, before the plan), 2 net rounds + 1 statistics release in its ledger,
     # total within the run's epsilon
     for entries in charges(tmp_path):

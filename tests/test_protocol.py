@@ -44,6 +44,7 @@ def test_only_declared_replies_leave_a_site_and_none_reveals_its_record_count(tm
     assert set(kinds) == expected
     counts = _site_record_counts(cfg, 3)
     exact = {float(n) for n, _ in counts.values()} | {float(c) for _, per in counts.values() for c in per if c}
+    whole_numbers: dict[tuple[str, str], list] = {}
     for reply in seen:
         assert not reply.has_error(), reply.error.reason
         cls = P.REPLY_TYPES[reply.metadata.message_type]
@@ -57,9 +58,32 @@ def test_only_declared_replies_leave_a_site_and_none_reveals_its_record_count(tm
                 assert bool(value) == (average_d and reply.metadata.message_type == P.TRAIN_GAN)
             if reply.metadata.message_type == P.QUERY_INFO:
                 continue  # the published schema: no counts in it by construction
+            site = f"site-{reply.metadata.src_node_id - 1000 + 1}"  # LocalGrid numbers the nodes from 1000
+            if reply.metadata.message_type == P.QUERY_BNSTATS and f.name == "stats":
+                count = np.ravel(value[P.STATS_COUNT])  # whole numbers (integer noise), checked as the census is
+                assert np.array_equal(count, np.round(count))
+                whole_numbers.setdefault((P.QUERY_BNSTATS, P.STATS_COUNT), []).append((count, counts[site][1]))
+                values = np.concatenate([np.ravel(v) for k, v in value.items() if k != P.STATS_COUNT])
             numeric = [float(v) for v in values if isinstance(v, (int, float, np.integer, np.floating))
                        and not isinstance(v, bool)]
+            if f.name in ("census", "weight"):
+                # noisy counts with integer noise (client.discrete_gaussian): whole numbers, which can equal some
+                # exact count by chance, so they are checked against the site's own exact counts, all at once
+                assert all(v == round(v) for v in numeric), f"{reply.metadata.message_type}.{f.name}"
+                own = counts[site][1] if f.name == "census" else [counts[site][0]]
+                if numeric:
+                    whole_numbers.setdefault((reply.metadata.message_type, f.name), []).append(
+                        (np.asarray(numeric), np.asarray(own, dtype=float)))
+                continue
+            if reply.metadata.message_type in (P.EVALUATE_CLASSIFIER, P.QUERY_AUDIT):
+                # the held-out table and distance histograms: integer noise too (whole numbers; their noise is
+                # measured by tests/test_hostile_coordinator.py)
+                assert all(v == round(v) for v in numeric), f"{reply.metadata.message_type}.{f.name}"
+                continue
             assert not exact & set(numeric), f"{reply.metadata.message_type}.{f.name} carries an exact record count"
+    for (kind, name), pairs in whole_numbers.items():
+        noisy, own = (np.concatenate(x) for x in zip(*pairs))
+        assert not np.array_equal(noisy, own), f"{kind}.{name} carries the sites' exact counts"
     assert report["sites"] and all("examples" not in s for s in report["sites"])
 
 

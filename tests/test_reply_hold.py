@@ -20,9 +20,13 @@ HOLD = 1.5
 
 
 def _timed(grid, request) -> tuple[float, object]:
-    start = time.monotonic()
+    start, wall = time.monotonic(), time.time()
     reply = send(grid, 1000, request)
-    return time.monotonic() - start, reply
+    took = time.monotonic() - start
+    # the reply's own stamp (Flower's created_at, wall-clock, and the ttl derived from it) must not say when the
+    # work ended either: it is the time the reply left, after any hold
+    assert reply.metadata.created_at - wall >= took - 0.1, (reply.metadata.created_at - wall, took)
+    return took, reply
 
 
 def test_every_reply_refusals_included_leaves_no_sooner_than_the_hold(tmp_path):

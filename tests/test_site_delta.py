@@ -41,7 +41,7 @@ def test_golden_numbers_of_the_size_release():
 
 def test_the_default_delta_is_at_most_one_over_ten_n_and_varies_with_the_noise():
     n = 30_000
-    deltas = [draw_default_delta(n, np.random.default_rng(seed)) for seed in range(200)]
+    deltas = [draw_default_delta(n, seed) for seed in range(200)]
     assert max(deltas) <= 1.0 / (10 * n)  # the margin: 5 noise stds
     assert len(set(deltas)) > 100  # a noisy size, not a function of n
 
