@@ -5,6 +5,7 @@ STAMP := $(VENV)/.installed
 
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+export FLWR_TELEMETRY_ENABLED := 0
 
 .PHONY: install demo test test-all bench clean
 

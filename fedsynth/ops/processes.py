@@ -17,12 +17,13 @@ BIN_DIR = Path(sys.executable).parent  # flwr, flower-superlink, flower-supernod
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for Flower processes: own FLWR_HOME, venv binaries first, no runtime `uv sync`."""
+    """Environment for Flower processes: own FLWR_HOME, venv binaries first, no runtime `uv sync`, no telemetry."""
     env = dict(os.environ)
     env["FLWR_HOME"] = str(flwr_home)
     env["PATH"] = os.pathsep.join([str(BIN_DIR), env.get("PATH", "")])
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no usage events to telemetry.flower.ai (fedsynth/__init__.py)
     return env
 
 
