@@ -65,8 +65,10 @@ def _open_query(site: SiteSettings, allowed: bool, what: str, purpose: str, expe
                                              f"them in site.yaml)")
     folder = run_dir(site, experiment)
     heldout = load_site_heldout(site)
-    if heldout is None or len(heldout) == 0:
+    if heldout is None:  # no held-out data configured: public (site.yaml), query.info says so too
         raise Refusal(P.REFUSED_NOT_ALLOWED, f"this site has no held-out data for {what} queries")
+    if len(heldout) == 0:  # configured but empty: a record count (0 against 1), so the generic failure, like a crash
+        raise Refusal(P.SITE_FAILURE, FAILURE_TEXT, "the held-out data has no records")
     data = site_data(site)
     if heldout.image_shape != data.image_shape or tuple(heldout.classes) != tuple(data.classes):
         # The held-out set's own shape and classes are not published (query.info describes the training data), and

@@ -77,6 +77,8 @@ REFUSAL_NAMES = {REFUSED_BUDGET: "over budget", REFUSED_BAD_REQUEST: "bad reques
 # ---- public constants of the DP releases that are not model training ---------------------------------
 # Noise multipliers (noise std / L2 sensitivity) of the small releases a site makes. Public: the
 # coordinator may use them to judge the noise, and a test checks each sensitivity they are scaled by.
+# Each of these releases is of whole-number counts and adds exact integer (discrete Gaussian) noise of that std
+# (client/discrete_gaussian.py): the values a site sends are whole numbers, and their bits carry nothing more.
 CENSUS_NOISE = 20.0  # per-run noisy class histogram (sensitivity 1): FedAvg weight, G's label mix, sampling mix
 EVALUATION_NOISE = 10.0  # per-class correct/wrong counts of the central classifier (sensitivity 1)
 AUDIT_NOISE = 10.0  # histograms of each record's distance to the nearest synthetic image (sensitivity 1)
@@ -189,7 +191,7 @@ class GanTrainReply(Message):
     generator: Arrays = arrays(kind="dp", why="G is trained only through the DP-SGD-trained discriminator: "
                                               "post-processing of this round's DP-SGD steps")
     census: Arrays = arrays(kind="dp", why="'counts' (K,): the site's per-run noisy class histogram itself "
-                                           "(Gaussian, z = CENSUS_NOISE, sensitivity 1, charged with the site's "
+                                           "(discrete Gaussian, z = CENSUS_NOISE, sensitivity 1, charged with the site's "
                                            "first round or on its own just before it); the coordinator takes "
                                            "each class's synthetic images from the sites in proportion to it")
     weight: float = declared("dp", "FedAvg weight: the sum of the site's per-run noisy class histogram "
@@ -265,7 +267,8 @@ class BnStatsRequest(BnPlanSettings, Message):
 @dataclass(frozen=True)
 class BnStatsReply(Message):
     MESSAGE_TYPE: ClassVar[str] = QUERY_BNSTATS
-    stats: Arrays = arrays(kind="dp", why="one Gaussian release of noisy class counts and clipped per-class "
+    stats: Arrays = arrays(kind="dp", why="one Gaussian release of noisy class counts (discrete Gaussian noise: "
+                                          "whole numbers, but for a share of split noise) and clipped per-class "
                                           "sums / sums of squares (client.bnstats; layout: stats_layout)")
 
 
@@ -311,7 +314,7 @@ class EvaluationReply(Message):
     MESSAGE_TYPE: ClassVar[str] = EVALUATE_CLASSIFIER
     counts: Arrays = arrays(kind="dp", why="'table' (K, 2): per true class, noisy numbers of held-out records "
                                            "classified right / wrong; one record is one cell (sensitivity 1), "
-                                           "Gaussian z = EVALUATION_NOISE, charged before it is computed")
+                                           "discrete Gaussian z = EVALUATION_NOISE, charged before it is computed")
 
 
 @dataclass(frozen=True)
@@ -327,7 +330,7 @@ class AuditReply(Message):
     histograms: Arrays = arrays(kind="dp", why="'train' and 'heldout' (B,): noisy counts of the site's records "
                                                "by the pixel MSE to their nearest synthetic image, over "
                                                "AUDIT_BIN_EDGES; one record is one bin of one histogram "
-                                               "(sensitivity 1), Gaussian z = AUDIT_NOISE, charged first")
+                                               "(sensitivity 1), discrete Gaussian z = AUDIT_NOISE, charged first")
 
 
 # ================================================================================================

@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from client.app import app as client_app
+from client.requests import FAILURE_TEXT
 from common import protocol as P
 from common.data import ImageDataset, load_dataset, save_npz
 from fedsynth.localgrid import LocalGrid, set_task_identity
@@ -351,6 +352,11 @@ def test_the_held_out_sets_own_schema_never_reaches_the_coordinator(tmp_path):
     assert reply.has_error() and reply.error.code == P.SITE_FAILURE
     assert "3" not in reply.error.reason.replace("site-a", "")  # neither its channels nor anything else of it
     assert charges(tmp_path, "site-a") in ([], [[]])  # nothing charged (at most the ledger's own start)
+    # a held-out set with no records: 0 against 1 is a record count, so not a reason of its own either
+    empty = deployed_site(tmp_path / "empty", heldout=DIGITS_TEST.subset(np.arange(0)), evaluation=True)
+    reply = _evaluation(LocalGrid(client_app, [empty], fast_config(tmp_path).to_flwr()), 1000, _constant_model(0),
+                        "logreg", "empty")
+    assert reply.has_error() and reply.error.code == P.SITE_FAILURE and reply.error.reason.endswith(FAILURE_TEXT)
 
 
 def test_a_site_never_imports_a_learner_the_coordinator_names(tmp_path):
