@@ -75,10 +75,9 @@ REFUSAL_NAMES = {REFUSED_BUDGET: "over budget", REFUSED_BAD_REQUEST: "bad reques
                  REFUSED_UNAPPROVED_CODE: "unapproved code"}
 
 # ---- public constants of the DP releases that are not model training ---------------------------------
-# Noise multipliers (noise std / L2 sensitivity) of the small releases a site makes. Public: the
-# coordinator may use them to judge the noise, and a test checks each sensitivity they are scaled by.
-# Each of these releases is of whole-number counts and adds exact integer (discrete Gaussian) noise of that std
-# (client/discrete_gaussian.py): the values a site sends are whole numbers, and their bits carry nothing more.
+# Noise multipliers (noise std / L2 sensitivity) of the small releases a site makes, all of whole-number counts with
+# exact integer noise (client/discrete_gaussian.py). Public: the coordinator may use them to judge the noise, and a
+# test checks each sensitivity they are scaled by.
 CENSUS_NOISE = 20.0  # per-run noisy class histogram (sensitivity 1): FedAvg weight, G's label mix, sampling mix
 EVALUATION_NOISE = 10.0  # per-class correct/wrong counts of the central classifier (sensitivity 1)
 AUDIT_NOISE = 10.0  # histograms of each record's distance to the nearest synthetic image (sensitivity 1)

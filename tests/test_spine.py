@@ -98,6 +98,18 @@ def test_simulation_owner_view_adds_ledgers_real_baseline_and_exact_audits(tmp_p
     assert "Privacy audits (exact)" in html and "epsilon spent (its ledger)" in html
 
 
+def _heldout_sizes(cfg, site_nodes) -> list[float]:
+    from client.site import SiteSettings, load_site_heldout
+
+    return [float(len(load_site_heldout(SiteSettings.from_node_config(n, cfg.to_flwr())))) for n in site_nodes]
+
+
+def _train_sizes(cfg, site_nodes) -> list[float]:
+    from client.site import SiteSettings, load_site_data
+
+    return [float(len(load_site_data(SiteSettings.from_node_config(n, cfg.to_flwr())))) for n in site_nodes]
+
+
 def test_sites_answer_dp_evaluation_only_when_allowed_charged_and_capped(tmp_path):
     from client.ledger import PrivacyLedger
     from tests.spine_helpers import ledger_paths, nodes
@@ -112,7 +124,7 @@ def test_sites_answer_dp_evaluation_only_when_allowed_charged_and_capped(tmp_pat
     report = run_inprocess(run_coordinator, client_app, cfg.to_flwr(), site_nodes, tap=seen.append)
     ev = report["site_evaluation"]
     assert [r["name"] for r in ev["sites"]] == ["site-1", "site-2"] and ev["not_allowed"] == ["site-3"]
-    # noisy: the answers are not integer counts; the reported accuracy is computed from them alone
+    # noisy; the reported accuracy is computed from the answers alone
     # (with ~120 held-out digits per site and noise std 10 per count, it is too noisy to compare with the TSTR
     # accuracy of this tiny run's near-constant classifier: a tolerance there failed 1 run in 4)
     from server.federated_eval import accuracy_from_table
@@ -120,8 +132,10 @@ def test_sites_answer_dp_evaluation_only_when_allowed_charged_and_capped(tmp_pat
     replies = [m for m in seen if m.metadata.message_type == P.EVALUATE_CLASSIFIER]
     assert len(replies) == 2  # the coordinator does not ask a site that does not allow it
     tables = [P.EvaluationReply.from_message(reply).counts["table"] for reply in replies]
-    for table in tables:
-        assert table.shape == (10, 2) and not np.allclose(table, np.round(table))
+    for table in tables:  # whole numbers: integer noise (client.discrete_gaussian)
+        assert table.shape == (10, 2) and np.array_equal(table, np.round(table))
+    # noisy: exact tables would add up to each site's held-out size (std 45 over 20 cells: both equal by chance ~1e-4)
+    assert [float(t.sum()) for t in tables] != _heldout_sizes(cfg, site_nodes[:2])
     assert ev["accuracy"] == pytest.approx(accuracy_from_table(sum(tables))["accuracy"], abs=1e-6)
     assert 0.0 <= ev["accuracy"] <= 1.0
     for path in ledger_paths(tmp_path)[:2]:
@@ -134,16 +148,23 @@ def test_sites_answer_dp_evaluation_only_when_allowed_charged_and_capped(tmp_pat
 
 
 def test_sites_answer_dp_audits_with_noisy_histograms(tmp_path):
+    from tests.spine_helpers import nodes
+
     seen = []
     cfg = fast_config(tmp_path, num_rounds=1, site_audits=True, audit_records=60)
     report = run(cfg, k=2, tap=seen.append)
     audits = report["site_audits"]
     assert [s["name"] for s in audits["sites"]] == ["site-1", "site-2"]
     assert 0.0 <= audits["pooled"]["membership_auc"] <= 1.0
-    for reply in (m for m in seen if m.metadata.message_type == P.QUERY_AUDIT):
+    sums: list[list[float]] = []
+    for reply in sorted((m for m in seen if m.metadata.message_type == P.QUERY_AUDIT),
+                        key=lambda m: m.metadata.src_node_id):
         hist = P.AuditReply.from_message(reply).histograms
         assert set(hist) == {"train", "heldout"} and hist["train"].shape == (len(P.AUDIT_BIN_EDGES) - 1,)
-        assert not np.allclose(hist["train"], np.round(hist["train"]))  # noisy counts
+        assert all(np.array_equal(h, np.round(h)) for h in hist.values())  # whole numbers: integer noise
+        sums.append([float(hist["train"].sum()), float(hist["heldout"].sum())])
+    # noisy: exact histograms would add up to each site's record counts
+    assert sums and sums != [[n, h] for n, h in zip(_train_sizes(cfg, nodes(2)), _heldout_sizes(cfg, nodes(2)))]
     html = (tmp_path / "out" / "report.html").read_text()
     assert "Privacy audits by the sites (DP)" in html and "0.5 = no signal" in html
     for entries in charges(tmp_path):
