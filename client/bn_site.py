@@ -44,6 +44,16 @@ log = logging.getLogger("fedsynth.site")
 AUTO = "auto"
 
 
+def net_round_file(folder, rnd: int):
+    """Where the site saves its reply of the shared net's round ``rnd`` in the run's ``folder``."""
+    return folder / f"net-round-{rnd}.pt"
+
+
+def stats_file(folder):
+    """Where the site saves the run's one statistics release in the run's ``folder``."""
+    return folder / "stats-release.pt"
+
+
 def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings):
     """Checks both requests share; returns (data, net, ledger, run folder, plan, census or None)."""
     require_mode(site, "bnstats")
@@ -103,7 +113,7 @@ def train_bnnet(req: P.BnTrainRequest, context: Context, site: SiteSettings) -> 
         raise Refusal(P.REFUSED_BAD_REQUEST, f"round {req.server_round} is outside the run's 1..{req.net_rounds}")
     device = site_device(context)
     data, net, ledger, folder, plan, census = _setup(req, req.net, site)
-    path = folder / f"net-round-{req.server_round}.pt"
+    path = net_round_file(folder, req.server_round)
     saved = load_saved(path)
     if saved is None:
         train = plan.train_round(req.local_steps)
@@ -170,7 +180,7 @@ def release_bnstats(req: P.BnStatsRequest, context: Context, site: SiteSettings,
                                              "secure aggregation; in the clear a site adds all of the noise")
     device = site_device(context)
     data, net, ledger, folder, plan, _ = _setup(req, req.net, site)
-    path = folder / "stats-release.pt"
+    path = stats_file(folder)
     saved = load_saved(path)
     if saved is not None:
         _check_resend(saved, req)

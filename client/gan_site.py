@@ -2,7 +2,8 @@
 
 Per round, in this order (each step before the next):
 1. the request is decoded and checked (mode allowed, schema, generator architecture, recipe ranges);
-2. a round the site already answered is answered again from its saved reply (no new spending);
+2. a round the site already answered is answered again from its saved reply (no new spending; into a secure
+   sum only once, ever: ``client.secure_site``);
 3. the run's plan (``client.budget``) is read back, or made at the run's first request;
 4. the round's DP-SGD steps -- and, at the site's first round of the run, the census -- are charged
    in the ledger (an interrupted attempt of the same round reuses its charge);
@@ -53,7 +54,8 @@ from common.models import Discriminator, GanShape, Generator
 log = logging.getLogger("fedsynth.site")
 
 
-def _round_file(folder, rnd: int):
+def round_file(folder, rnd: int):
+    """Where the site saves its reply of DP-GAN round ``rnd`` (with D's state after it) in the run's ``folder``."""
     return folder / f"gan-round-{rnd}.pt"
 
 
@@ -66,7 +68,7 @@ def _previous_round(folder, rnd: int) -> dict | None:
     """What the site saved at the latest round before ``rnd`` it trained: its reply and D's state after it (None:
     no earlier round, so D is new and the run's G steps are still to choose)."""
     for earlier in range(rnd - 1, 0, -1):
-        saved = load_saved(_round_file(folder, earlier))
+        saved = load_saved(round_file(folder, earlier))
         if saved is not None:
             return saved
     return None
@@ -196,7 +198,7 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
     data = site_data(site)
     check_schema(data, req.channels, req.image_size, req.image_size, req.num_classes)
     folder, rnd = run_dir(site, req.experiment), req.server_round
-    saved = load_saved(_round_file(folder, rnd))
+    saved = load_saved(round_file(folder, rnd))
     if saved is not None:
         # Re-sent round (the coordinator resumed): the reply already released, sent again at no cost.
         log.info("[%s] round %d of %s already trained; sending its saved reply", site.name, rnd, req.experiment)
@@ -235,5 +237,5 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
                  "g_steps": g_steps}
         if req.share_d:  # D after this round's DP-SGD steps, for the coordinator's average (P.GanTrainReply)
             reply["discriminator"] = _float32(d_state["disc"])
-        save_reply(_round_file(folder, rnd), {"reply": reply, "d_state": d_state})
+        save_reply(round_file(folder, rnd), {"reply": reply, "d_state": d_state})
     return P.GanTrainReply(**reply)

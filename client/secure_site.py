@@ -7,9 +7,21 @@ stages itself; at the third it calls :func:`handle_secure_train`, which
 1. unwraps the typed request from the legacy ``FitIns`` (``common.secure_wire``) -- the same request,
    checked the same way, as in the clear;
 2. runs the same site code as the plain handler (plan, charge, train or record, save the reply), so the
-   ledger charges exactly what a plain run charges, and a re-sent round reuses its saved reply;
-3. returns the reply's summand (``secure_wire.summand``) with weight 1; the mod masks it, so the
+   ledger charges exactly what a plain run charges (a re-sent round whose reply is saved but never went into a
+   masked vector, e.g. after a crash before the mark, reuses its saved reply);
+3. marks the release as summed in the run's folder (:func:`_mark_summed`: created once, fsync'ed) and only
+   then returns the reply's summand (``secure_wire.summand``) with weight 1; the mod masks it, so the
    coordinator never sees it alone -- only the sum over the sites.
+
+A release goes into at most one masked vector, ever. The site answers a re-sent request from its saved reply at
+no charge, so without the mark a coordinator could put one saved release into two secure sums over different
+sets of sites (all four, then three of them; or the same four with one site's "collect masked vectors" message
+held back the first time, which looks like a dropout) and subtract the two totals: that site's release alone,
+with only 1/sqrt(t) of its charged noise where the noise was split (distributed noise). Binding a release to its
+neighbours would not stop the second trick. So a secure request whose release (same run, message type, round)
+already went into a masked vector is refused (:func:`_already_summed`), and the mark is written before the vector
+leaves, so a crash between the two still counts as sent. An aggregation that fails after sites sent their vectors
+cannot be repeated with them: the run starts a new experiment (``server.secure_agg`` says so).
 
 A refusal (budget, mode, bad request) must reach the coordinator as the same safe error reply as in the
 clear, not as the mod's failure to parse it: :func:`refusals_mod`, outside the SecAgg+ mod, returns it.
@@ -25,17 +37,21 @@ README, Privacy, says so.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+from pathlib import Path
 
 from flwr.app import Context, Message
 
-from client.bn_site import release_bnstats, train_bnnet
-from client.gan_site import train_gan
+from client.bn_site import net_round_file, release_bnstats, stats_file, train_bnnet
+from client.gan_site import round_file, train_gan
 from client.refusal import Refusal
-from client.requests import FAILURE_TEXT, refuse, site_handler
+from client.requests import FAILURE_TEXT, refuse, run_dir, site_handler
 from client.site import SiteSettings
 from common import protocol as P
 from common import secure_wire
+from common.files import create_once
 
 log = logging.getLogger("fedsynth.site")
 _INNER = {P.TRAIN_GAN: train_gan, P.TRAIN_BNNET: train_bnnet, P.QUERY_BNSTATS: release_bnstats}
@@ -141,16 +157,57 @@ def _answer(msg: Message, context: Context, site: SiteSettings) -> Message:
     request = secure_wire.unwrap_request(fitins)
     if isinstance(request, P.BnStatsRequest) and request.noise_shares > 1:
         _check_noise_shares(request.noise_shares, context)
+    mark = summed_mark(request, site)
+    if mark.exists():  # before any work: the saved release will not be sent into a second sum
+        raise _already_summed(request)
     inner = _INNER[request.MESSAGE_TYPE]
     reply = inner(request, context, site, secure=True) if inner is release_bnstats else inner(request, context, site)
     try:
         summand = secure_wire.summand(request.MESSAGE_TYPE, reply)
     except secure_wire.RangeError as err:
         raise Refusal(P.SITE_FAILURE, FAILURE_TEXT, f"{err}: nothing is sent") from None
+    _mark_summed(mark, request)  # durable before the vector leaves (the mod masks it after this returns)
     log.info("[%s] %s: adding its release to the secure sum (masked; the coordinator sees only the total)",
              site.name, request.MESSAGE_TYPE)
     res = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(summand), num_examples=1, metrics={})
     return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
+
+
+SUMMED_SUFFIX = ".in-secure-sum"  # beside a saved release: it went into a masked vector
+
+
+def summed_mark(request: P.Message, site: SiteSettings) -> Path:
+    """The file in the run's folder that says the release ``request`` asks for went into a masked vector: one per
+    run, message type and round (the saved release's own name, ``.pt`` replaced by ``SUMMED_SUFFIX``)."""
+    folder = run_dir(site, request.experiment)
+    if request.MESSAGE_TYPE == P.TRAIN_GAN:
+        release = round_file(folder, request.server_round)
+    elif request.MESSAGE_TYPE == P.TRAIN_BNNET:
+        release = net_round_file(folder, request.server_round)
+    else:
+        release = stats_file(folder)
+    return release.with_name(release.stem + SUMMED_SUFFIX)
+
+
+def _already_summed(request: P.Message) -> Refusal:
+    """The refusal of a release that already went into a masked vector (``common.protocol``: ALREADY_SUMMED); it
+    quotes only the request (its message type, round and experiment id)."""
+    what = {P.TRAIN_GAN: f"round {getattr(request, 'server_round', 0)}'s generator",
+            P.TRAIN_BNNET: f"shared-net round {getattr(request, 'server_round', 0)}'s net",
+            P.QUERY_BNSTATS: "the statistics release"}[request.MESSAGE_TYPE]
+    return Refusal(P.REFUSED_BAD_REQUEST,
+                   f"{request.MESSAGE_TYPE}: {what} of experiment {request.experiment!r} {P.ALREADY_SUMMED}; a second "
+                   "secure sum with it would let the coordinator subtract the two sums and see this site's release "
+                   "alone, so it goes into no other: start a new experiment")
+
+
+def _mark_summed(mark: Path, request: P.Message) -> None:
+    """Mark the release as summed, durably, or refuse when it already is (a copy of the request pushed at once
+    finds the first one's mark)."""
+    note = {"message-type": request.MESSAGE_TYPE, "round": int(getattr(request, "server_round", 0)),
+            "marked-at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if not create_once(mark, json.dumps(note).encode()):
+        raise _already_summed(request)
 
 
 def _check_noise_shares(shares: int, context: Context) -> None:

@@ -60,6 +60,13 @@ REFUSED_BAD_REQUEST = 4002  # malformed, inconsistent or hostile request
 # release asked for with another noise split than the one it was made with (client.bn_site._check_resend: the
 # split the coordinator asked for then); a run device the site cannot use (client.requests.site_device: the run's
 # setting, and that no such GPU is visible, which query.info's `device` publishes already).
+# Also a bad request: a secure request whose release already went into a masked vector at this site (the same run,
+# message type and round; client.secure_site._already_summed). Its reason quotes the request's message type, round and
+# experiment id, says ALREADY_SUMMED, why a second sum is refused and to start a new experiment. That the release went
+# into a sum is what the site's answer to the coordinator's own earlier stage-3 message told (or would have told, had
+# it arrived): nothing more of the records (a release refused for its value range is refused before it is marked,
+# and again, the same way, when re-sent).
+ALREADY_SUMMED = "already went into a secure sum at this site"  # server.secure_agg recognizes such refusals by it
 REFUSED_NOT_ALLOWED = 4003  # the site's config does not allow this mode / action / more queries / this much work
 # (allow_distributed_noise is such a setting of site.yaml: the refusal names it, public by declaration.)
 # A work-limit refusal (client.limits) names the operator's limit and the request's own sizes (parameters,

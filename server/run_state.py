@@ -3,7 +3,8 @@
 The sites key everything by the experiment id: their plan, saved replies and ledger entries. So a
 coordinator that is killed and started again on the same out-dir must ask under the same id -- then
 every site answers finished rounds from its saved replies and reuses the charge of an interrupted one
-(nothing is spent twice). ``run.json`` in the out-dir holds the id and a hash of the settings that
+(nothing is spent twice). Under secure aggregation a saved release goes into one masked vector only: a round
+interrupted after sites sent theirs is refused by them when re-sent (``server.secure_agg``). ``run.json`` in the out-dir holds the id and a hash of the settings that
 define the run; a rerun with other settings is refused instead of silently mixing two runs.
 
 Settings left at 0 are chosen by the product's rules (``server.defaults``) once the sites' schema is known,

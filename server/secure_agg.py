@@ -9,11 +9,14 @@ sum over the sites that took part -- the coordinator never holds any single site
 Dropouts: a site that stops answering during the aggregation is left out and its masks are removed with
 its neighbours' shares while at least ``threshold`` of them answer; below that the aggregation fails,
 nothing is summed, and the round counts as failed (the sites' charges for it stand, nothing is charged
-again: a re-sent round is answered from the site's saved reply).
+again). A site's release goes into at most one masked vector, ever (``client.secure_site``): a site that sent
+its vector (or got as far as marking it) refuses a second secure sum of the same release, since the difference
+of two sums over different sites is one site's release alone. So a failed aggregation is not repeated with the
+sites that sent vectors in it; sites that never reached that stage may still add theirs, and when too few
+remain the reason says to start a new experiment (:func:`_already_summed_reason`).
 
-Trust: the coordinator is honest-but-curious (it follows the protocol). SecAgg+ does not protect a site
-against a coordinator that lies about which sites dropped out across repeated aggregations of the same
-round; the DP of each site's own release is what remains then.
+Trust: the coordinator is honest-but-curious (it follows the protocol). Repeated aggregations of the same
+round are refused by the sites (above); a coordinator that fakes sites can still unmask one site's vector.
 """
 
 from __future__ import annotations
@@ -130,6 +133,20 @@ class _Recorder:
         return getattr(self.grid, name)
 
 
+def _already_summed_reason(outcome: SecureSum, request: P.Message) -> str:
+    """What to say when sites refused because their release already went into a secure sum, or ""."""
+    refused = sorted(n for n, why in outcome.failures.items() if P.ALREADY_SUMMED in why)
+    if not refused:
+        return ""
+    what = request.MESSAGE_TYPE + (f" round {request.server_round}" if hasattr(request, "server_round") else "")
+    return (f"{len(refused)} site(s) (node(s) {', '.join(map(str, refused))}) refused because their release for "
+            f"{what} of experiment {request.experiment!r} already went into a secure sum (an earlier attempt of "
+            "this aggregation reached them); "
+            "a site never adds a release to a second sum, which would let the coordinator subtract the two and see "
+            "one site's release alone. Retrying cannot bring them back: start a new experiment (a new run id) to "
+            "repeat this release with them")
+
+
 def secure_sum(grid: Grid, requests: dict[int, P.Message], *, round_label: int, timeout: float,
                threshold: int = 0) -> SecureSum:
     """Sum the sites' releases for ``requests`` (node -> typed request of ``P.SECURE_TASKS``) with SecAgg+."""
@@ -158,9 +175,12 @@ def secure_sum(grid: Grid, requests: dict[int, P.Message], *, round_label: int, 
                                   quantization_range=P.SECAGG_QUANTIZATION_LEVELS, modulus_range=P.SECAGG_MODULUS,
                                   timeout=timeout)
     workflow(_Recorder(grid, outcome), ctx)
+    summed = _already_summed_reason(outcome, requests[nodes[0]])
+    if summed:
+        log.warning("%s", summed)
     if not strategy.results:
         outcome.reason = (f"fewer than {threshold} sites (the reconstruction threshold) stayed in the secure "
-                          f"aggregation of {len(nodes)}")
+                          f"aggregation of {len(nodes)}" + (f"; {summed}" if summed else ""))
         return outcome
     outcome.contributors = sorted(proxy.node_id for proxy, _ in strategy.results)
     mean = parameters_to_ndarrays(strategy.results[0][1].parameters)  # the workflow returns the mean

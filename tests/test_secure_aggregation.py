@@ -1,8 +1,10 @@
 """Secure aggregation (SecAgg+ through Flower's mod): the coordinator gets only sums over the sites.
 
 In-process sites (``LocalGrid``: the real ClientApp with its mods, a copy of each message per site). The
-sums are checked against the same releases in the clear: a site answers a re-sent request from its saved
-reply, so asking the same sites the same request in the clear afterwards shows exactly what each added.
+sums are checked against the same releases in the clear: a site that does not require secure aggregation answers a
+re-sent plain request from its saved reply (a release without split noise is DP on its own), so asking the same sites
+the same request in the clear afterwards shows exactly what each added. A second *secure* sum of a saved release is
+refused (it went into one masked vector already: the tests at the end).
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ def test_a_site_killed_mid_aggregation_does_not_stop_the_round(tmp_path, dies_af
     assert victim in got.failures or dies_after == "collect_masked_vectors"
 
 
-def test_below_the_threshold_the_round_fails_cleanly_and_nothing_is_charged_twice(tmp_path):
+def test_below_the_threshold_the_round_fails_cleanly_and_a_retry_cannot_sum_the_sent_releases_again(tmp_path):
     cfg = fast_config(tmp_path, num_rounds=1)
     grid = _grid(cfg, 4, parallel=False)  # one site after another, so two can die after two others trained
     request = _gan_request(cfg)
@@ -150,8 +152,11 @@ def test_below_the_threshold_the_round_fails_cleanly_and_nothing_is_charged_twic
     grid.drop_nodes.clear()
     grid.tap = None
     again = secure_sum(grid, {n: request for n in grid.get_node_ids()}, round_label=1, timeout=5)
-    assert again.total is not None and again.contributors == [1000, 1001, 1002, 1003]
-    # the two that had trained answer the retry from their saved reply: nobody is charged twice
+    # the two that sent their masked vectors refuse a second sum of the same release (with the first, it would
+    # isolate theirs); the two that never reached that stage add theirs, too few to unmask: a clear failure that
+    # says to start a new experiment, and nobody is charged twice
+    assert again.total is None and "start a new experiment" in again.reason
+    assert {n for n, why in again.failures.items() if P.ALREADY_SUMMED in why} == {1000, 1001}
     assert [len(c) for c in charges(tmp_path)] == [2, 2, 2, 2]  # each site's census and round 1, once
     assert spent(tmp_path)[:2] == first[:2]
 
@@ -228,9 +233,11 @@ def test_distributed_noise_is_refused_in_the_clear_and_split_inside_a_secure_sum
     assert not again.replies and set(again.codes.values()) == {P.REFUSED_BAD_REQUEST}
     assert all("split over 2" in why for why in again.failures.values())
     assert spent(tmp_path) == after
-    # inside a secure sum with the same split it is the same release, sent again at no cost
+    # nor inside a second secure sum with the same split: it went into one masked vector already, and the difference
+    # of two sums over other sets of sites would show it alone (client.secure_site: the mark)
     resent = secure_sum(grid, {n: request for n in grid.get_node_ids()}, round_label=1, timeout=30)
-    assert resent.total is not None and spent(tmp_path) == after
+    assert resent.total is None and all(P.ALREADY_SUMMED in why for why in resent.failures.values())
+    assert spent(tmp_path) == after
     # a release saved by a fedsynth that did not keep the split with it: not sent again in any way
     import torch
 
@@ -351,3 +358,129 @@ def test_a_secure_stage_addressed_to_another_node_is_refused():
     with pytest.raises(_Refused) as refused:
         stage(99)
     assert refused.value.reply.error.code == P.REFUSED_BAD_REQUEST
+
+
+# ---- a saved release goes into at most one masked vector ------------------------------------------------------------
+# A site answers a re-sent request from its saved release at no charge. Two secure sums of the same saved releases
+# over different sets of sites would give the coordinator their difference: one site's release alone (with split
+# noise, carrying only 1/sqrt(t) of its charged noise). So a release that went into one masked vector goes into no
+# other (client.secure_site: the mark, written before the vector leaves).
+
+def _summed_refusals(got) -> set[int]:
+    return {n for n, why in got.failures.items() if P.ALREADY_SUMMED in why}
+
+
+def test_split_noise_statistics_summed_over_four_sites_are_not_summed_again_over_three(tmp_path):
+    """The regroup attack (review s55): sum all 4, then 3 of them, and subtract: site 1000's split release alone."""
+    cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, synthetic_size=50, secure_aggregation=True,
+                      distributed_noise=True)
+    _, request = _split_noise_request(cfg, "exp-regroup", 2)
+    grid = _grid(cfg, 4)
+    ids = sorted(grid.get_node_ids())
+    everyone = secure_sum(grid, {n: request for n in ids}, round_label=0, timeout=30, threshold=3)
+    assert everyone.total is not None and everyone.contributors == ids  # the honest single aggregation
+    charged = spent(tmp_path)
+    rest = secure_sum(grid, {n: request for n in ids[1:]}, round_label=1, timeout=30, threshold=2)
+    assert rest.total is None and rest.contributors == []  # no second sum: nothing to subtract
+    assert _summed_refusals(rest) == set(ids[1:]) and set(rest.codes.values()) == {P.REFUSED_BAD_REQUEST}
+    assert all("start a new experiment" in why and "exp-regroup" in why for why in rest.failures.values())
+    assert "start a new experiment" in rest.reason and "already went into a secure sum" in rest.reason
+    assert spent(tmp_path) == charged  # and nothing was charged for the refused attempt
+
+
+def test_a_withheld_masked_vector_stage_does_not_let_a_second_sum_isolate_the_site(tmp_path):
+    """Binding a release to its neighbours would not do: the first sum leaves site 1000 out by never delivering its
+    "collect masked vectors" stage (a dropout, to the sites), the second asks the same four again. The three that
+    sent their vectors refuse; 1000, which never reached that stage, may still add its release, but alone it is
+    below the threshold and nothing is unmasked."""
+    cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, synthetic_size=50, secure_aggregation=True,
+                      distributed_noise=True)
+    _, request = _split_noise_request(cfg, "exp-withheld", 2)
+    victim = 1000
+
+    def tap(reply):  # after the victim's share-keys reply its next stage is never delivered
+        if reply.metadata.src_node_id == victim and "ctxts" in reply.content[P.SECAGG_RECORD]:
+            grid.drop_nodes.add(victim)
+
+    grid = _grid(cfg, 4, tap=tap)
+    ids = sorted(grid.get_node_ids())
+    first = secure_sum(grid, {n: request for n in ids}, round_label=0, timeout=5, threshold=3)
+    assert first.total is not None and first.contributors == ids[1:]
+    grid.drop_nodes.clear()
+    grid.tap = None
+    second = secure_sum(grid, {n: request for n in ids}, round_label=1, timeout=5, threshold=3)
+    assert second.total is None and _summed_refusals(second) == set(ids[1:])
+    assert P.ALREADY_SUMMED not in second.failures.get(victim, "")  # its release went into no sum before
+    assert "start a new experiment" in second.reason
+
+
+def test_a_secure_dp_gan_round_is_not_summed_again_over_a_subset(tmp_path):
+    """Sites that require secure aggregation: a DP-GAN round re-sent as a second SecAgg+ sum to all sites but one
+    would give that site's generator and weight alone; the sites refuse the second sum, and the clear."""
+    cfg = fast_config(tmp_path, num_rounds=2, secure_aggregation=True)
+    strict = [{**n, "require-secure-aggregation": True} for n in nodes(4)]
+    grid = LocalGrid(client_app, strict, cfg.to_flwr())
+    ids = sorted(grid.get_node_ids())
+    request = _gan_request(cfg)
+    first = secure_sum(grid, {n: request for n in ids}, round_label=1, timeout=30, threshold=3)
+    assert first.total is not None and first.contributors == ids
+    charged = spent(tmp_path)
+    subset = secure_sum(grid, {n: request for n in ids[:3]}, round_label=2, timeout=30, threshold=2)
+    assert subset.total is None and _summed_refusals(subset) == set(ids[:3])
+    assert all("round 1's generator" in why for why in subset.failures.values())
+    plain = broadcast(grid, request, P.GanTrainReply, "clear", 30, ids)
+    assert not plain.replies and set(plain.codes.values()) == {P.REFUSED_NOT_ALLOWED}
+    assert spent(tmp_path) == charged
+    # the run's next round is a new release: it goes into a sum of its own
+    nxt = secure_sum(grid, {n: _gan_request(cfg, rnd=2) for n in ids}, round_label=2, timeout=30, threshold=3)
+    assert nxt.total is not None and nxt.contributors == ids
+
+
+def test_the_mark_is_written_before_the_masked_vector_leaves(tmp_path, monkeypatch):
+    """A site that crashes after marking its release and before its vector leaves counts it as sent: a retry is
+    refused, never answered with a vector the coordinator could pair with one it got before."""
+    import client.secure_site as secure_site
+
+    cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, synthetic_size=50)
+    settings, request = _split_noise_request(cfg, "exp-crash", 1)
+    marked = secure_site._mark_summed
+
+    def mark_then_crash(mark, req):
+        marked(mark, req)
+        raise OSError("power cut")
+
+    monkeypatch.setattr(secure_site, "_mark_summed", mark_then_crash)
+    grid = _grid(cfg, 3)
+    ids = sorted(grid.get_node_ids())
+    crashed = secure_sum(grid, {n: request for n in ids}, round_label=0, timeout=30)
+    assert crashed.total is None and set(crashed.codes.values()) == {P.SITE_FAILURE}
+    monkeypatch.undo()
+    retry = secure_sum(grid, {n: request for n in ids}, round_label=0, timeout=30)
+    assert retry.total is None and _summed_refusals(retry) == set(ids)
+    assert len(list((tmp_path / "sites").rglob("stats-release" + secure_site.SUMMED_SUFFIX))) == 3
+
+
+def test_the_same_masked_vector_stage_sent_twice_is_refused_by_flowers_mod(tmp_path):
+    """Within one SecAgg+ aggregation Flower's mod takes each stage once, in order: the "collect masked vectors"
+    stage sent again (during the aggregation or after it) is refused (a site failure, Flower's stage check), so a
+    second vector only comes from a new aggregation, which the mark refuses."""
+    cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, synthetic_size=50)
+    _, request = _split_noise_request(cfg, "exp-same-stage", 1)
+    grid = _grid(cfg, 3, parallel=False)
+    ids = sorted(grid.get_node_ids())
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+    sent = []
+    push = grid.push_messages
+
+    def record(messages):
+        messages = list(messages)
+        sent.extend(m for m in messages if RECORD_KEY_CONFIGS in m.content.config_records
+                    and m.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE] == Stage.COLLECT_MASKED_VECTORS)
+        return push(messages)
+
+    grid.push_messages = record
+    got = secure_sum(grid, {n: request for n in ids}, round_label=0, timeout=30)
+    assert got.total is not None and len(sent) == 3
+    again = grid._answer(sent[0])
+    assert again.has_error() and again.error.code == P.SITE_FAILURE
