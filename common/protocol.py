@@ -29,6 +29,10 @@ from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
+from common.refusal_codes import (  # noqa: F401 - part of the protocol: both sides use them as protocol.X
+    ALREADY_SUMMED, REFUSAL_NAMES, REFUSED_BAD_REQUEST, REFUSED_BUDGET, REFUSED_NOT_ALLOWED, REFUSED_UNAPPROVED_CODE,
+    SITE_FAILURE,
+)
 from common.wire import (  # noqa: F401 - re-exported: both sides use them as protocol.X
     CONFIG, ArraySpec, Arrays, Message, ProtocolError, array_fields, arrays, check_arrays, declared, load_state,
     reply_declarations, state_arrays, state_spec,
@@ -43,43 +47,8 @@ EVALUATE_CLASSIFIER = "evaluate.classifier"  # central classifier in, DP per-cla
 QUERY_AUDIT = "query.audit"  # synthetic sample in, DP histograms of record-to-synthetic distances out
 
 
-# ---- refusals (error replies a site sends instead of doing work) ------------------------------------
-# Flower error replies carry an int code and a reason. A reason says why in words the coordinator may
-# read: never the site's budget, what it has spent or has left, its record count or its file names.
-REFUSED_BUDGET = 4001  # the request does not fit the site's privacy budget
-# Whether a budget refusal is sent is itself a release. It is decided only from the request, the site's
-# published delta bound, its ledger (what it has spent) and the run's census, a DP release charged first
-# (client.census.run_census). It is never decided from the record count, which would let free refusals
-# measure it. The one refusal before any charge that reads the budget alone: a ledger's start, when the budget
-# is below what the noisy size behind its default delta may cost (client.site_delta.least_budget).
-REFUSED_BAD_REQUEST = 4002  # malformed, inconsistent or hostile request
-# A run id refused because it differs from a kept run's only in case (client.requests.run_dir) is quoted as sent;
-# the reason says that such a run exists, which re-sending an exact id shows already, and never names its folder.
-# Also a bad request, each quoting only what the coordinator sent: a SecAgg+ stage whose settings would expose one
-# site's vector (client.secure_site.secagg_problem: the stage's own shares, threshold, lists); a saved statistics
-# release asked for with another noise split than the one it was made with (client.bn_site._check_resend: the
-# split the coordinator asked for then); a run device the site cannot use (client.requests.site_device: the run's
-# setting, and that no such GPU is visible, which query.info's `device` publishes already).
-# Also a bad request: a secure request whose release already went into a masked vector at this site (the same run,
-# message type and round; client.secure_site._already_summed). Its reason quotes the request's message type, round and
-# experiment id, says ALREADY_SUMMED, why a second sum is refused and to start a new experiment. That the release went
-# into a sum is what the site's answer to the coordinator's own earlier stage-3 message told (or would have told, had
-# it arrived): nothing more of the records (a release refused for its value range is refused before it is marked,
-# and again, the same way, when re-sent).
-ALREADY_SUMMED = "already went into a secure sum at this site"  # server.secure_agg recognizes such refusals by it
-REFUSED_NOT_ALLOWED = 4003  # the site's config does not allow this mode / action / more queries / this much work
-# (allow_distributed_noise is such a setting of site.yaml: the refusal names it, public by declaration.)
-# A work-limit refusal (client.limits) names the operator's limit and the request's own sizes (parameters,
-# batch, steps, per-sample gradient memory, all computed from the request's settings alone): the limits are
-# public by declaration, and nothing in such a refusal depends on the site's records.
-SITE_FAILURE = 4004  # the site could not do the work (its operator sees why in the site's log)
-# Its reason is always client.requests.FAILURE_TEXT; e.g. a held-out set whose shape or classes differ from the
-# published training schema (client.evaluation: they can hinge on single records) is never described in it.
-REFUSED_UNAPPROVED_CODE = 4005  # the run's app bundle is not one the site's operator approved
-
-REFUSAL_NAMES = {REFUSED_BUDGET: "over budget", REFUSED_BAD_REQUEST: "bad request",
-                 REFUSED_NOT_ALLOWED: "not allowed", SITE_FAILURE: "site failure",
-                 REFUSED_UNAPPROVED_CODE: "unapproved code"}
+# ---- refusals (error replies a site sends instead of doing work): the codes, and what each one's reason may
+# say, are in common.refusal_codes (imported above: protocol.REFUSED_BUDGET etc.)
 
 # ---- public constants of the DP releases that are not model training ---------------------------------
 # Noise multipliers (noise std / L2 sensitivity) of the small releases a site makes, all of whole-number counts with

@@ -17,10 +17,10 @@ import hashlib
 import logging
 import sys
 
+from common.refusal_codes import REFUSED_UNAPPROVED_CODE  # (import-light: no torch, no Flower app)
 from fedsynth.ops.approved_code import BundleError, bundle_digest, installed_bundle_digest, read_approvals
 
 log = logging.getLogger("fedsynth.site")
-REFUSED_UNAPPROVED_CODE = 4005  # common.protocol.REFUSED_UNAPPROVED_CODE (kept import-light here)
 
 
 class _Unapproved(Exception):
