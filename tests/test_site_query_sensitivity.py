@@ -164,3 +164,18 @@ def test_a_records_distances_do_not_depend_on_its_block_mates_at_the_fixed_block
     perm = rng.permutation(rows)
     assert torch.equal(block(base_idx[perm]), base[perm])
     assert torch.equal(block(base_idx[:3]), base[:3])  # 3 records in a padded block: the same bits
+
+
+def test_odd_strides_on_the_size_one_channel_axis_do_not_change_a_site_batch():
+    # numpy may give a (N, 1, H, W) slice any stride on its size-1 channel axis, and torch picks its conv kernel
+    # by strides too: a site batch is a fresh standard-layout copy, so the bits do not depend on how it was cut
+    torch.manual_seed(0)
+    model = build_learner("cnn", (1, 8, 8), 10, allow_import=False)
+    odd = np.lib.stride_tricks.as_strided(X8, shape=X8.shape, strides=(256, 4, 32, 4))  # same values, channel stride 4
+    assert np.array_equal(odd, X8) and odd.strides != X8.strides
+    run = lambda x: np.concatenate(_batched(lambda m, t: m(t), model, x, "cpu", 64, True))  # noqa: E731
+    standard = np.empty((100, 1, 8, 8), np.float32)
+    standard[...] = X8[:100]  # strides (256, 256, 32, 4); X8 itself, cut by [:, None], has channel stride 0
+    expected = run(standard)
+    np.testing.assert_array_equal(run(odd[:100]), expected)
+    np.testing.assert_array_equal(run(X8[:100]), expected)
