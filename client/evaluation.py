@@ -19,6 +19,13 @@ query.audit
     ``DPEvent(z, 1.0, 1)``. The coordinator turns them into a membership-inference AUC and a near-copy
     rate (``server.site_audits``).
 
+Both rest on one record changing only its own cell or bin, so no record's result may depend on which other
+records are present: on CPU, float32 kernels round a row differently when its batch grows by one row, and a
+coordinator can send a classifier (or synthetic images) with near-ties that such rounding decides. The site
+therefore runs every forward pass on a batch of exactly ``EVALUATION_BATCH`` rows and every distance block at
+exactly ``AUDIT_BLOCK`` (records x synthetic images), zero-padded in a fresh standard-layout buffer, the padding
+masked out: constants, independent of the record count and of anything the coordinator sends.
+
 Held-out records share the ledger of the site's dataset id: the unit of privacy is one record, training
 or held-out (conservative: a held-out record is charged for training releases it never entered).
 """
@@ -45,6 +52,11 @@ from common.data import ImageDataset
 from common.learner import build_learner, predict
 
 log = logging.getLogger("fedsynth.site")
+
+# The fixed shapes of the site's computations (see the module docstring): rows per forward pass of an evaluation,
+# and (records, synthetic images) per distance block of an audit (>= AUDIT_MAX_IMAGES: one block per 1024 records).
+EVALUATION_BATCH = 1024
+AUDIT_BLOCK = (1024, 2048)
 
 
 def _noise(site: SiteSettings, experiment_dir, constant: float) -> float:
@@ -98,6 +110,13 @@ def _gaussian(exact: np.ndarray, z: float) -> np.ndarray:
     return noisy_counts(exact, z).astype(np.float32)
 
 
+def evaluation_table(model, images: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """The exact (K, 2) table of ``model`` on records (images, labels), each record's prediction computed in
+    fixed-size padded batches, so that it depends on that record alone (sensitivity 1)."""
+    predicted = predict(model, images, device="cpu", batch_size=EVALUATION_BATCH, fixed_rows=True)
+    return correct_wrong_table(labels, predicted, num_classes)
+
+
 def correct_wrong_table(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
     """(K, 2) exact counts: per true class, records classified right (column 0) and wrong (column 1)."""
     table = np.zeros((num_classes, 2), dtype=np.float64)
@@ -123,15 +142,17 @@ def handle_evaluation(msg: Message, context: Context, site: SiteSettings) -> Mes
     P.load_state(model, req.classifier)
     z = _noise(site, folder, P.EVALUATION_NOISE)
     _charge(ledger, z, data, purpose="evaluation", run=req.experiment, index=index)
-    exact = correct_wrong_table(heldout.labels, predict(model, heldout.images, device="cpu"), req.num_classes)
+    exact = evaluation_table(model, heldout.images, heldout.labels, req.num_classes)
     log.info("[%s] evaluation query %d of %s answered with noise z=%g", site.name, index, req.experiment, z)
     return P.EvaluationReply(counts={"table": _gaussian(exact, z)}).as_reply(msg)
 
 
 def distance_histogram(records: np.ndarray, synthetic: np.ndarray) -> np.ndarray:
-    """Exact counts of ``records`` by pixel MSE to their nearest synthetic image over ``AUDIT_BIN_EDGES``."""
+    """Exact counts of ``records`` by pixel MSE to their nearest synthetic image over ``AUDIT_BIN_EDGES``; the
+    search runs on fixed ``AUDIT_BLOCK`` distance blocks, so that a record's nearest image (near-ties) and thus
+    its bin depend on that record alone (sensitivity 1)."""
     edges = np.asarray(P.AUDIT_BIN_EDGES)
-    distances, _ = nearest_neighbors(records, synthetic, metric="mse")  # (N,)
+    distances, _ = nearest_neighbors(records, synthetic, metric="mse", device="cpu", block_shape=AUDIT_BLOCK)
     bins = np.clip(np.searchsorted(edges, distances, side="right") - 1, 0, len(edges) - 2)
     return np.bincount(bins, minlength=len(edges) - 1).astype(np.float64)
 

@@ -226,18 +226,35 @@ def train_learner(train: ImageDataset, cfg: LearnerConfig, *, device: torch.devi
 
 @torch.no_grad()
 def _batched(fn, model: nn.Module, images: np.ndarray, device: torch.device | str | None,
-             batch_size: int) -> list[np.ndarray]:
-    """Apply ``fn(model, normalized batch)`` over images (N, C, H, W) in [0, 1], in eval mode."""
+             batch_size: int, fixed_rows: bool = False) -> list[np.ndarray]:
+    """Apply ``fn(model, normalized batch)`` over images (N, C, H, W) in [0, 1], in eval mode.
+
+    ``fixed_rows``: every forward pass sees a freshly allocated, C-contiguous float32 batch of exactly
+    ``batch_size`` rows (the last one zero-padded; only the real rows are returned). On CPU, float32 kernels round
+    a row differently when the batch grows by one row (mlp at 1, 2, 10 rows, logreg at 15, 24, ...) and numpy's
+    strides on a size-1 channel axis can pick another conv kernel, so without it one record's result depends on
+    how many records share its batch. A site's answers use it (``client.evaluation``): with one shape and one
+    layout, a row's result depends on that row alone (``tests/test_site_query_sensitivity.py`` checks the premise)."""
     dev = next(model.parameters()).device if device is None else torch.device(device)
     model.eval()
-    return [fn(model, _normalize(torch.from_numpy(images[start:start + batch_size]).to(dev))).cpu().numpy()
-            for start in range(0, len(images), batch_size)]
+    out = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        if fixed_rows:
+            real = len(chunk)
+            batch = torch.zeros((batch_size, *images.shape[1:]), dtype=torch.float32)  # fresh, standard layout
+            batch[:real] = torch.from_numpy(np.asarray(chunk, dtype=np.float32))
+            out.append(fn(model, _normalize(batch.to(dev))).cpu().numpy()[:real])
+        else:
+            out.append(fn(model, _normalize(torch.from_numpy(chunk).to(dev))).cpu().numpy())
+    return out
 
 
 def predict(model: nn.Module, images: np.ndarray, *, device: torch.device | str | None = None,
-            batch_size: int = 1024) -> np.ndarray:
-    """Predicted labels (N,) for images (N, C, H, W) in [0, 1]."""
-    out = _batched(lambda m, x: m(x).argmax(dim=1), model, images, device, batch_size)
+            batch_size: int = 1024, fixed_rows: bool = False) -> np.ndarray:
+    """Predicted labels (N,) for images (N, C, H, W) in [0, 1]; ``fixed_rows``: see :func:`_batched` (a site's
+    evaluation sets it so that no record's prediction depends on the others)."""
+    out = _batched(lambda m, x: m(x).argmax(dim=1), model, images, device, batch_size, fixed_rows)
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 

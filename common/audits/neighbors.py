@@ -56,31 +56,47 @@ def _sq_block(a: torch.Tensor, a_sq: torch.Tensor, b: torch.Tensor, b_sq: torch.
 
 
 def _nn_search(
-    a: np.ndarray, b: np.ndarray, *, both_ways: bool, device: torch.device | str | None
+    a: np.ndarray, b: np.ndarray, *, both_ways: bool, device: torch.device | str | None,
+    block_shape: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Chunked nearest neighbour search on (Na, D) x (Nb, D) float32 matrices.
 
     Returns the index of the nearest b for every a (Na,) and, with ``both_ways``, the index of the
     nearest a for every b (Nb,); one pass over the distance matrix serves both directions.
-    """
+
+    ``block_shape`` None: blocks sized to the inputs (fastest). ``(qa, qb)``: every distance block is computed on
+    freshly allocated, zero-padded (qa, D) and (qb, D) float32 blocks whatever Na and Nb are, the padded rows and
+    columns masked to +inf so that no search picks them: float32 matmul rounds a row differently when its block
+    has another row count, so with input-sized blocks the nearest b of one a (near-ties) can depend on how many
+    other a's there are. A site's audit uses it (``client.evaluation``)."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     na, nb = a.shape[0], b.shape[0]
-    ta = torch.from_numpy(a).to(dev)
-    tb = torch.from_numpy(b).to(dev)
-    a_sq = (ta * ta).sum(1)  # (Na,)
-    b_sq = (tb * tb).sum(1)  # (Nb,)
-    # Square-ish blocks keep the (qa x qb) distance block near _BLOCK_ELEMENTS.
-    qb = min(nb, max(256, int(math.sqrt(_BLOCK_ELEMENTS))))
-    qa = min(na, max(1, _BLOCK_ELEMENTS // qb))
-    best_a = torch.full((na,), float("inf"), device=dev)
-    arg_a = torch.zeros(na, dtype=torch.long, device=dev)
-    best_b = torch.full((nb,), float("inf"), device=dev) if both_ways else None
-    arg_b = torch.zeros(nb, dtype=torch.long, device=dev) if both_ways else None
+    if block_shape is None:
+        # Square-ish blocks keep the (qa x qb) distance block near _BLOCK_ELEMENTS.
+        qb = min(nb, max(256, int(math.sqrt(_BLOCK_ELEMENTS))))
+        qa = min(na, max(1, _BLOCK_ELEMENTS // qb))
+        ta, tb = torch.from_numpy(a).to(dev), torch.from_numpy(b).to(dev)
+        a_sq = (ta * ta).sum(1)  # (Na,)
+        b_sq = (tb * tb).sum(1)  # (Nb,)
+    else:
+        qa, qb = block_shape
+        ta, tb = _padded(a, qa).to(dev), _padded(b, qb).to(dev)  # whole blocks, zero rows at the end
+    best_a = torch.full((len(ta),), float("inf"), device=dev)
+    arg_a = torch.zeros(len(ta), dtype=torch.long, device=dev)
+    best_b = torch.full((len(tb),), float("inf"), device=dev) if both_ways else None
+    arg_b = torch.zeros(len(tb), dtype=torch.long, device=dev) if both_ways else None
     with torch.no_grad():
-        for i in range(0, na, qa):
+        for i in range(0, len(ta), qa):
             blk_a = ta[i : i + qa]
-            for j in range(0, nb, qb):
-                d2 = _sq_block(blk_a, a_sq[i : i + qa], tb[j : j + qb], b_sq[j : j + qb])  # (qa, qb)
+            for j in range(0, len(tb), qb):
+                if block_shape is None:
+                    d2 = _sq_block(blk_a, a_sq[i : i + qa], tb[j : j + qb], b_sq[j : j + qb])  # (qa, qb)
+                else:
+                    # each block's norms on the block itself (one shape), then the padding masked out
+                    blk_b = tb[j : j + qb]
+                    d2 = _sq_block(blk_a, (blk_a * blk_a).sum(1), blk_b, (blk_b * blk_b).sum(1))
+                    d2[max(0, na - i):, :] = float("inf")
+                    d2[:, max(0, nb - j):] = float("inf")
                 row_min, row_arg = d2.min(dim=1)
                 better = row_min < best_a[i : i + qa]
                 best_a[i : i + qa] = torch.where(better, row_min, best_a[i : i + qa])
@@ -90,7 +106,14 @@ def _nn_search(
                     better_b = col_min < best_b[j : j + qb]
                     best_b[j : j + qb] = torch.where(better_b, col_min, best_b[j : j + qb])
                     arg_b[j : j + qb] = torch.where(better_b, col_arg + i, arg_b[j : j + qb])
-    return arg_a.cpu().numpy(), (arg_b.cpu().numpy() if both_ways else None)
+    return arg_a[:na].cpu().numpy(), (arg_b[:nb].cpu().numpy() if both_ways else None)
+
+
+def _padded(x: np.ndarray, rows: int) -> torch.Tensor:
+    """A freshly allocated C-contiguous float32 copy of (N, D) ``x`` with zero rows up to a multiple of ``rows``."""
+    out = torch.zeros((-(-len(x) // rows) * rows, x.shape[1]), dtype=torch.float32)
+    out[: len(x)] = torch.from_numpy(x)
+    return out
 
 
 def distance_matrix(queries: np.ndarray, reference: np.ndarray, *, metric: Metric = "mse",
@@ -121,11 +144,14 @@ def nearest_neighbors(
     *,
     metric: Metric = "mse",
     device: torch.device | str | None = None,
+    block_shape: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Distance from each query record to its nearest reference record, and that record's index.
 
     ``queries`` (Nq, ...) and ``reference`` (Nr, ...) are images (N, C, H, W) in [0, 1] or features
     (N, F); both are flattened. Returns ``(distances (Nq,) float64, indices (Nq,) int64)``.
+    ``block_shape`` (queries, references per distance block): fixed, zero-padded blocks, so that a query's
+    nearest reference does not depend on the other queries (a site's audit); None sizes blocks to the inputs.
     """
     _check_metric(metric)
     q, r = _as_matrix(queries, "queries"), _as_matrix(reference, "reference")
@@ -134,7 +160,7 @@ def nearest_neighbors(
             f"queries have {q.shape[1]} values per record but the reference has {r.shape[1]}; "
             "both must be the same image shape (resize one set) or the same feature extractor"
         )
-    idx, _ = _nn_search(q, r, both_ways=False, device=device)
+    idx, _ = _nn_search(q, r, both_ways=False, device=device, block_shape=block_shape)
     return _finish_distance(_exact_sq(q, r[idx]), q.shape[1], metric), idx
 
 
@@ -144,17 +170,18 @@ def mutual_nearest_distances(
     *,
     metric: Metric = "mse",
     device: torch.device | str | None = None,
+    block_shape: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Nearest-neighbour distances in both directions from one pass over the a x b distance matrix.
 
     Returns ``(d_a (Na,), d_b (Nb,))``: d_a[i] = distance from a[i] to its nearest b; d_b[j] =
-    distance from b[j] to its nearest a.
+    distance from b[j] to its nearest a. ``block_shape``: as in :func:`nearest_neighbors` (padding never wins).
     """
     _check_metric(metric)
     am, bm = _as_matrix(a, "a"), _as_matrix(b, "b")
     if am.shape[1] != bm.shape[1]:
         raise ValueError(f"record sizes differ ({am.shape[1]} vs {bm.shape[1]}); use the same image shape")
-    idx_a, idx_b = _nn_search(am, bm, both_ways=True, device=device)
+    idx_a, idx_b = _nn_search(am, bm, both_ways=True, device=device, block_shape=block_shape)
     assert idx_b is not None
     dim = am.shape[1]
     return (
