@@ -15,7 +15,7 @@ carries the site's record count, its sampling rate, its noise multiplier, its de
 epsilon: under add/remove-one adjacency (``common.accounting``) those are functions of private data.
 
 Requests (coordinator -> site) carry only the coordinator's own settings and models; a site treats
-them as hostile input: :meth:`from_message` checks names and types, the handlers check ranges.
+them as hostile input: :meth:`from_message` checks names and types, the handlers check ranges (common.recipe_ranges).
 
 Wire format (``common.wire``): a ``ConfigRecord`` named ``"config"`` holds the scalar fields (dashed
 names), and every array field is an ``ArrayRecord`` of its own name. Flower message types must be
@@ -60,6 +60,7 @@ REFUSED_BAD_REQUEST = 4002  # malformed, inconsistent or hostile request
 # release asked for with another noise split than the one it was made with (client.bn_site._check_resend: the
 # split the coordinator asked for then); a run device the site cannot use (client.requests.site_device: the run's
 # setting, and that no such GPU is visible, which query.info's `device` publishes already).
+# Also bad, before any charge: a recipe value out of range, a changed GAN architecture (common.recipe_ranges)
 REFUSED_NOT_ALLOWED = 4003  # the site's config does not allow this mode / action / more queries / this much work
 # (allow_distributed_noise is such a setting of site.yaml: the refusal names it, public by declaration.)
 # A work-limit refusal (client.limits) names the operator's limit and the request's own sizes (parameters,
