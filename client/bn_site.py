@@ -26,7 +26,6 @@ from client.requests import (
     Refusal,
     require_plain_allowed,
     check_schema,
-    finite_at_least,
     load_saved,
     require_mode,
     run_dir,
@@ -37,6 +36,7 @@ from client.requests import (
 )
 from client.site import SiteSettings, charged_work, data_fingerprint, open_ledger
 from common import protocol as P
+from common.recipe_ranges import recipe_problems
 from common.bnnet import BNNet, norm_layer_names
 from common.data import ImageDataset
 
@@ -64,9 +64,9 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings):
                                              "run with distributed-noise = false")
     data = site_data(site)
     check_schema(data, req.channels, req.image_size, req.image_size, req.num_classes)
-    for name, value in (("lr", req.lr), ("max-grad-norm", req.max_grad_norm), ("clip", req.clip),
-                        ("count-weight", req.count_weight)):
-        finite_at_least(value, name, strict=True)
+    problems = recipe_problems(req)  # seed, learning rate, clip bounds, count weight: each in the protocol's range
+    if problems:
+        raise Refusal(P.REFUSED_BAD_REQUEST, "; ".join(problems))
     if req.width < 1:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"width must be >= 1, got {req.width}")
 
@@ -86,6 +86,7 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings):
     if problems:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"the net sent does not match the run's shape: {problems[:3]}")
     P.load_state(net, net_state)
+    _clip_bounds(req, net)  # layer-clips that do not fit the net's layers: refused before the census, too
     folder = run_dir(site, req.experiment)
     preq = PlanRequest(mode="bnstats", epsilon=req.epsilon, rounds=req.net_rounds, steps=req.local_steps,
                        batch_size=req.batch_size, census=True, stats_share=req.stats_share,
@@ -131,7 +132,7 @@ def train_bnnet(req: P.BnTrainRequest, context: Context, site: SiteSettings) -> 
     return P.BnTrainReply(**saved["reply"])
 
 
-def _clip_bounds(req: P.BnStatsRequest, net: BNNet) -> float | dict[str, float] | None:
+def _clip_bounds(req: P.BnPlanSettings, net: BNNet) -> float | dict[str, float] | None:
     """One flat bound, one per norm layer (in the net's layer order) when ``layer-clips`` lists them, or
     None for ``auto`` (chosen privately from the data just before the release)."""
     raw = str(req.layer_clips).strip()

@@ -89,10 +89,19 @@ class PlanRequest:
     auto_clip: bool = False  # bnstats: clip bounds chosen privately
     evaluation_queries: int = 0  # reserved evaluation queries (the site's cap, if it allows evaluation)
     audit_queries: int = 0  # reserved audit queries
+    # dpgan: (name, value) of the settings that fix the shapes of the state a site keeps between rounds (D, the Adam
+    # moments of D and G: client.gan_site), so that a round changing one is refused before its charge
+    architecture: tuple[tuple[str, Any], ...] = ()
 
     def fixed_by(self) -> dict[str, Any]:
-        """The settings that fix a plan; a later request that changes one of them is refused."""
-        return {k: v for k, v in asdict(self).items() if k not in ("evaluation_queries", "audit_queries")}
+        """The settings that fix a plan; a later request that changes one of them is refused (``plan_changes``)."""
+        skip = ("evaluation_queries", "audit_queries", "architecture")
+        return {**{k: v for k, v in asdict(self).items() if k not in skip},
+                **{ARCHITECTURE + k: v for k, v in self.architecture}}
+
+
+# The prefix of the architecture's settings in a plan; a plan made before they were recorded (before 2026-12-06) has none
+ARCHITECTURE = "architecture."
 
 
 @dataclass(frozen=True)
@@ -320,8 +329,7 @@ def load_or_make_plan(path: Path, req: PlanRequest, *, num_records: int, delta: 
     """
     if path.exists():
         plan = RunPlan.from_json(json.loads(path.read_text()))
-        asked = req.fixed_by()
-        changed = sorted(k for k, v in asked.items() if plan.request.get(k) != v)
+        changed = plan_changes(plan.request, req.fixed_by())
         if changed:
             raise Refusal(P.REFUSED_BAD_REQUEST, f"the request changes settings fixed at the run's first request "
                                                      f"({', '.join(changed)}); start a new experiment instead")
@@ -329,6 +337,15 @@ def load_or_make_plan(path: Path, req: PlanRequest, *, num_records: int, delta: 
     plan = make_plan(req, num_records=num_records, delta=delta, budget=budget, prior=prior)
     atomic_write_json(path, plan.to_json())
     return plan, True
+
+
+def plan_changes(recorded: dict[str, Any], asked: dict[str, Any]) -> list[str]:
+    """The settings ``asked`` changes from those a run's plan ``recorded`` (empty: none). An architecture setting is
+    named with its value at the first request and now (both the coordinator's); one a plan lacks (made before they
+    were recorded) is "not recorded", not a change (client.gan_site compares the saved state instead)."""
+    return [f"{k}: {recorded[k]!r} at the first request, {v!r} now" if k.startswith(ARCHITECTURE) else k
+            for k, v in sorted(asked.items())
+            if (k in recorded or not k.startswith(ARCHITECTURE)) and recorded.get(k) != v]
 
 
 def public_size(census: list[float] | None) -> float:

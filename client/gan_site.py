@@ -36,7 +36,6 @@ from client.requests import (
     Refusal,
     require_plain_allowed,
     check_schema,
-    finite_at_least,
     load_saved,
     require_mode,
     require_replacement,
@@ -48,6 +47,7 @@ from client.requests import (
 )
 from client.site import SiteSettings, charged_work, data_fingerprint, open_ledger
 from common import protocol as P
+from common.recipe_ranges import recipe_problems
 from common.gan_augment import parse_augment
 from common.models import Discriminator, GanShape, Generator
 
@@ -100,9 +100,9 @@ def _check_request(req: P.GanTrainRequest, site: SiteSettings) -> GanShape:
                                                  f"{problems[:3]}")
     if not 1 <= req.server_round <= req.num_rounds:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"round {req.server_round} is outside the run's 1..{req.num_rounds}")
-    for name, value, strict in (("lr-d", req.lr_d, True), ("lr-g", req.lr_g, True), ("ac-weight", req.ac_weight, False),
-                                ("mode-seeking", req.mode_seeking, False), ("max-grad-norm", req.max_grad_norm, True)):
-        finite_at_least(value, name, strict=strict)
+    problems = recipe_problems(req)  # seed, learning rates, clip bound, loss weights: each in the protocol's range
+    if problems:
+        raise Refusal(P.REFUSED_BAD_REQUEST, "; ".join(problems))
     try:
         parse_augment(req.augment)
     except ValueError as err:
@@ -122,9 +122,48 @@ def _check_request(req: P.GanTrainRequest, site: SiteSettings) -> GanShape:
     return shape
 
 
+# The request's settings that fix the shapes of what a site saves between rounds (PlanRequest.architecture)
+ARCHITECTURE_SETTINGS = ("channels", "image_size", "num_classes", "latent_dim", "width", "d_width", "resolution")
+
+
 def _plan_request(req: P.GanTrainRequest, steps: int) -> PlanRequest:
     return PlanRequest(mode="dpgan", epsilon=req.epsilon, rounds=req.num_rounds, steps=steps,
-                       batch_size=req.batch_size, census=True)
+                       batch_size=req.batch_size, census=True,
+                       architecture=tuple((k, getattr(req, k)) for k in ARCHITECTURE_SETTINGS))
+
+
+def _shapes(state: dict) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _moment_shapes(optimizer_state: dict) -> list[tuple[int, ...] | None]:
+    """The shape of every parameter's Adam moment in a saved optimizer state (None: no moment yet), in order."""
+    params = [i for group in optimizer_state["param_groups"] for i in group["params"]]
+    moments = optimizer_state["state"]
+    return [tuple(moments[i]["exp_avg"].shape) if i in moments and "exp_avg" in moments[i] else None for i in params]
+
+
+def _check_saved_state(previous: dict | None, shape: GanShape, d_width: int) -> None:
+    """Refuse a round whose networks differ in shape from the state the site saved at the run's earlier rounds (D
+    and both optimizers' moments), which the round would fail to load after its charge. The run's plan refuses a
+    changed architecture setting already (ARCHITECTURE_SETTINGS); this covers a run whose plan was
+    recorded before it named them."""
+    saved = None if previous is None else previous.get("d_state")
+    if not saved:
+        return
+    disc = meta_module(lambda: Discriminator(shape, width=d_width))
+    gen = meta_module(lambda: Generator(shape))
+
+    def fits(module, moments: list) -> bool:
+        want = [tuple(p.shape) for p in module.parameters()]
+        return len(moments) == len(want) and all(m is None or m == w for m, w in zip(moments, want))
+
+    if (_shapes(saved["disc"]) != _shapes(disc.state_dict()) or not fits(disc, _moment_shapes(saved["opt_d"]))
+            or not fits(gen, _moment_shapes(saved["opt_g"]))):
+        raise Refusal(P.REFUSED_BAD_REQUEST, "the request's generator or discriminator differs in shape from those of "
+                                             "the run's earlier rounds (channels, image size, classes, latent dim, "
+                                             "width, d-width and resolution are fixed at the run's first round): "
+                                             "start a new experiment instead")
 
 
 def _schedule(req: P.GanTrainRequest, site: SiteSettings, ledger, folder, census: list[float]) -> int:
@@ -212,6 +251,7 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
     previous = _previous_round(folder, rnd)
     g_steps = _g_steps(req, site, previous, census)
     plan = plan_for_site(site, ledger, folder, _plan_request(req, steps), req.experiment, census=census)
+    _check_saved_state(previous, shape, req.d_width)  # a plan recorded before it fixed the architecture
     train = plan.train_round(steps)
     with charged_work(ledger, [train], data, site, purpose="dpgan", run=req.experiment, rnd=rnd, folder=folder,
                       details={"batch-size": req.batch_size, "max-grad-norm": req.max_grad_norm}) as spent:

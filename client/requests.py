@@ -225,12 +225,3 @@ def save_reply(path: Path, payload: dict[str, Any]) -> None:
     """Save a reply (and what must persist with it) BEFORE sending it: a re-sent request gets it back."""
     save_torch_atomic(path, payload)
 
-
-def finite_at_least(value: float, name: str, low: float = 0.0, *, strict: bool = False) -> None:
-    """Refuse a recipe value that would only wreck the round (it cannot touch privacy)."""
-    import math
-
-    bad = not math.isfinite(value) or value < low or (strict and value == low)
-    if bad:
-        raise Refusal(P.REFUSED_BAD_REQUEST, f"{name} must be a finite number {'>' if strict else '>='} {low:g}, "
-                                             f"got {value!r}")

@@ -20,6 +20,9 @@ from common.gan_augment import parse_augment
 from common.learner import LEARNERS, LearnerConfig, learner_factory
 from common.models import GanShape
 from common.protocol import AUDIT_MAX_IMAGES, MAX_D_STEPS, MAX_G_STEPS
+from common.recipe_ranges import (
+    BOUND_RANGE, COUNT_WEIGHT_RANGE, MAX_LEARNING_RATE, MAX_LOSS_WEIGHT, MAX_SEED, layer_clips_problem, range_problem,
+)
 from common.run_id import experiment_id_problem
 
 MODES = ("dpgan", "bnstats")
@@ -224,6 +227,19 @@ class RunConfig:
         need(0 < self.bn_stats_share <= 1, f"bn-stats-share must be in (0, 1], got {self.bn_stats_share}")
         need(self.bn_clip > 0 and self.bn_count_weight > 0 and self.bn_lr > 0 and self.bn_max_grad_norm > 0,
              "bn-clip, bn-count-weight, bn-lr and bn-max-grad-norm must be > 0")
+        # the ranges a site accepts (common.recipe_ranges): refused here before any site is asked
+        need(0 <= self.seed < MAX_SEED, f"seed must be an integer in [0, {MAX_SEED}), got {self.seed}")
+        for problem in (range_problem("gan-lr-d", self.gan_lr_d, 0.0, MAX_LEARNING_RATE, low_open=True),
+                        range_problem("gan-lr-g", self.gan_lr_g, 0.0, MAX_LEARNING_RATE, low_open=True),
+                        range_problem("gan-max-grad-norm", self.gan_max_grad_norm, *BOUND_RANGE),
+                        range_problem("gan-ac-weight", self.gan_ac_weight, 0.0, MAX_LOSS_WEIGHT),
+                        range_problem("gan-mode-seeking", self.gan_mode_seeking, 0.0, MAX_LOSS_WEIGHT),
+                        range_problem("bn-lr", self.bn_lr, 0.0, MAX_LEARNING_RATE, low_open=True),
+                        range_problem("bn-max-grad-norm", self.bn_max_grad_norm, *BOUND_RANGE),
+                        range_problem("bn-clip", self.bn_clip, *BOUND_RANGE),
+                        range_problem("bn-count-weight", self.bn_count_weight, *COUNT_WEIGHT_RANGE),
+                        layer_clips_problem(self.bn_layer_clips, "bn-layer-clips")):
+            need(problem is None, str(problem))
         need(self.bn_iterations >= 1 and self.bn_synth_batch >= 1 and self.bn_synth_lr > 0,
              "bn-iterations, bn-synth-batch and bn-synth-lr must be positive")
         need(2 <= self.audit_records <= AUDIT_MAX_IMAGES,

@@ -15,7 +15,7 @@ carries the site's record count, its sampling rate, its noise multiplier, its de
 epsilon: under add/remove-one adjacency (``common.accounting``) those are functions of private data.
 
 Requests (coordinator -> site) carry only the coordinator's own settings and models; a site treats
-them as hostile input: :meth:`from_message` checks names and types, the handlers check ranges.
+them as hostile input: :meth:`from_message` checks names and types, the handlers check ranges (common.recipe_ranges).
 
 Wire format (``common.wire``): a ``ConfigRecord`` named ``"config"`` holds the scalar fields (dashed
 names), and every array field is an ``ArrayRecord`` of its own name. Flower message types must be

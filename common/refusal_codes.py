@@ -22,6 +22,7 @@ REFUSED_BAD_REQUEST = 4002  # malformed, inconsistent or hostile request
 # release asked for with another noise split than the one it was made with (client.bn_site._check_resend: the
 # split the coordinator asked for then); a run device the site cannot use (client.requests.site_device: the run's
 # setting, and that no such GPU is visible, which query.info's `device` publishes already).
+# Also bad, before any charge: a recipe value out of range, a changed GAN architecture (common.recipe_ranges).
 # Also a bad request: a secure request whose release already went into a masked vector at this site (the same run,
 # message type and round; client.secure_site._already_summed). Its reason quotes the request's message type, round and
 # experiment id, says ALREADY_SUMMED, why a second sum is refused and to start a new experiment. That the release went
