@@ -12,8 +12,10 @@ Format (one JSON object per line)::
 the same dataset id is reported, never a reason to start a fresh ledger).
 
 Crash safety: only the last line can be incomplete after a crash (it was never acknowledged, so its
-work never started); :func:`parse` ignores it and the writer truncates it away before the next append.
-Damage anywhere else raises :class:`LedgerDamaged`: a privacy ledger must never be silently reset.
+work never started); :func:`parse` ignores it and the writer truncates it away before the next append. An
+incomplete line is one without its newline: a newline-terminated last line that does not parse was written
+whole, so it is damage. Damage anywhere raises :class:`LedgerDamaged`: a privacy ledger must never be silently
+reset.
 """
 
 from __future__ import annotations
@@ -134,8 +136,10 @@ def parse(data: bytes, path: Path) -> Contents:
                 entries.append(entry)
                 events.extend(entry_events)
         except (ValueError, TypeError, UnicodeDecodeError) as exc:
-            if is_last:
-                # A torn final write: never acknowledged, so the work it would cover never started.
+            if is_last and not has_newline:
+                # A torn final write: never acknowledged, so the work it would cover never started. Every line is
+                # written with its newline in one write(), so a torn one lacks it; a complete (newline-terminated)
+                # line that does not parse was acknowledged and is damage like any other, never dropped.
                 return Contents(header, entries, events, offset, False, len(data))
             raise LedgerDamaged(
                 f"privacy ledger {path} is damaged at line {index + 1} ({exc}). Only an interrupted last "
