@@ -119,7 +119,7 @@ def train_bnnet(req: P.BnTrainRequest, context: Context, site: SiteSettings) -> 
     if saved is None:
         train = plan.train_round(req.local_steps)
         with charged_work(ledger, [train], data, site, purpose="bnstats-net", run=req.experiment,
-                          rnd=req.server_round, folder=folder) as spent:
+                          rnd=req.server_round, folder=folder, run_epsilon=req.epsilon) as spent:
             log.info("[%s] net round %d: DP-SGD on its records (sigma=%.3f); epsilon spent now %.3f", site.name,
                      req.server_round, train.noise_multiplier, spent.epsilon)
             train_dpsgd_local(net, data, noise_multiplier=train.noise_multiplier, sample_rate=train.sample_rate,
@@ -193,7 +193,7 @@ def release_bnstats(req: P.BnStatsRequest, context: Context, site: SiteSettings,
                        "own-noise-multiplier": plan.stats.noise_multiplier / math.sqrt(req.noise_shares)}
                       if req.noise_shares > 1 else {})}
         with charged_work(ledger, events, data, site, purpose="bnstats-release", run=req.experiment, rnd=0,
-                          folder=folder, details=details) as spent:
+                          folder=folder, details=details, run_epsilon=req.epsilon) as spent:
             stats = _release(plan, net.eval(), data, clips, req, device, site)
             log.info("[%s] released DP class statistics (sigma=%.3f); epsilon spent now %.3f", site.name,
                      plan.stats.noise_multiplier, spent.epsilon)

@@ -63,9 +63,11 @@ def run_census(data: ImageDataset, ledger: "PrivacyLedger", run_dir: Path, *, mo
     """The run's census: read back, or (at the run's first training request) charged on its own and drawn.
 
     Refused, with nothing charged, when the census alone would take more than the run's ``epsilon`` or more than
-    the site's ``budget`` has left. The first check reads the site's published ``delta_bound``, not the ledger's
-    delta: a refusal that costs nothing must not depend on anything private, and the ledger's default delta is set
-    from a noisy size (charged once, when the site's first request creates its ledger: ``client.site_delta``).
+    the site's ``budget`` has left, or, drawn again, when the run's charges with it would exceed the run's
+    ``epsilon`` (a census whose file was lost after its charge is charged and drawn again, never drawn again for
+    free). The first check reads the site's published ``delta_bound``, not the ledger's delta: a refusal that
+    costs nothing must not depend on anything private, and the ledger's default delta is set from a noisy size
+    (charged once, when the site's first request creates its ledger: ``client.site_delta``).
     (A run whose epsilon falls between the census's epsilon at the bound and at the ledger's smaller delta pays the
     census and is then refused by its plan; the site's own budget is enforced at its delta either way.) The run's
     plan comes after the census
@@ -81,8 +83,18 @@ def run_census(data: ImageDataset, ledger: "PrivacyLedger", run_dir: Path, *, mo
         raise Refusal(P.REFUSED_BUDGET, "the run's epsilon is too small for the requested work: ask for a larger "
                                         "epsilon",
                       f"the census alone would spend more than the run's epsilon {epsilon:g}")
+    # Charged anew whenever its file is missing, never reused: the file is written (durably) right after the draw,
+    # so a run whose census charge exists but whose census.json does not may have sent that census (in a reply's
+    # weight and counts) before the file was lost. A second draw under the first charge would be a free release;
+    # refusing instead would strand the run at this site although a crash between the charge and the file released
+    # nothing. So the redraw pays, and, held to the run's epsilon like every charge of the run, never lets the run
+    # spend more than it asked.
+    earlier = ledger.count(run=experiment, purpose=census_purpose(mode))
     try:
-        ledger.charge_once([event], purpose=census_purpose(mode), run=experiment, round=0, data=fingerprint)
+        ledger.charge([event], purpose=census_purpose(mode), run=experiment, round=0, data=fingerprint,
+                      details={"census-drawn-again": earlier} if earlier else None,
+                      # (a first draw is held to the run's epsilon at the published delta bound, above)
+                      run_epsilon=epsilon if private and earlier else None)
     except BudgetExceeded as err:
         raise Refusal(P.REFUSED_BUDGET, "the requested work does not fit this site's privacy budget",
                       str(err)) from None

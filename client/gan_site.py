@@ -254,6 +254,7 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
     _check_saved_state(previous, shape, req.d_width)  # a plan recorded before it fixed the architecture
     train = plan.train_round(steps)
     with charged_work(ledger, [train], data, site, purpose="dpgan", run=req.experiment, rnd=rnd, folder=folder,
+                      run_epsilon=req.epsilon,
                       details={"batch-size": req.batch_size, "max-grad-norm": req.max_grad_norm}) as spent:
         log.info("[%s] round %d: DP-GAN on its records (sigma=%.3f, q=%.4f, %d steps); epsilon spent now %.3f",
                  site.name, rnd, train.noise_multiplier, train.sample_rate, train.steps, spent.epsilon)

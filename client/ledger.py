@@ -16,6 +16,10 @@ attempt of the same (run, purpose, round) and reuses it instead of charging agai
 because an attempt's output leaves the site only after the site has saved it (the re-sent request then
 gets the saved reply), so an attempt that has no saved reply released nothing.
 
+A ledger is never started twice: its first write leaves a durable mark beside it (``<id>.started``), and a ledger
+that is missing or header-less while that mark (or the caller's ``history``) says it existed is LedgerDamaged. A
+charge may be held to its run's epsilon (``run_epsilon``): the run's own charges never exceed what the run asked for.
+
 The file format and its crash safety are in :mod:`client.ledger_file`. Processes on the same site
 serialise their read-check-append with an exclusive flock on the ledger file.
 """
@@ -70,7 +74,7 @@ class PrivacyLedger:
 
     def __init__(self, path: Path, *, epsilon_budget: float, delta: float | None = None,
                  new_delta: float | None = None, dataset_id: str = "", create: bool = True,
-                 first_charge: tuple[Sequence[DPEvent], str] | None = None) -> None:
+                 first_charge: tuple[Sequence[DPEvent], str] | None = None, history: str = "") -> None:
         """Open (or create) the ledger at ``path``.
 
         ``epsilon_budget`` is the site's own configuration (math.inf = no limit, which also allows
@@ -81,6 +85,9 @@ class PrivacyLedger:
         never writes: reading a ledger must not create one. ``first_charge`` = (events, purpose): a release
         that chose ``new_delta`` (:mod:`client.site_delta`), written as the first entry in the same write as
         the header when this call creates the ledger, and not at all when the ledger exists.
+        ``history``: the caller's evidence that this dataset has released before (e.g. a site's saved replies), in
+        words for the operator; with it, or with the ledger's ``.started`` mark, a missing or header-less ledger is
+        :class:`LedgerDamaged`, never a new one (module docstring).
         """
         if not (isinstance(epsilon_budget, (int, float)) and epsilon_budget >= 0 and not math.isnan(epsilon_budget)):
             raise ValueError(f"epsilon_budget must be a number >= 0 (math.inf for no limit), got {epsilon_budget!r}")
@@ -91,6 +98,9 @@ class PrivacyLedger:
         self.path = Path(path)
         self.epsilon_budget = float(epsilon_budget)
         self.dataset_id = dataset_id
+        self.history = history
+        if not self.path.exists() and (evidence := lf.released_before(self.path, history)):
+            raise LedgerDamaged(lf.reset_refused(self.path, "is missing", evidence))  # before any budget check
         if create and first_charge is not None and delta is None and new_delta is not None \
                 and not self.path.exists():
             self._check_first_charge(first_charge, new_delta)  # before the file exists: nothing to undo
@@ -102,12 +112,20 @@ class PrivacyLedger:
         else:
             self.delta = self._agree_delta(self._read_header(), delta)
 
+    @property
+    def started_mark(self) -> Path:
+        """The mark written beside the ledger when it is first written (outside the ledger file)."""
+        return lf.started_mark(self.path)
+
     # ------------------------------------------------------------------ file access
 
     def _read_header(self) -> dict:
         with open(self.path, "rb") as fh:
             contents = lf.parse(fh.read(), self.path)
         if contents.header is None:
+            evidence = lf.released_before(self.path, self.history)
+            if evidence:
+                raise LedgerDamaged(lf.reset_refused(self.path, "is empty or has lost its header line", evidence))
             raise LedgerDamaged(f"privacy ledger {self.path} has no header line")
         return contents.header
 
@@ -143,7 +161,14 @@ class PrivacyLedger:
             fcntl.flock(fd, fcntl.LOCK_EX)
             contents = lf.parse(lf.read_all(fd), self.path)
             if contents.header is None:
-                # New file, or one whose header write was interrupted (then it holds no entries).
+                # New file, or one whose header write was interrupted (then it holds no entries) -- unless the
+                # ledger was started before (its mark, or the caller's evidence): then it was emptied or deleted.
+                evidence = lf.released_before(self.path, self.history)
+                if evidence:
+                    if created:
+                        os.unlink(self.path)
+                    what = "is missing" if created else "is empty or has lost its header line"
+                    raise LedgerDamaged(lf.reset_refused(self.path, what, evidence))
                 if delta is None:
                     raise ValueError(f"creating the privacy ledger {self.path} needs a delta")
                 lines = lf.dumps(lf.make_header(float(delta), self.dataset_id))
@@ -168,6 +193,7 @@ class PrivacyLedger:
             os.close(fd)  # closing releases the flock
         if created:
             lf.fsync_dir(self.path.parent)
+        lf.mark_started(self.path, self.dataset_id)  # once the header is durable (an older ledger's: now)
         return result
 
     @contextmanager
@@ -262,28 +288,41 @@ class PrivacyLedger:
     # ------------------------------------------------------------------ spending
 
     def charge(self, events: Sequence[DPEvent], *, purpose: str, run: str = "", round: int = 0,  # noqa: A002
-               details: dict | None = None, data: str = "") -> Spent:
+               details: dict | None = None, data: str = "", run_epsilon: float | None = None) -> Spent:
         """Record a release BEFORE doing its private work; refuse it if it would exceed the budget.
 
         Raises BudgetExceeded (writing nothing) if the epsilon after these events would exceed the
-        budget. Otherwise appends one fsync'ed line and returns the new total. A crash after this
+        budget, or, with ``run_epsilon``, if the run's own charges with these events would exceed it.
+        Otherwise appends one fsync'ed line and returns the new total. A crash after this
         returns only over-counts (the work may not have happened), never under-counts.
         """
-        spent, _ = self._charge(events, purpose=purpose, run=run, round=round, details=details, data=data, once=False)
+        spent, _ = self._charge(events, purpose=purpose, run=run, round=round, details=details, data=data, once=False,
+                                run_epsilon=run_epsilon)
         return spent
 
     def charge_once(self, events: Sequence[DPEvent], *, purpose: str, run: str, round: int,  # noqa: A002
-                    details: dict | None = None, data: str = "") -> tuple[Spent, bool]:
+                    details: dict | None = None, data: str = "",
+                    run_epsilon: float | None = None) -> tuple[Spent, bool]:
         """Like :meth:`charge`, but an earlier charge of the same (run, purpose, round) is reused.
 
         Returns (spent, reused). Use it for work that is redone after an interruption (module docstring).
         """
         if not run:
             raise ValueError("charge_once() needs the run id: the (run, purpose, round) key identifies a release")
-        return self._charge(events, purpose=purpose, run=run, round=round, details=details, data=data, once=True)
+        return self._charge(events, purpose=purpose, run=run, round=round, details=details, data=data, once=True,
+                            run_epsilon=run_epsilon)
+
+    def run_spent(self, run: str) -> float:
+        """Epsilon of the run ``run``'s own charges, composed at the ledger's delta."""
+        return epsilon_for(self._run_events(self._contents(), run), self.delta)
+
+    @staticmethod
+    def _run_events(contents: lf.Contents, run: str) -> list[DPEvent]:
+        return [DPEvent.from_dict(e) for entry in contents.entries if entry["run"] == run for e in entry["events"]]
 
     def _charge(self, events: Sequence[DPEvent], *, purpose: str, run: str, round: int,  # noqa: A002
-                details: dict | None, data: str, once: bool) -> tuple[Spent, bool]:
+                details: dict | None, data: str, once: bool,
+                run_epsilon: float | None = None) -> tuple[Spent, bool]:
         events = list(events)
         if not events or not all(isinstance(e, DPEvent) for e in events):
             raise ValueError(f"charge() needs a non-empty list of DPEvent, got {events!r}")
@@ -293,6 +332,8 @@ class PrivacyLedger:
             raise ValueError(f"run must be a string (the run id), got {run!r}")
         if isinstance(round, bool) or not isinstance(round, int) or round < 0:
             raise ValueError(f"round must be an integer >= 0, got {round!r}")
+        if run_epsilon is not None and not (run and isinstance(run_epsilon, (int, float)) and run_epsilon > 0):
+            raise ValueError(f"run_epsilon must be a number > 0 and needs the run id, got {run_epsilon!r}, {run!r}")
         details = dict(details or {})
         try:  # fail on unserialisable details before touching the file
             lf.dumps(details)
@@ -307,6 +348,12 @@ class PrivacyLedger:
             epsilon_after = epsilon_for([*contents.events, *events], self.delta)
             if epsilon_after > self.epsilon_budget + _BUDGET_SLACK:
                 raise self._refusal(events, purpose, run, round, spent_before, epsilon_after)
+            if run_epsilon is not None and math.isfinite(run_epsilon):
+                run_events = self._run_events(contents, run)
+                run_after = epsilon_for([*run_events, *events], self.delta)
+                if run_after > run_epsilon + _BUDGET_SLACK:
+                    raise self._run_refusal(events, purpose, run, round, epsilon_for(run_events, self.delta),
+                                            run_after, run_epsilon, spent_before, epsilon_after)
             line = lf.dumps(lf.make_charge(events, purpose=purpose, run=run, round_=round, details=details,
                                            epsilon_after=epsilon_after, delta=self.delta, data=data))
             if contents.keep_bytes < contents.size:  # drop an unacknowledged partial last line
@@ -316,6 +363,19 @@ class PrivacyLedger:
             lf.write_all(fd, line)
             os.fsync(fd)
         return Spent(epsilon_after, self.delta, len(contents.entries) + 1), False
+
+    def _run_refusal(self, events: list[DPEvent], purpose: str, run: str, round_: int, run_spent: float,
+                     run_after: float, run_epsilon: float, spent: float, after: float) -> BudgetExceeded:
+        requested = epsilon_for(events, self.delta)
+        message = (
+            f"run epsilon exceeded: refused the '{purpose}' release (run {run!r}, round {round_}) before doing any "
+            f"work. On its own it costs epsilon {requested:.4g}; it would bring the run's own charges from "
+            f"{run_spent:.4g} to {run_after:.4g} (delta {self.delta:g}), above the epsilon {run_epsilon:g} the run "
+            "asked for (its work was charged more than its plan allows, e.g. an attempt that failed or was killed "
+            "after its charge and was charged again). The run cannot finish at this site; start a new run."
+        )
+        return BudgetExceeded(message, requested_epsilon=requested, spent_epsilon=spent,
+                              budget_epsilon=self.epsilon_budget, epsilon_after=after)
 
     def _refusal(self, events: list[DPEvent], purpose: str, run: str, round_: int, spent: float,
                  after: float) -> BudgetExceeded:

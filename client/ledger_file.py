@@ -12,8 +12,10 @@ Format (one JSON object per line)::
 the same dataset id is reported, never a reason to start a fresh ledger).
 
 Crash safety: only the last line can be incomplete after a crash (it was never acknowledged, so its
-work never started); :func:`parse` ignores it and the writer truncates it away before the next append.
-Damage anywhere else raises :class:`LedgerDamaged`: a privacy ledger must never be silently reset.
+work never started); :func:`parse` ignores it and the writer truncates it away before the next append. An
+incomplete line is one without its newline: a newline-terminated last line that does not parse was written
+whole, so it is damage. Damage anywhere raises :class:`LedgerDamaged`: a privacy ledger must never be silently
+reset.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from common.accounting import DPEvent
+from common.files import atomic_write_json, fsync_dir, make_dirs_durably  # noqa: F401  (durable folder writes)
 
 FORMAT = "fedsynth-privacy-ledger"
 VERSION = 1
@@ -46,6 +49,34 @@ class Contents:
     keep_bytes: int  # bytes of valid content; anything after it is an unacknowledged partial line
     needs_newline: bool  # the kept content ends with a complete entry that lacks its trailing newline
     size: int
+
+
+def started_mark(path: Path) -> Path:
+    """The mark written beside a ledger when it is first written (``<id>.started``; not a ``*.jsonl`` file)."""
+    path = Path(path)
+    return path.with_name(path.stem + ".started")
+
+
+def released_before(path: Path, history: str = "") -> str:
+    """Why the dataset of the ledger at ``path`` is known to have released before ('' when nothing says so): its
+    ``.started`` mark, and the caller's own evidence ``history`` (e.g. a site's saved releases)."""
+    reasons = [f"the mark {started_mark(path)} says the ledger was started"] if started_mark(path).exists() else []
+    return "; ".join(reasons + ([history] if history else []))
+
+
+def reset_refused(path: Path, what: str, evidence: str) -> str:
+    """The operator's message when a ledger that existed is missing or empty (never started afresh)."""
+    return (f"privacy ledger {path} {what}, but this dataset has released before ({evidence}). Starting a new "
+            "ledger would give every record a fresh privacy budget, so nothing is charged or computed until the "
+            "ledger is back: restore the ledger file from the newest backup of the state folder, then lower epsilon "
+            "in the site config by what was spent after that backup (deploy/README.md, 'Backups'). Do not delete the "
+            ".started mark or the runs folder to get past this check.")
+
+
+def mark_started(path: Path, dataset_id: str) -> None:
+    """Write the ledger's ``.started`` mark durably, once (after its header is on disk)."""
+    if not started_mark(path).exists():
+        atomic_write_json(started_mark(path), {"ledger": Path(path).name, "dataset_id": dataset_id, "marked": now()})
 
 
 def now() -> str:
@@ -134,8 +165,10 @@ def parse(data: bytes, path: Path) -> Contents:
                 entries.append(entry)
                 events.extend(entry_events)
         except (ValueError, TypeError, UnicodeDecodeError) as exc:
-            if is_last:
-                # A torn final write: never acknowledged, so the work it would cover never started.
+            if is_last and not has_newline:
+                # A torn final write: never acknowledged, so the work it would cover never started. Every line is
+                # written with its newline in one write(), so a torn one lacks it; a complete (newline-terminated)
+                # line that does not parse was acknowledged and is damage like any other, never dropped.
                 return Contents(header, entries, events, offset, False, len(data))
             raise LedgerDamaged(
                 f"privacy ledger {path} is damaged at line {index + 1} ({exc}). Only an interrupted last "
@@ -166,26 +199,3 @@ def write_all(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def make_dirs_durably(directory: Path) -> None:
-    """mkdir -p, fsync'ing the parent of every directory created so that the new entries survive a crash."""
-    missing = []
-    current = directory
-    while not current.exists():
-        missing.append(current)
-        current = current.parent
-    for new_dir in reversed(missing):
-        try:
-            new_dir.mkdir()
-        except FileExistsError:  # created concurrently by another process on the site
-            pass
-        fsync_dir(new_dir.parent)

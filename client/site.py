@@ -35,6 +35,7 @@ from common import protocol as P
 from common.accounting import DPEvent
 from common.config import MODES, RunConfig
 from common.data import DataError, ImageDataset, load_dataset, sensitive_attribute_problem
+from common.files import atomic_write_text, fsync_dir, remove_durably
 from common.partition import parse_partition, partition_indices
 
 log = logging.getLogger("fedsynth.site")
@@ -219,18 +220,23 @@ def open_ledger(site: SiteSettings, data: ImageDataset, *, create: bool = True) 
     A ledger that an older fedsynth keyed by the data's fingerprint is taken over under the dataset id.
     A data fingerprint that differs from the last charge's is logged: the ledger continues, because
     adding or removing records must never give the records already there a fresh budget.
+    A ledger that is missing or emptied at a site that has released before (its ``.started`` mark, or saved
+    releases in its runs folder: :func:`released_before`) is refused (``LedgerDamaged``), in the live site and in
+    the operator's read-only checks alike, before anything is charged: it is never started afresh.
     """
     path = site.ledger_path
     legacy = site.state_dir / "ledger" / f"{data_fingerprint(data)}.jsonl"
     if create and not path.exists() and legacy.exists():
         legacy.rename(path)
+        fsync_dir(path.parent)
         log.warning("[%s] took over the privacy ledger %s as the ledger of dataset id '%s'", site.name, legacy.name,
                     site.ledger_id)
     new_delta, first_charge = None, None
     if create and not site.delta:
         # The default delta is read off a noisy size, charged as the ledger's first entry (client.site_delta).
         # Drawn at every opening (cheap); used and charged only by the call that writes the ledger's header.
-        if site.epsilon_budget < least_budget() and not _ledger_started(path):  # public settings only, no draw
+        if site.epsilon_budget < least_budget() and not _ledger_started(path) \
+                and not (released_before(site) or lf.started_mark(path).exists()):  # public settings only, no draw
             raise Refusal(P.REFUSED_BUDGET, "this site's privacy budget cannot pay the start of its ledger",
                           f"the budget {site.epsilon_budget:g} is below {least_budget():.3g}, what the noisy size its "
                           "default delta is read off may cost: raise epsilon_budget, or set delta in site.yaml")
@@ -238,7 +244,7 @@ def open_ledger(site: SiteSettings, data: ImageDataset, *, create: bool = True) 
     try:
         ledger = PrivacyLedger(path, epsilon_budget=site.epsilon_budget, delta=site.delta or None,
                                new_delta=new_delta, first_charge=first_charge, dataset_id=site.ledger_id,
-                               create=create)
+                               create=create, history=released_before(site))
     except BudgetExceeded as err:
         raise Refusal(P.REFUSED_BUDGET, "this site's privacy budget cannot pay the start of its ledger", str(err)) \
             from None
@@ -251,51 +257,100 @@ def open_ledger(site: SiteSettings, data: ImageDataset, *, create: bool = True) 
     return ledger
 
 
+# What an attempt's mark in the run's folder (attempt-<purpose>-<round>) says, written durably (file and folder
+# fsync'ed) at each step: "running" from just after its charge until it ends, "failed" when its work raised, and
+# "interrupted" when its operator stopped it (Ctrl-C); removed once its reply is saved. Only "interrupted" lets the
+# next attempt reuse the charge at a deployed site: a mark that is "running", "failed", empty, unreadable or missing
+# where a charge exists says nothing a crash could not have left, so that attempt is charged again.
+ATTEMPT_RUNNING, ATTEMPT_FAILED, ATTEMPT_INTERRUPTED = "running", "failed", "interrupted"
+
+
+def attempt_mark(folder: Path, purpose: str, rnd: int) -> Path:
+    return folder / f"attempt-{purpose}-{rnd}"
+
+
+def _attempt_state(mark: Path) -> str | None:
+    """The mark's state: None when there is none, "empty" or "unreadable" when it says nothing."""
+    try:
+        text = mark.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return "unreadable"
+    try:
+        state = text.decode("ascii").strip()
+    except UnicodeDecodeError:
+        return "unreadable"
+    return state or "empty"
+
+
 @contextmanager
 def charged_work(ledger: PrivacyLedger, events: list[DPEvent], data: ImageDataset, site: SiteSettings, *,
-                 purpose: str, run: str, rnd: int, folder: Path, details: dict | None = None) -> Iterator[Spent]:
+                 purpose: str, run: str, rnd: int, folder: Path, run_epsilon: float,
+                 details: dict | None = None) -> Iterator[Spent]:
     """Charge a round's (or a release's) ``events`` under (run, purpose, rnd), then do its work (the ``with`` body,
     which saves the reply), yielding what is spent now.
 
-    Work that does not fit the budget is refused (nothing written). Each attempt marks the run's folder from its
-    charge until it ends ("running", or "failed" when the work raised an exception). An attempt its operator
-    *interrupted* (Ctrl-C: KeyboardInterrupt, SystemExit) removes the mark, and the next attempt reuses its charge
-    (``PrivacyLedger.charge_once``), never charging twice, as the site's log says. After an attempt that *failed*,
-    the next is charged anew: whether work fails can depend on the records, and a coordinator that could re-send
-    such a round for free would get a fresh draw of its noise, or a data-dependent yes/no, for each retry. After an
-    attempt that was *killed* (still "running": out of memory, a crash, a power cut), the next is charged anew at a
-    deployed site too -- how much memory a round takes follows its Poisson batches -- but reuses the charge at a
-    simulated site, whose operator is the simulation's owner and whose runs are stopped by killing them (a second
-    Ctrl-C, a closed terminal); the kill is on the safe side at a deployed site, where it costs twice."""
-    unfinished = folder / f"attempt-{purpose}-{rnd}"
-    state = unfinished.read_text().strip() if unfinished.exists() else ""
+    Work that does not fit the site's budget, or that would bring the run's own charges past ``run_epsilon`` (the
+    epsilon the run asked for: a retry charged again must not let a run spend more than it asked), is refused
+    (nothing written). Each attempt marks the run's folder durably from its charge until it ends (``ATTEMPT_*``).
+    An attempt its operator *interrupted* (Ctrl-C: KeyboardInterrupt, SystemExit) leaves the positive mark
+    "interrupted", and the next attempt reuses its charge (``PrivacyLedger.charge_once``), never charging twice, as
+    the site's log says. After an attempt that *failed*, the next is charged anew: whether work fails can depend on
+    the records, and a coordinator that could re-send such a round for free would get a fresh draw of its noise, or
+    a data-dependent yes/no, for each retry. After an attempt that was *killed* (still "running": out of memory, a
+    crash, a power cut), or whose mark a power cut left empty or lost, the next is charged anew at a deployed site
+    too -- how much memory a round takes follows its Poisson batches, and a lost saved reply must not become a
+    second release under one charge -- but a "running" (or missing) mark reuses the charge at a simulated site,
+    whose operator is the simulation's owner and whose runs are stopped by killing them (a second Ctrl-C, a closed
+    terminal); the kill is on the safe side at a deployed site, where it costs twice."""
+    mark = attempt_mark(folder, purpose, rnd)
+    state = _attempt_state(mark)
     simulated = site.partition_id is not None
+    reuse = state == ATTEMPT_INTERRUPTED or (simulated and state in (None, ATTEMPT_RUNNING))
+    if state is None and not reuse and any(e["run"] == run and e["purpose"] == purpose and e["round"] == rnd
+                                           for e in ledger.entries()):
+        state = "none"  # charged before, but neither its reply nor its mark is there: a crash lost them
     try:
-        if state == "failed" or (state and not simulated):
-            spent, reused = ledger.charge(events, purpose=purpose, run=run, round=rnd, data=data_fingerprint(data),
-                                          details={**(details or {}), "after-an-unfinished-attempt": state}), False
-            log.warning("[%s] %s %d of %s %s earlier; this attempt is charged again", site.name, purpose, rnd, run,
-                        "failed" if state == "failed" else "was killed")
-        else:
+        if reuse:
             spent, reused = ledger.charge_once(events, purpose=purpose, run=run, round=rnd, details=details,
-                                               data=data_fingerprint(data))
+                                               data=data_fingerprint(data), run_epsilon=run_epsilon)
+        else:
+            extra = {} if state is None else {"after-an-unfinished-attempt": state}
+            spent, reused = ledger.charge(events, purpose=purpose, run=run, round=rnd, data=data_fingerprint(data),
+                                          details={**(details or {}), **extra}, run_epsilon=run_epsilon), False
+            if state is not None:
+                log.warning("[%s] %s %d of %s %s earlier; this attempt is charged again", site.name, purpose, rnd,
+                            run, "failed" if state == ATTEMPT_FAILED else
+                            f"was killed or cut off (its mark: {state})")
     except BudgetExceeded as err:
         raise Refusal(P.REFUSED_BUDGET, "the requested work does not fit this site's privacy budget",
                       str(err)) from None
     if reused:
         log.warning("[%s] %s %d of %s was interrupted earlier; its charge is reused, nothing is charged twice",
                     site.name, purpose, rnd, run)
-    folder.mkdir(parents=True, exist_ok=True)
-    unfinished.write_text("running")
+    atomic_write_text(mark, ATTEMPT_RUNNING)  # durable before the work starts
     try:
         yield spent
     except Exception:  # failed: the next attempt is charged again
-        unfinished.write_text("failed")
+        atomic_write_text(mark, ATTEMPT_FAILED)
         raise
     except BaseException:  # the operator interrupted it (Ctrl-C): the next attempt reuses this charge
-        unfinished.unlink(missing_ok=True)
+        atomic_write_text(mark, ATTEMPT_INTERRUPTED)
         raise
-    unfinished.unlink(missing_ok=True)  # done (the reply is saved)
+    remove_durably(mark)  # done (the reply is saved, durably)
+
+
+def released_before(site: SiteSettings) -> str:
+    """Evidence in the site's state folder that it has released before, in words ('' when there is none): saved
+    releases (census.json, *.pt) in its runs folder, each written only after its charge."""
+    runs = site.state_dir / "runs"
+    if not runs.is_dir():
+        return ""
+    folders = sorted({p.parent.name for pattern in ("*/census.json", "*/*.pt") for p in runs.glob(pattern)})
+    if not folders:
+        return ""
+    return f"{runs} holds releases of {len(folders)} run(s), e.g. {folders[0]!r}"
 
 
 def _ledger_started(path: Path) -> bool:

@@ -1,7 +1,9 @@
 """Crash-safe file writes shared by sites, coordinator and CLI: the one atomic-write helper.
 
 Every write goes to ``<name>.tmp`` beside the target, is fsync'ed, then renamed over the target (atomic
-on one filesystem), so a kill at any moment leaves either the old or the new file, never half of one.
+on one filesystem), and the folder is fsync'ed after the rename, so a kill at any moment leaves either the old
+or the new file, never half of one, and a power cut after the call returns cannot undo the rename (without the
+folder's fsync the new name, a saved reply or a run's census, may be lost while the ledger's charge for it stays).
 """
 
 from __future__ import annotations
@@ -12,13 +14,36 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
+
+def fsync_dir(directory: Path) -> None:
+    """fsync a folder: makes the names created, renamed or removed in it durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs_durably(directory: Path) -> None:
+    """mkdir -p, fsync'ing the parent of every directory created so that the new entries survive a crash."""
+    missing = []
+    current = Path(directory)
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for new_dir in reversed(missing):
+        try:
+            new_dir.mkdir()
+        except FileExistsError:  # created concurrently by another process
+            pass
+        fsync_dir(new_dir.parent)
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> Path:
-    """Write ``data`` to ``path`` atomically (optionally with permission bits ``mode``); returns the path."""
+    """Write ``data`` to ``path`` atomically and durably (optionally with permission bits ``mode``); returns the
+    path. When it returns, the file and its name are on disk (the file and its folder are fsync'ed)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs_durably(path.parent)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
         fh.write(data)
@@ -27,7 +52,18 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> Path
     if mode is not None:
         os.chmod(tmp, mode)
     os.replace(tmp, path)
+    fsync_dir(path.parent)
     return path
+
+
+def remove_durably(path: Path) -> None:
+    """Remove ``path`` if it exists, and fsync its folder so that the removal survives a crash."""
+    path = Path(path)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    fsync_dir(path.parent)
 
 
 def atomic_write_text(path: Path, text: str, mode: int | None = None) -> Path:
@@ -40,6 +76,8 @@ def atomic_write_json(path: Path, obj: Any) -> Path:
 
 def save_torch_atomic(path: Path, obj: Any) -> Path:
     """``torch.save(obj)`` to ``path`` atomically."""
+    import torch
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return atomic_write_bytes(path, buffer.getvalue())

@@ -492,11 +492,14 @@ def test_an_interrupted_statistics_release_is_charged_once(tmp_path, monkeypatch
 def test_a_failed_attempt_is_charged_again_when_the_round_is_re_sent(tmp_path, monkeypatch):
     """Whether work fails can depend on the records (the code cannot rule out every such failure). An interrupted
     attempt reuses its charge (the tests above); one that *failed* must not, or a coordinator re-sending the round
-    gets, for free, another draw of its noise or another data-dependent yes/no for each failure."""
+    gets, for free, another draw of its noise or another data-dependent yes/no for each failure. The extra charge
+    counts against the run's own epsilon: the run's last round no longer fits it and is refused (a run never spends
+    more than it asked, however often its work fails)."""
+    from common.accounting import DPEvent, epsilon_for
     from tests.test_faults import gan_request, send
 
     _train_round_raising(monkeypatch, 1, RuntimeError("a failure whose cause depends on the records"))
-    cfg = fast_config(tmp_path, num_rounds=1)
+    cfg = fast_config(tmp_path, num_rounds=2)
     # a site budget above the run's epsilon: the retry is a new release, which must fit the site's budget too
     grid = LocalGrid(client_app, [{**nodes(1)[0], "epsilon": 30.0}], cfg.to_flwr())
     first = send(grid, 1000, gan_request(cfg))
@@ -508,13 +511,20 @@ def test_a_failed_attempt_is_charged_again_when_the_round_is_re_sent(tmp_path, m
     assert entries[-1]["details"]["after-an-unfinished-attempt"] == "failed"
     assert not send(grid, 1000, gan_request(cfg)).has_error()  # re-sent after success: its saved reply, no charge
     assert len(charges(tmp_path)[0]) == 3
+    last = send(grid, 1000, gan_request(cfg, server_round=2))  # the run has paid for round 1 twice
+    assert last.has_error() and last.error.code == P.REFUSED_BUDGET
+    assert last.error.reason.endswith("the requested work does not fit this site's privacy budget")
+    (entries,) = charges(tmp_path)
+    assert len(entries) == 3
+    run_events = [DPEvent.from_dict(e) for entry in entries for e in entry["events"]]
+    assert epsilon_for(run_events, entries[0]["delta"]) <= cfg.epsilon
 
 
 def test_an_attempt_killed_mid_work_is_charged_again_and_one_interrupted_by_its_operator_is_not(tmp_path,
                                                                                                 monkeypatch):
     """Killed (out of memory: how much a DP-SGD round takes follows its Poisson batches, so the records), an attempt
-    removes nothing, and its mark makes the retry pay; Ctrl-C at the site removes the mark, and the retry reuses the
-    charge (test_interrupt_and_rerun_charges_exactly_one_run)."""
+    removes nothing, and its mark makes the retry pay; Ctrl-C at the site marks the attempt "interrupted" (a positive
+    mark, written durably), and the retry reuses the charge (test_interrupt_and_rerun_charges_exactly_one_run)."""
     from tests.test_faults import gan_request, send
 
     _train_round_raising(monkeypatch, 1, _Interrupt())

@@ -128,6 +128,24 @@ def test_complete_last_entry_missing_its_newline_is_kept(path: Path):
     assert [line.get("round") for line in _lines(path)[1:]] == [1, 2]
 
 
+def test_a_complete_but_invalid_last_entry_is_damage_not_a_torn_write(path: Path):
+    """Every line is written with its newline in one write(), so only a line without it can be torn. The reader
+    used to drop any bad last line, and the next charge overwrote an acknowledged entry that had been damaged."""
+    ledger = PrivacyLedger(path, epsilon_budget=5.0, delta=DELTA)
+    for r in (1, 2):
+        ledger.charge([EVENT], purpose="dpgan-round", run="e1", round=r)
+    lines = path.read_bytes().split(b"\n")
+    lines[-2] = lines[-2].replace(b'"charge"', b'"chargE"')  # the last, newline-terminated entry
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(LedgerDamaged, match="line 3"):
+        ledger.spent()
+    with pytest.raises(LedgerDamaged):
+        ledger.charge([EVENT], purpose="audit", run="e2", round=1)
+    assert b"chargE" in path.read_bytes()  # kept for the operator to inspect, never overwritten
+    path.write_bytes(b"\n".join(lines[:-2]) + b"\n" + lines[-2][:-5])  # the same line, torn (no newline)
+    assert ledger.spent().releases == 1  # ignored, as an unacknowledged write
+
+
 def test_interrupted_header_is_rewritten(path: Path):
     path.parent.mkdir(parents=True)
     path.write_bytes(b'{"type":"header","form')

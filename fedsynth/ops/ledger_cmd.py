@@ -3,7 +3,9 @@
     fedsynth ledger --config site.yaml         # a deployed site: its dataset id's ledger (and any others)
     fedsynth ledger --state-dir runs/x/sites   # every ledger under a folder (a simulation's virtual sites)
 
-Reading a ledger never writes one: "no ledger yet" (nothing released) is an answer, not an error.
+Reading a ledger never writes one: "no ledger yet" (nothing released) is an answer, not an error -- unless the
+ledger's ``.started`` mark or the site's saved releases show that it existed: a deleted or emptied ledger is
+reported as damaged (exit 1), never as a fresh one.
 """
 
 from __future__ import annotations
@@ -17,27 +19,34 @@ from pathlib import Path
 from fedsynth.ops.fields import DeployError, warn
 
 
-def _summary(path: Path, budget: float) -> dict:
+def _summary(path: Path, budget: float, history: str = "") -> dict:
     from client.ledger import PrivacyLedger
 
     try:
-        return PrivacyLedger(path, epsilon_budget=budget, create=False).summary()
+        return PrivacyLedger(path, epsilon_budget=budget, create=False, history=history).summary()
     except Exception as err:  # noqa: BLE001 - a damaged ledger is reported, never skipped silently
         return {"path": str(path), "dataset_id": path.stem, "error": str(err)}
 
 
 def ledger_rows(state_dir: Path, budget: float = math.inf) -> list[dict]:
-    """Summaries of every ledger under ``state_dir`` (recursively), in path order."""
-    return [_summary(p, budget) for p in sorted(Path(state_dir).rglob("ledger/*.jsonl"))]
+    """Summaries of every ledger under ``state_dir`` (recursively), in path order; a ledger whose ``.started`` mark
+    is there but whose file is not is listed with its error."""
+    paths = set(Path(state_dir).rglob("ledger/*.jsonl"))
+    paths |= {m.with_suffix(".jsonl") for m in Path(state_dir).rglob("ledger/*.started")}
+    return [_summary(p, budget) for p in sorted(paths)]
 
 
 def site_ledger_rows(config: str) -> tuple[list[dict], str | None]:
     """A deployed site's ledgers: its dataset id's first (with its records), then any others on disk."""
+    from client.site import released_before
     from fedsynth.ops.site_cmd import load_data_checked, load_site_config
 
     dep = load_site_config(config)
     rows = ledger_rows(dep.state_dir, dep.settings.epsilon_budget)
     current = dep.settings.ledger_path.resolve()
+    history = released_before(dep.settings)
+    if history and not any(Path(r["path"]).resolve() == current for r in rows):
+        rows.append(_summary(dep.settings.ledger_path, dep.settings.epsilon_budget, history))  # deleted
     note = None
     try:
         records = len(load_data_checked(dep))
