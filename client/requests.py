@@ -13,12 +13,14 @@ share one charge and each release fresh noise.
 The time a reply takes is observable too, and it depends on the records (data loading and each DP-SGD step
 grow with the record count). A site whose operator sets ``min_reply_seconds`` holds every reply, refusals
 included, until that long after its request came, and stamps it when it leaves (Flower's ``created_at``): a reply
-that leaves at the hold says nothing about how long the work took. Work that outlasts the hold is sent when done, and the site's log says to raise it.
+that leaves at the hold says nothing about how long the work took. Work that outlasts the hold leaves at the
+hold's next multiple, and the site's log says to raise it.
 """
 
 from __future__ import annotations
 
 import fcntl
+import math
 import logging
 import os
 import time
@@ -115,19 +117,24 @@ def _name(site: SiteSettings | None) -> str:
 
 
 def hold_reply(site: SiteSettings, what: str, came: float, *, sleep: Callable[[float], None] = time.sleep) -> float:
-    """Wait until ``site.min_reply_seconds`` after ``came`` (a time.monotonic() reading); returns the seconds waited.
+    """Wait until the first whole multiple of ``site.min_reply_seconds`` after ``came`` (a time.monotonic() reading)
+    that the work has not outlasted; returns the seconds waited.
 
     Why: the work's duration depends on the records. Held to a time fixed by the operator, a reply's timing
-    is the same for any data whose work fits in the hold."""
+    is the same for any data whose work fits in the hold. Work that outlasts it (the coordinator chooses how much
+    work a request asks for, up to the site's limits) leaves at the next multiple of the hold, so its timing tells
+    only how many holds the work took, not how long to the millisecond."""
+    hold = site.min_reply_seconds
     elapsed = time.monotonic() - came
-    wait = site.min_reply_seconds - elapsed
-    if wait <= 0:
-        log.warning("[%s] %s took %.1f s, longer than min_reply_seconds (%.1f s): its reply time says how long the "
-                    "work took, which depends on the records; raise min_reply_seconds above the slowest round",
-                    site.name, what, elapsed, site.min_reply_seconds)
-        return 0.0
-    sleep(wait)
-    return wait
+    slots = max(1, math.ceil(elapsed / hold))
+    if slots > 1:
+        log.warning("[%s] %s took %.1f s, longer than min_reply_seconds (%.1f s): it leaves at %d x the hold, which "
+                    "tells how many holds the work took, which depends on the records; raise min_reply_seconds above "
+                    "the slowest round", site.name, what, elapsed, hold, slots)
+    wait = slots * hold - elapsed
+    if wait > 0:
+        sleep(wait)
+    return max(wait, 0.0)
 
 
 def site_device(context: Context) -> torch.device:

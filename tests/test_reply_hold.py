@@ -42,14 +42,18 @@ def test_every_reply_refusals_included_leaves_no_sooner_than_the_hold(tmp_path):
     assert reply.has_error() and took < HOLD
 
 
-def test_work_longer_than_the_hold_is_sent_when_done_and_the_operator_is_told(caplog):
+def test_work_longer_than_the_hold_leaves_at_its_next_multiple_and_the_operator_is_told(caplog):
+    """The coordinator chooses how much work a request asks for, so it can make work outlast any fixed hold: such a
+    reply leaves at the next whole multiple of the hold, telling how many holds the work took, not its duration."""
     site = SiteSettings(name="s", data="digits", state_dir=".", epsilon_budget=1.0, min_reply_seconds=2.0)
     slept: list[float] = []
     assert hold_reply(site, "train.gan", time.monotonic() - 0.5, sleep=slept.append) == pytest.approx(1.5, abs=0.1)
     assert slept and slept[0] == pytest.approx(1.5, abs=0.1)
     with caplog.at_level(logging.WARNING, logger="fedsynth.site"):
-        assert hold_reply(site, "train.gan", time.monotonic() - 3.0, sleep=slept.append) == 0.0
-    assert len(slept) == 1 and "raise min_reply_seconds" in caplog.text
+        for took, leaves_at in ((3.0, 4.0), (3.9, 4.0), (4.2, 6.0), (9.0, 10.0)):
+            waited = hold_reply(site, "train.gan", time.monotonic() - took, sleep=slept.append)
+            assert took + waited == pytest.approx(leaves_at, abs=0.1)
+    assert len(slept) == 5 and "raise min_reply_seconds" in caplog.text
 
 
 def test_the_operator_sets_the_hold_in_site_yaml(tmp_path):
