@@ -52,6 +52,7 @@ from common.gan_augment import parse_augment
 from common.models import Discriminator, GanShape, Generator
 
 log = logging.getLogger("fedsynth.site")
+MIN_G_WIDTH = 4  # the generator's smallest base width (common.config refuses gan-width below it as well)
 
 
 def round_file(folder, rnd: int):
@@ -81,8 +82,11 @@ def _check_request(req: P.GanTrainRequest, site: SiteSettings) -> GanShape:
         shape.validate()
     except ValueError as err:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"invalid GAN shape: {err}") from None
-    if min(req.width, req.latent_dim) < 1 or req.d_width < 0:  # (rounds, steps and batch: the plan refuses)
-        raise Refusal(P.REFUSED_BAD_REQUEST, "width and latent dim must be positive, d-width >= 0")
+    # G halves its channels at each stage: below width 4 a stage has none and the round would fail after its charge
+    # (the run config refuses it too); rounds, steps and batch: the plan refuses
+    if req.width < MIN_G_WIDTH or req.latent_dim < 1 or req.d_width < 0:
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"width must be >= {MIN_G_WIDTH}, latent dim positive and d-width >= 0; "
+                                             f"got width {req.width}, latent dim {req.latent_dim}, d-width {req.d_width}")
     generator = meta_module(lambda: Generator(shape))  # shapes only: the limits come before any allocation
     check_work(site, networks={"generator": parameter_count(generator), "discriminator": parameter_count(
                    meta_module(lambda: Discriminator(shape, width=req.d_width)))},

@@ -12,8 +12,9 @@ share one charge and each release fresh noise.
 
 The time a reply takes is observable too, and it depends on the records (data loading and each DP-SGD step
 grow with the record count). A site whose operator sets ``min_reply_seconds`` holds every reply, refusals
-included, until that long after its request came, and stamps it when it leaves (Flower's ``created_at``): a reply
-that leaves at the hold says nothing about how long the work took. Work that outlasts the hold leaves at the
+included, until that long after its work began (after the request lock, and before the lock is released, so that
+a request that waited for another's work carries none of that work's time), and stamps it when it leaves (Flower's
+``created_at``): a reply that leaves at the hold says nothing about how long the work took. Work that outlasts the hold leaves at the
 hold's next multiple, and the site's log says to raise it.
 """
 
@@ -54,29 +55,47 @@ def site_handler(fn: Callable[[Message, Context, SiteSettings], Message]) -> Cal
     """Wrap a ClientApp handler so that nothing but a declared reply or a safe refusal leaves the site."""
 
     def handler(msg: Message, context: Context) -> Message:
-        came = time.monotonic()
         site: SiteSettings | None = None
         try:
             site = resolve_site(context.node_config, context.run_config)
             with one_request_at_a_time(site):
-                reply = fn(msg, context, site)
-        except Refusal as err:
-            reply = refuse(msg, _name(site), err.code, err.public, err.detail)
-        except P.ProtocolError as err:  # it describes the coordinator's own message: safe to echo
-            reply = refuse(msg, _name(site), P.REFUSED_BAD_REQUEST, str(err))
-        except DataError as err:
-            reply = refuse(msg, _name(site), P.SITE_FAILURE, FAILURE_TEXT, f"cannot load the site's data: {err}")
-        except Exception as err:  # noqa: BLE001 - any crash must become a safe reply, never a traceback
-            log.exception("[%s] %s failed", _name(site), msg.metadata.message_type)
-            reply = refuse(msg, _name(site), P.SITE_FAILURE, FAILURE_TEXT, f"{type(err).__name__}: {err}")
-        if site is not None and site.min_reply_seconds > 0:
-            hold_reply(site, msg.metadata.message_type, came)
-            reply = restamped(reply, msg)
-        return reply
+                # The hold counts from here, after the lock, and ends inside it: a request that waited for another's
+                # work must not carry that work's duration into its own departure (the coordinator could send a
+                # second request of known work beside the first and read from its slot how long the first took).
+                came = time.monotonic()
+                reply = _answered(fn, msg, context, site)
+                if site.min_reply_seconds > 0:
+                    hold_reply(site, msg.metadata.message_type, came)
+                    reply = restamped(reply, msg)
+                return reply
+        except Exception as err:  # noqa: BLE001 - the site's settings or its lock failed: a safe reply, no traceback
+            return _refusal(err, msg, site)
 
     # (not functools.wraps: Flower must see the (message, context) signature, not the wrapped one)
     handler.__name__, handler.__qualname__, handler.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
     return handler
+
+
+def _answered(fn: Callable[[Message, Context, SiteSettings], Message], msg: Message, context: Context,
+              site: SiteSettings) -> Message:
+    """``fn``'s reply, or the safe refusal of whatever it raised."""
+    try:
+        return fn(msg, context, site)
+    except Exception as err:  # noqa: BLE001 - any crash must become a safe reply, never a traceback
+        return _refusal(err, msg, site)
+
+
+def _refusal(err: Exception, msg: Message, site: SiteSettings | None) -> Message:
+    """The error reply for ``err``: a Refusal's public text, the coordinator's own ProtocolError, else the generic
+    failure (the details go to the site's log only)."""
+    if isinstance(err, Refusal):
+        return refuse(msg, _name(site), err.code, err.public, err.detail)
+    if isinstance(err, P.ProtocolError):  # it describes the coordinator's own message: safe to echo
+        return refuse(msg, _name(site), P.REFUSED_BAD_REQUEST, str(err))
+    if isinstance(err, DataError):
+        return refuse(msg, _name(site), P.SITE_FAILURE, FAILURE_TEXT, f"cannot load the site's data: {err}")
+    log.error("[%s] %s failed", _name(site), msg.metadata.message_type, exc_info=err)
+    return refuse(msg, _name(site), P.SITE_FAILURE, FAILURE_TEXT, f"{type(err).__name__}: {err}")
 
 
 def restamped(reply: Message, msg: Message) -> Message:

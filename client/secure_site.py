@@ -119,16 +119,23 @@ def secagg_settings_mod(msg: Message, context: Context, call_next) -> Message:
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 
     configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
-    if configs is not None:
-        state = context.state.config_records.get(RECORD_KEY_STATE)
-        problem = secagg_problem(dict(configs), dict(state) if state is not None else {}, context.node_id)
-        if not problem and msg.metadata.dst_node_id != context.node_id:
-            # Flower's mod takes the site's id from the setup message's destination; one naming another node
-            # would make the site check its neighbours and unmasking lists against an id that is not its own
-            problem = "the secure aggregation's message is addressed to another node"
-        if problem:
-            raise _Refused(refuse(msg, str(context.node_config.get("site-name", "site")), P.REFUSED_BAD_REQUEST,
-                                  problem))
+    if msg.metadata.message_type != P.SECURE_TRAIN or configs is None:
+        # Flower routes "train.default" (and "train" without SecAgg+ settings) to this same handler, but its SecAgg+
+        # mod masks only type "train" and passes anything else straight to the handler: answered, the summand
+        # (the release, or w * x and w) would leave unmasked, even at a site that requires secure aggregation
+        raise _Refused(refuse(msg, str(context.node_config.get("site-name", "site")), P.REFUSED_BAD_REQUEST,
+                              f"a secure release is answered only inside the SecAgg+ stages of message type "
+                              f"{P.SECURE_TRAIN!r} with the stage's settings; got {msg.metadata.message_type!r}"
+                              + ("" if configs is not None else " without them")))
+    site_name = str(context.node_config.get("site-name", "site"))
+    state = context.state.config_records.get(RECORD_KEY_STATE)
+    problem = secagg_problem(dict(configs), dict(state) if state is not None else {}, context.node_id)
+    if not problem and msg.metadata.dst_node_id != context.node_id:
+        # Flower's mod takes the site's id from the setup message's destination; one naming another node
+        # would make the site check its neighbours and unmasking lists against an id that is not its own
+        problem = "the secure aggregation's message is addressed to another node"
+    if problem:
+        raise _Refused(refuse(msg, site_name, P.REFUSED_BAD_REQUEST, problem))
     return call_next(msg, context)
 
 
@@ -225,6 +232,10 @@ def _check_noise_shares(shares: int, context: Context) -> None:
 
 def handle_secure_train(msg: Message, context: Context) -> Message:
     """Called by the SecAgg+ mod at its third stage; a refusal is raised past the mod (``refusals_mod``)."""
+    if msg.metadata.message_type != P.SECURE_TRAIN:  # (secagg_settings_mod refuses it first; never answer in the clear)
+        raise _Refused(refuse(msg, str(context.node_config.get("site-name", "site")), P.REFUSED_BAD_REQUEST,
+                              f"a secure release is answered only inside the SecAgg+ stages of message type "
+                              f"{P.SECURE_TRAIN!r}"))
     answer = _answer(msg, context)
     if answer.has_error():
         raise _Refused(answer)

@@ -103,3 +103,20 @@ def test_every_counting_release_of_a_site_is_whole_numbers(tmp_path):
     # a share of the noise for a secure sum stays continuous: a sum of discrete Gaussians is not one
     share = record_class_statistics(net, data, clip_bound=2.0, noise_multiplier=1.5, integer_counts=False)
     assert not _whole(share[STATS_COUNT])
+
+
+def test_a_sites_draws_end_at_a_fixed_deadline_whatever_the_noise():
+    """The sampler's loops run longer for larger noise; a site's draws return DRAW_SECONDS per count after they
+    began, so their time says nothing of the noise (a seeded draw, tests only, returns at once)."""
+    import time
+
+    from client.discrete_gaussian import DRAW_SECONDS
+
+    for shape in ((5,), (40,)):
+        began = time.monotonic()
+        discrete_gaussian(20.0, shape)
+        took = time.monotonic() - began
+        assert shape[0] * DRAW_SECONDS <= took < shape[0] * DRAW_SECONDS + 0.05
+    slept: list[float] = []
+    discrete_gaussian(20.0, (8,), sleep=slept.append)
+    assert len(slept) == 1 and 0 < slept[0] <= 8 * DRAW_SECONDS  # the wait makes up the rest of the deadline

@@ -41,6 +41,7 @@ GAN_OUT_OF_RANGE = [
     ({"lr_d": 1e308}, "lr-d"), ({"lr_g": 1e308}, "lr-g"), ({"lr_g": 1e4}, "lr-g"),
     ({"max_grad_norm": 1e308}, "max-grad-norm"), ({"max_grad_norm": 5e-324}, "max-grad-norm"),
     ({"ac_weight": 1e308}, "ac-weight"), ({"mode_seeking": 1e308}, "mode-seeking"),
+    ({"width": 1, "generator": _generator(16, 1)}, "width"),  # G's last stage would have no channels
 ]
 
 

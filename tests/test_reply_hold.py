@@ -68,3 +68,50 @@ def test_the_operator_sets_the_hold_in_site_yaml(tmp_path):
     assert SiteSettings.from_node_config(site.to_node_config(), {}).min_reply_seconds == 300.0  # what the node carries
     with pytest.raises(DeployError, match="min_reply_seconds"):
         config(min_reply_seconds=-1)
+
+
+def test_a_request_that_waited_for_another_does_not_carry_its_duration(tmp_path, monkeypatch):
+    """Two requests at once, both well inside the hold: the second waits for the first's lock. Its hold must count
+    from when its own work starts, and the first must leave before the lock is free, so that the second's departure
+    slot does not tell whether the first's (record-dependent) work took more than hold - the second's work."""
+    import threading
+    from types import SimpleNamespace
+
+    from flwr.app import Context, Message, RecordDict
+
+    import client.requests as R
+    from client.refusal import Refusal
+    from fedsynth.localgrid import set_task_identity
+
+    hold = 0.5
+    site = SimpleNamespace(name="s", min_reply_seconds=hold, state_dir=tmp_path)
+    monkeypatch.setattr(R, "resolve_site", lambda node_config, run_config: site)
+    work: dict[str, float] = {}
+
+    def fn(msg, context, s):
+        time.sleep(work[msg.metadata.group_id])
+        raise Refusal(P.REFUSED_BAD_REQUEST, "no")
+
+    handler = R.site_handler(fn)
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+    def second_leaves_after(first_work: float) -> float:
+        work.update(first=first_work, second=0.3)
+        took: dict[str, float] = {}
+
+        def go(group: str, delay: float) -> None:
+            set_task_identity(1)
+            time.sleep(delay)
+            start = time.monotonic()
+            handler(Message(RecordDict(), dst_node_id=1, message_type="query.info", group_id=group), context)
+            took[group] = time.monotonic() - start
+
+        threads = [threading.Thread(target=go, args=("first", 0.0)), threading.Thread(target=go, args=("second", 0.02))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return took["second"]
+
+    # the first's work 0.15 s or 0.25 s: counted from its arrival, the second (0.3 s of work) left at 1 or 2 holds
+    assert second_leaves_after(0.15) == pytest.approx(second_leaves_after(0.25), abs=0.1)

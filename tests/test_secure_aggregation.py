@@ -484,3 +484,40 @@ def test_the_same_masked_vector_stage_sent_twice_is_refused_by_flowers_mod(tmp_p
     assert got.total is not None and len(sent) == 3
     again = grid._answer(sent[0])
     assert again.has_error() and again.error.code == P.SITE_FAILURE
+
+
+def test_a_secure_release_is_never_answered_outside_the_secagg_stages(tmp_path):
+    """Flower routes "train.default" (and a "train" message without SecAgg+ settings) to the secure handler, but its
+    SecAgg+ mod masks only type "train": answered, the summand left unmasked -- even at a site that requires secure
+    aggregation, and, after one honest-looking setup, a split-noise statistics release with 1/sqrt(t) of its noise."""
+    from flwr.app import ConfigRecord, RecordDict
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+    from flwr.compat.common import recorddict_compat as compat
+
+    cfg = fast_config(tmp_path, num_rounds=1)
+    strict = [{**n, "require-secure-aggregation": True} for n in nodes(3)]
+    grid = LocalGrid(client_app, strict, cfg.to_flwr(), parallel=False)
+    shape = cfg.gan_shape(1, 8, 10)
+    req = gan_request(cfg, shape, "clear", 1, P.state_arrays(Generator(shape)))
+    wrapped = compat.fitins_to_recorddict(secure_wire.wrap_request(req), keep_input=True)
+    for mtype in ("train.default", "train"):  # (plain "train" carries no SecAgg+ settings here)
+        reply = list(grid.send_and_receive([grid.create_message(wrapped, mtype, 1000, "g")]))[0]
+        assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST, mtype
+        assert "SecAgg+ stages" in reply.error.reason
+    assert not list((tmp_path / "sites").rglob("*.in-secure-sum")) and not any(charges(tmp_path))
+
+    # split noise: a setup with threshold 2 accepted, then the release asked for as "train.default"
+    bn = fast_config(tmp_path / "bn", mode="bnstats", bn_rounds=0, bn_width=8, synthetic_size=50,
+                     secure_aggregation=True, distributed_noise=True)
+    _, request = _split_noise_request(bn, "split-clear", 2)
+    grid = LocalGrid(client_app, strict, bn.to_flwr(), parallel=False)
+    setup = {Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: 3, Key.THRESHOLD: 2,
+             Key.CLIPPING_RANGE: float(P.SECAGG_CLIPPING_RANGE), Key.TARGET_RANGE: P.SECAGG_QUANTIZATION_LEVELS,
+             Key.MOD_RANGE: P.SECAGG_MODULUS, Key.MAX_WEIGHT: 1.0}
+    accepted = list(grid.send_and_receive([grid.create_message(
+        RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(setup)}), "train", 1000, "g")]))[0]
+    assert not accepted.has_error()
+    content = compat.fitins_to_recorddict(secure_wire.wrap_request(request), keep_input=True)
+    reply = list(grid.send_and_receive([grid.create_message(content, "train.default", 1000, "g")]))[0]
+    assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST
+    assert not any(e["purpose"] == "bnstats-release" for site in charges(tmp_path / "bn") for e in site)
