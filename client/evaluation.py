@@ -97,9 +97,21 @@ def _open_query(site: SiteSettings, allowed: bool, what: str, purpose: str, expe
     return data, heldout, ledger, asked + 1, folder
 
 
-def _charge(ledger: PrivacyLedger, z: float, data: ImageDataset, *, purpose: str, run: str, index: int) -> None:
+def _run_epsilon(experiment_dir: Path) -> float | None:
+    """The epsilon the run asked for, from its plan (None: no run of this id has trained here, so only the site's
+    budget bounds the query). The plan reserves its allowed queries; retries charged again after failures can use
+    that room up, and a query must not then take the run past its epsilon either."""
+    plan_file = experiment_dir / PLAN_FILE
+    if not plan_file.exists():
+        return None
+    return float(RunPlan.from_json(json.loads(plan_file.read_text())).request["epsilon"])
+
+
+def _charge(ledger: PrivacyLedger, z: float, data: ImageDataset, *, purpose: str, run: str, index: int,
+            experiment_dir: Path) -> None:
     try:
-        ledger.charge([DPEvent(z, 1.0, 1)], purpose=purpose, run=run, round=index, data=data_fingerprint(data))
+        ledger.charge([DPEvent(z, 1.0, 1)], purpose=purpose, run=run, round=index, data=data_fingerprint(data),
+                      run_epsilon=_run_epsilon(experiment_dir))
     except BudgetExceeded as err:
         raise Refusal(P.REFUSED_BUDGET, "the query does not fit this site's privacy budget", str(err)) from None
 
@@ -141,7 +153,7 @@ def handle_evaluation(msg: Message, context: Context, site: SiteSettings) -> Mes
         raise Refusal(P.REFUSED_BAD_REQUEST, f"the classifier sent does not match '{req.learner}': {problems[:3]}")
     P.load_state(model, req.classifier)
     z = _noise(site, folder, P.EVALUATION_NOISE)
-    _charge(ledger, z, data, purpose="evaluation", run=req.experiment, index=index)
+    _charge(ledger, z, data, purpose="evaluation", run=req.experiment, index=index, experiment_dir=folder)
     exact = evaluation_table(model, heldout.images, heldout.labels, req.num_classes)
     log.info("[%s] evaluation query %d of %s answered with noise z=%g", site.name, index, req.experiment, z)
     return P.EvaluationReply(counts={"table": _gaussian(exact, z)}).as_reply(msg)
@@ -170,7 +182,7 @@ def handle_audit(msg: Message, context: Context, site: SiteSettings) -> Message:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"synthetic images must be float32 (N, {data.image_shape}) with "
                                              f"1 <= N <= {P.AUDIT_MAX_IMAGES}, finite; got {images.dtype} {images.shape}")
     z = _noise(site, folder, P.AUDIT_NOISE)
-    _charge(ledger, z, data, purpose="audit", run=req.experiment, index=index)
+    _charge(ledger, z, data, purpose="audit", run=req.experiment, index=index, experiment_dir=folder)
     synthetic = np.clip(images, 0.0, 1.0)
     histograms = {"train": _gaussian(distance_histogram(data.images, synthetic), z),
                   "heldout": _gaussian(distance_histogram(heldout.images, synthetic), z)}

@@ -10,8 +10,9 @@ the handler's ``FitRes`` parameters, masks them and adds them up. Here:
 - :func:`summand` / :func:`from_sum`: a typed reply -> the list of arrays the site adds (weight 1), and the
   coordinator's unmasked sum -> what the plain protocol would have given it after pooling:
     * FedAvg releases (generator, shared net): ``[w * x for each array] + [w]`` with w the site's noisy
-      record total, so that sum(w x) / sum(w) is the same weighted average as in the clear, and no site's
-      weight is seen on its own;
+      record total, so that sum(w x) / sum(w) is the same weighted average as in the clear. The same w goes into
+      every round of a run, so a coordinator that sums one round over all sites and another without one site reads
+      that site's w from the difference: w is the census total, a charged DP release on its own (README, Privacy);
     * the statistics release: its arrays as they are (the coordinator pools releases by adding them).
 
 Where precision is lost: every value is clipped to +-``SECAGG_CLIPPING_RANGE`` and rounded stochastically

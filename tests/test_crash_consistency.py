@@ -312,3 +312,33 @@ def test_a_power_cut_after_a_sent_round_costs_a_new_charge_and_never_more_than_t
     run = [x for x in lines if x["run"] == "e1"]
     assert [(x["purpose"], x["round"]) for x in run] == [("dpgan-census", 0), ("dpgan", 1), ("dpgan", 1)]
     assert epsilon_for([DPEvent.from_dict(e) for x in run for e in x["events"]], run[0]["delta"]) <= cfg.epsilon
+
+
+def test_evaluation_queries_cannot_take_a_run_past_its_epsilon_either(tmp_path, monkeypatch):
+    """A run's plan reserves room for the queries its sites allow; failed rounds charged again can use that room up,
+    and the queries were charged against the site's budget alone: a run of epsilon 2 ended at 2.3. Now a query of a
+    run with a plan is held to the run's epsilon too (a query under an id that never trained is bounded by the
+    site's budget and, being charged, by nothing else: README, Privacy)."""
+    from client.app import app as client_app
+    from common.learner import build_learner
+    from fedsynth.localgrid import LocalGrid
+    from tests.spine_helpers import fast_config
+    from tests.test_faults import gan_request, send
+    from tests.test_hostile_coordinator import _evaluation, _train_round_raising, deployed_site
+
+    digits = load_dataset("digits", "train")
+    cfg = fast_config(tmp_path, num_rounds=2, epsilon=2.0)
+    node = deployed_site(tmp_path, train=digits.subset(np.arange(600)), heldout=digits.subset(np.arange(600, 800)),
+                         epsilon=30.0, evaluation=True, **{"queries-per-run": 10})
+    grid = LocalGrid(client_app, [node], cfg.to_flwr(), parallel=False)
+    for call in range(1, 5):  # round 1 fails after its charge, four times, each charged again
+        _train_round_raising(monkeypatch, 1, RuntimeError("fails after its charge"))
+        send(grid, 1000, gan_request(cfg, experiment="e1", server_round=1, epsilon=2.0))
+    arrays = P.state_arrays(build_learner("logreg", (1, 8, 8), 10))
+    codes = []
+    for _ in range(10):
+        reply = _evaluation(grid, 1000, arrays, "logreg", "e1")
+        codes.append(reply.error.code if reply.has_error() else 0)
+    assert P.REFUSED_BUDGET in codes  # the queries stop at the run's epsilon
+    ledger = PrivacyLedger(tmp_path / "site-a" / "ledger" / "site-a.jsonl", epsilon_budget=math.inf, create=False)
+    assert ledger.run_spent("e1") <= 2.0 + 1e-9
