@@ -68,10 +68,9 @@ def _noise(site: SiteSettings, experiment_dir, constant: float) -> float:
     return constant
 
 
-def _open_query(site: SiteSettings, allowed: bool, what: str, purpose: str, experiment: str
-                ) -> tuple[ImageDataset, ImageDataset, PrivacyLedger, int, Path]:
-    """Checks both queries share; returns (training data, held-out data, ledger, this query's number, the run's
-    folder). The run id is checked first, before the ledger is opened (and, at a new site, started)."""
+def _open_query(site: SiteSettings, allowed: bool, what: str, experiment: str
+                ) -> tuple[ImageDataset, ImageDataset, Path]:
+    """Checks both queries share before the ledger; returns (training data, held-out data, the run's folder)."""
     if not allowed:
         raise Refusal(P.REFUSED_NOT_ALLOWED, f"this site does not answer {what} queries (its operator can allow "
                                              f"them in site.yaml)")
@@ -89,12 +88,19 @@ def _open_query(site: SiteSettings, allowed: bool, what: str, purpose: str, expe
         raise Refusal(P.SITE_FAILURE, FAILURE_TEXT, f"the held-out data {heldout.image_shape} {list(heldout.classes)} "
                                                     f"does not match the training data {data.image_shape} "
                                                     f"{list(data.classes)}")
+    return data, heldout, folder
+
+
+def _query_ledger(site: SiteSettings, data: ImageDataset, what: str, purpose: str, experiment: str
+                  ) -> tuple[PrivacyLedger, int]:
+    """The ledger and this query's number in its run, once the request itself has passed every check: opening the
+    ledger at a new site starts it, which charges its noisy size, so a malformed request must be refused first."""
     ledger = open_ledger(site, data)
     asked = ledger.count(run=experiment, purpose=purpose)
     if asked >= site.queries_per_run:
         raise Refusal(P.REFUSED_NOT_ALLOWED, f"this run has used the {site.queries_per_run} {what} "
                                              f"quer{'y' if site.queries_per_run == 1 else 'ies'} the site allows per run")
-    return data, heldout, ledger, asked + 1, folder
+    return ledger, asked + 1
 
 
 def _run_epsilon(experiment_dir: Path) -> float | None:
@@ -140,8 +146,7 @@ def correct_wrong_table(labels: np.ndarray, predicted: np.ndarray, num_classes: 
 def handle_evaluation(msg: Message, context: Context, site: SiteSettings) -> Message:
     require_plain_allowed(site)
     req = P.EvaluationRequest.from_message(msg)
-    data, heldout, ledger, index, folder = _open_query(site, site.evaluation, "evaluation", "evaluation",
-                                                       req.experiment)
+    data, heldout, folder = _open_query(site, site.evaluation, "evaluation", req.experiment)
     check_schema(data, req.channels, req.height, req.width, req.num_classes)  # the published schema (= held-out's)
     try:
         model = build_learner(req.learner, (req.channels, req.height, req.width), req.num_classes,
@@ -152,6 +157,7 @@ def handle_evaluation(msg: Message, context: Context, site: SiteSettings) -> Mes
     if problems:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"the classifier sent does not match '{req.learner}': {problems[:3]}")
     P.load_state(model, req.classifier)
+    ledger, index = _query_ledger(site, data, "evaluation", "evaluation", req.experiment)
     z = _noise(site, folder, P.EVALUATION_NOISE)
     _charge(ledger, z, data, purpose="evaluation", run=req.experiment, index=index, experiment_dir=folder)
     exact = evaluation_table(model, heldout.images, heldout.labels, req.num_classes)
@@ -173,7 +179,7 @@ def distance_histogram(records: np.ndarray, synthetic: np.ndarray) -> np.ndarray
 def handle_audit(msg: Message, context: Context, site: SiteSettings) -> Message:
     require_plain_allowed(site)
     req = P.AuditRequest.from_message(msg)
-    data, heldout, ledger, index, folder = _open_query(site, site.audits, "audit", "audit", req.experiment)
+    data, heldout, folder = _open_query(site, site.audits, "audit", req.experiment)
     images = req.synthetic.get("images")
     if set(req.synthetic) != {"images"} or images is None:
         raise Refusal(P.REFUSED_BAD_REQUEST, "an audit query carries exactly one array, 'images'")
@@ -181,6 +187,7 @@ def handle_audit(msg: Message, context: Context, site: SiteSettings) -> Message:
             or not 1 <= len(images) <= P.AUDIT_MAX_IMAGES or not np.all(np.isfinite(images))):
         raise Refusal(P.REFUSED_BAD_REQUEST, f"synthetic images must be float32 (N, {data.image_shape}) with "
                                              f"1 <= N <= {P.AUDIT_MAX_IMAGES}, finite; got {images.dtype} {images.shape}")
+    ledger, index = _query_ledger(site, data, "audit", "audit", req.experiment)
     z = _noise(site, folder, P.AUDIT_NOISE)
     _charge(ledger, z, data, purpose="audit", run=req.experiment, index=index, experiment_dir=folder)
     synthetic = np.clip(images, 0.0, 1.0)

@@ -294,7 +294,8 @@ def charged_work(ledger: PrivacyLedger, events: list[DPEvent], data: ImageDatase
     Work that does not fit the site's budget, or that would bring the run's own charges past ``run_epsilon`` (the
     epsilon the run asked for: a retry charged again must not let a run spend more than it asked), is refused
     (nothing written). Each attempt marks the run's folder durably from its charge until it ends (``ATTEMPT_*``).
-    An attempt its operator *interrupted* (Ctrl-C: KeyboardInterrupt, SystemExit) leaves the positive mark
+    An attempt that was *interrupted* (KeyboardInterrupt, SystemExit: its operator's Ctrl-C, or Flower's SIGINT when
+    a run is stopped or the SuperNode goes away; nothing leaves such an attempt) leaves the positive mark
     "interrupted", and the next attempt reuses its charge (``PrivacyLedger.charge_once``), never charging twice, as
     the site's log says. After an attempt that *failed*, the next is charged anew: whether work fails can depend on
     the records, and a coordinator that could re-send such a round for free would get a fresh draw of its noise, or

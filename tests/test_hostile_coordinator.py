@@ -359,6 +359,19 @@ def test_the_held_out_sets_own_schema_never_reaches_the_coordinator(tmp_path):
     assert reply.has_error() and reply.error.code == P.SITE_FAILURE and reply.error.reason.endswith(FAILURE_TEXT)
 
 
+def test_a_malformed_query_is_refused_before_a_new_sites_ledger_is_started(tmp_path):
+    """Opening a new site's ledger charges its noisy size (client.site_delta): a query the site refuses for its own
+    content (a learner it does not build, a classifier of another shape, synthetic images of another shape) must be
+    refused before that, so that it costs nothing."""
+    site = deployed_site(tmp_path, heldout=DIGITS_TEST, evaluation=True, audits=True)
+    grid = LocalGrid(client_app, [site], fast_config(tmp_path).to_flwr())
+    bad = [_evaluation(grid, 1000, _constant_model(0), "no-such-learner", "e"),
+           _evaluation(grid, 1000, _constant_model(0), "mlp", "e"),  # logreg weights sent as an mlp
+           ask(grid, 1000, P.AuditRequest(experiment="e", synthetic={"images": np.zeros((2, 1, 4, 4), np.float32)}))]
+    assert all(r.has_error() and r.error.code == P.REFUSED_BAD_REQUEST for r in bad), [r.error.reason for r in bad]
+    assert not list((tmp_path / "site-a").rglob("*.jsonl"))  # no ledger started, nothing charged
+
+
 def test_a_site_never_imports_a_learner_the_coordinator_names(tmp_path):
     import sys
 
