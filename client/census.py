@@ -58,6 +58,9 @@ def census_weight(noisy_counts: list[float]) -> float:
     return public_size(noisy_counts)  # the same noisy total the plan sets its sampling rate from
 
 
+QUERY_PURPOSES = ("evaluation", "audit")  # the ledger purposes of client.evaluation's queries
+
+
 def run_census(data: ImageDataset, ledger: "PrivacyLedger", run_dir: Path, *, mode: str, experiment: str,
                epsilon: float, budget: float, delta_bound: float, fingerprint: str) -> list[float]:
     """The run's census: read back, or (at the run's first training request) charged on its own and drawn.
@@ -90,6 +93,14 @@ def run_census(data: ImageDataset, ledger: "PrivacyLedger", run_dir: Path, *, mo
     # nothing. So the redraw pays, and, held to the run's epsilon like every charge of the run, never lets the run
     # spend more than it asked.
     earlier = ledger.count(run=experiment, purpose=census_purpose(mode))
+    queried = any(e.get("run") == experiment and e.get("purpose") in QUERY_PURPOSES for e in ledger.entries())
+    if not earlier and queried:
+        # A run's first census comes before anything else it is charged for. Queries sent under the id before it
+        # trained were held to the site's budget only (a run has no epsilon before its plan); training on top of
+        # them would take the run past the epsilon it asks for. What the run was charged for is what the
+        # coordinator itself asked and was answered: the refusal says nothing else.
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"run {experiment!r} was used for evaluation or audit queries before it "
+                                             "trained at this site; a run trains first: start a new experiment")
     try:
         ledger.charge([event], purpose=census_purpose(mode), run=experiment, round=0, data=fingerprint,
                       details={"census-drawn-again": earlier} if earlier else None,

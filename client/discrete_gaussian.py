@@ -92,7 +92,8 @@ def exact_variance(std: float) -> Fraction:
 # The sampler's loops run longer for larger |noise| (about 12 us for a small draw, 90 us at the 99.9th percentile,
 # up to 0.5 ms in 100,000 draws on this project's CPUs), and the release is count + noise: a draw's time is a hint
 # at its noise (Jin et al. 2022 time this very sampler). A site's draws therefore end at a fixed deadline of
-# DRAW_SECONDS per count from their start, whatever the noise came out as.
+# DRAW_SECONDS per count from their start (or its next whole multiple, on a machine so loaded that they outlast it),
+# whatever the noise came out as.
 DRAW_SECONDS = 1e-3
 
 
@@ -109,10 +110,10 @@ def discrete_gaussian(std: float, shape: int | tuple[int, ...], seed: int | None
     below: RandBelow = secrets.randbelow if seed is None else random.Random(seed).randrange
     count = int(np.prod(shape, dtype=np.int64))
     draws = [_one_discrete_gaussian(var, below) for _ in range(count)]
-    if seed is None:
-        left = began + count * DRAW_SECONDS - time.monotonic()
-        if left > 0:
-            sleep(left)
+    if seed is None:  # end at the first whole multiple of the deadline the draws did not outlast (a loaded machine)
+        deadline = max(count, 1) * DRAW_SECONDS
+        took = time.monotonic() - began
+        sleep(max(1, math.ceil(took / deadline)) * deadline - took)
     return np.asarray(draws, dtype=np.int64).reshape(shape)
 
 

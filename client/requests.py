@@ -63,10 +63,14 @@ def site_handler(fn: Callable[[Message, Context, SiteSettings], Message]) -> Cal
                 # work must not carry that work's duration into its own departure (the coordinator could send a
                 # second request of known work beside the first and read from its slot how long the first took).
                 came = time.monotonic()
-                reply = _answered(fn, msg, context, site)
-                if site.min_reply_seconds > 0:
-                    hold_reply(site, msg.metadata.message_type, came)
-                    reply = restamped(reply, msg)
+                reply: Message | None = None
+                try:
+                    reply = _answered(fn, msg, context, site)
+                finally:  # whatever produced the reply (or failed to), it leaves on the hold's grid
+                    if site.min_reply_seconds > 0:
+                        hold_reply(site, msg.metadata.message_type, came)
+                        if reply is not None:
+                            reply = restamped(reply, msg)
                 return reply
         except Exception as err:  # noqa: BLE001 - the site's settings or its lock failed: a safe reply, no traceback
             return _refusal(err, msg, site)
@@ -82,7 +86,11 @@ def _answered(fn: Callable[[Message, Context, SiteSettings], Message], msg: Mess
     try:
         return fn(msg, context, site)
     except Exception as err:  # noqa: BLE001 - any crash must become a safe reply, never a traceback
-        return _refusal(err, msg, site)
+        try:
+            return _refusal(err, msg, site)
+        except Exception:  # noqa: BLE001 - even describing it failed (an exception whose text raises)
+            log.error("[%s] %s failed, and so did describing its failure", _name(site), msg.metadata.message_type)
+            return refuse(msg, _name(site), P.SITE_FAILURE, FAILURE_TEXT, "(no description)")
 
 
 def _refusal(err: Exception, msg: Message, site: SiteSettings | None) -> Message:

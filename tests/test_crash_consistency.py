@@ -342,3 +342,29 @@ def test_evaluation_queries_cannot_take_a_run_past_its_epsilon_either(tmp_path, 
     assert P.REFUSED_BUDGET in codes  # the queries stop at the run's epsilon
     ledger = PrivacyLedger(tmp_path / "site-a" / "ledger" / "site-a.jsonl", epsilon_budget=math.inf, create=False)
     assert ledger.run_spent("e1") <= 2.0 + 1e-9
+
+
+def test_a_run_id_used_for_queries_before_it_trained_cannot_then_train(tmp_path):
+    """Queries under an id that has not trained have no run epsilon to be held to; training on top of them took the
+    run past the epsilon it asked for (review: ten queries, then a census, 1.33 for a run of epsilon 1). A run's
+    first census now refuses an id already charged for queries, before anything more is charged."""
+    from client.app import app as client_app
+    from common.learner import build_learner
+    from fedsynth.localgrid import LocalGrid
+    from tests.spine_helpers import fast_config
+    from tests.test_faults import gan_request, send
+    from tests.test_hostile_coordinator import _evaluation, deployed_site
+
+    digits = load_dataset("digits", "train")
+    cfg = fast_config(tmp_path, num_rounds=1, epsilon=1.0)
+    node = deployed_site(tmp_path, train=digits.subset(np.arange(600)), heldout=digits.subset(np.arange(600, 800)),
+                         epsilon=30.0, evaluation=True, **{"queries-per-run": 10})
+    grid = LocalGrid(client_app, [node], cfg.to_flwr(), parallel=False)
+    arrays = P.state_arrays(build_learner("logreg", (1, 8, 8), 10))
+    assert not _evaluation(grid, 1000, arrays, "logreg", "e1").has_error()
+    reply = send(grid, 1000, gan_request(cfg, experiment="e1", server_round=1, epsilon=1.0))
+    assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST and "trains first" in reply.error.reason
+    ledger = PrivacyLedger(tmp_path / "site-a" / "ledger" / "site-a.jsonl", epsilon_budget=math.inf, create=False)
+    assert [e["purpose"] for e in ledger.entries() if e["run"] == "e1"] == ["evaluation"]  # no census charged
+    # a new id trains (at epsilon 10: at 1 the plan cannot also reserve the site's ten queries)
+    assert not send(grid, 1000, gan_request(cfg, experiment="e2", server_round=1, epsilon=10.0)).has_error()

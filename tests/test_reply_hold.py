@@ -115,3 +115,31 @@ def test_a_request_that_waited_for_another_does_not_carry_its_duration(tmp_path,
 
     # the first's work 0.15 s or 0.25 s: counted from its arrival, the second (0.3 s of work) left at 1 or 2 holds
     assert second_leaves_after(0.15) == pytest.approx(second_leaves_after(0.25), abs=0.1)
+
+
+def test_a_reply_keeps_the_hold_even_when_describing_a_failure_fails(tmp_path, monkeypatch):
+    """An exception whose text itself raises made the refusal path fail, and the outer fallback answered at once,
+    skipping the hold."""
+    from types import SimpleNamespace
+
+    from flwr.app import Context, Message, RecordDict
+
+    import client.requests as R
+    from fedsynth.localgrid import set_task_identity
+
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+    site = SimpleNamespace(name="s", min_reply_seconds=0.4, state_dir=tmp_path)
+    monkeypatch.setattr(R, "resolve_site", lambda node_config, run_config: site)
+
+    def fn(msg, context, s):
+        raise Unprintable()
+
+    set_task_identity(1)
+    start = time.monotonic()
+    reply = R.site_handler(fn)(Message(RecordDict(), dst_node_id=1, message_type="query.info", group_id="g"),
+                               Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}))
+    assert time.monotonic() - start >= 0.4
+    assert reply.has_error() and reply.error.code == P.SITE_FAILURE
