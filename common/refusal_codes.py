@@ -23,6 +23,9 @@ REFUSED_BAD_REQUEST = 4002  # malformed, inconsistent or hostile request
 # split the coordinator asked for then); a run device the site cannot use (client.requests.site_device: the run's
 # setting, and that no such GPU is visible, which query.info's `device` publishes already).
 # Also bad, before any charge: a recipe value out of range, a changed GAN architecture (common.recipe_ranges).
+# Also bad, quoting only the coordinator's own message: a secure release asked for outside the SecAgg+ stages of
+# type 'train' (client.secure_site.secagg_settings_mod: the message type it sent); a run's first training request
+# under an id the coordinator used for evaluation or audit queries before (client.census.run_census).
 # Also a bad request: a secure request whose release already went into a masked vector at this site (the same run,
 # message type and round; client.secure_site._already_summed). Its reason quotes the request's message type, round and
 # experiment id, says ALREADY_SUMMED, why a second sum is refused and to start a new experiment. That the release went
