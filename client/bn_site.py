@@ -19,7 +19,7 @@ from flwr.app import Context, Message
 from client.auto_clip import choose_layer_clips
 from client.bnstats import record_class_statistics
 from client.budget import PlanRequest, RunPlan, expected_batch, plan_for_site, validate_plan_request
-from client.census import census_weight, run_census
+from client.census import census_weight, check_census_fits, load_census, run_census
 from client.dpsgd import train_dpsgd_local
 from client.limits import check_work, meta_module, parameter_count
 from client.requests import (
@@ -92,6 +92,8 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings):
                        batch_size=req.batch_size, census=True, stats_share=req.stats_share,
                        auto_clip=str(req.layer_clips).strip() == AUTO)
     validate_plan_request(preq)  # a malformed request costs nothing, not even the census
+    if trains and load_census(folder) is None:  # an epsilon too small for the census: refused before a new ledger
+        check_census_fits(req.epsilon, site.epsilon_budget, site.delta_bound)
     ledger = open_ledger(site, data)
     # a run that trains the net draws its census first: the plan's sampling rate is set from its noisy total
     census = run_census(data, ledger, folder, mode="bnstats", experiment=req.experiment, epsilon=req.epsilon,

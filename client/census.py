@@ -61,6 +61,17 @@ def census_weight(noisy_counts: list[float]) -> float:
 QUERY_PURPOSES = ("evaluation", "audit")  # the ledger purposes of client.evaluation's queries
 
 
+def check_census_fits(epsilon: float, budget: float, delta_bound: float) -> None:
+    """Refuse a run whose epsilon cannot pay its census even at the site's published delta bound: public values
+    only, so the handlers call it before the ledger is opened (starting a new site's ledger charges its noisy size,
+    and a request refused for its own epsilon must cost nothing)."""
+    private = is_private(epsilon, budget)
+    if private and epsilon_for([census_event(private)], delta_bound) > epsilon:
+        raise Refusal(P.REFUSED_BUDGET, "the run's epsilon is too small for the requested work: ask for a larger "
+                                        "epsilon",
+                      f"the census alone would spend more than the run's epsilon {epsilon:g}")
+
+
 def run_census(data: ImageDataset, ledger: "PrivacyLedger", run_dir: Path, *, mode: str, experiment: str,
                epsilon: float, budget: float, delta_bound: float, fingerprint: str) -> list[float]:
     """The run's census: read back, or (at the run's first training request) charged on its own and drawn.
@@ -80,12 +91,9 @@ def run_census(data: ImageDataset, ledger: "PrivacyLedger", run_dir: Path, *, mo
     census = load_census(run_dir)
     if census is not None:
         return census
+    check_census_fits(epsilon, budget, delta_bound)
     private = is_private(epsilon, budget)
     event = census_event(private)
-    if private and epsilon_for([event], delta_bound) > epsilon:
-        raise Refusal(P.REFUSED_BUDGET, "the run's epsilon is too small for the requested work: ask for a larger "
-                                        "epsilon",
-                      f"the census alone would spend more than the run's epsilon {epsilon:g}")
     # Charged anew whenever its file is missing, never reused: the file is written (durably) right after the draw,
     # so a run whose census charge exists but whose census.json does not may have sent that census (in a reply's
     # weight and counts) before the file was lost. A second draw under the first charge would be a free release;

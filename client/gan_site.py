@@ -29,7 +29,7 @@ from client.budget import (
     planned_steps,
     validate_plan_request,
 )
-from client.census import census_weight, run_census
+from client.census import census_weight, check_census_fits, load_census, run_census
 from client.dpgan import LocalGanTrainer, RoundSettings
 from client.limits import check_work, meta_module, parameter_count
 from client.requests import (
@@ -247,6 +247,8 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
         log.info("[%s] round %d of %s already trained; sending its saved reply", site.name, rnd, req.experiment)
         return P.GanTrainReply(**saved["reply"])
     validate_plan_request(_plan_request(req, req.local_steps))  # a malformed request costs nothing, not even a census
+    if load_census(folder) is None:  # an epsilon too small for the census: refused before a new ledger is started
+        check_census_fits(req.epsilon, site.epsilon_budget, site.delta_bound)
     ledger = open_ledger(site, data)
     census = run_census(data, ledger, folder, mode="dpgan", experiment=req.experiment, epsilon=req.epsilon,
                         budget=site.epsilon_budget, delta_bound=site.delta_bound,

@@ -370,6 +370,12 @@ def test_a_malformed_query_is_refused_before_a_new_sites_ledger_is_started(tmp_p
            ask(grid, 1000, P.AuditRequest(experiment="e", synthetic={"images": np.zeros((2, 1, 4, 4), np.float32)}))]
     assert all(r.has_error() and r.error.code == P.REFUSED_BAD_REQUEST for r in bad), [r.error.reason for r in bad]
     assert not list((tmp_path / "site-a").rglob("*.jsonl"))  # no ledger started, nothing charged
+    # the same for a training request whose epsilon cannot pay even its census (public values only)
+    from tests.test_faults import gan_request
+
+    reply = ask(grid, 1000, gan_request(fast_config(tmp_path, num_rounds=1), experiment="tiny", epsilon=0.01))
+    assert reply.has_error() and reply.error.code == P.REFUSED_BUDGET and "too small" in reply.error.reason
+    assert not list((tmp_path / "site-a").rglob("*.jsonl"))
 
 
 def test_a_site_never_imports_a_learner_the_coordinator_names(tmp_path):
