@@ -19,12 +19,13 @@ from flwr.app import Context, Message
 from client.auto_clip import choose_layer_clips
 from client.bnstats import record_class_statistics
 from client.budget import PlanRequest, RunPlan, expected_batch, plan_for_site, validate_plan_request
-from client.census import census_weight, check_census_fits, load_census, run_census
+from client.census import census_weight, check_census_fits, run_census
 from client.dpsgd import train_dpsgd_local
 from client.limits import check_work, meta_module, parameter_count
 from client.requests import (
     Refusal,
     require_plain_allowed,
+    check_recipe,
     check_schema,
     load_saved,
     require_mode,
@@ -36,7 +37,6 @@ from client.requests import (
 )
 from client.site import SiteSettings, charged_work, data_fingerprint, open_ledger
 from common import protocol as P
-from common.recipe_ranges import recipe_problems
 from common.bnnet import BNNet, norm_layer_names
 from common.data import ImageDataset
 
@@ -64,9 +64,7 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings):
                                              "run with distributed-noise = false")
     data = site_data(site)
     check_schema(data, req.channels, req.image_size, req.image_size, req.num_classes)
-    problems = recipe_problems(req)  # seed, learning rate, clip bounds, count weight: each in the protocol's range
-    if problems:
-        raise Refusal(P.REFUSED_BAD_REQUEST, "; ".join(problems))
+    check_recipe(req)  # seed, learning rate, clip bounds, count weight: each in the protocol's range
     if req.width < 1:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"width must be >= 1, got {req.width}")
 
@@ -92,8 +90,8 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings):
                        batch_size=req.batch_size, census=True, stats_share=req.stats_share,
                        auto_clip=str(req.layer_clips).strip() == AUTO)
     validate_plan_request(preq)  # a malformed request costs nothing, not even the census
-    if trains and load_census(folder) is None:  # an epsilon too small for the census: refused before a new ledger
-        check_census_fits(req.epsilon, site.epsilon_budget, site.delta_bound)
+    if trains:  # (a run without a census: nothing to check) before a new ledger is started
+        check_census_fits(folder, req.epsilon, site.epsilon_budget, site.delta_bound)
     ledger = open_ledger(site, data)
     # a run that trains the net draws its census first: the plan's sampling rate is set from its noisy total
     census = run_census(data, ledger, folder, mode="bnstats", experiment=req.experiment, epsilon=req.epsilon,

@@ -58,13 +58,18 @@ def census_weight(noisy_counts: list[float]) -> float:
     return public_size(noisy_counts)  # the same noisy total the plan sets its sampling rate from
 
 
-QUERY_PURPOSES = ("evaluation", "audit")  # the ledger purposes of client.evaluation's queries
+# The ledger purposes of the evaluation and audit queries (client.evaluation): a run queried under them before its
+# census cannot then train (run_census).
+EVALUATION_PURPOSE, AUDIT_PURPOSE = "evaluation", "audit"
+QUERY_PURPOSES = (EVALUATION_PURPOSE, AUDIT_PURPOSE)
 
 
-def check_census_fits(epsilon: float, budget: float, delta_bound: float) -> None:
-    """Refuse a run whose epsilon cannot pay its census even at the site's published delta bound: public values
-    only, so the handlers call it before the ledger is opened (starting a new site's ledger charges its noisy size,
-    and a request refused for its own epsilon must cost nothing)."""
+def check_census_fits(run_dir: Path, epsilon: float, budget: float, delta_bound: float) -> None:
+    """Refuse a run whose census is still to draw and whose epsilon cannot pay it even at the site's published delta
+    bound: public values only, so the handlers call it before the ledger is opened (starting a new site's ledger
+    charges its noisy size, and a request refused for its own epsilon must cost nothing)."""
+    if load_census(run_dir) is not None:
+        return
     private = is_private(epsilon, budget)
     if private and epsilon_for([census_event(private)], delta_bound) > epsilon:
         raise Refusal(P.REFUSED_BUDGET, "the run's epsilon is too small for the requested work: ask for a larger "
@@ -91,7 +96,7 @@ def run_census(data: ImageDataset, ledger: "PrivacyLedger", run_dir: Path, *, mo
     census = load_census(run_dir)
     if census is not None:
         return census
-    check_census_fits(epsilon, budget, delta_bound)
+    check_census_fits(run_dir, epsilon, budget, delta_bound)
     private = is_private(epsilon, budget)
     event = census_event(private)
     # Charged anew whenever its file is missing, never reused: the file is written (durably) right after the draw,
@@ -101,8 +106,7 @@ def run_census(data: ImageDataset, ledger: "PrivacyLedger", run_dir: Path, *, mo
     # nothing. So the redraw pays, and, held to the run's epsilon like every charge of the run, never lets the run
     # spend more than it asked.
     earlier = ledger.count(run=experiment, purpose=census_purpose(mode))
-    queried = any(e.get("run") == experiment and e.get("purpose") in QUERY_PURPOSES for e in ledger.entries())
-    if not earlier and queried:
+    if not earlier and any(ledger.count(run=experiment, purpose=purpose) for purpose in QUERY_PURPOSES):
         # A run's first census comes before anything else it is charged for. Queries sent under the id before it
         # trained were held to the site's budget only (a run has no epsilon before its plan); training on top of
         # them would take the run past the epsilon it asks for. What the run was charged for is what the

@@ -41,6 +41,7 @@ import numpy as np
 from flwr.app import Context, Message
 
 from client.budget import PLAN_FILE, RunPlan
+from client.census import AUDIT_PURPOSE, EVALUATION_PURPOSE
 from client.discrete_gaussian import noisy_counts
 from client.ledger import BudgetExceeded, PrivacyLedger
 from client.requests import FAILURE_TEXT, Refusal, check_schema, require_plain_allowed, run_dir, site_data, site_handler
@@ -59,12 +60,16 @@ EVALUATION_BATCH = 1024
 AUDIT_BLOCK = (1024, 2048)
 
 
-def _noise(site: SiteSettings, experiment_dir, constant: float) -> float:
-    """The query's noise multiplier: the protocol's constant, or 0 in a run the site agreed to make non-private."""
+def _run_plan(experiment_dir: Path) -> RunPlan | None:
+    """The plan of the run the query names (None: no run of this id has trained at this site)."""
     plan_file = experiment_dir / PLAN_FILE
-    if math.isinf(site.epsilon_budget) and plan_file.exists():
-        if math.isinf(RunPlan.from_json(json.loads(plan_file.read_text())).planned_epsilon):
-            return 0.0
+    return RunPlan.from_json(json.loads(plan_file.read_text())) if plan_file.exists() else None
+
+
+def _noise(site: SiteSettings, plan: RunPlan | None, constant: float) -> float:
+    """The query's noise multiplier: the protocol's constant, or 0 in a run the site agreed to make non-private."""
+    if math.isinf(site.epsilon_budget) and plan is not None and math.isinf(plan.planned_epsilon):
+        return 0.0
     return constant
 
 
@@ -91,33 +96,26 @@ def _open_query(site: SiteSettings, allowed: bool, what: str, experiment: str
     return data, heldout, folder
 
 
-def _query_ledger(site: SiteSettings, data: ImageDataset, what: str, purpose: str, experiment: str
+def _query_ledger(site: SiteSettings, data: ImageDataset, purpose: str, experiment: str
                   ) -> tuple[PrivacyLedger, int]:
     """The ledger and this query's number in its run, once the request itself has passed every check: opening the
     ledger at a new site starts it, which charges its noisy size, so a malformed request must be refused first."""
     ledger = open_ledger(site, data)
     asked = ledger.count(run=experiment, purpose=purpose)
     if asked >= site.queries_per_run:
-        raise Refusal(P.REFUSED_NOT_ALLOWED, f"this run has used the {site.queries_per_run} {what} "
+        raise Refusal(P.REFUSED_NOT_ALLOWED, f"this run has used the {site.queries_per_run} {purpose} "
                                              f"quer{'y' if site.queries_per_run == 1 else 'ies'} the site allows per run")
     return ledger, asked + 1
 
 
-def _run_epsilon(experiment_dir: Path) -> float | None:
-    """The epsilon the run asked for, from its plan (None: no run of this id has trained here, so only the site's
-    budget bounds the query). The plan reserves its allowed queries; retries charged again after failures can use
-    that room up, and a query must not then take the run past its epsilon either."""
-    plan_file = experiment_dir / PLAN_FILE
-    if not plan_file.exists():
-        return None
-    return float(RunPlan.from_json(json.loads(plan_file.read_text())).request["epsilon"])
-
-
 def _charge(ledger: PrivacyLedger, z: float, data: ImageDataset, *, purpose: str, run: str, index: int,
-            experiment_dir: Path) -> None:
+            plan: RunPlan | None) -> None:
+    """Charge one query. A query of a run that trained here is held to the run's epsilon too: the plan reserves
+    its allowed queries, but retries charged again after failures can use that room up (None: no plan, so only the
+    site's budget bounds it, and such an id cannot train afterwards: client.census.run_census)."""
     try:
         ledger.charge([DPEvent(z, 1.0, 1)], purpose=purpose, run=run, round=index, data=data_fingerprint(data),
-                      run_epsilon=_run_epsilon(experiment_dir))
+                      run_epsilon=None if plan is None else float(plan.request["epsilon"]))
     except BudgetExceeded as err:
         raise Refusal(P.REFUSED_BUDGET, "the query does not fit this site's privacy budget", str(err)) from None
 
@@ -157,9 +155,10 @@ def handle_evaluation(msg: Message, context: Context, site: SiteSettings) -> Mes
     if problems:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"the classifier sent does not match '{req.learner}': {problems[:3]}")
     P.load_state(model, req.classifier)
-    ledger, index = _query_ledger(site, data, "evaluation", "evaluation", req.experiment)
-    z = _noise(site, folder, P.EVALUATION_NOISE)
-    _charge(ledger, z, data, purpose="evaluation", run=req.experiment, index=index, experiment_dir=folder)
+    ledger, index = _query_ledger(site, data, EVALUATION_PURPOSE, req.experiment)
+    plan = _run_plan(folder)
+    z = _noise(site, plan, P.EVALUATION_NOISE)
+    _charge(ledger, z, data, purpose=EVALUATION_PURPOSE, run=req.experiment, index=index, plan=plan)
     exact = evaluation_table(model, heldout.images, heldout.labels, req.num_classes)
     log.info("[%s] evaluation query %d of %s answered with noise z=%g", site.name, index, req.experiment, z)
     return P.EvaluationReply(counts={"table": _gaussian(exact, z)}).as_reply(msg)
@@ -187,9 +186,10 @@ def handle_audit(msg: Message, context: Context, site: SiteSettings) -> Message:
             or not 1 <= len(images) <= P.AUDIT_MAX_IMAGES or not np.all(np.isfinite(images))):
         raise Refusal(P.REFUSED_BAD_REQUEST, f"synthetic images must be float32 (N, {data.image_shape}) with "
                                              f"1 <= N <= {P.AUDIT_MAX_IMAGES}, finite; got {images.dtype} {images.shape}")
-    ledger, index = _query_ledger(site, data, "audit", "audit", req.experiment)
-    z = _noise(site, folder, P.AUDIT_NOISE)
-    _charge(ledger, z, data, purpose="audit", run=req.experiment, index=index, experiment_dir=folder)
+    ledger, index = _query_ledger(site, data, AUDIT_PURPOSE, req.experiment)
+    plan = _run_plan(folder)
+    z = _noise(site, plan, P.AUDIT_NOISE)
+    _charge(ledger, z, data, purpose=AUDIT_PURPOSE, run=req.experiment, index=index, plan=plan)
     synthetic = np.clip(images, 0.0, 1.0)
     histograms = {"train": _gaussian(distance_histogram(data.images, synthetic), z),
                   "heldout": _gaussian(distance_histogram(heldout.images, synthetic), z)}

@@ -29,12 +29,13 @@ from client.budget import (
     planned_steps,
     validate_plan_request,
 )
-from client.census import census_weight, check_census_fits, load_census, run_census
+from client.census import census_weight, check_census_fits, run_census
 from client.dpgan import LocalGanTrainer, RoundSettings
 from client.limits import check_work, meta_module, parameter_count
 from client.requests import (
     Refusal,
     require_plain_allowed,
+    check_recipe,
     check_schema,
     load_saved,
     require_mode,
@@ -47,12 +48,11 @@ from client.requests import (
 )
 from client.site import SiteSettings, charged_work, data_fingerprint, open_ledger
 from common import protocol as P
-from common.recipe_ranges import recipe_problems
 from common.gan_augment import parse_augment
+from common.recipe_ranges import MIN_G_WIDTH
 from common.models import Discriminator, GanShape, Generator
 
 log = logging.getLogger("fedsynth.site")
-MIN_G_WIDTH = 4  # the generator's smallest base width (common.config refuses gan-width below it as well)
 
 
 def round_file(folder, rnd: int):
@@ -104,9 +104,7 @@ def _check_request(req: P.GanTrainRequest, site: SiteSettings) -> GanShape:
                                                  f"{problems[:3]}")
     if not 1 <= req.server_round <= req.num_rounds:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"round {req.server_round} is outside the run's 1..{req.num_rounds}")
-    problems = recipe_problems(req)  # seed, learning rates, clip bound, loss weights: each in the protocol's range
-    if problems:
-        raise Refusal(P.REFUSED_BAD_REQUEST, "; ".join(problems))
+    check_recipe(req)  # seed, learning rates, clip bound, loss weights: each in the protocol's range
     try:
         parse_augment(req.augment)
     except ValueError as err:
@@ -247,8 +245,7 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
         log.info("[%s] round %d of %s already trained; sending its saved reply", site.name, rnd, req.experiment)
         return P.GanTrainReply(**saved["reply"])
     validate_plan_request(_plan_request(req, req.local_steps))  # a malformed request costs nothing, not even a census
-    if load_census(folder) is None:  # an epsilon too small for the census: refused before a new ledger is started
-        check_census_fits(req.epsilon, site.epsilon_budget, site.delta_bound)
+    check_census_fits(folder, req.epsilon, site.epsilon_budget, site.delta_bound)  # before a new ledger is started
     ledger = open_ledger(site, data)
     census = run_census(data, ledger, folder, mode="dpgan", experiment=req.experiment, epsilon=req.epsilon,
                         budget=site.epsilon_budget, delta_bound=site.delta_bound,

@@ -250,6 +250,10 @@ class PrivacyLedger:
         return [DPEvent.from_dict(e) for entry in self._contents().entries
                 if not (entry["run"] == run and entry["purpose"] == purpose) for e in entry["events"]]
 
+    def has_charge(self, *, run: str, purpose: str, round: int) -> bool:  # noqa: A002
+        """Whether the (run, purpose, round) release has been charged (the key ``charge_once`` reuses)."""
+        return lf.has_charge(self._contents().entries, run=run, purpose=purpose, round_=round)
+
     def count(self, *, run: str, purpose: str) -> int:
         """How many charges of ``purpose`` the run ``run`` has made (e.g. evaluation queries against a cap)."""
         return sum(1 for e in self._contents().entries if e["run"] == run and e["purpose"] == purpose)
@@ -342,8 +346,7 @@ class PrivacyLedger:
 
         with self._locked(fcntl.LOCK_EX) as (fd, contents):
             spent_before = epsilon_for(contents.events, self.delta)
-            if once and any(e["run"] == run and e["purpose"] == purpose and e["round"] == round
-                            for e in contents.entries):
+            if once and lf.has_charge(contents.entries, run=run, purpose=purpose, round_=round):
                 return Spent(spent_before, self.delta, len(contents.entries)), True
             epsilon_after = epsilon_for([*contents.events, *events], self.delta)
             if epsilon_after > self.epsilon_budget + _BUDGET_SLACK:

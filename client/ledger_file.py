@@ -79,6 +79,11 @@ def mark_started(path: Path, dataset_id: str) -> None:
         atomic_write_json(started_mark(path), {"ledger": Path(path).name, "dataset_id": dataset_id, "marked": now()})
 
 
+def has_charge(entries: list[dict], *, run: str, purpose: str, round_: int) -> bool:
+    """Whether ``entries`` hold a charge of the (run, purpose, round) release."""
+    return any(e["run"] == run and e["purpose"] == purpose and e["round"] == round_ for e in entries)
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 

@@ -14,15 +14,15 @@ The time a reply takes is observable too, and it depends on the records (data lo
 grow with the record count). A site whose operator sets ``min_reply_seconds`` holds every reply, refusals
 included, until that long after its work began (after the request lock, and before the lock is released, so that
 a request that waited for another's work carries none of that work's time), and stamps it when it leaves (Flower's
-``created_at``): a reply that leaves at the hold says nothing about how long the work took. Work that outlasts the hold leaves at the
-hold's next multiple, and the site's log says to raise it.
+``created_at``): a reply that leaves at the hold says nothing about how long the work took. Work that outlasts the
+hold leaves at the hold's next multiple, and the site's log says to raise it.
 """
 
 from __future__ import annotations
 
 import fcntl
-import math
 import logging
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -38,6 +38,7 @@ from common import protocol as P
 from common.data import DataError, ImageDataset
 from common.device import pick_device
 from common.files import save_torch_atomic
+from common.recipe_ranges import recipe_problems
 from common.run_id import experiment_id_problem
 
 log = logging.getLogger("fedsynth.site")
@@ -214,6 +215,14 @@ def site_data(site: SiteSettings) -> ImageDataset:
         raise
     except (OSError, ValueError) as err:  # an unexpected decoder / IO failure: the operator must look
         raise DataError(f"{type(err).__name__}: {err}") from None
+
+
+def check_recipe(req: P.Message) -> None:
+    """Refuse, before anything is charged, a recipe value outside the protocol's ranges (``common.recipe_ranges``:
+    each problem names the setting, its range and the coordinator's own value)."""
+    problems = recipe_problems(req)
+    if problems:
+        raise Refusal(P.REFUSED_BAD_REQUEST, "; ".join(problems))
 
 
 def check_schema(data: ImageDataset, channels: int, height: int, width: int, num_classes: int) -> None:

@@ -123,11 +123,7 @@ def secagg_settings_mod(msg: Message, context: Context, call_next) -> Message:
         # Flower routes "train.default" (and "train" without SecAgg+ settings) to this same handler, but its SecAgg+
         # mod masks only type "train" and passes anything else straight to the handler: answered, the summand
         # (the release, or w * x and w) would leave unmasked, even at a site that requires secure aggregation
-        raise _Refused(refuse(msg, str(context.node_config.get("site-name", "site")), P.REFUSED_BAD_REQUEST,
-                              f"a secure release is answered only inside the SecAgg+ stages of message type "
-                              f"{P.SECURE_TRAIN!r} with the stage's settings; got {msg.metadata.message_type!r}"
-                              + ("" if configs is not None else " without them")))
-    site_name = str(context.node_config.get("site-name", "site"))
+        raise _outside_the_stages(msg, context, "" if configs is not None else " without the stage's settings")
     state = context.state.config_records.get(RECORD_KEY_STATE)
     problem = secagg_problem(dict(configs), dict(state) if state is not None else {}, context.node_id)
     if not problem and msg.metadata.dst_node_id != context.node_id:
@@ -135,8 +131,19 @@ def secagg_settings_mod(msg: Message, context: Context, call_next) -> Message:
         # would make the site check its neighbours and unmasking lists against an id that is not its own
         problem = "the secure aggregation's message is addressed to another node"
     if problem:
-        raise _Refused(refuse(msg, site_name, P.REFUSED_BAD_REQUEST, problem))
+        raise _Refused(refuse(msg, _site_name(context), P.REFUSED_BAD_REQUEST, problem))
     return call_next(msg, context)
+
+
+def _site_name(context: Context) -> str:
+    return str(context.node_config.get("site-name", "site"))
+
+
+def _outside_the_stages(msg: Message, context: Context, detail: str = "") -> "_Refused":
+    """The refusal of a secure request that is not inside the SecAgg+ stages (it quotes the message type sent)."""
+    return _Refused(refuse(msg, _site_name(context), P.REFUSED_BAD_REQUEST,
+                           f"a secure release is answered only inside the SecAgg+ stages of message type "
+                           f"{P.SECURE_TRAIN!r}; got {msg.metadata.message_type!r}{detail}"))
 
 
 def refusals_mod(msg: Message, context: Context, call_next) -> Message:
@@ -147,7 +154,7 @@ def refusals_mod(msg: Message, context: Context, call_next) -> Message:
         return refused.reply
     except Exception as err:  # noqa: BLE001 - the SecAgg+ mod's own failures: never their text
         log.warning("secure aggregation step failed at this site: %s: %s", type(err).__name__, err)
-        return refuse(msg, str(context.node_config.get("site-name", "site")), P.SITE_FAILURE, FAILURE_TEXT,
+        return refuse(msg, _site_name(context), P.SITE_FAILURE, FAILURE_TEXT,
                       f"secure aggregation: {type(err).__name__}: {err}")
 
 
@@ -233,9 +240,7 @@ def _check_noise_shares(shares: int, context: Context) -> None:
 def handle_secure_train(msg: Message, context: Context) -> Message:
     """Called by the SecAgg+ mod at its third stage; a refusal is raised past the mod (``refusals_mod``)."""
     if msg.metadata.message_type != P.SECURE_TRAIN:  # (secagg_settings_mod refuses it first; never answer in the clear)
-        raise _Refused(refuse(msg, str(context.node_config.get("site-name", "site")), P.REFUSED_BAD_REQUEST,
-                              f"a secure release is answered only inside the SecAgg+ stages of message type "
-                              f"{P.SECURE_TRAIN!r}"))
+        raise _outside_the_stages(msg, context)
     answer = _answer(msg, context)
     if answer.has_error():
         raise _Refused(answer)

@@ -232,11 +232,12 @@ def open_ledger(site: SiteSettings, data: ImageDataset, *, create: bool = True) 
         log.warning("[%s] took over the privacy ledger %s as the ledger of dataset id '%s'", site.name, legacy.name,
                     site.ledger_id)
     new_delta, first_charge = None, None
+    history = released_before(site)
     if create and not site.delta:
         # The default delta is read off a noisy size, charged as the ledger's first entry (client.site_delta).
         # Drawn at every opening (cheap); used and charged only by the call that writes the ledger's header.
         if site.epsilon_budget < least_budget() and not _ledger_started(path) \
-                and not (released_before(site) or lf.started_mark(path).exists()):  # public settings only, no draw
+                and not lf.released_before(path, history):  # public settings only, no draw
             raise Refusal(P.REFUSED_BUDGET, "this site's privacy budget cannot pay the start of its ledger",
                           f"the budget {site.epsilon_budget:g} is below {least_budget():.3g}, what the noisy size its "
                           "default delta is read off may cost: raise epsilon_budget, or set delta in site.yaml")
@@ -244,7 +245,7 @@ def open_ledger(site: SiteSettings, data: ImageDataset, *, create: bool = True) 
     try:
         ledger = PrivacyLedger(path, epsilon_budget=site.epsilon_budget, delta=site.delta or None,
                                new_delta=new_delta, first_charge=first_charge, dataset_id=site.ledger_id,
-                               create=create, history=released_before(site))
+                               create=create, history=history)
     except BudgetExceeded as err:
         raise Refusal(P.REFUSED_BUDGET, "this site's privacy budget cannot pay the start of its ledger", str(err)) \
             from None
@@ -309,8 +310,7 @@ def charged_work(ledger: PrivacyLedger, events: list[DPEvent], data: ImageDatase
     state = _attempt_state(mark)
     simulated = site.partition_id is not None
     reuse = state == ATTEMPT_INTERRUPTED or (simulated and state in (None, ATTEMPT_RUNNING))
-    if state is None and not reuse and any(e["run"] == run and e["purpose"] == purpose and e["round"] == rnd
-                                           for e in ledger.entries()):
+    if state is None and not reuse and ledger.has_charge(run=run, purpose=purpose, round=rnd):
         state = "none"  # charged before, but neither its reply nor its mark is there: a crash lost them
     try:
         if reuse:

@@ -21,7 +21,8 @@ from common.learner import LEARNERS, LearnerConfig, learner_factory
 from common.models import GanShape
 from common.protocol import AUDIT_MAX_IMAGES, MAX_D_STEPS, MAX_G_STEPS
 from common.recipe_ranges import (
-    BOUND_RANGE, COUNT_WEIGHT_RANGE, MAX_LEARNING_RATE, MAX_LOSS_WEIGHT, MAX_SEED, layer_clips_problem, range_problem,
+    BOUND_RANGE, COUNT_WEIGHT_RANGE, MAX_LEARNING_RATE, MAX_LOSS_WEIGHT, MAX_SEED, MIN_G_WIDTH, layer_clips_problem,
+    range_problem,
 )
 from common.run_id import experiment_id_problem
 
@@ -180,8 +181,8 @@ class RunConfig:
         need(self.gan_batch_size >= 0, f"gan-batch-size must be >= 1 (or 0: auto), got {self.gan_batch_size}")
         need(self.gan_max_grad_norm > 0, f"gan-max-grad-norm must be > 0, got {self.gan_max_grad_norm}")
         need(self.gan_lr_d > 0 and self.gan_lr_g > 0, "gan-lr-d and gan-lr-g must be > 0")
-        need(self.gan_latent_dim >= 1 and (self.gan_width >= 4 or self.gan_width == 0),
-             "gan-latent-dim >= 1 and gan-width >= 4 (or 0: chosen by the product)")
+        need(self.gan_latent_dim >= 1 and (self.gan_width >= MIN_G_WIDTH or self.gan_width == 0),
+             f"gan-latent-dim >= 1 and gan-width >= {MIN_G_WIDTH} (or 0: chosen by the product)")
         need(self.gan_d_width >= 0 and self.gan_ac_weight >= 0 and self.gan_mode_seeking >= 0,
              "gan-d-width, gan-ac-weight and gan-mode-seeking must be >= 0")
         need(self.gan_long_local_steps >= 0 and (not self.gan_long_local_steps or not self.gan_local_steps

@@ -85,12 +85,12 @@ def save_torch_atomic(path: Path, obj: Any) -> Path:
 
 def create_once(path: Path, data: bytes) -> bool:
     """Create ``path`` holding ``data`` only if it does not exist yet (atomically, ``O_EXCL``), and make it
-    durable before returning: the file is fsync'ed, and so is its folder where the system allows it (POSIX),
-    so that a crash right after the call cannot lose it. True when this call created it, False when it existed.
+    durable before returning (the file and its folder are fsync'ed), so that a crash right after the call cannot
+    lose it. True when this call created it, False when it existed.
 
     The file's existence is what counts: one left empty by a crash during the write still exists."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs_durably(path.parent)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -100,14 +100,5 @@ def create_once(path: Path, data: bytes) -> bool:
         os.fsync(fd)
     finally:
         os.close(fd)
-    try:
-        folder = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # (Windows cannot open a folder; its file systems write the entry with the file)
-        return True
-    try:
-        os.fsync(folder)
-    except OSError:  # (a file system that cannot sync a folder: the file itself is synced)
-        pass
-    finally:
-        os.close(folder)
+    fsync_dir(path.parent)
     return True

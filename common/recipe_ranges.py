@@ -24,6 +24,7 @@ MAX_SEED = 2 ** 32  # seed in [0, MAX_SEED): a site derives seed * 1000 + round 
 MAX_LEARNING_RATE = 1e3  # lr-d, lr-g, lr: finite, in (0, MAX_LEARNING_RATE]
 MAX_LOSS_WEIGHT = 1e3  # ac-weight, mode-seeking: finite, in [0, MAX_LOSS_WEIGHT]
 BOUND_RANGE = (1e-6, 1e6)  # max-grad-norm, the statistics' clip and each of layer-clips: finite, in this range
+MIN_G_WIDTH = 4  # the generator's smallest base width: G halves its channels at each stage, and below 4 one has none
 COUNT_WEIGHT_RANGE = (1e-6, 1e6)  # count-weight: the release's sensitivity sqrt(w^2 + 1) and its count noise / w
 
 
