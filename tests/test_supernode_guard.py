@@ -22,15 +22,29 @@ from fedsynth.ops import supernode_guard
 from fedsynth.ops.approved_code import bundle_digest
 
 
-def _bundle(source: str) -> bytes:
+PYPROJECT = '[project]\nname = "fedsynth"\nversion = "0.1.0"\n[tool.flwr.app]\npublisher = "fedsynth"\n'
+
+
+def _bundle(source: str, *, pyproject: str = PYPROJECT, extra_manifest: tuple[str, ...] = (),
+            comment: bytes = b"") -> bytes:
+    """A bundle as Flower builds one: members, and a manifest of one ``name,sha256,bits`` line per member."""
+    members = {"pyproject.toml": pyproject.encode(), "client/app.py": source.encode()}
+    manifest = [f"{name},{hashlib.sha256(data).hexdigest()},{8 * len(data)}" for name, data in members.items()]
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as archive:
-        archive.writestr("client/app.py", source)
+        for name, data in members.items():
+            archive.writestr(name, data)
+        archive.writestr(".info/CONTENT", "\n".join([*manifest, *extra_manifest]))
+        archive.comment = comment
     return out.getvalue()
 
 
 APPROVED = _bundle("approved = True\n")
 ROGUE = _bundle("import os\nos.system('copy the records somewhere')\n")
+
+
+class _Run:  # what Flower's get_run returns, as far as the guard reads it
+    fab_id, fab_version = "fedsynth/fedsynth", "0.1.0"
 
 
 def _message() -> Message:
@@ -46,9 +60,12 @@ def guarded(monkeypatch):
     stored: list[bytes] = []
     refusals: list[str] = []
 
-    def flower_step(*, receive, get_fab, state, object_store, **_):  # what Flower does with the bundle it gets
+    def flower_step(*, receive, get_run, get_fab, state, object_store, **_):  # what Flower does with a bundle
         receive()
+        get_run(7)
         fab = get_fab(state["run_fab_hash"], 7)
+        if state.get("config_fails"):  # Flower's get_fused_config_from_fab on a key the bundle does not declare
+            raise ValueError("Key 'no-such-key' is not present in the main dictionary")
         stored.append(fab.content)  # Flower's store_fab, which keys it by sha256(content)
         return 7
 
@@ -56,10 +73,11 @@ def guarded(monkeypatch):
     monkeypatch.setattr(sci, "_insert_message", lambda reply, state, store: refusals.append(reply.error.reason))
     supernode_guard.install({bundle_digest(APPROVED)})
 
-    def pull(run_fab_hash: str, fab: Fab) -> str:
+    def pull(run_fab_hash: str, fab: Fab, run: object = _Run(), config_fails: bool = False) -> str:
         before = len(stored), len(refusals)
-        sci._pull_and_store_message(receive=lambda: (_message(), None), get_fab=lambda h, run: fab,
-                                    state={"run_fab_hash": run_fab_hash}, object_store=None)
+        sci._pull_and_store_message(receive=lambda: (_message(), None), get_run=lambda run_id: run,
+                                    get_fab=lambda h, run_id: fab, object_store=None,
+                                    state={"run_fab_hash": run_fab_hash, "config_fails": config_fails})
         if len(stored) > before[0]:
             return "stored"
         assert len(refusals) > before[1]
@@ -93,3 +111,80 @@ def test_bytes_that_are_not_the_runs_bundle_are_refused(guarded):
     assert "is not the sha256" in guarded(_sha(APPROVED), Fab(_sha(APPROVED), ROGUE, {}))
     assert "is not the sha256" in guarded(_sha(ROGUE), Fab(_sha(APPROVED), APPROVED, {}))
     assert "is not the sha256" in guarded(_sha(APPROVED), Fab(_sha(ROGUE), ROGUE, {}))
+
+
+def _fab(content: bytes) -> Fab:
+    return Fab(_sha(content), content, {})
+
+
+def test_the_installed_release_passes_the_manifest_check():
+    from fedsynth.ops.approved_code import installed_bundle
+
+    assert len(bundle_digest(installed_bundle())) == 64  # Flower's own build: one manifest line per member
+
+
+def test_a_manifest_naming_files_outside_the_bundle_is_refused(guarded, tmp_path):
+    # Flower's installer hashes every path the manifest names (tmpdir / path: an absolute or '..' path reaches the
+    # site's files) before the app runs, and sends the failure's text back: with the approved digest unchanged, an
+    # extra line made an approved bundle a free oracle of which files the site holds.
+    secret = tmp_path / "site-photo.jpg"
+    secret.write_bytes(b"a record")
+    probe = f"{secret},{_sha(b'a record')},64"
+    for extra in ((probe,), (f"../../..{secret},{_sha(b'a record')},64",), ("client/app.py,00,1",)):
+        crafted = _bundle("approved = True\n", extra_manifest=extra)
+        verdict = guarded(_sha(crafted), _fab(crafted))
+        assert verdict.startswith("refused") and "manifest" in verdict
+    assert guarded(_sha(APPROVED), _fab(APPROVED)) == "stored"
+
+
+def test_a_bundle_without_a_true_manifest_is_refused():
+    from fedsynth.ops.approved_code import BundleError
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        archive.writestr("pyproject.toml", PYPROJECT)
+    with pytest.raises(BundleError, match="no manifest"):
+        bundle_digest(out.getvalue())
+
+
+def test_a_run_naming_another_app_or_version_is_refused(guarded):
+    # A task loads apps/<the run's publisher.name.version>.<sha[:8]>, a folder Flower reuses when it exists.
+    for fab_id, version in (("fedsynth/fedsynth", "0.0.9"), ("other/fedsynth", "0.1.0")):
+        run = type("Run", (), {"fab_id": fab_id, "fab_version": version})()
+        verdict = guarded(_sha(APPROVED), _fab(APPROVED), run=run)
+        assert verdict.startswith("refused") and "names app" in verdict
+    assert guarded(_sha(APPROVED), _fab(APPROVED)) == "stored"
+
+
+def test_two_bundles_sharing_the_install_folder_are_never_both_stored(guarded, monkeypatch):
+    # The zip comment is outside the digest: a coordinator can vary it until two approved-digest bundles share
+    # sha256[:8] (Flower's install folder), so the second would run the first's installed code. With one hex
+    # digit the search is instant; the rule is the same at eight.
+    monkeypatch.setattr(supernode_guard, "FAB_HASH_TRUNCATION", 1)
+    first = _bundle("approved = True\n", comment=b"0")
+    twin = next(b for i in range(1, 500) if (b := _bundle("approved = True\n", comment=str(i).encode()))
+                and _sha(b)[0] == _sha(first)[0])
+    assert bundle_digest(twin) == bundle_digest(first)
+    assert guarded(_sha(first), _fab(first)) == "stored"
+    verdict = guarded(_sha(twin), _fab(twin))
+    assert verdict.startswith("refused") and "install" in verdict
+    assert guarded(_sha(first), _fab(first)) == "stored"  # the first stays runnable
+
+
+def test_unreadable_bundles_and_run_configs_are_refused_not_raised(guarded):
+    # Before, these escaped the guard and ended the SuperNode's loop (the node went offline, the process lived on).
+    dated = _bundle("approved = True\n", pyproject=PYPROJECT + 'released = 1979-05-27\n')
+    not_toml = _bundle("approved = True\n", pyproject="[project\n")
+    for crafted in (dated, not_toml, b"PK\x03\x04 not a zip"):
+        assert guarded(_sha(crafted), _fab(crafted)).startswith("refused")
+    verdict = guarded(_sha(APPROVED), _fab(APPROVED), config_fails=True)
+    assert verdict.startswith("refused") and "run config" in verdict and "no-such-key" not in verdict
+
+
+def test_the_guard_starts_with_no_installed_bundle_left(monkeypatch, tmp_path):
+    installed = tmp_path / "apps" / "fedsynth.fedsynth.0.1.0.1abaab08"
+    installed.mkdir(parents=True)
+    (installed / "pyproject.toml").write_text(PYPROJECT)
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    supernode_guard.clear_installed_apps()
+    assert not (tmp_path / "apps").exists() and tmp_path.exists()

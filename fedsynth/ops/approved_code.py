@@ -12,6 +12,13 @@ canonical form (parsed TOML as sorted JSON) because Flower re-serialises it when
 digest changes with any byte of any file, any added or removed file, and any change of settings --
 and does not change with zip compression or TOML formatting. A bundle with duplicate members or
 paths outside its root is refused outright.
+
+The manifest is not in the digest, but it must list exactly the bundle's other members, each once, with
+their own sha256 and size (``check_manifest``): Flower's installer hashes every path the manifest names
+(``tmpdir / path``, so an absolute or ``..`` path reaches the site's own files) in every ClientApp process,
+before the app runs, and sends any failure's text to the SuperLink. A manifest with an extra line would
+have turned an approved bundle into a free oracle of the site's files. Anything in the bytes the digest
+cannot read (bad compression, a pyproject that is not TOML, a member too large) is a ``BundleError``.
 """
 
 from __future__ import annotations
@@ -35,26 +42,74 @@ class BundleError(ValueError):
     """The bundle cannot be digested (not a zip, duplicate or unsafe member names)."""
 
 
+MAX_BUNDLE_BYTES = 64 * 2**20  # uncompressed, all members; fedsynth's own bundle holds about 0.7 MB
+MAX_BUNDLE_MEMBERS = 10_000  # fedsynth's own holds about 80
+
+
 def bundle_digest(fab: bytes) -> str:
-    """The content digest of a FAB (module docstring)."""
+    """The content digest of a FAB (module docstring), after ``check_manifest``; BundleError if unreadable."""
+    try:
+        return _digest(fab)
+    except BundleError:
+        raise
+    except Exception as err:  # bytes the SuperLink chose: refuse them, never let the SuperNode stop on them
+        raise BundleError(f"the bundle cannot be read ({type(err).__name__})") from None
+
+
+def _digest(fab: bytes) -> str:
     try:
         archive = zipfile.ZipFile(io.BytesIO(fab))
-        names = archive.namelist()
+        infos = archive.infolist()
     except zipfile.BadZipFile as err:
         raise BundleError(f"the bundle is not a zip archive: {err}") from None
+    names = [info.filename for info in infos]
     if len(set(names)) != len(names):
         raise BundleError("the bundle holds two members with the same name")
-    lines = []
-    for name in sorted(names):
-        if name.startswith("/") or ".." in name.split("/") or "\\" in name:
-            raise BundleError(f"the bundle member {name!r} points outside the bundle")
+    if len(infos) > MAX_BUNDLE_MEMBERS or sum(info.file_size for info in infos) > MAX_BUNDLE_BYTES:
+        raise BundleError(f"the bundle holds more than {MAX_BUNDLE_MEMBERS} members or {MAX_BUNDLE_BYTES} bytes")
+    lines, members = [], {}
+    for info in sorted(infos, key=lambda i: i.filename):
+        name = info.filename
+        if not name or name.startswith("/") or ".." in name.split("/") or "\\" in name or name.endswith("/"):
+            raise BundleError(f"the bundle member {name!r} points outside the bundle or is a folder")
         if name == MANIFEST:
             continue
-        data = archive.read(name)
+        data = archive.read(name)  # at most info.file_size bytes (zipfile stops there), capped above
+        members[name] = (hashlib.sha256(data).hexdigest(), 8 * len(data))  # Flower writes sizes in bits
         if name == "pyproject.toml":
             data = json.dumps(tomllib.loads(data.decode("utf-8")), sort_keys=True).encode()
         lines.append(f"{name}\0{hashlib.sha256(data).hexdigest()}")
+    check_manifest(archive.read(MANIFEST).decode("utf-8") if MANIFEST in names else None, members)
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def check_manifest(manifest: str | None, members: dict[str, tuple[str, int]]) -> None:
+    """Refuse a manifest that is not exactly one ``name,sha256,size`` line per other member, as Flower builds it
+    (``flwr.cli.build``: the size in bits).
+
+    Read the way Flower's installer reads it (``flwr.cli.install._verify_hashes``: lines of the stripped text,
+    split on commas), so every path the installer will hash is a member of the bundle itself."""
+    if manifest is None:
+        raise BundleError(f"the bundle has no manifest ({MANIFEST})")
+    listed: dict[str, tuple[str, int]] = {}
+    for line in manifest.strip().split("\n"):
+        parts = line.split(",")
+        if len(parts) != 3 or parts[0] in listed or not parts[2].isdigit():
+            raise BundleError(f"the bundle's manifest ({MANIFEST}) has a malformed or repeated line")
+        listed[parts[0]] = (parts[1], int(parts[2]))
+    if listed != members:
+        raise BundleError(f"the bundle's manifest ({MANIFEST}) does not list exactly its members with their "
+                          "sha256 and size")
+
+
+def bundle_app_id(fab: bytes) -> tuple[str, str]:
+    """(fab_id, version) from the bundle's own pyproject, as Flower reads them (publisher/name, version)."""
+    try:
+        config = tomllib.loads(zipfile.ZipFile(io.BytesIO(fab)).read("pyproject.toml").decode("utf-8"))
+        return f"{config['tool']['flwr']['app']['publisher']}/{config['project']['name']}", config["project"]["version"]
+    except Exception as err:  # noqa: BLE001 - the SuperLink's bytes
+        raise BundleError(f"the bundle's pyproject.toml names no app publisher, name and version "
+                          f"({type(err).__name__})") from None
 
 
 APP_PACKAGES = ("client", "common", "server")  # what `fab-include` in pyproject.toml puts in the bundle

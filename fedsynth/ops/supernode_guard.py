@@ -9,16 +9,29 @@ before the SuperNode stores it, and a bundle whose digest is not in FILE is neve
 ClientApp of that run is ever started. The SuperNode answers the run's message with an error reply
 instead -- the same path Flower uses for its own bundle verification -- and every later message of the
 run is refused the same way. Nothing of the site's data is read.
+
+Three more holes around that step, each closed here (tests/test_supernode_guard.py):
+- Flower installs a bundle into ``$FLWR_HOME/apps/<publisher>.<name>.<version>.<sha256[:8]>`` and reuses such a
+  folder when it exists; a task then loads the folder named by the *run's* app id and version, which the
+  SuperLink states. So the run must name its bundle's own app id and version, two bundles whose sha256 share
+  their first 8 hex digits are never both stored, and the SuperNode starts with no installed app left from
+  an earlier start (when a release now revoked may have been approved): ``main`` removes that folder.
+- Anything else in the run's bundle or config that makes Flower's step raise (a run-config key the bundle
+  does not declare, say) is refused like an unapproved bundle, where before it ended the SuperNode's loop.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import sys
 
+from flwr.common.constant import APP_DIR, FAB_HASH_TRUNCATION  # install folders: apps/<id>.<version>.<sha[:8]>
+
 from common.refusal_codes import REFUSED_UNAPPROVED_CODE  # (import-light: no torch, no Flower app)
-from fedsynth.ops.approved_code import BundleError, bundle_digest, installed_bundle_digest, read_approvals
+from fedsynth.ops.approved_code import (BundleError, bundle_app_id, bundle_digest, installed_bundle_digest,
+                                        read_approvals)
 
 log = logging.getLogger("fedsynth.site")
 
@@ -39,8 +52,9 @@ def install(approved: set[str]) -> None:
     # names: a SuperLink can send a bundle with an empty hash_str, which Flower stores under its content's hash
     # without comparing, so a verdict remembered under "" would pass every later bundle sent the same way.
     verdicts: dict[str, str] = {}
+    stored_prefixes: dict[str, str] = {}  # sha256[:8] (Flower's install folder) -> the one bundle stored under it
 
-    def check(fab, requested_hash: str) -> None:
+    def check(fab, requested_hash: str, run_info) -> None:
         content_hash = hashlib.sha256(fab.content).hexdigest()
         # The run's tasks load the bundle stored under the run's fab_hash (the hash get_fab was asked for), so the
         # bundle checked must be that one: a SuperLink that answers with other bytes, or names another hash, is
@@ -59,10 +73,23 @@ def install(approved: set[str]) -> None:
                 verdicts[content_hash] = f"this site refuses the run's bundle: {err}"
         if verdicts[content_hash]:
             raise _Unapproved(verdicts[content_hash])
+        try:
+            app_id = bundle_app_id(fab.content)
+        except BundleError as err:
+            raise _Unapproved(f"this site refuses the run's bundle: {err}") from None
+        if run_info is None or (run_info.fab_id, run_info.fab_version) != app_id:
+            named = (run_info.fab_id, run_info.fab_version) if run_info is not None else ("?", "?")
+            raise _Unapproved(f"this site refuses the run: it names app {named[0]!r} version {named[1]!r}, but its "
+                              f"bundle is {app_id[0]!r} version {app_id[1]!r}")
+        prefix = content_hash[:FAB_HASH_TRUNCATION]
+        if stored_prefixes.setdefault(prefix, content_hash) != content_hash:
+            raise _Unapproved(f"this site refuses the run's bundle: another bundle this site stored shares the first "
+                              f"{FAB_HASH_TRUNCATION} hex digits of its sha256 ({prefix}), which name Flower's install "
+                              f"folder")
 
     def guarded(*args, **kwargs):
         received = {}
-        receive, get_fab = kwargs["receive"], kwargs["get_fab"]
+        receive, get_fab, get_run = kwargs["receive"], kwargs["get_fab"], kwargs.get("get_run")
 
         def remember(*a, **k):
             got = receive(*a, **k)
@@ -70,22 +97,42 @@ def install(approved: set[str]) -> None:
                 received["message"] = got[0]
             return got
 
+        def remember_run(*a, **k):  # Flower calls get_run(run_id) just before get_fab
+            received["run"] = get_run(*a, **k)
+            return received["run"]
+
         def checked_fab(fab_hash, *a, **k):  # Flower calls get_fab(run_info.fab_hash, run_id)
             fab = get_fab(fab_hash, *a, **k)
-            check(fab, str(fab_hash))
+            check(fab, str(fab_hash), received.get("run"))
+            received["checked"] = True  # what raises from here on is Flower reading the run's own config
             return fab
 
         kwargs.update(receive=remember, get_fab=checked_fab)
+        if get_run is not None:
+            kwargs.update(get_run=remember_run)
         try:
             return original(*args, **kwargs)
-        except _Unapproved as err:
-            message = received["message"]
-            sci.log(logging.ERROR, "REFUSED run %s: %s", message.metadata.run_id, err.why)
-            reply = Message(Error(code=REFUSED_UNAPPROVED_CODE, reason=err.why), reply_to=message)
+        except Exception as err:  # noqa: BLE001 - the SuperLink's run and bundle: refuse, never stop the SuperNode
+            message = received.get("message")
+            if message is None or not (isinstance(err, _Unapproved) or received.get("checked")):
+                raise  # nothing received, or the link failed before the bundle came: Flower's own handling
+            why = err.why if isinstance(err, _Unapproved) else (
+                f"this site refuses the run: its bundle or run config could not be read ({type(err).__name__}; "
+                "e.g. a run-config key the bundle does not declare)")
+            sci.log(logging.ERROR, "REFUSED run %s: %s", message.metadata.run_id, why)
+            reply = Message(Error(code=REFUSED_UNAPPROVED_CODE, reason=why), reply_to=message)
             sci._insert_message(reply, kwargs["state"], kwargs["object_store"])
             return message.metadata.run_id
 
     sci._pull_and_store_message = guarded
+
+
+def clear_installed_apps() -> None:
+    """Remove the bundles Flower installed under $FLWR_HOME before this start: they were approved then, not
+    necessarily now, and Flower would load such a folder again for a run that names it (module docstring)."""
+    from flwr.common.config import get_flwr_home
+
+    shutil.rmtree(get_flwr_home() / APP_DIR, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("usage: python -m fedsynth.ops.supernode_guard APPROVED_FILE [flower-supernode arguments]")
     approved = {installed_bundle_digest()} if argv[0] == "installed" else read_approvals(argv[0])
     install(approved)
+    clear_installed_apps()
     from flwr.supernode.cli import flower_supernode
 
     sys.argv = ["flower-supernode", *argv[1:]]
