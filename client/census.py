@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from client.budget import census_event, census_purpose, is_private, public_size
+from client.budget import PLAN_FILE, census_event, census_purpose, is_private, public_size
 from client.discrete_gaussian import noisy_counts
 from client.ledger import BudgetExceeded
 from client.refusal import Refusal
@@ -97,6 +97,7 @@ def run_census(data: ImageDataset, ledger: "PrivacyLedger", run_dir: Path, *, mo
     if census is not None:
         return census
     check_census_fits(run_dir, epsilon, budget, delta_bound)
+    _check_planned_with_census(run_dir, mode, experiment)
     private = is_private(epsilon, budget)
     event = census_event(private)
     # Charged anew whenever its file is missing, never reused: the file is written (durably) right after the draw,
@@ -122,3 +123,17 @@ def run_census(data: ImageDataset, ledger: "PrivacyLedger", run_dir: Path, *, mo
         raise Refusal(P.REFUSED_BUDGET, "the requested work does not fit this site's privacy budget",
                       str(err)) from None
     return draw_census(data, event.noise_multiplier, run_dir)
+
+
+def _check_planned_with_census(run_dir: Path, mode: str, experiment: str) -> None:
+    """Refuse, before any charge, a census for a run whose plan was made without one (review s56): a statistics
+    release with a provided net plans no census, and a training request under its id would draw and charge one
+    (past the run's epsilon, which the plan had spent) and then be refused by the plan it cannot change."""
+    path = run_dir / PLAN_FILE
+    if not path.exists():
+        return
+    plan = json.loads(path.read_text())  # (client.budget.RunPlan: its census event, None where it planned none)
+    if plan["request"].get("mode") != mode or plan.get("census") is None:
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"run {experiment!r} was planned at this site by its first request, "
+                                             f"without {mode} training; its settings are fixed: start a new "
+                                             "experiment")

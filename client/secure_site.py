@@ -37,6 +37,7 @@ README, Privacy, says so.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -174,6 +175,7 @@ def _answer(msg: Message, context: Context, site: SiteSettings) -> Message:
     mark = summed_mark(request, site)
     if mark.exists():  # before any work: the saved release will not be sent into a second sum
         raise _already_summed(request)
+    _claim_setup(context, site)
     inner = _INNER[request.MESSAGE_TYPE]
     reply = inner(request, context, site, secure=True) if inner is release_bnstats else inner(request, context, site)
     try:
@@ -222,6 +224,30 @@ def _mark_summed(mark: Path, request: P.Message) -> None:
             "marked-at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if not create_once(mark, json.dumps(note).encode()):
         raise _already_summed(request)
+
+
+SETUPS_FOLDER = "secure-setups"  # in the site's state folder: one empty file per SecAgg+ setup that masked a vector
+
+
+def _claim_setup(context: Context, site: SiteSettings) -> None:
+    """One SecAgg+ setup masks one vector of this site, ever (under the request lock, before any work).
+
+    Flower's mod reads its state from the context when a stage starts and writes it back when it ends, and a
+    SuperNode runs each message as its own task on the context as it was when the task started. So two "collect
+    masked vectors" stages of one setup sent at once both pass Flower's stage check, and the two vectors carry the
+    same self mask and pairwise masks: their difference is this site's two releases' difference, in the clear
+    (review s56: with one of them a full-noise release the coordinator got before, the other alone, a split-noise
+    release with part of its charged noise). The setup is named by its self-mask seed, which only this site holds."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+
+    state = context.state.config_records.get(RECORD_KEY_STATE)
+    seed = state.get("rd_seed") if state is not None else None
+    if not isinstance(seed, bytes) or not seed:
+        raise Refusal(P.REFUSED_BAD_REQUEST, "the secure sum asks for a masked vector before its keys were shared")
+    if not create_once(site.state_dir / SETUPS_FOLDER / hashlib.sha256(seed).hexdigest(), b""):
+        raise Refusal(P.REFUSED_BAD_REQUEST, "this secure aggregation's setup already masked one vector of this site; "
+                                             "two vectors under the same masks would show their difference, so a "
+                                             "second one needs a new secure aggregation")
 
 
 def _check_noise_shares(shares: int, context: Context) -> None:

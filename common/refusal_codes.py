@@ -25,7 +25,8 @@ REFUSED_BAD_REQUEST = 4002  # malformed, inconsistent or hostile request
 # Also bad, before any charge: a recipe value out of range, a changed GAN architecture (common.recipe_ranges).
 # Also bad, quoting only the coordinator's own message: a secure release asked for outside the SecAgg+ stages of
 # type 'train' (client.secure_site.secagg_settings_mod: the message type it sent); a run's first training request
-# under an id the coordinator used for evaluation or audit queries before (client.census.run_census).
+# under an id the coordinator used for evaluation or audit queries before (client.census.run_census), or under an id
+# whose plan its first request made without that training (client.census._check_planned_with_census).
 # Also a bad request: a secure request whose release already went into a masked vector at this site (the same run,
 # message type and round; client.secure_site._already_summed). Its reason quotes the request's message type, round and
 # experiment id, says ALREADY_SUMMED, why a second sum is refused and to start a new experiment. That the release went
@@ -33,6 +34,9 @@ REFUSED_BAD_REQUEST = 4002  # malformed, inconsistent or hostile request
 # it arrived): nothing more of the records (a release refused for its value range is refused before it is marked,
 # and again, the same way, when re-sent).
 ALREADY_SUMMED = "already went into a secure sum at this site"  # server.secure_agg recognizes such refusals by it
+# Also bad: a second masked vector asked for under one SecAgg+ setup (client.secure_site._claim_setup; two stages of
+# the same setup sent at once), or a masked vector before the setup's keys were shared. Fixed text: what the
+# coordinator's own stages did, nothing of the records.
 REFUSED_NOT_ALLOWED = 4003  # the site's config does not allow this mode / action / more queries / this much work
 # (allow_distributed_noise is such a setting of site.yaml: the refusal names it, public by declaration.)
 # A work-limit refusal (client.limits) names the operator's limit and the request's own sizes (parameters,

@@ -90,6 +90,21 @@ def test_out_of_range_statistics_values_are_refused_before_anything_is_charged(t
     assert ledger_paths(tmp_path) == []
 
 
+def test_a_run_planned_without_a_census_is_not_charged_one_by_a_later_training_request(tmp_path):
+    """Review s56: a statistics release with a provided net plans no census; a training request under the same id
+    drew and charged one (the run past its epsilon, which the release had spent) and was then refused by the plan."""
+    cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, epsilon=5.0)
+    grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
+    released = send(grid, 1000, _bn_request(cfg, "planned"))
+    assert not released.has_error(), released.error.reason
+    before = charges(tmp_path)
+    for late in (gan_request(cfg, experiment="planned"),
+                 _bn_request(cfg, "planned", net_rounds=2, local_steps=2, batch_size=16)):
+        _refused(send(grid, 1000, late), "'planned'", "start a new experiment")
+    assert charges(tmp_path) == before
+    assert before and not [p for p in (tmp_path / "sites").rglob("census.json") if p.parent.name == "planned"]
+
+
 @pytest.fixture()
 def one_round_trained(tmp_path):
     """A site that trained round 1 of a 2-round DP-GAN run at the defaults of tests.test_faults.gan_request."""

@@ -521,3 +521,50 @@ def test_a_secure_release_is_never_answered_outside_the_secagg_stages(tmp_path):
     reply = list(grid.send_and_receive([grid.create_message(content, "train.default", 1000, "g")]))[0]
     assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST
     assert not any(e["purpose"] == "bnstats-release" for site in charges(tmp_path / "bn") for e in site)
+
+
+def test_two_masked_vector_stages_of_one_setup_sent_at_once_are_refused(tmp_path):
+    """Review s56: a SuperNode runs each message as its own task on the context as it was when the task started, so
+    two "collect masked vectors" stages of one setup sent at once both pass Flower's stage check. The two vectors
+    carry the same masks; their difference is the site's two releases' difference in the clear (with one of them a
+    full-noise release sent in the clear before, the other alone). Emulated as the second task sees it: the victim's
+    context copied just before its stage, the second stage (another run's request) answered from the copy."""
+    import copy
+
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+    from flwr.compat.common import recorddict_compat as compat
+
+    cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, synthetic_size=50, secure_aggregation=True,
+                      distributed_noise=True)
+    _, split = _split_noise_request(cfg, "exp-A", 2)
+    _, full = _split_noise_request(cfg, "exp-B", 1)
+    grid = _grid(cfg, 3, parallel=False)
+    ids = sorted(grid.get_node_ids())
+    victim = ids[0]
+    answer, seen = grid._answer, {}
+
+    def answer_twice(msg):
+        stage = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if (msg.metadata.dst_node_id == victim and stage is not None and not seen
+                and stage[Key.STAGE] == Stage.COLLECT_MASKED_VECTORS):
+            snapshot = copy.deepcopy(grid.nodes[victim])  # the context a second task of the run pulls
+            seen["first"] = answer(msg)
+            second = copy.deepcopy(msg)
+            fit = compat.fitins_to_recorddict(secure_wire.wrap_request(full), keep_input=True)
+            for key in list(second.content.array_records):
+                del second.content.array_records[key]
+            for key, value in fit.array_records.items():
+                second.content.array_records[key] = value
+            second.content.config_records["fitins.config"] = fit.config_records["fitins.config"]
+            seen["second"] = client_app(second, snapshot)
+            return seen["first"]
+        return answer(msg)
+
+    grid._answer = answer_twice
+    got = secure_sum(grid, {n: split for n in ids}, round_label=0, timeout=30)
+    assert got.total is not None and got.contributors == ids  # the aggregation itself goes on
+    assert not seen["first"].has_error()
+    assert seen["second"].has_error() and "already masked one vector" in seen["second"].error.reason
+    assert not list((tmp_path / "sites").rglob("exp-B"))  # refused before any work: nothing of run B charged
+    assert all(entry["run"] != "exp-B" for site in charges(tmp_path) for entry in site)
+    assert any(entry["run"] == "exp-A" for entry in charges(tmp_path)[0])  # (run A's was: the check is not vacuous)
