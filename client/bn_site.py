@@ -18,7 +18,7 @@ from flwr.app import Context, Message
 
 from client.auto_clip import choose_layer_clips
 from client.bnstats import record_class_statistics
-from client.budget import PlanRequest, RunPlan, expected_batch, plan_for_site, validate_plan_request
+from client.budget import PlanRequest, RunPlan, expected_batch, make_plan, plan_for_site, validate_plan_request
 from client.census import census_weight, check_census_fits, run_census
 from client.dpsgd import train_dpsgd_local
 from client.limits import check_work, meta_module, parameter_count
@@ -39,6 +39,7 @@ from client.site import SiteSettings, charged_work, data_fingerprint, open_ledge
 from common import protocol as P
 from common.bnnet import BNNet, norm_layer_names
 from common.data import ImageDataset
+from common.wire import quoted
 
 log = logging.getLogger("fedsynth.site")
 AUTO = "auto"
@@ -90,8 +91,11 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings):
                        batch_size=req.batch_size, census=True, stats_share=req.stats_share,
                        auto_clip=str(req.layer_clips).strip() == AUTO)
     validate_plan_request(preq)  # a malformed request costs nothing, not even the census
-    if trains:  # (a run without a census: nothing to check) before a new ledger is started
+    if trains:  # before a new ledger is started (its noisy size is charged)
         check_census_fits(folder, req.epsilon, site.epsilon_budget, site.delta_bound)
+    else:  # no census, no DP-SGD: the plan is a function of public values, so a plan no ledger can pay (at the
+        # published delta bound, nothing spent) is refused before a new ledger is started (review s56)
+        make_plan(preq, num_records=1.0, delta=site.delta_bound, budget=site.epsilon_budget, prior=[])
     ledger = open_ledger(site, data)
     # a run that trains the net draws its census first: the plan's sampling rate is set from its noisy total
     census = run_census(data, ledger, folder, mode="bnstats", experiment=req.experiment, epsilon=req.epsilon,
@@ -132,6 +136,13 @@ def train_bnnet(req: P.BnTrainRequest, context: Context, site: SiteSettings) -> 
     return P.BnTrainReply(**saved["reply"])
 
 
+def _clip_detail(req: P.BnPlanSettings) -> float | str | list[float]:
+    """The clip bounds as the ledger records them: parsed (the coordinator's string is never copied: review s56
+    found a 10 MB one), 'auto', or the single bound."""
+    raw = str(req.layer_clips).strip()
+    return req.clip if not raw else raw if raw == AUTO else [float(b) for b in raw.split(",")]
+
+
 def _clip_bounds(req: P.BnPlanSettings, net: BNNet) -> float | dict[str, float] | None:
     """One flat bound, one per norm layer (in the net's layer order) when ``layer-clips`` lists them, or
     None for ``auto`` (chosen privately from the data just before the release)."""
@@ -144,10 +155,10 @@ def _clip_bounds(req: P.BnPlanSettings, net: BNNet) -> float | dict[str, float] 
     try:
         bounds = [float(b) for b in raw.split(",")]
     except ValueError:
-        raise Refusal(P.REFUSED_BAD_REQUEST, f"layer-clips must be numbers, got {raw!r}") from None
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"layer-clips must be numbers, got {quoted(raw)}") from None
     if len(bounds) != len(layers) or not all(b > 0 and math.isfinite(b) for b in bounds):
         raise Refusal(P.REFUSED_BAD_REQUEST, f"layer-clips needs {len(layers)} positive bounds for the layers "
-                                             f"{layers}, got {raw!r}")
+                                             f"{layers}, got {quoted(raw)}")
     return dict(zip(layers, bounds))
 
 
@@ -188,7 +199,7 @@ def release_bnstats(req: P.BnStatsRequest, context: Context, site: SiteSettings,
     if saved is None:
         clips = _clip_bounds(req, net)  # a malformed request is refused before anything is charged
         events = ([plan.clip_choice] if plan.clip_choice else []) + [plan.stats]
-        details = {"clip": str(req.layer_clips).strip() or req.clip, "count-weight": req.count_weight,
+        details = {"clip": _clip_detail(req), "count-weight": req.count_weight,
                    **({"distributed-noise-shares": req.noise_shares,
                        "own-noise-multiplier": plan.stats.noise_multiplier / math.sqrt(req.noise_shares)}
                       if req.noise_shares > 1 else {})}

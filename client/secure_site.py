@@ -104,6 +104,10 @@ def secagg_problem(configs: dict, state: dict, node_id: int) -> str:
         if str(node_id) not in neighbours or len(neighbours) > int(state.get("share_num", 0)):
             return (f"the secure sum's neighbours must be at most the {state.get('share_num')} sites announced at its "
                     f"setup, this one among them; got {len(neighbours)}")
+    elif stage == Stage.COLLECT_MASKED_VECTORS:
+        # Flower's mod calls the handler first and checks the shares after; a stage it would refuse must not be
+        # worked on and charged first (review s56: it left a charged round marked as summed, never sendable)
+        return _collect_problem(configs, state, node_id)
     elif stage == Stage.UNMASK:
         active, dead = list(configs.get(Key.ACTIVE_NODE_ID_LIST, [])), list(configs.get(Key.DEAD_NODE_ID_LIST, []))
         neighbours = set(state.get("public_keys_dict:K", []))
@@ -111,6 +115,33 @@ def secagg_problem(configs: dict, state: dict, node_id: int) -> str:
             return "a node is listed twice, or as both active and dropped, in the secure sum's unmasking"
         if not set(active) | set(dead) <= neighbours or node_id not in active:
             return "the secure sum's unmasking names nodes that are not its sites, or this site as dropped"
+    return ""
+
+
+def _collect_problem(configs: dict, state: dict, node_id: int) -> str:
+    """What Flower's mod checks of the "collect masked vectors" stage only after the handler's work: one share from
+    each source, at least threshold - 1 distinct neighbours other than this site, each decrypting (with the key
+    this site shares with its source) to a share from that source for this site. Quotes only the stage's counts."""
+    from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState
+    from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt
+    from flwr.common.secure_aggregation.secaggplus_constants import Key
+    from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_separate
+
+    ciphertexts, sources = configs.get(Key.CIPHERTEXT_LIST), configs.get(Key.SOURCE_LIST)
+    if not isinstance(ciphertexts, list) or not isinstance(sources, list):
+        return "the secure sum's masked-vector stage carries no list of shares and their sources"
+    ours = SecAggPlusState(**state)
+    if len(ciphertexts) != len(sources) or len(set(sources)) != len(sources) or len(sources) + 1 < ours.threshold:
+        return (f"the secure sum's masked-vector stage carries {len(ciphertexts)} shares from {len(sources)} sources "
+                f"({len(set(sources))} distinct); it needs one from each of at least {ours.threshold - 1} neighbours")
+    for source, ciphertext in zip(sources, ciphertexts):
+        key = ours.ss2_dict.get(source) if source != node_id else None
+        try:
+            sent_by, sent_to, _, _ = share_keys_plaintext_separate(decrypt(key, ciphertext))
+        except Exception:  # noqa: BLE001 - the coordinator's bytes; no key: not a neighbour
+            return "a share in the secure sum's masked-vector stage is not from one of this site's neighbours"
+        if sent_by != source or sent_to != node_id:
+            return "a share in the secure sum's masked-vector stage is from or for another node than it says"
     return ""
 
 

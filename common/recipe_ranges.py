@@ -19,6 +19,7 @@ import math
 from typing import Any
 
 from common import protocol as P
+from common.wire import quoted
 
 MAX_SEED = 2 ** 32  # seed in [0, MAX_SEED): a site derives seed * 1000 + round (+ 1), far inside torch's 64 bits
 MAX_LEARNING_RATE = 1e3  # lr-d, lr-g, lr: finite, in (0, MAX_LEARNING_RATE]
@@ -26,6 +27,7 @@ MAX_LOSS_WEIGHT = 1e3  # ac-weight, mode-seeking: finite, in [0, MAX_LOSS_WEIGHT
 BOUND_RANGE = (1e-6, 1e6)  # max-grad-norm, the statistics' clip and each of layer-clips: finite, in this range
 MIN_G_WIDTH = 4  # the generator's smallest base width: G halves its channels at each stage, and below 4 one has none
 COUNT_WEIGHT_RANGE = (1e-6, 1e6)  # count-weight: the release's sensitivity sqrt(w^2 + 1) and its count noise / w
+MAX_LAYER_CLIPS_CHARS = 1000  # layer-clips: a bound per normalised layer (the product's nets have 4 to a dozen)
 
 
 def range_problem(name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> str | None:
@@ -35,7 +37,7 @@ def range_problem(name: str, value: Any, low: float, high: float, *, low_open: b
         and value <= high
     if ok:
         return None
-    return f"{name} must be a finite number in {'(' if low_open else '['}{low:g}, {high:g}], got {value!r}"
+    return f"{name} must be a finite number in {'(' if low_open else '['}{low:g}, {high:g}], got {quoted(value)}"
 
 
 def layer_clips_problem(raw: str, name: str = "layer-clips") -> str | None:
@@ -44,13 +46,15 @@ def layer_clips_problem(raw: str, name: str = "layer-clips") -> str | None:
     raw = str(raw).strip()
     if not raw or raw == "auto":
         return None
+    if len(raw) > MAX_LAYER_CLIPS_CHARS:  # (a site records the parsed bounds in its ledger, never this string)
+        return f"{name} must be at most {MAX_LAYER_CLIPS_CHARS} characters, got {len(raw):,}"
     try:
         bounds = [float(b) for b in raw.split(",")]
     except ValueError:
-        return f"{name} must be 'auto' or comma-separated numbers, got {raw!r}"
+        return f"{name} must be 'auto' or comma-separated numbers, got {quoted(raw)}"
     bad = [b for b in bounds if range_problem("x", b, *BOUND_RANGE)]
     if bad:
-        return f"{name} must be finite numbers in [{BOUND_RANGE[0]:g}, {BOUND_RANGE[1]:g}], got {raw!r}"
+        return f"{name} must be finite numbers in [{BOUND_RANGE[0]:g}, {BOUND_RANGE[1]:g}], got {quoted(raw)}"
     return None
 
 
@@ -60,7 +64,7 @@ def recipe_problems(req: P.Message) -> list[str]:
     Each problem names the setting, the accepted range and the value the coordinator sent (only its own values)."""
     checks: list[str | None] = []
     if not (isinstance(req.seed, int) and 0 <= req.seed < MAX_SEED):
-        checks.append(f"seed must be an integer in [0, {MAX_SEED}), got {req.seed!r}")
+        checks.append(f"seed must be an integer in [0, {MAX_SEED}), got {quoted(req.seed)}")
     if isinstance(req, P.GanTrainRequest):
         checks += [range_problem("lr-d", req.lr_d, 0.0, MAX_LEARNING_RATE, low_open=True),
                    range_problem("lr-g", req.lr_g, 0.0, MAX_LEARNING_RATE, low_open=True),

@@ -17,12 +17,12 @@ EXPERIMENT_ID_CHARS = "letters, digits, '-', '_' and '.'"
 
 def experiment_id_problem(experiment: str) -> str | None:
     """Why ``experiment`` cannot name a run, or None when it can: 1..MAX_EXPERIMENT_ID ASCII letters, digits,
-    '-', '_' or '.', not starting with '.'."""
+    '-', '_' or '.', not starting with '.' or '-'."""
     if not experiment:
         return "the experiment id is empty"
     if len(experiment) > MAX_EXPERIMENT_ID:
         return f"the experiment id is {len(experiment)} characters long; at most {MAX_EXPERIMENT_ID} are allowed"
-    if experiment.startswith(".") or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in experiment):
+    if experiment[0] in ".-" or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in experiment):
         return (f"the experiment id {experiment!r} may hold only {EXPERIMENT_ID_CHARS}, and must not start "
-                "with '.' (a site names a folder after it)")
+                "with '.' or '-' (a site names a folder after it, which an operator's shell would read as an option)")
     return None

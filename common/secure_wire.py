@@ -78,7 +78,9 @@ def unwrap_request(fitins: Any) -> P.Message:
     except Exception as err:  # noqa: BLE001 - hostile bytes: refuse, never crash
         raise P.ProtocolError(f"the wrapped arrays cannot be decoded: {type(err).__name__}") from None
     names_list = names.split("\n") if names else []
-    if len(names_list) != len(arrays) or len(set(names_list)) != len(names_list):
+    if len(set(names_list)) != len(names_list):
+        raise P.ProtocolError("the wrapped request names an array twice")
+    if len(names_list) != len(arrays):
         raise P.ProtocolError(f"the wrapped request names {len(names_list)} arrays and carries {len(arrays)}")
     records = {P.CONFIG: ConfigRecord(config),
                field: ArrayRecord({n: Array(np.ascontiguousarray(a)) for n, a in zip(names_list, arrays)})}

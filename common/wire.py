@@ -52,6 +52,15 @@ def _is_arrays(f: dataclasses.Field) -> bool:
 
 
 _SCALARS = (bool, int, float, str)
+MAX_STRING_CHARS = 4096  # any string a message carries: the protocol's strings are ids, names and short lists
+QUOTE_CHARS = 200  # the most of a value a refusal or log line quotes
+
+
+def quoted(value: Any) -> str:
+    """``repr(value)`` of a value a message carried, cut to QUOTE_CHARS: refusals and logs quote what the sender
+    sent, and a sender must not make them as long as it likes."""
+    text = repr(value)
+    return text if len(text) <= QUOTE_CHARS else f"{text[:QUOTE_CHARS]}... ({len(text):,} characters)"
 
 
 def _check_scalar(cls_name: str, f: dataclasses.Field, value: Any) -> Any:
@@ -60,26 +69,30 @@ def _check_scalar(cls_name: str, f: dataclasses.Field, value: Any) -> Any:
     key = _dashed(f.name)
     if want == "bool":
         if not isinstance(value, bool):
-            raise ProtocolError(f"{cls_name}: '{key}' must be true/false, got {value!r}")
+            raise ProtocolError(f"{cls_name}: '{key}' must be true/false, got {quoted(value)}")
         return value
     if want == "int":
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ProtocolError(f"{cls_name}: '{key}' must be an integer, got {value!r}")
+            raise ProtocolError(f"{cls_name}: '{key}' must be an integer, got {quoted(value)}")
         return int(value)
     if want == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-            raise ProtocolError(f"{cls_name}: '{key}' must be a number, got {value!r}")
+            raise ProtocolError(f"{cls_name}: '{key}' must be a number, got {quoted(value)}")
         value = float(value)
         if math.isnan(value):
             raise ProtocolError(f"{cls_name}: '{key}' must not be NaN")
         return value
     if want == "str":
         if not isinstance(value, str):
-            raise ProtocolError(f"{cls_name}: '{key}' must be a string, got {value!r}")
+            raise ProtocolError(f"{cls_name}: '{key}' must be a string, got {quoted(value)}")
+        if len(value) > MAX_STRING_CHARS:
+            raise ProtocolError(f"{cls_name}: '{key}' is {len(value):,} characters long; at most {MAX_STRING_CHARS:,}")
         return value
     if want in ("tuple[str, ...]", "list[str]"):
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ProtocolError(f"{cls_name}: '{key}' must be a list of strings, got {value!r}")
+            raise ProtocolError(f"{cls_name}: '{key}' must be a list of strings, got {quoted(value)}")
+        if sum(len(v) for v in value) + len(value) > MAX_STRING_CHARS:
+            raise ProtocolError(f"{cls_name}: '{key}' holds more than {MAX_STRING_CHARS:,} characters")
         return tuple(value)
     raise TypeError(f"{cls_name}.{f.name}: unsupported protocol field type {want}")
 
@@ -140,7 +153,11 @@ class Message:
         for f in array_fields:
             if f.name not in content.array_records:
                 raise ProtocolError(f"{cls.__name__}: '{f.name}' is not an ArrayRecord")
-            values[f.name] = {k: v.numpy() for k, v in content.array_records[f.name].items()}
+            try:
+                values[f.name] = {k: v.numpy() for k, v in content.array_records[f.name].items()}
+            except Exception as err:  # noqa: BLE001 - the sender's bytes (a crafted .npy header): refuse them
+                raise ProtocolError(f"{cls.__name__}: '{f.name}' holds an array that cannot be decoded "
+                                    f"({type(err).__name__})") from None
         return cls(**values)
 
     @classmethod

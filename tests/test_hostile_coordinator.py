@@ -681,7 +681,7 @@ def test_experiment_ids_that_are_not_file_names_are_refused_not_rewritten(tmp_pa
     first = send(grid, 1000, gan_request(cfg, experiment="a_b"))
     assert not first.has_error()
     before = charges(tmp_path)[0]
-    for bad in ("a/b", "a b", "../a_b", ".a_b", "a\\b", "é", "x" * (MAX_EXPERIMENT_ID + 1)):
+    for bad in ("a/b", "a b", "../a_b", ".a_b", "-rf", "a\\b", "é", "x" * (MAX_EXPERIMENT_ID + 1)):
         reply = send(grid, 1000, gan_request(cfg, experiment=bad))
         assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST, bad
         assert "experiment id" in reply.error.reason

@@ -112,6 +112,36 @@ def test_requests_and_replies_refuse_undeclared_fields():
     assert P.InfoRequest.from_message(msg) == P.InfoRequest()
 
 
+def test_long_strings_and_undecodable_arrays_are_refused_with_short_reasons():
+    """Review s56: a 20 MB layer-clips or learner string came back as a 20 MB refusal and a 20 MB site log line, and
+    crafted .npy bytes failed as a site failure instead of a refusal of the request."""
+    set_task_identity()
+    from flwr.app import Array, ArrayRecord
+
+    from common.wire import MAX_STRING_CHARS, quoted
+
+    reply = P.GanTrainReply(generator={"w": np.zeros(2, np.float32)}, weight=5.0, g_loss=1.0,
+                            census={"counts": np.full(10, 0.5, np.float32)})
+    long = reply.to_record()
+    long[P.CONFIG]["weight"] = "9" * 10**6  # a wrong type, quoted
+    with pytest.raises(P.ProtocolError, match="number") as wrong:
+        P.GanTrainReply.from_record(long)
+    assert len(str(wrong.value)) < 500 and "1,000,002 characters" in str(wrong.value)
+    evaluation = P.EvaluationRequest(experiment="e", learner="cnn", channels=1, height=8, width=8, num_classes=10,
+                                     classifier={"w": np.zeros(2, np.float32)}).to_record()
+    evaluation[P.CONFIG]["learner"] = "x" * 20_000
+    with pytest.raises(P.ProtocolError, match="at most 4,096") as too_long:
+        P.EvaluationRequest.from_record(evaluation)
+    assert len(str(too_long.value)) < 200
+    assert len(quoted("x" * 10**6)) < 300
+    crafted = reply.to_record()
+    crafted["generator"] = ArrayRecord({"w": Array(dtype="float32", shape=(2,), stype="numpy.ndarray",
+                                                   data=b"\x93NUMPY garbage")})
+    with pytest.raises(P.ProtocolError, match="cannot be decoded"):
+        P.GanTrainReply.from_record(crafted)
+    assert MAX_STRING_CHARS == 4096  # (the limit the message above names)
+
+
 def test_check_arrays_rejects_extra_missing_wrong_and_nan():
     spec = {"w": P.ArraySpec((2, 3))}
     good = {"w": np.zeros((2, 3), np.float32)}

@@ -17,7 +17,7 @@ from client.app import app as client_app
 from client.budget import PLAN_FILE, plan_changes
 from common import protocol as P
 from common import recipe_ranges as R
-from common.bnnet import BNNet
+from common.bnnet import BNNet, norm_layer_names
 from common.config import ConfigError, RunConfig
 from common.models import GanShape, Generator
 from fedsynth.localgrid import LocalGrid
@@ -87,6 +87,33 @@ def test_out_of_range_statistics_values_are_refused_before_anything_is_charged(t
     reply = send(grid, 1000, _bn_request(cfg, "few-clips", net_rounds=2, local_steps=2, batch_size=16,
                                          layer_clips="1,1"))
     _refused(reply, "layer-clips")
+    assert ledger_paths(tmp_path) == []
+
+
+def test_layer_clips_are_bounded_and_recorded_parsed(tmp_path):
+    """Review s56: the coordinator's layer-clips string went into the ledger verbatim (a 10 MB line, read back by every
+    later request); it is now at most 1,000 characters and the ledger records the parsed bounds."""
+    cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, epsilon=5.0)
+    grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
+    padded = "1." + "0" * 300 + "1"
+    _refused(send(grid, 1000, _bn_request(cfg, "long-clips", layer_clips=",".join([padded] * 4))),
+             "layer-clips", "at most 1000 characters")
+    assert ledger_paths(tmp_path) == []
+    request = _bn_request(cfg, "short-clips")
+    layers = len(norm_layer_names(BNNet(1, 10, 8, request.width)))
+    reply = send(grid, 1000, _bn_request(cfg, "short-clips", layer_clips=",".join(["1.5"] * layers)))
+    assert not reply.has_error(), reply.error.reason
+    [entry] = [e for e in charges(tmp_path)[0] if e["run"] == "short-clips"]
+    assert entry["details"]["clip"] == [1.5] * layers
+
+
+def test_a_statistics_release_no_ledger_can_pay_is_refused_before_a_new_ledger(tmp_path):
+    """Review s56: with a provided net, a statistics release at epsilon 0.01 started the site's ledger (its noisy
+    size, epsilon 0.015) before its plan refused it; the plan is a function of public values alone there."""
+    cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, epsilon=0.01)
+    grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
+    reply = send(grid, 1000, _bn_request(cfg, "tiny"))
+    assert reply.has_error() and reply.error.code == P.REFUSED_BUDGET, reply.error.reason
     assert ledger_paths(tmp_path) == []
 
 

@@ -568,3 +568,40 @@ def test_two_masked_vector_stages_of_one_setup_sent_at_once_are_refused(tmp_path
     assert not list((tmp_path / "sites").rglob("exp-B"))  # refused before any work: nothing of run B charged
     assert all(entry["run"] != "exp-B" for site in charges(tmp_path) for entry in site)
     assert any(entry["run"] == "exp-A" for entry in charges(tmp_path)[0])  # (run A's was: the check is not vacuous)
+
+
+@pytest.mark.parametrize("tamper", ["no shares", "garbage share"])
+def test_a_masked_vector_stage_flowers_mod_would_refuse_is_refused_before_any_work(tmp_path, tamper):
+    """Review s56: Flower's mod calls the handler first and checks the stage's shares after, so a stage it refuses
+    (too few shares, one that does not decrypt) was worked on, charged and marked summed first: a charged release
+    that could never be sent. The site now checks the shares before the work."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+    cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, synthetic_size=50)
+    _, request = _split_noise_request(cfg, "exp-tamper", 1)
+    grid = _grid(cfg, 3, parallel=False)
+    ids = sorted(grid.get_node_ids())
+    victim, answer, seen = ids[0], grid._answer, {}
+
+    def tampered(msg):
+        stage = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if msg.metadata.dst_node_id == victim and stage is not None and stage[Key.STAGE] == Stage.COLLECT_MASKED_VECTORS:
+            if tamper == "no shares":
+                stage[Key.CIPHERTEXT_LIST], stage[Key.SOURCE_LIST] = [], []
+            else:
+                stage[Key.CIPHERTEXT_LIST] = [b"not a share"] * len(stage[Key.CIPHERTEXT_LIST])
+            seen["reply"] = answer(msg)
+            return seen["reply"]
+        return answer(msg)
+
+    grid._answer = tampered
+    secure_sum(grid, {n: request for n in ids}, round_label=0, timeout=30)
+    reply = seen["reply"]
+    assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST, reply.error.reason
+    assert "masked-vector stage" in reply.error.reason
+    from client.secure_site import SUMMED_SUFFIX
+
+    victim_site = tmp_path / "sites" / reply.error.reason.split(":")[0]  # the refusal begins with the site's name
+    others = [p for p in (tmp_path / "sites").iterdir() if p != victim_site]
+    assert len(others) == 2 and all(list(p.rglob("*" + SUMMED_SUFFIX)) for p in others)  # the others worked
+    assert not list(victim_site.rglob("*"))  # the victim wrote nothing: no ledger, no charge, no release, no mark
