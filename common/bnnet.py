@@ -256,6 +256,13 @@ def iter_record_blocks(model: nn.Module, dataset: "ImageDataset", *, device: tor
 
     Runs ``model`` in eval mode without gradients and restores its mode afterwards. Private: the
     blocks are single records' features; only DP releases built from them may leave the site.
+
+    Every forward pass sees a freshly allocated, C-contiguous float32 batch of exactly ``batch_size`` rows (the last
+    zero-padded; only real rows are yielded; GroupNorm normalises each row alone, so padding changes no real row).
+    On CPU a record alone in a short last batch got other float32 roundings than in a batch of two or more, so with
+    batches sized to the data one added record could move another record's features across a bin edge the
+    coordinator's net was tuned to (review s56: the auto clip bounds' histogram moved by L2 2.83 against the
+    sqrt(L) = 2 its noise is scaled to). At one shape a record's features depend on that record alone.
     """
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
@@ -264,8 +271,12 @@ def iter_record_blocks(model: nn.Module, dataset: "ImageDataset", *, device: tor
     try:
         with torch.no_grad(), capture_norm_inputs(model) as inputs:
             for start in range(0, len(dataset), batch_size):
-                model(torch.as_tensor(dataset.images[start:start + batch_size], dtype=torch.float32, device=dev))
-                yield start, per_record_features(inputs, layers)
+                chunk = dataset.images[start:start + batch_size]
+                real = len(chunk)
+                batch = torch.zeros((batch_size, *dataset.images.shape[1:]), dtype=torch.float32)  # fresh, standard
+                batch[:real] = torch.as_tensor(np.asarray(chunk), dtype=torch.float32)
+                model(batch.to(dev))
+                yield start, {name: block[:real] for name, block in per_record_features(inputs, layers).items()}
     finally:
         model.train(was_training)
 
