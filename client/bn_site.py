@@ -21,7 +21,7 @@ from client.bnstats import record_class_statistics
 from client.budget import PlanRequest, RunPlan, expected_batch, make_plan, plan_for_site, validate_plan_request
 from client.census import census_weight, check_census_fits, run_census
 from client.dpsgd import train_dpsgd_local
-from client.limits import check_work, meta_module, parameter_count
+from client.limits import Step, WorkLimits, check_work, meta_module, parameter_count
 from client.requests import (
     Refusal,
     require_plain_allowed,
@@ -37,7 +37,7 @@ from client.requests import (
 )
 from client.site import SiteSettings, charged_work, data_fingerprint, open_ledger
 from common import protocol as P
-from common.bnnet import BNNet, norm_layer_names
+from common.bnnet import RECORD_BLOCK_ROWS, BNNet, norm_layer_names
 from common.data import ImageDataset
 from common.wire import quoted
 
@@ -53,6 +53,25 @@ def net_round_file(folder, rnd: int):
 def stats_file(folder):
     """Where the site saves the run's one statistics release in the run's ``folder``."""
     return folder / "stats-release.pt"
+
+
+def check_net_work(req: P.BnPlanSettings, site: WorkLimits, build) -> None:
+    """Refuse a run beyond the site's work limits (client.limits): the shared net's DP-SGD steps, when the site trains
+    it, and the release's pass over the records in fixed blocks (so a run whose release would not fit is refused
+    before its training rounds are charged). ``build`` makes the net; here on the meta device (shapes only)."""
+    meta_net = meta_module(build)
+    trains = req.net_rounds > 0  # else the coordinator provides the net: no DP-SGD step at this site
+
+    def forward(rows: int) -> None:
+        meta_net(torch.zeros(rows, req.channels, req.image_size, req.image_size))
+
+    check_work(site, networks={"shared net": parameter_count(meta_net)},
+               batch_size=req.batch_size if trains else 0, steps_per_run=req.net_rounds * req.local_steps,
+               steps=((Step("one DP-SGD step of the shared net", req.batch_size, forward, backward="dpsgd",
+                            gradient_rows=req.batch_size, dpsgd_network="shared net",
+                            ask="a smaller batch or a narrower net (bn-width)"),) if trains else ())
+               + (Step(f"one {RECORD_BLOCK_ROWS}-record block of the statistics release", RECORD_BLOCK_ROWS, forward,
+                       backward="", ask="a narrower net (bn-width) or a lower bn-resolution"),))
 
 
 def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings):
@@ -75,9 +94,7 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings):
 
     try:
         trains = req.net_rounds > 0  # else the coordinator provides the net: no DP-SGD step at this site
-        check_work(site, networks={"shared net": parameter_count(meta_module(build))},
-                   dpsgd_network="shared net", batch_size=req.batch_size if trains else 0,
-                   steps_per_run=req.net_rounds * req.local_steps)
+        check_net_work(req, site, build)
         net = build()
     except ValueError as err:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"the shared net's shape cannot be built: {err}") from None

@@ -67,7 +67,7 @@ from torch import nn
 
 from client.discrete_gaussian import noisy_counts
 from client.nonfinite import zero_nonfinite_rows
-from common.bnnet import check_images_fit
+from common.bnnet import RECORD_BLOCK_ROWS, check_images_fit
 from common.bnnet import iter_record_blocks, norm_layer_channels, per_record_features  # noqa: F401 (re-export)
 from common.protocol import STATS_COUNT as COUNT_KEY
 from common.protocol import STATS_SUM as SUM_PREFIX
@@ -182,7 +182,7 @@ def exact_class_sums(
     num_classes: int,
     clip_bound: float | Mapping[str, float] = math.inf,
     device: torch.device | str | None = None,
-    batch_size: int = 512,
+    batch_size: int = RECORD_BLOCK_ROWS,
     center: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """The release before noise (float64): counts and clipped per-class sums. Never send this.
@@ -222,7 +222,7 @@ def record_class_statistics(
     noise_multiplier: float,
     seed: int | None = None,
     device: torch.device | str | None = None,
-    batch_size: int = 512,
+    batch_size: int = RECORD_BLOCK_ROWS,
     num_classes: int | None = None,
     count_weight: float = 0.5,
     center: Mapping[str, np.ndarray] | None = None,

@@ -31,7 +31,7 @@ from client.budget import (
 )
 from client.census import census_weight, check_census_fits, run_census
 from client.dpgan import LocalGanTrainer, RoundSettings
-from client.limits import check_work, meta_module, parameter_count
+from client.limits import Step, WorkLimits, check_work, meta_module, parameter_count
 from client.requests import (
     Refusal,
     require_plain_allowed,
@@ -75,6 +75,30 @@ def _previous_round(folder, rnd: int) -> dict | None:
     return None
 
 
+def check_gan_work(req: P.GanTrainRequest, site: WorkLimits, shape: GanShape) -> Generator:
+    """Refuse a round beyond the site's work limits (client.limits); G on the meta device (shapes only: the limits
+    come before any allocation)."""
+    generator = meta_module(lambda: Generator(shape))
+    disc = meta_module(lambda: Discriminator(shape, width=req.d_width))
+
+    def judge(rows: int, fake: bool) -> None:  # D on ``rows`` images (G's when ``fake``), as client.dpgan steps
+        labels = torch.zeros(rows, dtype=torch.long)
+        disc(generator(torch.zeros(rows, req.latent_dim), labels) if fake else
+             torch.zeros(rows, req.channels, req.image_size, req.image_size), labels)
+
+    # A D step: the real and the fake pass at the batch, per-sample gradients of each (summed); a G step: the batch's
+    # fakes (its mode-seeking pairs are rows of it, client.dpgan.paired_labels) through G and D, back into G
+    # (DiffAugment's copies of D's inputs, a few images per row, are far below D's activations: left to the factors)
+    check_work(site, networks={"generator": parameter_count(generator), "discriminator": parameter_count(disc)},
+               batch_size=req.batch_size, steps_per_run=req.num_rounds * max(req.local_steps, req.long_steps),
+               steps=(Step("one DP-SGD step of the discriminator", 2 * req.batch_size, lambda r: judge(r, False),
+                           backward="dpsgd", gradient_rows=req.batch_size, dpsgd_network="discriminator",
+                           gradient_copies=2, ask="a smaller batch or a narrower discriminator (d-width)"),
+                      Step("one generator step", req.batch_size, lambda r: judge(r, True),
+                           ask="a smaller batch or a narrower generator (width)")))
+    return generator
+
+
 def _check_request(req: P.GanTrainRequest, site: SiteSettings) -> GanShape:
     shape = GanShape(channels=req.channels, image_size=req.image_size, num_classes=req.num_classes,
                      latent_dim=req.latent_dim, width=req.width, resolution=req.resolution)
@@ -87,11 +111,7 @@ def _check_request(req: P.GanTrainRequest, site: SiteSettings) -> GanShape:
     if req.width < MIN_G_WIDTH or req.latent_dim < 1 or req.d_width < 0:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"width must be >= {MIN_G_WIDTH}, latent dim positive and d-width >= 0; "
                                              f"got width {req.width}, latent dim {req.latent_dim}, d-width {req.d_width}")
-    generator = meta_module(lambda: Generator(shape))  # shapes only: the limits come before any allocation
-    check_work(site, networks={"generator": parameter_count(generator), "discriminator": parameter_count(
-                   meta_module(lambda: Discriminator(shape, width=req.d_width)))},
-               dpsgd_network="discriminator", batch_size=req.batch_size,
-               steps_per_run=req.num_rounds * max(req.local_steps, req.long_steps))
+    generator = check_gan_work(req, site, shape)
     problems = P.check_arrays(req.generator, P.state_spec(generator.state_dict()))
     if problems:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"the generator sent does not match the run's GAN shape: {problems[:3]}")

@@ -1,29 +1,36 @@
 """How much work one request may make a site do: checked before anything is built or trained.
 
 A hostile or mistaken coordinator cannot make a site release more than its ledger allows (``client.budget``),
-but without these limits it could still make it build a network too large for its memory, or DP-SGD steps
-whose per-sample gradients do not fit, and the site's process would be killed by the operating system: a
-crash, not a refusal. So every training request is measured first, from its settings alone:
+but without these limits it could still make it build a network too large for its memory, or steps whose
+per-sample gradients or activations do not fit, and the site's process would be killed by the operating system
+(or fail inside PyTorch) after the round was charged: a crash, not a refusal. So every request is measured
+first, from its settings alone (never from the site's data):
 
 - the parameters of every network it makes the site build (the generator, the discriminator, the shared
   statistics net), counted on PyTorch's ``meta`` device, where modules have shapes but no memory;
-- the per-sample gradients of one DP-SGD step: expected batch x parameters of the network DP-SGD trains,
-  4 bytes each (Opacus holds one gradient per record of the batch);
+- the memory of every step it makes the site run on a batch (:class:`Step`: a G step, a DP-SGD step of D or of
+  the shared net, a block of the statistics pass): the per-sample gradients a DP-SGD step holds (batch x
+  parameters x 4 bytes, once per forward pass its records go through) plus its activations, i.e. the floats its
+  forward pass creates (every tensor an operation makes, views and in-place results left out), counted on the
+  ``meta`` device for the step's rows, x 4 bytes x a factor for what the backward pass adds (:data:`BACKWARD_FACTOR`,
+  :data:`DPSGD_BACKWARD_FACTOR`, :data:`NO_GRAD_FACTOR`: measured, see there);
 - the expected batch, and the DP-SGD steps over the whole run.
 
 The limits are the site operator's (``site.yaml``: ``max_parameters``, ``max_batch_size``,
 ``max_steps_per_run``, ``max_step_memory_mb``); the defaults below leave room for every setting the product
 chooses, with a wide margin (the product's largest default network has about 0.55 million parameters, its
-batch is 256, its longest run 1,200 DP-SGD steps). A request beyond one of them is refused with a reply
-that names the limit, before anything is charged to the ledger.
+batch is 256, its longest run 1,200 DP-SGD steps, its largest default step about 1 GB by this count). A request
+beyond one of them is refused with a reply that names the limit, before anything is charged to the ledger.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from client.refusal import Refusal
 from common import protocol as P
@@ -32,9 +39,25 @@ from common import protocol as P
 DEFAULT_MAX_PARAMETERS = 20_000_000  # any one network a request makes the site build (80 MB of float32 weights)
 DEFAULT_MAX_BATCH_SIZE = 4096  # expected DP-SGD batch
 DEFAULT_MAX_STEPS_PER_RUN = 50_000  # DP-SGD steps over one run: rounds x steps per round
-DEFAULT_MAX_STEP_MEMORY_MB = 8192  # per-sample gradients of one DP-SGD step: batch x parameters x 4 bytes
+DEFAULT_MAX_STEP_MEMORY_MB = 8192  # one step on a batch: per-sample gradients + activations (Step)
 
 BYTES_PER_GRADIENT_VALUE = 4  # float32
+BYTES_PER_ACTIVATION = 4  # float32
+# What a step holds, over its forward pass's floats as counted here (per-sample gradients apart): measured on one CPU
+# thread, peak RSS growth of one step (less its per-sample gradients) over the count, 28x28 gray unless said
+# (tests/benchmarks/bench_step_memory.py).
+# A G step (G and D forward, mode-seeking pairs, backward into G, Adam), G width 24 / 96 / 384 / 768 at batch 256 /
+# 256 / 256 / 64: 0.97, 0.59, 0.42, 0.26; width 32 at 32x32 colour 0.92, width 16 at 64x64 colour 0.95. So 1.5.
+BACKWARD_FACTOR = 1.5
+# A DP-SGD step (Opacus' hooks keep every layer's input, its per-sample convolution gradients unfold them). Of D
+# (real and fake pass; both copies of per-sample gradients taken off), D width 16 / 64 / 64 / 128 at batch 256 / 256
+# / 512 / 128: 0.62, 0.59, 0.71, 0.86; width 32 at 32x32 colour 0.46, width 16 at 64x64 colour 1.03. Of the shared
+# net, width 16 / 64 / 256 at batch 1024 / 256 / 128: 1.73, 2.02, 1.98 (a rerun of width 64: 1.67). So 3.
+DPSGD_BACKWARD_FACTOR = 3
+# A pass without gradients (the statistics release and the automatic clip bounds, in blocks of records): the count
+# is of every tensor the forward creates, none freed, but the pass keeps every norm input and makes float64 copies
+# of each; measured, shared net width 16 / 64 at 512 records, 576 at 128: 1.39, 1.16, 1.08. So 1.5.
+NO_GRAD_FACTOR = 1.5
 
 
 class WorkLimits(Protocol):
@@ -44,6 +67,51 @@ class WorkLimits(Protocol):
     max_batch_size: int
     max_steps_per_run: int
     max_step_memory_mb: int
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step a request makes the site run on a batch, as the limits see it.
+
+    ``forward(rows)`` runs the step's forward pass on ``rows`` rows of meta tensors (built inside it, so on the
+    meta device: :func:`forward_floats` calls it there); it is only called once the networks' parameters passed.
+    """
+
+    name: str  # what the refusal calls it: "one generator step"
+    rows: int  # rows of the batch its forward passes take (all passes together)
+    forward: Callable[[int], Any]
+    backward: str = "autograd"  # "dpsgd": Opacus' DP-SGD backward; "": a pass without gradients
+    gradient_rows: int = 0  # per-sample gradients it holds: rows x the parameters of ...
+    dpsgd_network: str = ""  # ... this network of ``check_work``'s
+    gradient_copies: int = 1  # forward passes whose per-sample gradients Opacus computes and sums (D's real and fake)
+    ask: str = "a smaller batch or narrower networks"
+
+
+class _CountFloats(TorchDispatchMode):
+    """Counts the elements of every tensor an operation creates (views and in-place results left out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.floats = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for ret, t in zip(func._schema.returns, out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and ret.alias_info is None:
+                self.floats += t.numel()
+        return out
+
+
+def forward_floats(forward: Callable[[int], Any]) -> tuple[int, int]:
+    """(floats per row, floats of the pass that do not grow with the rows) of ``forward``, run on the meta device
+    with one row and with two: shapes only, no memory, no data."""
+    counts = []
+    for rows in (1, 2):
+        with torch.device("meta"), _CountFloats() as counter:
+            forward(rows)
+        counts.append(counter.floats)
+    per_row = max(0, counts[1] - counts[0])
+    return per_row, max(0, counts[0] - per_row)
 
 
 def meta_module(build: Callable[[], nn.Module]) -> nn.Module:
@@ -56,12 +124,13 @@ def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def check_work(site: WorkLimits, *, networks: dict[str, int], dpsgd_network: str, batch_size: int,
-               steps_per_run: int) -> None:
+def check_work(site: WorkLimits, *, networks: dict[str, int], batch_size: int, steps_per_run: int,
+               steps: tuple[Step, ...] = ()) -> None:
     """Refuse the request if it exceeds one of ``site``'s work limits.
 
     ``networks``: parameters of every network the request makes the site build, by a name the refusal shows;
-    ``dpsgd_network``: the one of them DP-SGD trains on the site's records (its per-sample gradients).
+    ``steps``: every step it makes the site run on a batch (its per-sample gradients name one of ``networks``),
+    checked in this order once the parameters, the batch and the run's steps passed.
     """
     for name, count in networks.items():
         if count > site.max_parameters:
@@ -78,11 +147,29 @@ def check_work(site: WorkLimits, *, networks: dict[str, int], dpsgd_network: str
                       f"the run asks for {steps_per_run:,} DP-SGD steps (rounds x steps per round); this site "
                       f"takes at most {site.max_steps_per_run:,} per run (its operator's max_steps_per_run): ask "
                       "for fewer rounds or steps")
-    step_mb = batch_size * networks[dpsgd_network] * BYTES_PER_GRADIENT_VALUE / 2**20
-    if step_mb > site.max_step_memory_mb:
+    for step in steps:
+        _check_step(site, step, networks)
+
+
+def _check_step(site: WorkLimits, step: Step, networks: dict[str, int]) -> None:
+    per_row, fixed = forward_floats(step.forward)
+    factor, why = {"autograd": (BACKWARD_FACTOR, "for the backward pass"),
+                   "dpsgd": (DPSGD_BACKWARD_FACTOR, "for DP-SGD's backward pass"),
+                   "": (NO_GRAD_FACTOR, "for a pass without gradients")}[step.backward]
+    act_mb = (step.rows * per_row + fixed) * BYTES_PER_ACTIVATION * factor / 2**20
+    parts = []
+    grad_mb = 0.0
+    if step.gradient_rows:
+        params = networks[step.dpsgd_network]
+        grad_mb = step.gradient_copies * step.gradient_rows * params * BYTES_PER_GRADIENT_VALUE / 2**20
+        copies = f" x {step.gradient_copies} passes" if step.gradient_copies > 1 else ""
+        parts.append(f"{grad_mb:,.1f} MB of per-sample gradients (batch {step.gradient_rows:,} x {params:,} "
+                     f"{step.dpsgd_network} parameters x {BYTES_PER_GRADIENT_VALUE} bytes{copies})")
+    parts.append(f"{act_mb:,.1f} MB of activations ({step.rows:,} rows x {per_row:,} activation floats per row"
+                 + (f" + {fixed:,} per step" if fixed else "")
+                 + f", x {BYTES_PER_ACTIVATION} bytes x {factor:g} {why})")
+    if grad_mb + act_mb > site.max_step_memory_mb:
         raise Refusal(P.REFUSED_NOT_ALLOWED,
-                      f"one DP-SGD step of this request would hold {step_mb:,.1f} MB of per-sample gradients "
-                      f"(batch {batch_size:,} x {networks[dpsgd_network]:,} {dpsgd_network} parameters x "
-                      f"{BYTES_PER_GRADIENT_VALUE} bytes); "
-                      f"this site allows at most {site.max_step_memory_mb:,} MB (its operator's "
-                      "max_step_memory_mb): ask for a smaller batch or a narrower network")
+                      f"{step.name} of this request would hold {grad_mb + act_mb:,.1f} MB: {' and '.join(parts)}; "
+                      f"this site allows at most {site.max_step_memory_mb:,} MB per step (its operator's "
+                      f"max_step_memory_mb): ask for {step.ask}")

@@ -71,7 +71,7 @@ class SiteSettings:
     max_parameters: int = DEFAULT_MAX_PARAMETERS  # of any one network a request makes the site build
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE  # expected DP-SGD batch
     max_steps_per_run: int = DEFAULT_MAX_STEPS_PER_RUN  # DP-SGD steps over one run
-    max_step_memory_mb: int = DEFAULT_MAX_STEP_MEMORY_MB  # per-sample gradients of one DP-SGD step
+    max_step_memory_mb: int = DEFAULT_MAX_STEP_MEMORY_MB  # one step on a batch: per-sample gradients + activations
     # simulation only: which partition of `data` this site holds
     partition_id: int | None = None
     num_partitions: int | None = None

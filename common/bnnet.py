@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 
 MIN_IMAGE_SIZE = 8  # two 2x poolings must leave at least a 2x2 map
 LARGE_IMAGE_SIZE = 48  # from here block3 pools as well (m = S/8 instead of S/4)
+# Records per forward pass of a site's statistics release and automatic clip bounds (client.limits bounds its memory)
+RECORD_BLOCK_ROWS = 512
 
 
 @dataclass(frozen=True)
@@ -251,7 +253,7 @@ def per_record_features(inputs: dict[str, torch.Tensor], layers: list[str]) -> d
 
 @torch.no_grad()
 def iter_record_blocks(model: nn.Module, dataset: "ImageDataset", *, device: torch.device | str | None = None,
-                       batch_size: int = 512) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+                       batch_size: int = RECORD_BLOCK_ROWS) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """(index of the batch's first record, its per-record blocks {layer: (B, 2 C_l)}) over ``dataset``.
 
     Runs ``model`` in eval mode without gradients and restores its mode afterwards. Private: the
@@ -282,7 +284,7 @@ def iter_record_blocks(model: nn.Module, dataset: "ImageDataset", *, device: tor
 
 
 def record_block_norms(model: nn.Module, dataset: "ImageDataset", *, device: torch.device | str | None = None,
-                       batch_size: int = 512) -> dict[str, np.ndarray]:
+                       batch_size: int = RECORD_BLOCK_ROWS) -> dict[str, np.ndarray]:
     """Per layer, every record's block norm ||f_il||_2 (N,). Private: never send this."""
     norms: dict[str, list[np.ndarray]] = {name: [] for name in norm_layer_names(model)}
     for _, blocks in iter_record_blocks(model, dataset, device=device, batch_size=batch_size):

@@ -5,18 +5,25 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import yaml
 
 from client.app import app as client_app
+from client.bn_site import check_net_work
+from client.gan_site import check_gan_work
 from client.limits import meta_module, parameter_count
 from client.site import SiteSettings
 from common import protocol as P
 from common.bnnet import BNNet
+from common.data import ImageDataset, save_npz
 from common.models import Discriminator, GanShape, Generator
 from fedsynth.localgrid import LocalGrid
 from server import defaults
+from server.modes.bnstats import plan_settings
+from server.modes.dpgan import gan_request as coordinator_gan_request
 from server.sites import Schema
 from tests.deployment_helpers import minimal_site_yaml
 from tests.spine_helpers import charges, fast_config, nodes
@@ -65,8 +72,6 @@ def test_the_per_sample_gradients_of_one_step_are_bounded_by_the_operator(tmp_pa
 
 
 def test_a_statistics_request_with_an_oversized_shared_net_is_refused(tmp_path):
-    from server.modes.bnstats import plan_settings
-
     cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=2, bn_width=8)
     settings = plan_settings(cfg, Schema(1, 8, 8, tuple(str(i) for i in range(10))), "exp-limits")
     net = P.state_arrays(BNNet(1, 10, 8, 8))
@@ -122,3 +127,103 @@ def test_the_operator_sets_the_limits_in_site_yaml(tmp_path):
         config(max_batch_size=0)
     with pytest.raises(DeployError, match="max_parameters.*integer"):
         config(max_parameters="lots")
+
+
+def _site(tmp_path: Path, channels: int, side: int, records: int, **node) -> tuple[LocalGrid, Path]:
+    """A deployed site holding ``records`` random images of ``side`` x ``side``; its grid and its state folder."""
+    rng = np.random.default_rng(0)
+    data = ImageDataset(rng.random((records, channels, side, side), dtype=np.float32),
+                        np.arange(records) % 10, tuple(str(i) for i in range(10)))
+    save_npz(data, tmp_path / "train.npz")
+    state = tmp_path / "state"
+    config = {"site-name": "site-a", "data-path": str(tmp_path / "train.npz"), "state-dir": str(state),
+              "epsilon": 10.0, "dataset-id": "site-a", **node}
+    return LocalGrid(client_app, [config], {"device": "cpu", "progress": False}), state
+
+
+def _nothing_charged(state: Path) -> None:
+    assert not list(state.rglob("ledger/*.jsonl")), "a ledger was started"
+    assert not list(state.rglob("census.json")) and not list(state.rglob("plan.json"))
+
+
+def test_a_generator_whose_activations_do_not_fit_is_refused_before_anything_is_charged(tmp_path, monkeypatch):
+    """The review's request (2026-12-06): at 28x28 a generator of width 768 (15.8 million parameters, under
+    max_parameters) with a discriminator of width 4 (its per-sample gradients at batch 4,096 only ~138 MB) needs
+    ~6.6 MB of memory per fake row in a G step, ~27 GiB at batch 4,096: the site ran out of memory after the census
+    and the round were charged, and again for every new experiment id."""
+
+    class OutOfMemory:  # what the site's training would have met; here so that an unguarded site fails fast
+        def __init__(self, *args, **kwargs) -> None:
+            raise MemoryError("one G step of this request does not fit the site's memory")
+
+    monkeypatch.setattr("client.gan_site.LocalGanTrainer", OutOfMemory)
+    grid, state = _site(tmp_path, 1, 28, 4500)
+    shape = GanShape(1, 28, 10, 16, 768)
+    generator = {k: v.numpy() for k, v in Generator(shape).state_dict().items()}
+    assert 15_000_000 < sum(v.size for v in generator.values()) < 20_000_000
+    for experiment in ("greedy-1", "greedy-2"):  # a new experiment id each time: each would be charged anew
+        hostile = P.GanTrainRequest(
+            experiment=experiment, server_round=1, num_rounds=1, local_steps=1, batch_size=4096, max_grad_norm=1.0,
+            lr_d=2e-4, lr_g=2e-4, d_width=4, ac_weight=0.3, mode_seeking=1.0, class_histogram=True, epsilon=5.0,
+            seed=0, channels=1, image_size=28, num_classes=10, latent_dim=16, width=768, generator=generator)
+        reply = send(grid, 1000, hostile)
+        _refused(reply, "one generator step", "4,096 rows", "activation floats per row", "8,192 MB",
+                 "max_step_memory_mb", "smaller batch or a narrower generator")
+        _nothing_charged(state)
+
+
+def test_a_shared_net_whose_statistics_pass_does_not_fit_is_refused(tmp_path, monkeypatch):
+    """The statistics release runs the coordinator's net over the records in blocks of 512: an 18.5-million-parameter
+    net (under max_parameters) takes ~5 GB at 28x28 (the review's measurement), more at 32x32 colour."""
+    monkeypatch.setattr("client.bn_site.record_class_statistics", lambda *a, **k: (_ for _ in ()).throw(
+        MemoryError("the statistics pass of this request does not fit the site's memory")))
+    cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=2)
+    # the default limits: width 576 at 32x32 colour (18.8 million parameters) is counted at ~9 GB
+    grid, state = _site(tmp_path / "colour", 3, 32, 64)
+    settings = plan_settings(cfg, Schema(3, 32, 32, tuple(str(i) for i in range(10))), "greedy-stats")
+    net = P.state_arrays(BNNet(3, 10, 32, 576))
+    assert sum(v.size for v in net.values()) < 20_000_000
+    reply = send(grid, 1000, P.BnStatsRequest(**{**settings, "net_rounds": 0, "width": 576}, net=net))
+    _refused(reply, "512-record block of the statistics release", "8,192 MB", "max_step_memory_mb", "narrower net")
+    _nothing_charged(state)
+    # a site whose operator has 4 GB to spare: the review's 18.5-million-parameter net at 28x28 (~7 GB counted)
+    grid, state = _site(tmp_path / "gray", 1, 28, 64, **{"max-step-memory-mb": 4096})
+    settings = plan_settings(cfg, Schema(1, 28, 28, tuple(str(i) for i in range(10))), "greedy-stats")
+    net = P.state_arrays(BNNet(1, 10, 28, 576))
+    reply = send(grid, 1000, P.BnStatsRequest(**{**settings, "net_rounds": 0, "width": 576}, net=net))
+    _refused(reply, "512-record block of the statistics release", "4,096 MB", "max_step_memory_mb")
+    _nothing_charged(state)
+    # a run that would train that net is refused at its first round, before its census (its DP-SGD step too)
+    train = P.BnTrainRequest(**{**settings, "width": 576, "batch_size": 64}, server_round=1, net=net)
+    _refused(send(grid, 1000, train), "max_step_memory_mb")
+    _nothing_charged(state)
+
+
+def _limits_over(margin: int) -> SimpleNamespace:
+    """The default work limits, the step memory divided by ``margin``."""
+    limits = SiteSettings(name="s", data="digits", state_dir=PROJECT_ROOT, epsilon_budget=10.0)
+    return SimpleNamespace(max_parameters=limits.max_parameters, max_batch_size=limits.max_batch_size,
+                           max_steps_per_run=limits.max_steps_per_run,
+                           max_step_memory_mb=limits.max_step_memory_mb // margin)
+
+
+@pytest.mark.parametrize("channels,side,classes", [(1, 28, 10), (3, 32, 10), (3, 64, 2), (1, 28, 2), (1, 28, 47),
+                                                   (3, 32, 100), (3, 128, 10), (1, 224, 2)])
+def test_the_products_own_steps_fit_the_default_step_memory_with_margin(channels, side, classes):
+    """Every step the product's default requests make a site run (D's DP-SGD step, a G step, the shared net's DP-SGD
+    step, a block of the statistics release), counted as the site counts them, fits in an eighth of the default
+    max_step_memory_mb; a shared net of width 64 with the head norm (the MNIST recipe's) in a third."""
+    schema = Schema(channels, side, side, tuple(str(i) for i in range(classes)))
+    gan, _ = defaults.resolve(replace(fast_config(PROJECT_ROOT), **{k: 0 for k in (
+        "num_rounds", "gan_local_steps", "gan_long_local_steps", "gan_batch_size", "gan_width", "gan_d_width",
+        "gan_resolution")}, gan_latent_dim=64), schema, 3)
+    assert gan.gan_batch_size == (64 if side <= 16 else 256)
+    shape = GanShape(channels, side, classes, gan.gan_latent_dim, gan.gan_width, resolution=gan.gan_resolution)
+    check_gan_work(coordinator_gan_request(gan, shape, "defaults", 1, {}), _limits_over(8), shape)
+    bn, _ = defaults.resolve(fast_config(PROJECT_ROOT, mode="bnstats", bn_rounds=0, bn_local_steps=0,
+                                         bn_batch_size=0), schema, 3)
+    for width, head_norm, margin in ((bn.bn_width, False, 8), (64, True, 3)):
+        settings = {**plan_settings(bn, schema, "defaults"), "width": width, "head_norm": head_norm}
+        assert settings["net_rounds"] > 0 and settings["batch_size"] == 256
+        check_net_work(P.BnTrainRequest(**settings, server_round=1, net={}), _limits_over(margin),
+                       lambda: BNNet(channels, classes, side, width, head_norm=head_norm, resolution=bn.bn_resolution))

@@ -316,8 +316,8 @@ def _announce(dep: SiteDeployment, check: SiteCheck) -> None:
     info(f"answers {' and '.join(answers)} queries (DP, charged, at most {s.queries_per_run} of each per run)"
          if answers else "answers no evaluation or audit queries (switch them on in site.yaml)")
     info(f"work limits per request: networks of at most {s.max_parameters:,} parameters, batches of at most "
-         f"{s.max_batch_size:,}, {s.max_steps_per_run:,} DP-SGD steps per run, {s.max_step_memory_mb:,} MB of "
-         "per-sample gradients per step (site.yaml max_*)")
+         f"{s.max_batch_size:,}, {s.max_steps_per_run:,} DP-SGD steps per run, {s.max_step_memory_mb:,} MB per "
+         "step on a batch, per-sample gradients and activations (site.yaml max_*)")
     if s.require_secure_aggregation:
         info("takes part only in runs with secure aggregation: the coordinator sees only sums over the sites")
     if s.allow_distributed_noise:
