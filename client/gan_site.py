@@ -111,7 +111,12 @@ def _check_request(req: P.GanTrainRequest, site: SiteSettings) -> GanShape:
     if req.width < MIN_G_WIDTH or req.latent_dim < 1 or req.d_width < 0:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"width must be >= {MIN_G_WIDTH}, latent dim positive and d-width >= 0; "
                                              f"got width {req.width}, latent dim {req.latent_dim}, d-width {req.d_width}")
-    generator = check_gan_work(req, site, shape)
+    try:
+        generator = check_gan_work(req, site, shape)
+    except (ValueError, RuntimeError, TypeError, OverflowError) as err:  # (a Refusal passes) widths torch cannot build
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"the GAN's networks cannot be built with width {req.width}, d-width "
+                                             f"{req.d_width} and latent dim {req.latent_dim} "
+                                             f"({type(err).__name__})") from None
     problems = P.check_arrays(req.generator, P.state_spec(generator.state_dict()))
     if problems:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"the generator sent does not match the run's GAN shape: {problems[:3]}")

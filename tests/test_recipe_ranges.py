@@ -55,6 +55,16 @@ def test_out_of_range_gan_values_are_refused_before_anything_is_charged(tmp_path
     assert ledger_paths(tmp_path) == []  # not even the census: no ledger was started
 
 
+def test_widths_torch_cannot_build_are_a_bad_request_before_anything_is_charged(tmp_path):
+    """Review s56: a G width GroupNorm cannot split (900) or widths that overflow torch's sizes failed as a generic
+    site failure; they are the request's own settings, so they are refused as a bad request that says which."""
+    cfg = fast_config(tmp_path, num_rounds=1)
+    grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
+    for i, bad in enumerate(({"width": 900}, {"width": 2 ** 62}, {"d_width": 2 ** 62})):
+        _refused(send(grid, 1000, gan_request(cfg, experiment=f"wide-{i}", **bad)), "cannot be built")
+    assert ledger_paths(tmp_path) == []
+
+
 def _bn_request(cfg, experiment: str, **changes):
     from server.modes.bnstats import plan_settings
     from server.sites import Schema
