@@ -55,7 +55,7 @@ def _message() -> Message:
 
 
 @pytest.fixture
-def guarded(monkeypatch):
+def guarded(monkeypatch, tmp_path):
     """The guard installed over a stand-in of Flower's step; returns pull(run_hash, fab) -> stored or refused."""
     stored: list[bytes] = []
     refusals: list[str] = []
@@ -69,13 +69,20 @@ def guarded(monkeypatch):
         stored.append(fab.content)  # Flower's store_fab, which keys it by sha256(content)
         return 7
 
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))  # (the guard removes stale installs there)
     monkeypatch.setattr(sci, "_pull_and_store_message", flower_step)
     monkeypatch.setattr(sci, "_insert_message", lambda reply, state, store: refusals.append(reply.error.reason))
     supernode_guard.install({bundle_digest(APPROVED)})
 
     def pull(run_fab_hash: str, fab: Fab, run: object = _Run(), config_fails: bool = False) -> str:
         before = len(stored), len(refusals)
-        sci._pull_and_store_message(receive=lambda: (_message(), None), get_run=lambda run_id: run,
+
+        def get_run(run_id: int) -> object:
+            if isinstance(run, Exception):  # a GetRun answer Flower cannot decode
+                raise run
+            return run
+
+        sci._pull_and_store_message(receive=lambda: (_message(), None), get_run=get_run,
                                     get_fab=lambda h, run_id: fab, object_store=None,
                                     state={"run_fab_hash": run_fab_hash, "config_fails": config_fails})
         if len(stored) > before[0]:
@@ -178,7 +185,7 @@ def test_unreadable_bundles_and_run_configs_are_refused_not_raised(guarded):
     for crafted in (dated, not_toml, b"PK\x03\x04 not a zip"):
         assert guarded(_sha(crafted), _fab(crafted)).startswith("refused")
     verdict = guarded(_sha(APPROVED), _fab(APPROVED), config_fails=True)
-    assert verdict.startswith("refused") and "run config" in verdict and "no-such-key" not in verdict
+    assert verdict.startswith("refused") and "could not accept this message" in verdict and "no-such-key" not in verdict
 
 
 def test_the_guard_starts_with_no_installed_bundle_left(monkeypatch, tmp_path):
@@ -188,3 +195,41 @@ def test_the_guard_starts_with_no_installed_bundle_left(monkeypatch, tmp_path):
     monkeypatch.setenv("FLWR_HOME", str(tmp_path))
     supernode_guard.clear_installed_apps()
     assert not (tmp_path / "apps").exists() and tmp_path.exists()
+
+
+def test_anything_the_superlink_sends_that_flower_cannot_read_is_refused_or_dropped_never_raised(guarded, monkeypatch):
+    # Review s56, second pass: a GetRun answer Flower cannot decode, or a malformed message of a known run, raised out
+    # of the guard before (or without) the bundle check and ended the SuperNode's loop.
+    verdict = guarded(_sha(APPROVED), _fab(APPROVED), run=TypeError("attribute name must be string"))
+    assert verdict.startswith("refused") and "could not accept this message (TypeError)" in verdict
+    assert "attribute name" not in verdict  # the exception's type, never its text
+
+    def undecodable():
+        raise ValueError("a message Flower cannot decode")
+
+    assert sci._pull_and_store_message(receive=undecodable, get_run=None, get_fab=None, state={},
+                                       object_store=None) is None  # logged and dropped: the loop goes on
+
+
+def test_a_stale_install_in_a_bundles_folder_is_removed_before_it_is_stored(guarded, tmp_path):
+    from flwr.common.config import get_project_dir
+
+    folder = get_project_dir("fedsynth/fedsynth", "0.1.0", _sha(APPROVED))
+    assert str(folder).startswith(str(tmp_path))
+    folder.mkdir(parents=True)
+    (folder / "app.py").write_text("# a revoked release's code\n")
+    assert guarded(_sha(APPROVED), _fab(APPROVED)) == "stored"
+    assert not folder.exists()  # Flower installs the checked bundle afresh
+
+
+def test_the_guard_clears_a_linked_apps_folder_and_needs_its_own_flwr_home(monkeypatch, tmp_path):
+    elsewhere = tmp_path / "volume" / "fedsynth.fedsynth.0.1.0.1abaab08"
+    elsewhere.mkdir(parents=True)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "apps").symlink_to(tmp_path / "volume")
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    supernode_guard.clear_installed_apps()  # (rmtree refuses a link and ignored the error: the install stayed)
+    assert not (tmp_path / "home" / "apps").exists()
+    monkeypatch.delenv("FLWR_HOME")
+    with pytest.raises(SystemExit, match="FLWR_HOME"):  # Flower's default ~/.flwr holds other projects' apps
+        supernode_guard.clear_installed_apps()

@@ -26,6 +26,7 @@ import hashlib
 import logging
 import shutil
 import sys
+from pathlib import Path
 
 from flwr.common.constant import APP_DIR, FAB_HASH_TRUNCATION  # install folders: apps/<id>.<version>.<sha[:8]>
 
@@ -46,6 +47,8 @@ def install(approved: set[str]) -> None:
     """Wrap Flower's bundle-receiving step so that only bundles in ``approved`` are ever stored."""
     from flwr.app import Error, Message
     from flwr.supernode import start_client_internal as sci
+
+    from flwr.common.config import get_project_dir
 
     original = sci._pull_and_store_message
     # sha256 of a bundle's bytes, computed here -> "" (approved) or why not. Never keyed by the hash the SuperLink
@@ -82,6 +85,12 @@ def install(approved: set[str]) -> None:
             raise _Unapproved(f"this site refuses the run: it names app {named[0]!r} version {named[1]!r}, but its "
                               f"bundle is {app_id[0]!r} version {app_id[1]!r}")
         prefix = content_hash[:FAB_HASH_TRUNCATION]
+        if prefix not in stored_prefixes:  # its install folder, if one exists, is not of this start: remove it
+            try:
+                _remove(get_project_dir(app_id[0], app_id[1], content_hash))
+            except OSError as err:
+                raise _Unapproved("this site cannot install the run's bundle: an earlier install is in its place "
+                                  f"and cannot be removed ({type(err).__name__})") from None
         if stored_prefixes.setdefault(prefix, content_hash) != content_hash:
             raise _Unapproved(f"this site refuses the run's bundle: another bundle this site stored shares the first "
                               f"{FAB_HASH_TRUNCATION} hex digits of its sha256 ({prefix}), which name Flower's install "
@@ -112,27 +121,55 @@ def install(approved: set[str]) -> None:
             kwargs.update(get_run=remember_run)
         try:
             return original(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - the SuperLink's run and bundle: refuse, never stop the SuperNode
+        except Exception as err:  # noqa: BLE001 - the SuperLink's bytes: refuse them, never stop the SuperNode's loop
             message = received.get("message")
-            if message is None or not (isinstance(err, _Unapproved) or received.get("checked")):
-                raise  # nothing received, or the link failed before the bundle came: Flower's own handling
-            why = err.why if isinstance(err, _Unapproved) else (
-                f"this site refuses the run: its bundle or run config could not be read ({type(err).__name__}; "
-                "e.g. a run-config key the bundle does not declare)")
+            if message is None:  # (a message Flower could not even decode, or the link itself: try again later)
+                sci.log(logging.ERROR, "could not receive a message from the SuperLink: %s", type(err).__name__)
+                return None
+            if isinstance(err, _Unapproved):
+                why = err.why
+            else:  # a run config Flower cannot fuse, a malformed object tree, ...: the type only, never the text
+                sci.log(logging.ERROR, "message of run %s could not be handled", message.metadata.run_id, exc_info=err)
+                why = f"this site could not accept this message ({type(err).__name__}): nothing was read or computed"
             sci.log(logging.ERROR, "REFUSED run %s: %s", message.metadata.run_id, why)
-            reply = Message(Error(code=REFUSED_UNAPPROVED_CODE, reason=why), reply_to=message)
-            sci._insert_message(reply, kwargs["state"], kwargs["object_store"])
+            try:
+                reply = Message(Error(code=REFUSED_UNAPPROVED_CODE, reason=why), reply_to=message)
+                sci._insert_message(reply, kwargs["state"], kwargs["object_store"])
+            except Exception as failed:  # noqa: BLE001 - a message too malformed to answer: drop it
+                sci.log(logging.ERROR, "could not answer it either: %s", type(failed).__name__)
+                return None
             return message.metadata.run_id
 
     sci._pull_and_store_message = guarded
 
 
+def _remove(path: Path) -> None:
+    """Remove a file, a link or a folder tree at ``path`` (nothing there: nothing to do); OSError if it stays."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+    if path.exists() or path.is_symlink():
+        raise OSError(f"{path} is still there")
+
+
 def clear_installed_apps() -> None:
     """Remove the bundles Flower installed under $FLWR_HOME before this start: they were approved then, not
-    necessarily now, and Flower would load such a folder again for a run that names it (module docstring)."""
+    necessarily now, and Flower would load such a folder again for a run that names it (module docstring).
+    FLWR_HOME must be set (``fedsynth site`` and the compose file set one per site): unset, Flower's default
+    ~/.flwr would hold other projects' apps too. A folder that cannot be removed stops the start."""
+    import os
+
     from flwr.common.config import get_flwr_home
 
-    shutil.rmtree(get_flwr_home() / APP_DIR, ignore_errors=True)
+    if not os.environ.get("FLWR_HOME"):
+        sys.exit("fedsynth: set FLWR_HOME to this site's own folder (fedsynth site sets <state_dir>/flwr-home): the "
+                 "guard removes the app bundles installed there by an earlier start")
+    try:
+        _remove(get_flwr_home() / APP_DIR)
+    except OSError as err:
+        sys.exit(f"fedsynth: cannot remove the app bundles an earlier start installed ({err}); remove "
+                 f"{get_flwr_home() / APP_DIR} by hand, then start again")
 
 
 def main(argv: list[str] | None = None) -> None:
