@@ -123,7 +123,12 @@ def train_dpsgd_local(
     # Poisson batches and noise from secret 128-bit streams (client.secret_random); seed=None: OS entropy
     batch_rng, noise_rng = (secret_generator(s) for s in np.random.SeedSequence(seed).spawn(2))
 
-    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    # loss_reduction="sum": each record's per-sample gradient is that of its own loss, computed without the realised
+    # batch size b. With a mean loss autograd carried (p - y) / b through the backward pass and Opacus multiplied b
+    # back at each weighted layer, so the values between depended on b: a coordinator's net built to round them to 0
+    # (subnormal head weights) from b = 41 on made every record of a batch flip between contributing and not with
+    # one added record (review s56: L2 41 against the accounted 1). The optimizer still divides by the expected batch.
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     optimizer = FiniteDPOptimizer(  # a record whose gradient overflows contributes 0 (client.nonfinite)
         torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum),
         noise_multiplier=noise_multiplier,
@@ -140,7 +145,7 @@ def train_dpsgd_local(
             xb, yb = x_all[idx], y_all[idx]  # (b, C, H, W), (b,), b may be 0
             optimizer.zero_grad(set_to_none=True)
             # Opacus' grad samplers handle a 0-row batch: the step then adds noise only.
-            loss = nn.functional.cross_entropy(gsm(xb), yb) if len(idx) else gsm(xb).sum() * 0.0
+            loss = nn.functional.cross_entropy(gsm(xb), yb, reduction="sum") if len(idx) else gsm(xb).sum() * 0.0
             with warnings.catch_warnings():
                 # The input batch needs no grad, so torch warns that the first conv's full backward
                 # hook sees no input gradients; Opacus only needs the output gradients there.
@@ -149,7 +154,7 @@ def train_dpsgd_local(
             optimizer.step()
             sizes.append(len(idx))
             if len(idx):
-                losses.append(float(loss.detach()))
+                losses.append(float(loss.detach()) / len(idx))  # (the batch's mean loss: a site-side diagnostic)
     finally:
         optimizer.zero_grad(set_to_none=True)
         gsm.cleanup()  # removes hooks and grad_sample attributes: the caller gets a plain module back

@@ -204,3 +204,51 @@ def test_a_records_statistics_features_do_not_depend_on_its_block_mates(width):
         assert alone[name].shape[0] == 513 and paired[name].shape[0] == 514
         assert np.array_equal(alone[name][512], paired[name][512]), name  # bitwise
         assert np.array_equal(alone[name][:512], paired[name][:512]), name
+
+
+def test_the_shared_nets_dp_sgd_step_moves_by_at_most_one_clip_bound_for_one_added_record():
+    """Review s56: with a mean loss, autograd carried (p - y) / b through the shared net's backward pass (b the realised
+    Poisson batch), so a net built to round those values to 0 from b = 41 on (head weights of 205 subnormal ulps,
+    behind them a GroupNorm and a conv that blow one ulp up to an overflow, which zeroes a record's contribution)
+    made every record flip between contributing and not when one record was added: L2 41 against the accounted 1.
+    With a summed loss each record's gradient is computed without b."""
+    from client.dpsgd import train_dpsgd_local
+    from common.bnnet import BNNet
+    from common.data import load_dataset
+
+    ulp = 2.0 ** -149
+
+    def crafted() -> BNNet:
+        torch.manual_seed(0)
+        net = BNNet(1, 10, 8, 8)
+        with torch.no_grad():
+            net.block2.norm.weight.zero_()
+            net.block2.norm.bias.fill_(ulp)  # block3's conv sees exactly 2^-149
+            w3 = torch.zeros_like(net.block3.conv.weight)  # (16, 16, 3, 3)
+            for co in range(16):
+                for ci in range(co % 2, 16, 2):
+                    w3[co, ci, 1, 1] = 2.0 ** 127
+            net.block3.conv.weight.copy_(w3)
+            net.block3.conv.bias.zero_()
+            net.block3.norm.weight.fill_(3e21)  # its input is constant: x_hat = 0, the output is the bias
+            net.block3.norm.bias.fill_(1e17)
+            net.head.weight.zero_()
+            net.head.bias.zero_()  # p = 0.1 for every class
+            head = torch.zeros(16, 2, 2)
+            head[0::2] = 205 * ulp
+            net.head.weight[0] = head.flatten()
+        return net
+
+    def summed_update(data) -> torch.Tensor:  # the step's sum of clipped gradients (no noise, rate 1, lr 1)
+        net = crafted()
+        before = torch.cat([p.detach().double().flatten() for p in net.parameters()])
+        train_dpsgd_local(net, data, noise_multiplier=0.0, sample_rate=1.0, steps=1, max_grad_norm=1.0, lr=1.0,
+                          momentum=0.0, expected_batch=40, device="cpu", seed=0)
+        after = torch.cat([p.detach().double().flatten() for p in net.parameters()])
+        small = before.abs() < 1e3  # the huge crafted weights' updates vanish in their rounding
+        return (before - after)[small] * 40
+
+    digits = load_dataset("digits", "train")
+    threes = np.flatnonzero(digits.labels == 3)[:41]
+    change = summed_update(digits.subset(threes[:40])) - summed_update(digits.subset(threes))
+    assert float(change.norm()) <= 1.0 + 1e-4
