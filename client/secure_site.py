@@ -49,10 +49,11 @@ from client.bn_site import net_round_file, release_bnstats, stats_file, train_bn
 from client.gan_site import round_file, train_gan
 from client.refusal import Refusal
 from client.requests import FAILURE_TEXT, refuse, run_dir, site_handler
-from client.site import SiteSettings
+from client.site import SiteSettings, resolve_site
 from common import protocol as P
 from common import secure_wire
 from common.files import create_once
+from common.wire import quoted
 
 log = logging.getLogger("fedsynth.site")
 _INNER = {P.TRAIN_GAN: train_gan, P.TRAIN_BNNET: train_bnnet, P.QUERY_BNSTATS: release_bnstats}
@@ -86,7 +87,7 @@ def secagg_problem(configs: dict, state: dict, node_id: int) -> str:
     if stage == Stage.SETUP:
         expected = {Key.CLIPPING_RANGE: P.SECAGG_CLIPPING_RANGE, Key.TARGET_RANGE: P.SECAGG_QUANTIZATION_LEVELS,
                     Key.MOD_RANGE: P.SECAGG_MODULUS, Key.MAX_WEIGHT: 1.0}
-        wrong = [f"{key} {configs.get(key)!r} (the protocol's is {value!r})" for key, value in expected.items()
+        wrong = [f"{key} {quoted(configs.get(key))} (the protocol's is {value!r})" for key, value in expected.items()
                  if configs.get(key) != value]
         if wrong:
             return "the secure aggregation's settings are not the protocol's: " + ", ".join(wrong)
@@ -97,13 +98,17 @@ def secagg_problem(configs: dict, state: dict, node_id: int) -> str:
         if not (isinstance(shares, int) and isinstance(threshold, int) and shares >= MIN_NEIGHBOURS
                 and 2 * threshold > shares and threshold <= shares):
             return (f"a secure sum needs at least {MIN_NEIGHBOURS} sites and a reconstruction threshold above half "
-                    f"their number; got {shares!r} shares and threshold {threshold!r}")
+                    f"their number; got {quoted(shares)} shares and threshold {quoted(threshold)}")
     elif stage == Stage.SHARE_KEYS:
         # (fewer than announced where a site dropped out at setup; Flower checks that the threshold still holds)
         neighbours = {k for k in configs if k != Key.STAGE}
         if str(node_id) not in neighbours or len(neighbours) > int(state.get("share_num", 0)):
-            return (f"the secure sum's neighbours must be at most the {state.get('share_num')} sites announced at its "
-                    f"setup, this one among them; got {len(neighbours)}")
+            return (f"the secure sum's neighbours must be at most the {quoted(state.get('share_num'))} sites announced "
+                    f"at its setup, this one among them; got {len(neighbours)}")
+        if not all(_public_keys_parse(configs[k]) for k in neighbours):
+            # Flower parses a neighbour's first key only after the handler's work (for the pairwise masks): a bad
+            # one made a charged release fail there, marked summed and never sent (review s56)
+            return "a neighbour's public keys in the secure sum's key-sharing stage are not two public keys"
     elif stage == Stage.COLLECT_MASKED_VECTORS:
         # Flower's mod calls the handler first and checks the shares after; a stage it would refuse must not be
         # worked on and charged first (review s56: it left a charged round marked as summed, never sendable)
@@ -123,7 +128,8 @@ def _collect_problem(configs: dict, state: dict, node_id: int) -> str:
     each source, at least threshold - 1 distinct neighbours other than this site, each decrypting (with the key
     this site shares with its source) to a share from that source for this site. Quotes only the stage's counts."""
     from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState
-    from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt
+    from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, generate_shared_key
+    from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
     from flwr.common.secure_aggregation.secaggplus_constants import Key
     from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_separate
 
@@ -142,7 +148,21 @@ def _collect_problem(configs: dict, state: dict, node_id: int) -> str:
             return "a share in the secure sum's masked-vector stage is not from one of this site's neighbours"
         if sent_by != source or sent_to != node_id:
             return "a share in the secure sum's masked-vector stage is from or for another node than it says"
+        try:  # what Flower's mod derives after the work, for the pairwise masks
+            generate_shared_key(bytes_to_private_key(ours.sk1), bytes_to_public_key(ours.public_keys_dict[source][0]))
+        except Exception:  # noqa: BLE001 - the coordinator's keys
+            return "a neighbour's key in the secure sum cannot make a pairwise mask"
     return ""
+
+
+def _public_keys_parse(keys) -> bool:
+    """A neighbour's entry of the key-sharing stage: two public keys (pk1, pk2) that parse."""
+    from flwr.supercore.primitives.asymmetric import bytes_to_public_key
+
+    try:
+        return len(keys) == 2 and all(bytes_to_public_key(k) is not None for k in keys)
+    except Exception:  # noqa: BLE001 - the coordinator's bytes
+        return False
 
 
 def secagg_settings_mod(msg: Message, context: Context, call_next) -> Message:
@@ -164,6 +184,7 @@ def secagg_settings_mod(msg: Message, context: Context, call_next) -> Message:
         problem = "the secure aggregation's message is addressed to another node"
     if problem:
         raise _Refused(refuse(msg, _site_name(context), P.REFUSED_BAD_REQUEST, problem))
+    _claim_stage(msg, context, configs, state)
     return call_next(msg, context)
 
 
@@ -175,7 +196,7 @@ def _outside_the_stages(msg: Message, context: Context, detail: str = "") -> "_R
     """The refusal of a secure request that is not inside the SecAgg+ stages (it quotes the message type sent)."""
     return _Refused(refuse(msg, _site_name(context), P.REFUSED_BAD_REQUEST,
                            f"a secure release is answered only inside the SecAgg+ stages of message type "
-                           f"{P.SECURE_TRAIN!r}; got {msg.metadata.message_type!r}{detail}"))
+                           f"{P.SECURE_TRAIN!r}; got {quoted(msg.metadata.message_type)}{detail}"))
 
 
 def refusals_mod(msg: Message, context: Context, call_next) -> Message:
@@ -206,7 +227,6 @@ def _answer(msg: Message, context: Context, site: SiteSettings) -> Message:
     mark = summed_mark(request, site)
     if mark.exists():  # before any work: the saved release will not be sent into a second sum
         raise _already_summed(request)
-    _claim_setup(context, site)
     inner = _INNER[request.MESSAGE_TYPE]
     reply = inner(request, context, site, secure=True) if inner is release_bnstats else inner(request, context, site)
     try:
@@ -257,28 +277,39 @@ def _mark_summed(mark: Path, request: P.Message) -> None:
         raise _already_summed(request)
 
 
-SETUPS_FOLDER = "secure-setups"  # in the site's state folder: one empty file per SecAgg+ setup that masked a vector
+SETUPS_FOLDER = "secure-setups"  # in the site's state folder: one empty file per stage of a SecAgg+ setup it ran
 
 
-def _claim_setup(context: Context, site: SiteSettings) -> None:
-    """One SecAgg+ setup masks one vector of this site, ever (under the request lock, before any work).
+def _claim_stage(msg: Message, context: Context, configs, state) -> None:
+    """Each stage after a SecAgg+ setup runs once per setup at this site, ever (before Flower's mod acts on it).
 
     Flower's mod reads its state from the context when a stage starts and writes it back when it ends, and a
-    SuperNode runs each message as its own task on the context as it was when the task started. So two "collect
-    masked vectors" stages of one setup sent at once both pass Flower's stage check, and the two vectors carry the
-    same self mask and pairwise masks: their difference is this site's two releases' difference, in the clear
-    (review s56: with one of them a full-noise release the coordinator got before, the other alone, a split-noise
-    release with part of its charged noise). The setup is named by its self-mask seed, which only this site holds."""
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+    SuperNode runs each message as its own task on the context as it was when the task started. So a stage sent
+    twice at once ran twice on one state (review s56): two "collect masked vectors" stages gave two vectors under
+    the same masks (their difference: two releases of this site in the clear); two "unmask" stages, one listing
+    this site's neighbour active and one dropped, gave both of that neighbour's secrets (its vector alone); two
+    "share keys" stages, two self-mask seeds under one pairwise key. A setup is named by the first private key it
+    made (``sk1``, which only this site holds), and each stage of it is claimed durably before the mod runs it."""
+    from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 
-    state = context.state.config_records.get(RECORD_KEY_STATE)
-    seed = state.get("rd_seed") if state is not None else None
-    if not isinstance(seed, bytes) or not seed:
-        raise Refusal(P.REFUSED_BAD_REQUEST, "the secure sum asks for a masked vector before its keys were shared")
-    if not create_once(site.state_dir / SETUPS_FOLDER / hashlib.sha256(seed).hexdigest(), b""):
-        raise Refusal(P.REFUSED_BAD_REQUEST, "this secure aggregation's setup already masked one vector of this site; "
-                                             "two vectors under the same masks would show their difference, so a "
-                                             "second one needs a new secure aggregation")
+    stage = configs.get(Key.STAGE)
+    if stage == Stage.SETUP:
+        return  # a setup makes fresh keys: nothing to claim
+    secret = state.get("sk1") if state is not None else None
+    if not isinstance(secret, bytes) or not secret:
+        raise _Refused(refuse(msg, _site_name(context), P.REFUSED_BAD_REQUEST,
+                              "a secure sum's stage came before its setup at this site"))
+    try:
+        folder = resolve_site(context.node_config, context.run_config).state_dir / SETUPS_FOLDER
+        claimed = create_once(folder / f"{hashlib.sha256(secret).hexdigest()}-{stage}", b"")
+    except Exception as err:  # noqa: BLE001 - the site's own settings or disk: its generic failure
+        raise _Refused(refuse(msg, _site_name(context), P.SITE_FAILURE, FAILURE_TEXT,
+                              f"secure aggregation: cannot record the stage: {type(err).__name__}: {err}")) from None
+    if not claimed:
+        raise _Refused(refuse(msg, _site_name(context), P.REFUSED_BAD_REQUEST,
+                              f"this secure aggregation's setup already ran its {quoted(stage)} stage at this site; a "
+                              "stage run twice on one setup would expose this site's masks, so a second one needs a "
+                              "new secure aggregation"))
 
 
 def _check_noise_shares(shares: int, context: Context) -> None:

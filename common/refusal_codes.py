@@ -34,9 +34,10 @@ REFUSED_BAD_REQUEST = 4002  # malformed, inconsistent or hostile request
 # it arrived): nothing more of the records (a release refused for its value range is refused before it is marked,
 # and again, the same way, when re-sent).
 ALREADY_SUMMED = "already went into a secure sum at this site"  # server.secure_agg recognizes such refusals by it
-# Also bad: a second masked vector asked for under one SecAgg+ setup (client.secure_site._claim_setup; two stages of
-# the same setup sent at once), or a masked vector before the setup's keys were shared. Fixed text: what the
-# coordinator's own stages did, nothing of the records.
+# Also bad: a stage of one SecAgg+ setup asked for a second time, or before the setup (client.secure_site._claim_stage:
+# two stages of one setup sent at once); a masked-vector stage whose shares or neighbours' keys Flower's mod would
+# refuse after the work (client.secure_site._collect_problem, _public_keys_parse). Fixed text and the stage's own
+# counts: what the coordinator's own stages did, nothing of the records.
 REFUSED_NOT_ALLOWED = 4003  # the site's config does not allow this mode / action / more queries / this much work
 # (allow_distributed_noise is such a setting of site.yaml: the refusal names it, public by declaration.)
 # A work-limit refusal (client.limits) names the operator's limit and the request's own sizes (parameters,

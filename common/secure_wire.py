@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from common import protocol as P
+from common.wire import quoted
 
 INNER_TYPE = "fedsynth.message-type"  # config keys the wrapper adds to the request's own settings
 INNER_FIELD = "fedsynth.array-field"
@@ -72,7 +73,7 @@ def unwrap_request(fitins: Any) -> P.Message:
     config = dict(fitins.config)
     kind, field, names = config.pop(INNER_TYPE, None), config.pop(INNER_FIELD, None), config.pop(INNER_NAMES, None)
     if kind not in _REQUESTS or not isinstance(field, str) or not isinstance(names, str):
-        raise P.ProtocolError(f"a secure aggregation must wrap one of {', '.join(_REQUESTS)}, got {kind!r}")
+        raise P.ProtocolError(f"a secure aggregation must wrap one of {', '.join(_REQUESTS)}, got {quoted(kind)}")
     try:
         arrays = parameters_to_ndarrays(fitins.parameters)
     except Exception as err:  # noqa: BLE001 - hostile bytes: refuse, never crash

@@ -56,6 +56,12 @@ MAX_STRING_CHARS = 4096  # any string a message carries: the protocol's strings 
 QUOTE_CHARS = 200  # the most of a value a refusal or log line quotes
 
 
+def _names(names: list) -> str:
+    """A list of names a message carried, for a refusal: its first five, each quoted, and how many more."""
+    shown = ", ".join(quoted(n) for n in names[:5])
+    return f"[{shown}{f', ... {len(names) - 5:,} more' if len(names) > 5 else ''}]"
+
+
 def quoted(value: Any) -> str:
     """``repr(value)`` of a value a message carried, cut to QUOTE_CHARS: refusals and logs quote what the sender
     sent, and a sender must not make them as long as it likes."""
@@ -139,15 +145,16 @@ class Message:
         want_records = {CONFIG} | {f.name for f in array_fields}
         got_records = set(content.keys())
         if got_records != want_records:
-            raise ProtocolError(f"{cls.__name__}: records {sorted(got_records)} are not exactly {sorted(want_records)}")
+            raise ProtocolError(f"{cls.__name__}: records {_names(sorted(got_records))} are not exactly "
+                                f"{sorted(want_records)}")
         if CONFIG not in content.config_records:
             raise ProtocolError(f"{cls.__name__}: '{CONFIG}' is not a ConfigRecord")
         config = dict(content.config_records[CONFIG])
         want_keys = {_dashed(f.name) for f in scalar_fields}
         unknown, missing = sorted(set(config) - want_keys), sorted(want_keys - set(config))
         if unknown or missing:
-            raise ProtocolError(f"{cls.__name__}: settings do not follow the protocol (unknown: {unknown}, "
-                                f"missing: {missing})")
+            raise ProtocolError(f"{cls.__name__}: settings do not follow the protocol (unknown: {_names(unknown)}, "
+                                f"missing: {_names(missing)})")
         values: dict[str, Any] = {f.name: _check_scalar(cls.__name__, f, config[_dashed(f.name)])
                                   for f in scalar_fields}
         for f in array_fields:

@@ -329,10 +329,14 @@ def test_the_stages_cannot_ask_for_a_sum_of_one_or_for_both_secrets_of_one_site(
     assert secagg_problem({**unmask, Key.ACTIVE_NODE_ID_LIST: [1, 2], Key.DEAD_NODE_ID_LIST: [3]}, state, 1) == ""
     for active, dead in (([1, 2], [2]), ([1, 1], []), ([2, 3], [1]), ([1, 2, 9], [])):
         assert secagg_problem({**unmask, Key.ACTIVE_NODE_ID_LIST: active, Key.DEAD_NODE_ID_LIST: dead}, state, 1)
+    from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
+
+    keys = [public_key_to_bytes(generate_key_pairs()[1]) for _ in range(2)]
     share_keys = {Key.STAGE: Stage.SHARE_KEYS}
-    assert secagg_problem({**share_keys, "1": [b"a", b"b"], "2": [b"c", b"d"]}, state, 1) == ""
-    assert secagg_problem({**share_keys, "2": [b"a", b"b"], "3": [b"c", b"d"]}, state, 1)  # without this site
-    assert secagg_problem({**share_keys, **{str(i): [b"a", b"b"] for i in range(1, 5)}}, state, 1)  # more than announced
+    assert secagg_problem({**share_keys, "1": keys, "2": keys}, state, 1) == ""
+    assert secagg_problem({**share_keys, "2": keys, "3": keys}, state, 1)  # without this site
+    assert secagg_problem({**share_keys, **{str(i): keys for i in range(1, 5)}}, state, 1)  # more than announced
+    assert secagg_problem({**share_keys, "1": keys, "2": [b"a", b"b"]}, state, 1)  # keys that do not parse
 
 
 def test_a_secure_stage_addressed_to_another_node_is_refused():
@@ -460,10 +464,10 @@ def test_the_mark_is_written_before_the_masked_vector_leaves(tmp_path, monkeypat
     assert len(list((tmp_path / "sites").rglob("stats-release" + secure_site.SUMMED_SUFFIX))) == 3
 
 
-def test_the_same_masked_vector_stage_sent_twice_is_refused_by_flowers_mod(tmp_path):
-    """Within one SecAgg+ aggregation Flower's mod takes each stage once, in order: the "collect masked vectors"
-    stage sent again (during the aggregation or after it) is refused (a site failure, Flower's stage check), so a
-    second vector only comes from a new aggregation, which the mark refuses."""
+def test_the_same_masked_vector_stage_sent_twice_is_refused(tmp_path):
+    """Within one SecAgg+ aggregation each stage runs once, in order: the "collect masked vectors" stage sent again
+    (during the aggregation or after it) is refused (the site's claim of the stage; Flower's stage check behind it),
+    so a second vector only comes from a new aggregation, which the mark refuses."""
     cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, synthetic_size=50)
     _, request = _split_noise_request(cfg, "exp-same-stage", 1)
     grid = _grid(cfg, 3, parallel=False)
@@ -482,8 +486,8 @@ def test_the_same_masked_vector_stage_sent_twice_is_refused_by_flowers_mod(tmp_p
     grid.push_messages = record
     got = secure_sum(grid, {n: request for n in ids}, round_label=0, timeout=30)
     assert got.total is not None and len(sent) == 3
-    again = grid._answer(sent[0])
-    assert again.has_error() and again.error.code == P.SITE_FAILURE
+    again = grid._answer(sent[0])  # (refused by the site's claim of the stage, before Flower's own stage check)
+    assert again.has_error() and again.error.code == P.REFUSED_BAD_REQUEST and "already ran its" in again.error.reason
 
 
 def test_a_secure_release_is_never_answered_outside_the_secagg_stages(tmp_path):
@@ -564,7 +568,7 @@ def test_two_masked_vector_stages_of_one_setup_sent_at_once_are_refused(tmp_path
     got = secure_sum(grid, {n: split for n in ids}, round_label=0, timeout=30)
     assert got.total is not None and got.contributors == ids  # the aggregation itself goes on
     assert not seen["first"].has_error()
-    assert seen["second"].has_error() and "already masked one vector" in seen["second"].error.reason
+    assert seen["second"].has_error() and "already ran its 'collect_masked_vectors' stage" in seen["second"].error.reason
     assert not list((tmp_path / "sites").rglob("exp-B"))  # refused before any work: nothing of run B charged
     assert all(entry["run"] != "exp-B" for site in charges(tmp_path) for entry in site)
     assert any(entry["run"] == "exp-A" for entry in charges(tmp_path)[0])  # (run A's was: the check is not vacuous)
@@ -604,4 +608,70 @@ def test_a_masked_vector_stage_flowers_mod_would_refuse_is_refused_before_any_wo
     victim_site = tmp_path / "sites" / reply.error.reason.split(":")[0]  # the refusal begins with the site's name
     others = [p for p in (tmp_path / "sites").iterdir() if p != victim_site]
     assert len(others) == 2 and all(list(p.rglob("*" + SUMMED_SUFFIX)) for p in others)  # the others worked
-    assert not list(victim_site.rglob("*"))  # the victim wrote nothing: no ledger, no charge, no release, no mark
+    # the victim wrote no ledger, charge, release or mark (only its claims of the setup's stages)
+    assert victim_site.is_dir() and not [p for p in victim_site.rglob("*") if "secure-setups" not in p.parts]
+
+
+
+def test_the_unmask_stage_sent_twice_on_one_setup_is_refused(tmp_path):
+    """Review s56, second pass: with only the masked vector claimed, each neighbour could be asked to unmask twice
+    from one state (two tasks at once): once with the victim listed active (shares of its self-mask seed), once
+    dropped (shares of its pairwise key), and the victim's one vector came out alone. Every stage after the setup now
+    runs once per setup at a site."""
+    import copy
+
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+    cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, synthetic_size=50, secure_aggregation=True,
+                      distributed_noise=True)
+    _, request = _split_noise_request(cfg, "exp-fork", 3)
+    grid = LocalGrid(client_app, [{**n, "require-secure-aggregation": True} for n in nodes(4)], cfg.to_flwr(),
+                     parallel=False)
+    ids = sorted(grid.get_node_ids())
+    victim, answer, forks = ids[0], grid._answer, []
+
+    def fork_unmask(msg):
+        stage = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if stage is None or stage[Key.STAGE] != Stage.UNMASK or msg.metadata.dst_node_id == victim:
+            return answer(msg)
+        snapshot = copy.deepcopy(grid.nodes[msg.metadata.dst_node_id])  # the context a second task pulls
+        real = answer(msg)
+        forged = copy.deepcopy(msg)
+        listed = forged.content.config_records[RECORD_KEY_CONFIGS]
+        listed[Key.ACTIVE_NODE_ID_LIST] = [n for n in listed[Key.ACTIVE_NODE_ID_LIST] if n != victim]
+        listed[Key.DEAD_NODE_ID_LIST] = [*listed[Key.DEAD_NODE_ID_LIST], victim]
+        forks.append(client_app(forged, snapshot))
+        return real
+
+    grid._answer = fork_unmask
+    got = secure_sum(grid, {n: request for n in ids}, round_label=0, timeout=30, threshold=3)
+    assert got.total is not None  # the honest aggregation itself completes
+    assert len(forks) == 3 and all(f.has_error() and "already ran its 'unmask' stage" in f.error.reason
+                                   for f in forks)
+
+
+def test_a_neighbours_key_that_does_not_parse_is_refused_before_any_work(tmp_path):
+    """Review s56, second pass: Flower parses a neighbour's first public key only after the handler, to make the
+    pairwise masks; a garbage one made a charged release fail there, marked summed and never sent."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+    cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, synthetic_size=50)
+    _, request = _split_noise_request(cfg, "exp-badkey", 1)
+    grid = _grid(cfg, 3, parallel=False)
+    ids = sorted(grid.get_node_ids())
+    victim, answer, seen = ids[0], grid._answer, {}
+
+    def bad_key(msg):
+        stage = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if msg.metadata.dst_node_id == victim and stage is not None and stage[Key.STAGE] == Stage.SHARE_KEYS:
+            stage[str(ids[1])] = [b"-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n",
+                                  stage[str(ids[1])][1]]
+            seen["reply"] = answer(msg)
+            return seen["reply"]
+        return answer(msg)
+
+    grid._answer = bad_key
+    secure_sum(grid, {n: request for n in ids}, round_label=0, timeout=30)
+    reply = seen["reply"]
+    assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST and "public keys" in reply.error.reason
+    assert not list((tmp_path / "sites" / reply.error.reason.split(":")[0]).rglob("*.pt"))  # nothing worked on
