@@ -10,12 +10,15 @@ One step per process (``ru_maxrss`` is a high-water mark), one CPU thread, rando
 It prints the growth, the per-sample gradients in it (each copy Opacus holds), the rest, the forward floats
 client.limits counts for the step (x 4 bytes) and the rest over that count: the factor a site multiplies by. Side
 28 is gray, any other side colour. The numbers quoted in client/limits.py came from these commands (2026-12-06).
+Each run writes its row to ``tests/benchmarks/results/step_memory.json``.
 """
 
 from __future__ import annotations
 
+import json
 import resource
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +27,9 @@ import torch.nn.functional as F
 from client.limits import forward_floats, meta_module
 from common.bnnet import BNNet
 from common.models import Discriminator, GanShape, Generator
+
+
+RESULTS = Path(__file__).resolve().parent / "results" / "step_memory.json"
 
 
 def _peak() -> int:
@@ -113,6 +119,14 @@ def main(argv: list[str]) -> None:
     print(f"{kind} width {width} d-width {d_width} rows {rows} side {side}: growth {growth / 2**20:,.0f} MB, "
           f"per-sample gradients {gradients / 2**20:,.0f} MB, rest {rest / 2**20:,.0f} MB; counted "
           f"{counted * 4 / 2**20:,.0f} MB; rest / counted {rest / (counted * 4):.2f}")
+    # one step per process: each run adds (or replaces) its row of the results file
+    key = {"kind": kind, "width": width, "d_width": d_width, "rows": rows, "side": side}
+    rows_so_far = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    rows_so_far = [r for r in rows_so_far if {k: r.get(k) for k in key} != key]
+    rows_so_far.append({**key, "growth_mb": round(growth / 2**20, 1), "gradients_mb": round(gradients / 2**20, 1),
+                        "counted_mb": round(counted * 4 / 2**20, 1), "rest_over_counted": round(rest / (counted * 4), 3)})
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(rows_so_far, indent=1) + "\n")
 
 
 if __name__ == "__main__":
