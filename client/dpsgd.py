@@ -80,6 +80,21 @@ def _check_args(model: nn.Module, dataset: "ImageDataset", noise_multiplier: flo
             )
 
 
+DPSGD_CHUNK = 64  # rows of every forward pass of the shared net's DP-SGD (a public constant: train_dpsgd_local)
+
+
+def padded_chunks(x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor):
+    """(images, labels, weights) of the rows ``idx`` in chunks of exactly DPSGD_CHUNK rows: freshly allocated in the
+    standard layout, the last zero-padded with weight 0; at least one chunk (an empty batch: padding only)."""
+    for start in range(0, max(1, len(idx)), DPSGD_CHUNK):
+        chunk = idx[start:start + DPSGD_CHUNK]
+        xb = torch.zeros((DPSGD_CHUNK, *x_all.shape[1:]), dtype=torch.float32, device=x_all.device)
+        yb = torch.zeros(DPSGD_CHUNK, dtype=torch.long, device=x_all.device)
+        weight = torch.zeros(DPSGD_CHUNK, dtype=torch.float32, device=x_all.device)
+        xb[:len(chunk)], yb[:len(chunk)], weight[:len(chunk)] = x_all[chunk], y_all[chunk], 1.0
+        yield xb, yb, weight
+
+
 def train_dpsgd_local(
     model: nn.Module,
     dataset: "ImageDataset",
@@ -142,19 +157,29 @@ def train_dpsgd_local(
     try:
         for _ in range(int(steps)):
             idx = poisson_mask(batch_rng, n, sample_rate).nonzero().squeeze(1).to(dev)  # each record independently
-            xb, yb = x_all[idx], y_all[idx]  # (b, C, H, W), (b,), b may be 0
             optimizer.zero_grad(set_to_none=True)
-            # Opacus' grad samplers handle a 0-row batch: the step then adds noise only.
-            loss = nn.functional.cross_entropy(gsm(xb), yb, reduction="sum") if len(idx) else gsm(xb).sum() * 0.0
-            with warnings.catch_warnings():
-                # The input batch needs no grad, so torch warns that the first conv's full backward
-                # hook sees no input gradients; Opacus only needs the output gradients there.
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                loss.backward()
+            loss = 0.0
+            # The Poisson batch (b rows, b may be 0) in chunks of exactly DPSGD_CHUNK rows, the last zero-padded, each
+            # through its own forward and backward: on CPU a row's float32 features round differently in a batch of
+            # 1 than of 2 or more, so a record's gradient hung on how many others were sampled, and a net whose head
+            # was tuned to that rounding made one added record move the clipped sum by 2C (review s56). Padding rows
+            # weigh 0 in the loss: their per-sample gradients are 0 (or non-finite, which FiniteDPOptimizer zeroes).
+            # Opacus concatenates the chunks' per-sample gradients; an empty batch runs one chunk of padding only.
+            for xb, yb, weight in padded_chunks(x_all, y_all, idx):
+                chunk_loss = (nn.functional.cross_entropy(gsm(xb), yb, reduction="none") * weight).sum()
+                with warnings.catch_warnings():
+                    # The input batch needs no grad, so torch warns that the first conv's full backward
+                    # hook sees no input gradients; Opacus only needs the output gradients there.
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    chunk_loss.backward()
+                loss += float(chunk_loss.detach())
+            for param in model.parameters():  # one logical batch: Opacus would divide by the number of chunks too
+                if isinstance(getattr(param, "grad_sample", None), list):
+                    param.grad_sample = torch.cat(param.grad_sample, dim=0)
             optimizer.step()
             sizes.append(len(idx))
             if len(idx):
-                losses.append(float(loss.detach()) / len(idx))  # (the batch's mean loss: a site-side diagnostic)
+                losses.append(loss / len(idx))  # (the batch's mean loss: a site-side diagnostic)
     finally:
         optimizer.zero_grad(set_to_none=True)
         gsm.cleanup()  # removes hooks and grad_sample attributes: the caller gets a plain module back

@@ -252,3 +252,59 @@ def test_the_shared_nets_dp_sgd_step_moves_by_at_most_one_clip_bound_for_one_add
     threes = np.flatnonzero(digits.labels == 3)[:41]
     change = summed_update(digits.subset(threes[:40])) - summed_update(digits.subset(threes))
     assert float(change.norm()) <= 1.0 + 1e-4
+
+
+def _summed_clipped_update(net, data, expected_batch: int) -> torch.Tensor:
+    """One noiseless DP-SGD step of the site's own code at rate 1 and lr 1: the sum of clipped gradients (flat)."""
+    from client.dpsgd import train_dpsgd_local
+
+    before = torch.cat([p.detach().double().flatten() for p in net.parameters()])
+    train_dpsgd_local(net, data, noise_multiplier=0.0, sample_rate=1.0, steps=1, max_grad_norm=1.0, lr=1.0,
+                      momentum=0.0, expected_batch=expected_batch, device="cpu", seed=0)
+    update = (before - torch.cat([p.detach().double().flatten() for p in net.parameters()])) * expected_batch
+    return update * (before.abs() < 1e3)  # a crafted weight of 1e10 loses its update in float32's rounding
+
+
+def test_the_shared_nets_chunked_dp_sgd_step_is_the_sum_of_each_records_clipped_gradient():
+    """The Poisson batch runs in padded chunks of DPSGD_CHUNK rows; the step must still be one logical batch (Opacus
+    divides by the number of backward passes unless the chunks' per-sample gradients are joined first)."""
+    from client.dpsgd import DPSGD_CHUNK
+    from common.bnnet import BNNet
+    from common.data import load_dataset
+
+    data = load_dataset("digits", "train").subset(np.arange(2 * DPSGD_CHUNK + 22))  # three chunks, the last padded
+    torch.manual_seed(0)
+    net, alone = BNNet(1, 10, 8, 8), BNNet(1, 10, 8, 8)
+    alone.load_state_dict(net.state_dict())
+    step = _summed_clipped_update(net, data, len(data))
+    expected = torch.zeros_like(step)
+    x, y = torch.as_tensor(data.images, dtype=torch.float32), torch.as_tensor(data.labels)
+    for i in range(len(data)):  # each record alone: its own loss's gradient, clipped to 1
+        alone.zero_grad()
+        torch.nn.functional.cross_entropy(alone(x[i:i + 1]), y[i:i + 1], reduction="sum").backward()
+        g = torch.cat([p.grad.double().flatten() for p in alone.parameters()])
+        expected += g * min(1.0, 1.0 / (float(g.norm()) + 1e-6))
+    assert float((step - expected).abs().max()) < 1e-4 * float(expected.abs().max())
+
+
+def test_a_records_dp_sgd_forward_does_not_depend_on_how_many_others_were_sampled():
+    """Review s56, third pass: on CPU a row's features rounded differently in a batch of 1 than of 2 or more (feature
+    123 of a width-32 net: 0.066146642 alone, 0.066145889 in a pair), so a shared net whose head thresholds that
+    feature made a record's clipped gradient 0 when sampled alone and C when sampled with another (the step moved by
+    about 2C for one added record). The site's DP-SGD now runs fixed, padded chunks: a row's logits are its own."""
+    from client.dpsgd import opacus_input, padded_chunks
+    from common.bnnet import BNNet
+    from common.data import load_dataset
+
+    digits = load_dataset("digits", "train")
+    x, y = opacus_input(digits.images[:200], "cpu"), torch.as_tensor(digits.labels[:200]).long()
+    torch.manual_seed(0)
+    net = BNNet(1, 10, 8, width=32).train()
+    with torch.no_grad():
+        def logits(idx: list[int]) -> torch.Tensor:
+            return torch.cat([net(xb) for xb, _, _ in padded_chunks(x, y, torch.tensor(idx))])[:len(idx)]
+
+        alone = logits([0])[0]
+        for batch in ([0, 1], [0, *range(5, 40)], [0, *range(1, 130)]):
+            assert torch.equal(logits(batch)[0], alone), len(batch)  # bitwise
+        assert not torch.equal(net(x[[0, 1]])[0], net(x[[0]])[0])  # (the rounding the chunks take away: not vacuous)
