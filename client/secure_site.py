@@ -129,9 +129,9 @@ def _collect_problem(configs: dict, state: dict, node_id: int) -> str:
     this site shares with its source) to a share from that source for this site. Quotes only the stage's counts."""
     from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState
     from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, generate_shared_key
-    from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
     from flwr.common.secure_aggregation.secaggplus_constants import Key
     from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_separate
+    from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
     ciphertexts, sources = configs.get(Key.CIPHERTEXT_LIST), configs.get(Key.SOURCE_LIST)
     if not isinstance(ciphertexts, list) or not isinstance(sources, list):

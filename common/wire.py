@@ -53,6 +53,7 @@ def _is_arrays(f: dataclasses.Field) -> bool:
 
 _SCALARS = (bool, int, float, str)
 MAX_STRING_CHARS = 4096  # any string a message carries: the protocol's strings are ids, names and short lists
+MAX_STRING_LIST_CHARS = 16 * MAX_STRING_CHARS  # a list of strings (a site's class names: a few thousand classes)
 QUOTE_CHARS = 200  # the most of a value a refusal or log line quotes
 
 
@@ -97,8 +98,8 @@ def _check_scalar(cls_name: str, f: dataclasses.Field, value: Any) -> Any:
     if want in ("tuple[str, ...]", "list[str]"):
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise ProtocolError(f"{cls_name}: '{key}' must be a list of strings, got {quoted(value)}")
-        if sum(len(v) for v in value) + len(value) > MAX_STRING_CHARS:
-            raise ProtocolError(f"{cls_name}: '{key}' holds more than {MAX_STRING_CHARS:,} characters")
+        if sum(len(v) for v in value) + len(value) > MAX_STRING_LIST_CHARS:
+            raise ProtocolError(f"{cls_name}: '{key}' holds more than {MAX_STRING_LIST_CHARS:,} characters")
         return tuple(value)
     raise TypeError(f"{cls_name}.{f.name}: unsupported protocol field type {want}")
 
