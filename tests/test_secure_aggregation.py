@@ -574,33 +574,44 @@ def test_two_masked_vector_stages_of_one_setup_sent_at_once_are_refused(tmp_path
     assert any(entry["run"] == "exp-A" for entry in charges(tmp_path)[0])  # (run A's was: the check is not vacuous)
 
 
-@pytest.mark.parametrize("tamper", ["no shares", "garbage share"])
-def test_a_masked_vector_stage_flowers_mod_would_refuse_is_refused_before_any_work(tmp_path, tamper):
-    """Review s56: Flower's mod calls the handler first and checks the stage's shares after, so a stage it refuses
-    (too few shares, one that does not decrypt) was worked on, charged and marked summed first: a charged release
-    that could never be sent. The site now checks the shares before the work."""
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+def _victims_tampered_reply(tmp_path, experiment: str, stage_name: str, tamper) -> object:
+    """One plain secure statistics sum over 3 sites in which the first site's ``stage_name`` stage is changed by
+    ``tamper(configs, node_ids)`` before it is answered; returns that site's reply to the tampered stage."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
     cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, synthetic_size=50)
-    _, request = _split_noise_request(cfg, "exp-tamper", 1)
+    _, request = _split_noise_request(cfg, experiment, 1)
     grid = _grid(cfg, 3, parallel=False)
     ids = sorted(grid.get_node_ids())
-    victim, answer, seen = ids[0], grid._answer, {}
+    answer, seen = grid._answer, {}
 
     def tampered(msg):
         stage = msg.content.config_records.get(RECORD_KEY_CONFIGS)
-        if msg.metadata.dst_node_id == victim and stage is not None and stage[Key.STAGE] == Stage.COLLECT_MASKED_VECTORS:
-            if tamper == "no shares":
-                stage[Key.CIPHERTEXT_LIST], stage[Key.SOURCE_LIST] = [], []
-            else:
-                stage[Key.CIPHERTEXT_LIST] = [b"not a share"] * len(stage[Key.CIPHERTEXT_LIST])
+        if msg.metadata.dst_node_id == ids[0] and stage is not None and stage[Key.STAGE] == stage_name:
+            tamper(stage, ids)
             seen["reply"] = answer(msg)
             return seen["reply"]
         return answer(msg)
 
     grid._answer = tampered
     secure_sum(grid, {n: request for n in ids}, round_label=0, timeout=30)
-    reply = seen["reply"]
+    return seen["reply"]
+
+
+@pytest.mark.parametrize("tamper", ["no shares", "garbage share"])
+def test_a_masked_vector_stage_flowers_mod_would_refuse_is_refused_before_any_work(tmp_path, tamper):
+    """Review s56: Flower's mod calls the handler first and checks the stage's shares after, so a stage it refuses
+    (too few shares, one that does not decrypt) was worked on, charged and marked summed first: a charged release
+    that could never be sent. The site now checks the shares before the work."""
+    from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+
+    def change(stage, ids):
+        if tamper == "no shares":
+            stage[Key.CIPHERTEXT_LIST], stage[Key.SOURCE_LIST] = [], []
+        else:
+            stage[Key.CIPHERTEXT_LIST] = [b"not a share"] * len(stage[Key.CIPHERTEXT_LIST])
+
+    reply = _victims_tampered_reply(tmp_path, "exp-tamper", Stage.COLLECT_MASKED_VECTORS, change)
     assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST, reply.error.reason
     assert "masked-vector stage" in reply.error.reason
     from client.secure_site import SUMMED_SUFFIX
@@ -610,7 +621,6 @@ def test_a_masked_vector_stage_flowers_mod_would_refuse_is_refused_before_any_wo
     assert len(others) == 2 and all(list(p.rglob("*" + SUMMED_SUFFIX)) for p in others)  # the others worked
     # the victim wrote no ledger, charge, release or mark (only its claims of the setup's stages)
     assert victim_site.is_dir() and not [p for p in victim_site.rglob("*") if "secure-setups" not in p.parts]
-
 
 
 def test_the_unmask_stage_sent_twice_on_one_setup_is_refused(tmp_path):
@@ -653,25 +663,12 @@ def test_the_unmask_stage_sent_twice_on_one_setup_is_refused(tmp_path):
 def test_a_neighbours_key_that_does_not_parse_is_refused_before_any_work(tmp_path):
     """Review s56, second pass: Flower parses a neighbour's first public key only after the handler, to make the
     pairwise masks; a garbage one made a charged release fail there, marked summed and never sent."""
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+    from flwr.common.secure_aggregation.secaggplus_constants import Stage
 
-    cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, synthetic_size=50)
-    _, request = _split_noise_request(cfg, "exp-badkey", 1)
-    grid = _grid(cfg, 3, parallel=False)
-    ids = sorted(grid.get_node_ids())
-    victim, answer, seen = ids[0], grid._answer, {}
+    def bad_key(stage, ids):
+        stage[str(ids[1])] = [b"-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n",
+                              stage[str(ids[1])][1]]
 
-    def bad_key(msg):
-        stage = msg.content.config_records.get(RECORD_KEY_CONFIGS)
-        if msg.metadata.dst_node_id == victim and stage is not None and stage[Key.STAGE] == Stage.SHARE_KEYS:
-            stage[str(ids[1])] = [b"-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n",
-                                  stage[str(ids[1])][1]]
-            seen["reply"] = answer(msg)
-            return seen["reply"]
-        return answer(msg)
-
-    grid._answer = bad_key
-    secure_sum(grid, {n: request for n in ids}, round_label=0, timeout=30)
-    reply = seen["reply"]
+    reply = _victims_tampered_reply(tmp_path, "exp-badkey", Stage.SHARE_KEYS, bad_key)
     assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST and "public keys" in reply.error.reason
     assert not list((tmp_path / "sites" / reply.error.reason.split(":")[0]).rglob("*.pt"))  # nothing worked on
