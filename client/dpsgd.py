@@ -28,6 +28,7 @@ from torch import nn
 from client.nonfinite import FiniteDPOptimizer
 from client.secret_random import poisson_mask, secret_generator
 from common.bnnet import check_images_fit
+from common.device import padded_rows
 
 if TYPE_CHECKING:  # only for type hints; the dataset object is passed in by the caller
     from common.data import ImageDataset
@@ -88,11 +89,10 @@ def padded_chunks(x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor):
     standard layout, the last zero-padded with weight 0; at least one chunk (an empty batch: padding only)."""
     for start in range(0, max(1, len(idx)), DPSGD_CHUNK):
         chunk = idx[start:start + DPSGD_CHUNK]
-        xb = torch.zeros((DPSGD_CHUNK, *x_all.shape[1:]), dtype=torch.float32, device=x_all.device)
         yb = torch.zeros(DPSGD_CHUNK, dtype=torch.long, device=x_all.device)
         weight = torch.zeros(DPSGD_CHUNK, dtype=torch.float32, device=x_all.device)
-        xb[:len(chunk)], yb[:len(chunk)], weight[:len(chunk)] = x_all[chunk], y_all[chunk], 1.0
-        yield xb, yb, weight
+        yb[:len(chunk)], weight[:len(chunk)] = y_all[chunk], 1.0
+        yield padded_rows(x_all[chunk], DPSGD_CHUNK, x_all.device), yb, weight
 
 
 def train_dpsgd_local(

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.device import padded_rows
 from common.models import resize_to_side
 
 if TYPE_CHECKING:
@@ -274,11 +275,8 @@ def iter_record_blocks(model: nn.Module, dataset: "ImageDataset", *, device: tor
         with torch.no_grad(), capture_norm_inputs(model) as inputs:
             for start in range(0, len(dataset), batch_size):
                 chunk = dataset.images[start:start + batch_size]
-                real = len(chunk)
-                batch = torch.zeros((batch_size, *dataset.images.shape[1:]), dtype=torch.float32)  # fresh, standard
-                batch[:real] = torch.as_tensor(np.asarray(chunk), dtype=torch.float32)
-                model(batch.to(dev))
-                yield start, {name: block[:real] for name, block in per_record_features(inputs, layers).items()}
+                model(padded_rows(chunk, batch_size, dev))
+                yield start, {name: block[:len(chunk)] for name, block in per_record_features(inputs, layers).items()}
     finally:
         model.train(was_training)
 

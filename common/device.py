@@ -1,4 +1,5 @@
-"""Choose where tensors live: the GPU when one is present, the CPU otherwise."""
+"""Choose where tensors live: the GPU when one is present, the CPU otherwise; and in what shape a site's batches
+are (``padded_rows``)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,16 @@ def pick_device(preference: str = "auto") -> torch.device:
     if pref != "cpu" and not pref.startswith("cuda"):
         raise ValueError(f"unknown device '{preference}': use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     return torch.device(pref)
+
+
+def padded_rows(rows, size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``rows`` (n <= size rows: an array or tensor) as a freshly allocated, C-contiguous float32 tensor of exactly
+    ``size`` rows on ``device`` (CPU by default), the rest zeros.
+
+    A site computes on its records in such fixed shapes (``client.evaluation`` through ``common.learner``, the
+    statistics blocks of ``common.bnnet.iter_record_blocks``, the DP-SGD chunks of ``client.dpsgd``): on CPU, float32
+    kernels round a row differently with its batch's size and memory layout, so only at one shape and one layout does
+    a row's result depend on that row alone."""
+    batch = torch.zeros((size, *rows.shape[1:]), dtype=torch.float32, device=device)
+    batch[:len(rows)] = torch.as_tensor(rows, dtype=torch.float32, device=device)
+    return batch

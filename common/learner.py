@@ -19,7 +19,7 @@ from sklearn.metrics import confusion_matrix, matthews_corrcoef
 from torch import nn
 
 from common.data import ImageDataset
-from common.device import pick_device
+from common.device import padded_rows, pick_device
 from common.progress import progress as progress_bar
 
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -241,10 +241,7 @@ def _batched(fn, model: nn.Module, images: np.ndarray, device: torch.device | st
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         if fixed_rows:
-            real = len(chunk)
-            batch = torch.zeros((batch_size, *images.shape[1:]), dtype=torch.float32)  # fresh, standard layout
-            batch[:real] = torch.from_numpy(np.asarray(chunk, dtype=np.float32))
-            out.append(fn(model, _normalize(batch.to(dev))).cpu().numpy()[:real])
+            out.append(fn(model, _normalize(padded_rows(chunk, batch_size, dev))).cpu().numpy()[:len(chunk)])
         else:
             out.append(fn(model, _normalize(torch.from_numpy(chunk).to(dev))).cpu().numpy())
     return out
