@@ -13,7 +13,9 @@ Implementation notes (verified against Opacus 1.6):
   gradient overflows contributes 0: ``client.nonfinite``).
 - D step = one backward over two forward passes (real rows, fake rows with the same labels): Opacus
   sums row i of both passes, so "record i" is grad(real_i) + grad(fake_i), clipped jointly (dcgan.py's
-  scheme; sensitivity stays C because fake_i carries no other record's data).
+  scheme; sensitivity stays C because fake_i carries no other record's data). The rows, and the fakes G draws for
+  them, run in fixed, zero-padded chunks (``discriminator_backward``), so that no record's result rounds with the
+  realised batch size: the coordinator chooses D's and G's weights and could tune them to that rounding.
 - G step: D's hooks are disabled and its parameters frozen (freezing alone, with hooks on, makes Opacus'
   backward hook fail with "pop from empty list"; with neither, the G step adds a second per-sample
   gradient and Opacus refuses the next step). Fake labels are
@@ -37,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
 
-from client.dpsgd import opacus_input
+from client.dpsgd import DPSGD_CHUNK, join_chunk_grad_samples, opacus_input, padded_chunks
 from client.nonfinite import FiniteDPOptimizer
 from client.secret_random import poisson_mask, secret_gaussian, secret_generator
 from common import protocol as P
@@ -90,8 +92,9 @@ class RoundSettings:
 
 
 def discriminator_loss(d_model: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor,
-                       ac_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """D's summed loss over b real and b fake rows; returns (loss, class logits of the real rows).
+                       ac_weight: float, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """D's summed loss over b real and b fake rows, row i weighted by ``weight[i]`` (None: all 1; a padding row of
+    a chunk weighs 0); returns (loss, class logits of the real rows).
 
     Two forward passes, real then fake: under Opacus the per-sample gradients of row i of both passes
     are summed, so record i's sample is the pair (real_i, fake_i with label y_i), clipped jointly, and
@@ -100,12 +103,39 @@ def discriminator_loss(d_model: torch.nn.Module, real: torch.Tensor, fake: torch
     """
     real_adv, real_cls = d_model(real, labels)  # (b,), (b, K)
     fake_adv, fake_cls = d_model(fake, labels)
-    loss = (F.binary_cross_entropy_with_logits(real_adv, torch.ones_like(real_adv), reduction="sum")
-            + F.binary_cross_entropy_with_logits(fake_adv, torch.zeros_like(fake_adv), reduction="sum"))
+    per_row = (F.binary_cross_entropy_with_logits(real_adv, torch.ones_like(real_adv), reduction="none")
+               + F.binary_cross_entropy_with_logits(fake_adv, torch.zeros_like(fake_adv), reduction="none")
+               + ac_weight * F.cross_entropy(real_cls, labels, reduction="none"))  # (b,)
+    loss = per_row.sum() if weight is None else (per_row * weight).sum()
     # Every head's output must enter the backward of both passes, or Opacus' per-layer activation
     # stacks get out of step; the unused fake class logits enter with weight 0.
-    loss = loss + ac_weight * F.cross_entropy(real_cls, labels, reduction="sum") + 0.0 * fake_cls.sum()
-    return loss, real_cls
+    return loss + 0.0 * fake_cls.sum(), real_cls
+
+
+def discriminator_backward(d_model: torch.nn.Module, gen: torch.nn.Module, x_all: torch.Tensor, y_all: torch.Tensor,
+                           idx: torch.Tensor, latent, seen_by_d, ac_weight: float) -> tuple[float, int]:
+    """The backward passes of one D step on the records ``idx`` of ``x_all``/``y_all``; returns (summed loss, real
+    rows D classed right), site-side diagnostics.
+
+    The rows run in padded chunks of exactly DPSGD_CHUNK (``client.dpsgd.padded_chunks``: on CPU a row's results
+    round with its batch's size, so a record's gradient would hang on how many others were sampled), their fakes too:
+    G draws each chunk's fakes from that chunk's latents, zero-padded. Under Opacus the chunks' per-sample gradients
+    still need joining into one batch (``join_chunk_grad_samples``) before the step. ``latent(rows)`` gives secret
+    (rows, latent) draws; ``seen_by_d`` is D's input transformation."""
+    total, correct = 0.0, 0
+    gen.eval()
+    for xb, yb, weight in padded_chunks(x_all, y_all, idx):  # (CHUNK, C, H, W), (CHUNK,), (CHUNK,)
+        rows = int(weight.sum())
+        z = torch.zeros((DPSGD_CHUNK, gen.shape.latent_dim), device=xb.device)
+        z[:rows] = latent(rows)
+        with torch.no_grad():
+            fake = gen(z, yb)  # (CHUNK, C, H, W)
+        loss, real_cls = discriminator_loss(d_model, seen_by_d(xb), seen_by_d(fake), yb, ac_weight, weight)
+        loss.backward()
+        total += float(loss.detach())
+        correct += int(((real_cls.argmax(1) == yb) & (weight > 0)).sum())
+    gen.train()
+    return total, correct
 
 
 def mode_seeking_penalty(z: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -249,26 +279,20 @@ class LocalGanTrainer:
         for t in bar:
             # --- D step: one DP-SGD release on a Poisson batch ------------------------------------
             mask = poisson_mask(sampler, n, rs.sample_rate)  # (N,) Bernoulli(q)
-            idx = mask.nonzero().squeeze(1).to(self.device)
-            xb, yb = self.x[idx], self.y[idx]  # (b, C, H, W), (b,)
+            idx = mask.nonzero().squeeze(1).to(self.device)  # (b,)
             b = len(idx)
-            gen.eval()
-            with torch.no_grad():
-                fake = gen(latent(b), yb) if b else xb
-            gen.train()
             opt_d.zero_grad(set_to_none=True)
-            if b:
-                loss_d, real_cls = discriminator_loss(d_model, seen_by_d(xb), seen_by_d(fake), yb, rs.ac_weight)
-                loss_d.backward()
-                d_losses.append(float(loss_d.detach()) / b)
-                d_acc.append(float((real_cls.argmax(1) == yb).float().mean()))
-            elif private:
-                # An empty Poisson batch still releases pure noise; give every parameter a zero-row
-                # per-sample gradient so the optimizer adds it (skipping would reveal the batch was empty).
-                for p in disc.parameters():
-                    p.grad_sample = torch.zeros((0, *p.shape), device=self.device)
+            # An empty Poisson batch still releases pure noise when private (one chunk of padding, every per-sample
+            # gradient 0): skipping the step would reveal that the batch was empty.
             if b or private:
+                loss_sum, correct = discriminator_backward(d_model, gen, self.x, self.y, idx, latent, seen_by_d,
+                                                           rs.ac_weight)
+                if private:
+                    join_chunk_grad_samples(disc)
                 opt_d.step()
+                if b:
+                    d_losses.append(loss_sum / b)
+                    d_acc.append(correct / b)
             opt_d.zero_grad(set_to_none=True)  # also clears grad_sample before the G pass
 
             if (t + 1) % n_d:

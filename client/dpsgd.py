@@ -81,18 +81,32 @@ def _check_args(model: nn.Module, dataset: "ImageDataset", noise_multiplier: flo
             )
 
 
-DPSGD_CHUNK = 64  # rows of every forward pass of the shared net's DP-SGD (a public constant: train_dpsgd_local)
+DPSGD_CHUNK = 64  # rows of every forward pass of a site's DP-SGD: the shared net's and D's (a public constant)
 
 
 def padded_chunks(x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor):
     """(images, labels, weights) of the rows ``idx`` in chunks of exactly DPSGD_CHUNK rows: freshly allocated in the
-    standard layout, the last zero-padded with weight 0; at least one chunk (an empty batch: padding only)."""
+    standard layout, the last zero-padded with weight 0; at least one chunk (an empty batch: padding only).
+
+    Why: on CPU a row's float32 results round differently with its batch's size (a batch of 1 against 2 or more), so
+    a record's gradient hung on how many others the Poisson mask sampled, and a network tuned to that rounding made
+    one added record move the clipped sum by 2C (review s56). At one shape and layout a row's result is its own."""
     for start in range(0, max(1, len(idx)), DPSGD_CHUNK):
         chunk = idx[start:start + DPSGD_CHUNK]
         yb = torch.zeros(DPSGD_CHUNK, dtype=torch.long, device=x_all.device)
         weight = torch.zeros(DPSGD_CHUNK, dtype=torch.float32, device=x_all.device)
         yb[:len(chunk)], weight[:len(chunk)] = y_all[chunk], 1.0
         yield padded_rows(x_all[chunk], DPSGD_CHUNK, x_all.device), yb, weight
+
+
+def join_chunk_grad_samples(model: nn.Module) -> None:
+    """Make the per-sample gradients of several chunks' backward passes one logical batch, before the DP step.
+
+    Opacus keeps one ``grad_sample`` per backward pass in a list and, given a list, divides the clipped sum by the
+    number of passes too; joined, the step is the sum of every record's clipped gradient, as accounted."""
+    for param in model.parameters():
+        if isinstance(getattr(param, "grad_sample", None), list):
+            param.grad_sample = torch.cat(param.grad_sample, dim=0)
 
 
 def train_dpsgd_local(
@@ -159,12 +173,9 @@ def train_dpsgd_local(
             idx = poisson_mask(batch_rng, n, sample_rate).nonzero().squeeze(1).to(dev)  # each record independently
             optimizer.zero_grad(set_to_none=True)
             loss = 0.0
-            # The Poisson batch (b rows, b may be 0) in chunks of exactly DPSGD_CHUNK rows, the last zero-padded, each
-            # through its own forward and backward: on CPU a row's float32 features round differently in a batch of
-            # 1 than of 2 or more, so a record's gradient hung on how many others were sampled, and a net whose head
-            # was tuned to that rounding made one added record move the clipped sum by 2C (review s56). Padding rows
-            # weigh 0 in the loss: their per-sample gradients are 0 (or non-finite, which FiniteDPOptimizer zeroes).
-            # Opacus concatenates the chunks' per-sample gradients; an empty batch runs one chunk of padding only.
+            # The Poisson batch (b rows, b may be 0) in padded chunks of exactly DPSGD_CHUNK rows (padded_chunks: why),
+            # each through its own forward and backward. Padding rows weigh 0 in the loss: their per-sample gradients
+            # are 0 (or non-finite, which FiniteDPOptimizer zeroes). An empty batch runs one chunk of padding only.
             for xb, yb, weight in padded_chunks(x_all, y_all, idx):
                 chunk_loss = (nn.functional.cross_entropy(gsm(xb), yb, reduction="none") * weight).sum()
                 with warnings.catch_warnings():
@@ -173,9 +184,7 @@ def train_dpsgd_local(
                     warnings.filterwarnings("ignore", message="Full backward hook is firing")
                     chunk_loss.backward()
                 loss += float(chunk_loss.detach())
-            for param in model.parameters():  # one logical batch: Opacus would divide by the number of chunks too
-                if isinstance(getattr(param, "grad_sample", None), list):
-                    param.grad_sample = torch.cat(param.grad_sample, dim=0)
+            join_chunk_grad_samples(model)  # one logical batch: Opacus would divide by the number of chunks too
             optimizer.step()
             sizes.append(len(idx))
             if len(idx):

@@ -201,3 +201,97 @@ def test_the_discriminator_gets_each_records_true_gradient_whatever_the_array_la
         one = torch.from_numpy(np.array(images[i:i + 1], copy=True)) * 2 - 1
         discriminator_loss(model, one, fakes[i:i + 1], labels[i:i + 1], 0.3)[0].backward()
         assert torch.allclose(rows[i], torch.cat([p.grad.flatten() for p in disc.parameters()]), atol=1e-5)
+
+
+def _record_zero_gradient(model, gen, disc, x, y, idx: list[int], latents: torch.Tensor, chunked: bool):
+    """Row 0's per-sample gradient of one D step on the records ``idx`` (record 0 first): through the site's padded
+    chunks (``discriminator_backward``), or the way the step ran before them (one pass on the b sampled rows)."""
+    from client.dpgan import discriminator_backward
+    from client.dpsgd import join_chunk_grad_samples
+
+    for p in disc.parameters():
+        p.grad_sample = None
+    if chunked:
+        discriminator_backward(model, gen, x, y, torch.tensor(idx), lambda rows: latents[:rows], lambda t: t, 0.3)
+        join_chunk_grad_samples(disc)
+    else:
+        with torch.no_grad():
+            fake = gen(latents[:len(idx)], y[idx])
+        discriminator_loss(model, x[idx], fake, y[idx], 0.3)[0].backward()
+    return torch.cat([p.grad_sample[0].flatten() for p in disc.parameters()])
+
+
+def test_a_records_discriminator_gradient_does_not_depend_on_how_many_others_were_sampled() -> None:
+    """Review s57 (the shared net's s56 hole, in D): on CPU a row's float32 results round differently with its batch's
+    size, and the coordinator chooses D's weights (the averaged D it sends) and G's, so a record's clipped gradient
+    could hang on how many others the Poisson mask sampled (the shared net's version moved the step by 2C for one
+    added record). D's step now runs fixed, padded chunks, its fakes too: a record's per-sample gradient is its own."""
+    from client.dpgan import gan_input
+    from common.data import load_dataset
+    from common.models import Generator
+
+    digits = load_dataset("digits", "train")
+    x, y = gan_input(digits.images[:200], "cpu"), torch.as_tensor(digits.labels[:200]).long()
+    torch.manual_seed(0)
+    shape = GanShape(1, 8, 10, latent_dim=8, width=16)
+    gen, disc = Generator(shape).eval(), Discriminator(shape, width=8)
+    latents = torch.randn(200, 8)
+    model = GradSampleModule(disc, loss_reduction="sum")
+
+    def row0(idx: list[int], chunked: bool = True) -> torch.Tensor:
+        return _record_zero_gradient(model, gen, disc, x, y, idx, latents, chunked)
+
+    batches = ([0, 1], [0, 1, 2, 3], [0, *range(5, 40)], [0, *range(1, 130)])
+    alone = row0([0])
+    for batch in batches:
+        assert torch.equal(row0(batch), alone), len(batch)  # bitwise
+    old_alone = row0([0], chunked=False)  # (the rounding the chunks take away: not vacuous)
+    assert any(not torch.equal(row0(batch, chunked=False), old_alone) for batch in batches)
+    model._close()
+
+
+def test_the_chunked_discriminator_step_is_the_sum_of_each_records_clipped_pair_gradient() -> None:
+    """The Poisson batch runs in padded chunks: the DP step must still be one logical batch, every padding row 0, and
+    each record's gradient that of its own (real, fake) pair, clipped (Opacus divides by the number of backward passes
+    unless the chunks' per-sample gradients are joined first)."""
+    from client.dpgan import discriminator_backward, gan_input
+    from client.dpsgd import DPSGD_CHUNK, join_chunk_grad_samples
+    from client.nonfinite import FiniteDPOptimizer
+    from common.data import load_dataset
+    from common.models import Generator
+
+    digits = load_dataset("digits", "train")
+    n = 2 * DPSGD_CHUNK + 22  # three chunks, the last padded
+    x, y = gan_input(digits.images[:n], "cpu"), torch.as_tensor(digits.labels[:n]).long()
+    torch.manual_seed(0)
+    shape = GanShape(1, 8, 10, latent_dim=8, width=16)
+    gen, disc = Generator(shape).eval(), Discriminator(shape, width=8)
+    reference = copy.deepcopy(disc)
+    latents = torch.randn(n, 8)
+    drawn = []
+
+    def latent(rows: int) -> torch.Tensor:  # the chunks' latents in order, as a secret stream gives them
+        start = sum(drawn)
+        drawn.append(rows)
+        return latents[start:start + rows]
+
+    model = GradSampleModule(disc, loss_reduction="sum")
+    opt = FiniteDPOptimizer(torch.optim.SGD(disc.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=1.0,
+                            expected_batch_size=1, loss_reduction="mean")
+    before = torch.cat([p.detach().double().flatten() for p in disc.parameters()])
+    discriminator_backward(model, gen, x, y, torch.arange(n), latent, lambda t: t, 0.3)
+    assert drawn == [DPSGD_CHUNK, DPSGD_CHUNK, 22]
+    join_chunk_grad_samples(disc)
+    opt.step()
+    step = before - torch.cat([p.detach().double().flatten() for p in disc.parameters()])
+    model._close()
+
+    expected = torch.zeros_like(step)
+    with torch.no_grad():
+        fakes = gen(latents, y)
+    for i in range(n):  # each record alone: its own pair's gradient, clipped to 1
+        reference.zero_grad()
+        discriminator_loss(reference, x[i:i + 1], fakes[i:i + 1], y[i:i + 1], 0.3)[0].backward()
+        g = torch.cat([p.grad.double().flatten() for p in reference.parameters()])
+        expected += g * min(1.0, 1.0 / (float(g.norm()) + 1e-6))
+    assert float((step - expected).abs().max()) < 1e-4 * float(expected.abs().max())
