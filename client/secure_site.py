@@ -84,6 +84,9 @@ def secagg_problem(configs: dict, state: dict, node_id: int) -> str:
     from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 
     stage = configs.get(Key.STAGE)
+    if _known_stage(stage) is None:
+        # (before anything else: the claim of a stage names a file after it, review s57)
+        return f"{quoted(stage)} is not a stage of a secure sum (setup, share_keys, collect_masked_vectors, unmask)"
     if stage == Stage.SETUP:
         expected = {Key.CLIPPING_RANGE: P.SECAGG_CLIPPING_RANGE, Key.TARGET_RANGE: P.SECAGG_QUANTIZATION_LEVELS,
                     Key.MOD_RANGE: P.SECAGG_MODULUS, Key.MAX_WEIGHT: 1.0}
@@ -121,6 +124,17 @@ def secagg_problem(configs: dict, state: dict, node_id: int) -> str:
         if not set(active) | set(dead) <= neighbours or node_id not in active:
             return "the secure sum's unmasking names nodes that are not its sites, or this site as dropped"
     return ""
+
+
+def _known_stage(stage) -> str | None:
+    """The protocol's own name of the SecAgg+ stage a message names (Flower's constant, never the message's string),
+    or None when it names none of the four: a string the coordinator sent must never become part of a file name."""
+    from flwr.common.secure_aggregation.secaggplus_constants import Stage
+
+    if not isinstance(stage, str):
+        return None
+    return next((name for name in (Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK)
+                 if stage == name), None)
 
 
 def _collect_problem(configs: dict, state: dict, node_id: int) -> str:
@@ -292,15 +306,18 @@ def _claim_stage(msg: Message, context: Context, configs, state) -> None:
     made (``sk1``, which only this site holds), and each stage of it is claimed durably before the mod runs it."""
     from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 
-    stage = configs.get(Key.STAGE)
+    stage = _known_stage(configs.get(Key.STAGE))
     if stage == Stage.SETUP:
         return  # a setup makes fresh keys: nothing to claim
+    if stage is None:  # (secagg_problem refused it already; never a file named after the coordinator's string)
+        raise _Refused(refuse(msg, _site_name(context), P.REFUSED_BAD_REQUEST, "not a stage of a secure sum"))
     secret = state.get("sk1") if state is not None else None
     if not isinstance(secret, bytes) or not secret:
         raise _Refused(refuse(msg, _site_name(context), P.REFUSED_BAD_REQUEST,
                               "a secure sum's stage came before its setup at this site"))
     try:
         folder = resolve_site(context.node_config, context.run_config).state_dir / SETUPS_FOLDER
+        # the name is hex digits and the protocol's own stage name: it stays inside the folder
         claimed = create_once(folder / f"{hashlib.sha256(secret).hexdigest()}-{stage}", b"")
     except Exception as err:  # noqa: BLE001 - the site's own settings or disk: its generic failure
         raise _Refused(refuse(msg, _site_name(context), P.SITE_FAILURE, FAILURE_TEXT,

@@ -672,3 +672,35 @@ def test_a_neighbours_key_that_does_not_parse_is_refused_before_any_work(tmp_pat
     reply = _victims_tampered_reply(tmp_path, "exp-badkey", Stage.SHARE_KEYS, bad_key)
     assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST and "public keys" in reply.error.reason
     assert not list((tmp_path / "sites" / reply.error.reason.split(":")[0]).rglob("*.pt"))  # nothing worked on
+
+
+def test_a_stage_name_that_is_a_path_is_refused_and_creates_nothing(tmp_path):
+    """Review s57: the site's claim of a stage named its file after the stage the coordinator sent, so after one
+    setup a stage of "x/../../<any path>" answered "already ran" where a file existed and created one where none did:
+    a free, exact oracle of the site's files (a patient's image by its name), and files or folders written anywhere.
+    Only the four stages of SecAgg+ are accepted now, and a claim's file takes the protocol's own name of the stage."""
+    from flwr.app import ConfigRecord, RecordDict
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+    cfg = fast_config(tmp_path)
+    grid = _grid(cfg, 1, parallel=False)
+    held = tmp_path / "held.png"
+    held.write_bytes(b"a record")
+
+    def send(stage: dict):
+        message = grid.create_message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(stage)}), P.SECURE_TRAIN,
+                                      sorted(grid.get_node_ids())[0], "g")
+        return list(grid.send_and_receive([message]))[0]
+
+    setup = {Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: 3, Key.THRESHOLD: 2,
+             Key.CLIPPING_RANGE: float(P.SECAGG_CLIPPING_RANGE), Key.TARGET_RANGE: P.SECAGG_QUANTIZATION_LEVELS,
+             Key.MOD_RANGE: P.SECAGG_MODULUS, Key.MAX_WEIGHT: 1.0}
+    assert not send(setup).has_error()
+    before = sorted(p for p in tmp_path.rglob("*"))
+    up = "x/" + "../" * 40  # past the root from the claims' folder
+    replies = [send({Key.STAGE: up + str(path).lstrip("/")}) for path in (held, tmp_path / "missing.png")]
+    assert all(r.has_error() and r.error.code == P.REFUSED_BAD_REQUEST and "is not a stage of a secure sum" in
+               r.error.reason for r in replies), [r.error.reason[:120] for r in replies]
+    assert not any("already ran" in r.error.reason for r in replies)  # the same answer whether the file exists or not
+    assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing created
+    assert "is not a stage" in send({Key.STAGE: Stage.SETUP + "/.."}).error.reason
