@@ -51,6 +51,7 @@ from common.accounting import DPEvent
 from common.audits import nearest_neighbors
 from common.data import ImageDataset
 from common.learner import build_learner, predict
+from common.wire import quoted
 
 log = logging.getLogger("fedsynth.site")
 
@@ -153,7 +154,7 @@ def handle_evaluation(msg: Message, context: Context, site: SiteSettings) -> Mes
         raise Refusal(P.REFUSED_BAD_REQUEST, str(err)) from None
     problems = P.check_arrays(req.classifier, P.state_spec(model.state_dict()))
     if problems:
-        raise Refusal(P.REFUSED_BAD_REQUEST, f"the classifier sent does not match '{req.learner}': {problems[:3]}")
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"the classifier sent does not match {quoted(req.learner)}: {problems[:3]}")
     P.load_state(model, req.classifier)
     ledger, index = _query_ledger(site, data, EVALUATION_PURPOSE, req.experiment)
     plan = _run_plan(folder)

@@ -40,6 +40,7 @@ from common.device import pick_device
 from common.files import save_torch_atomic
 from common.recipe_ranges import recipe_problems
 from common.run_id import experiment_id_problem
+from common.wire import quoted
 
 log = logging.getLogger("fedsynth.site")
 
@@ -195,7 +196,7 @@ def require_replacement(site: SiteSettings, promised: str) -> None:
     done at the coordinator (post-processing of the generators); this stops a coordinator that would not."""
     if site.sensitive_attribute and promised != site.sensitive_attribute:
         raise Refusal(P.REFUSED_NOT_ALLOWED, f"this site declares {site.sensitive_attribute} sensitive and the run "
-                                             f"does not replace it (it names '{promised}'); run with "
+                                             f"does not replace it (it names {quoted(promised)}); run with "
                                              f"sensitive-attribute = {site.sensitive_attribute}")
 
 

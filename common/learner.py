@@ -21,6 +21,7 @@ from torch import nn
 from common.data import ImageDataset
 from common.device import padded_rows, pick_device
 from common.progress import progress as progress_bar
+from common.wire import quoted
 
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -132,10 +133,10 @@ def learner_factory(name: str, *, allow_import: bool = True) -> Callable[[tuple[
     if name in _BUILT_IN:
         return _BUILT_IN[name]
     if not allow_import:
-        raise ValueError(f"learner '{name}' is not built in ({', '.join(LEARNERS)}); this side only runs built-in "
+        raise ValueError(f"learner {quoted(name)} is not built in ({', '.join(LEARNERS)}); this side only runs built-in "
                          "learners")
     if not _FACTORY.match(name):
-        raise ValueError(f"unknown learner '{name}': choose one of {', '.join(LEARNERS)}, or name your own as "
+        raise ValueError(f"unknown learner {quoted(name)}: choose one of {', '.join(LEARNERS)}, or name your own as "
                          "'package.module:factory'")
     module_name, attr = name.split(":")
     try:

@@ -203,29 +203,38 @@ def test_the_discriminator_gets_each_records_true_gradient_whatever_the_array_la
         assert torch.allclose(rows[i], torch.cat([p.grad.flatten() for p in disc.parameters()]), atol=1e-5)
 
 
-def _record_zero_gradient(model, gen, disc, x, y, idx: list[int], latents: torch.Tensor, chunked: bool):
-    """Row 0's per-sample gradient of one D step on the records ``idx`` (record 0 first): through the site's padded
-    chunks (``discriminator_backward``), or the way the step ran before them (one pass on the b sampled rows)."""
+def _record_gradient(model, gen, disc, x, y, idx: list[int], latents: torch.Tensor, chunked: bool) -> torch.Tensor:
+    """Record 0's per-sample gradient in one D step on the records ``idx`` (each record with its own latent): through
+    the site's padded chunks (``discriminator_backward``), or the way the step ran before them (one pass on the b
+    sampled rows)."""
     from client.dpgan import discriminator_backward
     from client.dpsgd import join_chunk_grad_samples
 
     for p in disc.parameters():
         p.grad_sample = None
     if chunked:
-        discriminator_backward(model, gen, x, y, torch.tensor(idx), lambda rows: latents[:rows], lambda t: t, 0.3)
+        drawn = [0]
+
+        def latent(rows: int) -> torch.Tensor:  # the sampled records' own latents, chunk by chunk
+            drawn[0] += rows
+            return latents[idx[drawn[0] - rows:drawn[0]]]
+
+        discriminator_backward(model, gen, x, y, torch.tensor(idx), latent, lambda t: t, 0.3)
         join_chunk_grad_samples(disc)
     else:
         with torch.no_grad():
-            fake = gen(latents[:len(idx)], y[idx])
+            fake = gen(latents[idx], y[idx])
         discriminator_loss(model, x[idx], fake, y[idx], 0.3)[0].backward()
-    return torch.cat([p.grad_sample[0].flatten() for p in disc.parameters()])
+    row = idx.index(0)
+    return torch.cat([p.grad_sample[row].flatten() for p in disc.parameters()])
 
 
 def test_a_records_discriminator_gradient_does_not_depend_on_how_many_others_were_sampled() -> None:
     """Review s57 (the shared net's s56 hole, in D): on CPU a row's float32 results round differently with its batch's
     size, and the coordinator chooses D's weights (the averaged D it sends) and G's, so a record's clipped gradient
     could hang on how many others the Poisson mask sampled (the shared net's version moved the step by 2C for one
-    added record). D's step now runs fixed, padded chunks, its fakes too: a record's per-sample gradient is its own."""
+    added record). D's step now runs fixed, padded chunks, its fakes too: a record's per-sample gradient is its own,
+    wherever in its chunk the records sampled before it put it."""
     from client.dpgan import gan_input
     from common.data import load_dataset
     from common.models import Generator
@@ -238,15 +247,16 @@ def test_a_records_discriminator_gradient_does_not_depend_on_how_many_others_wer
     latents = torch.randn(200, 8)
     model = GradSampleModule(disc, loss_reduction="sum")
 
-    def row0(idx: list[int], chunked: bool = True) -> torch.Tensor:
-        return _record_zero_gradient(model, gen, disc, x, y, idx, latents, chunked)
+    def record0(idx: list[int], chunked: bool = True) -> torch.Tensor:
+        return _record_gradient(model, gen, disc, x, y, idx, latents, chunked)
 
-    batches = ([0, 1], [0, 1, 2, 3], [0, *range(5, 40)], [0, *range(1, 130)])
-    alone = row0([0])
+    batches = ([0, 1], [0, 1, 2, 3], [0, *range(5, 40)], [0, *range(1, 130)],  # record 0 first, then later in its chunk
+               [*range(100, 117), 0], [*range(100, 163), 0], [*range(100, 180), 0, 1])
+    alone = record0([0])
     for batch in batches:
-        assert torch.equal(row0(batch), alone), len(batch)  # bitwise
-    old_alone = row0([0], chunked=False)  # (the rounding the chunks take away: not vacuous)
-    assert any(not torch.equal(row0(batch, chunked=False), old_alone) for batch in batches)
+        assert torch.equal(record0(batch), alone), len(batch)  # bitwise
+    old_alone = record0([0], chunked=False)  # (the rounding the chunks take away: not vacuous)
+    assert any(not torch.equal(record0(batch, chunked=False), old_alone) for batch in batches)
     model._close()
 
 

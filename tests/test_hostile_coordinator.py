@@ -398,6 +398,16 @@ def test_a_site_never_imports_a_learner_the_coordinator_names(tmp_path):
     assert not any(charges(tmp_path, "site-a"))  # nothing charged: not even a ledger started
 
 
+def test_a_long_learner_name_comes_back_quoted_short(tmp_path):
+    """Review s57: the learner a request names (up to 4,096 characters) came back whole in the refusal, where every
+    refusal quotes at most 200 characters of what the coordinator sent (common.wire.quoted)."""
+    grid = LocalGrid(client_app, [deployed_site(tmp_path, heldout=DIGITS_TEST, evaluation=True)],
+                     fast_config(tmp_path).to_flwr())
+    reply = _evaluation(grid, 1000, _constant_model(0), "L" * 4096, "x")
+    assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST and "not built in" in reply.error.reason
+    assert len(reply.error.reason) < 600 and "4,098 characters" in reply.error.reason
+
+
 # ================================================================================================
 # 6. the ledger follows the declared dataset id, not the data's content
 # ================================================================================================
