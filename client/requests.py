@@ -174,7 +174,7 @@ def site_device(context: Context) -> torch.device:
     try:
         device = pick_device(preference)
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device '{preference}' names a GPU this site does not have; use device='auto'")
+            raise ValueError(f"device {quoted(preference)} names a GPU this site does not have; use device='auto'")
     except ValueError as err:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"the run's device setting cannot be used here: {err}") from None
     return device

@@ -117,7 +117,9 @@ def secagg_problem(configs: dict, state: dict, node_id: int) -> str:
         # worked on and charged first (review s56: it left a charged round marked as summed, never sendable)
         return _collect_problem(configs, state, node_id)
     elif stage == Stage.UNMASK:
-        active, dead = list(configs.get(Key.ACTIVE_NODE_ID_LIST, [])), list(configs.get(Key.DEAD_NODE_ID_LIST, []))
+        active, dead = configs.get(Key.ACTIVE_NODE_ID_LIST, []), configs.get(Key.DEAD_NODE_ID_LIST, [])
+        if not all(isinstance(ids, list) and all(type(i) is int for i in ids) for ids in (active, dead)):
+            return "the secure sum's unmasking lists are not lists of node ids"
         neighbours = set(state.get("public_keys_dict:K", []))
         if len(set(active)) != len(active) or len(set(dead)) != len(dead) or set(active) & set(dead):
             return "a node is listed twice, or as both active and dropped, in the secure sum's unmasking"

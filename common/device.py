@@ -3,7 +3,13 @@ are (``padded_rows``)."""
 
 from __future__ import annotations
 
+import re
+
 import torch
+
+from common.wire import quoted
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d{1,2})?")  # what a device setting may say, after strip() and lower()
 
 
 def pick_device(preference: str = "auto") -> torch.device:
@@ -13,15 +19,15 @@ def pick_device(preference: str = "auto") -> torch.device:
     laptop, a 2-core site box and a GPU server.
     """
     pref = (preference or "auto").strip().lower()
+    if not _DEVICE.fullmatch(pref):  # (a run config's string: never quoted whole into a refusal or a log line)
+        raise ValueError(f"unknown device {quoted(preference)}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if pref == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if pref.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(
-            f"device '{preference}' was requested but no CUDA GPU is visible to PyTorch; "
+            f"device '{pref}' was requested but no CUDA GPU is visible to PyTorch; "
             "use device='auto' or 'cpu'"
         )
-    if pref != "cpu" and not pref.startswith("cuda"):
-        raise ValueError(f"unknown device '{preference}': use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     return torch.device(pref)
 
 

@@ -229,10 +229,10 @@ def check_arrays(named: Mapping[str, np.ndarray], spec: Mapping[str, ArraySpec])
     """
     problems: list[str] = []
     extra, missing = sorted(set(named) - set(spec)), sorted(set(spec) - set(named))
-    if extra:
-        problems.append(f"undeclared arrays {extra[:5]}")
+    if extra:  # (names the sender chose: quoted short)
+        problems.append(f"undeclared arrays {_names(extra)}")
     if missing:
-        problems.append(f"missing arrays {missing[:5]}")
+        problems.append(f"missing arrays {_names(missing)}")
     for name, want in spec.items():
         if name not in named:
             continue

@@ -43,3 +43,15 @@ def test_epsilon_inf_means_not_private_and_types_are_coerced():
     assert math.isinf(cfg.epsilon) and not cfg.private
     assert cfg.num_rounds == 4 and cfg.resume is False
     assert asdict(RunConfig.from_mapping(cfg.to_flwr())) == asdict(cfg)
+
+
+def test_a_device_setting_is_one_of_the_known_forms_and_quoted_short():
+    """Review s57: the run config's device reached a site's refusal and log as sent (a newline forged a log line, a
+    1 MB value gave a 1 MB refusal), and 'cuda:abc' failed inside torch instead of being refused."""
+    from common.device import pick_device
+
+    assert pick_device(" CPU ").type == "cpu"
+    for bad in ("cuda\n12/06 INFO operator: budget reset", "x" * 10**6, "cuda:abc", "cuda:-1", "gpu"):
+        with pytest.raises(ValueError, match="unknown device") as err:
+            pick_device(bad)
+        assert len(str(err.value)) < 400 and "\n" not in str(err.value)

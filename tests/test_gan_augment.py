@@ -116,7 +116,8 @@ def test_the_transformations_randomness_is_the_sites_secret(tmp_path, monkeypatc
         seeds.clear()
         _one_round(tmp_path, "r", noise_multiplier=1.0, sample_rate=0.05, steps=2, noise_seed=noise_seed,
                    augment=("translation", "cutout"))
-        assert len(seeds) == 6 and len(set(seeds)) == 1  # each of 2 steps: D's real rows, its fake rows, G's fakes
+        # each of 2 steps: D's real and fake rows of each 64-row chunk (about 90 rows: one or two chunks), G's fakes
+        assert 6 <= len(seeds) <= 12 and len(set(seeds)) == 1
         return seeds[0]
 
     assert stream(1) != stream(2)  # the same coordinator seed (7), two secrets: two streams

@@ -147,6 +147,8 @@ def test_check_arrays_rejects_extra_missing_wrong_and_nan():
     good = {"w": np.zeros((2, 3), np.float32)}
     assert P.check_arrays(good, spec) == []
     assert P.check_arrays({**good, "data": np.zeros(3, np.float32)}, spec)[0].startswith("undeclared arrays")
+    long_names = {**good, **{str(i) * 10**6: np.zeros(3, np.float32) for i in range(7)}}  # names the sender chose
+    assert len(P.check_arrays(long_names, spec)[0]) < 1500  # (review s57: 5 MB before)
     assert P.check_arrays({}, spec)[0].startswith("missing arrays")
     assert "shape" in P.check_arrays({"w": np.zeros((3, 2), np.float32)}, spec)[0]
     assert "dtype" in P.check_arrays({"w": np.zeros((2, 3), np.float64)}, spec)[0]

@@ -327,7 +327,8 @@ def test_the_stages_cannot_ask_for_a_sum_of_one_or_for_both_secrets_of_one_site(
     unmask = {Key.STAGE: Stage.UNMASK}
     assert secagg_problem({**unmask, Key.ACTIVE_NODE_ID_LIST: [1, 2, 3], Key.DEAD_NODE_ID_LIST: []}, state, 1) == ""
     assert secagg_problem({**unmask, Key.ACTIVE_NODE_ID_LIST: [1, 2], Key.DEAD_NODE_ID_LIST: [3]}, state, 1) == ""
-    for active, dead in (([1, 2], [2]), ([1, 1], []), ([2, 3], [1]), ([1, 2, 9], [])):
+    for active, dead in (([1, 2], [2]), ([1, 1], []), ([2, 3], [1]), ([1, 2, 9], []),
+                         (5, []), ([1, 2, 3], 2.5), (True, []), ([1, 2, True], [])):  # (not lists of ids: s57)
         assert secagg_problem({**unmask, Key.ACTIVE_NODE_ID_LIST: active, Key.DEAD_NODE_ID_LIST: dead}, state, 1)
     from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
 

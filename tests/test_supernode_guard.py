@@ -47,10 +47,10 @@ class _Run:  # what Flower's get_run returns, as far as the guard reads it
     fab_id, fab_version = "fedsynth/fedsynth", "0.1.0"
 
 
-def _message() -> Message:
+def _message(group_id: str = "1") -> Message:
     """A message of run 7 as the SuperNode pulls it (the guard replies to it when it refuses the run's bundle)."""
     metadata = Metadata(run_id=7, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="",
-                        group_id="1", created_at=time.time(), ttl=600.0, message_type="train.gan")
+                        group_id=group_id, created_at=time.time(), ttl=600.0, message_type="train.gan")
     return make_message(metadata, RecordDict())
 
 
@@ -65,7 +65,7 @@ def guarded(monkeypatch, tmp_path):
         get_run(7)
         fab = get_fab(state["run_fab_hash"], 7)
         if state.get("config_fails"):  # Flower's get_fused_config_from_fab on a key the bundle does not declare
-            raise ValueError("Key 'no-such-key' is not present in the main dictionary")
+            raise ValueError(f"Key '{state['config_fails']}' is not present in the main dictionary")
         stored.append(fab.content)  # Flower's store_fab, which keys it by sha256(content)
         return 7
 
@@ -74,7 +74,7 @@ def guarded(monkeypatch, tmp_path):
     monkeypatch.setattr(sci, "_insert_message", lambda reply, state, store: refusals.append(reply.error.reason))
     supernode_guard.install({bundle_digest(APPROVED)})
 
-    def pull(run_fab_hash: str, fab: Fab, run: object = _Run(), config_fails: bool = False) -> str:
+    def pull(run_fab_hash: str, fab: Fab, run: object = _Run(), config_fails: str = "", group_id: str = "1") -> str:
         before = len(stored), len(refusals)
 
         def get_run(run_id: int) -> object:
@@ -82,7 +82,7 @@ def guarded(monkeypatch, tmp_path):
                 raise run
             return run
 
-        sci._pull_and_store_message(receive=lambda: (_message(), None), get_run=get_run,
+        sci._pull_and_store_message(receive=lambda: (_message(group_id), None), get_run=get_run,
                                     get_fab=lambda h, run_id: fab, object_store=None,
                                     state={"run_fab_hash": run_fab_hash, "config_fails": config_fails})
         if len(stored) > before[0]:
@@ -184,7 +184,7 @@ def test_unreadable_bundles_and_run_configs_are_refused_not_raised(guarded):
     not_toml = _bundle("approved = True\n", pyproject="[project\n")
     for crafted in (dated, not_toml, b"PK\x03\x04 not a zip"):
         assert guarded(_sha(crafted), _fab(crafted)).startswith("refused")
-    verdict = guarded(_sha(APPROVED), _fab(APPROVED), config_fails=True)
+    verdict = guarded(_sha(APPROVED), _fab(APPROVED), config_fails="no-such-key")
     assert verdict.startswith("refused") and "could not accept this message" in verdict and "no-such-key" not in verdict
 
 
@@ -233,3 +233,20 @@ def test_the_guard_clears_a_linked_apps_folder_and_needs_its_own_flwr_home(monke
     monkeypatch.delenv("FLWR_HOME")
     with pytest.raises(SystemExit, match="FLWR_HOME"):  # Flower's default ~/.flwr holds other projects' apps
         supernode_guard.clear_installed_apps()
+
+
+def test_what_the_superlink_names_never_reaches_the_sites_log_raw(guarded, caplog):
+    """Review s57: Flower logs a message's group id as it comes, and the guard logged an unreadable run config's
+    exception with its text, which quotes the coordinator's key: a newline or an escape sequence in either forged
+    lines in the site's log (an operator's hint read "the coordinator rejected this site's key" off one)."""
+    forged = "1\nERROR : Failed to activate SuperNode (code: 2004)\x1b[2K"
+    verdict = guarded(_sha(APPROVED), _fab(APPROVED), group_id=forged)
+    assert verdict.startswith("refused") and "group id" in verdict
+    assert guarded(_sha(APPROVED), _fab(APPROVED), group_id="x" * 129).startswith("refused")
+    assert guarded(_sha(APPROVED), _fab(APPROVED), group_id="gan-round-3") == "stored"
+    caplog.clear()
+    with caplog.at_level("ERROR"):
+        verdict = guarded(_sha(APPROVED), _fab(APPROVED), config_fails="device" + forged)
+    assert verdict.startswith("refused")
+    logged = "\n".join(r.getMessage() for r in caplog.records) + "".join(str(r.exc_info) for r in caplog.records)
+    assert "Failed to activate" in logged and "\nERROR : Failed" not in logged and "\x1b" not in logged

@@ -31,10 +31,12 @@ from pathlib import Path
 from flwr.common.constant import APP_DIR, FAB_HASH_TRUNCATION  # install folders: apps/<id>.<version>.<sha[:8]>
 
 from common.refusal_codes import REFUSED_UNAPPROVED_CODE  # (import-light: no torch, no Flower app)
+from common.wire import quoted
 from fedsynth.ops.approved_code import (BundleError, bundle_app_id, bundle_digest, installed_bundle_digest,
                                         read_approvals)
 
 log = logging.getLogger("fedsynth.site")
+MAX_GROUP_ID = 128  # characters of a message's group id (the coordinator's round labels are a few)
 
 
 class _Unapproved(Exception):
@@ -104,6 +106,12 @@ def install(approved: set[str]) -> None:
             got = receive(*a, **k)
             if got is not None:
                 received["message"] = got[0]
+                group = got[0].metadata.group_id
+                if not (len(group) <= MAX_GROUP_ID and group.isascii() and (not group or group.isprintable())):
+                    # Flower writes the group id into the SuperNode's log as it comes, right after this returns:
+                    # a newline or an escape sequence in it forged log lines (review s57)
+                    raise _Unapproved(f"this site refuses a message whose group id is not at most {MAX_GROUP_ID} "
+                                      "printable ASCII characters")
             return got
 
         def remember_run(*a, **k):  # Flower calls get_run(run_id) just before get_fab
@@ -129,7 +137,9 @@ def install(approved: set[str]) -> None:
             if isinstance(err, _Unapproved):
                 why = err.why
             else:  # a run config Flower cannot fuse, a malformed object tree, ...: the type only, never the text
-                sci.log(logging.ERROR, "message of run %s could not be handled", message.metadata.run_id, exc_info=err)
+                # (its text may quote the SuperLink's bytes, a run-config key for one: quoted, never raw in the log)
+                sci.log(logging.ERROR, "message of run %s could not be handled: %s: %s", message.metadata.run_id,
+                        type(err).__name__, quoted(str(err)))
                 why = f"this site could not accept this message ({type(err).__name__}): nothing was read or computed"
             sci.log(logging.ERROR, "REFUSED run %s: %s", message.metadata.run_id, why)
             try:
