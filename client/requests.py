@@ -175,8 +175,10 @@ def site_device(context: Context) -> torch.device:
         device = pick_device(preference)
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"device {quoted(preference)} names a GPU this site does not have; use device='auto'")
-    except ValueError as err:
+    except ValueError as err:  # (its text quotes the setting short)
         raise Refusal(P.REFUSED_BAD_REQUEST, f"the run's device setting cannot be used here: {err}") from None
+    except RuntimeError as err:  # a device string torch itself cannot read
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"the run's device setting cannot be used here: {quoted(str(err))}") from None
     return device
 
 

@@ -222,9 +222,9 @@ def refusals_mod(msg: Message, context: Context, call_next) -> Message:
     except _Refused as refused:
         return refused.reply
     except Exception as err:  # noqa: BLE001 - the SecAgg+ mod's own failures: never their text
-        log.warning("secure aggregation step failed at this site: %s: %s", type(err).__name__, err)
+        log.warning("secure aggregation step failed at this site: %s: %s", type(err).__name__, quoted(str(err)))
         return refuse(msg, _site_name(context), P.SITE_FAILURE, FAILURE_TEXT,
-                      f"secure aggregation: {type(err).__name__}: {err}")
+                      f"secure aggregation: {type(err).__name__}: {quoted(str(err))}")
 
 
 @site_handler

@@ -9,7 +9,7 @@ import torch
 
 from common.wire import quoted
 
-_DEVICE = re.compile(r"auto|cpu|cuda(:\d{1,2})?")  # what a device setting may say, after strip() and lower()
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,2})?")  # what a device setting may say, after strip() and lower()
 
 
 def pick_device(preference: str = "auto") -> torch.device:

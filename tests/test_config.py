@@ -51,7 +51,8 @@ def test_a_device_setting_is_one_of_the_known_forms_and_quoted_short():
     from common.device import pick_device
 
     assert pick_device(" CPU ").type == "cpu"
-    for bad in ("cuda\n12/06 INFO operator: budget reset", "x" * 10**6, "cuda:abc", "cuda:-1", "gpu"):
+    for bad in ("cuda\n12/06 INFO operator: budget reset", "x" * 10**6, "cuda:abc", "cuda:-1", "gpu",
+                "cuda:\u0661", "cuda:\uff11"):  # (Arabic-Indic and full-width digits: torch cannot read them)
         with pytest.raises(ValueError, match="unknown device") as err:
             pick_device(bad)
         assert len(str(err.value)) < 400 and "\n" not in str(err.value)

@@ -47,10 +47,10 @@ class _Run:  # what Flower's get_run returns, as far as the guard reads it
     fab_id, fab_version = "fedsynth/fedsynth", "0.1.0"
 
 
-def _message(group_id: str = "1") -> Message:
+def _message(group_id: str = "1", message_id: str = "m1", message_type: str = "train.gan") -> Message:
     """A message of run 7 as the SuperNode pulls it (the guard replies to it when it refuses the run's bundle)."""
-    metadata = Metadata(run_id=7, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="",
-                        group_id=group_id, created_at=time.time(), ttl=600.0, message_type="train.gan")
+    metadata = Metadata(run_id=7, message_id=message_id, src_node_id=0, dst_node_id=1, reply_to_message_id="",
+                        group_id=group_id, created_at=time.time(), ttl=600.0, message_type=message_type)
     return make_message(metadata, RecordDict())
 
 
@@ -74,7 +74,7 @@ def guarded(monkeypatch, tmp_path):
     monkeypatch.setattr(sci, "_insert_message", lambda reply, state, store: refusals.append(reply.error.reason))
     supernode_guard.install({bundle_digest(APPROVED)})
 
-    def pull(run_fab_hash: str, fab: Fab, run: object = _Run(), config_fails: str = "", group_id: str = "1") -> str:
+    def pull(run_fab_hash: str, fab: Fab, run: object = _Run(), config_fails: str = "", **metadata: str) -> str:
         before = len(stored), len(refusals)
 
         def get_run(run_id: int) -> object:
@@ -82,7 +82,7 @@ def guarded(monkeypatch, tmp_path):
                 raise run
             return run
 
-        sci._pull_and_store_message(receive=lambda: (_message(group_id), None), get_run=get_run,
+        sci._pull_and_store_message(receive=lambda: (_message(**metadata), None), get_run=get_run,
                                     get_fab=lambda h, run_id: fab, object_store=None,
                                     state={"run_fab_hash": run_fab_hash, "config_fails": config_fails})
         if len(stored) > before[0]:
@@ -244,6 +244,9 @@ def test_what_the_superlink_names_never_reaches_the_sites_log_raw(guarded, caplo
     assert verdict.startswith("refused") and "group id" in verdict
     assert guarded(_sha(APPROVED), _fab(APPROVED), group_id="x" * 129).startswith("refused")
     assert guarded(_sha(APPROVED), _fab(APPROVED), group_id="gan-round-3") == "stored"
+    assert guarded(_sha(APPROVED), _fab(APPROVED), message_id="m1\nINFO : Received successfully").startswith("refused")
+    assert guarded(_sha(APPROVED), _fab(APPROVED), message_type="train." + "x" * 200).startswith("refused")
+    assert len(guarded("a" * 10**6, _fab(APPROVED))) < 1000  # a refusal naming the run's hash quotes it short
     caplog.clear()
     with caplog.at_level("ERROR"):
         verdict = guarded(_sha(APPROVED), _fab(APPROVED), config_fails="device" + forged)

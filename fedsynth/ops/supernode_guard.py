@@ -36,7 +36,7 @@ from fedsynth.ops.approved_code import (BundleError, bundle_app_id, bundle_diges
                                         read_approvals)
 
 log = logging.getLogger("fedsynth.site")
-MAX_GROUP_ID = 128  # characters of a message's group id (the coordinator's round labels are a few)
+MAX_LOGGED_ID = 128  # characters of a message's group id, id and type (round labels, sha256 hex, "train.gan")
 
 
 class _Unapproved(Exception):
@@ -66,7 +66,7 @@ def install(approved: set[str]) -> None:
         # refused (Flower's own store_fab would store it under its content's hash, not the run's).
         for name, claimed in (("the run's", requested_hash), ("the bundle's own", fab.hash_str)):
             if claimed != content_hash:
-                raise _Unapproved(f"this site refuses the run's bundle: {name} hash {claimed!r} is not the sha256 "
+                raise _Unapproved(f"this site refuses the run's bundle: {name} hash {quoted(claimed)} is not the sha256 "
                                   f"of the bundle sent ({content_hash})")
         if content_hash not in verdicts:
             try:
@@ -84,7 +84,8 @@ def install(approved: set[str]) -> None:
             raise _Unapproved(f"this site refuses the run's bundle: {err}") from None
         if run_info is None or (run_info.fab_id, run_info.fab_version) != app_id:
             named = (run_info.fab_id, run_info.fab_version) if run_info is not None else ("?", "?")
-            raise _Unapproved(f"this site refuses the run: it names app {named[0]!r} version {named[1]!r}, but its "
+            raise _Unapproved(f"this site refuses the run: it names app {quoted(named[0])} version {quoted(named[1])}, "
+                              "but its "
                               f"bundle is {app_id[0]!r} version {app_id[1]!r}")
         prefix = content_hash[:FAB_HASH_TRUNCATION]
         if prefix not in stored_prefixes:  # its install folder, if one exists, is not of this start: remove it
@@ -106,12 +107,14 @@ def install(approved: set[str]) -> None:
             got = receive(*a, **k)
             if got is not None:
                 received["message"] = got[0]
-                group = got[0].metadata.group_id
-                if not (len(group) <= MAX_GROUP_ID and group.isascii() and (not group or group.isprintable())):
-                    # Flower writes the group id into the SuperNode's log as it comes, right after this returns:
-                    # a newline or an escape sequence in it forged log lines (review s57)
-                    raise _Unapproved(f"this site refuses a message whose group id is not at most {MAX_GROUP_ID} "
-                                      "printable ASCII characters")
+                meta = got[0].metadata
+                # Flower writes these into the SuperNode's log as they come, right after this returns: a newline or
+                # an escape sequence in them forged log lines, and their length made the line's (review s57)
+                for what, value in (("group id", meta.group_id), ("message id", meta.message_id),
+                                    ("message type", meta.message_type)):
+                    if not (len(value) <= MAX_LOGGED_ID and value.isascii() and (not value or value.isprintable())):
+                        raise _Unapproved(f"this site refuses a message whose {what} is not at most {MAX_LOGGED_ID} "
+                                          "printable ASCII characters")
             return got
 
         def remember_run(*a, **k):  # Flower calls get_run(run_id) just before get_fab
