@@ -97,7 +97,7 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings):
         check_net_work(req, site, build)
         net = build()
     except (ValueError, RuntimeError, TypeError, OverflowError) as err:  # (a Refusal passes) from the request alone
-        raise Refusal(P.REFUSED_BAD_REQUEST, f"the shared net's shape cannot be built: {str(err)[:200]}") from None
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"the shared net's shape cannot be built: {quoted(str(err))}") from None
     problems = P.check_arrays(net_state, P.state_spec(net.state_dict()))
     if problems:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"the net sent does not match the run's shape: {problems[:3]}")

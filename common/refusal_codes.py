@@ -38,6 +38,9 @@ ALREADY_SUMMED = "already went into a secure sum at this site"  # server.secure_
 # two stages of one setup sent at once); a masked-vector stage whose shares or neighbours' keys Flower's mod would
 # refuse after the work (client.secure_site._collect_problem, _public_keys_parse). Fixed text and the stage's own
 # counts: what the coordinator's own stages did, nothing of the records.
+# Also bad, quoting only what the coordinator sent: a stage that is not one of SecAgg+'s four, or unmasking lists that
+# are not lists of node ids (client.secure_site.secagg_problem; refused before any file is named after a stage, so the
+# answer never depends on which files exist at the site).
 REFUSED_NOT_ALLOWED = 4003  # the site's config does not allow this mode / action / more queries / this much work
 # (allow_distributed_noise is such a setting of site.yaml: the refusal names it, public by declaration.)
 # A work-limit refusal (client.limits) names the operator's limit and the request's own sizes (parameters,
@@ -47,6 +50,10 @@ SITE_FAILURE = 4004  # the site could not do the work (its operator sees why in 
 # Its reason is always client.requests.FAILURE_TEXT; e.g. a held-out set whose shape or classes differ from the
 # published training schema (client.evaluation: they can hinge on single records) is never described in it.
 REFUSED_UNAPPROVED_CODE = 4005  # the run's app bundle is not one the site's operator approved
+# Sent by the guarded SuperNode (fedsynth.ops.supernode_guard) before any app code runs. Its reason names the bundle's
+# digest and sha256 (the SuperLink's own bytes), the run's and the bundle's app id and version, hashes the SuperLink
+# claimed (quoted short), an exception's type, or which of the message's group id, id or type is not short printable
+# ASCII: nothing of the records, and of the site only which bundles its operator approved (refused or not).
 
 REFUSAL_NAMES = {REFUSED_BUDGET: "over budget", REFUSED_BAD_REQUEST: "bad request",
                  REFUSED_NOT_ALLOWED: "not allowed", SITE_FAILURE: "site failure",

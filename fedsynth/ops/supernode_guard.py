@@ -85,8 +85,7 @@ def install(approved: set[str]) -> None:
         if run_info is None or (run_info.fab_id, run_info.fab_version) != app_id:
             named = (run_info.fab_id, run_info.fab_version) if run_info is not None else ("?", "?")
             raise _Unapproved(f"this site refuses the run: it names app {quoted(named[0])} version {quoted(named[1])}, "
-                              "but its "
-                              f"bundle is {app_id[0]!r} version {app_id[1]!r}")
+                              f"but its bundle is {app_id[0]!r} version {app_id[1]!r}")
         prefix = content_hash[:FAB_HASH_TRUNCATION]
         if prefix not in stored_prefixes:  # its install folder, if one exists, is not of this start: remove it
             try:
