@@ -20,7 +20,7 @@ from client.auto_clip import choose_layer_clips
 from client.bnstats import record_class_statistics
 from client.budget import PlanRequest, RunPlan, expected_batch, make_plan, plan_for_site, validate_plan_request
 from client.census import census_weight, check_census_fits, run_census
-from client.dpsgd import train_dpsgd_local
+from client.dpsgd import DPSGD_CHUNK, train_dpsgd_local
 from client.limits import Step, WorkLimits, check_work, meta_module, parameter_count
 from client.requests import (
     Refusal,
@@ -67,9 +67,9 @@ def check_net_work(req: P.BnPlanSettings, site: WorkLimits, build) -> None:
 
     check_work(site, networks={"shared net": parameter_count(meta_net)},
                batch_size=req.batch_size if trains else 0, steps_per_run=req.net_rounds * req.local_steps,
-               steps=((Step("one DP-SGD step of the shared net", req.batch_size, forward, backward="dpsgd",
-                            gradient_rows=req.batch_size, dpsgd_network="shared net",
-                            ask="a smaller batch or a narrower net (bn-width)"),) if trains else ())
+               steps=((Step("one DP-SGD step of the shared net", DPSGD_CHUNK, forward, backward="dpsgd",
+                            gradient_rows=DPSGD_CHUNK, dpsgd_network="shared net", gradient_copies=2,
+                            ask="a narrower net (bn-width)"),) if trains else ())
                + (Step(f"one {RECORD_BLOCK_ROWS}-record block of the statistics release", RECORD_BLOCK_ROWS, forward,
                        backward="", ask="a narrower net (bn-width) or a lower bn-resolution"),))
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
 
-from client.dpsgd import DPSGD_CHUNK, join_chunk_grad_samples, opacus_input, padded_chunks
+from client.dpsgd import DPSGD_CHUNK, opacus_input, padded_chunks
 from client.nonfinite import FiniteDPOptimizer
 from client.secret_random import poisson_mask, secret_gaussian, secret_generator
 from common import protocol as P
@@ -113,15 +114,18 @@ def discriminator_loss(d_model: torch.nn.Module, real: torch.Tensor, fake: torch
 
 
 def discriminator_backward(d_model: torch.nn.Module, gen: torch.nn.Module, x_all: torch.Tensor, y_all: torch.Tensor,
-                           idx: torch.Tensor, latent, seen_by_d, ac_weight: float) -> tuple[float, int]:
+                           idx: torch.Tensor, latent, seen_by_d, ac_weight: float,
+                           after_chunk: Callable[[], None] | None = None) -> tuple[float, int]:
     """The backward passes of one D step on the records ``idx`` of ``x_all``/``y_all``; returns (summed loss, real
     rows D classed right), site-side diagnostics.
 
     The rows run in padded chunks of exactly DPSGD_CHUNK (``client.dpsgd.padded_chunks``: on CPU a row's results
     round with its batch's size, so a record's gradient would hang on how many others were sampled), their fakes too:
     G draws each chunk's fakes from that chunk's latents, zero-padded. Under Opacus the chunks' per-sample gradients
-    still need joining into one batch (``join_chunk_grad_samples``) before the step. ``latent(rows)`` gives secret
-    (rows, latent) draws; ``seen_by_d`` is D's input transformation."""
+    are clipped into the step's sum after each chunk's backward pass (``after_chunk``: the optimizer's
+    ``accumulate_chunk``), so a step holds one chunk's; without it they stay, one list entry per chunk
+    (``join_chunk_grad_samples`` makes them one batch, for tests). ``latent(rows)`` gives secret (rows, latent) draws;
+    ``seen_by_d`` is D's input transformation."""
     total, correct = 0.0, 0
     gen.eval()
     for xb, yb, weight in padded_chunks(x_all, y_all, idx):  # (CHUNK, C, H, W), (CHUNK,), (CHUNK,)
@@ -132,6 +136,8 @@ def discriminator_backward(d_model: torch.nn.Module, gen: torch.nn.Module, x_all
             fake = gen(z, yb)  # (CHUNK, C, H, W)
         loss, real_cls = discriminator_loss(d_model, seen_by_d(xb), seen_by_d(fake), yb, ac_weight, weight)
         loss.backward()
+        if after_chunk is not None:
+            after_chunk()
         total += float(loss.detach())
         correct += int(((real_cls.argmax(1) == yb) & (weight > 0)).sum())
     gen.train()
@@ -286,10 +292,11 @@ class LocalGanTrainer:
             # gradient 0): skipping the step would reveal that the batch was empty.
             if b or private:
                 loss_sum, correct = discriminator_backward(d_model, gen, self.x, self.y, idx, latent, seen_by_d,
-                                                           rs.ac_weight)
+                                                           rs.ac_weight, opt_d.accumulate_chunk if private else None)
                 if private:
-                    join_chunk_grad_samples(disc)
-                opt_d.step()
+                    opt_d.step_accumulated()  # noise once, / the expected batch, the update
+                else:
+                    opt_d.step()
                 if b:
                     d_losses.append(loss_sum / b)
                     d_acc.append(correct / b)

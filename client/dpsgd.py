@@ -100,10 +100,12 @@ def padded_chunks(x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor):
 
 
 def join_chunk_grad_samples(model: nn.Module) -> None:
-    """Make the per-sample gradients of several chunks' backward passes one logical batch, before the DP step.
+    """Make the per-sample gradients of several chunks' backward passes one (b, ...) tensor per parameter: for tests
+    and benchmarks that look at a whole batch's rows (the trainers clip each chunk as it comes instead,
+    ``FiniteDPOptimizer.accumulate_chunk``).
 
     Opacus keeps one ``grad_sample`` per backward pass in a list and, given a list, divides the clipped sum by the
-    number of passes too; joined, the step is the sum of every record's clipped gradient, as accounted."""
+    number of passes too; joined, a step would be the sum of every record's clipped gradient, as accounted."""
     for param in model.parameters():
         if isinstance(getattr(param, "grad_sample", None), list):
             param.grad_sample = torch.cat(param.grad_sample, dim=0)
@@ -183,9 +185,9 @@ def train_dpsgd_local(
                     # hook sees no input gradients; Opacus only needs the output gradients there.
                     warnings.filterwarnings("ignore", message="Full backward hook is firing")
                     chunk_loss.backward()
+                optimizer.accumulate_chunk()  # clipped into the step's sum now: a step holds one chunk's gradients
                 loss += float(chunk_loss.detach())
-            join_chunk_grad_samples(model)  # one logical batch: Opacus would divide by the number of chunks too
-            optimizer.step()
+            optimizer.step_accumulated()  # noise once, / the expected batch, the update
             sizes.append(len(idx))
             if len(idx):
                 losses.append(loss / len(idx))  # (the batch's mean loss: a site-side diagnostic)

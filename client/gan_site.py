@@ -31,6 +31,7 @@ from client.budget import (
 )
 from client.census import census_weight, check_census_fits, run_census
 from client.dpgan import LocalGanTrainer, RoundSettings
+from client.dpsgd import DPSGD_CHUNK
 from client.limits import Step, WorkLimits, check_work, meta_module, parameter_count
 from client.requests import (
     Refusal,
@@ -86,14 +87,16 @@ def check_gan_work(req: P.GanTrainRequest, site: WorkLimits, shape: GanShape) ->
         disc(generator(torch.zeros(rows, req.latent_dim), labels) if fake else
              torch.zeros(rows, req.channels, req.image_size, req.image_size), labels)
 
-    # A D step: the real and the fake pass at the batch, per-sample gradients of each (summed); a G step: the batch's
-    # fakes (its mode-seeking pairs are rows of it, client.dpgan.paired_labels) through G and D, back into G
-    # (DiffAugment's copies of D's inputs, a few images per row, are far below D's activations: left to the factors)
+    # A D step: its Poisson batch in padded chunks of DPSGD_CHUNK rows, each chunk's real and fake pass and their
+    # per-sample gradients (summed), clipped into the step's sum before the next chunk (client.dpgan: a step holds
+    # one chunk's, whatever the batch; review s58); a G step: the batch's fakes (its mode-seeking pairs are rows of
+    # it, client.dpgan.paired_labels) through G and D, back into G (DiffAugment's copies of D's inputs, a few images
+    # per row, are far below D's activations: left to the factors)
     check_work(site, networks={"generator": parameter_count(generator), "discriminator": parameter_count(disc)},
                batch_size=req.batch_size, steps_per_run=req.num_rounds * max(req.local_steps, req.long_steps),
-               steps=(Step("one DP-SGD step of the discriminator", 2 * req.batch_size, lambda r: judge(r, False),
-                           backward="dpsgd", gradient_rows=req.batch_size, dpsgd_network="discriminator",
-                           gradient_copies=2, ask="a smaller batch or a narrower discriminator (d-width)"),
+               steps=(Step("one DP-SGD step of the discriminator", 2 * DPSGD_CHUNK, lambda r: judge(r, False),
+                           backward="dpsgd", gradient_rows=DPSGD_CHUNK, dpsgd_network="discriminator",
+                           gradient_copies=2, ask="a narrower discriminator (d-width)"),
                       Step("one generator step", req.batch_size, lambda r: judge(r, True),
                            ask="a smaller batch or a narrower generator (width)")))
     return generator

@@ -83,7 +83,8 @@ class Step:
     backward: str = "autograd"  # "dpsgd": Opacus' DP-SGD backward; "": a pass without gradients
     gradient_rows: int = 0  # per-sample gradients it holds: rows x the parameters of ...
     dpsgd_network: str = ""  # ... this network of ``check_work``'s
-    gradient_copies: int = 1  # forward passes whose per-sample gradients Opacus computes and sums (D's real and fake)
+    gradient_copies: int = 1  # per-sample gradient tensors held at once: D's real and fake passes' (summed), or a
+    # chunk's and its copy with a non-finite record's rows zeroed (client.nonfinite)
     ask: str = "a smaller batch or narrower networks"
 
 
@@ -163,7 +164,7 @@ def _check_step(site: WorkLimits, step: Step, networks: dict[str, int]) -> None:
         params = networks[step.dpsgd_network]
         grad_mb = step.gradient_copies * step.gradient_rows * params * BYTES_PER_GRADIENT_VALUE / 2**20
         copies = f" x {step.gradient_copies} passes" if step.gradient_copies > 1 else ""
-        parts.append(f"{grad_mb:,.1f} MB of per-sample gradients (batch {step.gradient_rows:,} x {params:,} "
+        parts.append(f"{grad_mb:,.1f} MB of per-sample gradients ({step.gradient_rows:,} rows x {params:,} "
                      f"{step.dpsgd_network} parameters x {BYTES_PER_GRADIENT_VALUE} bytes{copies})")
     parts.append(f"{act_mb:,.1f} MB of activations ({step.rows:,} rows x {per_row:,} activation floats per row"
                  + (f" + {fixed:,} per step" if fixed else "")

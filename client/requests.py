@@ -167,10 +167,13 @@ def hold_reply(site: SiteSettings, what: str, came: float, *, sleep: Callable[[f
 
 
 def site_device(context: Context) -> torch.device:
-    """The device the run asks this site to compute on (run config ``device``), checked before anything is charged:
-    a device the site does not have is refused here, where a failure after the charge would cost every retry
-    (``client.site.charged_work``) and release nothing."""
-    preference = str(context.run_config.get("device", "auto"))
+    """The device this site computes on: its operator's (site.yaml ``device``, in the node config) where set, else the
+    one the run asks for (run config ``device``). Checked before anything is charged: a device the site does not
+    have is refused here, where a failure after the charge would cost every retry (``client.site.charged_work``) and
+    release nothing. Why the operator's wins: the work limits are the operator's measure of its machine's memory,
+    and the bitwise checks that a record's result does not hang on its batch-mates ran on CPU (review s58)."""
+    own = str(context.node_config.get("device", "") or "")
+    preference = own or str(context.run_config.get("device", "auto"))
     try:
         device = pick_device(preference)
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

@@ -67,6 +67,7 @@ class SiteSettings:
     allow_distributed_noise: bool = False
     min_reply_seconds: float = 0.0  # no reply leaves before this many seconds after its request came (0 = off):
     # hides how long the work took, which depends on the record count (client.requests.site_handler)
+    device: str = ""  # where the site computes (auto | cpu | cuda | cuda:N); wins over the run's; "" = the run's
     # work limits (client.limits): a request beyond one is refused before anything is built
     max_parameters: int = DEFAULT_MAX_PARAMETERS  # of any one network a request makes the site build
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE  # expected DP-SGD batch
@@ -110,7 +111,7 @@ class SiteSettings:
                 "evaluation": self.evaluation, "audits": self.audits, "queries-per-run": self.queries_per_run,
                 "require-secure-aggregation": self.require_secure_aggregation,
                 "allow-distributed-noise": self.allow_distributed_noise,
-                "min-reply-seconds": self.min_reply_seconds,
+                "min-reply-seconds": self.min_reply_seconds, "device": self.device,
                 "max-parameters": self.max_parameters, "max-batch-size": self.max_batch_size,
                 "max-steps-per-run": self.max_steps_per_run, "max-step-memory-mb": self.max_step_memory_mb}
 
@@ -183,7 +184,10 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
 
 @functools.lru_cache(maxsize=8)
 def _load_cached(source: str, split: str, image_size: int, label_from: str, whole: bool = False) -> ImageDataset:
-    return load_dataset(source, split, image_size=image_size or None, label_from=label_from or None, whole=whole)
+    # empty_classes: a class folder its operator emptied is a class without records, not a failure of every request
+    # (which would tell the coordinator, through the free query.info, that the class has no record now).
+    return load_dataset(source, split, image_size=image_size or None, label_from=label_from or None, whole=whole,
+                        empty_classes=True)
 
 
 def load_site_data(site: SiteSettings) -> ImageDataset:

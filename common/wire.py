@@ -161,11 +161,7 @@ class Message:
         for f in array_fields:
             if f.name not in content.array_records:
                 raise ProtocolError(f"{cls.__name__}: '{f.name}' is not an ArrayRecord")
-            try:
-                values[f.name] = {k: v.numpy() for k, v in content.array_records[f.name].items()}
-            except Exception as err:  # noqa: BLE001 - the sender's bytes (a crafted .npy header): refuse them
-                raise ProtocolError(f"{cls.__name__}: '{f.name}' holds an array that cannot be decoded "
-                                    f"({type(err).__name__})") from None
+            values[f.name] = {k: _decoded(cls.__name__, f.name, v) for k, v in content.array_records[f.name].items()}
         return cls(**values)
 
     @classmethod
@@ -181,6 +177,23 @@ class Message:
             value = getattr(self, f.name)
             total += sum(np.asarray(v).nbytes for v in value.values()) if _is_arrays(f) else 8
         return total
+
+
+def _decoded(message: str, record: str, array: Any) -> np.ndarray:
+    """One of the sender's arrays as a numpy array, or a ProtocolError. Flower decodes the bytes with ``np.load``
+    (no pickle), which turns zip bytes into a lazy ``NpzFile`` rather than an array (review s58: an audit then failed
+    with the generic failure instead of a refusal)."""
+    try:
+        value = array.numpy()
+    except Exception as err:  # noqa: BLE001 - the sender's bytes (a crafted .npy header): refuse them
+        raise ProtocolError(f"{message}: '{record}' holds an array that cannot be decoded "
+                            f"({type(err).__name__})") from None
+    if not isinstance(value, np.ndarray):
+        close = getattr(value, "close", None)
+        if callable(close):
+            close()
+        raise ProtocolError(f"{message}: '{record}' holds {type(value).__name__} bytes, not one .npy array")
+    return value
 
 
 def array_fields(cls: type) -> list[str]:

@@ -182,6 +182,48 @@ def _loss(net: nn.Module, ds: ImageDataset) -> float:
         return float(nn.functional.cross_entropy(net(torch.as_tensor(ds.images)), torch.as_tensor(ds.labels)))
 
 
+def test_a_dpsgd_step_holds_one_chunks_per_sample_gradients_and_sums_every_records_clipped_gradient(
+        digits: ImageDataset, monkeypatch) -> None:
+    """Review s58: the chunks' per-sample gradients were kept to the step's end (and copied once more when joined),
+    64 x ceil(b / 64) rows for a batch of b, which grew with the records sampled and was not what the work limits
+    counted. Each chunk is now clipped into the step's sum as it comes. Without noise, at lr 1 and plain SGD, one step
+    moves the net by exactly the sum of each record's clipped gradient over the expected batch."""
+    from client.dpsgd import DPSGD_CHUNK
+    from client.nonfinite import FiniteDPOptimizer
+
+    held, original = [], FiniteDPOptimizer.accumulate_chunk
+
+    def noting(optimizer) -> None:
+        held.append({len(p.grad_sample) for p in optimizer.params})
+        original(optimizer)
+
+    monkeypatch.setattr(FiniteDPOptimizer, "accumulate_chunk", noting)
+    torch.manual_seed(0)
+    net = small_net(width=4)
+    before = [p.detach().clone() for p in net.parameters()]
+    reference = [p.detach().clone() for p in net.parameters()]
+    train_dpsgd_local(net, digits, noise_multiplier=0.0, sample_rate=1.0, steps=1, max_grad_norm=0.5, lr=1.0,
+                      momentum=0.0, seed=0, expected_batch=100)
+    n = len(digits)
+    assert held == [{DPSGD_CHUNK}] * math.ceil(n / DPSGD_CHUNK)  # rate 1: every record, in chunks of 64
+    expected = [torch.zeros_like(w, dtype=torch.float64) for w in reference]
+    ref_net = small_net(width=4)
+    with torch.no_grad():
+        for q, w in zip(ref_net.parameters(), reference):
+            q.copy_(w)
+    for i in range(n):  # each record alone, its gradient clipped to 0.5
+        ref_net.zero_grad()
+        x = torch.as_tensor(digits.images[i:i + 1])
+        nn.functional.cross_entropy(ref_net(x), torch.as_tensor(digits.labels[i:i + 1])).backward()
+        g = [q.grad.double() for q in ref_net.parameters()]
+        norm = float(torch.sqrt(sum((t ** 2).sum() for t in g)))
+        for e, t in zip(expected, g):
+            e += t * min(1.0, 0.5 / (norm + 1e-6))
+    step = [(b - a.detach()).double() * 100 for b, a in zip(before, net.parameters())]
+    worst = max(float((s - e).abs().max()) for s, e in zip(step, expected))
+    assert worst < 1e-3 * max(float(e.abs().max()) for e in expected)
+
+
 def test_dpsgd_lowers_the_loss_in_place(digits: ImageDataset) -> None:
     net = small_net(width=8)
     before = _loss(net, digits)

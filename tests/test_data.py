@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from common.data import DataError, ImageDataset, describe, load_dataset, save_image_folder, save_npz
+from common.data.arrays import _hashed_split, _stratified_split
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -456,7 +457,7 @@ def test_save_image_folder_round_trip(tmp_path: Path) -> None:
 
 def test_utkface_names_synthetic(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    # 60 faces: 6 per (gender, race) group, so the stratified 80/20 split puts 1 of each in test.
+    # 60 faces, 6 per (gender, race) group; each goes to test by its name's hash (8 of these 60 do).
     names = [f"{20 + i}_{i % 2}_{i % 5}_2017011{i:04d}.jpg.chip.jpg" for i in range(60)]
     for name in names:
         _png(tmp_path / "faces" / name, _random_pixels(rng, 9, 9, rgb=True))
@@ -466,7 +467,8 @@ def test_utkface_names_synthetic(tmp_path: Path) -> None:
     with pytest.warns(UserWarning):
         test = load_dataset(tmp_path / "faces", "test", label_from="utkface-race")
     assert train.classes == ("male", "female") and test.classes == ("white", "black", "asian", "indian", "other")
-    assert (len(train), len(test)) == (50, 10) and train.image_shape == (3, 4, 4) and test.image_shape == (3, 9, 9)
+    assert (len(train), len(test)) == (52, 8) and train.image_shape == (3, 4, 4) and test.image_shape == (3, 9, 9)
+    np.testing.assert_array_equal(_hashed_split(names, "test"), _hashed_split(names, "test"))  # deterministic
     with pytest.raises(DataError, match="label_from"):
         load_dataset(tmp_path / "faces" / names[0], label_from="utkface-gender")
     with pytest.warns(UserWarning):
@@ -474,6 +476,35 @@ def test_utkface_names_synthetic(tmp_path: Path) -> None:
     assert ages.classes == ("0-19", "20-39", "40-59", "60+")
     np.testing.assert_array_equal(ages.images, train.images)  # the same split whichever label
     assert set(np.unique(ages.labels)) == {1, 2, 3}  # the names' ages are 20..79
+
+
+def test_adding_a_face_moves_no_other_face_between_training_and_held_out(tmp_path: Path) -> None:
+    """Review s58: the seeded stratified shuffle re-dealt a group when one face was added, so one record moved
+    dozens of others between a site's training and held-out sets (and every release computed on them). Each face's
+    side now hangs on its own name only: with one face added, every other face stays on its side."""
+    rng = np.random.default_rng(1)
+    names = [f"{20 + i % 50}_{i % 2}_{i % 5}_20170{i:09d}.jpg.chip.jpg" for i in range(300)]
+    for name in names:
+        _png(tmp_path / "faces" / name, _random_pixels(rng, 6, 6, rgb=True))
+
+    def sides() -> dict[str, set[bytes]]:  # each split's faces, known by their decoded pixels
+        return {split: {img.tobytes() for img in load_dataset(tmp_path / "faces", split,
+                                                               label_from="utkface-gender").images}
+                for split in ("train", "test")}
+
+    before = sides()
+    assert len(before["train"]) + len(before["test"]) == 300 and 30 < len(before["test"]) < 90
+    for victim in ("45_0_0_20161231000000000.jpg.chip.jpg", "30_1_3_20151231000000000.jpg.chip.jpg"):
+        _png(tmp_path / "faces" / victim, _random_pixels(rng, 6, 6, rgb=True))
+        after = sides()
+        assert before["train"] <= after["train"] and before["test"] <= after["test"]  # nobody else moved
+        assert len(after["train"]) + len(after["test"]) == 301
+        (tmp_path / "faces" / victim).unlink()
+    # The old split did move others: the same 300 names with one more in the first group, stratified shuffle.
+    keys = np.array([int(n.split("_")[1]) * 5 + int(n.split("_")[2]) for n in names])
+    old = set(_stratified_split(keys, "test").tolist())
+    old_plus = set(_stratified_split(np.concatenate([[0], keys]), "test").tolist())
+    assert len({i - 1 for i in old_plus if i > 0} ^ old) >= 4  # at least two others each way
 
 
 def test_age_groups_follow_the_documented_boundaries() -> None:

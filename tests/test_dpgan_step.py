@@ -262,10 +262,11 @@ def test_a_records_discriminator_gradient_does_not_depend_on_how_many_others_wer
 
 def test_the_chunked_discriminator_step_is_the_sum_of_each_records_clipped_pair_gradient() -> None:
     """The Poisson batch runs in padded chunks: the DP step must still be one logical batch, every padding row 0, and
-    each record's gradient that of its own (real, fake) pair, clipped (Opacus divides by the number of backward passes
-    unless the chunks' per-sample gradients are joined first)."""
+    each record's gradient that of its own (real, fake) pair, clipped. The trainer clips each chunk into the step's
+    sum as it comes (``accumulate_chunk``), so no more than one chunk's per-sample gradients are held at once (review
+    s58: kept to the step's end, a batch of b held 64 x ceil(b / 64) rows, twice, which the limits did not count)."""
     from client.dpgan import discriminator_backward, gan_input
-    from client.dpsgd import DPSGD_CHUNK, join_chunk_grad_samples
+    from client.dpsgd import DPSGD_CHUNK
     from client.nonfinite import FiniteDPOptimizer
     from common.data import load_dataset
     from common.models import Generator
@@ -289,10 +290,16 @@ def test_the_chunked_discriminator_step_is_the_sum_of_each_records_clipped_pair_
     opt = FiniteDPOptimizer(torch.optim.SGD(disc.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=1.0,
                             expected_batch_size=1, loss_reduction="mean")
     before = torch.cat([p.detach().double().flatten() for p in disc.parameters()])
-    discriminator_backward(model, gen, x, y, torch.arange(n), latent, lambda t: t, 0.3)
+    held = []
+
+    def accumulate() -> None:  # the trainer's after_chunk, noting how many rows of per-sample gradients are held
+        held.append({len(p.grad_sample) for p in disc.parameters()})
+        opt.accumulate_chunk()
+
+    discriminator_backward(model, gen, x, y, torch.arange(n), latent, lambda t: t, 0.3, accumulate)
     assert drawn == [DPSGD_CHUNK, DPSGD_CHUNK, 22]
-    join_chunk_grad_samples(disc)
-    opt.step()
+    assert held == [{DPSGD_CHUNK}] * 3 and all(p.grad_sample is None for p in disc.parameters())
+    opt.step_accumulated()
     step = before - torch.cat([p.detach().double().flatten() for p in disc.parameters()])
     model._close()
 

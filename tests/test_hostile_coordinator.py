@@ -862,3 +862,28 @@ def test_a_site_that_declared_race_sensitive_refuses_runs_that_do_not_replace_it
     # a declaration the site's own labels cannot honour is refused when the site starts
     with pytest.raises(ValueError, match="label-from = utkface-gender\\+race"):
         SiteSettings.from_node_config({**node, "label-from": "utkface-gender"}, {})
+
+
+def test_a_class_folder_emptied_at_a_running_site_does_not_fail_its_requests(tmp_path):
+    """Review s58: a class folder left empty at a running site (its last record withdrawn) made the loader fail, so
+    every request failed, the free query.info included: a coordinator could tell that the class held no record now.
+    A site loads such a folder as a class with no records; its published classes are the folder names either way."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    answers = []
+    for records_of_b in (1, 0):
+        root = tmp_path / f"data-{records_of_b}"
+        for cls, n in (("a", 20), ("b", records_of_b)):
+            (root / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / cls / f"{i}.png")
+        node = {"site-name": "s", "data-path": str(root), "state-dir": str(tmp_path / f"state-{records_of_b}"),
+                "epsilon": 10.0}
+        grid = LocalGrid(client_app, [node], fast_config(tmp_path).to_flwr())
+        reply = ask(grid, 1000, P.InfoRequest())
+        assert not reply.has_error(), reply.error.reason
+        answers.append(P.InfoReply.from_message(reply).classes)
+    assert answers[0] == answers[1] == ("a", "b")
+    with pytest.raises(Exception, match="holds no images"):  # elsewhere (evaluate, simulate) it stays an error
+        load_dataset(tmp_path / "data-0")

@@ -140,6 +140,14 @@ def test_long_strings_and_undecodable_arrays_are_refused_with_short_reasons():
     with pytest.raises(P.ProtocolError, match="cannot be decoded"):
         P.GanTrainReply.from_record(crafted)
     assert MAX_STRING_CHARS == 4096  # (the limit the message above names)
+    # review s58: zip bytes decode to a lazy NpzFile, not an array; an audit then failed as a site failure
+    import io
+    zipped = io.BytesIO()
+    np.savez(zipped, a=np.zeros(3, np.float32))
+    crafted["generator"] = ArrayRecord({"w": Array(dtype="float32", shape=(3,), stype="numpy.ndarray",
+                                                   data=zipped.getvalue())})
+    with pytest.raises(P.ProtocolError, match="NpzFile bytes, not one .npy array"):
+        P.GanTrainReply.from_record(crafted)
 
 
 def test_check_arrays_rejects_extra_missing_wrong_and_nan():

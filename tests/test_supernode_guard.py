@@ -253,3 +253,29 @@ def test_what_the_superlink_names_never_reaches_the_sites_log_raw(guarded, caplo
     assert verdict.startswith("refused")
     logged = "\n".join(r.getMessage() for r in caplog.records) + "".join(str(r.exc_info) for r in caplog.records)
     assert "Failed to activate" in logged and "\nERROR : Failed" not in logged and "\x1b" not in logged
+
+
+def test_approved_digests_must_be_lower_case_hex_and_the_legacy_grpc_apis_stay_off(tmp_path, monkeypatch):
+    """Review s58: any 64 characters passed as an approved digest (one pasted in upper case never matched, and the
+    site refused every run with nothing said at its start); and Flower's older gRPC Control and Fleet APIs, started
+    by two environment switches, listen on their own port without the SuperLink guard's address check."""
+    from fedsynth.ops import superlink_guard
+    from fedsynth.ops.approved_code import BundleError, read_approvals, write_approvals
+    from fedsynth.ops.fields import DeployError
+    from fedsynth.ops.site_cmd import load_site_config
+    from tests.deployment_helpers import minimal_site_yaml
+
+    good = hashlib.sha256(b"x").hexdigest()
+    assert load_site_config(minimal_site_yaml(tmp_path, approved_bundles=[good])).approved_bundles == [good]
+    for bad in (good.upper(), "z" * 64, good[:63]):
+        with pytest.raises(DeployError, match="64 lower-case hex digits"):
+            load_site_config(minimal_site_yaml(tmp_path, approved_bundles=[bad]))
+        with pytest.raises(BundleError, match="no valid bundle digest"):
+            read_approvals(write_approvals(tmp_path / "approved.json", [good, bad], "test"))
+    assert read_approvals(write_approvals(tmp_path / "approved.json", [good], "test")) == {good}
+
+    for switch in superlink_guard.LEGACY_GRPC_SWITCHES:
+        monkeypatch.setenv(switch, "1")
+        with pytest.raises(SystemExit, match=f"refusing to start the SuperLink with {switch}"):
+            superlink_guard.main(["127.0.0.1"])
+        monkeypatch.delenv(switch)

@@ -11,7 +11,8 @@ from pathlib import Path
 from fedsynth.ops.processes import flower_env
 
 ROOT = Path(__file__).resolve().parents[1]
-READ = "import fedsynth.ops.supernode_guard, flwr.supercore.telemetry as t; print(t.FLWR_TELEMETRY_ENABLED)"
+READ = ("import os, fedsynth.ops.supernode_guard, flwr.supercore.telemetry as t; "
+        "print(t.FLWR_TELEMETRY_ENABLED, os.environ.get('FLWR_DISABLE_UPDATE_CHECK'))")
 
 
 def _flower_reads(env: dict[str, str]) -> str:
@@ -19,13 +20,19 @@ def _flower_reads(env: dict[str, str]) -> str:
     return out.stdout.strip()
 
 
-def test_flower_telemetry_is_off_in_fedsynth_processes_unless_the_operator_turns_it_on(tmp_path, monkeypatch):
-    clean = {k: v for k, v in os.environ.items() if k != "FLWR_TELEMETRY_ENABLED"}
+def test_flower_telemetry_and_update_check_are_off_in_fedsynth_processes_unless_the_operator_turns_them_on(tmp_path, monkeypatch):
+    clean = {k: v for k, v in os.environ.items() if k not in ("FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK")}
     clean["PYTHONPATH"] = str(ROOT)
-    assert _flower_reads(clean) == "0"  # the SuperNode guard's entry (Docker), as any fedsynth entry point
-    assert _flower_reads({**clean, "FLWR_TELEMETRY_ENABLED": "1"}) == "1"  # an explicit choice stands
+    # the SuperNode guard's entry (Docker), as any fedsynth entry point: no telemetry, no update check (review s58:
+    # Flower's daily update check sent its versions, OS, kernel and the machine's address to api.flower.ai)
+    assert _flower_reads(clean) == "0 1"
+    explicit = {**clean, "FLWR_TELEMETRY_ENABLED": "1", "FLWR_DISABLE_UPDATE_CHECK": "0"}
+    assert _flower_reads(explicit) == "1 0"  # an explicit choice stands
     # the SuperLink / SuperNode / flwr processes fedsynth starts
     monkeypatch.delenv("FLWR_TELEMETRY_ENABLED", raising=False)
+    monkeypatch.delenv("FLWR_DISABLE_UPDATE_CHECK", raising=False)
     assert flower_env(tmp_path)["FLWR_TELEMETRY_ENABLED"] == "0"
+    assert flower_env(tmp_path)["FLWR_DISABLE_UPDATE_CHECK"] == "1"
     for dockerfile in ("Dockerfile.supernode", "Dockerfile.superlink"):
-        assert "ENV FLWR_TELEMETRY_ENABLED=0" in (ROOT / "deploy" / dockerfile).read_text()
+        text = (ROOT / "deploy" / dockerfile).read_text()
+        assert "ENV FLWR_TELEMETRY_ENABLED=0" in text and "ENV FLWR_DISABLE_UPDATE_CHECK=1" in text

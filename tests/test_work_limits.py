@@ -15,6 +15,7 @@ from client.app import app as client_app
 from client.bn_site import check_net_work
 from client.gan_site import check_gan_work
 from client.limits import meta_module, parameter_count
+from client.refusal import Refusal
 from client.site import SiteSettings
 from common import protocol as P
 from common.bnnet import BNNet
@@ -56,14 +57,17 @@ def test_a_gan_request_beyond_the_sites_limits_is_refused_before_anything_is_bui
 
 
 def test_the_per_sample_gradients_of_one_step_are_bounded_by_the_operator(tmp_path):
+    """A D step holds the per-sample gradients of one padded chunk of 64 rows at a time (client.dpgan; review s58:
+    they were held for the whole Poisson batch and counted at the requested batch, so a batch-1 request with a wide
+    D held 64 times what was counted): counted so, a D too wide for the limit is refused at batch 1 too."""
     cfg = fast_config(tmp_path, num_rounds=1)
-    # this digits discriminator (width 16 at 8x8) has ~11,000 parameters; a batch of 4,096 holds ~176 MB of
-    # per-sample gradients, the run's batch of 32 about 1.4 MB
+    # a digits discriminator of width 32 at 8x8 has ~43,000 parameters: 64 rows of its per-sample gradients, twice
+    # (the real and the fake pass), hold ~21 MB; width 16, the run's own, ~11,000 parameters and ~5.5 MB
     shape = GanShape(1, 8, 10, cfg.gan_latent_dim, cfg.gan_width)
-    d_params = parameter_count(meta_module(lambda: Discriminator(shape, width=16)))
+    d_params = parameter_count(meta_module(lambda: Discriminator(shape, width=32)))
     node = {**nodes(1)[0], "max-step-memory-mb": 10}
     grid = LocalGrid(client_app, [node], cfg.to_flwr())
-    reply = send(grid, 1000, gan_request(cfg, batch_size=4096, d_width=16))
+    reply = send(grid, 1000, gan_request(cfg, batch_size=1, d_width=32))
     _refused(reply, "per-sample gradients", f"{d_params:,} discriminator parameters", "max_step_memory_mb")
     assert charges(tmp_path) in ([], [[]])
     reply = send(grid, 1000, gan_request(cfg, d_width=16))  # the run's own batch (32) fits in 10 MB
@@ -227,3 +231,29 @@ def test_the_products_own_steps_fit_the_default_step_memory_with_margin(channels
         assert settings["net_rounds"] > 0 and settings["batch_size"] == 256
         check_net_work(P.BnTrainRequest(**settings, server_round=1, net={}), _limits_over(margin),
                        lambda: BNNet(channels, classes, side, width, head_norm=head_norm, resolution=bn.bn_resolution))
+
+
+def test_the_operator_pins_the_device_in_site_yaml(tmp_path):
+    """Review s58: the device came from the coordinator's run config alone, so an operator could not keep a site on
+    the machine its work limits measure (or on the CPU, where the bitwise one-record checks ran). site.yaml's
+    ``device`` now wins over the run's; left out, the run's choice stands."""
+    from flwr.app import Context, RecordDict
+
+    from client.requests import site_device
+    from fedsynth.ops.fields import DeployError
+    from fedsynth.ops.site_cmd import load_site_config
+
+    def context(node: dict, run: dict) -> Context:
+        return Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=run)
+
+    site = load_site_config(minimal_site_yaml(tmp_path, device="cpu")).settings
+    node = site.to_node_config()
+    assert node["device"] == "cpu" and SiteSettings.from_node_config(node, {}).device == "cpu"
+    assert site_device(context(node, {"device": "cuda:7"})).type == "cpu"  # the operator's wins
+    assert load_site_config(minimal_site_yaml(tmp_path)).settings.device == ""  # default: the run's
+    unset = load_site_config(minimal_site_yaml(tmp_path)).settings.to_node_config()
+    with pytest.raises(Refusal, match="device"):
+        site_device(context(unset, {"device": "tpu"}))
+    with pytest.raises(DeployError, match="'device'.*unknown device"):
+        load_site_config(minimal_site_yaml(tmp_path, device="tpu"))
+    assert yaml.safe_load((PROJECT_ROOT / "deploy" / "site.yaml").read_text())["device"] == ""

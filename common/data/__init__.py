@@ -19,7 +19,7 @@ Modules (everything public is re-exported here, so ``from common.data import X``
 * ``dataset``: :class:`ImageDataset`, :class:`DataError`, :func:`describe`, ``SPLITS``;
 * ``load``: :func:`load_dataset`, which checks its arguments and picks the reader below, and
   :func:`looks_like_dataset`;
-* ``arrays``: shared array helpers (channels, resizing, uint8 <-> float, the stratified split);
+* ``arrays``: shared array helpers (channels, resizing, uint8 <-> float, the train/test splits of sources without one);
 * ``digits``: scikit-learn's 8x8 digits;
 * ``idx``: folders of MNIST IDX files;
 * ``npz``: MedMNIST-style ``.npz`` files and :func:`save_npz`;

@@ -42,8 +42,9 @@ def _dataset_root(tree: _Tree, split: str, whole: bool = False) -> tuple[str, ..
 
 
 def _load_tree(tree: _Tree, split: str, image_size: int | None, channels: int | None,
-               whole: bool = False) -> ImageDataset:
-    """Image-folder layout: class names are the sorted subfolder names."""
+               whole: bool = False, empty_classes: bool = False) -> ImageDataset:
+    """Image-folder layout: class names are the sorted subfolder names; with ``empty_classes`` a class folder
+    without images is a class with no records (a site's loader: see ``load_dataset``), otherwise an error."""
     root = _dataset_root(tree, split, whole)
     classes = tree.subdirs(root)
     if not classes:
@@ -63,7 +64,7 @@ def _load_tree(tree: _Tree, split: str, image_size: int | None, channels: int | 
     labels: list[int] = []
     for label, name in enumerate(classes):
         members = tree.files(root + (name,))
-        if not members:
+        if not members and not empty_classes:
             nested = ""
             if tree.subdirs(root + (name,)):
                 nested = " (it holds only subfolders; images must lie directly in the class folder)"

@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 
-from common.data.arrays import _stratified_split
+from common.data.arrays import _hashed_split
 from common.data.dataset import DataError, ImageDataset
 from common.data.decode import _decode_files
 from common.data.tree import _ImageFile, _Tree
@@ -70,8 +70,9 @@ def _load_utkface(
     """Flat UTKFace JPEGs named ``age_gender_race_datetime.jpg.chip.jpg`` (any folder depth).
 
     Files whose name does not parse, or whose gender is not 0/1 or race not 0..4, are skipped
-    with one warning (the public UTKFace release has a few such files). The train/test split is
-    stratified on (gender, race) so it is the same whichever label is chosen.
+    with one warning (the public UTKFace release has a few such files). The train/test split (80/20) puts
+    each face on its side by a hash of its file name alone (``_hashed_split``), so it is the same whichever
+    label is chosen, and adding or removing a face moves no other face between the two.
     """
     if split not in ("train", "test"):
         raise DataError(f"UTKFace ({tree.origin}) has only the splits 'train' and 'test', not {split!r}")
@@ -101,11 +102,11 @@ def _load_utkface(
             stacklevel=3,
         )
     gender, race = np.array(genders, dtype=np.int64), np.array(races, dtype=np.int64)
-    idx = _stratified_split(gender * 5 + race, split)
+    idx = _hashed_split([f.parts[-1] for f in kept], split)  # a face's side is decided by its own file name
     if idx.size == 0:
         raise DataError(
-            f"the {split!r} split of the {len(kept)} UTKFace images in {tree.origin} is empty: each "
-            "(gender, race) group is too small for a 20 % test share; use more images"
+            f"the {split!r} split of the {len(kept)} UTKFace images in {tree.origin} is empty (each image goes to "
+            "'test' with probability 20 %, decided by its file name); use more images"
         )
     by_name = {"gender": gender, "race": race, "age": np.array(ages, dtype=np.int64)}
     first, _, second = label_from.removeprefix("utkface-").partition("+")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -36,6 +37,7 @@ except ImportError:  # pragma: no cover
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = ".info/CONTENT"
+DIGEST_RE = re.compile(r"[0-9a-f]{64}")  # a bundle digest: sha256, lower-case hex
 
 
 class BundleError(ValueError):
@@ -134,6 +136,13 @@ def installed_bundle(project_root: Path = PROJECT_ROOT) -> bytes:
     return build_fab_from_files(files)[0]
 
 
+def is_digest(text: object) -> bool:
+    """Whether ``text`` is a bundle digest as the guard computes and compares them: 64 lower-case hex digits. (Any
+    64 characters were accepted before review s58: one pasted in upper case, or with a typo, never matched, and the
+    site then refused every run with nothing said at its start.)"""
+    return isinstance(text, str) and DIGEST_RE.fullmatch(text) is not None
+
+
 def installed_bundle_digest(project_root: Path = PROJECT_ROOT) -> str:
     return bundle_digest(installed_bundle(project_root))
 
@@ -147,6 +156,6 @@ def write_approvals(path: Path, digests: list[str], source: str) -> Path:
 
 def read_approvals(path: Path) -> set[str]:
     approved = json.loads(Path(path).read_text())["approved"]
-    if not approved or not all(isinstance(d, str) and len(d) == 64 for d in approved):
+    if not approved or not all(is_digest(d) for d in approved):
         raise BundleError(f"{path} lists no valid bundle digest: a site must approve at least one")
     return set(approved)

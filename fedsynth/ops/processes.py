@@ -24,6 +24,7 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no usage events to telemetry.flower.ai (fedsynth/__init__.py)
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")  # no daily update check to api.flower.ai (fedsynth/__init__.py)
     return env
 
 

@@ -13,6 +13,7 @@ every request whose path is not the Fleet API (``/v1/fleet/``) or the health che
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 OPEN_PREFIXES = ("/v1/fleet/", "/health")
@@ -51,11 +52,25 @@ def install(allowed: frozenset[str]) -> None:
     extensions.get_middleware = with_guard
 
 
+# Flower 1.41 starts its older gRPC Control and Fleet APIs when these are "1"; they listen on their own ports and
+# answer without this guard's address check (review s58).
+LEGACY_GRPC_SWITCHES = ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API")
+
+
+def legacy_grpc_apis(env) -> list[str]:
+    """The switches in ``env`` that would start an API this guard does not cover."""
+    return [name for name in LEGACY_GRPC_SWITCHES if env.get(name) == "1"]
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         sys.exit("usage: python -m fedsynth.ops.superlink_guard ALLOWED_ADDRESSES [flower-superlink arguments]")
     allowed = frozenset(a.strip() for a in argv[0].split(",") if a.strip())
+    if legacy := legacy_grpc_apis(os.environ):
+        sys.exit(f"fedsynth: refusing to start the SuperLink with {', '.join(legacy)} set: it starts Flower's older "
+                 "gRPC API on its own port, without the address check this guard adds to the HTTP one (anyone who "
+                 "reaches it could submit runs and register keys); unset it")
     install(allowed)
     from flwr.superlink.cli import flower_superlink
 

@@ -33,12 +33,15 @@ from tests.benchmarks.speed_cli import RESULTS, machine, write_result  # noqa: E
 CHUNKED = dpgan.discriminator_backward
 
 
-def _as_sampled(d_model, gen, x_all, y_all, idx, latent, seen_by_d, ac_weight) -> tuple[float, int]:
-    """D's backward the way it ran before the chunks: the b sampled rows in one real and one fake pass."""
+def _as_sampled(d_model, gen, x_all, y_all, idx, latent, seen_by_d, ac_weight, after_chunk=None) -> tuple[float, int]:
+    """D's backward the way it ran before the chunks: the b sampled rows in one real and one fake pass (clipped into
+    the step's sum once, ``after_chunk``, as the trainer now does after each chunk)."""
     xb, yb = x_all[idx], y_all[idx]  # (b, C, H, W), (b,)
     if not len(idx):  # an empty batch: a zero-row per-sample gradient for the noise-only step
         for p in d_model.parameters():
             p.grad_sample = torch.zeros((0, *p.shape), device=xb.device)
+        if after_chunk is not None:
+            after_chunk()
         return 0.0, 0
     gen.eval()
     with torch.no_grad():
@@ -46,6 +49,8 @@ def _as_sampled(d_model, gen, x_all, y_all, idx, latent, seen_by_d, ac_weight) -
     gen.train()
     loss, real_cls = dpgan.discriminator_loss(d_model, seen_by_d(xb), seen_by_d(fake), yb, ac_weight)
     loss.backward()
+    if after_chunk is not None:
+        after_chunk()
     return float(loss.detach()), int((real_cls.argmax(1) == yb).sum())
 
 

@@ -47,27 +47,37 @@ BATCH = 256  # the defaults' expected Poisson batch (server/defaults.py)
 
 
 class NormRecorder:
-    """Records the per-sample gradient norms every DP-SGD step of D is about to clip (Opacus' grad_sample)."""
+    """Records the per-sample gradient norms every DP-SGD step of D is about to clip (Opacus' grad_sample): the
+    trainer clips each padded chunk of a step as it comes (``FiniteDPOptimizer.accumulate_chunk``), so the chunks'
+    norms are gathered until the step (``step_accumulated``). Padding rows count as zero norms."""
 
     def __init__(self) -> None:
-        self.steps: list[np.ndarray] = []  # one (b,) array of norms per D step
+        self.steps: list[np.ndarray] = []  # one array of norms per D step (its chunks' rows)
+        self._pending: list[np.ndarray] = []
 
     def __enter__(self) -> "NormRecorder":
-        self._original = original = nonfinite.FiniteDPOptimizer.clip_and_accumulate
+        cls = nonfinite.FiniteDPOptimizer
+        self._originals = clip, step = cls.clip_and_accumulate, cls.step_accumulated
         recorder = self
 
         def recording(optimizer) -> None:
-            samples = optimizer.grad_samples  # one (b, *p.shape) tensor per parameter of D
+            samples = optimizer.grad_samples  # one (rows, *p.shape) tensor per parameter of D
             if samples and len(samples[0]):
-                per_param = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in samples], dim=1)  # (b, P)
-                recorder.steps.append(per_param.norm(dim=1).numpy())  # (b,) norm over all of D's parameters
-            original(optimizer)
+                per_param = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in samples], dim=1)  # (rows, P)
+                recorder._pending.append(per_param.norm(dim=1).numpy())  # (rows,) norm over all of D's parameters
+            clip(optimizer)
 
-        nonfinite.FiniteDPOptimizer.clip_and_accumulate = recording
+        def stepping(optimizer) -> None:
+            if recorder._pending:
+                recorder.steps.append(np.concatenate(recorder._pending))
+            recorder._pending = []
+            step(optimizer)
+
+        cls.clip_and_accumulate, cls.step_accumulated = recording, stepping
         return self
 
     def __exit__(self, *exc) -> None:
-        nonfinite.FiniteDPOptimizer.clip_and_accumulate = self._original
+        nonfinite.FiniteDPOptimizer.clip_and_accumulate, nonfinite.FiniteDPOptimizer.step_accumulated = self._originals
 
 
 def site(name: str, records: int) -> LocalGanTrainer:
