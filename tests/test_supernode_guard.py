@@ -279,3 +279,79 @@ def test_approved_digests_must_be_lower_case_hex_and_the_legacy_grpc_apis_stay_o
         with pytest.raises(SystemExit, match=f"refusing to start the SuperLink with {switch}"):
             superlink_guard.main(["127.0.0.1"])
         monkeypatch.delenv(switch)
+
+
+def test_a_message_whose_objects_do_not_make_a_message_is_refused_and_the_loop_goes_on(monkeypatch, tmp_path):
+    """Review s58: each object of a message checked out (its id the sha256 of its bytes), but one was an Array where
+    the message's RecordDict belongs. Flower stored it, the ClientApp failed before it had a message to answer, and
+    the SuperNode's loop waited for that reply for ever. Through Flower's real receive step (its node state and object
+    store; only the link is a stand-in): such a message is refused with a reply and dropped, a good one is stored."""
+    import dataclasses
+
+    import numpy as np
+    from flwr.app import Array, ConfigRecord
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.inflatable.inflatable_object import (add_header_to_object_body, get_all_nested_objects,
+                                                            get_object_id, get_object_tree)
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run, RunStatus
+    from flwr.supernode.nodestate import NodeStateFactory
+    from flwr.proto.message_pb2 import ObjectTree
+
+    from fedsynth.ops.approved_code import bundle_app_id, installed_bundle
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    monkeypatch.setattr(sci, "_pull_and_store_message", sci._pull_and_store_message)  # undone after the test
+    bundle = installed_bundle()
+    supernode_guard.install({bundle_digest(bundle)})
+    app_id, version = bundle_app_id(bundle)
+    run = Run(run_id=77, fab_id=app_id, fab_version=version, fab_hash=_sha(bundle), override_config={},
+              pending_at="", starting_at="", running_at="", finished_at="", status=RunStatus("running", "", ""),
+              flwr_aid="", federation_id="", primary_task_id=None, bytes_sent=0, bytes_recv=0, clientapp_runtime=0.0,
+              primary_task_type=TaskType.SERVER_APP, series_id=5)
+    state = NodeStateFactory(ObjectStoreFactory()).state()
+    store = state.object_store
+    state.set_node_id(4242)
+    link: dict[str, bytes] = {}  # the SuperLink's objects
+
+    def metadata(kind: str) -> Metadata:
+        return Metadata(run_id=77, message_id="", src_node_id=1, dst_node_id=4242, reply_to_message_id="",
+                        group_id="1", created_at=time.time(), ttl=600.0, message_type=kind)
+
+    def good() -> tuple[Message, ObjectTree]:
+        msg = make_message(metadata("query.info"), RecordDict({"config": ConfigRecord({})}))
+        msg.metadata.__dict__["_message_id"] = msg.object_id
+        link.update({oid: obj.deflate() for oid, obj in get_all_nested_objects(msg).items()})
+        return msg, get_object_tree(msg)
+
+    def malformed() -> tuple[Message, ObjectTree]:  # a message's body whose one child is an Array
+        array = Array(np.zeros(3, np.float32))
+        array_id = get_object_id(array.deflate())
+        body = make_message(metadata("query.info"), RecordDict()).deflate().split(b"\x00", 1)[1]
+
+        class Message_:  # only its name and children make the head "Message <child id> ..."
+            children = {array_id: None}
+        Message_.__qualname__ = "Message"
+        head_and_body = add_header_to_object_body(body, Message_())
+        message_id = get_object_id(head_and_body)
+        link.update({oid: obj.deflate() for oid, obj in get_all_nested_objects(array).items()})
+        link[message_id] = head_and_body
+        md = metadata("query.info")
+        md.__dict__["_message_id"] = message_id
+        return make_message(md, RecordDict()), ObjectTree(object_id=message_id, children=[get_object_tree(array)])
+
+    def pull(incoming: tuple[Message, ObjectTree]) -> int | None:
+        return sci._pull_and_store_message(
+            state=state, object_store=store, node_config={}, receive=lambda: incoming,
+            get_run=lambda run_id: dataclasses.replace(run, run_id=run_id),
+            get_fab=lambda fab_hash, run_id: Fab(_sha(bundle), bundle, {}), pull_object=lambda run_id, oid: link[oid],
+            confirm_message_received=lambda run_id, oid: None, trusted_entities=None)
+
+    bad = malformed()
+    assert pull(bad) == 77
+    replies = state.get_messages_legacy(is_reply=True)
+    assert len(replies) == 1 and replies[0].error.code == supernode_guard.REFUSED_UNAPPROVED_CODE
+    assert "objects do not make a message" in replies[0].error.reason
+    assert not state.get_messages_legacy(is_reply=False)  # dropped: no ClientApp will start for it
+    fine = good()
+    assert pull(fine) == 77 and len(state.get_messages_legacy(is_reply=False)) == 1  # the next one is stored

@@ -18,6 +18,12 @@ Three more holes around that step, each closed here (tests/test_supernode_guard.
   an earlier start (when a release now revoked may have been approved): ``main`` removes that folder.
 - Anything else in the run's bundle or config that makes Flower's step raise (a run-config key the bundle
   does not declare, say) is refused like an unapproved bundle, where before it ended the SuperNode's loop.
+- A message whose objects are each well formed (their ids the sha256 of their bytes) but do not make a message
+  together (an Array where its RecordDict belongs) was stored; its ClientApp then failed before it had a message to
+  answer, so no reply came, and Flower's loop waited for one for ever: one message stopped the site until its
+  operator restarted it (review s58). Each message is now put together, as its ClientApp will, before Flower
+  confirms it received it; one that does not go together is dropped by Flower's own path for a failed pull and
+  answered with a refusal.
 """
 
 from __future__ import annotations
@@ -126,11 +132,25 @@ def install(approved: set[str]) -> None:
             received["checked"] = True  # what raises from here on is Flower reading the run's own config
             return fab
 
+        confirm, store = kwargs.get("confirm_message_received"), kwargs.get("object_store")
+
+        def checked_confirm(run_id, message_id):  # Flower calls it once every object of the message is stored
+            if not _inflates(store, message_id):
+                received["unreadable"] = True
+                raise _Unapproved("its objects do not make a message")  # Flower drops it and ends its task
+            return confirm(run_id, message_id)
+
         kwargs.update(receive=remember, get_fab=checked_fab)
         if get_run is not None:
             kwargs.update(get_run=remember_run)
+        if confirm is not None and store is not None:
+            kwargs.update(confirm_message_received=checked_confirm)
         try:
-            return original(*args, **kwargs)
+            pulled = original(*args, **kwargs)
+            if pulled is None and received.pop("unreadable", False):
+                raise _Unapproved("this site could not read this message (its objects do not make a message): "
+                                  "nothing was read or computed")
+            return pulled
         except Exception as err:  # noqa: BLE001 - the SuperLink's bytes: refuse them, never stop the SuperNode's loop
             message = received.get("message")
             if message is None:  # (a message Flower could not even decode, or the link itself: try again later)
@@ -153,6 +173,20 @@ def install(approved: set[str]) -> None:
             return message.metadata.run_id
 
     sci._pull_and_store_message = guarded
+
+
+def _inflates(store, message_id: str) -> bool:
+    """Whether the objects Flower stored for ``message_id`` make a Message, put together as the ClientApp will."""
+    from flwr.app import Message
+    from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+    try:
+        tree = store.get_object_tree(message_id)
+        contents = {node.object_id: store.get(node.object_id) for node in iterate_object_tree(tree)}
+        return isinstance(inflate_object_from_contents(message_id, contents, keep_object_contents=True), Message)
+    except Exception:  # noqa: BLE001 - the SuperLink's bytes: whatever fails here, the ClientApp would fail too
+        return False
 
 
 def _remove(path: Path) -> None:
