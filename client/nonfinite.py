@@ -98,11 +98,14 @@ class FiniteDPOptimizer(DPOptimizer):
         self.original_optimizer.step()
 
     def clip_and_accumulate(self) -> None:
-        samples = self.grad_samples  # one (B, *p.shape) tensor per parameter
+        samples = self.grad_samples  # one (B, *p.shape) tensor per parameter (p.grad_sample itself, not a copy)
         if samples and len(samples[0]):
             ok = finite_rows(samples)
             if not bool(ok.all()):
+                # In place: a zeroed copy beside the original (and a zeros_like) held about three chunks' per-sample
+                # gradients where the work limits count two, and a coordinator decides when rows overflow (review
+                # s58: a D step grew by 1.24x its count).
                 for p, g in zip(self.params, samples):
-                    keep = ok.to(g.device).view(-1, *([1] * (g.dim() - 1)))
-                    p.grad_sample = torch.where(keep, g, torch.zeros_like(g))
+                    p.grad_sample = g.masked_fill_(~ok.to(g.device).view(-1, *([1] * (g.dim() - 1))), 0.0)
+        del samples
         super().clip_and_accumulate()

@@ -52,6 +52,7 @@ class SiteSettings:
     dataset_id: str = ""  # the ledger's key; "" = the site's name
     split: str = "train"
     image_size: int = 0
+    channels: int = 0  # 0 = as the images are; a deployed site's start pins the shape it validated (site_cmd)
     label_from: str = ""
     sensitive_attribute: str = ""  # an attribute the synthetic set must draw independently (seed 004); published
     delta: float = 0.0  # 0 = min(1e-5, 1/(10 n~)), n~ a noisy size, when the ledger is created, then the ledger's
@@ -105,7 +106,7 @@ class SiteSettings:
         """The Flower node config a deployed SuperNode carries (flat TOML scalars)."""
         return {"site-name": self.name, "data-path": self.data, "state-dir": str(self.state_dir),
                 "epsilon": self.epsilon_budget, "dataset-id": self.dataset_id, "split": self.split,
-                "image-size": self.image_size, "label-from": self.label_from,
+                "image-size": self.image_size, "channels": self.channels, "label-from": self.label_from,
                 "sensitive-attribute": self.sensitive_attribute, "delta": self.delta,
                 "modes": ",".join(self.modes), "heldout-path": self.heldout, "heldout-split": self.heldout_split,
                 "evaluation": self.evaluation, "audits": self.audits, "queries-per-run": self.queries_per_run,
@@ -183,16 +184,19 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
 
 
 @functools.lru_cache(maxsize=8)
-def _load_cached(source: str, split: str, image_size: int, label_from: str, whole: bool = False) -> ImageDataset:
+def _load_cached(source: str, split: str, image_size: int, label_from: str, whole: bool = False,
+                 channels: int = 0) -> ImageDataset:
     # empty_classes: a class folder its operator emptied is a class without records, not a failure of every request
-    # (which would tell the coordinator, through the free query.info, that the class has no record now).
-    return load_dataset(source, split, image_size=image_size or None, label_from=label_from or None, whole=whole,
-                        empty_classes=True)
+    # (which would tell the coordinator, through the free query.info, that the class has no record now); image_size
+    # and channels, pinned when a deployed site starts, bring a record of another size or mode added later to the
+    # shape the site published, where it made every request fail (review s58)
+    return load_dataset(source, split, image_size=image_size or None, channels=channels or None,
+                        label_from=label_from or None, whole=whole, empty_classes=True)
 
 
 def load_site_data(site: SiteSettings) -> ImageDataset:
     """The site's private training records (its partition in simulation). Cached per process."""
-    data = _load_cached(site.data, site.split, site.image_size, site.label_from)
+    data = _load_cached(site.data, site.split, site.image_size, site.label_from, channels=site.channels)
     if site.partition_id is None:
         return data
     scheme, alpha = parse_partition(site.partition)
@@ -207,7 +211,7 @@ def load_site_heldout(site: SiteSettings) -> ImageDataset | None:
     if not site.heldout:
         return None
     # the folder the operator named as held-out is the held-out data, split into train/test or not
-    data = _load_cached(site.heldout, site.heldout_split, site.image_size, site.label_from, True)
+    data = _load_cached(site.heldout, site.heldout_split, site.image_size, site.label_from, True, site.channels)
     if site.partition_id is None:
         return data
     scheme, alpha = parse_partition(site.partition)

@@ -887,3 +887,34 @@ def test_a_class_folder_emptied_at_a_running_site_does_not_fail_its_requests(tmp
     assert answers[0] == answers[1] == ("a", "b")
     with pytest.raises(Exception, match="holds no images"):  # elsewhere (evaluate, simulate) it stays an error
         load_dataset(tmp_path / "data-0")
+
+
+def test_a_record_of_another_size_or_mode_added_at_a_running_site_does_not_fail_its_requests(tmp_path):
+    """Review s58: at a running site, one record added in another size made every load fail, so every request failed,
+    the free query.info included, which told anyone it had come (a colour one changed the published channels). A
+    deployed site pins the shape it checked when it started (fedsynth site: site_cmd.pinned); its handlers convert
+    later records to it."""
+    from PIL import Image
+
+    from client.site import SiteSettings
+    from fedsynth.ops.site_cmd import pinned
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    settings = SiteSettings(name="s", data=str(root), state_dir=tmp_path / "state", epsilon_budget=10.0)
+    node = pinned(settings, load_dataset(root)).to_node_config()
+    assert (node["image-size"], node["channels"]) == (8, 1)
+    Image.fromarray(rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)).save(root / "b" / "late.png")  # another size, colour
+    for config in (node, settings.to_node_config()):
+        grid = LocalGrid(client_app, [config], fast_config(tmp_path).to_flwr())
+        reply = ask(grid, 1000, P.InfoRequest())
+        if config is node:  # pinned: answered, with the shape published before
+            assert not reply.has_error(), reply.error.reason
+            info = P.InfoReply.from_message(reply)
+            assert (info.channels, info.height, info.width) == (1, 8, 8)
+        else:  # unpinned (as before): the generic failure
+            assert reply.has_error() and reply.error.reason.endswith(FAILURE_TEXT)

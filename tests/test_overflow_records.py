@@ -165,3 +165,20 @@ def test_a_site_answers_a_crafted_net_with_finite_releases_through_the_message_p
     assert not reply.has_error(), reply.error.reason
     stats = P.BnStatsReply.from_message(reply).stats
     assert stats and all(np.isfinite(v).all() for v in stats.values())
+
+
+def test_a_non_finite_records_gradient_is_zeroed_in_place_not_beside_a_copy():
+    """Review s58: zeroing a non-finite record's per-sample gradients made a zeroed copy beside the original, about
+    three chunks' per-sample gradients where the work limits count two, at a time the coordinator's weights decide.
+    They are zeroed in place now; the step is still the finite records' clipped sum."""
+    from client.nonfinite import FiniteDPOptimizer
+
+    layer = torch.nn.Linear(3, 2)
+    opt = FiniteDPOptimizer(torch.optim.SGD(layer.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=10.0,
+                            expected_batch_size=1, loss_reduction="mean")
+    weight_rows = torch.tensor([[[1.0, 0, 0], [0, 0, 0]], [[math.nan, 0, 0], [0, 0, 0]], [[0, 2.0, 0], [0, 0, 0]]])
+    layer.weight.grad_sample, layer.bias.grad_sample = weight_rows, torch.zeros(3, 2)
+    where = layer.weight.grad_sample.data_ptr()
+    opt.clip_and_accumulate()
+    assert layer.weight.grad_sample.data_ptr() == where  # no second copy
+    torch.testing.assert_close(layer.weight.summed_grad, torch.tensor([[1.0, 2.0, 0], [0, 0, 0]]))

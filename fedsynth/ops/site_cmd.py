@@ -16,10 +16,11 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from client.site import SiteSettings
 from fedsynth.ops.approved_code import BundleError, installed_bundle_digest, write_approvals
 from fedsynth.ops.fields import DeployError, info, loud, port_free, warn, write_toml
 from fedsynth.ops.processes import Child, flower_env, forward_signals
@@ -139,6 +140,15 @@ def check_site(dep: SiteDeployment, insecure: bool = False) -> SiteCheck:
     return SiteCheck(data=data, ledger=read_ledger(dep, data), approved=approved_digests(dep))
 
 
+def pinned(settings: SiteSettings, data) -> SiteSettings:
+    """The site's settings with the image shape it validated at start pinned (``image_size``, ``channels``): its
+    handlers then bring a record of another size or mode, added while it runs, to that shape. Unpinned, one such
+    record made every load fail, so every request failed, the free query.info included, which told the coordinator
+    it had come (review s58)."""
+    channels, side, _ = data.image_shape
+    return replace(settings, image_size=settings.image_size or side, channels=settings.channels or channels)
+
+
 def fmt_eps(x: float) -> str:
     return "inf" if isinstance(x, float) and math.isinf(x) else f"{x:.4g}"
 
@@ -224,6 +234,9 @@ def cmd_site(args: argparse.Namespace) -> int:
               "(fedsynth site --config ... --check only validates).", file=sys.stderr)
         return 2
     _announce(dep, check)
+    dep.settings = pinned(dep.settings, check.data)
+    info(f"pins the images' shape it checked, {dep.settings.channels} x {dep.settings.image_size} x "
+         f"{dep.settings.image_size}: a record of another size or mode added while it runs is converted to it")
     approvals = dep.state_dir / "approved-bundles.json"
     cmd = supernode_command(dep, args.insecure, approvals)
     if args.check:
