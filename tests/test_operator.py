@@ -192,6 +192,10 @@ def test_site_check_and_ledger_read_without_writing_a_ledger(tmp_path, capsys):
                                    "coordinator": "127.0.0.1:9", "supernode_port": 39999}))
     assert main(["site", "--config", str(cfg), "--check", "--insecure"]) == 0
     assert "nothing released yet" in capsys.readouterr().out
+    # the node config a Docker site's SuperNode reads, with the image shape the check pinned (review s58)
+    import tomllib
+    node = tomllib.loads((tmp_path / "state" / "node-config.toml").read_text())
+    assert (node["image-size"], node["channels"], node["site-name"]) == (8, 1, "a")
     assert main(["ledger", "--config", str(cfg)]) == 0  # "no ledger yet" is an answer, not an error
     assert "no ledger yet" in capsys.readouterr().out
     assert not (tmp_path / "state" / "ledger").exists()

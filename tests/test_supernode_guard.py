@@ -47,11 +47,17 @@ class _Run:  # what Flower's get_run returns, as far as the guard reads it
     fab_id, fab_version = "fedsynth/fedsynth", "0.1.0"
 
 
-def _message(group_id: str = "1", message_id: str = "m1", message_type: str = "train.gan") -> Message:
-    """A message of run 7 as the SuperNode pulls it (the guard replies to it when it refuses the run's bundle)."""
-    metadata = Metadata(run_id=7, message_id=message_id, src_node_id=0, dst_node_id=1, reply_to_message_id="",
+def _message(group_id: str = "1", message_id: str | None = None, message_type: str = "train.gan"):
+    """A message of run 7 and its object tree as the SuperNode pulls them (the guard replies to it when it refuses the
+    run's bundle); its id is its content's unless ``message_id`` names another."""
+    from flwr.supercore.inflatable.inflatable_object import get_object_tree
+
+    metadata = Metadata(run_id=7, message_id="", src_node_id=0, dst_node_id=1, reply_to_message_id="",
                         group_id=group_id, created_at=time.time(), ttl=600.0, message_type=message_type)
-    return make_message(metadata, RecordDict())
+    message = make_message(metadata, RecordDict())
+    tree = get_object_tree(message)
+    message.metadata.__dict__["_message_id"] = message.object_id if message_id is None else message_id
+    return message, tree
 
 
 @pytest.fixture
@@ -61,7 +67,8 @@ def guarded(monkeypatch, tmp_path):
     refusals: list[str] = []
 
     def flower_step(*, receive, get_run, get_fab, state, object_store, **_):  # what Flower does with a bundle
-        receive()
+        if receive() is None:  # no message (or one the guard dropped)
+            return None
         get_run(7)
         fab = get_fab(state["run_fab_hash"], 7)
         if state.get("config_fails"):  # Flower's get_fused_config_from_fab on a key the bundle does not declare
@@ -82,13 +89,12 @@ def guarded(monkeypatch, tmp_path):
                 raise run
             return run
 
-        sci._pull_and_store_message(receive=lambda: (_message(**metadata), None), get_run=get_run,
+        sci._pull_and_store_message(receive=lambda: _message(**metadata), get_run=get_run,
                                     get_fab=lambda h, run_id: fab, object_store=None,
                                     state={"run_fab_hash": run_fab_hash, "config_fails": config_fails})
         if len(stored) > before[0]:
             return "stored"
-        assert len(refusals) > before[1]
-        return "refused: " + refusals[-1]
+        return "refused: " + refusals[-1] if len(refusals) > before[1] else "dropped"
 
     return pull
 
@@ -244,7 +250,10 @@ def test_what_the_superlink_names_never_reaches_the_sites_log_raw(guarded, caplo
     assert verdict.startswith("refused") and "group id" in verdict
     assert guarded(_sha(APPROVED), _fab(APPROVED), group_id="x" * 129).startswith("refused")
     assert guarded(_sha(APPROVED), _fab(APPROVED), group_id="gan-round-3") == "stored"
-    assert guarded(_sha(APPROVED), _fab(APPROVED), message_id="m1\nINFO : Received successfully").startswith("refused")
+    # review s58: a message whose id is not its content's is dropped unanswered before anything logs it
+    assert guarded(_sha(APPROVED), _fab(APPROVED), message_id="m1\nINFO : Received successfully") == "dropped"
+    assert guarded(_sha(APPROVED), _fab(APPROVED), message_id="") == "dropped"  # (an answer would be no reply)
+    assert guarded(_sha(APPROVED), _fab(APPROVED), message_id=_sha(b"another object")) == "dropped"
     assert guarded(_sha(APPROVED), _fab(APPROVED), message_type="train." + "x" * 200).startswith("refused")
     assert len(guarded("a" * 10**6, _fab(APPROVED))) < 1000  # a refusal naming the run's hash quotes it short
     caplog.clear()
@@ -289,7 +298,7 @@ def test_a_message_whose_objects_do_not_make_a_message_is_refused_and_the_loop_g
     import dataclasses
 
     import numpy as np
-    from flwr.app import Array, ConfigRecord
+    from flwr.app import Array, ArrayRecord, ConfigRecord
     from flwr.supercore.constant import TaskType
     from flwr.supercore.inflatable.inflatable_object import (add_header_to_object_body, get_all_nested_objects,
                                                             get_object_id, get_object_tree)
@@ -314,8 +323,8 @@ def test_a_message_whose_objects_do_not_make_a_message_is_refused_and_the_loop_g
     state.set_node_id(4242)
     link: dict[str, bytes] = {}  # the SuperLink's objects
 
-    def metadata(kind: str) -> Metadata:
-        return Metadata(run_id=77, message_id="", src_node_id=1, dst_node_id=4242, reply_to_message_id="",
+    def metadata(kind: str, run_id: int = 77) -> Metadata:
+        return Metadata(run_id=run_id, message_id="", src_node_id=1, dst_node_id=4242, reply_to_message_id="",
                         group_id="1", created_at=time.time(), ttl=600.0, message_type=kind)
 
     def good() -> tuple[Message, ObjectTree]:
@@ -355,3 +364,27 @@ def test_a_message_whose_objects_do_not_make_a_message_is_refused_and_the_loop_g
     assert not state.get_messages_legacy(is_reply=False)  # dropped: no ClientApp will start for it
     fine = good()
     assert pull(fine) == 77 and len(state.get_messages_legacy(is_reply=False)) == 1  # the next one is stored
+
+    # Later in review s58: (R) a message whose own bytes name another run than it was filed under: the ClientApp did
+    # the work (a charge) and its reply, naming the other run, was refused when pushed, so none came and the loop
+    # waited for ever; (B, D) what the check itself puts together is bounded, in bytes and in objects.
+    def refused(incoming) -> bool:
+        before = len(state.get_messages_legacy(is_reply=True))  # (reading marks them read: count the new ones)
+        assert pull(incoming) == 77
+        return before == 0 and len(state.get_messages_legacy(is_reply=True)) == 1
+
+    other_run = make_message(metadata("query.info", run_id=78),
+                             RecordDict({"config": ConfigRecord({})}))
+    link.update({oid: obj.deflate() for oid, obj in get_all_nested_objects(other_run).items()})
+    envelope = metadata("query.info")
+    envelope.__dict__["_message_id"] = other_run.object_id
+    assert refused((make_message(envelope, RecordDict()), get_object_tree(other_run)))
+    weights = make_message(metadata("train.gan"), RecordDict({"config": ConfigRecord({}),
+                                                              "g": ArrayRecord({"w": Array(np.ones(300, np.float32))})}))
+    weights.metadata.__dict__["_message_id"] = weights.object_id
+    link.update({oid: obj.deflate() for oid, obj in get_all_nested_objects(weights).items()})
+    for cap, value in (("MAX_MESSAGE_BYTES", 1000), ("MAX_MESSAGE_OBJECTS", 3)):
+        with monkeypatch.context() as patch:
+            patch.setattr(supernode_guard, cap, value)
+            assert refused((weights, get_object_tree(weights)))
+    assert pull((weights, get_object_tree(weights))) == 77 and len(state.get_messages_legacy(is_reply=False)) == 1

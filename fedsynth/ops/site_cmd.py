@@ -239,12 +239,14 @@ def cmd_site(args: argparse.Namespace) -> int:
          f"{dep.settings.image_size}: a record of another size or mode added while it runs is converted to it")
     approvals = dep.state_dir / "approved-bundles.json"
     cmd = supernode_command(dep, args.insecure, approvals)
+    # written by --check too: a Docker site's SuperNode reads it (deploy/README.md), pinned shape included (review s58)
+    write_toml(dep.state_dir / "node-config.toml", dep.settings.to_node_config())
     if args.check:
         info(f"check passed; `fedsynth site --config {args.config}` would run:\n  FLWR_HOME={dep.flwr_home} "
-             + " ".join(cmd) + f"\n  with node config {json.dumps(dep.settings.to_node_config())}")
+             + " ".join(cmd) + f"\n  with node config {dep.state_dir / 'node-config.toml'} (written): "
+             + json.dumps(dep.settings.to_node_config()))
         return 0
     write_approvals(approvals, check.approved, "installed fedsynth" if dep.approve_installed else "site.yaml")
-    write_toml(dep.state_dir / "node-config.toml", dep.settings.to_node_config())
     dep.flwr_home.mkdir(parents=True, exist_ok=True)
     return _run_supernode(dep, cmd, args)
 

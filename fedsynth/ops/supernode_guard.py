@@ -29,7 +29,9 @@ Three more holes around that step, each closed here (tests/test_supernode_guard.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -43,6 +45,7 @@ from fedsynth.ops.approved_code import (BundleError, bundle_app_id, bundle_diges
 
 log = logging.getLogger("fedsynth.site")
 MAX_LOGGED_ID = 128  # characters of a message's group id, id and type (round labels, sha256 hex, "train.gan")
+_HEX64 = re.compile(r"[0-9a-f]{64}")  # a message's id: the sha256 of its content
 
 
 class _Unapproved(Exception):
@@ -111,8 +114,16 @@ def install(approved: set[str]) -> None:
         def remember(*a, **k):
             got = receive(*a, **k)
             if got is not None:
-                received["message"] = got[0]
                 meta = got[0].metadata
+                # A request to a site has the id of its object tree's root and is no reply: with another id Flower
+                # deletes the wrong object when it drops the message (its tree stayed in memory), and a refusal
+                # of a message without an id is no reply either, which the SuperNode's loop waits for for ever
+                # (review s58). Such a message is dropped unanswered, as if never received.
+                if not (_HEX64.fullmatch(meta.message_id) and got[1] is not None
+                        and got[1].object_id == meta.message_id and meta.reply_to_message_id == ""):
+                    sci.log(logging.ERROR, "dropped a message whose id is not its content's or that is a reply")
+                    return None
+                received["message"] = got[0]
                 # Flower writes these into the SuperNode's log as they come, right after this returns: a newline or
                 # an escape sequence in them forged log lines, and their length made the line's (review s57)
                 for what, value in (("group id", meta.group_id), ("message id", meta.message_id),
@@ -135,7 +146,7 @@ def install(approved: set[str]) -> None:
         confirm, store = kwargs.get("confirm_message_received"), kwargs.get("object_store")
 
         def checked_confirm(run_id, message_id):  # Flower calls it once every object of the message is stored
-            if not _inflates(store, message_id):
+            if not _inflates(store, received["message"]):
                 received["unreadable"] = True
                 raise _Unapproved("its objects do not make a message")  # Flower drops it and ends its task
             return confirm(run_id, message_id)
@@ -175,16 +186,53 @@ def install(approved: set[str]) -> None:
     sci._pull_and_store_message = guarded
 
 
-def _inflates(store, message_id: str) -> bool:
-    """Whether the objects Flower stored for ``message_id`` make a Message, put together as the ClientApp will."""
-    from flwr.app import Message
-    from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
+MAX_MESSAGE_OBJECTS = 100_000  # objects in one message's tree, a child named twice counted twice (fedsynth's: ~100s)
+MAX_MESSAGE_BYTES = 2**29  # bytes its arrays make once put together (fedsynth's requests: tens of MB; two networks at
+# the default max_parameters, 160 MB)
+# What the message's own bytes say of it must be what the SuperNode stored it as: the ClientApp reads the first, the
+# SuperNode files its reply by the second, and a reply naming another run is refused when pushed (so never sent).
+_SAME_METADATA = ("message_id", "run_id", "message_type", "group_id", "reply_to_message_id", "dst_node_id")
+
+
+def _inflates(store, envelope) -> bool:
+    """Whether the objects Flower stored for the message ``envelope`` names make that message, put together as its
+    ClientApp will: within MAX_MESSAGE_OBJECTS and MAX_MESSAGE_BYTES (an Array may name one chunk many times, and a
+    tree may name a child twice at every level: unchecked, a 1 MiB message became 538 MiB here and a tree of 43
+    objects took seconds to walk, review s58), a Message, with the metadata it was stored under."""
+    from flwr.app import Array, Message
+    from flwr.supercore.inflatable.inflatable_object import get_object_body, get_object_head_values_from_object_content
     from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
     try:
-        tree = store.get_object_tree(message_id)
-        contents = {node.object_id: store.get(node.object_id) for node in iterate_object_tree(tree)}
-        return isinstance(inflate_object_from_contents(message_id, contents, keep_object_contents=True), Message)
+        contents: dict[str, bytes] = {}
+        heads: dict[str, tuple[str, list[str]]] = {}
+        below: dict[str, int] = {}
+
+        def objects_under(oid: str) -> int:  # the tree's nodes from ``oid`` down, repeats counted; each id read once
+            if oid not in below:
+                content = store.get(oid)
+                if not content:
+                    raise ValueError("an object of the message is missing")
+                kind, children, _ = get_object_head_values_from_object_content(content)
+                contents[oid], heads[oid] = content, (kind, children)
+                below[oid] = 1 + sum(objects_under(child) for child in children)
+                if below[oid] > MAX_MESSAGE_OBJECTS:
+                    raise ValueError("too many objects")
+            return below[oid]
+
+        objects_under(envelope.metadata.message_id)
+        total = 0
+        for oid, (kind, children) in heads.items():
+            if kind == "Array":  # its body lists, by index into its children, the chunk behind each slice
+                chunks = json.loads(get_object_body(contents[oid], Array))["arraychunk_ids"]
+                total += sum(len(contents[children[i]]) for i in chunks)
+        if total > MAX_MESSAGE_BYTES:
+            return False
+        message = inflate_object_from_contents(envelope.metadata.message_id, contents, keep_object_contents=True)
+        if not isinstance(message, Message):
+            return False
+        message.metadata.__dict__["_message_id"] = envelope.metadata.message_id  # (as the ClientApp sets it)
+        return all(getattr(message.metadata, key) == getattr(envelope.metadata, key) for key in _SAME_METADATA)
     except Exception:  # noqa: BLE001 - the SuperLink's bytes: whatever fails here, the ClientApp would fail too
         return False
 
