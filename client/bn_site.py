@@ -66,6 +66,7 @@ def check_net_work(req: P.BnPlanSettings, site: WorkLimits, build) -> None:
         meta_net(torch.zeros(rows, req.channels, req.image_size, req.image_size))
 
     check_work(site, networks={"shared net": parameter_count(meta_net)},
+               kept_mb=(req.net_rounds + 1) * 4 * parameter_count(meta_net) / 2**20,  # a net per round, a release
                batch_size=req.batch_size if trains else 0, steps_per_run=req.net_rounds * req.local_steps,
                steps=((Step("one DP-SGD step of the shared net", DPSGD_CHUNK, forward, backward="dpsgd",
                             gradient_rows=DPSGD_CHUNK, dpsgd_network="shared net", gradient_copies=2,

@@ -92,7 +92,9 @@ def check_gan_work(req: P.GanTrainRequest, site: WorkLimits, shape: GanShape) ->
     # one chunk's, whatever the batch; review s58); a G step: the batch's fakes (its mode-seeking pairs are rows of
     # it, client.dpgan.paired_labels) through G and D, back into G (DiffAugment's copies of D's inputs, a few images
     # per row, are far below D's activations: left to the factors)
-    check_work(site, networks={"generator": parameter_count(generator), "discriminator": parameter_count(disc)},
+    g, d = parameter_count(generator), parameter_count(disc)
+    # each round's file: its reply (G, and D when shared) and D's state (D, Adam's two moments of D and of G)
+    check_work(site, networks={"generator": g, "discriminator": d}, kept_mb=req.num_rounds * 4 * (3 * g + 4 * d) / 2**20,
                batch_size=req.batch_size, steps_per_run=req.num_rounds * max(req.local_steps, req.long_steps),
                steps=(Step("one DP-SGD step of the discriminator", 2 * DPSGD_CHUNK, lambda r: judge(r, False),
                            backward="dpsgd", gradient_rows=DPSGD_CHUNK, dpsgd_network="discriminator",

@@ -40,6 +40,7 @@ DEFAULT_MAX_PARAMETERS = 20_000_000  # any one network a request makes the site 
 DEFAULT_MAX_BATCH_SIZE = 4096  # expected DP-SGD batch
 DEFAULT_MAX_STEPS_PER_RUN = 50_000  # DP-SGD steps over one run: rounds x steps per round
 DEFAULT_MAX_STEP_MEMORY_MB = 8192  # one step on a batch: per-sample gradients + activations (Step)
+DEFAULT_MAX_RUN_DISK_MB = 2048  # what one run keeps in the state folder over all its rounds (saved replies, D states)
 
 BYTES_PER_GRADIENT_VALUE = 4  # float32
 BYTES_PER_ACTIVATION = 4  # float32
@@ -67,6 +68,7 @@ class WorkLimits(Protocol):
     max_batch_size: int
     max_steps_per_run: int
     max_step_memory_mb: int
+    max_run_disk_mb: int
 
 
 @dataclass(frozen=True)
@@ -126,12 +128,16 @@ def parameter_count(module: nn.Module) -> int:
 
 
 def check_work(site: WorkLimits, *, networks: dict[str, int], batch_size: int, steps_per_run: int,
-               steps: tuple[Step, ...] = ()) -> None:
+               steps: tuple[Step, ...] = (), kept_mb: float = 0.0) -> None:
     """Refuse the request if it exceeds one of ``site``'s work limits.
 
     ``networks``: parameters of every network the request makes the site build, by a name the refusal shows;
     ``steps``: every step it makes the site run on a batch (its per-sample gradients name one of ``networks``),
-    checked in this order once the parameters, the batch and the run's steps passed.
+    checked in this order once the parameters, the batch and the run's steps passed; ``kept_mb``: what the run
+    keeps in the site's state folder over all its rounds, counted from the request's shapes and rounds alone (each
+    round's saved reply, for a free re-send, and what the next round starts from). Uncounted, one run of 50,000
+    one-step rounds with a wide D would have written 1.2 TiB, each round charged next to nothing, and a full disk
+    then made later rounds fail after their charge (review s58).
     """
     for name, count in networks.items():
         if count > site.max_parameters:
@@ -148,6 +154,11 @@ def check_work(site: WorkLimits, *, networks: dict[str, int], batch_size: int, s
                       f"the run asks for {steps_per_run:,} DP-SGD steps (rounds x steps per round); this site "
                       f"takes at most {site.max_steps_per_run:,} per run (its operator's max_steps_per_run): ask "
                       "for fewer rounds or steps")
+    if kept_mb > site.max_run_disk_mb:
+        raise Refusal(P.REFUSED_NOT_ALLOWED,
+                      f"the run would keep {kept_mb:,.0f} MB in this site's state folder over its rounds (their saved "
+                      f"replies and states); this site keeps at most {site.max_run_disk_mb:,} MB per run (its "
+                      "operator's max_run_disk_mb): ask for fewer rounds or smaller networks")
     for step in steps:
         _check_step(site, step, networks)
 

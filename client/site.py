@@ -25,6 +25,7 @@ from client.ledger import BudgetExceeded, PrivacyLedger, Spent
 from client.limits import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_PARAMETERS,
+    DEFAULT_MAX_RUN_DISK_MB,
     DEFAULT_MAX_STEP_MEMORY_MB,
     DEFAULT_MAX_STEPS_PER_RUN,
 )
@@ -74,6 +75,7 @@ class SiteSettings:
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE  # expected DP-SGD batch
     max_steps_per_run: int = DEFAULT_MAX_STEPS_PER_RUN  # DP-SGD steps over one run
     max_step_memory_mb: int = DEFAULT_MAX_STEP_MEMORY_MB  # one step on a batch: per-sample gradients + activations
+    max_run_disk_mb: int = DEFAULT_MAX_RUN_DISK_MB  # what one run keeps in state_dir over its rounds
     # simulation only: which partition of `data` this site holds
     partition_id: int | None = None
     num_partitions: int | None = None
@@ -114,7 +116,8 @@ class SiteSettings:
                 "allow-distributed-noise": self.allow_distributed_noise,
                 "min-reply-seconds": self.min_reply_seconds, "device": self.device,
                 "max-parameters": self.max_parameters, "max-batch-size": self.max_batch_size,
-                "max-steps-per-run": self.max_steps_per_run, "max-step-memory-mb": self.max_step_memory_mb}
+                "max-steps-per-run": self.max_steps_per_run, "max-step-memory-mb": self.max_step_memory_mb,
+                "max-run-disk-mb": self.max_run_disk_mb}
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> "SiteSettings":

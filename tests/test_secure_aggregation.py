@@ -705,3 +705,32 @@ def test_a_stage_name_that_is_a_path_is_refused_and_creates_nothing(tmp_path):
     assert not any("already ran" in r.error.reason for r in replies)  # the same answer whether the file exists or not
     assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing created
     assert "is not a stage" in send({Key.STAGE: Stage.SETUP + "/.."}).error.reason
+
+
+def test_a_sites_stage_claims_are_cleared_when_its_supernode_starts(tmp_path, monkeypatch):
+    """Review s58: a coordinator could make a site keep two empty claim files per SecAgg+ setup, for free and for ever.
+    A setup's secrets live in the SuperNode's memory only, so `fedsynth site` clears the claims at each start."""
+    from types import SimpleNamespace
+
+    from client.secure_site import SETUPS_FOLDER
+    from fedsynth.ops import site_cmd
+
+    claims = tmp_path / SETUPS_FOLDER
+    claims.mkdir()
+    (claims / "abc-share_keys").touch()
+    seen = []
+
+    class Stopped:  # the SuperNode process, stopped by its operator at once
+        stopping = True
+
+        def __init__(self, *args, **kwargs) -> None:
+            seen.append(claims.exists())
+
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(site_cmd, "Child", Stopped)
+    monkeypatch.setattr(site_cmd, "forward_signals", lambda child: None)
+    dep = SimpleNamespace(name="s", coordinator="127.0.0.1:9092", state_dir=tmp_path, flwr_home=tmp_path / "home")
+    assert site_cmd._run_supernode(dep, ["true"], SimpleNamespace(insecure=True, retry_rejected=0)) == 0
+    assert seen == [False]

@@ -204,11 +204,12 @@ def test_a_shared_net_whose_statistics_pass_does_not_fit_is_refused(tmp_path, mo
 
 
 def _limits_over(margin: int) -> SimpleNamespace:
-    """The default work limits, the step memory divided by ``margin``."""
+    """The default work limits, the step memory and a run's disk divided by ``margin``."""
     limits = SiteSettings(name="s", data="digits", state_dir=PROJECT_ROOT, epsilon_budget=10.0)
     return SimpleNamespace(max_parameters=limits.max_parameters, max_batch_size=limits.max_batch_size,
                            max_steps_per_run=limits.max_steps_per_run,
-                           max_step_memory_mb=limits.max_step_memory_mb // margin)
+                           max_step_memory_mb=limits.max_step_memory_mb // margin,
+                           max_run_disk_mb=limits.max_run_disk_mb // margin)
 
 
 @pytest.mark.parametrize("channels,side,classes", [(1, 28, 10), (3, 32, 10), (3, 64, 2), (1, 28, 2), (1, 28, 47),
@@ -257,3 +258,17 @@ def test_the_operator_pins_the_device_in_site_yaml(tmp_path):
     with pytest.raises(DeployError, match="'device'.*unknown device"):
         load_site_config(minimal_site_yaml(tmp_path, device="tpu"))
     assert yaml.safe_load((PROJECT_ROOT / "deploy" / "site.yaml").read_text())["device"] == ""
+
+
+def test_what_a_run_keeps_on_the_sites_disk_is_bounded_by_the_operator(tmp_path):
+    """Review s58: nothing bounded what a run writes in the state folder (each round's saved reply and D's state with
+    its optimizer's moments): 50,000 one-step rounds with a 2.1-million-parameter D, each charged next to nothing,
+    would have written 1.2 TiB, and a full disk then made honest rounds fail after their charge. A run is now counted
+    from its shapes and rounds (4 bytes x (3 G + 4 D) a round) against max_run_disk_mb before anything is charged."""
+    cfg = fast_config(tmp_path, num_rounds=1)
+    grid = LocalGrid(client_app, [{**nodes(1)[0], "max-run-disk-mb": 50}], cfg.to_flwr())
+    wide = gan_request(cfg, d_width=256, num_rounds=5000, local_steps=1)
+    _refused(send(grid, 1000, wide), "state folder", "max_run_disk_mb")
+    assert charges(tmp_path) in ([], [[]])
+    reply = send(grid, 1000, gan_request(cfg))  # the run's own settings keep well under 50 MB
+    assert not reply.has_error(), reply.error.reason
