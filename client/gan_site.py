@@ -32,7 +32,8 @@ from client.budget import (
 from client.census import census_weight, check_census_fits, run_census
 from client.dpgan import LocalGanTrainer, RoundSettings
 from client.dpsgd import DPSGD_CHUNK
-from client.limits import Step, WorkLimits, check_work, meta_module, parameter_count
+from client.limits import (FILE_OVERHEAD, TENSOR_OVERHEAD, Step, WorkLimits, check_work, meta_module,
+                           other_runs_mb, parameter_count)
 from client.requests import (
     Refusal,
     require_plain_allowed,
@@ -76,6 +77,14 @@ def _previous_round(folder, rnd: int) -> dict | None:
     return None
 
 
+def round_file_bytes(generator: torch.nn.Module, disc: torch.nn.Module) -> int:
+    """At most the bytes of one round's saved file (``save_reply``): its reply (G, and D when shared) and D's state (D,
+    Adam's two moments and step of D and of G), 4 bytes a value plus torch.save's records (client.limits)."""
+    tensors = 4 * len(list(generator.parameters())) + 5 * len(list(disc.parameters()))
+    return (4 * (3 * parameter_count(generator) + 4 * parameter_count(disc)) + tensors * TENSOR_OVERHEAD
+            + FILE_OVERHEAD)
+
+
 def check_gan_work(req: P.GanTrainRequest, site: WorkLimits, shape: GanShape) -> Generator:
     """Refuse a round beyond the site's work limits (client.limits); G on the meta device (shapes only: the limits
     come before any allocation)."""
@@ -93,8 +102,9 @@ def check_gan_work(req: P.GanTrainRequest, site: WorkLimits, shape: GanShape) ->
     # it, client.dpgan.paired_labels) through G and D, back into G (DiffAugment's copies of D's inputs, a few images
     # per row, are far below D's activations: left to the factors)
     g, d = parameter_count(generator), parameter_count(disc)
-    # each round's file: its reply (G, and D when shared) and D's state (D, Adam's two moments of D and of G)
-    check_work(site, networks={"generator": g, "discriminator": d}, kept_mb=req.num_rounds * 4 * (3 * g + 4 * d) / 2**20,
+    check_work(site, networks={"generator": g, "discriminator": d},
+               kept_mb=req.num_rounds * round_file_bytes(generator, disc) / 2**20,
+               others_mb=other_runs_mb(site, req.experiment),
                batch_size=req.batch_size, steps_per_run=req.num_rounds * max(req.local_steps, req.long_steps),
                steps=(Step("one DP-SGD step of the discriminator", 2 * DPSGD_CHUNK, lambda r: judge(r, False),
                            backward="dpsgd", gradient_rows=DPSGD_CHUNK, dpsgd_network="discriminator",

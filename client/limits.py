@@ -26,6 +26,7 @@ beyond one of them is refused with a reply that names the limit, before anything
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
@@ -41,6 +42,11 @@ DEFAULT_MAX_BATCH_SIZE = 4096  # expected DP-SGD batch
 DEFAULT_MAX_STEPS_PER_RUN = 50_000  # DP-SGD steps over one run: rounds x steps per round
 DEFAULT_MAX_STEP_MEMORY_MB = 8192  # one step on a batch: per-sample gradients + activations (Step)
 DEFAULT_MAX_RUN_DISK_MB = 2048  # what one run keeps in the state folder over all its rounds (saved replies, D states)
+DEFAULT_MAX_STATE_DISK_MB = 20480  # what all runs keep there together: a new run id must not bring a fresh allowance
+# torch.save's bytes beyond a file's values: per tensor (its record, alignment, pickled key) and per file. Measured on
+# small networks' round files in review s58 (about 27 KB a file beyond the values); both are generous above that.
+TENSOR_OVERHEAD = 1024
+FILE_OVERHEAD = 64 * 1024
 
 BYTES_PER_GRADIENT_VALUE = 4  # float32
 BYTES_PER_ACTIVATION = 4  # float32
@@ -69,6 +75,7 @@ class WorkLimits(Protocol):
     max_steps_per_run: int
     max_step_memory_mb: int
     max_run_disk_mb: int
+    max_state_disk_mb: int
 
 
 @dataclass(frozen=True)
@@ -128,7 +135,7 @@ def parameter_count(module: nn.Module) -> int:
 
 
 def check_work(site: WorkLimits, *, networks: dict[str, int], batch_size: int, steps_per_run: int,
-               steps: tuple[Step, ...] = (), kept_mb: float = 0.0) -> None:
+               steps: tuple[Step, ...] = (), kept_mb: float = 0.0, others_mb: float = 0.0) -> None:
     """Refuse the request if it exceeds one of ``site``'s work limits.
 
     ``networks``: parameters of every network the request makes the site build, by a name the refusal shows;
@@ -137,7 +144,9 @@ def check_work(site: WorkLimits, *, networks: dict[str, int], batch_size: int, s
     keeps in the site's state folder over all its rounds, counted from the request's shapes and rounds alone (each
     round's saved reply, for a free re-send, and what the next round starts from). Uncounted, one run of 50,000
     one-step rounds with a wide D would have written 1.2 TiB, each round charged next to nothing, and a full disk
-    then made later rounds fail after their charge (review s58).
+    then made later rounds fail after their charge (review s58); ``others_mb``: what the site's other runs keep there
+    (:func:`other_runs_mb`: files the site wrote, whose sizes follow from requests and DP releases, never from the
+    records), so that a new run id brings no fresh allowance (the same review: a thousand runs, each paying a census).
     """
     for name, count in networks.items():
         if count > site.max_parameters:
@@ -159,8 +168,24 @@ def check_work(site: WorkLimits, *, networks: dict[str, int], batch_size: int, s
                       f"the run would keep {kept_mb:,.0f} MB in this site's state folder over its rounds (their saved "
                       f"replies and states); this site keeps at most {site.max_run_disk_mb:,} MB per run (its "
                       "operator's max_run_disk_mb): ask for fewer rounds or smaller networks")
+    if kept_mb and others_mb + kept_mb > site.max_state_disk_mb:
+        raise Refusal(P.REFUSED_NOT_ALLOWED,
+                      f"the run would keep {kept_mb:,.0f} MB in this site's state folder, where its other runs keep "
+                      f"{others_mb:,.0f} MB; this site keeps at most {site.max_state_disk_mb:,} MB for all runs (its "
+                      "operator's max_state_disk_mb, who may archive finished runs): ask for fewer rounds or smaller "
+                      "networks")
     for step in steps:
         _check_step(site, step, networks)
+
+
+def other_runs_mb(site: object, experiment: str) -> float:
+    """MB of the files the site's runs other than ``experiment`` keep in its state folder (``runs/``); 0 for limits
+    without a state folder (tests)."""
+    runs = Path(getattr(site, "state_dir", "")) / "runs" if getattr(site, "state_dir", None) else None
+    if runs is None or not runs.is_dir():
+        return 0.0
+    return sum(f.stat().st_size for folder in runs.iterdir() if folder.name != experiment
+               for f in folder.rglob("*") if f.is_file()) / 2**20
 
 
 def _check_step(site: WorkLimits, step: Step, networks: dict[str, int]) -> None:

@@ -26,6 +26,7 @@ from client.limits import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_PARAMETERS,
     DEFAULT_MAX_RUN_DISK_MB,
+    DEFAULT_MAX_STATE_DISK_MB,
     DEFAULT_MAX_STEP_MEMORY_MB,
     DEFAULT_MAX_STEPS_PER_RUN,
 )
@@ -76,6 +77,7 @@ class SiteSettings:
     max_steps_per_run: int = DEFAULT_MAX_STEPS_PER_RUN  # DP-SGD steps over one run
     max_step_memory_mb: int = DEFAULT_MAX_STEP_MEMORY_MB  # one step on a batch: per-sample gradients + activations
     max_run_disk_mb: int = DEFAULT_MAX_RUN_DISK_MB  # what one run keeps in state_dir over its rounds
+    max_state_disk_mb: int = DEFAULT_MAX_STATE_DISK_MB  # what all runs keep there together
     # simulation only: which partition of `data` this site holds
     partition_id: int | None = None
     num_partitions: int | None = None
@@ -117,7 +119,7 @@ class SiteSettings:
                 "min-reply-seconds": self.min_reply_seconds, "device": self.device,
                 "max-parameters": self.max_parameters, "max-batch-size": self.max_batch_size,
                 "max-steps-per-run": self.max_steps_per_run, "max-step-memory-mb": self.max_step_memory_mb,
-                "max-run-disk-mb": self.max_run_disk_mb}
+                "max-run-disk-mb": self.max_run_disk_mb, "max-state-disk-mb": self.max_state_disk_mb}
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> "SiteSettings":

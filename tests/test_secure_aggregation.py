@@ -707,30 +707,19 @@ def test_a_stage_name_that_is_a_path_is_refused_and_creates_nothing(tmp_path):
     assert "is not a stage" in send({Key.STAGE: Stage.SETUP + "/.."}).error.reason
 
 
-def test_a_sites_stage_claims_are_cleared_when_its_supernode_starts(tmp_path, monkeypatch):
+def test_a_sites_stage_claims_are_cleared_when_its_supernode_starts(tmp_path):
     """Review s58: a coordinator could make a site keep two empty claim files per SecAgg+ setup, for free and for ever.
-    A setup's secrets live in the SuperNode's memory only, so `fedsynth site` clears the claims at each start."""
-    from types import SimpleNamespace
-
+    A setup's secrets live in the SuperNode's memory only, so the guarded SuperNode clears the claims of the site its
+    node config names at each start (fedsynth site and the Docker entry point alike)."""
     from client.secure_site import SETUPS_FOLDER
-    from fedsynth.ops import site_cmd
+    from fedsynth.ops import supernode_guard
 
-    claims = tmp_path / SETUPS_FOLDER
-    claims.mkdir()
+    assert supernode_guard.SETUPS_FOLDER == SETUPS_FOLDER
+    claims = tmp_path / "state" / SETUPS_FOLDER
+    claims.mkdir(parents=True)
     (claims / "abc-share_keys").touch()
-    seen = []
-
-    class Stopped:  # the SuperNode process, stopped by its operator at once
-        stopping = True
-
-        def __init__(self, *args, **kwargs) -> None:
-            seen.append(claims.exists())
-
-        def wait(self) -> int:
-            return 0
-
-    monkeypatch.setattr(site_cmd, "Child", Stopped)
-    monkeypatch.setattr(site_cmd, "forward_signals", lambda child: None)
-    dep = SimpleNamespace(name="s", coordinator="127.0.0.1:9092", state_dir=tmp_path, flwr_home=tmp_path / "home")
-    assert site_cmd._run_supernode(dep, ["true"], SimpleNamespace(insecure=True, retry_rejected=0)) == 0
-    assert seen == [False]
+    node_config = tmp_path / "node-config.toml"
+    node_config.write_text(f'state-dir = "{tmp_path / "state"}"\nsite-name = "s"\n')
+    supernode_guard.clear_stage_claims(["--superlink", "x:1", "--node-config", str(node_config)])
+    assert not claims.exists() and (tmp_path / "state").exists()
+    supernode_guard.clear_stage_claims(["--node-config", str(tmp_path / "missing.toml")])  # nothing to clear: no error

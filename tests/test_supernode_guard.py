@@ -383,8 +383,10 @@ def test_a_message_whose_objects_do_not_make_a_message_is_refused_and_the_loop_g
                                                               "g": ArrayRecord({"w": Array(np.ones(300, np.float32))})}))
     weights.metadata.__dict__["_message_id"] = weights.object_id
     link.update({oid: obj.deflate() for oid, obj in get_all_nested_objects(weights).items()})
-    for cap, value in (("MAX_MESSAGE_BYTES", 1000), ("MAX_MESSAGE_OBJECTS", 3)):
+    for caps in ({"MAX_MESSAGE_GROWTH": 0, "MAX_MESSAGE_SLACK": 1000}, {"MAX_MESSAGE_OBJECTS": 3}):
         with monkeypatch.context() as patch:
-            patch.setattr(supernode_guard, cap, value)
+            for cap, value in caps.items():
+                patch.setattr(supernode_guard, cap, value)
             assert refused((weights, get_object_tree(weights)))
+
     assert pull((weights, get_object_tree(weights))) == 77 and len(state.get_messages_legacy(is_reply=False)) == 1

@@ -209,7 +209,8 @@ def _limits_over(margin: int) -> SimpleNamespace:
     return SimpleNamespace(max_parameters=limits.max_parameters, max_batch_size=limits.max_batch_size,
                            max_steps_per_run=limits.max_steps_per_run,
                            max_step_memory_mb=limits.max_step_memory_mb // margin,
-                           max_run_disk_mb=limits.max_run_disk_mb // margin)
+                           max_run_disk_mb=limits.max_run_disk_mb // margin,
+                           max_state_disk_mb=limits.max_state_disk_mb // margin)
 
 
 @pytest.mark.parametrize("channels,side,classes", [(1, 28, 10), (3, 32, 10), (3, 64, 2), (1, 28, 2), (1, 28, 47),
@@ -272,3 +273,35 @@ def test_what_a_run_keeps_on_the_sites_disk_is_bounded_by_the_operator(tmp_path)
     assert charges(tmp_path) in ([], [[]])
     reply = send(grid, 1000, gan_request(cfg))  # the run's own settings keep well under 50 MB
     assert not reply.has_error(), reply.error.reason
+
+
+@pytest.mark.parametrize("width,d_width,latent", [(4, 1, 1), (16, 16, 16)])
+def test_a_rounds_file_is_no_larger_than_the_disk_count(tmp_path, width, d_width, latent):
+    """Review s58: the count was 4 bytes a value only, and torch.save's records made a small network's round file 3.8
+    times that, so a run of many small rounds wrote 1.6 times max_run_disk_mb. The count now has them."""
+    from client.gan_site import round_file_bytes
+
+    cfg = fast_config(tmp_path, num_rounds=1, gan_width=width, gan_d_width=d_width, gan_latent_dim=latent)
+    grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
+    req = gan_request(cfg, share_d=True)
+    assert not send(grid, 1000, req).has_error()
+    files = [f for f in tmp_path.rglob("*") if f.is_file() and "round" in f.name and f.suffix == ".pt"]
+    assert files, sorted(str(f) for f in tmp_path.rglob("*"))
+    shape = GanShape(req.channels, req.image_size, req.num_classes, req.latent_dim, req.width,
+                     resolution=req.resolution)
+    bound = round_file_bytes(meta_module(lambda: Generator(shape)), meta_module(lambda: Discriminator(shape,
+                                                                                                     width=d_width)))
+    assert max(f.stat().st_size for f in files) <= bound
+
+
+def test_what_all_runs_keep_on_the_sites_disk_is_bounded_by_the_operator(tmp_path):
+    """Review s58: max_run_disk_mb bounded one run, and each new run id brought a fresh allowance (each paying only a
+    census). What the site's other runs keep is now counted too, against max_state_disk_mb."""
+    cfg = fast_config(tmp_path, num_rounds=1)
+    grid = LocalGrid(client_app, [{**nodes(1)[0], "max-state-disk-mb": 1, "epsilon": 1e6}], cfg.to_flwr())
+    answered = 0  # runs of one round each (a 0.17 MB round file), until the others' files fill the megabyte
+    while not (reply := send(grid, 1000, gan_request(cfg, experiment=f"run-{answered}"))).has_error():
+        answered += 1
+        assert answered < 10
+    assert answered >= 2  # one run alone fits: the refusal is the other runs' doing
+    _refused(reply, "its other runs keep", "max_state_disk_mb")

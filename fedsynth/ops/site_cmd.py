@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -21,7 +20,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from client.secure_site import SETUPS_FOLDER
 from client.site import SiteSettings
 from fedsynth.ops.approved_code import BundleError, installed_bundle_digest, write_approvals
 from fedsynth.ops.fields import DeployError, info, loud, port_free, warn, write_toml
@@ -262,9 +260,6 @@ def _run_supernode(dep: SiteDeployment, cmd: list[str], args: argparse.Namespace
         info(f"starting the SuperNode of '{dep.name}' -> {dep.coordinator}"
              + (" (INSECURE)" if args.insecure else " (TLS, authenticated)"))
         hints: list[str] = []
-        # A SecAgg+ setup's secrets live in the SuperNode's memory only, so its stage claims (one empty file each,
-        # client.secure_site) mean nothing once it restarts: cleared, they cannot pile up (review s58: free to make)
-        shutil.rmtree(dep.state_dir / SETUPS_FOLDER, ignore_errors=True)
         child = Child(cmd, flower_env(dep.flwr_home), cwd=dep.state_dir,
                       on_line=lambda line, hints=hints: _site_hint(line, dep, hints))
         forward_signals(child)

@@ -19,7 +19,8 @@ from fedsynth.ops.approved_code import is_digest
 from fedsynth.ops.fields import DeployError, Fields, NAME_RE, load_yaml, parse_address
 
 SETTINGS_DEFAULTS = {f.name: f.default for f in fields(SiteSettings)}
-WORK_LIMITS = ("max_parameters", "max_batch_size", "max_steps_per_run", "max_step_memory_mb", "max_run_disk_mb")  # client.limits
+WORK_LIMITS = ("max_parameters", "max_batch_size", "max_steps_per_run", "max_step_memory_mb", "max_run_disk_mb",
+               "max_state_disk_mb")  # client.limits
 SITE_KEYS = ("name", "data", "dataset_id", "split", "image_size", "label_from", "sensitive_attribute", "heldout",
              "heldout_split", "epsilon",
              "delta", "state_dir", "modes", "evaluation", "audits", "queries_per_run", "require_secure_aggregation",

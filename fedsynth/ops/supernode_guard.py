@@ -34,6 +34,7 @@ import logging
 import re
 import shutil
 import sys
+import tomllib
 from pathlib import Path
 
 from flwr.common.constant import APP_DIR, FAB_HASH_TRUNCATION  # install folders: apps/<id>.<version>.<sha[:8]>
@@ -187,8 +188,11 @@ def install(approved: set[str]) -> None:
 
 
 MAX_MESSAGE_OBJECTS = 100_000  # objects in one message's tree, a child named twice counted twice (fedsynth's: ~100s)
-MAX_MESSAGE_BYTES = 2**29  # bytes its arrays make once put together (fedsynth's requests: tens of MB; two networks at
-# the default max_parameters, 160 MB)
+# Bytes its arrays make once put together, beyond what the message carries: an honest array names each chunk once
+# (an all-zero one repeats its chunk), a hostile one may name one chunk thousands of times. Bounded as a share of
+# what was sent, so a large honest message (an audit of 1,000 images of 200 x 200 colour carries 458 MiB) passes.
+MAX_MESSAGE_GROWTH = 4  # x the bytes the message's objects take
+MAX_MESSAGE_SLACK = 2**28  # + bytes (all-zero arrays)
 # What the message's own bytes say of it must be what the SuperNode stored it as: the ClientApp reads the first, the
 # SuperNode files its reply by the second, and a reply naming another run is refused when pushed (so never sent).
 _SAME_METADATA = ("message_id", "run_id", "message_type", "group_id", "reply_to_message_id", "dst_node_id")
@@ -196,7 +200,7 @@ _SAME_METADATA = ("message_id", "run_id", "message_type", "group_id", "reply_to_
 
 def _inflates(store, envelope) -> bool:
     """Whether the objects Flower stored for the message ``envelope`` names make that message, put together as its
-    ClientApp will: within MAX_MESSAGE_OBJECTS and MAX_MESSAGE_BYTES (an Array may name one chunk many times, and a
+    ClientApp will: within MAX_MESSAGE_OBJECTS and MAX_MESSAGE_GROWTH (an Array may name one chunk many times, and a
     tree may name a child twice at every level: unchecked, a 1 MiB message became 538 MiB here and a tree of 43
     objects took seconds to walk, review s58), a Message, with the metadata it was stored under."""
     from flwr.app import Array, Message
@@ -226,7 +230,7 @@ def _inflates(store, envelope) -> bool:
             if kind == "Array":  # its body lists, by index into its children, the chunk behind each slice
                 chunks = json.loads(get_object_body(contents[oid], Array))["arraychunk_ids"]
                 total += sum(len(contents[children[i]]) for i in chunks)
-        if total > MAX_MESSAGE_BYTES:
+        if total > MAX_MESSAGE_GROWTH * sum(map(len, contents.values())) + MAX_MESSAGE_SLACK:
             return False
         message = inflate_object_from_contents(envelope.metadata.message_id, contents, keep_object_contents=True)
         if not isinstance(message, Message):
@@ -266,6 +270,25 @@ def clear_installed_apps() -> None:
                  f"{get_flwr_home() / APP_DIR} by hand, then start again")
 
 
+SETUPS_FOLDER = "secure-setups"  # client.secure_site's: in the site's state folder, one empty file per SecAgg+ stage
+
+
+def clear_stage_claims(supernode_args: list[str]) -> None:
+    """Remove the SecAgg+ stage claims of the site whose node config ``--node-config`` names (its ``state-dir``).
+
+    A setup's secrets live in the SuperNode's memory only, so its claims (client.secure_site) mean nothing once it
+    restarts; a coordinator could make a site keep two empty files per setup, for free and for ever (review s58).
+    Cleared here, at every start, whether ``fedsynth site`` or a Docker entry point starts the SuperNode."""
+    if "--node-config" not in supernode_args[:-1]:
+        return
+    try:
+        config = tomllib.loads(Path(supernode_args[supernode_args.index("--node-config") + 1]).read_text())
+    except (OSError, ValueError):
+        return  # (not a file fedsynth wrote: nothing of ours to clear)
+    if isinstance(config.get("state-dir"), str) and config["state-dir"]:
+        shutil.rmtree(Path(config["state-dir"]) / SETUPS_FOLDER, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
@@ -273,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     approved = {installed_bundle_digest()} if argv[0] == "installed" else read_approvals(argv[0])
     install(approved)
     clear_installed_apps()
+    clear_stage_claims(argv[1:])
     from flwr.supernode.cli import flower_supernode
 
     sys.argv = ["flower-supernode", *argv[1:]]
