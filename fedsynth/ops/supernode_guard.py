@@ -10,7 +10,7 @@ ClientApp of that run is ever started. The SuperNode answers the run's message w
 instead -- the same path Flower uses for its own bundle verification -- and every later message of the
 run is refused the same way. Nothing of the site's data is read.
 
-Three more holes around that step, each closed here (tests/test_supernode_guard.py):
+More holes around that step, each closed here (tests/test_supernode_guard.py):
 - Flower installs a bundle into ``$FLWR_HOME/apps/<publisher>.<name>.<version>.<sha256[:8]>`` and reuses such a
   folder when it exists; a task then loads the folder named by the *run's* app id and version, which the
   SuperLink states. So the run must name its bundle's own app id and version, two bundles whose sha256 share
@@ -22,8 +22,10 @@ Three more holes around that step, each closed here (tests/test_supernode_guard.
   together (an Array where its RecordDict belongs) was stored; its ClientApp then failed before it had a message to
   answer, so no reply came, and Flower's loop waited for one for ever: one message stopped the site until its
   operator restarted it (review s58). Each message is now put together, as its ClientApp will, before Flower
-  confirms it received it; one that does not go together is dropped by Flower's own path for a failed pull and
-  answered with a refusal.
+  confirms it received it; one that does not go together, or whose own metadata is not what it was filed under, is
+  dropped by Flower's own path for a failed pull and answered with a refusal; putting it together is bounded
+  (MAX_MESSAGE_OBJECTS, MAX_MESSAGE_GROWTH); a message whose id is not its content's, or that is a reply, is dropped
+  unanswered (an answer to it would be no reply either).
 """
 
 from __future__ import annotations
