@@ -45,7 +45,9 @@ REFUSED_NOT_ALLOWED = 4003  # the site's config does not allow this mode / actio
 # (allow_distributed_noise is such a setting of site.yaml: the refusal names it, public by declaration.)
 # A work-limit refusal (client.limits) names the operator's limit and the request's own sizes (parameters,
 # batch, steps, per-sample gradient memory, all computed from the request's settings alone): the limits are
-# public by declaration, and nothing in such a refusal depends on the site's records.
+# public by declaration, and nothing in such a refusal depends on the site's records. The state-folder limit's
+# (max_state_disk_mb) also names what the site's other runs keep: the sizes of files it wrote, which follow from
+# the requests and the DP releases it made, never from its records (review s58).
 SITE_FAILURE = 4004  # the site could not do the work (its operator sees why in the site's log)
 # Its reason is always client.requests.FAILURE_TEXT; e.g. a held-out set whose shape or classes differ from the
 # published training schema (client.evaluation: they can hinge on single records) is never described in it.
