@@ -184,8 +184,15 @@ def other_runs_mb(site: object, experiment: str) -> float:
     runs = Path(getattr(site, "state_dir", "")) / "runs" if getattr(site, "state_dir", None) else None
     if runs is None or not runs.is_dir():
         return 0.0
-    return sum(f.stat().st_size for folder in runs.iterdir() if folder.name != experiment
-               for f in folder.rglob("*") if f.is_file()) / 2**20
+    total = 0
+    for folder in runs.iterdir():
+        if folder.name != experiment:
+            for f in folder.rglob("*"):
+                try:
+                    total += f.stat().st_size if f.is_file() else 0
+                except OSError:  # (gone while counted: the operator archiving a run)
+                    pass
+    return total / 2**20
 
 
 def _check_step(site: WorkLimits, step: Step, networks: dict[str, int]) -> None:

@@ -722,4 +722,7 @@ def test_a_sites_stage_claims_are_cleared_when_its_supernode_starts(tmp_path):
     node_config.write_text(f'state-dir = "{tmp_path / "state"}"\nsite-name = "s"\n')
     supernode_guard.clear_stage_claims(["--superlink", "x:1", "--node-config", str(node_config)])
     assert not claims.exists() and (tmp_path / "state").exists()
+    claims.mkdir()
+    supernode_guard.clear_stage_claims([f"--node-config={node_config}"])  # deploy/compose.yaml's form
+    assert not claims.exists()
     supernode_guard.clear_stage_claims(["--node-config", str(tmp_path / "missing.toml")])  # nothing to clear: no error

@@ -195,6 +195,8 @@ MAX_MESSAGE_OBJECTS = 100_000  # objects in one message's tree, a child named tw
 # what was sent, so a large honest message (an audit of 1,000 images of 200 x 200 colour carries 458 MiB) passes.
 MAX_MESSAGE_GROWTH = 4  # x the bytes the message's objects take
 MAX_MESSAGE_SLACK = 2**28  # + bytes (all-zero arrays)
+RECORD_GROWTH = 40  # bytes a ConfigRecord's or MetricRecord's body byte may become (a list of 20 million ints: 32x)
+# (peak memory while putting it together is about twice the bound: Array.inflate copies its buffer once)
 # What the message's own bytes say of it must be what the SuperNode stored it as: the ClientApp reads the first, the
 # SuperNode files its reply by the second, and a reply naming another run is refused when pushed (so never sent).
 _SAME_METADATA = ("message_id", "run_id", "message_type", "group_id", "reply_to_message_id", "dst_node_id")
@@ -232,6 +234,8 @@ def _inflates(store, envelope) -> bool:
             if kind == "Array":  # its body lists, by index into its children, the chunk behind each slice
                 chunks = json.loads(get_object_body(contents[oid], Array))["arraychunk_ids"]
                 total += sum(len(contents[children[i]]) for i in chunks)
+            elif kind != "ArrayChunk":  # a record's body unpacks into Python objects: up to ~40 bytes a body byte
+                total += RECORD_GROWTH * len(contents[oid])
         if total > MAX_MESSAGE_GROWTH * sum(map(len, contents.values())) + MAX_MESSAGE_SLACK:
             return False
         message = inflate_object_from_contents(envelope.metadata.message_id, contents, keep_object_contents=True)
@@ -281,10 +285,12 @@ def clear_stage_claims(supernode_args: list[str]) -> None:
     A setup's secrets live in the SuperNode's memory only, so its claims (client.secure_site) mean nothing once it
     restarts; a coordinator could make a site keep two empty files per setup, for free and for ever (review s58).
     Cleared here, at every start, whether ``fedsynth site`` or a Docker entry point starts the SuperNode."""
-    if "--node-config" not in supernode_args[:-1]:
+    paths = [arg.split("=", 1)[1] for arg in supernode_args if arg.startswith("--node-config=")]  # (compose.yaml's)
+    paths += [supernode_args[i + 1] for i, arg in enumerate(supernode_args[:-1]) if arg == "--node-config"]
+    if len(paths) != 1:
         return
     try:
-        config = tomllib.loads(Path(supernode_args[supernode_args.index("--node-config") + 1]).read_text())
+        config = tomllib.loads(Path(paths[0]).read_text())
     except (OSError, ValueError):
         return  # (not a file fedsynth wrote: nothing of ours to clear)
     if isinstance(config.get("state-dir"), str) and config["state-dir"]:
