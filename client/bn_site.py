@@ -21,8 +21,8 @@ from client.bnstats import record_class_statistics
 from client.budget import PlanRequest, RunPlan, expected_batch, make_plan, plan_for_site, validate_plan_request
 from client.census import census_weight, check_census_fits, run_census
 from client.dpsgd import DPSGD_CHUNK, train_dpsgd_local
-from client.limits import (FILE_OVERHEAD, TENSOR_OVERHEAD, Step, WorkLimits, check_work, meta_module,
-                           other_runs_mb, parameter_count)
+from client.limits import (Step, WorkLimits, check_work, meta_module, other_runs_mb, parameter_count,
+                           saved_file_bytes)
 from client.requests import (
     Refusal,
     require_plain_allowed,
@@ -67,8 +67,8 @@ def check_net_work(req: P.BnPlanSettings, site: WorkLimits, build) -> None:
         meta_net(torch.zeros(rows, req.channels, req.image_size, req.image_size))
 
     check_work(site, networks={"shared net": parameter_count(meta_net)},
-               kept_mb=(req.net_rounds + 1) * (4 * parameter_count(meta_net) + FILE_OVERHEAD  # a net a round, a release
-                                               + TENSOR_OVERHEAD * len(list(meta_net.parameters()))) / 2**20,
+               kept_mb=(req.net_rounds + 1)  # a net a round, and the release
+               * saved_file_bytes(parameter_count(meta_net), len(list(meta_net.parameters()))) / 2**20,
                others_mb=other_runs_mb(site, req.experiment),
                batch_size=req.batch_size if trains else 0, steps_per_run=req.net_rounds * req.local_steps,
                steps=((Step("one DP-SGD step of the shared net", DPSGD_CHUNK, forward, backward="dpsgd",

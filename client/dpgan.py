@@ -123,8 +123,8 @@ def discriminator_backward(d_model: torch.nn.Module, gen: torch.nn.Module, x_all
     round with its batch's size, so a record's gradient would hang on how many others were sampled), their fakes too:
     G draws each chunk's fakes from that chunk's latents, zero-padded. Under Opacus the chunks' per-sample gradients
     are clipped into the step's sum after each chunk's backward pass (``after_chunk``: the optimizer's
-    ``accumulate_chunk``), so a step holds one chunk's; without it they stay, one list entry per chunk
-    (``join_chunk_grad_samples`` makes them one batch, for tests). ``latent(rows)`` gives secret (rows, latent) draws;
+    ``accumulate_chunk``), so a step holds one chunk's; without it they stay on the parameters, one list entry per
+    chunk (what tests read). ``latent(rows)`` gives secret (rows, latent) draws;
     ``seen_by_d`` is D's input transformation."""
     total, correct = 0.0, 0
     gen.eval()

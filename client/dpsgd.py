@@ -99,18 +99,6 @@ def padded_chunks(x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor):
         yield padded_rows(x_all[chunk], DPSGD_CHUNK, x_all.device), yb, weight
 
 
-def join_chunk_grad_samples(model: nn.Module) -> None:
-    """Make the per-sample gradients of several chunks' backward passes one (b, ...) tensor per parameter: for tests
-    and benchmarks that look at a whole batch's rows (the trainers clip each chunk as it comes instead,
-    ``FiniteDPOptimizer.accumulate_chunk``).
-
-    Opacus keeps one ``grad_sample`` per backward pass in a list and, given a list, divides the clipped sum by the
-    number of passes too; joined, a step would be the sum of every record's clipped gradient, as accounted."""
-    for param in model.parameters():
-        if isinstance(getattr(param, "grad_sample", None), list):
-            param.grad_sample = torch.cat(param.grad_sample, dim=0)
-
-
 def train_dpsgd_local(
     model: nn.Module,
     dataset: "ImageDataset",

@@ -32,8 +32,8 @@ from client.budget import (
 from client.census import census_weight, check_census_fits, run_census
 from client.dpgan import LocalGanTrainer, RoundSettings
 from client.dpsgd import DPSGD_CHUNK
-from client.limits import (FILE_OVERHEAD, TENSOR_OVERHEAD, Step, WorkLimits, check_work, meta_module,
-                           other_runs_mb, parameter_count)
+from client.limits import (Step, WorkLimits, check_work, meta_module, other_runs_mb, parameter_count,
+                           saved_file_bytes)
 from client.requests import (
     Refusal,
     require_plain_allowed,
@@ -80,9 +80,8 @@ def _previous_round(folder, rnd: int) -> dict | None:
 def round_file_bytes(generator: torch.nn.Module, disc: torch.nn.Module) -> int:
     """At most the bytes of one round's saved file (``save_reply``): its reply (G, and D when shared) and D's state (D,
     Adam's two moments and step of D and of G), 4 bytes a value plus torch.save's records (client.limits)."""
-    tensors = 4 * len(list(generator.parameters())) + 5 * len(list(disc.parameters()))
-    return (4 * (3 * parameter_count(generator) + 4 * parameter_count(disc)) + tensors * TENSOR_OVERHEAD
-            + FILE_OVERHEAD)
+    return saved_file_bytes(3 * parameter_count(generator) + 4 * parameter_count(disc),
+                            4 * len(list(generator.parameters())) + 5 * len(list(disc.parameters())))
 
 
 def check_gan_work(req: P.GanTrainRequest, site: WorkLimits, shape: GanShape) -> Generator:

@@ -48,6 +48,11 @@ DEFAULT_MAX_STATE_DISK_MB = 20480  # what all runs keep there together: a new ru
 TENSOR_OVERHEAD = 1024
 FILE_OVERHEAD = 64 * 1024
 
+
+def saved_file_bytes(values: int, tensors: int) -> int:
+    """At most the bytes of a torch.save file of ``values`` float32 values in ``tensors`` tensors."""
+    return 4 * values + TENSOR_OVERHEAD * tensors + FILE_OVERHEAD
+
 BYTES_PER_GRADIENT_VALUE = 4  # float32
 BYTES_PER_ACTIVATION = 4  # float32
 # What a step holds, over its forward pass's floats as counted here (per-sample gradients apart): measured on one CPU
@@ -181,7 +186,8 @@ def check_work(site: WorkLimits, *, networks: dict[str, int], batch_size: int, s
 def other_runs_mb(site: object, experiment: str) -> float:
     """MB of the files the site's runs other than ``experiment`` keep in its state folder (``runs/``); 0 for limits
     without a state folder (tests)."""
-    runs = Path(getattr(site, "state_dir", "")) / "runs" if getattr(site, "state_dir", None) else None
+    state_dir = getattr(site, "state_dir", None)
+    runs = Path(state_dir) / "runs" if state_dir else None
     if runs is None or not runs.is_dir():
         return 0.0
     total = 0

@@ -208,7 +208,6 @@ def _record_gradient(model, gen, disc, x, y, idx: list[int], latents: torch.Tens
     the site's padded chunks (``discriminator_backward``), or the way the step ran before them (one pass on the b
     sampled rows)."""
     from client.dpgan import discriminator_backward
-    from client.dpsgd import join_chunk_grad_samples
 
     for p in disc.parameters():
         p.grad_sample = None
@@ -220,7 +219,9 @@ def _record_gradient(model, gen, disc, x, y, idx: list[int], latents: torch.Tens
             return latents[idx[drawn[0] - rows:drawn[0]]]
 
         discriminator_backward(model, gen, x, y, torch.tensor(idx), latent, lambda t: t, 0.3)
-        join_chunk_grad_samples(disc)
+        for p in disc.parameters():  # the chunks' per-sample gradients (one list entry each) as one batch's rows
+            if isinstance(p.grad_sample, list):
+                p.grad_sample = torch.cat(p.grad_sample, dim=0)
     else:
         with torch.no_grad():
             fake = gen(latents[idx], y[idx])

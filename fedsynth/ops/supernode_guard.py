@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import shutil
 import sys
 import tomllib
@@ -44,11 +43,10 @@ from flwr.common.constant import APP_DIR, FAB_HASH_TRUNCATION  # install folders
 from common.refusal_codes import REFUSED_UNAPPROVED_CODE  # (import-light: no torch, no Flower app)
 from common.wire import quoted
 from fedsynth.ops.approved_code import (BundleError, bundle_app_id, bundle_digest, installed_bundle_digest,
-                                        read_approvals)
+                                        is_digest, read_approvals)
 
 log = logging.getLogger("fedsynth.site")
 MAX_LOGGED_ID = 128  # characters of a message's group id, id and type (round labels, sha256 hex, "train.gan")
-_HEX64 = re.compile(r"[0-9a-f]{64}")  # a message's id: the sha256 of its content
 
 
 class _Unapproved(Exception):
@@ -122,7 +120,7 @@ def install(approved: set[str]) -> None:
                 # deletes the wrong object when it drops the message (its tree stayed in memory), and a refusal
                 # of a message without an id is no reply either, which the SuperNode's loop waits for for ever
                 # (review s58). Such a message is dropped unanswered, as if never received.
-                if not (_HEX64.fullmatch(meta.message_id) and got[1] is not None
+                if not (is_digest(meta.message_id) and got[1] is not None  # (a sha256 in hex, like a bundle's)
                         and got[1].object_id == meta.message_id and meta.reply_to_message_id == ""):
                     sci.log(logging.ERROR, "dropped a message whose id is not its content's or that is a reply")
                     return None
