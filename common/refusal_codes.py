@@ -56,6 +56,8 @@ REFUSED_UNAPPROVED_CODE = 4005  # the run's app bundle is not one the site's ope
 # digest and sha256 (the SuperLink's own bytes), the run's and the bundle's app id and version, hashes the SuperLink
 # claimed (quoted short), an exception's type, or which of the message's group id, id or type is not short printable
 # ASCII: nothing of the records, and of the site only which bundles its operator approved (refused or not).
+# Or fixed text: a message whose objects do not make one, or whose own metadata is not what it was filed under, or
+# that is too large to put together (review s58); a message whose id is not its content's is dropped unanswered.
 
 REFUSAL_NAMES = {REFUSED_BUDGET: "over budget", REFUSED_BAD_REQUEST: "bad request",
                  REFUSED_NOT_ALLOWED: "not allowed", SITE_FAILURE: "site failure",
