@@ -44,6 +44,7 @@ from client.budget import PLAN_FILE, RunPlan
 from client.census import AUDIT_PURPOSE, EVALUATION_PURPOSE
 from client.discrete_gaussian import noisy_counts
 from client.ledger import BudgetExceeded, PrivacyLedger
+from client.limits import check_work, meta_module, parameter_count
 from client.requests import FAILURE_TEXT, Refusal, check_schema, require_plain_allowed, run_dir, site_data, site_handler
 from client.site import SiteSettings, data_fingerprint, load_site_heldout, open_ledger
 from common import protocol as P
@@ -147,11 +148,15 @@ def handle_evaluation(msg: Message, context: Context, site: SiteSettings) -> Mes
     req = P.EvaluationRequest.from_message(msg)
     data, heldout, folder = _open_query(site, site.evaluation, "evaluation", req.experiment)
     check_schema(data, req.channels, req.height, req.width, req.num_classes)  # the published schema (= held-out's)
-    try:
-        model = build_learner(req.learner, (req.channels, req.height, req.width), req.num_classes,
-                              allow_import=False)  # never import code the coordinator names
+    shape = (req.channels, req.height, req.width)
+    try:  # on the meta device first: a learner above the site's max_parameters is refused before any allocation
+        # (review s59: an mlp at 3x512x512, 201 million parameters, was built and initialised, then refused)
+        meta = meta_module(lambda: build_learner(req.learner, shape, req.num_classes,
+                                                 allow_import=False))  # never import code the coordinator names
     except ValueError as err:
         raise Refusal(P.REFUSED_BAD_REQUEST, str(err)) from None
+    check_work(site, networks={"classifier": parameter_count(meta)}, batch_size=1, steps_per_run=0)
+    model = build_learner(req.learner, shape, req.num_classes, allow_import=False)
     problems = P.check_arrays(req.classifier, P.state_spec(model.state_dict()))
     if problems:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"the classifier sent does not match {quoted(req.learner)}: {problems[:3]}")

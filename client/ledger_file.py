@@ -84,6 +84,12 @@ def has_charge(entries: list[dict], *, run: str, purpose: str, round_: int) -> b
     return any(e["run"] == run and e["purpose"] == purpose and e["round"] == round_ for e in entries)
 
 
+def last_charge(entries: list[dict], *, run: str, purpose: str, round_: int) -> dict | None:
+    """The latest charge of the (run, purpose, round) release in ``entries`` (None: never charged)."""
+    return next((e for e in reversed(entries) if e["run"] == run and e["purpose"] == purpose and e["round"] == round_),
+                None)
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 

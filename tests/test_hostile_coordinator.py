@@ -378,6 +378,22 @@ def test_a_malformed_query_is_refused_before_a_new_sites_ledger_is_started(tmp_p
     assert not list((tmp_path / "site-a").rglob("*.jsonl"))
 
 
+def test_a_classifier_above_the_sites_max_parameters_is_refused_before_it_is_built(tmp_path):
+    """Review s59: the evaluation built and initialised the learner the coordinator names before any check, and the
+    site's max_parameters did not apply (an mlp at 3x512x512, 201 million parameters, was built, then refused for
+    its arrays, uncharged, as often as it was sent). It is now counted on the meta device and refused first."""
+    from common.learner import build_learner
+
+    site = deployed_site(tmp_path, heldout=DIGITS_TEST, evaluation=True, **{"max-parameters": 1_000})
+    grid = LocalGrid(client_app, [site], fast_config(tmp_path).to_flwr())
+    mlp = P.state_arrays(build_learner("mlp", (1, 8, 8), 10))
+    reply = _evaluation(grid, 1000, mlp, "mlp", "wide")
+    assert reply.has_error() and reply.error.code == P.REFUSED_NOT_ALLOWED, reply.error.reason
+    assert "max_parameters" in reply.error.reason and not any(charges(tmp_path, "site-a"))
+    reply = _evaluation(grid, 1000, _constant_model(0), "logreg", "narrow")  # 650 parameters: answered
+    assert not reply.has_error(), reply.error.reason
+
+
 def test_a_site_never_imports_a_learner_the_coordinator_names(tmp_path):
     import sys
 

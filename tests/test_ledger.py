@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from client.ledger import BudgetExceeded, LedgerDamaged, PrivacyLedger, Spent
+from client.ledger import RETRY_DIFFERS, BudgetExceeded, LedgerDamaged, PrivacyLedger, Spent
 from common.accounting import DPEvent, epsilon_for
 
 DELTA = 1e-5
@@ -187,12 +187,32 @@ def test_charge_once_reuses_the_charge_of_an_interrupted_attempt(path: Path):
     ledger = PrivacyLedger(path, epsilon_budget=10.0, delta=DELTA)
     first, reused = ledger.charge_once([EVENT], purpose="dpgan", run="r", round=1)
     assert not reused and first.releases == 1
-    again, reused = ledger.charge_once([EVENT, EVENT], purpose="dpgan", run="r", round=1)
+    again, reused = ledger.charge_once([EVENT], purpose="dpgan", run="r", round=1)
     assert reused and again == first and len(ledger.entries()) == 1
     _, reused = ledger.charge_once([EVENT], purpose="dpgan", run="r", round=2)
     assert not reused and ledger.count(run="r", purpose="dpgan") == 2
     with pytest.raises(ValueError, match="run id"):
         ledger.charge_once([EVENT], purpose="dpgan", run="", round=3)
+
+
+def test_an_interrupted_attempts_charge_is_reused_only_for_the_same_release(path: Path):
+    """Review s59: a statistics release interrupted in the clear and re-sent inside a secure sum with its noise split
+    over the sites reused the plain charge, so the ledger never said which noise the release was made with. A retry
+    whose events or details differ from the interrupted attempt's is charged anew, saying so; what says how an
+    attempt came to be charged (client.site.charged_work) is not part of what it releases."""
+    ledger = PrivacyLedger(path, epsilon_budget=10.0, delta=DELTA)
+    plain = {"clip": 5.0, "count-weight": 0.5}
+    ledger.charge([EVENT], purpose="bnstats-release", run="r", round=0,
+                  details={**plain, "after-an-unfinished-attempt": "failed"})
+    _, reused = ledger.charge_once([EVENT], purpose="bnstats-release", run="r", round=0, details=dict(plain))
+    assert reused and len(ledger.entries()) == 1
+    split = {**plain, "distributed-noise-shares": 8, "own-noise-multiplier": 0.41}
+    _, reused = ledger.charge_once([EVENT], purpose="bnstats-release", run="r", round=0, details=split)
+    assert not reused and ledger.entries()[-1]["details"] == {**split, RETRY_DIFFERS: True}
+    _, reused = ledger.charge_once([EVENT], purpose="bnstats-release", run="r", round=0, details=dict(split))
+    assert reused and len(ledger.entries()) == 2  # the latest charge is the one a retry matches
+    _, reused = ledger.charge_once([EVENT, EVENT], purpose="bnstats-release", run="r", round=0, details=dict(split))
+    assert not reused and len(ledger.entries()) == 3
 
 
 def test_reading_a_ledger_never_creates_one(path: Path):

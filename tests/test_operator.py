@@ -201,6 +201,39 @@ def test_site_check_and_ledger_read_without_writing_a_ledger(tmp_path, capsys):
     assert not (tmp_path / "state" / "ledger").exists()
 
 
+def test_a_site_whose_held_out_data_is_its_training_data_does_not_start(tmp_path, capsys):
+    """Review s59: a folder without train/ and test/ is held out whole, so 'heldout' naming the training folder (or
+    its train/ part) passed the config's path check and put every record in both audit histograms (one record moving
+    the release by sqrt(2), its noise calibrated to 1). ``fedsynth site`` now refuses to start such a site; a held-out
+    split of the same folder starts."""
+    import numpy as np
+    import yaml
+
+    from common.data import load_dataset
+
+    digits = load_dataset("digits", "train")
+    for split, rows in (("train", range(0, 60)), ("test", range(60, 80))):
+        for i in rows:
+            pixels = np.round(digits.images[i, 0] * 255).astype(np.uint8)
+            path = tmp_path / "data" / split / str(int(digits.labels[i])) / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(path)
+    data = tmp_path / "data"
+
+    def check(**held) -> int:
+        cfg = tmp_path / "site.yaml"
+        cfg.write_text(yaml.safe_dump({"name": "a", "data": str(data), "epsilon": 5.0, "coordinator": "127.0.0.1:9",
+                                       "state_dir": str(tmp_path / "state"), "supernode_port": 39999, **held}))
+        return main(["site", "--config", str(cfg), "--check", "--insecure"])
+
+    for held in ({"heldout": str(data / "train")}, {"heldout": str(data / "train"), "heldout_split": "train"}):
+        capsys.readouterr()
+        assert check(**held) == 2
+        assert "60 of the 60 held-out records are also training records" in capsys.readouterr().err
+    assert check(heldout=str(data)) == 0  # its test split: records kept apart
+    assert not (tmp_path / "state" / "ledger").exists()
+
+
 def test_a_simulation_resumed_over_other_data_is_refused(tmp_path, capsys):
     from common.data import load_dataset, save_npz
 

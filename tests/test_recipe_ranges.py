@@ -142,6 +142,21 @@ def test_a_run_planned_without_a_census_is_not_charged_one_by_a_later_training_r
     assert before and not [p for p in (tmp_path / "sites").rglob("census.json") if p.parent.name == "planned"]
 
 
+def test_a_provided_net_release_after_a_drawn_census_is_refused_not_planned_past_the_runs_epsilon(tmp_path):
+    """Review s59: a training request whose plan was refused after its census, then a statistics release with a
+    provided net under the same id: the new plan left the census out and spent the whole run's epsilon, so every
+    release was then refused by the run's cap, for ever. It is now refused before a plan is made."""
+    cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=2, bn_width=8, epsilon=0.5)
+    grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
+    too_much = send(grid, 1000, _bn_request(cfg, "drawn", net_rounds=500, local_steps=100, batch_size=512))
+    assert too_much.has_error() and too_much.error.code == P.REFUSED_BUDGET, too_much.error.reason
+    census_only = charges(tmp_path)
+    assert [e["purpose"] for e in census_only[0] if e["run"] == "drawn"] == ["bnstats-census"]
+    _refused(send(grid, 1000, _bn_request(cfg, "drawn", net_rounds=0)), "'drawn'", "start a new experiment")
+    assert charges(tmp_path) == census_only
+    assert not list((tmp_path / "sites").rglob("runs/drawn/plan.json"))
+
+
 @pytest.fixture()
 def one_round_trained(tmp_path):
     """A site that trained round 1 of a 2-round DP-GAN run at the defaults of tests.test_faults.gan_request."""

@@ -20,7 +20,7 @@ from client import evaluation
 from client.evaluation import distance_histogram, evaluation_table
 from common import protocol as P
 from common.audits import mutual_nearest_distances, nearest_neighbors
-from common.audits.neighbors import _sq_block
+from common.audits.neighbors import _exact_sq, _sq_block
 from common.learner import _batched, build_learner
 
 _DIGITS = load_digits()
@@ -164,6 +164,22 @@ def test_a_records_distances_do_not_depend_on_its_block_mates_at_the_fixed_block
     perm = rng.permutation(rows)
     assert torch.equal(block(base_idx[perm]), base[perm])
     assert torch.equal(block(base_idx[:3]), base[:3])  # 3 records in a padded block: the same bits
+
+
+@pytest.mark.parametrize("values", [784, 3 * 64 * 64, 3 * 96 * 96], ids=["1x28x28", "3x64x64", "3x96x96"])
+def test_a_records_exact_distance_does_not_depend_on_how_many_records_there_are(values):
+    """Review s59: the float64 distance of each record to its nearest image (the audit histogram's value) was one
+    einsum over all records, which numpy sums in another order for a lone row of more than about 8,200 values: an
+    audit at a site with one held-out record could bin it differently from the same record beside a second one,
+    so one added record moved two cells. Now every block has the same rows, zero-padded."""
+    rng = np.random.default_rng(0)
+    a = rng.random((600, values), dtype=np.float32)
+    b = rng.random((600, values), dtype=np.float32)
+    every = _exact_sq(a, b)
+    for n in (1, 2, 3, 257):
+        np.testing.assert_array_equal(_exact_sq(a[:n], b[:n]), every[:n])
+    shifted = _exact_sq(np.roll(a, -5, axis=0), np.roll(b, -5, axis=0))  # each record at another row of its block
+    np.testing.assert_array_equal(np.roll(shifted, 5), every)
 
 
 def test_odd_strides_on_the_size_one_channel_axis_do_not_change_a_site_batch():

@@ -43,10 +43,26 @@ def _finish_distance(sq: np.ndarray, dim: int, metric: str) -> np.ndarray:
     return sq / dim if metric == "mse" else np.sqrt(sq)
 
 
+# Rows of one float64 block of _exact_sq: every block has this many rows, zero-padded.
+_EXACT_ROWS = 256
+
+
 def _exact_sq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise squared Euclidean distance of two (N, D) arrays in float64 (no cancellation error)."""
-    diff = a.astype(np.float64) - b.astype(np.float64)
-    return np.einsum("nd,nd->n", diff, diff)
+    """Row-wise squared Euclidean distance of two (N, D) arrays in float64 (no cancellation error).
+
+    Computed on fixed, zero-padded blocks of _EXACT_ROWS rows, so that a row's rounding never depends on how many
+    rows there are (review s59: numpy's einsum summed a lone row of more than about 8,200 values in another order
+    than the same row among others, so a site's audit with one held-out record could put it in another bin than
+    with two: one added record moved two cells), and memory is one block's, not the whole set's in float64."""
+    out = np.empty(len(a), dtype=np.float64)
+    block = np.empty((_EXACT_ROWS, a.shape[1]), dtype=np.float64)  # (_EXACT_ROWS, D)
+    for i in range(0, len(a), _EXACT_ROWS):
+        n = min(_EXACT_ROWS, len(a) - i)
+        block[n:] = 0.0
+        block[:n] = a[i:i + n]
+        block[:n] -= b[i:i + n]  # float32 values, subtracted in float64
+        out[i:i + n] = np.einsum("nd,nd->n", block, block)[:n]
+    return out
 
 
 def _sq_block(a: torch.Tensor, a_sq: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:
