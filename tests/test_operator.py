@@ -234,6 +234,39 @@ def test_a_site_whose_held_out_data_is_its_training_data_does_not_start(tmp_path
     assert not (tmp_path / "state" / "ledger").exists()
 
 
+def test_a_site_whose_machine_rounds_a_record_by_its_batch_mates_does_not_answer_queries(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """Review s59: the evaluation's and the audit's sensitivity 1 rests on a record's prediction and distance
+    depending on that record alone, checked by the tests on their CPUs only. ``fedsynth site`` now checks it on the
+    site's own machine and shape before a site that answers those queries starts (client.row_check)."""
+    import torch
+    import yaml
+
+    from client import row_check
+
+    cfg = tmp_path / "site.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "a", "data": "digits", "heldout": "digits", "epsilon": 5.0,
+                                   "evaluation": True, "audits": True, "coordinator": "127.0.0.1:9",
+                                   "state_dir": str(tmp_path / "state"), "supernode_port": 39999}))
+    assert main(["site", "--config", str(cfg), "--check", "--insecure"]) == 0
+    assert "depends on that record alone" in capsys.readouterr().out
+
+    class BatchMean(torch.nn.Module):  # a machine whose kernels let the other rows into each row's result
+        def __init__(self, k: int) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(64, k)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(x.flatten(1)) + x.mean()
+
+    monkeypatch.setattr(row_check, "build_learner", lambda name, shape, k, **kw: BatchMean(k))
+    assert main(["site", "--config", str(cfg), "--check", "--insecure"]) == 2
+    err = capsys.readouterr().err
+    assert "the cnn classifier's logits of an image change with the other images in its batch" in err
+    assert "Set 'evaluation' and 'audits' to false" in err
+    assert not (tmp_path / "state" / "ledger").exists()
+
+
 def test_a_simulation_resumed_over_other_data_is_refused(tmp_path, capsys):
     from common.data import load_dataset, save_npz
 

@@ -138,6 +138,7 @@ def check_site(dep: SiteDeployment, insecure: bool = False) -> SiteCheck:
                               f"does not match the training data {data.image_shape} with classes {list(data.classes)}; "
                               "both must have the same image shape and class list")
         _check_disjoint(dep, data, held)
+        _check_rows_alone(dep, data)
     return SiteCheck(data=data, ledger=read_ledger(dep, data), approved=approved_digests(dep))
 
 
@@ -163,6 +164,23 @@ def _check_disjoint(dep: SiteDeployment, data, held) -> None:
     if shared:
         warn(f"site '{dep.name}': {shared:,} of the {len(held):,} held-out records equal a training record (the data's "
              "own duplicates?); each counts as a record of both sets")
+
+
+def _check_rows_alone(dep: SiteDeployment, data) -> None:
+    """Refuse to answer evaluation queries or audits on a machine where a record's answer depends on the other
+    records (client.row_check: the premise of their sensitivity 1, checked on random images of the site's shape)."""
+    from client.row_check import batch_mate_problems
+
+    s = dep.settings
+    if not (s.evaluation or s.audits):
+        return
+    info(f"checking that one record's answer depends on that record alone on this machine ({data.image_shape})")
+    problems = batch_mate_problems(data.image_shape, data.num_classes, evaluation=s.evaluation, audits=s.audits)
+    if problems:
+        raise DeployError(f"site '{dep.name}': on this machine {'; '.join(problems)}, so one record could move other "
+                          "records' counts in an evaluation or audit answer (their noise is calibrated to one). Set "
+                          "'evaluation' and 'audits' to false, or run the site on another machine (or with "
+                          "OMP_NUM_THREADS=1) and check again")
 
 
 def pinned(settings: SiteSettings, data) -> SiteSettings:
