@@ -19,7 +19,7 @@ from flwr.app import Context, Message
 from client.auto_clip import choose_layer_clips
 from client.bnstats import record_class_statistics
 from client.budget import PlanRequest, RunPlan, expected_batch, make_plan, plan_for_site, validate_plan_request
-from client.census import census_weight, check_census_fits, run_census
+from client.census import census_weight, check_census_fits, check_no_census_drawn, run_census
 from client.dpsgd import DPSGD_CHUNK, train_dpsgd_local
 from client.limits import (Step, WorkLimits, check_work, meta_module, other_runs_mb, parameter_count,
                            saved_file_bytes)
@@ -118,6 +118,8 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings):
         # published delta bound, nothing spent) is refused before a new ledger is started (review s56)
         make_plan(preq, num_records=1.0, delta=site.delta_bound, budget=site.epsilon_budget, prior=[])
     ledger = open_ledger(site, data)
+    if not trains:
+        check_no_census_drawn(ledger, folder, req.experiment)
     # a run that trains the net draws its census first: the plan's sampling rate is set from its noisy total
     census = run_census(data, ledger, folder, mode="bnstats", experiment=req.experiment, epsilon=req.epsilon,
                         budget=site.epsilon_budget, delta_bound=site.delta_bound,

@@ -386,15 +386,6 @@ def plan_for_site(site: "SiteSettings", ledger: "PrivacyLedger", run_dir: Path, 
     req = dataclasses.replace(
         req, evaluation_queries=site.queries_per_run if site.evaluation and allowed_heldout else 0,
         audit_queries=site.queries_per_run if site.audits and allowed_heldout else 0)
-    if req.rounds == 0 and not (run_dir / PLAN_FILE).exists() and any(
-            ledger.count(run=experiment, purpose=census_purpose(mode)) for mode in MODES):
-        # (review s59) A plan without training rounds counts no census, so one this run already drew (a training
-        # request refused by its plan after the census) would be left out of the run's epsilon: the plan would spend
-        # all of it, and every release would then be refused by the run's cap, for ever. The refusal reads the
-        # site's own charges for the coordinator's requests, nothing of the records.
-        raise Refusal(P.REFUSED_BAD_REQUEST, f"run {experiment!r} drew its census at this site for training; a "
-                                             "statistics release with a provided net (no training rounds) cannot "
-                                             "follow it: start a new experiment")
     # the plan covers the whole run, its census included: the census charged before the plan is in the plan, not
     # in what came before it
     prior = ledger.events_except(run=experiment, purpose=census_purpose(req.mode))

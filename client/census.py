@@ -27,6 +27,7 @@ from client.ledger import BudgetExceeded
 from client.refusal import Refusal
 from common import protocol as P
 from common.accounting import epsilon_for
+from common.config import MODES
 from common.data import ImageDataset
 from common.files import atomic_write_json
 
@@ -136,4 +137,16 @@ def _check_planned_with_census(run_dir: Path, mode: str, experiment: str) -> Non
     if plan["request"].get("mode") != mode or plan.get("census") is None:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"run {experiment!r} was planned at this site by its first request, "
                                              f"without {mode} training; its settings are fixed: start a new "
+                                             "experiment")
+
+
+def check_no_census_drawn(ledger: "PrivacyLedger", run_dir: Path, experiment: str) -> None:
+    """Refuse, before its plan is made, a run without training rounds (a statistics release with a provided net,
+    which plans no census) under an id that already drew a census (review s59): its plan would leave that census
+    out of the run's epsilon and spend all of it, and the run's cap would then refuse every release, for ever. The
+    refusal reads the site's own charges for the coordinator's requests, nothing of the records."""
+    if not (run_dir / PLAN_FILE).exists() and any(ledger.count(run=experiment, purpose=census_purpose(mode))
+                                                  for mode in MODES):
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"run {experiment!r} drew its census at this site for training; a "
+                                             "statistics release with a provided net cannot follow it: start a new "
                                              "experiment")

@@ -27,7 +27,6 @@ serialise their read-check-append with an exclusive flock on the ledger file.
 from __future__ import annotations
 
 import fcntl
-import json
 import math
 import os
 from collections import Counter, defaultdict
@@ -44,22 +43,6 @@ __all__ = ["BudgetExceeded", "LedgerDamaged", "PrivacyLedger", "Spent"]
 
 # Slack for float noise when comparing composed epsilon with the budget.
 _BUDGET_SLACK = 1e-9
-
-
-# The detail a charge records when it was made anew because an interrupted attempt's charge did not match this
-# attempt's release (PrivacyLedger.charge_once).
-RETRY_DIFFERS = "retry-differs-from-the-interrupted-attempt"
-# Details that say how an attempt came to be charged, not what it releases (client.site.charged_work).
-_ATTEMPT_DETAILS = ("after-an-unfinished-attempt", RETRY_DIFFERS)
-
-
-def _same_release(entry: dict, events: Sequence[DPEvent], details: dict) -> bool:
-    """Whether a ledger ``entry`` charged the release that ``events`` and ``details`` now describe (review s59: a
-    statistics release interrupted in the clear and re-sent inside a secure sum with split noise reused the plain
-    charge, so the ledger kept the first attempt's details and not the noise the release was made with)."""
-    def what(d: dict) -> dict:
-        return {k: v for k, v in json.loads(lf.dumps(d)).items() if k not in _ATTEMPT_DETAILS}
-    return entry["events"] == [e.to_dict() for e in events] and what(entry.get("details") or {}) == what(details)
 
 
 class BudgetExceeded(Exception):
@@ -324,10 +307,9 @@ class PrivacyLedger:
     def charge_once(self, events: Sequence[DPEvent], *, purpose: str, run: str, round: int,  # noqa: A002
                     details: dict | None = None, data: str = "",
                     run_epsilon: float | None = None) -> tuple[Spent, bool]:
-        """Like :meth:`charge`, but an earlier charge of the same (run, purpose, round) is reused.
-
-        Returns (spent, reused). Use it for work that is redone after an interruption (module docstring).
-        """
+        """Like :meth:`charge`, but the latest charge of the same (run, purpose, round) is reused if it charged the
+        same events and details (``ledger_file.same_release``). Returns (spent, reused). For work redone after an
+        interruption (module docstring)."""
         if not run:
             raise ValueError("charge_once() needs the run id: the (run, purpose, round) key identifies a release")
         return self._charge(events, purpose=purpose, run=run, round=round, details=details, data=data, once=True,
@@ -363,12 +345,11 @@ class PrivacyLedger:
 
         with self._locked(fcntl.LOCK_EX) as (fd, contents):
             spent_before = epsilon_for(contents.events, self.delta)
-            if once:
-                earlier = lf.last_charge(contents.entries, run=run, purpose=purpose, round_=round)
-                if earlier is not None and _same_release(earlier, events, details):
+            earlier = lf.last_charge(contents.entries, run=run, purpose=purpose, round_=round) if once else None
+            if earlier is not None:  # reused for the same release only (review s59: lf.same_release)
+                if lf.same_release(earlier, events, details):
                     return Spent(spent_before, self.delta, len(contents.entries)), True
-                if earlier is not None:  # (review s59) the ledger must say what this attempt releases
-                    details[RETRY_DIFFERS] = True
+                details[lf.RETRY_DIFFERS] = True
             epsilon_after = epsilon_for([*contents.events, *events], self.delta)
             if epsilon_after > self.epsilon_budget + _BUDGET_SLACK:
                 raise self._refusal(events, purpose, run, round, spent_before, epsilon_after)

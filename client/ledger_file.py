@@ -90,6 +90,22 @@ def last_charge(entries: list[dict], *, run: str, purpose: str, round_: int) -> 
                 None)
 
 
+# The detail a charge records when it was made anew because an interrupted attempt's charge did not match this
+# attempt's release (client.ledger.PrivacyLedger.charge_once).
+RETRY_DIFFERS = "retry-differs-from-the-interrupted-attempt"
+# Details that say how an attempt came to be charged, not what it releases (client.site.charged_work).
+_ATTEMPT_DETAILS = ("after-an-unfinished-attempt", RETRY_DIFFERS)
+
+
+def same_release(entry: dict, events: list[DPEvent], details: dict) -> bool:
+    """Whether a ledger ``entry`` charged the release that ``events`` and ``details`` now describe (review s59: a
+    statistics release interrupted in the clear and re-sent inside a secure sum with split noise reused the plain
+    charge, so the ledger kept the first attempt's details and not the noise the release was made with)."""
+    def what(d: dict) -> dict:
+        return {k: v for k, v in json.loads(dumps(d)).items() if k not in _ATTEMPT_DETAILS}
+    return entry["events"] == [e.to_dict() for e in events] and what(entry.get("details") or {}) == what(details)
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from client.ledger import RETRY_DIFFERS, BudgetExceeded, LedgerDamaged, PrivacyLedger, Spent
+from client.ledger import BudgetExceeded, LedgerDamaged, PrivacyLedger, Spent
+from client.ledger_file import RETRY_DIFFERS
 from common.accounting import DPEvent, epsilon_for
 
 DELTA = 1e-5
