@@ -44,7 +44,7 @@ ROGUE = _bundle("import os\nos.system('copy the records somewhere')\n")
 
 
 class _Run:  # what Flower's get_run returns, as far as the guard reads it
-    fab_id, fab_version = "fedsynth/fedsynth", "0.1.0"
+    run_id, fab_id, fab_version = 7, "fedsynth/fedsynth", "0.1.0"
 
 
 def _message(group_id: str = "1", message_id: str | None = None, message_type: str = "train.gan"):
@@ -163,10 +163,40 @@ def test_a_bundle_without_a_true_manifest_is_refused():
 def test_a_run_naming_another_app_or_version_is_refused(guarded):
     # A task loads apps/<the run's publisher.name.version>.<sha[:8]>, a folder Flower reuses when it exists.
     for fab_id, version in (("fedsynth/fedsynth", "0.0.9"), ("other/fedsynth", "0.1.0")):
-        run = type("Run", (), {"fab_id": fab_id, "fab_version": version})()
+        run = type("Run", (), {"run_id": 7, "fab_id": fab_id, "fab_version": version})()
         verdict = guarded(_sha(APPROVED), _fab(APPROVED), run=run)
         assert verdict.startswith("refused") and "names app" in verdict
     assert guarded(_sha(APPROVED), _fab(APPROVED)) == "stored"
+
+
+def test_a_run_record_naming_another_run_is_refused(guarded):
+    """Review s59: a SuperLink that answered the site's GetRun(7) with a record of run 8 (all else approved) made
+    Flower store run 8 and give run 7's task no run: its ClientApp failed before reading the message, no reply ever
+    came, and the SuperNode's loop waited for one for ever. It is refused, which answers the message."""
+    other = type("Run", (), {"run_id": 8, "fab_id": "fedsynth/fedsynth", "fab_version": "0.1.0"})()
+    verdict = guarded(_sha(APPROVED), _fab(APPROVED), run=other)
+    assert verdict.startswith("refused") and "record of run 7 names run '8'" in verdict
+    assert guarded(_sha(APPROVED), _fab(APPROVED)) == "stored"
+
+
+def test_byte_variants_of_an_approved_bundle_are_bounded(guarded):
+    """Review s59: the digest reads the members only, so the same approved code zipped with other bytes (a comment,
+    junk before the archive, a padded member) made as many bundles as a coordinator liked, each kept in the
+    SuperNode's memory and installed in a folder of its own, outside every limit. Bytes the members do not account
+    for are refused, and a SuperNode start accepts at most MAX_BUNDLE_VARIANTS archives of one approved digest."""
+    from fedsynth.ops.approved_code import BundleError
+
+    padded = b"\0" * 100_000 + APPROVED  # zipfile reads an archive with data in front of it
+    with pytest.raises(BundleError, match="do not account for"):
+        bundle_digest(padded)
+    assert "do not account for" in guarded(_sha(padded), _fab(padded))
+    variants = [_bundle("approved = True\n", comment=str(i).encode()) for i in range(supernode_guard.MAX_BUNDLE_VARIANTS + 1)]
+    assert len({bundle_digest(v) for v in variants}) == 1 and len({_sha(v) for v in variants}) == len(variants)
+    for variant in variants[:-1]:
+        assert guarded(_sha(variant), _fab(variant)) == "stored"
+    verdict = guarded(_sha(variants[-1]), _fab(variants[-1]))
+    assert verdict.startswith("refused") and "restart the SuperNode" in verdict
+    assert guarded(_sha(variants[0]), _fab(variants[0])) == "stored"  # one already accepted stays runnable
 
 
 def test_two_bundles_sharing_the_install_folder_are_never_both_stored(guarded, monkeypatch):

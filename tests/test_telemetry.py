@@ -36,3 +36,19 @@ def test_flower_telemetry_and_update_check_are_off_in_fedsynth_processes_unless_
     for dockerfile in ("Dockerfile.supernode", "Dockerfile.superlink"):
         text = (ROOT / "deploy" / dockerfile).read_text()
         assert "ENV FLWR_TELEMETRY_ENABLED=0" in text and "ENV FLWR_DISABLE_UPDATE_CHECK=1" in text
+
+
+def test_the_processes_fedsynth_starts_import_nothing_from_their_working_folder(tmp_path):
+    """Review s59: `fedsynth site` starts the guarded SuperNode in the site's state_dir, which Python put first on the
+    import path: a flwr.py there would have run in place of Flower. With PYTHONSAFEPATH nothing is imported from the
+    working folder (the Docker SuperNode's image sets it too)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "flwr.py").write_text("raise SystemExit('imported from the working folder')\n")
+    env = flower_env(tmp_path / "flwr-home")
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run([sys.executable, "-c", "import flwr; print(flwr.__file__)"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and str(tmp_path) not in done.stdout, done.stdout + done.stderr
+    assert "ENV PYTHONSAFEPATH=1" in (ROOT / "deploy" / "Dockerfile.supernode").read_text()

@@ -23,6 +23,8 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     env["PATH"] = os.pathsep.join([str(BIN_DIR), env.get("PATH", "")])
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
+    # nothing from the working folder (a site's state_dir) is ever imported ahead of installed code (review s59)
+    env["PYTHONSAFEPATH"] = "1"
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no usage events to telemetry.flower.ai (fedsynth/__init__.py)
     env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")  # no daily update check to api.flower.ai (fedsynth/__init__.py)
     return env

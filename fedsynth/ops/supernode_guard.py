@@ -68,6 +68,7 @@ def install(approved: set[str]) -> None:
     # without comparing, so a verdict remembered under "" would pass every later bundle sent the same way.
     verdicts: dict[str, str] = {}
     stored_prefixes: dict[str, str] = {}  # sha256[:8] (Flower's install folder) -> the one bundle stored under it
+    digest_variants: dict[str, set[str]] = {}  # approved digest -> sha256 of the archives of it accepted
 
     def check(fab, requested_hash: str, run_info) -> None:
         content_hash = hashlib.sha256(fab.content).hexdigest()
@@ -88,6 +89,16 @@ def install(approved: set[str]) -> None:
                 verdicts[content_hash] = f"this site refuses the run's bundle: {err}"
         if verdicts[content_hash]:
             raise _Unapproved(verdicts[content_hash])
+        # Flower keeps every bundle it receives in memory until the SuperNode stops, and installs each in a folder of
+        # its own: byte variants of an approved bundle (another zip comment, a re-zip) would pile up without bound
+        # (review s59). A rebuild of the same files by Flower is byte for byte the same (fixed dates), so a few
+        # variants per approved digest and start cover an honest coordinator's rebuilds.
+        variants = digest_variants.setdefault(bundle_digest(fab.content), set())
+        if content_hash not in variants and len(variants) >= MAX_BUNDLE_VARIANTS:
+            raise _Unapproved(f"this site refuses the run's bundle: {MAX_BUNDLE_VARIANTS} other archives of the same "
+                              "approved code came since the SuperNode started (the same files zipped again with "
+                              "other bytes); its operator may restart the SuperNode to accept a new one")
+        variants.add(content_hash)
         try:
             app_id = bundle_app_id(fab.content)
         except BundleError as err:
@@ -140,7 +151,14 @@ def install(approved: set[str]) -> None:
 
         def checked_fab(fab_hash, *a, **k):  # Flower calls get_fab(run_info.fab_hash, run_id)
             fab = get_fab(fab_hash, *a, **k)
-            check(fab, str(fab_hash), received.get("run"))
+            run, message = received.get("run"), received.get("message")
+            if run is not None and message is not None and run.run_id != message.metadata.run_id:
+                # Flower would store the run under the id it names and give the message's task none: its ClientApp
+                # then fails before it reads the message, no reply ever comes, and the SuperNode's loop waits for one
+                # for ever (review s59)
+                raise _Unapproved(f"this site refuses the run: the SuperLink's record of run {message.metadata.run_id} "
+                                  f"names run {quoted(str(run.run_id))}")
+            check(fab, str(fab_hash), run)
             received["checked"] = True  # what raises from here on is Flower reading the run's own config
             return fab
 
@@ -187,6 +205,7 @@ def install(approved: set[str]) -> None:
     sci._pull_and_store_message = guarded
 
 
+MAX_BUNDLE_VARIANTS = 4  # archives of one approved digest (distinct sha256) a SuperNode accepts per start
 MAX_MESSAGE_OBJECTS = 100_000  # objects in one message's tree, a child named twice counted twice (fedsynth's: ~100s)
 # Bytes its arrays make once put together, beyond what the message carries: an honest array names each chunk once
 # (an all-zero one repeats its chunk), a hostile one may name one chunk thousands of times. Bounded as a share of
