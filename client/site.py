@@ -194,9 +194,10 @@ def _load_cached(source: str, split: str, image_size: int, label_from: str, whol
     # empty_classes: a class folder its operator emptied is a class without records, not a failure of every request
     # (which would tell the coordinator, through the free query.info, that the class has no record now); image_size
     # and channels, pinned when a deployed site starts, bring a record of another size or mode added later to the
-    # shape the site published, where it made every request fail (review s58)
+    # shape the site published, where it made every request fail (review s58); skip_unreadable: so did one file that
+    # does not decode (a record's incomplete copy, review s59)
     return load_dataset(source, split, image_size=image_size or None, channels=channels or None,
-                        label_from=label_from or None, whole=whole, empty_classes=True)
+                        label_from=label_from or None, whole=whole, empty_classes=True, skip_unreadable=True)
 
 
 def load_site_data(site: SiteSettings) -> ImageDataset:

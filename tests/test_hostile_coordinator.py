@@ -31,7 +31,7 @@ import torch
 from client.app import app as client_app
 from client.requests import FAILURE_TEXT
 from common import protocol as P
-from common.data import ImageDataset, load_dataset, save_npz
+from common.data import DataError, ImageDataset, load_dataset, save_npz
 from fedsynth.localgrid import LocalGrid, set_task_identity
 from tests.spine_helpers import charges, fast_config, nodes, run, spent
 
@@ -357,6 +357,45 @@ def test_the_held_out_sets_own_schema_never_reaches_the_coordinator(tmp_path):
     reply = _evaluation(LocalGrid(client_app, [empty], fast_config(tmp_path).to_flwr()), 1000, _constant_model(0),
                         "logreg", "empty")
     assert reply.has_error() and reply.error.code == P.SITE_FAILURE and reply.error.reason.endswith(FAILURE_TEXT)
+
+
+def test_a_held_out_set_without_its_top_class_is_answered_like_one_with_it(tmp_path):
+    """Review s59: a held-out npz without class names takes its class list from its own label range, so the only
+    held-out record of the top class decided the list, and without it every evaluation and audit failed before its
+    charge: a free, repeatable answer to whether that record is there. The held-out set is now read in the published
+    classes; a record of another class is left out."""
+    def heldout_npz(path, data):  # no 'classes' key: the class list is the labels' range
+        np.savez(path, train_images=np.round(data.images[:, 0] * 255).astype(np.uint8), train_labels=data.labels)
+
+    nines = np.flatnonzero(DIGITS_TEST.labels == 9)
+    with_nine = DIGITS_TEST.subset(np.concatenate([np.flatnonzero(DIGITS_TEST.labels < 9), nines[:1]]))
+    without = DIGITS_TEST.subset(np.flatnonzero(DIGITS_TEST.labels < 9))
+    answers = []
+    for name, held in (("with", with_nine), ("without", without)):
+        site = deployed_site(tmp_path / name, heldout=None, evaluation=True, audits=True)
+        heldout_npz(tmp_path / name / "held.npz", held)
+        site.update({"heldout-path": str(tmp_path / name / "held.npz"), "heldout-split": "train"})
+        grid = LocalGrid(client_app, [site], fast_config(tmp_path).to_flwr())
+        evaluation = _evaluation(grid, 1000, _constant_model(0), "logreg", "e")
+        audit = ask(grid, 1000, P.AuditRequest(experiment="e", synthetic={"images": DIGITS_TEST.images[:5]}))
+        answers.append([not r.has_error() for r in (evaluation, audit)])
+    assert answers == [[True, True], [True, True]]
+
+
+def test_an_unreadable_image_file_at_a_running_site_is_no_record_not_a_failure(tmp_path):
+    """Review s59: one file that does not decode (a record's copy not yet complete) made every load fail, so every
+    request failed, the free query.info included: anyone could see that a record was being added. The site's
+    loader leaves such a file out, with a warning in its log."""
+    from client.site import SiteSettings, load_site_data
+    from common.data import save_image_folder
+
+    save_image_folder(DIGITS.subset(np.arange(40)), tmp_path / "data")
+    (tmp_path / "data" / "3" / "incomplete.png").write_bytes(b"")
+    site = SiteSettings(name="s", data=str(tmp_path / "data"), state_dir=tmp_path / "state", epsilon_budget=5.0)
+    with pytest.warns(UserWarning, match="skipped 1 files that are not readable images"):
+        assert len(load_site_data(site)) == 40
+    with pytest.raises(DataError, match="cannot decode image"):  # anywhere else it is an error, as before
+        load_dataset(tmp_path / "data")
 
 
 def test_a_malformed_query_is_refused_before_a_new_sites_ledger_is_started(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -58,14 +59,25 @@ def _decode_image(f: _ImageFile, image_size: int | None, channels: int | None) -
         ) from exc
 
 
-def _decode_files(files: Sequence[_ImageFile], image_size: int | None, channels: int | None) -> np.ndarray:
-    """Decode files into (N, C, H, W) float32 in [0, 1], checking that sizes agree."""
+def _decode_files(files: Sequence[_ImageFile], image_size: int | None, channels: int | None,
+                  skip_unreadable: bool = False) -> tuple[np.ndarray, list[int]]:
+    """Decode files into (N, C, H, W) float32 in [0, 1], checking that sizes agree; returns the images and the indices
+    of the files they come from. ``skip_unreadable``: a file that does not decode is left out, with a warning,
+    instead of an error (a site's loader: see ``load_dataset``)."""
     if not files:
         raise DataError("no images to load: the dataset (or this split of it) is empty")
     arrays: list[np.ndarray] = []
+    kept: list[int] = []
+    unreadable: list[str] = []
     first_name, first_size = "", (0, 0)
-    for f in files:
-        arr, size = _decode_image(f, image_size, channels)
+    for index, f in enumerate(files):
+        try:
+            arr, size = _decode_image(f, image_size, channels)
+        except DataError:
+            if not skip_unreadable:
+                raise
+            unreadable.append(f.name)
+            continue
         if image_size is None:
             if not arrays:
                 first_name, first_size = f.name, size
@@ -76,6 +88,12 @@ def _decode_files(files: Sequence[_ImageFile], image_size: int | None, channels:
                     "every image to the same square size"
                 )
         arrays.append(arr)
+        kept.append(index)
+    if unreadable:
+        warnings.warn(f"skipped {len(unreadable)} files that are not readable images (e.g. {unreadable[:3]}): "
+                      "incomplete copies or corrupt files; they are not records until they can be read", stacklevel=3)
+    if not arrays:
+        raise DataError(f"no readable images to load ({len(unreadable)} files could not be decoded)")
     c = channels or (3 if any(a.ndim == 3 for a in arrays) else 1)
     h, w = arrays[0].shape[:2]
     out = np.empty((len(arrays), c, h, w), dtype=np.float32)
@@ -83,4 +101,4 @@ def _decode_files(files: Sequence[_ImageFile], image_size: int | None, channels:
         # (H, W, 3) -> (3, H, W); a grayscale (H, W) broadcasts over the channels, which is
         # what PIL's L -> RGB conversion does too.
         out[i] = a.transpose(2, 0, 1) if a.ndim == 3 else a
-    return np.divide(out, 255.0, out=out)
+    return np.divide(out, 255.0, out=out), kept

@@ -42,7 +42,7 @@ def _dataset_root(tree: _Tree, split: str, whole: bool = False) -> tuple[str, ..
 
 
 def _load_tree(tree: _Tree, split: str, image_size: int | None, channels: int | None,
-               whole: bool = False, empty_classes: bool = False) -> ImageDataset:
+               whole: bool = False, empty_classes: bool = False, skip_unreadable: bool = False) -> ImageDataset:
     """Image-folder layout: class names are the sorted subfolder names; with ``empty_classes`` a class folder
     without images is a class with no records (a site's loader: see ``load_dataset``), otherwise an error."""
     root = _dataset_root(tree, split, whole)
@@ -74,8 +74,9 @@ def _load_tree(tree: _Tree, split: str, image_size: int | None, channels: int | 
             )
         files.extend(members)
         labels.extend([label] * len(members))
-    images = _decode_files(files, image_size, channels)
-    return ImageDataset(images, np.array(labels, dtype=np.int64), tuple(classes), source=f"{tree.origin}[{split}]")
+    images, kept = _decode_files(files, image_size, channels, skip_unreadable)
+    return ImageDataset(images, np.array(labels, dtype=np.int64)[kept], tuple(classes),
+                        source=f"{tree.origin}[{split}]")
 
 
 # --------------------------------------------------------------------------------------------

@@ -65,7 +65,8 @@ _UTK_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_\d+")
 
 
 def _load_utkface(
-    tree: _Tree, split: str, label_from: str, image_size: int | None, channels: int | None
+    tree: _Tree, split: str, label_from: str, image_size: int | None, channels: int | None,
+    skip_unreadable: bool = False,
 ) -> ImageDataset:
     """Flat UTKFace JPEGs named ``age_gender_race_datetime.jpg.chip.jpg`` (any folder depth).
 
@@ -111,8 +112,8 @@ def _load_utkface(
     by_name = {"gender": gender, "race": race, "age": np.array(ages, dtype=np.int64)}
     first, _, second = label_from.removeprefix("utkface-").partition("+")
     labels = by_name[first] if not second else by_name[first] * len(_ATTRIBUTE_CLASSES[second]) + by_name[second]
-    labels = labels[idx]
-    images = _decode_files([kept[i] for i in idx], image_size, channels)
+    images, decoded = _decode_files([kept[i] for i in idx], image_size, channels, skip_unreadable)
+    labels = labels[idx][decoded]
     source = f"{tree.origin}[{split},{label_from}]"
     return ImageDataset(images, labels, LABEL_FROM_CLASSES[label_from], source=source)
 

@@ -32,6 +32,7 @@ def load_dataset(
     label_from: str | None = None,
     whole: bool = False,
     empty_classes: bool = False,
+    skip_unreadable: bool = False,
 ) -> ImageDataset:
     """Load one split of a labelled image dataset.
 
@@ -54,6 +55,9 @@ def load_dataset(
             data so: at a running site whose operator emptied a class folder, an error would make every request
             fail, ``query.info`` included, which would tell anyone that the class has no record now (review s58);
             its published classes stay the folder names either way.
+        skip_unreadable: an image file that does not decode (an incomplete copy, a corrupt file) is left out with
+            a warning instead of an error. A site loads its data so: one such file made every request fail,
+            ``query.info`` included, which told anyone that a record was being added (review s59).
 
     Returns:
         The split as an :class:`ImageDataset`, ordered deterministically (by class, then file
@@ -89,9 +93,9 @@ def load_dataset(
                 f"label_from={label_from!r} needs a folder or a .tar.gz archive of UTKFace JPEGs, got {path}"
             )
         tree = _scan_archive(path) if is_archive else _scan_folder(path)
-        return _load_utkface(tree, split, label_from, image_size, channels)
+        return _load_utkface(tree, split, label_from, image_size, channels, skip_unreadable)
     if is_archive:
-        return _load_tree(_scan_archive(path), split, image_size, channels, whole, empty_classes)
+        return _load_tree(_scan_archive(path), split, image_size, channels, whole, empty_classes, skip_unreadable)
     if path.is_file():
         if path.suffix.lower() == ".npz":
             return _load_npz(path, split, image_size, channels)
@@ -101,7 +105,7 @@ def load_dataset(
     if path.is_dir():
         if any(_IDX_NAME.search(p.name) for p in path.iterdir()):
             return _load_idx_folder(path, split, image_size, channels)
-        return _load_tree(_scan_folder(path), split, image_size, channels, whole, empty_classes)
+        return _load_tree(_scan_folder(path), split, image_size, channels, whole, empty_classes, skip_unreadable)
     raise DataError(f"{path} is neither a regular file nor a folder; pass {_SUPPORTED}")
 
 
