@@ -98,10 +98,12 @@ def secagg_problem(configs: dict, state: dict, node_id: int) -> str:
         # More than half: each neighbour returns, for a site, either a share of its mask seed (listed active) or
         # of its pairwise key (listed dropped), never both; a coordinator that tells half the neighbours one thing
         # and half the other gets both secrets of a site, and its vector alone, when 2 x threshold <= shares.
-        if not (isinstance(shares, int) and isinstance(threshold, int) and shares >= MIN_NEIGHBOURS
-                and 2 * threshold > shares and threshold <= shares):
-            return (f"a secure sum needs at least {MIN_NEIGHBOURS} sites and a reconstruction threshold above half "
-                    f"their number; got {quoted(shares)} shares and threshold {quoted(threshold)}")
+        # At most SECAGG_MAX_SITES: the sum of more overflows the modulus, and the key sharing's work grows faster
+        # than the square of the sites (review s59: 1,024 took 388 s of the site's CPU, uncharged).
+        if not (isinstance(shares, int) and isinstance(threshold, int) and MIN_NEIGHBOURS <= shares
+                <= P.SECAGG_MAX_SITES and 2 * threshold > shares and threshold <= shares):
+            return (f"a secure sum needs {MIN_NEIGHBOURS} to {P.SECAGG_MAX_SITES} sites and a reconstruction "
+                    f"threshold above half their number; got {quoted(shares)} shares and threshold {quoted(threshold)}")
     elif stage == Stage.SHARE_KEYS:
         # (fewer than announced where a site dropped out at setup; Flower checks that the threshold still holds)
         neighbours = {k for k in configs if k != Key.STAGE}

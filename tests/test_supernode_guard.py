@@ -179,6 +179,18 @@ def test_a_run_record_naming_another_run_is_refused(guarded):
     assert guarded(_sha(APPROVED), _fab(APPROVED)) == "stored"
 
 
+def test_a_run_config_too_large_to_keep_is_refused(guarded):
+    """Review s59: Flower keeps every run's config in the SuperNode's memory until it stops and hands all of it to each
+    of the run's tasks; one run overriding a declared key with 32 MiB grew the SuperNode by 32 MiB, a run at a time."""
+    big = type("Run", (), {"run_id": 7, "fab_id": "fedsynth/fedsynth", "fab_version": "0.1.0",
+                           "override_config": {"bn-layer-clips": "1," * supernode_guard.MAX_RUN_CONFIG_BYTES}})()
+    verdict = guarded(_sha(APPROVED), _fab(APPROVED), run=big)
+    assert verdict.startswith("refused") and "run config is larger than" in verdict
+    fair = type("Run", (), {"run_id": 7, "fab_id": "fedsynth/fedsynth", "fab_version": "0.1.0",
+                            "override_config": {"num-rounds": 10, "device": "cpu", "bn-layer-clips": "auto"}})()
+    assert guarded(_sha(APPROVED), _fab(APPROVED), run=fair) == "stored"
+
+
 def test_byte_variants_of_an_approved_bundle_are_bounded(guarded):
     """Review s59: the digest reads the members only, so the same approved code zipped with other bytes (a comment,
     junk before the archive, a padded member) made as many bundles as a coordinator liked, each kept in the

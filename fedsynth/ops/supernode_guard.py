@@ -55,6 +55,14 @@ class _Unapproved(Exception):
         self.why = why
 
 
+def _config_bytes(config: object) -> int:
+    """The bytes of a run's config as JSON (its values are scalars; anything else counts by its text)."""
+    try:
+        return len(json.dumps(dict(config), default=str))  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return MAX_RUN_CONFIG_BYTES + 1
+
+
 def install(approved: set[str]) -> None:
     """Wrap Flower's bundle-receiving step so that only bundles in ``approved`` are ever stored."""
     from flwr.app import Error, Message
@@ -158,6 +166,11 @@ def install(approved: set[str]) -> None:
                 # for ever (review s59)
                 raise _Unapproved(f"this site refuses the run: the SuperLink's record of run {message.metadata.run_id} "
                                   f"names run {quoted(str(run.run_id))}")
+            if run is not None and _config_bytes(getattr(run, "override_config", {})) > MAX_RUN_CONFIG_BYTES:
+                # Flower keeps every run's config in the SuperNode's memory until it stops, and hands all of it to
+                # each of the run's tasks: one GetRun answer may carry 2 GiB (review s59)
+                raise _Unapproved(f"this site refuses the run: its run config is larger than {MAX_RUN_CONFIG_BYTES:,} "
+                                  "bytes")
             check(fab, str(fab_hash), run)
             received["checked"] = True  # what raises from here on is Flower reading the run's own config
             return fab
@@ -205,6 +218,7 @@ def install(approved: set[str]) -> None:
     sci._pull_and_store_message = guarded
 
 
+MAX_RUN_CONFIG_BYTES = 64 * 1024  # a run's config as JSON (fedsynth's whole [tool.flwr.app.config]: about 3 KB)
 MAX_BUNDLE_VARIANTS = 4  # archives of one approved digest (distinct sha256) a SuperNode accepts per start
 MAX_MESSAGE_OBJECTS = 100_000  # objects in one message's tree, a child named twice counted twice (fedsynth's: ~100s)
 # Bytes its arrays make once put together, beyond what the message carries: an honest array names each chunk once
