@@ -22,7 +22,7 @@ query.audit
 Both rest on one record changing only its own cell or bin, so no record's result may depend on which other
 records are present: on CPU, float32 kernels round a row differently when its batch grows by one row, and a
 coordinator can send a classifier (or synthetic images) with near-ties that such rounding decides. The site
-therefore runs every forward pass on a batch of exactly ``EVALUATION_BATCH`` rows and every distance block at
+therefore runs every forward pass on a batch of exactly ``evaluation_batch(shape)`` rows and every distance block at
 exactly ``AUDIT_BLOCK`` (records x synthetic images), zero-padded in a fresh standard-layout buffer, the padding
 masked out: constants, independent of the record count and of anything the coordinator sends.
 
@@ -60,6 +60,17 @@ log = logging.getLogger("fedsynth.site")
 # and (records, synthetic images) per distance block of an audit (>= AUDIT_MAX_IMAGES: one block per 1024 records).
 EVALUATION_BATCH = 1024
 AUDIT_BLOCK = (1024, 2048)
+
+
+def evaluation_batch(image_shape: tuple[int, ...]) -> int:
+    """Rows of every forward pass of an evaluation: EVALUATION_BATCH up to 32x32 colour, halved for larger images
+    until a batch holds no more pixels than that (at least 16 rows). A function of the published image shape alone,
+    so a record's prediction still depends on that record alone; without it, 1,024 rows of 3x512x512 through the
+    cnn would have outgrown a site's memory after the query's charge (review s59)."""
+    rows, values = EVALUATION_BATCH, math.prod(image_shape)
+    while rows > 16 and rows * values > EVALUATION_BATCH * 3 * 32 * 32:
+        rows //= 2
+    return rows
 
 
 def _run_plan(experiment_dir: Path) -> RunPlan | None:
@@ -144,7 +155,7 @@ def _gaussian(exact: np.ndarray, z: float) -> np.ndarray:
 def evaluation_table(model, images: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
     """The exact (K, 2) table of ``model`` on records (images, labels), each record's prediction computed in
     fixed-size padded batches, so that it depends on that record alone (sensitivity 1)."""
-    predicted = predict(model, images, device="cpu", batch_size=EVALUATION_BATCH, fixed_rows=True)
+    predicted = predict(model, images, device="cpu", batch_size=evaluation_batch(images.shape[1:]), fixed_rows=True)
     return correct_wrong_table(labels, predicted, num_classes)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from client.evaluation import AUDIT_BLOCK, EVALUATION_BATCH
+from client.evaluation import AUDIT_BLOCK, evaluation_batch
 from common.audits.neighbors import _exact_sq, _sq_block
 from common.learner import LEARNERS, _batched, build_learner
 
@@ -44,7 +44,7 @@ def batch_mate_problems(image_shape: tuple[int, int, int], num_classes: int, *, 
     rng = np.random.default_rng(0)
     problems = []
     if evaluation:
-        n = EVALUATION_BATCH
+        n = evaluation_batch(image_shape)
         images = rng.random((2 * n, *image_shape), dtype=np.float32)  # (2n, C, H, W)
         for name in LEARNERS:
             torch.manual_seed(0)

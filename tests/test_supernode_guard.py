@@ -204,6 +204,10 @@ def test_byte_variants_of_an_approved_bundle_are_bounded(guarded):
     assert "do not account for" in guarded(_sha(padded), _fab(padded))
     variants = [_bundle("approved = True\n", comment=str(i).encode()) for i in range(supernode_guard.MAX_BUNDLE_VARIANTS + 1)]
     assert len({bundle_digest(v) for v in variants}) == 1 and len({_sha(v) for v in variants}) == len(variants)
+    other_version = type("Run", (), {"run_id": 7, "fab_id": "fedsynth/fedsynth", "fab_version": "0.0.9"})()
+    for i in range(supernode_guard.MAX_BUNDLE_VARIANTS + 1):  # refused archives take no slot (R5 of review s59)
+        refused = _bundle("approved = True\n", comment=f"refused {i}".encode())
+        assert "names app" in guarded(_sha(refused), _fab(refused), run=other_version)
     for variant in variants[:-1]:
         assert guarded(_sha(variant), _fab(variant)) == "stored"
     verdict = guarded(_sha(variants[-1]), _fab(variants[-1]))

@@ -103,10 +103,9 @@ def install(approved: set[str]) -> None:
         # variants per approved digest and start cover an honest coordinator's rebuilds.
         variants = digest_variants.setdefault(bundle_digest(fab.content), set())
         if content_hash not in variants and len(variants) >= MAX_BUNDLE_VARIANTS:
-            raise _Unapproved(f"this site refuses the run's bundle: {MAX_BUNDLE_VARIANTS} other archives of the same "
-                              "approved code came since the SuperNode started (the same files zipped again with "
+            raise _Unapproved(f"this site refuses the run's bundle: it stored {MAX_BUNDLE_VARIANTS} other archives of "
+                              "the same approved code since the SuperNode started (the same files zipped again with "
                               "other bytes); its operator may restart the SuperNode to accept a new one")
-        variants.add(content_hash)
         try:
             app_id = bundle_app_id(fab.content)
         except BundleError as err:
@@ -126,6 +125,7 @@ def install(approved: set[str]) -> None:
             raise _Unapproved(f"this site refuses the run's bundle: another bundle this site stored shares the first "
                               f"{FAB_HASH_TRUNCATION} hex digits of its sha256 ({prefix}), which name Flower's install "
                               f"folder")
+        variants.add(content_hash)  # counted once every check passed: a refused archive takes no slot
 
     def guarded(*args, **kwargs):
         received = {}
