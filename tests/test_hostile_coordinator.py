@@ -389,13 +389,33 @@ def test_an_unreadable_image_file_at_a_running_site_is_no_record_not_a_failure(t
     from client.site import SiteSettings, load_site_data
     from common.data import save_image_folder
 
+    import io
+
+    from PIL import Image
+
     save_image_folder(DIGITS.subset(np.arange(40)), tmp_path / "data")
     (tmp_path / "data" / "3" / "incomplete.png").write_bytes(b"")
+    # (seventh helper: PIL picks its decoder by the content, and a damaged DDS file named .png raised
+    # NotImplementedError, which the first fix did not catch)
+    dds = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(dds, "DDS")
+    damaged = bytearray(dds.getvalue())
+    damaged[80:84] = (8192).to_bytes(4, "little")  # pixel-format flags PIL does not know
+    (tmp_path / "data" / "4" / "damaged.png").write_bytes(bytes(damaged))
     site = SiteSettings(name="s", data=str(tmp_path / "data"), state_dir=tmp_path / "state", epsilon_budget=5.0)
-    with pytest.warns(UserWarning, match="skipped 1 files that are not readable images"):
+    with pytest.warns(UserWarning, match="skipped 2 files that are not readable images"):
         assert len(load_site_data(site)) == 40
     with pytest.raises(DataError, match="cannot decode image"):  # anywhere else it is an error, as before
         load_dataset(tmp_path / "data")
+    # an npz record labelled outside the npz's named classes made the whole file fail the same way
+    images = np.round(DIGITS.images[:30, 0] * 255).astype(np.uint8)
+    labels = np.concatenate([DIGITS.labels[:29], [10]])
+    np.savez(tmp_path / "named.npz", train_images=images, train_labels=labels, classes=np.array(DIGITS.classes))
+    named = SiteSettings(name="s", data=str(tmp_path / "named.npz"), state_dir=tmp_path / "state", epsilon_budget=5.0)
+    with pytest.warns(UserWarning, match="skipped 1 records of split 'train' labelled outside its 10 classes"):
+        assert len(load_site_data(named)) == 29
+    with pytest.raises(DataError, match="outside"):
+        load_dataset(tmp_path / "named.npz")
 
 
 def test_a_malformed_query_is_refused_before_a_new_sites_ledger_is_started(tmp_path):

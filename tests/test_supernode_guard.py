@@ -47,12 +47,12 @@ class _Run:  # what Flower's get_run returns, as far as the guard reads it
     run_id, fab_id, fab_version = 7, "fedsynth/fedsynth", "0.1.0"
 
 
-def _message(group_id: str = "1", message_id: str | None = None, message_type: str = "train.gan"):
+def _message(group_id: str = "1", message_id: str | None = None, message_type: str = "train.gan", run_id: int = 7):
     """A message of run 7 and its object tree as the SuperNode pulls them (the guard replies to it when it refuses the
     run's bundle); its id is its content's unless ``message_id`` names another."""
     from flwr.supercore.inflatable.inflatable_object import get_object_tree
 
-    metadata = Metadata(run_id=7, message_id="", src_node_id=0, dst_node_id=1, reply_to_message_id="",
+    metadata = Metadata(run_id=run_id, message_id="", src_node_id=0, dst_node_id=1, reply_to_message_id="",
                         group_id=group_id, created_at=time.time(), ttl=600.0, message_type=message_type)
     message = make_message(metadata, RecordDict())
     tree = get_object_tree(message)
@@ -183,12 +183,28 @@ def test_a_run_config_too_large_to_keep_is_refused(guarded):
     """Review s59: Flower keeps every run's config in the SuperNode's memory until it stops and hands all of it to each
     of the run's tasks; one run overriding a declared key with 32 MiB grew the SuperNode by 32 MiB, a run at a time."""
     big = type("Run", (), {"run_id": 7, "fab_id": "fedsynth/fedsynth", "fab_version": "0.1.0",
-                           "override_config": {"bn-layer-clips": "1," * supernode_guard.MAX_RUN_CONFIG_BYTES}})()
+                           "override_config": {"bn-layer-clips": "1," * supernode_guard.MAX_RUN_RECORD_BYTES}})()
     verdict = guarded(_sha(APPROVED), _fab(APPROVED), run=big)
-    assert verdict.startswith("refused") and "run config is larger than" in verdict
+    assert verdict.startswith("refused") and "run record (config, status, ids) is larger than" in verdict
+    # (review s59, seventh helper: the record's other free strings were kept as well, uncounted)
+    status = type("Status", (), {})()
+    status.details = "x" * supernode_guard.MAX_RUN_RECORD_BYTES
+    odd = type("Run", (), {"run_id": 7, "fab_id": "fedsynth/fedsynth", "fab_version": "0.1.0", "status": status})()
+    assert "is larger than" in guarded(_sha(APPROVED), _fab(APPROVED), run=odd)
     fair = type("Run", (), {"run_id": 7, "fab_id": "fedsynth/fedsynth", "fab_version": "0.1.0",
                             "override_config": {"num-rounds": 10, "device": "cpu", "bn-layer-clips": "auto"}})()
     assert guarded(_sha(APPROVED), _fab(APPROVED), run=fair) == "stored"
+
+
+def test_a_supernode_keeps_a_bounded_number_of_runs(guarded, monkeypatch):
+    """Review s59 (seventh helper): Flower drops no run record until the SuperNode stops; 2,000 runs of 60 KB each
+    were all kept. A start keeps at most MAX_RUNS_PER_START runs; a run it keeps already goes on."""
+    monkeypatch.setattr(supernode_guard, "MAX_RUNS_PER_START", 3)
+    runs = [type("Run", (), {"run_id": i, "fab_id": "fedsynth/fedsynth", "fab_version": "0.1.0"})() for i in range(4)]
+    for run in runs[:3]:
+        assert guarded(_sha(APPROVED), _fab(APPROVED), run=run, run_id=run.run_id) == "stored"
+    assert "keeps 3 runs" in guarded(_sha(APPROVED), _fab(APPROVED), run=runs[3], run_id=3)
+    assert guarded(_sha(APPROVED), _fab(APPROVED), run=runs[0], run_id=0) == "stored"
 
 
 def test_byte_variants_of_an_approved_bundle_are_bounded(guarded):

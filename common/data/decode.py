@@ -53,7 +53,10 @@ def _decode_image(f: _ImageFile, image_size: int | None, channels: int | None) -
                 # PIL's bilinear resize widens its kernel when shrinking, i.e. it antialiases.
                 out = out.resize((image_size, image_size), Image.Resampling.BILINEAR)
             return np.asarray(out), size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL picks a decoder by the content, and its rarer ones raise anything
+        # (NotImplementedError, AttributeError, TypeError on a damaged file named .png: review s59)
         raise DataError(
             f"cannot decode image {f.name}: {exc}; the file is corrupt or not an image: replace or delete it"
         ) from exc

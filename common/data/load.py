@@ -55,8 +55,8 @@ def load_dataset(
             data so: at a running site whose operator emptied a class folder, an error would make every request
             fail, ``query.info`` included, which would tell anyone that the class has no record now (review s58);
             its published classes stay the folder names either way.
-        skip_unreadable: an image file that does not decode (an incomplete copy, a corrupt file) is left out with
-            a warning instead of an error. A site loads its data so: one such file made every request fail,
+        skip_unreadable: an image file that does not decode (an incomplete copy, a corrupt file), or an npz record
+            labelled outside its named classes, is left out with a warning instead of an error. A site loads its data so: one such file made every request fail,
             ``query.info`` included, which told anyone that a record was being added (review s59).
 
     Returns:
@@ -98,7 +98,7 @@ def load_dataset(
         return _load_tree(_scan_archive(path), split, image_size, channels, whole, empty_classes, skip_unreadable)
     if path.is_file():
         if path.suffix.lower() == ".npz":
-            return _load_npz(path, split, image_size, channels)
+            return _load_npz(path, split, image_size, channels, skip_unreadable)
         if _IDX_NAME.search(path.name):
             raise DataError(f"{path} is a single MNIST IDX file; pass the folder that holds all four IDX files")
         raise DataError(f"{path} is not a supported format; pass {_SUPPORTED}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -46,8 +47,10 @@ def _npz_labels(path: Path, key: str, arr: np.ndarray) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _load_npz(path: Path, split: str, image_size: int | None, channels: int | None) -> ImageDataset:
-    """One split of an npz file with '<split>_images' / '<split>_labels' (+ optional 'classes')."""
+def _load_npz(path: Path, split: str, image_size: int | None, channels: int | None,
+              skip_unreadable: bool = False) -> ImageDataset:
+    """One split of an npz file with '<split>_images' / '<split>_labels' (+ optional 'classes'); with
+    ``skip_unreadable`` (a site's loader) a record labelled outside the named classes is left out with a warning."""
     try:
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
@@ -85,6 +88,15 @@ def _load_npz(path: Path, split: str, image_size: int | None, channels: int | No
     else:
         top = max((int(a.max()) for a in all_labels if a.size), default=0)
         classes = tuple(str(i) for i in range(top + 1))
+    if skip_unreadable:
+        # one such record made the whole file fail, so every request failed before any charge (review s59)
+        keep = (labels >= 0) & (labels < len(classes))
+        if not keep.all():
+            warnings.warn(f"{path}: skipped {int((~keep).sum())} records of split {split!r} labelled outside its "
+                          f"{len(classes)} classes", stacklevel=3)
+            images, labels = images[keep], labels[keep]
+            if not len(labels):
+                raise DataError(f"{path}: split {split!r} holds no records labelled in its classes")
     data = _adapt(_uint8_to_float(images), channels, image_size)
     return ImageDataset(data, labels, classes, source=f"{path}[{split}]")
 

@@ -55,12 +55,14 @@ class _Unapproved(Exception):
         self.why = why
 
 
-def _config_bytes(config: object) -> int:
-    """The bytes of a run's config as JSON (its values are scalars; anything else counts by its text)."""
+def _record_bytes(run: object) -> int:
+    """The bytes of a run's record as JSON: every field Flower keeps (its config's values are scalars; anything else
+    counts by its text)."""
     try:
-        return len(json.dumps(dict(config), default=str))  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        return MAX_RUN_CONFIG_BYTES + 1
+        fields = {k: getattr(run, k) for k in dir(run) if not k.startswith("_") and not callable(getattr(run, k))}
+        return len(json.dumps(fields, default=lambda v: vars(v) if hasattr(v, "__dict__") else str(v)))
+    except (TypeError, ValueError, RecursionError):
+        return MAX_RUN_RECORD_BYTES + 1
 
 
 def install(approved: set[str]) -> None:
@@ -77,6 +79,7 @@ def install(approved: set[str]) -> None:
     verdicts: dict[str, str] = {}
     stored_prefixes: dict[str, str] = {}  # sha256[:8] (Flower's install folder) -> the one bundle stored under it
     digest_variants: dict[str, set[str]] = {}  # approved digest -> sha256 of the archives of it accepted
+    runs_kept: set[int] = set()  # the run ids whose records Flower stored since this start
 
     def check(fab, requested_hash: str, run_info) -> None:
         content_hash = hashlib.sha256(fab.content).hexdigest()
@@ -166,12 +169,17 @@ def install(approved: set[str]) -> None:
                 # for ever (review s59)
                 raise _Unapproved(f"this site refuses the run: the SuperLink's record of run {message.metadata.run_id} "
                                   f"names run {quoted(str(run.run_id))}")
-            if run is not None and _config_bytes(getattr(run, "override_config", {})) > MAX_RUN_CONFIG_BYTES:
-                # Flower keeps every run's config in the SuperNode's memory until it stops, and hands all of it to
-                # each of the run's tasks: one GetRun answer may carry 2 GiB (review s59)
-                raise _Unapproved(f"this site refuses the run: its run config is larger than {MAX_RUN_CONFIG_BYTES:,} "
-                                  "bytes")
+            if run is not None and _record_bytes(run) > MAX_RUN_RECORD_BYTES:
+                # Flower keeps every run's record (its config, status, ids, times) in the SuperNode's memory until it
+                # stops, and hands the config to each of the run's tasks: one GetRun answer may carry 2 GiB (review s59)
+                raise _Unapproved(f"this site refuses the run: its run record (config, status, ids) is larger than "
+                                  f"{MAX_RUN_RECORD_BYTES:,} bytes")
+            if run is not None and run.run_id not in runs_kept and len(runs_kept) >= MAX_RUNS_PER_START:
+                raise _Unapproved(f"this site refuses the run: its SuperNode keeps {MAX_RUNS_PER_START:,} runs since it "
+                                  "started; its operator may restart it to take new ones")
             check(fab, str(fab_hash), run)
+            if run is not None:
+                runs_kept.add(run.run_id)
             received["checked"] = True  # what raises from here on is Flower reading the run's own config
             return fab
 
@@ -218,7 +226,8 @@ def install(approved: set[str]) -> None:
     sci._pull_and_store_message = guarded
 
 
-MAX_RUN_CONFIG_BYTES = 64 * 1024  # a run's config as JSON (fedsynth's whole [tool.flwr.app.config]: about 3 KB)
+MAX_RUN_RECORD_BYTES = 64 * 1024  # a run's record as JSON (fedsynth's whole [tool.flwr.app.config]: about 3 KB)
+MAX_RUNS_PER_START = 1_000  # run records a SuperNode keeps (Flower drops none until it stops)
 MAX_BUNDLE_VARIANTS = 4  # archives of one approved digest (distinct sha256) a SuperNode accepts per start
 MAX_MESSAGE_OBJECTS = 100_000  # objects in one message's tree, a child named twice counted twice (fedsynth's: ~100s)
 # Bytes its arrays make once put together, beyond what the message carries: an honest array names each chunk once
