@@ -210,7 +210,7 @@ def release_bnstats(req: P.BnStatsRequest, context: Context, site: SiteSettings,
                     secure: bool = False) -> P.BnStatsReply:
     """The site's one DP statistics release of the run; the typed reply. ``secure``: it goes into a SecAgg+
     sum (only then may the request split the noise over several sites)."""
-    if req.noise_shares != 1 and not (secure and 2 <= req.noise_shares <= P.SECAGG_MAX_SITES):
+    if req.noise_shares != 1 and not (secure and 2 <= req.noise_shares <= P.SECURE_SUM_MAX_SITES):
         raise Refusal(P.REFUSED_BAD_REQUEST, "distributed noise (noise-shares > 1) is only for releases inside a "
                                              "secure aggregation; in the clear a site adds all of the noise")
     device = site_device(context)

@@ -68,9 +68,7 @@ class _Refused(Exception):
 
 
 MIN_NEIGHBOURS = 3  # sites in one secure sum, this one included (server.secure_agg asks for at least 3)
-# Sites one secure sum may announce (below P.SECAGG_MAX_SITES, where the sum overflows its modulus): the key sharing
-# costs a site 0.4 s at 64 sites, 14.5 s at 255 (review s59), uncharged, so a site sets the most it shares keys with.
-MAX_SECURE_SUM_SITES = 64
+MAX_SECURE_SUM_SITES = P.SECURE_SUM_MAX_SITES  # (below P.SECAGG_MAX_SITES, where the sum would overflow its modulus)
 
 
 def secagg_problem(configs: dict, state: dict, node_id: int) -> str:

@@ -52,8 +52,8 @@ def run_coordinator(grid: Grid, context: Context) -> dict:
         log.info("run %s replaces %s in every synthetic image (declared by: %s)", run.experiment,
                  cfg.sensitive_attribute, ", ".join(s.name for s in sites.values() if s.sensitive_attribute) or
                  "the run's settings")
-    if cfg.secure_aggregation and not 3 <= len(sites) <= P.SECAGG_MAX_SITES:
-        raise RunFailed(f"secure aggregation needs 3 to {P.SECAGG_MAX_SITES} sites (SecAgg+ shares each site's masks "
+    if cfg.secure_aggregation and not 3 <= len(sites) <= P.SECURE_SUM_MAX_SITES:
+        raise RunFailed(f"secure aggregation needs 3 to {P.SECURE_SUM_MAX_SITES} sites (SecAgg+ shares each site's masks "
                         f"among the others), {len(sites)} are connected; connect more sites or set "
                         "secure-aggregation = false")
     log.info("run %s%s: %d site(s) (%s); images %dx%dx%d, %d classes; mode %s, epsilon %s per site",
