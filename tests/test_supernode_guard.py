@@ -201,6 +201,9 @@ def test_a_supernode_keeps_a_bounded_number_of_runs(guarded, monkeypatch):
     were all kept. A start keeps at most MAX_RUNS_PER_START runs; a run it keeps already goes on."""
     monkeypatch.setattr(supernode_guard, "MAX_RUNS_PER_START", 3)
     runs = [type("Run", (), {"run_id": i, "fab_id": "fedsynth/fedsynth", "fab_version": "0.1.0"})() for i in range(4)]
+    for run in runs[:3]:  # runs Flower refuses after the guard's check (an undeclared config key) take no slot (R8)
+        refused = guarded(_sha(APPROVED), _fab(APPROVED), run=run, run_id=run.run_id, config_fails="no-such-key")
+        assert "could not accept this message" in refused
     for run in runs[:3]:
         assert guarded(_sha(APPROVED), _fab(APPROVED), run=run, run_id=run.run_id) == "stored"
     assert "keeps 3 runs" in guarded(_sha(APPROVED), _fab(APPROVED), run=runs[3], run_id=3)

@@ -75,7 +75,11 @@ def _decode_files(files: Sequence[_ImageFile], image_size: int | None, channels:
     first_name, first_size = "", (0, 0)
     for index, f in enumerate(files):
         try:
-            arr, size = _decode_image(f, image_size, channels)
+            with warnings.catch_warnings():
+                if skip_unreadable:  # (a site's loader) an image past PIL's pixel warning is decoded on every request,
+                    # free query.info included, and can outgrow the site's memory: it is no record (review s59)
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                arr, size = _decode_image(f, image_size, channels)
         except DataError:
             if not skip_unreadable:
                 raise

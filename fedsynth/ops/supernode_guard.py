@@ -179,7 +179,7 @@ def install(approved: set[str]) -> None:
                                   "started; its operator may restart it to take new ones")
             check(fab, str(fab_hash), run)
             if run is not None:
-                runs_kept.add(run.run_id)
+                received["new run"] = run.run_id  # kept once Flower's step stored it (below): a refused run takes no slot
             received["checked"] = True  # what raises from here on is Flower reading the run's own config
             return fab
 
@@ -198,6 +198,8 @@ def install(approved: set[str]) -> None:
             kwargs.update(confirm_message_received=checked_confirm)
         try:
             pulled = original(*args, **kwargs)
+            if "new run" in received:
+                runs_kept.add(received["new run"])
             if pulled is None and received.pop("unreadable", False):
                 raise _Unapproved("this site could not read this message (its objects do not make a message): "
                                   "nothing was read or computed")
