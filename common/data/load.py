@@ -55,9 +55,10 @@ def load_dataset(
             data so: at a running site whose operator emptied a class folder, an error would make every request
             fail, ``query.info`` included, which would tell anyone that the class has no record now (review s58);
             its published classes stay the folder names either way.
-        skip_unreadable: an image file that does not decode (an incomplete copy, a corrupt file), or an npz record
-            labelled outside its named classes, is left out with a warning instead of an error. A site loads its data so: one such file made every request fail,
-            ``query.info`` included, which told anyone that a record was being added (review s59).
+        skip_unreadable: an image file that does not decode (an incomplete copy, a corrupt file, one past PIL's
+            pixel warning), or an npz record labelled outside its named classes, is left out with a warning instead
+            of an error. A site loads its data so: one such file made every request fail, ``query.info`` included,
+            which told anyone that a record was being added (review s59).
 
     Returns:
         The split as an :class:`ImageDataset`, ordered deterministically (by class, then file

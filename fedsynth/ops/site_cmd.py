@@ -143,10 +143,10 @@ def check_site(dep: SiteDeployment, insecure: bool = False) -> SiteCheck:
 
 
 def _check_disjoint(dep: SiteDeployment, data, held) -> None:
-    """Refuse held-out data that shares a tenth of either set with the training records (review s59): a folder without train/ and
-    test/ is held out whole, so ``heldout`` naming the training folder (or its train/ part) passed the path check in
-    site_config and put every record in both audit histograms, moving the release by sqrt(2) where its noise is
-    calibrated to 1, and made the evaluation score training records. A few records equal in both are real data's
+    """Refuse held-out data that shares a tenth of either set with the training records (review s59): a folder
+    without train/ and test/ is held out whole, so ``heldout`` naming the training folder (or its train/ part) passed
+    the path check in site_config and put every record in both audit histograms, moving the release by sqrt(2) where
+    its noise is calibrated to 1, and made the evaluation score training records. A few records equal in both are real data's
     own duplicates (PneumoniaMNIST's val split repeats 8 of its 524 images in train): they are counted, not refused."""
     import hashlib
 
