@@ -179,7 +179,8 @@ def handle_evaluation(msg: Message, context: Context, site: SiteSettings) -> Mes
                                                  allow_import=False))  # never import code the coordinator names
     except ValueError as err:
         raise Refusal(P.REFUSED_BAD_REQUEST, str(err)) from None
-    check_work(site, networks={"classifier": parameter_count(meta)}, batch_size=1, steps_per_run=0)
+    check_work(site, networks={"classifier": parameter_count(meta)}, batch_size=1, steps_per_run=0,
+               smaller="a smaller learner (logreg or cnn)")
     model = build_learner(req.learner, shape, req.num_classes, allow_import=False)
     problems = P.check_arrays(req.classifier, P.state_spec(model.state_dict()))
     if problems:

@@ -140,7 +140,8 @@ def parameter_count(module: nn.Module) -> int:
 
 
 def check_work(site: WorkLimits, *, networks: dict[str, int], batch_size: int, steps_per_run: int,
-               steps: tuple[Step, ...] = (), kept_mb: float = 0.0, others_mb: float = 0.0) -> None:
+               steps: tuple[Step, ...] = (), kept_mb: float = 0.0, others_mb: float = 0.0,
+               smaller: str = "a smaller width") -> None:
     """Refuse the request if it exceeds one of ``site``'s work limits.
 
     ``networks``: parameters of every network the request makes the site build, by a name the refusal shows;
@@ -157,8 +158,8 @@ def check_work(site: WorkLimits, *, networks: dict[str, int], batch_size: int, s
         if count > site.max_parameters:
             raise Refusal(P.REFUSED_NOT_ALLOWED,
                           f"the {name} this request asks for has {count:,} parameters; this site builds networks "
-                          f"of at most {site.max_parameters:,} (its operator's max_parameters): ask for a "
-                          "smaller width")
+                          f"of at most {site.max_parameters:,} (its operator's max_parameters): ask for "
+                          f"{smaller}")
     if batch_size > site.max_batch_size:
         raise Refusal(P.REFUSED_NOT_ALLOWED,
                       f"batch size {batch_size:,} is above this site's limit of {site.max_batch_size:,} (its "

@@ -452,7 +452,8 @@ def test_a_classifier_above_the_sites_max_parameters_is_refused_before_it_is_bui
     mlp = P.state_arrays(build_learner("mlp", (1, 8, 8), 10))
     reply = _evaluation(grid, 1000, mlp, "mlp", "wide")
     assert reply.has_error() and reply.error.code == P.REFUSED_NOT_ALLOWED, reply.error.reason
-    assert "max_parameters" in reply.error.reason and not any(charges(tmp_path, "site-a"))
+    assert "max_parameters" in reply.error.reason and "a smaller learner" in reply.error.reason
+    assert not any(charges(tmp_path, "site-a"))
     reply = _evaluation(grid, 1000, _constant_model(0), "logreg", "narrow")  # 650 parameters: answered
     assert not reply.has_error(), reply.error.reason
 

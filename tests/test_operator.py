@@ -232,6 +232,15 @@ def test_a_site_whose_held_out_data_is_its_training_data_does_not_start(tmp_path
         assert "60 of the 60 held-out records are also training records" in capsys.readouterr().err
     assert check(heldout=str(data)) == 0  # its test split: records kept apart
     assert not (tmp_path / "state" / "ledger").exists()
+    # a file the site leaves out (it does not decode) is named by the check, not a bare Python warning (R9)
+    from client.site import _load_cached
+
+    (data / "train" / "0" / "broken.png").write_bytes(b"not a png")
+    _load_cached.cache_clear()  # (one process per `fedsynth site --check`; here they share one)
+    capsys.readouterr()
+    assert check(heldout=str(data)) == 0
+    said = capsys.readouterr()
+    assert "site 'a': the data at" in said.out + said.err and "skipped 1 files that are not readable" in said.out + said.err
 
 
 def test_a_site_whose_machine_rounds_a_record_by_its_batch_mates_does_not_answer_queries(tmp_path, capsys,

@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,13 @@ def load_data_checked(dep: SiteDeployment, split_of: str = "data"):
     where = s.data if split_of == "data" else s.heldout
     where = "the built-in digits dataset" if where == "digits" else where
     try:
-        return load_site_data(s) if split_of == "data" else load_site_heldout(s)
+        with warnings.catch_warnings(record=True) as said:  # (the loader's own, e.g. files it leaves out)
+            warnings.simplefilter("always")
+            data = load_site_data(s) if split_of == "data" else load_site_heldout(s)
+        for w in said:
+            if issubclass(w.category, UserWarning):
+                warn(f"site '{s.name}': the {'held-out ' if split_of != 'data' else ''}data at {where}: {w.message}")
+        return data
     except DataError as err:
         raise DeployError(f"site '{s.name}': the {'held-out ' if split_of != 'data' else ''}data at {where} cannot be "
                           f"used: {err}") from None
