@@ -100,7 +100,8 @@ def _decode_files(files: Sequence[_ImageFile], image_size: int | None, channels:
         warnings.warn(f"skipped {len(unreadable)} files that are not readable images (e.g. {unreadable[:3]}): "
                       "incomplete copies or corrupt files; they are not records until they can be read", stacklevel=3)
     if not arrays:
-        raise DataError(f"no readable images to load ({len(unreadable)} files could not be decoded)")
+        raise DataError(f"no readable images to load ({len(unreadable)} files could not be decoded, e.g. "
+                        f"{unreadable[:3]})")
     c = channels or (3 if any(a.ndim == 3 for a in arrays) else 1)
     h, w = arrays[0].shape[:2]
     out = np.empty((len(arrays), c, h, w), dtype=np.float32)

@@ -43,20 +43,21 @@ def load_data_checked(dep: SiteDeployment, split_of: str = "data"):
     s = dep.settings
     where = s.data if split_of == "data" else s.heldout
     where = "the built-in digits dataset" if where == "digits" else where
+    said: list = []
     try:
         with warnings.catch_warnings(record=True) as said:  # (the loader's own, e.g. files it leaves out)
             warnings.simplefilter("always")
-            data = load_site_data(s) if split_of == "data" else load_site_heldout(s)
-        for w in said:
-            if issubclass(w.category, UserWarning):
-                warn(f"site '{s.name}': the {'held-out ' if split_of != 'data' else ''}data at {where}: {w.message}")
-        return data
+            return load_site_data(s) if split_of == "data" else load_site_heldout(s)
     except DataError as err:
         raise DeployError(f"site '{s.name}': the {'held-out ' if split_of != 'data' else ''}data at {where} cannot be "
                           f"used: {err}") from None
     except (OSError, ValueError, RuntimeError) as err:  # unexpected decoder / IO failures
         raise DeployError(f"site '{s.name}': reading the data at {where} failed ({type(err).__name__}: {err}); "
                           "check the files are complete and readable") from None
+    finally:
+        for w in said:
+            if issubclass(w.category, UserWarning):
+                warn(f"site '{s.name}': the {'held-out ' if split_of != 'data' else ''}data at {where}: {w.message}")
 
 
 def _check_data(dep: SiteDeployment, data) -> None:
