@@ -73,29 +73,29 @@ def _decode_files(files: Sequence[_ImageFile], image_size: int | None, channels:
     kept: list[int] = []
     unreadable: list[str] = []
     first_name, first_size = "", (0, 0)
-    for index, f in enumerate(files):
-        try:
-            with warnings.catch_warnings():
-                if skip_unreadable:  # (a site's loader) an image past PIL's pixel warning is decoded on every request,
-                    # free query.info included, and can outgrow the site's memory: it is no record (review s59)
-                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+    with warnings.catch_warnings():
+        if skip_unreadable:  # (a site's loader) an image past PIL's pixel warning is decoded on every request, free
+            # query.info included, and can outgrow the site's memory: it is no record (review s59)
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        for index, f in enumerate(files):
+            try:
                 arr, size = _decode_image(f, image_size, channels)
-        except DataError:
-            if not skip_unreadable:
-                raise
-            unreadable.append(f.name)
-            continue
-        if image_size is None:
-            if not arrays:
-                first_name, first_size = f.name, size
-            elif size != first_size:
-                raise DataError(
-                    f"images have different sizes: {first_name} is {first_size[0]}x{first_size[1]} but "
-                    f"{f.name} is {size[0]}x{size[1]}; pass image_size (e.g. image_size=32) to resize "
-                    "every image to the same square size"
-                )
-        arrays.append(arr)
-        kept.append(index)
+            except DataError:
+                if not skip_unreadable:
+                    raise
+                unreadable.append(f.name)
+                continue
+            if image_size is None:
+                if not arrays:
+                    first_name, first_size = f.name, size
+                elif size != first_size:
+                    raise DataError(
+                        f"images have different sizes: {first_name} is {first_size[0]}x{first_size[1]} but "
+                        f"{f.name} is {size[0]}x{size[1]}; pass image_size (e.g. image_size=32) to resize "
+                        "every image to the same square size"
+                    )
+            arrays.append(arr)
+            kept.append(index)
     if unreadable:
         warnings.warn(f"skipped {len(unreadable)} files that are not readable images (e.g. {unreadable[:3]}): "
                       "incomplete copies or corrupt files; they are not records until they can be read", stacklevel=3)

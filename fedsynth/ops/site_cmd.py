@@ -43,21 +43,21 @@ def load_data_checked(dep: SiteDeployment, split_of: str = "data"):
     s = dep.settings
     where = s.data if split_of == "data" else s.heldout
     where = "the built-in digits dataset" if where == "digits" else where
+    what = f"the {'held-out ' if split_of != 'data' else ''}data at {where}"
     said: list = []
     try:
         with warnings.catch_warnings(record=True) as said:  # (the loader's own, e.g. files it leaves out)
             warnings.simplefilter("always")
             return load_site_data(s) if split_of == "data" else load_site_heldout(s)
     except DataError as err:
-        raise DeployError(f"site '{s.name}': the {'held-out ' if split_of != 'data' else ''}data at {where} cannot be "
-                          f"used: {err}") from None
+        raise DeployError(f"site '{s.name}': {what} cannot be used: {err}") from None
     except (OSError, ValueError, RuntimeError) as err:  # unexpected decoder / IO failures
         raise DeployError(f"site '{s.name}': reading the data at {where} failed ({type(err).__name__}: {err}); "
                           "check the files are complete and readable") from None
     finally:
         for w in said:
             if issubclass(w.category, UserWarning):
-                warn(f"site '{s.name}': the {'held-out ' if split_of != 'data' else ''}data at {where}: {w.message}")
+                warn(f"site '{s.name}': {what}: {w.message}")
 
 
 def _check_data(dep: SiteDeployment, data) -> None:
@@ -154,8 +154,9 @@ def _check_disjoint(dep: SiteDeployment, data, held) -> None:
     """Refuse held-out data that shares a tenth of either set with the training records (review s59): a folder
     without train/ and test/ is held out whole, so ``heldout`` naming the training folder (or its train/ part) passed
     the path check in site_config and put every record in both audit histograms, moving the release by sqrt(2) where
-    its noise is calibrated to 1, and made the evaluation score training records. A few records equal in both are real data's
-    own duplicates (PneumoniaMNIST's val split repeats 8 of its 524 images in train): they are counted, not refused."""
+    its noise is calibrated to 1, and made the evaluation score training records. A few records equal in both are
+    real data's own duplicates (PneumoniaMNIST's val split repeats 8 of its 524 images in train): they are counted,
+    not refused."""
     import hashlib
 
     import numpy as np

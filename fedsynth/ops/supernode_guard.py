@@ -76,7 +76,7 @@ def install(approved: set[str]) -> None:
     # sha256 of a bundle's bytes, computed here -> "" (approved) or why not. Never keyed by the hash the SuperLink
     # names: a SuperLink can send a bundle with an empty hash_str, which Flower stores under its content's hash
     # without comparing, so a verdict remembered under "" would pass every later bundle sent the same way.
-    verdicts: dict[str, str] = {}
+    verdicts: dict[str, tuple[str, str]] = {}  # -> (its digest, "" when approved or why not)
     stored_prefixes: dict[str, str] = {}  # sha256[:8] (Flower's install folder) -> the one bundle stored under it
     digest_variants: dict[str, set[str]] = {}  # approved digest -> sha256 of the archives of it accepted
     runs_kept: set[int] = set()  # the run ids whose records Flower stored since this start
@@ -93,18 +93,19 @@ def install(approved: set[str]) -> None:
         if content_hash not in verdicts:
             try:
                 digest = bundle_digest(fab.content)
-                verdicts[content_hash] = "" if digest in approved else (
+                verdicts[content_hash] = (digest, "" if digest in approved else (
                     f"this site runs only the fedsynth app bundles its operator approved; this run's bundle has "
-                    f"digest {digest}, which is not one of them")
+                    f"digest {digest}, which is not one of them"))
             except BundleError as err:
-                verdicts[content_hash] = f"this site refuses the run's bundle: {err}"
-        if verdicts[content_hash]:
-            raise _Unapproved(verdicts[content_hash])
+                verdicts[content_hash] = ("", f"this site refuses the run's bundle: {err}")
+        digest, why = verdicts[content_hash]
+        if why:
+            raise _Unapproved(why)
         # Flower keeps every bundle it receives in memory until the SuperNode stops, and installs each in a folder of
         # its own: byte variants of an approved bundle (another zip comment, a re-zip) would pile up without bound
         # (review s59). A rebuild of the same files by Flower is byte for byte the same (fixed dates), so a few
         # variants per approved digest and start cover an honest coordinator's rebuilds.
-        variants = digest_variants.setdefault(bundle_digest(fab.content), set())
+        variants = digest_variants.setdefault(digest, set())
         if content_hash not in variants and len(variants) >= MAX_BUNDLE_VARIANTS:
             raise _Unapproved(f"this site refuses the run's bundle: it stored {MAX_BUNDLE_VARIANTS} other archives of "
                               "the same approved code since the SuperNode started (the same files zipped again with "
