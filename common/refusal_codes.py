@@ -26,7 +26,9 @@ REFUSED_BAD_REQUEST = 4002  # malformed, inconsistent or hostile request
 # Also bad, quoting only the coordinator's own message: a secure release asked for outside the SecAgg+ stages of
 # type 'train' (client.secure_site.secagg_settings_mod: the message type it sent); a run's first training request
 # under an id the coordinator used for evaluation or audit queries before (client.census.run_census), or under an id
-# whose plan its first request made without that training (client.census._check_planned_with_census).
+# whose plan its first request made without that training (client.census._check_planned_with_census), or a
+# statistics release with a provided net under an id whose earlier training request drew a census
+# (client.census.check_no_census_drawn, review s59: it says only that the coordinator's own request drew one).
 # Also a bad request: a secure request whose release already went into a masked vector at this site (the same run,
 # message type and round; client.secure_site._already_summed). Its reason quotes the request's message type, round and
 # experiment id, says ALREADY_SUMMED, why a second sum is refused and to start a new experiment. That the release went
@@ -47,10 +49,13 @@ REFUSED_NOT_ALLOWED = 4003  # the site's config does not allow this mode / actio
 # batch, steps, per-sample gradient memory, all computed from the request's settings alone): the limits are
 # public by declaration, and nothing in such a refusal depends on the site's records. The state-folder limit's
 # (max_state_disk_mb) also names what the site's other runs keep: the sizes of files it wrote, which follow from
-# the requests and the DP releases it made, never from its records (review s58).
+# the requests and the DP releases it made, never from its records (review s58). An evaluation's classifier above
+# max_parameters (client.evaluation, review s59) names its count, computed from the learner and shape the request
+# names.
 SITE_FAILURE = 4004  # the site could not do the work (its operator sees why in the site's log)
-# Its reason is always client.requests.FAILURE_TEXT; e.g. a held-out set whose shape or classes differ from the
-# published training schema (client.evaluation: they can hinge on single records) is never described in it.
+# Its reason is always client.requests.FAILURE_TEXT; e.g. a held-out set whose shape differs from the published
+# training schema, or that holds no record of the published classes (client.evaluation: they can hinge on single
+# records), is never described in it.
 REFUSED_UNAPPROVED_CODE = 4005  # the run's app bundle is not one the site's operator approved
 # Sent by the guarded SuperNode (fedsynth.ops.supernode_guard) before any app code runs. Its reason names the bundle's
 # digest and sha256 (the SuperLink's own bytes), the run's and the bundle's app id and version, hashes the SuperLink
@@ -58,6 +63,10 @@ REFUSED_UNAPPROVED_CODE = 4005  # the run's app bundle is not one the site's ope
 # ASCII: nothing of the records, and of the site only which bundles its operator approved (refused or not).
 # Or fixed text: a message whose objects do not make one, or whose own metadata is not what it was filed under, or
 # that is too large to put together (review s58); a message whose id is not its content's is dropped unanswered.
+# Or, from review s59: the run's record names another run than its message (the two ids, both the SuperLink's);
+# fixed text with the guard's own constants: a run record larger than MAX_RUN_RECORD_BYTES, a run past
+# MAX_RUNS_PER_START, a bundle with bytes its members do not account for, an archive past MAX_BUNDLE_VARIANTS of one
+# approved digest. Each counts only what the SuperLink itself sent since the SuperNode started.
 
 REFUSAL_NAMES = {REFUSED_BUDGET: "over budget", REFUSED_BAD_REQUEST: "bad request",
                  REFUSED_NOT_ALLOWED: "not allowed", SITE_FAILURE: "site failure",
