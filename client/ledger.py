@@ -171,8 +171,7 @@ class PrivacyLedger:
                     raise LedgerDamaged(lf.reset_refused(self.path, what, evidence))
                 if delta is None:
                     raise ValueError(f"creating the privacy ledger {self.path} needs a delta")
-                lines = lf.dumps(lf.make_header(float(delta), self.dataset_id))
-                if first_charge is not None and not explicit:
+                if with_charge := first_charge is not None and not explicit:
                     try:  # (again: another process may have left the file without a header)
                         self._check_first_charge(first_charge, float(delta))
                     except BudgetExceeded:
@@ -180,9 +179,10 @@ class PrivacyLedger:
                             os.unlink(self.path)
                         raise
                     events = list(first_charge[0])
+                lines = lf.dumps(lf.make_header(float(delta), self.dataset_id, first_charge[1] if with_charge else ""))
+                if with_charge:
                     lines += lf.dumps(lf.make_charge(events, purpose=first_charge[1], run="", round_=0, details={},
-                                                     epsilon_after=epsilon_for(events, float(delta)),
-                                                     delta=float(delta), data=""))
+                                                     epsilon_after=epsilon_for(events, delta), delta=delta, data=""))
                 os.ftruncate(fd, 0)
                 lf.write_all(fd, lines)
                 os.fsync(fd)

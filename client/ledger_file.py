@@ -73,6 +73,22 @@ def reset_refused(path: Path, what: str, evidence: str) -> str:
             ".started mark or the runs folder to get past this check.")
 
 
+def ledgers_of_data(path: Path, fingerprint: str) -> list[str]:
+    """The dataset ids of the other ledgers beside ``path`` with a charge computed on data of ``fingerprint``: the
+    same records under another dataset id (review s60: a renamed ``dataset_id``, once the runs folder that would
+    have refused it was archived, gave the records a second budget). A ledger that does not parse is left to its own
+    site's checks."""
+    ids = []
+    for other in sorted(Path(path).parent.glob("*.jsonl")):
+        try:
+            contents = parse(other.read_bytes(), other) if other != Path(path) else None
+        except (OSError, LedgerDamaged):
+            continue
+        if contents is not None and any(e.get("data") == fingerprint for e in contents.entries):
+            ids.append(str((contents.header or {}).get("dataset_id") or other.stem))
+    return ids
+
+
 def mark_started(path: Path, dataset_id: str) -> None:
     """Write the ledger's ``.started`` mark durably, once (after its header is on disk)."""
     if not started_mark(path).exists():
@@ -132,9 +148,12 @@ def dumps(obj: dict) -> bytes:
     return json.dumps(obj, allow_nan=False, default=_json_default, separators=(",", ":")).encode() + b"\n"
 
 
-def make_header(delta: float, dataset_id: str) -> dict:
-    return {"type": "header", "format": FORMAT, "version": VERSION, "delta": delta, "created": now(),
-            "dataset_id": dataset_id}
+def make_header(delta: float, dataset_id: str, first_charge: str = "") -> dict:
+    """The header line; ``first_charge`` names the purpose of the charge written with it (a default delta's noisy
+    size), without which the header is not yet a ledger (:func:`parse`)."""
+    header = {"type": "header", "format": FORMAT, "version": VERSION, "delta": delta, "created": now(),
+              "dataset_id": dataset_id}
+    return header | ({"first_charge": first_charge} if first_charge else {})
 
 
 def make_charge(events: list[DPEvent], *, purpose: str, run: str, round_: int, details: dict,
@@ -196,7 +215,7 @@ def parse(data: bytes, path: Path) -> Contents:
                 # A torn final write: never acknowledged, so the work it would cover never started. Every line is
                 # written with its newline in one write(), so a torn one lacks it; a complete (newline-terminated)
                 # line that does not parse was acknowledged and is damage like any other, never dropped.
-                return Contents(header, entries, events, offset, False, len(data))
+                return _created(Contents(header, entries, events, offset, False, len(data)))
             raise LedgerDamaged(
                 f"privacy ledger {path} is damaged at line {index + 1} ({exc}). Only an interrupted last "
                 "line is repaired automatically; damage before the end means recorded privacy spending "
@@ -206,7 +225,16 @@ def parse(data: bytes, path: Path) -> Contents:
         offset += len(raw) + (1 if has_newline else 0)
     # A complete, valid final entry without its newline is kept (over-counting is the safe side);
     # the newline is added before the next append.
-    return Contents(header, entries, events, offset, not terminated and bool(lines), len(data))
+    return _created(Contents(header, entries, events, offset, not terminated and bool(lines), len(data)))
+
+
+def _created(contents: Contents) -> Contents:
+    """``contents``, or no header at all where the header names a first charge that is not there: the header and its
+    first charge go out in one write(), so a header alone is a creation torn between them (review s60: a full disk
+    left a default delta in force whose noisy-size release was never charged), and the ledger is created afresh."""
+    if contents.header is not None and contents.header.get("first_charge") and not contents.entries:
+        return Contents(None, [], [], 0, False, contents.size)
+    return contents
 
 
 def read_all(fd: int) -> bytes:

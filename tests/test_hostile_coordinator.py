@@ -513,6 +513,24 @@ def test_adding_one_record_under_the_same_dataset_id_keeps_the_spent_budget(tmp_
     assert "changed since its last release" in caplog.text
 
 
+def test_a_renamed_dataset_id_does_not_give_the_same_records_a_second_budget(tmp_path, caplog):
+    """Review s60: with the runs folder archived (as a full state folder's refusal asks), a new dataset_id over the
+    same records started a fresh ledger: the records spent 9.94 under one id and 9.91 more under the other."""
+    import shutil
+
+    from tests.test_faults import gan_request
+
+    cfg = fast_config(tmp_path, num_rounds=1)
+    node = deployed_site(tmp_path, train=DIGITS.subset(np.arange(400)))
+    assert not ask(LocalGrid(client_app, [node], cfg.to_flwr()), 1000, gan_request(cfg, experiment="a")).has_error()
+    shutil.move(tmp_path / "site-a" / "runs", tmp_path / "archived-runs")
+    renamed = LocalGrid(client_app, [node | {"dataset-id": "site-a-v2"}], cfg.to_flwr())
+    with caplog.at_level("ERROR"):
+        reply = ask(renamed, 1000, gan_request(cfg, experiment="b"))
+    assert reply.has_error() and "set dataset_id back to 'site-a'" in caplog.text  # the operator's log says why
+    assert [p.name for p in (tmp_path / "site-a" / "ledger").glob("*.jsonl")] == ["site-a.jsonl"]
+
+
 def _spent(path: Path) -> float:
     from client.ledger import PrivacyLedger
 

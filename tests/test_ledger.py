@@ -155,6 +155,30 @@ def test_interrupted_header_is_rewritten(path: Path):
     assert _lines(path)[0]["delta"] == DELTA
 
 
+def test_a_creation_torn_between_its_header_and_its_first_charge_is_created_again(path: Path, monkeypatch):
+    """The header and a default delta's first charge (its noisy size) go out in one write(); a full disk that lets
+    the header line through and tears the charge must not leave that delta in force uncharged (review s60)."""
+    from client.site_delta import PURPOSE as DELTA_PURPOSE, size_event
+
+    real_write, calls = os.write, []
+
+    def header_then_full_disk(fd, data):
+        calls.append(fd)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        return real_write(fd, bytes(data)[: bytes(data).index(b"\n") + 20])  # the header whole, the charge torn
+
+    monkeypatch.setattr(os, "write", header_then_full_disk)
+    with pytest.raises(OSError):
+        PrivacyLedger(path, epsilon_budget=10.0, new_delta=3e-6, first_charge=([size_event()], DELTA_PURPOSE))
+    monkeypatch.setattr(os, "write", real_write)
+    assert json.loads(path.read_bytes().split(b"\n")[0])["type"] == "header" and path.read_bytes().count(b"\n") == 1
+    again = PrivacyLedger(path, epsilon_budget=10.0, new_delta=7e-6, first_charge=([size_event()], DELTA_PURPOSE))
+    assert again.delta == 7e-6  # created afresh: the torn header's delta was never charged
+    assert again.summary()["per_purpose_releases"] == {DELTA_PURPOSE: 1}
+    assert PrivacyLedger(path, epsilon_budget=10.0, create=False).spent().releases == 1
+
+
 def test_corrupt_middle_line_raises(path: Path):
     ledger = PrivacyLedger(path, epsilon_budget=10.0, delta=DELTA)
     for rnd in range(3):
