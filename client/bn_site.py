@@ -38,6 +38,7 @@ from client.requests import (
 )
 from client.site import SiteSettings, charged_work, data_fingerprint, open_ledger
 from common import protocol as P
+from common.accounting import calibrate_noise_multiplier
 from common.bnnet import RECORD_BLOCK_ROWS, BNNet, norm_layer_names
 from common.data import ImageDataset
 from common.wire import quoted
@@ -86,6 +87,13 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings):
         raise Refusal(P.REFUSED_NOT_ALLOWED, "this site adds all of its statistics' noise itself: its operator has "
                                              "not allowed distributed noise (allow_distributed_noise in site.yaml); "
                                              "run with distributed-noise = false")
+    if req.noise_shares != 1 and str(req.layer_clips).strip() == AUTO:  # (review s60: noise_share)
+        raise Refusal(P.REFUSED_BAD_REQUEST, "distributed noise needs clip bounds every site shares: layer-clips=auto "
+                                             "lets each site choose its own; set bn-layer-clips to bounds, or run "
+                                             "with distributed-noise = false")
+    if req.noise_shares != 1 and site.delta_bound > P.DEFAULT_DELTA_BOUND:  # (its published bound: nothing new)
+        raise Refusal(P.REFUSED_NOT_ALLOWED, f"distributed noise needs every site's delta at most "
+                                             f"{P.DEFAULT_DELTA_BOUND:g}; this site's operator set a larger one")
     data = site_data(site)
     check_schema(data, req.channels, req.image_size, req.image_size, req.num_classes)
     check_recipe(req)  # seed, learning rate, clip bounds, count weight: each in the protocol's range
@@ -185,10 +193,31 @@ def _clip_bounds(req: P.BnPlanSettings, net: BNNet) -> float | dict[str, float] 
     return dict(zip(layers, bounds))
 
 
+def noise_share(sigma: float, req: P.BnStatsRequest) -> float:
+    """The noise multiplier this site adds to its statistics release when ``req`` splits the noise over t =
+    ``noise_shares`` sites of a secure sum, so that every sum of t honest sites' releases carries at least
+    ``sigma``, its plan's (what its ledger charges), whatever the other sites' plans.
+
+    Each site's sigma is its own (its delta, its budget, its reserved queries), so t shares of sigma / sqrt(t) each
+    carried less than the largest sigma among them (review s60: 0.80 of it, epsilon 2.43 where 1.92 was charged).
+    But every honest site's statistics fit the run's epsilon, or its stats-share of it when the net is trained, at
+    a delta of at most DEFAULT_DELTA_BOUND (checked in _setup), so each sigma is at least the public ``floor``
+    calibrated there, and each site adds at least floor^2 / t in variance; this site then adds what the other t - 1
+    may fall short of: sigma^2 - (t - 1) floor^2 / t (sigma^2 / t when every plan is the floor's)."""
+    t = req.noise_shares
+    if t == 1 or sigma == 0:
+        return sigma
+    target = req.epsilon * (req.stats_share if req.net_rounds > 0 else 1.0)
+    tol = 1e-4
+    # (calibrate returns the least feasible multiplier to within tol, above it: the floor errs low)
+    floor = calibrate_noise_multiplier(target, P.DEFAULT_DELTA_BOUND, 1.0, 1, tol=tol) * (1 - 2 * tol)
+    return math.sqrt(max(sigma ** 2 - (t - 1) * floor ** 2 / t, sigma ** 2 / t))
+
+
 def _release(plan: RunPlan, net: BNNet, data: ImageDataset, clips, req: P.BnStatsRequest, device, site) -> dict:
     # The ledger charges plan.stats (the guarantee of the sum, which carries all the noise); with distributed
-    # noise this site adds only 1/sqrt(noise_shares) of it (its own release alone has that much less noise).
-    sigma = plan.stats.noise_multiplier / math.sqrt(req.noise_shares)
+    # noise this site adds only its share of it (noise_share; its own release alone has that much less noise).
+    sigma = noise_share(plan.stats.noise_multiplier, req)
     if clips is None and sigma > 0:
         clips = choose_layer_clips(net, data, noise_multiplier=plan.clip_choice.noise_multiplier, device=device)
         log.info("[%s] chose per-layer clip bounds privately (z=%.1f): %s", site.name,
@@ -224,7 +253,7 @@ def release_bnstats(req: P.BnStatsRequest, context: Context, site: SiteSettings,
         events = ([plan.clip_choice] if plan.clip_choice else []) + [plan.stats]
         details = {"clip": _clip_detail(req), "count-weight": req.count_weight,
                    **({"distributed-noise-shares": req.noise_shares,
-                       "own-noise-multiplier": plan.stats.noise_multiplier / math.sqrt(req.noise_shares)}
+                       "own-noise-multiplier": noise_share(plan.stats.noise_multiplier, req)}
                       if req.noise_shares > 1 else {})}
         with charged_work(ledger, events, data, site, purpose="bnstats-release", run=req.experiment, rnd=0,
                           folder=folder, details=details, run_epsilon=req.epsilon) as spent:

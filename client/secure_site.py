@@ -296,7 +296,7 @@ def _mark_summed(mark: Path, request: P.Message) -> None:
         raise _already_summed(request)
 
 
-SETUPS_FOLDER = "secure-setups"  # in the site's state folder: one empty file per stage of a SecAgg+ setup it ran
+SETUPS_FOLDER = "secure-setups"  # in the state folder, one folder per site name: an empty file per stage it ran
 
 
 def _claim_stage(msg: Message, context: Context, configs, state) -> None:
@@ -321,7 +321,8 @@ def _claim_stage(msg: Message, context: Context, configs, state) -> None:
         raise _Refused(refuse(msg, _site_name(context), P.REFUSED_BAD_REQUEST,
                               "a secure sum's stage came before its setup at this site"))
     try:
-        folder = resolve_site(context.node_config, context.run_config).state_dir / SETUPS_FOLDER
+        site = resolve_site(context.node_config, context.run_config)
+        folder = site.state_dir / SETUPS_FOLDER / site.name  # (two SuperNodes may share a state folder: review s60)
         # the name is hex digits and the protocol's own stage name: it stays inside the folder
         claimed = create_once(folder / f"{hashlib.sha256(secret).hexdigest()}-{stage}", b"")
     except Exception as err:  # noqa: BLE001 - the site's own settings or disk: its generic failure

@@ -209,6 +209,10 @@ class RunConfig:
         need(self.secure_aggregation or not self.distributed_noise,
              "distributed-noise needs secure-aggregation = true: each site adds only part of the noise, so its "
              "release must never be seen alone")
+        need(not (self.distributed_noise and self.bn_layer_clips.strip() == "auto"),
+             "distributed-noise needs clip bounds every site shares: bn-layer-clips=auto lets each site choose its "
+             "own, so one site's share of the noise would be scaled to other bounds than its release's; set "
+             "bn-layer-clips to bounds, or leave it empty (one flat bound, bn-clip)")
         need(self.gan_sample_rounds >= 1, f"gan-sample-rounds must be >= 1 (1 = each site's last generator only), "
                                           f"got {self.gan_sample_rounds}")
         need(self.synthetic_class_mix in SYNTHETIC_CLASS_MIX,

@@ -44,7 +44,9 @@ ALREADY_SUMMED = "already went into a secure sum at this site"  # server.secure_
 # are not lists of node ids (client.secure_site.secagg_problem; refused before any file is named after a stage, so the
 # answer never depends on which files exist at the site).
 REFUSED_NOT_ALLOWED = 4003  # the site's config does not allow this mode / action / more queries / this much work
-# (allow_distributed_noise is such a setting of site.yaml: the refusal names it, public by declaration.)
+# (allow_distributed_noise is such a setting of site.yaml: the refusal names it, public by declaration.) So is a
+# split of the noise at a site whose delta is above DEFAULT_DELTA_BOUND (client.bn_site._setup, review s60): its
+# published delta bound says so already. Bad request, fixed text: a split of the noise over layer-clips=auto.
 # A work-limit refusal (client.limits) names the operator's limit and the request's own sizes (parameters,
 # batch, steps, per-sample gradient memory, all computed from the request's settings alone): the limits are
 # public by declaration, and nothing in such a refusal depends on the site's records. The state-folder limit's

@@ -90,11 +90,12 @@ def privacy_statement(private: bool, epsilon: float, rows: list[dict], *, secure
                      "only as sums over the sites, never one site's release; this assumes it follows the protocol "
                      "(honest-but-curious) and that the sites do not collude with it.")
     if noise_shares > 1:
-        lines.append(f"Distributed noise: each site added only 1/sqrt({noise_shares}) of the statistics release's "
-                     f"noise, and every sum held at least {noise_shares} sites' releases, so the sum carries all of "
-                     "it and the guarantee above holds -- under the trust assumption of secure aggregation. Were "
-                     f"one site's release seen alone, it would carry sqrt({noise_shares}) times less noise than "
-                     "charged (a weaker guarantee, written in each site's ledger as its own noise multiplier).")
+        lines.append(f"Distributed noise: each site added only part of the statistics release's noise (at least "
+                     f"1/sqrt({noise_shares}) of it), and every sum held at least {noise_shares} sites' releases, so "
+                     "the sum carries all of it and the guarantee above holds -- under the trust assumption of secure "
+                     f"aggregation. Were one site's release seen alone, it would carry up to sqrt({noise_shares}) "
+                     "times less noise than charged (a weaker guarantee, written in each site's ledger as its own "
+                     "noise multiplier).")
     return "\n".join(lines)
 
 

@@ -194,11 +194,73 @@ def test_site_check_and_ledger_read_without_writing_a_ledger(tmp_path, capsys):
     assert "nothing released yet" in capsys.readouterr().out
     # the node config a Docker site's SuperNode reads, with the image shape the check pinned (review s58)
     import tomllib
-    node = tomllib.loads((tmp_path / "state" / "node-config.toml").read_text())
+    node = tomllib.loads((tmp_path / "state" / "nodes" / "a" / "node-config.toml").read_text())
     assert (node["image-size"], node["channels"], node["site-name"]) == (8, 1, "a")
     assert main(["ledger", "--config", str(cfg)]) == 0  # "no ledger yet" is an answer, not an error
     assert "no ledger yet" in capsys.readouterr().out
     assert not (tmp_path / "state" / "ledger").exists()
+
+
+def test_a_site_with_a_weak_delta_a_huge_budget_or_its_state_in_its_data_is_told_so(tmp_path, capsys):
+    """Review s60: a delta of 0.5 or a budget of 1e6 in site.yaml was taken without a word, and a state folder inside
+    the data folder was made (then seen as a class) before it was refused."""
+    import yaml
+
+    data = _folder(tmp_path / "images", per_class=20)  # 40 records: 1/n = 0.025
+
+    def check(**settings) -> tuple[int, str]:
+        cfg = tmp_path / "site.yaml"
+        cfg.write_text(yaml.safe_dump({"name": "a", "data": str(data), "epsilon": 5.0, "coordinator": "127.0.0.1:9",
+                                       "state_dir": str(tmp_path / "state"), "supernode_port": 39999, **settings}))
+        code = main(["site", "--config", str(cfg), "--check", "--insecure"])
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    code, text = check(delta=0.5)
+    assert code == 2 and "delta 0.5 is at least 1 / (its 40 records)" in text
+    code, text = check(delta=1e-3)
+    assert code == 0 and "delta 0.001 is above min(1e-5, 1/(10 n))" in text
+    code, text = check(epsilon=1e6)
+    assert code == 0 and "budget of epsilon 1e+06" in text and "says next to nothing" in text
+    code, text = check()
+    assert code == 0 and "is above min(1e-5" not in text and "says next to nothing" not in text
+    code, text = check(state_dir=str(data / "state"))
+    assert code == 2 and "lies inside the data folder" in text and not (data / "state").exists()
+
+
+def test_two_supernodes_over_the_same_records_share_the_ledger_and_keep_their_own_files(tmp_path, capsys):
+    """Review s60: two SuperNodes over the same records must share one state folder (deploy/README.md), and the
+    second's --check rewrote the first's node config (which a Docker SuperNode reads at its next start: secure
+    aggregation off, audits on) and its start cleared the first's SecAgg+ stage claims. Each now keeps its files under
+    its own name, and a second SuperNode of the same name is refused while the first runs."""
+    import os
+    import tomllib
+
+    import yaml
+
+    from fedsynth.ops import supernode_guard
+
+    state = tmp_path / "state"
+
+    def check(name: str, **settings) -> int:
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(yaml.safe_dump({"name": name, "data": "digits", "epsilon": 5.0, "state_dir": str(state),
+                                       "coordinator": "127.0.0.1:9", "supernode_port": 39999, **settings}))
+        return main(["site", "--config", str(cfg), "--check", "--insecure"])
+
+    assert check("fed1", require_secure_aggregation=True) == 0 and check("fed2") == 0
+    node = tomllib.loads((state / "nodes" / "fed1" / "node-config.toml").read_text())
+    assert node["site-name"] == "fed1" and node["require-secure-aggregation"] is True  # not fed2's
+    running = supernode_guard.lock_node_folder(state / "nodes" / "fed1")  # fed1's SuperNode, running
+    try:
+        capsys.readouterr()
+        assert check("fed1") == 2 and "a SuperNode named 'fed1' runs on state_dir" in capsys.readouterr().err
+        with pytest.raises(SystemExit, match="another SuperNode runs with the node files"):
+            supernode_guard.hold_node_lock(["--node-config", str(state / "nodes" / "fed1" / "node-config.toml")])
+        assert check("fed2") == 0  # another name over the same records starts
+    finally:
+        os.close(running)
+    assert check("fed1") == 0
 
 
 def test_a_site_whose_held_out_data_is_its_training_data_does_not_start(tmp_path, capsys):

@@ -9,7 +9,9 @@ refused (it went into one masked vector already: the tests at the end).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+
 import numpy as np
 import pytest
 
@@ -188,7 +190,8 @@ def test_a_secure_statistics_run_completes(tmp_path):
                       bn_local_steps=2, bn_width=8, bn_iterations=3, bn_synth_batch=50, synthetic_size=50)
     report = run(cfg, k=3)
     assert "Secure aggregation (SecAgg+)" in report["privacy_statement"]
-    assert "Distributed noise: each site added only 1/sqrt(2)" in report["privacy_statement"]
+    statement = report["privacy_statement"]
+    assert "Distributed noise: each site added only part" in statement and "1/sqrt(2)" in statement
     facts = report["secure_aggregation"]
     assert facts["threshold"] == 2 and facts["noise_shares"] == 2 and facts["quantization_step"] == 0.125
     assert "a pooled statistic is off by at most 0.375" in facts["precision"]
@@ -210,6 +213,8 @@ def _split_noise_request(cfg, experiment: str, shares: int) -> tuple[dict, P.BnS
 
 
 def test_distributed_noise_is_refused_in_the_clear_and_split_inside_a_secure_sum(tmp_path):
+    from client.bn_site import noise_share
+
     # (the run asks for distributed noise, so its virtual sites allow it: allow_distributed_noise)
     cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, synthetic_size=50, secure_aggregation=True,
                       distributed_noise=True)
@@ -224,7 +229,8 @@ def test_distributed_noise_is_refused_in_the_clear_and_split_inside_a_secure_sum
     for entries in charges(tmp_path):  # charged for the sum's guarantee; the site's own noise is written down
         (release,) = [e for e in entries if e["purpose"] == "bnstats-release"]
         own, charged = release["details"]["own-noise-multiplier"], release["events"][-1]["noise_multiplier"]
-        assert release["details"]["distributed-noise-shares"] == 2 and own == pytest.approx(charged / np.sqrt(2))
+        assert release["details"]["distributed-noise-shares"] == 2 and own == noise_share(charged, request)
+        assert charged / np.sqrt(2) <= own < charged
     # the saved split-noise release asked for again in the clear (noise-shares 1), as every other release may be:
     # it would show each site's release alone with 1/sqrt(2) of its noise, so it is refused, and nothing is charged
     after = spent(tmp_path)
@@ -247,6 +253,47 @@ def test_distributed_noise_is_refused_in_the_clear_and_split_inside_a_secure_sum
     legacy = broadcast(grid, P.BnStatsRequest(**{**settings, "noise_shares": 1}, net=request.net), P.BnStatsReply,
                        "legacy", 30, sorted(grid.get_node_ids()))
     assert not legacy.replies and all("older fedsynth" in why for why in legacy.failures.values())
+
+
+def test_split_noise_carries_each_sites_own_sigma_whatever_the_other_sites_plans(tmp_path):
+    """Review s60: each site added sigma / sqrt(t) of its OWN plan's sigma, which differs with its delta, its budget
+    and its reserved queries, so a sum of t shares could carry less than the largest sigma among them (and, with
+    layer-clips=auto, bounds differed too). Every honest plan's sigma is at least the public floor (the run's
+    epsilon, or its stats share, at delta DEFAULT_DELTA_BOUND), and each site adds what others may fall short of."""
+    import itertools
+
+    from client.bn_site import noise_share
+    from client.budget import PlanRequest, make_plan
+
+    for net_rounds in (0, 2):
+        cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=net_rounds, bn_width=8, secure_aggregation=True,
+                          distributed_noise=True)
+        _, request = _split_noise_request(cfg, "exp-floor", 3)
+        request = dataclasses.replace(request, net_rounds=net_rounds)
+        sigmas = []
+        for delta, budget, queries in itertools.product((1e-5, 1e-7, 1e-10, 1e-12), (100.0, 0.7 * request.epsilon),
+                                                        (0, 5)):
+            preq = PlanRequest(mode="bnstats", epsilon=request.epsilon, rounds=net_rounds, steps=10, batch_size=64,
+                               census=net_rounds > 0, stats_share=request.stats_share, evaluation_queries=queries)
+            sigmas.append(make_plan(preq, num_records=5000.0, delta=delta, budget=budget, prior=[]).stats.noise_multiplier)
+        assert max(sigmas) > 1.2 * min(sigmas)  # the plans do differ
+        for group in itertools.combinations_with_replacement(sorted(set(sigmas)), 3):
+            carried = sum(noise_share(s, request) ** 2 for s in group)
+            assert carried >= max(group) ** 2 * (1 - 1e-9), (group, carried)
+        lowest, highest = min(sigmas), max(sigmas)
+        assert (2 * lowest ** 2 + highest ** 2) / 3 < highest ** 2  # what t equal splits carried: too little
+    from common.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match="distributed-noise needs clip bounds every site shares"):
+        RunConfig.from_mapping({"secure-aggregation": True, "distributed-noise": True, "bn-layer-clips": "auto"})
+    # and a site refuses split noise over bounds each site chooses itself, before its census
+    cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, secure_aggregation=True, distributed_noise=True)
+    _, request = _split_noise_request(cfg, "exp-auto", 2)
+    grid = _grid(cfg, 3)
+    auto = {n: dataclasses.replace(request, layer_clips="auto") for n in grid.get_node_ids()}
+    got = secure_sum(grid, auto, round_label=0, timeout=30)
+    assert got.total is None and set(got.codes.values()) == {P.REFUSED_BAD_REQUEST}
+    assert all("clip bounds every site shares" in why for why in got.failures.values()) and spent(tmp_path) == []
 
 
 def test_a_site_splits_its_noise_only_where_its_operator_allows_it(tmp_path):
@@ -722,13 +769,16 @@ def test_a_sites_stage_claims_are_cleared_when_its_supernode_starts(tmp_path):
     from fedsynth.ops import supernode_guard
 
     assert supernode_guard.SETUPS_FOLDER == SETUPS_FOLDER
-    claims = tmp_path / "state" / SETUPS_FOLDER
-    claims.mkdir(parents=True)
-    (claims / "abc-share_keys").touch()
+    claims, others = tmp_path / "state" / SETUPS_FOLDER / "s", tmp_path / "state" / SETUPS_FOLDER / "t"
+    for folder in (claims, others):
+        folder.mkdir(parents=True)
+        (folder / "abc-share_keys").touch()
     node_config = tmp_path / "node-config.toml"
     node_config.write_text(f'state-dir = "{tmp_path / "state"}"\nsite-name = "s"\n')
     supernode_guard.clear_stage_claims(["--superlink", "x:1", "--node-config", str(node_config)])
     assert not claims.exists() and (tmp_path / "state").exists()
+    # review s60: another SuperNode over the same records, on the same state folder, keeps its claims
+    assert (others / "abc-share_keys").exists()
     claims.mkdir()
     supernode_guard.clear_stage_claims([f"--node-config={node_config}"])  # deploy/compose.yaml's form
     assert not claims.exists()

@@ -26,7 +26,10 @@ from fedsynth.ops.approved_code import BundleError, installed_bundle_digest, wri
 from fedsynth.ops.fields import DeployError, info, loud, port_free, warn, write_toml
 from fedsynth.ops.processes import Child, flower_env, forward_signals
 from fedsynth.ops.site_config import SITE_KEYS, WORK_LIMITS, SiteDeployment, load_site_config  # noqa: F401 (re-exported)
+from fedsynth.ops.supernode_guard import lock_node_folder
 from fedsynth.ops.tls import check_ca, check_private_key
+
+LARGE_EPSILON = 100.0  # a site budget above it gets the loud warning an unlimited one gets
 
 @dataclass
 class SiteCheck:
@@ -125,6 +128,11 @@ def check_site(dep: SiteDeployment, insecure: bool = False) -> SiteCheck:
     if not port_free("127.0.0.1", dep.supernode_port):
         raise DeployError(f"site '{dep.name}': port {dep.supernode_port} on 127.0.0.1 is in use (another SuperNode?); "
                           "set supernode_port to a free port -- each SuperNode on a host needs its own")
+    s = dep.settings
+    for what, folder in (("data", s.data), ("held-out data", s.heldout)):  # before the state folder is made (s60)
+        if folder and folder != "digits" and Path(dep.state_dir).resolve().is_relative_to(Path(folder).resolve()):
+            raise DeployError(f"site '{dep.name}': state_dir {dep.state_dir} lies inside the {what} folder {folder}; "
+                              "put it elsewhere so the site's own files are never read as data")
     try:
         dep.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(dep.state_dir, 0o700)
@@ -133,12 +141,14 @@ def check_site(dep: SiteDeployment, insecure: bool = False) -> SiteCheck:
     except OSError as err:
         raise DeployError(f"site '{dep.name}': state_dir {dep.state_dir} is not a writable folder ({err.strerror}); "
                           "it holds the privacy ledger and the local models") from None
-    s = dep.settings
-    if s.data != "digits" and Path(dep.state_dir).resolve().is_relative_to(Path(s.data).resolve()):
-        raise DeployError(f"site '{dep.name}': state_dir {dep.state_dir} lies inside the data folder {s.data}; "
-                          "put it elsewhere so the site's own files are never read as data")
+    if (held := lock_node_folder(dep.node_dir)) is None:
+        raise DeployError(f"site '{dep.name}': a SuperNode named '{dep.name}' runs on state_dir {dep.state_dir} (its "
+                          f"files in {dep.node_dir} are locked): stop it first, or, for a second SuperNode over the "
+                          "same records, give it a name of its own (they share the state folder and its ledger)")
+    os.close(held)
     data = load_data_checked(dep)
     _check_data(dep, data)
+    _check_delta(dep, len(data))
     if s.heldout:
         held = load_data_checked(dep, "heldout")
         if held.image_shape != data.image_shape or held.classes != data.classes:
@@ -150,13 +160,28 @@ def check_site(dep: SiteDeployment, insecure: bool = False) -> SiteCheck:
     return SiteCheck(data=data, ledger=read_ledger(dep, data), approved=approved_digests(dep))
 
 
+def _check_delta(dep: SiteDeployment, n: int) -> None:
+    """Refuse a ``delta`` set in site.yaml at 1/n or more, and warn above the default's min(1e-5, 1/(10 n)) (review
+    s60: 0.5 was taken without a word, and the coordinator sees the bound a site publishes). A delta of 1/n lets a
+    mechanism publish one of n records outright and still meet (epsilon, delta)."""
+    delta = dep.settings.delta
+    if delta and delta * n >= 1:
+        raise DeployError(f"site '{dep.name}': delta {delta:g} is at least 1 / (its {n:,} records): a release may "
+                          "then publish a record outright and still meet its guarantee. Set delta far below that, or "
+                          "0 for the default, min(1e-5, 1/(10 n)) read off a noisy count")
+    if delta and delta > min(1e-5, 0.1 / n):
+        warn(f"site '{dep.name}': delta {delta:g} is above min(1e-5, 1/(10 n)) = {min(1e-5, 0.1 / n):.2g} for its "
+             f"{n:,} records, the usual bound; 0 gives the default")
+
+
 def _check_disjoint(dep: SiteDeployment, data, held) -> None:
     """Refuse held-out data that shares a tenth of either set with the training records (review s59): a folder
     without train/ and test/ is held out whole, so ``heldout`` naming the training folder (or its train/ part) passed
     the path check in site_config and put every record in both audit histograms, moving the release by sqrt(2) where
     its noise is calibrated to 1, and made the evaluation score training records. A few records equal in both are
     real data's own duplicates (PneumoniaMNIST's val split repeats 8 of its 524 images in train): they are counted,
-    not refused."""
+    not refused. The tenth detects the mistake and is no privacy bound (review s60; README, Privacy): the guarantee is
+    per record, and a copy of a record in the other set is another record."""
     import hashlib
 
     import numpy as np
@@ -172,7 +197,7 @@ def _check_disjoint(dep: SiteDeployment, data, held) -> None:
                           "records must never be trained on -- name a folder or split of records kept apart")
     if shared:
         warn(f"site '{dep.name}': {shared:,} of the {len(held):,} held-out records equal a training record (the data's "
-             "own duplicates?); each counts as a record of both sets")
+             "own duplicates?); each is a record of both sets: make sure none is the same file (a link) in both")
 
 
 def _check_rows_alone(dep: SiteDeployment, data) -> None:
@@ -208,8 +233,7 @@ def fmt_eps(x: float) -> str:
 def supernode_command(dep: SiteDeployment, insecure: bool, approvals: Path) -> list[str]:
     """The guarded SuperNode (fedsynth.ops.supernode_guard) with flower-supernode's arguments."""
     cmd = [sys.executable, "-m", "fedsynth.ops.supernode_guard", str(approvals), "--superlink", dep.coordinator,
-           "--host", "127.0.0.1", "--port", str(dep.supernode_port), "--node-config",
-           str(dep.state_dir / "node-config.toml")]
+           "--host", "127.0.0.1", "--port", str(dep.supernode_port), "--node-config", str(dep.node_config)]
     if insecure:
         cmd.append("--insecure")
     else:
@@ -268,6 +292,10 @@ def _announce(dep: SiteDeployment, check: SiteCheck) -> None:
          "grows with the record count (site.yaml min_reply_seconds hides it)")
     if math.isinf(s.epsilon_budget):
         loud(f"site '{dep.name}' has an UNLIMITED budget (epsilon: inf): it may release NON-PRIVATE models of its data.")
+    elif s.epsilon_budget > LARGE_EPSILON:
+        loud(f"site '{dep.name}' has a budget of epsilon {s.epsilon_budget:g}: above {LARGE_EPSILON:g} a DP guarantee "
+             "says next to nothing (e^epsilon bounds how much likelier any outcome is with a record than without); "
+             "typical budgets are 1 to 10.")
     elif led is not None and led["remaining_epsilon"] <= 0:
         warn(f"site '{dep.name}' has no budget left; it will refuse every request that releases anything")
 
@@ -289,13 +317,13 @@ def cmd_site(args: argparse.Namespace) -> int:
     dep.settings = pinned(dep.settings, check.data)
     info(f"pins the images' shape it checked, {dep.settings.channels} x {dep.settings.image_size} x "
          f"{dep.settings.image_size}: a record of another size or mode added while it runs is converted to it")
-    approvals = dep.state_dir / "approved-bundles.json"
+    approvals = dep.node_dir / "approved-bundles.json"
     cmd = supernode_command(dep, args.insecure, approvals)
     # written by --check too: a Docker site's SuperNode reads it (deploy/README.md), pinned shape included (review s58)
-    write_toml(dep.state_dir / "node-config.toml", dep.settings.to_node_config())
+    write_toml(dep.node_config, dep.settings.to_node_config())
     if args.check:
         info(f"check passed; `fedsynth site --config {args.config}` would run:\n  FLWR_HOME={dep.flwr_home} "
-             + " ".join(cmd) + f"\n  with node config {dep.state_dir / 'node-config.toml'} (written): "
+             + " ".join(cmd) + f"\n  with node config {dep.node_config} (written): "
              + json.dumps(dep.settings.to_node_config()))
         return 0
     write_approvals(approvals, check.approved, "installed fedsynth" if dep.approve_installed else "site.yaml")

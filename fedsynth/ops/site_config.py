@@ -51,8 +51,20 @@ class SiteDeployment:
         return self.settings.state_dir
 
     @property
+    def node_dir(self) -> Path:
+        """This SuperNode's own files in the state folder: its node config, approvals and Flower home. Two SuperNodes
+        over the same records share one state folder, for its one ledger, so these are kept apart by site name (review
+        s60: the second site's check rewrote the first's node config, approvals and Flower home, and its start cleared
+        the first's SecAgg+ stage claims)."""
+        return self.state_dir / "nodes" / self.name
+
+    @property
+    def node_config(self) -> Path:
+        return self.node_dir / "node-config.toml"
+
+    @property
     def flwr_home(self) -> Path:
-        return self.state_dir / "flwr-home"
+        return self.node_dir / "flwr-home"
 
 
 def _choice(f: Fields, key: str, allowed: tuple[str, ...], path) -> str:
