@@ -19,7 +19,8 @@ from flwr.app import Context, Message
 from client.auto_clip import choose_layer_clips
 from client.bnstats import record_class_statistics
 from client.budget import PlanRequest, RunPlan, expected_batch, make_plan, plan_for_site, validate_plan_request
-from client.census import census_weight, check_census_fits, check_no_census_drawn, run_census
+from client.census import (census_weight, check_census_fits, check_no_census_drawn, check_plan_possible,
+                           check_secure_room, run_census)
 from client.dpsgd import DPSGD_CHUNK, train_dpsgd_local
 from client.limits import (Step, WorkLimits, check_work, meta_module, other_runs_mb, parameter_count,
                            saved_file_bytes)
@@ -122,6 +123,7 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings):
     validate_plan_request(preq)  # a malformed request costs nothing, not even the census
     if trains:  # before a new ledger is started (its noisy size is charged)
         check_census_fits(folder, req.epsilon, site.epsilon_budget, site.delta_bound)
+        check_plan_possible(folder, preq, site)
     else:  # no census, no DP-SGD: the plan is a function of public values, so a plan no ledger can pay (at the
         # published delta bound, nothing spent) is refused before a new ledger is started (review s56)
         make_plan(preq, num_records=1.0, delta=site.delta_bound, budget=site.epsilon_budget, prior=[])
@@ -143,8 +145,9 @@ def handle_train_bnnet(msg: Message, context: Context, site: SiteSettings) -> Me
     return train_bnnet(P.BnTrainRequest.from_message(msg), context, site).as_reply(msg)
 
 
-def train_bnnet(req: P.BnTrainRequest, context: Context, site: SiteSettings) -> P.BnTrainReply:
-    """One federated DP-SGD round of the shared net at the site; the typed reply."""
+def train_bnnet(req: P.BnTrainRequest, context: Context, site: SiteSettings, *,
+                secure: bool = False) -> P.BnTrainReply:
+    """One federated DP-SGD round of the shared net at the site; the typed reply (``secure``: into a SecAgg+ sum)."""
     if not 1 <= req.server_round <= req.net_rounds:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"round {req.server_round} is outside the run's 1..{req.net_rounds}")
     device = site_device(context)
@@ -152,6 +155,8 @@ def train_bnnet(req: P.BnTrainRequest, context: Context, site: SiteSettings) -> 
     path = net_round_file(folder, req.server_round)
     saved = load_saved(path)
     if saved is None:
+        if secure:
+            check_secure_room(census_weight(census), req.net)
         train = plan.train_round(req.local_steps)
         with charged_work(ledger, [train], data, site, purpose="bnstats-net", run=req.experiment,
                           rnd=req.server_round, folder=folder, run_epsilon=req.epsilon) as spent:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -366,26 +366,26 @@ def planned_steps(run_dir: Path) -> int | None:
     return int(json.loads(path.read_text())["request"]["steps"]) if path.exists() else None
 
 
+def with_query_policy(site: "SiteSettings", req: PlanRequest) -> PlanRequest:
+    """``req`` with the evaluation and audit queries the site allows reserved (its published query policy)."""
+    queries = site.queries_per_run if site.heldout else 0
+    return replace(req, evaluation_queries=queries if site.evaluation else 0, audit_queries=queries if site.audits else 0)
+
+
 def plan_for_site(site: "SiteSettings", ledger: "PrivacyLedger", run_dir: Path, req: PlanRequest, experiment: str,
                   *, census: list[float] | None) -> RunPlan:
     """The run's plan at ``site``, with its query policy reserved (made at the first request, then read back).
 
     ``census``: the run's noisy class counts, charged and drawn before the plan (``client.census.run_census``);
-    None for a run without training rounds (no DP-SGD, so no sampling rate to set). Why the plan reads the
-    census and not the record count: the noise multiplier a plan needs, and so whether it refuses (noise above
-    MAX_USEFUL_NOISE, a budget that cannot pay), depend on the sampling rate batch / n. Set from the exact n, a
-    coordinator could vary the batch and the steps of requests that cost nothing when refused and read the site's
-    exact record count off where the refusals begin. Set from the census's noisy total (the sampling rate is then
-    batch / that total: DP-SGD's accounting holds for any rate fixed before the steps), every decision here is
-    post-processing of a charged release.
-    """
-    import dataclasses
+    None for a run without training rounds (no DP-SGD, so no sampling rate to set). Why the plan reads the census
+    and not the record count: the noise a plan needs, and so whether it refuses (noise above MAX_USEFUL_NOISE, a
+    budget that cannot pay), depends on the sampling rate batch / n; set from the exact n, a coordinator could vary
+    the batch and steps of requests that cost nothing when refused and read n off where the refusals begin. Set
+    from the census's noisy total (DP-SGD's accounting holds for any rate fixed before the steps), every decision
+    here is post-processing of a charged release."""
     import logging
 
-    allowed_heldout = bool(site.heldout)
-    req = dataclasses.replace(
-        req, evaluation_queries=site.queries_per_run if site.evaluation and allowed_heldout else 0,
-        audit_queries=site.queries_per_run if site.audits and allowed_heldout else 0)
+    req = with_query_policy(site, req)
     # the plan covers the whole run, its census included: the census charged before the plan is in the plan, not
     # in what came before it
     prior = ledger.events_except(run=experiment, purpose=census_purpose(req.mode))

@@ -21,7 +21,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from client.budget import PLAN_FILE, census_event, census_purpose, is_private, public_size
+from client.budget import (PLAN_FILE, PlanRequest, census_event, census_purpose, is_private, make_plan, public_size,
+                           with_query_policy)
 from client.discrete_gaussian import noisy_counts
 from client.ledger import BudgetExceeded
 from client.refusal import Refusal
@@ -33,6 +34,7 @@ from common.files import atomic_write_json
 
 if TYPE_CHECKING:
     from client.ledger import PrivacyLedger
+    from client.site import SiteSettings
 
 CENSUS_FILE = "census.json"
 
@@ -59,6 +61,17 @@ def census_weight(noisy_counts: list[float]) -> float:
     return public_size(noisy_counts)  # the same noisy total the plan sets its sampling rate from
 
 
+def check_secure_room(weight: float, model: dict) -> None:
+    """Refuse, before a secure round's charge, a model that weighted by ``weight`` (census_weight) would soon leave the
+    secure sum's range (common.secure_wire.check_room): a bad request, decided from the request and the census."""
+    from common import secure_wire
+
+    try:
+        secure_wire.check_room(weight, model)
+    except secure_wire.RangeError as err:
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"{err}: this site cannot add it to a secure sum") from None
+
+
 # The ledger purposes of the evaluation and audit queries (client.evaluation): a run queried under them before its
 # census cannot then train (run_census).
 EVALUATION_PURPOSE, AUDIT_PURPOSE = "evaluation", "audit"
@@ -76,6 +89,17 @@ def check_census_fits(run_dir: Path, epsilon: float, budget: float, delta_bound:
         raise Refusal(P.REFUSED_BUDGET, "the run's epsilon is too small for the requested work: ask for a larger "
                                         "epsilon",
                       f"the census alone would spend more than the run's epsilon {epsilon:g}")
+
+
+def check_plan_possible(run_dir: Path, req: PlanRequest, site: "SiteSettings") -> None:
+    """Refuse, before a census is drawn, a training plan that no census could make possible (review s60: a stats
+    share of 1, or an epsilon that pays the census but not the queries the site reserves, was refused only after the
+    census's charge). The plan at the most favourable values any census and ledger could give -- a noisy total of
+    1e15 records, the published delta bound, nothing spent before -- is refused at every other: public values and
+    the site's settings only, like :func:`check_census_fits`."""
+    if load_census(run_dir) is None:
+        make_plan(with_query_policy(site, req), num_records=1e15, delta=site.delta_bound, budget=site.epsilon_budget,
+                  prior=[])
 
 
 def run_census(data: ImageDataset, ledger: "PrivacyLedger", run_dir: Path, *, mode: str, experiment: str,

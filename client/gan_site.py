@@ -29,7 +29,7 @@ from client.budget import (
     planned_steps,
     validate_plan_request,
 )
-from client.census import census_weight, check_census_fits, run_census
+from client.census import census_weight, check_census_fits, check_plan_possible, check_secure_room, run_census
 from client.dpgan import LocalGanTrainer, RoundSettings
 from client.dpsgd import DPSGD_CHUNK
 from client.limits import (Step, WorkLimits, check_work, meta_module, other_runs_mb, parameter_count,
@@ -269,8 +269,9 @@ def handle_train_gan(msg: Message, context: Context, site: SiteSettings) -> Mess
     return train_gan(P.GanTrainRequest.from_message(msg), context, site).as_reply(msg)
 
 
-def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P.GanTrainReply:
-    """One DP-GAN round at the site; the typed reply (sent as it is, or through secure aggregation)."""
+def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings, *,
+              secure: bool = False) -> P.GanTrainReply:
+    """One DP-GAN round at the site; the typed reply (sent as it is, or, ``secure``, into a SecAgg+ sum)."""
     require_mode(site, "dpgan")
     require_replacement(site, req.sensitive_attribute)
     shape = _check_request(req, site)
@@ -285,6 +286,7 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
         return P.GanTrainReply(**saved["reply"])
     validate_plan_request(_plan_request(req, req.local_steps))  # a malformed request costs nothing, not even a census
     check_census_fits(folder, req.epsilon, site.epsilon_budget, site.delta_bound)  # before a new ledger is started
+    check_plan_possible(folder, _plan_request(req, req.local_steps), site)
     ledger = open_ledger(site, data)
     census = run_census(data, ledger, folder, mode="dpgan", experiment=req.experiment, epsilon=req.epsilon,
                         budget=site.epsilon_budget, delta_bound=site.delta_bound,
@@ -294,6 +296,8 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings) -> P
     g_steps = _g_steps(req, site, previous, census)
     plan = plan_for_site(site, ledger, folder, _plan_request(req, steps), req.experiment, census=census)
     _check_saved_state(previous, shape, req.d_width)  # a plan recorded before it fixed the architecture
+    if secure:
+        check_secure_room(census_weight(census), req.generator)
     train = plan.train_round(steps)
     with charged_work(ledger, [train], data, site, purpose="dpgan", run=req.experiment, rnd=rnd, folder=folder,
                       run_epsilon=req.epsilon,

@@ -247,7 +247,7 @@ def _answer(msg: Message, context: Context, site: SiteSettings) -> Message:
     if mark.exists():  # before any work: the saved release will not be sent into a second sum
         raise _already_summed(request)
     inner = _INNER[request.MESSAGE_TYPE]
-    reply = inner(request, context, site, secure=True) if inner is release_bnstats else inner(request, context, site)
+    reply = inner(request, context, site, secure=True)
     try:
         summand = secure_wire.summand(request.MESSAGE_TYPE, reply)
     except secure_wire.RangeError as err:

@@ -12,8 +12,10 @@ REFUSED_BUDGET = 4001  # the request does not fit the site's privacy budget
 # Whether a budget refusal is sent is itself a release. It is decided only from the request, the site's
 # published delta bound, its ledger (what it has spent) and the run's census, a DP release charged first
 # (client.census.run_census). It is never decided from the record count, which would let free refusals
-# measure it. The one refusal before any charge that reads the budget alone: a ledger's start, when the budget
-# is below what the noisy size behind its default delta may cost (client.site_delta.least_budget).
+# measure it. The refusals before any charge that read the budget alone: a ledger's start, when the budget
+# is below what the noisy size behind its default delta may cost (client.site_delta.least_budget), and a training
+# plan no census could make possible (client.census.check_plan_possible, review s60: the plan at a noisy total of
+# 1e15, the published delta bound, nothing spent, the site's published query policy).
 REFUSED_BAD_REQUEST = 4002  # malformed, inconsistent or hostile request
 # A run id refused because it differs from a kept run's only in case (client.requests.run_dir) is quoted as sent;
 # the reason says that such a run exists, which re-sending an exact id shows already, and never names its folder.
@@ -40,6 +42,9 @@ ALREADY_SUMMED = "already went into a secure sum at this site"  # server.secure_
 # two stages of one setup sent at once); a masked-vector stage whose shares or neighbours' keys Flower's mod would
 # refuse after the work (client.secure_site._collect_problem, _public_keys_parse). Fixed text and the stage's own
 # counts: what the coordinator's own stages did, nothing of the records.
+# Also bad: a secure round whose model, weighted by the site's FedAvg weight (its census total, a charged release),
+# would leave the secure sum's range within a factor 2 (client.census.check_secure_room, review s60): it names the
+# model's largest value, the coordinator's own, and the protocol's range, never the weight.
 # Also bad, quoting only what the coordinator sent: a stage that is not one of SecAgg+'s four, or unmasking lists that
 # are not lists of node ids (client.secure_site.secagg_problem; refused before any file is named after a stage, so the
 # answer never depends on which files exist at the site).

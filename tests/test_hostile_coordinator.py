@@ -531,6 +531,18 @@ def test_a_renamed_dataset_id_does_not_give_the_same_records_a_second_budget(tmp
     assert [p.name for p in (tmp_path / "site-a" / "ledger").glob("*.jsonl")] == ["site-a.jsonl"]
 
 
+def test_a_plan_no_census_could_make_possible_is_refused_before_the_census(tmp_path):
+    """Review s60: an epsilon that pays the census but not the census and the queries the site reserves was refused
+    only by the plan, after the census's charge; no census could have saved it. Now refused before, at no cost."""
+    from tests.test_faults import gan_request
+
+    cfg = fast_config(tmp_path, num_rounds=1, epsilon=0.3)
+    node = deployed_site(tmp_path, heldout=DIGITS_TEST, evaluation=True, audits=True, **{"queries-per-run": 5})
+    reply = ask(LocalGrid(client_app, [node], cfg.to_flwr()), 1000, gan_request(cfg, experiment="small"))
+    assert reply.has_error() and reply.error.code == P.REFUSED_BUDGET
+    assert not list((tmp_path / "site-a").rglob("ledger/*.jsonl"))  # nothing charged, not even a ledger started
+
+
 def _spent(path: Path) -> float:
     from client.ledger import PrivacyLedger
 

@@ -296,6 +296,24 @@ def test_split_noise_carries_each_sites_own_sigma_whatever_the_other_sites_plans
     assert all("clip bounds every site shares" in why for why in got.failures.values()) and spent(tmp_path) == []
 
 
+def test_a_secure_round_whose_model_would_leave_the_sums_range_is_refused_before_its_charge(tmp_path):
+    """Review s60: a generator of large, finite weights passed every check, was charged (census and round) and
+    trained, then could not go into the sum (w * x beyond +-2^20), and failed so again at every re-send."""
+    from common.models import Generator
+
+    cfg = fast_config(tmp_path, num_rounds=2)
+    grid = _grid(cfg, 3)
+    shape = cfg.gan_shape(1, 8, 10)
+    generator = P.state_arrays(Generator(shape))
+    generator["label_embedding.weight"] = (generator["label_embedding.weight"] * 1e4).astype(np.float32)
+    request = gan_request(cfg, shape, "exp-range", 1, generator)
+    for _ in range(2):
+        got = secure_sum(grid, {n: request for n in grid.get_node_ids()}, round_label=1, timeout=30)
+        assert got.total is None and set(got.codes.values()) == {P.REFUSED_BAD_REQUEST}
+        assert all("would leave the secure aggregation's range" in why for why in got.failures.values())
+    assert all([e["purpose"] for e in entries] == ["dpgan-census"] for entries in charges(tmp_path))  # no round
+
+
 def test_a_site_splits_its_noise_only_where_its_operator_allows_it(tmp_path):
     """Distributed noise trusts the coordinator to run SecAgg+ honestly (one that fakes sites can unmask a
     site's release alone), so a site adds all of its noise unless its operator allowed the split; the refusal
