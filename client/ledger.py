@@ -74,7 +74,7 @@ class PrivacyLedger:
 
     def __init__(self, path: Path, *, epsilon_budget: float, delta: float | None = None,
                  new_delta: float | None = None, dataset_id: str = "", create: bool = True,
-                 first_charge: tuple[Sequence[DPEvent], str] | None = None, history: str = "") -> None:
+                 first_charge: tuple[Sequence[DPEvent], str, str] | None = None, history: str = "") -> None:
         """Open (or create) the ledger at ``path``.
 
         ``epsilon_budget`` is the site's own configuration (math.inf = no limit, which also allows
@@ -82,7 +82,7 @@ class PrivacyLedger:
         with (ValueError otherwise: a dataset's delta cannot change once privacy was spent under it);
         with ``delta=None`` the ledger keeps its recorded delta, and ``new_delta`` is used only to create
         a new ledger. ``create=False`` opens an existing ledger only (FileNotFoundError otherwise) and
-        never writes: reading a ledger must not create one. ``first_charge`` = (events, purpose): a release
+        never writes: reading a ledger must not create one. ``first_charge`` = (events, purpose, data fingerprint): a release
         that chose ``new_delta`` (:mod:`client.site_delta`), written as the first entry in the same write as
         the header when this call creates the ledger, and not at all when the ledger exists.
         ``history``: the caller's evidence that this dataset has released before (e.g. a site's saved replies), in
@@ -139,7 +139,7 @@ class PrivacyLedger:
             )
         return recorded
 
-    def _check_first_charge(self, first_charge: tuple[Sequence[DPEvent], str], delta: float) -> None:
+    def _check_first_charge(self, first_charge: tuple[Sequence[DPEvent], str, str], delta: float) -> None:
         cost = epsilon_for(list(first_charge[0]), delta)
         if cost > self.epsilon_budget + _BUDGET_SLACK:
             raise BudgetExceeded(
@@ -149,7 +149,7 @@ class PrivacyLedger:
                 requested_epsilon=cost, spent_epsilon=0.0, budget_epsilon=self.epsilon_budget, epsilon_after=cost)
 
     def _open_or_create(self, delta: float | None, *, explicit: bool,
-                        first_charge: tuple[Sequence[DPEvent], str] | None = None) -> float:
+                        first_charge: tuple[Sequence[DPEvent], str, str] | None = None) -> float:
         lf.make_dirs_durably(self.path.parent)
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
@@ -182,7 +182,7 @@ class PrivacyLedger:
                 lines = lf.dumps(lf.make_header(float(delta), self.dataset_id, first_charge[1] if with_charge else ""))
                 if with_charge:
                     lines += lf.dumps(lf.make_charge(events, purpose=first_charge[1], run="", round_=0, details={},
-                                                     epsilon_after=epsilon_for(events, delta), delta=delta, data=""))
+                                                     epsilon_after=epsilon_for(events, delta), delta=delta, data=first_charge[2]))
                 os.ftruncate(fd, 0)
                 lf.write_all(fd, lines)
                 os.fsync(fd)

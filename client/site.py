@@ -260,7 +260,7 @@ def open_ledger(site: SiteSettings, data: ImageDataset, *, create: bool = True) 
             raise Refusal(P.REFUSED_BUDGET, "this site's privacy budget cannot pay the start of its ledger",
                           f"the budget {site.epsilon_budget:g} is below {least_budget():.3g}, what the noisy size its "
                           "default delta is read off may cost: raise epsilon_budget, or set delta in site.yaml")
-        new_delta, first_charge = draw_default_delta(len(data)), ([size_event()], DELTA_PURPOSE)
+        new_delta, first_charge = draw_default_delta(len(data)), ([size_event()], DELTA_PURPOSE, data_fingerprint(data))
     try:
         ledger = PrivacyLedger(path, epsilon_budget=site.epsilon_budget, delta=site.delta or None,
                                new_delta=new_delta, first_charge=first_charge, dataset_id=site.ledger_id,
@@ -268,6 +268,9 @@ def open_ledger(site: SiteSettings, data: ImageDataset, *, create: bool = True) 
     except BudgetExceeded as err:
         raise Refusal(P.REFUSED_BUDGET, "this site's privacy budget cannot pay the start of its ledger", str(err)) \
             from None
+    if not site.delta and ledger.delta > P.DEFAULT_DELTA_BOUND:  # (review s60: the bound query.info publishes)
+        raise ValueError(f"privacy ledger {path} was created with delta={ledger.delta:g}, above the bound a site without "
+                         f"a delta publishes ({P.DEFAULT_DELTA_BOUND:g}); set delta: {ledger.delta:g} in the site config")
     last = ledger.last_fingerprint()
     current = data_fingerprint(data)
     if last is not None and last != current:

@@ -17,7 +17,9 @@ the handler's ``FitRes`` parameters, masks them and adds them up. Here:
 
 Where precision is lost: every value is clipped to +-``SECAGG_CLIPPING_RANGE`` and rounded stochastically
 to a step of ``SECAGG_STEP`` (0.125) by Flower's quantizer. :func:`summand` checks the range so that
-nothing is clipped silently; the error of a sum of k sites has std <= sqrt(k) * step / 2 per value, on
+nothing is clipped silently (a statistics value outside it is refused; a FedAvg model that outgrew it while it
+trained is clamped into it, with a warning, and :func:`check_room` refuses, before the round's charge, a model that
+starts too close to it); the error of a sum of k sites has std <= sqrt(k) * step / 2 per value, on
 w * x, i.e. <= sqrt(k) * 0.0625 / sum(w) on an averaged parameter (below 1e-4 for a few hundred records).
 """
 
@@ -34,6 +36,8 @@ from common.wire import quoted
 INNER_TYPE = "fedsynth.message-type"  # config keys the wrapper adds to the request's own settings
 INNER_FIELD = "fedsynth.array-field"
 INNER_NAMES = "fedsynth.array-names"
+
+log = logging.getLogger("fedsynth.site")
 
 # Flower's SecAgg+ workflow and mod log every stage of every site at DEBUG; our own log says what matters.
 if logging.getLogger("flwr").getEffectiveLevel() < logging.INFO:
@@ -56,7 +60,7 @@ def check_room(weight: float, model: dict[str, Any]) -> None:
     generator of large, finite weights passed every check, was charged and trained, and then failed at
     :func:`summand`, on every re-send; a site of some 280,000 records would do so with an honest generator)."""
     worst = max((float(np.max(np.abs(a))) for a in model.values() if np.size(a)), default=0.0)
-    if not np.isfinite(worst) or ROOM * weight * worst > P.SECAGG_CLIPPING_RANGE:
+    if not np.isfinite(worst) or ROOM * weight * max(worst, 1.0) > P.SECAGG_CLIPPING_RANGE:  # (1.0: the [w] entry)
         raise RangeError(f"the model sent (largest value {worst:.3g}), weighted by this site's FedAvg weight, would "
                          f"leave the secure aggregation's range +-{P.SECAGG_CLIPPING_RANGE:,.0f} within a factor {ROOM:g}")
 
@@ -111,8 +115,17 @@ def summand(kind: str, reply: P.Message) -> list[np.ndarray]:
     if kind == P.QUERY_BNSTATS:
         out = [np.asarray(field[n], dtype=np.float64) for n in names]
     else:
-        w = float(reply.weight)
-        out = [w * np.asarray(field[n], dtype=np.float64) for n in names] + [np.array([w])]
+        # A model that outgrew the range while it trained (check_room saw it fit before the round's charge; a large
+        # learning rate can grow it: review s60) is brought into it: post-processing of the round's DP release, where
+        # failing here would leave the charged round with no reply, at every re-send.
+        w, limit = float(reply.weight), P.SECAGG_CLIPPING_RANGE
+        out = [np.nan_to_num(w * np.asarray(field[n], dtype=np.float64), nan=0.0, posinf=limit, neginf=-limit)
+               for n in names]
+        if clamped := sum(int(np.count_nonzero(np.abs(a) > limit)) for a in out):
+            log.warning("%d weighted values of the %s release lie outside the secure sum's range: clamped into it "
+                        "(the average will be off where they are)", clamped, kind)
+            out = [np.clip(a, -limit, limit) for a in out]
+        out.append(np.array([w]))
     worst = max(float(np.max(np.abs(a))) if a.size else 0.0 for a in out)
     if not np.isfinite(worst) or worst > P.SECAGG_CLIPPING_RANGE:
         raise RangeError(f"a value of {worst:.3g} is outside the secure aggregation's range "

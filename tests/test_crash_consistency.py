@@ -362,7 +362,9 @@ def test_a_run_id_used_for_queries_before_it_trained_cannot_then_train(tmp_path)
     grid = LocalGrid(client_app, [node], cfg.to_flwr(), parallel=False)
     arrays = P.state_arrays(build_learner("logreg", (1, 8, 8), 10))
     assert not _evaluation(grid, 1000, arrays, "logreg", "e1").has_error()
-    reply = send(grid, 1000, gan_request(cfg, experiment="e1", server_round=1, epsilon=1.0))
+    # (at epsilon 10: at 1 no census could make a plan that also reserves the site's ten queries, which is refused
+    # before this, at no cost: client.census.check_plan_possible)
+    reply = send(grid, 1000, gan_request(cfg, experiment="e1", server_round=1, epsilon=10.0))
     assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST and "trains first" in reply.error.reason
     ledger = PrivacyLedger(tmp_path / "site-a" / "ledger" / "site-a.jsonl", epsilon_budget=math.inf, create=False)
     assert [e["purpose"] for e in ledger.entries() if e["run"] == "e1"] == ["evaluation"]  # no census charged

@@ -531,6 +531,25 @@ def test_a_renamed_dataset_id_does_not_give_the_same_records_a_second_budget(tmp
     assert [p.name for p in (tmp_path / "site-a" / "ledger").glob("*.jsonl")] == ["site-a.jsonl"]
 
 
+def test_a_ledgers_first_entry_ties_it_to_its_records_and_its_delta_to_the_published_bound(tmp_path):
+    """Review s60 (attacking its own fix): the ledger's first entry, its default delta's noisy size, recorded no data
+    fingerprint, so a second dataset id over the same records started a second ledger while the first held only
+    that entry; and a ledger made with delta 1e-4, opened by a site whose delta was then unset, was planned at 1e-4
+    while query.info published 1e-5 (under which an honest neighbour's split noise fell short)."""
+    from client.ledger import LedgerDamaged
+    from client.site import open_ledger, resolve_site
+
+    node = deployed_site(tmp_path, train=DIGITS.subset(np.arange(300)))
+    data = load_dataset(node["data-path"], "train")
+    assert open_ledger(resolve_site(node, {}), data).summary()["releases"] == 1  # the noisy size only
+    with pytest.raises(LedgerDamaged, match="set dataset_id back to 'site-a'"):
+        open_ledger(resolve_site(node | {"dataset-id": "other"}, {}), data)
+    loose = deployed_site(tmp_path, train=DIGITS.subset(np.arange(300)), name="site-b", delta=1e-4)
+    open_ledger(resolve_site(loose, {}), data)
+    with pytest.raises(ValueError, match="set delta: 0.0001"):
+        open_ledger(resolve_site(loose | {"delta": 0.0}, {}), data)
+
+
 def test_a_plan_no_census_could_make_possible_is_refused_before_the_census(tmp_path):
     """Review s60: an epsilon that pays the census but not the census and the queries the site reserves was refused
     only by the plan, after the census's charge; no census could have saved it. Now refused before, at no cost."""

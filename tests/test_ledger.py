@@ -170,10 +170,10 @@ def test_a_creation_torn_between_its_header_and_its_first_charge_is_created_agai
 
     monkeypatch.setattr(os, "write", header_then_full_disk)
     with pytest.raises(OSError):
-        PrivacyLedger(path, epsilon_budget=10.0, new_delta=3e-6, first_charge=([size_event()], DELTA_PURPOSE))
+        PrivacyLedger(path, epsilon_budget=10.0, new_delta=3e-6, first_charge=([size_event()], DELTA_PURPOSE, "f"))
     monkeypatch.setattr(os, "write", real_write)
     assert json.loads(path.read_bytes().split(b"\n")[0])["type"] == "header" and path.read_bytes().count(b"\n") == 1
-    again = PrivacyLedger(path, epsilon_budget=10.0, new_delta=7e-6, first_charge=([size_event()], DELTA_PURPOSE))
+    again = PrivacyLedger(path, epsilon_budget=10.0, new_delta=7e-6, first_charge=([size_event()], DELTA_PURPOSE, "f"))
     assert again.delta == 7e-6  # created afresh: the torn header's delta was never charged
     assert again.summary()["per_purpose_releases"] == {DELTA_PURPOSE: 1}
     assert PrivacyLedger(path, epsilon_budget=10.0, create=False).spent().releases == 1

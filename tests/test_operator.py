@@ -248,7 +248,10 @@ def test_two_supernodes_over_the_same_records_share_the_ledger_and_keep_their_ow
                                        "coordinator": "127.0.0.1:9", "supernode_port": 39999, **settings}))
         return main(["site", "--config", str(cfg), "--check", "--insecure"])
 
+    state.mkdir()
+    (state / "node-config.toml").write_text('site-name = "fed0"\n')  # where a site's node config was before s60
     assert check("fed1", require_secure_aggregation=True) == 0 and check("fed2") == 0
+    assert not (state / "node-config.toml").exists()  # removed: an old compose path fails instead of reading it
     node = tomllib.loads((state / "nodes" / "fed1" / "node-config.toml").read_text())
     assert node["site-name"] == "fed1" and node["require-secure-aggregation"] is True  # not fed2's
     running = supernode_guard.lock_node_folder(state / "nodes" / "fed1")  # fed1's SuperNode, running
@@ -258,8 +261,17 @@ def test_two_supernodes_over_the_same_records_share_the_ledger_and_keep_their_ow
         with pytest.raises(SystemExit, match="another SuperNode runs with the node files"):
             supernode_guard.hold_node_lock(["--node-config", str(state / "nodes" / "fed1" / "node-config.toml")])
         assert check("fed2") == 0  # another name over the same records starts
+        # a SuperNode started with an old compose file's path locks the same folder as `fedsynth site` would
+        old_style = tmp_path / "old-node-config.toml"
+        old_style.write_text(f'state-dir = "{state}"\nsite-name = "fed2"\n')
+        supernode_guard.hold_node_lock(["--node-config", str(old_style)])
+        capsys.readouterr()
+        assert check("fed2") == 2 and "a SuperNode named 'fed2' runs" in capsys.readouterr().err
     finally:
         os.close(running)
+        from fedsynth.ops import node_folder
+        while node_folder._held_lock:
+            os.close(node_folder._held_lock.pop())
     assert check("fed1") == 0
 
 

@@ -26,7 +26,7 @@ from fedsynth.ops.approved_code import BundleError, installed_bundle_digest, wri
 from fedsynth.ops.fields import DeployError, info, loud, port_free, warn, write_toml
 from fedsynth.ops.processes import Child, flower_env, forward_signals
 from fedsynth.ops.site_config import SITE_KEYS, WORK_LIMITS, SiteDeployment, load_site_config  # noqa: F401 (re-exported)
-from fedsynth.ops.supernode_guard import lock_node_folder
+from fedsynth.ops.node_folder import lock_node_folder
 from fedsynth.ops.tls import check_ca, check_private_key
 
 LARGE_EPSILON = 100.0  # a site budget above it gets the loud warning an unlimited one gets
@@ -292,12 +292,12 @@ def _announce(dep: SiteDeployment, check: SiteCheck) -> None:
          "grows with the record count (site.yaml min_reply_seconds hides it)")
     if math.isinf(s.epsilon_budget):
         loud(f"site '{dep.name}' has an UNLIMITED budget (epsilon: inf): it may release NON-PRIVATE models of its data.")
-    elif s.epsilon_budget > LARGE_EPSILON:
+    elif led is not None and led["remaining_epsilon"] <= 0:
+        warn(f"site '{dep.name}' has no budget left; it will refuse every request that releases anything")
+    if LARGE_EPSILON < s.epsilon_budget < math.inf:
         loud(f"site '{dep.name}' has a budget of epsilon {s.epsilon_budget:g}: above {LARGE_EPSILON:g} a DP guarantee "
              "says next to nothing (e^epsilon bounds how much likelier any outcome is with a record than without); "
              "typical budgets are 1 to 10.")
-    elif led is not None and led["remaining_epsilon"] <= 0:
-        warn(f"site '{dep.name}' has no budget left; it will refuse every request that releases anything")
 
 
 def cmd_site(args: argparse.Namespace) -> int:
@@ -321,6 +321,11 @@ def cmd_site(args: argparse.Namespace) -> int:
     cmd = supernode_command(dep, args.insecure, approvals)
     # written by --check too: a Docker site's SuperNode reads it (deploy/README.md), pinned shape included (review s58)
     write_toml(dep.node_config, dep.settings.to_node_config())
+    if (old := dep.state_dir / "node-config.toml").exists():  # before review s60 it was here, shared by every node
+        old.unlink()
+        warn(f"removed {old}: a site's node config is now {dep.node_config} (a Docker SuperNode still started with "
+             "the old path fails to start instead of reading settings that are no longer this site's: update its "
+             "--node-config and FLWR_HOME as deploy/compose.yaml shows)")
     if args.check:
         info(f"check passed; `fedsynth site --config {args.config}` would run:\n  FLWR_HOME={dep.flwr_home} "
              + " ".join(cmd) + f"\n  with node config {dep.node_config} (written): "

@@ -30,15 +30,12 @@ More holes around that step, each closed here (tests/test_supernode_guard.py):
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import sys
-import tomllib
 from pathlib import Path
 
 from flwr.common.constant import APP_DIR, FAB_HASH_TRUNCATION  # install folders: apps/<id>.<version>.<sha[:8]>
@@ -47,6 +44,8 @@ from common.refusal_codes import REFUSED_UNAPPROVED_CODE  # (import-light: no to
 from common.wire import quoted
 from fedsynth.ops.approved_code import (BundleError, bundle_app_id, bundle_digest, installed_bundle_digest,
                                         is_digest, read_approvals)
+from fedsynth.ops.node_folder import (SETUPS_FOLDER, clear_stage_claims, hold_node_lock,  # noqa: F401 (re-exported)
+                                      lock_node_folder)
 
 log = logging.getLogger("fedsynth.site")
 MAX_LOGGED_ID = 128  # characters of a message's group id, id and type (round labels, sha256 hex, "train.gan")
@@ -320,61 +319,6 @@ def clear_installed_apps() -> None:
     except OSError as err:
         sys.exit(f"fedsynth: cannot remove the app bundles an earlier start installed ({err}); remove "
                  f"{get_flwr_home() / APP_DIR} by hand, then start again")
-
-
-SETUPS_FOLDER = "secure-setups"  # client.secure_site's: in the site's state folder, a folder per site name
-NODE_LOCK = "supernode.lock"  # in a SuperNode's own folder (site_config.SiteDeployment.node_dir), held while it runs
-_held_lock: list[int] = []  # the lock's descriptor, kept open for the life of this process
-
-
-def _node_config_path(supernode_args: list[str]) -> Path | None:
-    paths = [arg.split("=", 1)[1] for arg in supernode_args if arg.startswith("--node-config=")]  # (compose.yaml's)
-    paths += [supernode_args[i + 1] for i, arg in enumerate(supernode_args[:-1]) if arg == "--node-config"]
-    return Path(paths[0]) if len(paths) == 1 else None
-
-
-def lock_node_folder(folder: Path) -> int | None:
-    """An exclusive lock on a SuperNode's own folder, held by the returned descriptor until it is closed; None when
-    another process holds it. Two SuperNodes over the same records share a state folder, for its one ledger, and each
-    keeps its node config, approvals and Flower home in a folder of its site's name (review s60): the lock refuses a
-    second SuperNode of the same name there, which would overwrite the first's files and clear its stage claims."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / NODE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def hold_node_lock(supernode_args: list[str]) -> None:
-    """Lock the folder of the node config ``--node-config`` names for the life of this process, or stop."""
-    path = _node_config_path(supernode_args)
-    if path is None:
-        return
-    fd = lock_node_folder(path.parent)
-    if fd is None:
-        sys.exit(f"fedsynth: another SuperNode runs with the node files in {path.parent}; stop it first, or give a "
-                 "second SuperNode over the same records a site name of its own")
-    _held_lock.append(fd)
-
-
-def clear_stage_claims(supernode_args: list[str]) -> None:
-    """Remove the SecAgg+ stage claims of the site whose node config ``--node-config`` names (its ``state-dir`` and
-    ``site-name``): only its own, since another SuperNode over the same records may run on the state folder.
-
-    A setup's secrets live in the SuperNode's memory only, so its claims (client.secure_site) mean nothing once it
-    restarts; a coordinator could make a site keep two empty files per setup, for free and for ever (review s58).
-    Cleared here, at every start, whether ``fedsynth site`` or a Docker entry point starts the SuperNode."""
-    path = _node_config_path(supernode_args)
-    try:
-        config = tomllib.loads(path.read_text()) if path is not None else {}
-    except (OSError, ValueError):
-        return  # (not a file fedsynth wrote: nothing of ours to clear)
-    state, name = config.get("state-dir"), config.get("site-name")
-    if isinstance(state, str) and state and isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][\w.-]{0,63}", name):
-        shutil.rmtree(Path(state) / SETUPS_FOLDER / name, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:

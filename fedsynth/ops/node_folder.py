@@ -1,0 +1,85 @@
+"""A SuperNode's own folder in its site's state folder, and what the guard clears and locks in it at each start.
+
+Two SuperNodes over the same records share one state folder, for its one privacy ledger (deploy/README.md, section
+3). Until review s60 they shared every other file there too: the second one's check rewrote the first's node config
+(which a Docker SuperNode reads at its next start), its approvals and its Flower home, and its start cleared the first's
+SecAgg+ stage claims. Each now keeps them under its site name (``<state_dir>/nodes/<name>/``,
+``<state_dir>/secure-setups/<name>/``), and holds a lock on its folder while it runs.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import sys
+import tomllib
+from pathlib import Path
+
+SETUPS_FOLDER = "secure-setups"  # client.secure_site's: in the site's state folder, a folder per site name
+NODE_LOCK = "supernode.lock"  # in a SuperNode's own folder (site_config.SiteDeployment.node_dir), held while it runs
+_held_lock: list[int] = []  # the lock's descriptor, kept open for the life of this process
+
+
+def _node_config_path(supernode_args: list[str]) -> Path | None:
+    paths = [arg.split("=", 1)[1] for arg in supernode_args if arg.startswith("--node-config=")]  # (compose.yaml's)
+    paths += [supernode_args[i + 1] for i, arg in enumerate(supernode_args[:-1]) if arg == "--node-config"]
+    return Path(paths[0]) if len(paths) == 1 else None
+
+
+def lock_node_folder(folder: Path) -> int | None:
+    """An exclusive lock on a SuperNode's own folder, held by the returned descriptor until it is closed; None when
+    another process holds it. Two SuperNodes over the same records share a state folder, for its one ledger, and each
+    keeps its node config, approvals and Flower home in a folder of its site's name (review s60): the lock refuses a
+    second SuperNode of the same name there, which would overwrite the first's files and clear its stage claims."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / NODE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _node_folder(config: dict) -> Path | None:
+    """``<state-dir>/nodes/<site-name>`` of a node config fedsynth wrote (site_config.SiteDeployment.node_dir)."""
+    state, name = config.get("state-dir"), config.get("site-name")
+    if isinstance(state, str) and state and isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][\w.-]{0,63}", name):
+        return Path(state) / "nodes" / name
+    return None
+
+
+def _read_node_config(path: Path | None) -> dict:
+    try:
+        return tomllib.loads(path.read_text()) if path is not None else {}
+    except (OSError, ValueError):
+        return {}  # (not a file fedsynth wrote)
+
+
+def hold_node_lock(supernode_args: list[str]) -> None:
+    """Lock the site's own folder (from the node config ``--node-config`` names; where that file is, for one fedsynth
+    did not write) for the life of this process, or stop. Read from the config's contents, so that a SuperNode
+    started with an older compose file's path locks the same folder as one ``fedsynth site`` starts (review s60)."""
+    path = _node_config_path(supernode_args)
+    if path is None:
+        return
+    folder = _node_folder(_read_node_config(path)) or path.parent
+    fd = lock_node_folder(folder)
+    if fd is None:
+        sys.exit(f"fedsynth: another SuperNode runs with the node files in {folder}; stop it first, or give a "
+                 "second SuperNode over the same records a site name of its own")
+    _held_lock.append(fd)
+
+
+def clear_stage_claims(supernode_args: list[str]) -> None:
+    """Remove the SecAgg+ stage claims of the site whose node config ``--node-config`` names (its ``state-dir`` and
+    ``site-name``): only its own, since another SuperNode over the same records may run on the state folder.
+
+    A setup's secrets live in the SuperNode's memory only, so its claims (client.secure_site) mean nothing once it
+    restarts; a coordinator could make a site keep two empty files per setup, for free and for ever (review s58).
+    Cleared here, at every start, whether ``fedsynth site`` or a Docker entry point starts the SuperNode."""
+    config = _read_node_config(_node_config_path(supernode_args))
+    if (folder := _node_folder(config)) is not None:  # (nothing of ours to clear in a file fedsynth did not write)
+        shutil.rmtree(Path(config["state-dir"]) / SETUPS_FOLDER / folder.name, ignore_errors=True)
