@@ -247,10 +247,10 @@ def open_ledger(site: SiteSettings, data: ImageDataset, *, create: bool = True) 
                     site.ledger_id)
     new_delta, first_charge = None, None
     history = released_before(site)
-    if not path.exists() and (others := lf.ledgers_of_data(path, data_fingerprint(data))):
+    if others := lf.ledgers_of_data(path, data_fingerprint(data)):  # at every opening: an id switched and back (s60)
         raise lf.LedgerDamaged(f"the records of this site have released under dataset id {others[0]!r} (its privacy "
-                               f"ledger is in {path.parent}); a new ledger under dataset id {site.ledger_id!r} would give "
-                               "them a second privacy budget, so nothing is charged or computed: set dataset_id back to "
+                               f"ledger is in {path.parent}); a ledger under dataset id {site.ledger_id!r} beside it would "
+                               "give them a second privacy budget, so nothing is charged or computed: set dataset_id back to "
                                f"{others[0]!r} in the site config")
     if create and not site.delta:
         # The default delta is read off a noisy size, charged as the ledger's first entry (client.site_delta).

@@ -60,7 +60,7 @@ def check_room(weight: float, model: dict[str, Any]) -> None:
     generator of large, finite weights passed every check, was charged and trained, and then failed at
     :func:`summand`, on every re-send; a site of some 280,000 records would do so with an honest generator)."""
     worst = max((float(np.max(np.abs(a))) for a in model.values() if np.size(a)), default=0.0)
-    if not np.isfinite(worst) or ROOM * weight * max(worst, 1.0) > P.SECAGG_CLIPPING_RANGE:  # (1.0: the [w] entry)
+    if not np.isfinite(worst) or max(ROOM * weight * worst, weight) > P.SECAGG_CLIPPING_RANGE:  # (weight: the [w] entry)
         raise RangeError(f"the model sent (largest value {worst:.3g}), weighted by this site's FedAvg weight, would "
                          f"leave the secure aggregation's range +-{P.SECAGG_CLIPPING_RANGE:,.0f} within a factor {ROOM:g}")
 
@@ -119,12 +119,11 @@ def summand(kind: str, reply: P.Message) -> list[np.ndarray]:
         # learning rate can grow it: review s60) is brought into it: post-processing of the round's DP release, where
         # failing here would leave the charged round with no reply, at every re-send.
         w, limit = float(reply.weight), P.SECAGG_CLIPPING_RANGE
-        out = [np.nan_to_num(w * np.asarray(field[n], dtype=np.float64), nan=0.0, posinf=limit, neginf=-limit)
-               for n in names]
-        if clamped := sum(int(np.count_nonzero(np.abs(a) > limit)) for a in out):
-            log.warning("%d weighted values of the %s release lie outside the secure sum's range: clamped into it "
-                        "(the average will be off where they are)", clamped, kind)
-            out = [np.clip(a, -limit, limit) for a in out]
+        out = [w * np.asarray(field[n], dtype=np.float64) for n in names]
+        if clamped := sum(int(np.count_nonzero(~(np.abs(a) <= limit))) for a in out):  # (NaN and inf included)
+            log.warning("%d weighted values of the %s release are not finite or lie outside the secure sum's range: "
+                        "brought into it (NaN to 0; the average will be off where they are)", clamped, kind)
+            out = [np.clip(np.nan_to_num(a, nan=0.0, posinf=limit, neginf=-limit), -limit, limit) for a in out]
         out.append(np.array([w]))
     worst = max(float(np.max(np.abs(a))) if a.size else 0.0 for a in out)
     if not np.isfinite(worst) or worst > P.SECAGG_CLIPPING_RANGE:

@@ -537,13 +537,22 @@ def test_a_ledgers_first_entry_ties_it_to_its_records_and_its_delta_to_the_publi
     that entry; and a ledger made with delta 1e-4, opened by a site whose delta was then unset, was planned at 1e-4
     while query.info published 1e-5 (under which an honest neighbour's split noise fell short)."""
     from client.ledger import LedgerDamaged
-    from client.site import open_ledger, resolve_site
+    from client.site import data_fingerprint, open_ledger, resolve_site
+    from common.accounting import DPEvent
 
     node = deployed_site(tmp_path, train=DIGITS.subset(np.arange(300)))
     data = load_dataset(node["data-path"], "train")
     assert open_ledger(resolve_site(node, {}), data).summary()["releases"] == 1  # the noisy size only
     with pytest.raises(LedgerDamaged, match="set dataset_id back to 'site-a'"):
         open_ledger(resolve_site(node | {"dataset-id": "other"}, {}), data)
+    # an id switched and back: a ledger that had charged nothing of its records (its delta set, so no noisy size)
+    # while another id's ledger spent on them is refused too, at every opening (review s60's eighth helper)
+    fixed = deployed_site(tmp_path, train=DIGITS.subset(np.arange(300)), name="site-c", delta=1e-6)
+    assert open_ledger(resolve_site(fixed, {}), data).summary()["releases"] == 0  # its header only
+    other = open_ledger(resolve_site(fixed | {"dataset-id": "c2"}, {}), data)
+    other.charge([DPEvent(1.0, 0.01, 10)], purpose="x", run="r", round=0, data=data_fingerprint(data))
+    with pytest.raises(LedgerDamaged, match="set dataset_id back to 'c2'"):
+        open_ledger(resolve_site(fixed, {}), data)
     loose = deployed_site(tmp_path, train=DIGITS.subset(np.arange(300)), name="site-b", delta=1e-4)
     open_ledger(resolve_site(loose, {}), data)
     with pytest.raises(ValueError, match="set delta: 0.0001"):

@@ -267,6 +267,13 @@ def test_two_supernodes_over_the_same_records_share_the_ledger_and_keep_their_ow
         supernode_guard.hold_node_lock(["--node-config", str(old_style)])
         capsys.readouterr()
         assert check("fed2") == 2 and "a SuperNode named 'fed2' runs" in capsys.readouterr().err
+        # and a config copied into another site's folder, naming its own site, locks that folder too
+        (state / "nodes" / "fed3").mkdir(parents=True)
+        copied = state / "nodes" / "fed3" / "node-config.toml"
+        copied.write_text(f'state-dir = "{state}"\nsite-name = "fed4"\n')
+        supernode_guard.hold_node_lock(["--node-config", str(copied)])
+        capsys.readouterr()
+        assert check("fed3") == 2 and check("fed4") == 2
     finally:
         os.close(running)
         from fedsynth.ops import node_folder

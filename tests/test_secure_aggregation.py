@@ -314,7 +314,7 @@ def test_a_secure_round_whose_model_would_leave_the_sums_range_is_refused_before
     assert all([e["purpose"] for e in entries] == ["dpgan-census"] for entries in charges(tmp_path))  # no round
 
 
-def test_a_model_that_outgrew_the_sums_range_while_it_trained_is_clamped_not_lost():
+def test_a_model_that_outgrew_the_sums_range_while_it_trained_is_clamped_not_lost(caplog):
     """Review s60: a learning rate inside the recipe's range (lr-g 1000) grew a generator past the range while it
     trained, after the round's charge, and the site then failed at every re-send. The trained model is the round's DP
     release, so bringing it into the range is post-processing: it is clamped (with a warning), and the weight itself
@@ -324,12 +324,15 @@ def test_a_model_that_outgrew_the_sums_range_while_it_trained_is_clamped_not_los
     limit = P.SECAGG_CLIPPING_RANGE
     reply = SimpleNamespace(weight=1000.0, generator={"a": np.array([5000.0, -2.0], np.float32),
                                                       "b": np.array([np.nan, np.inf], np.float32)})
-    a, b, w = secure_wire.summand(P.TRAIN_GAN, reply)
+    with caplog.at_level("WARNING", logger="fedsynth.site"):
+        a, b, w = secure_wire.summand(P.TRAIN_GAN, reply)
     assert list(a) == [limit, -2000.0] and list(b) == [0.0, limit] and list(w) == [1000.0]
+    assert "3 weighted values" in caplog.text  # the NaN and the inf too, each said in the site's log
     with pytest.raises(secure_wire.RangeError):  # statistics: refused, never clamped
         secure_wire.summand(P.QUERY_BNSTATS, SimpleNamespace(stats={"count": np.array([2.0 * limit])}))
     with pytest.raises(secure_wire.RangeError):  # a weight the [w] entry cannot carry, whatever the model
-        secure_wire.check_room(limit, {"a": np.array([1e-3], np.float32)})
+        secure_wire.check_room(limit + 1, {"a": np.array([1e-3], np.float32)})
+    secure_wire.check_room(600_000, {"a": np.array([0.5], np.float32)})  # fits, the weight cannot grow
 
 
 def test_a_site_splits_its_noise_only_where_its_operator_allows_it(tmp_path):

@@ -59,18 +59,19 @@ def _read_node_config(path: Path | None) -> dict:
 
 
 def hold_node_lock(supernode_args: list[str]) -> None:
-    """Lock the site's own folder (from the node config ``--node-config`` names; where that file is, for one fedsynth
-    did not write) for the life of this process, or stop. Read from the config's contents, so that a SuperNode
-    started with an older compose file's path locks the same folder as one ``fedsynth site`` starts (review s60)."""
+    """Lock the site's own folder, from the node config ``--node-config`` names, and the folder that file is in, for
+    the life of this process, or stop. From the config's contents, so that a SuperNode started with an older compose
+    file's path locks the same folder as one ``fedsynth site`` starts; and its file's folder too, where a config copied
+    into another site's folder names its own site (review s60)."""
     path = _node_config_path(supernode_args)
     if path is None:
         return
-    folder = _node_folder(_read_node_config(path)) or path.parent
-    fd = lock_node_folder(folder)
-    if fd is None:
-        sys.exit(f"fedsynth: another SuperNode runs with the node files in {folder}; stop it first, or give a "
-                 "second SuperNode over the same records a site name of its own")
-    _held_lock.append(fd)
+    for folder in dict.fromkeys(f for f in (_node_folder(_read_node_config(path)), path.parent) if f is not None):
+        fd = lock_node_folder(folder)
+        if fd is None:
+            sys.exit(f"fedsynth: another SuperNode runs with the node files in {folder}; stop it first, or give a "
+                     "second SuperNode over the same records a site name of its own")
+        _held_lock.append(fd)
 
 
 def clear_stage_claims(supernode_args: list[str]) -> None:
