@@ -65,7 +65,7 @@ class RunConfig:
     # --- secure aggregation (SecAgg+): the coordinator sees only sums over the sites ----------------
     secure_aggregation: bool = False  # average the generator / shared net and pool the statistics with SecAgg+ (>= 3 sites)
     secure_threshold: int = 0  # live sites needed to remove a dropped site's masks (0 = two thirds of the sites)
-    distributed_noise: bool = False  # statistics mode with secure aggregation: each of >= t sites adds 1/sqrt(t) of the noise
+    distributed_noise: bool = False  # statistics mode with secure aggregation: each of >= t sites adds part (>= 1/sqrt(t)) of the noise
     # --- DP-GAN (site-side local training) -----------------------------------------------------------
     gan_local_steps: int = 0  # discriminator DP-SGD steps per site per round (0 = chosen by the product)
     gan_long_local_steps: int = 0  # D steps per round a site takes instead where its noisy census counts 10,000 records or more (0 = chosen by the product; = gan-local-steps: never)

@@ -43,7 +43,7 @@ ALREADY_SUMMED = "already went into a secure sum at this site"  # server.secure_
 # refuse after the work (client.secure_site._collect_problem, _public_keys_parse). Fixed text and the stage's own
 # counts: what the coordinator's own stages did, nothing of the records.
 # Also bad: a secure round whose model, weighted by the site's FedAvg weight (its census total, a charged release),
-# would leave the secure sum's range within a factor 2 (client.census.check_secure_room, review s60): it names the
+# would leave the secure sum's range (client.census.check_secure_room, review s60): it names the
 # model's largest value, the coordinator's own, and the protocol's range, never the weight.
 # Also bad, quoting only what the coordinator sent: a stage that is not one of SecAgg+'s four, or unmasking lists that
 # are not lists of node ids (client.secure_site.secagg_problem; refused before any file is named after a stage, so the

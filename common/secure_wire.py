@@ -51,18 +51,18 @@ class RangeError(ValueError):
     """A value the site would add lies outside the secure aggregation's range."""
 
 
-ROOM = 2.0  # a secure round starts only where its model may grow this much before its weighted values leave the range
+ROOM = 1.0  # a secure round starts only where its weighted model is inside the range (one that outgrows it: summand)
 
 
 def check_room(weight: float, model: dict[str, Any]) -> None:
-    """Raise RangeError where the model a FedAvg round starts from, weighted by the site's noisy total ``weight``,
-    leaves less than ROOM times its largest value inside the range: called before the round's charge (review s60: a
+    """Raise RangeError where the model a FedAvg round starts from, weighted by the site's noisy total ``weight``
+    (times ROOM), or the weight itself, leaves the range: called before the round's charge (review s60: a
     generator of large, finite weights passed every check, was charged and trained, and then failed at
     :func:`summand`, on every re-send; a site of some 280,000 records would do so with an honest generator)."""
     worst = max((float(np.max(np.abs(a))) for a in model.values() if np.size(a)), default=0.0)
     if not np.isfinite(worst) or max(ROOM * weight * worst, weight) > P.SECAGG_CLIPPING_RANGE:  # (weight: the [w] entry)
         raise RangeError(f"the model sent (largest value {worst:.3g}), weighted by this site's FedAvg weight, would "
-                         f"leave the secure aggregation's range +-{P.SECAGG_CLIPPING_RANGE:,.0f} within a factor {ROOM:g}")
+                         f"leave the secure aggregation's range +-{P.SECAGG_CLIPPING_RANGE:,.0f}")
 
 
 def wrap_request(request: P.Message) -> Any:

@@ -219,11 +219,11 @@ def test_a_site_with_a_weak_delta_a_huge_budget_or_its_state_in_its_data_is_told
     code, text = check(delta=0.5)
     assert code == 2 and "delta 0.5 is at least 1 / (its 40 records)" in text
     code, text = check(delta=1e-3)
-    assert code == 0 and "delta 0.001 is above min(1e-5, 1/(10 n))" in text
+    assert code == 0 and "delta 0.001 is above 1e-5, the usual bound" in text
     code, text = check(epsilon=1e6)
     assert code == 0 and "budget of epsilon 1e+06" in text and "says next to nothing" in text
     code, text = check()
-    assert code == 0 and "is above min(1e-5" not in text and "says next to nothing" not in text
+    assert code == 0 and "the usual bound" not in text and "says next to nothing" not in text
     code, text = check(state_dir=str(data / "state"))
     assert code == 2 and "lies inside the data folder" in text and not (data / "state").exists()
 
@@ -250,7 +250,9 @@ def test_two_supernodes_over_the_same_records_share_the_ledger_and_keep_their_ow
 
     state.mkdir()
     (state / "node-config.toml").write_text('site-name = "fed0"\n')  # where a site's node config was before s60
-    assert check("fed1", require_secure_aggregation=True) == 0 and check("fed2") == 0
+    assert check("fed1", require_secure_aggregation=True) == 0
+    assert check("fed2") == 2 and "set dataset_id: fed1" in capsys.readouterr().err  # one ledger for the records
+    assert check("fed2", dataset_id="fed1") == 0
     assert not (state / "node-config.toml").exists()  # removed: an old compose path fails instead of reading it
     node = tomllib.loads((state / "nodes" / "fed1" / "node-config.toml").read_text())
     assert node["site-name"] == "fed1" and node["require-secure-aggregation"] is True  # not fed2's
@@ -260,20 +262,20 @@ def test_two_supernodes_over_the_same_records_share_the_ledger_and_keep_their_ow
         assert check("fed1") == 2 and "a SuperNode named 'fed1' runs on state_dir" in capsys.readouterr().err
         with pytest.raises(SystemExit, match="another SuperNode runs with the node files"):
             supernode_guard.hold_node_lock(["--node-config", str(state / "nodes" / "fed1" / "node-config.toml")])
-        assert check("fed2") == 0  # another name over the same records starts
+        assert check("fed2", dataset_id="fed1") == 0  # another name over the same records starts
         # a SuperNode started with an old compose file's path locks the same folder as `fedsynth site` would
         old_style = tmp_path / "old-node-config.toml"
         old_style.write_text(f'state-dir = "{state}"\nsite-name = "fed2"\n')
         supernode_guard.hold_node_lock(["--node-config", str(old_style)])
         capsys.readouterr()
-        assert check("fed2") == 2 and "a SuperNode named 'fed2' runs" in capsys.readouterr().err
+        assert check("fed2", dataset_id="fed1") == 2 and "a SuperNode named 'fed2' runs" in capsys.readouterr().err
         # and a config copied into another site's folder, naming its own site, locks that folder too
         (state / "nodes" / "fed3").mkdir(parents=True)
         copied = state / "nodes" / "fed3" / "node-config.toml"
         copied.write_text(f'state-dir = "{state}"\nsite-name = "fed4"\n')
         supernode_guard.hold_node_lock(["--node-config", str(copied)])
         capsys.readouterr()
-        assert check("fed3") == 2 and check("fed4") == 2
+        assert check("fed3", dataset_id="fed1") == 2 and check("fed4", dataset_id="fed1") == 2
     finally:
         os.close(running)
         from fedsynth.ops import node_folder

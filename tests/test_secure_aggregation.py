@@ -818,6 +818,9 @@ def test_a_sites_stage_claims_are_cleared_when_its_supernode_starts(tmp_path):
     assert not claims.exists() and (tmp_path / "state").exists()
     # review s60: another SuperNode over the same records, on the same state folder, keeps its claims
     assert (others / "abc-share_keys").exists()
+    (claims.parent / "old-share_keys").touch()  # a claim an earlier fedsynth kept at the top
+    supernode_guard.clear_stage_claims(["--node-config", str(node_config)])
+    assert not (claims.parent / "old-share_keys").exists() and (others / "abc-share_keys").exists()
     claims.mkdir()
     supernode_guard.clear_stage_claims([f"--node-config={node_config}"])  # deploy/compose.yaml's form
     assert not claims.exists()

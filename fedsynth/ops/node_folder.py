@@ -70,7 +70,7 @@ def hold_node_lock(supernode_args: list[str]) -> None:
         fd = lock_node_folder(folder)
         if fd is None:
             sys.exit(f"fedsynth: another SuperNode runs with the node files in {folder}; stop it first, or give a "
-                     "second SuperNode over the same records a site name of its own")
+                     "second SuperNode over the same records a site name of its own (and the same dataset_id)")
         _held_lock.append(fd)
 
 
@@ -83,4 +83,8 @@ def clear_stage_claims(supernode_args: list[str]) -> None:
     Cleared here, at every start, whether ``fedsynth site`` or a Docker entry point starts the SuperNode."""
     config = _read_node_config(_node_config_path(supernode_args))
     if (folder := _node_folder(config)) is not None:  # (nothing of ours to clear in a file fedsynth did not write)
-        shutil.rmtree(Path(config["state-dir"]) / SETUPS_FOLDER / folder.name, ignore_errors=True)
+        claims = Path(config["state-dir"]) / SETUPS_FOLDER
+        shutil.rmtree(claims / folder.name, ignore_errors=True)
+        for old in claims.glob("*"):  # claims a fedsynth before review s60 kept at the top, for every node alike
+            if old.is_file():
+                old.unlink(missing_ok=True)

@@ -144,8 +144,10 @@ def check_site(dep: SiteDeployment, insecure: bool = False) -> SiteCheck:
     if (held := lock_node_folder(dep.node_dir)) is None:
         raise DeployError(f"site '{dep.name}': a SuperNode named '{dep.name}' runs on state_dir {dep.state_dir} (its "
                           f"files in {dep.node_dir} are locked): stop it first, or, for a second SuperNode over the "
-                          "same records, give it a name of its own (they share the state folder and its ledger)")
+                          "same records, give it a name of its own and the same dataset_id (they share the state folder and its "
+                          "ledger)")
     os.close(held)
+    _check_shared_ledger(dep)
     data = load_data_checked(dep)
     _check_data(dep, data)
     _check_delta(dep, len(data))
@@ -160,6 +162,29 @@ def check_site(dep: SiteDeployment, insecure: bool = False) -> SiteCheck:
     return SiteCheck(data=data, ledger=read_ledger(dep, data), approved=approved_digests(dep))
 
 
+def _check_shared_ledger(dep: SiteDeployment) -> None:
+    """Refuse a second SuperNode over the same data in one state folder under another dataset_id (review s60): the two
+    share the folder for its one ledger, so each would otherwise keep a budget of its own, and the site's ledger
+    check refuses the second at its first request after the first one released."""
+    import tomllib
+
+    s = dep.settings
+    for other in sorted((dep.state_dir / "nodes").glob("*/node-config.toml")):
+        try:
+            config = tomllib.loads(other.read_text())
+        except (OSError, ValueError):
+            continue
+        same_data = config.get("data-path") == s.data or (
+            s.data != "digits" and str(config.get("data-path", "")) not in ("", "digits")
+            and Path(str(config["data-path"])).resolve() == Path(s.data).resolve())
+        other_id = str(config.get("dataset-id") or config.get("site-name") or "")
+        if other.parent.name != dep.name and same_data and config.get("split", s.split) == s.split \
+                and other_id and other_id != s.ledger_id:
+            raise DeployError(f"site '{dep.name}': the SuperNode '{other.parent.name}' in this state folder serves the "
+                              f"same data under dataset_id {other_id!r}; two SuperNodes over the same records share "
+                              f"one ledger: set dataset_id: {other_id} in {dep.source}")
+
+
 def _check_delta(dep: SiteDeployment, n: int) -> None:
     """Refuse a ``delta`` set in site.yaml at 1/n or more, and warn above the default's min(1e-5, 1/(10 n)) (review
     s60: 0.5 was taken without a word, and the coordinator sees the bound a site publishes). A delta of 1/n lets a
@@ -169,9 +194,9 @@ def _check_delta(dep: SiteDeployment, n: int) -> None:
         raise DeployError(f"site '{dep.name}': delta {delta:g} is at least 1 / (its {n:,} records): a release may "
                           "then publish a record outright and still meet its guarantee. Set delta far below that, or "
                           "0 for the default, min(1e-5, 1/(10 n)) read off a noisy count")
-    if delta and delta > min(1e-5, 0.1 / n):
-        warn(f"site '{dep.name}': delta {delta:g} is above min(1e-5, 1/(10 n)) = {min(1e-5, 0.1 / n):.2g} for its "
-             f"{n:,} records, the usual bound; 0 gives the default")
+    if delta and delta > 1e-5:
+        warn(f"site '{dep.name}': delta {delta:g} is above 1e-5, the usual bound (and the default's, min(1e-5, "
+             f"1/(10 n)) = {min(1e-5, 0.1 / n):.2g} for its {n:,} records); 0 gives the default")
 
 
 def _check_disjoint(dep: SiteDeployment, data, held) -> None:
@@ -197,7 +222,7 @@ def _check_disjoint(dep: SiteDeployment, data, held) -> None:
                           "records must never be trained on -- name a folder or split of records kept apart")
     if shared:
         warn(f"site '{dep.name}': {shared:,} of the {len(held):,} held-out records equal a training record (the data's "
-             "own duplicates?); each is a record of both sets: make sure none is the same file (a link) in both")
+             "own duplicates?); each is a record of both sets: make sure no record sits in both (one file, or a link)")
 
 
 def _check_rows_alone(dep: SiteDeployment, data) -> None:
