@@ -25,8 +25,8 @@ from client.site import SiteSettings
 from fedsynth.ops.approved_code import BundleError, installed_bundle_digest, write_approvals
 from fedsynth.ops.fields import DeployError, info, loud, port_free, warn, write_toml
 from fedsynth.ops.processes import Child, flower_env, forward_signals
-from fedsynth.ops.site_config import SITE_KEYS, WORK_LIMITS, SiteDeployment, load_site_config  # noqa: F401 (re-exported)
 from fedsynth.ops.node_folder import lock_node_folder
+from fedsynth.ops.site_config import SITE_KEYS, WORK_LIMITS, SiteDeployment, load_site_config  # noqa: F401 (re-exported)
 from fedsynth.ops.tls import check_ca, check_private_key
 
 LARGE_EPSILON = 100.0  # a site budget above it gets the loud warning an unlimited one gets
@@ -141,12 +141,12 @@ def check_site(dep: SiteDeployment, insecure: bool = False) -> SiteCheck:
     except OSError as err:
         raise DeployError(f"site '{dep.name}': state_dir {dep.state_dir} is not a writable folder ({err.strerror}); "
                           "it holds the privacy ledger and the local models") from None
-    if (held := lock_node_folder(dep.node_dir)) is None:
+    if (lock := lock_node_folder(dep.node_dir)) is None:
         raise DeployError(f"site '{dep.name}': a SuperNode named '{dep.name}' runs on state_dir {dep.state_dir} (its "
                           f"files in {dep.node_dir} are locked): stop it first, or, for a second SuperNode over the "
-                          "same records, give it a name of its own and the same dataset_id (they share the state folder and its "
-                          "ledger)")
-    os.close(held)
+                          "same records, give it a name of its own and the same dataset_id (they share the state "
+                          "folder and its ledger)")
+    os.close(lock)
     _check_shared_ledger(dep)
     data = load_data_checked(dep)
     _check_data(dep, data)
@@ -186,9 +186,9 @@ def _check_shared_ledger(dep: SiteDeployment) -> None:
 
 
 def _check_delta(dep: SiteDeployment, n: int) -> None:
-    """Refuse a ``delta`` set in site.yaml at 1/n or more, and warn above the default's min(1e-5, 1/(10 n)) (review
-    s60: 0.5 was taken without a word, and the coordinator sees the bound a site publishes). A delta of 1/n lets a
-    mechanism publish one of n records outright and still meet (epsilon, delta)."""
+    """Refuse a ``delta`` set in site.yaml at 1/n or more, and warn above 1e-5, the usual bound (review s60: 0.5 was
+    taken without a word, and the coordinator sees the bound a site publishes). A delta of 1/n lets a mechanism
+    publish one of n records outright and still meet (epsilon, delta)."""
     delta = dep.settings.delta
     if delta and delta * n >= 1:
         raise DeployError(f"site '{dep.name}': delta {delta:g} is at least 1 / (its {n:,} records): a release may "
