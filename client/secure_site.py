@@ -115,6 +115,9 @@ def secagg_problem(configs: dict, state: dict, node_id: int) -> str:
             # Flower parses a neighbour's first key only after the handler's work (for the pairwise masks): a bad
             # one made a charged release fail there, marked summed and never sent (review s56)
             return "a neighbour's public keys in the secure sum's key-sharing stage are not two public keys"
+        keys = [bytes(k) for n in neighbours for k in configs[n]]
+        if len(set(keys)) != len(keys):  # (Flower's mod raises on it; a clear refusal instead: review s60)
+            return "the public keys in the secure sum's key-sharing stage are not all different"
     elif stage == Stage.COLLECT_MASKED_VECTORS:
         # Flower's mod calls the handler first and checks the shares after; a stage it would refuse must not be
         # worked on and charged first (review s56: it left a charged round marked as summed, never sendable)

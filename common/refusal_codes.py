@@ -45,6 +45,7 @@ ALREADY_SUMMED = "already went into a secure sum at this site"  # server.secure_
 # Also bad: a secure round whose model, weighted by the site's FedAvg weight (its census total, a charged release),
 # would leave the secure sum's range (client.census.check_secure_room, review s60): it names the
 # model's largest value, the coordinator's own, and the protocol's range, never the weight.
+# Also bad, fixed text: a key-sharing stage whose public keys are not all different (review s60: Flower's mod raised).
 # Also bad, quoting only what the coordinator sent: a stage that is not one of SecAgg+'s four, or unmasking lists that
 # are not lists of node ids (client.secure_site.secagg_problem; refused before any file is named after a stage, so the
 # answer never depends on which files exist at the site).

@@ -425,12 +425,14 @@ def test_the_stages_cannot_ask_for_a_sum_of_one_or_for_both_secrets_of_one_site(
         assert secagg_problem({**unmask, Key.ACTIVE_NODE_ID_LIST: active, Key.DEAD_NODE_ID_LIST: dead}, state, 1)
     from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
 
-    keys = [public_key_to_bytes(generate_key_pairs()[1]) for _ in range(2)]
+    keys, other = ([public_key_to_bytes(generate_key_pairs()[1]) for _ in range(2)] for _ in range(2))
     share_keys = {Key.STAGE: Stage.SHARE_KEYS}
-    assert secagg_problem({**share_keys, "1": keys, "2": keys}, state, 1) == ""
-    assert secagg_problem({**share_keys, "2": keys, "3": keys}, state, 1)  # without this site
+    assert secagg_problem({**share_keys, "1": keys, "2": other}, state, 1) == ""
+    assert secagg_problem({**share_keys, "2": keys, "3": other}, state, 1)  # without this site
     assert secagg_problem({**share_keys, **{str(i): keys for i in range(1, 5)}}, state, 1)  # more than announced
     assert secagg_problem({**share_keys, "1": keys, "2": [b"a", b"b"]}, state, 1)  # keys that do not parse
+    # two neighbours with the same keys (review s60: Flower's mod raised on it, a generic failure)
+    assert "not all different" in secagg_problem({**share_keys, "1": keys, "2": keys}, state, 1)
 
 
 def test_a_secure_stage_addressed_to_another_node_is_refused():
