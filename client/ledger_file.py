@@ -73,19 +73,20 @@ def reset_refused(path: Path, what: str, evidence: str) -> str:
             ".started mark or the runs folder to get past this check.")
 
 
-def ledgers_of_data(path: Path, fingerprint: str) -> list[str]:
-    """The dataset ids of the other ledgers beside ``path`` with a charge computed on data of ``fingerprint``: the
-    same records under another dataset id (review s60: a renamed ``dataset_id``, once the runs folder that would
-    have refused it was archived, gave the records a second budget). A ledger that does not parse is left to its own
-    site's checks."""
+def ledgers_of_data(path: Path, fingerprint: str, dataset_id: str) -> list[str]:
+    """The dataset ids other than ``dataset_id`` of the ledgers beside ``path`` with a charge computed on data of
+    ``fingerprint``: the same records under another dataset id (review s60: a renamed ``dataset_id``, once the runs
+    folder that would have refused it was archived, gave the records a second budget). A copy of this id's own
+    ledger (a backup kept beside it) is no second budget; a ledger that does not parse is left to its own checks."""
     ids = []
     for other in sorted(Path(path).parent.glob("*.jsonl")):
         try:
             contents = parse(other.read_bytes(), other) if other != Path(path) else None
         except (OSError, LedgerDamaged):
             continue
-        if contents is not None and any(e.get("data") == fingerprint for e in contents.entries):
-            ids.append(str((contents.header or {}).get("dataset_id") or other.stem))
+        other_id = str((contents.header or {}).get("dataset_id") or other.stem) if contents is not None else ""
+        if other_id and other_id != dataset_id and any(e.get("data") == fingerprint for e in contents.entries):
+            ids.append(other_id)
     return ids
 
 

@@ -247,7 +247,7 @@ def open_ledger(site: SiteSettings, data: ImageDataset, *, create: bool = True) 
                     site.ledger_id)
     new_delta, first_charge = None, None
     history = released_before(site)
-    if others := lf.ledgers_of_data(path, data_fingerprint(data)):  # at every opening: an id switched and back (s60)
+    if others := lf.ledgers_of_data(path, data_fingerprint(data), site.ledger_id):  # at every opening: an id switched and back (s60)
         raise lf.LedgerDamaged(f"the records of this site have released under dataset id {others[0]!r} (its privacy "
                                f"ledger is in {path.parent}); a ledger under dataset id {site.ledger_id!r} beside it would "
                                "give them a second privacy budget, so nothing is charged or computed: set dataset_id back to "

@@ -543,6 +543,9 @@ def test_a_ledgers_first_entry_ties_it_to_its_records_and_its_delta_to_the_publi
     node = deployed_site(tmp_path, train=DIGITS.subset(np.arange(300)))
     data = load_dataset(node["data-path"], "train")
     assert open_ledger(resolve_site(node, {}), data).summary()["releases"] == 1  # the noisy size only
+    ledgers = tmp_path / "site-a" / "ledger"
+    (ledgers / "site-a.backup.jsonl").write_bytes((ledgers / "site-a.jsonl").read_bytes())  # a copy of its own: fine
+    assert open_ledger(resolve_site(node, {}), data).summary()["releases"] == 1
     with pytest.raises(LedgerDamaged, match="set dataset_id back to 'site-a'"):
         open_ledger(resolve_site(node | {"dataset-id": "other"}, {}), data)
     # an id switched and back: a ledger that had charged nothing of its records (its delta set, so no noisy size)

@@ -269,13 +269,18 @@ def test_two_supernodes_over_the_same_records_share_the_ledger_and_keep_their_ow
         supernode_guard.hold_node_lock(["--node-config", str(old_style)])
         capsys.readouterr()
         assert check("fed2", dataset_id="fed1") == 2 and "a SuperNode named 'fed2' runs" in capsys.readouterr().err
-        # and a config copied into another site's folder, naming its own site, locks that folder too
+        # and a config copied into another site's folder, naming its own site, does not start (it would use one
+        # folder under the other's lock)
         (state / "nodes" / "fed3").mkdir(parents=True)
         copied = state / "nodes" / "fed3" / "node-config.toml"
         copied.write_text(f'state-dir = "{state}"\nsite-name = "fed4"\n')
-        supernode_guard.hold_node_lock(["--node-config", str(copied)])
-        capsys.readouterr()
-        assert check("fed3", dataset_id="fed1") == 2 and check("fed4", dataset_id="fed1") == 2
+        with pytest.raises(SystemExit, match="names site 'fed4' but sits in the folder of site 'fed3'"):
+            supernode_guard.hold_node_lock(["--node-config", str(copied)])
+        # two sites whose node configs an operator keeps in one folder of their own (review s60's ninth helper)
+        (tmp_path / "etc").mkdir()
+        for name in ("s5", "s6"):
+            (tmp_path / "etc" / f"{name}.toml").write_text(f'state-dir = "{tmp_path / name}"\nsite-name = "{name}"\n')
+            supernode_guard.hold_node_lock(["--node-config", str(tmp_path / "etc" / f"{name}.toml")])  # both start
     finally:
         os.close(running)
         from fedsynth.ops import node_folder

@@ -59,19 +59,26 @@ def _read_node_config(path: Path | None) -> dict:
 
 
 def hold_node_lock(supernode_args: list[str]) -> None:
-    """Lock the site's own folder, from the node config ``--node-config`` names, and the folder that file is in, for
-    the life of this process, or stop. From the config's contents, so that a SuperNode started with an older compose
-    file's path locks the same folder as one ``fedsynth site`` starts; and its file's folder too, where a config copied
-    into another site's folder names its own site (review s60)."""
+    """Lock the site's own folder, read from the node config ``--node-config`` names (the file's folder for a config
+    fedsynth did not write), for the life of this process, or stop. From the config's contents, so that a SuperNode
+    started with an older compose file's path locks the same folder as one ``fedsynth site`` starts; a config in one
+    site's folder that names another site is refused (review s60: it would use one folder under the other's lock)."""
     path = _node_config_path(supernode_args)
     if path is None:
         return
-    for folder in dict.fromkeys(f for f in (_node_folder(_read_node_config(path)), path.parent) if f is not None):
+    folder = _node_folder(_read_node_config(path))
+    if folder is not None and path.parent.parent.name == "nodes" and path.parent.name != folder.name:
+        sys.exit(f"fedsynth: the node config {path} names site '{folder.name}' but sits in the folder of site "
+                 f"'{path.parent.name}'; run `fedsynth site --check` for the site to write its own")
+    folder = folder or path.parent
+    try:
         fd = lock_node_folder(folder)
-        if fd is None:
-            sys.exit(f"fedsynth: another SuperNode runs with the node files in {folder}; stop it first, or give a "
-                     "second SuperNode over the same records a site name of its own (and the same dataset_id)")
-        _held_lock.append(fd)
+    except OSError as err:
+        sys.exit(f"fedsynth: cannot lock {folder} ({err.strerror}): a SuperNode needs its own folder to be writable")
+    if fd is None:
+        sys.exit(f"fedsynth: another SuperNode runs with the node files in {folder}; stop it first, or give a "
+                 "second SuperNode over the same records a site name of its own (and the same dataset_id)")
+    _held_lock.append(fd)
 
 
 def clear_stage_claims(supernode_args: list[str]) -> None:
