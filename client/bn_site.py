@@ -219,10 +219,10 @@ def noise_share(sigma: float, req: P.BnStatsRequest) -> float:
     return math.sqrt(max(sigma ** 2 - (t - 1) * floor ** 2 / t, sigma ** 2 / t))
 
 
-def _release(plan: RunPlan, net: BNNet, data: ImageDataset, clips, req: P.BnStatsRequest, device, site) -> dict:
+def _release(plan: RunPlan, net: BNNet, data: ImageDataset, clips, req: P.BnStatsRequest, device, site,
+             sigma: float) -> dict:
     # The ledger charges plan.stats (the guarantee of the sum, which carries all the noise); with distributed
-    # noise this site adds only its share of it (noise_share; its own release alone has that much less noise).
-    sigma = noise_share(plan.stats.noise_multiplier, req)
+    # noise this site adds only its share of it, ``sigma`` (noise_share; its own release alone has that much less).
     if clips is None and sigma > 0:
         clips = choose_layer_clips(net, data, noise_multiplier=plan.clip_choice.noise_multiplier, device=device)
         log.info("[%s] chose per-layer clip bounds privately (z=%.1f): %s", site.name,
@@ -256,13 +256,13 @@ def release_bnstats(req: P.BnStatsRequest, context: Context, site: SiteSettings,
     if saved is None:
         clips = _clip_bounds(req, net)  # a malformed request is refused before anything is charged
         events = ([plan.clip_choice] if plan.clip_choice else []) + [plan.stats]
+        own = noise_share(plan.stats.noise_multiplier, req)
         details = {"clip": _clip_detail(req), "count-weight": req.count_weight,
-                   **({"distributed-noise-shares": req.noise_shares,
-                       "own-noise-multiplier": noise_share(plan.stats.noise_multiplier, req)}
+                   **({"distributed-noise-shares": req.noise_shares, "own-noise-multiplier": own}
                       if req.noise_shares > 1 else {})}
         with charged_work(ledger, events, data, site, purpose="bnstats-release", run=req.experiment, rnd=0,
                           folder=folder, details=details, run_epsilon=req.epsilon) as spent:
-            stats = _release(plan, net.eval(), data, clips, req, device, site)
+            stats = _release(plan, net.eval(), data, clips, req, device, site, own)
             log.info("[%s] released DP class statistics (sigma=%.3f); epsilon spent now %.3f", site.name,
                      plan.stats.noise_multiplier, spent.epsilon)
             saved = {"reply": {"stats": {k: torch.from_numpy(v) for k, v in stats.items()}},

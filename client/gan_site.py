@@ -284,9 +284,10 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings, *,
         # Re-sent round (the coordinator resumed): the reply already released, sent again at no cost.
         log.info("[%s] round %d of %s already trained; sending its saved reply", site.name, rnd, req.experiment)
         return P.GanTrainReply(**saved["reply"])
-    validate_plan_request(_plan_request(req, req.local_steps))  # a malformed request costs nothing, not even a census
+    shorter = _plan_request(req, req.local_steps)
+    validate_plan_request(shorter)  # a malformed request costs nothing, not even a census
     check_census_fits(folder, req.epsilon, site.epsilon_budget, site.delta_bound)  # before a new ledger is started
-    check_plan_possible(folder, _plan_request(req, req.local_steps), site)
+    check_plan_possible(folder, shorter, site)
     ledger = open_ledger(site, data)
     census = run_census(data, ledger, folder, mode="dpgan", experiment=req.experiment, epsilon=req.epsilon,
                         budget=site.epsilon_budget, delta_bound=site.delta_bound,

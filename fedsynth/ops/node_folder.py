@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
 import shutil
 import sys
 import tomllib
 from pathlib import Path
 
+from fedsynth.ops.fields import NAME_RE
+
 SETUPS_FOLDER = "secure-setups"  # client.secure_site's: in the site's state folder, a folder per site name
 NODE_LOCK = "supernode.lock"  # in a SuperNode's own folder (site_config.SiteDeployment.node_dir), held while it runs
 _held_lock: list[int] = []  # the lock's descriptor, kept open for the life of this process
+
+
+def node_dir(state_dir: Path, name: str) -> Path:
+    """A site's own folder in its state folder (its node config, approvals, Flower home and lock)."""
+    return Path(state_dir) / "nodes" / name
 
 
 def _node_config_path(supernode_args: list[str]) -> Path | None:
@@ -44,14 +50,15 @@ def lock_node_folder(folder: Path) -> int | None:
 
 
 def _node_folder(config: dict) -> Path | None:
-    """``<state-dir>/nodes/<site-name>`` of a node config fedsynth wrote (site_config.SiteDeployment.node_dir)."""
+    """:func:`node_dir` of a node config fedsynth wrote (its ``state-dir`` and ``site-name``), else None."""
     state, name = config.get("state-dir"), config.get("site-name")
-    if isinstance(state, str) and state and isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][\w.-]{0,63}", name):
-        return Path(state) / "nodes" / name
+    if isinstance(state, str) and state and isinstance(name, str) and NAME_RE.fullmatch(name):
+        return node_dir(Path(state), name)
     return None
 
 
-def _read_node_config(path: Path | None) -> dict:
+def read_node_config(path: Path | None) -> dict:
+    """A node config's settings; {} where there is none or it does not parse (not a file fedsynth wrote)."""
     try:
         return tomllib.loads(path.read_text()) if path is not None else {}
     except (OSError, ValueError):
@@ -66,7 +73,7 @@ def hold_node_lock(supernode_args: list[str]) -> None:
     path = _node_config_path(supernode_args)
     if path is None:
         return
-    folder = _node_folder(_read_node_config(path))
+    folder = _node_folder(read_node_config(path))
     if folder is not None and path.parent.parent.name == "nodes" and path.parent.name != folder.name:
         sys.exit(f"fedsynth: the node config {path} names site '{folder.name}' but sits in the folder of site "
                  f"'{path.parent.name}'; run `fedsynth site --check` for the site to write its own")
@@ -88,7 +95,7 @@ def clear_stage_claims(supernode_args: list[str]) -> None:
     A setup's secrets live in the SuperNode's memory only, so its claims (client.secure_site) mean nothing once it
     restarts; a coordinator could make a site keep two empty files per setup, for free and for ever (review s58).
     Cleared here, at every start, whether ``fedsynth site`` or a Docker entry point starts the SuperNode."""
-    config = _read_node_config(_node_config_path(supernode_args))
+    config = read_node_config(_node_config_path(supernode_args))
     if (folder := _node_folder(config)) is not None:  # (nothing of ours to clear in a file fedsynth did not write)
         claims = Path(config["state-dir"]) / SETUPS_FOLDER
         shutil.rmtree(claims / folder.name, ignore_errors=True)

@@ -25,7 +25,7 @@ from client.site import SiteSettings
 from fedsynth.ops.approved_code import BundleError, installed_bundle_digest, write_approvals
 from fedsynth.ops.fields import DeployError, info, loud, port_free, warn, write_toml
 from fedsynth.ops.processes import Child, flower_env, forward_signals
-from fedsynth.ops.node_folder import lock_node_folder
+from fedsynth.ops.node_folder import lock_node_folder, read_node_config
 from fedsynth.ops.site_config import SITE_KEYS, WORK_LIMITS, SiteDeployment, load_site_config  # noqa: F401 (re-exported)
 from fedsynth.ops.tls import check_ca, check_private_key
 
@@ -166,14 +166,9 @@ def _check_shared_ledger(dep: SiteDeployment) -> None:
     """Refuse a second SuperNode over the same data in one state folder under another dataset_id (review s60): the two
     share the folder for its one ledger, so each would otherwise keep a budget of its own, and the site's ledger
     check refuses the second at its first request after the first one released."""
-    import tomllib
-
     s = dep.settings
     for other in sorted((dep.state_dir / "nodes").glob("*/node-config.toml")):
-        try:
-            config = tomllib.loads(other.read_text())
-        except (OSError, ValueError):
-            continue
+        config = read_node_config(other)
         same_data = config.get("data-path") == s.data or (
             s.data != "digits" and str(config.get("data-path", "")) not in ("", "digits")
             and Path(str(config["data-path"])).resolve() == Path(s.data).resolve())

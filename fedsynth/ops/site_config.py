@@ -17,6 +17,7 @@ from common.data import LABEL_FROM_CLASSES, SENSITIVE_ATTRIBUTES, sensitive_attr
 from common.device import pick_device
 from fedsynth.ops.approved_code import is_digest
 from fedsynth.ops.fields import DeployError, Fields, NAME_RE, load_yaml, parse_address
+from fedsynth.ops.node_folder import node_dir
 
 SETTINGS_DEFAULTS = {f.name: f.default for f in fields(SiteSettings)}
 WORK_LIMITS = ("max_parameters", "max_batch_size", "max_steps_per_run", "max_step_memory_mb", "max_run_disk_mb",
@@ -56,7 +57,7 @@ class SiteDeployment:
         over the same records share one state folder, for its one ledger, so these are kept apart by site name (review
         s60: the second site's check rewrote the first's node config, approvals and Flower home, and its start cleared
         the first's SecAgg+ stage claims)."""
-        return self.state_dir / "nodes" / self.name
+        return node_dir(self.state_dir, self.name)
 
     @property
     def node_config(self) -> Path:
