@@ -321,7 +321,9 @@ SECURE_TRAIN = "train"  # the one message type Flower's SecAgg+ mod handles
 SECURE_TASKS = (TRAIN_GAN, TRAIN_BNNET, QUERY_BNSTATS)  # the releases that can be summed securely
 SECAGG_RECORD = "secaggplus_configs"
 # Quantization (public constants of the protocol; Flower's SecAgg+ adds integers mod SECAGG_MODULUS):
-# every value a site adds is clipped to +-SECAGG_CLIPPING_RANGE and rounded to one of
+# every value a site adds is clipped to +-SECAGG_CLIPPING_RANGE (a FedAvg model that outgrew it while it trained is
+# clamped into it by the site first, NaN to 0: post-processing of its DP release, common.secure_wire.summand; a
+# statistics value outside it is refused) and rounded to one of
 # SECAGG_QUANTIZATION_LEVELS levels, i.e. to a step of 2 R / L = 0.125; the sum of k sites stays below
 # the modulus while k < SECAGG_MODULUS / L (= 256 sites).
 SECAGG_CLIPPING_RANGE = float(2 ** 20)
