@@ -18,7 +18,7 @@ from flwr.app import Context, Message
 
 from client.auto_clip import choose_layer_clips
 from client.bnstats import record_class_statistics
-from client.budget import PlanRequest, RunPlan, expected_batch, make_plan, plan_for_site, validate_plan_request
+from client.budget import PlanRequest, RunPlan, expected_batch, plan_for_site, validate_plan_request
 from client.census import (census_weight, check_census_fits, check_no_census_drawn, check_plan_possible,
                            check_secure_room, run_census)
 from client.dpsgd import DPSGD_CHUNK, train_dpsgd_local
@@ -121,12 +121,12 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings):
                        batch_size=req.batch_size, census=True, stats_share=req.stats_share,
                        auto_clip=str(req.layer_clips).strip() == AUTO)
     validate_plan_request(preq)  # a malformed request costs nothing, not even the census
-    if trains:  # before a new ledger is started (its noisy size is charged)
+    # before a new ledger is started (its noisy size is charged): a plan no census or ledger could make possible
+    # (the published delta bound, nothing spent, the queries the site reserves) is refused at no cost (reviews s56,
+    # s60; a provided net's plan, with no census and no DP-SGD, is a function of these public values alone)
+    if trains:
         check_census_fits(folder, req.epsilon, site.epsilon_budget, site.delta_bound)
-        check_plan_possible(folder, preq, site)
-    else:  # no census, no DP-SGD: the plan is a function of public values, so a plan no ledger can pay (at the
-        # published delta bound, nothing spent) is refused before a new ledger is started (review s56)
-        make_plan(preq, num_records=1.0, delta=site.delta_bound, budget=site.epsilon_budget, prior=[])
+    check_plan_possible(folder, preq, site)
     ledger = open_ledger(site, data)
     if not trains:
         check_no_census_drawn(ledger, folder, req.experiment)

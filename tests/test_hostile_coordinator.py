@@ -574,6 +574,27 @@ def test_a_plan_no_census_could_make_possible_is_refused_before_the_census(tmp_p
     assert not list((tmp_path / "site-a").rglob("ledger/*.jsonl"))  # nothing charged, not even a ledger started
 
 
+def test_a_provided_nets_plan_the_sites_reserved_queries_leave_unpaid_is_refused_before_its_ledger(tmp_path):
+    """Review s60 (left for later, done s61): a statistics release with a provided net checked its plan without the
+    queries the site reserves, so an epsilon that pays the release but not the release and the queries was refused
+    only by the plan, after a new ledger's noisy size was charged. Now refused first, at no cost."""
+    from common.bnnet import BNNet
+    from server.modes.bnstats import plan_settings
+    from server.sites import Schema
+
+    cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, epsilon=0.2)
+    settings = plan_settings(cfg, Schema(1, 8, 8, tuple(str(i) for i in range(10))), "provided")
+    settings.update(net_rounds=0)
+    request = P.BnStatsRequest(**settings, net=P.state_arrays(BNNet(1, 10, 8, 8)))
+    quiet = deployed_site(tmp_path / "quiet", modes="bnstats")  # no queries reserved: the same request is paid
+    assert not ask(LocalGrid(client_app, [quiet], cfg.to_flwr()), 1000, request).has_error()
+    node = deployed_site(tmp_path, heldout=DIGITS_TEST, evaluation=True, audits=True, modes="bnstats",
+                         **{"queries-per-run": 5})
+    reply = ask(LocalGrid(client_app, [node], cfg.to_flwr()), 1000, request)
+    assert reply.has_error() and reply.error.code == P.REFUSED_BUDGET
+    assert not list((tmp_path / "site-a").rglob("ledger/*.jsonl"))  # nothing charged, not even a ledger started
+
+
 def _spent(path: Path) -> float:
     from client.ledger import PrivacyLedger
 
