@@ -35,6 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from client.refusal import Refusal
 from common import protocol as P
+from common.state_layout import runs_folder
 
 # Defaults of the site's work limits (SiteSettings and site.yaml take them from here).
 DEFAULT_MAX_PARAMETERS = 20_000_000  # any one network a request makes the site build (80 MB of float32 weights)
@@ -188,7 +189,7 @@ def other_runs_mb(site: object, experiment: str) -> float:
     """MB of the files the site's runs other than ``experiment`` keep in its state folder (``runs/``); 0 for limits
     without a state folder (tests)."""
     state_dir = getattr(site, "state_dir", None)
-    runs = Path(state_dir) / "runs" if state_dir else None
+    runs = runs_folder(state_dir) if state_dir else None
     if runs is None or not runs.is_dir():
         return 0.0
     total = 0

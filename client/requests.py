@@ -40,6 +40,7 @@ from common.device import pick_device
 from common.files import save_torch_atomic
 from common.recipe_ranges import recipe_problems
 from common.run_id import experiment_id_problem
+from common.state_layout import runs_folder
 from common.wire import quoted
 
 log = logging.getLogger("fedsynth.site")
@@ -243,7 +244,7 @@ def run_dir(site: SiteSettings, experiment: str) -> Path:
     problem = experiment_id_problem(experiment)  # refused, never rewritten: two ids must not share a folder
     if problem:
         raise Refusal(P.REFUSED_BAD_REQUEST, problem)
-    runs = site.state_dir / "runs"
+    runs = runs_folder(site.state_dir)
     # A file system that ignores case (macOS's and Windows' defaults) would give 'Run-1' the folder of 'run-1',
     # and with it that run's saved replies: refuse an id that differs from a kept run's only in case, on every
     # file system, so that a site answers the same wherever it runs. The reason names only the id sent, never the

@@ -53,6 +53,7 @@ from client.site import SiteSettings, resolve_site
 from common import protocol as P
 from common import secure_wire
 from common.files import create_once
+from common.state_layout import setups_folder
 from common.wire import quoted
 
 log = logging.getLogger("fedsynth.site")
@@ -299,9 +300,6 @@ def _mark_summed(mark: Path, request: P.Message) -> None:
         raise _already_summed(request)
 
 
-SETUPS_FOLDER = "secure-setups"  # in the state folder, one folder per site name: an empty file per stage it ran
-
-
 def _claim_stage(msg: Message, context: Context, configs, state) -> None:
     """Each stage after a SecAgg+ setup runs once per setup at this site, ever (before Flower's mod acts on it).
 
@@ -325,7 +323,7 @@ def _claim_stage(msg: Message, context: Context, configs, state) -> None:
                               "a secure sum's stage came before its setup at this site"))
     try:
         site = resolve_site(context.node_config, context.run_config)
-        folder = site.state_dir / SETUPS_FOLDER / site.name  # (two SuperNodes may share a state folder: review s60)
+        folder = setups_folder(site.state_dir) / site.name  # (two SuperNodes may share a state folder: review s60)
         # the name is hex digits and the protocol's own stage name: it stays inside the folder
         claimed = create_once(folder / f"{hashlib.sha256(secret).hexdigest()}-{stage}", b"")
     except Exception as err:  # noqa: BLE001 - the site's own settings or disk: its generic failure

@@ -39,6 +39,7 @@ from common.config import MODES, RunConfig
 from common.data import DataError, ImageDataset, load_dataset, sensitive_attribute_problem
 from common.files import atomic_write_text, fsync_dir, remove_durably
 from common.partition import parse_partition, partition_indices
+from common.state_layout import ledger_folder, runs_folder
 
 log = logging.getLogger("fedsynth.site")
 
@@ -104,7 +105,7 @@ class SiteSettings:
 
     @property
     def ledger_path(self) -> Path:
-        return self.state_dir / "ledger" / f"{_safe_id(self.ledger_id)}.jsonl"
+        return ledger_folder(self.state_dir) / f"{_safe_id(self.ledger_id)}.jsonl"
 
     def to_node_config(self) -> dict[str, Any]:
         """The Flower node config a deployed SuperNode carries (flat TOML scalars)."""
@@ -239,7 +240,7 @@ def open_ledger(site: SiteSettings, data: ImageDataset, *, create: bool = True) 
     the operator's read-only checks alike, before anything is charged: it is never started afresh.
     """
     path = site.ledger_path
-    legacy = site.state_dir / "ledger" / f"{data_fingerprint(data)}.jsonl"
+    legacy = ledger_folder(site.state_dir) / f"{data_fingerprint(data)}.jsonl"
     if create and not path.exists() and legacy.exists():
         legacy.rename(path)
         fsync_dir(path.parent)
@@ -367,7 +368,7 @@ def charged_work(ledger: PrivacyLedger, events: list[DPEvent], data: ImageDatase
 def released_before(site: SiteSettings) -> str:
     """Evidence in the site's state folder that it has released before, in words ('' when there is none): saved
     releases (census.json, *.pt) in its runs folder, each written only after its charge."""
-    runs = site.state_dir / "runs"
+    runs = runs_folder(site.state_dir)
     if not runs.is_dir():
         return ""
     folders = sorted({p.parent.name for pattern in ("*/census.json", "*/*.pt") for p in runs.glob(pattern)})

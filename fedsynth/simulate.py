@@ -22,6 +22,7 @@ from common.data import DataError, ImageDataset, describe, load_dataset
 from common.files import atomic_write_json
 from common.learner import evaluate_learner, train_learner
 from common.partition import parse_partition, partition_indices
+from common.state_layout import ledger_folder
 
 log = logging.getLogger("fedsynth")
 
@@ -82,7 +83,7 @@ def ledger_rows(cfg: RunConfig, sites: int) -> dict[str, dict]:
     out = {}
     for node in site_nodes(cfg, sites):
         name = node["site-name"]
-        path = site_state_root(cfg) / name / "ledger" / f"{name}.jsonl"
+        path = ledger_folder(site_state_root(cfg) / name) / f"{name}.jsonl"
         if path.exists():
             out[name] = PrivacyLedger(path, epsilon_budget=cfg.epsilon, create=False).summary()
     return out

@@ -806,10 +806,9 @@ def test_a_sites_stage_claims_are_cleared_when_its_supernode_starts(tmp_path):
     """Review s58: a coordinator could make a site keep two empty claim files per SecAgg+ setup, for free and for ever.
     A setup's secrets live in the SuperNode's memory only, so the guarded SuperNode clears the claims of the site its
     node config names at each start (fedsynth site and the Docker entry point alike)."""
-    from client.secure_site import SETUPS_FOLDER
+    from common.state_layout import SETUPS_FOLDER
     from fedsynth.ops import supernode_guard
 
-    assert supernode_guard.SETUPS_FOLDER == SETUPS_FOLDER
     claims, others = tmp_path / "state" / SETUPS_FOLDER / "s", tmp_path / "state" / SETUPS_FOLDER / "t"
     for folder in (claims, others):
         folder.mkdir(parents=True)

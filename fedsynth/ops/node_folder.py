@@ -16,16 +16,16 @@ import sys
 import tomllib
 from pathlib import Path
 
+from common.state_layout import NODES_FOLDER, nodes_folder, setups_folder
 from fedsynth.ops.fields import NAME_RE
 
-SETUPS_FOLDER = "secure-setups"  # client.secure_site's: in the site's state folder, a folder per site name
 NODE_LOCK = "supernode.lock"  # in a SuperNode's own folder (site_config.SiteDeployment.node_dir), held while it runs
 _held_lock: list[int] = []  # the lock's descriptor, kept open for the life of this process
 
 
 def node_dir(state_dir: Path, name: str) -> Path:
     """A site's own folder in its state folder (its node config, approvals, Flower home and lock)."""
-    return Path(state_dir) / "nodes" / name
+    return nodes_folder(state_dir) / name
 
 
 def _node_config_path(supernode_args: list[str]) -> Path | None:
@@ -74,7 +74,7 @@ def hold_node_lock(supernode_args: list[str]) -> None:
     if path is None:
         return
     folder = _node_folder(read_node_config(path))
-    if folder is not None and path.parent.parent.name == "nodes" and path.parent.name != folder.name:
+    if folder is not None and path.parent.parent.name == NODES_FOLDER and path.parent.name != folder.name:
         sys.exit(f"fedsynth: the node config {path} names site '{folder.name}' but sits in the folder of site "
                  f"'{path.parent.name}'; run `fedsynth site --check` for the site to write its own")
     folder = folder or path.parent
@@ -97,7 +97,7 @@ def clear_stage_claims(supernode_args: list[str]) -> None:
     Cleared here, at every start, whether ``fedsynth site`` or a Docker entry point starts the SuperNode."""
     config = read_node_config(_node_config_path(supernode_args))
     if (folder := _node_folder(config)) is not None:  # (nothing of ours to clear in a file fedsynth did not write)
-        claims = Path(config["state-dir"]) / SETUPS_FOLDER
+        claims = setups_folder(config["state-dir"])
         shutil.rmtree(claims / folder.name, ignore_errors=True)
         for old in claims.glob("*"):  # claims a fedsynth before review s60 kept at the top, for every node alike
             if old.is_file():

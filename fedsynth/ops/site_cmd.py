@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from client.site import SiteSettings
+from common.state_layout import nodes_folder
 from fedsynth.ops.approved_code import BundleError, installed_bundle_digest, write_approvals
 from fedsynth.ops.fields import DeployError, info, loud, port_free, warn, write_toml
 from fedsynth.ops.processes import Child, flower_env, forward_signals
@@ -167,7 +168,7 @@ def _check_shared_ledger(dep: SiteDeployment) -> None:
     share the folder for its one ledger, so each would otherwise keep a budget of its own, and the site's ledger
     check refuses the second at its first request after the first one released."""
     s = dep.settings
-    for other in sorted((dep.state_dir / "nodes").glob("*/node-config.toml")):
+    for other in sorted(nodes_folder(dep.state_dir).glob("*/node-config.toml")):
         config = read_node_config(other)
         same_data = config.get("data-path") == s.data or (
             s.data != "digits" and str(config.get("data-path", "")) not in ("", "digits")

@@ -44,8 +44,7 @@ from common.refusal_codes import REFUSED_UNAPPROVED_CODE  # (import-light: no to
 from common.wire import quoted
 from fedsynth.ops.approved_code import (BundleError, bundle_app_id, bundle_digest, installed_bundle_digest,
                                         is_digest, read_approvals)
-from fedsynth.ops.node_folder import (SETUPS_FOLDER, clear_stage_claims, hold_node_lock,  # noqa: F401 (re-exported)
-                                      lock_node_folder)
+from fedsynth.ops.node_folder import clear_stage_claims, hold_node_lock, lock_node_folder  # noqa: F401 (re-exported)
 
 log = logging.getLogger("fedsynth.site")
 MAX_LOGGED_ID = 128  # characters of a message's group id, id and type (round labels, sha256 hex, "train.gan")
