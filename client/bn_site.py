@@ -19,7 +19,7 @@ from flwr.app import Context, Message
 from client.auto_clip import choose_layer_clips
 from client.bnstats import record_class_statistics
 from client.budget import PlanRequest, RunPlan, expected_batch, plan_for_site, validate_plan_request
-from client.census import (census_weight, check_census_fits, check_no_census_drawn, check_plan_possible,
+from client.census import (census_weight, check_no_census_drawn, check_plan_possible,
                            check_secure_room, run_census)
 from client.dpsgd import DPSGD_CHUNK, train_dpsgd_local
 from client.limits import (Step, WorkLimits, check_work, meta_module, other_runs_mb, parameter_count,
@@ -80,8 +80,9 @@ def check_net_work(req: P.BnPlanSettings, site: WorkLimits, build) -> None:
                        backward="", ask="a narrower net (bn-width) or a lower bn-resolution"),))
 
 
-def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings):
-    """Checks both requests share; returns (data, net, ledger, run folder, plan, census or None)."""
+def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings, *, secure_round: bool = False):
+    """Checks both requests share; returns (data, net, ledger, run folder, plan, census or None).
+    ``secure_round``: the net is this site's model of a secure FedAvg round (train.bnnet in a SecAgg+ sum)."""
     require_mode(site, "bnstats")
     if req.noise_shares != 1 and not site.allow_distributed_noise:  # before the census: a run this site will
         #                                                            refuse at its release must cost it nothing
@@ -116,17 +117,14 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings):
         raise Refusal(P.REFUSED_BAD_REQUEST, f"the net sent does not match the run's shape: {problems[:3]}")
     P.load_state(net, net_state)
     _clip_bounds(req, net)  # layer-clips that do not fit the net's layers: refused before the census, too
+    if secure_round:  # a net no census could bring inside the sum's range: refused before the census (review s61)
+        check_secure_room(1.0, net_state)
     folder = run_dir(site, req.experiment)
     preq = PlanRequest(mode="bnstats", epsilon=req.epsilon, rounds=req.net_rounds, steps=req.local_steps,
                        batch_size=req.batch_size, census=True, stats_share=req.stats_share,
                        auto_clip=str(req.layer_clips).strip() == AUTO)
     validate_plan_request(preq)  # a malformed request costs nothing, not even the census
-    # before a new ledger is started (its noisy size is charged): a plan no census or ledger could make possible
-    # (the published delta bound, nothing spent, the queries the site reserves) is refused at no cost (reviews s56,
-    # s60; a provided net's plan, with no census and no DP-SGD, is a function of these public values alone)
-    if trains:
-        check_census_fits(folder, req.epsilon, site.epsilon_budget, site.delta_bound)
-    check_plan_possible(folder, preq, site)
+    check_plan_possible(folder, preq, site)  # before a new ledger is started (its noisy size is charged)
     ledger = open_ledger(site, data)
     if not trains:
         check_no_census_drawn(ledger, folder, req.experiment)
@@ -151,7 +149,7 @@ def train_bnnet(req: P.BnTrainRequest, context: Context, site: SiteSettings, *,
     if not 1 <= req.server_round <= req.net_rounds:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"round {req.server_round} is outside the run's 1..{req.net_rounds}")
     device = site_device(context)
-    data, net, ledger, folder, plan, census = _setup(req, req.net, site)
+    data, net, ledger, folder, plan, census = _setup(req, req.net, site, secure_round=secure)
     path = net_round_file(folder, req.server_round)
     saved = load_saved(path)
     if saved is None:

@@ -82,8 +82,11 @@ def check_census_fits(run_dir: Path, epsilon: float, budget: float, delta_bound:
     """Refuse a run whose census is still to draw and whose epsilon cannot pay it even at the site's published delta
     bound: public values only, so the handlers call it before the ledger is opened (starting a new site's ledger
     charges its noisy size, and a request refused for its own epsilon must cost nothing)."""
-    if load_census(run_dir) is not None:
-        return
+    if load_census(run_dir) is None:
+        _check_census_paid(epsilon, budget, delta_bound)
+
+
+def _check_census_paid(epsilon: float, budget: float, delta_bound: float) -> None:
     private = is_private(epsilon, budget)
     if private and epsilon_for([census_event(private)], delta_bound) > epsilon:
         raise Refusal(P.REFUSED_BUDGET, "the run's epsilon is too small for the requested work: ask for a larger "
@@ -92,14 +95,19 @@ def check_census_fits(run_dir: Path, epsilon: float, budget: float, delta_bound:
 
 
 def check_plan_possible(run_dir: Path, req: PlanRequest, site: "SiteSettings") -> None:
-    """Refuse, before a census is drawn, a training plan that no census could make possible (review s60: a stats
-    share of 1, or an epsilon that pays the census but not the queries the site reserves, was refused only after the
-    census's charge). The plan at the most favourable values any census and ledger could give -- a noisy total of
-    1e15 records, the published delta bound, nothing spent before -- is refused at every other: public values and
-    the site's settings only, like :func:`check_census_fits`."""
-    if load_census(run_dir) is None:
-        make_plan(with_query_policy(site, req), num_records=1e15, delta=site.delta_bound, budget=site.epsilon_budget,
-                  prior=[])
+    """Refuse, before a run's census is drawn and before a new ledger is started (its noisy size is charged), a run
+    whose census its epsilon cannot pay (:func:`check_census_fits`, for a run that trains) or whose plan no census
+    could make possible (review s60: a stats share of 1, or an epsilon that pays the census but not the queries the
+    site reserves, was refused only after the census's charge). The plan at the most favourable values any census
+    and ledger could give -- a noisy total of 1e15 records, the published delta bound, nothing spent before -- is
+    refused at every other: public values and the site's settings only. (A run with a provided net, no training
+    rounds, draws no census: its plan is a function of these public values alone.)"""
+    if load_census(run_dir) is not None:
+        return
+    if req.rounds > 0:
+        _check_census_paid(req.epsilon, site.epsilon_budget, site.delta_bound)
+    make_plan(with_query_policy(site, req), num_records=1e15, delta=site.delta_bound, budget=site.epsilon_budget,
+              prior=[])
 
 
 def run_census(data: ImageDataset, ledger: "PrivacyLedger", run_dir: Path, *, mode: str, experiment: str,

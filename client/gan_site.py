@@ -29,7 +29,7 @@ from client.budget import (
     planned_steps,
     validate_plan_request,
 )
-from client.census import census_weight, check_census_fits, check_plan_possible, check_secure_room, run_census
+from client.census import census_weight, check_plan_possible, check_secure_room, run_census
 from client.dpgan import LocalGanTrainer, RoundSettings
 from client.dpsgd import DPSGD_CHUNK
 from client.limits import (Step, WorkLimits, check_work, meta_module, other_runs_mb, parameter_count,
@@ -286,8 +286,9 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings, *,
         return P.GanTrainReply(**saved["reply"])
     shorter = _plan_request(req, req.local_steps)
     validate_plan_request(shorter)  # a malformed request costs nothing, not even a census
-    check_census_fits(folder, req.epsilon, site.epsilon_budget, site.delta_bound)  # before a new ledger is started
-    check_plan_possible(folder, shorter, site)
+    if secure:  # a model no census could bring inside the sum's range: refused before the census (review s61)
+        check_secure_room(1.0, req.generator)
+    check_plan_possible(folder, shorter, site)  # before a new ledger is started (its noisy size is charged)
     ledger = open_ledger(site, data)
     census = run_census(data, ledger, folder, mode="dpgan", experiment=req.experiment, epsilon=req.epsilon,
                         budget=site.epsilon_budget, delta_bound=site.delta_bound,

@@ -312,6 +312,25 @@ def test_a_secure_round_whose_model_would_leave_the_sums_range_is_refused_before
         assert got.total is None and set(got.codes.values()) == {P.REFUSED_BAD_REQUEST}
         assert all("would leave the secure aggregation's range" in why for why in got.failures.values())
     assert all([e["purpose"] for e in entries] == ["dpgan-census"] for entries in charges(tmp_path))  # no round
+    # review s61: a model that no census could bring inside the range (one value above it: the weight is at least 1)
+    # was refused only after the run's census; now before it, for the generator and the shared net alike
+    from common.bnnet import BNNet
+    from server.modes.bnstats import plan_settings
+    from server.sites import Schema
+
+    generator["label_embedding.weight"][0, 0] = 2.0 * P.SECAGG_CLIPPING_RANGE
+    never = gan_request(cfg, shape, "exp-never", 1, generator)
+    net = P.state_arrays(BNNet(1, 10, 8, 8))
+    first = next(k for k, v in net.items() if v.dtype.kind == "f" and v.size)
+    net[first] = np.full_like(net[first], 2.0 * P.SECAGG_CLIPPING_RANGE)
+    bn_cfg = fast_config(tmp_path, mode="bnstats", bn_width=8, bn_rounds=1)
+    settings = plan_settings(bn_cfg, Schema(1, 8, 8, tuple(str(i) for i in range(10))), "exp-never-bn")
+    settings.update(local_steps=2, batch_size=16)  # (a request this site would otherwise train)
+    for request in (never, P.BnTrainRequest(**settings, server_round=1, net=net)):
+        got = secure_sum(grid, {n: request for n in grid.get_node_ids()}, round_label=2, timeout=30)
+        assert got.total is None and set(got.codes.values()) == {P.REFUSED_BAD_REQUEST}
+        assert all("would leave the secure aggregation's range" in why for why in got.failures.values()), got.failures
+    assert all([e["run"] for e in entries] == ["exp-range"] for entries in charges(tmp_path))  # no census either
 
 
 def test_a_model_that_outgrew_the_sums_range_while_it_trained_is_clamped_not_lost(caplog):
