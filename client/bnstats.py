@@ -67,6 +67,7 @@ from torch import nn
 
 from client.discrete_gaussian import noisy_counts
 from client.nonfinite import zero_nonfinite_rows
+from client.secret_random import secret_generator
 from common.bnnet import RECORD_BLOCK_ROWS, check_images_fit
 from common.bnnet import iter_record_blocks, norm_layer_channels, per_record_features  # noqa: F401 (re-export)
 from common.protocol import STATS_COUNT as COUNT_KEY
@@ -254,7 +255,7 @@ def record_class_statistics(
     exact = exact_class_sums(model, dataset, num_classes=num_classes, clip_bound=clip_bound,
                              device=device, batch_size=batch_size, center=center)
     std = release_noise_std(noise_multiplier, clip_bound, count_weight)
-    rng = np.random.default_rng(seed)
+    rng = secret_generator(seed)  # (ChaCha20: a provided net can make the release show raw draws, client.secret_random)
     noisy: dict[str, np.ndarray] = {}
     for key, value in exact.items():  # dict order is fixed, so a seed fixes every coordinate's noise
         scale = std["count"] if key == COUNT_KEY else std.get(key, std["sum"])

@@ -139,8 +139,8 @@ def train_dpsgd_local(
     # what the noisy sum is divided by: a site passes rate x its census total (public); 0 = rate x n (tests)
     expected_batch = expected_batch or max(1, int(round(sample_rate * n)))
 
-    # Poisson batches and noise from secret 128-bit streams (client.secret_random); seed=None: OS entropy
-    batch_rng, noise_rng = (secret_generator(s) for s in np.random.SeedSequence(seed).spawn(2))
+    # Poisson batches and noise from secret ChaCha20 streams (client.secret_random); seed=None: OS entropy
+    batch_rng, noise_rng = secret_generator(seed).spawn(2)
 
     # loss_reduction="sum": each record's per-sample gradient is that of its own loss, computed without the realised
     # batch size b. With a mean loss autograd carried (p - y) / b through the backward pass and Opacus multiplied b

@@ -1,4 +1,5 @@
-"""The site's secret randomness (client/secret_random.py): why it is numpy's PCG64 and that DP-SGD's noise is it."""
+"""The site's secret randomness (client/secret_random.py): why it is a ChaCha20 stream, and that DP-SGD's noise and
+the statistics release's noise are its draws."""
 
 from __future__ import annotations
 
@@ -17,7 +18,41 @@ def test_a_cpu_torch_generator_keeps_32_bits_of_its_seed_so_no_secret_comes_from
     assert torch.equal(a, b)
     x, y = (secret_gaussian(secret_generator(s), (8,), "cpu") for s in (12345, 12345 + 7 * 2 ** 32))
     assert not torch.equal(x, y)
-    assert secret_generator().bit_generator.seed_seq.entropy >= 0  # a site's: 128 bits from the OS
+    assert secret_generator().bit_generator.seed_seq.entropy >= 2 ** 128  # a site's: 256 bits from the OS (whp)
+
+
+def test_every_secret_stream_is_the_full_chacha20_cipher_children_included():
+    """Review s61: PCG64 is not a cryptographic generator, and a coordinator can make a site publish its raw draws
+    (below), from which its state has been recovered (Bouillaguet et al. 2020). Every stream a site draws secrets
+    from, and every child it spawns for DP-SGD's batches, noise, latents and augmentations, is ChaCha20."""
+    parent = secret_generator()
+    for rng in (parent, *parent.spawn(4), parent.spawn(1)[0].spawn(1)[0]):
+        assert type(rng.bit_generator).__name__ == "ChaCha" and rng.bit_generator.state["state"]["rounds"] == 20
+
+
+def test_a_provided_net_that_makes_a_statistic_pure_noise_shows_chacha20_draws_not_a_replayable_stream():
+    """A provided net whose first convolution is zero gives every record a norm input of exactly 0 there, so those
+    released class sums are the noise draws themselves (review s61 R2). They are the secret ChaCha20 stream's: with a
+    seed (tests only) they are its normals, bit for bit; a site passes no seed, so they come from OS entropy."""
+    from client.bnstats import exact_class_sums, record_class_statistics, release_noise_std
+    from common.bnnet import BNNet, norm_layer_names
+    from common.data import load_dataset
+
+    data = load_dataset("digits", "train").subset(np.arange(64))
+    torch.manual_seed(0)
+    net = BNNet(1, 10, 8, 8).eval()
+    conv = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.zero_()
+    first = norm_layer_names(net)[0]
+    release = record_class_statistics(net, data, clip_bound=2.0, noise_multiplier=0.8, count_weight=0.5,
+                                      num_classes=10, seed=1234)
+    std = release_noise_std(0.8, 2.0, 0.5)["sum"]
+    rng = secret_generator(1234)  # the release's stream: every key but the (integer-noised) count, in order
+    keys = [k for k in exact_class_sums(net, data, num_classes=10, clip_bound=2.0) if k != "count"]
+    draws = {k: rng.normal(0.0, std, size=release[k].shape) for k in keys}
+    assert np.array_equal(release["sum/" + first], draws["sum/" + first].astype(release["sum/" + first].dtype))
 
 
 def test_dp_sgd_noise_is_the_secret_streams_draws_whatever_torchs_random_state():
