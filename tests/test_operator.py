@@ -226,6 +226,12 @@ def test_a_site_with_a_weak_delta_a_huge_budget_or_its_state_in_its_data_is_told
     assert code == 0 and "the usual bound" not in text and "says next to nothing" not in text
     code, text = check(state_dir=str(data / "state"))
     assert code == 2 and "lies inside the data folder" in text and not (data / "state").exists()
+    # review s61: a budget that cannot pay the noisy size the default delta is read off passed --check, and the site
+    # then refused every request; with a delta set it starts
+    code, text = check(epsilon=0.02, state_dir=str(tmp_path / "small"))
+    assert code == 2 and "epsilon 0.02 cannot pay the noisy size" in text
+    code, text = check(epsilon=0.02, delta=1e-6, state_dir=str(tmp_path / "small"))
+    assert code == 0
 
 
 def test_two_supernodes_over_the_same_records_share_the_ledger_and_keep_their_own_files(tmp_path, capsys):
@@ -276,6 +282,14 @@ def test_two_supernodes_over_the_same_records_share_the_ledger_and_keep_their_ow
         copied.write_text(f'state-dir = "{state}"\nsite-name = "fed4"\n')
         with pytest.raises(SystemExit, match="names site 'fed4' but sits in the folder of site 'fed3'"):
             supernode_guard.hold_node_lock(["--node-config", str(copied)])
+        # nor one in a state folder's nodes/ that names another state folder (review s61: a Docker SuperNode given a
+        # config written with the host's paths kept its ledger off its volume)
+        elsewhere = tmp_path / "volume" / "nodes" / "fed3" / "node-config.toml"
+        elsewhere.parent.mkdir(parents=True)
+        elsewhere.write_text(f'state-dir = "{tmp_path / "host-state"}"\nsite-name = "fed3"\n')
+        with pytest.raises(SystemExit, match="names state-dir .*host-state: the site would keep its ledger there"):
+            supernode_guard.hold_node_lock(["--node-config", str(elsewhere)])
+        assert not (tmp_path / "host-state").exists()
         # two sites whose node configs an operator keeps in one folder of their own (review s60's ninth helper)
         (tmp_path / "etc").mkdir()
         for name in ("s5", "s6"):

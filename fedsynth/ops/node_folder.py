@@ -69,14 +69,24 @@ def hold_node_lock(supernode_args: list[str]) -> None:
     """Lock the site's own folder, read from the node config ``--node-config`` names (the file's folder for a config
     fedsynth did not write), for the life of this process, or stop. From the config's contents, so that a SuperNode
     started with an older compose file's path locks the same folder as one ``fedsynth site`` starts; a config in one
-    site's folder that names another site is refused (review s60: it would use one folder under the other's lock)."""
+    site's folder that names another site is refused (review s60: it would use one folder under the other's lock), and
+    so is one in a state folder's ``nodes/`` that names another state folder (review s61: a Docker SuperNode given
+    a config written with the host's paths kept its ledger where the config said, off the mounted volume, where a
+    rebuilt container starts afresh)."""
     path = _node_config_path(supernode_args)
     if path is None:
         return
-    folder = _node_folder(read_node_config(path))
-    if folder is not None and path.parent.parent.name == NODES_FOLDER and path.parent.name != folder.name:
-        sys.exit(f"fedsynth: the node config {path} names site '{folder.name}' but sits in the folder of site "
-                 f"'{path.parent.name}'; run `fedsynth site --check` for the site to write its own")
+    config = read_node_config(path)
+    folder = _node_folder(config)
+    if folder is not None and path.parent.parent.name == NODES_FOLDER:
+        if path.parent.name != folder.name:
+            sys.exit(f"fedsynth: the node config {path} names site '{folder.name}' but sits in the folder of site "
+                     f"'{path.parent.name}'; run `fedsynth site --check` for the site to write its own")
+        if path.parent.parent.parent.resolve() != Path(config["state-dir"]).resolve():
+            sys.exit(f"fedsynth: the node config {path} sits in the state folder {path.parent.parent.parent} but "
+                     f"names state-dir {config['state-dir']}: the site would keep its ledger there instead; run "
+                     "`fedsynth site --check` where this SuperNode runs (in a container: inside it), with site.yaml's "
+                     "paths as the SuperNode sees them")
     folder = folder or path.parent
     try:
         fd = lock_node_folder(folder)

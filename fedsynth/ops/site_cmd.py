@@ -184,8 +184,16 @@ def _check_shared_ledger(dep: SiteDeployment) -> None:
 def _check_delta(dep: SiteDeployment, n: int) -> None:
     """Refuse a ``delta`` set in site.yaml at 1/n or more, and warn above 1e-5, the usual bound (review s60: 0.5 was
     taken without a word, and the coordinator sees the bound a site publishes). A delta of 1/n lets a mechanism
-    publish one of n records outright and still meet (epsilon, delta)."""
+    publish one of n records outright and still meet (epsilon, delta). Without a delta, a budget too small to pay the
+    noisy size the default is read off is refused here too (review s61: it passed --check, and the site then refused
+    every request)."""
+    from client.site_delta import least_budget
+
     delta = dep.settings.delta
+    if not delta and dep.settings.epsilon_budget < least_budget() and not dep.settings.ledger_path.exists():
+        raise DeployError(f"site '{dep.name}': epsilon {dep.settings.epsilon_budget:g} cannot pay the noisy size its "
+                          f"default delta is read off ({least_budget():.3g}), so the site would refuse every request: "
+                          "raise epsilon, or set delta in site.yaml (e.g. 1e-6)")
     if delta and delta * n >= 1:
         raise DeployError(f"site '{dep.name}': delta {delta:g} is at least 1 / (its {n:,} records): a release may "
                           "then publish a record outright and still meet its guarantee. Set delta far below that, or "
