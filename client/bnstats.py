@@ -204,7 +204,15 @@ def exact_class_sums(
         yb = torch.as_tensor(labels[start:start + batch_size], device=dev)  # (B,)
         if ref is not None:
             blocks = {n: b - ref[n][yb] for n, b in blocks.items()}
+        # Each record's checks and clip factor are row reductions, taken at one shape, the last block padded with
+        # zero rows: with 2+ threads a row alone in a short block summed its squares in another order than among
+        # others (review s61: 652419.375 against 652419.4375 at 65,536 features), so whether one record was added
+        # could move another's clip factor by an ulp. A zero row clips to zero and is cut off before the sums.
+        rows = len(yb)
+        if rows < batch_size:
+            blocks = {n: torch.cat([b, b.new_zeros(batch_size - rows, b.shape[1])]) for n, b in blocks.items()}
         blocks = clip_blocks(zero_nonfinite_rows(blocks), clip_bound)  # an overflowing record adds 0 (client.nonfinite)
+        blocks = {n: b[:rows] for n, b in blocks.items()}
         for name in layers:
             sums[name].index_add_(0, yb, blocks[name])  # (K, 2 C_l) += rows by class
     out: dict[str, np.ndarray] = {COUNT_KEY: np.bincount(labels, minlength=num_classes).astype(np.float64)}

@@ -373,3 +373,36 @@ def test_per_layer_clipping_bounds_each_record_and_scales_the_noise_per_layer(di
         record_class_statistics(net, ds, clip_bound={"block1.norm": 1.0}, noise_multiplier=1.0)
     with pytest.raises(ValueError, match="finite clip_bound"):
         record_class_statistics(net, ds, clip_bound={**bounds, "block1.norm": math.inf}, noise_multiplier=1.0)
+
+
+
+def test_a_records_clip_factor_is_the_same_alone_in_the_last_block_as_among_others(monkeypatch):
+    """Review s61: with 2+ threads a row alone in a short last block summed its squares in another order than among
+    other rows (at 65,536 features), so one added record could move another record's flat clip factor by an ulp.
+    Every row reduction now runs on a block of one shape (the last padded with zero rows)."""
+    import client.bnstats as bnstats
+    from common.data import ImageDataset
+
+    torch.manual_seed(0)
+    rows = (torch.randn(514, 65_536, dtype=torch.float64) * 3 + 1)  # (N, 2 C): one layer of 32,768 channels
+    monkeypatch.setattr(bnstats, "norm_layer_channels", lambda model: {"layer": 32_768})
+    monkeypatch.setattr(bnstats, "check_images_fit", lambda model, images: None)
+
+    def class_one_sum(n: int) -> np.ndarray:
+        """The clipped row of record 512, the only one of class 1, in a dataset of the first n rows."""
+        def iterate(model, dataset, *, device=None, batch_size=512):
+            for start in range(0, n, batch_size):
+                yield start, {"layer": rows[start:min(n, start + batch_size)]}
+        monkeypatch.setattr(bnstats, "iter_record_blocks", iterate)
+        labels = (np.arange(n) == 512).astype(np.int64)
+        data = ImageDataset(np.zeros((n, 1, 1, 1), np.float32), labels, ("a", "b"))
+        out = bnstats.exact_class_sums(torch.nn.Linear(1, 1), data, num_classes=2, clip_bound=100.0, device="cpu")
+        return np.concatenate([out["sum/layer"][1], out["sumsq/layer"][1]])
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        alone, among = class_one_sum(513), class_one_sum(514)  # record 512 alone in the last block, then one of two
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(alone, among)
