@@ -95,7 +95,8 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings, *, secure
                                              "with distributed-noise = false")
     if req.noise_shares != 1 and site.delta_bound > P.DEFAULT_DELTA_BOUND:  # (its published bound: nothing new)
         raise Refusal(P.REFUSED_NOT_ALLOWED, f"distributed noise needs every site's delta at most "
-                                             f"{P.DEFAULT_DELTA_BOUND:g}; this site's operator set a larger one")
+                                             f"{P.DEFAULT_DELTA_BOUND:g}; this site's operator set a larger one: "
+                                             "run with distributed-noise = false")
     data = site_data(site)
     check_schema(data, req.channels, req.image_size, req.image_size, req.num_classes)
     check_recipe(req)  # seed, learning rate, clip bounds, count weight: each in the protocol's range

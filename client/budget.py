@@ -6,11 +6,11 @@ the noise of the tunable ones, so that
   (a) everything the run may release stays within the epsilon the run asks for, and
   (b) everything this dataset has ever released plus the run stays within the site's own budget.
 
-The coordinator never sets a noise level: it only asks for an amount of work and an epsilon (for the
-DP-GAN, optionally a longer schedule the site takes only where its own noisy census says it is large,
-``choose_local_steps``, and extra generator steps, free in privacy, a large site takes where it keeps the shorter
-schedule, ``choose_g_steps``). A plan is
-persisted in the run's folder and enforced: a later request that changes what fixed it is refused.
+The coordinator never sets a noise level: it only asks for an amount of work and an epsilon (for the DP-GAN,
+optionally a longer schedule the site takes only where its own noisy census says it is large, ``choose_local_steps``,
+and extra generator steps, free in privacy, a large site takes where it keeps the shorter schedule,
+``choose_g_steps``). A plan is persisted in the run's folder and enforced: a later request that changes what fixed
+it is refused.
 
 Releases of a run (``RunPlan``):
 
@@ -100,8 +100,7 @@ class PlanRequest:
                 **{ARCHITECTURE + k: v for k, v in self.architecture}}
 
 
-# The prefix of the architecture's settings in a plan; a plan made before they were recorded (before 2026-12-06) has none
-ARCHITECTURE = "architecture."
+ARCHITECTURE = "architecture."  # prefix of a plan's architecture settings (none in a plan made before 2026-12-06)
 
 
 @dataclass(frozen=True)
@@ -285,8 +284,10 @@ def make_plan(req: PlanRequest, *, num_records: float, delta: float, budget: flo
     try:
         sigma, stats, events = events_for(upper)
     except BudgetTooSmall as err:
+        reserved = (f" (before it: the {req.evaluation_queries} evaluation and {req.audit_queries} audit queries this "
+                    "site reserves: a larger epsilon pays for them)" if req.evaluation_queries or req.audit_queries else "")
         raise Refusal(P.REFUSED_BUDGET, "the requested work does not fit this site's privacy budget",
-                          f"the run's epsilon {upper:g} cannot pay for this plan: {err}") from None
+                      f"the run's epsilon {upper:g} cannot pay for this plan: {err}{reserved}") from None
     limited = False
     if epsilon_for([*prior, *events], delta) > budget + 1e-9:
         # Shrink the run's share until prior + plan fits the site's budget (epsilon is monotone in it).
@@ -386,8 +387,7 @@ def plan_for_site(site: "SiteSettings", ledger: "PrivacyLedger", run_dir: Path, 
     import logging
 
     req = with_query_policy(site, req)
-    # the plan covers the whole run, its census included: the census charged before the plan is in the plan, not
-    # in what came before it
+    # the plan covers the whole run, its census included (charged before the plan, it is in it, not before it)
     prior = ledger.events_except(run=experiment, purpose=census_purpose(req.mode))
     plan, made = load_or_make_plan(run_dir / PLAN_FILE, req, num_records=public_size(census), delta=ledger.delta,
                                    budget=site.epsilon_budget, prior=prior)

@@ -38,6 +38,7 @@ from pathlib import Path
 from client import ledger_file as lf
 from client.ledger_file import LedgerDamaged
 from common.accounting import DPEvent, epsilon_for
+from common.protocol import DEFAULT_DELTA_BOUND
 
 __all__ = ["BudgetExceeded", "LedgerDamaged", "PrivacyLedger", "Spent"]
 
@@ -130,13 +131,12 @@ class PrivacyLedger:
         return contents.header
 
     def _agree_delta(self, header: dict, delta: float | None) -> float:
-        recorded = float(header["delta"])
+        recorded, keep = float(header["delta"]), ""  # (0 keeps the ledger's delta only up to the published bound)
         if delta is not None and not math.isclose(recorded, float(delta), rel_tol=1e-12, abs_tol=0.0):
-            raise ValueError(
-                f"privacy ledger {self.path} was created with delta={recorded:g} but the site is now configured "
-                f"with delta={float(delta):g}; a dataset's delta cannot change once privacy was spent under it. "
-                f"Set delta back to {recorded:g} in the site config (or leave it at 0 to keep the ledger's)."
-            )
+            keep = " (or leave it at 0 to keep the ledger's)" if recorded <= DEFAULT_DELTA_BOUND else ""
+            raise ValueError(f"privacy ledger {self.path} was created with delta={recorded:g} but the site is now "
+                             f"configured with delta={float(delta):g}; a dataset's delta cannot change once privacy "
+                             f"was spent under it. Set delta back to {recorded:g} in the site config{keep}.")
         return recorded
 
     def _check_first_charge(self, first_charge: tuple[Sequence[DPEvent], str, str], delta: float) -> None:

@@ -246,6 +246,8 @@ def open_ledger(site: SiteSettings, data: ImageDataset, *, create: bool = True) 
         fsync_dir(path.parent)
         log.warning("[%s] took over the privacy ledger %s as the ledger of dataset id '%s'", site.name, legacy.name,
                     site.ledger_id)
+    elif not path.exists() and legacy.exists():  # read-only (the operator's checks): read it where it is (review s61:
+        path = legacy  # it counted as another dataset id's, so --check refused the site that would take it over)
     new_delta, first_charge = None, None
     history = released_before(site)
     if others := lf.ledgers_of_data(path, data_fingerprint(data), site.ledger_id):  # at every opening: an id switched and back (s60)

@@ -205,14 +205,14 @@ def calibrate_noise_multiplier(
     plan = f"{steps} step(s) at sample rate {sample_rate:g}"
     if prior_epsilon >= target_epsilon:
         raise BudgetTooSmall(
-            f"target epsilon {target_epsilon:g} (delta {delta:g}) is already used up: earlier releases cost "
+            f"target epsilon {target_epsilon:g} (delta {delta:g}) is already used up: the releases before it cost "
             f"epsilon {prior_epsilon:.4g}, so no noise level leaves room for {plan}. "
             "Raise the privacy budget or skip this release."
         )
     best_possible = epsilon_with(MAX_NOISE_MULTIPLIER)
     if best_possible > target_epsilon:
         raise BudgetTooSmall(
-            f"target epsilon {target_epsilon:g} (delta {delta:g}) cannot be met for {plan}: earlier releases "
+            f"target epsilon {target_epsilon:g} (delta {delta:g}) cannot be met for {plan}: the releases before it "
             f"cost epsilon {prior_epsilon:.4g} and even noise multiplier {MAX_NOISE_MULTIPLIER:g} gives "
             f"{best_possible:.4g}. Use fewer rounds or steps, or a larger budget."
         )

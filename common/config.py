@@ -19,7 +19,7 @@ from common.data import LABEL_FROM_CLASSES, SENSITIVE_ATTRIBUTES, sensitive_attr
 from common.gan_augment import parse_augment
 from common.learner import LEARNERS, LearnerConfig, learner_factory
 from common.models import GanShape
-from common.protocol import AUDIT_MAX_IMAGES, MAX_D_STEPS, MAX_G_STEPS
+from common.protocol import AUDIT_MAX_IMAGES, DEFAULT_DELTA_BOUND, MAX_D_STEPS, MAX_G_STEPS
 from common.recipe_ranges import (
     BOUND_RANGE, COUNT_WEIGHT_RANGE, MAX_LEARNING_RATE, MAX_LOSS_WEIGHT, MAX_SEED, MIN_G_WIDTH, layer_clips_problem,
     range_problem,
@@ -213,6 +213,10 @@ class RunConfig:
              "distributed-noise needs clip bounds every site shares: bn-layer-clips=auto lets each site choose its "
              "own, so one site's share of the noise would be scaled to other bounds than its release's; set "
              "bn-layer-clips to bounds, or leave it empty (one flat bound, bn-clip)")
+        need(not (self.distributed_noise and self.delta > DEFAULT_DELTA_BOUND),  # (every site refused it: review s61)
+             f"distributed-noise needs every site's delta at most {DEFAULT_DELTA_BOUND:g} (the floor of each share "
+             f"of the noise is set there); got delta {self.delta:g}: set delta <= {DEFAULT_DELTA_BOUND:g} (or 0), or "
+             "distributed-noise = false")
         need(self.gan_sample_rounds >= 1, f"gan-sample-rounds must be >= 1 (1 = each site's last generator only), "
                                           f"got {self.gan_sample_rounds}")
         need(self.synthetic_class_mix in SYNTHETIC_CLASS_MIX,

@@ -220,6 +220,9 @@ def test_a_site_with_a_weak_delta_a_huge_budget_or_its_state_in_its_data_is_told
     assert code == 2 and "delta 0.5 is at least 1 / (its 40 records)" in text
     code, text = check(delta=1e-3)
     assert code == 0 and "delta 0.001 is above 1e-5, the usual bound" in text
+    assert "allow_distributed_noise has no effect" not in text
+    code, text = check(delta=1e-3, allow_distributed_noise=True)
+    assert code == 0 and "allow_distributed_noise has no effect at delta 0.001" in text
     code, text = check(epsilon=1e6)
     assert code == 0 and "budget of epsilon 1e+06" in text and "says next to nothing" in text
     code, text = check()
@@ -259,7 +262,8 @@ def test_two_supernodes_over_the_same_records_share_the_ledger_and_keep_their_ow
     assert check("fed1", require_secure_aggregation=True) == 0
     assert check("fed2") == 2 and "set dataset_id: fed1" in capsys.readouterr().err  # one ledger for the records
     assert check("fed2", dataset_id="fed1") == 0
-    assert not (state / "node-config.toml").exists()  # removed: an old compose path fails instead of reading it
+    assert not (state / "node-config.toml").exists()  # moved aside: an old compose path fails instead of reading it
+    assert (state / "node-config.toml.pre-s60").read_text() == 'site-name = "fed0"\n'  # kept (review s61)
     node = tomllib.loads((state / "nodes" / "fed1" / "node-config.toml").read_text())
     assert node["site-name"] == "fed1" and node["require-secure-aggregation"] is True  # not fed2's
     running = supernode_guard.lock_node_folder(state / "nodes" / "fed1")  # fed1's SuperNode, running

@@ -286,6 +286,8 @@ def test_split_noise_carries_each_sites_own_sigma_whatever_the_other_sites_plans
 
     with pytest.raises(ConfigError, match="distributed-noise needs clip bounds every site shares"):
         RunConfig.from_mapping({"secure-aggregation": True, "distributed-noise": True, "bn-layer-clips": "auto"})
+    with pytest.raises(ConfigError, match="distributed-noise needs every site's delta at most 1e-05"):  # (s61: sites
+        RunConfig.from_mapping({"secure-aggregation": True, "distributed-noise": True, "delta": 1e-4})  # all refused it)
     # and a site refuses split noise over bounds each site chooses itself, before its census
     cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, secure_aggregation=True, distributed_noise=True)
     _, request = _split_noise_request(cfg, "exp-auto", 2)
