@@ -17,7 +17,7 @@ import torch
 from flwr.app import Context, Message
 
 from client.auto_clip import choose_layer_clips
-from client.bnstats import record_class_statistics
+from client.bnstats import record_class_statistics, release_noise_std
 from client.budget import PlanRequest, RunPlan, expected_batch, plan_for_site, validate_plan_request
 from client.census import (census_weight, check_no_census_drawn, check_plan_possible,
                            check_secure_room, run_census)
@@ -256,6 +256,8 @@ def release_bnstats(req: P.BnStatsRequest, context: Context, site: SiteSettings,
         clips = _clip_bounds(req, net)  # a malformed request is refused before anything is charged
         events = ([plan.clip_choice] if plan.clip_choice else []) + [plan.stats]
         own = noise_share(plan.stats.noise_multiplier, req)
+        if secure and clips is not None:  # (auto clips: chosen inside the release, from a DP histogram)
+            _check_stats_room(own, clips, req.count_weight)
         details = {"clip": _clip_detail(req), "count-weight": req.count_weight,
                    **({"distributed-noise-shares": req.noise_shares, "own-noise-multiplier": own}
                       if req.noise_shares > 1 else {})}
@@ -268,6 +270,17 @@ def release_bnstats(req: P.BnStatsRequest, context: Context, site: SiteSettings,
                      "noise_shares": req.noise_shares}
             save_reply(path, saved)
     return P.BnStatsReply(**saved["reply"])
+
+
+def _check_stats_room(own: float, clips: float | dict[str, float], count_weight: float) -> None:
+    """Refuse, before its charge, a secure release whose public noise or clip bounds leave no room in the sum's range."""
+    from common import secure_wire
+
+    try:
+        secure_wire.check_stats_room(release_noise_std(own, clips, count_weight),
+                                     max(clips.values()) if isinstance(clips, dict) else clips)
+    except secure_wire.RangeError as err:
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"{err}: this site cannot add its statistics to a secure sum") from None
 
 
 def _check_resend(saved: dict, req: P.BnStatsRequest) -> None:

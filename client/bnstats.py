@@ -68,7 +68,7 @@ from torch import nn
 from client.discrete_gaussian import noisy_counts
 from client.nonfinite import zero_nonfinite_rows
 from client.secret_random import secret_generator
-from common.bnnet import RECORD_BLOCK_ROWS, check_images_fit
+from common.bnnet import RECORD_BLOCK_ROWS, check_images_fit, pad_rows
 from common.bnnet import iter_record_blocks, norm_layer_channels, per_record_features  # noqa: F401 (re-export)
 from common.protocol import STATS_COUNT as COUNT_KEY
 from common.protocol import STATS_SUM as SUM_PREFIX
@@ -205,12 +205,10 @@ def exact_class_sums(
         if ref is not None:
             blocks = {n: b - ref[n][yb] for n, b in blocks.items()}
         # Each record's checks and clip factor are row reductions, taken at one shape, the last block padded with
-        # zero rows: with 2+ threads a row alone in a short block summed its squares in another order than among
-        # others (review s61: 652419.375 against 652419.4375 at 65,536 features), so whether one record was added
-        # could move another's clip factor by an ulp. A zero row clips to zero and is cut off before the sums.
+        # zero rows (common.bnnet.pad_rows: review s61, one added record moved another's clip factor by an ulp
+        # at 65,536 features on 2 threads). A zero row clips to zero and is cut off before the sums.
         rows = len(yb)
-        if rows < batch_size:
-            blocks = {n: torch.cat([b, b.new_zeros(batch_size - rows, b.shape[1])]) for n, b in blocks.items()}
+        blocks = {n: pad_rows(b, batch_size) for n, b in blocks.items()}
         blocks = clip_blocks(zero_nonfinite_rows(blocks), clip_bound)  # an overflowing record adds 0 (client.nonfinite)
         blocks = {n: b[:rows] for n, b in blocks.items()}
         for name in layers:

@@ -36,8 +36,9 @@ def secret_generator(seed: int | np.random.SeedSequence | None = None) -> np.ran
     """A ChaCha20 stream keyed from 256 bits of fresh OS entropy, or from ``seed`` (tests and benchmarks only, or a
     child of a SeedSequence that drew OS entropy itself: a site passes None, and nothing the coordinator sends ever
     becomes a seed here). ``spawn`` gives independent child streams, ChaCha20 as well."""
-    if not isinstance(seed, np.random.SeedSequence):
-        seed = np.random.SeedSequence(secrets.randbits(256) if seed is None else seed)
+    if not isinstance(seed, np.random.SeedSequence):  # a pool of 8 words: numpy's default 4 would keep 128 of the
+        # 256 bits (review s61); spawned children inherit it
+        seed = np.random.SeedSequence(secrets.randbits(256) if seed is None else seed, pool_size=8)
     return np.random.Generator(ChaCha(seed=seed, rounds=CHACHA_ROUNDS))
 
 

@@ -281,13 +281,21 @@ def iter_record_blocks(model: nn.Module, dataset: "ImageDataset", *, device: tor
         model.train(was_training)
 
 
+def pad_rows(block: torch.Tensor, rows: int) -> torch.Tensor:
+    """``block`` (B, D) with zero rows appended up to ``rows`` (B <= rows). A per-record reduction over a block's
+    rows is then taken at one shape: on 2+ CPU threads a row alone in a short last block summed its squares in
+    another order than among other rows (review s61, at 65,536 features), and a GPU may split either differently."""
+    return block if len(block) >= rows else torch.cat([block, block.new_zeros(rows - len(block), *block.shape[1:])])
+
+
 def record_block_norms(model: nn.Module, dataset: "ImageDataset", *, device: torch.device | str | None = None,
                        batch_size: int = RECORD_BLOCK_ROWS) -> dict[str, np.ndarray]:
-    """Per layer, every record's block norm ||f_il||_2 (N,). Private: never send this."""
+    """Per layer, every record's block norm ||f_il||_2 (N,), each taken in a block of ``batch_size`` rows (the
+    last padded: :func:`pad_rows`). Private: never send this."""
     norms: dict[str, list[np.ndarray]] = {name: [] for name in norm_layer_names(model)}
     for _, blocks in iter_record_blocks(model, dataset, device=device, batch_size=batch_size):
         for name, block in blocks.items():  # (B, 2 C_l)
-            norms[name].append(block.norm(dim=1).cpu().numpy())
+            norms[name].append(pad_rows(block, batch_size).norm(dim=1)[:len(block)].cpu().numpy())
     return {name: np.concatenate(parts) for name, parts in norms.items()}
 
 

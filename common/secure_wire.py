@@ -65,6 +65,23 @@ def check_room(weight: float, model: dict[str, Any]) -> None:
                          f"leave the secure aggregation's range +-{P.SECAGG_CLIPPING_RANGE:,.0f}")
 
 
+STATS_NOISE_ROOM = 8.0  # noise stds a secure statistics release must have room for: P(|N(0, 1)| > 8) ~ 1e-15
+
+
+def check_stats_room(noise_stds: dict[str, float], record_bound: float) -> None:
+    """Raise RangeError where a statistics release's noise (``noise_stds``, per key: public, from the plan, the clip
+    bounds and the count weight) or one record's contribution (``record_bound``, its largest clip bound) would put
+    its values outside the range whatever the records: called before the release's charge (review s61: a clip of
+    1e6 or a count weight of 1e-6, both inside the recipe's ranges, gave noise of std 3e6, and the charged release
+    then failed at every re-send). Its exact sums still grow with the record count: a release outside the range
+    because of them fails after its charge, a decision made on the noisy release alone."""
+    worst = STATS_NOISE_ROOM * max(noise_stds.values(), default=0.0) + record_bound
+    if not np.isfinite(worst) or worst > P.SECAGG_CLIPPING_RANGE:
+        raise RangeError(f"the statistics' noise (std up to {max(noise_stds.values()):.3g}) and one record's clip "
+                         f"bound ({record_bound:.3g}) leave no room inside the secure aggregation's range "
+                         f"+-{P.SECAGG_CLIPPING_RANGE:,.0f}: use smaller clip bounds or a larger count weight")
+
+
 def wrap_request(request: P.Message) -> Any:
     """A typed request (one of ``P.SECURE_TASKS``) as the legacy ``FitIns`` SecAgg+ sends."""
     from flwr.common import FitIns, ndarrays_to_parameters

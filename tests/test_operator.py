@@ -291,12 +291,28 @@ def test_two_supernodes_over_the_same_records_share_the_ledger_and_keep_their_ow
         elsewhere = tmp_path / "volume" / "nodes" / "fed3" / "node-config.toml"
         elsewhere.parent.mkdir(parents=True)
         elsewhere.write_text(f'state-dir = "{tmp_path / "host-state"}"\nsite-name = "fed3"\n')
-        with pytest.raises(SystemExit, match="names state-dir .*host-state: the site would keep its ledger there"):
+        with pytest.raises(SystemExit, match="names state-dir .*host-state, which is not a folder here"):
             supernode_guard.hold_node_lock(["--node-config", str(elsewhere)])
         assert not (tmp_path / "host-state").exists()
+        (tmp_path / "host-state").mkdir()  # one that exists: still another state folder than the config's
+        with pytest.raises(SystemExit, match="names state-dir .*host-state: the site would keep its ledger there"):
+            supernode_guard.hold_node_lock(["--node-config", str(elsewhere)])
+        # nor by a relative path, '..' or a link (review s61's sixth helper)
+        os.symlink(elsewhere, tmp_path / "link.toml")
+        for spelled in (str(tmp_path / "link.toml"), str(elsewhere.parent / ".." / "fed3" / "node-config.toml")):
+            with pytest.raises(SystemExit, match="the site would keep its ledger there"):
+                supernode_guard.hold_node_lock(["--node-config", spelled])
+        cwd = os.getcwd()
+        os.chdir(elsewhere.parent)
+        try:
+            with pytest.raises(SystemExit, match="the site would keep its ledger there"):
+                supernode_guard.hold_node_lock(["--node-config=node-config.toml"])
+        finally:
+            os.chdir(cwd)
         # two sites whose node configs an operator keeps in one folder of their own (review s60's ninth helper)
         (tmp_path / "etc").mkdir()
         for name in ("s5", "s6"):
+            (tmp_path / name).mkdir()  # (their state folders, as --check makes them)
             (tmp_path / "etc" / f"{name}.toml").write_text(f'state-dir = "{tmp_path / name}"\nsite-name = "{name}"\n')
             supernode_guard.hold_node_lock(["--node-config", str(tmp_path / "etc" / f"{name}.toml")])  # both start
     finally:

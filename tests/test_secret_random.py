@@ -28,7 +28,7 @@ def test_every_secret_stream_is_the_full_chacha20_cipher_children_included():
     parent = secret_generator()
     for rng in (parent, *parent.spawn(4), parent.spawn(1)[0].spawn(1)[0]):
         assert type(rng.bit_generator).__name__ == "ChaCha" and rng.bit_generator.state["state"]["rounds"] == 20
-
+        assert rng.bit_generator.seed_seq.pool_size == 8  # 256 bits of key material, not numpy's default 128
 
 def test_a_provided_net_that_makes_a_statistic_pure_noise_shows_chacha20_draws_not_a_replayable_stream():
     """A provided net whose first convolution is zero gives every record a norm input of exactly 0 there, so those

@@ -335,6 +335,26 @@ def test_a_secure_round_whose_model_would_leave_the_sums_range_is_refused_before
     assert all([e["run"] for e in entries] == ["exp-range"] for entries in charges(tmp_path))  # no census either
 
 
+def test_a_secure_statistics_release_whose_noise_cannot_fit_the_sums_range_is_refused_before_its_charge(tmp_path):
+    """Review s61: a clip of 1e6 or a count weight of 1e-6 (both inside the recipe's ranges) gave the statistics noise
+    of std about 3e6, beyond the sum's range of 2^20 whatever the records: the release was charged (the run's whole
+    epsilon) and then failed at every re-send. Such a release is refused before its charge, from public values."""
+    from common.bnnet import BNNet
+    from server.modes.bnstats import plan_settings
+    from server.sites import Schema
+
+    cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, synthetic_size=50)
+    grid = _grid(cfg, 3)
+    for run, clip, weight in (("exp-clip", 1e6, 0.5), ("exp-weight", 1.0, 1e-6)):
+        settings = plan_settings(cfg, Schema(1, 8, 8, tuple(str(i) for i in range(10))), run)
+        settings.update(net_rounds=0, clip=clip, count_weight=weight, layer_clips="")
+        request = P.BnStatsRequest(**settings, net=P.state_arrays(BNNet(1, 10, 8, 8)))
+        got = secure_sum(grid, {n: request for n in grid.get_node_ids()}, round_label=0, timeout=30)
+        assert got.total is None and set(got.codes.values()) == {P.REFUSED_BAD_REQUEST}
+        assert all("leave no room inside the secure aggregation's range" in why for why in got.failures.values())
+    assert all(not entries for entries in charges(tmp_path))  # nothing charged but each ledger's noisy size
+
+
 def test_a_model_that_outgrew_the_sums_range_while_it_trained_is_clamped_not_lost(caplog):
     """Review s60: a learning rate inside the recipe's range (lr-g 1000) grew a generator past the range while it
     trained, after the round's charge, and the site then failed at every re-send. The trained model is the round's DP

@@ -76,8 +76,13 @@ def hold_node_lock(supernode_args: list[str]) -> None:
     path = _node_config_path(supernode_args)
     if path is None:
         return
+    path = path.resolve()  # (review s61: a relative path, '..' or a link got past the checks below)
     config = read_node_config(path)
     folder = _node_folder(config)
+    if folder is not None and not Path(config["state-dir"]).is_dir():  # never made here: that is --check's work
+        sys.exit(f"fedsynth: the node config {path} names state-dir {config['state-dir']}, which is not a folder "
+                 "here; run `fedsynth site --check` where this SuperNode runs (in a container: inside it), with "
+                 "site.yaml's paths as the SuperNode sees them")
     if folder is not None and path.parent.parent.name == NODES_FOLDER:
         if path.parent.name != folder.name:
             sys.exit(f"fedsynth: the node config {path} names site '{folder.name}' but sits in the folder of site "
