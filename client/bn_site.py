@@ -80,9 +80,11 @@ def check_net_work(req: P.BnPlanSettings, site: WorkLimits, build) -> None:
                        backward="", ask="a narrower net (bn-width) or a lower bn-resolution"),))
 
 
-def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings, *, secure_round: bool = False):
-    """Checks both requests share; returns (data, net, ledger, run folder, plan, census or None).
-    ``secure_round``: the net is this site's model of a secure FedAvg round (train.bnnet in a SecAgg+ sum)."""
+def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings, *, secure: bool = False,
+           secure_round: bool = False):
+    """Checks both requests share; returns (data, net, ledger, run folder, plan, census or None). ``secure``: the
+    run's statistics go into a SecAgg+ sum; ``secure_round``: the net is this site's model of a secure FedAvg round
+    (train.bnnet in a SecAgg+ sum)."""
     require_mode(site, "bnstats")
     if req.noise_shares != 1 and not site.allow_distributed_noise:  # before the census: a run this site will
         #                                                            refuse at its release must cost it nothing
@@ -120,6 +122,8 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings, *, secure
     _clip_bounds(req, net)  # layer-clips that do not fit the net's layers: refused before the census, too
     if secure_round:  # a net no census could bring inside the sum's range: refused before the census (review s61)
         check_secure_room(1.0, net_state)
+    if secure:  # statistics whose least possible noise leaves the sum's range: refused before the census too
+        _check_stats_room(_least_noise(req, site), _clip_bounds(req, net), req.count_weight)
     folder = run_dir(site, req.experiment)
     preq = PlanRequest(mode="bnstats", epsilon=req.epsilon, rounds=req.net_rounds, steps=req.local_steps,
                        batch_size=req.batch_size, census=True, stats_share=req.stats_share,
@@ -150,7 +154,7 @@ def train_bnnet(req: P.BnTrainRequest, context: Context, site: SiteSettings, *,
     if not 1 <= req.server_round <= req.net_rounds:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"round {req.server_round} is outside the run's 1..{req.net_rounds}")
     device = site_device(context)
-    data, net, ledger, folder, plan, census = _setup(req, req.net, site, secure_round=secure)
+    data, net, ledger, folder, plan, census = _setup(req, req.net, site, secure=secure, secure_round=secure)
     path = net_round_file(folder, req.server_round)
     saved = load_saved(path)
     if saved is None:
@@ -219,11 +223,13 @@ def noise_share(sigma: float, req: P.BnStatsRequest) -> float:
 
 
 def _release(plan: RunPlan, net: BNNet, data: ImageDataset, clips, req: P.BnStatsRequest, device, site,
-             sigma: float) -> dict:
+             sigma: float, secure: bool) -> dict:
     # The ledger charges plan.stats (the guarantee of the sum, which carries all the noise); with distributed
     # noise this site adds only its share of it, ``sigma`` (noise_share; its own release alone has that much less).
     if clips is None and sigma > 0:
         clips = choose_layer_clips(net, data, noise_multiplier=plan.clip_choice.noise_multiplier, device=device)
+        if secure:  # bounds the sum's range has room for: post-processing of their DP choice (review s61)
+            clips = _within_room(clips, sigma, req.count_weight)
         log.info("[%s] chose per-layer clip bounds privately (z=%.1f): %s", site.name,
                  plan.clip_choice.noise_multiplier, ", ".join(f"{k}={v:.3g}" for k, v in clips.items()))
     clip = clips if sigma > 0 else math.inf
@@ -247,7 +253,7 @@ def release_bnstats(req: P.BnStatsRequest, context: Context, site: SiteSettings,
         raise Refusal(P.REFUSED_BAD_REQUEST, "distributed noise (noise-shares > 1) is only for releases inside a "
                                              "secure aggregation; in the clear a site adds all of the noise")
     device = site_device(context)
-    data, net, ledger, folder, plan, _ = _setup(req, req.net, site)
+    data, net, ledger, folder, plan, _ = _setup(req, req.net, site, secure=secure)
     path = stats_file(folder)
     saved = load_saved(path)
     if saved is not None:
@@ -256,14 +262,14 @@ def release_bnstats(req: P.BnStatsRequest, context: Context, site: SiteSettings,
         clips = _clip_bounds(req, net)  # a malformed request is refused before anything is charged
         events = ([plan.clip_choice] if plan.clip_choice else []) + [plan.stats]
         own = noise_share(plan.stats.noise_multiplier, req)
-        if secure and clips is not None:  # (auto clips: chosen inside the release, from a DP histogram)
-            _check_stats_room(own, clips, req.count_weight)
+        if secure:  # (auto clips, chosen inside the release from a DP histogram: the counts' noise here, the
+            _check_stats_room(own, clips, req.count_weight)  # bounds capped there: _release)
         details = {"clip": _clip_detail(req), "count-weight": req.count_weight,
                    **({"distributed-noise-shares": req.noise_shares, "own-noise-multiplier": own}
                       if req.noise_shares > 1 else {})}
         with charged_work(ledger, events, data, site, purpose="bnstats-release", run=req.experiment, rnd=0,
                           folder=folder, details=details, run_epsilon=req.epsilon) as spent:
-            stats = _release(plan, net.eval(), data, clips, req, device, site, own)
+            stats = _release(plan, net.eval(), data, clips, req, device, site, own, secure)
             log.info("[%s] released DP class statistics (sigma=%.3f); epsilon spent now %.3f", site.name,
                      plan.stats.noise_multiplier, spent.epsilon)
             saved = {"reply": {"stats": {k: torch.from_numpy(v) for k, v in stats.items()}},
@@ -272,12 +278,38 @@ def release_bnstats(req: P.BnStatsRequest, context: Context, site: SiteSettings,
     return P.BnStatsReply(**saved["reply"])
 
 
-def _check_stats_room(own: float, clips: float | dict[str, float], count_weight: float) -> None:
-    """Refuse, before its charge, a secure release whose public noise or clip bounds leave no room in the sum's range."""
+def _least_noise(req: P.BnPlanSettings, site: SiteSettings) -> float:
+    """The least noise multiplier any plan of this site could give its share of the run's statistics (public: the
+    run's epsilon, its stats share when the net is trained, the site's published delta bound, the split); 0 when
+    the run is not private."""
+    target = req.epsilon * (req.stats_share if req.net_rounds > 0 else 1.0)
+    try:
+        least = calibrate_noise_multiplier(target, site.delta_bound, 1.0, 1) if 0 < target < math.inf else 0.0
+    except ValueError:  # (BudgetTooSmall too: an epsilon no plan can pay, refused by the plan check, for free)
+        return 0.0
+    return least * 0.999 / math.sqrt(req.noise_shares)
+
+
+def _within_room(clips: dict[str, float], sigma: float, count_weight: float) -> dict[str, float]:
+    """Per-layer bounds capped so that 8 noise stds plus one record's bound fit the secure sum's range (each
+    layer's noise std is sigma * Delta * c_l * sqrt(L): linear in its own bound)."""
     from common import secure_wire
 
+    per_unit = secure_wire.STATS_NOISE_ROOM * release_noise_std(sigma, {n: 1.0 for n in clips}, count_weight)["sum"]
+    cap = 0.99 * P.SECAGG_CLIPPING_RANGE / (per_unit + 1.0)
+    return {n: min(c, cap) for n, c in clips.items()}
+
+
+def _check_stats_room(own: float, clips: float | dict[str, float] | None, count_weight: float) -> None:
+    """Refuse a secure release whose public noise or clip bounds leave no room in the sum's range (with auto clips,
+    ``clips`` None, its counts' noise alone). Before its charge."""
+    from common import secure_wire
+
+    stds = release_noise_std(own, 1.0 if clips is None else clips, count_weight)
+    if clips is None:
+        stds = {"count": stds["count"]}
     try:
-        secure_wire.check_stats_room(release_noise_std(own, clips, count_weight),
+        secure_wire.check_stats_room(stds, 1.0 if clips is None else
                                      max(clips.values()) if isinstance(clips, dict) else clips)
     except secure_wire.RangeError as err:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"{err}: this site cannot add its statistics to a secure sum") from None

@@ -295,7 +295,7 @@ def test_two_supernodes_over_the_same_records_share_the_ledger_and_keep_their_ow
             supernode_guard.hold_node_lock(["--node-config", str(elsewhere)])
         assert not (tmp_path / "host-state").exists()
         (tmp_path / "host-state").mkdir()  # one that exists: still another state folder than the config's
-        with pytest.raises(SystemExit, match="names state-dir .*host-state: the site would keep its ledger there"):
+        with pytest.raises(SystemExit, match="state-dir it names, .*host-state: the site would keep its ledger there"):
             supernode_guard.hold_node_lock(["--node-config", str(elsewhere)])
         # nor by a relative path, '..' or a link (review s61's sixth helper)
         os.symlink(elsewhere, tmp_path / "link.toml")
@@ -309,6 +309,16 @@ def test_two_supernodes_over_the_same_records_share_the_ledger_and_keep_their_ow
                 supernode_guard.hold_node_lock(["--node-config=node-config.toml"])
         finally:
             os.chdir(cwd)
+        # a link in a state folder's nodes/ to a config kept elsewhere, and Flower's abbreviated or repeated option
+        # (Flower reads both: review s61's eighth helper)
+        (tmp_path / "etc2").mkdir()
+        (tmp_path / "etc2" / "node.toml").write_text(f'state-dir = "{tmp_path / "host-state"}"\nsite-name = "fed5"\n')
+        (tmp_path / "volume" / "nodes" / "fed5").mkdir()
+        os.symlink(tmp_path / "etc2" / "node.toml", tmp_path / "volume" / "nodes" / "fed5" / "node-config.toml")
+        for args in (["--node-config", str(tmp_path / "volume" / "nodes" / "fed5" / "node-config.toml")],
+                     ["--node-conf", str(elsewhere)], ["--node-config", "/nowhere.toml", "--node-config", str(elsewhere)]):
+            with pytest.raises(SystemExit, match="the site would keep its ledger there"):
+                supernode_guard.hold_node_lock(args)
         # two sites whose node configs an operator keeps in one folder of their own (review s60's ninth helper)
         (tmp_path / "etc").mkdir()
         for name in ("s5", "s6"):

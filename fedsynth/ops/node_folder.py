@@ -29,9 +29,26 @@ def node_dir(state_dir: Path, name: str) -> Path:
 
 
 def _node_config_path(supernode_args: list[str]) -> Path | None:
-    paths = [arg.split("=", 1)[1] for arg in supernode_args if arg.startswith("--node-config=")]  # (compose.yaml's)
-    paths += [supernode_args[i + 1] for i, arg in enumerate(supernode_args[:-1]) if arg == "--node-config"]
-    return Path(paths[0]) if len(paths) == 1 else None
+    """The node config Flower's SuperNode will read from ``supernode_args``, read with Flower's own parser (review
+    s61: an abbreviated ``--node-conf`` or a repeated option, which Flower reads, got past a parser of ours)."""
+    import importlib
+
+    parser = importlib.import_module("flwr.supernode.cli.flower_supernode")._parse_args_run_supernode()
+    try:
+        value = parser.parse_known_args(supernode_args)[0].node_config
+    except SystemExit:  # (arguments Flower refuses: it will refuse them itself, and start nothing)
+        return None
+    return Path(value) if value else None
+
+
+def _sits_elsewhere(config_path: Path, state_dir: Path) -> bool:
+    """Whether a node config at ``<X>/nodes/<name>/`` (as given, or once links are resolved) has X another folder
+    than ``state_dir`` (compared as files: a bind-mounted alias of one folder is the same folder)."""
+    for path in {Path(os.path.abspath(config_path)), config_path.resolve()}:
+        if path.parent.parent.name == NODES_FOLDER and not (
+                path.parent.parent.parent.is_dir() and os.path.samefile(path.parent.parent.parent, state_dir)):
+            return True
+    return False
 
 
 def lock_node_folder(folder: Path) -> int | None:
@@ -76,22 +93,21 @@ def hold_node_lock(supernode_args: list[str]) -> None:
     path = _node_config_path(supernode_args)
     if path is None:
         return
-    path = path.resolve()  # (review s61: a relative path, '..' or a link got past the checks below)
     config = read_node_config(path)
     folder = _node_folder(config)
     if folder is not None and not Path(config["state-dir"]).is_dir():  # never made here: that is --check's work
         sys.exit(f"fedsynth: the node config {path} names state-dir {config['state-dir']}, which is not a folder "
                  "here; run `fedsynth site --check` where this SuperNode runs (in a container: inside it), with "
                  "site.yaml's paths as the SuperNode sees them")
-    if folder is not None and path.parent.parent.name == NODES_FOLDER:
-        if path.parent.name != folder.name:
+    for where in {Path(os.path.abspath(path)), path.resolve()} if folder is not None else ():
+        if where.parent.parent.name == NODES_FOLDER and where.parent.name != folder.name:
             sys.exit(f"fedsynth: the node config {path} names site '{folder.name}' but sits in the folder of site "
-                     f"'{path.parent.name}'; run `fedsynth site --check` for the site to write its own")
-        if path.parent.parent.parent.resolve() != Path(config["state-dir"]).resolve():
-            sys.exit(f"fedsynth: the node config {path} sits in the state folder {path.parent.parent.parent} but "
-                     f"names state-dir {config['state-dir']}: the site would keep its ledger there instead; run "
-                     "`fedsynth site --check` where this SuperNode runs (in a container: inside it), with site.yaml's "
-                     "paths as the SuperNode sees them")
+                     f"'{where.parent.name}'; run `fedsynth site --check` for the site to write its own")
+    if folder is not None and _sits_elsewhere(path, Path(config["state-dir"])):  # (as given or resolved: review s61)
+        sys.exit(f"fedsynth: the node config {path} sits in another state folder than the state-dir it names, "
+                 f"{config['state-dir']}: the site would keep its ledger there instead; run `fedsynth site --check` "
+                 "where this SuperNode runs (in a container: inside it), with site.yaml's paths as the SuperNode sees "
+                 "them")
     folder = folder or path.parent
     try:
         fd = lock_node_folder(folder)

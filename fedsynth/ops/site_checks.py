@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.state_layout import nodes_folder
+from common.state_layout import ledger_folder, nodes_folder
 from fedsynth.ops.fields import DeployError, info, warn
 from fedsynth.ops.node_folder import read_node_config
 from fedsynth.ops.site_config import SiteDeployment
@@ -31,16 +31,19 @@ def check_shared_ledger(dep: SiteDeployment) -> None:
                               f"one ledger: set dataset_id: {other_id} in {dep.source}")
 
 
-def check_delta(dep: SiteDeployment, n: int) -> None:
+def check_delta(dep: SiteDeployment, data) -> None:
     """Refuse a ``delta`` set in site.yaml at 1/n or more, and warn above 1e-5, the usual bound (review s60: 0.5 was
     taken without a word, and the coordinator sees the bound a site publishes). A delta of 1/n lets a mechanism
     publish one of n records outright and still meet (epsilon, delta). Without a delta, a budget too small to pay the
     noisy size the default is read off is refused here too (review s61: it passed --check, and the site then refused
     every request)."""
+    from client.site import data_fingerprint
     from client.site_delta import least_budget
 
-    delta = dep.settings.delta
-    if not delta and dep.settings.epsilon_budget < least_budget() and not dep.settings.ledger_path.exists():
+    delta, n = dep.settings.delta, len(data)
+    ledgers = (dep.settings.ledger_path, ledger_folder(dep.state_dir) / f"{data_fingerprint(data)}.jsonl")  # (and
+    # an older fedsynth's, named by the data's fingerprint, which the site takes over: review s61)
+    if not delta and dep.settings.epsilon_budget < least_budget() and not any(p.exists() for p in ledgers):
         raise DeployError(f"site '{dep.name}': epsilon {dep.settings.epsilon_budget:g} cannot pay the noisy size its "
                           f"default delta is read off ({least_budget():.3g}), so the site would refuse every request: "
                           "raise epsilon, or set delta in site.yaml (e.g. 1e-6)")

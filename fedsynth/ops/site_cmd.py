@@ -151,7 +151,7 @@ def check_site(dep: SiteDeployment, insecure: bool = False) -> SiteCheck:
     check_shared_ledger(dep)
     data = load_data_checked(dep)
     _check_data(dep, data)
-    check_delta(dep, len(data))
+    check_delta(dep, data)
     if s.heldout:
         held = load_data_checked(dep, "heldout")
         if held.image_shape != data.image_shape or held.classes != data.classes:
