@@ -86,6 +86,9 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings, *, secure
     run's statistics go into a SecAgg+ sum; ``secure_round``: the net is this site's model of a secure FedAvg round
     (train.bnnet in a SecAgg+ sum)."""
     require_mode(site, "bnstats")
+    if not 1 <= req.noise_shares <= P.SECURE_SUM_MAX_SITES:  # (review s61: a train.bnnet's was never checked)
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"noise-shares must be 1 (no split) to {P.SECURE_SUM_MAX_SITES}, got "
+                                             f"{req.noise_shares}")
     if req.noise_shares != 1 and not site.allow_distributed_noise:  # before the census: a run this site will
         #                                                            refuse at its release must cost it nothing
         raise Refusal(P.REFUSED_NOT_ALLOWED, "this site adds all of its statistics' noise itself: its operator has "
@@ -138,6 +141,9 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings, *, secure
                         budget=site.epsilon_budget, delta_bound=site.delta_bound,
                         fingerprint=data_fingerprint(data)) if trains else None
     plan = plan_for_site(site, ledger, folder, preq, req.experiment, census=census)
+    if secure and plan.stats is not None:  # the plan's own noise (a budget-limited plan has more than the least,
+        # review s61): refused after the census at most, before any training round (post-processing of the census)
+        _check_stats_room(noise_share(plan.stats.noise_multiplier, req), _clip_bounds(req, net), req.count_weight)
     return data, net, ledger, folder, plan, census
 
 

@@ -235,6 +235,10 @@ def test_a_site_with_a_weak_delta_a_huge_budget_or_its_state_in_its_data_is_told
     assert code == 2 and "epsilon 0.02 cannot pay the noisy size" in text
     code, text = check(epsilon=0.02, delta=1e-6, state_dir=str(tmp_path / "small"))
     assert code == 0
+    (tmp_path / "lost" / "ledger").mkdir(parents=True)  # a site whose ledger was lost: its own refusal, not "raise
+    (tmp_path / "lost" / "ledger" / "a.started").write_text("{}")  # epsilon" (review s61's seventh helper)
+    code, text = check(epsilon=0.02, state_dir=str(tmp_path / "lost"))
+    assert code == 2 and "cannot pay the noisy size" not in text and "has released before" in text
 
 
 def test_two_supernodes_over_the_same_records_share_the_ledger_and_keep_their_own_files(tmp_path, capsys):

@@ -879,3 +879,44 @@ def test_a_sites_stage_claims_are_cleared_when_its_supernode_starts(tmp_path):
     supernode_guard.clear_stage_claims([f"--node-config={node_config}"])  # deploy/compose.yaml's form
     assert not claims.exists()
     supernode_guard.clear_stage_claims(["--node-config", str(tmp_path / "missing.toml")])  # nothing to clear: no error
+
+
+def test_a_secure_statistics_run_is_checked_against_its_own_plans_noise_before_any_training_round(tmp_path):
+    """Review s61 (ninth helper): the check before the census assumed the run's whole epsilon, but a site whose budget
+    is smaller plans more noise; such a run paid its census and a training round before its statistics were refused.
+    The plan's own noise is now checked right after the census; and a train request's noise-shares is checked too
+    (1e9 brought the least noise to nothing; 0 crashed)."""
+    import math
+
+    from flwr.app import Context, RecordDict
+
+    from client import bn_site
+    from client.refusal import Refusal
+    from client.site import SiteSettings
+    from common.bnnet import BNNet
+    from server.modes.bnstats import plan_settings
+    from server.sites import Schema
+
+    ctx = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={"device": "cpu"})
+    site = SiteSettings(name="s", data="digits", state_dir=tmp_path / "state", epsilon_budget=2.0, delta=1e-5,
+                        allow_distributed_noise=True)
+    cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=1, bn_width=8)
+    settings = plan_settings(cfg, Schema(1, 8, 8, tuple(str(i) for i in range(10))), "exp-budget")
+    settings.update(net_rounds=1, local_steps=2, batch_size=16, epsilon=50.0, stats_share=0.5, layer_clips="",
+                    count_weight=0.5)
+    net = P.state_arrays(BNNet(1, 10, 8, 8))
+    least = bn_site._least_noise(P.BnTrainRequest(**settings, server_round=1, net=net), site)
+    settings["clip"] = 0.95 * P.SECAGG_CLIPPING_RANGE / (8 * least * math.sqrt(0.5 ** 2 + 1) + 1)  # passes at 50
+    with pytest.raises(Refusal, match="leave no room inside the secure aggregation's range"):
+        bn_site.train_bnnet(P.BnTrainRequest(**settings, server_round=1, net=net), ctx, site, secure=True)
+    assert [e["purpose"] for e in _ledger_entries(site)] == ["bnstats-census"]  # the census decided it, no round
+    for shares in (0, -4, 10 ** 9):
+        with pytest.raises(Refusal, match="noise-shares must be 1"):
+            bn_site.train_bnnet(P.BnTrainRequest(**{**settings, "experiment": f"exp-{shares}", "noise_shares": shares},
+                                                 server_round=1, net=net), ctx, site, secure=True)
+
+
+def _ledger_entries(site) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in site.ledger_path.read_text().splitlines()[1:] if '"purpose"' in line]

@@ -28,27 +28,42 @@ def node_dir(state_dir: Path, name: str) -> Path:
     return nodes_folder(state_dir) / name
 
 
-def _node_config_path(supernode_args: list[str]) -> Path | None:
-    """The node config Flower's SuperNode will read from ``supernode_args``, read with Flower's own parser (review
-    s61: an abbreviated ``--node-conf`` or a repeated option, which Flower reads, got past a parser of ours)."""
+def _node_config(supernode_args: list[str]) -> tuple[Path | None, dict]:
+    """(the file, or None for an inline ``key=value`` config; the settings) of the node config Flower's SuperNode
+    will read from ``supernode_args``, read as Flower reads them (review s61: its own parser, so an abbreviated
+    ``--node-conf`` or a repeated option is seen; a value ending in .toml is a file, ``~`` expanded; anything else
+    inline settings). ({} where there is none or it does not parse: Flower then refuses it itself.)"""
     import importlib
+
+    from flwr.common.config import parse_config_args
 
     parser = importlib.import_module("flwr.supernode.cli.flower_supernode")._parse_args_run_supernode()
     try:
         value = parser.parse_known_args(supernode_args)[0].node_config
     except SystemExit:  # (arguments Flower refuses: it will refuse them itself, and start nothing)
-        return None
-    return Path(value) if value else None
+        return None, {}
+    if not value:
+        return None, {}
+    if value.endswith(".toml"):
+        path = Path(value).expanduser()
+        return path, read_node_config(path)
+    try:
+        return None, parse_config_args([value])
+    except Exception:  # noqa: BLE001 - a string Flower cannot parse either
+        return None, {}
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    return a.is_dir() and b.is_dir() and os.path.samefile(a, b)  # (as files: a bind-mounted alias is the same)
 
 
 def _sits_elsewhere(config_path: Path, state_dir: Path) -> bool:
-    """Whether a node config at ``<X>/nodes/<name>/`` (as given, or once links are resolved) has X another folder
-    than ``state_dir`` (compared as files: a bind-mounted alias of one folder is the same folder)."""
-    for path in {Path(os.path.abspath(config_path)), config_path.resolve()}:
-        if path.parent.parent.name == NODES_FOLDER and not (
-                path.parent.parent.parent.is_dir() and os.path.samefile(path.parent.parent.parent, state_dir)):
-            return True
-    return False
+    """Whether a node config in a ``nodes/`` folder -- as given, or once links are resolved -- lies outside the
+    ``nodes/`` of ``state_dir`` (review s61: a link into a state folder's nodes/ from a config kept elsewhere; a
+    state folder whose nodes/ is itself a link to another disk is the same folder)."""
+    given, real = Path(os.path.abspath(config_path)), config_path.resolve()
+    return any(path.parent.parent.name == NODES_FOLDER and not _same_folder(path.parent.parent, nodes_folder(state_dir))
+               for path in (given, real))
 
 
 def lock_node_folder(folder: Path) -> int | None:
@@ -90,24 +105,26 @@ def hold_node_lock(supernode_args: list[str]) -> None:
     so is one in a state folder's ``nodes/`` that names another state folder (review s61: a Docker SuperNode given
     a config written with the host's paths kept its ledger where the config said, off the mounted volume, where a
     rebuilt container starts afresh)."""
-    path = _node_config_path(supernode_args)
-    if path is None:
-        return
-    config = read_node_config(path)
+    path, config = _node_config(supernode_args)
     folder = _node_folder(config)
+    if folder is None and {"site-name", "state-dir", "data-path"} & set(config):  # a site's, which fedsynth reads
+        sys.exit(f"fedsynth: the node config {path or 'given inline'} names no valid site-name and state-dir "
+                 "(letters, digits, '-', '_', '.'); run `fedsynth site --check` for the site to write its own")
     if folder is not None and not Path(config["state-dir"]).is_dir():  # never made here: that is --check's work
-        sys.exit(f"fedsynth: the node config {path} names state-dir {config['state-dir']}, which is not a folder "
-                 "here; run `fedsynth site --check` where this SuperNode runs (in a container: inside it), with "
-                 "site.yaml's paths as the SuperNode sees them")
-    for where in {Path(os.path.abspath(path)), path.resolve()} if folder is not None else ():
+        sys.exit(f"fedsynth: the node config {path or 'given inline'} names state-dir {config['state-dir']}, which "
+                 "is not a folder here; run `fedsynth site --check` where this SuperNode runs (in a container: inside "
+                 "it), with site.yaml's paths as the SuperNode sees them")
+    for where in {Path(os.path.abspath(path)), path.resolve()} if folder is not None and path is not None else ():
         if where.parent.parent.name == NODES_FOLDER and where.parent.name != folder.name:
             sys.exit(f"fedsynth: the node config {path} names site '{folder.name}' but sits in the folder of site "
                      f"'{where.parent.name}'; run `fedsynth site --check` for the site to write its own")
-    if folder is not None and _sits_elsewhere(path, Path(config["state-dir"])):  # (as given or resolved: review s61)
+    if folder is not None and path is not None and _sits_elsewhere(path, Path(config["state-dir"])):
         sys.exit(f"fedsynth: the node config {path} sits in another state folder than the state-dir it names, "
                  f"{config['state-dir']}: the site would keep its ledger there instead; run `fedsynth site --check` "
                  "where this SuperNode runs (in a container: inside it), with site.yaml's paths as the SuperNode sees "
                  "them")
+    if folder is None and path is None:
+        return  # (an inline config of no site: no folder of ours to lock)
     folder = folder or path.parent
     try:
         fd = lock_node_folder(folder)
@@ -126,7 +143,7 @@ def clear_stage_claims(supernode_args: list[str]) -> None:
     A setup's secrets live in the SuperNode's memory only, so its claims (client.secure_site) mean nothing once it
     restarts; a coordinator could make a site keep two empty files per setup, for free and for ever (review s58).
     Cleared here, at every start, whether ``fedsynth site`` or a Docker entry point starts the SuperNode."""
-    config = read_node_config(_node_config_path(supernode_args))
+    config = _node_config(supernode_args)[1]
     if (folder := _node_folder(config)) is not None:  # (nothing of ours to clear in a file fedsynth did not write)
         claims = setups_folder(config["state-dir"])
         shutil.rmtree(claims / folder.name, ignore_errors=True)

@@ -37,13 +37,17 @@ def check_delta(dep: SiteDeployment, data) -> None:
     publish one of n records outright and still meet (epsilon, delta). Without a delta, a budget too small to pay the
     noisy size the default is read off is refused here too (review s61: it passed --check, and the site then refused
     every request)."""
-    from client.site import data_fingerprint
+    from client import ledger_file as lf
+    from client.site import data_fingerprint, released_before
     from client.site_delta import least_budget
 
     delta, n = dep.settings.delta, len(data)
     ledgers = (dep.settings.ledger_path, ledger_folder(dep.state_dir) / f"{data_fingerprint(data)}.jsonl")  # (and
     # an older fedsynth's, named by the data's fingerprint, which the site takes over: review s61)
-    if not delta and dep.settings.epsilon_budget < least_budget() and not any(p.exists() for p in ledgers):
+    released = lf.started_mark(dep.settings.ledger_path).exists() or released_before(dep.settings)  # (its ledger
+    # lost: the site's own refusal says what to do, review s61)
+    if not delta and dep.settings.epsilon_budget < least_budget() and not any(p.exists() for p in ledgers) \
+            and not released:
         raise DeployError(f"site '{dep.name}': epsilon {dep.settings.epsilon_budget:g} cannot pay the noisy size its "
                           f"default delta is read off ({least_budget():.3g}), so the site would refuse every request: "
                           "raise epsilon, or set delta in site.yaml (e.g. 1e-6)")
