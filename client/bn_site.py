@@ -18,7 +18,7 @@ from flwr.app import Context, Message
 
 from client.auto_clip import choose_layer_clips
 from client.bnstats import record_class_statistics, release_noise_std
-from client.budget import PlanRequest, RunPlan, expected_batch, plan_for_site, validate_plan_request
+from client.budget import MAX_USEFUL_NOISE, PlanRequest, RunPlan, expected_batch, plan_for_site, validate_plan_request
 from client.census import (census_weight, check_no_census_drawn, check_plan_possible,
                            check_secure_room, run_census)
 from client.dpsgd import DPSGD_CHUNK, train_dpsgd_local
@@ -125,8 +125,8 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings, *, secure
     _clip_bounds(req, net)  # layer-clips that do not fit the net's layers: refused before the census, too
     if secure_round:  # a net no census could bring inside the sum's range: refused before the census (review s61)
         check_secure_room(1.0, net_state)
-    if secure:  # statistics whose least possible noise leaves the sum's range: refused before the census too
-        _check_stats_room(_least_noise(req, site), _clip_bounds(req, net), req.count_weight)
+    if secure:  # statistics whose noise may leave the sum's range: refused before the census too (review s61)
+        _check_stats_room(_largest_noise(req), _clip_bounds(req, net), req.count_weight)
     folder = run_dir(site, req.experiment)
     preq = PlanRequest(mode="bnstats", epsilon=req.epsilon, rounds=req.net_rounds, steps=req.local_steps,
                        batch_size=req.batch_size, census=True, stats_share=req.stats_share,
@@ -141,9 +141,6 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings, *, secure
                         budget=site.epsilon_budget, delta_bound=site.delta_bound,
                         fingerprint=data_fingerprint(data)) if trains else None
     plan = plan_for_site(site, ledger, folder, preq, req.experiment, census=census)
-    if secure and plan.stats is not None:  # the plan's own noise (a budget-limited plan has more than the least,
-        # review s61): refused after the census at most, before any training round (post-processing of the census)
-        _check_stats_room(noise_share(plan.stats.noise_multiplier, req), _clip_bounds(req, net), req.count_weight)
     return data, net, ledger, folder, plan, census
 
 
@@ -284,16 +281,18 @@ def release_bnstats(req: P.BnStatsRequest, context: Context, site: SiteSettings,
     return P.BnStatsReply(**saved["reply"])
 
 
-def _least_noise(req: P.BnPlanSettings, site: SiteSettings) -> float:
-    """The least noise multiplier any plan of this site could give its share of the run's statistics (public: the
-    run's epsilon, its stats share when the net is trained, the site's published delta bound, the split); 0 when
-    the run is not private."""
-    target = req.epsilon * (req.stats_share if req.net_rounds > 0 else 1.0)
-    try:
-        least = calibrate_noise_multiplier(target, site.delta_bound, 1.0, 1) if 0 < target < math.inf else 0.0
-    except ValueError:  # (BudgetTooSmall too: an epsilon no plan can pay, refused by the plan check, for free)
+def _largest_noise(req: P.BnPlanSettings) -> float:
+    """The largest noise multiplier this site may add to the run's statistics: its share (``noise_share``) of the
+    most any plan uses (MAX_USEFUL_NOISE; a plan that needs more is refused); 0 for a run that is not private.
+    Checked before the census, the room then holds for whatever plan the census, the budget and the ledger give
+    (review s61: checked at the least noise, a run whose small budget planned more paid its census, or with a
+    plan limited by the budget its training rounds too, before its statistics were refused)."""
+    if math.isinf(req.epsilon):
         return 0.0
-    return least * 0.999 / math.sqrt(req.noise_shares)
+    try:
+        return noise_share(MAX_USEFUL_NOISE, req)
+    except ValueError:  # (an epsilon too small for the floor: the plan check refuses it; a share is at most sigma)
+        return MAX_USEFUL_NOISE
 
 
 def _within_room(clips: dict[str, float], sigma: float, count_weight: float) -> dict[str, float]:

@@ -239,6 +239,8 @@ def test_a_site_with_a_weak_delta_a_huge_budget_or_its_state_in_its_data_is_told
     (tmp_path / "lost" / "ledger" / "a.started").write_text("{}")  # epsilon" (review s61's seventh helper)
     code, text = check(epsilon=0.02, state_dir=str(tmp_path / "lost"))
     assert code == 2 and "cannot pay the noisy size" not in text and "has released before" in text
+    code, text = check(name="a\n")  # a YAML block scalar: NAME_RE.match let its newline through (review s61)
+    assert code == 2 and "name" in text
 
 
 def test_two_supernodes_over_the_same_records_share_the_ledger_and_keep_their_own_files(tmp_path, capsys):
@@ -323,6 +325,12 @@ def test_two_supernodes_over_the_same_records_share_the_ledger_and_keep_their_ow
                      ["--node-conf", str(elsewhere)], ["--node-config", "/nowhere.toml", "--node-config", str(elsewhere)]):
             with pytest.raises(SystemExit, match="the site would keep its ledger there"):
                 supernode_guard.hold_node_lock(args)
+        # a [""] table, whose keys Flower's reading (flattened) puts at the top level: the guard reads it the same way
+        (tmp_path / "volume" / "nodes" / "fed6").mkdir()
+        flat = tmp_path / "volume" / "nodes" / "fed6" / "node-config.toml"
+        flat.write_text(f'state-dir = "{tmp_path / "volume"}"\nsite-name = "fed6"\n[""]\nstate-dir = "{tmp_path / "host-state"}"\n')
+        with pytest.raises(SystemExit, match="the site would keep its ledger there"):
+            supernode_guard.hold_node_lock(["--node-config", str(flat)])
         # two sites whose node configs an operator keeps in one folder of their own (review s60's ninth helper)
         (tmp_path / "etc").mkdir()
         for name in ("s5", "s6"):

@@ -881,16 +881,16 @@ def test_a_sites_stage_claims_are_cleared_when_its_supernode_starts(tmp_path):
     supernode_guard.clear_stage_claims(["--node-config", str(tmp_path / "missing.toml")])  # nothing to clear: no error
 
 
-def test_a_secure_statistics_run_is_checked_against_its_own_plans_noise_before_any_training_round(tmp_path):
-    """Review s61 (ninth helper): the check before the census assumed the run's whole epsilon, but a site whose budget
-    is smaller plans more noise; such a run paid its census and a training round before its statistics were refused.
-    The plan's own noise is now checked right after the census; and a train request's noise-shares is checked too
-    (1e9 brought the least noise to nothing; 0 crashed)."""
-    import math
-
+def test_a_secure_statistics_runs_room_is_checked_at_the_most_noise_any_plan_uses_before_its_census(tmp_path):
+    """Review s61 (ninth and tenth helpers): checked at the least noise a plan could give (the run's epsilon at the
+    published delta), a run whose plan, limited by a small budget, had more noise paid its census and a training
+    round before its statistics were refused; checked then against the plan, it still paid its census. The room is
+    now checked before the census at the most noise any plan uses (MAX_USEFUL_NOISE), so nothing is charged; and a
+    train request's noise-shares is checked too (1e9 brought the least noise to nothing, 0 crashed)."""
     from flwr.app import Context, RecordDict
 
     from client import bn_site
+    from client.budget import MAX_USEFUL_NOISE
     from client.refusal import Refusal
     from client.site import SiteSettings
     from common.bnnet import BNNet
@@ -903,17 +903,19 @@ def test_a_secure_statistics_run_is_checked_against_its_own_plans_noise_before_a
     cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=1, bn_width=8)
     settings = plan_settings(cfg, Schema(1, 8, 8, tuple(str(i) for i in range(10))), "exp-budget")
     settings.update(net_rounds=1, local_steps=2, batch_size=16, epsilon=50.0, stats_share=0.5, layer_clips="",
-                    count_weight=0.5)
+                    count_weight=0.5, clip=3e5)  # room at the run's epsilon of 50, none at this site's budget of 2
     net = P.state_arrays(BNNet(1, 10, 8, 8))
-    least = bn_site._least_noise(P.BnTrainRequest(**settings, server_round=1, net=net), site)
-    settings["clip"] = 0.95 * P.SECAGG_CLIPPING_RANGE / (8 * least * math.sqrt(0.5 ** 2 + 1) + 1)  # passes at 50
     with pytest.raises(Refusal, match="leave no room inside the secure aggregation's range"):
         bn_site.train_bnnet(P.BnTrainRequest(**settings, server_round=1, net=net), ctx, site, secure=True)
-    assert [e["purpose"] for e in _ledger_entries(site)] == ["bnstats-census"]  # the census decided it, no round
+    assert not site.ledger_path.exists()  # nothing charged, not even the census or the ledger's start
     for shares in (0, -4, 10 ** 9):
         with pytest.raises(Refusal, match="noise-shares must be 1"):
             bn_site.train_bnnet(P.BnTrainRequest(**{**settings, "experiment": f"exp-{shares}", "noise_shares": shares},
                                                  server_round=1, net=net), ctx, site, secure=True)
+    # honest settings have room to spare at the most noise a plan uses: the default flat bound and the README's
+    # per-layer ones (bn_site._check_stats_room raises otherwise)
+    bn_site._check_stats_room(MAX_USEFUL_NOISE, 2.3, 0.5)
+    bn_site._check_stats_room(MAX_USEFUL_NOISE, {"a": 1.4, "b": 2.4, "c": 4.0, "d": 44.0}, 0.5)
 
 
 def _ledger_entries(site) -> list[dict]:

@@ -80,7 +80,7 @@ def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
             raise DeployError(f"{path}: sites[{i}] must be a mapping with 'name' and 'public_key'")
         sf = Fields(item, f"{path}: sites[{i}]", base, ("name", "public_key"))
         name = sf.str("name")
-        if not NAME_RE.match(name):
+        if not NAME_RE.fullmatch(name):
             raise DeployError(f"{path}: sites[{i}].name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
         sites.append(SiteKey(name, sf.path("public_key")))
     names = [s.name for s in sites]

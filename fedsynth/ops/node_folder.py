@@ -44,13 +44,11 @@ def _node_config(supernode_args: list[str]) -> tuple[Path | None, dict]:
         return None, {}
     if not value:
         return None, {}
-    if value.endswith(".toml"):
-        path = Path(value).expanduser()
-        return path, read_node_config(path)
-    try:
-        return None, parse_config_args([value])
-    except Exception:  # noqa: BLE001 - a string Flower cannot parse either
-        return None, {}
+    path = Path(value).expanduser() if value.endswith(".toml") else None
+    try:  # (a file read as Flower reads it: flattened, so a [""] table's keys are top-level ones, review s61)
+        return path, parse_config_args([value])
+    except Exception:  # noqa: BLE001 - a file or string Flower cannot read either
+        return path, {}
 
 
 def _same_folder(a: Path, b: Path) -> bool:

@@ -98,10 +98,10 @@ def load_site_config(path: str | Path) -> SiteDeployment:
     raw, base = load_yaml(path, "site")
     f = Fields(raw, str(path), base, SITE_KEYS)
     name = f.str("name")
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise DeployError(f"{path}: 'name' {name!r} must be 1-64 letters, digits, '.', '_' or '-' (e.g. site1)")
     dataset_id = f.str("dataset_id", name)
-    if not NAME_RE.match(dataset_id):
+    if not NAME_RE.fullmatch(dataset_id):
         raise DeployError(f"{path}: 'dataset_id' {dataset_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
     data = f.str("data")
     data = data if data == "digits" else str(f.path("data"))
