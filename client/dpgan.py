@@ -254,7 +254,7 @@ class LocalGanTrainer:
         # how many latents a stream has given depends on the Poisson batch sizes so far (on the records). From
         # a stream the coordinator can replay (its seed) the fakes paired with the records, and G's updates,
         # would carry that private count outside the DP steps; fresh secret draws are independent of it.
-        # Each a ChaCha20 stream (client.secret_random: not torch's 32-bit CPU seeds, not PCG64, no cipher).
+        # Each a ChaCha20 stream (client.secret_random: torch's CPU seeds keep 32 bits, and PCG64 is no cipher).
         sampler, noise_rng, latents, aug_rng = secret_generator(rs.noise_seed).spawn(4)
         # (aug_rng: D's input transformations, secret too: how many it draws depends on the Poisson batch sizes)
 
