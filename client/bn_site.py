@@ -18,7 +18,8 @@ from flwr.app import Context, Message
 
 from client.auto_clip import choose_layer_clips
 from client.bnstats import record_class_statistics, release_noise_std
-from client.budget import MAX_USEFUL_NOISE, PlanRequest, RunPlan, expected_batch, plan_for_site, validate_plan_request
+from client.budget import (MAX_USEFUL_NOISE, PlanRequest, RunPlan, expected_batch, is_private, plan_for_site,
+                           validate_plan_request)
 from client.census import (census_weight, check_no_census_drawn, check_plan_possible,
                            check_secure_room, run_census)
 from client.dpsgd import DPSGD_CHUNK, train_dpsgd_local
@@ -126,7 +127,7 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings, *, secure
     if secure_round:  # a net no census could bring inside the sum's range: refused before the census (review s61)
         check_secure_room(1.0, net_state)
     if secure:  # statistics whose noise may leave the sum's range: refused before the census too (review s61)
-        _check_stats_room(_largest_noise(req), _clip_bounds(req, net), req.count_weight)
+        _check_stats_room(_largest_noise(req, site), _clip_bounds(req, net), req.count_weight)
     folder = run_dir(site, req.experiment)
     preq = PlanRequest(mode="bnstats", epsilon=req.epsilon, rounds=req.net_rounds, steps=req.local_steps,
                        batch_size=req.batch_size, census=True, stats_share=req.stats_share,
@@ -281,13 +282,14 @@ def release_bnstats(req: P.BnStatsRequest, context: Context, site: SiteSettings,
     return P.BnStatsReply(**saved["reply"])
 
 
-def _largest_noise(req: P.BnPlanSettings) -> float:
+def _largest_noise(req: P.BnPlanSettings, site: SiteSettings) -> float:
     """The largest noise multiplier this site may add to the run's statistics: its share (``noise_share``) of the
-    most any plan uses (MAX_USEFUL_NOISE; a plan that needs more is refused); 0 for a run that is not private.
+    most any plan uses (MAX_USEFUL_NOISE; a plan that needs more is refused); 0 for a run that is not private (an
+    epsilon of inf at a site whose budget is finite is private, planned within the budget: review s61's eleventh).
     Checked before the census, the room then holds for whatever plan the census, the budget and the ledger give
     (review s61: checked at the least noise, a run whose small budget planned more paid its census, or with a
     plan limited by the budget its training rounds too, before its statistics were refused)."""
-    if math.isinf(req.epsilon):
+    if not is_private(req.epsilon, site.epsilon_budget):
         return 0.0
     try:
         return noise_share(MAX_USEFUL_NOISE, req)

@@ -887,6 +887,8 @@ def test_a_secure_statistics_runs_room_is_checked_at_the_most_noise_any_plan_use
     round before its statistics were refused; checked then against the plan, it still paid its census. The room is
     now checked before the census at the most noise any plan uses (MAX_USEFUL_NOISE), so nothing is charged; and a
     train request's noise-shares is checked too (1e9 brought the least noise to nothing, 0 crashed)."""
+    import math
+
     from flwr.app import Context, RecordDict
 
     from client import bn_site
@@ -908,6 +910,10 @@ def test_a_secure_statistics_runs_room_is_checked_at_the_most_noise_any_plan_use
     with pytest.raises(Refusal, match="leave no room inside the secure aggregation's range"):
         bn_site.train_bnnet(P.BnTrainRequest(**settings, server_round=1, net=net), ctx, site, secure=True)
     assert not site.ledger_path.exists()  # nothing charged, not even the census or the ledger's start
+    with pytest.raises(Refusal, match="leave no room"):  # epsilon inf at a finite budget is private (the eleventh)
+        bn_site.train_bnnet(P.BnTrainRequest(**{**settings, "experiment": "exp-inf", "epsilon": math.inf, "clip": 3e4},
+                                             server_round=1, net=net), ctx, site, secure=True)
+    assert not site.ledger_path.exists()
     for shares in (0, -4, 10 ** 9):
         with pytest.raises(Refusal, match="noise-shares must be 1"):
             bn_site.train_bnnet(P.BnTrainRequest(**{**settings, "experiment": f"exp-{shares}", "noise_shares": shares},
