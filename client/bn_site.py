@@ -123,11 +123,11 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings, *, secure
     if problems:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"the net sent does not match the run's shape: {problems[:3]}")
     P.load_state(net, net_state)
-    _clip_bounds(req, net)  # layer-clips that do not fit the net's layers: refused before the census, too
+    clips = _clip_bounds(req, net)  # layer-clips that do not fit the net's layers: refused before the census, too
     if secure_round:  # a net no census could bring inside the sum's range: refused before the census (review s61)
         check_secure_room(1.0, net_state)
     if secure:  # statistics whose noise may leave the sum's range: refused before the census too (review s61)
-        _check_stats_room(_largest_noise(req, site), _clip_bounds(req, net), req.count_weight)
+        _check_stats_room(_largest_noise(req, site), clips, req.count_weight)
     folder = run_dir(site, req.experiment)
     preq = PlanRequest(mode="bnstats", epsilon=req.epsilon, rounds=req.net_rounds, steps=req.local_steps,
                        batch_size=req.batch_size, census=True, stats_share=req.stats_share,

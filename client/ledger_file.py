@@ -64,6 +64,12 @@ def released_before(path: Path, history: str = "") -> str:
     return "; ".join(reasons + ([history] if history else []))
 
 
+def fingerprint_named(path: Path, fingerprint: str) -> Path:
+    """The ledger beside ``path`` that an older fedsynth named by its data's fingerprint (``client.site.open_ledger``
+    takes it over as the dataset id's)."""
+    return Path(path).parent / f"{fingerprint}.jsonl"
+
+
 def reset_refused(path: Path, what: str, evidence: str) -> str:
     """The operator's message when a ledger that existed is missing or empty (never started afresh)."""
     return (f"privacy ledger {path} {what}, but this dataset has released before ({evidence}). Starting a new "

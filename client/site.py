@@ -240,7 +240,7 @@ def open_ledger(site: SiteSettings, data: ImageDataset, *, create: bool = True) 
     the operator's read-only checks alike, before anything is charged: it is never started afresh.
     """
     path = site.ledger_path
-    legacy = ledger_folder(site.state_dir) / f"{data_fingerprint(data)}.jsonl"
+    legacy = lf.fingerprint_named(path, data_fingerprint(data))
     if create and not path.exists() and legacy.exists():
         legacy.rename(path)
         fsync_dir(path.parent)

@@ -13,7 +13,6 @@ import fcntl
 import os
 import shutil
 import sys
-import tomllib
 from pathlib import Path
 
 from common.state_layout import NODES_FOLDER, nodes_folder, setups_folder
@@ -44,11 +43,13 @@ def _node_config(supernode_args: list[str]) -> tuple[Path | None, dict]:
         return None, {}
     if not value:
         return None, {}
-    path = Path(value).expanduser() if value.endswith(".toml") else None
-    try:  # (a file read as Flower reads it: flattened, so a [""] table's keys are top-level ones, review s61)
-        return path, parse_config_args([value])
-    except Exception:  # noqa: BLE001 - a file or string Flower cannot read either
-        return path, {}
+    if value.endswith(".toml"):
+        path = Path(value).expanduser()
+        return path, read_node_config(path)
+    try:
+        return None, parse_config_args([value])
+    except Exception:  # noqa: BLE001 - a string Flower cannot read either
+        return None, {}
 
 
 def _same_folder(a: Path, b: Path) -> bool:
@@ -88,11 +89,15 @@ def _node_folder(config: dict) -> Path | None:
 
 
 def read_node_config(path: Path | None) -> dict:
-    """A node config's settings; {} where there is none or it does not parse (not a file fedsynth wrote)."""
+    """A node config file's settings (a .toml file), read as Flower's SuperNode reads it (``parse_config_args``:
+    flattened, so a ``[""]`` table's keys are top-level ones: review s61), so that the guard, ``fedsynth site``'s
+    checks and Flower read one config alike; {} where there is none or it does not parse."""
+    from flwr.common.config import parse_config_args
+
     try:
-        return tomllib.loads(path.read_text()) if path is not None else {}
-    except (OSError, ValueError):
-        return {}  # (not a file fedsynth wrote)
+        return parse_config_args([str(path)]) if path is not None else {}
+    except Exception:  # noqa: BLE001 - a missing or unreadable file, or one Flower cannot read either
+        return {}
 
 
 def hold_node_lock(supernode_args: list[str]) -> None:

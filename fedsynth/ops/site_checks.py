@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.state_layout import ledger_folder, nodes_folder
+from common.state_layout import nodes_folder
 from fedsynth.ops.fields import DeployError, info, warn
 from fedsynth.ops.node_folder import read_node_config
 from fedsynth.ops.site_config import SiteDeployment
@@ -42,7 +42,7 @@ def check_delta(dep: SiteDeployment, data) -> None:
     from client.site_delta import least_budget
 
     delta, n = dep.settings.delta, len(data)
-    ledgers = (dep.settings.ledger_path, ledger_folder(dep.state_dir) / f"{data_fingerprint(data)}.jsonl")  # (and
+    ledgers = (dep.settings.ledger_path, lf.fingerprint_named(dep.settings.ledger_path, data_fingerprint(data)))  # (and
     # an older fedsynth's, named by the data's fingerprint, which the site takes over: review s61)
     released = lf.started_mark(dep.settings.ledger_path).exists() or released_before(dep.settings)  # (its ledger
     # lost: the site's own refusal says what to do, review s61)
