@@ -17,9 +17,9 @@ the handler's ``FitRes`` parameters, masks them and adds them up. Here:
 
 Where precision is lost: every value is clipped to +-``SECAGG_CLIPPING_RANGE`` and rounded stochastically
 to a step of ``SECAGG_STEP`` (0.125) by Flower's quantizer. :func:`summand` checks the range so that
-nothing is clipped silently (a statistics value outside it is refused; a FedAvg model that outgrew it while it
-trained is clamped into it, with a warning, and :func:`check_room` refuses, before the round's charge, a model that
-starts too close to it); the error of a sum of k sites has std <= sqrt(k) * step / 2 per value, on
+nothing is clipped silently (a release that outgrew it, a FedAvg model while it trained or a statistics release by
+its sums, is clamped into it, with a warning in the site's log; :func:`check_room` and :func:`check_stats_room`
+refuse, before the charge, a model that starts too close to it and statistics whose noise leaves no room); the error of a sum of k sites has std <= sqrt(k) * step / 2 per value, on
 w * x, i.e. <= sqrt(k) * 0.0625 / sum(w) on an averaged parameter (below 1e-4 for a few hundred records).
 """
 
@@ -73,8 +73,8 @@ def check_stats_room(noise_stds: dict[str, float], record_bound: float) -> None:
     bounds and the count weight) or one record's contribution (``record_bound``, its largest clip bound) would put
     its values outside the range whatever the records: called before the release's charge (review s61: a clip of
     1e6 or a count weight of 1e-6, both inside the recipe's ranges, gave noise of std 3e6, and the charged release
-    then failed at every re-send). Its exact sums still grow with the record count: a release outside the range
-    because of them fails after its charge, a decision made on the noisy release alone."""
+    then failed at every re-send). Its exact sums still grow with the record count: a noisy release outside the range
+    because of them is clamped into it by :func:`summand` (post-processing)."""
     worst = STATS_NOISE_ROOM * max(noise_stds.values(), default=0.0) + record_bound
     if not np.isfinite(worst) or worst > P.SECAGG_CLIPPING_RANGE:
         raise RangeError(f"the statistics' noise (std up to {max(noise_stds.values()):.3g}) and one record's clip "
@@ -129,18 +129,22 @@ def summand(kind: str, reply: P.Message) -> list[np.ndarray]:
     """What a site adds to the secure sum for its typed ``reply`` to a ``kind`` request (see the module doc)."""
     field = getattr(reply, _MODEL_FIELD[kind])
     names = sorted(field) if kind == P.QUERY_BNSTATS else list(field)
+    # A release that outgrew the range is brought into it: post-processing of its DP release, where failing here
+    # would leave the charged release with no reply, at every re-send. A FedAvg model can outgrow it while it trains
+    # (check_room saw it fit before the round's charge; a large learning rate can grow it: review s60); a statistics
+    # release by its exact sums, which grow with the records (a class of n records at clip bound c reaches n c; a
+    # hostile net can put every record at its bound: review s61), decided here on the noisy release alone.
+    w, limit = float(getattr(reply, "weight", 1.0)), P.SECAGG_CLIPPING_RANGE
     if kind == P.QUERY_BNSTATS:
         out = [np.asarray(field[n], dtype=np.float64) for n in names]
     else:
-        # A model that outgrew the range while it trained (check_room saw it fit before the round's charge; a large
-        # learning rate can grow it: review s60) is brought into it: post-processing of the round's DP release, where
-        # failing here would leave the charged round with no reply, at every re-send.
-        w, limit = float(reply.weight), P.SECAGG_CLIPPING_RANGE
         out = [w * np.asarray(field[n], dtype=np.float64) for n in names]
-        if clamped := sum(int(np.count_nonzero(~(np.abs(a) <= limit))) for a in out):  # (NaN and inf included)
-            log.warning("%d weighted values of the %s release are not finite or lie outside the secure sum's range: "
-                        "brought into it (NaN to 0; the average will be off where they are)", clamped, kind)
-            out = [np.clip(np.nan_to_num(a, nan=0.0, posinf=limit, neginf=-limit), -limit, limit) for a in out]
+    if clamped := sum(int(np.count_nonzero(~(np.abs(a) <= limit))) for a in out):  # (NaN and inf included)
+        log.warning("%d %svalues of the %s release are not finite or lie outside the secure sum's range: "
+                    "brought into it (NaN to 0; the pooled result will be off where they are)", clamped,
+                    "" if kind == P.QUERY_BNSTATS else "weighted ", kind)
+        out = [np.clip(np.nan_to_num(a, nan=0.0, posinf=limit, neginf=-limit), -limit, limit) for a in out]
+    if kind != P.QUERY_BNSTATS:
         out.append(np.array([w]))
     worst = max(float(np.max(np.abs(a))) if a.size else 0.0 for a in out)
     if not np.isfinite(worst) or worst > P.SECAGG_CLIPPING_RANGE:

@@ -371,7 +371,7 @@ def test_a_model_that_outgrew_the_sums_range_while_it_trained_is_clamped_not_los
     """Review s60: a learning rate inside the recipe's range (lr-g 1000) grew a generator past the range while it
     trained, after the round's charge, and the site then failed at every re-send. The trained model is the round's DP
     release, so bringing it into the range is post-processing: it is clamped (with a warning), and the weight itself
-    is held to the range before the charge (check_room)."""
+    is held to the range before the charge (check_room). A statistics release whose sums outgrew it likewise."""
     from types import SimpleNamespace
 
     limit = P.SECAGG_CLIPPING_RANGE
@@ -381,8 +381,14 @@ def test_a_model_that_outgrew_the_sums_range_while_it_trained_is_clamped_not_los
         a, b, w = secure_wire.summand(P.TRAIN_GAN, reply)
     assert list(a) == [limit, -2000.0] and list(b) == [0.0, limit] and list(w) == [1000.0]
     assert "3 weighted values" in caplog.text  # the NaN and the inf too, each said in the site's log
-    with pytest.raises(secure_wire.RangeError):  # statistics: refused, never clamped
-        secure_wire.summand(P.QUERY_BNSTATS, SimpleNamespace(stats={"count": np.array([2.0 * limit])}))
+    # statistics whose exact sums outgrew the range (review s61: n records at clip bound c, n c > 2^20, refused after
+    # the release's charge, at every re-send): clamped too, no weight entry added
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fedsynth.site"):
+        got = secure_wire.summand(P.QUERY_BNSTATS, SimpleNamespace(stats={"sum/x": np.array([2.0 * limit, -3.0]),
+                                                                          "count": np.array([-np.inf])}))
+    assert [list(a) for a in got] == [[-limit], [limit, -3.0]]  # sorted names: count, sum/x
+    assert "2 values of the query.bnstats release" in caplog.text
     with pytest.raises(secure_wire.RangeError):  # a weight the [w] entry cannot carry, whatever the model
         secure_wire.check_room(limit + 1, {"a": np.array([1e-3], np.float32)})
     secure_wire.check_room(600_000, {"a": np.array([0.5], np.float32)})  # fits, the weight cannot grow
