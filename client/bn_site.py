@@ -21,7 +21,7 @@ from client.bnstats import record_class_statistics, release_noise_std
 from client.budget import (MAX_USEFUL_NOISE, PlanRequest, RunPlan, expected_batch, is_private, plan_for_site,
                            validate_plan_request)
 from client.census import (census_weight, check_no_census_drawn, check_plan_possible,
-                           check_secure_room, run_census)
+                           check_secure_room, run_census, secure_weight)
 from client.dpsgd import DPSGD_CHUNK, train_dpsgd_local
 from client.limits import (Step, WorkLimits, check_work, meta_module, other_runs_mb, parameter_count,
                            saved_file_bytes)
@@ -162,8 +162,7 @@ def train_bnnet(req: P.BnTrainRequest, context: Context, site: SiteSettings, *,
     path = net_round_file(folder, req.server_round)
     saved = load_saved(path)
     if saved is None:
-        if secure:
-            check_secure_room(census_weight(census), req.net)
+        weight = secure_weight(census, req.net) if secure else census_weight(census)
         train = plan.train_round(req.local_steps)
         with charged_work(ledger, [train], data, site, purpose="bnstats-net", run=req.experiment,
                           rnd=req.server_round, folder=folder, run_epsilon=req.epsilon) as spent:
@@ -174,7 +173,7 @@ def train_bnnet(req: P.BnTrainRequest, context: Context, site: SiteSettings, *,
                               device=device,
                               expected_batch=expected_batch(plan, census))
             saved = {"reply": {"net": {k: torch.from_numpy(v) for k, v in P.state_arrays(net).items()},
-                               "weight": census_weight(census)}}
+                               "weight": weight}}
             save_reply(path, saved)
     return P.BnTrainReply(**saved["reply"])
 

@@ -18,6 +18,7 @@ draw (``client.discrete_gaussian``), so the counts' floating-point bits say noth
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
     from client.site import SiteSettings
 
 CENSUS_FILE = "census.json"
+
+log = logging.getLogger("fedsynth.site")
 
 
 def load_census(run_dir: Path) -> list[float] | None:
@@ -59,6 +62,21 @@ def draw_census(data: ImageDataset, noise: float, run_dir: Path) -> list[float]:
 def census_weight(noisy_counts: list[float]) -> float:
     """The site's FedAvg weight: its noisy record total, at least 1 (post-processing of the census)."""
     return public_size(noisy_counts)  # the same noisy total the plan sets its sampling rate from
+
+
+def secure_weight(noisy_counts: list[float], model: dict) -> float:
+    """The FedAvg weight a secure round sends: :func:`census_weight`, held where the model it starts from, weighted,
+    would leave the secure sum's range (at most range / its largest value). Post-processing of the census and the
+    request (public): a site of some 244,000 records or more, whose honest generator times its total left the range,
+    was refused after its census was paid (known and left in reviews s60-s61); it now counts as that many."""
+    from common import secure_wire
+
+    weight = census_weight(noisy_counts)
+    held = min(weight, secure_wire.largest_weight(model))
+    if held < weight:
+        log.info("the FedAvg weight of this secure round is held at %.0f (its noisy total is larger) so that the "
+                 "weighted model stays inside the secure sum's range", held)
+    return held
 
 
 def check_secure_room(weight: float, model: dict) -> None:

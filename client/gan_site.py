@@ -29,7 +29,7 @@ from client.budget import (
     planned_steps,
     validate_plan_request,
 )
-from client.census import census_weight, check_plan_possible, check_secure_room, run_census
+from client.census import census_weight, check_plan_possible, check_secure_room, run_census, secure_weight
 from client.dpgan import LocalGanTrainer, RoundSettings
 from client.dpsgd import DPSGD_CHUNK
 from client.limits import (Step, WorkLimits, check_work, meta_module, other_runs_mb, parameter_count,
@@ -298,8 +298,7 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings, *,
     g_steps = _g_steps(req, site, previous, census)
     plan = plan_for_site(site, ledger, folder, _plan_request(req, steps), req.experiment, census=census)
     _check_saved_state(previous, shape, req.d_width)  # a plan recorded before it fixed the architecture
-    if secure:
-        check_secure_room(census_weight(census), req.generator)
+    weight = secure_weight(census, req.generator) if secure else census_weight(census)
     train = plan.train_round(steps)
     with charged_work(ledger, [train], data, site, purpose="dpgan", run=req.experiment, rnd=rnd, folder=folder,
                       run_epsilon=req.epsilon,
@@ -322,7 +321,7 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings, *,
                  metrics["d-loss"], metrics["g-loss"])
         reply = {"generator": _float32(new_state),
                  "census": {"counts": torch.tensor(census, dtype=torch.float32)},  # (K,)
-                 "weight": census_weight(census), "g_loss": float(metrics["g-loss"]), "local_steps": steps,
+                 "weight": weight, "g_loss": float(metrics["g-loss"]), "local_steps": steps,
                  "g_steps": g_steps}
         if req.share_d:  # D after this round's DP-SGD steps, for the coordinator's average (P.GanTrainReply)
             reply["discriminator"] = _float32(d_state["disc"])

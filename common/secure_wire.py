@@ -65,6 +65,13 @@ def check_room(weight: float, model: dict[str, Any]) -> None:
                          f"leave the secure aggregation's range +-{P.SECAGG_CLIPPING_RANGE:,.0f}")
 
 
+def largest_weight(model: dict[str, Any]) -> float:
+    """The largest FedAvg weight (a whole number, at most the range) :func:`check_room` accepts for ``model``."""
+    worst = max((float(np.max(np.abs(a))) for a in model.values() if np.size(a)), default=0.0)
+    limit = P.SECAGG_CLIPPING_RANGE
+    return float(limit if worst * ROOM <= 1.0 else np.floor(limit / (ROOM * worst)))
+
+
 STATS_NOISE_ROOM = 8.0  # noise stds a secure statistics release must have room for: P(|N(0, 1)| > 8) ~ 1e-15
 
 
