@@ -80,7 +80,8 @@ def secagg_problem(configs: dict, state: dict, node_id: int) -> str:
     weight 1 (``secure_wire.summand`` sends weight 1), at least ``MIN_NEIGHBOURS`` shares and a reconstruction
     threshold above half of them and at most all. share keys: at most that many neighbours, this site among them
     (Flower's mod refuses fewer than the threshold). unmask: active and dropped nodes are neighbours, listed once,
-    in one list only, and this site, which sent its vector, among the active ones. ``node_id`` is the SuperNode's
+    in one list only, at least the threshold of them active, each one that sent this site its shares, and this site,
+    which sent its vector, among the active ones. ``node_id`` is the SuperNode's
     own id (``Context.node_id``), never a message's destination field.
     """
     from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
@@ -132,6 +133,13 @@ def secagg_problem(configs: dict, state: dict, node_id: int) -> str:
             return "a node is listed twice, or as both active and dropped, in the secure sum's unmasking"
         if not set(active) | set(dead) <= neighbours or node_id not in active:
             return "the secure sum's unmasking names nodes that are not its sites, or this site as dropped"
+        # (Flower's mod raises on these, the generic failure; a clear refusal instead: known and left in s60-s61)
+        if len(active) < int(state.get("threshold", 0)):
+            return (f"the secure sum's unmasking lists {len(active)} active sites, fewer than its reconstruction "
+                    f"threshold {quoted(state.get('threshold'))}")
+        if not (set(active) <= set(state.get("rd_seed_share_dict:K", []))
+                and set(dead) <= set(state.get("sk1_share_dict:K", []))):
+            return "the secure sum's unmasking names sites that sent this site no share of their secrets"
     return ""
 
 

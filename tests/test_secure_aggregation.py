@@ -479,13 +479,22 @@ def test_the_stages_cannot_ask_for_a_sum_of_one_or_for_both_secrets_of_one_site(
     assert secagg_problem({**setup, Key.SHARE_NUMBER: most, Key.THRESHOLD: most // 2 + 1}, {}, 1) == ""
     assert f"{most} sites" in secagg_problem({**setup, Key.SHARE_NUMBER: most + 1, Key.THRESHOLD: most}, {}, 1)
 
-    state = {"share_num": 3, "threshold": 2, "public_keys_dict:K": [1, 2, 3]}
+    state = {"share_num": 3, "threshold": 2, "public_keys_dict:K": [1, 2, 3], "rd_seed_share_dict:K": [1, 2, 3],
+             "sk1_share_dict:K": [1, 2, 3]}
     unmask = {Key.STAGE: Stage.UNMASK}
     assert secagg_problem({**unmask, Key.ACTIVE_NODE_ID_LIST: [1, 2, 3], Key.DEAD_NODE_ID_LIST: []}, state, 1) == ""
     assert secagg_problem({**unmask, Key.ACTIVE_NODE_ID_LIST: [1, 2], Key.DEAD_NODE_ID_LIST: [3]}, state, 1) == ""
     for active, dead in (([1, 2], [2]), ([1, 1], []), ([2, 3], [1]), ([1, 2, 9], []),
                          (5, []), ([1, 2, 3], 2.5), (True, []), ([1, 2, True], [])):  # (not lists of ids: s57)
         assert secagg_problem({**unmask, Key.ACTIVE_NODE_ID_LIST: active, Key.DEAD_NODE_ID_LIST: dead}, state, 1)
+    # fewer active than the threshold, or a site that sent this one no share (Flower's mod raised on both: the generic
+    # failure, s62)
+    assert "threshold" in secagg_problem({**unmask, Key.ACTIVE_NODE_ID_LIST: [1], Key.DEAD_NODE_ID_LIST: [2]}, state, 1)
+    no_share = {**state, "rd_seed_share_dict:K": [1, 2], "sk1_share_dict:K": [1, 2]}
+    for active, dead in (([1, 2, 3], []), ([1, 2], [3])):
+        assert "no share" in secagg_problem({**unmask, Key.ACTIVE_NODE_ID_LIST: active, Key.DEAD_NODE_ID_LIST: dead},
+                                            no_share, 1)
+    assert secagg_problem({**unmask, Key.ACTIVE_NODE_ID_LIST: [1, 2], Key.DEAD_NODE_ID_LIST: []}, no_share, 1) == ""
     from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
 
     keys, other = ([public_key_to_bytes(generate_key_pairs()[1]) for _ in range(2)] for _ in range(2))
