@@ -120,6 +120,11 @@ def unwrap_request(fitins: Any) -> P.Message:
         arrays = parameters_to_ndarrays(fitins.parameters)
     except Exception as err:  # noqa: BLE001 - hostile bytes: refuse, never crash
         raise P.ProtocolError(f"the wrapped arrays cannot be decoded: {type(err).__name__}") from None
+    if any(not isinstance(a, np.ndarray) or a.dtype.kind not in "biuf" or a.dtype.itemsize == 0 for a in arrays):
+        # (before anything handles them: numpy writes an array of a zero-size type, e.g. |V0, declared with 1e18
+        # elements and carrying no bytes, in a Python loop over the declared count, which held the site for hours
+        # when it was re-wrapped below: review s62)
+        raise P.ProtocolError("the wrapped arrays are not all arrays of numbers")
     names_list = names.split("\n") if names else []
     if len(set(names_list)) != len(names_list):
         raise P.ProtocolError("the wrapped request names an array twice")

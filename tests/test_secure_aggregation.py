@@ -947,3 +947,38 @@ def _ledger_entries(site) -> list[dict]:
     import json
 
     return [json.loads(line) for line in site.ledger_path.read_text().splitlines()[1:] if '"purpose"' in line]
+
+
+def test_a_wrapped_array_of_a_zero_size_type_is_refused_before_it_is_handled():
+    """Review s62: 128 bytes of .npy header declaring 1e18 elements of numpy's zero-size type |V0 decode at once (no
+    bytes to read), and re-wrapping them for the typed request wrote them in a Python loop over the declared count: the
+    site's ClientApp spun for hours, answering no run. Only arrays of numbers are unwrapped."""
+    import io
+    import threading
+
+    from flwr.common import FitIns, Parameters
+    from numpy.lib import format as npf
+
+    def fitins(descr: str, count: int) -> FitIns:
+        buf = io.BytesIO()
+        npf.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": (count,)})
+        config = {secure_wire.INNER_TYPE: P.TRAIN_GAN, secure_wire.INNER_FIELD: "generator",
+                  secure_wire.INNER_NAMES: "w"}
+        return FitIns(Parameters(tensors=[buf.getvalue()], tensor_type="numpy.ndarray"), config)
+
+    for descr in ("|V0", "|S0", "<U0"):
+        outcome: list[BaseException] = []
+
+        def unwrap(message: FitIns = fitins(descr, 10**18)) -> None:
+            try:
+                secure_wire.unwrap_request(message)
+            except BaseException as err:  # noqa: BLE001 - kept for the assertion below
+                outcome.append(err)
+
+        worker = threading.Thread(target=unwrap, daemon=True)  # (a hang detector, not a timing: the loop took hours)
+        worker.start()
+        worker.join(60)
+        assert not worker.is_alive() and isinstance(outcome[0], P.ProtocolError), descr
+        assert "not all arrays of numbers" in str(outcome[0])
+    with pytest.raises(P.ProtocolError):  # a float32 array declared without its bytes: numpy cannot decode it
+        secure_wire.unwrap_request(fitins("<f4", 10**18))
