@@ -23,7 +23,7 @@ from client.budget import (MAX_USEFUL_NOISE, PlanRequest, RunPlan, expected_batc
 from client.census import (census_weight, check_no_census_drawn, check_plan_possible,
                            check_secure_room, run_census, secure_weight)
 from client.dpsgd import DPSGD_CHUNK, train_dpsgd_local
-from client.limits import (Step, WorkLimits, check_work, meta_module, other_runs_mb, parameter_count,
+from client.limits import (Step, WorkLimits, check_free_disk, check_work, meta_module, other_runs_mb, parameter_count,
                            saved_file_bytes)
 from client.requests import (
     Refusal,
@@ -69,9 +69,9 @@ def check_net_work(req: P.BnPlanSettings, site: WorkLimits, build) -> None:
     def forward(rows: int) -> None:
         meta_net(torch.zeros(rows, req.channels, req.image_size, req.image_size))
 
-    check_work(site, networks={"shared net": parameter_count(meta_net)},
-               kept_mb=(req.net_rounds + 1)  # a net a round, and the release
-               * saved_file_bytes(parameter_count(meta_net), len(list(meta_net.parameters()))) / 2**20,
+    kept_mb = (req.net_rounds + 1) * saved_file_bytes(parameter_count(meta_net),  # a net a round, and the release
+                                                      len(list(meta_net.parameters()))) / 2**20
+    check_work(site, networks={"shared net": parameter_count(meta_net)}, kept_mb=kept_mb,
                others_mb=other_runs_mb(site, req.experiment),
                batch_size=req.batch_size if trains else 0, steps_per_run=req.net_rounds * req.local_steps,
                steps=((Step("one DP-SGD step of the shared net", DPSGD_CHUNK, forward, backward="dpsgd",
@@ -79,6 +79,7 @@ def check_net_work(req: P.BnPlanSettings, site: WorkLimits, build) -> None:
                             ask="a narrower net (bn-width)"),) if trains else ())
                + (Step(f"one {RECORD_BLOCK_ROWS}-record block of the statistics release", RECORD_BLOCK_ROWS, forward,
                        backward="", ask="a narrower net (bn-width) or a lower bn-resolution"),))
+    check_free_disk(site, req.experiment, kept_mb)
 
 
 def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings, *, secure: bool = False,

@@ -32,7 +32,7 @@ from client.budget import (
 from client.census import census_weight, check_plan_possible, check_secure_room, run_census, secure_weight
 from client.dpgan import LocalGanTrainer, RoundSettings
 from client.dpsgd import DPSGD_CHUNK
-from client.limits import (Step, WorkLimits, check_work, meta_module, other_runs_mb, parameter_count,
+from client.limits import (Step, WorkLimits, check_free_disk, check_work, meta_module, other_runs_mb, parameter_count,
                            saved_file_bytes)
 from client.requests import (
     Refusal,
@@ -101,8 +101,8 @@ def check_gan_work(req: P.GanTrainRequest, site: WorkLimits, shape: GanShape) ->
     # it, client.dpgan.paired_labels) through G and D, back into G (DiffAugment's copies of D's inputs, a few images
     # per row, are far below D's activations: left to the factors)
     g, d = parameter_count(generator), parameter_count(disc)
-    check_work(site, networks={"generator": g, "discriminator": d},
-               kept_mb=req.num_rounds * round_file_bytes(generator, disc) / 2**20,
+    kept_mb = req.num_rounds * round_file_bytes(generator, disc) / 2**20
+    check_work(site, networks={"generator": g, "discriminator": d}, kept_mb=kept_mb,
                others_mb=other_runs_mb(site, req.experiment),
                batch_size=req.batch_size, steps_per_run=req.num_rounds * max(req.local_steps, req.long_steps),
                steps=(Step("one DP-SGD step of the discriminator", 2 * DPSGD_CHUNK, lambda r: judge(r, False),
@@ -110,6 +110,7 @@ def check_gan_work(req: P.GanTrainRequest, site: WorkLimits, shape: GanShape) ->
                            gradient_copies=2, ask="a narrower discriminator (d-width)"),
                       Step("one generator step", req.batch_size, lambda r: judge(r, True),
                            ask="a smaller batch or a narrower generator (width)")))
+    check_free_disk(site, req.experiment, kept_mb)
     return generator
 
 

@@ -25,6 +25,7 @@ beyond one of them is refused with a reply that names the limit, before anything
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -192,14 +193,38 @@ def other_runs_mb(site: object, experiment: str) -> float:
     runs = runs_folder(state_dir) if state_dir else None
     if runs is None or not runs.is_dir():
         return 0.0
+    return sum(_folder_mb(folder) for folder in runs.iterdir() if folder.name != experiment)
+
+
+FREE_DISK_MARGIN_MB = 64  # free space a run must leave on the state folder's disk (the ledger, logs, claim files)
+
+
+def check_free_disk(site: object, experiment: str, kept_mb: float) -> None:
+    """Refuse, before any charge, a run whose files the state folder's disk has no room for: what the run keeps
+    (``kept_mb``, as :func:`check_work` counts it) less what it keeps there already, plus ``FREE_DISK_MARGIN_MB``.
+    Review s62: the limits count only the files a request implies, so on a disk with less free space than them a
+    coordinator could fill it with ordinary runs, after which each new run's census was charged and its file could not
+    be written (budget spent, the generic failure, at every new run id). A full disk already showed as those failures;
+    this refusal says so before the charge, without a number. No-op for limits without a state folder (tests)."""
+    state_dir = getattr(site, "state_dir", None)
+    if not state_dir or not Path(state_dir).is_dir():
+        return
+    have = _folder_mb(runs_folder(state_dir) / experiment)
+    need = max(0.0, kept_mb - have) + FREE_DISK_MARGIN_MB
+    if shutil.disk_usage(state_dir).free / 2**20 < need:
+        raise Refusal(P.REFUSED_NOT_ALLOWED,
+                      "this site's disk has too little free space for the run's files: its operator must free space "
+                      "(or archive finished runs) before it trains again")
+
+
+def _folder_mb(folder: Path) -> float:
     total = 0
-    for folder in runs.iterdir():
-        if folder.name != experiment:
-            for f in folder.rglob("*"):
-                try:
-                    total += f.stat().st_size if f.is_file() else 0
-                except OSError:  # (gone while counted: the operator archiving a run)
-                    pass
+    if folder.is_dir():
+        for f in folder.rglob("*"):
+            try:
+                total += f.stat().st_size if f.is_file() else 0
+            except OSError:  # (gone while counted: the operator archiving a run)
+                pass
     return total / 2**20
 
 

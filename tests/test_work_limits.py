@@ -305,3 +305,31 @@ def test_what_all_runs_keep_on_the_sites_disk_is_bounded_by_the_operator(tmp_pat
         assert answered < 10
     assert answered >= 2  # one run alone fits: the refusal is the other runs' doing
     _refused(reply, "its other runs keep", "max_state_disk_mb")
+
+
+def test_a_disk_without_room_for_a_runs_files_is_refused_before_its_charge(tmp_path, monkeypatch):
+    """Review s62: the limits count only the files a request implies, so on a disk with less free space than them a
+    coordinator filled it with ordinary runs, after which every new run id's census was charged and its file could not
+    be written (budget spent, the generic failure; the part written left behind kept the disk full). The site now
+    refuses a run its disk has no room for before any charge, and a failed write leaves no part behind."""
+    import shutil
+
+    from common.files import atomic_write_bytes
+
+    cfg = fast_config(tmp_path, num_rounds=1)
+    grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
+    real = shutil.disk_usage
+    monkeypatch.setattr("client.limits.shutil.disk_usage",
+                        lambda path: real(path)._replace(free=60 * 2**20))  # below the 64 MB margin
+    _refused(send(grid, 1000, gan_request(cfg)), "too little free space")
+    assert charges(tmp_path) in ([], [[]])
+    monkeypatch.undo()
+    assert not send(grid, 1000, gan_request(cfg)).has_error()
+
+    def full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("common.files.os.fsync", full)
+    with pytest.raises(OSError):
+        atomic_write_bytes(tmp_path / "census.json", b"{}")
+    assert not list(tmp_path.glob("census.json*"))
