@@ -48,7 +48,7 @@ from client.limits import check_work, meta_module, parameter_count
 from client.requests import FAILURE_TEXT, Refusal, check_schema, require_plain_allowed, run_dir, site_data, site_handler
 from client.site import SiteSettings, data_fingerprint, load_site_heldout, open_ledger
 from common import protocol as P
-from common.accounting import DPEvent
+from common.accounting import DPEvent, epsilon_for
 from common.audits import nearest_neighbors
 from common.data import ImageDataset
 from common.learner import build_learner, predict
@@ -135,15 +135,32 @@ def _query_ledger(site: SiteSettings, data: ImageDataset, purpose: str, experime
 
 
 def _charge(ledger: PrivacyLedger, z: float, data: ImageDataset, *, purpose: str, run: str, index: int,
-            plan: RunPlan | None) -> None:
+            plan: RunPlan | None, folder: Path) -> None:
     """Charge one query. A query of a run that trained here is held to the run's epsilon too: the plan reserves
     its allowed queries, but retries charged again after failures can use that room up (None: no plan, so only the
-    site's budget bounds it, and such an id cannot train afterwards: client.census.run_census)."""
+    site's budget bounds it, and such an id cannot train afterwards: client.census.run_census). Then the run's
+    ``folder`` gets a mark of the query with its epsilon alone (:func:`answered_mark`), for an operator restoring the
+    ledger from a backup (deploy/README.md, Backups)."""
+    event = DPEvent(z, 1.0, 1)
     try:
-        ledger.charge([DPEvent(z, 1.0, 1)], purpose=purpose, run=run, round=index, data=data_fingerprint(data),
+        ledger.charge([event], purpose=purpose, run=run, round=index, data=data_fingerprint(data),
                       run_epsilon=None if plan is None else float(plan.request["epsilon"]))
     except BudgetExceeded as err:
         raise Refusal(P.REFUSED_BUDGET, "the query does not fit this site's privacy budget", str(err)) from None
+    try:  # (after the charge, as every file of a run: its folder is bounded by the budget; best effort, the ledger
+        # holds the charge: review s62, a restored backup's runbook could not see queries, which left no file)
+        folder.mkdir(parents=True, exist_ok=True)
+        answered_mark(folder, purpose, index).write_text(json.dumps(
+            {"purpose": purpose, "query": index, "epsilon-alone": epsilon_for([event], ledger.delta),
+             "delta": ledger.delta}))
+    except OSError as err:
+        log.warning("could not mark %s query %d of %s in %s (%s); the ledger holds its charge", purpose, index, run,
+                    folder, type(err).__name__)
+
+
+def answered_mark(folder: Path, purpose: str, index: int) -> Path:
+    """The file that says query ``index`` of ``purpose`` (evaluation, audit) was charged in the run's ``folder``."""
+    return folder / f"{purpose}-{index}.answered"
 
 
 def _gaussian(exact: np.ndarray, z: float) -> np.ndarray:
@@ -189,7 +206,7 @@ def handle_evaluation(msg: Message, context: Context, site: SiteSettings) -> Mes
     ledger, index = _query_ledger(site, data, EVALUATION_PURPOSE, req.experiment)
     plan = _run_plan(folder)
     z = _noise(site, plan, P.EVALUATION_NOISE)
-    _charge(ledger, z, data, purpose=EVALUATION_PURPOSE, run=req.experiment, index=index, plan=plan)
+    _charge(ledger, z, data, purpose=EVALUATION_PURPOSE, run=req.experiment, index=index, plan=plan, folder=folder)
     exact = evaluation_table(model, heldout.images, heldout.labels, req.num_classes)
     log.info("[%s] evaluation query %d of %s answered with noise z=%g", site.name, index, req.experiment, z)
     return P.EvaluationReply(counts={"table": _gaussian(exact, z)}).as_reply(msg)
@@ -220,7 +237,7 @@ def handle_audit(msg: Message, context: Context, site: SiteSettings) -> Message:
     ledger, index = _query_ledger(site, data, AUDIT_PURPOSE, req.experiment)
     plan = _run_plan(folder)
     z = _noise(site, plan, P.AUDIT_NOISE)
-    _charge(ledger, z, data, purpose=AUDIT_PURPOSE, run=req.experiment, index=index, plan=plan)
+    _charge(ledger, z, data, purpose=AUDIT_PURPOSE, run=req.experiment, index=index, plan=plan, folder=folder)
     synthetic = np.clip(images, 0.0, 1.0)
     histograms = {"train": _gaussian(distance_histogram(data.images, synthetic), z),
                   "heldout": _gaussian(distance_histogram(heldout.images, synthetic), z)}

@@ -362,6 +362,11 @@ def test_a_run_id_used_for_queries_before_it_trained_cannot_then_train(tmp_path)
     grid = LocalGrid(client_app, [node], cfg.to_flwr(), parallel=False)
     arrays = P.state_arrays(build_learner("logreg", (1, 8, 8), 10))
     assert not _evaluation(grid, 1000, arrays, "logreg", "e1").has_error()
+    # (review s62: each answered query leaves a mark with its epsilon alone, for restoring a ledger from a backup)
+    import json
+
+    mark = json.loads((tmp_path / "site-a" / "runs" / "e1" / "evaluation-1.answered").read_text())
+    assert mark["purpose"] == "evaluation" and mark["query"] == 1 and 0 < mark["epsilon-alone"] < 1
     # (at epsilon 10: at 1 no census could make a plan that also reserves the site's ten queries, which is refused
     # before this, at no cost: client.census.check_plan_possible)
     reply = send(grid, 1000, gan_request(cfg, experiment="e1", server_round=1, epsilon=10.0))
