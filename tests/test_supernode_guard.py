@@ -462,3 +462,51 @@ def test_a_message_whose_objects_do_not_make_a_message_is_refused_and_the_loop_g
         patch.setattr(supernode_guard, "MAX_MESSAGE_SLACK", 0)
         assert refused((ints, get_object_tree(ints)))
     assert pull((weights, get_object_tree(weights))) == 77 and len(state.get_messages_legacy(is_reply=False)) == 1
+
+
+def test_a_bundles_directory_is_bounded_before_zipfile_reads_it():
+    """Review s62: zipfile parses every entry of the central directory the end record names before any count can be
+    checked, so 44 MB of empty entries held the SuperNode 6 s and 270 MB (Flower takes bundles of up to 2 GiB). The
+    end record is read first; a directory beyond the caps, a zip64 archive or a bundle too long is refused."""
+    from fedsynth.ops.approved_code import MAX_BUNDLE_BYTES, MAX_BUNDLE_MEMBERS, BundleError
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for i in range(MAX_BUNDLE_MEMBERS + 1):
+            archive.writestr(f"m{i}", b"")
+    with pytest.raises(BundleError, match="directory names"):
+        bundle_digest(out.getvalue())
+    end = APPROVED.rfind(b"PK\x05\x06")
+    zip64 = APPROVED[:end] + b"PK\x06\x07" + bytes(16) + APPROVED[end:]
+    with pytest.raises(BundleError, match="zip64"):
+        bundle_digest(zip64)
+    with pytest.raises(BundleError, match="larger than"):
+        bundle_digest(b"\0" * (2 * MAX_BUNDLE_BYTES + 1))
+    commented = _bundle("approved = True\n", comment=b"a comment")  # (its end record found where zipfile finds it)
+    assert bundle_digest(commented) == bundle_digest(APPROVED)
+
+
+def test_a_run_that_asks_for_flowers_agent_app_is_refused(guarded):
+    """Review s62: Flower 1.41 starts its agent runtime instead of the ClientApp for a run whose record's primary task
+    is "flwr-agentapp"; a site runs only its approved ClientApp."""
+    agent = type("Run", (), {"run_id": 7, "fab_id": "fedsynth/fedsynth", "fab_version": "0.1.0",
+                             "primary_task_type": "flwr-agentapp"})()
+    verdict = guarded(_sha(APPROVED), _fab(APPROVED), run=agent)
+    assert verdict.startswith("refused") and "agent app" in verdict
+    served = type("Run", (), {"run_id": 7, "fab_id": "fedsynth/fedsynth", "fab_version": "0.1.0",
+                              "primary_task_type": "flwr-serverapp"})()  # (an honest run's record)
+    assert guarded(_sha(APPROVED), _fab(APPROVED), run=served) == "stored"
+
+
+def test_the_guard_remembers_accepted_bundles_only(guarded, monkeypatch):
+    """Review s62: the guard kept a verdict for every bundle it refused, 355 bytes each, until the SuperNode stopped
+    (100,000 refused bundles: 34 MB). Refused bundles are digested again when sent again; accepted ones are kept."""
+    calls: list[int] = []
+    counted = supernode_guard.bundle_digest
+    monkeypatch.setattr(supernode_guard, "bundle_digest", lambda fab: calls.append(1) or counted(fab))
+    for _ in range(2):
+        assert guarded(_sha(ROGUE), _fab(ROGUE)).startswith("refused")
+    assert len(calls) == 2
+    for _ in range(2):
+        assert guarded(_sha(APPROVED), _fab(APPROVED)) == "stored"
+    assert len(calls) == 3

@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import re
+import struct
 import zipfile
 from pathlib import Path
 
@@ -58,7 +59,33 @@ def bundle_digest(fab: bytes) -> str:
         raise BundleError(f"the bundle cannot be read ({type(err).__name__})") from None
 
 
+MAX_DIRECTORY_BYTES = 4 * 2**20  # the zip's central directory (46 bytes a member, and its name); fedsynth's: ~8 KB
+_END_RECORD, _ZIP64_LOCATOR = b"PK\x05\x06", b"PK\x06\x07"
+
+
+def _check_directory(fab: bytes) -> None:
+    """Refuse, before ``zipfile`` reads it, a bundle too long or whose central directory is too large: zipfile parses
+    every entry of the directory its end record names before any count can be checked (review s62: 44 MB of empty
+    entries held the SuperNode 6 s and 270 MB, and Flower accepts bundles of up to 2 GiB). The end record is found
+    where zipfile finds it (the last 22 bytes, else the last one in the final 64 KiB); zip64 archives are refused."""
+    if len(fab) > 2 * MAX_BUNDLE_BYTES:
+        raise BundleError(f"the bundle is larger than {2 * MAX_BUNDLE_BYTES} bytes")
+    if len(fab) >= 22 and fab[-22:-18] == _END_RECORD and fab[-2:] == b"\0\0":
+        end = len(fab) - 22
+    else:
+        end = fab.rfind(_END_RECORD, max(0, len(fab) - 22 - 65_535))
+        if end < 0 or end + 22 > len(fab):
+            raise BundleError("the bundle is not a zip archive (no end record)")
+    if end >= 20 and fab[end - 20:end - 16] == _ZIP64_LOCATOR:
+        raise BundleError("the bundle is a zip64 archive, which no fedsynth bundle is")
+    entries, directory = struct.unpack_from("<HI", fab, end + 10)
+    if entries > MAX_BUNDLE_MEMBERS or directory > MAX_DIRECTORY_BYTES:
+        raise BundleError(f"the bundle's directory names {entries} members in {directory} bytes; at most "
+                          f"{MAX_BUNDLE_MEMBERS} members in {MAX_DIRECTORY_BYTES} bytes")
+
+
 def _digest(fab: bytes) -> str:
+    _check_directory(fab)
     try:
         archive = zipfile.ZipFile(io.BytesIO(fab))
         infos = archive.infolist()

@@ -39,6 +39,7 @@ import sys
 from pathlib import Path
 
 from flwr.common.constant import APP_DIR, FAB_HASH_TRUNCATION  # install folders: apps/<id>.<version>.<sha[:8]>
+from flwr.supercore.constant import TaskType  # (the run record's primary task: an agent app is refused)
 
 from common.refusal_codes import REFUSED_UNAPPROVED_CODE  # (import-light: no torch, no Flower app)
 from common.wire import quoted
@@ -77,7 +78,8 @@ def install(approved: set[str]) -> None:
     # sha256 of a bundle's bytes, computed here -> "" (approved) or why not. Never keyed by the hash the SuperLink
     # names: a SuperLink can send a bundle with an empty hash_str, which Flower stores under its content's hash
     # without comparing, so a verdict remembered under "" would pass every later bundle sent the same way.
-    verdicts: dict[str, tuple[str, str]] = {}  # -> (its digest, "" when approved or why not)
+    accepted: dict[str, str] = {}  # -> its digest, for the bundles accepted since this start (review s62: refused
+    # ones were remembered too, 355 bytes each, without bound; they are digested again, within approved_code's caps)
     stored_prefixes: dict[str, str] = {}  # sha256[:8] (Flower's install folder) -> the one bundle stored under it
     digest_variants: dict[str, set[str]] = {}  # approved digest -> sha256 of the archives of it accepted
     runs_kept: set[int] = set()  # the run ids whose records Flower stored since this start
@@ -91,17 +93,15 @@ def install(approved: set[str]) -> None:
             if claimed != content_hash:
                 raise _Unapproved(f"this site refuses the run's bundle: {name} hash {quoted(claimed)} is not the sha256 "
                                   f"of the bundle sent ({content_hash})")
-        if content_hash not in verdicts:
+        digest = accepted.get(content_hash)
+        if digest is None:
             try:
                 digest = bundle_digest(fab.content)
-                verdicts[content_hash] = (digest, "" if digest in approved else (
-                    f"this site runs only the fedsynth app bundles its operator approved; this run's bundle has "
-                    f"digest {digest}, which is not one of them"))
             except BundleError as err:
-                verdicts[content_hash] = ("", f"this site refuses the run's bundle: {err}")
-        digest, why = verdicts[content_hash]
-        if why:
-            raise _Unapproved(why)
+                raise _Unapproved(f"this site refuses the run's bundle: {err}") from None
+            if digest not in approved:
+                raise _Unapproved(f"this site runs only the fedsynth app bundles its operator approved; this run's "
+                                  f"bundle has digest {digest}, which is not one of them")
         # Flower keeps every bundle it receives in memory until the SuperNode stops, and installs each in a folder of
         # its own: byte variants of an approved bundle (another zip comment, a re-zip) would pile up without bound
         # (review s59). A rebuild of the same files by Flower is byte for byte the same (fixed dates), so a few
@@ -131,6 +131,7 @@ def install(approved: set[str]) -> None:
                               f"{FAB_HASH_TRUNCATION} hex digits of its sha256 ({prefix}), which name Flower's install "
                               f"folder")
         variants.add(content_hash)  # counted once every check passed: a refused archive takes no slot
+        accepted[content_hash] = digest
 
     def guarded(*args, **kwargs):
         received = {}
@@ -179,6 +180,10 @@ def install(approved: set[str]) -> None:
             if run is not None and run.run_id not in runs_kept and len(runs_kept) >= MAX_RUNS_PER_START:
                 raise _Unapproved(f"this site refuses the run: its SuperNode keeps {MAX_RUNS_PER_START:,} runs since it "
                                   "started; its operator may restart it to take new ones")
+            if run is not None and getattr(run, "primary_task_type", "") == TaskType.AGENT_APP:
+                # Flower would start its agent runtime for the run instead of the approved ClientApp (review s62)
+                raise _Unapproved("this site refuses the run: it asks for Flower's agent app, and this site runs only "
+                                  "its approved ClientApp")
             check(fab, str(fab_hash), run)
             if run is not None:
                 received["new run"] = run.run_id  # kept once Flower's step stored it (below): a refused run takes no slot
