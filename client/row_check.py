@@ -13,16 +13,29 @@ found such a case in numpy's float64 sum of one row against two, ``common.audits
 So ``fedsynth site`` checks it before a site that answers such queries starts (:func:`batch_mate_problems`), on
 random images of the site's own shape: each built-in learner's logits, and the audit's distance blocks, for the
 same rows permuted, among other rows, and in a short padded batch, bitwise.
+
+The training releases rest on the same premise, in their own fixed blocks: the statistics release's per-record
+features and block norms (``common.bnnet.RECORD_BLOCK_ROWS``-row blocks) and every DP-SGD per-sample gradient, the
+shared net's and the discriminator's (``client.dpsgd.DPSGD_CHUNK``-row chunks). A per-sample gradient rounded by its
+row's position would let one added record move another's clipped contribution (review s56's attack, through position
+rather than batch size; review s62 asked for the check, which found no such case on the CPUs it ran on), so
+:func:`training_problems` checks them too, at random weights of the default widths, before any site starts.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
+from client.dpsgd import DPSGD_CHUNK, opacus_input
 from client.evaluation import AUDIT_BLOCK, evaluation_batch
 from common.audits.neighbors import _exact_sq, _sq_block
+from common.bnnet import RECORD_BLOCK_ROWS, BNNet, iter_record_blocks, pad_rows
+from common.data import ImageDataset
 from common.learner import LEARNERS, _batched, build_learner
+from common.models import Discriminator, GanShape
 
 
 def _same_rows(rows_of, n: int, rng: np.random.Generator) -> bool:
@@ -76,3 +89,81 @@ def batch_mate_problems(image_shape: tuple[int, int, int], num_classes: int, *, 
         if not _same_rows(distances, rows, rng) or not _same_rows(exact, rows, rng):
             problems.append("an image's distance to the synthetic images changes with the other images in its block")
     return problems
+
+
+CHECK_SIDE = 32  # the side the training check's nets work at for larger images (the rule both modes use up to 64)
+
+
+def training_problems(image_shape: tuple[int, int, int], num_classes: int, modes: tuple[str, ...]) -> list[str]:
+    """What on this machine makes a record's contribution to a training release depend on the other records (empty:
+    nothing), for a site with images of ``image_shape`` (C, H, W) that trains in ``modes`` (dpgan, bnstats)."""
+    rng = np.random.default_rng(1)
+    channels, side = image_shape[0], image_shape[1]
+    resolution = 0 if side <= CHECK_SIDE else CHECK_SIDE
+    problems = []
+    if "bnstats" in modes:
+        torch.manual_seed(0)
+        net = BNNet(channels, num_classes, side, head_norm=True, resolution=resolution)
+        rows = RECORD_BLOCK_ROWS
+        images = rng.random((2 * rows, *image_shape), dtype=np.float32)  # (2 rows, C, H, W)
+
+        def features(idx: np.ndarray) -> np.ndarray:  # (len(idx), sum of 2 C_l + L): features and block norms
+            data = ImageDataset(images[idx], np.zeros(len(idx), np.int64), tuple(map(str, range(num_classes))))
+            parts = []
+            for _, blocks in iter_record_blocks(net, data, device="cpu"):
+                norms = [pad_rows(b, rows).norm(dim=1, keepdim=True)[:len(b)] for b in blocks.values()]
+                parts.append(torch.cat([*blocks.values(), *norms], dim=1))
+            return torch.cat(parts).numpy()
+
+        if not _same_rows(features, rows, rng):
+            problems.append("a record's statistics features change with the other records in its block")
+        torch.manual_seed(0)
+        net = BNNet(channels, num_classes, side, head_norm=True, resolution=resolution)
+        if not _same_rows(_gradients(net, lambda m, x, y: nn_cross_entropy(m(x), y), image_shape, num_classes, rng),
+                          DPSGD_CHUNK, rng):
+            problems.append("a record's per-sample gradient of the shared net changes with the other records in its "
+                            "chunk")
+    if "dpgan" in modes:
+        torch.manual_seed(0)
+        disc = Discriminator(GanShape(channels, side, num_classes, resolution=resolution), width=16)
+
+        def judged(m, x, y):  # (rows,) a real pass's loss per row: the logit and the class logits, as a D step's
+            logit, class_logits = m(x, y)
+            return logit.reshape(len(x)) + nn_cross_entropy(class_logits, y)
+
+        if not _same_rows(_gradients(disc, judged, image_shape, num_classes, rng), DPSGD_CHUNK, rng):
+            problems.append("a record's per-sample gradient of the discriminator changes with the other records in its "
+                            "chunk")
+    return problems
+
+
+def nn_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits, labels, reduction="none")  # (rows,)
+
+
+def _gradients(model: torch.nn.Module, row_losses, image_shape: tuple[int, int, int], num_classes: int,
+               rng: np.random.Generator):
+    """rows_of(idx) for :func:`_same_rows`: the per-sample gradients (len(idx), P) of ``model`` for the rows ``idx``
+    of 2 DPSGD_CHUNK random images, in one zero-padded chunk of DPSGD_CHUNK rows, as client.dpsgd takes them."""
+    from opacus import GradSampleModule
+
+    images = opacus_input(rng.random((2 * DPSGD_CHUNK, *image_shape), dtype=np.float32), "cpu")
+    labels = torch.from_numpy(rng.integers(0, num_classes, 2 * DPSGD_CHUNK))
+
+    def rows_of(idx: np.ndarray) -> np.ndarray:
+        x = torch.zeros(DPSGD_CHUNK, *image_shape)
+        y = torch.zeros(DPSGD_CHUNK, dtype=torch.long)
+        weight = torch.zeros(DPSGD_CHUNK)
+        x[:len(idx)], y[:len(idx)], weight[:len(idx)] = images[idx], labels[idx], 1.0
+        gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+        try:
+            with warnings.catch_warnings():  # (the input needs no grad: torch's note on the first conv's hook)
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                (row_losses(gsm, x, y) * weight).sum().backward()
+            grads = torch.cat([p.grad_sample.reshape(DPSGD_CHUNK, -1) for p in model.parameters()], dim=1)
+            return grads[:len(idx)].detach().numpy()
+        finally:
+            gsm.zero_grad(set_to_none=True)
+            gsm.cleanup()
+
+    return rows_of

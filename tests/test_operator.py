@@ -387,8 +387,7 @@ def test_a_site_whose_held_out_data_is_its_training_data_does_not_start(tmp_path
     assert "site 'a': the data at" in said.out + said.err and "skipped 1 files that are not readable" in said.out + said.err
 
 
-def test_a_site_whose_machine_rounds_a_record_by_its_batch_mates_does_not_answer_queries(tmp_path, capsys,
-                                                                                        monkeypatch):
+def test_a_site_whose_machine_rounds_a_record_by_its_batch_mates_does_not_start(tmp_path, capsys, monkeypatch):
     """Review s59: the evaluation's and the audit's sensitivity 1 rests on a record's prediction and distance
     depending on that record alone, checked by the tests on their CPUs only. ``fedsynth site`` now checks it on the
     site's own machine and shape before a site that answers those queries starts (client.row_check)."""
@@ -417,6 +416,26 @@ def test_a_site_whose_machine_rounds_a_record_by_its_batch_mates_does_not_answer
     err = capsys.readouterr().err
     assert "the cnn classifier's logits of an image change with the other images in its batch" in err
     assert "Set 'evaluation' and 'audits' to false" in err
+    assert not (tmp_path / "state" / "ledger").exists()
+    # review s62: the training releases rest on the same premise in their fixed blocks (statistics features, DP-SGD
+    # per-sample gradients); a machine that weighs a row's loss by its place in the chunk is refused whatever queries
+    monkeypatch.undo()
+    cfg.write_text(yaml.safe_dump({**yaml.safe_load(cfg.read_text()), "evaluation": False, "audits": False}))
+    monkeypatch.setattr(row_check, "nn_cross_entropy", lambda logits, labels: torch.nn.functional.cross_entropy(
+        logits, labels, reduction="none") * (1 + 1e-3 * torch.arange(len(labels))))
+    assert main(["site", "--config", str(cfg), "--check", "--insecure"]) == 2
+    err = capsys.readouterr().err
+    assert "per-sample gradient of the shared net changes with the other records in its chunk" in err
+    assert "per-sample gradient of the discriminator changes" in err
+    real = row_check.iter_record_blocks
+
+    def placed(net, data, **kw):  # features that carry their row's place in the block
+        for start, blocks in real(net, data, **kw):
+            yield start, {n: b + 1e-9 * torch.arange(len(b), dtype=b.dtype)[:, None] for n, b in blocks.items()}
+
+    monkeypatch.setattr(row_check, "iter_record_blocks", placed)
+    assert main(["site", "--config", str(cfg), "--check", "--insecure"]) == 2
+    assert "statistics features change with the other records in its block" in capsys.readouterr().err
     assert not (tmp_path / "state" / "ledger").exists()
 
 

@@ -90,14 +90,21 @@ def check_disjoint(dep: SiteDeployment, data, held) -> None:
 
 
 def check_rows_alone(dep: SiteDeployment, data) -> None:
-    """Refuse to answer evaluation queries or audits on a machine where a record's answer depends on the other
-    records (client.row_check: the premise of their sensitivity 1, checked on random images of the site's shape)."""
-    from client.row_check import batch_mate_problems
+    """Refuse to start on a machine where a record's contribution to a release depends on the other records
+    (client.row_check, on random images of the site's shape): its training releases' per-record features and
+    per-sample gradients in their fixed blocks (review s62), and, where it answers them, evaluation queries and
+    audits (the premise of their sensitivity 1)."""
+    from client.row_check import batch_mate_problems, training_problems
 
     s = dep.settings
+    info(f"checking that one record's contribution depends on that record alone on this machine ({data.image_shape})")
+    problems = training_problems(data.image_shape, data.num_classes, tuple(s.modes))
+    if problems:
+        raise DeployError(f"site '{dep.name}': on this machine {'; '.join(problems)}, so one record could move other "
+                          "records' contributions to a training release past the sensitivity its noise is calibrated "
+                          "to. Run the site on another machine, or with OMP_NUM_THREADS=1, and check again")
     if not (s.evaluation or s.audits):
         return
-    info(f"checking that one record's answer depends on that record alone on this machine ({data.image_shape})")
     problems = batch_mate_problems(data.image_shape, data.num_classes, evaluation=s.evaluation, audits=s.audits)
     if problems:
         raise DeployError(f"site '{dep.name}': on this machine {'; '.join(problems)}, so one record could move other "
