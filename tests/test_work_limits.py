@@ -320,9 +320,20 @@ def test_a_disk_without_room_for_a_runs_files_is_refused_before_its_charge(tmp_p
     grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
     real = shutil.disk_usage
     monkeypatch.setattr("client.limits.shutil.disk_usage",
-                        lambda path: real(path)._replace(free=60 * 2**20))  # below the 64 MB margin
+                        lambda path: real(path)._replace(free=2**30 - 1))  # read in whole GiB: 0
     _refused(send(grid, 1000, gan_request(cfg)), "too little free space")
     assert charges(tmp_path) in ([], [[]])
+    # (review s62, second round: the run id was made a path before it was checked, so '/' or '../..' had the site
+    # walk and size every file there, and answer by a folder's size; the id is checked first)
+    import client.limits
+
+    walked: list = []
+    size = client.limits._folder_mb
+    monkeypatch.setattr(client.limits, "_folder_mb", lambda folder: walked.append(folder) or size(folder))
+    for hostile in ("/", "../../..", "..", "a/../../.."):
+        reply = send(grid, 1000, gan_request(cfg, experiment=hostile))
+        assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST, hostile
+    assert walked == []
     monkeypatch.undo()
     assert not send(grid, 1000, gan_request(cfg)).has_error()
 
