@@ -147,13 +147,35 @@ def _already_summed_reason(outcome: SecureSum, request: P.Message) -> str:
             "repeat this release with them")
 
 
+def _workflow_class():
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    class Workflow(SecAggPlusWorkflow):
+        """Flower's SecAgg+ workflow, with sites that left at the key-sharing stage no longer sampled."""
+
+        def share_keys_stage(self, grid, context, state) -> bool:
+            ok = super().share_keys_stage(grid, context, state)
+            # Flower 1.41 keeps a site that dropped out here among the sampled ones, and so lists it as dropped at
+            # unmask, where no site holds shares of its secrets: every site refused (or, before, failed), and the
+            # sum was lost after every site's charge (review s62). Its masks are in no vector (a site masks only with
+            # the neighbours whose shares reached it), so it leaves the aggregation as if never sampled.
+            state.sampled_node_ids = set(state.active_node_ids)
+            return ok
+
+    return Workflow
+
+
+def _new_workflow(**kwargs):
+    """A :func:`_workflow_class` workflow (the class is built on first use: Flower's server side imports then)."""
+    return _workflow_class()(**kwargs)
+
+
 def secure_sum(grid: Grid, requests: dict[int, P.Message], *, round_label: int, timeout: float,
                threshold: int = 0) -> SecureSum:
     """Sum the sites' releases for ``requests`` (node -> typed request of ``P.SECURE_TASKS``) with SecAgg+."""
     from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
     from flwr.common import parameters_to_ndarrays
     from flwr.server import LegacyContext, ServerConfig
-    from flwr.server.workflow import SecAggPlusWorkflow
 
     nodes = sorted(requests)
     outcome = SecureSum(total=None, contributors=[])
@@ -170,10 +192,9 @@ def secure_sum(grid: Grid, requests: dict[int, P.Message], *, round_label: int, 
     ctx = LegacyContext(context=base, config=ServerConfig(num_rounds=1), strategy=strategy)
     ctx.state.config_records["config"] = ConfigRecord({"current_round": int(round_label)})
     ctx.state.array_records["parameters"] = ArrayRecord()
-    workflow = SecAggPlusWorkflow(num_shares=len(nodes), reconstruction_threshold=threshold, max_weight=1.0,
-                                  clipping_range=P.SECAGG_CLIPPING_RANGE,
-                                  quantization_range=P.SECAGG_QUANTIZATION_LEVELS, modulus_range=P.SECAGG_MODULUS,
-                                  timeout=timeout)
+    workflow = _new_workflow(num_shares=len(nodes), reconstruction_threshold=threshold, max_weight=1.0,
+                             clipping_range=P.SECAGG_CLIPPING_RANGE, quantization_range=P.SECAGG_QUANTIZATION_LEVELS,
+                             modulus_range=P.SECAGG_MODULUS, timeout=timeout)
     workflow(_Recorder(grid, outcome), ctx)
     summed = _already_summed_reason(outcome, requests[nodes[0]])
     if summed:

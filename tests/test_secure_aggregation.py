@@ -114,12 +114,15 @@ def test_no_message_the_coordinator_receives_holds_a_sites_release_in_the_clear(
         assert abs(values.mean() / P.SECAGG_MODULUS - 0.5) < 0.01 and values.std() / P.SECAGG_MODULUS > 0.25
 
 
-@pytest.mark.parametrize("dies_after", ["share_keys", "collect_masked_vectors"])
+@pytest.mark.parametrize("dies_after", ["setup", "share_keys", "collect_masked_vectors"])
 def test_a_site_killed_mid_aggregation_does_not_stop_the_round(tmp_path, dies_after):
+    """(review s62: a site that left after the setup stage, before sharing its keys, stayed among the sampled sites
+    in Flower's workflow and was listed as dropped at unmask, where nobody held its shares: the sum failed after every
+    site's charge. server.secure_agg drops it from the sampled sites.)"""
     cfg = fast_config(tmp_path, num_rounds=1)
     victim = 1003
     answered = {"n": 0}
-    stage_replies = {"share_keys": 2, "collect_masked_vectors": 3}[dies_after]
+    stage_replies = {"setup": 1, "share_keys": 2, "collect_masked_vectors": 3}[dies_after]
 
     def tap(reply):
         if reply.metadata.src_node_id == victim and reply.metadata.message_type == P.SECURE_TRAIN:
@@ -133,7 +136,8 @@ def test_a_site_killed_mid_aggregation_does_not_stop_the_round(tmp_path, dies_af
     got = secure_sum(grid, {n: request for n in grid.get_node_ids()}, round_label=1, timeout=5)
     assert got.total is not None, got.reason
     # a site dead before its masked vector is left out; one dead after it is inside the sum
-    assert got.contributors == ([1000, 1001, 1002] if dies_after == "share_keys" else [1000, 1001, 1002, 1003])
+    assert got.contributors == ([1000, 1001, 1002] if dies_after != "collect_masked_vectors" else
+                                [1000, 1001, 1002, 1003])
     assert victim in got.failures or dies_after == "collect_masked_vectors"
 
 
