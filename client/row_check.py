@@ -91,6 +91,7 @@ def batch_mate_problems(image_shape: tuple[int, int, int], num_classes: int, *, 
     return problems
 
 
+CHECK_CLASSES = 100  # classes the training check's nets have at most (below)
 CHECK_SIDE = 32  # the side the training check's nets work at for larger images (the rule both modes use up to 64)
 
 
@@ -99,6 +100,9 @@ def training_problems(image_shape: tuple[int, int, int], num_classes: int, modes
     nothing), for a site with images of ``image_shape`` (C, H, W) that trains in ``modes`` (dpgan, bnstats)."""
     rng = np.random.default_rng(1)
     channels, side = image_shape[0], image_shape[1]
+    # (at most CHECK_CLASSES classes: the class count sizes only the heads and D's label embedding, whose per-sample
+    # gradients at 1,000 classes took this check 18 s and 3 GiB, review s62; the rows' shapes are the site's own)
+    num_classes = min(num_classes, CHECK_CLASSES)
     resolution = 0 if side <= CHECK_SIDE else CHECK_SIDE
     problems = []
     if "bnstats" in modes:
