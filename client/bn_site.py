@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
+from typing import Callable
 
 import torch
 from flwr.app import Context, Message
@@ -59,10 +61,11 @@ def stats_file(folder):
     return folder / "stats-release.pt"
 
 
-def check_net_work(req: P.BnPlanSettings, site: WorkLimits, build) -> None:
+def check_net_work(req: P.BnPlanSettings, site: WorkLimits, build) -> float:
     """Refuse a run beyond the site's work limits (client.limits): the shared net's DP-SGD steps, when the site trains
     it, and the release's pass over the records in fixed blocks (so a run whose release would not fit is refused
-    before its training rounds are charged). ``build`` makes the net; here on the meta device (shapes only)."""
+    before its training rounds are charged). ``build`` makes the net; here on the meta device (shapes only). Returns
+    the MB the run keeps in the site's state folder."""
     meta_net = meta_module(build)
     trains = req.net_rounds > 0  # else the coordinator provides the net: no DP-SGD step at this site
 
@@ -79,14 +82,15 @@ def check_net_work(req: P.BnPlanSettings, site: WorkLimits, build) -> None:
                             ask="a narrower net (bn-width)"),) if trains else ())
                + (Step(f"one {RECORD_BLOCK_ROWS}-record block of the statistics release", RECORD_BLOCK_ROWS, forward,
                        backward="", ask="a narrower net (bn-width) or a lower bn-resolution"),))
-    check_free_disk(site, req.experiment, kept_mb)
+    return kept_mb
 
 
-def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings, *, secure: bool = False,
-           secure_round: bool = False):
-    """Checks both requests share; returns (data, net, ledger, run folder, plan, census or None). ``secure``: the
-    run's statistics go into a SecAgg+ sum; ``secure_round``: the net is this site's model of a secure FedAvg round
-    (train.bnnet in a SecAgg+ sum)."""
+def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings, saved_file: Callable[[Path], Path], *,
+           secure: bool = False, secure_round: bool = False):
+    """Checks both requests share; returns (data, net, ledger, run folder, plan, census or None). ``saved_file``: where
+    the run's folder keeps this request's saved reply (a re-send, answered from it, needs no room on the disk);
+    ``secure``: the run's statistics go into a SecAgg+ sum; ``secure_round``: the net is this site's model of a
+    secure FedAvg round (train.bnnet in a SecAgg+ sum)."""
     require_mode(site, "bnstats")
     if not 1 <= req.noise_shares <= P.SECURE_SUM_MAX_SITES:  # (review s61: a train.bnnet's was never checked)
         raise Refusal(P.REFUSED_BAD_REQUEST, f"noise-shares must be 1 (no split) to {P.SECURE_SUM_MAX_SITES}, got "
@@ -116,7 +120,7 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings, *, secure
 
     try:
         trains = req.net_rounds > 0  # else the coordinator provides the net: no DP-SGD step at this site
-        check_net_work(req, site, build)
+        kept_mb = check_net_work(req, site, build)
         net = build()
     except (ValueError, RuntimeError, TypeError, OverflowError) as err:  # (a Refusal passes) from the request alone
         raise Refusal(P.REFUSED_BAD_REQUEST, f"the shared net's shape cannot be built: {quoted(str(err))}") from None
@@ -130,6 +134,8 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings, *, secure
     if secure:  # statistics whose noise may leave the sum's range: refused before the census too (review s61)
         _check_stats_room(_largest_noise(req, site), clips, req.count_weight)
     folder = run_dir(site, req.experiment)
+    if not saved_file(folder).exists():  # new work, to be charged: the disk must have room for the run's files
+        check_free_disk(site, req.experiment, kept_mb)
     preq = PlanRequest(mode="bnstats", epsilon=req.epsilon, rounds=req.net_rounds, steps=req.local_steps,
                        batch_size=req.batch_size, census=True, stats_share=req.stats_share,
                        auto_clip=str(req.layer_clips).strip() == AUTO)
@@ -159,7 +165,8 @@ def train_bnnet(req: P.BnTrainRequest, context: Context, site: SiteSettings, *,
     if not 1 <= req.server_round <= req.net_rounds:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"round {req.server_round} is outside the run's 1..{req.net_rounds}")
     device = site_device(context)
-    data, net, ledger, folder, plan, census = _setup(req, req.net, site, secure=secure, secure_round=secure)
+    data, net, ledger, folder, plan, census = _setup(req, req.net, site, lambda f: net_round_file(f, req.server_round),
+                                                     secure=secure, secure_round=secure)
     path = net_round_file(folder, req.server_round)
     saved = load_saved(path)
     if saved is None:
@@ -257,7 +264,7 @@ def release_bnstats(req: P.BnStatsRequest, context: Context, site: SiteSettings,
         raise Refusal(P.REFUSED_BAD_REQUEST, "distributed noise (noise-shares > 1) is only for releases inside a "
                                              "secure aggregation; in the clear a site adds all of the noise")
     device = site_device(context)
-    data, net, ledger, folder, plan, _ = _setup(req, req.net, site, secure=secure)
+    data, net, ledger, folder, plan, _ = _setup(req, req.net, site, stats_file, secure=secure)
     path = stats_file(folder)
     saved = load_saved(path)
     if saved is not None:

@@ -84,6 +84,11 @@ def round_file_bytes(generator: torch.nn.Module, disc: torch.nn.Module) -> int:
                             4 * len(list(generator.parameters())) + 5 * len(list(disc.parameters())))
 
 
+def gan_kept_mb(req: P.GanTrainRequest, generator: torch.nn.Module, disc: torch.nn.Module) -> float:
+    """MB a run of ``req`` keeps in the site's state folder over its rounds (client.limits.check_work)."""
+    return req.num_rounds * round_file_bytes(generator, disc) / 2**20
+
+
 def check_gan_work(req: P.GanTrainRequest, site: WorkLimits, shape: GanShape) -> Generator:
     """Refuse a round beyond the site's work limits (client.limits); G on the meta device (shapes only: the limits
     come before any allocation)."""
@@ -101,8 +106,7 @@ def check_gan_work(req: P.GanTrainRequest, site: WorkLimits, shape: GanShape) ->
     # it, client.dpgan.paired_labels) through G and D, back into G (DiffAugment's copies of D's inputs, a few images
     # per row, are far below D's activations: left to the factors)
     g, d = parameter_count(generator), parameter_count(disc)
-    kept_mb = req.num_rounds * round_file_bytes(generator, disc) / 2**20
-    check_work(site, networks={"generator": g, "discriminator": d}, kept_mb=kept_mb,
+    check_work(site, networks={"generator": g, "discriminator": d}, kept_mb=gan_kept_mb(req, generator, disc),
                others_mb=other_runs_mb(site, req.experiment),
                batch_size=req.batch_size, steps_per_run=req.num_rounds * max(req.local_steps, req.long_steps),
                steps=(Step("one DP-SGD step of the discriminator", 2 * DPSGD_CHUNK, lambda r: judge(r, False),
@@ -110,7 +114,6 @@ def check_gan_work(req: P.GanTrainRequest, site: WorkLimits, shape: GanShape) ->
                            gradient_copies=2, ask="a narrower discriminator (d-width)"),
                       Step("one generator step", req.batch_size, lambda r: judge(r, True),
                            ask="a smaller batch or a narrower generator (width)")))
-    check_free_disk(site, req.experiment, kept_mb)
     return generator
 
 
@@ -285,6 +288,9 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings, *,
         # Re-sent round (the coordinator resumed): the reply already released, sent again at no cost.
         log.info("[%s] round %d of %s already trained; sending its saved reply", site.name, rnd, req.experiment)
         return P.GanTrainReply(**saved["reply"])
+    # new work, to be charged: the disk must have room for the run's files (a re-send above writes nothing)
+    check_free_disk(site, req.experiment, gan_kept_mb(req, generator=meta_module(lambda: Generator(shape)),
+                                                      disc=meta_module(lambda: Discriminator(shape, width=req.d_width))))
     shorter = _plan_request(req, req.local_steps)
     validate_plan_request(shorter)  # a malformed request costs nothing, not even a census
     if secure:  # a model no census could bring inside the sum's range: refused before the census (review s61)

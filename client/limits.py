@@ -222,7 +222,7 @@ def check_free_disk(site: object, experiment: str, kept_mb: float) -> None:
     if free_gib * 1024 < need:
         raise Refusal(P.REFUSED_NOT_ALLOWED,
                       "this site's disk has too little free space for the run's files: its operator must free space "
-                      "(or archive finished runs) before it trains again")
+                      "(or archive finished runs) before it takes new work")
 
 
 def _folder_mb(folder: Path) -> float:

@@ -369,11 +369,13 @@ def charged_work(ledger: PrivacyLedger, events: list[DPEvent], data: ImageDatase
 
 def released_before(site: SiteSettings) -> str:
     """Evidence in the site's state folder that it has released before, in words ('' when there is none): saved
-    releases (census.json, *.pt) in its runs folder, each written only after its charge."""
+    releases (census.json, *.pt) and answered queries' marks (*.answered) in its runs folder, each written only after
+    its charge."""
     runs = runs_folder(site.state_dir)
     if not runs.is_dir():
         return ""
-    folders = sorted({p.parent.name for pattern in ("*/census.json", "*/*.pt") for p in runs.glob(pattern)})
+    folders = sorted({p.parent.name for pattern in ("*/census.json", "*/*.pt", "*/*.answered")
+                      for p in runs.glob(pattern)})
     if not folders:
         return ""
     return f"{runs} holds releases of {len(folders)} run(s), e.g. {folders[0]!r}"

@@ -173,15 +173,19 @@ def _released(tmp_path: Path) -> SiteSettings:
     return site
 
 
-@pytest.mark.parametrize("how", ["emptied", "deleted", "deleted-and-its-mark", "emptied-and-its-mark"])
+@pytest.mark.parametrize("how", ["emptied", "deleted", "deleted-and-its-mark", "emptied-and-its-mark",
+                                 "deleted-and-its-mark-queries-only"])
 def test_a_lost_ledger_at_a_site_that_has_released_is_refused_before_anything_is_charged(tmp_path, how):
     site = _released(tmp_path)
     path = site.ledger_path
+    if how.endswith("queries-only"):  # (review s62: a site that only answered queries; their marks tell)
+        (site.state_dir / "runs" / "e1" / "gan-round-1.pt").unlink()
+        files.atomic_write_bytes(site.state_dir / "runs" / "q1" / "evaluation-1.answered", b"{}")
     if how.startswith("emptied"):
         path.write_bytes(b"")
     else:
         path.unlink()
-    if how.endswith("its-mark"):  # the runs folder's saved replies still tell
+    if "its-mark" in how:  # the runs folder's saved replies (or query marks) still tell
         (path.parent / "site-a.started").unlink()
     with pytest.raises(LedgerDamaged, match="released before") as err:
         open_ledger(site, DATA)

@@ -316,11 +316,15 @@ def test_a_disk_without_room_for_a_runs_files_is_refused_before_its_charge(tmp_p
 
     from common.files import atomic_write_bytes
 
-    cfg = fast_config(tmp_path, num_rounds=1)
+    cfg = fast_config(tmp_path, num_rounds=2)
     grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
     real = shutil.disk_usage
-    monkeypatch.setattr("client.limits.shutil.disk_usage",
-                        lambda path: real(path)._replace(free=2**30 - 1))  # read in whole GiB: 0
+
+    def low_disk() -> None:
+        monkeypatch.setattr("client.limits.shutil.disk_usage",
+                            lambda path: real(path)._replace(free=2**30 - 1))  # read in whole GiB: 0
+
+    low_disk()
     _refused(send(grid, 1000, gan_request(cfg)), "too little free space")
     assert charges(tmp_path) in ([], [[]])
     # (review s62, second round: the run id was made a path before it was checked, so '/' or '../..' had the site
@@ -336,6 +340,14 @@ def test_a_disk_without_room_for_a_runs_files_is_refused_before_its_charge(tmp_p
     assert walked == []
     monkeypatch.undo()
     assert not send(grid, 1000, gan_request(cfg)).has_error()
+    # (review s62, honest-user helper: a re-sent round, answered from its saved reply, writes nothing and is answered
+    # on a full disk too; the next round, new work, is refused before its charge)
+    low_disk()
+    before = charges(tmp_path)
+    assert not send(grid, 1000, gan_request(cfg)).has_error()
+    _refused(send(grid, 1000, gan_request(cfg, server_round=2)), "too little free space")
+    assert charges(tmp_path) == before
+    monkeypatch.undo()
 
     def full(fd: int) -> None:
         raise OSError(28, "No space left on device")
