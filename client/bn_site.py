@@ -19,7 +19,7 @@ import torch
 from flwr.app import Context, Message
 
 from client.auto_clip import choose_layer_clips
-from client.bnstats import record_class_statistics, release_noise_std
+from client.bnstats import expected_release_keys, record_class_statistics, release_noise_std, release_num_bytes
 from client.budget import (MAX_USEFUL_NOISE, PlanRequest, RunPlan, expected_batch, is_private, plan_for_site,
                            validate_plan_request)
 from client.census import (census_weight, check_no_census_drawn, check_plan_possible,
@@ -72,8 +72,10 @@ def check_net_work(req: P.BnPlanSettings, site: WorkLimits, build) -> float:
     def forward(rows: int) -> None:
         meta_net(torch.zeros(rows, req.channels, req.image_size, req.image_size))
 
-    kept_mb = (req.net_rounds + 1) * saved_file_bytes(parameter_count(meta_net),  # a net a round, and the release
-                                                      len(list(meta_net.parameters()))) / 2**20
+    # a net a round, and the release (2 K sum C_l + K values: twice the head at many classes, review s62)
+    release = expected_release_keys(meta_net, req.num_classes)
+    kept_mb = (req.net_rounds * saved_file_bytes(parameter_count(meta_net), len(list(meta_net.parameters())))
+               + saved_file_bytes(release_num_bytes(meta_net, req.num_classes) // 4, len(release))) / 2**20
     check_work(site, networks={"shared net": parameter_count(meta_net)}, kept_mb=kept_mb,
                others_mb=other_runs_mb(site, req.experiment),
                batch_size=req.batch_size if trains else 0, steps_per_run=req.net_rounds * req.local_steps,

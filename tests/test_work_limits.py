@@ -356,3 +356,28 @@ def test_a_disk_without_room_for_a_runs_files_is_refused_before_its_charge(tmp_p
     with pytest.raises(OSError):
         atomic_write_bytes(tmp_path / "census.json", b"{}")
     assert not list(tmp_path.glob("census.json*"))
+
+
+@pytest.mark.parametrize("classes,head_norm", [(10, False), (1000, True)])
+def test_a_statistics_runs_files_are_no_larger_than_the_disk_count(tmp_path, classes, head_norm):
+    """Review s62: the statistics release's file was counted as one more net's, where it holds 2 K sum(C_l) + K values,
+    twice the head's parameters at many classes (a real release at K = 1,000 wrote 30.2 MB where 14.9 were counted),
+    so a write the free-disk check let through could fail after its charge. It is counted from its own layout."""
+    import torch
+
+    from client.requests import save_reply
+
+    settings = plan_settings(fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=16, bn_head_norm=head_norm),
+                             Schema(1, 28, 28, tuple(str(i) for i in range(classes))), "exp-count")
+    req = P.BnStatsRequest(**settings, net={})
+    limits = SiteSettings(name="s", data="digits", state_dir=tmp_path, epsilon_budget=10.0)
+
+    def build() -> BNNet:
+        return BNNet(1, classes, 28, req.width, head_norm=req.head_norm, resolution=req.resolution)
+
+    counted = check_net_work(req, limits, build) * 2**20
+    from client.bnstats import expected_release_keys
+
+    stats = {k: torch.zeros(shape) for k, shape in expected_release_keys(build(), classes).items()}
+    save_reply(tmp_path / "stats-release.pt", {"reply": {"stats": stats}, "noise_shares": 1})
+    assert (tmp_path / "stats-release.pt").stat().st_size <= counted
