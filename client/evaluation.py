@@ -51,6 +51,7 @@ from common import protocol as P
 from common.accounting import DPEvent, epsilon_for
 from common.audits import nearest_neighbors
 from common.data import ImageDataset
+from common.files import atomic_write_json
 from common.learner import build_learner, predict
 from common.wire import quoted
 
@@ -149,10 +150,9 @@ def _charge(ledger: PrivacyLedger, z: float, data: ImageDataset, *, purpose: str
         raise Refusal(P.REFUSED_BUDGET, "the query does not fit this site's privacy budget", str(err)) from None
     try:  # (after the charge, as every file of a run: its folder is bounded by the budget; best effort, the ledger
         # holds the charge: review s62, a restored backup's runbook could not see queries, which left no file)
-        folder.mkdir(parents=True, exist_ok=True)
-        answered_mark(folder, purpose, index).write_text(json.dumps(
-            {"purpose": purpose, "query": index, "epsilon-alone": epsilon_for([event], ledger.delta),
-             "delta": ledger.delta}))
+        atomic_write_json(answered_mark(folder, purpose, index),  # (whole or absent: review s62)
+                          {"purpose": purpose, "query": index, "epsilon-alone": epsilon_for([event], ledger.delta),
+                           "delta": ledger.delta})
     except OSError as err:
         log.warning("could not mark %s query %d of %s in %s (%s); the ledger holds its charge", purpose, index, run,
                     folder, type(err).__name__)
