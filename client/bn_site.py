@@ -24,6 +24,7 @@ from client.budget import (MAX_USEFUL_NOISE, PlanRequest, RunPlan, expected_batc
                            validate_plan_request)
 from client.census import (census_weight, check_no_census_drawn, check_plan_possible,
                            check_secure_room, run_census, secure_weight)
+from client.charged_work import charged_work
 from client.dpsgd import DPSGD_CHUNK, train_dpsgd_local
 from client.limits import (Step, WorkLimits, check_free_disk, check_work, meta_module, other_runs_mb, parameter_count,
                            saved_file_bytes)
@@ -40,7 +41,7 @@ from client.requests import (
     site_device,
     site_handler,
 )
-from client.site import SiteSettings, charged_work, data_fingerprint, open_ledger
+from client.site import SiteSettings, data_fingerprint, open_ledger
 from common import protocol as P
 from common.accounting import calibrate_noise_multiplier
 from common.bnnet import RECORD_BLOCK_ROWS, BNNet, norm_layer_names

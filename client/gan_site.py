@@ -30,6 +30,7 @@ from client.budget import (
     validate_plan_request,
 )
 from client.census import census_weight, check_plan_possible, check_secure_room, run_census, secure_weight
+from client.charged_work import charged_work
 from client.dpgan import LocalGanTrainer, RoundSettings
 from client.dpsgd import DPSGD_CHUNK
 from client.limits import (Step, WorkLimits, check_free_disk, check_work, meta_module, other_runs_mb, parameter_count,
@@ -48,7 +49,7 @@ from client.requests import (
     site_device,
     site_handler,
 )
-from client.site import SiteSettings, charged_work, data_fingerprint, open_ledger
+from client.site import SiteSettings, data_fingerprint, open_ledger
 from common import protocol as P
 from common.gan_augment import parse_augment
 from common.recipe_ranges import MIN_G_WIDTH
@@ -289,8 +290,9 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings, *,
         log.info("[%s] round %d of %s already trained; sending its saved reply", site.name, rnd, req.experiment)
         return P.GanTrainReply(**saved["reply"])
     # new work, to be charged: the disk must have room for the run's files (a re-send above writes nothing)
-    check_free_disk(site, req.experiment, gan_kept_mb(req, generator=meta_module(lambda: Generator(shape)),
-                                                      disc=meta_module(lambda: Discriminator(shape, width=req.d_width))))
+    kept_mb = gan_kept_mb(req, meta_module(lambda: Generator(shape)),
+                          meta_module(lambda: Discriminator(shape, width=req.d_width)))
+    check_free_disk(site, req.experiment, kept_mb)
     shorter = _plan_request(req, req.local_steps)
     validate_plan_request(shorter)  # a malformed request costs nothing, not even a census
     if secure:  # a model no census could bring inside the sum's range: refused before the census (review s61)

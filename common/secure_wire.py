@@ -19,8 +19,9 @@ Where precision is lost: every value is clipped to +-``SECAGG_CLIPPING_RANGE`` a
 to a step of ``SECAGG_STEP`` (0.125) by Flower's quantizer. :func:`summand` checks the range so that
 nothing is clipped silently (a release that outgrew it, a FedAvg model while it trained or a statistics release by
 its sums, is clamped into it, with a warning in the site's log; :func:`check_room` and :func:`check_stats_room`
-refuse, before the charge, a model that starts too close to it and statistics whose noise leaves no room); the error of a sum of k sites has std <= sqrt(k) * step / 2 per value, on
-w * x, i.e. <= sqrt(k) * 0.0625 / sum(w) on an averaged parameter (below 1e-4 for a few hundred records).
+refuse, before the charge, a model that starts too close to it and statistics whose noise leaves no room); the
+error of a sum of k sites has std <= sqrt(k) * step / 2 per value, on w * x, i.e. <= sqrt(k) * 0.0625 / sum(w) on an
+averaged parameter (below 1e-4 for a few hundred records).
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ import common.files as files
 from client.census import CENSUS_FILE, run_census
 from client.ledger import BudgetExceeded, LedgerDamaged, PrivacyLedger
 from client.refusal import Refusal
-from client.site import SiteSettings, attempt_mark, charged_work, open_ledger
+from client.charged_work import attempt_mark, charged_work
+from client.site import SiteSettings, open_ledger
 from common import protocol as P
 from common.accounting import DPEvent, epsilon_for
 from common.data import load_dataset, save_npz
