@@ -198,6 +198,8 @@ def other_runs_mb(site: object, experiment: str) -> float:
 
 
 FREE_DISK_MARGIN_MB = 64  # free space a run must leave on the state folder's disk (the ledger, logs, claim files)
+FREE_DISK_UNIT_MB = 64  # free space is read in whole units of this (README, Privacy, "Not covered"): a small run needs
+# 128 MB free (a first version read whole GiB, which would stop a site, or a test machine, with under 1 GiB free)
 
 
 def check_free_disk(site: object, experiment: str, kept_mb: float) -> None:
@@ -206,8 +208,8 @@ def check_free_disk(site: object, experiment: str, kept_mb: float) -> None:
     Review s62: the limits count only the files a request implies, so on a disk with less free space than them a
     coordinator could fill it with ordinary runs, after which each new run's census was charged and its file could not
     be written (budget spent, the generic failure, at every new run id). A full disk already showed as those failures;
-    this refusal says so before the charge, without a number; the free space is read in whole GiB (a disk with less
-    than 1 GiB free trains no run). No-op for limits without a state folder (tests)."""
+    this refusal says so before the charge, without a number; the free space is read in whole units of
+    ``FREE_DISK_UNIT_MB``. No-op for limits without a state folder (tests)."""
     problem = experiment_id_problem(experiment)  # before any path is made of it (review s62: a coordinator's '/'
     if problem:  # made the site walk and size every file of the machine, and refused by a folder's size)
         raise Refusal(P.REFUSED_BAD_REQUEST, problem)
@@ -216,10 +218,10 @@ def check_free_disk(site: object, experiment: str, kept_mb: float) -> None:
         return
     have = _folder_mb(runs_folder(state_dir) / experiment)
     need = max(0.0, kept_mb - have) + FREE_DISK_MARGIN_MB
-    # Free space in whole GiB only: it counts every file on the disk, the data's among them, and a finer reading
+    # Free space in whole units only: it counts every file on the disk, the data's among them, and a finer reading
     # against the coordinator's own kept_mb would answer, at no cost, how much the disk holds to the byte.
-    free_gib = shutil.disk_usage(state_dir).free // 2**30
-    if free_gib * 1024 < need:
+    free_units = shutil.disk_usage(state_dir).free // (FREE_DISK_UNIT_MB * 2**20)
+    if free_units * FREE_DISK_UNIT_MB < need:
         raise Refusal(P.REFUSED_NOT_ALLOWED,
                       "this site's disk has too little free space for the run's files: its operator must free space "
                       "(or archive finished runs) before it takes new work")

@@ -322,7 +322,7 @@ def test_a_disk_without_room_for_a_runs_files_is_refused_before_its_charge(tmp_p
 
     def low_disk() -> None:
         monkeypatch.setattr("client.limits.shutil.disk_usage",
-                            lambda path: real(path)._replace(free=2**30 - 1))  # read in whole GiB: 0
+                            lambda path: real(path)._replace(free=128 * 2**20 - 1))  # read in units: 64 MB
 
     low_disk()
     _refused(send(grid, 1000, gan_request(cfg)), "too little free space")
