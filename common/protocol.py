@@ -170,7 +170,9 @@ class GanTrainReply(Message):
                                            "first round or on its own just before it); the coordinator takes "
                                            "each class's synthetic images from the sites in proportion to it")
     weight: float = declared("dp", "FedAvg weight: the sum of the site's per-run noisy class histogram "
-                                   "(post-processing of 'census')")
+                                   "(post-processing of 'census'); in a secure round at most the sum's range over "
+                                   "the request's largest generator value (client.census.secure_weight: the "
+                                   "request's own numbers)")
     g_loss: float = declared("dp", "mean generator loss: a function of G, of the DP discriminator and of "
                                    "labels drawn from the DP histogram (post-processing)")
     local_steps: int = declared("dp", "the D steps the site took this round: the request's local_steps or "
@@ -230,7 +232,9 @@ class BnTrainRequest(BnPlanSettings, Message):
 class BnTrainReply(Message):
     MESSAGE_TYPE: ClassVar[str] = TRAIN_BNNET
     net: Arrays = arrays(kind="dp", why="the shared net after this round's DP-SGD steps (post-processing)")
-    weight: float = declared("dp", "FedAvg weight: sum of the per-run noisy class histogram (z = CENSUS_NOISE)")
+    weight: float = declared("dp", "FedAvg weight: sum of the per-run noisy class histogram (z = CENSUS_NOISE); "
+                                   "in a secure round at most the sum's range over the request's largest net value "
+                                   "(client.census.secure_weight)")
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,9 @@ ALREADY_SUMMED = "already went into a secure sum at this site"  # server.secure_
 # would leave the secure sum's range (client.census.check_secure_room, review s60): it names the
 # model's largest value, the coordinator's own, and the protocol's range, never the weight.
 # Also bad, fixed text: a key-sharing stage whose public keys are not all different (review s60: Flower's mod raised).
+# Also bad, fixed text: unmasking lists with fewer active sites than the setup's threshold, or naming sites that sent
+# this one no share (client.secure_site.secagg_problem, review s62): the SecAgg+ stages' own state, nothing of the
+# records. And a secure request whose wrapped arrays are not arrays of numbers (common.secure_wire.unwrap_request).
 # Also bad, quoting only what the coordinator sent: a stage that is not one of SecAgg+'s four, or unmasking lists that
 # are not lists of node ids (client.secure_site.secagg_problem; refused before any file is named after a stage, so the
 # answer never depends on which files exist at the site).
@@ -59,7 +62,9 @@ REFUSED_NOT_ALLOWED = 4003  # the site's config does not allow this mode / actio
 # (max_state_disk_mb) also names what the site's other runs keep: the sizes of files it wrote, which follow from
 # the requests and the DP releases it made, never from its records (review s58). An evaluation's classifier above
 # max_parameters (client.evaluation, review s59) names its count, computed from the learner and shape the request
-# names.
+# names. Not allowed, fixed text: new work whose files the state folder's disk has no room for (client.limits.
+# check_free_disk, review s62): decided from the run's own files (sizes that follow from the requests) and the
+# disk's free space in whole 64 MB units, which counts every file on that disk; README, Privacy, "Not covered".
 SITE_FAILURE = 4004  # the site could not do the work (its operator sees why in the site's log)
 # Its reason is always client.requests.FAILURE_TEXT; e.g. a held-out set whose shape differs from the published
 # training schema, or that holds no record of the published classes (client.evaluation: they can hinge on single
