@@ -138,7 +138,7 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings, saved_fil
         _check_stats_room(_largest_noise(req, site), clips, req.count_weight)
     folder = run_dir(site, req.experiment)
     if not saved_file(folder).exists():  # new work, to be charged: the disk must have room for the run's files
-        check_free_disk(site, req.experiment, kept_mb)
+        check_free_disk(site, folder, kept_mb)
     preq = PlanRequest(mode="bnstats", epsilon=req.epsilon, rounds=req.net_rounds, steps=req.local_steps,
                        batch_size=req.batch_size, census=True, stats_share=req.stats_share,
                        auto_clip=str(req.layer_clips).strip() == AUTO)

@@ -292,7 +292,7 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings, *,
     # new work, to be charged: the disk must have room for the run's files (a re-send above writes nothing)
     kept_mb = gan_kept_mb(req, meta_module(lambda: Generator(shape)),
                           meta_module(lambda: Discriminator(shape, width=req.d_width)))
-    check_free_disk(site, req.experiment, kept_mb)
+    check_free_disk(site, folder, kept_mb)
     shorter = _plan_request(req, req.local_steps)
     validate_plan_request(shorter)  # a malformed request costs nothing, not even a census
     if secure:  # a model no census could bring inside the sum's range: refused before the census (review s61)

@@ -36,7 +36,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from client.refusal import Refusal
 from common import protocol as P
-from common.run_id import experiment_id_problem
 from common.state_layout import runs_folder
 
 # Defaults of the site's work limits (SiteSettings and site.yaml take them from here).
@@ -202,21 +201,20 @@ FREE_DISK_UNIT_MB = 64  # free space is read in whole units of this (README, Pri
 # 128 MB free (a first version read whole GiB, which would stop a site, or a test machine, with under 1 GiB free)
 
 
-def check_free_disk(site: object, experiment: str, kept_mb: float) -> None:
+def check_free_disk(site: object, run_folder: Path, kept_mb: float) -> None:
     """Refuse, before any charge, a run whose files the state folder's disk has no room for: what the run keeps
     (``kept_mb``, as :func:`check_work` counts it) less what it keeps there already, plus ``FREE_DISK_MARGIN_MB``.
     Review s62: the limits count only the files a request implies, so on a disk with less free space than them a
     coordinator could fill it with ordinary runs, after which each new run's census was charged and its file could not
     be written (budget spent, the generic failure, at every new run id). A full disk already showed as those failures;
     this refusal says so before the charge, without a number; the free space is read in whole units of
-    ``FREE_DISK_UNIT_MB``. No-op for limits without a state folder (tests)."""
-    problem = experiment_id_problem(experiment)  # before any path is made of it (review s62: a coordinator's '/'
-    if problem:  # made the site walk and size every file of the machine, and refused by a folder's size)
-        raise Refusal(P.REFUSED_BAD_REQUEST, problem)
+    ``FREE_DISK_UNIT_MB``. ``run_folder``: the run's folder as ``client.requests.run_dir`` gives it, after it checked
+    the run id (review s62: a first version made the coordinator's id a path itself, and '/' had the site walk and
+    size every file of the machine, and refuse by a folder's size). No-op for limits without a state folder (tests)."""
     state_dir = getattr(site, "state_dir", None)
     if not state_dir or not Path(state_dir).is_dir():
         return
-    have = _folder_mb(runs_folder(state_dir) / experiment)
+    have = _folder_mb(run_folder)
     need = max(0.0, kept_mb - have) + FREE_DISK_MARGIN_MB
     # Free space in whole units only: it counts every file on the disk, the data's among them, and a finer reading
     # against the coordinator's own kept_mb would answer, at no cost, how much the disk holds to the byte.

@@ -121,8 +121,7 @@ def training_problems(image_shape: tuple[int, int, int], num_classes: int, modes
 
         if not _same_rows(features, rows, rng):
             problems.append("a record's statistics features change with the other records in its block")
-        torch.manual_seed(0)
-        net = BNNet(channels, num_classes, side, head_norm=True, resolution=resolution)
+        # (the same net: the features' pass leaves its weights as they were)
         if not _same_rows(_gradients(net, lambda m, x, y: nn_cross_entropy(m(x), y), image_shape, num_classes, rng),
                           DPSGD_CHUNK, rng):
             problems.append("a record's per-sample gradient of the shared net changes with the other records in its "

@@ -55,12 +55,17 @@ class RangeError(ValueError):
 ROOM = 1.0  # a secure round starts only where its weighted model is inside the range (one that outgrows it: summand)
 
 
+def _largest_value(model: dict[str, Any]) -> float:
+    """The largest absolute value of any array of ``model`` (0 for none; NaN or inf where one is not finite)."""
+    return max((float(np.max(np.abs(a))) for a in model.values() if np.size(a)), default=0.0)
+
+
 def check_room(weight: float, model: dict[str, Any]) -> None:
     """Raise RangeError where the model a FedAvg round starts from, weighted by the site's noisy total ``weight``
     (times ROOM), or the weight itself, leaves the range: called before the round's charge (review s60: a
     generator of large, finite weights passed every check, was charged and trained, and then failed at
     :func:`summand`, on every re-send; a site of some 280,000 records would do so with an honest generator)."""
-    worst = max((float(np.max(np.abs(a))) for a in model.values() if np.size(a)), default=0.0)
+    worst = _largest_value(model)
     if not np.isfinite(worst) or max(ROOM * weight * worst, weight) > P.SECAGG_CLIPPING_RANGE:  # (weight: the [w] entry)
         raise RangeError(f"the model sent (largest value {worst:.3g}), weighted by this site's FedAvg weight, would "
                          f"leave the secure aggregation's range +-{P.SECAGG_CLIPPING_RANGE:,.0f}")
@@ -68,7 +73,7 @@ def check_room(weight: float, model: dict[str, Any]) -> None:
 
 def largest_weight(model: dict[str, Any]) -> float:
     """The largest FedAvg weight (a whole number, at most the range) :func:`check_room` accepts for ``model``."""
-    worst = max((float(np.max(np.abs(a))) for a in model.values() if np.size(a)), default=0.0)
+    worst = _largest_value(model)
     limit = P.SECAGG_CLIPPING_RANGE
     return float(limit if worst * ROOM <= 1.0 else np.floor(limit / (ROOM * worst)))
 

@@ -148,6 +148,8 @@ def _already_summed_reason(outcome: SecureSum, request: P.Message) -> str:
 
 
 def _workflow_class():
+    """Flower's SecAgg+ workflow class with the fix below, built at each call from the class Flower's module holds then
+    (its server side imports on use; tests put a hostile coordinator's workflow there)."""
     from flwr.server.workflow import SecAggPlusWorkflow
 
     class Workflow(SecAggPlusWorkflow):
@@ -163,11 +165,6 @@ def _workflow_class():
             return ok
 
     return Workflow
-
-
-def _new_workflow(**kwargs):
-    """A :func:`_workflow_class` workflow (the class is built on first use: Flower's server side imports then)."""
-    return _workflow_class()(**kwargs)
 
 
 def secure_sum(grid: Grid, requests: dict[int, P.Message], *, round_label: int, timeout: float,
@@ -192,9 +189,10 @@ def secure_sum(grid: Grid, requests: dict[int, P.Message], *, round_label: int, 
     ctx = LegacyContext(context=base, config=ServerConfig(num_rounds=1), strategy=strategy)
     ctx.state.config_records["config"] = ConfigRecord({"current_round": int(round_label)})
     ctx.state.array_records["parameters"] = ArrayRecord()
-    workflow = _new_workflow(num_shares=len(nodes), reconstruction_threshold=threshold, max_weight=1.0,
-                             clipping_range=P.SECAGG_CLIPPING_RANGE, quantization_range=P.SECAGG_QUANTIZATION_LEVELS,
-                             modulus_range=P.SECAGG_MODULUS, timeout=timeout)
+    workflow = _workflow_class()(num_shares=len(nodes), reconstruction_threshold=threshold, max_weight=1.0,
+                                 clipping_range=P.SECAGG_CLIPPING_RANGE,
+                                 quantization_range=P.SECAGG_QUANTIZATION_LEVELS, modulus_range=P.SECAGG_MODULUS,
+                                 timeout=timeout)
     workflow(_Recorder(grid, outcome), ctx)
     summed = _already_summed_reason(outcome, requests[nodes[0]])
     if summed:
