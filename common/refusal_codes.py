@@ -75,7 +75,8 @@ REFUSED_UNAPPROVED_CODE = 4005  # the run's app bundle is not one the site's ope
 # claimed (quoted short), an exception's type, or which of the message's group id, id or type is not short printable
 # ASCII: nothing of the records, and of the site only which bundles its operator approved (refused or not).
 # Or fixed text: a message whose objects do not make one, or whose own metadata is not what it was filed under, or
-# that is too large to put together (review s58); a message whose id is not its content's is dropped unanswered.
+# that is too large to put together (review s58) or to pull (MAX_MESSAGE_BYTES, review s63); a message whose id is
+# not its content's is dropped unanswered.
 # Or, from review s59: the run's record names another run than its message (the two ids, both the SuperLink's);
 # fixed text with the guard's own constants: a run record larger than MAX_RUN_RECORD_BYTES, a run past
 # MAX_RUNS_PER_START, a bundle with bytes its members do not account for, an archive past MAX_BUNDLE_VARIANTS of one

@@ -463,6 +463,21 @@ def test_a_message_whose_objects_do_not_make_a_message_is_refused_and_the_loop_g
         assert refused((ints, get_object_tree(ints)))
     assert pull((weights, get_object_tree(weights))) == 77 and len(state.get_messages_legacy(is_reply=False)) == 1
 
+    # review s63: a message's bytes are capped while Flower pulls them (before, 400 MB of junk beside a query.info
+    # held 1.8 GB in the SuperNode and as much in the ClientApp before its refusal)
+    big = make_message(metadata("train.gan"), RecordDict({"config": ConfigRecord({}),
+                                                          "g": ArrayRecord({"w": Array(np.full(300, 2, np.float32))})}))
+    big.metadata.__dict__["_message_id"] = big.object_id
+    link.update({oid: obj.deflate() for oid, obj in get_all_nested_objects(big).items()})
+    with monkeypatch.context() as patch:
+        patch.setattr(supernode_guard, "MAX_MESSAGE_BYTES", 1000)  # its Array's chunk alone is 1,200 bytes
+        before = len(state.get_messages_legacy(is_reply=True))
+        assert pull((big, get_object_tree(big))) == 77
+        replies = state.get_messages_legacy(is_reply=True)
+        assert before == 0 and len(replies) == 1 and replies[0].error.code == supernode_guard.REFUSED_UNAPPROVED_CODE
+        assert "larger than" in replies[0].error.reason
+    assert not state.get_messages_legacy(is_reply=False)  # dropped: no ClientApp starts for it
+
 
 def test_a_bundles_directory_is_bounded_before_zipfile_reads_it():
     """Review s62: zipfile parses every entry of the central directory the end record names before any count can be

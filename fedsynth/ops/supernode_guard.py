@@ -24,8 +24,9 @@ More holes around that step, each closed here (tests/test_supernode_guard.py):
   operator restarted it (review s58). Each message is now put together, as its ClientApp will, before Flower
   confirms it received it; one that does not go together, or whose own metadata is not what it was filed under, is
   dropped by Flower's own path for a failed pull and answered with a refusal; putting it together is bounded
-  (MAX_MESSAGE_OBJECTS, MAX_MESSAGE_GROWTH); a message whose id is not its content's, or that is a reply, is dropped
-  unanswered (an answer to it would be no reply either).
+  (MAX_MESSAGE_OBJECTS, MAX_MESSAGE_GROWTH), and so are the bytes Flower pulls for it (MAX_MESSAGE_BYTES, review s63);
+  a message whose id is not its content's, or that is a reply, is dropped unanswered (an answer to it would be no
+  reply either).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 from flwr.common.constant import APP_DIR, FAB_HASH_TRUNCATION  # install folders: apps/<id>.<version>.<sha[:8]>
@@ -190,6 +192,20 @@ def install(approved: set[str]) -> None:
             received["checked"] = True  # what raises from here on is Flower reading the run's own config
             return fab
 
+        pull_object = kwargs.get("pull_object")
+        pulled_lock = threading.Lock()  # (Flower pulls a message's objects in several threads)
+
+        def counted_pull(run_id, object_id):  # Flower calls it for each object of the message, before confirming it
+            content = pull_object(run_id, object_id)
+            with pulled_lock:
+                received["bytes"] = received.get("bytes", 0) + len(content)
+                if received["bytes"] > MAX_MESSAGE_BYTES:  # (review s63: nothing capped a message's size, and the
+                    # SuperNode and the ClientApp each held about 4x its bytes before the refusal: 400 MB of junk
+                    # beside a query.info took 1.8 GB in each; a few GB would have run a site out of memory)
+                    received["too large"] = True
+                    raise _Unapproved("too large")  # Flower's failed pull drops the message; refused below
+            return content
+
         confirm, store = kwargs.get("confirm_message_received"), kwargs.get("object_store")
 
         def checked_confirm(run_id, message_id):  # Flower calls it once every object of the message is stored
@@ -203,10 +219,16 @@ def install(approved: set[str]) -> None:
             kwargs.update(get_run=remember_run)
         if confirm is not None and store is not None:
             kwargs.update(confirm_message_received=checked_confirm)
+        if pull_object is not None:
+            kwargs.update(pull_object=counted_pull)
         try:
             pulled = original(*args, **kwargs)
             if "new run" in received:
                 runs_kept.add(received["new run"])
+            if pulled is None and received.pop("too large", False):
+                raise _Unapproved(f"this site refuses a message larger than {MAX_MESSAGE_BYTES // 2**20:,} MiB (no "
+                                  "request it can answer is: send fewer audit images or smaller networks): nothing "
+                                  "was read or computed")
             if pulled is None and received.pop("unreadable", False):
                 raise _Unapproved("this site could not read this message (its objects do not make a message): "
                                   "nothing was read or computed")
@@ -238,6 +260,9 @@ def install(approved: set[str]) -> None:
 MAX_RUN_RECORD_BYTES = 64 * 1024  # a run's record as JSON (fedsynth's whole [tool.flwr.app.config]: about 3 KB)
 MAX_RUNS_PER_START = 1_000  # run records a SuperNode keeps (Flower drops none until it stops)
 MAX_BUNDLE_VARIANTS = 4  # archives of one approved digest (distinct sha256) a SuperNode accepts per start
+# Bytes of one message's objects, pulled before anything checks them (fedsynth's largest at the default work limits:
+# two networks of max_parameters, 160 MB; an audit of AUDIT_MAX_IMAGES images of 3 x 128 x 128, 393 MB).
+MAX_MESSAGE_BYTES = 2**30
 MAX_MESSAGE_OBJECTS = 100_000  # objects in one message's tree, a child named twice counted twice (fedsynth's: ~100s)
 # Bytes its arrays make once put together, beyond what the message carries: an honest array names each chunk once
 # (an all-zero one repeats its chunk), a hostile one may name one chunk thousands of times. Bounded as a share of
