@@ -41,6 +41,7 @@ from client.requests import (
     site_device,
     site_handler,
 )
+from client.row_check import bnnet_problems, check_network_rows
 from client.site import SiteSettings, data_fingerprint, open_ledger
 from common import protocol as P
 from common.accounting import calibrate_noise_multiplier
@@ -132,6 +133,11 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings, saved_fil
         raise Refusal(P.REFUSED_BAD_REQUEST, f"the net sent does not match the run's shape: {problems[:3]}")
     P.load_state(net, net_state)
     clips = _clip_bounds(req, net)  # layer-clips that do not fit the net's layers: refused before the census, too
+    check_network_rows(site.state_dir, "shared net", {"channels": req.channels, "side": req.image_size,
+                                                      "classes": req.num_classes, "width": req.width,
+                                                      "head-norm": req.head_norm, "resolution": req.resolution,
+                                                      "gradients": trains},
+                       lambda: bnnet_problems(build(), data.image_shape, req.num_classes, gradients=trains))
     if secure_round:  # a net no census could bring inside the sum's range: refused before the census (review s61)
         check_secure_room(1.0, net_state)
     if secure:  # statistics whose noise may leave the sum's range: refused before the census too (review s61)

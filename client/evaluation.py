@@ -23,7 +23,7 @@ Both rest on one record changing only its own cell or bin, so no record's result
 records are present: on CPU, float32 kernels round a row differently when its batch grows by one row, and a
 coordinator can send a classifier (or synthetic images) with near-ties that such rounding decides. The site
 therefore runs every forward pass on a batch of exactly ``evaluation_batch(shape)`` rows and every distance block at
-exactly ``AUDIT_BLOCK`` (records x synthetic images), zero-padded in a fresh standard-layout buffer, the padding
+exactly ``audit_block(shape)`` (records x synthetic images), zero-padded in a fresh standard-layout buffer, the padding
 masked out: constants, independent of the record count and of anything the coordinator sends.
 
 Held-out records share the ledger of the site's dataset id: the unit of privacy is one record, training
@@ -32,6 +32,7 @@ or held-out (conservative: a held-out record is charged for training releases it
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -72,6 +73,31 @@ def evaluation_batch(image_shape: tuple[int, ...]) -> int:
     while rows > 16 and rows * values > EVALUATION_BATCH * 3 * 32 * 32:
         rows //= 2
     return rows
+
+
+def audit_block(image_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(records, synthetic images) of every distance block of an audit: AUDIT_BLOCK up to 32x32 colour, each halved
+    for larger images until it holds no more values than that (at least one row). A function of the published image
+    shape alone, as :func:`evaluation_batch`; at a fixed AUDIT_BLOCK an audit of one image took 3.8 GB more memory at
+    3 x 256 x 256, after its charge (review s63)."""
+    rows, cols = AUDIT_BLOCK
+    values, most = math.prod(image_shape), 3 * 32 * 32
+    while rows > 1 and rows * values > AUDIT_BLOCK[0] * most:
+        rows //= 2
+    while cols > 1 and cols * values > AUDIT_BLOCK[1] * most:
+        cols //= 2
+    return rows, cols
+
+
+def audit_memory_mb(image_shape: tuple[int, ...], images: int) -> float:
+    """MB an audit of ``images`` synthetic images of ``image_shape`` holds beyond the site's records and the request
+    (common.audits.neighbors, block_shape): the images padded to whole blocks, one block of records with its squares,
+    the (records x images) distances, and the float64 rows of the exact distances (_EXACT_ROWS at a time)."""
+    rows, cols = audit_block(image_shape)
+    values = math.prod(image_shape)
+    floats = (-(-images // cols) * cols * values + 2 * rows * values + 2 * cols * values + 3 * rows * cols
+              + 2 * 2 * 256 * values)  # (float64: two float32s each)
+    return 4 * floats / 2**20
 
 
 def _run_plan(experiment_dir: Path) -> RunPlan | None:
@@ -136,31 +162,75 @@ def _query_ledger(site: SiteSettings, data: ImageDataset, purpose: str, experime
 
 
 def _charge(ledger: PrivacyLedger, z: float, data: ImageDataset, *, purpose: str, run: str, index: int,
-            plan: RunPlan | None, folder: Path) -> None:
+            plan: RunPlan | None, folder: Path) -> dict:
     """Charge one query. A query of a run that trained here is held to the run's epsilon too: the plan reserves
     its allowed queries, but retries charged again after failures can use that room up (None: no plan, so only the
     site's budget bounds it, and such an id cannot train afterwards: client.census.run_census). Then the run's
     ``folder`` gets a mark of the query with its epsilon alone (:func:`answered_mark`), for an operator restoring the
-    ledger from a backup (deploy/README.md, Backups)."""
+    ledger from a backup (deploy/README.md, Backups); returns the mark (:func:`_save_answer` adds the answer)."""
     event = DPEvent(z, 1.0, 1)
     try:
         ledger.charge([event], purpose=purpose, run=run, round=index, data=data_fingerprint(data),
                       run_epsilon=None if plan is None else float(plan.request["epsilon"]))
     except BudgetExceeded as err:
         raise Refusal(P.REFUSED_BUDGET, "the query does not fit this site's privacy budget", str(err)) from None
+    mark = {"purpose": purpose, "query": index, "epsilon-alone": epsilon_for([event], ledger.delta),
+            "delta": ledger.delta}
     try:  # (after the charge, as every file of a run: its folder is bounded by the budget; best effort, the ledger
         # holds the charge: review s62, a restored backup's runbook could not see queries, which left no file)
-        atomic_write_json(answered_mark(folder, purpose, index),  # (whole or absent: review s62)
-                          {"purpose": purpose, "query": index, "epsilon-alone": epsilon_for([event], ledger.delta),
-                           "delta": ledger.delta})
+        atomic_write_json(answered_mark(folder, purpose, index), mark)  # (whole or absent: review s62)
     except OSError as err:
         log.warning("could not mark %s query %d of %s in %s (%s); the ledger holds its charge", purpose, index, run,
                     folder, type(err).__name__)
+    return mark
 
 
 def answered_mark(folder: Path, purpose: str, index: int) -> Path:
     """The file that says query ``index`` of ``purpose`` (evaluation, audit) was charged in the run's ``folder``."""
     return folder / f"{purpose}-{index}.answered"
+
+
+def request_digest(purpose: str, fields: dict[str, object], arrays: dict[str, np.ndarray]) -> str:
+    """sha256 of everything a query's answer is computed from: its purpose, settings and arrays (name, dtype, shape,
+    bytes). Two requests with one digest ask the same question of the same records."""
+    digest = hashlib.sha256(json.dumps([purpose, fields], sort_keys=True).encode())
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(json.dumps([name, array.dtype.str, list(array.shape)]).encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def saved_answer(site: SiteSettings, folder: Path, purpose: str, digest: str) -> dict[str, np.ndarray] | None:
+    """The noisy answer this run already got for the same query (``digest``), read from its answered mark, or None.
+    Sending it again releases nothing new and is not charged, as a re-sent training round gets its saved reply:
+    before, an identical query re-sent after its reply was lost (an expired ttl, a dropped link) was charged as a
+    new one, and at the default of one query per run then refused, its charge paid for nothing (review s63)."""
+    for index in range(1, site.queries_per_run + 1):  # at most the queries a run may ask: a few small files
+        mark = answered_mark(folder, purpose, index)
+        try:
+            kept = json.loads(mark.read_text()) if mark.is_file() else {}
+            if kept.get("digest") == digest:
+                answer = {name: np.asarray(values, dtype=np.float32) for name, values in kept["answer"].items()}
+                log.info("%s query %d of %s re-sent: its saved answer is sent again, nothing is charged", purpose,
+                         index, folder.name)
+                return answer
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:  # (atomic writes: not expected)
+            log.warning("could not read %s (%s); a new query is charged", mark, type(err).__name__)
+    return None
+
+
+def _save_answer(folder: Path, mark: dict, digest: str, answer: dict[str, np.ndarray]) -> None:
+    """Add the query's digest and noisy answer to its answered mark (atomically, before the answer is sent), for a
+    re-send of the same query. Best effort: the answer leaves once under its charge either way; unsaved, a re-send
+    is charged as a new query."""
+    try:
+        atomic_write_json(answered_mark(folder, mark["purpose"], mark["query"]),
+                          {**mark, "digest": digest,
+                           "answer": {name: value.tolist() for name, value in answer.items()}})
+    except OSError as err:
+        log.warning("could not save the answer of %s query %d of %s (%s); a re-send will be charged anew",
+                    mark["purpose"], mark["query"], folder.name, type(err).__name__)
 
 
 def _gaussian(exact: np.ndarray, z: float) -> np.ndarray:
@@ -203,21 +273,30 @@ def handle_evaluation(msg: Message, context: Context, site: SiteSettings) -> Mes
     if problems:
         raise Refusal(P.REFUSED_BAD_REQUEST, f"the classifier sent does not match {quoted(req.learner)}: {problems[:3]}")
     P.load_state(model, req.classifier)
+    digest = request_digest(EVALUATION_PURPOSE, {"learner": req.learner, "shape": list(shape),
+                                                 "num_classes": req.num_classes}, dict(req.classifier))
+    saved = saved_answer(site, folder, EVALUATION_PURPOSE, digest)
+    if saved is not None:
+        return P.EvaluationReply(counts=saved).as_reply(msg)
     ledger, index = _query_ledger(site, data, EVALUATION_PURPOSE, req.experiment)
     plan = _run_plan(folder)
     z = _noise(site, plan, P.EVALUATION_NOISE)
-    _charge(ledger, z, data, purpose=EVALUATION_PURPOSE, run=req.experiment, index=index, plan=plan, folder=folder)
+    mark = _charge(ledger, z, data, purpose=EVALUATION_PURPOSE, run=req.experiment, index=index, plan=plan,
+                   folder=folder)
     exact = evaluation_table(model, heldout.images, heldout.labels, req.num_classes)
+    counts = {"table": _gaussian(exact, z)}
+    _save_answer(folder, mark, digest, counts)
     log.info("[%s] evaluation query %d of %s answered with noise z=%g", site.name, index, req.experiment, z)
-    return P.EvaluationReply(counts={"table": _gaussian(exact, z)}).as_reply(msg)
+    return P.EvaluationReply(counts=counts).as_reply(msg)
 
 
 def distance_histogram(records: np.ndarray, synthetic: np.ndarray) -> np.ndarray:
     """Exact counts of ``records`` by pixel MSE to their nearest synthetic image over ``AUDIT_BIN_EDGES``; the
-    search runs on fixed ``AUDIT_BLOCK`` distance blocks, so that a record's nearest image (near-ties) and thus
+    search runs on fixed :func:`audit_block` distance blocks, so that a record's nearest image (near-ties) and thus
     its bin depend on that record alone (sensitivity 1)."""
     edges = np.asarray(P.AUDIT_BIN_EDGES)
-    distances, _ = nearest_neighbors(records, synthetic, metric="mse", device="cpu", block_shape=AUDIT_BLOCK)
+    distances, _ = nearest_neighbors(records, synthetic, metric="mse", device="cpu",
+                                     block_shape=audit_block(records.shape[1:]))
     bins = np.clip(np.searchsorted(edges, distances, side="right") - 1, 0, len(edges) - 2)
     return np.bincount(bins, minlength=len(edges) - 1).astype(np.float64)
 
@@ -234,12 +313,22 @@ def handle_audit(msg: Message, context: Context, site: SiteSettings) -> Message:
             or not 1 <= len(images) <= P.AUDIT_MAX_IMAGES or not np.all(np.isfinite(images))):
         raise Refusal(P.REFUSED_BAD_REQUEST, f"synthetic images must be float32 (N, {data.image_shape}) with "
                                              f"1 <= N <= {P.AUDIT_MAX_IMAGES}, finite; got {images.dtype} {images.shape}")
+    need_mb = audit_memory_mb(data.image_shape, len(images))
+    if need_mb > site.max_step_memory_mb:  # before the charge: an audit that cannot finish must cost nothing
+        raise Refusal(P.REFUSED_NOT_ALLOWED, f"an audit of {len(images):,} images of {data.image_shape} takes about "
+                                             f"{need_mb:,.0f} MB; this site allows {site.max_step_memory_mb:,} MB a "
+                                             "step (its operator's max_step_memory_mb): send fewer images")
+    digest = request_digest(AUDIT_PURPOSE, {}, {"images": images})
+    saved = saved_answer(site, folder, AUDIT_PURPOSE, digest)
+    if saved is not None:
+        return P.AuditReply(histograms=saved).as_reply(msg)
     ledger, index = _query_ledger(site, data, AUDIT_PURPOSE, req.experiment)
     plan = _run_plan(folder)
     z = _noise(site, plan, P.AUDIT_NOISE)
-    _charge(ledger, z, data, purpose=AUDIT_PURPOSE, run=req.experiment, index=index, plan=plan, folder=folder)
+    mark = _charge(ledger, z, data, purpose=AUDIT_PURPOSE, run=req.experiment, index=index, plan=plan, folder=folder)
     synthetic = np.clip(images, 0.0, 1.0)
     histograms = {"train": _gaussian(distance_histogram(data.images, synthetic), z),
                   "heldout": _gaussian(distance_histogram(heldout.images, synthetic), z)}
+    _save_answer(folder, mark, digest, histograms)
     log.info("[%s] audit query %d of %s answered with noise z=%g", site.name, index, req.experiment, z)
     return P.AuditReply(histograms=histograms).as_reply(msg)

@@ -49,6 +49,7 @@ from client.requests import (
     site_device,
     site_handler,
 )
+from client.row_check import check_network_rows, discriminator_problems
 from client.site import SiteSettings, data_fingerprint, open_ledger
 from common import protocol as P
 from common.gan_augment import parse_augment
@@ -289,7 +290,13 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings, *,
         # Re-sent round (the coordinator resumed): the reply already released, sent again at no cost.
         log.info("[%s] round %d of %s already trained; sending its saved reply", site.name, rnd, req.experiment)
         return P.GanTrainReply(**saved["reply"])
-    # new work, to be charged: the disk must have room for the run's files (a re-send above writes nothing)
+    # new work, to be charged: D's shape must compute each record's rows alone on this machine (review s63) ...
+    check_network_rows(site.state_dir, "discriminator", {"channels": req.channels, "side": req.image_size,
+                                                         "classes": req.num_classes, "d-width": req.d_width,
+                                                         "resolution": req.resolution},
+                       lambda: discriminator_problems(Discriminator(shape, width=req.d_width), data.image_shape,
+                                                      req.num_classes))
+    # ... and the disk must have room for the run's files (a re-send above writes nothing)
     kept_mb = gan_kept_mb(req, meta_module(lambda: Generator(shape)),
                           meta_module(lambda: Discriminator(shape, width=req.d_width)))
     check_free_disk(site, folder, kept_mb)

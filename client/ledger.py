@@ -376,8 +376,8 @@ class PrivacyLedger:
             f"run epsilon exceeded: refused the '{purpose}' release (run {run!r}, round {round_}) before doing any "
             f"work. On its own it costs epsilon {requested:.4g}; it would bring the run's own charges from "
             f"{run_spent:.4g} to {run_after:.4g} (delta {self.delta:g}), above the epsilon {run_epsilon:g} the run "
-            "asked for (its work was charged more than its plan allows, e.g. an attempt that failed or was killed "
-            "after its charge and was charged again). The run cannot finish at this site; start a new run."
+            "asked for (an attempt that failed or was killed after its charge, or an interrupted one re-sent with "
+            "other settings, e.g. a clip bound, is charged again). The run cannot finish here; start a new run."
         )
         return BudgetExceeded(message, requested_epsilon=requested, spent_epsilon=spent,
                               budget_epsilon=self.epsilon_budget, epsilon_after=after)

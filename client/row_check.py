@@ -4,7 +4,7 @@ A site answers an evaluation query with a table of counts (per class, its held-o
 wrong) and an audit with histograms of counts (records by the distance to their nearest synthetic image), each
 noised for one record moving one count. That holds only if a record's prediction or distance depends on that
 record alone: float32 kernels round a row differently with another row count, so the site runs every forward pass
-on fixed, zero-padded batches (``common.learner._batched(fixed_rows=True)``, ``client.evaluation.AUDIT_BLOCK``).
+on fixed, zero-padded batches (``common.learner._batched(fixed_rows=True)``, ``client.evaluation.audit_block``).
 At one shape and layout a row's result then depends on that row alone -- on the CPUs the tests ran on. Another CPU
 (other vector instructions, more threads splitting a batch) could round a row by its position or its batch-mates,
 and one added record could then move other records' cells: a release past its sensitivity (review s59, which
@@ -24,18 +24,28 @@ rather than batch size; review s62 asked for the check, which found no such case
 
 from __future__ import annotations
 
+import hashlib
+import json
+import platform
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from client.dpsgd import DPSGD_CHUNK, opacus_input
-from client.evaluation import AUDIT_BLOCK, evaluation_batch
+from client.evaluation import audit_block, evaluation_batch
+from client.requests import Refusal
+from common import protocol as P
 from common.audits.neighbors import _exact_sq, _sq_block
 from common.bnnet import RECORD_BLOCK_ROWS, BNNet, iter_record_blocks, pad_rows
 from common.data import ImageDataset
+from common.files import atomic_write_text
 from common.learner import LEARNERS, _batched, build_learner
 from common.models import Discriminator, GanShape
+from common.state_layout import row_checks_folder
+from common.wire import quoted
 
 
 def _same_rows(rows_of, n: int, rng: np.random.Generator) -> bool:
@@ -47,7 +57,7 @@ def _same_rows(rows_of, n: int, rng: np.random.Generator) -> bool:
     mates = np.concatenate([np.arange(n, n + n // 2), base_idx[n // 2:]])  # half the rows replaced by others
     return (np.array_equal(rows_of(base_idx[perm]), base[perm])
             and np.array_equal(rows_of(mates)[n // 2:], base[n // 2:])
-            and np.array_equal(rows_of(base_idx[: n - 7]), base[: n - 7]))
+            and np.array_equal(rows_of(base_idx[: max(1, n - 7)]), base[: max(1, n - 7)]))
 
 
 def batch_mate_problems(image_shape: tuple[int, int, int], num_classes: int, *, evaluation: bool,
@@ -70,11 +80,12 @@ def batch_mate_problems(image_shape: tuple[int, int, int], num_classes: int, *, 
                 problems.append(f"the {name} classifier's logits of an image change with the other images in its "
                                 "batch")
     if audits:
-        rows, cols = AUDIT_BLOCK
+        rows, cols = audit_block(image_shape)
         values = int(np.prod(image_shape))
         records = torch.from_numpy(rng.random((2 * rows, values), dtype=np.float32))  # (2 rows, D)
         synthetic = torch.zeros(cols, values)  # (cols, D): a few images, the rest padding, as an audit's block
-        synthetic[:16] = torch.rand(16, values, generator=torch.Generator().manual_seed(0))
+        few = min(16, cols)  # (large images: audit_block's blocks of fewer images)
+        synthetic[:few] = torch.rand(few, values, generator=torch.Generator().manual_seed(0))
         synthetic_sq = (synthetic * synthetic).sum(1)
 
         def distances(idx: np.ndarray) -> np.ndarray:  # (len(idx), cols) from one fixed, padded block of records
@@ -97,8 +108,8 @@ CHECK_SIDE = 32  # the side the training check's nets work at for larger images 
 
 def training_problems(image_shape: tuple[int, int, int], num_classes: int, modes: tuple[str, ...]) -> list[str]:
     """What on this machine makes a record's contribution to a training release depend on the other records (empty:
-    nothing), for a site with images of ``image_shape`` (C, H, W) that trains in ``modes`` (dpgan, bnstats)."""
-    rng = np.random.default_rng(1)
+    nothing), for a site with images of ``image_shape`` (C, H, W) that trains in ``modes`` (dpgan, bnstats), at the
+    default widths (a run's own widths are checked at its first request: :func:`check_network_rows`)."""
     channels, side = image_shape[0], image_shape[1]
     # (at most CHECK_CLASSES classes: the class count sizes only the heads and D's label embedding, whose per-sample
     # gradients at 1,000 classes took this check 18 s and 3 GiB, review s62; the rows' shapes are the site's own)
@@ -108,36 +119,78 @@ def training_problems(image_shape: tuple[int, int, int], num_classes: int, modes
     if "bnstats" in modes:
         torch.manual_seed(0)
         net = BNNet(channels, num_classes, side, head_norm=True, resolution=resolution)
-        rows = RECORD_BLOCK_ROWS
-        images = rng.random((2 * rows, *image_shape), dtype=np.float32)  # (2 rows, C, H, W)
-
-        def features(idx: np.ndarray) -> np.ndarray:  # (len(idx), sum of 2 C_l + L): features and block norms
-            data = ImageDataset(images[idx], np.zeros(len(idx), np.int64), tuple(map(str, range(num_classes))))
-            parts = []
-            for _, blocks in iter_record_blocks(net, data, device="cpu"):
-                norms = [pad_rows(b, rows).norm(dim=1, keepdim=True)[:len(b)] for b in blocks.values()]
-                parts.append(torch.cat([*blocks.values(), *norms], dim=1))
-            return torch.cat(parts).numpy()
-
-        if not _same_rows(features, rows, rng):
-            problems.append("a record's statistics features change with the other records in its block")
-        # (the same net: the features' pass leaves its weights as they were)
-        if not _same_rows(_gradients(net, lambda m, x, y: nn_cross_entropy(m(x), y), image_shape, num_classes, rng),
-                          DPSGD_CHUNK, rng):
-            problems.append("a record's per-sample gradient of the shared net changes with the other records in its "
-                            "chunk")
+        problems += bnnet_problems(net, image_shape, num_classes)
     if "dpgan" in modes:
         torch.manual_seed(0)
-        disc = Discriminator(GanShape(channels, side, num_classes, resolution=resolution), width=16)
-
-        def judged(m, x, y):  # (rows,) a real pass's loss per row: the logit and the class logits, as a D step's
-            logit, class_logits = m(x, y)
-            return logit.reshape(len(x)) + nn_cross_entropy(class_logits, y)
-
-        if not _same_rows(_gradients(disc, judged, image_shape, num_classes, rng), DPSGD_CHUNK, rng):
-            problems.append("a record's per-sample gradient of the discriminator changes with the other records in its "
-                            "chunk")
+        problems += discriminator_problems(Discriminator(GanShape(channels, side, num_classes, resolution=resolution),
+                                                         width=16), image_shape, num_classes)
     return problems
+
+
+def bnnet_problems(net: BNNet, image_shape: tuple[int, int, int], num_classes: int, *,
+                   gradients: bool = True) -> list[str]:
+    """What on this machine makes a record's statistics features (its block's, ``RECORD_BLOCK_ROWS``) or, with
+    ``gradients``, its per-sample gradient of the shared ``net`` (its chunk's) depend on the other records."""
+    rng = np.random.default_rng(1)
+    rows = RECORD_BLOCK_ROWS
+    images = rng.random((2 * rows, *image_shape), dtype=np.float32)  # (2 rows, C, H, W)
+
+    def features(idx: np.ndarray) -> np.ndarray:  # (len(idx), sum of 2 C_l + L): features and block norms
+        data = ImageDataset(images[idx], np.zeros(len(idx), np.int64), tuple(map(str, range(num_classes))))
+        parts = []
+        for _, blocks in iter_record_blocks(net, data, device="cpu"):
+            norms = [pad_rows(b, rows).norm(dim=1, keepdim=True)[:len(b)] for b in blocks.values()]
+            parts.append(torch.cat([*blocks.values(), *norms], dim=1))
+        return torch.cat(parts).numpy()
+
+    problems = []
+    if not _same_rows(features, rows, rng):
+        problems.append("a record's statistics features change with the other records in its block")
+    # (the same net: the features' pass leaves its weights as they were)
+    if gradients and not _same_rows(_gradients(net, lambda m, x, y: nn_cross_entropy(m(x), y), image_shape,
+                                               num_classes, rng), DPSGD_CHUNK, rng):
+        problems.append("a record's per-sample gradient of the shared net changes with the other records in its chunk")
+    return problems
+
+
+def discriminator_problems(disc: torch.nn.Module, image_shape: tuple[int, int, int], num_classes: int) -> list[str]:
+    """What on this machine makes a record's per-sample gradient of the discriminator ``disc`` (its chunk's) depend
+    on the other records."""
+    def judged(m, x, y):  # (rows,) a real pass's loss per row: the logit and the class logits, as a D step's
+        logit, class_logits = m(x, y)
+        return logit.reshape(len(x)) + nn_cross_entropy(class_logits, y)
+
+    rng = np.random.default_rng(1)
+    if _same_rows(_gradients(disc, judged, image_shape, num_classes, rng), DPSGD_CHUNK, rng):
+        return []
+    return ["a record's per-sample gradient of the discriminator changes with the other records in its chunk"]
+
+
+def check_network_rows(state_dir: Path, what: str, shape: dict, problems_of: Callable[[], list[str]]) -> None:
+    """Refuse (before any charge) a run whose network, of the ``shape`` its request chose, this machine computes with
+    a record's rows rounded by their place in the block or chunk (``problems_of()``, at random weights, on random
+    images of the site's shape); a shape found sound is remembered in ``<state>/row-checks/``, keyed with the torch
+    build and thread count. The start-up check covers the default widths only: on this machine a linear layer of 64
+    rows sums a row in another order by its place when its input size is not a multiple of 4, which an odd width
+    gives the heads at 28 pixels, and with finite weights near float32's limit a coordinator turned that into a
+    logit that is NaN at even places and finite at odd ones, so that one added record moved every later record of
+    its chunk between a zeroed and a clipped gradient: a DP-SGD step's sum moved by L2 30 against the clip bound 1
+    (review s63). Whether a shape passes is a property of the machine and the request, never of the records."""
+    key = json.dumps({"what": what, **shape, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                      "machine": platform.machine()}, sort_keys=True)
+    mark = row_checks_folder(state_dir) / f"{hashlib.sha256(key.encode()).hexdigest()}.ok"
+    if mark.exists():
+        return
+    with torch.random.fork_rng(devices=[]):  # (seeded random weights; the site's own torch stream left as it was)
+        torch.manual_seed(0)
+        problems = problems_of()
+    if problems:
+        raise Refusal(P.REFUSED_NOT_ALLOWED, f"on this site's machine {'; '.join(problems)} at the {what} shape "
+                                             f"this run asks for ({quoted(json.dumps(shape, sort_keys=True))}), so "
+                                             "one record could move others' contributions past the noise's "
+                                             "sensitivity: use another width (the defaults pass where the site "
+                                             "started)")
+    atomic_write_text(mark, key)
 
 
 def nn_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

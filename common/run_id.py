@@ -17,7 +17,7 @@ EXPERIMENT_ID_CHARS = "letters, digits, '-', '_' and '.'"
 
 def experiment_id_problem(experiment: str) -> str | None:
     """Why ``experiment`` cannot name a run, or None when it can: 1..MAX_EXPERIMENT_ID ASCII letters, digits,
-    '-', '_' or '.', not starting with '.' or '-'."""
+    '-', '_' or '.', not starting with '.' or '-', not ending with '.', no Windows device name before its first '.'."""
     if not experiment:
         return "the experiment id is empty"
     if len(experiment) > MAX_EXPERIMENT_ID:
@@ -25,4 +25,13 @@ def experiment_id_problem(experiment: str) -> str | None:
     if experiment[0] in ".-" or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in experiment):
         return (f"the experiment id {experiment!r} may hold only {EXPERIMENT_ID_CHARS}, and must not start "
                 "with '.' or '-' (a site names a folder after it, which an operator's shell would read as an option)")
+    if experiment.endswith(".") or experiment.split(".")[0].upper() in _WINDOWS_DEVICES:
+        # Windows drops a folder name's trailing dots ('run-1.' is the folder of 'run-1') and opens a device for
+        # CON, NUL, COM1, ... whatever follows the dot: two ids, one folder (review s63)
+        return (f"the experiment id {experiment!r} must not end with '.' or be a Windows device name (CON, NUL, "
+                "COM1, ...): a site on Windows would give it another id's folder")
     return None
+
+
+_WINDOWS_DEVICES = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)),
+                              *(f"LPT{i}" for i in range(10))})

@@ -7,6 +7,7 @@
         secure-setups/<site name>/    an empty file per SecAgg+ stage the site ran (client.secure_site)
         nodes/<site name>/            one SuperNode's node config, approvals, Flower home and lock
                                       (fedsynth.ops.node_folder; two SuperNodes over one dataset share the rest)
+        row-checks/<sha256>.ok        a network shape whose rows this machine computes alone (client.row_check)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ LEDGER_FOLDER = "ledger"
 RUNS_FOLDER = "runs"
 SETUPS_FOLDER = "secure-setups"
 NODES_FOLDER = "nodes"
+ROW_CHECKS_FOLDER = "row-checks"
 
 
 def ledger_folder(state_dir: Path | str) -> Path:
@@ -37,3 +39,8 @@ def setups_folder(state_dir: Path | str) -> Path:
 def nodes_folder(state_dir: Path | str) -> Path:
     """Where every SuperNode of a state folder keeps its own files, a folder per site name."""
     return Path(state_dir) / NODES_FOLDER
+
+
+def row_checks_folder(state_dir: Path | str) -> Path:
+    """Where a site remembers the network shapes whose rows its machine was found to compute alone."""
+    return Path(state_dir) / ROW_CHECKS_FOLDER

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import common.files as files
 from client.census import CENSUS_FILE, run_census
@@ -339,9 +340,10 @@ def test_evaluation_queries_cannot_take_a_run_past_its_epsilon_either(tmp_path, 
     for call in range(1, 5):  # round 1 fails after its charge, four times, each charged again
         _train_round_raising(monkeypatch, 1, RuntimeError("fails after its charge"))
         send(grid, 1000, gan_request(cfg, experiment="e1", server_round=1, epsilon=2.0))
-    arrays = P.state_arrays(build_learner("logreg", (1, 8, 8), 10))
     codes = []
-    for _ in range(10):
+    for query in range(10):  # (ten different classifiers: the same one re-sent gets its saved answer, review s63)
+        torch.manual_seed(query)
+        arrays = P.state_arrays(build_learner("logreg", (1, 8, 8), 10))
         reply = _evaluation(grid, 1000, arrays, "logreg", "e1")
         codes.append(reply.error.code if reply.has_error() else 0)
     assert P.REFUSED_BUDGET in codes  # the queries stop at the run's epsilon

@@ -225,12 +225,19 @@ def test_adaptive_audit_queries_do_not_rebuild_a_training_record(tmp_path):
     assert reply.has_error() and reply.error.code == P.REFUSED_NOT_ALLOWED
     assert charges(tmp_path / "off", "site-a") in ([], [[]])
 
-    # allowed (budget 10, one query per run): a second query of a run is refused; each answer is noisy
+    # allowed (budget 10, one query per run): a second query of a run is refused, the same query re-sent gets its
+    # saved answer again (nothing new, nothing charged: review s63); each answer is noisy
     node = deployed_site(tmp_path, heldout=DIGITS_TEST, train=train, audits=True)
     grid = LocalGrid(client_app, [node], fast_config(tmp_path).to_flwr())
-    assert not ask(grid, 1000, P.AuditRequest(experiment="run-1", synthetic={"images": base[None]})).has_error()
-    again = ask(grid, 1000, P.AuditRequest(experiment="run-1", synthetic={"images": base[None]}))
+    first = ask(grid, 1000, P.AuditRequest(experiment="run-1", synthetic={"images": base[None]}))
+    assert not first.has_error()
+    resent = ask(grid, 1000, P.AuditRequest(experiment="run-1", synthetic={"images": base[None]}))
+    assert not resent.has_error()
+    for name, hist in P.AuditReply.from_message(first).histograms.items():
+        assert np.array_equal(P.AuditReply.from_message(resent).histograms[name], hist)
+    again = ask(grid, 1000, P.AuditRequest(experiment="run-1", synthetic={"images": base[None] * 0.5}))
     assert again.has_error() and again.error.code == P.REFUSED_NOT_ALLOWED and "per run" in again.error.reason
+    assert [e["purpose"] for e in charges(tmp_path, "site-a")[0]] == ["audit"]
     edges = np.asarray(P.AUDIT_BIN_EDGES)
 
     def noisy(q):  # the attacker's best reading of d(q): the lower edge of the first bin holding a record
@@ -324,6 +331,9 @@ def test_evaluation_probes_learn_nothing_exact_about_held_out_records(tmp_path):
     first = _evaluation(grid, 1000, _constant_model(0), "logreg", "probe")
     assert not first.has_error()
     assert _evaluation(grid, 1000, _constant_model(1), "logreg", "probe").error.code == P.REFUSED_NOT_ALLOWED
+    # the same query re-sent (its reply lost): the saved answer again, no fresh noise and no charge (review s63)
+    resent = P.EvaluationReply.from_message(_evaluation(grid, 1000, _constant_model(0), "logreg", "probe"))
+    assert np.array_equal(resent.counts["table"], P.EvaluationReply.from_message(first).counts["table"])
     truth = np.bincount(heldout.labels, minlength=10)
     counts = [P.EvaluationReply.from_message(_evaluation(grid, 1000, _constant_model(c), "logreg", f"c{c}")).counts[
         "table"][c, 0] for c in range(10)]
@@ -873,7 +883,9 @@ def test_experiment_ids_that_are_not_file_names_are_refused_not_rewritten(tmp_pa
     first = send(grid, 1000, gan_request(cfg, experiment="a_b"))
     assert not first.has_error()
     before = charges(tmp_path)[0]
-    for bad in ("a/b", "a b", "../a_b", ".a_b", "-rf", "a\\b", "é", "x" * (MAX_EXPERIMENT_ID + 1)):
+    # (and, review s63, ids that Windows gives another id's folder: a trailing dot dropped, a device name)
+    for bad in ("a/b", "a b", "../a_b", ".a_b", "-rf", "a\\b", "é", "x" * (MAX_EXPERIMENT_ID + 1), "a_b.", "CON",
+                "nul.txt", "com1"):
         reply = send(grid, 1000, gan_request(cfg, experiment=bad))
         assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST, bad
         assert "experiment id" in reply.error.reason

@@ -381,3 +381,42 @@ def test_a_statistics_runs_files_are_no_larger_than_the_disk_count(tmp_path, cla
     stats = {k: torch.zeros(shape) for k, shape in expected_release_keys(build(), classes).items()}
     save_reply(tmp_path / "stats-release.pt", {"reply": {"stats": stats}, "noise_shares": 1})
     assert (tmp_path / "stats-release.pt").stat().st_size <= counted
+
+
+def test_a_network_shape_whose_rows_this_machine_rounds_by_place_is_refused_before_any_charge(tmp_path, monkeypatch):
+    """Review s63: the start-up row check covered the default widths only. On this machine a linear layer of 64 rows
+    sums a row in another order by its place when its input size is not a multiple of 4 (an odd width at 28 pixels),
+    and a hostile net turned that into a logit that was NaN at even places and finite at odd ones: one added record
+    moved a DP-SGD step's sum by L2 30 against C = 1. A run's own network shape is now checked at its first request,
+    before its census; a machine that rounds a record's rows by their place (here: a loss weighted by the row's place)
+    refuses it, and a shape that passed is remembered (the check is not run again)."""
+    import torch
+
+    from client import bn_site, gan_site, row_check
+
+    def placed(logits, labels):  # a machine whose per-sample results depend on the row's place in its chunk
+        return torch.nn.functional.cross_entropy(logits, labels, reduction="none") * (
+            1 + 1e-3 * torch.arange(len(labels)))
+
+    cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=2, bn_width=8, bn_local_steps=2, bn_batch_size=32)
+    settings = plan_settings(cfg, Schema(1, 8, 8, tuple(str(i) for i in range(10))), "exp-rows")
+    net = P.state_arrays(BNNet(1, 10, 8, 8))
+    grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
+    marks = tmp_path / "sites" / "site-1" / "row-checks"
+    with monkeypatch.context() as patch:
+        patch.setattr(row_check, "nn_cross_entropy", placed)
+        _refused(send(grid, 1000, P.BnTrainRequest(**settings, server_round=1, net=net)),
+                 "per-sample gradient of the shared net", "another width")
+        reply = send(grid, 1000, gan_request(cfg, experiment="exp-rows-gan"))
+        assert reply.has_error() and "per-sample gradient of the discriminator" in reply.error.reason
+    assert not (tmp_path / "sites" / "site-1" / "ledger").exists() or charges(tmp_path)[0] == []  # nothing charged
+    assert not marks.exists() or not list(marks.iterdir())
+    assert not send(grid, 1000, P.BnTrainRequest(**settings, server_round=1, net=net)).has_error()
+    assert not send(grid, 1000, gan_request(cfg, experiment="exp-rows-gan")).has_error()
+    assert len(list(marks.glob("*.ok"))) == 2  # the shared net's shape and D's, on this machine
+    with monkeypatch.context() as patch:  # remembered: a later run of the same shapes does not check them again
+        patch.setattr(bn_site, "bnnet_problems", lambda *a, **k: pytest.fail("checked again"))
+        patch.setattr(gan_site, "discriminator_problems", lambda *a, **k: pytest.fail("checked again"))
+        assert not send(grid, 1000, P.BnTrainRequest(**plan_settings(cfg, Schema(1, 8, 8, tuple(
+            str(i) for i in range(10))), "exp-rows-2"), server_round=1, net=net)).has_error()
+        assert not send(grid, 1000, gan_request(cfg, experiment="exp-rows-gan-2")).has_error()

@@ -96,14 +96,18 @@ def _nn_search(
         b_sq = (tb * tb).sum(1)  # (Nb,)
     else:
         qa, qb = block_shape
-        ta, tb = _padded(a, qa).to(dev), _padded(b, qb).to(dev)  # whole blocks, zero rows at the end
-    best_a = torch.full((len(ta),), float("inf"), device=dev)
-    arg_a = torch.zeros(len(ta), dtype=torch.long, device=dev)
+        # b whole in padded blocks; a's blocks one at a time (review s63: a padded copy of every record of a site's
+        # audit doubled the records' memory): each a fresh zero-padded (qa, D) buffer, as its slice of a whole
+        # padded copy was, so every row's distances are the same bits
+        ta, tb = None, _padded(b, qb).to(dev)
+    rows_a = na if ta is not None else -(-na // qa) * qa
+    best_a = torch.full((rows_a,), float("inf"), device=dev)
+    arg_a = torch.zeros(rows_a, dtype=torch.long, device=dev)
     best_b = torch.full((len(tb),), float("inf"), device=dev) if both_ways else None
     arg_b = torch.zeros(len(tb), dtype=torch.long, device=dev) if both_ways else None
     with torch.no_grad():
-        for i in range(0, len(ta), qa):
-            blk_a = ta[i : i + qa]
+        for i in range(0, rows_a, qa):
+            blk_a = ta[i : i + qa] if ta is not None else _padded(a[i : i + qa], qa).to(dev)
             for j in range(0, len(tb), qb):
                 if block_shape is None:
                     d2 = _sq_block(blk_a, a_sq[i : i + qa], tb[j : j + qb], b_sq[j : j + qb])  # (qa, qb)
@@ -177,7 +181,11 @@ def nearest_neighbors(
             "both must be the same image shape (resize one set) or the same feature extractor"
         )
     idx, _ = _nn_search(q, r, both_ways=False, device=device, block_shape=block_shape)
-    return _finish_distance(_exact_sq(q, r[idx]), q.shape[1], metric), idx
+    # exact distances _EXACT_ROWS rows at a time (the same blocks _exact_sq makes: the same bits), never a copy of
+    # every query's nearest reference at once (review s63: at a site's audit, as large as its records)
+    exact = np.concatenate([_exact_sq(q[i:i + _EXACT_ROWS], r[idx[i:i + _EXACT_ROWS]])
+                            for i in range(0, len(q), _EXACT_ROWS)])
+    return _finish_distance(exact, q.shape[1], metric), idx
 
 
 def mutual_nearest_distances(
