@@ -136,7 +136,7 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings, saved_fil
     check_network_rows(site.state_dir, "shared net", {"channels": req.channels, "side": req.image_size,
                                                       "classes": req.num_classes, "width": req.width,
                                                       "head-norm": req.head_norm, "resolution": req.resolution,
-                                                      "gradients": trains},
+                                                      "gradients": trains}, net,
                        lambda: bnnet_problems(build(), data.image_shape, req.num_classes, gradients=trains))
     if secure_round:  # a net no census could bring inside the sum's range: refused before the census (review s61)
         check_secure_room(1.0, net_state)

@@ -56,7 +56,7 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing when gra
 # torch's global random generator is one per process; sites answering in threads of one process (the in-process
 # simulation, fedsynth.localgrid) seed it and build their networks from it one at a time. Nothing else a site
 # computes draws from it: its secret draws come from generators of its own (train_round).
-_SEEDED_INIT = threading.Lock()
+TORCH_SEED_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -231,7 +231,7 @@ class LocalGanTrainer:
         n_d, n_g = max(1, int(rs.d_steps_per_g)), max(1, int(rs.g_steps_per_d))
         pairs = rs.mode_seeking > 0 and g_batch >= 2  # G's batch in mode-seeking pairs (mode_seeking_penalty)
         n_labels = (g_batch + 1) // 2 if pairs else g_batch  # labels drawn per G step: one per pair
-        with _SEEDED_INIT:  # D's first weights from the coordinator's seed, whatever other sites' threads do
+        with TORCH_SEED_LOCK:  # D's first weights from the coordinator's seed, whatever other sites' threads do
             torch.manual_seed(rs.seed)
             gen = Generator(self.shape).to(self.device)
             disc = Discriminator(self.shape, width=rs.d_width).to(self.device)

@@ -294,6 +294,7 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings, *,
     check_network_rows(site.state_dir, "discriminator", {"channels": req.channels, "side": req.image_size,
                                                          "classes": req.num_classes, "d-width": req.d_width,
                                                          "resolution": req.resolution},
+                       meta_module(lambda: Discriminator(shape, width=req.d_width)),  # (its width: from G's at 0)
                        lambda: discriminator_problems(Discriminator(shape, width=req.d_width), data.image_shape,
                                                       req.num_classes))
     # ... and the disk must have room for the run's files (a re-send above writes nothing)

@@ -19,7 +19,9 @@ features and block norms (``common.bnnet.RECORD_BLOCK_ROWS``-row blocks) and eve
 shared net's and the discriminator's (``client.dpsgd.DPSGD_CHUNK``-row chunks). A per-sample gradient rounded by its
 row's position would let one added record move another's clipped contribution (review s56's attack, through position
 rather than batch size; review s62 asked for the check, which found no such case on the CPUs it ran on), so
-:func:`training_problems` checks them too, at random weights of the default widths, before any site starts.
+:func:`training_problems` checks them too, at random weights of the default widths, before any site starts, and
+:func:`check_network_rows` checks each run's own shapes (its widths, resolution, head norm) before its census: at an
+odd width this machine's linear layers summed a row by its place in the chunk (review s63).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from client.dpgan import TORCH_SEED_LOCK
 from client.dpsgd import DPSGD_CHUNK, opacus_input
 from client.evaluation import audit_block, evaluation_batch
 from client.requests import Refusal
@@ -166,7 +169,8 @@ def discriminator_problems(disc: torch.nn.Module, image_shape: tuple[int, int, i
     return ["a record's per-sample gradient of the discriminator changes with the other records in its chunk"]
 
 
-def check_network_rows(state_dir: Path, what: str, shape: dict, problems_of: Callable[[], list[str]]) -> None:
+def check_network_rows(state_dir: Path, what: str, shape: dict, network: torch.nn.Module,
+                       problems_of: Callable[[], list[str]]) -> None:
     """Refuse (before any charge) a run whose network, of the ``shape`` its request chose, this machine computes with
     a record's rows rounded by their place in the block or chunk (``problems_of()``, at random weights, on random
     images of the site's shape); a shape found sound is remembered in ``<state>/row-checks/``, keyed with the torch
@@ -175,13 +179,20 @@ def check_network_rows(state_dir: Path, what: str, shape: dict, problems_of: Cal
     gives the heads at 28 pixels, and with finite weights near float32's limit a coordinator turned that into a
     logit that is NaN at even places and finite at odd ones, so that one added record moved every later record of
     its chunk between a zeroed and a clipped gradient: a DP-SGD step's sum moved by L2 30 against the clip bound 1
-    (review s63). Whether a shape passes is a property of the machine and the request, never of the records."""
-    key = json.dumps({"what": what, **shape, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                      "machine": platform.machine()}, sort_keys=True)
+    (review s63). Whether a shape passes is a property of the machine and the request, never of the records. The key
+    holds every tensor shape of ``network`` (the run's, built as its round builds it: a setting the request leaves to
+    the site, D's width from G's, is in it) besides the request's ``shape`` settings, and the CPU capability torch
+    dispatches its kernels by."""
+    tensors = [[name, list(t.shape)] for name, t in network.state_dict().items()]
+    key = json.dumps({"what": what, **shape, "tensors": tensors, "network": type(network).__name__,
+                      "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+                      "cpu": torch.backends.cpu.get_cpu_capability()}, sort_keys=True)
     mark = row_checks_folder(state_dir) / f"{hashlib.sha256(key.encode()).hexdigest()}.ok"
     if mark.exists():
         return
-    with torch.random.fork_rng(devices=[]):  # (seeded random weights; the site's own torch stream left as it was)
+    # seeded random weights, torch's global stream left as it was, and held against the simulation's other sites'
+    # threads, whose seeded D inits draw from the same stream (review s63's sixth: 16 of 988 inits differed)
+    with TORCH_SEED_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         problems = problems_of()
     if problems:

@@ -420,3 +420,11 @@ def test_a_network_shape_whose_rows_this_machine_rounds_by_place_is_refused_befo
         assert not send(grid, 1000, P.BnTrainRequest(**plan_settings(cfg, Schema(1, 8, 8, tuple(
             str(i) for i in range(10))), "exp-rows-2"), server_round=1, net=net)).has_error()
         assert not send(grid, 1000, gan_request(cfg, experiment="exp-rows-gan-2")).has_error()
+    # the key is the network as built, not the request's words (review s63's fifth: at d-width 0 D's width follows G's,
+    # and a shape checked at one G width let another, whose D rounds by place, through)
+    checked = []
+    with monkeypatch.context() as patch:
+        patch.setattr(gan_site, "discriminator_problems", lambda *a, **k: checked.append(1) or [])
+        wider = fast_config(tmp_path, gan_width=32)
+        assert not send(grid, 1000, gan_request(wider, experiment="exp-rows-gan-3")).has_error()
+    assert checked == [1] and len(list(marks.glob("*.ok"))) == 3
