@@ -133,11 +133,6 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings, saved_fil
         raise Refusal(P.REFUSED_BAD_REQUEST, f"the net sent does not match the run's shape: {problems[:3]}")
     P.load_state(net, net_state)
     clips = _clip_bounds(req, net)  # layer-clips that do not fit the net's layers: refused before the census, too
-    check_network_rows(site.state_dir, "shared net", {"channels": req.channels, "side": req.image_size,
-                                                      "classes": req.num_classes, "width": req.width,
-                                                      "head-norm": req.head_norm, "resolution": req.resolution,
-                                                      "gradients": trains}, net,
-                       lambda: bnnet_problems(build(), data.image_shape, req.num_classes, gradients=trains))
     if secure_round:  # a net no census could bring inside the sum's range: refused before the census (review s61)
         check_secure_room(1.0, net_state)
     if secure:  # statistics whose noise may leave the sum's range: refused before the census too (review s61)
@@ -150,6 +145,11 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings, saved_fil
                        auto_clip=str(req.layer_clips).strip() == AUTO)
     validate_plan_request(preq)  # a malformed request costs nothing, not even the census
     check_plan_possible(folder, preq, site)  # before a new ledger is started (its noisy size is charged)
+    check_network_rows(site.state_dir, "shared net", {"channels": req.channels, "side": req.image_size,
+                                                      "classes": req.num_classes, "width": req.width,
+                                                      "head-norm": req.head_norm, "resolution": req.resolution,
+                                                      "gradients": trains}, net,
+                       lambda: bnnet_problems(build(), data.image_shape, req.num_classes, gradients=trains))
     ledger = open_ledger(site, data)
     if not trains:
         check_no_census_drawn(ledger, folder, req.experiment)

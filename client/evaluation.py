@@ -91,12 +91,13 @@ def audit_block(image_shape: tuple[int, ...]) -> tuple[int, int]:
 
 def audit_memory_mb(image_shape: tuple[int, ...], images: int) -> float:
     """MB an audit of ``images`` synthetic images of ``image_shape`` holds beyond the site's records and the request
-    (common.audits.neighbors, block_shape): the images padded to whole blocks, one block of records with its squares,
-    the (records x images) distances, and the float64 rows of the exact distances (_EXACT_ROWS at a time)."""
+    (common.audits.neighbors, block_shape): the images clipped, and padded to whole blocks, one block of records with
+    its squares, the (records x images) distances, and the float64 rows of the exact distances (_EXACT_ROWS at a
+    time)."""
     rows, cols = audit_block(image_shape)
     values = math.prod(image_shape)
-    floats = (-(-images // cols) * cols * values + 2 * rows * values + 2 * cols * values + 3 * rows * cols
-              + 2 * 2 * 256 * values)  # (float64: two float32s each)
+    floats = (images * values + -(-images // cols) * cols * values + 2 * rows * values + 2 * cols * values
+              + 3 * rows * cols + 2 * 2 * 256 * values)  # (the images clipped into [0, 1]; float64: 2 floats each)
     return 4 * floats / 2**20
 
 

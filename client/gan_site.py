@@ -290,14 +290,7 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings, *,
         # Re-sent round (the coordinator resumed): the reply already released, sent again at no cost.
         log.info("[%s] round %d of %s already trained; sending its saved reply", site.name, rnd, req.experiment)
         return P.GanTrainReply(**saved["reply"])
-    # new work, to be charged: D's shape must compute each record's rows alone on this machine (review s63) ...
-    check_network_rows(site.state_dir, "discriminator", {"channels": req.channels, "side": req.image_size,
-                                                         "classes": req.num_classes, "d-width": req.d_width,
-                                                         "resolution": req.resolution},
-                       meta_module(lambda: Discriminator(shape, width=req.d_width)),  # (its width: from G's at 0)
-                       lambda: discriminator_problems(Discriminator(shape, width=req.d_width), data.image_shape,
-                                                      req.num_classes))
-    # ... and the disk must have room for the run's files (a re-send above writes nothing)
+    # new work, to be charged: the disk must have room for the run's files (a re-send above writes nothing)
     kept_mb = gan_kept_mb(req, meta_module(lambda: Generator(shape)),
                           meta_module(lambda: Discriminator(shape, width=req.d_width)))
     check_free_disk(site, folder, kept_mb)
@@ -306,6 +299,13 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings, *,
     if secure:  # a model no census could bring inside the sum's range: refused before the census (review s61)
         check_secure_room(1.0, req.generator)
     check_plan_possible(folder, shorter, site)  # before a new ledger is started (its noisy size is charged)
+    # D's shape must compute each record's rows alone on this machine (review s63)
+    check_network_rows(site.state_dir, "discriminator", {"channels": req.channels, "side": req.image_size,
+                                                         "classes": req.num_classes, "d-width": req.d_width,
+                                                         "resolution": req.resolution},
+                       meta_module(lambda: Discriminator(shape, width=req.d_width)),  # (its width: from G's at 0)
+                       lambda: discriminator_problems(Discriminator(shape, width=req.d_width), data.image_shape,
+                                                      req.num_classes))
     ledger = open_ledger(site, data)
     census = run_census(data, ledger, folder, mode="dpgan", experiment=req.experiment, epsilon=req.epsilon,
                         budget=site.epsilon_budget, delta_bound=site.delta_bound,

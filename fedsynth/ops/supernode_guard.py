@@ -209,6 +209,10 @@ def install(approved: set[str]) -> None:
         confirm, store = kwargs.get("confirm_message_received"), kwargs.get("object_store")
 
         def checked_confirm(run_id, message_id):  # Flower calls it once every object of the message is stored
+            if _stored_bytes(store, received["message"]) > MAX_MESSAGE_BYTES:  # (review s63's fifth: the pulls
+                # count only objects the store lacked, so a message naming a pending message's objects carried more)
+                received["too large"] = True
+                raise _Unapproved("too large")
             if not _inflates(store, received["message"]):
                 received["unreadable"] = True
                 raise _Unapproved("its objects do not make a message")  # Flower drops it and ends its task
@@ -274,6 +278,27 @@ RECORD_GROWTH = 40  # bytes a ConfigRecord's or MetricRecord's body byte may bec
 # What the message's own bytes say of it must be what the SuperNode stored it as: the ClientApp reads the first, the
 # SuperNode files its reply by the second, and a reply naming another run is refused when pushed (so never sent).
 _SAME_METADATA = ("message_id", "run_id", "message_type", "group_id", "reply_to_message_id", "dst_node_id")
+
+
+def _stored_bytes(store, envelope) -> int:
+    """Bytes of the distinct objects the message ``envelope`` names, as stored (within MAX_MESSAGE_OBJECTS: more is
+    :func:`_inflates`'s to refuse; an object missing counts 0, as it refuses that too)."""
+    from flwr.supercore.inflatable.inflatable_object import get_object_head_values_from_object_content
+
+    sizes: dict[str, int] = {}
+    todo = [envelope.metadata.message_id]
+    while todo and len(sizes) <= MAX_MESSAGE_OBJECTS:
+        oid = todo.pop()
+        if oid in sizes:
+            continue
+        content = store.get(oid) or b""
+        sizes[oid] = len(content)
+        if content:
+            try:
+                todo.extend(get_object_head_values_from_object_content(content)[1])
+            except Exception:  # noqa: BLE001 - the SuperLink's bytes: _inflates refuses what does not parse
+                pass
+    return sum(sizes.values())
 
 
 def _inflates(store, envelope) -> bool:
