@@ -145,11 +145,13 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings, saved_fil
                        auto_clip=str(req.layer_clips).strip() == AUTO)
     validate_plan_request(preq)  # a malformed request costs nothing, not even the census
     check_plan_possible(folder, preq, site)  # before a new ledger is started (its noisy size is charged)
-    check_network_rows(site.state_dir, "shared net", {"channels": req.channels, "side": req.image_size,
-                                                      "classes": req.num_classes, "width": req.width,
-                                                      "head-norm": req.head_norm, "resolution": req.resolution,
-                                                      "gradients": trains}, net,
-                       lambda: bnnet_problems(build(), data.image_shape, req.num_classes, gradients=trains))
+    if not saved_file(folder).exists():  # new work: the shape must compute each record's rows alone (review s63;
+        # a re-send of a saved reply computes nothing, and a check not remembered must not refuse it: the sixth)
+        check_network_rows(site.state_dir, "shared net", {"channels": req.channels, "side": req.image_size,
+                                                          "classes": req.num_classes, "width": req.width,
+                                                          "head-norm": req.head_norm, "resolution": req.resolution,
+                                                          "gradients": trains}, net,
+                           lambda: bnnet_problems(build(), data.image_shape, req.num_classes, gradients=trains))
     ledger = open_ledger(site, data)
     if not trains:
         check_no_census_drawn(ledger, folder, req.experiment)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 import warnings
 from collections.abc import Callable
@@ -49,6 +50,8 @@ from common.learner import LEARNERS, _batched, build_learner
 from common.models import Discriminator, GanShape
 from common.state_layout import row_checks_folder
 from common.wire import quoted
+
+log = logging.getLogger("fedsynth.site")
 
 
 def _same_rows(rows_of, n: int, rng: np.random.Generator) -> bool:
@@ -187,21 +190,33 @@ def check_network_rows(state_dir: Path, what: str, shape: dict, network: torch.n
     key = json.dumps({"what": what, **shape, "tensors": tensors, "network": type(network).__name__,
                       "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
                       "cpu": torch.backends.cpu.get_cpu_capability()}, sort_keys=True)
-    mark = row_checks_folder(state_dir) / f"{hashlib.sha256(key.encode()).hexdigest()}.ok"
-    if mark.exists():
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    mark = row_checks_folder(state_dir) / f"{digest}.ok"
+    if digest in _PASSED or mark.exists():
         return
     # seeded random weights, torch's global stream left as it was, and held against the simulation's other sites'
-    # threads, whose seeded D inits draw from the same stream (review s63's sixth: 16 of 988 inits differed)
+    # threads, whose seeded D inits draw from the same stream (review s63's sixth: 16 of 988 inits differed); the
+    # simulation's sites, threads of one process, check a shape once between them (they wait here for the first)
     with TORCH_SEED_LOCK, torch.random.fork_rng(devices=[]):
+        if digest in _PASSED:
+            return
         torch.manual_seed(0)
         problems = problems_of()
+        if not problems:
+            _PASSED.add(digest)
     if problems:
         raise Refusal(P.REFUSED_NOT_ALLOWED, f"on this site's machine {'; '.join(problems)} at the {what} shape "
                                              f"this run asks for ({quoted(json.dumps(shape, sort_keys=True))}), so "
                                              "one record could move others' contributions past the noise's "
                                              "sensitivity: use another width (the defaults pass where the site "
                                              "started)")
-    atomic_write_text(mark, key)
+    try:  # (best effort: unremembered, the next request checks again; a full disk is the free-disk check's to say)
+        atomic_write_text(mark, key)
+    except OSError as err:
+        log.warning("could not remember a checked network shape in %s (%s)", mark.parent, type(err).__name__)
+
+
+_PASSED: set[str] = set()  # shapes this process found sound (the in-process simulation's sites share them)
 
 
 def nn_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -398,6 +398,7 @@ def test_a_network_shape_whose_rows_this_machine_rounds_by_place_is_refused_befo
         return torch.nn.functional.cross_entropy(logits, labels, reduction="none") * (
             1 + 1e-3 * torch.arange(len(labels)))
 
+    monkeypatch.setattr(row_check, "_PASSED", set())  # (shapes this process found sound: other tests' too)
     cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=2, bn_width=8, bn_local_steps=2, bn_batch_size=32)
     settings = plan_settings(cfg, Schema(1, 8, 8, tuple(str(i) for i in range(10))), "exp-rows")
     net = P.state_arrays(BNNet(1, 10, 8, 8))
@@ -414,7 +415,18 @@ def test_a_network_shape_whose_rows_this_machine_rounds_by_place_is_refused_befo
     assert not send(grid, 1000, P.BnTrainRequest(**settings, server_round=1, net=net)).has_error()
     assert not send(grid, 1000, gan_request(cfg, experiment="exp-rows-gan")).has_error()
     assert len(list(marks.glob("*.ok"))) == 2  # the shared net's shape and D's, on this machine
-    with monkeypatch.context() as patch:  # remembered: a later run of the same shapes does not check them again
+    with monkeypatch.context() as patch:  # a re-send of a saved reply computes nothing: never refused by the check
+        patch.setattr(row_check, "_PASSED", set())  # (review s63's sixth: the statistics mode checked it first)
+        patch.setattr(row_check, "nn_cross_entropy", placed)
+        kept = {mark: mark.read_text() for mark in marks.glob("*.ok")}
+        for mark in kept:
+            mark.unlink()
+        assert not send(grid, 1000, P.BnTrainRequest(**settings, server_round=1, net=net)).has_error()
+        assert not send(grid, 1000, gan_request(cfg, experiment="exp-rows-gan")).has_error()
+        for mark, text in kept.items():
+            mark.write_text(text)
+    with monkeypatch.context() as patch:  # remembered on disk: a later run of the same shapes does not check them
+        patch.setattr(row_check, "_PASSED", set())  # again, in another process too (a deployed site's next message)
         patch.setattr(bn_site, "bnnet_problems", lambda *a, **k: pytest.fail("checked again"))
         patch.setattr(gan_site, "discriminator_problems", lambda *a, **k: pytest.fail("checked again"))
         assert not send(grid, 1000, P.BnTrainRequest(**plan_settings(cfg, Schema(1, 8, 8, tuple(
