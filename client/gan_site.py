@@ -15,17 +15,23 @@ Per round, in this order (each step before the next):
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import torch
 from flwr.app import Context, Message
 
 from client.budget import (
+    ARCHITECTURE,
+    PLAN_FILE,
     PlanRequest,
+    RunPlan,
     choose_g_steps,
     choose_local_steps,
     expected_batch,
     plan_for_site,
+    plan_changes,
     planned_steps,
     validate_plan_request,
 )
@@ -179,6 +185,20 @@ def _plan_request(req: P.GanTrainRequest, steps: int) -> PlanRequest:
                        architecture=tuple((k, getattr(req, k)) for k in ARCHITECTURE_SETTINGS))
 
 
+def _check_architecture_kept(folder: Path, req: P.GanTrainRequest) -> None:
+    """Refuse a request whose architecture differs from the one its run's plan fixed (the plan's own refusal, made
+    before the row check; nothing when the run has no plan yet)."""
+    plan_file = folder / PLAN_FILE
+    if not plan_file.exists():
+        return
+    recorded = RunPlan.from_json(json.loads(plan_file.read_text())).request
+    asked = {k: v for k, v in _plan_request(req, req.local_steps).fixed_by().items() if k.startswith(ARCHITECTURE)}
+    changed = plan_changes(recorded, asked)
+    if changed:
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"the request changes settings fixed at the run's first request "
+                                             f"({', '.join(changed)}); start a new experiment instead")
+
+
 def _shapes(state: dict) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state.items()}
 
@@ -299,7 +319,10 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings, *,
     if secure:  # a model no census could bring inside the sum's range: refused before the census (review s61)
         check_secure_room(1.0, req.generator)
     check_plan_possible(folder, shorter, site)  # before a new ledger is started (its noisy size is charged)
-    # D's shape must compute each record's rows alone on this machine (review s63)
+    # D's shape must compute each record's rows alone on this machine (review s63), checked for the run's own
+    # shape only (the seventh: a re-sent round naming another d-width had the site check and remember each one,
+    # uncharged, before the plan refused the change)
+    _check_architecture_kept(folder, req)
     check_network_rows(site.state_dir, "discriminator", {"channels": req.channels, "side": req.image_size,
                                                          "classes": req.num_classes, "d-width": req.d_width,
                                                          "resolution": req.resolution},

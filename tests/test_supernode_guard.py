@@ -538,3 +538,30 @@ def test_the_guard_remembers_accepted_bundles_only(guarded, monkeypatch):
     for _ in range(2):
         assert guarded(_sha(APPROVED), _fab(APPROVED)) == "stored"
     assert len(calls) == 3
+
+
+def test_the_guards_size_walk_reads_a_bounded_number_of_references(monkeypatch):
+    """Review s63's seventh: the stored-bytes walk before a message is confirmed pushed every child reference, so k
+    objects each naming every earlier one (k^2/2 references, k within MAX_MESSAGE_OBJECTS) held a SuperNode for 12 s
+    and 1.2 GB at k = 4,500. It now stops after MAX_MESSAGE_OBJECTS references, repeats counted, as _inflates does,
+    which then refuses the message at once."""
+    import hashlib
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(supernode_guard, "MAX_MESSAGE_OBJECTS", 300)
+    k = 200  # 20,000 references, 201 objects
+    ids = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(k)]
+    contents = {ids[i]: f"ConfigRecord {','.join(ids[:i])} 0".encode() + b"\x00" for i in range(k)}
+    root = hashlib.sha256(b"root").hexdigest()
+    contents[root] = f"Message {','.join(ids)} 0".encode() + b"\x00"
+    reads = []
+
+    class Store:
+        def get(self, oid):
+            reads.append(oid)
+            return contents.get(oid)
+
+    envelope = SimpleNamespace(metadata=SimpleNamespace(message_id=root))
+    assert supernode_guard._stored_bytes(Store(), envelope) < sum(map(len, contents.values()))
+    assert len(reads) <= 3  # the root's 200 references and the next object's 199 pass the bound: the walk stops
+    assert not supernode_guard._inflates(contents, envelope)

@@ -432,6 +432,13 @@ def test_a_network_shape_whose_rows_this_machine_rounds_by_place_is_refused_befo
         assert not send(grid, 1000, P.BnTrainRequest(**plan_settings(cfg, Schema(1, 8, 8, tuple(
             str(i) for i in range(10))), "exp-rows-2"), server_round=1, net=net)).has_error()
         assert not send(grid, 1000, gan_request(cfg, experiment="exp-rows-gan-2")).has_error()
+    # a later round naming another D shape is refused by the run's plan before any check (review s63's seventh:
+    # the site checked and remembered each d-width a re-sent round named, uncharged, before the plan refused it)
+    with monkeypatch.context() as patch:
+        patch.setattr(gan_site, "discriminator_problems", lambda *a, **k: pytest.fail("checked a changed shape"))
+        for d_width in (12, 24):
+            reply = send(grid, 1000, gan_request(cfg, experiment="exp-rows-gan", server_round=2, d_width=d_width))
+            assert reply.has_error() and "changes settings fixed at the run's first request" in reply.error.reason
     # the key is the network as built, not the request's words (review s63's fifth: at d-width 0 D's width follows G's,
     # and a shape checked at one G width let another, whose D rounds by place, through)
     checked = []
