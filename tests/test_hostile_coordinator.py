@@ -238,6 +238,15 @@ def test_adaptive_audit_queries_do_not_rebuild_a_training_record(tmp_path):
     again = ask(grid, 1000, P.AuditRequest(experiment="run-1", synthetic={"images": base[None] * 0.5}))
     assert again.has_error() and again.error.code == P.REFUSED_NOT_ALLOWED and "per run" in again.error.reason
     assert [e["purpose"] for e in charges(tmp_path, "site-a")[0]] == ["audit"]
+    # an audit whose memory (client.evaluation.audit_memory_mb) is above the site's step limit is refused before its
+    # charge (review s63: it was charged, then ran out of memory, at every retry)
+    small = LocalGrid(client_app, [deployed_site(tmp_path / "small", heldout=DIGITS_TEST, train=train, audits=True,
+                                                 **{"max-step-memory-mb": 1})], fast_config(tmp_path).to_flwr())
+    many = np.repeat(base[None], P.AUDIT_MAX_IMAGES, axis=0)  # (2000, 1, 8, 8): about 1.5 MB to hold
+    refused = ask(small, 1000, P.AuditRequest(experiment="big", synthetic={"images": many}))
+    assert refused.has_error() and refused.error.code == P.REFUSED_NOT_ALLOWED and "max_step_memory_mb" in \
+        refused.error.reason
+    assert charges(tmp_path / "small", "site-a") in ([], [[]])
     edges = np.asarray(P.AUDIT_BIN_EDGES)
 
     def noisy(q):  # the attacker's best reading of d(q): the lower edge of the first bin holding a record
