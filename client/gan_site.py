@@ -55,7 +55,7 @@ from client.requests import (
     site_device,
     site_handler,
 )
-from client.row_check import check_network_rows, discriminator_problems
+from client.row_check import check_network_rows, discriminator_problems, generator_problems
 from client.site import SiteSettings, data_fingerprint, open_ledger
 from common import protocol as P
 from common.gan_augment import parse_augment
@@ -323,12 +323,15 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings, *,
     # shape only (the seventh: a re-sent round naming another d-width had the site check and remember each one,
     # uncharged, before the plan refused the change)
     _check_architecture_kept(folder, req)
-    check_network_rows(site.state_dir, "discriminator", {"channels": req.channels, "side": req.image_size,
-                                                         "classes": req.num_classes, "d-width": req.d_width,
-                                                         "resolution": req.resolution},
-                       meta_module(lambda: Discriminator(shape, width=req.d_width)),  # (its width: from G's at 0)
-                       lambda: discriminator_problems(Discriminator(shape, width=req.d_width), data.image_shape,
-                                                      req.num_classes))
+    check_network_rows(site.state_dir, "GAN", {"channels": req.channels, "side": req.image_size,
+                                               "classes": req.num_classes, "d-width": req.d_width, "width": req.width,
+                                               "latent-dim": req.latent_dim, "resolution": req.resolution},
+                       torch.nn.ModuleDict({  # the networks as built (D's width follows G's at d-width 0)
+                           "generator": meta_module(lambda: Generator(shape)),
+                           "discriminator": meta_module(lambda: Discriminator(shape, width=req.d_width))}),
+                       lambda: (discriminator_problems(Discriminator(shape, width=req.d_width), data.image_shape,
+                                                       req.num_classes)
+                                + generator_problems(Generator(shape), req.latent_dim, req.num_classes)))
     ledger = open_ledger(site, data)
     census = run_census(data, ledger, folder, mode="dpgan", experiment=req.experiment, epsilon=req.epsilon,
                         budget=site.epsilon_budget, delta_bound=site.delta_bound,

@@ -172,6 +172,29 @@ def discriminator_problems(disc: torch.nn.Module, image_shape: tuple[int, int, i
     return ["a record's per-sample gradient of the discriminator changes with the other records in its chunk"]
 
 
+def generator_problems(gen: torch.nn.Module, latent_dim: int, num_classes: int) -> list[str]:
+    """What on this machine makes the fake G draws for a chunk's row depend on the chunk's other rows: each record of
+    a D step is paired with the fake at its place (client.dpgan.discriminator_backward draws a chunk's fakes in one
+    zero-padded pass), so a fake rounded by its place would move a record's clipped contribution as its own per-sample
+    gradient would (review s63's seventh: none on this machine)."""
+    rng = np.random.default_rng(1)
+    latents = torch.from_numpy(rng.standard_normal((2 * DPSGD_CHUNK, latent_dim)).astype(np.float32))
+    labels = torch.from_numpy(rng.integers(0, num_classes, 2 * DPSGD_CHUNK))
+
+    def fakes(idx: np.ndarray) -> np.ndarray:  # (len(idx),) digests of each row's fake, in one padded chunk
+        z = torch.zeros(DPSGD_CHUNK, latent_dim)
+        y = torch.zeros(DPSGD_CHUNK, dtype=torch.long)
+        z[:len(idx)], y[:len(idx)] = latents[idx], labels[idx]
+        with torch.no_grad():
+            out = gen.eval()(z, y).reshape(DPSGD_CHUNK, -1).numpy()
+        return np.array([hashlib.blake2b(out[row].tobytes(), digest_size=16).digest() for row in range(len(idx))],
+                        dtype=object)
+
+    if _same_rows(fakes, DPSGD_CHUNK, rng):
+        return []
+    return ["the generator's fake for a record's place changes with the other rows of its chunk"]
+
+
 def check_network_rows(state_dir: Path, what: str, shape: dict, network: torch.nn.Module,
                        problems_of: Callable[[], list[str]]) -> None:
     """Refuse (before any charge) a run whose network, of the ``shape`` its request chose, this machine computes with

@@ -439,6 +439,23 @@ def test_a_network_shape_whose_rows_this_machine_rounds_by_place_is_refused_befo
         for d_width in (12, 24):
             reply = send(grid, 1000, gan_request(cfg, experiment="exp-rows-gan", server_round=2, d_width=d_width))
             assert reply.has_error() and "changes settings fixed at the run's first request" in reply.error.reason
+    # G's fakes are checked too: each record is paired with the fake at its place in the chunk (review s63's seventh)
+    class Placed(torch.nn.Module):  # a machine whose G rounds a row's fake by its place
+        def __init__(self, gen):
+            super().__init__()
+            self.gen = gen
+
+        def forward(self, z, y):
+            return self.gen(z, y) + 1e-3 * torch.arange(len(z)).reshape(-1, 1, 1, 1)
+
+    shape = GanShape(1, 8, 10, cfg.gan_latent_dim, cfg.gan_width)
+    assert row_check.generator_problems(Generator(shape), shape.latent_dim, 10) == []
+    assert row_check.generator_problems(Placed(Generator(shape)), shape.latent_dim, 10)
+    with monkeypatch.context() as patch:
+        real = row_check.generator_problems
+        patch.setattr(gan_site, "generator_problems", lambda gen, *args: real(Placed(gen), *args))
+        reply = send(grid, 1000, gan_request(fast_config(tmp_path, gan_width=24), experiment="exp-rows-gan-g"))
+        assert reply.has_error() and "the generator's fake" in reply.error.reason
     # the key is the network as built, not the request's words (review s63's fifth: at d-width 0 D's width follows G's,
     # and a shape checked at one G width let another, whose D rounds by place, through)
     checked = []
