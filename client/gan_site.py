@@ -323,6 +323,8 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings, *,
     # shape only (the seventh: a re-sent round naming another d-width had the site check and remember each one,
     # uncharged, before the plan refused the change)
     _check_architecture_kept(folder, req)
+    previous = _previous_round(folder, rnd)
+    _check_saved_state(previous, shape, req.d_width)  # (a plan recorded before it fixed the architecture: the eighth)
     check_network_rows(site.state_dir, "GAN", {"channels": req.channels, "side": req.image_size,
                                                "classes": req.num_classes, "d-width": req.d_width, "width": req.width,
                                                "latent-dim": req.latent_dim, "resolution": req.resolution},
@@ -337,10 +339,8 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings, *,
                         budget=site.epsilon_budget, delta_bound=site.delta_bound,
                         fingerprint=data_fingerprint(data))
     steps = _schedule(req, site, ledger, folder, census)
-    previous = _previous_round(folder, rnd)
     g_steps = _g_steps(req, site, previous, census)
     plan = plan_for_site(site, ledger, folder, _plan_request(req, steps), req.experiment, census=census)
-    _check_saved_state(previous, shape, req.d_width)  # a plan recorded before it fixed the architecture
     weight = secure_weight(census, req.generator) if secure else census_weight(census)
     train = plan.train_round(steps)
     with charged_work(ledger, [train], data, site, purpose="dpgan", run=req.experiment, rnd=rnd, folder=folder,

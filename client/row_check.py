@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 import warnings
 from collections.abc import Callable
@@ -209,9 +210,12 @@ def check_network_rows(state_dir: Path, what: str, shape: dict, network: torch.n
     holds every tensor shape of ``network`` (the run's, built as its round builds it: a setting the request leaves to
     the site, D's width from G's, is in it) besides the request's ``shape`` settings, and the CPU capability torch
     dispatches its kernels by."""
+    import opacus
+
     tensors = [[name, list(t.shape)] for name, t in network.state_dict().items()]
     key = json.dumps({"what": what, **shape, "tensors": tensors, "network": type(network).__name__,
-                      "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+                      "torch": torch.__version__, "opacus": opacus.__version__, "check": ROW_CHECK_VERSION,
+                      "threads": torch.get_num_threads(), "machine": platform.machine(),
                       "cpu": torch.backends.cpu.get_cpu_capability()}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()
     mark = row_checks_folder(state_dir) / f"{digest}.ok"
@@ -233,13 +237,20 @@ def check_network_rows(state_dir: Path, what: str, shape: dict, network: torch.n
                                              "one record could move others' contributions past the noise's "
                                              "sensitivity: use another width (the defaults pass where the site "
                                              "started)")
-    try:  # (best effort: unremembered, the next request checks again; a full disk is the free-disk check's to say)
-        atomic_write_text(mark, key)
+    try:  # (best effort: unremembered, the next request checks again; a full disk is the free-disk check's to say;
+        # at most MAX_ROW_CHECK_MARKS: each new shape a coordinator names is checked before any charge, review s63's
+        # eighth, so past that it is checked again each time rather than remembered without bound)
+        if not mark.parent.is_dir() or len(os.listdir(mark.parent)) < MAX_ROW_CHECK_MARKS:
+            atomic_write_text(mark, key)
     except OSError as err:
         log.warning("could not remember a checked network shape in %s (%s)", mark.parent, type(err).__name__)
 
 
 _PASSED: set[str] = set()  # shapes this process found sound (the in-process simulation's sites share them)
+MAX_ROW_CHECK_MARKS = 10_000  # shapes a state folder remembers (files of ~200 bytes)
+# Bump when the check, or the networks' forward passes it covers, change: a mark of the older check is not trusted
+# (review s63's eighth: after an upgrade that kept torch's version, a shape passed before was never checked again)
+ROW_CHECK_VERSION = 2
 
 
 def nn_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

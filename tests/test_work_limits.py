@@ -464,3 +464,14 @@ def test_a_network_shape_whose_rows_this_machine_rounds_by_place_is_refused_befo
         wider = fast_config(tmp_path, gan_width=32)
         assert not send(grid, 1000, gan_request(wider, experiment="exp-rows-gan-3")).has_error()
     assert checked == [1] and len(list(marks.glob("*.ok"))) == 3
+    # (review s63's eighth) a mark is trusted only by the Opacus and the check it was made with, and a state folder
+    # remembers at most MAX_ROW_CHECK_MARKS shapes (each new shape is checked before any charge, so without bound)
+    import opacus
+
+    with monkeypatch.context() as patch:
+        patch.setattr(row_check, "_PASSED", set())
+        patch.setattr(opacus, "__version__", "99.0")
+        patch.setattr(gan_site, "discriminator_problems", lambda *a, **k: checked.append(2) or [])
+        patch.setattr(row_check, "MAX_ROW_CHECK_MARKS", 3)
+        assert not send(grid, 1000, gan_request(wider, experiment="exp-rows-gan-4")).has_error()
+    assert checked == [1, 2] and len(list(marks.glob("*.ok"))) == 3  # checked again; past the cap, not remembered
