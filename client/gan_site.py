@@ -311,9 +311,10 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings, *,
         log.info("[%s] round %d of %s already trained; sending its saved reply", site.name, rnd, req.experiment)
         return P.GanTrainReply(**saved["reply"])
     # new work, to be charged: the disk must have room for the run's files (a re-send above writes nothing)
-    kept_mb = gan_kept_mb(req, meta_module(lambda: Generator(shape)),
-                          meta_module(lambda: Discriminator(shape, width=req.d_width)))
-    check_free_disk(site, folder, kept_mb)
+    networks = torch.nn.ModuleDict({  # shapes only, as built (D's width follows G's at d-width 0)
+        "generator": meta_module(lambda: Generator(shape)),
+        "discriminator": meta_module(lambda: Discriminator(shape, width=req.d_width))})
+    check_free_disk(site, folder, gan_kept_mb(req, networks["generator"], networks["discriminator"]))
     shorter = _plan_request(req, req.local_steps)
     validate_plan_request(shorter)  # a malformed request costs nothing, not even a census
     if secure:  # a model no census could bring inside the sum's range: refused before the census (review s61)
@@ -328,9 +329,7 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings, *,
     check_network_rows(site.state_dir, "GAN", {"channels": req.channels, "side": req.image_size,
                                                "classes": req.num_classes, "d-width": req.d_width, "width": req.width,
                                                "latent-dim": req.latent_dim, "resolution": req.resolution},
-                       torch.nn.ModuleDict({  # the networks as built (D's width follows G's at d-width 0)
-                           "generator": meta_module(lambda: Generator(shape)),
-                           "discriminator": meta_module(lambda: Discriminator(shape, width=req.d_width))}),
+                       networks,
                        lambda: (discriminator_problems(Discriminator(shape, width=req.d_width), data.image_shape,
                                                        req.num_classes)
                                 + generator_problems(Generator(shape), req.latent_dim, req.num_classes)))

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import opacus
 import torch
 
 from client.dpgan import TORCH_SEED_LOCK
@@ -182,14 +183,12 @@ def generator_problems(gen: torch.nn.Module, latent_dim: int, num_classes: int) 
     latents = torch.from_numpy(rng.standard_normal((2 * DPSGD_CHUNK, latent_dim)).astype(np.float32))
     labels = torch.from_numpy(rng.integers(0, num_classes, 2 * DPSGD_CHUNK))
 
-    def fakes(idx: np.ndarray) -> np.ndarray:  # (len(idx),) digests of each row's fake, in one padded chunk
+    def fakes(idx: np.ndarray) -> np.ndarray:  # (len(idx), C, H, W): each row's fake, from one padded chunk
         z = torch.zeros(DPSGD_CHUNK, latent_dim)
         y = torch.zeros(DPSGD_CHUNK, dtype=torch.long)
         z[:len(idx)], y[:len(idx)] = latents[idx], labels[idx]
         with torch.no_grad():
-            out = gen.eval()(z, y).reshape(DPSGD_CHUNK, -1).numpy()
-        return np.array([hashlib.blake2b(out[row].tobytes(), digest_size=16).digest() for row in range(len(idx))],
-                        dtype=object)
+            return gen.eval()(z, y)[:len(idx)].numpy()
 
     if _same_rows(fakes, DPSGD_CHUNK, rng):
         return []
@@ -200,18 +199,15 @@ def check_network_rows(state_dir: Path, what: str, shape: dict, network: torch.n
                        problems_of: Callable[[], list[str]]) -> None:
     """Refuse (before any charge) a run whose network, of the ``shape`` its request chose, this machine computes with
     a record's rows rounded by their place in the block or chunk (``problems_of()``, at random weights, on random
-    images of the site's shape); a shape found sound is remembered in ``<state>/row-checks/``, keyed with the torch
-    build and thread count. The start-up check covers the default widths only: on this machine a linear layer of 64
-    rows sums a row in another order by its place when its input size is not a multiple of 4, which an odd width
-    gives the heads at 28 pixels, and with finite weights near float32's limit a coordinator turned that into a
+    images of the site's shape); a shape found sound is remembered in ``<state>/row-checks/`` (keyed as below). The
+    start-up check covers the default widths only: on this machine a linear layer of 64 rows sums a row in another
+    order by its place when its input size is not a multiple of 4, which an odd width gives the heads at 28 pixels, and with finite weights near float32's limit a coordinator turned that into a
     logit that is NaN at even places and finite at odd ones, so that one added record moved every later record of
     its chunk between a zeroed and a clipped gradient: a DP-SGD step's sum moved by L2 30 against the clip bound 1
     (review s63). Whether a shape passes is a property of the machine and the request, never of the records. The key
     holds every tensor shape of ``network`` (the run's, built as its round builds it: a setting the request leaves to
     the site, D's width from G's, is in it) besides the request's ``shape`` settings, and the CPU capability torch
-    dispatches its kernels by."""
-    import opacus
-
+    dispatches its kernels by, the Opacus version and ROW_CHECK_VERSION."""
     tensors = [[name, list(t.shape)] for name, t in network.state_dict().items()]
     key = json.dumps({"what": what, **shape, "tensors": tensors, "network": type(network).__name__,
                       "torch": torch.__version__, "opacus": opacus.__version__, "check": ROW_CHECK_VERSION,

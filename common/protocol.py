@@ -288,6 +288,8 @@ class EvaluationRequest(Message):
     classifier: Arrays = arrays()  # the central learner's state_dict
 
 
+# A query re-sent in a run with the same settings and arrays (their sha256) gets the answer it had, kept with its
+# charge (client.evaluation.saved_answer, review s63): the same DP release again, nothing new and nothing charged.
 @dataclass(frozen=True)
 class EvaluationReply(Message):
     MESSAGE_TYPE: ClassVar[str] = EVALUATE_CLASSIFIER

@@ -65,6 +65,11 @@ REFUSED_NOT_ALLOWED = 4003  # the site's config does not allow this mode / actio
 # names. Not allowed, fixed text: new work whose files the state folder's disk has no room for (client.limits.
 # check_free_disk, review s62): decided from the run's own files (sizes that follow from the requests) and the
 # disk's free space in whole 64 MB units, which counts every file on that disk; README, Privacy, "Not covered".
+# Not allowed, review s63: a network shape this machine computes with a record's rows rounded by their place
+# (client.row_check.check_network_rows: names the problem and the request's own shape settings; decided on random
+# weights and random images of the published shape, so by the machine and the request alone), and an audit whose
+# memory (client.evaluation.audit_memory_mb: the published shape and the request's image count) is above the
+# operator's max_step_memory_mb, which it names with that count.
 SITE_FAILURE = 4004  # the site could not do the work (its operator sees why in the site's log)
 # Its reason is always client.requests.FAILURE_TEXT; e.g. a held-out set whose shape differs from the published
 # training schema, or that holds no record of the published classes (client.evaluation: they can hinge on single

@@ -47,20 +47,22 @@ def _finish_distance(sq: np.ndarray, dim: int, metric: str) -> np.ndarray:
 _EXACT_ROWS = 256
 
 
-def _exact_sq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise squared Euclidean distance of two (N, D) arrays in float64 (no cancellation error).
+def _exact_sq(a: np.ndarray, b: np.ndarray, b_rows: np.ndarray | None = None) -> np.ndarray:
+    """Row-wise squared Euclidean distance of two (N, D) arrays in float64 (no cancellation error); with ``b_rows``
+    (N,), of each row of ``a`` to the row ``b[b_rows[i]]`` (its nearest, say), gathered one block at a time.
 
     Computed on fixed, zero-padded blocks of _EXACT_ROWS rows, so that a row's rounding never depends on how many
     rows there are (review s59: numpy's einsum summed a lone row of more than about 8,200 values in another order
     than the same row among others, so a site's audit with one held-out record could put it in another bin than
-    with two: one added record moved two cells), and memory is one block's, not the whole set's in float64."""
+    with two: one added record moved two cells), and memory is one block's, not the whole set's in float64 (nor,
+    with ``b_rows``, a gathered copy of b as large as a: review s63, at a site's audit, as large as its records)."""
     out = np.empty(len(a), dtype=np.float64)
     block = np.empty((_EXACT_ROWS, a.shape[1]), dtype=np.float64)  # (_EXACT_ROWS, D)
     for i in range(0, len(a), _EXACT_ROWS):
         n = min(_EXACT_ROWS, len(a) - i)
         block[n:] = 0.0
         block[:n] = a[i:i + n]
-        block[:n] -= b[i:i + n]  # float32 values, subtracted in float64
+        block[:n] -= b[i:i + n] if b_rows is None else b[b_rows[i:i + n]]  # float32 values, subtracted in float64
         out[i:i + n] = np.einsum("nd,nd->n", block, block)[:n]
     return out
 
@@ -155,7 +157,7 @@ def nearest_in_matrix(queries: np.ndarray, reference: np.ndarray, matrix: np.nda
     reference by the matrix, its distance recomputed exactly in float64. Returns (distances (Nq,), indices (Nq,))."""
     q, r = _as_matrix(queries, "queries"), _as_matrix(reference, "reference")
     idx = np.asarray(matrix).argmin(axis=1)
-    return _finish_distance(_exact_sq(q, r[idx]), q.shape[1], metric), idx
+    return _finish_distance(_exact_sq(q, r, idx), q.shape[1], metric), idx
 
 
 def nearest_neighbors(
@@ -181,11 +183,7 @@ def nearest_neighbors(
             "both must be the same image shape (resize one set) or the same feature extractor"
         )
     idx, _ = _nn_search(q, r, both_ways=False, device=device, block_shape=block_shape)
-    # exact distances _EXACT_ROWS rows at a time (the same blocks _exact_sq makes: the same bits), never a copy of
-    # every query's nearest reference at once (review s63: at a site's audit, as large as its records)
-    exact = np.concatenate([_exact_sq(q[i:i + _EXACT_ROWS], r[idx[i:i + _EXACT_ROWS]])
-                            for i in range(0, len(q), _EXACT_ROWS)])
-    return _finish_distance(exact, q.shape[1], metric), idx
+    return _finish_distance(_exact_sq(q, r, idx), q.shape[1], metric), idx
 
 
 def mutual_nearest_distances(
@@ -209,8 +207,8 @@ def mutual_nearest_distances(
     assert idx_b is not None
     dim = am.shape[1]
     return (
-        _finish_distance(_exact_sq(am, bm[idx_a]), dim, metric),
-        _finish_distance(_exact_sq(bm, am[idx_b]), dim, metric),
+        _finish_distance(_exact_sq(am, bm, idx_a), dim, metric),
+        _finish_distance(_exact_sq(bm, am, idx_b), dim, metric),
     )
 
 
