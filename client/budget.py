@@ -4,13 +4,13 @@ A plan lists every DP release the run may make at this site (with the mechanism 
 the noise of the tunable ones, so that
 
   (a) everything the run may release stays within the epsilon the run asks for, and
-  (b) everything this dataset has ever released plus the run stays within the site's own budget.
+  (b) everything this dataset has ever released plus the run stays within the site's own budget, read at the
+      ledger's one Renyi order (``client.ledger_order``; (a) is read at the best order: a run's plan is fixed).
 
 The coordinator never sets a noise level: it only asks for an amount of work and an epsilon (for the DP-GAN,
-optionally a longer schedule the site takes only where its own noisy census says it is large, ``choose_local_steps``,
-and extra generator steps, free in privacy, a large site takes where it keeps the shorter schedule,
-``choose_g_steps``). A plan is persisted in the run's folder and enforced: a later request that changes what fixed
-it is refused.
+optionally a longer schedule and extra generator steps, free in privacy, that a site takes only where its own noisy
+census says it is large: ``client.site_schedule``). A plan is persisted in the run's folder and enforced: a later
+request that changes what fixed it is refused.
 
 Releases of a run (``RunPlan``):
 
@@ -50,17 +50,6 @@ from common.files import atomic_write_json
 if TYPE_CHECKING:
     from client.ledger import PrivacyLedger
     from client.site import SiteSettings
-
-# A site whose noisy census counts at least this many records is "large": it takes the run's longer D schedule
-# (GanTrainRequest.long_steps, ``choose_local_steps``), or, where its budget cannot fit that plan, the run's extra
-# generator steps on the shorter one (GanTrainRequest.long_g_steps, ``choose_g_steps``). ../shared/data's sites
-# (3 Dirichlet-0.5 sites) fall far to either side: MNIST's ~17,000-24,000 and CIFAR-10's ~11,000-28,000 records
-# gained or kept accuracy with twice the D steps at epsilon 10 and at epsilon 1 (README: "The longer schedule at
-# epsilon 1"), though at epsilon 1 the steps cost them x1.2-1.4 the noise per step; PneumoniaMNIST's 283-2,429
-# lost at epsilon 10 (x1.34-1.42). At the product's 10 rounds x 120 steps of 256 a large site passes over its
-# records at most ~31 times, a PneumoniaMNIST site 126-1,086 times. (An earlier rule took the longer schedule where
-# it cost at most x1.15 the noise: the same choice at epsilon 10, but none at epsilon 1.)
-LARGE_SITE_RECORDS = 10_000
 
 # Above this noise multiplier DP-SGD updates or statistics are pure noise: a plan that needs more is a
 # budget too small for the requested work, refused instead of silently training on noise.
@@ -117,8 +106,9 @@ class RunPlan:
     evaluation_queries: int
     audit_queries: int
     planned_epsilon: float  # epsilon of the whole plan on its own (<= the run's epsilon)
-    budget_limited: bool = False  # the site's remaining budget, not the run's epsilon, set the noise
+    budget_limited: bool = False  # the site's budget (at its ledger's order), not the run's epsilon, set the noise
     extra: dict = field(default_factory=dict)
+    order: float | None = None  # the ledger's Renyi order the site's total was read at (None: a plan before it)
 
     def train_round(self, steps: int) -> DPEvent:
         """The DP-SGD event of one training round of ``steps`` steps."""
@@ -199,48 +189,6 @@ def _tuned(req: PlanRequest, target: float, delta: float, q: float, reserve: lis
     return calibrate_noise_multiplier(target, delta, q, total_steps, prior=[*reserve, stats]), stats
 
 
-def choose_local_steps(steps: int, long_steps: int, *, epsilon: float,
-                       noisy_counts: list[float]) -> tuple[int, str]:
-    """The D steps per round a DP-GAN site takes -- ``long_steps`` at a large site (noisy census total at least
-    LARGE_SITE_RECORDS), else ``steps`` -- and why, for the site's log.
-
-    Why by size, not by the noise the longer schedule adds: what twice the D steps cost a site in noise per step
-    told MNIST's sites at epsilon 1 (x1.30, and they gained) from PneumoniaMNIST's at epsilon 10 (x1.34, and they
-    lost) by a hair, where the sites' sizes differ eightfold (LARGE_SITE_RECORDS). Judged from the site's noisy
-    census alone (its total stands in for the record count), so the choice -- which the reply shows -- is
-    post-processing of a release already charged and says nothing more about the site's records. The caller
-    falls back to ``steps`` where the longer plan does not fit the site's budget (``client.gan_site``). A
-    non-private run takes the longer schedule at any size: it costs no noise.
-    """
-    if long_steps <= steps:
-        return steps, "the run offers no longer schedule"
-    if not math.isfinite(epsilon):
-        return long_steps, "a run without noise takes the longer schedule"
-    if public_size(noisy_counts) >= LARGE_SITE_RECORDS:
-        return long_steps, "its noisy census says it is large"
-    return steps, "its noisy census says it is small"
-
-
-def choose_g_steps(g_steps: int, long_g_steps: int, *, noisy_counts: list[float]) -> int:
-    """The G steps after each D step a DP-GAN site takes: ``long_g_steps`` at a large site (noisy census total at
-    least LARGE_SITE_RECORDS), on either D schedule, else ``g_steps``.
-
-    Why: a G step never touches a record, so it costs no privacy, only time, and natural images are short of
-    training (the longer D schedule's reason). Two G steps per D step at large sites on the longer D schedule,
-    CIFAR-10 as 28x28 gray, epsilon 10, 3 Dirichlet-0.5 sites: 0.300, 0.299, 0.309 against 0.276, 0.230, 0.287 with
-    one; MNIST level (0.964, 0.956 against 0.961, 0.964). At a large site on the shorter D schedule (its budget
-    cannot fit the longer plan): MNIST, epsilon 1, seeds 0, 1, 2: 0.935, 0.900, 0.896 against 0.902, 0.901, 0.878.
-    They cost time (MNIST at epsilon 10, alone on 2 cores: 66 s a round against 47 with one), which the in-process
-    simulation's sites working at once (fedsynth.localgrid: 47 s against 52 one after another) partly pay back.
-    A small site keeps one: PneumoniaMNIST's sites (283-2,429 records) got 0.800 and 0.825 with two against
-    0.808-0.849 with one. Like the D schedule, the choice reads the noisy census and public settings only
-    (post-processing of a release already charged).
-    """
-    if long_g_steps > g_steps and public_size(noisy_counts) >= LARGE_SITE_RECORDS:
-        return long_g_steps
-    return g_steps
-
-
 def validate_plan_request(req: PlanRequest) -> None:
     """Refuse a request no plan can serve, from its settings alone (before anything is charged)."""
     if req.mode not in MODES:
@@ -254,12 +202,33 @@ def validate_plan_request(req: PlanRequest) -> None:
         raise Refusal(P.REFUSED_BAD_REQUEST, "the run's epsilon must be > 0")
 
 
-def make_plan(req: PlanRequest, *, num_records: float, delta: float, budget: float, prior: list[DPEvent]) -> RunPlan:
+_SITE_TOL = 0.002  # the site fit's bisection: a noise at most 0.2 % above the least that fits (one order: cheap)
+
+
+def _fit_to_site(req: PlanRequest, q: float, delta: float, budget: float, order: float | None, prior: list[DPEvent],
+                 reserve: list[DPEvent], sigma: float, stats: DPEvent | None) -> tuple[float, DPEvent | None] | None:
+    """(sigma, stats) with the tuned release's noise raised until prior + the plan fit ``budget`` at ``order`` (the
+    run's own plan already fits the run's epsilon: more noise keeps it so); None where no noise can (the caller then
+    shrinks the whole plan, statistics included)."""
+    try:
+        if req.rounds:
+            fixed = [*prior, *reserve, *([stats] if stats else [])]
+            return max(sigma, calibrate_noise_multiplier(budget, delta, q, req.rounds * req.steps, prior=fixed,
+                                                         tol=_SITE_TOL, order=order)), stats
+        least = calibrate_noise_multiplier(budget, delta, 1.0, 1, prior=[*prior, *reserve], tol=_SITE_TOL, order=order)
+        return sigma, DPEvent(max(stats.noise_multiplier, least), 1.0, 1)
+    except BudgetTooSmall:
+        return None
+
+
+def make_plan(req: PlanRequest, *, num_records: float, delta: float, budget: float, prior: list[DPEvent],
+              order: float | None = None) -> RunPlan:
     """The run's plan at this site (module docstring); raises :class:`Refusal` with a public reason.
 
     ``num_records``: the size the sampling rate is set from. At a site it is the noisy total of the run's census
     (``client.census.run_census``), never the record count: every choice and refusal here is then a function of
-    DP releases and public settings only (see ``plan_for_site``)."""
+    DP releases and public settings only (see ``plan_for_site``). ``order``: the ledger's Renyi order, at which
+    prior + the plan must fit ``budget`` (None: the best order, for a caller without a ledger)."""
     validate_plan_request(req)
     q = min(1.0, req.batch_size / max(1.0, float(num_records)))
     private = is_private(req.epsilon, budget)
@@ -279,7 +248,7 @@ def make_plan(req: PlanRequest, *, num_records: float, delta: float, budget: flo
             events.append(DPEvent(sigma, q, req.rounds * req.steps))
         return sigma, stats, events
 
-    spent = epsilon_for(prior, delta)
+    spent = epsilon_for(prior, delta)  # (for the refusal's words: what the releases before cost)
     upper = min(req.epsilon, budget)  # a non-private request against a finite budget gets what is left
     try:
         sigma, stats, events = events_for(upper)
@@ -289,7 +258,13 @@ def make_plan(req: PlanRequest, *, num_records: float, delta: float, budget: flo
         raise Refusal(P.REFUSED_BUDGET, "the requested work does not fit this site's privacy budget",
                       f"the run's epsilon {upper:g} cannot pay for this plan: {err}{reserved}") from None
     limited = False
-    if epsilon_for([*prior, *events], delta) > budget + 1e-9:
+    if epsilon_for([*prior, *events], delta, order) > budget + 1e-9 \
+            and (fitted := _fit_to_site(req, q, delta, budget, order, prior, reserve, sigma, stats)) is not None:
+        limited = True
+        sigma, stats = fitted
+        events = [*reserve, *([stats] if stats else []), *([DPEvent(sigma, q, req.rounds * req.steps)]
+                                                         if req.rounds else [])]
+    if epsilon_for([*prior, *events], delta, order) > budget + 1e-9:
         # Shrink the run's share until prior + plan fits the site's budget (epsilon is monotone in it).
         limited = True
         lo, hi = 0.0, upper
@@ -301,7 +276,7 @@ def make_plan(req: PlanRequest, *, num_records: float, delta: float, budget: flo
             except BudgetTooSmall:
                 lo = mid
                 continue
-            if epsilon_for([*prior, *candidate[2]], delta) <= budget + 1e-9:
+            if epsilon_for([*prior, *candidate[2]], delta, order) <= budget + 1e-9:
                 best, lo = candidate, mid
             else:
                 hi = mid
@@ -319,11 +294,11 @@ def make_plan(req: PlanRequest, *, num_records: float, delta: float, budget: flo
     return RunPlan(request=req.fixed_by(), delta=delta, sample_rate=q, census=fixed["census"], train_sigma=sigma,
                    clip_choice=fixed["clip_choice"], stats=stats, evaluation=fixed["evaluation"],
                    audit=fixed["audit"], evaluation_queries=req.evaluation_queries, audit_queries=req.audit_queries,
-                   planned_epsilon=epsilon_for(events, delta), budget_limited=limited)
+                   planned_epsilon=epsilon_for(events, delta), budget_limited=limited, order=order)
 
 
 def load_or_make_plan(path: Path, req: PlanRequest, *, num_records: int, delta: float, budget: float,
-                      prior: list[DPEvent]) -> tuple[RunPlan, bool]:
+                      prior: list[DPEvent], order: float | None = None) -> tuple[RunPlan, bool]:
     """(the run's plan, whether it was made just now): read back if the run fixed one, else made and saved.
 
     A request that changes what fixed the plan is refused (:class:`Refusal`, bad request).
@@ -335,7 +310,7 @@ def load_or_make_plan(path: Path, req: PlanRequest, *, num_records: int, delta: 
             raise Refusal(P.REFUSED_BAD_REQUEST, f"the request changes settings fixed at the run's first request "
                                                      f"({', '.join(changed)}); start a new experiment instead")
         return plan, False
-    plan = make_plan(req, num_records=num_records, delta=delta, budget=budget, prior=prior)
+    plan = make_plan(req, num_records=num_records, delta=delta, budget=budget, prior=prior, order=order)
     atomic_write_json(path, plan.to_json())
     return plan, True
 
@@ -390,11 +365,12 @@ def plan_for_site(site: "SiteSettings", ledger: "PrivacyLedger", run_dir: Path, 
     # the plan covers the whole run, its census included (charged before the plan, it is in it, not before it)
     prior = ledger.events_except(run=experiment, purpose=census_purpose(req.mode))
     plan, made = load_or_make_plan(run_dir / PLAN_FILE, req, num_records=public_size(census), delta=ledger.delta,
-                                   budget=site.epsilon_budget, prior=prior)
+                                   budget=site.epsilon_budget, prior=prior, order=ledger.order)
     if made:
         logging.getLogger("fedsynth.site").info(
             "[%s] planned the run: %s mode, DP-SGD sigma %.4f at q %.4f, %s; whole run epsilon %.3f (delta %.2g)%s",
             site.name, req.mode, plan.train_sigma, plan.sample_rate,
             f"statistics sigma {plan.stats.noise_multiplier:.3f}" if plan.stats else "no statistics release",
-            plan.planned_epsilon, plan.delta, " -- limited by the site's remaining budget" if plan.budget_limited else "")
+            plan.planned_epsilon, plan.delta,
+            f" -- set by the site's budget (at its ledger's Renyi order {plan.order})" if plan.budget_limited else "")
     return plan

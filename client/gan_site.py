@@ -27,8 +27,6 @@ from client.budget import (
     PLAN_FILE,
     PlanRequest,
     RunPlan,
-    choose_g_steps,
-    choose_local_steps,
     expected_batch,
     plan_for_site,
     plan_changes,
@@ -57,6 +55,7 @@ from client.requests import (
 )
 from client.row_check import check_network_rows, discriminator_problems, generator_problems
 from client.site import SiteSettings, data_fingerprint, open_ledger
+from client.site_schedule import choose_g_steps, choose_local_steps
 from common import protocol as P
 from common.gan_augment import parse_augment
 from common.recipe_ranges import MIN_G_WIDTH
@@ -237,7 +236,7 @@ def _schedule(req: P.GanTrainRequest, site: SiteSettings, ledger, folder, census
     """D steps per round for this run, chosen from the run's census (already charged and drawn).
 
     Without a longer schedule to choose (``long_steps`` 0) the request's steps are taken. With one, the schedule
-    follows from the census alone (``client.budget.choose_local_steps``); a longer plan that does not fit the
+    follows from the census alone (``client.site_schedule.choose_local_steps``); a longer plan that does not fit the
     site's budget gives the shorter one (a decision on the census and the ledger, like every plan's). Once the
     plan is fixed its steps are the run's; a request naming other steps is refused.
     """
@@ -263,7 +262,7 @@ def _schedule(req: P.GanTrainRequest, site: SiteSettings, ledger, folder, census
 def _g_steps(req: P.GanTrainRequest, site: SiteSettings, previous: dict | None, census: list[float]) -> int:
     """G steps per D step for this run: chosen at its first trained round, then the run's.
 
-    The choice (``client.budget.choose_g_steps``) reads the request and the census, both fixed for a run, so it
+    The choice (``client.site_schedule.choose_g_steps``) reads the request and the census, both fixed for a run, so it
     only changes within a run when the rule itself did: a run begun by an older fedsynth and resumed by a newer
     one keeps the G steps its earlier rounds took (``previous``: the saved reply of its latest one,
     ``_previous_round``), as it keeps their D steps. A request whose settings cannot give those steps is refused,

@@ -4,7 +4,8 @@ Every release a site makes is charged here BEFORE the private work starts (write
 that would push the dataset past the site's own epsilon budget is refused with nothing written and
 nothing computed. Epsilon is composed over all recorded releases (all runs, rounds and modes) with
 RDP accounting (:mod:`common.accounting`) at the ledger's delta, which is fixed when the ledger is
-created and kept for its whole life.
+created and kept for its whole life, and at ONE Renyi order, fixed with it (:mod:`client.ledger_order`: the
+proven guarantee of a budget enforced over adaptively chosen releases holds at a fixed order).
 
 The ledger is keyed by the dataset id the site's operator declares (``dataset_id`` in site.yaml), not
 by the data's content: adding, removing or re-encoding records keeps the same ledger, so the budget of
@@ -37,7 +38,9 @@ from pathlib import Path
 
 from client import ledger_file as lf
 from client.ledger_file import LedgerDamaged
-from common.accounting import DPEvent, epsilon_for
+from client.ledger_order import ledger_order
+from client.ledger_refusals import BudgetExceeded, budget_refusal, run_refusal
+from common.accounting import DPEvent, epsilon_for, rdp_at_order, rdp_to_epsilon
 from common.protocol import DEFAULT_DELTA_BOUND
 
 __all__ = ["BudgetExceeded", "LedgerDamaged", "PrivacyLedger", "Spent"]
@@ -46,28 +49,16 @@ __all__ = ["BudgetExceeded", "LedgerDamaged", "PrivacyLedger", "Spent"]
 _BUDGET_SLACK = 1e-9
 
 
-class BudgetExceeded(Exception):
-    """A release was refused because it would push the dataset's epsilon past the site's budget.
-
-    The message names the budget and what is left: it is for the site's operator (its log, `fedsynth
-    ledger`), never for the coordinator (the site replies with a generic refusal)."""
-
-    def __init__(self, message: str, *, requested_epsilon: float, spent_epsilon: float, budget_epsilon: float,
-                 epsilon_after: float) -> None:
-        super().__init__(message)
-        self.requested_epsilon = requested_epsilon  # epsilon of the refused release on its own
-        self.spent_epsilon = spent_epsilon  # epsilon already spent before the request
-        self.budget_epsilon = budget_epsilon
-        self.epsilon_after = epsilon_after  # epsilon the dataset would have reached
-
-
 @dataclass(frozen=True)
 class Spent:
-    """Privacy spent on one dataset so far: composed epsilon at the ledger's delta, number of releases."""
+    """Privacy spent on one dataset so far: what its releases cost (composed epsilon at the ledger's delta, at their
+    best order), the share of the site's budget they use (at the ledger's order: what the ledger enforces), and how
+    many there are."""
 
     epsilon: float
     delta: float
     releases: int
+    used: float = 0.0  # share of the budget's Renyi divergence at the ledger's order (1.0: spent; 0 if unlimited)
 
 
 class PrivacyLedger:
@@ -140,7 +131,7 @@ class PrivacyLedger:
         return recorded
 
     def _check_first_charge(self, first_charge: tuple[Sequence[DPEvent], str, str], delta: float) -> None:
-        cost = epsilon_for(list(first_charge[0]), delta)
+        cost = epsilon_for(list(first_charge[0]), delta, ledger_order(self.epsilon_budget, delta))
         if cost > self.epsilon_budget + _BUDGET_SLACK:
             raise BudgetExceeded(
                 f"privacy budget exceeded: creating the privacy ledger {self.path} charges its '{first_charge[1]}' "
@@ -180,9 +171,12 @@ class PrivacyLedger:
                         raise
                     events = list(first_charge[0])
                 lines = lf.dumps(lf.make_header(float(delta), self.dataset_id, first_charge[1] if with_charge else ""))
+                if (order := ledger_order(self.epsilon_budget, float(delta))) is not None:
+                    lines += lf.dumps(lf.make_order(order, self.epsilon_budget))
                 if with_charge:
                     lines += lf.dumps(lf.make_charge(events, purpose=first_charge[1], run="", round_=0, details={},
-                                                     epsilon_after=epsilon_for(events, delta), delta=delta, data=first_charge[2]))
+                                                     epsilon_after=epsilon_for(events, delta), delta=delta,
+                                                     data=first_charge[2]))
                 os.ftruncate(fd, 0)
                 lf.write_all(fd, lines)
                 os.fsync(fd)
@@ -224,18 +218,32 @@ class PrivacyLedger:
         with self._locked(fcntl.LOCK_SH) as (_, contents):
             return contents
 
+    def _order_of(self, contents: lf.Contents) -> float | None:
+        return contents.order if contents.order is not None else ledger_order(self.epsilon_budget, self.delta)
+
+    @property
+    def order(self) -> float | None:
+        """The Renyi order the dataset's total is composed at: the one the ledger recorded, or (none recorded yet:
+        a ledger made before 2026-12-07 or under an unlimited budget) the one its next charge records, from the
+        budget and delta (:func:`client.ledger_order.ledger_order`); None under an unlimited budget."""
+        return self._order_of(self._contents())
+
     # ------------------------------------------------------------------ queries
 
     def spent(self) -> Spent:
-        """Epsilon composed over all recorded releases, at the ledger's delta."""
+        """What all recorded releases cost and the share of the budget they use (:class:`Spent`)."""
         contents = self._contents()
-        return Spent(epsilon_for(contents.events, self.delta), self.delta, len(contents.entries))
+        return Spent(epsilon_for(contents.events, self.delta), self.delta, len(contents.entries),
+                     self._used(contents.events, self._order_of(contents)))
 
-    def remaining(self) -> float:
-        """Budget minus spent epsilon (never below 0); math.inf if the budget is unlimited."""
-        if math.isinf(self.epsilon_budget):
-            return math.inf
-        return max(0.0, self.epsilon_budget - self.spent().epsilon)
+    def _used(self, events: list[DPEvent], order: float | None) -> float:
+        """The share of the budget ``events`` use at ``order``: their Renyi divergence there over the most the budget
+        allows there (its epsilon less the conversion's own cost at that order); 0 under an unlimited budget."""
+        if order is None or math.isinf(self.epsilon_budget):
+            return 0.0
+        rdp = rdp_at_order(events, order)
+        allowed = self.epsilon_budget - rdp_to_epsilon(0.0, order, self.delta)
+        return 0.0 if rdp == 0 else (rdp / allowed if allowed > 0 else math.inf)
 
     def entries(self) -> list[dict]:
         """All recorded charge entries, oldest first (``epsilon_after`` decoded to a float, inf allowed)."""
@@ -268,6 +276,7 @@ class PrivacyLedger:
     def summary(self) -> dict:
         """Budget, spending and per-purpose breakdown, for `fedsynth ledger` and the simulation report."""
         contents = self._contents()
+        order = self._order_of(contents)
         spent = epsilon_for(contents.events, self.delta)
         events_by_purpose: dict[str, list[DPEvent]] = defaultdict(list)
         for entry in contents.entries:
@@ -277,12 +286,14 @@ class PrivacyLedger:
             "path": str(self.path),
             "dataset_id": (contents.header or {}).get("dataset_id", ""),
             "budget_epsilon": budget,
-            "spent_epsilon": spent,
-            "remaining_epsilon": math.inf if math.isinf(budget) else max(0.0, budget - spent),
+            "spent_epsilon": spent,  # what the releases cost, at their best order
+            "budget_used": self._used(contents.events, order),  # what the ledger enforces: 1.0 is all of it
             "delta": self.delta,
+            "order": order,  # the Renyi order the total is read at (client.ledger_order)
+            "order_recorded": contents.order is not None,
             "releases": len(contents.entries),
             "per_purpose_releases": dict(Counter(entry["purpose"] for entry in contents.entries)),
-            # Epsilon of each purpose on its own; these do not add up to spent_epsilon (composition is sublinear).
+            # Epsilon of each purpose on its own, at its best order; these do not add up to spent_epsilon.
             "per_purpose_epsilon": {p: epsilon_for(ev, self.delta) for p, ev in events_by_purpose.items()},
             "runs": sorted({entry["run"] for entry in contents.entries if entry["run"]}),
             "first_release": contents.entries[0]["time"] if contents.entries else None,
@@ -316,7 +327,8 @@ class PrivacyLedger:
                             run_epsilon=run_epsilon)
 
     def run_spent(self, run: str) -> float:
-        """Epsilon of the run ``run``'s own charges, composed at the ledger's delta."""
+        """Epsilon of the run ``run``'s own charges, composed at the ledger's delta and their best order (a run's
+        own epsilon, as its plan reads it; the dataset's total is read at the ledger's order)."""
         return epsilon_for(self._run_events(self._contents(), run), self.delta)
 
     @staticmethod
@@ -344,57 +356,38 @@ class PrivacyLedger:
             raise ValueError(f"charge() details must be JSON-serialisable with finite numbers: {exc}") from exc
 
         with self._locked(fcntl.LOCK_EX) as (fd, contents):
+            order = self._order_of(contents)
             spent_before = epsilon_for(contents.events, self.delta)
             earlier = lf.last_charge(contents.entries, run=run, purpose=purpose, round_=round) if once else None
             if earlier is not None:  # reused for the same release only (review s59: lf.same_release)
                 if lf.same_release(earlier, events, details):
-                    return Spent(spent_before, self.delta, len(contents.entries)), True
+                    return Spent(spent_before, self.delta, len(contents.entries),
+                                 self._used(contents.events, order)), True
                 details[lf.RETRY_DIFFERS] = True
             epsilon_after = epsilon_for([*contents.events, *events], self.delta)
-            if epsilon_after > self.epsilon_budget + _BUDGET_SLACK:
-                raise self._refusal(events, purpose, run, round, spent_before, epsilon_after)
+            # the allow rule: the total at the ledger's one order (a Renyi filter, client.ledger_order)
+            if epsilon_for([*contents.events, *events], self.delta, order) > self.epsilon_budget + _BUDGET_SLACK:
+                raise budget_refusal(events, delta=self.delta, order=order, budget=self.epsilon_budget,
+                                     purpose=purpose, run=run, round_=round, spent=spent_before, after=epsilon_after,
+                                     used=(self._used(contents.events, order),
+                                           self._used([*contents.events, *events], order)))
             if run_epsilon is not None and math.isfinite(run_epsilon):
                 run_events = self._run_events(contents, run)
                 run_after = epsilon_for([*run_events, *events], self.delta)
                 if run_after > run_epsilon + _BUDGET_SLACK:
-                    raise self._run_refusal(events, purpose, run, round, epsilon_for(run_events, self.delta),
-                                            run_after, run_epsilon, spent_before, epsilon_after)
+                    raise run_refusal(events, delta=self.delta, budget=self.epsilon_budget, purpose=purpose, run=run,
+                                      round_=round, run_spent=epsilon_for(run_events, self.delta),
+                                      run_after=run_after, run_epsilon=run_epsilon, spent=spent_before,
+                                      after=epsilon_after)
             line = lf.dumps(lf.make_charge(events, purpose=purpose, run=run, round_=round, details=details,
                                            epsilon_after=epsilon_after, delta=self.delta, data=data))
             if contents.keep_bytes < contents.size:  # drop an unacknowledged partial last line
                 os.ftruncate(fd, contents.keep_bytes)
+            if contents.order is None and order is not None:  # fixed from now on (client.ledger_order)
+                line = lf.dumps(lf.make_order(order, self.epsilon_budget)) + line
             if contents.needs_newline:
                 line = b"\n" + line
             lf.write_all(fd, line)
             os.fsync(fd)
-        return Spent(epsilon_after, self.delta, len(contents.entries) + 1), False
-
-    def _run_refusal(self, events: list[DPEvent], purpose: str, run: str, round_: int, run_spent: float,
-                     run_after: float, run_epsilon: float, spent: float, after: float) -> BudgetExceeded:
-        requested = epsilon_for(events, self.delta)
-        message = (
-            f"run epsilon exceeded: refused the '{purpose}' release (run {run!r}, round {round_}) before doing any "
-            f"work. On its own it costs epsilon {requested:.4g}; it would bring the run's own charges from "
-            f"{run_spent:.4g} to {run_after:.4g} (delta {self.delta:g}), above the epsilon {run_epsilon:g} the run "
-            "asked for (an attempt that failed or was killed after its charge, or an interrupted one re-sent with "
-            "other settings, e.g. a clip bound, is charged again). The run cannot finish here; start a new run."
-        )
-        return BudgetExceeded(message, requested_epsilon=requested, spent_epsilon=spent,
-                              budget_epsilon=self.epsilon_budget, epsilon_after=after)
-
-    def _refusal(self, events: list[DPEvent], purpose: str, run: str, round_: int, spent: float,
-                 after: float) -> BudgetExceeded:
-        requested = epsilon_for(events, self.delta)
-        remaining = max(0.0, self.epsilon_budget - spent)
-        message = (
-            f"privacy budget exceeded: refused the '{purpose}' release (run {run!r}, round {round_}) before "
-            f"doing any work. On its own it costs epsilon {requested:.4g}; it would bring this dataset's total "
-            f"from {spent:.4g} to {after:.4g} (delta {self.delta:g}), above the site budget "
-            f"{self.epsilon_budget:g}; remaining epsilon is {remaining:.4g}. Ask for a smaller release (fewer "
-            "rounds or steps, a lower sampling rate or more noise), or, as the site operator, raise "
-            "epsilon_budget in the site config (the coordinator cannot)."
-        )
-        if any(e.noise_multiplier == 0 and e.releases_anything for e in events):
-            message += " Non-private releases (noise_multiplier 0) are only allowed with an unlimited budget."
-        return BudgetExceeded(message, requested_epsilon=requested, spent_epsilon=spent,
-                              budget_epsilon=self.epsilon_budget, epsilon_after=after)
+        return Spent(epsilon_after, self.delta, len(contents.entries) + 1,
+                     self._used([*contents.events, *events], order)), False

@@ -6,6 +6,9 @@ Format (one JSON object per line)::
            "created": ..., "dataset_id": ...}
   then:   {"type": "charge", "time", "purpose", "run", "round", "events": [...], "details",
            "epsilon_after", "delta", "data"}
+  once:   {"type": "order", "order": ..., "time", "budget"}: the Renyi order the total is composed at
+           (``client.ledger_order``), written with the header, or before the first charge made by a fedsynth that
+           fixes one (a ledger made before 2026-12-07 or under an unlimited budget has none until then)
 
 ``epsilon_after`` is the string "inf" for a non-private release (strict JSON has no infinity);
 ``data`` is a short fingerprint of the data the release was computed on (a changed fingerprint under
@@ -49,6 +52,7 @@ class Contents:
     keep_bytes: int  # bytes of valid content; anything after it is an unacknowledged partial line
     needs_newline: bool  # the kept content ends with a complete entry that lacks its trailing newline
     size: int
+    order: float | None = None  # the Renyi order of the ledger's total, once recorded (its "order" line)
 
 
 def started_mark(path: Path) -> Path:
@@ -171,6 +175,20 @@ def make_charge(events: list[DPEvent], *, purpose: str, run: str, round_: int, d
             "epsilon_after": encode_epsilon(epsilon_after), "delta": delta, "data": data}
 
 
+def make_order(order: float, budget: float) -> dict:
+    """The line that fixes the ledger's Renyi order for the rest of its life (module docstring)."""
+    return {"type": "order", "order": order, "time": now(), "budget": budget}
+
+
+def _check_order(obj: dict, recorded: float | None) -> float:
+    order = obj.get("order")
+    if not (isinstance(order, (int, float)) and not isinstance(order, bool) and 1 < order < math.inf):
+        raise ValueError(f"the order line's order {order!r} is not a number > 1")
+    if recorded is not None:
+        raise ValueError("a second order line (a ledger's order is fixed once)")
+    return float(order)
+
+
 def _check_header(obj: Any) -> dict:
     if not (isinstance(obj, dict) and obj.get("type") == "header" and obj.get("format") == FORMAT):
         raise ValueError("the first line is not a fedsynth privacy-ledger header")
@@ -205,6 +223,7 @@ def parse(data: bytes, path: Path) -> Contents:
     header: dict | None = None
     entries: list[dict] = []
     events: list[DPEvent] = []
+    order: float | None = None
     offset = 0
     for index, raw in enumerate(lines):
         is_last = index == len(lines) - 1
@@ -213,6 +232,8 @@ def parse(data: bytes, path: Path) -> Contents:
             obj = json.loads(raw.decode("utf-8"))
             if index == 0:
                 header = _check_header(obj)
+            elif isinstance(obj, dict) and obj.get("type") == "order":
+                order = _check_order(obj, order)
             else:
                 entry, entry_events = _check_entry(obj)
                 entries.append(entry)
@@ -222,7 +243,7 @@ def parse(data: bytes, path: Path) -> Contents:
                 # A torn final write: never acknowledged, so the work it would cover never started. Every line is
                 # written with its newline in one write(), so a torn one lacks it; a complete (newline-terminated)
                 # line that does not parse was acknowledged and is damage like any other, never dropped.
-                return _created(Contents(header, entries, events, offset, False, len(data)))
+                return _created(Contents(header, entries, events, offset, False, len(data), order))
             raise LedgerDamaged(
                 f"privacy ledger {path} is damaged at line {index + 1} ({exc}). Only an interrupted last "
                 "line is repaired automatically; damage before the end means recorded privacy spending "
@@ -232,7 +253,7 @@ def parse(data: bytes, path: Path) -> Contents:
         offset += len(raw) + (1 if has_newline else 0)
     # A complete, valid final entry without its newline is kept (over-counting is the safe side);
     # the newline is added before the next append.
-    return _created(Contents(header, entries, events, offset, not terminated and bool(lines), len(data)))
+    return _created(Contents(header, entries, events, offset, not terminated and bool(lines), len(data), order))
 
 
 def _created(contents: Contents) -> Contents:

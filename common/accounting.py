@@ -3,7 +3,9 @@
 Every number a site releases is described by one or more :class:`DPEvent` (a noise multiplier, a
 sampling rate and a number of compositions). :func:`epsilon_for` composes any list of events with
 Renyi DP (Opacus' analysis of the Poisson-subsampled Gaussian, Mironov et al. 2019, converted to
-(epsilon, delta) with Balle et al. 2020, Thm 21), under add/remove-one adjacency.
+(epsilon, delta) with Balle et al. 2020, Thm 21), under add/remove-one adjacency: at the best of
+RDP_ORDERS by default, or at one given ``order`` (a site's ledger composes its total at one order fixed when
+the ledger was made: ``client.ledger_order``).
 :func:`calibrate_noise_multiplier` finds the smallest noise that keeps a planned release within a
 target epsilon, given what was already spent.
 
@@ -41,6 +43,8 @@ __all__ = [
     "calibrate_noise_multiplier",
     "default_delta",
     "epsilon_for",
+    "rdp_at_order",
+    "rdp_to_epsilon",
 ]
 
 # Opacus' default orders (1.1 ... 10.9, 12 ... 63) extended upwards. Large orders matter when the
@@ -133,32 +137,76 @@ def _check_delta(delta: float) -> None:
         raise ValueError(f"delta must be in (0, 1), got {delta!r}; use default_delta(n) for n records")
 
 
-def epsilon_for(events: Sequence[DPEvent], delta: float) -> float:
-    """Epsilon of the composition of all `events` at `delta` (RDP accounting, add/remove-one adjacency).
+@lru_cache(maxsize=8192)
+def _rdp_one_step_at(noise_multiplier: float, sample_rate: float, order: float) -> float:
+    """RDP of ONE step of the subsampled Gaussian at one order (any order > 1, in RDP_ORDERS or not)."""
+    if order in _ORDER_INDEX:
+        return float(_rdp_curve_one_step(noise_multiplier, sample_rate)[_ORDER_INDEX[order]])
+    return float(opacus_rdp.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=[order])[0])
 
-    Returns 0.0 for no events (or only events that touch no data) and math.inf if any event releases
-    data without noise (noise_multiplier == 0).
-    """
-    _check_delta(delta)
-    # Merge events with equal (sigma, q): RDP composes additively, so only the total steps matter.
+
+_ORDER_INDEX = {order: i for i, order in enumerate(RDP_ORDERS)}
+
+
+def _mechanisms(events: Sequence[DPEvent]) -> dict[tuple[float, float], int]:
+    """Total steps per (sigma, q): RDP composes additively, so only the total steps of a mechanism matter."""
     steps_by_mechanism: dict[tuple[float, float], int] = defaultdict(int)
     for event in events:
         if not isinstance(event, DPEvent):
             raise TypeError(f"epsilon_for expects DPEvent objects, got {type(event).__name__}")
         if event.releases_anything:
             steps_by_mechanism[(event.noise_multiplier, event.sample_rate)] += event.steps
+    return steps_by_mechanism
+
+
+def _check_order(order: float) -> None:
+    if not (isinstance(order, numbers.Real) and 1.0 < order < math.inf):
+        raise ValueError(f"a Renyi order must be a number > 1, got {order!r}")
+
+
+def rdp_at_order(events: Sequence[DPEvent], order: float) -> float:
+    """The Renyi divergence bound of the composition of ``events`` at one ``order`` (inf if any is noiseless)."""
+    _check_order(order)
+    mechanisms = _mechanisms(events)
+    if any(sigma == 0.0 for sigma, _ in mechanisms):
+        return math.inf
+    return sum(steps * _rdp_one_step_at(sigma, q, float(order)) for (sigma, q), steps in mechanisms.items())
+
+
+def rdp_to_epsilon(rdp: float, order: float, delta: float) -> float:
+    """Epsilon at ``delta`` of a mechanism that is (``order``, ``rdp``)-RDP: the conversion :func:`epsilon_for` uses
+    (Balle et al. 2020, Thm 21), linear in ``rdp``; not clamped at 0 (with ``rdp`` 0 it is the conversion's own
+    cost at that order, e.g. 5.07 at order 2.9 and delta 1e-5)."""
+    _check_delta(delta)
+    _check_order(order)
+    return float(rdp + math.log((order - 1) / order) - (math.log(delta) + math.log(order)) / (order - 1))
+
+
+def epsilon_for(events: Sequence[DPEvent], delta: float, order: float | None = None) -> float:
+    """Epsilon of the composition of all `events` at `delta` (RDP accounting, add/remove-one adjacency).
+
+    ``order=None``: the smallest epsilon over RDP_ORDERS (right for a fixed list of releases). ``order``: the
+    conversion at that one order (right for a stopping rule over adaptively chosen releases, the Renyi filter of
+    Feldman & Zrnic 2021: a site's ledger). Returns 0.0 for no events (or only events that touch no data) and
+    math.inf if any event releases data without noise (noise_multiplier == 0).
+    """
+    _check_delta(delta)
+    steps_by_mechanism = _mechanisms(events)
     if not steps_by_mechanism:
         return 0.0
     if any(sigma == 0.0 for sigma, _ in steps_by_mechanism):
         return math.inf
-    total = np.zeros_like(_ORDERS)
-    for (sigma, q), steps in steps_by_mechanism.items():
-        total = total + steps * _rdp_curve_one_step(sigma, q)
+    if order is not None:
+        orders, total = [float(order)], np.array([rdp_at_order(events, order)])
+    else:
+        orders, total = list(RDP_ORDERS), np.zeros_like(_ORDERS)
+        for (sigma, q), steps in steps_by_mechanism.items():
+            total = total + steps * _rdp_curve_one_step(sigma, q)
     with warnings.catch_warnings():
         # Opacus warns when the optimum is at the first/last order; the bound is still valid (just
         # not the tightest possible), and RDP_ORDERS already spans the useful range.
         warnings.simplefilter("ignore")
-        eps, _ = opacus_rdp.get_privacy_spent(orders=list(RDP_ORDERS), rdp=total, delta=delta)
+        eps, _ = opacus_rdp.get_privacy_spent(orders=orders, rdp=total, delta=delta)
     eps = float(eps)
     if math.isnan(eps):  # cannot happen with sigma > 0; fail safe (never report less than spent)
         return math.inf
@@ -173,12 +221,14 @@ def calibrate_noise_multiplier(
     steps: int,
     prior: Sequence[DPEvent] = (),
     tol: float = 0.01,
+    order: float | None = None,
 ) -> float:
     """Smallest noise multiplier (within relative `tol`) keeping prior + the planned release within target.
 
     The planned release is ``DPEvent(sigma, sample_rate, steps)``; the returned sigma always satisfies
     ``epsilon_for([*prior, DPEvent(sigma, sample_rate, steps)], delta) <= target_epsilon`` (bisection keeps
-    the feasible end of the bracket). Returns 0.0 (no noise, non-private) when target_epsilon is inf.
+    the feasible end of the bracket; ``order``: epsilon at that one order, as :func:`epsilon_for`).
+    Returns 0.0 (no noise, non-private) when target_epsilon is inf.
 
     Raises:
         BudgetTooSmall: the prior events alone already reach the target, or even a noise multiplier of
@@ -199,9 +249,9 @@ def calibrate_noise_multiplier(
     prior = list(prior)
 
     def epsilon_with(sigma: float) -> float:
-        return epsilon_for([*prior, DPEvent(sigma, sample_rate, steps)], delta)
+        return epsilon_for([*prior, DPEvent(sigma, sample_rate, steps)], delta, order)
 
-    prior_epsilon = epsilon_for(prior, delta)
+    prior_epsilon = epsilon_for(prior, delta, order)
     plan = f"{steps} step(s) at sample rate {sample_rate:g}"
     if prior_epsilon >= target_epsilon:
         raise BudgetTooSmall(

@@ -146,10 +146,10 @@ class GanTrainRequest(Message):
     d_steps: int = 1  # D steps between two G steps (n_D; the D steps, and so the privacy spent, are local_steps)
     ema: float = 0.0  # decay of the EMA of G's weights over the round, sent instead of G's last weights (0 = off)
     # D steps per round the site takes instead of local_steps where its own noisy census says it is large
-    # (client.budget.choose_local_steps); 0 = exactly local_steps. Fixed with the site's plan at its first round.
+    # (client.site_schedule.choose_local_steps); 0 = exactly local_steps. Fixed with the site's plan at its first round.
     long_steps: int = 0
     # G steps after each D step a site takes instead of g_steps where its own noisy census says it is large
-    # (client.budget.choose_g_steps: free in privacy); 0 = exactly g_steps.
+    # (client.site_schedule.choose_g_steps: free in privacy); 0 = exactly g_steps.
     long_g_steps: int = 0
     # DiffAugment of every image the site's D judges (common.gan_augment): "" = none, or comma-separated names
     augment: str = ""

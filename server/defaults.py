@@ -5,8 +5,8 @@ their schema: from the image shape, the number of classes and the number of site
 record, a record count or a result on test data. Two choices are left to each site, since a site's size,
 which the coordinator does not know, decides them: where the run offers a longer DP-GAN schedule
 (``gan-long-local-steps``), a site takes it only if its own noisy census counts 10,000 records or more
-(``client.budget.choose_local_steps``), and a site that large takes the run's extra generator steps
-(``gan-long-g-steps``, ``client.budget.choose_g_steps``), free in privacy, on either D schedule. Each rule says
+(``client.site_schedule.choose_local_steps``), and a site that large takes the run's extra generator steps
+(``gan-long-g-steps``, ``client.site_schedule.choose_g_steps``), free in privacy, on either D schedule. Each rule says
 why beside it, the report lists every value chosen this way with its reason (``report["settings_chosen"]``),
 and ``--set KEY=VALUE`` (or the run config) overrides any of them. The rules are fixed in advance: one recipe per
 mode and image size, the way DPImageBench runs one recipe per method on every dataset, not one per dataset.
@@ -88,7 +88,7 @@ def gan_rules(schema: Schema, num_sites: int, resolution: int) -> list[Choice]:
         Choice("gan-long-local-steps", 100 if small else 2 * 60,
                "tiny images: never more than gan-local-steps, the demo's" if small else
                "twice the D steps at a site whose own noisy census counts 10,000 records or more "
-               "(client.budget.choose_local_steps). Natural images are short of training, not of "
+               "(client.site_schedule.choose_local_steps). Natural images are short of training, not of "
                "privacy: CIFAR-10 as 28x28 grayscale, 3 Dirichlet-0.5 sites of ~16,700 records, epsilon 10: "
                "0.251 at 600 steps, 0.315 at 1,200 (noise multiplier 0.60 to 0.66), 0.325 at 600 steps without "
                "DP; MNIST 0.953 to 0.957. At epsilon 1 too, though the steps cost large sites x1.2-1.4 the noise "
@@ -99,8 +99,8 @@ def gan_rules(schema: Schema, num_sites: int, resolution: int) -> list[Choice]:
         Choice("gan-long-g-steps", 1 if small else 2,
                "tiny images: one generator step per D step, the demo's" if small else
                "two generator steps per D step at a site whose noisy census counts 10,000 records or more, on "
-               "either D schedule (client.budget.choose_g_steps): a G step never touches a record, so it is free "
-               "in privacy, and natural images are short of training. CIFAR-10 as 28x28 gray, epsilon 10, 3 "
+               "either D schedule (client.site_schedule.choose_g_steps): a G step never touches a record, so it is "
+               "free in privacy, and natural images are short of training. CIFAR-10 as 28x28 gray, epsilon 10, 3 "
                "Dirichlet-0.5 sites on the longer D schedule: 0.300, 0.299, 0.309 against 0.276, 0.230, 0.287 with "
                "one; MNIST level (0.964, 0.956 against 0.961, 0.964). On the shorter D schedule (MNIST, epsilon 1, "
                "seeds 0-2): 0.935, 0.900, 0.896 against 0.902, 0.901, 0.878. With today's other defaults, on "

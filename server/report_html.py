@@ -276,7 +276,7 @@ def render_report(report: dict, out_dir: Path) -> Path:
     rounds = report.get("rounds") or []
     taken = {site: steps for entry in rounds for site, steps in entry.get("local-steps", {}).items()}
     g_taken = {site: steps for entry in rounds for site, steps in entry.get("g-steps", {}).items()}
-    if taken:  # the DP-GAN schedule each site chose from its own noisy census (client.budget.choose_*_steps)
+    if taken:  # the DP-GAN schedule each site chose from its own noisy census (client.site_schedule.choose_*_steps)
         parts.append("<h2>Steps each site took per round</h2>"
                      '<p class="muted">A site takes gan-long-local-steps instead of gan-local-steps where its own '
                      "noisy census counts 10,000 records or more (unless its budget cannot fit the longer plan), and "

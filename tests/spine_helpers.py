@@ -58,3 +58,8 @@ def spent(tmp: Path, sites: str = "sites") -> list[float]:
     """Every site's spent epsilon, read from its ledger (sites in name order)."""
     return [PrivacyLedger(p, epsilon_budget=float("inf"), create=False).spent().epsilon
             for p in ledger_paths(tmp, sites)]
+
+
+def budget_used(tmp: Path, budget: float, sites: str = "sites") -> list[float]:
+    """Every site's share of ``budget`` used, at its ledger's order: what the ledger enforces (client.ledger_order)."""
+    return [PrivacyLedger(p, epsilon_budget=budget, create=False).spent().used for p in ledger_paths(tmp, sites)]

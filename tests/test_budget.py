@@ -76,7 +76,7 @@ def test_the_plan_is_fixed_at_the_first_request(tmp_path):
 
 
 def test_a_site_takes_the_longer_gan_schedule_only_where_its_noisy_census_says_it_is_large():
-    from client.budget import LARGE_SITE_RECORDS, choose_local_steps
+    from client.site_schedule import LARGE_SITE_RECORDS, choose_local_steps
 
     def chosen(records: float, epsilon: float) -> int:  # the product's schedule: 10 rounds of 60 or 120 steps
         return choose_local_steps(60, 120, epsilon=epsilon, noisy_counts=[records / 10] * 10)[0]
@@ -92,7 +92,7 @@ def test_a_site_takes_the_longer_gan_schedule_only_where_its_noisy_census_says_i
 
 
 def test_a_large_site_takes_the_extra_generator_steps_and_no_other_site_does():
-    from client.budget import LARGE_SITE_RECORDS, choose_g_steps
+    from client.site_schedule import LARGE_SITE_RECORDS, choose_g_steps
 
     def g(records: float, *, long_g: int = 2) -> int:
         return choose_g_steps(1, long_g, noisy_counts=[records / 10] * 10)

@@ -242,7 +242,8 @@ def test_fedsynth_ledger_and_site_check_report_a_deleted_ledger(tmp_path, capsys
     ledger.charge([ROUND], purpose="dpgan", run="e1", round=1)
     files.atomic_write_bytes(state / "runs" / "e1" / "gan-round-1.pt", b"a released reply")
     assert main(["ledger", "--config", str(cfg)]) == 0
-    capsys.readouterr()
+    shown = capsys.readouterr().out  # what was spent, and the share of the budget used at the ledger's order
+    assert "spent epsilon" in shown and "budget used" in shown and "Renyi order" in shown, shown
     site.ledger_path.unlink()
     assert main(["ledger", "--config", str(cfg)]) == 1
     assert "released before" in capsys.readouterr().out
@@ -315,7 +316,7 @@ def test_a_power_cut_after_a_sent_round_costs_a_new_charge_and_never_more_than_t
     assert last.has_error() and last.error.code == P.REFUSED_BUDGET
     (path,) = (tmp_path / "site-a" / "ledger").glob("*.jsonl")
     lines = [json.loads(x) for x in path.read_text().splitlines()[1:]]
-    run = [x for x in lines if x["run"] == "e1"]
+    run = [x for x in lines if x["type"] == "charge" and x["run"] == "e1"]
     assert [(x["purpose"], x["round"]) for x in run] == [("dpgan-census", 0), ("dpgan", 1), ("dpgan", 1)]
     assert epsilon_for([DPEvent.from_dict(e) for x in run for e in x["events"]], run[0]["delta"]) <= cfg.epsilon
 

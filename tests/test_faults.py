@@ -15,7 +15,7 @@ from common.models import GanShape, Generator
 from fedsynth.localgrid import LocalGrid, run_inprocess, set_task_identity
 from server.app import run_coordinator
 from server.sites import RunFailed
-from tests.spine_helpers import charges, fast_config, ledger_paths, nodes, run, spent
+from tests.spine_helpers import budget_used, charges, fast_config, ledger_paths, nodes, run, spent
 
 
 def test_run_completes_with_quorum_when_a_site_never_answers(tmp_path):
@@ -107,9 +107,12 @@ def test_site_budget_is_the_sites_not_the_coordinators(tmp_path):
     node = {**nodes(1)[0], "epsilon": 2.0}  # the site's own budget (node config) is finite
     reply = send(LocalGrid(client_app, [node], cfg.to_flwr()), 1000, gan_request(cfg, epsilon=float("inf")))
     assert not reply.has_error()
-    assert 1.5 < spent(tmp_path)[0] <= 2.0 + 1e-9  # a non-private request got the site's budget, not more
+    assert 0.9 < budget_used(tmp_path, 2.0)[0] <= 1.0 + 1e-9  # a non-private request got the site's budget...
+    assert spent(tmp_path)[0] <= 2.0  # ... not more
     plan = json.loads(next((tmp_path / "sites").rglob("plan.json")).read_text())
-    assert plan["train_sigma"] > 0 and plan["budget_limited"] is False
+    # the site's budget, read at its ledger's order, set the noise (this 4-step test plan is far from the order's
+    # reference plan: at its own best order it costs 1.17 of the 2, client.ledger_order)
+    assert plan["train_sigma"] > 0 and plan["budget_limited"] is True and plan["order"] == 9.9
 
 
 def test_coordinator_rejects_nan_and_undeclared_arrays():
@@ -180,7 +183,7 @@ def test_coordinator_killed_after_the_last_round_samples_from_the_sites_on_resum
 
 def test_a_run_keeps_the_g_steps_its_earlier_rounds_took_when_the_rule_changes(tmp_path, monkeypatch):
     """A run begun under one G-step rule and resumed under another (a newer fedsynth) stays one run."""
-    import client.budget
+    import client.site_schedule
 
     cfg = fast_config(tmp_path, num_rounds=3)
     grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
@@ -191,7 +194,7 @@ def test_a_run_keeps_the_g_steps_its_earlier_rounds_took_when_the_rule_changes(t
 
     # 8x8 digits at one site: far below the large-site size, so the rule gives g_steps
     assert g_steps(send(grid, 1000, gan_request(cfg, num_rounds=3, long_g_steps=2))) == 1
-    monkeypatch.setattr(client.budget, "LARGE_SITE_RECORDS", 0)  # the rule now calls every site large
+    monkeypatch.setattr(client.site_schedule, "LARGE_SITE_RECORDS", 0)  # the rule now calls every site large
     assert g_steps(send(grid, 1000, gan_request(cfg, experiment="new", num_rounds=3, long_g_steps=2))) == 2
     # ... but the run begun under the old rule keeps what its round 1 took
     assert g_steps(send(grid, 1000, gan_request(cfg, server_round=2, num_rounds=3, long_g_steps=2))) == 1

@@ -18,7 +18,7 @@ import pytest
 
 from client.ledger import BudgetExceeded, LedgerDamaged, PrivacyLedger, Spent
 from client.ledger_file import RETRY_DIFFERS
-from common.accounting import DPEvent, epsilon_for
+from common.accounting import DPEvent, epsilon_for, rdp_to_epsilon
 
 DELTA = 1e-5
 EVENT = DPEvent(1.0, 0.01, 100)  # one "round" of DP-SGD
@@ -35,36 +35,49 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _charges(path: Path) -> list[dict]:
+    return [line for line in _lines(path) if line["type"] == "charge"]
+
+
+def _ledger_at_order(path: Path, events_that_fill_it: list[DPEvent]) -> tuple[PrivacyLedger, float]:
+    """A ledger whose budget the events fill, to the last 1e-3, at its order (fixed when it was made with budget 10:
+    a budget read off the events' own best order would fix another order, at which they cost far more)."""
+    order = PrivacyLedger(path, epsilon_budget=10.0, delta=DELTA).order
+    budget = epsilon_for(events_that_fill_it, DELTA, order) + 1e-3
+    return PrivacyLedger(path, epsilon_budget=budget, delta=DELTA), budget
+
+
 def test_new_ledger_has_header_and_nothing_spent(path: Path):
     ledger = PrivacyLedger(path, epsilon_budget=5.0, delta=DELTA)
     assert path.is_file()
     assert ledger.spent() == Spent(0.0, DELTA, 0)
-    assert ledger.remaining() == 5.0
+    assert ledger.spent().used == 0.0 and ledger.summary()["budget_used"] == 0.0
     assert ledger.entries() == []
     header = _lines(path)[0]
     assert header["type"] == "header" and header["delta"] == DELTA
 
 
 def test_refusal_happens_before_anything_is_written(path: Path):
-    budget = epsilon_for([EVENT] * 2, DELTA) + 1e-3  # room for exactly two rounds
-    ledger = PrivacyLedger(path, epsilon_budget=budget, delta=DELTA)
+    ledger, budget = _ledger_at_order(path, [EVENT] * 2)  # room for exactly two rounds
+    order = ledger.order
     ledger.charge([EVENT], purpose="dpgan-round", run="r1", round=1)
     spent = ledger.charge([EVENT], purpose="dpgan-round", run="r1", round=2)
+    # what the two rounds cost (their best order), and the share of the budget they use (at the ledger's order)
     assert spent.releases == 2 and spent.epsilon == pytest.approx(epsilon_for([EVENT] * 2, DELTA))
+    assert 0.95 < spent.used <= 1.0 and spent.epsilon < budget  # (the budget leaves 1e-3 of epsilon)
     before = path.read_bytes()
     with pytest.raises(BudgetExceeded) as info:
         ledger.charge([EVENT], purpose="dpgan-round", run="r1", round=3)
     assert path.read_bytes() == before
     error = info.value
-    remaining = budget - spent.epsilon
-    assert f"{remaining:.4g}" in str(error)
+    assert f"{spent.used:.1%}" in str(error) and f"Renyi order {order:g}" in str(error)
     assert "dpgan-round" in str(error) and "epsilon_budget" in str(error)
     assert error.spent_epsilon == pytest.approx(spent.epsilon)
     assert error.budget_epsilon == budget
     assert error.requested_epsilon == pytest.approx(epsilon_for([EVENT], DELTA))
-    assert error.spent_epsilon < budget < error.epsilon_after
-    assert ledger.remaining() == pytest.approx(remaining)
-    assert epsilon_for([*ledger.events(), EVENT], DELTA) == pytest.approx(error.epsilon_after)
+    assert error.epsilon_after == pytest.approx(epsilon_for([EVENT] * 3, DELTA))
+    assert error.used[0] == pytest.approx(spent.used) and error.used[1] > 1.4  # the rule: at the ledger's order
+    assert epsilon_for([EVENT] * 3, DELTA, order) > budget
 
 
 def test_spending_persists_across_ledger_objects(path: Path):
@@ -76,7 +89,7 @@ def test_spending_persists_across_ledger_objects(path: Path):
     assert second.entries()[0]["details"] == {"classes": 10}
     # The budget is the site's own setting and may differ between openings; spending does not reset.
     third = PrivacyLedger(path, epsilon_budget=1e-6, delta=DELTA)
-    assert third.remaining() == 0.0
+    assert third.spent().used >= 1.0
     with pytest.raises(BudgetExceeded):
         third.charge([EVENT], purpose="bn-stats")
 
@@ -92,8 +105,11 @@ def test_composition_across_runs_and_purposes(path: Path):
     for events, purpose, run, rnd in releases:
         ledger.charge(events, purpose=purpose, run=run, round=rnd)
     all_events = [e for events, *_ in releases for e in events]
-    expected = epsilon_for(all_events, DELTA)
-    assert ledger.spent() == Spent(pytest.approx(expected), DELTA, 4)
+    expected = epsilon_for(all_events, DELTA)  # what they cost: their best order
+    at_order = epsilon_for(all_events, DELTA, ledger.order)  # the total the ledger holds to its budget
+    assert at_order > expected  # (the ledger's order is not these releases' best one)
+    used = (at_order - rdp_to_epsilon(0, ledger.order, DELTA)) / (50.0 - rdp_to_epsilon(0, ledger.order, DELTA))
+    assert ledger.spent() == Spent(pytest.approx(expected), DELTA, 4, pytest.approx(used))
     assert [e["epsilon_after"] for e in ledger.entries()][-1] == pytest.approx(expected)
     summary = ledger.summary()
     assert summary["per_purpose_releases"] == {"dpgan-round": 2, "class-counts": 1, "bn-stats": 1}
@@ -101,8 +117,9 @@ def test_composition_across_runs_and_purposes(path: Path):
         epsilon_for([DPEvent(0.8, 0.0128, 158)], DELTA)
     )
     assert summary["spent_epsilon"] == pytest.approx(expected)
-    assert summary["remaining_epsilon"] == pytest.approx(50.0 - expected)
+    assert summary["budget_used"] == pytest.approx(used)
     assert summary["releases"] == 4 and summary["delta"] == DELTA
+    assert summary["order"] == ledger.order and summary["order_recorded"]
 
 
 def test_partial_last_line_is_ignored_then_repaired(path: Path):
@@ -116,7 +133,7 @@ def test_partial_last_line_is_ignored_then_repaired(path: Path):
     assert len(reopened.entries()) == 1
     reopened.charge([EVENT], purpose="dpgan-round", round=2)
     lines = _lines(path)  # valid JSONL again: the torn line was truncated away
-    assert [line.get("round") for line in lines[1:]] == [1, 2]
+    assert [line.get("round") for line in lines if line["type"] == "charge"] == [1, 2]
 
 
 def test_complete_last_entry_missing_its_newline_is_kept(path: Path):
@@ -126,7 +143,7 @@ def test_complete_last_entry_missing_its_newline_is_kept(path: Path):
     # Over-counting is the safe side: a complete entry is counted even without its newline.
     assert ledger.spent().releases == 1
     ledger.charge([EVENT], purpose="dpgan-round", round=2)
-    assert [line.get("round") for line in _lines(path)[1:]] == [1, 2]
+    assert [line.get("round") for line in _charges(path)] == [1, 2]
 
 
 def test_a_complete_but_invalid_last_entry_is_damage_not_a_torn_write(path: Path):
@@ -138,7 +155,7 @@ def test_a_complete_but_invalid_last_entry_is_damage_not_a_torn_write(path: Path
     lines = path.read_bytes().split(b"\n")
     lines[-2] = lines[-2].replace(b'"charge"', b'"chargE"')  # the last, newline-terminated entry
     path.write_bytes(b"\n".join(lines))
-    with pytest.raises(LedgerDamaged, match="line 3"):
+    with pytest.raises(LedgerDamaged, match="line 4"):  # header, order, two charges
         ledger.spent()
     with pytest.raises(LedgerDamaged):
         ledger.charge([EVENT], purpose="audit", run="e2", round=1)
@@ -257,8 +274,8 @@ def test_non_private_release_needs_unlimited_budget(path: Path):
         limited.charge([free], purpose="nodp-baseline")
     unlimited = PrivacyLedger(path, epsilon_budget=math.inf, delta=DELTA)
     spent = unlimited.charge([free], purpose="nodp-baseline")
-    assert spent.epsilon == math.inf and unlimited.remaining() == math.inf
-    assert _lines(path)[1]["epsilon_after"] == "inf"  # strict JSON: no Infinity literal
+    assert spent.epsilon == math.inf and unlimited.spent().used == 0.0  # an unlimited budget is never used up
+    assert _charges(path)[0]["epsilon_after"] == "inf"  # strict JSON: no Infinity literal
     assert unlimited.entries()[0]["epsilon_after"] == math.inf
 
 
@@ -333,10 +350,9 @@ def _race_for_budget(path: Path, budget: float, start) -> None:
 
 
 def test_two_processes_racing_for_the_last_budget(path: Path):
-    budget = epsilon_for([EVENT] * 3, DELTA)  # after two charges, room for exactly one more
     for attempt in range(3):
         attempt_path = path.with_name(f"race{attempt}.jsonl")
-        ledger = PrivacyLedger(attempt_path, epsilon_budget=budget, delta=DELTA)
+        ledger, budget = _ledger_at_order(attempt_path, [EVENT] * 3)  # after two charges, room for one more
         ledger.charge([EVENT], purpose="setup")
         ledger.charge([EVENT], purpose="setup")
         start = FORK.Event()
@@ -366,7 +382,7 @@ def test_charge_waits_for_the_exclusive_lock(path: Path):
         writer.start()
         writer.join(timeout=0.5)
         assert writer.is_alive(), "charge() must wait while another process holds the ledger lock"
-        assert len(_lines(path)) == 1, "nothing may be appended while the lock is held elsewhere"
+        assert _charges(path) == [], "nothing may be appended while the lock is held elsewhere"
     finally:
         os.close(holder)  # releases the lock
     writer.join(timeout=30)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from client.ledger_refusals import share
 from client.site import SiteSettings
 from fedsynth.ops.approved_code import BundleError, installed_bundle_digest, write_approvals
 from fedsynth.ops.fields import DeployError, info, loud, port_free, warn, write_toml
@@ -211,7 +212,7 @@ def _announce(dep: SiteDeployment, check: SiteCheck) -> None:
              + (f", with delta {s.delta:g})" if s.delta else ", with a delta read off a noisy size: epsilon 0.015)"))
     else:
         info(f"privacy budget epsilon={fmt_eps(s.epsilon_budget)} delta={led['delta']:.3g} for dataset id "
-             f"'{s.ledger_id}': spent {fmt_eps(led['spent_epsilon'])}, left {fmt_eps(led['remaining_epsilon'])} "
+             f"'{s.ledger_id}': spent {fmt_eps(led['spent_epsilon'])}, {share(led['budget_used'])} of the budget used "
              f"({led['releases']} releases; ledger {led['path']})")
         if not s.delta and led["delta"] < 1e-5 and "ledger-delta" not in led.get("per_purpose_releases", {}):
             warn(f"this ledger's delta {led['delta']:.3g} was set from the exact record count by an earlier fedsynth "
@@ -239,7 +240,7 @@ def _announce(dep: SiteDeployment, check: SiteCheck) -> None:
          "grows with the record count (site.yaml min_reply_seconds hides it)")
     if math.isinf(s.epsilon_budget):
         loud(f"site '{dep.name}' has an UNLIMITED budget (epsilon: inf): it may release NON-PRIVATE models of its data.")
-    elif led is not None and led["remaining_epsilon"] <= 0:
+    elif led is not None and led["budget_used"] >= 1 - 1e-9:
         warn(f"site '{dep.name}' has no budget left; it will refuse every request that releases anything")
     if LARGE_EPSILON < s.epsilon_budget < math.inf:
         loud(f"site '{dep.name}' has a budget of epsilon {s.epsilon_budget:g}: above {LARGE_EPSILON:g} a DP guarantee "
