@@ -348,6 +348,22 @@ def with_query_policy(site: "SiteSettings", req: PlanRequest) -> PlanRequest:
     return replace(req, evaluation_queries=queries if site.evaluation else 0, audit_queries=queries if site.audits else 0)
 
 
+def _check_older_plan_fits(plan: RunPlan, ledger: "PrivacyLedger", run: str, budget: float) -> None:
+    """Refuse, before its next charge, a run planned without the ledger's order (by a fedsynth before 2026-12-07, or
+    under an unlimited budget: its plan records none) whose whole training plan -- census, clip choice, statistics,
+    every round; not the evaluation and audit queries it reserved, each charged and refused on its own -- does not
+    fit the budget at the ledger's order beside everything else the dataset released: the ledger would refuse one of
+    its later rounds, after charging the ones before (review s64)."""
+    training = [e for e in (plan.census, plan.clip_choice, plan.stats) if e is not None]
+    if int(plan.request["rounds"]):
+        training.append(plan.train_round(int(plan.request["rounds"]) * int(plan.request["steps"])))
+    if epsilon_for([*ledger.events_except(run=run), *training], ledger.delta, ledger.order) > budget + 1e-9:
+        raise Refusal(P.REFUSED_BUDGET, "the requested work does not fit this site's privacy budget",
+                      f"the run was planned without the ledger's Renyi order (by a fedsynth before 2026-12-07, or "
+                      f"under an unlimited budget); at the ledger's order {ledger.order:g} its whole plan no longer "
+                      f"fits the budget {budget:g}, so it is refused before its next charge; start a new run")
+
+
 def plan_for_site(site: "SiteSettings", ledger: "PrivacyLedger", run_dir: Path, req: PlanRequest, experiment: str,
                   *, census: list[float] | None) -> RunPlan:
     """The run's plan at ``site``, with its query policy reserved (made at the first request, then read back).
@@ -366,6 +382,8 @@ def plan_for_site(site: "SiteSettings", ledger: "PrivacyLedger", run_dir: Path, 
     prior = ledger.events_except(run=experiment, purpose=census_purpose(req.mode))
     plan, made = load_or_make_plan(run_dir / PLAN_FILE, req, num_records=public_size(census), delta=ledger.delta,
                                    budget=site.epsilon_budget, prior=prior, order=ledger.order)
+    if not made and plan.order is None and ledger.order is not None:
+        _check_older_plan_fits(plan, ledger, experiment, site.epsilon_budget)
     if made:
         logging.getLogger("fedsynth.site").info(
             "[%s] planned the run: %s mode, DP-SGD sigma %.4f at q %.4f, %s; whole run epsilon %.3f (delta %.2g)%s",

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from client import ledger_file as lf
 from client.ledger_file import LedgerDamaged
-from client.ledger_order import ledger_order
+from client.ledger_order import ledger_order, order_in_force
 from client.ledger_refusals import BudgetExceeded, budget_refusal, run_refusal
 from common.accounting import DPEvent, epsilon_for, rdp_at_order, rdp_to_epsilon
 from common.protocol import DEFAULT_DELTA_BOUND
@@ -131,7 +131,7 @@ class PrivacyLedger:
         return recorded
 
     def _check_first_charge(self, first_charge: tuple[Sequence[DPEvent], str, str], delta: float) -> None:
-        cost = epsilon_for(list(first_charge[0]), delta, ledger_order(self.epsilon_budget, delta))
+        cost = epsilon_for(list(first_charge[0]), delta, ledger_order(self.epsilon_budget, delta, sized=True))
         if cost > self.epsilon_budget + _BUDGET_SLACK:
             raise BudgetExceeded(
                 f"privacy budget exceeded: creating the privacy ledger {self.path} charges its '{first_charge[1]}' "
@@ -171,7 +171,7 @@ class PrivacyLedger:
                         raise
                     events = list(first_charge[0])
                 lines = lf.dumps(lf.make_header(float(delta), self.dataset_id, first_charge[1] if with_charge else ""))
-                if (order := ledger_order(self.epsilon_budget, float(delta))) is not None:
+                if (order := ledger_order(self.epsilon_budget, float(delta), sized=with_charge)) is not None:
                     lines += lf.dumps(lf.make_order(order, self.epsilon_budget))
                 if with_charge:
                     lines += lf.dumps(lf.make_charge(events, purpose=first_charge[1], run="", round_=0, details={},
@@ -219,13 +219,15 @@ class PrivacyLedger:
             return contents
 
     def _order_of(self, contents: lf.Contents) -> float | None:
-        return contents.order if contents.order is not None else ledger_order(self.epsilon_budget, self.delta)
+        sized = bool((contents.header or {}).get("first_charge"))  # delta read off the ledger's noisy size
+        return order_in_force(contents.orders, self.epsilon_budget, self.delta, sized)
 
     @property
     def order(self) -> float | None:
-        """The Renyi order the dataset's total is composed at: the one the ledger recorded, or (none recorded yet:
-        a ledger made before 2026-12-07 or under an unlimited budget) the one its next charge records, from the
-        budget and delta (:func:`client.ledger_order.ledger_order`); None under an unlimited budget."""
+        """The Renyi order the dataset's total is composed at (:func:`client.ledger_order.order_in_force`): the one
+        the ledger recorded last, or the one its next charge records (none recorded yet: a ledger made before
+        2026-12-07 or under an unlimited budget; or a budget changed so that a lower order may take over); None
+        under an unlimited budget with none recorded."""
         return self._order_of(self._contents())
 
     # ------------------------------------------------------------------ queries
@@ -238,12 +240,12 @@ class PrivacyLedger:
 
     def _used(self, events: list[DPEvent], order: float | None) -> float:
         """The share of the budget ``events`` use at ``order``: their Renyi divergence there over the most the budget
-        allows there (its epsilon less the conversion's own cost at that order); 0 under an unlimited budget."""
+        allows there (its epsilon less the conversion's own cost at that order); 0 under an unlimited budget, inf
+        under one too small for the order to hold anything."""
         if order is None or math.isinf(self.epsilon_budget):
             return 0.0
-        rdp = rdp_at_order(events, order)
         allowed = self.epsilon_budget - rdp_to_epsilon(0.0, order, self.delta)
-        return 0.0 if rdp == 0 else (rdp / allowed if allowed > 0 else math.inf)
+        return rdp_at_order(events, order) / allowed if allowed > 0 else math.inf
 
     def entries(self) -> list[dict]:
         """All recorded charge entries, oldest first (``epsilon_after`` decoded to a float, inf allowed)."""
@@ -253,10 +255,10 @@ class PrivacyLedger:
         """Every DP event ever charged on this dataset, oldest first (what a budget planner composes with)."""
         return self._contents().events
 
-    def events_except(self, *, run: str, purpose: str) -> list[DPEvent]:
-        """Every event except those charged for ``purpose`` by the run ``run``, oldest first."""
+    def events_except(self, *, run: str, purpose: str | None = None) -> list[DPEvent]:
+        """Every event except those charged for ``purpose`` (any, with None) by the run ``run``, oldest first."""
         return [DPEvent.from_dict(e) for entry in self._contents().entries
-                if not (entry["run"] == run and entry["purpose"] == purpose) for e in entry["events"]]
+                if not (entry["run"] == run and purpose in (None, entry["purpose"])) for e in entry["events"]]
 
     def has_charge(self, *, run: str, purpose: str, round: int) -> bool:  # noqa: A002
         """Whether the (run, purpose, round) release has been charged (the key ``charge_once`` reuses)."""
@@ -287,10 +289,14 @@ class PrivacyLedger:
             "dataset_id": (contents.header or {}).get("dataset_id", ""),
             "budget_epsilon": budget,
             "spent_epsilon": spent,  # what the releases cost, at their best order
-            "budget_used": self._used(contents.events, order),  # what the ledger enforces: 1.0 is all of it
+            # what the ledger enforces, 1.0 being all of it (None: no budget to share, unlimited or not given)
+            "budget_used": None if math.isinf(budget) else self._used(contents.events, order),
             "delta": self.delta,
             "order": order,  # the Renyi order the total is read at (client.ledger_order)
-            "order_recorded": contents.order is not None,
+            "order_recorded": contents.order == order,
+            # the order a fresh ledger would take at this budget (another: the budget changed and the order did not
+            # move, client.ledger_order.order_in_force; plans here then get more noise than at a fresh ledger)
+            "order_for_budget": ledger_order(budget, self.delta, bool((contents.header or {}).get("first_charge"))),
             "releases": len(contents.entries),
             "per_purpose_releases": dict(Counter(entry["purpose"] for entry in contents.entries)),
             # Epsilon of each purpose on its own, at its best order; these do not add up to spent_epsilon.
@@ -383,8 +389,9 @@ class PrivacyLedger:
                                            epsilon_after=epsilon_after, delta=self.delta, data=data))
             if contents.keep_bytes < contents.size:  # drop an unacknowledged partial last line
                 os.ftruncate(fd, contents.keep_bytes)
-            if contents.order is None and order is not None:  # fixed from now on (client.ledger_order)
-                line = lf.dumps(lf.make_order(order, self.epsilon_budget)) + line
+            if order is not None and math.isfinite(self.epsilon_budget) \
+                    and (order, self.epsilon_budget) != (contents.orders[-1] if contents.orders else None):
+                line = lf.dumps(lf.make_order(order, self.epsilon_budget)) + line  # in force from now on
             if contents.needs_newline:
                 line = b"\n" + line
             lf.write_all(fd, line)

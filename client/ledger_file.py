@@ -6,9 +6,10 @@ Format (one JSON object per line)::
            "created": ..., "dataset_id": ...}
   then:   {"type": "charge", "time", "purpose", "run", "round", "events": [...], "details",
            "epsilon_after", "delta", "data"}
-  once:   {"type": "order", "order": ..., "time", "budget"}: the Renyi order the total is composed at
-           (``client.ledger_order``), written with the header, or before the first charge made by a fedsynth that
-           fixes one (a ledger made before 2026-12-07 or under an unlimited budget has none until then)
+  and:    {"type": "order", "order": ..., "time", "budget"}: the Renyi order the total is composed at and the
+           budget in force (``client.ledger_order``); the first is written with the header, or before the first
+           charge made by a fedsynth that fixes one (a ledger made before 2026-12-07 or under an unlimited budget has
+           none until then); another before the first charge under a changed budget (the order never rises)
 
 ``epsilon_after`` is the string "inf" for a non-private release (strict JSON has no infinity);
 ``data`` is a short fingerprint of the data the release was computed on (a changed fingerprint under
@@ -31,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from common.accounting import DPEvent
+from common.accounting import RDP_ORDERS, DPEvent
 from common.files import atomic_write_json, fsync_dir, make_dirs_durably  # noqa: F401  (durable folder writes)
 
 FORMAT = "fedsynth-privacy-ledger"
@@ -52,7 +53,12 @@ class Contents:
     keep_bytes: int  # bytes of valid content; anything after it is an unacknowledged partial line
     needs_newline: bool  # the kept content ends with a complete entry that lacks its trailing newline
     size: int
-    order: float | None = None  # the Renyi order of the ledger's total, once recorded (its "order" line)
+    orders: tuple[tuple[float, float], ...] = ()  # (order, budget) of each "order" line, oldest first
+
+    @property
+    def order(self) -> float | None:
+        """The Renyi order in force: the last order line's (None before the first)."""
+        return self.orders[-1][0] if self.orders else None
 
 
 def started_mark(path: Path) -> Path:
@@ -102,8 +108,13 @@ def ledgers_of_data(path: Path, fingerprint: str, dataset_id: str) -> list[str]:
 
 def mark_started(path: Path, dataset_id: str) -> None:
     """Write the ledger's ``.started`` mark durably, once (after its header is on disk)."""
-    if not started_mark(path).exists():
-        atomic_write_json(started_mark(path), {"ledger": Path(path).name, "dataset_id": dataset_id, "marked": now()})
+    mark = started_mark(path)
+    if not mark.exists():
+        try:
+            atomic_write_json(mark, {"ledger": Path(path).name, "dataset_id": dataset_id, "marked": now()})
+        except OSError:  # (two processes creating the ledger at once share the mark's temporary name: review s64)
+            if not mark.exists():
+                raise
 
 
 def has_charge(entries: list[dict], *, run: str, purpose: str, round_: int) -> bool:
@@ -176,17 +187,19 @@ def make_charge(events: list[DPEvent], *, purpose: str, run: str, round_: int, d
 
 
 def make_order(order: float, budget: float) -> dict:
-    """The line that fixes the ledger's Renyi order for the rest of its life (module docstring)."""
+    """The line that records the ledger's Renyi order and the budget in force from the next charge on."""
     return {"type": "order", "order": order, "time": now(), "budget": budget}
 
 
-def _check_order(obj: dict, recorded: float | None) -> float:
-    order = obj.get("order")
-    if not (isinstance(order, (int, float)) and not isinstance(order, bool) and 1 < order < math.inf):
-        raise ValueError(f"the order line's order {order!r} is not a number > 1")
-    if recorded is not None:
-        raise ValueError("a second order line (a ledger's order is fixed once)")
-    return float(order)
+def _check_order(obj: dict, earlier: list[tuple[float, float]]) -> tuple[float, float]:
+    order, budget = obj.get("order"), obj.get("budget")
+    if not (isinstance(order, (int, float)) and not isinstance(order, bool) and float(order) in RDP_ORDERS):
+        raise ValueError(f"the order line's order {order!r} is not one of the accountant's Renyi orders")
+    if not (isinstance(budget, (int, float)) and not isinstance(budget, bool) and 0 <= budget < math.inf):
+        raise ValueError(f"the order line's budget {budget!r} is not a finite number >= 0")
+    if earlier and order > earlier[-1][0]:
+        raise ValueError(f"the order line raises the order from {earlier[-1][0]:g} to {order:g} (it never rises)")
+    return float(order), float(budget)
 
 
 def _check_header(obj: Any) -> dict:
@@ -223,7 +236,7 @@ def parse(data: bytes, path: Path) -> Contents:
     header: dict | None = None
     entries: list[dict] = []
     events: list[DPEvent] = []
-    order: float | None = None
+    orders: list[tuple[float, float]] = []
     offset = 0
     for index, raw in enumerate(lines):
         is_last = index == len(lines) - 1
@@ -233,7 +246,7 @@ def parse(data: bytes, path: Path) -> Contents:
             if index == 0:
                 header = _check_header(obj)
             elif isinstance(obj, dict) and obj.get("type") == "order":
-                order = _check_order(obj, order)
+                orders.append(_check_order(obj, orders))
             else:
                 entry, entry_events = _check_entry(obj)
                 entries.append(entry)
@@ -243,7 +256,7 @@ def parse(data: bytes, path: Path) -> Contents:
                 # A torn final write: never acknowledged, so the work it would cover never started. Every line is
                 # written with its newline in one write(), so a torn one lacks it; a complete (newline-terminated)
                 # line that does not parse was acknowledged and is damage like any other, never dropped.
-                return _created(Contents(header, entries, events, offset, False, len(data), order))
+                return _created(Contents(header, entries, events, offset, False, len(data), tuple(orders)))
             raise LedgerDamaged(
                 f"privacy ledger {path} is damaged at line {index + 1} ({exc}). Only an interrupted last "
                 "line is repaired automatically; damage before the end means recorded privacy spending "
@@ -253,7 +266,8 @@ def parse(data: bytes, path: Path) -> Contents:
         offset += len(raw) + (1 if has_newline else 0)
     # A complete, valid final entry without its newline is kept (over-counting is the safe side);
     # the newline is added before the next append.
-    return _created(Contents(header, entries, events, offset, not terminated and bool(lines), len(data), order))
+    return _created(Contents(header, entries, events, offset, not terminated and bool(lines), len(data),
+                             tuple(orders)))
 
 
 def _created(contents: Contents) -> Contents:

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import math
 
-from common.accounting import DPEvent, epsilon_for
+from common.accounting import DPEvent, epsilon_for, rdp_to_epsilon
 
 __all__ = ["BudgetExceeded", "budget_refusal", "run_refusal", "share"]
 
 
-def share(used: float) -> str:
-    """A share of the budget for people: "42.0%", or "more than all of it" where the budget cannot hold anything."""
-    return f"{used:.1%}" if math.isfinite(used) else "more than all of it"
+def share(used: float | None) -> str:
+    """A share of the budget for people: "42.0 %", "all of it and more" where the budget cannot hold anything at
+    the ledger's order, "no limit" without one."""
+    if used is None:
+        return "no limit"
+    return f"{100 * used:.1f} %" if math.isfinite(used) else "all of it and more"
 
 
 class BudgetExceeded(Exception):
@@ -56,18 +59,22 @@ def budget_refusal(events: list[DPEvent], *, delta: float, order: float | None, 
     share of the budget used before and after it; ``spent``, ``after``: what the releases cost without and with it
     (their best order)."""
     requested = epsilon_for(events, delta)
-    at_order = f" at the ledger's Renyi order {order:g}" if order is not None else ""
+    at_order = f" at the ledger's Renyi order {order:g}" if order is not None else " at the best Renyi order"
     message = (
         f"privacy budget exceeded: refused the '{purpose}' release (run {run!r}, round {round_}) before "
         f"doing any work. On its own it costs epsilon {requested:.4g}; this dataset's releases so far cost "
-        f"{spent:.4g} and use {share(used[0])} of the site budget (epsilon {budget:g}, delta {delta:g}{at_order}); "
-        f"with it they would use {share(used[1])}. Ask for a smaller release (fewer rounds or steps, a lower sampling "
-        "rate or more noise), or, as the site operator, raise epsilon_budget in the site config (the coordinator "
-        "cannot)."
+        f"{spent:.4g} and use {share(used[0])} of the site budget (epsilon {budget:g} at delta {delta:g}, read"
+        f"{at_order}); with it they would use {share(used[1])}. Ask for a smaller release (fewer rounds or steps, a "
+        "lower sampling rate or more noise), or, as the site operator, raise epsilon_budget in the site config (the "
+        "coordinator cannot)."
     )
-    if math.isinf(used[0]) and order is not None:
-        message += (f" The budget is too small for order {order:g} to hold anything: the ledger fixed its order when "
-                    "it was made, for the budget it had then (client.ledger_order), and keeps it for its life.")
+    if order is not None and budget <= (least := rdp_to_epsilon(0.0, order, delta)):
+        message = (f"privacy budget too small: refused the '{purpose}' release (run {run!r}, round {round_}) before "
+                   f"doing any work. The site budget, epsilon {budget:g}, is below the {least:.3g} that the ledger's "
+                   f"Renyi order {order:g} needs before it can hold any release at delta {delta:g}. The order was "
+                   "fixed for the budget the ledger had when it recorded it, and an order never rises "
+                   "(client.ledger_order): set epsilon_budget back to at least that, or keep this dataset's ledger "
+                   "as it is and release nothing more from it.")
     if any(e.noise_multiplier == 0 and e.releases_anything for e in events):
         message += " Non-private releases (noise_multiplier 0) are only allowed with an unlimited budget."
     return BudgetExceeded(message, requested_epsilon=requested, spent_epsilon=spent, budget_epsilon=budget,

@@ -243,7 +243,7 @@ def test_fedsynth_ledger_and_site_check_report_a_deleted_ledger(tmp_path, capsys
     files.atomic_write_bytes(state / "runs" / "e1" / "gan-round-1.pt", b"a released reply")
     assert main(["ledger", "--config", str(cfg)]) == 0
     shown = capsys.readouterr().out  # what was spent, and the share of the budget used at the ledger's order
-    assert "spent epsilon" in shown and "budget used" in shown and "Renyi order" in shown, shown
+    assert "spent epsilon" in shown and "budget used" in shown and "allows at order" in shown, shown
     site.ledger_path.unlink()
     assert main(["ledger", "--config", str(cfg)]) == 1
     assert "released before" in capsys.readouterr().out

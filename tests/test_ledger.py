@@ -18,6 +18,7 @@ import pytest
 
 from client.ledger import BudgetExceeded, LedgerDamaged, PrivacyLedger, Spent
 from client.ledger_file import RETRY_DIFFERS
+from client.ledger_refusals import share
 from common.accounting import DPEvent, epsilon_for, rdp_to_epsilon
 
 DELTA = 1e-5
@@ -70,7 +71,7 @@ def test_refusal_happens_before_anything_is_written(path: Path):
         ledger.charge([EVENT], purpose="dpgan-round", run="r1", round=3)
     assert path.read_bytes() == before
     error = info.value
-    assert f"{spent.used:.1%}" in str(error) and f"Renyi order {order:g}" in str(error)
+    assert share(spent.used) in str(error) and f"Renyi order {order:g}" in str(error)
     assert "dpgan-round" in str(error) and "epsilon_budget" in str(error)
     assert error.spent_epsilon == pytest.approx(spent.epsilon)
     assert error.budget_epsilon == budget

@@ -89,12 +89,14 @@ def print_rows(title: str, rows: list[dict]) -> None:
         per = ", ".join(f"{p}: {n}" for p, n in r["per_purpose_releases"].items()) or "none"
         budget = f" of {_fmt(r['budget_epsilon'])}" if "records" in r else ""
         print(f"    spent epsilon  : {_fmt(r['spent_epsilon'])}{budget}   (delta {r['delta']:.3g})")
-        if "records" in r and r.get("order") is not None:
+        if r.get("budget_used") is not None and r.get("order") is not None:
             from client.ledger_refusals import share
 
-            fixed = "in the ledger" if r["order_recorded"] else "at its next release"
-            print(f"    budget used    : {share(r['budget_used'])}   (its total read at Renyi order {r['order']:g}, "
-                  f"fixed {fixed})")
+            fixed = "recorded in the ledger" if r["order_recorded"] else "to be recorded at its next release"
+            over = (" (over 100 %: releases allowed by the rule used before 2026-12-07, which read the best order)"
+                    if 1 < r["budget_used"] < math.inf else "")
+            print(f"    budget used    : {share(r['budget_used'])}   (of the Renyi divergence the budget allows at "
+                  f"order {r['order']:g}, {fixed}; what the ledger enforces){over}")
         print(f"    releases       : {r['releases']} ({per}); runs: {', '.join(r['runs']) or 'none'}")
         if r["releases"]:
             print(f"    first / last   : {r['first_release']} / {r['last_release']}")

@@ -212,8 +212,13 @@ def _announce(dep: SiteDeployment, check: SiteCheck) -> None:
              + (f", with delta {s.delta:g})" if s.delta else ", with a delta read off a noisy size: epsilon 0.015)"))
     else:
         info(f"privacy budget epsilon={fmt_eps(s.epsilon_budget)} delta={led['delta']:.3g} for dataset id "
-             f"'{s.ledger_id}': spent {fmt_eps(led['spent_epsilon'])}, {share(led['budget_used'])} of the budget used "
+             f"'{s.ledger_id}': spent {fmt_eps(led['spent_epsilon'])}; budget used: {share(led['budget_used'])} "
              f"({led['releases']} releases; ledger {led['path']})")
+        if led.get("order") is not None and led.get("order_for_budget") not in (None, led["order"]):
+            warn(f"this ledger reads its total at Renyi order {led['order']:g}, fixed under an earlier budget; a "
+                 f"fresh ledger at epsilon {fmt_eps(s.epsilon_budget)} would use order {led['order_for_budget']:g}, "
+                 "and the order cannot move there without weakening the guarantee (client/ledger_order.py), so runs "
+                 "here get more noise than at a fresh ledger (README, Privacy: 'The ledger's order')")
         if not s.delta and led["delta"] < 1e-5 and "ledger-delta" not in led.get("per_purpose_releases", {}):
             warn(f"this ledger's delta {led['delta']:.3g} was set from the exact record count by an earlier fedsynth "
                  "(1/(10 n)); a coordinator that searches the epsilon at which this site starts refusing could read "
