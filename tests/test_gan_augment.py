@@ -81,7 +81,9 @@ def test_only_the_known_transformations_are_accepted() -> None:
 
 def test_a_site_trains_with_the_augmentation_asked_for_with_the_same_releases_and_refuses_an_unknown_one(tmp_path):
     cfg = fast_config(tmp_path, epsilon=10.0, num_rounds=1)
-    grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
+    # a budget for both runs: each fills its epsilon 10 (the ledger's order leaves no slack a second run's census used
+    # to fit in by chance: client.ledger_order)
+    grid = LocalGrid(client_app, [{**nodes(1)[0], "epsilon": 30.0}], cfg.to_flwr())
     hostile = send(grid, 1000, gan_request(cfg, experiment="odd", augment="translation,mixup"))
     assert hostile.has_error() and hostile.error.code == P.REFUSED_BAD_REQUEST and "augment" in hostile.error.reason
     assert all(e == 0.0 for e in spent(tmp_path))  # refused before anything was charged, not even the census

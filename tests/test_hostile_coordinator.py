@@ -888,7 +888,8 @@ def test_experiment_ids_that_are_not_file_names_are_refused_not_rewritten(tmp_pa
     from tests.test_faults import gan_request, send
 
     cfg = fast_config(tmp_path, num_rounds=1)
-    grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
+    # a budget for both runs trained here, each of which fills its epsilon (client.ledger_order: no slack is left over)
+    grid = LocalGrid(client_app, [{**nodes(1)[0], "epsilon": 3 * cfg.epsilon}], cfg.to_flwr())
     first = send(grid, 1000, gan_request(cfg, experiment="a_b"))
     assert not first.has_error()
     before = charges(tmp_path)[0]
