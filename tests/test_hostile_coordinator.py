@@ -347,7 +347,10 @@ def test_evaluation_probes_learn_nothing_exact_about_held_out_records(tmp_path):
     counts = [P.EvaluationReply.from_message(_evaluation(grid, 1000, _constant_model(c), "logreg", f"c{c}")).counts[
         "table"][c, 0] for c in range(10)]
     errors = np.abs(np.asarray(counts) - truth)
-    assert (errors > 0.5).sum() >= 8 and errors.mean() > 2.0  # noisy (std 10), not the class counts
+    # noisy (integer noise of std 10), not the class counts: an exact answer errs by 0 in all ten classes; a noisy one
+    # errs by 0 in a class with probability 0.04, so in 4 or more of the 10 once in ~2,300 runs (3 or more, the
+    # earlier bound, once in ~160: a fresh clone hit it on 2026-12-07)
+    assert (errors > 0.5).sum() >= 7 and errors.mean() > 2.0
     # the membership probe, 60 times at each site: guess "member" when the detector's cell reads > 0.5
     guesses = {}
     for site in (1000, 1001):
