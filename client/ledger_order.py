@@ -36,7 +36,7 @@ site's size; results/ledger_order.json):
 
 Plans far from the reference pay more: few steps with noise multipliers below 1 (e.g. 10 steps at rate 0.001) up
 to x1.36 at epsilon 1 and x1.19 at epsilon 10 (calibrate_noise_multiplier at the order against the best order, after
-a census, in review s64), and the tests' 2 x 4-step plans spend 6-8 of a budget of 10 at their best order. The
+a census, in review s64), and the tests' 2 x 4-step plans spend 8.4-8.5 of a budget of 10 at their best order. The
 alternatives cost more where it matters: a reference fixed at 10,000
 records x1.058 at 60,000 records and epsilon 10 and x1.20 at epsilon 1; the order of a single Gaussian release
 filling the budget (review s63's proposal) x1.04-1.08 at 20,000-60,000 records and epsilon 10; a union bound over
