@@ -114,10 +114,15 @@ class RunPlan:
         """The DP-SGD event of one training round of ``steps`` steps."""
         return DPEvent(self.train_sigma, self.sample_rate, steps)
 
-    def all_events(self, rounds: int, steps: int) -> list[DPEvent]:
+    def training_events(self, rounds: int, steps: int) -> list[DPEvent]:
+        """Every release of the run but its evaluation and audit queries: census, clip choice, statistics, rounds."""
         events = [e for e in (self.census, self.clip_choice, self.stats) if e is not None]
         if rounds:
-            events.append(DPEvent(self.train_sigma, self.sample_rate, rounds * steps))
+            events.append(self.train_round(rounds * steps))
+        return events
+
+    def all_events(self, rounds: int, steps: int) -> list[DPEvent]:
+        events = self.training_events(rounds, steps)
         events += [self.evaluation] * self.evaluation_queries if self.evaluation else []
         events += [self.audit] * self.audit_queries if self.audit else []
         return events
@@ -241,12 +246,13 @@ def make_plan(req: PlanRequest, *, num_records: float, delta: float, budget: flo
                        evaluation_queries=req.evaluation_queries, audit_queries=req.audit_queries,
                        planned_epsilon=math.inf)
 
+    def events_of(sigma: float, stats: DPEvent | None) -> list[DPEvent]:
+        return [*reserve, *([stats] if stats else []), *([DPEvent(sigma, q, req.rounds * req.steps)] if req.rounds
+                                                          else [])]
+
     def events_for(target: float) -> tuple[float, DPEvent | None, list[DPEvent]]:
         sigma, stats = _tuned(req, target, delta, q, reserve, fixed["clip_choice"])
-        events = [*reserve] + ([stats] if stats else [])
-        if req.rounds:
-            events.append(DPEvent(sigma, q, req.rounds * req.steps))
-        return sigma, stats, events
+        return sigma, stats, events_of(sigma, stats)
 
     spent = epsilon_for(prior, delta)  # (for the refusal's words: what the releases before cost)
     upper = min(req.epsilon, budget)  # a non-private request against a finite budget gets what is left
@@ -262,8 +268,7 @@ def make_plan(req: PlanRequest, *, num_records: float, delta: float, budget: flo
             and (fitted := _fit_to_site(req, q, delta, budget, order, prior, reserve, sigma, stats)) is not None:
         limited = True
         sigma, stats = fitted
-        events = [*reserve, *([stats] if stats else []), *([DPEvent(sigma, q, req.rounds * req.steps)]
-                                                         if req.rounds else [])]
+        events = events_of(sigma, stats)
     if epsilon_for([*prior, *events], delta, order) > budget + 1e-9:
         # Shrink the run's share until prior + plan fits the site's budget (epsilon is monotone in it).
         limited = True
@@ -354,9 +359,7 @@ def _check_older_plan_fits(plan: RunPlan, ledger: "PrivacyLedger", run: str, bud
     every round; not the evaluation and audit queries it reserved, each charged and refused on its own -- does not
     fit the budget at the ledger's order beside everything else the dataset released: the ledger would refuse one of
     its later rounds, after charging the ones before (review s64)."""
-    training = [e for e in (plan.census, plan.clip_choice, plan.stats) if e is not None]
-    if int(plan.request["rounds"]):
-        training.append(plan.train_round(int(plan.request["rounds"]) * int(plan.request["steps"])))
+    training = plan.training_events(int(plan.request["rounds"]), int(plan.request["steps"]))
     if epsilon_for([*ledger.events_except(run=run), *training], ledger.delta, ledger.order) > budget + 1e-9:
         raise Refusal(P.REFUSED_BUDGET, "the requested work does not fit this site's privacy budget",
                       f"the run was planned without the ledger's Renyi order (by a fedsynth before 2026-12-07, or "

@@ -219,8 +219,7 @@ class PrivacyLedger:
             return contents
 
     def _order_of(self, contents: lf.Contents) -> float | None:
-        sized = bool((contents.header or {}).get("first_charge"))  # delta read off the ledger's noisy size
-        return order_in_force(contents.orders, self.epsilon_budget, self.delta, sized)
+        return order_in_force(contents.orders, self.epsilon_budget, self.delta, contents.delta_from_size)
 
     @property
     def order(self) -> float | None:
@@ -296,7 +295,7 @@ class PrivacyLedger:
             "order_recorded": contents.order == order,
             # the order a fresh ledger would take at this budget (another: the budget changed and the order did not
             # move, client.ledger_order.order_in_force; plans here then get more noise than at a fresh ledger)
-            "order_for_budget": ledger_order(budget, self.delta, bool((contents.header or {}).get("first_charge"))),
+            "order_for_budget": ledger_order(budget, self.delta, contents.delta_from_size),
             "releases": len(contents.entries),
             "per_purpose_releases": dict(Counter(entry["purpose"] for entry in contents.entries)),
             # Epsilon of each purpose on its own, at its best order; these do not add up to spent_epsilon.
@@ -370,13 +369,13 @@ class PrivacyLedger:
                     return Spent(spent_before, self.delta, len(contents.entries),
                                  self._used(contents.events, order)), True
                 details[lf.RETRY_DIFFERS] = True
-            epsilon_after = epsilon_for([*contents.events, *events], self.delta)
+            with_these = [*contents.events, *events]
+            epsilon_after = epsilon_for(with_these, self.delta)
             # the allow rule: the total at the ledger's one order (a Renyi filter, client.ledger_order)
-            if epsilon_for([*contents.events, *events], self.delta, order) > self.epsilon_budget + _BUDGET_SLACK:
+            if epsilon_for(with_these, self.delta, order) > self.epsilon_budget + _BUDGET_SLACK:
                 raise budget_refusal(events, delta=self.delta, order=order, budget=self.epsilon_budget,
                                      purpose=purpose, run=run, round_=round, spent=spent_before, after=epsilon_after,
-                                     used=(self._used(contents.events, order),
-                                           self._used([*contents.events, *events], order)))
+                                     used=(self._used(contents.events, order), self._used(with_these, order)))
             if run_epsilon is not None and math.isfinite(run_epsilon):
                 run_events = self._run_events(contents, run)
                 run_after = epsilon_for([*run_events, *events], self.delta)
@@ -396,5 +395,4 @@ class PrivacyLedger:
                 line = b"\n" + line
             lf.write_all(fd, line)
             os.fsync(fd)
-        return Spent(epsilon_after, self.delta, len(contents.entries) + 1,
-                     self._used([*contents.events, *events], order)), False
+        return Spent(epsilon_after, self.delta, len(contents.entries) + 1, self._used(with_these, order)), False

@@ -60,6 +60,11 @@ class Contents:
         """The Renyi order in force: the last order line's (None before the first)."""
         return self.orders[-1][0] if self.orders else None
 
+    @property
+    def delta_from_size(self) -> bool:
+        """Whether the ledger's delta was read off its own noisy size (its header names that first charge)."""
+        return bool((self.header or {}).get("first_charge"))
+
 
 def started_mark(path: Path) -> Path:
     """The mark written beside a ledger when it is first written (``<id>.started``; not a ``*.jsonl`` file)."""

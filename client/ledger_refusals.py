@@ -59,15 +59,6 @@ def budget_refusal(events: list[DPEvent], *, delta: float, order: float | None, 
     share of the budget used before and after it; ``spent``, ``after``: what the releases cost without and with it
     (their best order)."""
     requested = epsilon_for(events, delta)
-    at_order = f" at the ledger's Renyi order {order:g}" if order is not None else " at the best Renyi order"
-    message = (
-        f"privacy budget exceeded: refused the '{purpose}' release (run {run!r}, round {round_}) before "
-        f"doing any work. On its own it costs epsilon {requested:.4g}; this dataset's releases so far cost "
-        f"{spent:.4g} and use {share(used[0])} of the site budget (epsilon {budget:g} at delta {delta:g}, read"
-        f"{at_order}); with it they would use {share(used[1])}. Ask for a smaller release (fewer rounds or steps, a "
-        "lower sampling rate or more noise), or, as the site operator, raise epsilon_budget in the site config (the "
-        "coordinator cannot)."
-    )
     if order is not None and budget <= (least := rdp_to_epsilon(0.0, order, delta)):
         message = (f"privacy budget too small: refused the '{purpose}' release (run {run!r}, round {round_}) before "
                    f"doing any work. The site budget, epsilon {budget:g}, is below the {least:.3g} that the ledger's "
@@ -75,6 +66,16 @@ def budget_refusal(events: list[DPEvent], *, delta: float, order: float | None, 
                    "fixed for the budget the ledger had when it recorded it, and an order never rises "
                    "(client.ledger_order): set epsilon_budget back to at least that, or keep this dataset's ledger "
                    "as it is and release nothing more from it.")
+    else:
+        at_order = f" at the ledger's Renyi order {order:g}" if order is not None else " at the best Renyi order"
+        message = (
+            f"privacy budget exceeded: refused the '{purpose}' release (run {run!r}, round {round_}) before "
+            f"doing any work. On its own it costs epsilon {requested:.4g}; this dataset's releases so far cost "
+            f"{spent:.4g} and use {share(used[0])} of the site budget (epsilon {budget:g} at delta {delta:g}, read"
+            f"{at_order}); with it they would use {share(used[1])}. Ask for a smaller release (fewer rounds or "
+            "steps, a lower sampling rate or more noise), or, as the site operator, raise epsilon_budget in the site "
+            "config (the coordinator cannot)."
+        )
     if any(e.noise_multiplier == 0 and e.releases_anything for e in events):
         message += " Non-private releases (noise_multiplier 0) are only allowed with an unlimited budget."
     return BudgetExceeded(message, requested_epsilon=requested, spent_epsilon=spent, budget_epsilon=budget,

@@ -178,7 +178,8 @@ def rdp_to_epsilon(rdp: float, order: float, delta: float) -> float:
     _check_delta(delta)
     if not (isinstance(order, numbers.Real) and 1.0 < order < math.inf):
         raise ValueError(f"a Renyi order must be a number > 1, got {order!r}")
-    return float(rdp + math.log((order - 1) / order) - (math.log(delta) + math.log(order)) / (order - 1))
+    # (Opacus' get_privacy_spent, term for term)
+    return float(rdp - (np.log(delta) + np.log(order)) / (order - 1) + np.log((order - 1) / order))
 
 
 def epsilon_for(events: Sequence[DPEvent], delta: float, order: float | None = None) -> float:
@@ -195,17 +196,16 @@ def epsilon_for(events: Sequence[DPEvent], delta: float, order: float | None = N
         return 0.0
     if any(sigma == 0.0 for sigma, _ in steps_by_mechanism):
         return math.inf
-    if order is not None:
-        orders, total = [float(order)], np.array([rdp_at_order(events, order)])
-    else:
-        orders, total = list(RDP_ORDERS), np.zeros_like(_ORDERS)
-        for (sigma, q), steps in steps_by_mechanism.items():
-            total = total + steps * _rdp_curve_one_step(sigma, q)
+    if order is not None:  # (the conversion the ledger's share of its budget reads too: rdp_to_epsilon)
+        return max(rdp_to_epsilon(rdp_at_order(events, order), order, delta), 0.0)
+    total = np.zeros_like(_ORDERS)
+    for (sigma, q), steps in steps_by_mechanism.items():
+        total = total + steps * _rdp_curve_one_step(sigma, q)
     with warnings.catch_warnings():
         # Opacus warns when the optimum is at the first/last order; the bound is still valid (just
         # not the tightest possible), and RDP_ORDERS already spans the useful range.
         warnings.simplefilter("ignore")
-        eps, _ = opacus_rdp.get_privacy_spent(orders=orders, rdp=total, delta=delta)
+        eps, _ = opacus_rdp.get_privacy_spent(orders=list(RDP_ORDERS), rdp=total, delta=delta)
     eps = float(eps)
     if math.isnan(eps):  # cannot happen with sigma > 0; fail safe (never report less than spent)
         return math.inf
