@@ -2,7 +2,7 @@
 
 Format (one JSON object per line)::
 
-  line 1: {"type": "header", "format": "fedsynth-privacy-ledger", "version": 1, "delta": ...,
+  line 1: {"type": "header", "format": "fedsynth-privacy-ledger", "version": 2, "delta": ...,
            "created": ..., "dataset_id": ...}
   then:   {"type": "charge", "time", "purpose", "run", "round", "events": [...], "details",
            "epsilon_after", "delta", "data"}
@@ -36,11 +36,20 @@ from common.accounting import RDP_ORDERS, DPEvent
 from common.files import atomic_write_json, fsync_dir, make_dirs_durably  # noqa: F401  (durable folder writes)
 
 FORMAT = "fedsynth-privacy-ledger"
-VERSION = 1
+# The version a new ledger's header is written with. 2 (2026-12-07): the format has order lines. A version-1 ledger
+# reads the same way (one made before order lines existed gets them appended: a fedsynth older than 2026-12-07 then
+# calls it damaged); a version-2 header makes a fedsynth that predates order lines refuse it at line 1, by version.
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 class LedgerDamaged(RuntimeError):
     """The ledger file is damaged somewhere other than an unacknowledged last line."""
+
+
+class LedgerTooNew(LedgerDamaged):
+    """The ledger was written by a newer fedsynth, in a format version this code cannot read (refused like damage:
+    nothing is charged against a ledger this code cannot read in full)."""
 
 
 @dataclass(frozen=True)
@@ -207,11 +216,20 @@ def _check_order(obj: dict, earlier: list[tuple[float, float]]) -> tuple[float, 
     return float(order), float(budget)
 
 
+class _TooNew(ValueError):
+    """A header of a later format version (parse turns it into LedgerTooNew)."""
+
+
 def _check_header(obj: Any) -> dict:
     if not (isinstance(obj, dict) and obj.get("type") == "header" and obj.get("format") == FORMAT):
         raise ValueError("the first line is not a fedsynth privacy-ledger header")
-    if obj.get("version") != VERSION:
-        raise ValueError(f"unsupported ledger version {obj.get('version')!r} (this code reads {VERSION})")
+    version = obj.get("version")
+    whole = type(version) is int  # (True == 1 and 1.0 == 1 in Python: neither is a version)
+    if not (whole and version in READABLE_VERSIONS):
+        newer = whole and version > max(READABLE_VERSIONS)
+        raise (_TooNew if newer else ValueError)(
+            f"unsupported ledger version {version!r} (this code reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))})")
     delta = obj.get("delta")
     if not (isinstance(delta, (int, float)) and 0 < delta < 1):
         raise ValueError(f"header delta {delta!r} is not in (0, 1)")
@@ -256,6 +274,12 @@ def parse(data: bytes, path: Path) -> Contents:
                 entry, entry_events = _check_entry(obj)
                 entries.append(entry)
                 events.extend(entry_events)
+        except _TooNew as exc:
+            raise LedgerTooNew(
+                f"privacy ledger {path} was written by a newer fedsynth: {exc}. It is not damaged; upgrade fedsynth "
+                "on this site (the version that wrote it or later) to use it, and do not delete it, since that would "
+                "reset this dataset's privacy accounting."
+            ) from None
         except (ValueError, TypeError, UnicodeDecodeError) as exc:
             if is_last and not has_newline:
                 # A torn final write: never acknowledged, so the work it would cover never started. Every line is

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from client.ledger import BudgetExceeded, LedgerDamaged, PrivacyLedger, Spent
-from client.ledger_file import RETRY_DIFFERS
+from client.ledger_file import RETRY_DIFFERS, LedgerTooNew
 from client.ledger_refusals import share
 from common.accounting import DPEvent, epsilon_for, rdp_to_epsilon
 
@@ -163,6 +163,29 @@ def test_a_complete_but_invalid_last_entry_is_damage_not_a_torn_write(path: Path
     assert b"chargE" in path.read_bytes()  # kept for the operator to inspect, never overwritten
     path.write_bytes(b"\n".join(lines[:-2]) + b"\n" + lines[-2][:-5])  # the same line, torn (no newline)
     assert ledger.spent().releases == 1  # ignored, as an unacknowledged write
+
+
+def test_a_ledger_of_either_readable_version_is_read_and_a_newer_one_is_refused_by_version(path: Path):
+    """A new ledger's header says version 2 (the format with order lines), so a fedsynth that predates them refuses
+    it at line 1 by its version instead of calling line 2 damaged; version 1 (made before order lines, or by the
+    fedsynth that first wrote them) still reads; a version above 2 is refused as too new, not as damage."""
+    ledger = PrivacyLedger(path, epsilon_budget=10.0, delta=DELTA)
+    ledger.charge([EVENT], purpose="dpgan-round", run="r1", round=1)
+    assert _lines(path)[0]["version"] == 2
+    spent = ledger.spent()
+    lines = path.read_bytes().split(b"\n")
+    for version, readable in ((1, True), (3, False), ("2", False), (True, False)):
+        header = json.loads(lines[0]) | {"version": version}
+        path.write_bytes(b"\n".join([json.dumps(header).encode(), *lines[1:]]))
+        if readable:
+            assert PrivacyLedger(path, epsilon_budget=10.0, delta=DELTA).spent() == spent
+            continue
+        with pytest.raises(LedgerDamaged) as info:
+            ledger.charge([EVENT], purpose="dpgan-round", run="r1", round=2)
+        assert isinstance(info.value, LedgerTooNew) == (version == 3), version
+        assert ("written by a newer fedsynth" in str(info.value)) == (version == 3)
+        assert "do not delete it" in str(info.value)
+    assert len(_charges(path)) == 1  # nothing charged against a ledger this code cannot read
 
 
 def test_interrupted_header_is_rewritten(path: Path):
