@@ -30,8 +30,8 @@ from typing import Any, ClassVar, Mapping
 import numpy as np
 
 from common.refusal_codes import (  # noqa: F401 - part of the protocol: both sides use them as protocol.X
-    ALREADY_SUMMED, REFUSAL_NAMES, REFUSED_BAD_REQUEST, REFUSED_BUDGET, REFUSED_NOT_ALLOWED, REFUSED_UNAPPROVED_CODE,
-    SITE_FAILURE,
+    ALREADY_SUMMED, MAX_MESSAGE_BYTES, REFUSAL_NAMES, REFUSED_BAD_REQUEST, REFUSED_BUDGET, REFUSED_NOT_ALLOWED,
+    REFUSED_UNAPPROVED_CODE, SITE_FAILURE,
 )
 from common.wire import (  # noqa: F401 - re-exported: both sides use them as protocol.X
     CONFIG, ArraySpec, Arrays, Message, ProtocolError, array_fields, arrays, check_arrays, declared, load_state,

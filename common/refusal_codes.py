@@ -87,6 +87,12 @@ REFUSED_UNAPPROVED_CODE = 4005  # the run's app bundle is not one the site's ope
 # MAX_RUNS_PER_START, a bundle with bytes its members do not account for, an archive past MAX_BUNDLE_VARIANTS of one
 # approved digest. Each counts only what the SuperLink itself sent since the SuperNode started.
 
+# Bytes of one message's objects a guarded site pulls at most; the guard refuses a larger message with
+# REFUSED_UNAPPROVED_CODE. fedsynth's largest at the default work limits: two networks of max_parameters, 160 MB; an
+# audit of AUDIT_MAX_IMAGES images of 3 x 128 x 128, 393 MB. The coordinator keeps its audit queries within it
+# (server.site_audits.check_audit_size). Here, not in the guard, because both sides read it (and this module is light).
+MAX_MESSAGE_BYTES = 2**30
+
 REFUSAL_NAMES = {REFUSED_BUDGET: "over budget", REFUSED_BAD_REQUEST: "bad request",
                  REFUSED_NOT_ALLOWED: "not allowed", SITE_FAILURE: "site failure",
                  REFUSED_UNAPPROVED_CODE: "unapproved code"}

@@ -27,7 +27,7 @@ from server.learn import learn_and_test, load_test_data
 from server.modes import bnstats, dpgan
 from server.report import build_report, write_report
 from server.run_state import open_run
-from server.site_audits import request_site_audits
+from server.site_audits import check_audit_size, request_site_audits
 from server.sites import RunFailed, discover_sites
 from server.synthesis import save_synthetic
 
@@ -64,6 +64,7 @@ def run_coordinator(grid: Grid, context: Context) -> dict:
         check_learner(cfg.learner, schema.image_shape, len(schema.classes))
     except ValueError as err:
         raise RunFailed(str(err)) from None
+    check_audit_size(cfg, schema, sites)  # an audit no site would pull fails now, not after the rounds
     synth, history, sampling = MODE_MODULES[cfg.mode].collect_and_synthesize(grid, cfg, run, sites, schema, device)
     synth_info = {**save_synthetic(synth, run.out_dir), "made": sampling}
     model, utility = learn_and_test(cfg, run, synth, test, device)

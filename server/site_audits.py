@@ -20,7 +20,7 @@ from common.config import RunConfig
 from common.data import ImageDataset
 from server.collect import exchange
 from server.run_state import RunState
-from server.sites import SiteRecord
+from server.sites import RunFailed, Schema, SiteRecord
 
 log = logging.getLogger("fedsynth.coordinator")
 NEAR_COPY_MSE = 1e-3  # a record with a synthetic image closer than this (pixel MSE) has a near-copy
@@ -55,6 +55,31 @@ def summarize(train: np.ndarray, heldout: np.ndarray) -> dict:
                            "heldout": [float(v) for v in heldout]}}
 
 
+# Bytes an audit query carries beyond its images: its content 0.9-1.7 KB at 2-1,000 images (measured with Flower's
+# get_all_nested_objects), and the message's own metadata
+AUDIT_MESSAGE_SLACK = 2**20
+
+
+def audit_images(cfg: RunConfig) -> int:
+    """Synthetic images an audit query carries: ``audit-records``, or the whole set where it is smaller (a size
+    still left to the product's rules, 0, is no bound)."""
+    return min(cfg.audit_records, cfg.synthetic_size or cfg.audit_records)
+
+
+def check_audit_size(cfg: RunConfig, schema: Schema, sites: dict[int, SiteRecord]) -> None:
+    """Refuse, before anything is spent, a run whose audit query no guarded site would pull (protocol's
+    MAX_MESSAGE_BYTES): the site refuses it only at the run's end, after every round was charged."""
+    if not (cfg.site_audits and any(s.audits for s in sites.values())):
+        return
+    per_image = 4 * int(np.prod(schema.image_shape))  # float32 (C, H, W)
+    fits = (P.MAX_MESSAGE_BYTES - AUDIT_MESSAGE_SLACK) // per_image
+    if audit_images(cfg) > fits:
+        raise RunFailed(f"an audit query of {audit_images(cfg):,} synthetic images of {'x'.join(map(str, schema.image_shape))} "
+                        f"would take {audit_images(cfg) * per_image / 2**20:,.0f} MiB, more than the "
+                        f"{P.MAX_MESSAGE_BYTES // 2**20:,} MiB a site pulls in one message; set audit-records to at most "
+                        f"{fits:,} (or site-audits = false) before anything is spent")
+
+
 def request_site_audits(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int, SiteRecord],
                         synth: ImageDataset) -> dict:
     """{"sites": [...], "pooled": {...}, "failed": {...}} over the sites that allow audits."""
@@ -64,7 +89,7 @@ def request_site_audits(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[i
     if not asked:
         return out
     rng = np.random.default_rng(cfg.seed)
-    idx = np.sort(rng.choice(len(synth), size=min(cfg.audit_records, len(synth)), replace=False))
+    idx = np.sort(rng.choice(len(synth), size=min(audit_images(cfg), len(synth)), replace=False))
     request = P.AuditRequest(experiment=run.experiment,
                              synthetic={"images": np.ascontiguousarray(synth.images[idx], dtype=np.float32)})
     spec = P.audit_spec()

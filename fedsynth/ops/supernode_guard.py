@@ -43,6 +43,7 @@ from pathlib import Path
 from flwr.common.constant import APP_DIR, FAB_HASH_TRUNCATION  # install folders: apps/<id>.<version>.<sha[:8]>
 from flwr.supercore.constant import TaskType  # (the run record's primary task: an agent app is refused)
 
+from common.refusal_codes import MAX_MESSAGE_BYTES as PROTOCOL_MAX_MESSAGE_BYTES
 from common.refusal_codes import REFUSED_UNAPPROVED_CODE  # (import-light: no torch, no Flower app)
 from common.wire import quoted
 from fedsynth.ops.approved_code import (BundleError, bundle_app_id, bundle_digest, installed_bundle_digest,
@@ -264,9 +265,8 @@ def install(approved: set[str]) -> None:
 MAX_RUN_RECORD_BYTES = 64 * 1024  # a run's record as JSON (fedsynth's whole [tool.flwr.app.config]: about 3 KB)
 MAX_RUNS_PER_START = 1_000  # run records a SuperNode keeps (Flower drops none until it stops)
 MAX_BUNDLE_VARIANTS = 4  # archives of one approved digest (distinct sha256) a SuperNode accepts per start
-# Bytes of one message's objects, pulled before anything checks them (fedsynth's largest at the default work limits:
-# two networks of max_parameters, 160 MB; an audit of AUDIT_MAX_IMAGES images of 3 x 128 x 128, 393 MB).
-MAX_MESSAGE_BYTES = 2**30
+# Bytes of one message's objects, pulled before anything checks them (common.refusal_codes: the coordinator reads it too)
+MAX_MESSAGE_BYTES = PROTOCOL_MAX_MESSAGE_BYTES
 MAX_MESSAGE_OBJECTS = 100_000  # objects in one message's tree, a child named twice counted twice (fedsynth's: ~100s)
 # Bytes its arrays make once put together, beyond what the message carries: an honest array names each chunk once
 # (an all-zero one repeats its chunk), a hostile one may name one chunk thousands of times. Bounded as a share of
