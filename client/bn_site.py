@@ -89,8 +89,8 @@ def check_net_work(req: P.BnPlanSettings, site: WorkLimits, build) -> float:
     return kept_mb
 
 
-def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings, saved_file: Callable[[Path], Path], *,
-           secure: bool = False, secure_round: bool = False):
+def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings, saved_file: Callable[[Path], Path],
+           device: torch.device, *, secure: bool = False, secure_round: bool = False):
     """Checks both requests share; returns (data, net, ledger, run folder, plan, census or None). ``saved_file``: where
     the run's folder keeps this request's saved reply (a re-send, answered from it, needs no room on the disk);
     ``secure``: the run's statistics go into a SecAgg+ sum; ``secure_round``: the net is this site's model of a
@@ -151,7 +151,8 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings, saved_fil
                                                           "classes": req.num_classes, "width": req.width,
                                                           "head-norm": req.head_norm, "resolution": req.resolution,
                                                           "gradients": trains}, net,
-                           lambda: bnnet_problems(build(), data.image_shape, req.num_classes, gradients=trains))
+                           lambda: bnnet_problems(build(), data.image_shape, req.num_classes, gradients=trains,
+                                                  device=device), device)
     ledger = open_ledger(site, data)
     if not trains:
         check_no_census_drawn(ledger, folder, req.experiment)
@@ -177,7 +178,7 @@ def train_bnnet(req: P.BnTrainRequest, context: Context, site: SiteSettings, *,
         raise Refusal(P.REFUSED_BAD_REQUEST, f"round {req.server_round} is outside the run's 1..{req.net_rounds}")
     device = site_device(context)
     data, net, ledger, folder, plan, census = _setup(req, req.net, site, lambda f: net_round_file(f, req.server_round),
-                                                     secure=secure, secure_round=secure)
+                                                     device, secure=secure, secure_round=secure)
     path = net_round_file(folder, req.server_round)
     saved = load_saved(path)
     if saved is None:
@@ -275,7 +276,7 @@ def release_bnstats(req: P.BnStatsRequest, context: Context, site: SiteSettings,
         raise Refusal(P.REFUSED_BAD_REQUEST, "distributed noise (noise-shares > 1) is only for releases inside a "
                                              "secure aggregation; in the clear a site adds all of the noise")
     device = site_device(context)
-    data, net, ledger, folder, plan, _ = _setup(req, req.net, site, stats_file, secure=secure)
+    data, net, ledger, folder, plan, _ = _setup(req, req.net, site, stats_file, device, secure=secure)
     path = stats_file(folder)
     saved = load_saved(path)
     if saved is not None:

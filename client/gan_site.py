@@ -330,8 +330,9 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings, *,
                                                "latent-dim": req.latent_dim, "resolution": req.resolution},
                        networks,
                        lambda: (discriminator_problems(Discriminator(shape, width=req.d_width), data.image_shape,
-                                                       req.num_classes)
-                                + generator_problems(Generator(shape), req.latent_dim, req.num_classes)))
+                                                       req.num_classes, device=device)
+                                + generator_problems(Generator(shape), req.latent_dim, req.num_classes, device=device)),
+                       device)
     ledger = open_ledger(site, data)
     census = run_census(data, ledger, folder, mode="dpgan", experiment=req.experiment, epsilon=req.epsilon,
                         budget=site.epsilon_budget, delta_bound=site.delta_bound,

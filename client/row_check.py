@@ -21,7 +21,9 @@ row's position would let one added record move another's clipped contribution (r
 rather than batch size; review s62 asked for the check, which found no such case on the CPUs it ran on), so
 :func:`training_problems` checks them too, at random weights of the default widths, before any site starts, and
 :func:`check_network_rows` checks each run's own shapes (its widths, resolution, head norm) before its census: at an
-odd width this machine's linear layers summed a row by its place in the chunk (review s63).
+odd width this machine's linear layers summed a row by its place in the chunk (review s63). Both run on the device the
+site trains on (a run's device setting can choose the site's GPU), the evaluation and audit checks on the CPU, where
+those answers are always computed.
 """
 
 from __future__ import annotations
@@ -114,10 +116,12 @@ CHECK_CLASSES = 100  # classes the training check's nets have at most (below)
 CHECK_SIDE = 32  # the side the training check's nets work at for larger images (the rule both modes use up to 64)
 
 
-def training_problems(image_shape: tuple[int, int, int], num_classes: int, modes: tuple[str, ...]) -> list[str]:
+def training_problems(image_shape: tuple[int, int, int], num_classes: int, modes: tuple[str, ...],
+                      device: torch.device | str = "cpu") -> list[str]:
     """What on this machine makes a record's contribution to a training release depend on the other records (empty:
-    nothing), for a site with images of ``image_shape`` (C, H, W) that trains in ``modes`` (dpgan, bnstats), at the
-    default widths (a run's own widths are checked at its first request: :func:`check_network_rows`)."""
+    nothing), for a site with images of ``image_shape`` (C, H, W) that trains in ``modes`` (dpgan, bnstats) on
+    ``device``, at the default widths (a run's own widths are checked at its first request:
+    :func:`check_network_rows`)."""
     channels, side = image_shape[0], image_shape[1]
     # (at most CHECK_CLASSES classes: the class count sizes only the heads and D's label embedding, whose per-sample
     # gradients at 1,000 classes took this check 18 s and 3 GiB, review s62; the rows' shapes are the site's own)
@@ -127,18 +131,19 @@ def training_problems(image_shape: tuple[int, int, int], num_classes: int, modes
     if "bnstats" in modes:
         torch.manual_seed(0)
         net = BNNet(channels, num_classes, side, head_norm=True, resolution=resolution)
-        problems += bnnet_problems(net, image_shape, num_classes)
+        problems += bnnet_problems(net, image_shape, num_classes, device=device)
     if "dpgan" in modes:
         torch.manual_seed(0)
         problems += discriminator_problems(Discriminator(GanShape(channels, side, num_classes, resolution=resolution),
-                                                         width=16), image_shape, num_classes)
+                                                         width=16), image_shape, num_classes, device=device)
     return problems
 
 
 def bnnet_problems(net: BNNet, image_shape: tuple[int, int, int], num_classes: int, *,
-                   gradients: bool = True) -> list[str]:
+                   gradients: bool = True, device: torch.device | str = "cpu") -> list[str]:
     """What on this machine makes a record's statistics features (its block's, ``RECORD_BLOCK_ROWS``) or, with
-    ``gradients``, its per-sample gradient of the shared ``net`` (its chunk's) depend on the other records."""
+    ``gradients``, its per-sample gradient of the shared ``net`` (its chunk's) depend on the other records, on
+    ``device`` (where the site computes them)."""
     rng = np.random.default_rng(1)
     rows = RECORD_BLOCK_ROWS
     images = rng.random((2 * rows, *image_shape), dtype=np.float32)  # (2 rows, C, H, W)
@@ -146,49 +151,53 @@ def bnnet_problems(net: BNNet, image_shape: tuple[int, int, int], num_classes: i
     def features(idx: np.ndarray) -> np.ndarray:  # (len(idx), sum of 2 C_l + L): features and block norms
         data = ImageDataset(images[idx], np.zeros(len(idx), np.int64), tuple(map(str, range(num_classes))))
         parts = []
-        for _, blocks in iter_record_blocks(net, data, device="cpu"):
+        for _, blocks in iter_record_blocks(net, data, device=device):
             norms = [pad_rows(b, rows).norm(dim=1, keepdim=True)[:len(b)] for b in blocks.values()]
             parts.append(torch.cat([*blocks.values(), *norms], dim=1))
-        return torch.cat(parts).numpy()
+        return torch.cat(parts).cpu().numpy()
 
     problems = []
     if not _same_rows(features, rows, rng):
         problems.append("a record's statistics features change with the other records in its block")
     # (the same net: the features' pass leaves its weights as they were)
     if gradients and not _same_rows(_gradients(net, lambda m, x, y: nn_cross_entropy(m(x), y), image_shape,
-                                               num_classes, rng), DPSGD_CHUNK, rng):
+                                               num_classes, rng, device), DPSGD_CHUNK, rng):
         problems.append("a record's per-sample gradient of the shared net changes with the other records in its chunk")
     return problems
 
 
-def discriminator_problems(disc: torch.nn.Module, image_shape: tuple[int, int, int], num_classes: int) -> list[str]:
-    """What on this machine makes a record's per-sample gradient of the discriminator ``disc`` (its chunk's) depend
-    on the other records."""
+def discriminator_problems(disc: torch.nn.Module, image_shape: tuple[int, int, int], num_classes: int, *,
+                           device: torch.device | str = "cpu") -> list[str]:
+    """What on this machine makes a record's per-sample gradient of the discriminator ``disc`` (its chunk's), on
+    ``device``, depend on the other records."""
     def judged(m, x, y):  # (rows,) a real pass's loss per row: the logit and the class logits, as a D step's
         logit, class_logits = m(x, y)
         return logit.reshape(len(x)) + nn_cross_entropy(class_logits, y)
 
     rng = np.random.default_rng(1)
-    if _same_rows(_gradients(disc, judged, image_shape, num_classes, rng), DPSGD_CHUNK, rng):
+    if _same_rows(_gradients(disc, judged, image_shape, num_classes, rng, device), DPSGD_CHUNK, rng):
         return []
     return ["a record's per-sample gradient of the discriminator changes with the other records in its chunk"]
 
 
-def generator_problems(gen: torch.nn.Module, latent_dim: int, num_classes: int) -> list[str]:
+def generator_problems(gen: torch.nn.Module, latent_dim: int, num_classes: int, *,
+                       device: torch.device | str = "cpu") -> list[str]:
     """What on this machine makes the fake G draws for a chunk's row depend on the chunk's other rows: each record of
     a D step is paired with the fake at its place (client.dpgan.discriminator_backward draws a chunk's fakes in one
     zero-padded pass), so a fake rounded by its place would move a record's clipped contribution as its own per-sample
     gradient would (review s63's seventh: none on this machine)."""
     rng = np.random.default_rng(1)
-    latents = torch.from_numpy(rng.standard_normal((2 * DPSGD_CHUNK, latent_dim)).astype(np.float32))
-    labels = torch.from_numpy(rng.integers(0, num_classes, 2 * DPSGD_CHUNK))
+    dev = torch.device(device)
+    latents = torch.from_numpy(rng.standard_normal((2 * DPSGD_CHUNK, latent_dim)).astype(np.float32)).to(dev)
+    labels = torch.from_numpy(rng.integers(0, num_classes, 2 * DPSGD_CHUNK)).to(dev)
+    gen = gen.to(dev)
 
     def fakes(idx: np.ndarray) -> np.ndarray:  # (len(idx), C, H, W): each row's fake, from one padded chunk
-        z = torch.zeros(DPSGD_CHUNK, latent_dim)
-        y = torch.zeros(DPSGD_CHUNK, dtype=torch.long)
+        z = torch.zeros(DPSGD_CHUNK, latent_dim, device=dev)
+        y = torch.zeros(DPSGD_CHUNK, dtype=torch.long, device=dev)
         z[:len(idx)], y[:len(idx)] = latents[idx], labels[idx]
         with torch.no_grad():
-            return gen.eval()(z, y)[:len(idx)].numpy()
+            return gen.eval()(z, y)[:len(idx)].cpu().numpy()
 
     if _same_rows(fakes, DPSGD_CHUNK, rng):
         return []
@@ -196,7 +205,7 @@ def generator_problems(gen: torch.nn.Module, latent_dim: int, num_classes: int) 
 
 
 def check_network_rows(state_dir: Path, what: str, shape: dict, network: torch.nn.Module,
-                       problems_of: Callable[[], list[str]]) -> None:
+                       problems_of: Callable[[], list[str]], device: torch.device | str = "cpu") -> None:
     """Refuse (before any charge) a run whose network, of the ``shape`` its request chose, this machine computes with
     a record's rows rounded by their place in the block or chunk (``problems_of()``, at random weights, on random
     images of the site's shape); a shape found sound is remembered in ``<state>/row-checks/`` (keyed as below). The
@@ -207,12 +216,14 @@ def check_network_rows(state_dir: Path, what: str, shape: dict, network: torch.n
     (review s63). Whether a shape passes is a property of the machine and the request, never of the records. The key
     holds every tensor shape of ``network`` (the run's, built as its round builds it: a setting the request leaves to
     the site, D's width from G's, is in it) besides the request's ``shape`` settings, and the CPU capability torch
-    dispatches its kernels by, the Opacus version and ROW_CHECK_VERSION."""
+    dispatches its kernels by, the Opacus version and ROW_CHECK_VERSION; and the ``device`` the run computes on, which
+    ``problems_of`` must check on (a GPU's name, compute capability and CUDA and cuDNN versions: until 2026-12-07 the
+    check ran on the CPU even where the run's device setting had the site train on its GPU)."""
     tensors = [[name, list(t.shape)] for name, t in network.state_dict().items()]
     key = json.dumps({"what": what, **shape, "tensors": tensors, "network": type(network).__name__,
                       "torch": torch.__version__, "opacus": opacus.__version__, "check": ROW_CHECK_VERSION,
                       "threads": torch.get_num_threads(), "machine": platform.machine(),
-                      "cpu": torch.backends.cpu.get_cpu_capability()}, sort_keys=True)
+                      "cpu": torch.backends.cpu.get_cpu_capability(), "device": device_key(device)}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()
     mark = row_checks_folder(state_dir) / f"{digest}.ok"
     if digest in _PASSED or mark.exists():
@@ -220,7 +231,8 @@ def check_network_rows(state_dir: Path, what: str, shape: dict, network: torch.n
     # seeded random weights, torch's global stream left as it was, and held against the simulation's other sites'
     # threads, whose seeded D inits draw from the same stream (review s63's sixth: 16 of 988 inits differed); the
     # simulation's sites, threads of one process, check a shape once between them (they wait here for the first)
-    with TORCH_SEED_LOCK, torch.random.fork_rng(devices=[]):
+    dev = torch.device(device)
+    with TORCH_SEED_LOCK, torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
         if digest in _PASSED:
             return
         torch.manual_seed(0)
@@ -232,7 +244,7 @@ def check_network_rows(state_dir: Path, what: str, shape: dict, network: torch.n
                                              f"this run asks for ({quoted(json.dumps(shape, sort_keys=True))}), so "
                                              "one record could move others' contributions past the noise's "
                                              "sensitivity: use another width (the defaults pass where the site "
-                                             "started)")
+                                             f"started){_on_gpu(dev)}")
     try:  # (best effort: unremembered, the next request checks again; a full disk is the free-disk check's to say;
         # at most MAX_ROW_CHECK_MARKS: each new shape a coordinator names is checked before any charge, review s63's
         # eighth, so past that it is checked again each time rather than remembered without bound)
@@ -240,6 +252,23 @@ def check_network_rows(state_dir: Path, what: str, shape: dict, network: torch.n
             atomic_write_text(mark, key)
     except OSError as err:
         log.warning("could not remember a checked network shape in %s (%s)", mark.parent, type(err).__name__)
+
+
+def device_key(device: torch.device | str) -> str:
+    """What the row checks' result depends on besides the CPU: "cpu", or the GPU's name, compute capability and the
+    CUDA and cuDNN versions torch runs it with."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return dev.type
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    return (f"cuda:{torch.cuda.get_device_name(index)}:sm{major}{minor}:cuda{torch.version.cuda}:"
+            f"cudnn{torch.backends.cudnn.version()}")
+
+
+def _on_gpu(device: torch.device) -> str:
+    return (" or have the site compute on its CPU (device: cpu in site.yaml); this check ran on the GPU the run's "
+            "device setting chose") if device.type == "cuda" else ""
 
 
 _PASSED: set[str] = set()  # shapes this process found sound (the in-process simulation's sites share them)
@@ -254,19 +283,21 @@ def nn_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 
 def _gradients(model: torch.nn.Module, row_losses, image_shape: tuple[int, int, int], num_classes: int,
-               rng: np.random.Generator):
+               rng: np.random.Generator, device: torch.device | str = "cpu"):
     """rows_of(idx) for :func:`_same_rows`: the per-sample gradients of ``model`` for the rows ``idx`` of 2 DPSGD_CHUNK
-    random images, in one zero-padded chunk of DPSGD_CHUNK rows, as client.dpsgd takes them: (len(idx),) digests of
-    each row's bits."""
+    random images, in one zero-padded chunk of DPSGD_CHUNK rows on ``device``, as client.dpsgd takes them:
+    (len(idx),) digests of each row's bits."""
     from opacus import GradSampleModule
 
-    images = opacus_input(rng.random((2 * DPSGD_CHUNK, *image_shape), dtype=np.float32), "cpu")
-    labels = torch.from_numpy(rng.integers(0, num_classes, 2 * DPSGD_CHUNK))
+    dev = torch.device(device)
+    model.to(dev)
+    images = opacus_input(rng.random((2 * DPSGD_CHUNK, *image_shape), dtype=np.float32), dev)
+    labels = torch.from_numpy(rng.integers(0, num_classes, 2 * DPSGD_CHUNK)).to(dev)
 
     def rows_of(idx: np.ndarray) -> np.ndarray:
-        x = torch.zeros(DPSGD_CHUNK, *image_shape)
-        y = torch.zeros(DPSGD_CHUNK, dtype=torch.long)
-        weight = torch.zeros(DPSGD_CHUNK)
+        x = torch.zeros(DPSGD_CHUNK, *image_shape, device=dev)
+        y = torch.zeros(DPSGD_CHUNK, dtype=torch.long, device=dev)
+        weight = torch.zeros(DPSGD_CHUNK, device=dev)
         x[:len(idx)], y[:len(idx)], weight[:len(idx)] = images[idx], labels[idx], 1.0
         gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
         try:
@@ -277,7 +308,7 @@ def _gradients(model: torch.nn.Module, row_losses, image_shape: tuple[int, int, 
             # beside Opacus' own (review s63's fifth: whole copies took the check to twice a DP step's memory)
             digests = [hashlib.blake2b(digest_size=16) for _ in idx]
             for p in model.parameters():
-                grad = p.grad_sample.reshape(DPSGD_CHUNK, -1).detach().numpy()  # (DPSGD_CHUNK, p's values), a view
+                grad = p.grad_sample.reshape(DPSGD_CHUNK, -1).detach().cpu().numpy()  # (DPSGD_CHUNK, p's values)
                 for row, digest in enumerate(digests):
                     digest.update(grad[row].tobytes())
             return np.array([d.digest() for d in digests], dtype=object)

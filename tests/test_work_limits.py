@@ -453,7 +453,7 @@ def test_a_network_shape_whose_rows_this_machine_rounds_by_place_is_refused_befo
     assert row_check.generator_problems(Placed(Generator(shape)), shape.latent_dim, 10)
     with monkeypatch.context() as patch:
         real = row_check.generator_problems
-        patch.setattr(gan_site, "generator_problems", lambda gen, *args: real(Placed(gen), *args))
+        patch.setattr(gan_site, "generator_problems", lambda gen, *args, **kw: real(Placed(gen), *args, **kw))
         reply = send(grid, 1000, gan_request(fast_config(tmp_path, gan_width=24), experiment="exp-rows-gan-g"))
         assert reply.has_error() and "the generator's fake" in reply.error.reason
     # the key is the network as built, not the request's words (review s63's fifth: at d-width 0 D's width follows G's,
@@ -475,3 +475,56 @@ def test_a_network_shape_whose_rows_this_machine_rounds_by_place_is_refused_befo
         patch.setattr(row_check, "MAX_ROW_CHECK_MARKS", 3)
         assert not send(grid, 1000, gan_request(wider, experiment="exp-rows-gan-4")).has_error()
     assert checked == [1, 2] and len(list(marks.glob("*.ok"))) == 3  # checked again; past the cap, not remembered
+
+
+def test_the_row_checks_run_on_the_device_the_run_trains_on(tmp_path, monkeypatch):
+    """Until 2026-12-07 a run's row checks ran on the CPU, while a run whose device setting is "auto" or "cuda" (the
+    coordinator's choice where site.yaml names no device) trained on the site's GPU: the premise of every DP-SGD
+    step's sensitivity was unchecked where the steps ran. The checks now run on the run's device, and a shape is
+    remembered per device (a GPU's name, capability and CUDA/cuDNN versions). No GPU here: torch.cuda's queries are
+    stood in for, and the check itself (which would compute on the GPU) is replaced by one that records its device."""
+    import torch
+
+    from client import bn_site, gan_site, row_check
+
+    monkeypatch.setattr(row_check, "_PASSED", set())
+    assert row_check.device_key("cpu") == "cpu"
+    for name, value in (("get_device_capability", lambda i=None: (9, 0)), ("get_device_name", lambda i=None: "H100"),
+                        ("current_device", lambda: 0), ("get_rng_state", lambda *a: torch.zeros(8, dtype=torch.uint8)),
+                        ("set_rng_state", lambda *a: None)):
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91002)
+    assert row_check.device_key("cuda") == f"cuda:H100:sm90:cuda{torch.version.cuda}:cudnn91002"
+    seen = []
+
+    def on(device):
+        return lambda *args, **kw: seen.append(torch.device(kw["device"]).type) or [f"rounded by place on {kw['device']}"]
+
+    cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=2, bn_width=8, bn_local_steps=2, bn_batch_size=32)
+    settings = plan_settings(cfg, Schema(1, 8, 8, tuple(str(i) for i in range(10))), "exp-dev")
+    net = P.state_arrays(BNNet(1, 10, 8, 8))
+    grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
+    monkeypatch.setattr(gan_site, "discriminator_problems", on("dpgan"))
+    monkeypatch.setattr(gan_site, "generator_problems", lambda *a, **kw: [])
+    monkeypatch.setattr(bn_site, "bnnet_problems", on("bnstats"))
+    for device in ("cpu", "cuda"):  # what the run's device setting chose (site_device: site.yaml names none)
+        monkeypatch.setattr(gan_site, "site_device", lambda context, d=device: torch.device(d))
+        monkeypatch.setattr(bn_site, "site_device", lambda context, d=device: torch.device(d))
+        reply = send(grid, 1000, gan_request(cfg, experiment=f"exp-dev-gan-{device}"))
+        assert reply.has_error() and f"rounded by place on {device}" in reply.error.reason
+        assert ("device: cpu in site.yaml" in reply.error.reason) == (device == "cuda")
+        _refused(send(grid, 1000, P.BnTrainRequest(**settings, server_round=1, net=net)), f"rounded by place on {device}")
+    assert seen == ["cpu", "cpu", "cuda", "cuda"]
+    assert not (tmp_path / "sites" / "site-1" / "ledger").exists() or charges(tmp_path)[0] == []  # nothing charged
+    # a shape that passed on the CPU is checked again for the GPU, and remembered for each
+    marks = tmp_path / "sites" / "site-1" / "row-checks"
+    monkeypatch.setattr(gan_site, "discriminator_problems", lambda *a, **kw: seen.append(kw["device"].type) or [])
+
+    def stop(*args, **kw):  # (no GPU here to train on: the round stops at its charge, after the check)
+        raise RuntimeError("stopped at the charge")
+
+    monkeypatch.setattr(gan_site, "charged_work", stop)
+    for device in ("cpu", "cuda", "cpu", "cuda"):
+        monkeypatch.setattr(gan_site, "site_device", lambda context, d=device: torch.device(d))
+        assert send(grid, 1000, gan_request(cfg, experiment="exp-dev-gan-ok")).has_error()
+    assert seen[4:] == ["cpu", "cuda"] and len(list(marks.glob("*.ok"))) == 2

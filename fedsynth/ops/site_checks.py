@@ -94,15 +94,26 @@ def check_rows_alone(dep: SiteDeployment, data) -> None:
     (client.row_check, on random images of the site's shape): its training releases' per-record features and
     per-sample gradients in their fixed blocks (review s62), and, where it answers them, evaluation queries and
     audits (the premise of their sensitivity 1)."""
+    import torch
+
     from client.row_check import batch_mate_problems, training_problems
+    from common.device import pick_device
 
     s = dep.settings
     info(f"checking that one record's contribution depends on that record alone on this machine ({data.image_shape})")
     problems = training_problems(data.image_shape, data.num_classes, tuple(s.modes))
+    # and on the GPU where a run may train: the one site.yaml names, or, where it names none, the one a run's
+    # "auto" or "cuda" picks (evaluation and audits always compute on the CPU: client.evaluation)
+    gpu = pick_device(s.device) if s.device else (torch.device("cuda") if torch.cuda.is_available() else None)
+    if not problems and gpu is not None and gpu.type == "cuda":
+        info(f"checking the same on {gpu} ({torch.cuda.get_device_name(gpu)})")
+        problems = [f"{p} on {gpu}" for p in training_problems(data.image_shape, data.num_classes, tuple(s.modes),
+                                                                device=gpu)]
     if problems:
         raise DeployError(f"site '{dep.name}': on this machine {'; '.join(problems)}, so one record could move other "
                           "records' contributions to a training release past the sensitivity its noise is calibrated "
-                          "to. Run the site on another machine, or with OMP_NUM_THREADS=1, and check again")
+                          "to. Run the site on another machine, or with OMP_NUM_THREADS=1 (or, where the problem is on "
+                          "a GPU, with device: cpu in site.yaml), and check again")
     if not (s.evaluation or s.audits):
         return
     problems = batch_mate_problems(data.image_shape, data.num_classes, evaluation=s.evaluation, audits=s.audits)
