@@ -505,7 +505,7 @@ def test_the_row_checks_run_on_the_device_the_run_trains_on(tmp_path, monkeypatc
     net = P.state_arrays(BNNet(1, 10, 8, 8))
     grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
     monkeypatch.setattr(gan_site, "discriminator_problems", on("dpgan"))
-    monkeypatch.setattr(gan_site, "generator_problems", lambda *a, **kw: [])
+    monkeypatch.setattr(gan_site, "generator_problems", lambda *a, **kw: seen.append(f"G on {kw['device'].type}") or [])
     monkeypatch.setattr(bn_site, "bnnet_problems", on("bnstats"))
     for device in ("cpu", "cuda"):  # what the run's device setting chose (site_device: site.yaml names none)
         monkeypatch.setattr(gan_site, "site_device", lambda context, d=device: torch.device(d))
@@ -514,7 +514,7 @@ def test_the_row_checks_run_on_the_device_the_run_trains_on(tmp_path, monkeypatc
         assert reply.has_error() and f"rounded by place on {device}" in reply.error.reason
         assert ("device: cpu in site.yaml" in reply.error.reason) == (device == "cuda")
         _refused(send(grid, 1000, P.BnTrainRequest(**settings, server_round=1, net=net)), f"rounded by place on {device}")
-    assert seen == ["cpu", "cpu", "cuda", "cuda"]
+    assert seen == ["cpu", "G on cpu", "cpu", "cuda", "G on cuda", "cuda"]
     assert not (tmp_path / "sites" / "site-1" / "ledger").exists() or charges(tmp_path)[0] == []  # nothing charged
     # a shape that passed on the CPU is checked again for the GPU, and remembered for each
     marks = tmp_path / "sites" / "site-1" / "row-checks"
@@ -527,4 +527,4 @@ def test_the_row_checks_run_on_the_device_the_run_trains_on(tmp_path, monkeypatc
     for device in ("cpu", "cuda", "cpu", "cuda"):
         monkeypatch.setattr(gan_site, "site_device", lambda context, d=device: torch.device(d))
         assert send(grid, 1000, gan_request(cfg, experiment="exp-dev-gan-ok")).has_error()
-    assert seen[4:] == ["cpu", "cuda"] and len(list(marks.glob("*.ok"))) == 2
+    assert seen[6:] == ["cpu", "G on cpu", "cuda", "G on cuda"] and len(list(marks.glob("*.ok"))) == 2

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import torch
+
 from client.site import SiteSettings
 from common.config import MODES
 from common.data import LABEL_FROM_CLASSES, SENSITIVE_ATTRIBUTES, sensitive_attribute_problem
@@ -88,9 +90,12 @@ def _device(f: Fields, path: str | Path) -> str:
     value = f.str("device", "")
     if value:
         try:
-            pick_device(value)
+            device = pick_device(value)
         except ValueError as err:
             raise DeployError(f"{path}: 'device': {err}") from None
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeployError(f"{path}: 'device': {value!r} names a GPU this machine does not have (it has "
+                              f"{torch.cuda.device_count()}); use cuda, auto or cpu")
     return value
 
 
