@@ -254,16 +254,23 @@ def check_network_rows(state_dir: Path, what: str, shape: dict, network: torch.n
         log.warning("could not remember a checked network shape in %s (%s)", mark.parent, type(err).__name__)
 
 
+# Environment settings that change which GPU kernels run or how they round (review s65): a mark made under one
+# setting is not trusted under another
+GPU_KERNEL_ENV = ("NVIDIA_TF32_OVERRIDE", "CUBLAS_WORKSPACE_CONFIG", "TORCH_CUDNN_V8_API_DISABLED")
+
+
 def device_key(device: torch.device | str) -> str:
-    """What the row checks' result depends on besides the CPU: "cpu", or the GPU's name, compute capability and the
-    CUDA and cuDNN versions torch runs it with."""
+    """What the row checks' result depends on besides the CPU: "cpu", or the GPU's name, compute capability, the
+    CUDA and cuDNN versions torch runs it with, torch's TF32 switches and GPU_KERNEL_ENV."""
     dev = torch.device(device)
     if dev.type != "cuda":
         return dev.type
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     major, minor = torch.cuda.get_device_capability(index)
+    tf32 = f"tf32:{int(torch.backends.cuda.matmul.allow_tf32)}{int(torch.backends.cudnn.allow_tf32)}"
+    env = ",".join(f"{name}={os.environ.get(name, '')}" for name in GPU_KERNEL_ENV)
     return (f"cuda:{torch.cuda.get_device_name(index)}:sm{major}{minor}:cuda{torch.version.cuda}:"
-            f"cudnn{torch.backends.cudnn.version()}")
+            f"cudnn{torch.backends.cudnn.version()}:{tf32}:{env}")
 
 
 def _on_gpu(device: torch.device) -> str:

@@ -494,7 +494,12 @@ def test_the_row_checks_run_on_the_device_the_run_trains_on(tmp_path, monkeypatc
                         ("set_rng_state", lambda *a: None)):
         monkeypatch.setattr(torch.cuda, name, value)
     monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91002)
-    assert row_check.device_key("cuda") == f"cuda:H100:sm90:cuda{torch.version.cuda}:cudnn91002"
+    for name in row_check.GPU_KERNEL_ENV:
+        monkeypatch.delenv(name, raising=False)
+    key = row_check.device_key("cuda")
+    assert key.startswith(f"cuda:H100:sm90:cuda{torch.version.cuda}:cudnn91002:tf32:"), key
+    monkeypatch.setenv("NVIDIA_TF32_OVERRIDE", "0")  # an operator's kernel setting is part of the key
+    assert row_check.device_key("cuda") != key
     seen = []
 
     def on(device):
