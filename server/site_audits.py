@@ -73,11 +73,13 @@ def check_audit_size(cfg: RunConfig, schema: Schema, sites: dict[int, SiteRecord
         return
     per_image = 4 * int(np.prod(schema.image_shape))  # float32 (C, H, W)
     fits = (P.MAX_MESSAGE_BYTES - AUDIT_MESSAGE_SLACK) // per_image
-    if audit_images(cfg) > fits:
-        raise RunFailed(f"an audit query of {audit_images(cfg):,} synthetic images of {'x'.join(map(str, schema.image_shape))} "
-                        f"would take {audit_images(cfg) * per_image / 2**20:,.0f} MiB, more than the "
-                        f"{P.MAX_MESSAGE_BYTES // 2**20:,} MiB a site pulls in one message; set audit-records to at most "
-                        f"{fits:,} (or site-audits = false) before anything is spent")
+    images = audit_images(cfg)
+    if images > fits:
+        shape = "x".join(map(str, schema.image_shape))
+        raise RunFailed(f"an audit query of {images:,} synthetic images of {shape} would take "
+                        f"{images * per_image / 2**20:,.0f} MiB, more than the {P.MAX_MESSAGE_BYTES // 2**20:,} MiB a "
+                        f"site pulls in one message; set audit-records to at most {fits:,} (or site-audits = false) "
+                        "before anything is spent")
 
 
 def request_site_audits(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int, SiteRecord],

@@ -49,6 +49,7 @@ def test_the_largest_audit_allowed_fits_the_limit_as_sent(monkeypatch):
     check_audit_size(cfg, schema, SITES)
     with pytest.raises(RunFailed):
         check_audit_size(RunConfig(site_audits=True, audit_records=fits + 1, synthetic_size=10_000), schema, SITES)
-    request = P.AuditRequest(experiment="e" * 64, synthetic={"images": np.random.rand(fits, 1, 28, 28).astype(np.float32)})
+    images = np.random.rand(fits, 1, 28, 28).astype(np.float32)
+    request = P.AuditRequest(experiment="e" * 64, synthetic={"images": images})
     stored = sum(len(obj.deflate()) for obj in get_all_nested_objects(request.to_record()).values())
     assert stored <= P.MAX_MESSAGE_BYTES - site_audits.AUDIT_MESSAGE_SLACK + 4096

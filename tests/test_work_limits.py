@@ -502,8 +502,11 @@ def test_the_row_checks_run_on_the_device_the_run_trains_on(tmp_path, monkeypatc
     assert row_check.device_key("cuda") != key
     seen = []
 
-    def on(device):
-        return lambda *args, **kw: seen.append(torch.device(kw["device"]).type) or [f"rounded by place on {kw['device']}"]
+    def on(mode):  # a check that records the device it was given and finds a problem there
+        def check(*args, **kw):
+            seen.append(torch.device(kw["device"]).type)
+            return [f"rounded by place on {kw['device']}"]
+        return check
 
     cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=2, bn_width=8, bn_local_steps=2, bn_batch_size=32)
     settings = plan_settings(cfg, Schema(1, 8, 8, tuple(str(i) for i in range(10))), "exp-dev")
@@ -518,7 +521,8 @@ def test_the_row_checks_run_on_the_device_the_run_trains_on(tmp_path, monkeypatc
         reply = send(grid, 1000, gan_request(cfg, experiment=f"exp-dev-gan-{device}"))
         assert reply.has_error() and f"rounded by place on {device}" in reply.error.reason
         assert ("device: cpu in site.yaml" in reply.error.reason) == (device == "cuda")
-        _refused(send(grid, 1000, P.BnTrainRequest(**settings, server_round=1, net=net)), f"rounded by place on {device}")
+        reply = send(grid, 1000, P.BnTrainRequest(**settings, server_round=1, net=net))
+        _refused(reply, f"rounded by place on {device}")
     assert seen == ["cpu", "G on cpu", "cpu", "cuda", "G on cuda", "cuda"]
     assert not (tmp_path / "sites" / "site-1" / "ledger").exists() or charges(tmp_path)[0] == []  # nothing charged
     # a shape that passed on the CPU is checked again for the GPU, and remembered for each
