@@ -1,6 +1,6 @@
 """`fedsynth` command line: simulate, demo (and the commands later issues add).
 
-    fedsynth demo                      # digits, 3 sites, eps=10 vs no DP vs real data, 35 s on 2 cores
+    fedsynth demo                      # digits, 3 sites, eps=10 vs no DP vs real data, about 1 min on 2 cores
     fedsynth simulate --data ../shared/data/mnist --test ../shared/data/mnist --sites 3 \
         --partition dirichlet:0.5 --mode dpgan --epsilon 10 --out runs/mnist
 """
@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     p.set_defaults(func=cmd_simulate)
     p = sub.add_parser("demo", formatter_class=HelpFormatter,
-        help="digits, 3 sites: DP vs no DP vs real data (35 s on 2 cores; tests/benchmarks/bench_demo.py)")
+        help="digits, 3 sites: DP vs no DP vs real data (about 1 min on 2 cores; tests/benchmarks/bench_demo.py)")
     _add_run_args(p, demo=True)
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("pretrain-net", formatter_class=HelpFormatter,

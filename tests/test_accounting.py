@@ -161,3 +161,23 @@ def test_invalid_arguments_are_rejected():
         calibrate_noise_multiplier(1.0, DELTA, 0.1, 0)
     with pytest.raises(ValueError, match="sample_rate"):
         calibrate_noise_multiplier(1.0, DELTA, 0.0, 10)
+
+
+def test_one_order_alone_is_the_same_number_as_that_order_of_the_whole_curve():
+    """rdp_at_order (the ledger's and the planner's one-order reading) computes only its order, where it read the
+    whole 162-order curve: the same bits, over noise levels, sampling rates and every order."""
+    import random
+
+    from common.accounting import (RDP_ORDERS, _ORDER_INDEX, _mechanisms, _rdp_curve_one_step, _rdp_one_step_at,
+                                   rdp_at_order)
+
+    rng = random.Random(0)
+    for _ in range(400):
+        sigma = rng.choice([rng.uniform(0.3, 3.0), rng.uniform(3.0, 60.0), 20.0])
+        q = rng.choice([1.0, rng.uniform(1e-4, 0.5), rng.uniform(0.5, 1.0)])
+        order = rng.choice(RDP_ORDERS)
+        assert _rdp_one_step_at(sigma, q, order) == _rdp_curve_one_step(sigma, q)[_ORDER_INDEX[order]]
+        events = [DPEvent(sigma, q, rng.randint(1, 2000)), DPEvent(20.0, 1.0, 1)]
+        whole = sum(steps * _rdp_curve_one_step(sigma, q)[_ORDER_INDEX[order]]  # (the reading before: per mechanism)
+                    for (sigma, q), steps in _mechanisms(events).items())
+        assert rdp_at_order(events, order) == float(whole)
