@@ -151,8 +151,8 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings, saved_fil
                                                           "classes": req.num_classes, "width": req.width,
                                                           "head-norm": req.head_norm, "resolution": req.resolution,
                                                           "gradients": trains}, net,
-                           lambda: bnnet_problems(build(), data.image_shape, req.num_classes, gradients=trains,
-                                                  device=device), device)
+                           lambda on: bnnet_problems(build(), data.image_shape, req.num_classes, gradients=trains,
+                                                     device=on), device)
     ledger = open_ledger(site, data)
     if not trains:
         check_no_census_drawn(ledger, folder, req.experiment)

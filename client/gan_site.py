@@ -329,9 +329,9 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings, *,
                                                "classes": req.num_classes, "d-width": req.d_width, "width": req.width,
                                                "latent-dim": req.latent_dim, "resolution": req.resolution},
                        networks,
-                       lambda: (discriminator_problems(Discriminator(shape, width=req.d_width), data.image_shape,
-                                                       req.num_classes, device=device)
-                                + generator_problems(Generator(shape), req.latent_dim, req.num_classes, device=device)),
+                       lambda on: (discriminator_problems(Discriminator(shape, width=req.d_width), data.image_shape,
+                                                          req.num_classes, device=on)
+                                   + generator_problems(Generator(shape), req.latent_dim, req.num_classes, device=on)),
                        device)
     ledger = open_ledger(site, data)
     census = run_census(data, ledger, folder, mode="dpgan", experiment=req.experiment, epsilon=req.epsilon,

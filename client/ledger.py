@@ -38,9 +38,9 @@ from pathlib import Path
 
 from client import ledger_file as lf
 from client.ledger_file import LedgerDamaged
-from client.ledger_order import ledger_order, order_in_force
+from client.ledger_order import allowance, ledger_order, order_in_force
 from client.ledger_refusals import BudgetExceeded, budget_refusal, run_refusal
-from common.accounting import DPEvent, epsilon_for, rdp_at_order, rdp_to_epsilon
+from common.accounting import DPEvent, epsilon_for, rdp_at_order
 from common.protocol import DEFAULT_DELTA_BOUND
 
 __all__ = ["BudgetExceeded", "LedgerDamaged", "PrivacyLedger", "Spent"]
@@ -243,7 +243,7 @@ class PrivacyLedger:
         under one too small for the order to hold anything."""
         if order is None or math.isinf(self.epsilon_budget):
             return 0.0
-        allowed = self.epsilon_budget - rdp_to_epsilon(0.0, order, self.delta)
+        allowed = allowance(order, self.epsilon_budget, self.delta)
         return rdp_at_order(events, order) / allowed if allowed > 0 else math.inf
 
     def entries(self) -> list[dict]:

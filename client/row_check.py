@@ -205,9 +205,9 @@ def generator_problems(gen: torch.nn.Module, latent_dim: int, num_classes: int, 
 
 
 def check_network_rows(state_dir: Path, what: str, shape: dict, network: torch.nn.Module,
-                       problems_of: Callable[[], list[str]], device: torch.device | str = "cpu") -> None:
+                       problems_of: Callable[[torch.device], list[str]], device: torch.device | str = "cpu") -> None:
     """Refuse (before any charge) a run whose network, of the ``shape`` its request chose, this machine computes with
-    a record's rows rounded by their place in the block or chunk (``problems_of()``, at random weights, on random
+    a record's rows rounded by their place in the block or chunk (``problems_of(device)``, at random weights, on random
     images of the site's shape); a shape found sound is remembered in ``<state>/row-checks/`` (keyed as below). The
     start-up check covers the default widths only: on this machine a linear layer of 64 rows sums a row in another
     order by its place when its input size is not a multiple of 4, which an odd width gives the heads at 28 pixels, and with finite weights near float32's limit a coordinator turned that into a
@@ -216,9 +216,9 @@ def check_network_rows(state_dir: Path, what: str, shape: dict, network: torch.n
     (review s63). Whether a shape passes is a property of the machine and the request, never of the records. The key
     holds every tensor shape of ``network`` (the run's, built as its round builds it: a setting the request leaves to
     the site, D's width from G's, is in it) besides the request's ``shape`` settings, and the CPU capability torch
-    dispatches its kernels by, the Opacus version and ROW_CHECK_VERSION; and the ``device`` the run computes on, which
-    ``problems_of`` must check on (a GPU's name, compute capability and CUDA and cuDNN versions: until 2026-12-07 the
-    check ran on the CPU even where the run's device setting had the site train on its GPU)."""
+    dispatches its kernels by, the Opacus version and ROW_CHECK_VERSION; and the ``device`` the run computes on
+    (:func:`device_key`), the one ``problems_of`` is handed to check on (until 2026-12-07 the check ran on the CPU even
+    where the run's device setting had the site train on its GPU)."""
     tensors = [[name, list(t.shape)] for name, t in network.state_dict().items()]
     key = json.dumps({"what": what, **shape, "tensors": tensors, "network": type(network).__name__,
                       "torch": torch.__version__, "opacus": opacus.__version__, "check": ROW_CHECK_VERSION,
@@ -236,7 +236,7 @@ def check_network_rows(state_dir: Path, what: str, shape: dict, network: torch.n
         if digest in _PASSED:
             return
         torch.manual_seed(0)
-        problems = problems_of()
+        problems = problems_of(dev)  # (on the device the key names: one value for both)
         if not problems:
             _PASSED.add(digest)
     if problems:
