@@ -67,7 +67,9 @@ REFUSED_NOT_ALLOWED = 4003  # the site's config does not allow this mode / actio
 # disk's free space in whole 64 MB units, which counts every file on that disk; README, Privacy, "Not covered".
 # Not allowed, review s63: a network shape this machine computes with a record's rows rounded by their place
 # (client.row_check.check_network_rows: names the problem and the request's own shape settings; decided on random
-# weights and random images of the published shape, so by the machine and the request alone), and an audit whose
+# weights and random images of the published shape, so by the machine and the request alone; since review s65 on
+# the device the run computes on, and where that is a GPU the text adds the way out, device: cpu in site.yaml: the
+# device kind the site publishes in query.info already), and an audit whose
 # memory (client.evaluation.audit_memory_mb: the published shape and the request's image count) is above the
 # operator's max_step_memory_mb, which it names with that count.
 SITE_FAILURE = 4004  # the site could not do the work (its operator sees why in the site's log)
