@@ -197,7 +197,7 @@ def other_runs_mb(site: object, experiment: str) -> float:
 
 
 FREE_DISK_MARGIN_MB = 64  # free space a run must leave on the state folder's disk (the ledger, logs, claim files)
-FREE_DISK_UNIT_MB = 64  # free space is read in whole units of this (README, Privacy, "Not covered"): a small run needs
+FREE_DISK_UNIT_MB = 64  # free space is read in whole units of this (docs/privacy.md, "Not covered"): a small run needs
 # 128 MB free (a first version read whole GiB, which would stop a site, or a test machine, with under 1 GiB free)
 
 

@@ -32,7 +32,7 @@ four stages could still see one site's vector alone (a modulus of 2 makes every 
 site as its own only neighbour makes its own seed share the seed; a node listed both active and dropped, or
 dropped to half its neighbours and active to the others under a threshold of half, gets both of its secrets
 reconstructed). What it cannot stop is a coordinator that invents neighbours (it holds their keys);
-README, Privacy, says so.
+docs/privacy.md ("Secure aggregation") says so.
 """
 
 from __future__ import annotations

@@ -82,17 +82,17 @@ class RunConfig:
     gan_g_steps: int = 1  # >= 1: generator steps after each gan-d-steps discriminator steps (free in privacy: G never sees a record)
     gan_long_g_steps: int = 0  # G steps after each D step a site of >= 10,000 records (noisy census) takes, on either D schedule (0 = chosen by the product; = gan-g-steps: never)
     gan_d_steps: int = 1  # >= 1: discriminator steps between two generator steps (Bie et al.'s n_D; the privacy spent is set by gan-local-steps alone)
-    gan_augment: str = ""  # DiffAugment of every image a site's D judges: "" = none, or comma-separated from translation, cutout (common/gan_augment.py; README: measured, opt-in)
+    gan_augment: str = ""  # DiffAugment of every image a site's D judges: "" = none, or comma-separated from translation, cutout (common/gan_augment.py; docs/results.md: measured, opt-in)
     # Free in privacy (G never sees a record) and in time. 0.99 measured against 0 on three datasets, epsilon 10,
     # 3 Dirichlet-0.5 sites: MNIST 0.963 vs 0.952 (seed 1), CIFAR-10 gray 0.276 vs 0.265 (seed 0) and 0.283 vs 0.239
-    # (seed 1), PneumoniaMNIST 0.827 vs 0.843 (seed 0) (README, "the generator's EMA").
+    # (seed 1), PneumoniaMNIST 0.827 vs 0.843 (seed 0) (docs/results.md, "the generator's EMA").
     gan_average_d: bool = False  # FedAvg of the sites' discriminators too (each D is DP-SGD output, so sending it is free): every site starts its round from their average; off = each D stays at its site (design.md); never under secure aggregation
     gan_ema: float = 0.99  # in [0, 1): decay of the EMA of G's weights over a site's round (warmed up over its first steps), sent instead of G's last weights; 0 = off
     gan_class_histogram: bool = True  # each site draws G's labels from its own DP class histogram (label skew)
     # Free in privacy and time (post-processing of generators the sites already released). A mixture of the last 3
     # rounds against the last round alone, drawn again from the defaults runs' saved replies: CIFAR-10 gray epsilon 10
     # 0.284 vs 0.262 and 0.274 vs 0.258, MNIST 0.959 vs 0.960 (epsilon 10) and 0.926 vs 0.927 (epsilon 1),
-    # PneumoniaMNIST 0.825 vs 0.859 and 0.869 vs 0.841 (two seeds) (README: "A mixture of each site's last rounds").
+    # PneumoniaMNIST 0.825 vs 0.859 and 0.869 vs 0.841 (two seeds) (docs/results.md: "A mixture of each site's last rounds").
     gan_sample_rounds: int = 3  # >= 1: with gan-sample-from = sites, each site's generators of this many last rounds make its share (gan-sample-combine); 1 = its last
     gan_sample_combine: str = "mixture"  # mixture: each of those generators draws an equal part of the site's share | average: their weights averaged first
     gan_sample_from: str = "sites"  # sites: class c from each site's last generator in proportion to its noisy count of c; average: from the averaged generator

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 TRANSLATION_RATIO = 0.125  # Zhao et al.'s default: shifts of up to side/8
 CUTOUT_RATIO = 0.5  # Zhao et al.'s default: a square of side/2
 # What fills the uncovered border and the cut square: 0, mid-grey in D's [-1, 1] range (Zhao et al.'s choice).
-# Black (-1) was measured too, on MNIST and CIFAR-10 gray (README, "DiffAugment"): MNIST lost as much with it
+# Black (-1) was measured too, on MNIST and CIFAR-10 gray (docs/results.md, "DiffAugment"): MNIST lost as much with it
 # (0.906 against 0.903 grey, ~0.96 without augmentation) and CIFAR-10 gray gained less (0.263 against 0.320 grey).
 FILL = 0.0
 

@@ -64,7 +64,7 @@ REFUSED_NOT_ALLOWED = 4003  # the site's config does not allow this mode / actio
 # max_parameters (client.evaluation, review s59) names its count, computed from the learner and shape the request
 # names. Not allowed, fixed text: new work whose files the state folder's disk has no room for (client.limits.
 # check_free_disk, review s62): decided from the run's own files (sizes that follow from the requests) and the
-# disk's free space in whole 64 MB units, which counts every file on that disk; README, Privacy, "Not covered".
+# disk's free space in whole 64 MB units, which counts every file on that disk; docs/privacy.md, "Not covered".
 # Not allowed, review s63: a network shape this machine computes with a record's rows rounded by their place
 # (client.row_check.check_network_rows: names the problem and the request's own shape settings; decided on random
 # weights and random images of the published shape, so by the machine and the request alone; since review s65 on

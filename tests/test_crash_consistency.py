@@ -325,7 +325,7 @@ def test_evaluation_queries_cannot_take_a_run_past_its_epsilon_either(tmp_path, 
     """A run's plan reserves room for the queries its sites allow; failed rounds charged again can use that room up,
     and the queries were charged against the site's budget alone: a run of epsilon 2 ended at 2.3. Now a query of a
     run with a plan is held to the run's epsilon too (a query under an id that never trained is bounded by the
-    site's budget and, being charged, by nothing else: README, Privacy)."""
+    site's budget and, being charged, by nothing else: docs/privacy.md)."""
     from client.app import app as client_app
     from common.learner import build_learner
     from fedsynth.localgrid import LocalGrid

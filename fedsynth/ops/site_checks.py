@@ -69,7 +69,7 @@ def check_disjoint(dep: SiteDeployment, data, held) -> None:
     the path check in site_config and put every record in both audit histograms, moving the release by sqrt(2) where
     its noise is calibrated to 1, and made the evaluation score training records. A few records equal in both are
     real data's own duplicates (PneumoniaMNIST's val split repeats 8 of its 524 images in train): they are counted,
-    not refused. The tenth detects the mistake and is no privacy bound (review s60; README, Privacy): the guarantee is
+    not refused. The tenth detects the mistake and is no privacy bound (review s60; docs/privacy.md): the guarantee is
     per record, and a copy of a record in the other set is another record."""
     import hashlib
 

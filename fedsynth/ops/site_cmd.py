@@ -218,7 +218,7 @@ def _announce(dep: SiteDeployment, check: SiteCheck) -> None:
             warn(f"this ledger reads its total at Renyi order {led['order']:g}, fixed under an earlier budget; a "
                  f"fresh ledger at epsilon {fmt_eps(s.epsilon_budget)} would use order {led['order_for_budget']:g}, "
                  "and the order cannot move there without weakening the guarantee (client/ledger_order.py), so runs "
-                 "here get more noise than at a fresh ledger (README, Privacy: 'The ledger's order')")
+                 "here get more noise than at a fresh ledger (docs/privacy.md: 'The ledger's order')")
         if not s.delta and led["delta"] < 1e-5 and "ledger-delta" not in led.get("per_purpose_releases", {}):
             warn(f"this ledger's delta {led['delta']:.3g} was set from the exact record count by an earlier fedsynth "
                  "(1/(10 n)); a coordinator that searches the epsilon at which this site starts refusing could read "

@@ -107,7 +107,7 @@ def round_mixture(recent: list[dict], nodes: list[int], census: np.ndarray
     learner trained on images from all of them sees more of each class's variety than one generator draws
     (averaging their weights instead blurs the images: ``site_generators``). Free in privacy and in time:
     the generators are DP releases the coordinator already holds, and the set keeps its size. Measured on the
-    defaults runs' saved replies (README: "A mixture of each site's last rounds"): CIFAR-10 gray epsilon 10
+    defaults runs' saved replies (docs/results.md: "A mixture of each site's last rounds"): CIFAR-10 gray epsilon 10
     0.284 and 0.274 vs 0.262 and 0.258 with the last round alone; MNIST level at epsilon 10 and 1;
     PneumoniaMNIST, whose runs swing by 0.05, once lower and once higher (0.825 vs 0.859, 0.869 vs 0.841).
     """

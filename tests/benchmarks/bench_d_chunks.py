@@ -4,7 +4,7 @@
     PYTHONPATH=. .venv/bin/python tests/benchmarks/bench_d_chunks.py --shapes gray28 --chunks 64
 
 D's DP-SGD step runs each Poisson batch in fresh, zero-padded chunks of exactly ``DPSGD_CHUNK`` rows, the fakes too
-(``client.dpgan.discriminator_backward``; why: README, Privacy, "fixed shapes"). This times a site step (what
+(``client.dpgan.discriminator_backward``; why: docs/privacy.md, "One record, one cell"). This times a site step (what
 ``LocalGanTrainer.train_round`` does per accounted D step, the defaults' round settings at expected batch ``--batch``,
 one G step) with each chunk size of ``--chunks`` against the step as it ran before the chunks: one real and one fake
 pass on the b sampled rows (``as sampled``, rebuilt here; not private against a coordinator that chooses D's and G's

@@ -6,7 +6,7 @@
 One site step is what ``LocalGanTrainer.train_round`` does per accounted D step with the defaults' round settings
 at expected batch ``--batch`` (256 as the defaults; ``tests/benchmarks/site_steps.py``), for 1 and 2 G steps per D
 step (``gan-g-steps`` / ``gan-long-g-steps``; and 2 each drawing half the fakes, a rule tried for large sites on the
-longer D schedule and left out: README, ``results/recipe/half_g.json``), each with the mode-seeking term
+longer D schedule and left out: docs/results.md, ``results/recipe/half_g.json``), each with the mode-seeking term
 
 - as the product computes it: from the pairs of rows inside the G batch (``client.dpgan.mode_seeking_penalty``);
 - as it was computed before (the paper's form): a second image for every row from a fresh latent, i.e. a second
