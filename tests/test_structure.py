@@ -76,3 +76,20 @@ def test_no_import_cycles_between_modules():
         if name not in state:
             visit(name, [name])
     assert not cycles, cycles[:3]
+
+
+def _local_links(doc: Path) -> list[str]:
+    """Relative link targets of a markdown file (``](target)``), without anchors, web addresses or mail."""
+    import re
+    targets = re.findall(r"\]\(([^)\s]+)\)", doc.read_text(encoding="utf-8"))
+    return [t.split("#", 1)[0] for t in targets if not t.startswith(("http://", "https://", "mailto:", "#"))]
+
+
+def test_every_file_the_readme_and_the_docs_link_to_exists():
+    """The README's map and the docs send a newcomer to files in one step: a moved or renamed file must not leave a
+    dead link (the README's measurements and privacy account live in docs/ since stop 66)."""
+    docs = [ROOT / "README.md", ROOT / "deploy" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert (ROOT / "docs" / "results.md") in docs and (ROOT / "docs" / "privacy.md") in docs
+    dead = [f"{doc.relative_to(ROOT)} -> {target}" for doc in docs for target in _local_links(doc)
+            if target and not (doc.parent / target).exists()]
+    assert not dead, dead
