@@ -26,6 +26,10 @@ therefore runs every forward pass on a batch of exactly ``evaluation_batch(shape
 exactly ``audit_block(shape)`` (records x synthetic images), zero-padded in a fresh standard-layout buffer, the padding
 masked out: constants, independent of the record count and of anything the coordinator sends.
 
+A held-out set of no records (an emptied folder or split, or records of classes the site does not publish) is
+answered like any other, charged, its counts noise alone: failing instead, before the charge, told the coordinator for
+free that it held no record (until stop 66).
+
 Held-out records share the ledger of the site's dataset id: the unit of privacy is one record, training
 or held-out (conservative: a held-out record is charged for training releases it never entered).
 """
@@ -51,7 +55,7 @@ from client.site import SiteSettings, data_fingerprint, load_site_heldout, open_
 from common import protocol as P
 from common.accounting import DPEvent, epsilon_for
 from common.audits import nearest_neighbors
-from common.data import ImageDataset
+from common.data import ImageDataset, NoRecords
 from common.files import atomic_write_json
 from common.learner import build_learner, predict
 from common.wire import quoted
@@ -121,21 +125,21 @@ def _open_query(site: SiteSettings, allowed: bool, what: str, experiment: str
         raise Refusal(P.REFUSED_NOT_ALLOWED, f"this site does not answer {what} queries (its operator can allow "
                                              f"them in site.yaml)")
     folder = run_dir(site, experiment)
-    heldout = load_site_heldout(site)
-    if heldout is None:  # no held-out data configured: public (site.yaml), query.info says so too
+    if not site.heldout:  # no held-out data configured: public (site.yaml), query.info says so too
         raise Refusal(P.REFUSED_NOT_ALLOWED, f"this site has no held-out data for {what} queries")
-    if len(heldout) == 0:  # configured but empty: a record count (0 against 1), so the generic failure, like a crash
-        raise Refusal(P.SITE_FAILURE, FAILURE_TEXT, "the held-out data has no records")
     data = site_data(site)
+    try:
+        heldout = load_site_heldout(site)
+    except NoRecords:  # emptied (a folder, a split, an npz of other classes): no records, answered as any other set
+        heldout = data.subset(np.arange(0))
     if heldout.image_shape != data.image_shape:
         # The held-out set's own shape is not published (query.info describes the training data), and it can hinge
         # on single records (a colour pixel): the reason does not name it. `fedsynth site` refuses to start so.
         raise Refusal(P.SITE_FAILURE, FAILURE_TEXT, f"the held-out data {heldout.image_shape} does not match the "
                                                     f"training data {data.image_shape}")
-    heldout = in_published_classes(heldout, data.classes)
-    if len(heldout) == 0:
-        raise Refusal(P.SITE_FAILURE, FAILURE_TEXT, "the held-out data has no records of the published classes")
-    return data, heldout, folder
+    # (none left is a set of no records: its answers are noise alone, charged like any other; until stop 66 an empty
+    # set got the generic failure before the charge, a free answer to whether it held any record)
+    return data, in_published_classes(heldout, data.classes), folder
 
 
 def in_published_classes(heldout: ImageDataset, classes: tuple[str, ...]) -> ImageDataset:
@@ -296,6 +300,8 @@ def distance_histogram(records: np.ndarray, synthetic: np.ndarray) -> np.ndarray
     search runs on fixed :func:`audit_block` distance blocks, so that a record's nearest image (near-ties) and thus
     its bin depend on that record alone (sensitivity 1)."""
     edges = np.asarray(P.AUDIT_BIN_EDGES)
+    if not len(records):  # a held-out set of no records: every bin 0 (the noise is the whole answer)
+        return np.zeros(len(edges) - 1)
     distances, _ = nearest_neighbors(records, synthetic, metric="mse", device="cpu",
                                      block_shape=audit_block(records.shape[1:]))
     bins = np.clip(np.searchsorted(edges, distances, side="right") - 1, 0, len(edges) - 2)

@@ -374,11 +374,37 @@ def test_the_held_out_sets_own_schema_never_reaches_the_coordinator(tmp_path):
     assert reply.has_error() and reply.error.code == P.SITE_FAILURE
     assert "3" not in reply.error.reason.replace("site-a", "")  # neither its channels nor anything else of it
     assert charges(tmp_path, "site-a") in ([], [[]])  # nothing charged (at most the ledger's own start)
-    # a held-out set with no records: 0 against 1 is a record count, so not a reason of its own either
-    empty = deployed_site(tmp_path / "empty", heldout=DIGITS_TEST.subset(np.arange(0)), evaluation=True)
-    reply = _evaluation(LocalGrid(client_app, [empty], fast_config(tmp_path).to_flwr()), 1000, _constant_model(0),
-                        "logreg", "empty")
-    assert reply.has_error() and reply.error.code == P.SITE_FAILURE and reply.error.reason.endswith(FAILURE_TEXT)
+
+
+def test_a_held_out_set_of_no_records_is_answered_with_noise_and_charged(tmp_path):
+    """Whether a site's held-out set holds any record is a record count (0 against 1): until stop 66 an empty set
+    got the generic failure before the charge, a free answer. Emptied in any way -- an npz of no records, an image
+    folder whose files were all withdrawn, records of classes the site does not publish -- it is now a set of no
+    records: both queries are charged and answered, with noise alone where the records would be."""
+    from common.data import save_image_folder
+
+    folder = tmp_path / "folder-heldout"
+    save_image_folder(DIGITS_TEST.subset(np.arange(20)), folder)
+    for f in folder.rglob("*.png"):  # every held-out file withdrawn, the class folders left
+        f.unlink()
+    unpublished = ImageDataset(DIGITS_TEST.images[:30], DIGITS_TEST.labels[:30] % 2, ("x", "y"))  # other classes
+    cases = {"npz": {"heldout": DIGITS_TEST.subset(np.arange(0))},
+             "folder": {"heldout-path": str(folder), "heldout-split": "train"},
+             "unpublished": {"heldout": unpublished}}
+    for name, held in cases.items():
+        site = deployed_site(tmp_path / name, name=name, evaluation=True, audits=True, **held)
+        grid = LocalGrid(client_app, [site], fast_config(tmp_path).to_flwr())
+        evaluation = _evaluation(grid, 1000, _constant_model(0), "logreg", "empty")
+        audit = ask(grid, 1000, P.AuditRequest(experiment="empty", synthetic={"images": DIGITS_TEST.images[:5]}))
+        assert not evaluation.has_error() and not audit.has_error(), (name, evaluation, audit)
+        table = P.EvaluationReply.from_message(evaluation).counts["table"]  # (10, 2): noise alone
+        histograms = P.AuditReply.from_message(audit).histograms
+        assert table.shape == (10, 2) and histograms["heldout"].shape == histograms["train"].shape
+        # 41 bins of noise std 10 each: a sum's std is 64; the 600 training records are there, no held-out record is
+        assert histograms["train"].sum() > 300 and abs(float(histograms["heldout"].sum())) < 300
+        assert abs(float(table.sum())) < 250  # 20 cells of noise std 10: std 45, and no record
+        purposes = [e["purpose"] for e in charges(tmp_path / name, name)[0]]
+        assert purposes.count("evaluation") == 1 and purposes.count("audit") == 1, (name, purposes)
 
 
 def test_a_held_out_set_without_its_top_class_is_answered_like_one_with_it(tmp_path):

@@ -30,7 +30,7 @@ Modules (everything public is re-exported here, so ``from common.data import X``
 """
 
 from common.data.arrays import SPLIT_SEED, TEST_FRACTION
-from common.data.dataset import SPLITS, DataError, ImageDataset, describe
+from common.data.dataset import SPLITS, DataError, ImageDataset, NoRecords, describe
 from common.data.folders import save_image_folder
 from common.data.labels import (LABEL_FROM_CLASSES, SENSITIVE_ATTRIBUTES, joint_attribute_values,
                                  sensitive_attribute_problem, split_joint_labels)
@@ -50,6 +50,7 @@ __all__ = [
     "SPLIT_SEED",
     "TEST_FRACTION",
     "DataError",
+    "NoRecords",
     "ImageDataset",
     "describe",
     "load_dataset",

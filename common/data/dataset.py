@@ -16,6 +16,11 @@ class DataError(ValueError):
     """Bad input data; the message says what is wrong and what to do."""
 
 
+class NoRecords(DataError):
+    """The data holds no record: an empty folder, archive or split, or none labelled in its classes. A site's
+    held-out set that is emptied while it runs is a set of no records, not a failure (``client.evaluation``)."""
+
+
 # --------------------------------------------------------------------------------------------
 # The dataset container
 # --------------------------------------------------------------------------------------------

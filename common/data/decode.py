@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from common.data.dataset import DataError
+from common.data.dataset import DataError, NoRecords
 from common.data.tree import _ImageFile
 
 # --------------------------------------------------------------------------------------------
@@ -68,7 +68,7 @@ def _decode_files(files: Sequence[_ImageFile], image_size: int | None, channels:
     of the files they come from. ``skip_unreadable``: a file that does not decode is left out, with a warning,
     instead of an error (a site's loader: see ``load_dataset``)."""
     if not files:
-        raise DataError("no images to load: the dataset (or this split of it) is empty")
+        raise NoRecords("no images to load: the dataset (or this split of it) is empty")
     arrays: list[np.ndarray] = []
     kept: list[int] = []
     unreadable: list[str] = []
@@ -100,7 +100,7 @@ def _decode_files(files: Sequence[_ImageFile], image_size: int | None, channels:
         warnings.warn(f"skipped {len(unreadable)} files that are not readable images (e.g. {unreadable[:3]}): "
                       "incomplete copies or corrupt files; they are not records until they can be read", stacklevel=3)
     if not arrays:
-        raise DataError(f"no readable images to load ({len(unreadable)} files could not be decoded, e.g. "
+        raise NoRecords(f"no readable images to load ({len(unreadable)} files could not be decoded, e.g. "
                         f"{unreadable[:3]})")
     c = channels or (3 if any(a.ndim == 3 for a in arrays) else 1)
     h, w = arrays[0].shape[:2]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from common.data.arrays import _adapt, _uint8_to_float
-from common.data.dataset import DataError, ImageDataset
+from common.data.dataset import DataError, ImageDataset, NoRecords
 
 # --------------------------------------------------------------------------------------------
 # MNIST IDX
@@ -79,7 +79,7 @@ def _load_idx_folder(folder: Path, split: str, image_size: int | None, channels:
             "the files belong to different datasets, re-download them"
         )
     if images.shape[0] == 0:
-        raise DataError(f"{folder}: the {prefix} IDX files hold no images")
+        raise NoRecords(f"{folder}: the {prefix} IDX files hold no images")
     num_classes = max(10, int(labels.max()) + 1)
     classes = tuple(str(i) for i in range(num_classes))
     data = _adapt(_uint8_to_float(images), channels, image_size)

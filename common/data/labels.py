@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 
 from common.data.arrays import _hashed_split
-from common.data.dataset import DataError, ImageDataset
+from common.data.dataset import DataError, ImageDataset, NoRecords
 from common.data.decode import _decode_files
 from common.data.tree import _ImageFile, _Tree
 
@@ -105,7 +105,7 @@ def _load_utkface(
     gender, race = np.array(genders, dtype=np.int64), np.array(races, dtype=np.int64)
     idx = _hashed_split([f.parts[-1] for f in kept], split)  # a face's side is decided by its own file name
     if idx.size == 0:
-        raise DataError(
+        raise NoRecords(
             f"the {split!r} split of the {len(kept)} UTKFace images in {tree.origin} is empty (each image goes to "
             "'test' with probability 20 %, decided by its file name); use more images"
         )

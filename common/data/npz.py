@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from common.data.arrays import _adapt, _to_uint8, _uint8_to_float
-from common.data.dataset import DataError, ImageDataset
+from common.data.dataset import DataError, ImageDataset, NoRecords
 from common.files import atomic_write_bytes
 
 # --------------------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ def _load_npz(path: Path, split: str, image_size: int | None, channels: int | No
             "labels; they must match one to one"
         )
     if images.shape[0] == 0:
-        raise DataError(f"{path}: split {split!r} holds no images")
+        raise NoRecords(f"{path}: split {split!r} holds no images")
     if names is not None:
         if names.ndim != 1 or names.dtype.kind not in "US":
             raise DataError(f"{path}: 'classes' must be a 1-D array of strings, got {names.dtype} {names.shape}")
@@ -96,7 +96,7 @@ def _load_npz(path: Path, split: str, image_size: int | None, channels: int | No
                           f"{len(classes)} classes", stacklevel=3)
             images, labels = images[keep], labels[keep]
             if not len(labels):
-                raise DataError(f"{path}: split {split!r} holds no records labelled in its classes")
+                raise NoRecords(f"{path}: split {split!r} holds no records labelled in its classes")
     data = _adapt(_uint8_to_float(images), channels, image_size)
     return ImageDataset(data, labels, classes, source=f"{path}[{split}]")
 
