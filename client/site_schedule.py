@@ -12,14 +12,14 @@ import math
 from client.budget import public_size
 
 # A site whose noisy census counts at least this many records is "large": it takes the run's longer D schedule
-# (GanTrainRequest.long_steps, ``choose_local_steps``), or, where its budget cannot fit that plan, the run's extra
-# generator steps on the shorter one (GanTrainRequest.long_g_steps, ``choose_g_steps``). ../shared/data's sites
+# (GanTrainRequest.long_steps, ``choose_local_steps``) unless its budget cannot fit that plan, and the run's extra
+# generator steps on either schedule (GanTrainRequest.long_g_steps, ``choose_g_steps``). ../shared/data's sites
 # (3 Dirichlet-0.5 sites) fall far to either side: MNIST's ~17,000-24,000 and CIFAR-10's ~11,000-28,000 records
-# gained or kept accuracy with twice the D steps at epsilon 10 and at epsilon 1 (docs/results.md: "The longer schedule at
-# epsilon 1"), though at epsilon 1 the steps cost them x1.2-1.4 the noise per step; PneumoniaMNIST's 283-2,429
-# lost at epsilon 10 (x1.34-1.42). At the product's 10 rounds x 120 steps of 256 a large site passes over its
-# records at most ~31 times, a PneumoniaMNIST site 126-1,086 times. (An earlier rule took the longer schedule where
-# it cost at most x1.15 the noise: the same choice at epsilon 10, but none at epsilon 1.)
+# gained or kept accuracy with twice the D steps at epsilon 10 and at epsilon 1 (docs/results.md: "The longer
+# schedule at epsilon 1"), though at epsilon 1 the steps cost them x1.2-1.4 the noise per step; PneumoniaMNIST's
+# 283-2,429 lost at epsilon 10 (x1.34-1.42). At the product's 10 rounds x 120 steps of 256 a large site passes over
+# its records at most ~31 times, a PneumoniaMNIST site 126-1,086 times. (An earlier rule took the longer schedule
+# where it cost at most x1.15 the noise: the same choice at epsilon 10, but none at epsilon 1.)
 LARGE_SITE_RECORDS = 10_000
 
 def choose_local_steps(steps: int, long_steps: int, *, epsilon: float,

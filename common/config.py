@@ -92,7 +92,8 @@ class RunConfig:
     # Free in privacy and time (post-processing of generators the sites already released). A mixture of the last 3
     # rounds against the last round alone, drawn again from the defaults runs' saved replies: CIFAR-10 gray epsilon 10
     # 0.284 vs 0.262 and 0.274 vs 0.258, MNIST 0.959 vs 0.960 (epsilon 10) and 0.926 vs 0.927 (epsilon 1),
-    # PneumoniaMNIST 0.825 vs 0.859 and 0.869 vs 0.841 (two seeds) (docs/results.md: "A mixture of each site's last rounds").
+    # PneumoniaMNIST 0.825 vs 0.859 and 0.869 vs 0.841 (two seeds) (docs/results.md: "A mixture of each site's last
+    # rounds").
     gan_sample_rounds: int = 3  # >= 1: with gan-sample-from = sites, each site's generators of this many last rounds make its share (gan-sample-combine); 1 = its last
     gan_sample_combine: str = "mixture"  # mixture: each of those generators draws an equal part of the site's share | average: their weights averaged first
     gan_sample_from: str = "sites"  # sites: class c from each site's last generator in proportion to its noisy count of c; average: from the averaged generator

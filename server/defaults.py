@@ -77,39 +77,39 @@ def gan_rules(schema: Schema, num_sites: int, resolution: int) -> list[Choice]:
     return [
         Choice("num-rounds", 3 if small else 10,
                "tiny images: 3 rounds, what the digits demo measured" if small else
-               "10 rounds of 60 discriminator steps: averaging the sites' generators every 60 steps keeps them "
-               "from drifting apart under label skew (MNIST, 3 Dirichlet-0.5 sites: 3 x 200 steps 0.455, "
-               "10 x 60 steps 0.503, before the mode-seeking term took it to 0.94). Re-measured with today's other "
-               "defaults at epsilon 10 (docs/results.md: 'Fewer or more rounds'): the same D steps in 5 rounds gave CIFAR-10 "
-               "28x28 gray 0.317, MNIST 0.957, PneumoniaMNIST 0.832; in 20 rounds CIFAR-10 gray 0.291; 10 rounds "
+               "10 rounds of 60 discriminator steps: averaging the sites' generators every 60 steps keeps them from "
+               "drifting apart under label skew (MNIST, 3 Dirichlet-0.5 sites: 3 x 200 steps 0.455, 10 x 60 steps "
+               "0.503, before the mode-seeking term took it to 0.94). Re-measured with today's other defaults at "
+               "epsilon 10 (docs/results.md: 'Fewer or more rounds'): the same D steps in 5 rounds gave CIFAR-10 28x28 "
+               "gray 0.317, MNIST 0.957, PneumoniaMNIST 0.832; in 20 rounds CIFAR-10 gray 0.291; 10 rounds "
                "gave 0.269-0.331, 0.956-0.964 and 0.870, 0.867: level within one run's spread, so 10 stay"),
         Choice("gan-local-steps", 100 if small else 60,
                "discriminator DP-SGD steps per site and round (600 in all for 28x28 and larger images)"),
         Choice("gan-long-local-steps", 100 if small else 2 * 60,
                "tiny images: never more than gan-local-steps, the demo's" if small else
                "twice the D steps at a site whose own noisy census counts 10,000 records or more "
-               "(client.site_schedule.choose_local_steps). Natural images are short of training, not of "
-               "privacy: CIFAR-10 as 28x28 grayscale, 3 Dirichlet-0.5 sites of ~16,700 records, epsilon 10: "
-               "0.251 at 600 steps, 0.315 at 1,200 (noise multiplier 0.60 to 0.66), 0.325 at 600 steps without "
-               "DP; MNIST 0.953 to 0.957. At epsilon 1 too, though the steps cost large sites x1.2-1.4 the noise "
-               "per step: MNIST 0.920, 0.921, 0.919, 0.922 against 0.927, 0.895, 0.896, 0.915 (seeds 0-3), CIFAR-10 "
-               "gray 0.223, 0.203 against 0.213, 0.184 (seeds 0-1; docs/results.md: 'The longer schedule at epsilon 1'). "
-               "Small sites lose: PneumoniaMNIST's (283 to 2,300 records, noise multiplier x1.34) 0.841 to 0.797 "
+               "(client.site_schedule.choose_local_steps). Natural images are short of training, not of privacy: "
+               "CIFAR-10 as 28x28 grayscale, 3 Dirichlet-0.5 sites of ~16,700 records, epsilon 10: 0.251 at 600 steps, "
+               "0.315 at 1,200 (noise multiplier 0.60 to 0.66), 0.325 at 600 steps without DP; MNIST 0.953 to 0.957. "
+               "At epsilon 1 too, though the steps cost large sites x1.2-1.4 the noise per step: MNIST 0.920, 0.921, "
+               "0.919, 0.922 against 0.927, 0.895, 0.896, 0.915 (seeds 0-3), CIFAR-10 gray 0.223, 0.203 against 0.213, "
+               "0.184 (seeds 0-1; docs/results.md: 'The longer schedule at epsilon 1'). Small sites lose: "
+               "PneumoniaMNIST's (283 to 2,300 records, noise multiplier x1.34) 0.841 to 0.797 "
                "at epsilon 10, 0.739 to 0.627 at epsilon 1"),
         Choice("gan-long-g-steps", 1 if small else 2,
                "tiny images: one generator step per D step, the demo's" if small else
-               "two generator steps per D step at a site whose noisy census counts 10,000 records or more, on "
-               "either D schedule (client.site_schedule.choose_g_steps): a G step never touches a record, so it is "
-               "free in privacy, and natural images are short of training. CIFAR-10 as 28x28 gray, epsilon 10, 3 "
-               "Dirichlet-0.5 sites on the longer D schedule: 0.300, 0.299, 0.309 against 0.276, 0.230, 0.287 with "
-               "one; MNIST level (0.964, 0.956 against 0.961, 0.964). On the shorter D schedule (MNIST, epsilon 1, "
-               "seeds 0-2): 0.935, 0.900, 0.896 against 0.902, 0.901, 0.878. With today's other defaults, on "
-               "either schedule: CIFAR-10 gray epsilon 10 0.311, 0.331 and 0.269 against 0.265 and 0.276, MNIST "
-               "epsilon 1 0.934 against 0.926 and 0.927 (docs/results.md: 'Two G steps at every large site'). They cost "
-               "time: MNIST at epsilon 10, alone on 2 cores, 66 s a round against 47 with one, and against 52 with "
-               "one and the sites one after another, as they ran before the in-process simulation's sites worked at "
-               "once; the classifier ready after 12.0 min "
-               "(tests/benchmarks/results/timing/mnist_eps10_alone_parallel.json). Small sites keep one: "
+               "two generator steps per D step at a site whose noisy census counts 10,000 records or more, on either D "
+               "schedule (client.site_schedule.choose_g_steps): a G step never touches a record, so it is free in "
+               "privacy, and natural images are short of training. CIFAR-10 as 28x28 gray, epsilon 10, 3 Dirichlet-0.5 "
+               "sites on the longer D schedule: 0.300, 0.299, 0.309 against 0.276, 0.230, 0.287 with one; MNIST level "
+               "(0.964, 0.956 against 0.961, 0.964). On the shorter D schedule (MNIST, epsilon 1, seeds 0-2): 0.935, "
+               "0.900, 0.896 against 0.902, 0.901, 0.878. With today's other defaults, on either schedule: CIFAR-10 "
+               "gray epsilon 10 0.311, 0.331 and 0.269 against 0.265 and 0.276, MNIST epsilon 1 0.934 against 0.926 "
+               "and 0.927 (docs/results.md: 'Two G steps at every large site'). They cost time: MNIST at epsilon 10, "
+               "alone on 2 cores, 66 s a round against 47 with one, and against 52 with one and the sites one after "
+               "another, as they ran before the in-process simulation's sites worked at once; the classifier ready "
+               "after 12.0 min (tests/benchmarks/results/timing/mnist_eps10_alone_parallel.json). Small sites keep "
+               "one: "
                "PneumoniaMNIST's (283-2,429 records) 0.800 and 0.825 with two against 0.808-0.849"),
         Choice("gan-batch-size", 64 if small else 256,
                "expected Poisson batch: DP-SGD's noise is divided by the batch, so a large batch keeps the "
