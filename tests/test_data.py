@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.data import DataError, ImageDataset, describe, load_dataset, save_image_folder, save_npz
+from common.data import DataError, ImageDataset, NoRecords, describe, load_dataset, save_image_folder, save_npz
 from common.data.arrays import _hashed_split, _stratified_split
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -400,8 +400,49 @@ def test_image_folder_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no class folders"):
         load_dataset(flat)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no class folders"):
+    with pytest.raises(NoRecords, match="holds no images: the dataset is empty"):
         load_dataset(tmp_path / "empty")
+
+
+def test_a_withdrawn_split_holds_no_records_and_never_becomes_the_other_one(tmp_path: Path) -> None:
+    """Review s66: train/ and test/ with every test record withdrawn leave train/ alone (test/ deleted, or an archive
+    without folder entries, where a folder exists only through its files), and train/ alone was taken as a wrapper
+    folder: a site's held-out set (the test split, loaded whole) became its training records, and withdrawing the last
+    training record made test/ its training set. One record moved every count by the other split's size. A split
+    layout's missing split now holds no records; data emptied in other ways says so too (a site answers queries on a
+    held-out set of no records: client.evaluation)."""
+    rng = np.random.default_rng(0)
+    tree = tmp_path / "tree"
+    for split, n in (("train", 3), ("test", 1)):
+        for c in ("cat", "dog"):
+            for i in range(n):
+                _png(tree / split / c / f"{i}.png", _random_pixels(rng, 4, 4, rgb=False))
+    assert len(load_dataset(tree, "test", whole=True)) == 2
+    shutil.rmtree(tree / "test")  # the last test records withdrawn with their folder
+    with pytest.raises(NoRecords, match="no 'test' split"):
+        load_dataset(tree, "test", whole=True)
+    assert len(load_dataset(tree, "train")) == 6  # the training split is still the training split
+    archive = tmp_path / "train_only.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:  # file entries only: no folder is left of test/
+        for f in sorted(tree.rglob("*.png")):
+            tar.add(f, arcname=f"mydata/{f.relative_to(tree)}")
+    with pytest.raises(NoRecords, match="no 'test' split"):
+        load_dataset(archive, "test", whole=True)
+    assert len(load_dataset(archive, "train")) == 6
+    for f in (tree / "train").rglob("*.png"):  # every training record withdrawn, only test/ left
+        f.unlink()
+    shutil.rmtree(tree / "train")
+    for i in range(2):
+        _png(tree / "test" / "cat" / f"{i}.png", _random_pixels(rng, 4, 4, rgb=False))
+    with pytest.raises(NoRecords, match="no 'train' split"):
+        load_dataset(tree, "train")
+    # other data of no records: an npz split written from an empty list, a UTKFace folder without faces
+    np.savez(tmp_path / "empty.npz", train_images=np.array([]), train_labels=np.array([]))
+    with pytest.raises(NoRecords, match="holds no images"):
+        load_dataset(tmp_path / "empty.npz", "train")
+    (tmp_path / "faces").mkdir()
+    with pytest.raises(NoRecords, match="holds no UTKFace images"):
+        load_dataset(tmp_path / "faces", "test", label_from="utkface-gender")
 
 
 def test_archive_matches_folder(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ import http.client
 import json
 import math
 import ssl
+import tarfile
 import uuid
 from pathlib import Path
 
@@ -380,7 +381,8 @@ def test_a_held_out_set_of_no_records_is_answered_with_noise_and_charged(tmp_pat
     """Whether a site's held-out set holds any record is a record count (0 against 1): until stop 66 an empty set
     got the generic failure before the charge, a free answer. Emptied in any way -- an npz of no records, an image
     folder whose files were all withdrawn, records of classes the site does not publish -- it is now a set of no
-    records: both queries are charged and answered, with noise alone where the records would be."""
+    records: both queries are charged and answered, with noise alone where the records would be. So is a split
+    layout whose held-out split was withdrawn, which before read the other split as the held-out set."""
     from common.data import save_image_folder
 
     folder = tmp_path / "folder-heldout"
@@ -388,9 +390,17 @@ def test_a_held_out_set_of_no_records_is_answered_with_noise_and_charged(tmp_pat
     for f in folder.rglob("*.png"):  # every held-out file withdrawn, the class folders left
         f.unlink()
     unpublished = ImageDataset(DIGITS_TEST.images[:30], DIGITS_TEST.labels[:30] % 2, ("x", "y"))  # other classes
+    # train/ and test/ with every test record withdrawn: train/ alone was taken as a wrapper folder, so the held-out
+    # set became 400 training records (review s66); an archive of file entries keeps no empty folder
+    save_image_folder(DIGITS.subset(np.arange(400)), tmp_path / "split" / "train")
+    archive = tmp_path / "split.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for f in sorted((tmp_path / "split").rglob("*.png")):
+            tar.add(f, arcname=str(f.relative_to(tmp_path / "split")))
     cases = {"npz": {"heldout": DIGITS_TEST.subset(np.arange(0))},
              "folder": {"heldout-path": str(folder), "heldout-split": "train"},
-             "unpublished": {"heldout": unpublished}}
+             "unpublished": {"heldout": unpublished},
+             "split": {"heldout-path": str(archive), "heldout-split": "test"}}
     for name, held in cases.items():
         site = deployed_site(tmp_path / name, name=name, evaluation=True, audits=True, **held)
         grid = LocalGrid(client_app, [site], fast_config(tmp_path).to_flwr())

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from common.data.arrays import _to_uint8
-from common.data.dataset import SPLITS, DataError, ImageDataset
+from common.data.dataset import SPLITS, DataError, ImageDataset, NoRecords
 from common.data.decode import _decode_files
 from common.data.tree import IMAGE_EXTENSIONS, _ImageFile, _Tree
 
@@ -20,18 +20,24 @@ from common.data.tree import IMAGE_EXTENSIONS, _ImageFile, _Tree
 def _dataset_root(tree: _Tree, split: str, whole: bool = False) -> tuple[str, ...]:
     """Folder (inside the tree) whose subfolders are the classes of ``split``.
 
-    A folder without train/ and test/ subfolders is one split, 'train'; with ``whole`` it is whatever split
-    is asked for (a folder a user gives as test data is the test data)."""
+    A folder with train/ and test/ subfolders, or whose only subfolders are splits (train/, val/, test/), holds
+    splits: the one asked for is its folder, and one it lacks holds no records (:class:`NoRecords`). Any other
+    folder is one split, 'train'; with ``whole`` it is whatever split is asked for (a folder a user gives as test
+    data is the test data)."""
     folder: tuple[str, ...] = ()
-    # `tar czf data.tar.gz mydata/` wraps everything in one folder: look inside such wrappers.
-    # A lone folder that directly holds images is a class folder, not a wrapper.
-    while not tree.files(folder) and len(subs := tree.subdirs(folder)) == 1 and tree.subdirs(folder + (subs[0],)):
+    # `tar czf data.tar.gz mydata/` wraps everything in one folder: look inside such wrappers. A lone folder that
+    # directly holds images is a class folder, not a wrapper; nor is a lone split folder: train/ alone is what is left
+    # of train/ and test/ once every test record is withdrawn (an archive without folder entries, or test/ deleted),
+    # and taken as a wrapper it made the training records a site's held-out set (and test/ alone its training set):
+    # one record withdrawn moved every count by the other split's size (review s66)
+    while (not tree.files(folder) and len(subs := tree.subdirs(folder)) == 1 and subs[0] not in SPLITS
+           and tree.subdirs(folder + (subs[0],))):
         folder = folder + (subs[0],)
     subs = tree.subdirs(folder)
-    if "train" in subs and "test" in subs:
-        available = [s for s in SPLITS if s in subs]
+    available = [s for s in SPLITS if s in subs]
+    if ("train" in subs and "test" in subs) or (available and len(available) == len(subs)):
         if split not in available:
-            raise DataError(f"{tree.where(folder)} has no {split!r} split; available splits: {available}")
+            raise NoRecords(f"{tree.where(folder)} has no {split!r} split; available splits: {available}")
         return folder + (split,)
     if split != "train" and not whole:
         raise DataError(
@@ -47,6 +53,8 @@ def _load_tree(tree: _Tree, split: str, image_size: int | None, channels: int | 
     without images is a class with no records (a site's loader: see ``load_dataset``), otherwise an error."""
     root = _dataset_root(tree, split, whole)
     classes = tree.subdirs(root)
+    if not classes and not tree.all_files:  # every record withdrawn, their class folders with them (review s66)
+        raise NoRecords(f"{tree.where(root)} holds no images: the dataset is empty")
     if not classes:
         raise DataError(
             f"{tree.where(root)} has no class folders ({len(tree.files(root))} images directly inside); "

@@ -91,8 +91,8 @@ def _load_utkface(
         genders.append(int(m.group(2)))
         races.append(int(m.group(3)))
         ages.append(age_group(int(m.group(1))))
-    if not kept:
-        raise DataError(
+    if not kept:  # (no file at all, or none named as a face: no records either way; review s66)
+        raise NoRecords(
             f"{tree.origin} holds no UTKFace images named age_gender_race_datetime.jpg.chip.jpg "
             f"({len(malformed)} other images, e.g. {malformed[:3]}); check the source or drop label_from"
         )

@@ -72,6 +72,9 @@ def _load_npz(path: Path, split: str, image_size: int | None, channels: int | No
             if isinstance(exc, DataError):
                 raise
             raise DataError(f"cannot read {path}: {exc}; store plain numeric/string arrays") from exc
+    if images.ndim >= 1 and images.shape[0] == 0 == labels.shape[0]:  # before the layout check: np.array([]) is an
+        # empty split too, of dtype float64 and shape (0,) (review s66: it failed as a bad layout, free, at a site)
+        raise NoRecords(f"{path}: split {split!r} holds no images")
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
         raise DataError(f"{path}: '{img_key}' has dtype {images.dtype} shape {images.shape}; {_NPZ_LAYOUT}")
     if images.shape[0] != labels.shape[0]:
