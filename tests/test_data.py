@@ -436,6 +436,39 @@ def test_a_withdrawn_split_holds_no_records_and_never_becomes_the_other_one(tmp_
         _png(tree / "test" / "cat" / f"{i}.png", _random_pixels(rng, 4, 4, rgb=False))
     with pytest.raises(NoRecords, match="no 'train' split"):
         load_dataset(tree, "train")
+    # (review s66, third helper) the same withdrawal with another folder beside the splits (Kaggle's chest_xray ships
+    # one; @eaDir, notes/): still a split layout, the other folder ignored
+    lay = tmp_path / "lay"
+    for split in ("train", "test"):
+        _png(lay / split / "cat" / "0.png", _random_pixels(rng, 4, 4, rgb=False))
+    _png(lay / "samples" / "0.png", _random_pixels(rng, 4, 4, rgb=False))
+    with pytest.warns(UserWarning, match="ignoring"):
+        assert len(load_dataset(lay, "test", whole=True)) == 1
+    shutil.rmtree(lay / "test")
+    with pytest.raises(NoRecords, match="no 'test' split"), pytest.warns(UserWarning, match="ignoring"):
+        load_dataset(lay, "test", whole=True)
+    # a split folder emptied of its class folders but kept (rm -r test/*): no records, though train/ has images
+    (lay / "test").mkdir()
+    with pytest.raises(NoRecords, match="holds no images"), pytest.warns(UserWarning, match="ignoring"):
+        load_dataset(lay, "test", whole=True)
+    # Train/ and Test/ are splits too
+    caps = tmp_path / "caps"
+    _png(caps / "Train" / "cat" / "0.png", _random_pixels(rng, 4, 4, rgb=False))
+    with pytest.raises(NoRecords, match="no 'test' split"):
+        load_dataset(caps, "test", whole=True)
+    assert len(load_dataset(caps, "train")) == 1
+    # a lone class folder (the other class's last record withdrawn) that also holds a subfolder is not a wrapper
+    lone = tmp_path / "lone"
+    for i in range(2):
+        _png(lone / "cat" / f"{i}.png", _random_pixels(rng, 4, 4, rgb=False))
+    _png(lone / "cat" / "old" / "x.png", _random_pixels(rng, 4, 4, rgb=False))
+    assert load_dataset(lone, "train").classes == ("cat",) and len(load_dataset(lone, "train")) == 2
+    # one image added beside an archive's wrapper folder does not stop the descent into it
+    _png(tmp_path / "wrapped" / "mydata" / "cat" / "0.png", _random_pixels(rng, 4, 4, rgb=False))
+    _png(tmp_path / "wrapped" / "mydata" / "dog" / "0.png", _random_pixels(rng, 4, 4, rgb=False))
+    assert load_dataset(tmp_path / "wrapped", "train").classes == ("cat", "dog")
+    _png(tmp_path / "wrapped" / "stray.png", _random_pixels(rng, 4, 4, rgb=False))
+    assert load_dataset(tmp_path / "wrapped", "train").classes == ("cat", "dog")
     # other data of no records: an npz split written from an empty list, a UTKFace folder without faces
     np.savez(tmp_path / "empty.npz", train_images=np.array([]), train_labels=np.array([]))
     with pytest.raises(NoRecords, match="holds no images"):

@@ -20,25 +20,35 @@ from common.data.tree import IMAGE_EXTENSIONS, _ImageFile, _Tree
 def _dataset_root(tree: _Tree, split: str, whole: bool = False) -> tuple[str, ...]:
     """Folder (inside the tree) whose subfolders are the classes of ``split``.
 
-    A folder with train/ and test/ subfolders, or whose only subfolders are splits (train/, val/, test/), holds
-    splits: the one asked for is its folder, and one it lacks holds no records (:class:`NoRecords`). Any other
+    A folder with any subfolder named as a split (train/, val/, test/, in any case) holds splits: the one asked for is
+    its folder, one it lacks holds no records (:class:`NoRecords`), and its other subfolders are ignored. Any other
     folder is one split, 'train'; with ``whole`` it is whatever split is asked for (a folder a user gives as test
-    data is the test data)."""
+    data is the test data).
+
+    Which folder that is must never hang on which records are there (review s66: the unit of privacy is one record,
+    and a layout read off the records present let one record move all the others): a lone split folder is not a
+    wrapper (train/ alone is what is left of train/ and test/ once every test record is withdrawn -- an archive
+    without folder entries, or test/ deleted -- and taken as a wrapper it made the training records a site's
+    held-out set, and test/ alone its training set); a split layout stays one whatever other folders lie beside it
+    (train/ and test/ beside chest_xray/ or @eaDir/ became a class layout without test/); and a lone folder that
+    directly holds images is a class folder, not a wrapper, whatever subfolder it also holds."""
     folder: tuple[str, ...] = ()
-    # `tar czf data.tar.gz mydata/` wraps everything in one folder: look inside such wrappers. A lone folder that
-    # directly holds images is a class folder, not a wrapper; nor is a lone split folder: train/ alone is what is left
-    # of train/ and test/ once every test record is withdrawn (an archive without folder entries, or test/ deleted),
-    # and taken as a wrapper it made the training records a site's held-out set (and test/ alone its training set):
-    # one record withdrawn moved every count by the other split's size (review s66)
-    while (not tree.files(folder) and len(subs := tree.subdirs(folder)) == 1 and subs[0] not in SPLITS
-           and tree.subdirs(folder + (subs[0],))):
+    # `tar czf data.tar.gz mydata/` wraps everything in one folder: look inside such wrappers (images lying beside
+    # the wrapper are strays, ignored below, not a reason to stop: one added image must not change the layout)
+    while (len(subs := tree.subdirs(folder)) == 1 and subs[0].lower() not in SPLITS
+           and tree.subdirs(folder + (subs[0],)) and not tree.files(folder + (subs[0],))):
         folder = folder + (subs[0],)
     subs = tree.subdirs(folder)
-    available = [s for s in SPLITS if s in subs]
-    if ("train" in subs and "test" in subs) or (available and len(available) == len(subs)):
-        if split not in available:
-            raise NoRecords(f"{tree.where(folder)} has no {split!r} split; available splits: {available}")
-        return folder + (split,)
+    splits = {s.lower(): s for s in subs if s.lower() in SPLITS}  # (Train/ is train/ too)
+    if splits:
+        ignored = [s for s in subs if s.lower() not in SPLITS]
+        if ignored:
+            warnings.warn(f"ignoring {ignored} in {tree.where(folder)}: it holds splits {sorted(splits.values())}",
+                          stacklevel=4)
+        if split not in splits:
+            raise NoRecords(f"{tree.where(folder)} has no {split!r} split; available splits: "
+                            f"{[s for s in SPLITS if s in splits]}")
+        return folder + (splits[split],)
     if split != "train" and not whole:
         raise DataError(
             f"{tree.where(folder)} has no {split!r} split (no train/ and test/ subfolders, so the whole "
@@ -53,7 +63,8 @@ def _load_tree(tree: _Tree, split: str, image_size: int | None, channels: int | 
     without images is a class with no records (a site's loader: see ``load_dataset``), otherwise an error."""
     root = _dataset_root(tree, split, whole)
     classes = tree.subdirs(root)
-    if not classes and not tree.all_files:  # every record withdrawn, their class folders with them (review s66)
+    if not classes and not any(f.parts[:len(root)] == root for f in tree.all_files):
+        # every record withdrawn, their class folders with them (rm -r test/*, review s66): no image at or below root
         raise NoRecords(f"{tree.where(root)} holds no images: the dataset is empty")
     if not classes:
         raise DataError(
