@@ -147,11 +147,7 @@ def in_published_classes(heldout: ImageDataset, classes: tuple[str, ...]) -> Ima
     class left out. Its own class list is not published and can hinge on one record: an npz without class names
     (or IDX files) takes it from its label range, so withdrawing the only held-out record of the top class changed
     it, and every query then failed before its charge, telling the coordinator so for free (review s59)."""
-    index = {name: i for i, name in enumerate(classes)}
-    names = np.asarray(heldout.classes, dtype=object)[heldout.labels]  # (N,) each record's class name
-    keep = np.array([name in index for name in names], dtype=bool)
-    labels = np.array([index[name] for name in names[keep]], dtype=np.int64)
-    return ImageDataset(heldout.images[keep], labels, tuple(classes), source=heldout.source)
+    return heldout.in_classes(classes)
 
 
 def _query_ledger(site: SiteSettings, data: ImageDataset, purpose: str, experiment: str

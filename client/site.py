@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 from dataclasses import dataclass, fields
@@ -54,6 +55,7 @@ class SiteSettings:
     split: str = "train"
     image_size: int = 0
     channels: int = 0  # 0 = as the images are; a deployed site's start pins the shape it validated (site_cmd)
+    classes: str = ""  # JSON list of class names a deployed site's start pinned (site_cmd.pinned); "" = the data's
     label_from: str = ""
     sensitive_attribute: str = ""  # an attribute the synthetic set must draw independently (seed 004); published
     delta: float = 0.0  # 0 = min(1e-5, 1/(10 n~)), n~ a noisy size, when the ledger is created, then the ledger's
@@ -87,6 +89,8 @@ class SiteSettings:
         why = sensitive_attribute_problem(self.label_from, self.sensitive_attribute)
         if why:
             raise ValueError(f"site {self.name}: {why}")
+        if self.classes:
+            pinned_classes(self)  # (refuses a list that is not one)
         if not (0 <= self.min_reply_seconds < 86_400):
             raise ValueError(f"site {self.name}: min_reply_seconds must be in [0, 86400), got {self.min_reply_seconds}")
 
@@ -109,7 +113,8 @@ class SiteSettings:
         """The Flower node config a deployed SuperNode carries (flat TOML scalars)."""
         return {"site-name": self.name, "data-path": self.data, "state-dir": str(self.state_dir),
                 "epsilon": self.epsilon_budget, "dataset-id": self.dataset_id, "split": self.split,
-                "image-size": self.image_size, "channels": self.channels, "label-from": self.label_from,
+                "image-size": self.image_size, "channels": self.channels, "classes": self.classes,
+                "label-from": self.label_from,
                 "sensitive-attribute": self.sensitive_attribute, "delta": self.delta,
                 "modes": ",".join(self.modes), "heldout-path": self.heldout, "heldout-split": self.heldout_split,
                 "evaluation": self.evaluation, "audits": self.audits, "queries-per-run": self.queries_per_run,
@@ -199,9 +204,36 @@ def _load_cached(source: str, split: str, image_size: int, label_from: str, whol
                         label_from=label_from or None, whole=whole, empty_classes=True, skip_unreadable=True)
 
 
+def pinned_classes(site: SiteSettings) -> tuple[str, ...]:
+    """The class names ``site.classes`` pins (a JSON list of distinct strings), or () when it pins none."""
+    if not site.classes:
+        return ()
+    try:
+        names = json.loads(site.classes)
+    except ValueError:
+        names = None
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)
+            and len(set(names)) == len(names)):
+        raise ValueError(f"site {site.name}: 'classes' must be a JSON list of distinct class names, got "
+                         f"{site.classes[:200]!r}")
+    return tuple(names)
+
+
 def load_site_data(site: SiteSettings) -> ImageDataset:
-    """The site's private training records (its partition in simulation). Cached per process."""
+    """The site's private training records (its partition in simulation). Cached per process.
+
+    A deployed site reads them in the classes it pinned when it started (``site.classes``): the class list its data's
+    layout gives can hinge on one record (a class folder removed with its last record, an npz's label range over
+    every split, held-out included), and it is published free by ``query.info`` and shapes every release (review
+    s66); a record of a class added later is left out, with a warning, until the site restarts."""
     data = _load_cached(site.data, site.split, site.image_size, site.label_from, channels=site.channels)
+    if pinned := pinned_classes(site):
+        kept = data.in_classes(pinned)
+        if len(kept) < len(data):
+            log.warning("[%s] left out %d records of classes the site did not publish when it started (%s); restart "
+                        "the site to publish them", site.name, len(data) - len(kept),
+                        sorted(set(data.classes) - set(pinned))[:5])
+        data = kept
     if site.partition_id is None:
         return data
     scheme, alpha = parse_partition(site.partition)

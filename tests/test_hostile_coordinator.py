@@ -1132,6 +1132,38 @@ def test_a_class_folder_emptied_at_a_running_site_does_not_fail_its_requests(tmp
         load_dataset(tmp_path / "data-0")
 
 
+def test_a_running_sites_class_list_is_the_one_it_published_at_start(tmp_path):
+    """Review s66: the class list a site's data gives can hinge on one record -- a class folder removed with its last
+    record; an npz without class names takes it from the label range over every split, so one HELD-OUT record of the
+    top label decided the training set's list -- and query.info publishes it free. A deployed site pins the classes it
+    started with (fedsynth site: site_cmd.pinned); later its data is read in them: a class whose last record went is a
+    class with no records, and a record of a class added later is left out until the site restarts."""
+    from client.site import SiteSettings
+    from fedsynth.ops.site_cmd import pinned
+
+    path = tmp_path / "data.npz"
+
+    def write(test_labels):  # no 'classes' key: the class list is the label range over both splits
+        images = np.round(DIGITS.images[:200, 0] * 255).astype(np.uint8)
+        np.savez(path, train_images=images, train_labels=DIGITS.labels[:200] % 3,
+                 test_images=images[:len(test_labels)], test_labels=np.asarray(test_labels))
+
+    write([0, 1, 9])  # one held-out record of label 9: ten classes
+    settings = SiteSettings(name="s", data=str(path), state_dir=tmp_path / "state", epsilon_budget=10.0,
+                            heldout=str(path))
+    node = pinned(settings, load_dataset(path, "train")).to_node_config()
+    assert json.loads(node["classes"]) == [str(c) for c in range(10)]
+    write([0, 1])  # that held-out record withdrawn
+    published = {}
+    for name, config in (("pinned", node), ("unpinned", settings.to_node_config())):
+        reply = ask(LocalGrid(client_app, [config], fast_config(tmp_path).to_flwr()), 1000, P.InfoRequest())
+        assert not reply.has_error(), reply.error.reason
+        published[name] = len(P.InfoReply.from_message(reply).classes)
+    assert published == {"pinned": 10, "unpinned": 3}  # unpinned (as before): the held-out record's absence, free
+    with pytest.raises(ValueError, match="JSON list of distinct class names"):
+        SiteSettings(name="s", data=str(path), state_dir=tmp_path, epsilon_budget=1.0, classes='["a", "a"]')
+
+
 def test_a_record_of_another_size_or_mode_added_at_a_running_site_does_not_fail_its_requests(tmp_path):
     """Review s58: at a running site, one record added in another size made every load fail, so every request failed,
     the free query.info included, which told anyone it had come (a colour one changed the published channels). A

@@ -139,6 +139,15 @@ class ImageDataset:
             )
         return ImageDataset(self.images[idx], self.labels[idx], self.classes, self.source)
 
+    def in_classes(self, classes: Sequence[str]) -> ImageDataset:
+        """The records of ``classes`` (matched by name), labelled by their place in it; records of another class left
+        out. A class without records stays a class."""
+        index = {name: i for i, name in enumerate(classes)}
+        names = np.asarray(self.classes, dtype=object)[self.labels]  # (N,) each record's class name
+        keep = np.array([name in index for name in names], dtype=bool)
+        labels = np.array([index[name] for name in names[keep]], dtype=np.int64)
+        return ImageDataset(self.images[keep], labels, tuple(classes), source=self.source)
+
     def class_counts(self) -> np.ndarray:
         """Number of records per class, (num_classes,) int64."""
         return np.bincount(self.labels, minlength=self.num_classes).astype(np.int64)

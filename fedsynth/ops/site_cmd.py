@@ -169,9 +169,12 @@ def pinned(settings: SiteSettings, data) -> SiteSettings:
     """The site's settings with the image shape it validated at start pinned (``image_size``, ``channels``): its
     handlers then bring a record of another size or mode, added while it runs, to that shape. Unpinned, one such
     record made every load fail, so every request failed, the free query.info included, which told the coordinator
-    it had come (review s58)."""
+    it had come (review s58). Its class list too (``classes``): read afresh, it could hinge on one record -- a class
+    folder removed with its last record, an npz's label range over every split (review s66) -- and query.info
+    publishes it free."""
     channels, side, _ = data.image_shape
-    return replace(settings, image_size=settings.image_size or side, channels=settings.channels or channels)
+    return replace(settings, image_size=settings.image_size or side, channels=settings.channels or channels,
+                   classes=settings.classes or json.dumps(list(data.classes)))
 
 
 def fmt_eps(x: float) -> str:
@@ -269,7 +272,8 @@ def cmd_site(args: argparse.Namespace) -> int:
     _announce(dep, check)
     dep.settings = pinned(dep.settings, check.data)
     info(f"pins the images' shape it checked, {dep.settings.channels} x {dep.settings.image_size} x "
-         f"{dep.settings.image_size}: a record of another size or mode added while it runs is converted to it")
+         f"{dep.settings.image_size}, and its {len(check.data.classes)} classes: a record of another size or mode "
+         "added while it runs is converted to it, one of another class is left out until the site restarts")
     approvals = dep.node_dir / "approved-bundles.json"
     cmd = supernode_command(dep, args.insecure, approvals)
     # written by --check too: a Docker site's SuperNode reads it (deploy/README.md), pinned shape included (review s58)
