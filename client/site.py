@@ -56,6 +56,10 @@ class SiteSettings:
     image_size: int = 0
     channels: int = 0  # 0 = as the images are; a deployed site's start pins the shape it validated (site_cmd)
     classes: str = ""  # JSON list of class names a deployed site's start pinned (site_cmd.pinned); "" = the data's
+    # JSON list: the folder inside an image folder or archive that holds the split's class folders, pinned at start
+    # like the classes (common.data.dataset_root); "" = resolved at each load
+    data_root: str = ""
+    heldout_root: str = ""
     label_from: str = ""
     sensitive_attribute: str = ""  # an attribute the synthetic set must draw independently (seed 004); published
     delta: float = 0.0  # 0 = min(1e-5, 1/(10 n~)), n~ a noisy size, when the ledger is created, then the ledger's
@@ -91,6 +95,8 @@ class SiteSettings:
             raise ValueError(f"site {self.name}: {why}")
         if self.classes:
             pinned_classes(self)  # (refuses a list that is not one)
+        for pin in (self.data_root, self.heldout_root):
+            _pinned_root(self.name, pin)
         if not (0 <= self.min_reply_seconds < 86_400):
             raise ValueError(f"site {self.name}: min_reply_seconds must be in [0, 86400), got {self.min_reply_seconds}")
 
@@ -114,6 +120,7 @@ class SiteSettings:
         return {"site-name": self.name, "data-path": self.data, "state-dir": str(self.state_dir),
                 "epsilon": self.epsilon_budget, "dataset-id": self.dataset_id, "split": self.split,
                 "image-size": self.image_size, "channels": self.channels, "classes": self.classes,
+                "data-root": self.data_root, "heldout-root": self.heldout_root,
                 "label-from": self.label_from,
                 "sensitive-attribute": self.sensitive_attribute, "delta": self.delta,
                 "modes": ",".join(self.modes), "heldout-path": self.heldout, "heldout-split": self.heldout_split,
@@ -194,14 +201,30 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
 
 @functools.lru_cache(maxsize=8)
 def _load_cached(source: str, split: str, image_size: int, label_from: str, whole: bool = False,
-                 channels: int = 0) -> ImageDataset:
+                 channels: int = 0, root: tuple[str, ...] | None = None) -> ImageDataset:
     # empty_classes: a class folder its operator emptied is a class without records, not a failure of every request
     # (which would tell the coordinator, through the free query.info, that the class has no record now); image_size
     # and channels, pinned when a deployed site starts, bring a record of another size or mode added later to the
     # shape the site published, where it made every request fail (review s58); skip_unreadable: so did one file that
-    # does not decode (a record's incomplete copy, review s59)
+    # does not decode (a record's incomplete copy, review s59); root, pinned at start too: which folder holds the
+    # split's classes (review s66)
     return load_dataset(source, split, image_size=image_size or None, channels=channels or None,
-                        label_from=label_from or None, whole=whole, empty_classes=True, skip_unreadable=True)
+                        label_from=label_from or None, whole=whole, empty_classes=True, skip_unreadable=True,
+                        root=root)
+
+
+def _pinned_root(name: str, pin: str) -> tuple[str, ...] | None:
+    """The folder parts a ``data_root`` / ``heldout_root`` pin names, or None when it pins none."""
+    if not pin:
+        return None
+    try:
+        parts = json.loads(pin)
+    except ValueError:
+        parts = None
+    if not (isinstance(parts, list) and all(isinstance(p, str) and p and p not in (".", "..") and "/" not in p
+                                            for p in parts)):
+        raise ValueError(f"site {name}: a pinned data root must be a JSON list of folder names, got {pin[:200]!r}")
+    return tuple(parts)
 
 
 def pinned_classes(site: SiteSettings) -> tuple[str, ...]:
@@ -212,9 +235,9 @@ def pinned_classes(site: SiteSettings) -> tuple[str, ...]:
         names = json.loads(site.classes)
     except ValueError:
         names = None
-    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)
+    if not (isinstance(names, list) and names and all(isinstance(n, str) and n for n in names)
             and len(set(names)) == len(names)):
-        raise ValueError(f"site {site.name}: 'classes' must be a JSON list of distinct class names, got "
+        raise ValueError(f"site {site.name}: 'classes' must be a JSON list of distinct, non-empty class names, got "
                          f"{site.classes[:200]!r}")
     return tuple(names)
 
@@ -226,7 +249,8 @@ def load_site_data(site: SiteSettings) -> ImageDataset:
     layout gives can hinge on one record (a class folder removed with its last record, an npz's label range over
     every split, held-out included), and it is published free by ``query.info`` and shapes every release (review
     s66); a record of a class added later is left out, with a warning, until the site restarts."""
-    data = _load_cached(site.data, site.split, site.image_size, site.label_from, channels=site.channels)
+    data = _load_cached(site.data, site.split, site.image_size, site.label_from, channels=site.channels,
+                        root=_pinned_root(site.name, site.data_root))
     if pinned := pinned_classes(site):
         kept = data.in_classes(pinned)
         if len(kept) < len(data):
@@ -248,7 +272,8 @@ def load_site_heldout(site: SiteSettings) -> ImageDataset | None:
     if not site.heldout:
         return None
     # the folder the operator named as held-out is the held-out data, split into train/test or not
-    data = _load_cached(site.heldout, site.heldout_split, site.image_size, site.label_from, True, site.channels)
+    data = _load_cached(site.heldout, site.heldout_split, site.image_size, site.label_from, True, site.channels,
+                        root=_pinned_root(site.name, site.heldout_root))
     if site.partition_id is None:
         return data
     scheme, alpha = parse_partition(site.partition)

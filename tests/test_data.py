@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.data import DataError, ImageDataset, NoRecords, describe, load_dataset, save_image_folder, save_npz
+from common.data import (DataError, ImageDataset, NoRecords, dataset_root, describe, load_dataset,
+                         save_image_folder, save_npz)
 from common.data.arrays import _hashed_split, _stratified_split
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -436,39 +437,47 @@ def test_a_withdrawn_split_holds_no_records_and_never_becomes_the_other_one(tmp_
         _png(tree / "test" / "cat" / f"{i}.png", _random_pixels(rng, 4, 4, rgb=False))
     with pytest.raises(NoRecords, match="no 'train' split"):
         load_dataset(tree, "train")
-    # (review s66, third helper) the same withdrawal with another folder beside the splits (Kaggle's chest_xray ships
-    # one; @eaDir, notes/): still a split layout, the other folder ignored
+    # (review s66, third helper) the layout rules read the folders as they are, so a site pins the folder they
+    # resolve when it starts (dataset_root) and loads it from then on (root=): with another folder beside the splits
+    # (Kaggle's chest_xray ships one; @eaDir, notes/), test/ gone would otherwise make a class layout
     lay = tmp_path / "lay"
     for split in ("train", "test"):
         _png(lay / split / "cat" / "0.png", _random_pixels(rng, 4, 4, rgb=False))
     _png(lay / "samples" / "0.png", _random_pixels(rng, 4, 4, rgb=False))
     with pytest.warns(UserWarning, match="ignoring"):
-        assert len(load_dataset(lay, "test", whole=True)) == 1
+        held = dataset_root(lay, "test", whole=True)
+    assert held == ["test"] and len(load_dataset(lay, "test", whole=True, root=held)) == 1
     shutil.rmtree(lay / "test")
-    with pytest.raises(NoRecords, match="no 'test' split"), pytest.warns(UserWarning, match="ignoring"):
-        load_dataset(lay, "test", whole=True)
-    # a split folder emptied of its class folders but kept (rm -r test/*): no records, though train/ has images
-    (lay / "test").mkdir()
-    with pytest.raises(NoRecords, match="holds no images"), pytest.warns(UserWarning, match="ignoring"):
-        load_dataset(lay, "test", whole=True)
+    with pytest.raises(NoRecords, match="holds no images"):
+        load_dataset(lay, "test", whole=True, root=held)
+    (lay / "test").mkdir()  # kept but emptied of its class folders (rm -r test/*), train/ beside it with images
+    with pytest.raises(NoRecords, match="holds no images"):
+        load_dataset(lay, "test", whole=True, root=held)
     # Train/ and Test/ are splits too
     caps = tmp_path / "caps"
     _png(caps / "Train" / "cat" / "0.png", _random_pixels(rng, 4, 4, rgb=False))
     with pytest.raises(NoRecords, match="no 'test' split"):
         load_dataset(caps, "test", whole=True)
     assert len(load_dataset(caps, "train")) == 1
-    # a lone class folder (the other class's last record withdrawn) that also holds a subfolder is not a wrapper
+    # a lone class folder (the other class's last record withdrawn) that also holds a subfolder, at its pinned root
     lone = tmp_path / "lone"
     for i in range(2):
         _png(lone / "cat" / f"{i}.png", _random_pixels(rng, 4, 4, rgb=False))
+    _png(lone / "dog" / "0.png", _random_pixels(rng, 4, 4, rgb=False))
     _png(lone / "cat" / "old" / "x.png", _random_pixels(rng, 4, 4, rgb=False))
-    assert load_dataset(lone, "train").classes == ("cat",) and len(load_dataset(lone, "train")) == 2
-    # one image added beside an archive's wrapper folder does not stop the descent into it
+    pin = dataset_root(lone, "train")
+    shutil.rmtree(lone / "dog")
+    assert load_dataset(lone, "train", root=pin).classes == ("cat",) and len(load_dataset(lone, "train", root=pin)) == 2
+    # honest layouts the rules must keep reading as before (review s66, fourth helper): an image inside a wrapper
+    # beside its class folders, and a class named like a split among other classes
     _png(tmp_path / "wrapped" / "mydata" / "cat" / "0.png", _random_pixels(rng, 4, 4, rgb=False))
     _png(tmp_path / "wrapped" / "mydata" / "dog" / "0.png", _random_pixels(rng, 4, 4, rgb=False))
-    assert load_dataset(tmp_path / "wrapped", "train").classes == ("cat", "dog")
-    _png(tmp_path / "wrapped" / "stray.png", _random_pixels(rng, 4, 4, rgb=False))
-    assert load_dataset(tmp_path / "wrapped", "train").classes == ("cat", "dog")
+    _png(tmp_path / "wrapped" / "mydata" / "preview.png", _random_pixels(rng, 4, 4, rgb=False))
+    with pytest.warns(UserWarning, match="ignoring 1 images"):
+        assert load_dataset(tmp_path / "wrapped", "train").classes == ("cat", "dog")
+    for c in ("bus", "car", "train"):
+        _png(tmp_path / "vehicles" / c / "0.png", _random_pixels(rng, 4, 4, rgb=False))
+    assert load_dataset(tmp_path / "vehicles", "train").classes == ("bus", "car", "train")
     # other data of no records: an npz split written from an empty list, a UTKFace folder without faces
     np.savez(tmp_path / "empty.npz", train_images=np.array([]), train_labels=np.array([]))
     with pytest.raises(NoRecords, match="holds no images"):

@@ -1160,8 +1160,30 @@ def test_a_running_sites_class_list_is_the_one_it_published_at_start(tmp_path):
         assert not reply.has_error(), reply.error.reason
         published[name] = len(P.InfoReply.from_message(reply).classes)
     assert published == {"pinned": 10, "unpinned": 3}  # unpinned (as before): the held-out record's absence, free
-    with pytest.raises(ValueError, match="JSON list of distinct class names"):
-        SiteSettings(name="s", data=str(path), state_dir=tmp_path, epsilon_budget=1.0, classes='["a", "a"]')
+    # the folder that holds each split is pinned too: train/ and test/ beside another folder (chest_xray/, notes/)
+    # read as a class layout [notes, train] once test/ lost its last record, at every request after
+    from common.data import save_image_folder
+    folder = tmp_path / "folder"
+    save_image_folder(DIGITS.subset(np.arange(60)), folder / "train")
+    save_image_folder(DIGITS_TEST.subset(np.arange(1)), folder / "test")
+    save_image_folder(DIGITS.subset(np.arange(60, 70)), folder / "notes")
+    settings = SiteSettings(name="f", data=str(folder), state_dir=tmp_path / "fstate", epsilon_budget=10.0,
+                            heldout=str(folder), evaluation=True)
+    node = pinned(settings, load_dataset(folder, "train")).to_node_config()
+    assert (json.loads(node["data-root"]), json.loads(node["heldout-root"])) == (["train"], ["test"])
+    import shutil
+    shutil.rmtree(folder / "test")  # its one record withdrawn
+    for name, config in (("pinned", node), ("unpinned", settings.to_node_config())):
+        grid = LocalGrid(client_app, [config], fast_config(tmp_path).to_flwr())
+        info = ask(grid, 1000, P.InfoRequest())
+        evaluation = _evaluation(grid, 1000, _constant_model(0), "logreg", f"f-{name}")
+        published[name] = (None if info.has_error() else len(P.InfoReply.from_message(info).classes),
+                           evaluation.has_error())
+    assert published["pinned"] == (10, False)  # the same classes; the held-out set of no records answered, charged
+    assert published["unpinned"] != (10, False)  # read afresh (as before): a class layout, its requests failing
+    for bad in ('["a", "a"]', '["a", ""]', '[1, 2]', '"a"'):
+        with pytest.raises(ValueError, match="JSON list of distinct, non-empty class names"):
+            SiteSettings(name="s", data=str(path), state_dir=tmp_path, epsilon_budget=1.0, classes=bad)
 
 
 def test_a_record_of_another_size_or_mode_added_at_a_running_site_does_not_fail_its_requests(tmp_path):

@@ -34,7 +34,7 @@ from common.data.dataset import SPLITS, DataError, ImageDataset, NoRecords, desc
 from common.data.folders import save_image_folder
 from common.data.labels import (LABEL_FROM_CLASSES, SENSITIVE_ATTRIBUTES, joint_attribute_values,
                                  sensitive_attribute_problem, split_joint_labels)
-from common.data.load import load_dataset, looks_like_dataset
+from common.data.load import dataset_root, load_dataset, looks_like_dataset
 from common.data.npz import save_npz
 from common.data.tree import ARCHIVE_SUFFIXES, IMAGE_EXTENSIONS
 
@@ -54,6 +54,7 @@ __all__ = [
     "ImageDataset",
     "describe",
     "load_dataset",
+    "dataset_root",
     "looks_like_dataset",
     "save_image_folder",
     "save_npz",

@@ -20,27 +20,27 @@ from common.data.tree import IMAGE_EXTENSIONS, _ImageFile, _Tree
 def _dataset_root(tree: _Tree, split: str, whole: bool = False) -> tuple[str, ...]:
     """Folder (inside the tree) whose subfolders are the classes of ``split``.
 
-    A folder with any subfolder named as a split (train/, val/, test/, in any case) holds splits: the one asked for is
-    its folder, one it lacks holds no records (:class:`NoRecords`), and its other subfolders are ignored. Any other
-    folder is one split, 'train'; with ``whole`` it is whatever split is asked for (a folder a user gives as test
-    data is the test data).
+    A folder with train/ and test/ subfolders (in any case), or whose only subfolders are splits (train/, val/,
+    test/), holds splits: the one asked for is its folder, and one it lacks holds no records (:class:`NoRecords`);
+    other folders beside the splits are ignored, with a warning. Any other folder is one split, 'train'; with
+    ``whole`` it is whatever split is asked for (a folder a user gives as test data is the test data).
 
-    Which folder that is must never hang on which records are there (review s66: the unit of privacy is one record,
-    and a layout read off the records present let one record move all the others): a lone split folder is not a
-    wrapper (train/ alone is what is left of train/ and test/ once every test record is withdrawn -- an archive
-    without folder entries, or test/ deleted -- and taken as a wrapper it made the training records a site's
-    held-out set, and test/ alone its training set); a split layout stays one whatever other folders lie beside it
-    (train/ and test/ beside chest_xray/ or @eaDir/ became a class layout without test/); and a lone folder that
-    directly holds images is a class folder, not a wrapper, whatever subfolder it also holds."""
+    The answer reads the layout as it is, so it can hang on which records are there (review s66: train/ and test/
+    beside another folder became a class layout once test/ lost its last record; a lone class folder holding a
+    subfolder was taken as a wrapper once the other class's last record went). A deployed site therefore resolves it
+    once, when it starts, and loads that folder from then on (``load_dataset(root=...)``, ``fedsynth site``'s pins).
+    """
     folder: tuple[str, ...] = ()
-    # `tar czf data.tar.gz mydata/` wraps everything in one folder: look inside such wrappers (images lying beside
-    # the wrapper are strays, ignored below, not a reason to stop: one added image must not change the layout)
-    while (len(subs := tree.subdirs(folder)) == 1 and subs[0].lower() not in SPLITS
-           and tree.subdirs(folder + (subs[0],)) and not tree.files(folder + (subs[0],))):
+    # `tar czf data.tar.gz mydata/` wraps everything in one folder: look inside such wrappers. A lone folder that
+    # directly holds images is a class folder, not a wrapper; nor is a lone split folder (train/ alone is a split
+    # layout, below: taken as a wrapper, what was left of train/ and test/ once every test record was withdrawn made
+    # the training records a site's held-out set, review s66)
+    while (not tree.files(folder) and len(subs := tree.subdirs(folder)) == 1 and subs[0].lower() not in SPLITS
+           and tree.subdirs(folder + (subs[0],))):
         folder = folder + (subs[0],)
     subs = tree.subdirs(folder)
     splits = {s.lower(): s for s in subs if s.lower() in SPLITS}  # (Train/ is train/ too)
-    if splits:
+    if ("train" in splits and "test" in splits) or (splits and len(splits) == len(subs)):
         ignored = [s for s in subs if s.lower() not in SPLITS]
         if ignored:
             warnings.warn(f"ignoring {ignored} in {tree.where(folder)}: it holds splits {sorted(splits.values())}",
@@ -58,10 +58,12 @@ def _dataset_root(tree: _Tree, split: str, whole: bool = False) -> tuple[str, ..
 
 
 def _load_tree(tree: _Tree, split: str, image_size: int | None, channels: int | None,
-               whole: bool = False, empty_classes: bool = False, skip_unreadable: bool = False) -> ImageDataset:
+               whole: bool = False, empty_classes: bool = False, skip_unreadable: bool = False,
+               root: tuple[str, ...] | None = None) -> ImageDataset:
     """Image-folder layout: class names are the sorted subfolder names; with ``empty_classes`` a class folder
-    without images is a class with no records (a site's loader: see ``load_dataset``), otherwise an error."""
-    root = _dataset_root(tree, split, whole)
+    without images is a class with no records (a site's loader: see ``load_dataset``), otherwise an error. ``root``:
+    the folder :func:`_dataset_root` resolved before (a site pins it when it starts), instead of resolving it now."""
+    root = _dataset_root(tree, split, whole) if root is None else tuple(root)
     classes = tree.subdirs(root)
     if not classes and not any(f.parts[:len(root)] == root for f in tree.all_files):
         # every record withdrawn, their class folders with them (rm -r test/*, review s66): no image at or below root

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from common.data.dataset import SPLITS, DataError, ImageDataset
 from common.data.digits import _load_digits
-from common.data.folders import _load_tree
+from common.data.folders import _dataset_root, _load_tree
 from common.data.idx import _IDX_NAME, _load_idx_folder
 from common.data.labels import LABEL_FROM_CLASSES, _load_utkface
 from common.data.npz import _load_npz
@@ -33,6 +34,7 @@ def load_dataset(
     whole: bool = False,
     empty_classes: bool = False,
     skip_unreadable: bool = False,
+    root: Sequence[str] | None = None,
 ) -> ImageDataset:
     """Load one split of a labelled image dataset.
 
@@ -59,6 +61,9 @@ def load_dataset(
             pixel warning), or an npz record labelled outside its named classes, is left out with a warning instead
             of an error. A site loads its data so: one such file made every request fail, ``query.info`` included,
             which told anyone that a record was being added (review s59).
+        root: for an image folder or archive, the folder inside it that holds the split's class folders, as
+            :func:`dataset_root` resolved it before (a site pins it when it starts: which folder the layout rules
+            pick can hang on which records are there, review s66); ignored for other sources.
 
     Returns:
         The split as an :class:`ImageDataset`, ordered deterministically (by class, then file
@@ -96,7 +101,8 @@ def load_dataset(
         tree = _scan_archive(path) if is_archive else _scan_folder(path)
         return _load_utkface(tree, split, label_from, image_size, channels, skip_unreadable)
     if is_archive:
-        return _load_tree(_scan_archive(path), split, image_size, channels, whole, empty_classes, skip_unreadable)
+        return _load_tree(_scan_archive(path), split, image_size, channels, whole, empty_classes, skip_unreadable,
+                          root)
     if path.is_file():
         if path.suffix.lower() == ".npz":
             return _load_npz(path, split, image_size, channels, skip_unreadable)
@@ -106,8 +112,24 @@ def load_dataset(
     if path.is_dir():
         if any(_IDX_NAME.search(p.name) for p in path.iterdir()):
             return _load_idx_folder(path, split, image_size, channels)
-        return _load_tree(_scan_folder(path), split, image_size, channels, whole, empty_classes, skip_unreadable)
+        return _load_tree(_scan_folder(path), split, image_size, channels, whole, empty_classes, skip_unreadable,
+                          root)
     raise DataError(f"{path} is neither a regular file nor a folder; pass {_SUPPORTED}")
+
+
+def dataset_root(source: str | Path, split: str = "train", *, whole: bool = False,
+                 label_from: str | None = None) -> list[str] | None:
+    """The folder inside an image folder or archive that holds ``split``'s class folders, as :func:`load_dataset`
+    resolves it now (its parts; [] = the top), for a site to pin; None for a source without such a layout (digits,
+    an npz, MNIST IDX files, UTKFace labels from file names). Reads the layout only, no image."""
+    if label_from is not None or (isinstance(source, str) and source == "digits"):
+        return None
+    path = Path(source).expanduser()
+    if path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES):
+        return list(_dataset_root(_scan_archive(path), split, whole))
+    if path.is_dir() and not any(_IDX_NAME.search(p.name) for p in path.iterdir()):
+        return list(_dataset_root(_scan_folder(path), split, whole))
+    return None
 
 
 def looks_like_dataset(path: str | Path) -> bool:

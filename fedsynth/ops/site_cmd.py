@@ -23,6 +23,7 @@ from typing import Any
 
 from client.ledger_refusals import share
 from client.site import SiteSettings
+from common.data import dataset_root
 from fedsynth.ops.approved_code import BundleError, installed_bundle_digest, write_approvals
 from fedsynth.ops.fields import DeployError, info, loud, port_free, warn, write_toml
 from fedsynth.ops.processes import Child, flower_env, forward_signals
@@ -171,10 +172,17 @@ def pinned(settings: SiteSettings, data) -> SiteSettings:
     record made every load fail, so every request failed, the free query.info included, which told the coordinator
     it had come (review s58). Its class list too (``classes``): read afresh, it could hinge on one record -- a class
     folder removed with its last record, an npz's label range over every split (review s66) -- and query.info
-    publishes it free."""
+    publishes it free. And which folder of an image folder or archive holds the split's classes (``data_root``,
+    ``heldout_root``): the layout rules read the folders as they are, so the answer could hang on the records there
+    (review s66: train/ and test/ beside another folder became a class layout once test/ lost its last record)."""
     channels, side, _ = data.image_shape
+    root = dataset_root(settings.data, settings.split, label_from=settings.label_from or None)
+    held = (dataset_root(settings.heldout, settings.heldout_split, whole=True, label_from=settings.label_from or None)
+            if settings.heldout else None)
     return replace(settings, image_size=settings.image_size or side, channels=settings.channels or channels,
-                   classes=settings.classes or json.dumps(list(data.classes)))
+                   classes=settings.classes or json.dumps(list(data.classes)),
+                   data_root=settings.data_root or ("" if root is None else json.dumps(root)),
+                   heldout_root=settings.heldout_root or ("" if held is None else json.dumps(held)))
 
 
 def fmt_eps(x: float) -> str:
