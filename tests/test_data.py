@@ -478,10 +478,15 @@ def test_a_withdrawn_split_holds_no_records_and_never_becomes_the_other_one(tmp_
     for c in ("bus", "car", "train"):
         _png(tmp_path / "vehicles" / c / "0.png", _random_pixels(rng, 4, 4, rgb=False))
     assert load_dataset(tmp_path / "vehicles", "train").classes == ("bus", "car", "train")
-    # other data of no records: an npz split written from an empty list, a UTKFace folder without faces
+    _png(caps / "train" / "cat" / "1.png", _random_pixels(rng, 4, 4, rgb=False))  # Train/ and train/: refused
+    with pytest.raises(DataError, match="differ only in case"):
+        load_dataset(caps, "train")
+    # other data of no records: an npz split written from an empty list or left out, a UTKFace folder without faces
     np.savez(tmp_path / "empty.npz", train_images=np.array([]), train_labels=np.array([]))
     with pytest.raises(NoRecords, match="holds no images"):
         load_dataset(tmp_path / "empty.npz", "train")
+    with pytest.raises(NoRecords, match="lacks"):
+        load_dataset(tmp_path / "empty.npz", "test")
     (tmp_path / "faces").mkdir()
     with pytest.raises(NoRecords, match="holds no UTKFace images"):
         load_dataset(tmp_path / "faces", "test", label_from="utkface-gender")

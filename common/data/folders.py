@@ -40,6 +40,9 @@ def _dataset_root(tree: _Tree, split: str, whole: bool = False) -> tuple[str, ..
         folder = folder + (subs[0],)
     subs = tree.subdirs(folder)
     splits = {s.lower(): s for s in subs if s.lower() in SPLITS}  # (Train/ is train/ too)
+    if len(splits) < sum(s.lower() in SPLITS for s in subs):  # Train/ and train/ both: which one is meant?
+        raise DataError(f"{tree.where(folder)} holds splits that differ only in case "
+                        f"({sorted(s for s in subs if s.lower() in SPLITS)}): merge them into one folder each")
     if ("train" in splits and "test" in splits) or (splits and len(splits) == len(subs)):
         ignored = [s for s in subs if s.lower() not in SPLITS]
         if ignored:

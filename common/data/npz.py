@@ -59,8 +59,8 @@ def _load_npz(path: Path, split: str, image_size: int | None, channels: int | No
         keys = sorted(npz.files)
         img_key, lab_key = _npz_keys(keys, split)
         missing = [k for k in (img_key, lab_key) if k not in keys]
-        if missing:
-            raise DataError(f"{path} lacks {missing} for split {split!r}; keys present: {keys}; {_NPZ_LAYOUT}")
+        if missing:  # (no records of the split: an exporter may leave an empty split's keys out; review s66)
+            raise NoRecords(f"{path} lacks {missing} for split {split!r}; keys present: {keys}; {_NPZ_LAYOUT}")
         try:
             images = npz[img_key]
             labels = _npz_labels(path, lab_key, npz[lab_key])
