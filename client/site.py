@@ -93,8 +93,7 @@ class SiteSettings:
         why = sensitive_attribute_problem(self.label_from, self.sensitive_attribute)
         if why:
             raise ValueError(f"site {self.name}: {why}")
-        if self.classes:
-            pinned_classes(self)  # (refuses a list that is not one)
+        pinned_classes(self)  # (refuses a pin that is not a list of class names)
         for pin in (self.data_root, self.heldout_root):
             _pinned_root(self.name, pin)
         if not (0 <= self.min_reply_seconds < 86_400):

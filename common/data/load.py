@@ -11,7 +11,7 @@ from common.data.folders import _dataset_root, _load_tree
 from common.data.idx import _IDX_NAME, _load_idx_folder
 from common.data.labels import LABEL_FROM_CLASSES, _load_utkface
 from common.data.npz import _load_npz
-from common.data.tree import ARCHIVE_SUFFIXES, _scan_archive, _scan_folder
+from common.data.tree import ARCHIVE_SUFFIXES, _scan_archive, _scan_folder, _Tree
 
 _SUPPORTED = (
     "'digits', a folder of MNIST IDX files, a MedMNIST- or Keras-style .npz file, an image folder "
@@ -100,20 +100,16 @@ def load_dataset(
             )
         tree = _scan_archive(path) if is_archive else _scan_folder(path)
         return _load_utkface(tree, split, label_from, image_size, channels, skip_unreadable)
-    if is_archive:
-        return _load_tree(_scan_archive(path), split, image_size, channels, whole, empty_classes, skip_unreadable,
-                          root)
+    if (tree := _class_tree(path)) is not None:
+        return _load_tree(tree, split, image_size, channels, whole, empty_classes, skip_unreadable, root)
     if path.is_file():
         if path.suffix.lower() == ".npz":
             return _load_npz(path, split, image_size, channels, skip_unreadable)
         if _IDX_NAME.search(path.name):
             raise DataError(f"{path} is a single MNIST IDX file; pass the folder that holds all four IDX files")
         raise DataError(f"{path} is not a supported format; pass {_SUPPORTED}")
-    if path.is_dir():
-        if any(_IDX_NAME.search(p.name) for p in path.iterdir()):
-            return _load_idx_folder(path, split, image_size, channels)
-        return _load_tree(_scan_folder(path), split, image_size, channels, whole, empty_classes, skip_unreadable,
-                          root)
+    if path.is_dir():  # (a folder that is not a class-folder tree: _class_tree)
+        return _load_idx_folder(path, split, image_size, channels)
     raise DataError(f"{path} is neither a regular file nor a folder; pass {_SUPPORTED}")
 
 
@@ -121,14 +117,20 @@ def dataset_root(source: str | Path, split: str = "train", *, whole: bool = Fals
                  label_from: str | None = None) -> list[str] | None:
     """The folder inside an image folder or archive that holds ``split``'s class folders, as :func:`load_dataset`
     resolves it now (its parts; [] = the top), for a site to pin; None for a source without such a layout (digits,
-    an npz, MNIST IDX files, UTKFace labels from file names). Reads the layout only, no image."""
+    an npz, MNIST IDX files, UTKFace labels from file names). Decodes no image (an archive is still read through)."""
     if label_from is not None or (isinstance(source, str) and source == "digits"):
         return None
-    path = Path(source).expanduser()
+    tree = _class_tree(Path(source).expanduser())
+    return None if tree is None else list(_dataset_root(tree, split, whole))
+
+
+def _class_tree(path: Path) -> _Tree | None:
+    """The tree of an image-folder source -- a tar(.gz) archive, or a folder that holds no MNIST IDX file -- or None
+    for any other source (the one test :func:`load_dataset` and :func:`dataset_root` both dispatch on)."""
     if path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES):
-        return list(_dataset_root(_scan_archive(path), split, whole))
+        return _scan_archive(path)
     if path.is_dir() and not any(_IDX_NAME.search(p.name) for p in path.iterdir()):
-        return list(_dataset_root(_scan_folder(path), split, whole))
+        return _scan_folder(path)
     return None
 
 

@@ -82,8 +82,6 @@ def _load_npz(path: Path, split: str, image_size: int | None, channels: int | No
             f"{path}: '{img_key}' has {images.shape[0]} images but '{lab_key}' has {labels.shape[0]} "
             "labels; they must match one to one"
         )
-    if images.shape[0] == 0:
-        raise NoRecords(f"{path}: split {split!r} holds no images")
     if names is not None:
         if names.ndim != 1 or names.dtype.kind not in "US":
             raise DataError(f"{path}: 'classes' must be a 1-D array of strings, got {names.dtype} {names.shape}")
