@@ -80,7 +80,8 @@ class InfoReply(Message):
     height: int = declared("public", "image schema the site publishes")
     width: int = declared("public", "image schema the site publishes")
     classes: tuple[str, ...] = declared("public", "class names the site publishes (its folder names / label "
-                                                  "list), never how many records each holds")
+                                                  "list, as a deployed site read them when it started and pinned: "
+                                                  "client.site.pinned_classes), never how many records each holds")
     delta_bound: float = declared("public", "an upper bound of the site's delta: its configured delta, or "
                                             "DEFAULT_DELTA_BOUND when it uses the default (client.site_delta)")
     modes: tuple[str, ...] = declared("public", "the synthesis modes the site's operator allows")
