@@ -151,8 +151,6 @@ def clip_blocks(blocks: dict[str, torch.Tensor], clip_bound: float | Mapping[str
 
 def _check_args(model: nn.Module, dataset: "ImageDataset", num_classes: int, clip_bound: float | Mapping[str, float],
                 noise_multiplier: float, count_weight: float, batch_size: int) -> None:
-    if len(dataset) == 0:
-        raise ValueError("the site's dataset is empty: there are no statistics to record")
     if not (noise_multiplier >= 0.0) or not math.isfinite(noise_multiplier):
         raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier}")
     bounds = list(clip_bound.values()) if isinstance(clip_bound, Mapping) else [clip_bound]
@@ -168,7 +166,9 @@ def _check_args(model: nn.Module, dataset: "ImageDataset", num_classes: int, cli
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     labels = np.asarray(dataset.labels)
-    if labels.min() < 0 or labels.max() >= num_classes:
+    # (No record is a valid dataset: its release is noise alone. A deployed site whose every record was withdrawn
+    # answers so, where a refusal would tell the coordinator free that it holds none: client.site.load_site_data.)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(
             f"labels range {labels.min()}..{labels.max()} does not fit {num_classes} classes; "
             "check the dataset's label mapping against the run's num_classes"

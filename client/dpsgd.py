@@ -51,8 +51,9 @@ def opacus_input(images: np.ndarray, device: torch.device | str) -> torch.Tensor
 def _check_args(model: nn.Module, dataset: "ImageDataset", noise_multiplier: float, sample_rate: float,
                 steps: int, max_grad_norm: float, lr: float) -> None:
     """Raise ValueError naming the bad argument and the fix."""
-    if len(dataset) == 0:
-        raise ValueError("the site's dataset is empty: there is nothing to train on")
+    # (No record is a valid dataset: every Poisson batch is empty and each step is noise alone, as accounted. A
+    # deployed site whose every record was withdrawn trains so, where a refusal would tell the coordinator free that
+    # it holds none: client.site.load_site_data.)
     if not (0.0 < sample_rate <= 1.0) or not math.isfinite(sample_rate):
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}; use batch_size / len(dataset)")
     # (No check that sample_rate x len(dataset) >= 1: at a site that compares the exact record count with what
@@ -73,7 +74,7 @@ def _check_args(model: nn.Module, dataset: "ImageDataset", noise_multiplier: flo
         raise ValueError(f"the model cannot be trained with DP-SGD: {errors}; use common.bnnet.BNNet")
     check_images_fit(model, dataset.images)
     shape = getattr(model, "shape", None)
-    if shape is not None:
+    if shape is not None and len(dataset):
         if int(dataset.labels.max()) >= shape.num_classes or int(dataset.labels.min()) < 0:
             raise ValueError(
                 f"labels range {int(dataset.labels.min())}..{int(dataset.labels.max())} does not fit the "

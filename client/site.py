@@ -20,6 +20,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+
 from client import ledger_file as lf
 from client.ledger import BudgetExceeded, PrivacyLedger
 from client.limits import (
@@ -35,7 +37,7 @@ from client.site_delta import PURPOSE as DELTA_PURPOSE
 from client.site_delta import draw_default_delta, least_budget, size_event
 from common import protocol as P
 from common.config import MODES, RunConfig
-from common.data import DataError, ImageDataset, load_dataset, sensitive_attribute_problem
+from common.data import DataError, ImageDataset, NoRecords, load_dataset, sensitive_attribute_problem
 from common.files import fsync_dir
 from common.partition import parse_partition, partition_indices
 from common.state_layout import ledger_folder, runs_folder
@@ -248,8 +250,19 @@ def load_site_data(site: SiteSettings) -> ImageDataset:
     layout gives can hinge on one record (a class folder removed with its last record, an npz's label range over
     every split, held-out included), and it is published free by ``query.info`` and shapes every release (review
     s66); a record of a class added later is left out, with a warning, until the site restarts."""
-    data = _load_cached(site.data, site.split, site.image_size, site.label_from, channels=site.channels,
-                        root=_pinned_root(site.name, site.data_root))
+    try:
+        data = _load_cached(site.data, site.split, site.image_size, site.label_from, channels=site.channels,
+                            root=_pinned_root(site.name, site.data_root))
+    except NoRecords:
+        if not (pinned_classes(site) and site.image_size and site.channels):
+            raise  # not pinned at start (a simulation's partition, an unpinned site): nothing to publish it in
+        # Every record withdrawn at a running site: a set of no records in the shape and classes it published at
+        # start, so each request is checked and charged as any other and its releases are noise alone. Failing
+        # them (until stop 67) told the coordinator, free, whether the site held any record at all.
+        log.warning("[%s] the site's training data holds no records now: its releases are noise alone until records "
+                    "come back", site.name)
+        shape = (0, site.channels, site.image_size, site.image_size)
+        data = ImageDataset(np.zeros(shape, np.float32), np.zeros(0, np.int64), pinned_classes(site), site.data)
     if pinned := pinned_classes(site):
         kept = data.in_classes(pinned)
         if len(kept) < len(data):

@@ -1132,6 +1132,67 @@ def test_a_class_folder_emptied_at_a_running_site_does_not_fail_its_requests(tmp
         load_dataset(tmp_path / "data-0")
 
 
+def test_a_running_site_whose_every_record_was_withdrawn_answers_with_noise_and_charges(tmp_path):
+    """Whether a site holds any record at all is a record count (0 against 1). Until stop 67 a deployed site whose
+    every training record was withdrawn while it ran failed every request before its charge, query.info included:
+    a free, repeatable answer. It now reads no records in the shape and classes it pinned at start, and answers
+    every request as any other -- checked, charged, and noise alone where the records would be."""
+    from PIL import Image
+
+    from client.site import SiteSettings
+    from fedsynth.ops.site_cmd import pinned
+    from server.modes.bnstats import plan_settings
+    from server.sites import Schema
+    from tests.test_faults import gan_request, send
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    for cls in range(10):
+        (root / str(cls)).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / str(cls) / f"{i}.png")
+    settings = SiteSettings(name="s", data=str(root), state_dir=tmp_path / "state", epsilon_budget=10.0,
+                            heldout=str(root), heldout_split="train", evaluation=True, audits=True)
+    node = pinned(settings, load_dataset(root)).to_node_config()
+    for f in root.rglob("*.png"):  # every record withdrawn, training and held-out alike
+        f.unlink()
+    cfg = fast_config(tmp_path)
+    bn_cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=1, bn_width=8, bn_local_steps=3, bn_batch_size=64)
+    bn = plan_settings(bn_cfg, Schema(1, 8, 8, tuple(map(str, range(10)))), "bn")
+    from common.bnnet import BNNet
+    net = P.state_arrays(BNNet(1, 10, 8, bn["width"], head_norm=bn["head_norm"]).eval())
+
+    def grid(tag, run_cfg):  # a site of its own for each kind of request, so that none runs out of budget
+        return LocalGrid(client_app, [dict(node, **{"state-dir": str(tmp_path / tag)})], run_cfg.to_flwr())
+
+    info = ask(grid("info", cfg), 1000, P.InfoRequest())
+    assert not info.has_error(), info.error.reason
+    assert P.InfoReply.from_message(info).classes == tuple(map(str, range(10)))
+    gan_grid = grid("gan", cfg)
+    for rnd in (1, 2):
+        reply = send(gan_grid, 1000, gan_request(cfg, server_round=rnd))
+        assert not reply.has_error(), reply.error.reason
+    bn_grid = grid("bn", bn_cfg)
+    for request in (P.BnTrainRequest(**bn, server_round=1, net=net), P.BnStatsRequest(**bn, net=net)):
+        reply = send(bn_grid, 1000, request)
+        assert not reply.has_error(), reply.error.reason
+    provided = send(grid("provided", bn_cfg), 1000,
+                    P.BnStatsRequest(**{**bn, "net_rounds": 0, "layer_clips": ""}, net=net))
+    assert not provided.has_error(), provided.error.reason
+    counts = P.BnStatsReply.from_message(provided).stats["count"]  # (10,) integer noise alone, no record
+    assert counts.shape == (10,) and abs(float(counts.sum())) < 20
+    query_grid = grid("query", cfg)
+    evaluation = _evaluation(query_grid, 1000, _constant_model(0), "logreg", "q")
+    audit = ask(query_grid, 1000, P.AuditRequest(experiment="q", synthetic={"images": DIGITS_TEST.images[:5]}))
+    assert not evaluation.has_error() and not audit.has_error()
+    assert abs(float(P.AuditReply.from_message(audit).histograms["train"].sum())) < 300  # noise std 64, no record
+    purposes = {tag: [(e["purpose"], e["round"]) for e in charges(tmp_path, tag)[0]]
+                for tag in ("gan", "bn", "provided", "query")}
+    assert purposes == {"gan": [("dpgan-census", 0), ("dpgan", 1), ("dpgan", 2)],
+                        "bn": [("bnstats-census", 0), ("bnstats-net", 1), ("bnstats-release", 0)],
+                        "provided": [("bnstats-release", 0)], "query": [("evaluation", 1), ("audit", 1)]}
+
+
 def test_a_running_sites_class_list_is_the_one_it_published_at_start(tmp_path):
     """Review s66: the class list a site's data gives can hinge on one record -- a class folder removed with its last
     record; an npz without class names takes it from the label range over every split, so one HELD-OUT record of the
