@@ -214,6 +214,16 @@ def _load_cached(source: str, split: str, image_size: int, label_from: str, whol
                         root=root)
 
 
+def _gone(source: str) -> bool:
+    """Whether a site's data source is gone: its file or folder removed, or its file emptied to 0 bytes. At a running
+    site that is every record withdrawn with it, as much as a folder emptied of them (review s67: deleted, it failed
+    every request, free, where emptied it was answered with noise)."""
+    if source == "digits":
+        return False
+    path = Path(source).expanduser()
+    return not path.exists() or (path.is_file() and path.stat().st_size == 0)
+
+
 def _pinned_root(name: str, pin: str) -> tuple[str, ...] | None:
     """The folder parts a ``data_root`` / ``heldout_root`` pin names, or None when it pins none."""
     if not pin:
@@ -253,7 +263,9 @@ def load_site_data(site: SiteSettings) -> ImageDataset:
     try:
         data = _load_cached(site.data, site.split, site.image_size, site.label_from, channels=site.channels,
                             root=_pinned_root(site.name, site.data_root))
-    except NoRecords:
+    except DataError as err:
+        if not (isinstance(err, NoRecords) or _gone(site.data)):
+            raise
         if not (pinned_classes(site) and site.image_size and site.channels):
             raise  # not pinned at start (a simulation's partition, an unpinned site): nothing to publish it in
         # Every record withdrawn at a running site: a set of no records in the shape and classes it published at
@@ -284,8 +296,13 @@ def load_site_heldout(site: SiteSettings) -> ImageDataset | None:
     if not site.heldout:
         return None
     # the folder the operator named as held-out is the held-out data, split into train/test or not
-    data = _load_cached(site.heldout, site.heldout_split, site.image_size, site.label_from, True, site.channels,
-                        root=_pinned_root(site.name, site.heldout_root))
+    try:
+        data = _load_cached(site.heldout, site.heldout_split, site.image_size, site.label_from, True, site.channels,
+                            root=_pinned_root(site.name, site.heldout_root))
+    except DataError as err:
+        if isinstance(err, NoRecords) or not _gone(site.heldout):
+            raise
+        raise NoRecords(f"the held-out data {site.heldout} is gone: no records") from err
     if site.partition_id is None:
         return data
     scheme, alpha = parse_partition(site.partition)

@@ -296,7 +296,9 @@ def record_block_norms(model: nn.Module, dataset: "ImageDataset", *, device: tor
     for _, blocks in iter_record_blocks(model, dataset, device=device, batch_size=batch_size):
         for name, block in blocks.items():  # (B, 2 C_l)
             norms[name].append(pad_rows(block, batch_size).norm(dim=1)[:len(block)].cpu().numpy())
-    return {name: np.concatenate(parts) for name, parts in norms.items()}
+    # (no record: no block, so every layer's norms are an empty array; a site whose every record was withdrawn
+    # answers with noise alone, client.site.load_site_data)
+    return {name: np.concatenate(parts) if parts else np.zeros(0, np.float32) for name, parts in norms.items()}
 
 
 # A net file (``bn-net``): the state dict and the side its layers work at. Two nets of different sides can

@@ -611,3 +611,17 @@ def test_utkface_real(shared_data: Path) -> None:
     # Same split whichever label is used: the images are identical.
     np.testing.assert_array_equal(race.images, test.images)
     assert race.num_classes == 5 and (race.class_counts() > 0).all()
+
+
+def test_an_archive_of_no_bytes_holds_no_records_and_a_corrupt_one_is_still_an_error(tmp_path: Path) -> None:
+    """Review s67: a tar.gz rewritten with every record withdrawn can be a stream of no bytes (gzip of nothing),
+    which tarfile calls an "empty file": it is an archive of no members, no records, not a corrupt file."""
+    empty = tmp_path / "empty.tar.gz"
+    empty.write_bytes(gzip.compress(b""))
+    with pytest.raises(NoRecords):
+        load_dataset(empty)
+    corrupt = tmp_path / "corrupt.tar.gz"
+    corrupt.write_bytes(b"not an archive at all")
+    with pytest.raises(DataError, match="cannot read archive") as err:
+        load_dataset(corrupt)
+    assert not isinstance(err.value, NoRecords)

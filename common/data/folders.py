@@ -66,11 +66,19 @@ def _load_tree(tree: _Tree, split: str, image_size: int | None, channels: int | 
     """Image-folder layout: class names are the sorted subfolder names; with ``empty_classes`` a class folder
     without images is a class with no records (a site's loader: see ``load_dataset``), otherwise an error. ``root``:
     the folder :func:`_dataset_root` resolved before (a site pins it when it starts), instead of resolving it now."""
+    site = root is not None or empty_classes  # a site's loader (load_dataset's empty_classes), or a pinned folder
     root = _dataset_root(tree, split, whole) if root is None else tuple(root)
     classes = tree.subdirs(root)
-    if not classes and not any(f.parts[:len(root)] == root for f in tree.all_files):
-        # every record withdrawn, their class folders with them (rm -r test/*, review s66): no image at or below root
-        raise NoRecords(f"{tree.where(root)} holds no images: the dataset is empty")
+    if not classes and (site or not any(f.parts[:len(root)] == root for f in tree.all_files)):
+        # every record withdrawn, their class folders with them (rm -r test/*, review s66): no image at or below root.
+        # At a site, images lying directly in the root are no records either, whether a class folder is there or
+        # not: they are ignored beside class folders (below), so they must not turn "no records" into a failure
+        # (review s67: a stray preview image made the withdrawal of the last class folder fail every request, free)
+        inside = len(tree.files(root))
+        raise NoRecords(f"{tree.where(root)} holds no images: the dataset is empty" if not inside else
+                        f"{tree.where(root)} has no class folders ({inside} images directly inside, which are no "
+                        "records): put the images into one folder per class (root/<class>/image.png), or for "
+                        "UTKFace pass label_from='utkface-gender', 'utkface-race' or 'utkface-age'")
     if not classes:
         raise DataError(
             f"{tree.where(root)} has no class folders ({len(tree.files(root))} images directly inside); "

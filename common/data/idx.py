@@ -71,6 +71,10 @@ def _load_idx_folder(folder: Path, split: str, image_size: int | None, channels:
     if split not in _IDX_PREFIX:
         raise DataError(f"MNIST IDX folder {folder} has only the splits 'train' and 'test' (t10k), not {split!r}")
     prefix = _IDX_PREFIX[split]
+    if not any(_IDX_NAME.search(f.name) and f.name.startswith(prefix) for f in folder.iterdir()):
+        # both files of the split gone, the other split's kept: no records of it, as an npz without the split's keys
+        # (review s67: at a running site this failed every request, free, where an emptied pair was answered)
+        raise NoRecords(f"{folder} holds no {prefix}-images / {prefix}-labels IDX files: the {split} split is empty")
     images = _read_idx(_find_idx_file(folder, prefix, "images"), "images")  # (N, H, W) uint8
     labels = _read_idx(_find_idx_file(folder, prefix, "labels"), "labels").astype(np.int64)  # (N,)
     if images.shape[0] != labels.shape[0]:

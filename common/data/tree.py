@@ -110,6 +110,10 @@ def _scan_archive(path: Path) -> _Tree:
                     fh = tar.extractfile(member)
                     data = fh.read() if fh is not None else b""
                     files.append(_ImageFile(parts, f"{'/'.join(parts)} in {path}", data))
+    except tarfile.ReadError as exc:
+        if str(exc) != "empty file":  # (a stream of no bytes, compressed or not, is an archive of no members)
+            raise DataError(f"cannot read archive {path}: {exc}; the file is corrupt or not a tar/tar.gz "
+                            "archive") from exc
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         raise DataError(
             f"cannot read archive {path}: {exc}; the file is corrupt or not a tar/tar.gz archive"
