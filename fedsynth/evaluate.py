@@ -51,7 +51,8 @@ from fedsynth.baseline import load_real_baseline
 from fedsynth.curves import requested_curves, sweep_point
 
 # Keys of a run's report.json that describe the run (not this evaluation) and are carried over.
-_PROVENANCE_KEYS = ("mode", "private", "epsilon_target", "delta", "sites", "sweep", "attribute_replacement")
+_PROVENANCE_KEYS = ("mode", "private", "epsilon_target", "delta_bound", "privacy_statement", "privacy", "sites", "sweep",
+                    "attribute_replacement")  # (the run's privacy statement carries over: evaluating is post-processing)
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from common import protocol as P
 from common.config import RunConfig
 from server.collect import exchange
 from server.run_state import RunState
-from server.sites import Schema, SiteRecord
+from server.sites import Schema, SiteRecord, trained_sites
 
 log = logging.getLogger("fedsynth.coordinator")
 
@@ -37,9 +37,10 @@ def accuracy_from_table(table: np.ndarray) -> dict:
 def federated_evaluate(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int, SiteRecord], model: nn.Module,
                        schema: Schema) -> dict:
     """{"accuracy", "sites": [...], "failed": {...}, "noise_std_per_cell"} over the sites that allow evaluation."""
-    asked = {n: s for n, s in sites.items() if s.evaluation}
+    asked = trained_sites(sites, "evaluation")
     out: dict = {"noise_std_per_cell": P.EVALUATION_NOISE, "sites": [], "failed": {},
-                 "not_allowed": sorted(s.name for n, s in sites.items() if n not in asked)}
+                 "not_allowed": sorted(s.name for s in sites.values() if not s.evaluation),
+                 "not_trained": sorted(s.name for n, s in sites.items() if s.evaluation and n not in asked)}
     if not asked:
         return out
     state = P.state_arrays(model)

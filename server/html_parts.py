@@ -5,11 +5,22 @@ from __future__ import annotations
 import base64
 import html
 import math
+from decimal import ROUND_CEILING, Decimal
 from typing import Any, Iterable, Sequence
 
 
 def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
+
+
+def bound_text(value: float, digits: int = 3) -> str:
+    """A privacy bound (an epsilon or a delta) as text, rounded UP to ``digits`` significant digits: a bound shown
+    rounded to nearest could read below the true one (review s67: a delta of 1.4e-05 printed as 1e-05)."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+    exact = Decimal(repr(float(value)))
+    up = exact.quantize(Decimal(1).scaleb(exact.adjusted() - digits + 1), rounding=ROUND_CEILING)
+    return f"{float(up):g}"
 
 
 def fmt(value: Any, digits: int = 4) -> str:

@@ -13,6 +13,7 @@ import torch
 from common import protocol as P
 from common.config import RunConfig
 from common.files import atomic_write_text
+from server.html_parts import bound_text
 from server.run_state import RunState
 from server.sites import SiteRecord
 
@@ -35,6 +36,10 @@ RELEASE_MEANING = {
 CENSUS_MEANING = (f"a noisy class histogram (Gaussian, std {P.CENSUS_NOISE:g}): its total is the site's averaging weight; "
                   "in the DP-GAN mode it also sets how many of each class's synthetic images the coordinator draws "
                   "from the site's generator (the statistics mode sends only the total)")
+
+CENSUS_SECURE_MEANING = (f"a noisy class histogram (Gaussian, std {P.CENSUS_NOISE:g}), whose total weights the site's "
+                         "model inside each round's SecAgg+ sums: two sums over different sets of sites (a site that "
+                         "dropped out of one round) give that total alone, by subtraction")
 
 
 def jsonable(obj: Any) -> Any:
@@ -63,8 +68,11 @@ def write_report(report: dict, out_dir: Path) -> Path:
 def site_privacy(site: SiteRecord, epsilon: float) -> dict:
     """What one site released in this run and the guarantee that covers it."""
     released = [RELEASE_MEANING.get(r, r) for r in site.released]
-    if site.weight:
-        released.append(CENSUS_MEANING)
+    # every training round rests on the run's census, in the clear or inside the SecAgg+ sums, where the coordinator
+    # never sees the weight (0 here): listed whenever the site trained (review s67 found it left out of secure runs)
+    trained = any(r.removesuffix(" (secure sum)") in ("generator", "shared net") for r in site.released)
+    if site.weight or trained:
+        released.append(CENSUS_MEANING if site.weight else CENSUS_SECURE_MEANING)
     return {"name": site.name, "released": released, "epsilon_bound": epsilon, "delta_bound": site.delta_bound}
 
 
@@ -72,23 +80,31 @@ def privacy_statement(private: bool, epsilon: float, rows: list[dict], *, secure
                       noise_shares: int = 1) -> str:
     """Plain sentences on what the run's privacy numbers mean."""
     if not private:
-        return ("NOT differentially private: sites released without noise (epsilon = inf). This run only shows "
-                "what the pipeline reaches without privacy; never use it on real private data.")
+        return ("NOT differentially private: this run asked the sites for no privacy (epsilon = inf). A site "
+                "whose operator set no budget released without noise; a site with a budget of its own still added "
+                "noise and spent what was left of its budget on the run (its ledger holds what it charged), so its "
+                "releases are private at that budget, which this report does not know. This run only shows what "
+                "the pipeline reaches without privacy; never use it on real private data.")
     delta = max((r["delta_bound"] for r in rows), default=P.DEFAULT_DELTA_BOUND)
-    lines = [f"Everything each site released in this run is together ({epsilon:g}, {delta:.1g})-differentially "
+    eps, delta = bound_text(epsilon), bound_text(delta)  # (rounded up: a bound must not read below itself)
+    lines = [f"Everything each site released in this run is together ({eps}, {delta})-differentially "
              "private for one record of that site (one image and its label, added or removed): whatever the "
              "coordinator does with it, no one can tell much more than that about any single record. Smaller "
-             f"epsilon is stronger privacy; epsilon {epsilon:g} per site bounds how much any one record can change "
-             f"the odds of anything learned from the releases (by a factor of at most e^{epsilon:g}, except "
-             f"with probability {delta:.1g}). Each site charged every release to its own privacy ledger before "
-             "computing it; the coordinator never saw a site's record count, budget or spending."]
+             f"epsilon is stronger privacy; epsilon {eps} per site bounds how much any one record can change "
+             f"the odds of anything learned from the releases (by a factor of at most e^{eps}, except "
+             f"with probability {delta}). Each site charged every release to its own privacy ledger before "
+             "computing it; the coordinator never saw a site's record count, budget or spending. A site whose "
+             "ledger began with this run also charged it a noisy count of its records, once, which sets its default "
+             "delta (client/site_delta.py): a small release outside the epsilon above, inside the site's budget."]
     for row in rows:
         if row["released"]:
             lines.append(f"{row['name']} released: " + "; ".join(row["released"]) + ".")
     if secure:
         lines.append("Secure aggregation (SecAgg+): the coordinator received each round's models and the statistics "
-                     "only as sums over the sites, never one site's release; this assumes it follows the protocol "
-                     "(honest-but-curious) and that the sites do not collude with it.")
+                     "only as sums over the sites, never one site's model or statistics (a site's noisy record "
+                     "total, a DP release listed above, can be read off two sums over different sets of sites); "
+                     "this assumes it follows the protocol (honest-but-curious) and that the sites do not collude "
+                     "with it.")
     if noise_shares > 1:
         lines.append(f"Distributed noise: each site added only part of the statistics release's noise (at least "
                      f"1/sqrt({noise_shares}) of it), and every sum held at least {noise_shares} sites' releases, so "

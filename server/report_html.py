@@ -36,7 +36,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common.files import atomic_write_text  # noqa: E402
-from server.html_parts import Raw as _Raw, esc as _esc, fmt as _fmt, img as _img, table as _table  # noqa: E402
+from server.html_parts import Raw as _Raw, bound_text, esc as _esc, fmt as _fmt  # noqa: E402
+from server.html_parts import img as _img, table as _table  # noqa: E402
 from server.report_html_audits import attributes_section, audits_section, site_audits_section  # noqa: E402
 from server.report_plots import confusion_plot, fig_png, per_class_plot  # noqa: E402
 
@@ -60,11 +61,13 @@ def _banner(report: dict) -> str:
     private = report.get("private")
     eps, delta = report.get("epsilon_target"), report.get("delta_bound", report.get("delta"))
     if private is False:
-        return ('<div class="banner notdp">NOT differentially private: this run released data without a DP '
-                "guarantee; do not share its outputs as if they protected the sites' records.</div>")
+        return ('<div class="banner notdp">NOT differentially private: this run asked the sites for no privacy '
+                "(epsilon = inf), so it states no DP guarantee (a site with a budget of its own still added noise "
+                "within it); do not share its outputs as if they protected the sites' records.</div>")
     if private is True:
-        shown_delta = f"{float(delta):.1g}" if isinstance(delta, (int, float)) else _fmt(delta)
-        budget = f" (&epsilon; &le; {_fmt(eps)} per site, &delta; &le; {shown_delta})" if eps is not None else ""
+        shown_delta = bound_text(float(delta)) if isinstance(delta, (int, float)) else _fmt(delta)
+        shown_eps = bound_text(float(eps)) if isinstance(eps, (int, float)) else _fmt(eps)
+        budget = f" (&epsilon; &le; {shown_eps} per site, &delta; &le; {shown_delta})" if eps is not None else ""
         return f'<div class="banner dp">Differentially private{budget}</div>'
     return '<div class="banner unknown">Privacy status unknown: the report does not say whether the run was DP.</div>'
 
@@ -76,7 +79,8 @@ def _privacy_section(report: dict) -> str:
         if para.strip():
             out.append(f"<p>{_esc(para)}</p>")
     rows = [(s.get("name"), _Raw("<br>".join(_esc(r) for r in s.get("released", [])) or "nothing"),
-             s.get("epsilon_bound"), s.get("delta_bound")) for s in (report.get("privacy") or {}).get("sites", [])]
+             *(bound_text(s[k]) if isinstance(s.get(k), (int, float)) else s.get(k)
+               for k in ("epsilon_bound", "delta_bound"))) for s in (report.get("privacy") or {}).get("sites", [])]
     if rows:
         out.append(_table(("site", "released in this run", "epsilon (at most)", "delta (at most)"), rows,
                           table_id="privacy"))
@@ -159,6 +163,9 @@ def _site_evaluation_section(ev: dict) -> str:
         out.append(f'<p class="muted">{_esc(name)}: {_esc(why)}</p>')
     if ev.get("not_allowed"):
         out.append(f'<p class="muted">Not allowed by: {_esc(", ".join(ev["not_allowed"]))}</p>')
+    if ev.get("not_trained"):
+        out.append(f'<p class="muted">Not asked, as they released nothing in this run: '
+                   f'{_esc(", ".join(ev["not_trained"]))}</p>')
     return "\n".join(out)
 
 

@@ -33,6 +33,9 @@ def site_audits_section(audits: dict) -> str:
                         "site audit histograms"))
     for name, why in (audits.get("failed") or {}).items():
         out.append(f'<p class="muted">{_esc(name)}: {_esc(why)}</p>')
+    if audits.get("not_trained"):
+        out.append(f'<p class="muted">Not asked, as they released nothing in this run: '
+                   f'{_esc(", ".join(audits["not_trained"]))}</p>')
     return "\n".join(out)
 
 

@@ -20,7 +20,7 @@ from common.config import RunConfig
 from common.data import ImageDataset
 from server.collect import exchange
 from server.run_state import RunState
-from server.sites import RunFailed, Schema, SiteRecord
+from server.sites import RunFailed, Schema, SiteRecord, trained_sites
 
 log = logging.getLogger("fedsynth.coordinator")
 NEAR_COPY_MSE = 1e-3  # a record with a synthetic image closer than this (pixel MSE) has a near-copy
@@ -85,9 +85,10 @@ def check_audit_size(cfg: RunConfig, schema: Schema, sites: dict[int, SiteRecord
 def request_site_audits(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int, SiteRecord],
                         synth: ImageDataset) -> dict:
     """{"sites": [...], "pooled": {...}, "failed": {...}} over the sites that allow audits."""
-    asked = {n: s for n, s in sites.items() if s.audits}
+    asked = trained_sites(sites, "audits")
     out: dict = {"kind": "dp-audit", "noise_std_per_bin": P.AUDIT_NOISE, "near_copy_mse": NEAR_COPY_MSE,
-                 "sites": [], "failed": {}, "not_allowed": sorted(s.name for n, s in sites.items() if n not in asked)}
+                 "sites": [], "failed": {}, "not_allowed": sorted(s.name for s in sites.values() if not s.audits),
+                 "not_trained": sorted(s.name for n, s in sites.items() if s.audits and n not in asked)}
     if not asked:
         return out
     rng = np.random.default_rng(cfg.seed)

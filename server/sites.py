@@ -48,6 +48,14 @@ class SiteRecord:
         return out
 
 
+def trained_sites(sites: dict[int, SiteRecord], allows: str) -> dict[int, SiteRecord]:
+    """The sites to send this run's evaluation or audit queries (``allows``: "evaluation" or "audits"): those that
+    allow them and released something in this run. A site's plan reserves its queries inside the run's epsilon, and
+    only a site that trained has one: a site that refused the run (its plan could not pay for the queries it
+    reserves) would hold them to its own budget alone, past the epsilon the report states (review s67)."""
+    return {n: s for n, s in sites.items() if getattr(s, allows) and s.released}
+
+
 @dataclass(frozen=True)
 class Schema:
     channels: int

@@ -186,7 +186,9 @@ def test_cli_reads_a_run_folder_and_carries_its_privacy_status(tmp_path: Path, d
     train, _ = digits
     run = tmp_path / "run"
     save_npz(train.subset(np.arange(150, 450)), run / "synthetic.npz")
-    (run / "report.json").write_text(json.dumps({"mode": "dpgan", "private": False, "sites": []}))
+    statement = "Everything each site released in this run is together (8, 1.4e-05)-differentially private ..."
+    (run / "report.json").write_text(json.dumps({"mode": "dpgan", "private": False, "sites": [], "delta_bound": 1.4e-5,
+                                                 "privacy_statement": statement, "privacy": {"sites": []}}))
     out = tmp_path / "eval"
     code = evaluate.main(_cli(["--synthetic", str(run), "--test", "digits", "--train", "digits",
                                "--out", str(out), "--learner-epochs", "1", "--max-audit-records", "200",
@@ -194,6 +196,8 @@ def test_cli_reads_a_run_folder_and_carries_its_privacy_status(tmp_path: Path, d
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["mode"] == "dpgan" and report["private"] is False
+    # the run's privacy statement and delta carry over (review s67: they were dropped)
+    assert (report["delta_bound"], report["privacy_statement"], report["privacy"]) == (1.4e-5, statement, {"sites": []})
     assert "NOT differentially private" in (out / "report.html").read_text()
     assert "TSTR accuracy" in capsys.readouterr().out
 
@@ -240,3 +244,18 @@ def test_cli_reuses_a_real_baseline_only_when_measured_the_same_way(tmp_path: Pa
     code = evaluate.main(_cli(common + ["--out", str(tmp_path / "other"), "--learner-epochs", "2",
                                         "--real-baseline-from", str(tmp_path / "older.json")]))
     assert code == 2 and "does not record its baseline's image_shape (an older fedsynth" in capsys.readouterr().err
+
+
+def test_a_privacy_bound_is_shown_rounded_up_never_down(tmp_path: Path) -> None:
+    """Review s67: the statement and the banner printed delta with one significant digit, so a site's 1.4e-05
+    read as 1e-05 (and the tables rounded epsilon to nearest). A bound is now shown rounded up."""
+    from server.html_parts import bound_text
+    from server.report import privacy_statement
+
+    assert [bound_text(x) for x in (1e-5, 1.4e-5, 4.9996, 0.123449, 0.3, 10.0)] == [
+        "1e-05", "1.4e-05", "5", "0.124", "0.3", "10"]
+    statement = privacy_statement(True, 4.9996, [{"name": "s", "released": [], "delta_bound": 1.4e-5}])
+    assert "(5, 1.4e-05)-differentially private" in statement
+    render_report({"mode": "dpgan", "private": True, "epsilon_target": 4.9996, "delta_bound": 1.4e-5}, tmp_path)
+    text = " ".join(_parse(tmp_path / "report.html").text)
+    assert "ε ≤ 5 per site, δ ≤ 1.4e-05" in text, text[:300]

@@ -316,3 +316,21 @@ def test_a_resumed_run_must_arrive_at_the_values_the_product_chose_when_it_began
     path.write_text(json.dumps(recorded))
     assert run(replace(cfg, gan_d_width=16), k=2)["experiment"] == first["experiment"]
     assert "cannot be checked against them; resuming with the values named now" in caplog.text
+
+
+def test_a_site_that_refused_the_run_is_not_asked_its_queries(tmp_path):
+    """Review s67: a site whose plan could not pay for the evaluation and audit queries it reserves refuses the run's
+    training, and so holds no plan for it; its queries were then bounded by its own budget alone, so it answered them
+    past the epsilon the report states for the run (0.55 at a run of 0.3). The coordinator now asks only the sites
+    that released something in the run, and the report names the others."""
+    cfg = fast_config(tmp_path, num_rounds=1, epsilon=0.3, site_evaluation=True, site_audits=True)
+    sites = nodes(3)
+    for node in sites:
+        node["epsilon"] = 10.0  # each site's budget is far above the run's epsilon
+    for node in sites[1:]:
+        node["evaluation"] = node["audits"] = False
+    report = run_inprocess(run_coordinator, client_app, cfg.to_flwr(), sites)
+    assert report["site_evaluation"]["not_trained"] == report["site_audits"]["not_trained"] == ["site-1"]
+    assert [s["released"] for s in report["sites"] if s["name"] == "site-1"] == [[]]
+    # site-1 was refused before its ledger began: only the two sites that trained have one, without queries
+    assert [[e["purpose"] for e in entries] for entries in charges(tmp_path)] == [["dpgan-census", "dpgan"]] * 2

@@ -87,16 +87,19 @@ def print_rows(title: str, rows: list[dict]) -> None:
             print(f"    DAMAGED: {r['error']}")
             continue
         per = ", ".join(f"{p}: {n}" for p, n in r["per_purpose_releases"].items()) or "none"
-        budget = f" of {_fmt(r['budget_epsilon'])}" if "records" in r else ""
-        print(f"    spent epsilon  : {_fmt(r['spent_epsilon'])}{budget}   (delta {r['delta']:.3g})")
+        # (the spent epsilon is read at the best Renyi order, the budget at the ledger's: "8.2 of 10" read as 1.8
+        # left when 99 % was used (review s67), so the budget is named on the line that says how much of it is used)
+        print(f"    spent epsilon  : {_fmt(r['spent_epsilon'])}   (delta {r['delta']:.3g}; the tightest reading of "
+              "the releases, at the best Renyi order)")
         if r.get("budget_used") is not None and r.get("order") is not None:
             from client.ledger_refusals import share
 
+            budget = f" of epsilon {_fmt(r['budget_epsilon'])}" if "records" in r else ""
             fixed = "recorded in the ledger" if r["order_recorded"] else "to be recorded at its next release"
             over = (" (over 100 %: releases allowed by the rule used before 2026-12-07, which read the best order)"
                     if 1 < r["budget_used"] < math.inf else "")
-            print(f"    budget used    : {share(r['budget_used'])}   (of the Renyi divergence the budget allows at "
-                  f"order {r['order']:g}, {fixed}; what the ledger enforces){over}")
+            print(f"    budget used    : {share(r['budget_used'])}{budget}   (of the Renyi divergence the budget "
+                  f"allows at order {r['order']:g}, {fixed}; what the ledger enforces, so what is left){over}")
         print(f"    releases       : {r['releases']} ({per}); runs: {', '.join(r['runs']) or 'none'}")
         if r["releases"]:
             print(f"    first / last   : {r['first_release']} / {r['last_release']}")
