@@ -144,7 +144,7 @@ def _setup(req: P.BnPlanSettings, net_state: dict, site: SiteSettings, saved_fil
                        batch_size=req.batch_size, census=True, stats_share=req.stats_share,
                        auto_clip=str(req.layer_clips).strip() == AUTO)
     validate_plan_request(preq)  # a malformed request costs nothing, not even the census
-    check_plan_possible(folder, preq, site)  # before a new ledger is started (its noisy size is charged)
+    check_plan_possible(folder, preq, site, data, req.experiment)  # before a new ledger is started (its noisy size is charged)
     if not saved_file(folder).exists():  # new work: the shape must compute each record's rows alone (review s63;
         # a re-send of a saved reply computes nothing, and a check not remembered must not refuse it: the sixth)
         check_network_rows(site.state_dir, "shared net", {"channels": req.channels, "side": req.image_size,

@@ -112,20 +112,38 @@ def _check_census_paid(epsilon: float, budget: float, delta_bound: float) -> Non
                       f"the census alone would spend more than the run's epsilon {epsilon:g}")
 
 
-def check_plan_possible(run_dir: Path, req: PlanRequest, site: "SiteSettings") -> None:
+def check_plan_possible(run_dir: Path, req: PlanRequest, site: "SiteSettings", data: ImageDataset,
+                        experiment: str) -> None:
     """Refuse, before a run's census is drawn and before a new ledger is started (its noisy size is charged), a run
     whose census its epsilon cannot pay (:func:`check_census_fits`, for a run that trains) or whose plan no census
     could make possible (review s60: a stats share of 1, or an epsilon that pays the census but not the queries the
     site reserves, was refused only after the census's charge). The plan at the most favourable values any census
     and ledger could give -- a noisy total of 1e15 records, the published delta bound, nothing spent before -- is
     refused at every other: public values and the site's settings only. (A run with a provided net, no training
-    rounds, draws no census: its plan is a function of these public values alone.)"""
+    rounds, draws no census: its plan is a function of these public values alone.)
+
+    At a site whose ledger exists, the plan is checked beside what the ledger holds (at its delta and Renyi order,
+    as :func:`client.budget.plan_for_site` will): once the budget left could pay for no plan, a run's census was
+    charged and then its plan refused, run after run, until the budget was gone with nothing released (review s67,
+    1.98 to 2.06 of 3 in eight runs). The ledger's spending is already what its own refusals read (a stopping rule
+    over the releases, docs/privacy.md "The ledger's order"), so this refusal reveals nothing the next would not."""
     if load_census(run_dir) is not None:
         return
     if req.rounds > 0:
         _check_census_paid(req.epsilon, site.epsilon_budget, site.delta_bound)
-    make_plan(with_query_policy(site, req), num_records=1e15, delta=site.delta_bound, budget=site.epsilon_budget,
-              prior=[])
+    prior, delta, order = [], site.delta_bound, None
+    if site.ledger_path.exists():
+        from client.site import open_ledger  # (client.site reads this module's plans: imported here, not above)
+
+        ledger = open_ledger(site, data, create=False)
+        if req.rounds > 0:  # the ledger's own refusals of a census, before the row checks' work (review s67: that
+            # work was repeatable for free by a request the census then refused)
+            _check_planned_with_census(run_dir, req.mode, experiment)
+            _check_no_queries_before(ledger, experiment, req.mode)
+        prior, delta, order = ledger.events_except(run=experiment, purpose=census_purpose(req.mode)), ledger.delta, \
+            ledger.order
+    make_plan(with_query_policy(site, req), num_records=1e15, delta=delta, budget=site.epsilon_budget, prior=prior,
+              order=order)
 
 
 def run_census(data: ImageDataset, ledger: "PrivacyLedger", run_dir: Path, *, mode: str, experiment: str,
@@ -158,13 +176,7 @@ def run_census(data: ImageDataset, ledger: "PrivacyLedger", run_dir: Path, *, mo
     # nothing. So the redraw pays, and, held to the run's epsilon like every charge of the run, never lets the run
     # spend more than it asked.
     earlier = ledger.count(run=experiment, purpose=census_purpose(mode))
-    if not earlier and any(ledger.count(run=experiment, purpose=purpose) for purpose in QUERY_PURPOSES):
-        # A run's first census comes before anything else it is charged for. Queries sent under the id before it
-        # trained were held to the site's budget only (a run has no epsilon before its plan); training on top of
-        # them would take the run past the epsilon it asks for. What the run was charged for is what the
-        # coordinator itself asked and was answered: the refusal says nothing else.
-        raise Refusal(P.REFUSED_BAD_REQUEST, f"run {experiment!r} was used for evaluation or audit queries before it "
-                                             "trained at this site; a run trains first: start a new experiment")
+    _check_no_queries_before(ledger, experiment, mode)
     try:
         ledger.charge([event], purpose=census_purpose(mode), run=experiment, round=0, data=fingerprint,
                       details={"census-drawn-again": earlier} if earlier else None,
@@ -174,6 +186,19 @@ def run_census(data: ImageDataset, ledger: "PrivacyLedger", run_dir: Path, *, mo
         raise Refusal(P.REFUSED_BUDGET, "the requested work does not fit this site's privacy budget",
                       str(err)) from None
     return draw_census(data, event.noise_multiplier, run_dir)
+
+
+def _check_no_queries_before(ledger: "PrivacyLedger", experiment: str, mode: str) -> None:
+    """Refuse a run's first census when queries were charged under its id before it.
+
+    A run's first census comes before anything else it is charged for. Queries sent under the id before it trained
+    were held to the site's budget only (a run has no epsilon before its plan); training on top of them would take
+    the run past the epsilon it asks for. What the run was charged for is what the coordinator itself asked and was
+    answered: the refusal says nothing else."""
+    if not ledger.count(run=experiment, purpose=census_purpose(mode)) \
+            and any(ledger.count(run=experiment, purpose=purpose) for purpose in QUERY_PURPOSES):
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"run {experiment!r} was used for evaluation or audit queries before it "
+                                             "trained at this site; a run trains first: start a new experiment")
 
 
 def _check_planned_with_census(run_dir: Path, mode: str, experiment: str) -> None:

@@ -318,7 +318,7 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings, *,
     validate_plan_request(shorter)  # a malformed request costs nothing, not even a census
     if secure:  # a model no census could bring inside the sum's range: refused before the census (review s61)
         check_secure_room(1.0, req.generator)
-    check_plan_possible(folder, shorter, site)  # before a new ledger is started (its noisy size is charged)
+    check_plan_possible(folder, shorter, site, data, req.experiment)  # before a new ledger is started (its noisy size is charged)
     # D's shape must compute each record's rows alone on this machine (review s63), checked for the run's own
     # shape only (the seventh: a re-sent round naming another d-width had the site check and remember each one,
     # uncharged, before the plan refused the change)

@@ -214,14 +214,9 @@ def _load_cached(source: str, split: str, image_size: int, label_from: str, whol
                         root=root)
 
 
-def _gone(source: str) -> bool:
-    """Whether a site's data source is gone: its file or folder removed, or its file emptied to 0 bytes. At a running
-    site that is every record withdrawn with it, as much as a folder emptied of them (review s67: deleted, it failed
-    every request, free, where emptied it was answered with noise)."""
-    if source == "digits":
-        return False
-    path = Path(source).expanduser()
-    return not path.exists() or (path.is_file() and path.stat().st_size == 0)
+def _is_pinned(site: SiteSettings) -> bool:
+    """Whether the site pinned its data's shape and classes when it started (a deployed site: fedsynth site)."""
+    return bool(pinned_classes(site) and site.image_size and site.channels)
 
 
 def _pinned_root(name: str, pin: str) -> tuple[str, ...] | None:
@@ -264,15 +259,15 @@ def load_site_data(site: SiteSettings) -> ImageDataset:
         data = _load_cached(site.data, site.split, site.image_size, site.label_from, channels=site.channels,
                             root=_pinned_root(site.name, site.data_root))
     except DataError as err:
-        if not (isinstance(err, NoRecords) or _gone(site.data)):
-            raise
-        if not (pinned_classes(site) and site.image_size and site.channels):
+        if not _is_pinned(site):
             raise  # not pinned at start (a simulation's partition, an unpinned site): nothing to publish it in
-        # Every record withdrawn at a running site: a set of no records in the shape and classes it published at
-        # start, so each request is checked and charged as any other and its releases are noise alone. Failing
-        # them (until stop 67) told the coordinator, free, whether the site held any record at all.
-        log.warning("[%s] the site's training data holds no records now: its releases are noise alone until records "
-                    "come back", site.name)
+        # At a running site, data that holds no records or cannot be read now -- every record withdrawn, the folder
+        # or file removed, an IDX pair or an archive half rewritten -- is a set of no records in the shape and
+        # classes it published at start: each request is checked and charged as any other and its releases are
+        # noise alone. Failing them (until stop 67) told the coordinator, free, whether the site held any record at
+        # all, or that a record was being added or withdrawn (review s67). The operator sees why in the log.
+        log.warning("[%s] the site's training data %s now (%s): its releases are noise alone until it can be read "
+                    "again", site.name, "holds no records" if isinstance(err, NoRecords) else "cannot be read", err)
         shape = (0, site.channels, site.image_size, site.image_size)
         data = ImageDataset(np.zeros(shape, np.float32), np.zeros(0, np.int64), pinned_classes(site), site.data)
     if pinned := pinned_classes(site):
@@ -300,9 +295,12 @@ def load_site_heldout(site: SiteSettings) -> ImageDataset | None:
         data = _load_cached(site.heldout, site.heldout_split, site.image_size, site.label_from, True, site.channels,
                             root=_pinned_root(site.name, site.heldout_root))
     except DataError as err:
-        if isinstance(err, NoRecords) or not _gone(site.heldout):
+        if isinstance(err, NoRecords) or not _is_pinned(site):
             raise
-        raise NoRecords(f"the held-out data {site.heldout} is gone: no records") from err
+        # (a running site's held-out data that cannot be read now is a set of no records too, as its training data)
+        log.warning("[%s] the site's held-out data cannot be read now (%s): its answers are noise alone until it "
+                    "can be read again", site.name, err)
+        raise NoRecords(f"the held-out data {site.heldout} cannot be read now: no records") from err
     if site.partition_id is None:
         return data
     scheme, alpha = parse_partition(site.partition)

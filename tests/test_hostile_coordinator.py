@@ -638,6 +638,37 @@ def test_a_ledgers_first_entry_ties_it_to_its_records_and_its_delta_to_the_publi
     assert open_ledger(site, data).spent().epsilon > 0 and not legacy.exists()  # taken over
 
 
+def test_a_site_whose_budget_left_pays_for_no_plan_refuses_before_the_census(tmp_path):
+    """Review s67: the check before a run's census planned as if nothing were spent, so once the budget left could
+    pay for no plan, every new run id was charged a census and then refused by its plan: a coordinator burned the
+    rest of the budget (1.98 to 2.06 of 3 in eight runs) with nothing released. The check now plans beside what
+    the ledger holds. And a run used for queries before it trained is refused before the row checks' work, which a
+    coordinator could otherwise have repeated for free with a new shape each time."""
+    from tests.test_faults import gan_request, send
+
+    cfg = fast_config(tmp_path, num_rounds=2)
+    site = deployed_site(tmp_path / "a", epsilon=3.0, heldout=DIGITS_TEST, evaluation=True, audits=True)
+    grid = LocalGrid(client_app, [site], cfg.to_flwr())  # (the queries it reserves are what no plan can pay)
+    answered = [not send(grid, 1000, gan_request(cfg, experiment=f"run{i}", epsilon=2.6, num_rounds=1)).has_error()
+                for i in range(6)]
+    assert answered[0] and not any(answered[answered.index(False):])  # once refused, refused for good
+    # every census charged belongs to a run that was answered: none was charged and then refused by its plan
+    purposes = [(e["purpose"], e["run"]) for e in charges(tmp_path / "a", "site-a")[0]]
+    assert purposes == [p for i in range(answered.count(True)) for p in (("dpgan-census", f"run{i}"),
+                                                                        ("dpgan", f"run{i}"))]
+    # a run queried before it trained: refused before the row checks, whatever shape each request names
+    from client import gan_site
+    grid = LocalGrid(client_app, [deployed_site(tmp_path / "b", heldout=DIGITS_TEST, evaluation=True)], cfg.to_flwr())
+    assert not _evaluation(grid, 1000, _constant_model(0), "logreg", "x").has_error()
+    checked, real = [], gan_site.check_network_rows
+    gan_site.check_network_rows = lambda *a, **k: checked.append(a) or real(*a, **k)
+    try:
+        replies = [send(grid, 1000, gan_request(cfg, experiment="x", d_width=w)) for w in (24, 40)]
+    finally:
+        gan_site.check_network_rows = real
+    assert all(r.has_error() and "before it trained" in r.error.reason for r in replies) and checked == [], [r.error.reason if r.has_error() else "ok" for r in replies]
+
+
 def test_a_plan_no_census_could_make_possible_is_refused_before_the_census(tmp_path):
     """Review s60: an epsilon that pays the census but not the census and the queries the site reserves was refused
     only by the plan, after the census's charge; no census could have saved it. Now refused before, at no cost."""
@@ -1208,6 +1239,8 @@ def test_a_running_site_whose_every_record_was_withdrawn_answers_with_noise_and_
             f.write((2049).to_bytes(4, "big") + n.to_bytes(4, "big") + bytes(i % 10 for i in range(n)))
     idx_node = pinned(SiteSettings(name="i", data=str(idx), state_dir=tmp_path / "i", epsilon_budget=10.0),
                       load_dataset(idx)).to_node_config()
+    (idx / "train-images-idx3-ubyte").write_bytes(b"")  # half rewritten: its images gone, its labels not yet
+    assert not ask(LocalGrid(client_app, [idx_node], cfg.to_flwr()), 1000, P.InfoRequest()).has_error()
     for f in idx.glob("train-*"):
         f.unlink()
     assert not ask(LocalGrid(client_app, [idx_node], cfg.to_flwr()), 1000, P.InfoRequest()).has_error()

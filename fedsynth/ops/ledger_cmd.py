@@ -100,6 +100,8 @@ def print_rows(title: str, rows: list[dict]) -> None:
                     if 1 < r["budget_used"] < math.inf else "")
             print(f"    budget used    : {share(r['budget_used'])}{budget}   (of the Renyi divergence the budget "
                   f"allows at order {r['order']:g}, {fixed}; what the ledger enforces, so what is left){over}")
+        elif "records" in r and math.isinf(r["budget_epsilon"]):  # (its spent line named it "of inf" until s67)
+            print("    budget used    : no limit (the site's epsilon budget is inf)")
         print(f"    releases       : {r['releases']} ({per}); runs: {', '.join(r['runs']) or 'none'}")
         if r["releases"]:
             print(f"    first / last   : {r['first_release']} / {r['last_release']}")

@@ -52,7 +52,8 @@ def load_data_checked(dep: SiteDeployment, split_of: str = "data"):
     what = f"the {'held-out ' if split_of != 'data' else ''}data at {where}"
     said: list = []
     if where != "the built-in digits dataset" and not Path(where).expanduser().exists():
-        # (checked here: a running site that pinned its layout reads a source gone as no records, client.site._gone)
+        # (checked here: a running site that pinned its layout reads a source it cannot read as no records,
+        # client.site.load_site_data)
         raise DeployError(f"site '{s.name}': {what} cannot be used: no such file or folder")
     try:
         with warnings.catch_warnings(record=True) as said:  # (the loader's own, e.g. files it leaves out)
