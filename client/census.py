@@ -118,8 +118,8 @@ def check_plan_possible(run_dir: Path, req: PlanRequest, site: "SiteSettings", d
     whose census its epsilon cannot pay (:func:`check_census_fits`, for a run that trains) or whose plan no census
     could make possible (review s60: a stats share of 1, or an epsilon that pays the census but not the queries the
     site reserves, was refused only after the census's charge). The plan at the most favourable values any census
-    and ledger could give -- a noisy total of 1e15 records, the published delta bound, nothing spent before -- is
-    refused at every other: public values and the site's settings only. (A run with a provided net, no training
+    could give -- a noisy total of 1e15 records; at a site without a ledger yet, the published delta bound and
+    nothing spent before -- is refused at every other. (A run with a provided net, no training
     rounds, draws no census: its plan is a function of these public values alone.)
 
     At a site whose ledger exists, the plan is checked beside what the ledger holds (at its delta and Renyi order,
@@ -129,16 +129,22 @@ def check_plan_possible(run_dir: Path, req: PlanRequest, site: "SiteSettings", d
     over the releases, docs/privacy.md "The ledger's order"), so this refusal reveals nothing the next would not."""
     if load_census(run_dir) is not None:
         return
+    if req.rounds > 0:  # (the plan's file alone: before the row checks' work, which a refused request would waste)
+        _check_planned_with_census(run_dir, req.mode, experiment)
+    if (run_dir / PLAN_FILE).exists():
+        return  # (a plan made is read back, not made again: a re-send must not count the run's own charges twice)
     if req.rounds > 0:
         _check_census_paid(req.epsilon, site.epsilon_budget, site.delta_bound)
     prior, delta, order = [], site.delta_bound, None
-    if site.ledger_path.exists():
-        from client.site import open_ledger  # (client.site reads this module's plans: imported here, not above)
-
-        ledger = open_ledger(site, data, create=False)
-        if req.rounds > 0:  # the ledger's own refusals of a census, before the row checks' work (review s67: that
+    from client import ledger_file as lf
+    from client.site import open_ledger  # (client.site reads this module's plans: imported here, not above)
+    try:  # read only (a legacy ledger where it is); none, or one left without its header by a crash at its
+        ledger = open_ledger(site, data, create=False)  # creation, is the writable open's to decide (review s67)
+    except (OSError, lf.LedgerDamaged):
+        ledger = None
+    if ledger is not None:
+        if req.rounds > 0:  # the ledger's own refusal of a census, before the row checks' work (review s67: that
             # work was repeatable for free by a request the census then refused)
-            _check_planned_with_census(run_dir, req.mode, experiment)
             _check_no_queries_before(ledger, experiment, req.mode)
         prior, delta, order = ledger.events_except(run=experiment, purpose=census_purpose(req.mode)), ledger.delta, \
             ledger.order

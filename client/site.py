@@ -266,8 +266,9 @@ def load_site_data(site: SiteSettings) -> ImageDataset:
         # classes it published at start: each request is checked and charged as any other and its releases are
         # noise alone. Failing them (until stop 67) told the coordinator, free, whether the site held any record at
         # all, or that a record was being added or withdrawn (review s67). The operator sees why in the log.
-        log.warning("[%s] the site's training data %s now (%s): its releases are noise alone until it can be read "
-                    "again", site.name, "holds no records" if isinstance(err, NoRecords) else "cannot be read", err)
+        (log.warning if isinstance(err, NoRecords) else log.error)(
+            "[%s] the site's training data %s now (%s): its releases are noise alone until it can be read again",
+            site.name, "holds no records" if isinstance(err, NoRecords) else "cannot be read", err)
         shape = (0, site.channels, site.image_size, site.image_size)
         data = ImageDataset(np.zeros(shape, np.float32), np.zeros(0, np.int64), pinned_classes(site), site.data)
     if pinned := pinned_classes(site):
@@ -298,8 +299,8 @@ def load_site_heldout(site: SiteSettings) -> ImageDataset | None:
         if isinstance(err, NoRecords) or not _is_pinned(site):
             raise
         # (a running site's held-out data that cannot be read now is a set of no records too, as its training data)
-        log.warning("[%s] the site's held-out data cannot be read now (%s): its answers are noise alone until it "
-                    "can be read again", site.name, err)
+        log.error("[%s] the site's held-out data cannot be read now (%s): its answers are noise alone until it "
+                  "can be read again", site.name, err)
         raise NoRecords(f"the held-out data {site.heldout} cannot be read now: no records") from err
     if site.partition_id is None:
         return data

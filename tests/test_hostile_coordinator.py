@@ -666,7 +666,30 @@ def test_a_site_whose_budget_left_pays_for_no_plan_refuses_before_the_census(tmp
         replies = [send(grid, 1000, gan_request(cfg, experiment="x", d_width=w)) for w in (24, 40)]
     finally:
         gan_site.check_network_rows = real
-    assert all(r.has_error() and "before it trained" in r.error.reason for r in replies) and checked == [], [r.error.reason if r.has_error() else "ok" for r in replies]
+    assert all(r.has_error() and "before it trained" in r.error.reason for r in replies) and checked == [], \
+        [r.error.reason if r.has_error() else "ok" for r in replies]
+    # review s67's fifth helper, on that check: honest requests it must not refuse. A statistics release over a
+    # provided net (no census, so no census file) re-sent after its run's queries: its plan is read back, never
+    # made again with the run's own charges counted twice (it was refused at a budget the run had filled)
+    from common.bnnet import BNNet
+    from server.modes.bnstats import plan_settings
+    from server.sites import Schema
+
+    bn_cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, epsilon=3.0)
+    settings = {**plan_settings(bn_cfg, Schema(1, 8, 8, tuple(map(str, range(10)))), "p"), "net_rounds": 0}
+    release = P.BnStatsRequest(**settings, net=P.state_arrays(BNNet(1, 10, 8, 8)))
+    site = deployed_site(tmp_path / "c", modes="bnstats", epsilon=3.0, heldout=DIGITS_TEST, evaluation=True,
+                         **{"queries-per-run": 2})
+    grid = LocalGrid(client_app, [site], bn_cfg.to_flwr())
+    assert not ask(grid, 1000, release).has_error()
+    assert not any(_evaluation(grid, 1000, _constant_model(i), "logreg", "p").has_error() for i in range(2))
+    assert not ask(grid, 1000, release).has_error()  # the saved release, sent again at no charge
+    # and a ledger left without its header by a crash at its creation is the writable open's to mend, as before
+    site = deployed_site(tmp_path / "d")
+    (tmp_path / "d" / "site-a" / "ledger").mkdir(parents=True)
+    (tmp_path / "d" / "site-a" / "ledger" / "site-a.jsonl").write_bytes(b"")
+    grid = LocalGrid(client_app, [site], cfg.to_flwr())
+    assert not send(grid, 1000, gan_request(cfg, experiment="e", num_rounds=1)).has_error()
 
 
 def test_a_plan_no_census_could_make_possible_is_refused_before_the_census(tmp_path):
