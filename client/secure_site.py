@@ -48,6 +48,8 @@ from flwr.app import Context, Message
 from client.bn_site import net_round_file, release_bnstats, stats_file, train_bnnet
 from client.gan_site import round_file, train_gan
 from client.refusal import Refusal
+from client.release_marks import SUMMED_SUFFIX  # noqa: F401 (read here by tests and tools)
+from client.release_marks import clear_mark, sent_in_clear_refusal, summed_mark
 from client.requests import FAILURE_TEXT, refuse, run_dir, site_handler
 from client.site import SiteSettings, resolve_site
 from common import protocol as P
@@ -255,9 +257,12 @@ def _answer(msg: Message, context: Context, site: SiteSettings) -> Message:
     request = secure_wire.unwrap_request(fitins)
     if isinstance(request, P.BnStatsRequest) and request.noise_shares > 1:
         _check_noise_shares(request.noise_shares, context)
-    mark = summed_mark(request, site)
+    release = release_file(request, site)
+    mark = summed_mark(release)
     if mark.exists():  # before any work: the saved release will not be sent into a second sum
         raise _already_summed(request)
+    if clear_mark(release).exists():  # nor into a sum at all once it went in the clear (client.release_marks)
+        raise sent_in_clear_refusal(request)
     inner = _INNER[request.MESSAGE_TYPE]
     reply = inner(request, context, site, secure=True)
     try:
@@ -265,26 +270,23 @@ def _answer(msg: Message, context: Context, site: SiteSettings) -> Message:
     except secure_wire.RangeError as err:
         raise Refusal(P.SITE_FAILURE, FAILURE_TEXT, f"{err}: nothing is sent") from None
     _mark_summed(mark, request)  # durable before the vector leaves (the mod masks it after this returns)
+    if clear_mark(release).exists():  # a clear request raced this one (each way marks, then looks for the other)
+        raise sent_in_clear_refusal(request)
     log.info("[%s] %s: adding its release to the secure sum (masked; the coordinator sees only the total)",
              site.name, request.MESSAGE_TYPE)
     res = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(summand), num_examples=1, metrics={})
     return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
 
 
-SUMMED_SUFFIX = ".in-secure-sum"  # beside a saved release: it went into a masked vector
-
-
-def summed_mark(request: P.Message, site: SiteSettings) -> Path:
-    """The file in the run's folder that says the release ``request`` asks for went into a masked vector: one per
-    run, message type and round (the saved release's own name, ``.pt`` replaced by ``SUMMED_SUFFIX``)."""
+def release_file(request: P.Message, site: SiteSettings) -> Path:
+    """Where the release ``request`` asks for is saved in the run's folder (one per run, message type and round);
+    its marks lie beside it (:mod:`client.release_marks`)."""
     folder = run_dir(site, request.experiment)
     if request.MESSAGE_TYPE == P.TRAIN_GAN:
-        release = round_file(folder, request.server_round)
-    elif request.MESSAGE_TYPE == P.TRAIN_BNNET:
-        release = net_round_file(folder, request.server_round)
-    else:
-        release = stats_file(folder)
-    return release.with_name(release.stem + SUMMED_SUFFIX)
+        return round_file(folder, request.server_round)
+    if request.MESSAGE_TYPE == P.TRAIN_BNNET:
+        return net_round_file(folder, request.server_round)
+    return stats_file(folder)
 
 
 def _already_summed(request: P.Message) -> Refusal:

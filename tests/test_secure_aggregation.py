@@ -36,6 +36,18 @@ def _gan_request(cfg, rnd: int = 1) -> P.GanTrainRequest:
     return gan_request(cfg, shape, "exp-secure", rnd, P.state_arrays(Generator(shape)))
 
 
+def _saved_replies(tmp_path, name: str, reply_cls) -> list:
+    """Every simulated site's saved reply of one release (the file ``name`` in its run folder), as sent."""
+    import torch
+
+    paths = sorted((tmp_path / "sites").rglob(name))
+    assert len(paths) == 3, paths
+    def arrays(value):  # (saved as tensors where the reply holds arrays)
+        return {k: np.asarray(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    return [reply_cls(**{k: arrays(v) for k, v in torch.load(p, weights_only=True)["reply"].items()}) for p in paths]
+
+
 def test_the_secure_average_is_the_plain_weighted_average_within_the_quantization_error(tmp_path):
     cfg = fast_config(tmp_path, num_rounds=2)
     grid = _grid(cfg, 3)
@@ -45,10 +57,12 @@ def test_the_secure_average_is_the_plain_weighted_average_within_the_quantizatio
     assert got.contributors == [1000, 1001, 1002] and not got.failures
     secure = secure_wire.from_sum(P.TRAIN_GAN, names, got.total)
     charged = spent(tmp_path)
-    # the same request in the clear: every site answers from its saved reply, nothing is charged again
+    # the same request in the clear is refused (client/release_marks.py: a release leaves one way) with nothing
+    # charged; the sites' saved replies are what the sum summed
     plain = broadcast(grid, request, P.GanTrainReply, "again", 30, sorted(grid.get_node_ids()))
+    assert not plain.replies and all(P.ALREADY_SUMMED in why for why in plain.failures.values())
     assert spent(tmp_path) == charged and [len(c) for c in charges(tmp_path)] == [2, 2, 2]  # census, round 1
-    replies = list(plain.replies.values())
+    replies = _saved_replies(tmp_path, "gan-round-1.pt", P.GanTrainReply)
     clear = weighted_average([r.generator for r in replies], [r.weight for r in replies])
     total_weight = sum(r.weight for r in replies)
     # stochastic rounding moves each of the 3 sites' w*x and w by less than one step (0.125): the average
@@ -73,8 +87,8 @@ def test_the_secure_statistics_are_the_plain_pooled_sums_within_the_quantization
     grid = _grid(cfg, 3)
     got = secure_sum(grid, {n: request for n in grid.get_node_ids()}, round_label=0, timeout=30)
     pooled = secure_wire.from_sum(P.QUERY_BNSTATS, names, got.total)
-    plain = broadcast(grid, request, P.BnStatsReply, "again", 30, sorted(grid.get_node_ids()))
-    clear = {k: sum(np.asarray(r.stats[k], dtype=np.float64) for r in plain.replies.values()) for k in names}
+    replies = _saved_replies(tmp_path, "stats-release.pt", P.BnStatsReply)  # (in the clear: refused, above)
+    clear = {k: sum(np.asarray(r.stats[k], dtype=np.float64) for r in replies) for k in names}
     for k in names:
         assert pooled[k].shape == clear[k].shape
         assert np.max(np.abs(pooled[k] - clear[k])) <= 3 * P.SECAGG_STEP + 1e-9, k
@@ -245,7 +259,7 @@ def test_distributed_noise_is_refused_in_the_clear_and_split_inside_a_secure_sum
     again = broadcast(grid, P.BnStatsRequest(**{**settings, "noise_shares": 1}, net=request.net), P.BnStatsReply,
                       "replay", 30, sorted(grid.get_node_ids()))
     assert not again.replies and set(again.codes.values()) == {P.REFUSED_BAD_REQUEST}
-    assert all("split over 2" in why for why in again.failures.values())
+    assert all(P.ALREADY_SUMMED in why for why in again.failures.values())  # (client/release_marks.py)
     assert spent(tmp_path) == after
     # nor inside a second secure sum with the same split: it went into one masked vector already, and the difference
     # of two sums over other sets of sites would show it alone (client.secure_site: the mark)
@@ -258,6 +272,8 @@ def test_distributed_noise_is_refused_in_the_clear_and_split_inside_a_secure_sum
     for path in (tmp_path / "sites").rglob("stats-release.pt"):
         saved = torch.load(path, weights_only=True)
         torch.save({"reply": saved["reply"]}, path)
+    for mark in (tmp_path / "sites").rglob("*.in-secure-sum"):  # (the split's own check, not the sum's mark)
+        mark.unlink()
     legacy = broadcast(grid, P.BnStatsRequest(**{**settings, "noise_shares": 1}, net=request.net), P.BnStatsReply,
                        "legacy", 30, sorted(grid.get_node_ids()))
     assert not legacy.replies and all("older fedsynth" in why for why in legacy.failures.values())
@@ -990,3 +1006,26 @@ def test_a_wrapped_array_of_a_zero_size_type_is_refused_before_it_is_handled():
         assert "not all arrays of numbers" in str(outcome[0])
     with pytest.raises(P.ProtocolError):  # a float32 array declared without its bytes: numpy cannot decode it
         secure_wire.unwrap_request(fitins("<f4", 10**18))
+
+
+def test_a_release_sent_in_the_clear_goes_into_no_secure_sum(tmp_path):
+    """Review s67: a release sent in the clear could also go into a secure sum (and one summed could be sent in the
+    clear after). The coordinator asked three of four sites for the statistics in the clear, summed all four with
+    the fourth's noise split, and subtracted: the fourth's release alone, with 1/sqrt(3) of its charged noise. A
+    release now leaves one way only (client/release_marks.py); the other way is refused before any work."""
+    from common.bnnet import BNNet
+    from server.modes.bnstats import plan_settings
+    from server.sites import Schema
+
+    cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, synthetic_size=50)
+    settings = plan_settings(cfg, Schema(1, 8, 8, tuple(str(i) for i in range(10))), "exp-clear-then-sum")
+    request = P.BnStatsRequest(**{**settings, "net_rounds": 0}, net=P.state_arrays(BNNet(1, 10, 8, 8)))
+    grid = _grid(cfg, 3)
+    first, *others = sorted(grid.get_node_ids())
+    clear = broadcast(grid, request, P.BnStatsReply, "clear", 30, [first])
+    assert list(clear.replies) == [first]
+    charged = spent(tmp_path)
+    got = secure_sum(grid, {n: request for n in [first, *others]}, round_label=0, timeout=30)
+    assert first in got.failures and "was sent in the clear" in got.failures[first]
+    assert sorted(got.contributors) == others  # the others' fresh releases (charged), never the clear one
+    assert spent(tmp_path)[0] == charged[0]  # the first site: nothing charged again

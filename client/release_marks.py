@@ -1,0 +1,76 @@
+"""Which way a site's release left it: in the clear, or inside one SecAgg+ sum -- never both.
+
+A release is the saved reply of one run, message type and round (a DP-GAN round's generator, a shared-net round's
+net, the statistics release). The site answers a re-sent request from it at no charge, so the coordinator can ask
+for it more than once. Inside a secure sum it is masked and the coordinator sees only the total; sent in the clear
+as well, it can be subtracted from that total, and so can the clear releases of other sites in the sum: with the
+statistics' noise split over the sites (distributed noise), the sum minus the other sites' clear releases is the
+last site's release alone, with 1/sqrt(t) of its charged noise (review s67: a coordinator asked three of four sites
+for the run's statistics in the clear, then summed all four, and read the fourth's release to within rounding).
+
+So each release carries a mark beside its saved file for the way it left: ``.in-secure-sum`` (written by
+``client.secure_site`` before the masked vector leaves; one sum at most) or ``.in-the-clear`` (written here before
+a clear reply leaves). Each way writes its own mark first and then looks for the other's, so two requests racing
+each other cannot both leave (both may be refused); a request whose release already left the other way is refused
+before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from client.refusal import Refusal
+from common import protocol as P
+from common.files import create_once
+
+SUMMED_SUFFIX = ".in-secure-sum"  # beside a saved release: it went into a masked vector
+CLEAR_SUFFIX = ".in-the-clear"  # beside a saved release: it was sent in the clear
+
+
+def summed_mark(release: Path) -> Path:
+    """The mark that the release saved at ``release`` went into a masked vector."""
+    return release.with_name(release.stem + SUMMED_SUFFIX)
+
+
+def clear_mark(release: Path) -> Path:
+    """The mark that the release saved at ``release`` was sent in the clear."""
+    return release.with_name(release.stem + CLEAR_SUFFIX)
+
+
+def _what(request: P.Message) -> str:
+    return {P.TRAIN_GAN: f"round {getattr(request, 'server_round', 0)}'s generator",
+            P.TRAIN_BNNET: f"shared-net round {getattr(request, 'server_round', 0)}'s net",
+            P.QUERY_BNSTATS: "the statistics release"}[request.MESSAGE_TYPE]
+
+
+def sent_in_clear_refusal(request: P.Message) -> Refusal:
+    """The refusal of a secure sum over a release that was sent in the clear (it quotes only the request)."""
+    return Refusal(P.REFUSED_BAD_REQUEST,
+                   f"{request.MESSAGE_TYPE}: {_what(request)} of experiment {request.experiment!r} was sent in the "
+                   "clear; inside a secure sum the coordinator could subtract it (and other sites' clear releases) "
+                   "from the total, so it goes into none: start a new experiment")
+
+
+def summed_refusal(request: P.Message) -> Refusal:
+    """The refusal of a clear reply for a release that went into a secure sum (it quotes only the request)."""
+    return Refusal(P.REFUSED_BAD_REQUEST,
+                   f"{request.MESSAGE_TYPE}: {_what(request)} of experiment {request.experiment!r} "
+                   f"{P.ALREADY_SUMMED}; sent in the clear as well, it could be subtracted from that sum, so it is "
+                   "not: start a new experiment")
+
+
+def check_not_summed(release: Path, request: P.Message) -> None:
+    """Before a clear request's work: refuse it when its release went into a secure sum."""
+    if summed_mark(release).exists():
+        raise summed_refusal(request)
+
+
+def mark_sent_in_clear(release: Path, request: P.Message) -> None:
+    """Before a clear reply leaves: mark its release as sent in the clear (durably; once is enough, a re-send of the
+    same release finds the mark), then refuse when a secure sum took it meanwhile (a request racing this one)."""
+    note = {"message-type": request.MESSAGE_TYPE, "round": int(getattr(request, "server_round", 0)),
+            "marked-at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    create_once(clear_mark(release), json.dumps(note).encode())
+    check_not_summed(release, request)
