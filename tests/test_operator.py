@@ -267,7 +267,10 @@ def test_two_supernodes_over_the_same_records_share_the_ledger_and_keep_their_ow
     (state / "node-config.toml").write_text('site-name = "fed0"\n')  # where a site's node config was before s60
     assert check("fed1", require_secure_aggregation=True) == 0
     assert check("fed2") == 2 and "set dataset_id: fed1" in capsys.readouterr().err  # one ledger for the records
-    assert check("fed2", dataset_id="fed1") == 0
+    # one ledger and one runs folder: the two must agree on the privacy settings (review s67: fed2 sent fed1's
+    # release, made for a secure sum, in the clear)
+    assert check("fed2", dataset_id="fed1") == 2 and "require-secure-aggregation" in capsys.readouterr().err
+    assert check("fed2", dataset_id="fed1", require_secure_aggregation=True) == 0
     assert not (state / "node-config.toml").exists()  # moved aside: an old compose path fails instead of reading it
     assert (state / "node-config.toml.pre-s60").read_text() == 'site-name = "fed0"\n'  # kept (review s61)
     node = tomllib.loads((state / "nodes" / "fed1" / "node-config.toml").read_text())
@@ -275,16 +278,18 @@ def test_two_supernodes_over_the_same_records_share_the_ledger_and_keep_their_ow
     running = supernode_guard.lock_node_folder(state / "nodes" / "fed1")  # fed1's SuperNode, running
     try:
         capsys.readouterr()
-        assert check("fed1") == 2 and "a SuperNode named 'fed1' runs on state_dir" in capsys.readouterr().err
+        assert check("fed1", require_secure_aggregation=True) == 2 \
+            and "a SuperNode named 'fed1' runs on state_dir" in capsys.readouterr().err
         with pytest.raises(SystemExit, match="another SuperNode runs with the node files"):
             supernode_guard.hold_node_lock(["--node-config", str(state / "nodes" / "fed1" / "node-config.toml")])
-        assert check("fed2", dataset_id="fed1") == 0  # another name over the same records starts
+        assert check("fed2", dataset_id="fed1", require_secure_aggregation=True) == 0  # another name starts
         # a SuperNode started with an old compose file's path locks the same folder as `fedsynth site` would
         old_style = tmp_path / "old-node-config.toml"
         old_style.write_text(f'state-dir = "{state}"\nsite-name = "fed2"\n')
         supernode_guard.hold_node_lock(["--node-config", str(old_style)])
         capsys.readouterr()
-        assert check("fed2", dataset_id="fed1") == 2 and "a SuperNode named 'fed2' runs" in capsys.readouterr().err
+        assert check("fed2", dataset_id="fed1", require_secure_aggregation=True) == 2 \
+            and "a SuperNode named 'fed2' runs" in capsys.readouterr().err
         # and a config copied into another site's folder, naming its own site, does not start (it would use one
         # folder under the other's lock)
         (state / "nodes" / "fed3").mkdir(parents=True)
@@ -342,7 +347,7 @@ def test_two_supernodes_over_the_same_records_share_the_ledger_and_keep_their_ow
         from fedsynth.ops import node_folder
         while node_folder._held_lock:
             os.close(node_folder._held_lock.pop())
-    assert check("fed1") == 0
+    assert check("fed1", require_secure_aggregation=True) == 0
 
 
 def test_a_site_whose_held_out_data_is_its_training_data_does_not_start(tmp_path, capsys):

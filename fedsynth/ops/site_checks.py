@@ -29,6 +29,25 @@ def check_shared_ledger(dep: SiteDeployment) -> None:
             raise DeployError(f"site '{dep.name}': the SuperNode '{other.parent.name}' in this state folder serves the "
                               f"same data under dataset_id {other_id!r}; two SuperNodes over the same records share "
                               f"one ledger: set dataset_id: {other_id} in {dep.source}")
+        if other.parent.name != dep.name and other_id == s.ledger_id:
+            _check_same_privacy(dep, other.parent.name, config)
+
+
+# What two SuperNodes sharing one state folder and ledger must agree on: they share the runs' saved releases too, so
+# one that allows less (secure aggregation only, no split noise, fewer queries a run, a smaller budget) would see its
+# releases handed out by the other on its terms (review s67: a release made for a secure sum at a SuperNode that
+# requires one, sent in the clear by the other)
+_SHARED_PRIVACY = ("epsilon", "delta", "require-secure-aggregation", "allow-distributed-noise", "queries-per-run")
+
+
+def _check_same_privacy(dep: SiteDeployment, other: str, config: dict) -> None:
+    mine = dep.settings.to_node_config()
+    differ = [k for k in _SHARED_PRIVACY if k in config and str(config[k]) != str(mine.get(k))]
+    if differ:
+        raise DeployError(f"site '{dep.name}': the SuperNode '{other}' in this state folder shares its ledger and "
+                          f"saved releases (dataset_id {dep.settings.ledger_id!r}) but sets "
+                          + ", ".join(f"{k} = {config[k]!r} (here {mine.get(k)!r})" for k in differ)
+                          + f"; two SuperNodes over one ledger must agree on them: make {dep.source} match")
 
 
 def check_delta(dep: SiteDeployment, data) -> None:
