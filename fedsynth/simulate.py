@@ -84,8 +84,10 @@ def ledger_rows(cfg: RunConfig, sites: int) -> dict[str, dict]:
     for node in site_nodes(cfg, sites):
         name = node["site-name"]
         path = ledger_folder(site_state_root(cfg) / name) / f"{name}.jsonl"
-        if path.exists():
+        try:
             out[name] = PrivacyLedger(path, epsilon_budget=cfg.epsilon, create=False).summary()
+        except FileNotFoundError:  # (none yet, or its header not written: nothing released)
+            continue
     return out
 
 

@@ -412,3 +412,18 @@ def test_charge_waits_for_the_exclusive_lock(path: Path):
     writer.join(timeout=30)
     assert not writer.is_alive()
     assert ledger.spent().releases == 1
+
+
+def test_a_ledger_being_created_reads_as_none_yet_not_as_damaged(tmp_path):
+    """Review s67: the file of a new ledger exists (O_EXCL) a moment before its header is written; a read-only open
+    in that window (fedsynth ledger, --check, a second SuperNode's start) called it damaged. With no sign that the
+    site released before, it is no ledger yet; the writable open completes it."""
+    from client.ledger import PrivacyLedger
+
+    path = tmp_path / "ledger" / "d.jsonl"
+    path.parent.mkdir()
+    path.write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="yet"):
+        PrivacyLedger(path, epsilon_budget=1.0, create=False)
+    ledger = PrivacyLedger(path, epsilon_budget=1.0, delta=1e-5)  # the writable open writes the header
+    assert PrivacyLedger(path, epsilon_budget=1.0, create=False).delta == ledger.delta == 1e-5

@@ -24,6 +24,8 @@ def _summary(path: Path, budget: float, history: str = "") -> dict:
 
     try:
         return PrivacyLedger(path, epsilon_budget=budget, create=False, history=history).summary()
+    except FileNotFoundError as err:  # (its header not written yet: a site creating it now, or a crash there)
+        return {"path": str(path), "dataset_id": path.stem, "pending": str(err)}
     except Exception as err:  # noqa: BLE001 - a damaged ledger is reported, never skipped silently
         return {"path": str(path), "dataset_id": path.stem, "error": str(err)}
 
@@ -85,6 +87,10 @@ def print_rows(title: str, rows: list[dict]) -> None:
         print(f"  {label}  [{r['path']}]")
         if "error" in r:
             print(f"    DAMAGED: {r['error']}")
+            continue
+        if "pending" in r:
+            print(f"    not started yet: {r['pending']} (a site writing its first entry, or one that stopped there, "
+                  "which its next request completes)")
             continue
         per = ", ".join(f"{p}: {n}" for p, n in r["per_purpose_releases"].items()) or "none"
         # (the spent epsilon is read at the best Renyi order, the budget at the ledger's: "8.2 of 10" read as 1.8
