@@ -118,8 +118,7 @@ class PrivacyLedger:
             evidence = lf.released_before(self.path, self.history)
             if evidence:
                 raise LedgerDamaged(lf.reset_refused(self.path, "is empty or has lost its header line", evidence))
-            if reading:  # (read only: a ledger being created, its header not written yet, or left so by a crash
-                # there, which the next writable open mends; review s67: a reader in that window called it damaged)
+            if reading:  # (a ledger being created, or left so by a crash there: the next writable open mends it)
                 raise FileNotFoundError(f"no privacy ledger at {self.path} yet (it holds no header line)")
             raise LedgerDamaged(f"privacy ledger {self.path} has no header line")
         return contents.header

@@ -26,12 +26,20 @@ from common import protocol as P
 from common.files import create_once
 
 SUMMED_SUFFIX = ".in-secure-sum"  # beside a saved release: it went into a masked vector
+FOR_SUM_SUFFIX = ".for-secure-sum"  # beside a saved release: it was made for a secure sum (before its work)
 CLEAR_SUFFIX = ".in-the-clear"  # beside a saved release: it was sent in the clear
 
 
 def summed_mark(release: Path) -> Path:
     """The mark that the release saved at ``release`` went into a masked vector."""
     return release.with_name(release.stem + SUMMED_SUFFIX)
+
+
+def for_sum_mark(release: Path) -> Path:
+    """The mark, written before a secure request's work, that the release saved at ``release`` is made for a sum: a
+    saved release without it may have left in the clear before its mark existed (a fedsynth before stop 67), so a
+    secure sum reuses only one with it (review s67's eighth helper summed such a release)."""
+    return release.with_name(release.stem + FOR_SUM_SUFFIX)
 
 
 def clear_mark(release: Path) -> Path:

@@ -47,8 +47,9 @@ def site_ledger_rows(config: str) -> tuple[list[dict], str | None]:
     rows = ledger_rows(dep.state_dir, dep.settings.epsilon_budget)
     current = dep.settings.ledger_path.resolve()
     history = released_before(dep.settings)
-    if history and not any(Path(r["path"]).resolve() == current for r in rows):
-        rows.append(_summary(dep.settings.ledger_path, dep.settings.epsilon_budget, history))  # deleted
+    rows = [r for r in rows if Path(r["path"]).resolve() != current]  # the site's own, read with its runs' evidence
+    if history or dep.settings.ledger_path.exists():  # (emptied with saved releases on disk: damaged, not pending)
+        rows.append(_summary(dep.settings.ledger_path, dep.settings.epsilon_budget, history))
     note = None
     try:
         records = len(load_data_checked(dep))
@@ -136,4 +137,4 @@ def cmd_ledger(args: argparse.Namespace) -> int:
         print(json.dumps(_json_safe({"ledgers": rows}), indent=2))
     else:
         print_rows(title, rows)
-    return 1 if any("error" in r for r in rows) else 0
+    return 1 if any("error" in r or "pending" in r for r in rows) else 0

@@ -5,6 +5,8 @@ records, a machine where a record's answer depends on other records)."""
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
 from common.state_layout import nodes_folder
@@ -37,16 +39,28 @@ def check_shared_ledger(dep: SiteDeployment) -> None:
 # one that allows less (secure aggregation only, no split noise, fewer queries a run, a smaller budget) would see its
 # releases handed out by the other on its terms (review s67: a release made for a secure sum at a SuperNode that
 # requires one, sent in the clear by the other)
-_SHARED_PRIVACY = ("epsilon", "delta", "require-secure-aggregation", "allow-distributed-noise", "queries-per-run")
+_SHARED_PRIVACY = ("epsilon_budget", "delta", "require_secure_aggregation", "allow_distributed_noise",
+                   "queries_per_run")
 
 
 def _check_same_privacy(dep: SiteDeployment, other: str, config: dict) -> None:
-    mine = dep.settings.to_node_config()
-    differ = [k for k in _SHARED_PRIVACY if k in config and str(config[k]) != str(mine.get(k))]
+    """Compared with a SuperNode that runs now (its node folder locked): a stopped one's node config is rewritten at
+    its next start, so two stopped ones given a new budget together must not refuse each other (review s67). Both
+    read as the site reads them (types and defaults filled in: an older node config lacks a key it defaults)."""
+    from client.site import SiteSettings
+    from fedsynth.ops.node_folder import lock_node_folder
+
+    if (probe := lock_node_folder(nodes_folder(dep.state_dir) / other)) is not None:
+        os.close(probe)  # not running
+        return
+    theirs = SiteSettings.from_node_config(config, {})
+    differ = [k for k in _SHARED_PRIVACY
+              if not math.isclose(float(getattr(theirs, k)), float(getattr(dep.settings, k)), rel_tol=1e-12)]
     if differ:
-        raise DeployError(f"site '{dep.name}': the SuperNode '{other}' in this state folder shares its ledger and "
-                          f"saved releases (dataset_id {dep.settings.ledger_id!r}) but sets "
-                          + ", ".join(f"{k} = {config[k]!r} (here {mine.get(k)!r})" for k in differ)
+        raise DeployError(f"site '{dep.name}': the SuperNode '{other}' running in this state folder shares its ledger "
+                          f"and saved releases (dataset_id {dep.settings.ledger_id!r}) but sets "
+                          + ", ".join(f"{k} = {getattr(theirs, k)!r} (here {getattr(dep.settings, k)!r})"
+                                      for k in differ)
                           + f"; two SuperNodes over one ledger must agree on them: make {dep.source} match")
 
 
