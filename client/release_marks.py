@@ -61,6 +61,15 @@ def sent_in_clear_refusal(request: P.Message) -> Refusal:
                    "from the total, so it goes into none: start a new experiment")
 
 
+def unmarked_refusal(request: P.Message) -> Refusal:
+    """The refusal of a secure sum over a saved release with no mark of the way it was made (a fedsynth before stop
+    67 saved it): it may have left in the clear, so it goes into no sum."""
+    return Refusal(P.REFUSED_BAD_REQUEST,
+                   f"{request.MESSAGE_TYPE}: {_what(request)} of experiment {request.experiment!r} was saved by an "
+                   "earlier fedsynth, which did not mark whether it was sent in the clear, so it goes into no secure "
+                   "sum: start a new experiment")
+
+
 def summed_refusal(request: P.Message) -> Refusal:
     """The refusal of a clear reply for a release that went into a secure sum (it quotes only the request)."""
     return Refusal(P.REFUSED_BAD_REQUEST,

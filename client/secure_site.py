@@ -49,7 +49,7 @@ from client.bn_site import net_round_file, release_bnstats, stats_file, train_bn
 from client.gan_site import round_file, train_gan
 from client.refusal import Refusal
 from client.release_marks import SUMMED_SUFFIX  # noqa: F401 (read here by tests and tools)
-from client.release_marks import clear_mark, for_sum_mark, sent_in_clear_refusal, summed_mark
+from client.release_marks import clear_mark, for_sum_mark, sent_in_clear_refusal, summed_mark, unmarked_refusal
 from client.requests import FAILURE_TEXT, refuse, run_dir, site_handler
 from client.site import SiteSettings, resolve_site
 from common import protocol as P
@@ -264,10 +264,18 @@ def _answer(msg: Message, context: Context, site: SiteSettings) -> Message:
     if clear_mark(release).exists():  # nor into a sum at all once it went in the clear (client.release_marks)
         raise sent_in_clear_refusal(request)
     if release.exists() and not for_sum_mark(release).exists():  # saved, but not made for a sum: it may have left
-        raise sent_in_clear_refusal(request)  # in the clear before marks existed
-    create_once(for_sum_mark(release), b"")
+        raise unmarked_refusal(request)  # in the clear before marks existed
+    had_folder = release.parent.exists()
+    made = create_once(for_sum_mark(release), b"")
     inner = _INNER[request.MESSAGE_TYPE]
-    reply = inner(request, context, site, secure=True)
+    try:
+        reply = inner(request, context, site, secure=True)
+    except BaseException:
+        if made and not release.exists():  # refused or failed before a release was saved: leave no mark (nor a
+            for_sum_mark(release).unlink(missing_ok=True)  # run folder) for a request that made nothing (review s67)
+            if not had_folder and not any(release.parent.iterdir()):
+                release.parent.rmdir()
+        raise
     try:
         summand = secure_wire.summand(request.MESSAGE_TYPE, reply)
     except secure_wire.RangeError as err:

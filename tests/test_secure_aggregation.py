@@ -1031,3 +1031,13 @@ def test_a_release_sent_in_the_clear_goes_into_no_secure_sum(tmp_path):
     assert first in got.failures and "was sent in the clear" in got.failures[first]
     assert sorted(got.contributors) == others  # the others' fresh releases (charged), never the clear one
     assert spent(tmp_path)[0] == charged[0]  # the first site: nothing charged again
+
+
+def test_a_refused_secure_request_leaves_no_mark_behind(tmp_path):
+    """Review s67: the mark that a release is made for a sum was written before the request's checks, so refused
+    requests (a round outside the run, a made-up experiment id) left marks and run folders at every site, free."""
+    cfg = fast_config(tmp_path, num_rounds=2)
+    grid = _grid(cfg, 3)
+    got = secure_sum(grid, {n: _gan_request(cfg, rnd=10**6) for n in grid.get_node_ids()}, round_label=1, timeout=30)
+    assert got.total is None and len(got.failures) == 3
+    assert not list((tmp_path / "sites").rglob("*.for-secure-sum")) and spent(tmp_path) == []

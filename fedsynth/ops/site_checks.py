@@ -53,7 +53,12 @@ def _check_same_privacy(dep: SiteDeployment, other: str, config: dict) -> None:
     if (probe := lock_node_folder(nodes_folder(dep.state_dir) / other)) is not None:
         os.close(probe)  # not running
         return
-    theirs = SiteSettings.from_node_config(config, {})
+    try:
+        theirs = SiteSettings.from_node_config(config, {})
+    except ValueError as err:  # (another fedsynth's keys, a hand edit: say whose config, never a traceback)
+        raise DeployError(f"site '{dep.name}': the node config of the SuperNode '{other}' running in this state folder "
+                          f"cannot be read to compare its privacy settings with this one's ({err}); stop it, or run "
+                          "the same fedsynth at both") from None
     differ = [k for k in _SHARED_PRIVACY
               if not math.isclose(float(getattr(theirs, k)), float(getattr(dep.settings, k)), rel_tol=1e-12)]
     if differ:
