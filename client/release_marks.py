@@ -62,12 +62,12 @@ def sent_in_clear_refusal(request: P.Message) -> Refusal:
 
 
 def unmarked_refusal(request: P.Message) -> Refusal:
-    """The refusal of a secure sum over a saved release with no mark of the way it was made (a fedsynth before stop
-    67 saved it): it may have left in the clear, so it goes into no sum."""
+    """The refusal of a secure sum over a saved release not made for one (a clear request made it and failed before
+    its mark, or a fedsynth before stop 67 saved it): it may have left in the clear, so it goes into no sum."""
     return Refusal(P.REFUSED_BAD_REQUEST,
-                   f"{request.MESSAGE_TYPE}: {_what(request)} of experiment {request.experiment!r} was saved by an "
-                   "earlier fedsynth, which did not mark whether it was sent in the clear, so it goes into no secure "
-                   "sum: start a new experiment")
+                   f"{request.MESSAGE_TYPE}: {_what(request)} of experiment {request.experiment!r} was not made for a "
+                   "secure sum (a request in the clear made it, or an earlier fedsynth that did not mark the way), so "
+                   "it may have left in the clear and goes into no secure sum: start a new experiment")
 
 
 def summed_refusal(request: P.Message) -> Refusal:
