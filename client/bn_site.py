@@ -28,7 +28,7 @@ from client.charged_work import charged_work
 from client.dpsgd import DPSGD_CHUNK, train_dpsgd_local
 from client.limits import (Step, WorkLimits, check_free_disk, check_work, meta_module, other_runs_mb, parameter_count,
                            saved_file_bytes)
-from client.release_marks import check_not_summed, mark_sent_in_clear
+from client.release_marks import answer_in_clear
 from client.requests import (
     Refusal,
     require_plain_allowed,
@@ -171,10 +171,7 @@ def handle_train_bnnet(msg: Message, context: Context, site: SiteSettings) -> Me
     require_plain_allowed(site)
     req = P.BnTrainRequest.from_message(msg)
     release = net_round_file(run_dir(site, req.experiment), req.server_round)
-    check_not_summed(release, req)  # a release leaves in the clear or in one secure sum, never both
-    reply = train_bnnet(req, context, site)
-    mark_sent_in_clear(release, req)
-    return reply.as_reply(msg)
+    return answer_in_clear(release, req, lambda: train_bnnet(req, context, site)).as_reply(msg)
 
 
 def train_bnnet(req: P.BnTrainRequest, context: Context, site: SiteSettings, *,
@@ -273,10 +270,7 @@ def handle_bnstats(msg: Message, context: Context, site: SiteSettings) -> Messag
     require_plain_allowed(site)
     req = P.BnStatsRequest.from_message(msg)
     release = stats_file(run_dir(site, req.experiment))
-    check_not_summed(release, req)  # a release leaves in the clear or in one secure sum, never both
-    reply = release_bnstats(req, context, site)
-    mark_sent_in_clear(release, req)
-    return reply.as_reply(msg)
+    return answer_in_clear(release, req, lambda: release_bnstats(req, context, site)).as_reply(msg)
 
 
 def release_bnstats(req: P.BnStatsRequest, context: Context, site: SiteSettings, *,

@@ -39,7 +39,7 @@ from client.dpgan import LocalGanTrainer, RoundSettings
 from client.dpsgd import DPSGD_CHUNK
 from client.limits import (Step, WorkLimits, check_free_disk, check_work, meta_module, other_runs_mb, parameter_count,
                            saved_file_bytes)
-from client.release_marks import check_not_summed, mark_sent_in_clear
+from client.release_marks import answer_in_clear
 from client.requests import (
     Refusal,
     require_plain_allowed,
@@ -294,10 +294,7 @@ def handle_train_gan(msg: Message, context: Context, site: SiteSettings) -> Mess
     require_plain_allowed(site)
     req = P.GanTrainRequest.from_message(msg)
     release = round_file(run_dir(site, req.experiment), req.server_round)
-    check_not_summed(release, req)  # a release leaves in the clear or in one secure sum, never both
-    reply = train_gan(req, context, site)
-    mark_sent_in_clear(release, req)
-    return reply.as_reply(msg)
+    return answer_in_clear(release, req, lambda: train_gan(req, context, site)).as_reply(msg)
 
 
 def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings, *,

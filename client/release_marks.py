@@ -9,10 +9,12 @@ last site's release alone, with 1/sqrt(t) of its charged noise (review s67: a co
 for the run's statistics in the clear, then summed all four, and read the fourth's release to within rounding).
 
 So each release carries a mark beside its saved file for the way it left: ``.in-secure-sum`` (written by
-``client.secure_site`` before the masked vector leaves; one sum at most) or ``.in-the-clear`` (written here before
-a clear reply leaves). Each way writes its own mark first and then looks for the other's, so two requests racing
-each other cannot both leave (both may be refused); a request whose release already left the other way is refused
-before any work.
+``client.secure_site`` before the masked vector leaves; one sum at most) or ``.in-the-clear`` (written by
+:func:`answer_in_clear` before a clear reply leaves). Each way writes its own mark first and then looks for the
+other's, so two requests racing each other cannot both leave (both may be refused); a request whose release already
+left the other way is refused before any work. A third mark, ``.for-secure-sum``, written before a secure request's
+work, says a saved release was made for a sum: a secure sum reuses no saved release without it (one saved before
+the marks existed may have left in the clear).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from client.refusal import Refusal
 from common import protocol as P
@@ -91,3 +94,15 @@ def mark_sent_in_clear(release: Path, request: P.Message) -> None:
             "marked-at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     create_once(clear_mark(release), json.dumps(note).encode())
     check_not_summed(release, request)
+
+
+Reply = TypeVar("Reply")
+
+
+def answer_in_clear(release: Path, request: P.Message, work: Callable[[], Reply]) -> Reply:
+    """A clear request's reply: refused when its release went into a secure sum, else ``work()`` (which computes the
+    release or reads it back), marked as sent in the clear before it leaves."""
+    check_not_summed(release, request)  # a release leaves in the clear or in one secure sum, never both
+    reply = work()
+    mark_sent_in_clear(release, request)
+    return reply
