@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from client.budget import (PLAN_FILE, PlanRequest, census_event, census_purpose, is_private, make_plan, public_size,
                            with_query_policy)
 from client.discrete_gaussian import noisy_counts
-from client.ledger import BudgetExceeded
+from client.ledger import BudgetExceeded, LedgerDamaged
 from client.refusal import Refusal
 from common import protocol as P
 from common.accounting import epsilon_for
@@ -136,11 +136,10 @@ def check_plan_possible(run_dir: Path, req: PlanRequest, site: "SiteSettings", d
     if req.rounds > 0:
         _check_census_paid(req.epsilon, site.epsilon_budget, site.delta_bound)
     prior, delta, order = [], site.delta_bound, None
-    from client import ledger_file as lf
     from client.site import open_ledger  # (client.site reads this module's plans: imported here, not above)
     try:  # read only (a legacy ledger where it is); none, or one left without its header by a crash at its
         ledger = open_ledger(site, data, create=False)  # creation, is the writable open's to decide (review s67)
-    except (OSError, lf.LedgerDamaged):
+    except (OSError, LedgerDamaged):
         ledger = None
     if ledger is not None:
         if req.rounds > 0:  # the ledger's own refusal of a census, before the row checks' work (review s67: that

@@ -56,29 +56,37 @@ def _what(request: P.Message) -> str:
             P.QUERY_BNSTATS: "the statistics release"}[request.MESSAGE_TYPE]
 
 
+def _refusal(request: P.Message, why: str) -> Refusal:
+    """A refusal of the release ``request`` asks for, saying ``why``; it quotes only the request (its message type,
+    round and experiment id)."""
+    return Refusal(P.REFUSED_BAD_REQUEST, f"{request.MESSAGE_TYPE}: {_what(request)} of experiment "
+                                          f"{request.experiment!r} {why}: start a new experiment")
+
+
+def summed_twice_refusal(request: P.Message) -> Refusal:
+    """The refusal of a second secure sum over a release that went into one (``common.protocol``: ALREADY_SUMMED)."""
+    return _refusal(request, f"{P.ALREADY_SUMMED}; a second secure sum with it would let the coordinator subtract the "
+                             "two sums and see this site's release alone, so it goes into no other")
+
+
 def sent_in_clear_refusal(request: P.Message) -> Refusal:
-    """The refusal of a secure sum over a release that was sent in the clear (it quotes only the request)."""
-    return Refusal(P.REFUSED_BAD_REQUEST,
-                   f"{request.MESSAGE_TYPE}: {_what(request)} of experiment {request.experiment!r} was sent in the "
-                   "clear; inside a secure sum the coordinator could subtract it (and other sites' clear releases) "
-                   "from the total, so it goes into none: start a new experiment")
+    """The refusal of a secure sum over a release that was sent in the clear."""
+    return _refusal(request, "was sent in the clear; inside a secure sum the coordinator could subtract it (and other "
+                             "sites' clear releases) from the total, so it goes into none")
 
 
 def unmarked_refusal(request: P.Message) -> Refusal:
     """The refusal of a secure sum over a saved release not made for one (a clear request made it and failed before
     its mark, or a fedsynth before stop 67 saved it): it may have left in the clear, so it goes into no sum."""
-    return Refusal(P.REFUSED_BAD_REQUEST,
-                   f"{request.MESSAGE_TYPE}: {_what(request)} of experiment {request.experiment!r} was not made for a "
-                   "secure sum (a request in the clear made it, or an earlier fedsynth that did not mark the way), so "
-                   "it may have left in the clear and goes into no secure sum: start a new experiment")
+    return _refusal(request, "was not made for a secure sum (a request in the clear made it, or an earlier fedsynth "
+                             "that did not mark the way), so it may have left in the clear and goes into no secure "
+                             "sum")
 
 
 def summed_refusal(request: P.Message) -> Refusal:
-    """The refusal of a clear reply for a release that went into a secure sum (it quotes only the request)."""
-    return Refusal(P.REFUSED_BAD_REQUEST,
-                   f"{request.MESSAGE_TYPE}: {_what(request)} of experiment {request.experiment!r} "
-                   f"{P.ALREADY_SUMMED}; sent in the clear as well, it could be subtracted from that sum, so it is "
-                   "not: start a new experiment")
+    """The refusal of a clear reply for a release that went into a secure sum."""
+    return _refusal(request, f"{P.ALREADY_SUMMED}; sent in the clear as well, it could be subtracted from that sum, "
+                             "so it is not")
 
 
 def check_not_summed(release: Path, request: P.Message) -> None:
@@ -87,12 +95,23 @@ def check_not_summed(release: Path, request: P.Message) -> None:
         raise summed_refusal(request)
 
 
+def _note(request: P.Message) -> bytes:
+    """What a mark holds: the request's message type and round, and when it was written."""
+    return json.dumps({"message-type": request.MESSAGE_TYPE, "round": int(getattr(request, "server_round", 0)),
+                       "marked-at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode()
+
+
+def mark_summed(release: Path, request: P.Message) -> None:
+    """Before a masked vector leaves: mark its release as summed, durably, or refuse when it already is (a copy of
+    the request pushed at once finds the first one's mark)."""
+    if not create_once(summed_mark(release), _note(request)):
+        raise summed_twice_refusal(request)
+
+
 def mark_sent_in_clear(release: Path, request: P.Message) -> None:
     """Before a clear reply leaves: mark its release as sent in the clear (durably; once is enough, a re-send of the
     same release finds the mark), then refuse when a secure sum took it meanwhile (a request racing this one)."""
-    note = {"message-type": request.MESSAGE_TYPE, "round": int(getattr(request, "server_round", 0)),
-            "marked-at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    create_once(clear_mark(release), json.dumps(note).encode())
+    create_once(clear_mark(release), _note(request))
     check_not_summed(release, request)
 
 

@@ -9,8 +9,8 @@ stages itself; at the third it calls :func:`handle_secure_train`, which
 2. runs the same site code as the plain handler (plan, charge, train or record, save the reply), so the
    ledger charges exactly what a plain run charges (a re-sent round whose reply is saved but never went into a
    masked vector, e.g. after a crash before the mark, reuses its saved reply);
-3. marks the release as summed in the run's folder (:func:`_mark_summed`: created once, fsync'ed) and only
-   then returns the reply's summand (``secure_wire.summand``) with weight 1; the mod masks it, so the
+3. marks the release as summed in the run's folder (``client.release_marks.mark_summed``: created once,
+   fsync'ed) and only then returns the reply's summand (``secure_wire.summand``) with weight 1; the mod masks it, so the
    coordinator never sees it alone -- only the sum over the sites.
 
 A release goes into at most one masked vector, ever. The site answers a re-sent request from its saved reply at
@@ -19,7 +19,7 @@ sets of sites (all four, then three of them; or the same four with one site's "c
 held back the first time, which looks like a dropout) and subtract the two totals: that site's release alone,
 with only 1/sqrt(t) of its charged noise where the noise was split (distributed noise). Binding a release to its
 neighbours would not stop the second trick. So a secure request whose release (same run, message type, round)
-already went into a masked vector is refused (:func:`_already_summed`), and the mark is written before the vector
+already went into a masked vector is refused (``client.release_marks``), and the mark is written before the vector
 leaves, so a crash between the two still counts as sent. An aggregation that fails after sites sent their vectors
 cannot be repeated with them: the run starts a new experiment (``server.secure_agg`` says so).
 
@@ -38,9 +38,7 @@ docs/privacy.md ("Secure aggregation") says so.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import time
 from pathlib import Path
 
 from flwr.app import Context, Message
@@ -49,7 +47,8 @@ from client.bn_site import net_round_file, release_bnstats, stats_file, train_bn
 from client.gan_site import round_file, train_gan
 from client.refusal import Refusal
 from client.release_marks import SUMMED_SUFFIX  # noqa: F401 (read here by tests and tools)
-from client.release_marks import clear_mark, for_sum_mark, sent_in_clear_refusal, summed_mark, unmarked_refusal
+from client.release_marks import (clear_mark, for_sum_mark, mark_summed, sent_in_clear_refusal, summed_mark,
+                                  summed_twice_refusal, unmarked_refusal)
 from client.requests import FAILURE_TEXT, refuse, run_dir, site_handler
 from client.site import SiteSettings, resolve_site
 from common import protocol as P
@@ -258,9 +257,8 @@ def _answer(msg: Message, context: Context, site: SiteSettings) -> Message:
     if isinstance(request, P.BnStatsRequest) and request.noise_shares > 1:
         _check_noise_shares(request.noise_shares, context)
     release = release_file(request, site)
-    mark = summed_mark(release)
-    if mark.exists():  # before any work: the saved release will not be sent into a second sum
-        raise _already_summed(request)
+    if summed_mark(release).exists():  # before any work: the saved release will not be sent into a second sum
+        raise summed_twice_refusal(request)
     if clear_mark(release).exists():  # nor into a sum at all once it went in the clear (client.release_marks)
         raise sent_in_clear_refusal(request)
     if release.exists() and not for_sum_mark(release).exists():  # saved, but not made for a sum: it may have left
@@ -280,7 +278,7 @@ def _answer(msg: Message, context: Context, site: SiteSettings) -> Message:
         summand = secure_wire.summand(request.MESSAGE_TYPE, reply)
     except secure_wire.RangeError as err:
         raise Refusal(P.SITE_FAILURE, FAILURE_TEXT, f"{err}: nothing is sent") from None
-    _mark_summed(mark, request)  # durable before the vector leaves (the mod masks it after this returns)
+    mark_summed(release, request)  # durable before the vector leaves (the mod masks it after this returns)
     if clear_mark(release).exists():  # a clear request raced this one (each way marks, then looks for the other)
         raise sent_in_clear_refusal(request)
     log.info("[%s] %s: adding its release to the secure sum (masked; the coordinator sees only the total)",
@@ -298,27 +296,6 @@ def release_file(request: P.Message, site: SiteSettings) -> Path:
     if request.MESSAGE_TYPE == P.TRAIN_BNNET:
         return net_round_file(folder, request.server_round)
     return stats_file(folder)
-
-
-def _already_summed(request: P.Message) -> Refusal:
-    """The refusal of a release that already went into a masked vector (``common.protocol``: ALREADY_SUMMED); it
-    quotes only the request (its message type, round and experiment id)."""
-    what = {P.TRAIN_GAN: f"round {getattr(request, 'server_round', 0)}'s generator",
-            P.TRAIN_BNNET: f"shared-net round {getattr(request, 'server_round', 0)}'s net",
-            P.QUERY_BNSTATS: "the statistics release"}[request.MESSAGE_TYPE]
-    return Refusal(P.REFUSED_BAD_REQUEST,
-                   f"{request.MESSAGE_TYPE}: {what} of experiment {request.experiment!r} {P.ALREADY_SUMMED}; a second "
-                   "secure sum with it would let the coordinator subtract the two sums and see this site's release "
-                   "alone, so it goes into no other: start a new experiment")
-
-
-def _mark_summed(mark: Path, request: P.Message) -> None:
-    """Mark the release as summed, durably, or refuse when it already is (a copy of the request pushed at once
-    finds the first one's mark)."""
-    note = {"message-type": request.MESSAGE_TYPE, "round": int(getattr(request, "server_round", 0)),
-            "marked-at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if not create_once(mark, json.dumps(note).encode()):
-        raise _already_summed(request)
 
 
 def _claim_stage(msg: Message, context: Context, configs, state) -> None:

@@ -37,10 +37,8 @@ def accuracy_from_table(table: np.ndarray) -> dict:
 def federated_evaluate(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int, SiteRecord], model: nn.Module,
                        schema: Schema) -> dict:
     """{"accuracy", "sites": [...], "failed": {...}, "noise_std_per_cell"} over the sites that allow evaluation."""
-    asked = trained_sites(sites, "evaluation")
-    out: dict = {"noise_std_per_cell": P.EVALUATION_NOISE, "sites": [], "failed": {},
-                 "not_allowed": sorted(s.name for s in sites.values() if not s.evaluation),
-                 "not_trained": sorted(s.name for n, s in sites.items() if s.evaluation and n not in asked)}
+    asked, others = trained_sites(sites, "evaluation")
+    out: dict = {"noise_std_per_cell": P.EVALUATION_NOISE, "sites": [], "failed": {}, **others}
     if not asked:
         return out
     state = P.state_arrays(model)

@@ -85,10 +85,9 @@ def check_audit_size(cfg: RunConfig, schema: Schema, sites: dict[int, SiteRecord
 def request_site_audits(grid: Grid, cfg: RunConfig, run: RunState, sites: dict[int, SiteRecord],
                         synth: ImageDataset) -> dict:
     """{"sites": [...], "pooled": {...}, "failed": {...}} over the sites that allow audits."""
-    asked = trained_sites(sites, "audits")
+    asked, others = trained_sites(sites, "audits")
     out: dict = {"kind": "dp-audit", "noise_std_per_bin": P.AUDIT_NOISE, "near_copy_mse": NEAR_COPY_MSE,
-                 "sites": [], "failed": {}, "not_allowed": sorted(s.name for s in sites.values() if not s.audits),
-                 "not_trained": sorted(s.name for n, s in sites.items() if s.audits and n not in asked)}
+                 "sites": [], "failed": {}, **others}
     if not asked:
         return out
     rng = np.random.default_rng(cfg.seed)

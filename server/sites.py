@@ -48,12 +48,15 @@ class SiteRecord:
         return out
 
 
-def trained_sites(sites: dict[int, SiteRecord], allows: str) -> dict[int, SiteRecord]:
+def trained_sites(sites: dict[int, SiteRecord], allows: str) -> tuple[dict[int, SiteRecord], dict[str, list[str]]]:
     """The sites to send this run's evaluation or audit queries (``allows``: "evaluation" or "audits"): those that
-    allow them and released something in this run. A site's plan reserves its queries inside the run's epsilon, and
-    only a site that trained has one: a site that refused the run (its plan could not pay for the queries it
-    reserves) would hold them to its own budget alone, past the epsilon the report states (review s67)."""
-    return {n: s for n, s in sites.items() if getattr(s, allows) and s.released}
+    allow them and released something in this run; and, for the report, the names of the others ("not_allowed",
+    "not_trained"). A site's plan reserves its queries inside the run's epsilon, and only a site that trained has
+    one: a site that refused the run (its plan could not pay for the queries it reserves) would hold them to its own
+    budget alone, past the epsilon the report states (review s67)."""
+    asked = {n: s for n, s in sites.items() if getattr(s, allows) and s.released}
+    return asked, {"not_allowed": sorted(s.name for s in sites.values() if not getattr(s, allows)),
+                   "not_trained": sorted(s.name for n, s in sites.items() if getattr(s, allows) and n not in asked)}
 
 
 @dataclass(frozen=True)

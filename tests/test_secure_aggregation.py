@@ -639,13 +639,13 @@ def test_the_mark_is_written_before_the_masked_vector_leaves(tmp_path, monkeypat
 
     cfg = fast_config(tmp_path, mode="bnstats", bn_rounds=0, bn_width=8, synthetic_size=50)
     settings, request = _split_noise_request(cfg, "exp-crash", 1)
-    marked = secure_site._mark_summed
+    marked = secure_site.mark_summed
 
-    def mark_then_crash(mark, req):
-        marked(mark, req)
+    def mark_then_crash(release, req):
+        marked(release, req)
         raise OSError("power cut")
 
-    monkeypatch.setattr(secure_site, "_mark_summed", mark_then_crash)
+    monkeypatch.setattr(secure_site, "mark_summed", mark_then_crash)
     grid = _grid(cfg, 3)
     ids = sorted(grid.get_node_ids())
     crashed = secure_sum(grid, {n: request for n in ids}, round_label=0, timeout=30)

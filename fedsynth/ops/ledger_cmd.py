@@ -30,12 +30,12 @@ def _summary(path: Path, budget: float, history: str = "") -> dict:
         return {"path": str(path), "dataset_id": path.stem, "error": str(err)}
 
 
-def ledger_rows(state_dir: Path, budget: float = math.inf) -> list[dict]:
+def ledger_rows(state_dir: Path, budget: float = math.inf, skip: Path | None = None) -> list[dict]:
     """Summaries of every ledger under ``state_dir`` (recursively), in path order; a ledger whose ``.started`` mark
     is there but whose file is not is listed with its error."""
     paths = set(Path(state_dir).rglob("ledger/*.jsonl"))
     paths |= {m.with_suffix(".jsonl") for m in Path(state_dir).rglob("ledger/*.started")}
-    return [_summary(p, budget) for p in sorted(paths)]
+    return [_summary(p, budget) for p in sorted(paths) if skip is None or p.resolve() != skip.resolve()]
 
 
 def site_ledger_rows(config: str) -> tuple[list[dict], str | None]:
@@ -44,10 +44,9 @@ def site_ledger_rows(config: str) -> tuple[list[dict], str | None]:
     from fedsynth.ops.site_cmd import load_data_checked, load_site_config
 
     dep = load_site_config(config)
-    rows = ledger_rows(dep.state_dir, dep.settings.epsilon_budget)
     current = dep.settings.ledger_path.resolve()
-    history = released_before(dep.settings)
-    rows = [r for r in rows if Path(r["path"]).resolve() != current]  # the site's own, read with its runs' evidence
+    rows = ledger_rows(dep.state_dir, dep.settings.epsilon_budget, skip=current)  # the site's own: read below,
+    history = released_before(dep.settings)  # with its runs' evidence
     if history or dep.settings.ledger_path.exists():  # (emptied with saved releases on disk: damaged, not pending)
         rows.append(_summary(dep.settings.ledger_path, dep.settings.epsilon_budget, history))
     note = None

@@ -47,11 +47,11 @@ def load_data_checked(dep: SiteDeployment, split_of: str = "data"):
     from common.data import DataError
 
     s = dep.settings
-    where = s.data if split_of == "data" else s.heldout
-    where = "the built-in digits dataset" if where == "digits" else where
+    source = s.data if split_of == "data" else s.heldout
+    where = "the built-in digits dataset" if source == "digits" else source
     what = f"the {'held-out ' if split_of != 'data' else ''}data at {where}"
     said: list = []
-    if where != "the built-in digits dataset" and not Path(where).expanduser().exists():
+    if source != "digits" and not Path(source).expanduser().exists():
         # (checked here: a running site that pinned its layout reads a source it cannot read as no records,
         # client.site.load_site_data)
         raise DeployError(f"site '{s.name}': {what} cannot be used: no such file or folder")
