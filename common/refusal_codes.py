@@ -15,7 +15,8 @@ REFUSED_BUDGET = 4001  # the request does not fit the site's privacy budget
 # measure it. The refusals before any charge that read the budget alone: a ledger's start, when the budget
 # is below what the noisy size behind its default delta may cost (client.site_delta.least_budget), and a training
 # plan no census could make possible (client.census.check_plan_possible, review s60: the plan at a noisy total of
-# 1e15, the published delta bound, nothing spent, the site's published query policy).
+# 1e15, the published delta bound, nothing spent, the site's published query policy; since review s67, at a site whose
+# ledger exists, beside what the ledger holds, at its delta and Renyi order: what its own refusals read already).
 REFUSED_BAD_REQUEST = 4002  # malformed, inconsistent or hostile request
 # A run id refused because it differs from a kept run's only in case (client.requests.run_dir) is quoted as sent;
 # the reason says that such a run exists, which re-sending an exact id shows already, and never names its folder.
@@ -27,17 +28,22 @@ REFUSED_BAD_REQUEST = 4002  # malformed, inconsistent or hostile request
 # Also bad, before any charge: a recipe value out of range, a changed GAN architecture (common.recipe_ranges).
 # Also bad, quoting only the coordinator's own message: a secure release asked for outside the SecAgg+ stages of
 # type 'train' (client.secure_site.secagg_settings_mod: the message type it sent); a run's first training request
-# under an id the coordinator used for evaluation or audit queries before (client.census.run_census), or under an id
+# under an id the coordinator used for evaluation or audit queries before (client.census._check_no_queries_before,
+# before the census and, since review s67, before the row checks), or under an id
 # whose plan its first request made without that training (client.census._check_planned_with_census), or a
 # statistics release with a provided net under an id whose earlier training request drew a census
 # (client.census.check_no_census_drawn, review s59: it says only that the coordinator's own request drew one).
 # Also a bad request: a secure request whose release already went into a masked vector at this site (the same run,
-# message type and round; client.secure_site._already_summed). Its reason quotes the request's message type, round and
+# message type and round; client.release_marks.summed_twice_refusal). Its reason quotes the request's message type, round and
 # experiment id, says ALREADY_SUMMED, why a second sum is refused and to start a new experiment. That the release went
 # into a sum is what the site's answer to the coordinator's own earlier stage-3 message told (or would have told, had
 # it arrived): nothing more of the records (a release refused for its value range is refused before it is marked,
 # and again, the same way, when re-sent).
 ALREADY_SUMMED = "already went into a secure sum at this site"  # server.secure_agg recognizes such refusals by it
+# Also bad, since review s67 (client.release_marks: a release leaves one way): a request in the clear for a release
+# that went into a secure sum (summed_refusal), and a secure request for one sent in the clear or saved not made for a
+# sum (sent_in_clear_refusal, unmarked_refusal). Each quotes the request's message type, round and experiment id and
+# says which way the release left: what the coordinator's own earlier requests did, nothing of the records.
 # Also bad: a stage of one SecAgg+ setup asked for a second time, or before the setup (client.secure_site._claim_stage:
 # two stages of one setup sent at once); a masked-vector stage whose shares or neighbours' keys Flower's mod would
 # refuse after the work (client.secure_site._collect_problem, _public_keys_parse). Fixed text and the stage's own
