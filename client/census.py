@@ -130,7 +130,7 @@ def check_plan_possible(run_dir: Path, req: PlanRequest, site: "SiteSettings", d
     if load_census(run_dir) is not None:
         return
     if req.rounds > 0:  # (the plan's file alone: before the row checks' work, which a refused request would waste)
-        _check_planned_with_census(run_dir, req.mode, experiment)
+        _check_planned_with_census(run_dir, req.mode, experiment, req.epsilon)
     if (run_dir / PLAN_FILE).exists():
         return  # (a plan made is read back, not made again: a re-send must not count the run's own charges twice)
     if req.rounds > 0:
@@ -171,7 +171,7 @@ def run_census(data: ImageDataset, ledger: "PrivacyLedger", run_dir: Path, *, mo
     if census is not None:
         return census
     check_census_fits(run_dir, epsilon, budget, delta_bound)
-    _check_planned_with_census(run_dir, mode, experiment)
+    _check_planned_with_census(run_dir, mode, experiment, epsilon)
     private = is_private(epsilon, budget)
     event = census_event(private)
     # Charged anew whenever its file is missing, never reused: the file is written (durably) right after the draw,
@@ -206,10 +206,13 @@ def _check_no_queries_before(ledger: "PrivacyLedger", experiment: str, mode: str
                                              "trained at this site; a run trains first: start a new experiment")
 
 
-def _check_planned_with_census(run_dir: Path, mode: str, experiment: str) -> None:
+def _check_planned_with_census(run_dir: Path, mode: str, experiment: str, epsilon: float) -> None:
     """Refuse, before any charge, a census for a run whose plan was made without one (review s56): a statistics
     release with a provided net plans no census, and a training request under its id would draw and charge one
-    (past the run's epsilon, which the plan had spent) and then be refused by the plan it cannot change."""
+    (past the run's epsilon, which the plan had spent) and then be refused by the plan it cannot change. Likewise a
+    census drawn again (its file lost) for a request naming another epsilon than the run's plan (review s68 K): the
+    redraw is held to the request's epsilon, so it would be charged under a cap the run never had, then refused by
+    the plan."""
     path = run_dir / PLAN_FILE
     if not path.exists():
         return
@@ -218,6 +221,9 @@ def _check_planned_with_census(run_dir: Path, mode: str, experiment: str) -> Non
         raise Refusal(P.REFUSED_BAD_REQUEST, f"run {experiment!r} was planned at this site by its first request, "
                                              f"without {mode} training; its settings are fixed: start a new "
                                              "experiment")
+    if float(plan["request"]["epsilon"]) != float(epsilon):  # the words of the plan's own refusal (client.budget)
+        raise Refusal(P.REFUSED_BAD_REQUEST, "the request changes settings fixed at the run's first request "
+                                             "(epsilon); start a new experiment instead")
 
 
 def check_no_census_drawn(ledger: "PrivacyLedger", run_dir: Path, experiment: str) -> None:

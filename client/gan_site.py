@@ -233,6 +233,12 @@ def _check_saved_state(previous: dict | None, shape: GanShape, d_width: int) -> 
                                              "start a new experiment instead")
 
 
+# The refusal of a round whose D or G steps (short and long) cannot give those the run's earlier rounds took. Which
+# of the two a site took follows from its noisy census, so the text names no count (the site's log does).
+STEPS_CHANGED = ("the request's D steps or G steps per D step (short and long) cannot give those the run's earlier "
+                 "rounds took: send the run's first settings again, or start a new experiment")
+
+
 def _schedule(req: P.GanTrainRequest, site: SiteSettings, ledger, folder, census: list[float]) -> int:
     """D steps per round for this run, chosen from the run's census (already charged and drawn).
 
@@ -246,8 +252,11 @@ def _schedule(req: P.GanTrainRequest, site: SiteSettings, ledger, folder, census
     fixed = planned_steps(folder)
     if fixed is not None:
         if fixed not in (req.local_steps, req.long_steps):
-            raise Refusal(P.REFUSED_BAD_REQUEST, f"the run's plan fixed {fixed} steps per round; the request asks "
-                                                 f"for {req.local_steps} or {req.long_steps}: start a new experiment")
+            # the refusal names neither the plan's steps nor which one the site took: the choice is read off its
+            # census, which a secure run never shows the coordinator one site at a time (review s68 K)
+            log.warning("[%s] refuses a round of %s naming %d or %d D steps: the run's plan fixed %d", site.name,
+                        req.experiment, req.local_steps, req.long_steps, fixed)
+            raise Refusal(P.REFUSED_BAD_REQUEST, STEPS_CHANGED)
         return fixed
     steps, why = choose_local_steps(req.local_steps, req.long_steps, epsilon=min(req.epsilon, site.epsilon_budget),
                                     noisy_counts=census)
@@ -279,9 +288,9 @@ def _g_steps(req: P.GanTrainRequest, site: SiteSettings, previous: dict | None, 
         return chosen
     earlier = int(earlier)
     if earlier not in (req.g_steps, req.long_g_steps):
-        raise Refusal(P.REFUSED_BAD_REQUEST, f"the run's earlier rounds took {earlier} G steps per D step; the "
-                                             f"request asks for {req.g_steps} or {req.long_g_steps}: start a new "
-                                             "experiment")
+        log.warning("[%s] refuses a round of %s naming %d or %d G steps per D step: its earlier rounds took %d",
+                    site.name, req.experiment, req.g_steps, req.long_g_steps, earlier)
+        raise Refusal(P.REFUSED_BAD_REQUEST, STEPS_CHANGED)  # naming no step count, as _schedule's
     if earlier != chosen:
         log.warning("[%s] keeps the %d G steps per D step its earlier rounds of %s took (this fedsynth's rule "
                     "chooses %d for a run begun now)", site.name, earlier, req.experiment, chosen)

@@ -383,3 +383,27 @@ def test_a_run_id_used_for_queries_before_it_trained_cannot_then_train(tmp_path)
     assert [e["purpose"] for e in ledger.entries() if e["run"] == "e1"] == ["evaluation"]  # no census charged
     # a new id trains (at epsilon 10: at 1 the plan cannot also reserve the site's ten queries)
     assert not send(grid, 1000, gan_request(cfg, experiment="e2", server_round=1, epsilon=10.0)).has_error()
+
+
+def test_a_census_drawn_again_is_held_to_the_runs_planned_epsilon_not_the_requests(tmp_path):
+    """Review s68 K: a census drawn again (its file lost after the run's plan) was charged under the epsilon the
+    request named, then the plan refused the request for changing it: a charge above the run's cap, for nothing.
+    Now a request naming another epsilon is refused before the redraw's charge; the run's own epsilon redraws."""
+    from client.app import app as client_app
+    from fedsynth.localgrid import LocalGrid
+    from tests.spine_helpers import charges, fast_config, nodes
+    from tests.test_faults import gan_request, send
+
+    cfg = fast_config(tmp_path, epsilon=3.0, num_rounds=2)
+    grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
+    assert not send(grid, 1000, gan_request(cfg, epsilon=3.0)).has_error()
+    census_file = next((tmp_path / "sites").rglob(CENSUS_FILE))
+    census_file.unlink()  # lost after the plan (a crash, a partial restore)
+    for _ in range(2):
+        reply = send(grid, 1000, gan_request(cfg, server_round=2, epsilon=1000.0))
+        assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST and "(epsilon)" in reply.error.reason
+    assert [e["purpose"] for e in charges(tmp_path)[0]] == ["dpgan-census", "dpgan"]  # nothing charged
+    assert not send(grid, 1000, gan_request(cfg, server_round=2, epsilon=3.0)).has_error()
+    entries = charges(tmp_path)[0]
+    assert [e["purpose"] for e in entries] == ["dpgan-census", "dpgan", "dpgan-census", "dpgan"]
+    assert entries[2]["details"] == {"census-drawn-again": 1}

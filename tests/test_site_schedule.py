@@ -8,6 +8,7 @@ import math
 import pytest
 
 from client.app import app as client_app
+from client.gan_site import STEPS_CHANGED
 from common import protocol as P
 from fedsynth.localgrid import LocalGrid
 from tests.spine_helpers import charges, fast_config, nodes, run, spent
@@ -73,7 +74,7 @@ def test_a_private_site_keeps_the_shorter_schedule_within_the_runs_epsilon_and_h
     assert spent(tmp_path)[0] <= 1.0
     # round 2 may name the same schedule with or without the longer option; other steps are refused
     reply = send(grid, 1000, gan_request(cfg, server_round=2, local_steps=5, long_steps=400))
-    assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST and "fixed 4 steps" in reply.error.reason
+    assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST and reply.error.reason.endswith(STEPS_CHANGED)
     reply = send(grid, 1000, gan_request(cfg, server_round=2))
     assert not reply.has_error() and P.GanTrainReply.from_message(reply).local_steps == 4
     assert [(e["purpose"], e["round"]) for e in charges(tmp_path)[0]] == [
@@ -124,6 +125,28 @@ def test_the_product_offers_the_longer_schedule_except_on_tiny_images_or_when_th
     assert resolve(RunConfig(gan_local_steps=50, gan_long_local_steps=75), mnist, 3)[0].gan_long_local_steps == 75
     with pytest.raises(ConfigError, match="gan-long-local-steps must be 0 .auto. or at least gan-local-steps"):
         RunConfig.from_mapping({"gan-local-steps": 60, "gan-long-local-steps": 30})
+
+
+def test_a_refusal_of_other_steps_reads_the_same_whichever_schedule_the_census_chose(tmp_path, monkeypatch):
+    """Which schedule a site took follows from its noisy census, and a secure run shows the coordinator no site's
+    census or steps alone: a round naming other D or G steps is refused, free, in the same words at a small site
+    and a large one (review s68 K: the refusal quoted the site's own counts, telling one bit of its census free)."""
+    reasons = {}
+    for size in ("small", "large"):
+        if size == "large":
+            _census_of_a_large_site(monkeypatch)
+        cfg = fast_config(tmp_path / size, epsilon=1.0, num_rounds=2)
+        grid = LocalGrid(client_app, nodes(1), cfg.to_flwr())
+        first = send(grid, 1000, gan_request(cfg, long_steps=8, long_g_steps=2))
+        assert not first.has_error()
+        took = (P.GanTrainReply.from_message(first).local_steps, P.GanTrainReply.from_message(first).g_steps)
+        assert took == ((4, 1) if size == "small" else (8, 2))
+        for other in (dict(local_steps=5, long_steps=6), dict(long_steps=8, g_steps=3, long_g_steps=4)):
+            reply = send(grid, 1000, gan_request(cfg, server_round=2, **other))
+            assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST
+            reasons.setdefault(size, []).append(reply.error.reason.removeprefix("site-1: "))
+        assert [e["purpose"] for e in charges(tmp_path / size)[0]] == ["dpgan-census", "dpgan"]  # free refusals
+    assert reasons["small"] == reasons["large"] == [STEPS_CHANGED] * 2
 
 
 def test_the_schedule_and_the_plan_follow_the_noisy_census_not_the_record_count(tmp_path, monkeypatch):
