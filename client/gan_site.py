@@ -56,7 +56,8 @@ from client.requests import (
 )
 from client.row_check import check_network_rows, discriminator_problems, generator_problems
 from client.site import SiteSettings, data_fingerprint, open_ledger
-from client.site_schedule import choose_g_steps, choose_local_steps
+from client.site_schedule import (STEPS_CHANGED, check_schedule_asked, choose_g_steps, choose_local_steps,
+                                  keep_schedule_asked)
 from common import protocol as P
 from common.gan_augment import parse_augment
 from common.recipe_ranges import MIN_G_WIDTH
@@ -233,12 +234,6 @@ def _check_saved_state(previous: dict | None, shape: GanShape, d_width: int) -> 
                                              "start a new experiment instead")
 
 
-# The refusal of a round whose D or G steps (short and long) cannot give those the run's earlier rounds took. Which
-# of the two a site took follows from its noisy census, so the text names no count (the site's log does).
-STEPS_CHANGED = ("the request's D steps or G steps per D step (short and long) cannot give those the run's earlier "
-                 "rounds took: send the run's first settings again, or start a new experiment")
-
-
 def _schedule(req: P.GanTrainRequest, site: SiteSettings, ledger, folder, census: list[float]) -> int:
     """D steps per round for this run, chosen from the run's census (already charged and drawn).
 
@@ -335,6 +330,7 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings, *,
     # shape only (the seventh: a re-sent round naming another d-width had the site check and remember each one,
     # uncharged, before the plan refused the change)
     _check_architecture_kept(folder, req)
+    check_schedule_asked(req, folder)  # the coordinator's own first settings, never the census's choice (review s68 L)
     previous = _previous_round(folder, rnd)
     _check_saved_state(previous, shape, req.d_width)  # (a plan recorded before it fixed the architecture: the eighth)
     check_network_rows(site.state_dir, "GAN", {"channels": req.channels, "side": req.image_size,
@@ -352,6 +348,7 @@ def train_gan(req: P.GanTrainRequest, context: Context, site: SiteSettings, *,
     steps = _schedule(req, site, ledger, folder, census)
     g_steps = _g_steps(req, site, previous, census)
     plan = plan_for_site(site, ledger, folder, _plan_request(req, steps), req.experiment, census=census)
+    keep_schedule_asked(req, folder)
     weight = secure_weight(census, req.generator) if secure else census_weight(census)
     train = plan.train_round(steps)
     with charged_work(ledger, [train], data, site, purpose="dpgan", run=req.experiment, rnd=rnd, folder=folder,

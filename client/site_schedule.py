@@ -7,9 +7,14 @@ already charged), so they say nothing more about the site's records than the cen
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 from client.budget import public_size
+from client.refusal import Refusal
+from common import files
+from common import protocol as P
 
 # A site whose noisy census counts at least this many records is "large": it takes the run's longer D schedule
 # (GanTrainRequest.long_steps, ``choose_local_steps``) unless its budget cannot fit that plan, and the run's extra
@@ -62,3 +67,34 @@ def choose_g_steps(g_steps: int, long_g_steps: int, *, noisy_counts: list[float]
     if long_g_steps > g_steps and public_size(noisy_counts) >= LARGE_SITE_RECORDS:
         return long_g_steps
     return g_steps
+
+
+# The refusal of a round whose schedule settings differ from those the run's first trained round asked for. Which
+# schedule a site took follows from its noisy census, so neither this text nor whether it is sent may depend on it.
+STEPS_CHANGED = ("the request's D steps or G steps per D step (short and long) differ from those the run's first "
+                 "round asked for: send the run's first settings again, or start a new experiment")
+SCHEDULE_ASKED_FILE = "schedule-asked.json"
+
+
+def _asked(req: P.GanTrainRequest) -> dict[str, int]:
+    return {k: int(getattr(req, k)) for k in ("local_steps", "long_steps", "g_steps", "long_g_steps")}
+
+
+def check_schedule_asked(req: P.GanTrainRequest, run_dir: Path) -> None:
+    """Refuse, before the census and anything charged, a round whose four schedule settings are not exactly those
+    the run's first trained round asked for (:func:`keep_schedule_asked`).
+
+    Review s68 L: comparing a request with the steps the site *took* (its census's choice) let the coordinator tell
+    a large site from a small one by which refusal came, or whether one came, in a secure run too. Compared with the
+    coordinator's own earlier request, the answer depends on nothing the site holds. (A run planned by a fedsynth
+    that kept no such file is compared as before, by the steps its plan fixed, until its next round keeps one.)"""
+    path = run_dir / SCHEDULE_ASKED_FILE
+    if path.exists() and json.loads(path.read_text()) != _asked(req):
+        raise Refusal(P.REFUSED_BAD_REQUEST, STEPS_CHANGED)
+
+
+def keep_schedule_asked(req: P.GanTrainRequest, run_dir: Path) -> None:
+    """Keep what the run's first trained round asked for (written once, after its plan, before its charge)."""
+    path = run_dir / SCHEDULE_ASKED_FILE
+    if not path.exists():
+        files.atomic_write_json(path, _asked(req))

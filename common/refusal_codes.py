@@ -26,10 +26,13 @@ REFUSED_BAD_REQUEST = 4002  # malformed, inconsistent or hostile request
 # split the coordinator asked for then); a run device the site cannot use (client.requests.site_device: the run's
 # setting, and that no such GPU is visible, which query.info's `device` publishes already).
 # Also bad, before any charge: a recipe value out of range, a changed GAN architecture (common.recipe_ranges).
-# Also bad, fixed text: a DP-GAN round whose D steps or G steps per D step cannot give those the run's earlier
-# rounds took (client.gan_site.STEPS_CHANGED; review s68 K: it named the steps the site took, which its census
-# chose, and a secure run shows no site's census alone); and a census to be drawn again, its file lost, for a
-# request naming another epsilon than the run's plan (client.census._check_planned_with_census: the plan's words).
+# Also bad, fixed text: a DP-GAN round whose four schedule settings (D steps, long D steps, G steps, long G steps)
+# are not those the run's first trained round asked for (client.site_schedule.STEPS_CHANGED, checked before the
+# census; review s68 K: it named the steps the site took, which its census chose, and a secure run shows no site's
+# census alone; review s68 L: compared with the steps taken, which refusal came, or whether one came, still told
+# them: it is now compared with the coordinator's own first request); and a census to be drawn again, its file
+# lost, for a request naming another epsilon than the run's plan (client.census._check_planned_with_census: the
+# plan's words).
 # Also bad, quoting only the coordinator's own message: a secure release asked for outside the SecAgg+ stages of
 # type 'train' (client.secure_site.secagg_settings_mod: the message type it sent); a run's first training request
 # under an id the coordinator used for evaluation or audit queries before (client.census._check_no_queries_before,

@@ -72,10 +72,13 @@ def test_a_private_site_keeps_the_shorter_schedule_within_the_runs_epsilon_and_h
     assert plan["request"]["steps"] == 4 and plan["planned_epsilon"] <= 1.0 + 1e-9
     # the census charged before the plan is counted once: the run's whole plan fits the run's epsilon
     assert spent(tmp_path)[0] <= 1.0
-    # round 2 may name the same schedule with or without the longer option; other steps are refused
+    # round 2 must ask for the schedule the first round asked for (review s68 L); anything else is refused
     reply = send(grid, 1000, gan_request(cfg, server_round=2, local_steps=5, long_steps=400))
-    assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST and reply.error.reason.endswith(STEPS_CHANGED)
-    reply = send(grid, 1000, gan_request(cfg, server_round=2))
+    assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST
+    assert reply.error.reason.endswith(STEPS_CHANGED)
+    reply = send(grid, 1000, gan_request(cfg, server_round=2))  # settings the first round did not ask for
+    assert reply.has_error() and reply.error.reason.endswith(STEPS_CHANGED)
+    reply = send(grid, 1000, gan_request(cfg, server_round=2, long_steps=400))
     assert not reply.has_error() and P.GanTrainReply.from_message(reply).local_steps == 4
     assert [(e["purpose"], e["round"]) for e in charges(tmp_path)[0]] == [
         ("dpgan-census", 0), ("dpgan", 1), ("dpgan", 2)]
@@ -130,7 +133,8 @@ def test_the_product_offers_the_longer_schedule_except_on_tiny_images_or_when_th
 def test_a_refusal_of_other_steps_reads_the_same_whichever_schedule_the_census_chose(tmp_path, monkeypatch):
     """Which schedule a site took follows from its noisy census, and a secure run shows the coordinator no site's
     census or steps alone: a round naming other D or G steps is refused, free, in the same words at a small site
-    and a large one (review s68 K: the refusal quoted the site's own counts, telling one bit of its census free)."""
+    and a large one (review s68 K: the refusal quoted the site's own counts, telling one bit of its census free;
+    review s68 L: which refusal came, or whether one came, still told it, for requests naming one size's steps)."""
     reasons = {}
     for size in ("small", "large"):
         if size == "large":
@@ -141,12 +145,15 @@ def test_a_refusal_of_other_steps_reads_the_same_whichever_schedule_the_census_c
         assert not first.has_error()
         took = (P.GanTrainReply.from_message(first).local_steps, P.GanTrainReply.from_message(first).g_steps)
         assert took == ((4, 1) if size == "small" else (8, 2))
-        for other in (dict(local_steps=5, long_steps=6), dict(long_steps=8, g_steps=3, long_g_steps=4)):
+        for other in (dict(local_steps=5, long_steps=6), dict(long_steps=8, g_steps=3, long_g_steps=4),
+                      # (review s68 L) the very steps one size took, asked without the other size's option
+                      dict(local_steps=8, long_steps=0, long_g_steps=0), dict(long_steps=6),
+                      dict(local_steps=8, long_steps=0, g_steps=2, long_g_steps=0)):
             reply = send(grid, 1000, gan_request(cfg, server_round=2, **other))
             assert reply.has_error() and reply.error.code == P.REFUSED_BAD_REQUEST
             reasons.setdefault(size, []).append(reply.error.reason.removeprefix("site-1: "))
         assert [e["purpose"] for e in charges(tmp_path / size)[0]] == ["dpgan-census", "dpgan"]  # free refusals
-    assert reasons["small"] == reasons["large"] == [STEPS_CHANGED] * 2
+    assert reasons["small"] == reasons["large"] == [STEPS_CHANGED] * 5
 
 
 def test_the_schedule_and_the_plan_follow_the_noisy_census_not_the_record_count(tmp_path, monkeypatch):
