@@ -73,7 +73,9 @@ REFUSED_NOT_ALLOWED = 4003  # the site's config does not allow this mode / actio
 # batch, steps, per-sample gradient memory, all computed from the request's settings alone): the limits are
 # public by declaration, and nothing in such a refusal depends on the site's records. The state-folder limit's
 # (max_state_disk_mb) also names what the site's other runs keep: the sizes of files it wrote, which follow from
-# the requests and the DP releases it made, never from its records (review s58). An evaluation's classifier above
+# the requests and the DP releases it made, never from its records (review s58), each counted in whole 16 KB units
+# (client.limits.FILE_UNIT_BYTES, review s68 L: in bytes, a census file's length told the digits of its counts).
+# An evaluation's classifier above
 # max_parameters (client.evaluation, review s59) names its count, computed from the learner and shape the request
 # names. Not allowed, fixed text: new work whose files the state folder's disk has no room for (client.limits.
 # check_free_disk, review s62): decided from the run's own files (sizes that follow from the requests) and the

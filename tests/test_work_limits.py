@@ -537,3 +537,19 @@ def test_the_row_checks_run_on_the_device_the_run_trains_on(tmp_path, monkeypatc
         monkeypatch.setattr(gan_site, "site_device", lambda context, d=device: torch.device(d))
         assert send(grid, 1000, gan_request(cfg, experiment="exp-dev-gan-ok")).has_error()
     assert seen[6:] == ["cpu", "G on cpu", "cuda", "G on cuda"] and len(list(marks.glob("*.ok"))) == 2
+
+
+def test_what_other_runs_keep_is_counted_in_whole_units_whatever_their_small_files_digits(tmp_path):
+    """Review s68 L: the state-folder limit compared byte counts, and a run's census.json and plan.json are JSON
+    whose length follows the digits of its noisy counts: a coordinator stepping a request's size by bytes could read
+    them off where the refusal begins. Every file now counts in whole units of FILE_UNIT_BYTES."""
+    from client.limits import FILE_UNIT_BYTES, other_runs_mb
+
+    kept = []
+    for name, census in (("a", "[2018.0, 7.0]"), ("b", "[-19.0, 5506.0, 12345.0]")):
+        run = tmp_path / name / "state" / "runs" / "old"
+        run.mkdir(parents=True)
+        (run / "census.json").write_text('{"noisy-counts": %s}' % census)
+        (run / "gan-round-1.pt").write_bytes(b"x" * 100_000)
+        kept.append(other_runs_mb(SimpleNamespace(state_dir=tmp_path / name / "state"), "new"))
+    assert kept[0] == kept[1] == (1 + 7) * FILE_UNIT_BYTES / 2**20  # one unit, and 100,000 bytes in 7
