@@ -92,12 +92,11 @@ def draw(n, seed):
 base = draw(1, cfg.seed)
 pr = combine(base.images, a.combine)
 res["agree_with_G"] = float((pr.argmax(1) == base.labels).mean()); print("agree", res["agree_with_G"], flush=True)
+relabelled = ImageDataset(base.images, pr.argmax(1).astype(np.int64), base.classes, "relabel")
 for v in a.variants.split(","):
     t0 = time.time()
-    if v == "drawn":
-        ds = base
-    elif v == "relabel":
-        ds = ImageDataset(base.images, pr.argmax(1).astype(np.int64), base.classes, "relabel")
+    if v in ("drawn", "relabel"):  # (the set as drawn, or with the heads' labels)
+        ds = base if v == "drawn" else relabelled
     elif v.startswith("agree"):  # per class: pool images the heads label as G did, in draw order; then the likeliest
         m = float(v[5:]); pool = draw(m, cfg.seed + 1); pp = combine(pool.images, a.combine)
         keep = []
