@@ -304,16 +304,11 @@ def make_plan(req: PlanRequest, *, num_records: float, delta: float, budget: flo
 
 def load_or_make_plan(path: Path, req: PlanRequest, *, num_records: int, delta: float, budget: float,
                       prior: list[DPEvent], order: float | None = None) -> tuple[RunPlan, bool]:
-    """(the run's plan, whether it was made just now): read back if the run fixed one, else made and saved.
-
-    A request that changes what fixed the plan is refused (:class:`Refusal`, bad request).
-    """
+    """(the run's plan, whether it was made just now): read back if the run fixed one, else made and saved; a
+    request that changes what fixed the plan is refused (:func:`check_plan_kept`)."""
     if path.exists():
         plan = RunPlan.from_json(json.loads(path.read_text()))
-        changed = plan_changes(plan.request, req.fixed_by())
-        if changed:
-            raise Refusal(P.REFUSED_BAD_REQUEST, f"the request changes settings fixed at the run's first request "
-                                                     f"({', '.join(changed)}); start a new experiment instead")
+        check_plan_kept(plan.request, req.fixed_by())
         return plan, False
     plan = make_plan(req, num_records=num_records, delta=delta, budget=budget, prior=prior, order=order)
     atomic_write_json(path, plan.to_json())
@@ -327,6 +322,14 @@ def plan_changes(recorded: dict[str, Any], asked: dict[str, Any]) -> list[str]:
     return [f"{k}: {recorded[k]!r} at the first request, {v!r} now" if k.startswith(ARCHITECTURE) else k
             for k, v in sorted(asked.items())
             if (k in recorded or not k.startswith(ARCHITECTURE)) and recorded.get(k) != v]
+
+
+def check_plan_kept(recorded: dict[str, Any], asked: dict[str, Any]) -> None:
+    """Refuse (bad request) a request whose settings ``asked`` change those its run's plan ``recorded`` at the run's
+    first request (:func:`plan_changes`), naming them: the coordinator's own settings, never a value of the plan."""
+    if changed := plan_changes(recorded, asked):
+        raise Refusal(P.REFUSED_BAD_REQUEST, f"the request changes settings fixed at the run's first request "
+                                             f"({', '.join(changed)}); start a new experiment instead")
 
 
 def public_size(census: list[float] | None) -> float:

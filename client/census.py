@@ -22,8 +22,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from client.budget import (PLAN_FILE, PlanRequest, census_event, census_purpose, is_private, make_plan, public_size,
-                           with_query_policy)
+from client.budget import (PLAN_FILE, PlanRequest, census_event, census_purpose, check_plan_kept, is_private,
+                           make_plan, public_size, with_query_policy)
 from client.discrete_gaussian import noisy_counts
 from client.ledger import BudgetExceeded, LedgerDamaged
 from client.refusal import Refusal
@@ -221,9 +221,7 @@ def _check_planned_with_census(run_dir: Path, mode: str, experiment: str, epsilo
         raise Refusal(P.REFUSED_BAD_REQUEST, f"run {experiment!r} was planned at this site by its first request, "
                                              f"without {mode} training; its settings are fixed: start a new "
                                              "experiment")
-    if float(plan["request"]["epsilon"]) != float(epsilon):  # the words of the plan's own refusal (client.budget)
-        raise Refusal(P.REFUSED_BAD_REQUEST, "the request changes settings fixed at the run's first request "
-                                             "(epsilon); start a new experiment instead")
+    check_plan_kept(plan["request"], {"epsilon": epsilon})  # the plan's own check, before the redraw's charge
 
 
 def check_no_census_drawn(ledger: "PrivacyLedger", run_dir: Path, experiment: str) -> None:

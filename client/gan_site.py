@@ -27,9 +27,9 @@ from client.budget import (
     PLAN_FILE,
     PlanRequest,
     RunPlan,
+    check_plan_kept,
     expected_batch,
     plan_for_site,
-    plan_changes,
     planned_steps,
     validate_plan_request,
 )
@@ -194,10 +194,7 @@ def _check_architecture_kept(folder: Path, req: P.GanTrainRequest) -> None:
         return
     recorded = RunPlan.from_json(json.loads(plan_file.read_text())).request
     asked = {k: v for k, v in _plan_request(req, req.local_steps).fixed_by().items() if k.startswith(ARCHITECTURE)}
-    changed = plan_changes(recorded, asked)
-    if changed:
-        raise Refusal(P.REFUSED_BAD_REQUEST, f"the request changes settings fixed at the run's first request "
-                                             f"({', '.join(changed)}); start a new experiment instead")
+    check_plan_kept(recorded, asked)
 
 
 def _shapes(state: dict) -> dict[str, tuple[int, ...]]:
